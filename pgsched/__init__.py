@@ -1,0 +1,35 @@
+"""pgsched: a job scheduler for Python whose only moving part is PostgreSQL.
+
+The public API, nothing else: see README.md for usage.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (
+    ConfigError,
+    DatabaseUnavailable,
+    InvalidInput,
+    JobConflict,
+    JobNotFound,
+    PgschedError,
+)
+from .scheduler import ConflictResolution, JobSpec, Scheduler
+from .tasks import JobPriority, task
+from .worker import Worker, WorkerOptions
+
+__all__ = [
+    "ConfigError",
+    "ConflictResolution",
+    "DatabaseUnavailable",
+    "InvalidInput",
+    "JobConflict",
+    "JobNotFound",
+    "JobPriority",
+    "JobSpec",
+    "PgschedError",
+    "Scheduler",
+    "Worker",
+    "WorkerOptions",
+    "__version__",
+    "task",
+]

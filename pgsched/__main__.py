@@ -1,0 +1,5 @@
+"""`python -m pgsched` is the `pgsched` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,491 @@
+"""The `pgsched` command: thin typer commands that parse, call the API, and print.
+
+Owns: the command-line contract. Data goes to stdout (a job id, a table, JSON), messages
+to stderr. Exit codes: 0 success, 1 the operation failed (job not found, conflict,
+database unreachable), 2 bad input or usage. A PgschedError is printed as one line
+without a traceback (`--debug` or PGSCHED_DEBUG=1 shows it); anything else is a bug and
+keeps its traceback.
+
+Every command reads the same settings (config file, environment, flags) through
+`_Context.settings`, and validates all input before it opens a connection, so bad input
+never writes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import psycopg
+import psycopg_pool
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import Settings, find_config_path, load_settings, mask_dsn
+from .errors import InvalidInput, PgschedError
+from .logs import configure, get_logger
+from .scheduler import UNSET, ConflictResolution, Scheduler
+from .store import FINISHED_STATUSES, STATUSES
+from .tasks import JobPriority, get_task, load_tasks
+from .timing import parse_duration, parse_time
+from .worker import WorkerOptions
+
+app = typer.Typer(
+    help="pgsched: a PostgreSQL-backed job scheduler. Data on stdout, messages on stderr.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+log = get_logger("pgsched.cli")
+
+
+@dataclass
+class _Context:
+    config: str | None
+    dsn: str | None
+    schema: str | None
+    debug: bool
+    _settings: Settings | None = field(default=None, repr=False)
+
+    def settings(self, **overrides: object) -> Settings:
+        if self._settings is None or overrides:
+            merged: dict[str, object] = {k: v for k, v in overrides.items() if v is not None}
+            if self.dsn is not None:
+                merged["database.dsn"] = self.dsn
+            if self.schema is not None:
+                merged["database.schema"] = self.schema
+            settings = load_settings(find_config_path(self.config), overrides=merged)
+            if overrides:
+                return settings
+            self._settings = settings
+        return self._settings
+
+
+def _ctx(ctx: typer.Context) -> _Context:
+    return ctx.obj
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"error: {message}", markup=False)
+    return typer.Exit(code)
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn pgsched errors into one line on stderr and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = kwargs.get("ctx") or next(a for a in args if isinstance(a, typer.Context))
+        debug = _ctx(ctx).debug
+        try:
+            return fn(*args, **kwargs)
+        except PgschedError as exc:
+            if debug:
+                raise
+            raise _fail(str(exc), exc.exit_code) from None
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            if debug:
+                raise
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _fail(f"database unreachable: {mask_dsn(detail)}", 1) from None
+        except psycopg.errors.UndefinedTable:
+            if debug:
+                raise
+            raise _fail("the pgsched schema is not set up: run `pgsched migrate` first", 1) \
+                from None
+
+    return wrapper
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def resolve_dsn(settings: Settings) -> str:
+    if settings.database.dsn:
+        return settings.database.dsn
+    from .embedded import embedded_dsn
+
+    dsn = embedded_dsn(settings.database.data_dir)
+    log.info("embedded_database", data_dir=str(settings.database.data_dir),
+             note="development database; set [database] dsn for production")
+    return dsn
+
+
+@asynccontextmanager
+async def open_scheduler(settings: Settings, *, pool_size: int = 2):
+    misfire = settings.jobs.misfire_grace_seconds
+    async with Scheduler(
+        resolve_dsn(settings), schema=settings.database.schema, misfire_grace_time=misfire,
+        pool_size=pool_size,
+    ) as sched:
+        yield sched
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[str | None, typer.Option("--config", "-c", envvar="PGSCHED_CONFIG",
+                                               help="Path to pgsched.toml.")] = None,
+    dsn: Annotated[str | None, typer.Option(help="PostgreSQL DSN (or PGSCHED_DSN).")] = None,
+    schema: Annotated[str | None, typer.Option(help="Schema holding pgsched's tables.")] = None,
+    debug: Annotated[bool, typer.Option(envvar="PGSCHED_DEBUG",
+                                        help="Show tracebacks for errors.")] = False,
+) -> None:
+    """pgsched: a PostgreSQL-backed job scheduler."""
+    ctx.obj = _Context(config=config, dsn=dsn, schema=schema, debug=debug)
+
+
+# -- migrate -----------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def migrate(ctx: typer.Context) -> None:
+    """Create or upgrade pgsched's schema; prints the schema version."""
+    settings = _ctx(ctx).settings()
+    configure(settings.log.level, settings.log.format)
+
+    async def go() -> int:
+        async with open_scheduler(settings) as sched:
+            return await sched.migrate()
+
+    out.print(_run(go()))
+
+
+# -- worker ------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    burst: Annotated[bool, typer.Option(help="Run the jobs due now, then exit.")] = False,
+    migrate_schema: Annotated[bool, typer.Option(
+        "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
+) -> None:
+    """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
+    settings = _ctx(ctx).settings(**{"worker.concurrency": concurrency})
+    configure(settings.log.level, settings.log.format)
+    for warning in settings.warnings:
+        log.warning("config_warning", message=warning)
+    if settings.worker.tasks is None:
+        raise InvalidInput(
+            "no task module configured: set [worker] tasks in pgsched.toml (e.g. "
+            "tasks = \"examples.tasks\")"
+        )
+    load_tasks(settings.worker.tasks, settings.base_dir)
+    options = worker_options(settings, burst=burst)
+    abandoned = _run(_serve(settings, options, migrate_schema))
+    if abandoned:
+        # Threads running sync tasks cannot be interrupted, and Python would wait for
+        # them at exit; their jobs were already put back to pending.
+        log.warning("sync_tasks_abandoned", count=abandoned)
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
+    w, v = settings.worker, settings.vacuum
+    return WorkerOptions(
+        concurrency=w.concurrency, lease_seconds=w.lease_seconds,
+        heartbeat_seconds=w.heartbeat_seconds, shutdown_grace_seconds=w.shutdown_grace_seconds,
+        poll_seconds=w.poll_seconds, retry_base_seconds=w.retry_base_seconds,
+        retry_max_seconds=w.retry_max_seconds, max_recoveries=w.max_recoveries, burst=burst,
+        vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
+        retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
+        vacuum_batch_size=v.batch_size,
+    )
+
+
+async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> int:
+    pool_size = max(2, settings.database.pool_size)
+    sched = Scheduler(
+        resolve_dsn(settings), schema=settings.database.schema, options=options,
+        misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
+    )
+    await sched.open()
+    try:
+        if migrate_schema:
+            await sched.migrate()
+        worker = await sched.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, worker, signum)
+        await sched.shutdown()
+        return worker.abandoned_threads
+    finally:
+        await sched.close()
+
+
+def _on_signal(worker: Any, signum: int) -> None:
+    log.info("signal_received", signal=signal.Signals(signum).name,
+             action="stopping now" if worker._stopping.is_set() else "graceful shutdown")
+    worker.stop()
+
+
+# -- add ---------------------------------------------------------------------------------
+
+
+class OnConflict(StrEnum):
+    raise_ = "raise"
+    ignore = "ignore"
+    replace = "replace"
+
+
+class Priority(StrEnum):
+    normal = "normal"
+    critical = "critical"
+
+
+def parse_json_arg(text: str, option: str, kind: type) -> Any:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constants)
+    except ValueError as exc:
+        raise InvalidInput(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
+        raise InvalidInput(f"{option} must be {expected}")
+    return value
+
+
+def parse_misfire(text: str | None) -> Any:
+    if text is None:
+        return UNSET
+    if text.strip().lower() == "none":
+        return None
+    seconds = parse_duration(text).total_seconds()
+    if seconds <= 0:
+        raise InvalidInput(f"--misfire-grace {text!r} must be > 0, or none")
+    return seconds
+
+
+@app.command()
+@command
+def add(
+    ctx: typer.Context,
+    task_name: Annotated[str, typer.Argument(metavar="TASK", help="Registered task name.")],
+    args: Annotated[str, typer.Option("--args", help="JSON array of arguments.")] = "[]",
+    kwargs: Annotated[str, typer.Option("--kwargs", help="JSON object of keyword args.")] = "{}",
+    at: Annotated[str | None, typer.Option(
+        "--at", help="ISO 8601 time; without an offset it is read in [jobs] timezone.")] = None,
+    in_: Annotated[str | None, typer.Option(
+        "--in", help="Delay like 90s, 5m, 2h, 1d, 1h30m.")] = None,
+    job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a UUID).")] = None,
+    on_conflict: Annotated[OnConflict, typer.Option(help="When --id exists.")] = OnConflict.raise_,
+    priority: Annotated[Priority | None, typer.Option(help="normal or critical.")] = None,
+    retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
+    misfire_grace: Annotated[str | None, typer.Option(
+        help="Seconds (or a duration) after its due time a job may still start, or none.")] = None,
+) -> None:
+    """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
+    settings = _ctx(ctx).settings()
+    configure(settings.log.level, settings.log.format)
+    arg_list = parse_json_arg(args, "--args", list)
+    kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
+    if at is not None and in_ is not None:
+        raise InvalidInput("use either --at or --in, not both")
+    when = datetime.now(UTC)
+    if at is not None:
+        when = parse_time(at, tz=settings.jobs.timezone)
+    elif in_ is not None:
+        when = when + parse_duration(in_)
+    grace = parse_misfire(misfire_grace)
+    _check_task_known(settings, task_name)
+
+    async def go() -> str:
+        async with open_scheduler(settings) as sched:
+            return await sched.schedule(
+                task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
+                priority=JobPriority.parse(priority.value) if priority else None,
+                max_retries=retries, job_id=job_id,
+                conflict_resolution=ConflictResolution.parse(on_conflict.value),
+                misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
+            )
+
+    out.print(_run(go()), markup=False)
+
+
+def _check_task_known(settings: Settings, name: str) -> None:
+    """Reject an unknown task name when the task module can be imported here."""
+    if settings.worker.tasks is None:
+        return
+    try:
+        load_tasks(settings.worker.tasks, settings.base_dir)
+    except InvalidInput as exc:
+        log.debug("task_module_unavailable", error=str(exc))
+        return
+    if get_task(name) is None:
+        raise InvalidInput(
+            f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
+        )
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def cancel(
+    ctx: typer.Context,
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", help="Jobs to cancel.")],
+) -> None:
+    """Cancel pending jobs; exit 1 if any id was not found or is no longer pending."""
+    settings = _ctx(ctx).settings()
+    configure(settings.log.level, settings.log.format)
+
+    async def go() -> tuple[set[str], dict[str, str]]:
+        async with open_scheduler(settings) as sched:
+            done = await sched.store.cancel_jobs(job_ids)
+            return done, await sched.store.job_statuses([j for j in job_ids if j not in done])
+
+    cancelled, others = _run(go())
+    for job_id in job_ids:
+        if job_id in cancelled:
+            out.print(job_id, markup=False)
+    problems = [j for j in job_ids if j not in cancelled]
+    for job_id in problems:
+        reason = f"is {others[job_id]}, not pending" if job_id in others else "not found"
+        err.print(f"error: job {job_id}: {reason}", markup=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+# -- ls ----------------------------------------------------------------------------------
+
+LS_KEYS = ("id", "task", "status", "execution_time", "priority", "attempts", "max_retries",
+           "args", "kwargs", "result", "last_error", "created_at", "started_at", "finished_at",
+           "worker_id")
+
+
+def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    data = {key: row.get(key) for key in LS_KEYS}
+    for key, value in data.items():
+        if isinstance(value, datetime):
+            data[key] = value.isoformat()
+    data["priority"] = JobPriority(row["priority"]).name.lower() \
+        if row["priority"] in {p.value for p in JobPriority} else row["priority"]
+    data["status"] = str(row["status"])
+    return data
+
+
+def parse_statuses(statuses: list[str] | None, allowed: tuple[str, ...]) -> list[str] | None:
+    if not statuses:
+        return None
+    for status in statuses:
+        if status not in allowed:
+            raise InvalidInput(f"unknown status {status!r}: use one of {', '.join(allowed)}")
+    return statuses
+
+
+@app.command("ls")
+@command
+def ls(
+    ctx: typer.Context,
+    status: Annotated[list[str] | None, typer.Option(
+        "--status", "-s", help="Filter by status (repeatable).")] = None,
+    task_name: Annotated[str | None, typer.Option("--task", help="Filter by task.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
+) -> None:
+    """List jobs, newest first."""
+    settings = _ctx(ctx).settings()
+    configure(settings.log.level, settings.log.format)
+    statuses = parse_statuses(status, STATUSES)
+
+    async def go() -> list[dict[str, Any]]:
+        async with open_scheduler(settings) as sched:
+            return await sched.store.list_jobs(statuses=statuses, task=task_name, limit=limit)
+
+    rows = [job_to_json(row) for row in _run(go())]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("id", "task", "status", "execution_time", "priority", "attempts",
+                   "last_error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["id"], row["task"], row["status"], row["execution_time"],
+                      str(row["priority"]), f"{row['attempts']}/{row['max_retries'] + 1}",
+                      (row["last_error"] or "")[:60])
+    out.print(table)
+
+
+# -- vacuum ------------------------------------------------------------------------------
+
+
+@app.command()
+@command
+def vacuum(
+    ctx: typer.Context,
+    older_than: Annotated[str | None, typer.Option(
+        help="Delete finished jobs older than this (default: [vacuum] retention).")] = None,
+    status: Annotated[list[str] | None, typer.Option(
+        "--status", "-s", help="Only these finished statuses (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count, delete nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Delete finished jobs past their retention; prints the count per status."""
+    from .worker.maintenance import retention_by_status
+    from .worker.maintenance import vacuum as run_vacuum
+
+    settings = _ctx(ctx).settings()
+    configure(settings.log.level, settings.log.format)
+    statuses = parse_statuses(status, FINISHED_STATUSES) or list(FINISHED_STATUSES)
+    retention = retention_by_status(settings.vacuum.retention_days,
+                                    settings.vacuum.failed_retention_days)
+    if older_than is not None:
+        seconds = parse_duration(older_than).total_seconds()
+        retention = dict.fromkeys(retention, seconds)
+    retention = {s: retention[s] for s in statuses}
+
+    async def go() -> dict[str, int]:
+        async with open_scheduler(settings) as sched:
+            if dry_run:
+                return {s: await sched.store.count_vacuumable(status=s, older_than_seconds=age)
+                        for s, age in retention.items()}
+            return await run_vacuum(sched.store, retention_seconds=retention,
+                                    batch_size=settings.vacuum.batch_size)
+
+    counts = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps(counts) + "\n")
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for s, n in counts.items():
+        out.print(f"{s}: {n}")
+    err.print(f"{verb} {sum(counts.values())} jobs", markup=False)
+
+
+@app.command()
+def version() -> None:
+    """Print pgsched's version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

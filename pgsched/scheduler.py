@@ -1,0 +1,312 @@
+"""The Python API: `Scheduler`, `JobSpec` and `ConflictResolution`.
+
+Owns: validating what callers ask for (task names, times, JSON payloads, options) before
+anything reaches the database, and the pg-scheduler-compatible calls `schedule`,
+`schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web app opens a
+Scheduler, schedules, and closes it. `start()` runs the same worker as `pgsched worker`
+inside the caller's event loop.
+
+Invariants: arguments, keyword arguments and results are JSON (never pickle); NaN,
+Infinity and non-JSON types are refused at schedule time. A bulk call with
+ConflictResolution.RAISE writes all of its jobs or none of them.
+
+Failure: InvalidInput for bad arguments, JobConflict for an id clash the conflict mode
+does not allow, DatabaseUnavailable when the server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .store import NewJob, Store, encode_json, open_pool
+from .tasks import JobPriority, get_task, task_name_of
+from .worker import Worker, WorkerOptions
+
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_JOB_ID_LENGTH = 255
+DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
+
+
+class _Unset(Enum):
+    UNSET = "UNSET"
+
+
+UNSET = _Unset.UNSET
+
+
+class ConflictResolution(Enum):
+    RAISE = "raise"  # a job with this id exists: JobConflict
+    IGNORE = "ignore"  # keep the existing job (bulk: its position in the result is None)
+    REPLACE = "replace"  # overwrite the existing job unless it is running
+
+    @classmethod
+    def parse(cls, value: ConflictResolution | str) -> ConflictResolution:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise InvalidInput(
+                f"invalid conflict mode {value!r}: use raise, ignore or replace"
+            ) from None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job for `schedule_bulk`; the fields mirror `schedule()`'s arguments."""
+
+    func: Callable[..., Any] | str
+    execution_time: datetime | None = None
+    args: Sequence[Any] = ()
+    kwargs: dict[str, Any] | None = None
+    priority: JobPriority | int | str | None = None
+    max_retries: int | None = None
+    job_id: str | None = None
+    timeout: float | _Unset | None = UNSET
+    misfire_grace_time: float | _Unset | None = UNSET
+    queue: str | None = None
+
+
+def validate_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
+        raise InvalidInput(f"invalid job id: use 1 to {MAX_JOB_ID_LENGTH} characters")
+    if any(ord(ch) < 32 for ch in job_id):
+        raise InvalidInput("invalid job id: control characters are not allowed")
+    return job_id
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value <= 0:
+        raise InvalidInput(f"invalid {what} {value!r}: use a number of seconds > 0, or None")
+    return float(value)
+
+
+class Scheduler:
+    """Schedule, cancel and inspect jobs; optionally run a worker in-process.
+
+    `Scheduler(dsn_or_pool, schema="pgsched", misfire_grace_time=300, options=...)`.
+    Given a DSN it opens (and closes) its own pool; given an AsyncConnectionPool it
+    borrows it. Use it as `async with Scheduler(dsn) as sched:` or call open()/close().
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | psycopg_pool.AsyncConnectionPool,
+        *,
+        schema: str = "pgsched",
+        misfire_grace_time: float | None = DEFAULT_MISFIRE_GRACE_SECONDS,
+        options: WorkerOptions | None = None,
+        pool_size: int = 4,
+    ):
+        self._own_pool = isinstance(dsn_or_pool, str)
+        self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
+        self._pool = None if self._own_pool else dsn_or_pool
+        self._pool_size = pool_size
+        self.schema = schema
+        self.misfire_grace_time = (
+            None if misfire_grace_time is None
+            else _seconds(misfire_grace_time, "misfire_grace_time")
+        )
+        self.options = options or WorkerOptions()
+        self._store: Store | None = None
+        self._worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> Scheduler:
+        if self._store is None:
+            if self._pool is None:
+                try:
+                    self._pool = await open_pool(self._dsn, max_size=self._pool_size)
+                except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                    raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+            self._store = Store(self._pool, self.schema)
+        return self
+
+    async def close(self) -> None:
+        await self.shutdown()
+        if self._own_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        self._store = None
+
+    async def __aenter__(self) -> Scheduler:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")
+        return self._store
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema; returns its version."""
+        return await self.store.migrate()
+
+    async def start(self) -> Worker:
+        """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
+        await self.open()
+        if self._worker is None:
+            self._worker = Worker(self.store, self._dsn, self.options)
+            self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
+        return self._worker
+
+    async def shutdown(self) -> None:
+        """Stop the in-process worker gracefully (running jobs get the grace period)."""
+        if self._worker is not None and self._worker_task is not None:
+            self._worker.stop()
+            await self._worker_task
+        self._worker = None
+        self._worker_task = None
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def _new_job(self, spec: JobSpec) -> NewJob:
+        name = task_name_of(spec.func)
+        registered = get_task(name)
+        when = spec.execution_time or datetime.now(UTC)
+        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+            raise InvalidInput(
+                f"execution_time {when!r} must be a timezone-aware datetime, "
+                "e.g. datetime.now(UTC) + timedelta(minutes=5)"
+            )
+        if not isinstance(spec.args, list | tuple):
+            raise InvalidInput(f"args must be a list or tuple, not {type(spec.args).__name__}")
+        kwargs = spec.kwargs or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidInput("kwargs must be a dict with string keys")
+        args_json = encode_json(list(spec.args), "args")
+        kwargs_json = encode_json(kwargs, "kwargs")
+        if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+            raise InvalidInput(
+                f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
+                f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
+            )
+        if spec.priority is not None:
+            priority = JobPriority.parse(spec.priority)
+        else:
+            priority = registered.priority if registered else JobPriority.NORMAL
+        max_retries = spec.max_retries
+        if max_retries is None:
+            max_retries = registered.max_retries if registered else 0
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+        timeout = spec.timeout
+        if timeout is UNSET:
+            timeout = registered.timeout if registered else None
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
+        grace = spec.misfire_grace_time
+        if grace is UNSET:
+            grace = self.misfire_grace_time
+        if grace is not None:
+            grace = _seconds(grace, "misfire_grace_time")
+        queue = spec.queue or (registered.queue if registered else "default")
+        return NewJob(
+            id=validate_job_id(spec.job_id) if spec.job_id is not None else str(uuid.uuid4()),
+            task=name,
+            queue=queue,
+            args=args_json,
+            kwargs=kwargs_json,
+            priority=int(priority),
+            execution_time=when.astimezone(UTC),
+            misfire_grace_seconds=grace,
+            max_retries=max_retries,
+            timeout_seconds=timeout,
+        )
+
+    async def schedule(
+        self,
+        func: Callable[..., Any] | str,
+        *,
+        execution_time: datetime | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        priority: JobPriority | int | str | None = None,
+        max_retries: int | None = None,
+        job_id: str | None = None,
+        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
+        misfire_grace_time: float | _Unset | None = UNSET,
+        timeout: float | _Unset | None = UNSET,
+        queue: str | None = None,
+    ) -> str:
+        """Schedule one job; returns its id (the existing id when IGNORE found one).
+
+        Defaults: due now; priority, max_retries, timeout and queue from the task's @task
+        options; misfire_grace_time from the Scheduler (300 s; None = never expire).
+        """
+        job = self._new_job(JobSpec(
+            func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
+            misfire_grace_time, queue,
+        ))
+        mode = ConflictResolution.parse(conflict_resolution)
+        written = await self.store.insert_jobs([job], replace=mode is ConflictResolution.REPLACE)
+        if job.id in written or mode is ConflictResolution.IGNORE:
+            return job.id
+        if mode is ConflictResolution.REPLACE:
+            raise JobConflict(f"job {job.id!r} is running and cannot be replaced; try again later")
+        raise JobConflict(
+            f"job {job.id!r} already exists: use conflict_resolution IGNORE or REPLACE "
+            "(CLI: --on-conflict ignore|replace)"
+        )
+
+    async def schedule_bulk(
+        self,
+        jobs: Sequence[JobSpec],
+        *,
+        conflict_resolution: ConflictResolution | str = ConflictResolution.IGNORE,
+        batch_size: int = 5000,
+    ) -> list[str | None]:
+        """Schedule many jobs; returns their ids in input order, None where IGNORE skipped one.
+
+        All jobs are validated before anything is written; with RAISE a clash rolls the
+        whole call back.
+        """
+        mode = ConflictResolution.parse(conflict_resolution)
+        rows = [self._new_job(spec) for spec in jobs]
+        first_index: dict[str, int] = {}
+        unique: list[NewJob] = []
+        for _i, row in enumerate(rows):
+            if row.id in first_index:
+                if mode is ConflictResolution.RAISE:
+                    raise JobConflict(f"job id {row.id!r} appears twice in the bulk call")
+                if mode is ConflictResolution.REPLACE:
+                    unique[first_index[row.id]] = row
+                continue
+            first_index[row.id] = len(unique)
+            unique.append(row)
+        written = await self.store.insert_jobs_batched(
+            unique, replace=mode is ConflictResolution.REPLACE, batch_size=batch_size,
+            require_all=mode is ConflictResolution.RAISE,
+        )
+        result: list[str | None] = []
+        seen: set[str] = set()
+        for row in rows:
+            result.append(row.id if row.id in written and row.id not in seen else None)
+            seen.add(row.id)
+        return result
+
+    async def cancel_job(self, job_id: str) -> bool:
+        """Cancel a pending job; False if it does not exist or is no longer pending."""
+        return job_id in await self.store.cancel_jobs([job_id])
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        return await self.store.get_job(job_id)

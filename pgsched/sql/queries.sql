@@ -1,0 +1,255 @@
+-- Every statement pgsched runs, one named block each, loaded by pgsched/store.py.
+--
+-- A block starts with `-- name: NAME` and a one-line description. {schema} is replaced
+-- by the quoted schema identifier, so literal braces are doubled. Parameters use
+-- psycopg's %(name)s style. Time always comes from the database clock (now()), so
+-- workers with skewed clocks agree on leases and due times.
+
+-- name: insert_jobs
+-- Insert jobs given as parallel arrays; existing ids are left alone. Returns the ids that
+-- were inserted and wakes idle workers with the earliest due time as payload.
+WITH new AS (
+    INSERT INTO {schema}.jobs AS j
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(tasks)s::text[], %(queues)s::text[], %(args)s::jsonb[],
+        %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(execution_times)s::timestamptz[],
+        %(misfire_graces)s::float8[], %(max_retries)s::int[], %(timeouts)s::float8[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, execution_time
+),
+-- One NOTIFY per statement, not per row: a bulk insert must not flood the queue.
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT new.id FROM new LEFT JOIN wake ON true;
+
+-- name: replace_jobs
+-- Insert jobs, or overwrite existing ones that are not running (a finished job is
+-- scheduled again from scratch). Returns the ids written; a running job is left alone.
+WITH new AS (
+    INSERT INTO {schema}.jobs AS j
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(tasks)s::text[], %(queues)s::text[], %(args)s::jsonb[],
+        %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(execution_times)s::timestamptz[],
+        %(misfire_graces)s::float8[], %(max_retries)s::int[], %(timeouts)s::float8[])
+    ON CONFLICT (id) DO UPDATE SET
+        task = excluded.task, queue = excluded.queue, args = excluded.args,
+        kwargs = excluded.kwargs, priority = excluded.priority,
+        execution_time = excluded.execution_time,
+        misfire_grace_seconds = excluded.misfire_grace_seconds,
+        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
+        status = 'pending', attempts = 0, failures = 0, recoveries = 0, worker_id = NULL,
+        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
+        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+    WHERE j.status <> 'running'
+    RETURNING id, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT new.id FROM new LEFT JOIN wake ON true;
+
+-- name: claim_jobs
+-- Claim up to %(limit)s due jobs for one worker (expiring those past their misfire grace)
+-- and report when the next pending job falls due. Always returns at least one row: the
+-- job columns are NULL when nothing was claimed.
+--
+-- Why this shape: the pending index is (priority, execution_time, id). A plain
+-- `ORDER BY priority, execution_time` scan cannot skip from one priority to the next, so
+-- when fewer than `limit` jobs are due it would walk every future job of the first
+-- priority (200,000 rows due next week cost milliseconds per claim). Walking the index
+-- once per priority value (a handful, from JobPriority) with LATERAL keeps each walk to
+-- the due rows. Rows are locked with SKIP LOCKED so concurrent workers never wait on each
+-- other; the outer LIMIT keeps priority order because the nested loop preserves the
+-- order of the priorities array.
+WITH next_due AS (
+    SELECT min(f.execution_time) AS at
+    FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+    CROSS JOIN LATERAL (
+        SELECT execution_time FROM {schema}.jobs
+        WHERE status = 'pending' AND priority = p.priority AND execution_time > now()
+        ORDER BY execution_time LIMIT 1
+    ) f
+),
+candidates AS (
+    SELECT c.id, c.expired
+    FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+    CROSS JOIN LATERAL (
+        SELECT id, (misfire_grace_seconds IS NOT NULL AND now() > execution_time
+                    + make_interval(secs => misfire_grace_seconds)) AS expired
+        FROM {schema}.jobs
+        WHERE status = 'pending' AND priority = p.priority AND execution_time <= now()
+        ORDER BY execution_time, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    LIMIT %(limit)s
+),
+claimed AS (
+    UPDATE {schema}.jobs AS j SET
+        status = CASE WHEN c.expired THEN 'expired' ELSE 'running' END::{schema}.job_status,
+        attempts = j.attempts + CASE WHEN c.expired THEN 0 ELSE 1 END,
+        worker_id = CASE WHEN c.expired THEN NULL ELSE %(worker_id)s END,
+        lease_until = CASE WHEN c.expired THEN NULL
+                           ELSE now() + make_interval(secs => %(lease_seconds)s) END,
+        heartbeat_at = CASE WHEN c.expired THEN NULL ELSE now() END,
+        started_at = CASE WHEN c.expired THEN j.started_at ELSE now() END,
+        finished_at = CASE WHEN c.expired THEN now() END,
+        last_error = CASE WHEN c.expired
+            THEN 'expired: not started within its misfire grace of '
+                 || j.misfire_grace_seconds || 's after ' || j.execution_time
+            ELSE j.last_error END
+    FROM candidates c
+    WHERE j.id = c.id
+    RETURNING j.id, j.task, j.queue, j.args, j.kwargs, j.priority, j.execution_time,
+              j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
+)
+SELECT n.at AS next_due, now() AS db_now, claimed.*
+FROM next_due n LEFT JOIN claimed ON true;
+
+-- name: heartbeat_jobs
+-- Renew the leases of the jobs this worker runs. Returns the ids still held: any id
+-- missing from the result was lost (recovered, cancelled or replaced) and must stop.
+UPDATE {schema}.jobs AS j SET
+    lease_until = now() + make_interval(secs => %(lease_seconds)s),
+    heartbeat_at = now()
+FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
+WHERE j.id = h.id AND j.attempts = h.attempt
+  AND j.worker_id = %(worker_id)s AND j.status = 'running'
+RETURNING j.id;
+
+-- name: complete_jobs
+-- Record successful attempts in one statement. Fenced on owner, attempt and status, so a
+-- worker that lost its lease changes nothing. Returns the ids actually completed.
+UPDATE {schema}.jobs AS j SET
+    status = 'completed', result = c.result, finished_at = now(), lease_until = NULL
+FROM unnest(%(ids)s::text[], %(attempts)s::int[], %(results)s::jsonb[])
+    AS c(id, attempt, result)
+WHERE j.id = c.id AND j.attempts = c.attempt
+  AND j.worker_id = %(worker_id)s AND j.status = 'running'
+RETURNING j.id;
+
+-- name: fail_job
+-- Record a failed attempt (an exception or a timeout): back to pending at
+-- now() + %(retry_delay_seconds)s while the retry budget lasts, else failed. Fenced like
+-- complete_jobs; returns the new status, or no row when the lease was lost.
+UPDATE {schema}.jobs AS j SET
+    failures = j.failures + 1,
+    status = CASE WHEN j.failures + 1 <= j.max_retries THEN 'pending' ELSE 'failed' END
+             ::{schema}.job_status,
+    execution_time = CASE WHEN j.failures + 1 <= j.max_retries
+        THEN now() + make_interval(secs => %(retry_delay_seconds)s) ELSE j.execution_time END,
+    finished_at = CASE WHEN j.failures + 1 <= j.max_retries THEN NULL ELSE now() END,
+    worker_id = CASE WHEN j.failures + 1 <= j.max_retries THEN NULL ELSE j.worker_id END,
+    lease_until = NULL,
+    last_error = %(error)s,
+    errors = j.errors || jsonb_build_object(
+        'attempt', j.attempts, 'worker_id', j.worker_id, 'at', now(),
+        'error', %(error)s::text, 'traceback', %(traceback)s::text)
+WHERE j.id = %(id)s AND j.attempts = %(attempt)s
+  AND j.worker_id = %(worker_id)s AND j.status = 'running'
+RETURNING j.status, j.execution_time;
+
+-- name: release_jobs
+-- Put jobs this worker gives up on at shutdown back to pending, due now, without
+-- counting a failure. Fenced like complete_jobs.
+UPDATE {schema}.jobs AS j SET
+    status = 'pending', worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
+FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
+WHERE j.id = r.id AND j.attempts = r.attempt
+  AND j.worker_id = %(worker_id)s AND j.status = 'running'
+RETURNING j.id;
+
+-- name: recover_orphans
+-- Return running jobs whose lease expired to pending (or fail them once they have been
+-- orphaned %(max_recoveries)s times). The lease test is repeated in the UPDATE itself, so
+-- a completion that commits after the scan wins: the row no longer matches.
+WITH orphans AS (
+    SELECT id, worker_id FROM {schema}.jobs
+    WHERE status = 'running' AND lease_until < now()
+    ORDER BY lease_until
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j SET
+    recoveries = j.recoveries + 1,
+    status = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s THEN 'failed' ELSE 'pending' END
+             ::{schema}.job_status,
+    finished_at = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s THEN now() END,
+    worker_id = NULL, lease_until = NULL,
+    last_error = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s
+        THEN 'poison pill: lease expired ' || (j.recoveries + 1) || ' times (worker '
+             || o.worker_id || ' last); the job may crash or hang its worker'
+        ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
+    errors = j.errors || jsonb_build_object(
+        'attempt', j.attempts, 'worker_id', o.worker_id, 'at', now(),
+        'error', 'lease expired (worker crashed, hung or lost its connection)')
+FROM orphans o
+WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < now()
+RETURNING j.id, j.task, j.status, j.attempts, o.worker_id AS previous_worker;
+
+-- name: cancel_jobs
+-- Cancel pending jobs. Returns the ids cancelled.
+UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now()
+WHERE id = ANY(%(ids)s) AND status = 'pending'
+RETURNING id;
+
+-- name: job_statuses
+-- The status of each of the given ids that exists (to explain why a cancel did nothing).
+SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
+
+-- name: get_job
+-- One job, every column.
+SELECT * FROM {schema}.jobs WHERE id = %(id)s;
+
+-- name: list_jobs
+-- Jobs filtered by status and task, newest first.
+SELECT * FROM {schema}.jobs
+WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: vacuum_jobs
+-- Delete up to %(limit)s finished jobs of one status older than the retention; called in a
+-- loop so no statement holds locks on many rows.
+WITH doomed AS (
+    SELECT id FROM {schema}.jobs
+    WHERE status = %(status)s::{schema}.job_status
+      AND finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id;
+
+-- name: count_vacuumable
+-- What vacuum_jobs would delete for one status (for --dry-run).
+SELECT count(*) FROM {schema}.jobs
+WHERE status = %(status)s::{schema}.job_status
+  AND finished_at < now() - make_interval(secs => %(older_than_seconds)s);
+
+-- name: register_worker
+-- Add this worker process to the registry (or refresh it after a reconnect).
+INSERT INTO {schema}.workers (id, host, pid, version, concurrency, queues)
+VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(concurrency)s, %(queues)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+
+-- name: heartbeat_worker
+-- Mark this worker alive; returns no row if it was pruned (it then registers again).
+UPDATE {schema}.workers SET heartbeat_at = now() WHERE id = %(id)s RETURNING id;
+
+-- name: unregister_worker
+-- Remove this worker from the registry at shutdown.
+DELETE FROM {schema}.workers WHERE id = %(id)s;
+
+-- name: prune_workers
+-- Forget workers that have not heartbeated for %(older_than_seconds)s.
+DELETE FROM {schema}.workers
+WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s)
+RETURNING id;

@@ -1,0 +1,188 @@
+"""The task registry: `@task`, and importing the user's task module.
+
+Owns: the process-wide mapping from task name to function and its defaults. A job row
+names a task; the worker runs it only if that name is registered here. Nothing is ever
+imported or resolved from a name stored in the database: the registry is filled by
+importing the module named in the configuration, once, at start-up.
+
+Invariants: a name is registered once (registering a different function under a taken
+name raises); decorated functions stay plain callables, so tests and other code can call
+them directly.
+
+Failure: a task module that cannot be found or raises on import becomes InvalidInput with
+the module name and the original error, so the CLI reports it in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput
+
+_TASK_NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
+
+
+class JobPriority(IntEnum):
+    """Lower values are claimed first. NORMAL keeps pg-scheduler's stored value (5)."""
+
+    CRITICAL = 1
+    NORMAL = 5
+
+    @classmethod
+    def parse(cls, value: JobPriority | int | str) -> JobPriority:
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                pass
+        else:
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        names = ", ".join(p.name.lower() for p in cls)
+        raise InvalidInput(f"invalid priority {value!r}: use one of {names}")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    func: Callable[..., Any]
+    max_retries: int = 0
+    timeout: float | None = None
+    priority: JobPriority = JobPriority.NORMAL
+    queue: str = "default"
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def validate_task_name(name: str) -> str:
+    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+        shown = name if len(str(name)) <= 60 else f"{str(name)[:60]}..."
+        raise InvalidInput(
+            f"invalid task name {shown!r}: use at most 200 letters, digits, '_', '.', ':' or '-',"
+            " starting with a letter or underscore"
+        )
+    return name
+
+
+def check_task_options(max_retries: int, timeout: float | None) -> None:
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        or timeout == float("inf")
+    ):
+        raise InvalidInput(f"invalid timeout {timeout!r}: use a number of seconds > 0, or None")
+
+
+def register(task_: Task) -> Task:
+    existing = _REGISTRY.get(task_.name)
+    if existing is not None and existing.func is not task_.func:
+        # Re-importing a module defines new function objects with the same qualified name;
+        # that is the same task, not a clash.
+        same = getattr(existing.func, "__qualname__", None) == getattr(
+            task_.func, "__qualname__", None
+        ) and getattr(existing.func, "__module__", None) == getattr(task_.func, "__module__", None)
+        if not same:
+            raise InvalidInput(f"task name {task_.name!r} is registered twice")
+    _REGISTRY[task_.name] = task_
+    task_.func.__pgsched_task__ = task_.name  # type: ignore[attr-defined]
+    return task_
+
+
+def task(
+    func: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    max_retries: int = 0,
+    timeout: float | None = None,
+    priority: JobPriority | int | str = JobPriority.NORMAL,
+    queue: str = "default",
+) -> Any:
+    """Register a function as a task; usable as `@task` or `@task(name=..., ...)`.
+
+    Plain `def` functions run in a thread pool so they never block the event loop;
+    `async def` functions run on the worker's loop.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        check_task_options(max_retries, timeout)
+        register(
+            Task(
+                name=validate_task_name(name or fn.__name__),
+                func=fn,
+                max_retries=max_retries,
+                timeout=timeout,
+                priority=JobPriority.parse(priority),
+                queue=queue,
+            )
+        )
+        return fn
+
+    return decorate(func) if func is not None else decorate
+
+
+def get_task(name: str) -> Task | None:
+    return _REGISTRY.get(name)
+
+
+def registered() -> dict[str, Task]:
+    return dict(_REGISTRY)
+
+
+def task_name_of(func_or_name: Callable[..., Any] | str) -> str:
+    """The registered name for a function, or a validated name given as text."""
+    if isinstance(func_or_name, str):
+        return validate_task_name(func_or_name)
+    name = getattr(func_or_name, "__pgsched_task__", None)
+    if name is None:
+        shown = getattr(func_or_name, "__qualname__", repr(func_or_name))
+        raise InvalidInput(f"{shown} is not a registered task: decorate it with @task")
+    return name
+
+
+def load_tasks(spec: str, base_dir: Path | None = None) -> None:
+    """Import the user's task module: a dotted name (base_dir on sys.path) or a .py path."""
+    try:
+        if spec.endswith(".py") or "/" in spec:
+            path = Path(spec)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if not path.is_file():
+                raise InvalidInput(f"task module file {path} does not exist: check [worker] tasks")
+            module_name = f"pgsched_tasks_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            assert module_spec and module_spec.loader
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            if base_dir is not None and str(base_dir) not in sys.path:
+                sys.path.insert(0, str(base_dir))
+            importlib.import_module(spec)
+    except InvalidInput:
+        raise
+    except ModuleNotFoundError as exc:
+        raise InvalidInput(
+            f"cannot import task module {spec!r}: {exc}; check [worker] tasks and that the "
+            "module is on the Python path (the config file's directory is added)"
+        ) from exc
+    except Exception as exc:
+        raise InvalidInput(
+            f"task module {spec!r} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc

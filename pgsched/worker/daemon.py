@@ -1,0 +1,528 @@
+"""The worker daemon: claims due jobs, runs them, keeps their leases, records outcomes.
+
+Services, each an asyncio task under one TaskGroup (a service that crashes stops the
+worker loudly instead of letting it limp on):
+
+- fetcher: the only claimer. Claims at most its free slots, in one statement, then
+  sleeps until the earliest of: a NOTIFY for a job due now, a timer set to the next known
+  due time, a freed slot while a backlog remains, or the safety poll.
+- listener: holds the LISTEN connection and turns notifications into wake-ups; after a
+  reconnect it wakes the fetcher, since notifications sent meanwhile are lost.
+- completer: writes finished jobs in one statement per batch; a batch forms naturally
+  while the previous write is in flight.
+- heartbeater: renews all held leases in one statement; a job whose lease was lost is
+  cancelled locally (its late writes would be fenced out anyway). It also notices when
+  the event loop was blocked for longer than a heartbeat.
+- maintenance: orphan recovery, worker-registry pruning and vacuum (maintenance.py).
+
+Lifecycle: run() returns after stop() (SIGTERM/SIGINT): claiming stops, running jobs get
+`shutdown_grace_seconds` to finish, the rest are cancelled and put back to pending
+(not a failure). kill() (a second signal) skips the grace. Jobs are never left running
+by a clean exit; after a crash their leases expire and another worker recovers them.
+
+Database outages: every service catches connection errors, logs `db_unavailable`, backs
+off with jitter and carries on; a job whose outcome cannot be written keeps its slot in
+the completer until it can (or its lease expires and it is recovered: at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import psycopg_pool
+import structlog
+
+from .. import __version__
+from ..logs import get_logger
+from ..store import Store, connect
+from ..tasks import JobPriority
+from .executor import Outcome, SyncCalls, retry_delay, run_job
+from .maintenance import Maintenance
+
+log = get_logger("pgsched.worker")
+
+DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    concurrency: int = 25
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    shutdown_grace_seconds: float = 30.0
+    poll_seconds: float = 5.0
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    max_recoveries: int = 3
+    burst: bool = False
+    vacuum_enabled: bool = True
+    vacuum_interval_seconds: float = 3600.0
+    retention_days: float = 7.0
+    failed_retention_days: float = 30.0
+    vacuum_batch_size: int = 1000
+
+
+@dataclass
+class _Held:
+    """A claimed job this worker owns: running, or finished and waiting to be recorded."""
+
+    id: str
+    attempt: int
+    task: asyncio.Task[None] | None = None
+    lease_lost: bool = False
+    finished: bool = False
+
+
+@dataclass
+class _Completion:
+    held: _Held
+    outcome: Outcome
+    failures: int
+
+
+@dataclass
+class Stats:
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    expired: int = 0
+    released: int = 0
+    lease_lost: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def new_worker_id() -> str:
+    # host and pid for people; the random part so that a restarted process that gets the
+    # same pid (containers) never inherits the leases of its previous life.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def raise_if_cancelling() -> None:
+    """psycopg may turn a cancellation that lands mid-query into a connection error; a
+    service being stopped must still stop, so the cancellation is restored."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
+    await asyncio.sleep(min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0))
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        dsn: str,
+        options: WorkerOptions = WorkerOptions(),
+        *,
+        worker_id: str | None = None,
+    ):
+        self.store = store
+        self.dsn = dsn
+        self.options = options
+        self.id = worker_id or new_worker_id()
+        self.stats = Stats()
+        self._held: dict[str, _Held] = {}
+        self._executing = 0
+        self._threads = ThreadPoolExecutor(
+            max_workers=options.concurrency, thread_name_prefix="pgsched-task"
+        )
+        self._sync_calls = SyncCalls()
+        self._wake = asyncio.Event()
+        self._completions: asyncio.Queue[_Completion] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._killed = asyncio.Event()
+        self.closing = asyncio.Event()  # set after draining: side services return
+        self._slot_freed_wakes = False
+        self._next_due_deadline: float | None = None  # loop.time() of the next known due job
+        self._clock_offset = 0.0  # database clock minus local clock, from the last claim
+        self._priorities = sorted(int(p) for p in JobPriority)
+        self.ready = asyncio.Event()  # set once registered and the first claim ran
+        self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
+        self.maintenance = Maintenance(self)
+
+    # -- public control ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful: stop claiming, let running jobs finish within the grace period."""
+        if self._stopping.is_set():
+            self.kill()
+        self._stopping.set()
+        self._wake.set()
+
+    def kill(self) -> None:
+        """Immediate: cancel running jobs now and put them back to pending."""
+        self._stopping.set()
+        self._killed.set()
+        self._wake.set()
+
+    @property
+    def running_jobs(self) -> int:
+        return self._executing
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync tasks still running in threads (timed out or interrupted by shutdown)."""
+        return self._sync_calls.running
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(worker_id=self.id)
+        log.info("worker_starting", concurrency=self.options.concurrency, pid=os.getpid(),
+                 burst=self.options.burst)
+        await self._register()
+        try:
+            async with asyncio.TaskGroup() as services:
+                fetcher = services.create_task(self._fetch_loop(), name="fetcher")
+                side = [
+                    services.create_task(self._listen_loop(), name="listener"),
+                    services.create_task(self._complete_loop(), name="completer"),
+                    services.create_task(self._heartbeat_loop(), name="heartbeater"),
+                    services.create_task(self.maintenance.run(), name="maintenance"),
+                ]
+                await fetcher
+                await self._drain()
+                # Loops also watch `closing`: a cancellation that lands inside a psycopg
+                # call can be swallowed there, and must not leave the worker hanging.
+                self.closing.set()
+                for service in side:
+                    service.cancel()
+        finally:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(DB_ERRORS):
+                await self.store.unregister_worker(self.id)
+            counts = {k: v for k, v in vars(self.stats).items() if v and k != "extra"}
+            log.info("worker_stopped", **counts)
+
+    # -- registration ----------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.store.register_worker(
+                    id=self.id, host=socket.gethostname(), pid=os.getpid(), version=__version__,
+                    concurrency=self.options.concurrency, queues=None,
+                )
+                return
+            except DB_ERRORS as exc:
+                self._db_error("register", exc, attempt)
+                attempt += 1
+                await backoff_sleep(attempt)
+
+    def _db_error(self, where: str, exc: BaseException, attempt: int) -> None:
+        raise_if_cancelling()
+        if attempt == 0:
+            log.warning("db_unavailable", where=where, error=str(exc).strip().splitlines()[0]
+                        if str(exc).strip() else type(exc).__name__)
+
+    # -- fetcher -------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.options.concurrency - self._executing
+            claimed_full = False
+            if free > 0:
+                try:
+                    claimed_full = await self._claim(free)
+                    failures = 0
+                except DB_ERRORS as exc:
+                    self._db_error("claim", exc, failures)
+                    failures += 1
+                    await backoff_sleep(failures)
+                    continue
+            if not self.ready.is_set():
+                self.ready.set()
+                for callback in self.on_ready:
+                    result = callback()
+                    if result is not None:
+                        await result
+            if claimed_full:
+                continue  # more may be due right now
+            if self.options.burst and self._executing == 0:
+                log.info("burst_done")
+                return
+            # With every slot busy, a freed slot is the next reason to claim.
+            self._slot_freed_wakes = free <= 0 or self.options.burst
+            timeout = self.options.poll_seconds
+            if self._next_due_deadline is not None:
+                timeout = min(timeout, max(0.0, self._next_due_deadline - loop.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _claim(self, free: int) -> bool:
+        """Claim up to `free` jobs and start them; True if the claim was full."""
+        loop = asyncio.get_running_loop()
+        jobs, next_due, db_now = await self.store.claim_jobs(
+            worker_id=self.id, limit=free, lease_seconds=self.options.lease_seconds,
+            priorities=self._priorities,
+        )
+        self._clock_offset = db_now.timestamp() - time.time()
+        self._next_due_deadline = (
+            loop.time() + (next_due - db_now).total_seconds() if next_due is not None else None
+        )
+        for job in jobs:
+            if job["expired"]:
+                self.stats.expired += 1
+                log.warning("job_expired", job_id=job["id"], task=job["task"],
+                            execution_time=job["execution_time"].isoformat())
+                continue
+            self.stats.claimed += 1
+            held = _Held(job["id"], job["attempts"])
+            self._held[held.id] = held
+            self._executing += 1
+            held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
+        return len(jobs) >= free
+
+    def note_due(self, due_epoch: float) -> None:
+        """A job was added for `due_epoch` (database clock): wake now or move the timer."""
+        loop = asyncio.get_running_loop()
+        delay = due_epoch - (time.time() + self._clock_offset)
+        if delay <= 0.001:
+            self._wake.set()
+            return
+        deadline = loop.time() + delay
+        if self._next_due_deadline is None or deadline < self._next_due_deadline:
+            self._next_due_deadline = deadline
+            self._wake.set()  # the fetcher recomputes its sleep; it claims only if due
+
+    async def sleep_or_close(self, seconds: float) -> bool:
+        """Sleep; True (early) once the worker is closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closing.wait(), max(0.0, seconds))
+        return self.closing.is_set()
+
+    # -- executing one job ---------------------------------------------------------------
+
+    async def _execute(self, job: dict[str, Any], held: _Held) -> None:
+        structlog.contextvars.bind_contextvars(
+            job_id=job["id"], task=job["task"], attempt=job["attempts"]
+        )
+        started = time.monotonic()
+        lateness = time.time() + self._clock_offset - job["execution_time"].timestamp()
+        log.info("job_started", lateness_ms=round(lateness * 1000, 1))
+        try:
+            outcome = await run_job(job, self._threads, self._sync_calls)
+        except asyncio.CancelledError:
+            self._executing -= 1
+            held.finished = True
+            if held.lease_lost:
+                self._held.pop(held.id, None)
+                log.warning("job_abandoned", reason="lease lost")
+            else:
+                log.info("job_interrupted", reason="shutdown")
+            self._free_slot()
+            return  # shutdown releases what is still held
+        self._executing -= 1
+        held.finished = True
+        duration = round(time.monotonic() - started, 4)
+        if held.lease_lost:
+            self._held.pop(held.id, None)
+            log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
+        else:
+            self._completions.put_nowait(_Completion(held, outcome, job["failures"]))
+            if not outcome.ok:
+                log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self._slot_freed_wakes:
+            self._wake.set()
+
+    # -- completer -----------------------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        while True:
+            batch = [await self._completions.get()]
+            while not self._completions.empty():
+                batch.append(self._completions.get_nowait())
+            try:
+                await self._record(batch)
+            finally:
+                for _ in batch:
+                    self._completions.task_done()
+
+    async def _record(self, batch: list[_Completion]) -> None:
+        attempt = 0
+        pending = batch
+        while pending:
+            try:
+                pending = await self._record_once(pending)
+            except DB_ERRORS as exc:
+                self._db_error("complete", exc, attempt)
+                attempt += 1
+                if self._killed.is_set() and attempt > 5:
+                    log.error("completion_not_recorded", jobs=len(pending),
+                              hint="their leases expire and another worker runs them again")
+                    for c in pending:
+                        self._held.pop(c.held.id, None)
+                    return
+                await backoff_sleep(attempt)
+
+    async def _record_once(self, batch: list[_Completion]) -> list[_Completion]:
+        """Write a batch; returns what is left to write (failures are written one by one)."""
+        successes = [c for c in batch if c.outcome.ok]
+        if successes:
+            written = await self.store.complete_jobs(
+                worker_id=self.id,
+                done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
+            )
+            for c in successes:
+                self._held.pop(c.held.id, None)
+                if c.held.id in written:
+                    self.stats.completed += 1
+                    log.info("job_completed", job_id=c.held.id)
+                else:
+                    self.stats.lease_lost += 1
+                    log.warning("job_completion_rejected", job_id=c.held.id,
+                                reason="lease lost before the result was recorded")
+        left = [c for c in batch if not c.outcome.ok]
+        while left:
+            c = left[0]
+            row = await self.store.fail_job(
+                worker_id=self.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, traceback=c.outcome.traceback,
+                retry_delay_seconds=retry_delay(
+                    c.failures + 1, self.options.retry_base_seconds,
+                    self.options.retry_max_seconds),
+            )
+            self._held.pop(c.held.id, None)
+            left.pop(0)
+            if row is None:
+                self.stats.lease_lost += 1
+                log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
+            elif row["status"] == "pending":
+                self.stats.retried += 1
+                log.info("job_retry_scheduled", job_id=c.held.id, error=c.outcome.error,
+                         retry_at=row["execution_time"].isoformat())
+                self.note_due(row["execution_time"].timestamp())
+            else:
+                self.stats.failed += 1
+                log.error("job_failed", job_id=c.held.id, error=c.outcome.error)
+        return []
+
+    # -- heartbeater ---------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.options.heartbeat_seconds
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            planned = loop.time() + interval * random.uniform(0.9, 1.0)
+            if await self.sleep_or_close(planned - loop.time()):
+                return
+            blocked = loop.time() - planned
+            if blocked > interval:
+                log.warning("event_loop_blocked", seconds=round(blocked, 2),
+                            hint="a task runs CPU work in `async def`; make it a plain def "
+                                 "so it runs in a thread")
+            try:
+                await self.heartbeat_once()
+                failures = 0
+            except DB_ERRORS as exc:
+                self._db_error("heartbeat", exc, failures)
+                failures += 1
+
+    async def heartbeat_once(self) -> None:
+        held = [(h.id, h.attempt) for h in self._held.values() if not h.finished]
+        if held:
+            kept = await self.store.heartbeat_jobs(
+                worker_id=self.id, held=held, lease_seconds=self.options.lease_seconds
+            )
+            for job_id, _ in held:
+                h = self._held.get(job_id)
+                if job_id not in kept and h is not None and not h.finished:
+                    h.lease_lost = True
+                    self.stats.lease_lost += 1
+                    log.warning("lease_lost", job_id=job_id,
+                                reason="recovered, cancelled or replaced by someone else")
+                    if h.task is not None:
+                        h.task.cancel()
+        if not await self.store.heartbeat_worker(self.id):
+            await self._register()  # pruned while we were unreachable: come back
+
+    # -- listener ------------------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        failures = 0
+        while not self.closing.is_set():
+            conn = None
+            try:
+                conn = await connect(self.dsn)
+                await conn.execute(psycopg.sql.SQL("LISTEN {}").format(
+                    psycopg.sql.Identifier(self.store.channel)))
+                if failures:
+                    log.info("listener_reconnected")
+                failures = 0
+                self._wake.set()  # anything added while we were away
+                async for notify in conn.notifies():
+                    try:
+                        self.note_due(float(notify.payload))
+                    except ValueError:
+                        self._wake.set()
+            except DB_ERRORS as exc:
+                self._db_error("listen", exc, failures)
+                failures += 1
+                await backoff_sleep(failures)
+            finally:
+                if conn is not None:
+                    await conn.close()
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Wait for running jobs within the grace period, then cancel and release them."""
+        loop = asyncio.get_running_loop()
+        running = {h.task for h in self._held.values() if h.task and not h.task.done()}
+        if running and not self._killed.is_set():
+            log.info("shutdown_waiting", running=len(running),
+                     grace_seconds=self.options.shutdown_grace_seconds)
+            deadline = loop.time() + self.options.shutdown_grace_seconds
+            killed = asyncio.create_task(self._killed.wait())
+            while running and not killed.done() and loop.time() < deadline:
+                _, running = await asyncio.wait(
+                    running | {killed}, timeout=deadline - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED)
+                running.discard(killed)
+            killed.cancel()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
+        # Outcomes of finished jobs are recorded first; what is still held after that was
+        # interrupted and goes back to pending.
+        await self._completions.join()
+        unfinished = [(h.id, h.attempt) for h in self._held.values() if not h.lease_lost]
+        if unfinished:
+            attempt = 0
+            while True:
+                try:
+                    released = await self.store.release_jobs(worker_id=self.id, held=unfinished)
+                    break
+                except DB_ERRORS as exc:
+                    self._db_error("release", exc, attempt)
+                    attempt += 1
+                    if attempt > 5:
+                        log.error("release_failed", jobs=len(unfinished),
+                                  hint="their leases expire and another worker recovers them")
+                        return
+                    await backoff_sleep(attempt)
+            self.stats.released += len(released)
+            log.info("jobs_released", count=len(released))
+        self._held.clear()
+

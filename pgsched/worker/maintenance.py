@@ -1,0 +1,113 @@
+"""The worker's housekeeping: orphan recovery, registry pruning and vacuum.
+
+Every worker runs it; no leader is needed because each step is a single statement that
+is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes).
+
+- recovery, every heartbeat interval: running jobs whose lease expired go back to
+  pending; one orphaned `max_recoveries` times is failed as a poison pill.
+- pruning, every few minutes: workers silent for ten leases leave the registry.
+- vacuum, every `vacuum_interval_seconds` (first run after one interval, so restarts do
+  not stampede): finished jobs past their retention are deleted in small batches.
+
+run_once() returns what it did; the loop logs at info only when something happened.
+Connection errors are logged and retried on the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING
+
+from ..logs import get_logger
+from ..store import FINISHED_STATUSES, Store
+
+if TYPE_CHECKING:
+    from .daemon import Worker
+
+log = get_logger("pgsched.maintenance")
+
+PRUNE_EVERY_SECONDS = 300.0
+
+
+async def vacuum(
+    store: Store, *, retention_seconds: dict[str, float], batch_size: int
+) -> dict[str, int]:
+    """Delete finished jobs past retention, batch by batch; returns the count per status."""
+    deleted = {}
+    for status, older_than in retention_seconds.items():
+        total = 0
+        while True:
+            n = await store.vacuum_jobs(status=status, older_than_seconds=older_than,
+                                        limit=batch_size)
+            total += n
+            if n < batch_size:
+                break
+            await asyncio.sleep(0)  # let the loop breathe between batches
+        deleted[status] = total
+    return deleted
+
+
+def retention_by_status(retention_days: float, failed_retention_days: float) -> dict[str, float]:
+    return {
+        status: (failed_retention_days if status == "failed" else retention_days) * 86400
+        for status in FINISHED_STATUSES
+    }
+
+
+class Maintenance:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self._last_prune = 0.0
+        self._last_vacuum: float | None = None
+
+    async def run(self) -> None:
+        from .daemon import DB_ERRORS, raise_if_cancelling
+
+        opts = self.worker.options
+        loop = asyncio.get_running_loop()
+        self._last_vacuum = loop.time()
+        while True:
+            try:
+                await self.run_once()
+            except DB_ERRORS as exc:
+                raise_if_cancelling()
+                log.warning("maintenance_db_error", error=str(exc).strip()[:200])
+            if await self.worker.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
+                return
+
+    async def run_once(self) -> dict[str, object]:
+        opts = self.worker.options
+        store = self.worker.store
+        loop = asyncio.get_running_loop()
+        did: dict[str, object] = {}
+        recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
+        for row in recovered:
+            event = "job_recovered" if row["status"] == "pending" else "job_poisoned"
+            log.warning(event, job_id=row["id"], task=row["task"], attempt=row["attempts"],
+                        previous_worker=row["previous_worker"])
+        if recovered:
+            did["recovered"] = len(recovered)
+            self.worker._wake.set()  # recovered jobs are due now
+        if loop.time() - self._last_prune >= PRUNE_EVERY_SECONDS:
+            self._last_prune = loop.time()
+            pruned = await store.prune_workers(older_than_seconds=opts.lease_seconds * 10)
+            if pruned:
+                did["pruned_workers"] = pruned
+                log.info("workers_pruned", workers=pruned)
+        if (
+            opts.vacuum_enabled
+            and self._last_vacuum is not None
+            and loop.time() - self._last_vacuum >= opts.vacuum_interval_seconds
+        ):
+            self._last_vacuum = loop.time()
+            deleted = await vacuum(
+                store,
+                retention_seconds=retention_by_status(opts.retention_days,
+                                                      opts.failed_retention_days),
+                batch_size=opts.vacuum_batch_size,
+            )
+            if any(deleted.values()):
+                did["vacuumed"] = deleted
+                log.info("vacuum_done", **deleted)
+        return did

@@ -1,0 +1,172 @@
+"""Test fixtures: a real PostgreSQL and an isolated, migrated schema per test.
+
+The server is PGSCHED_TEST_DSN when set; otherwise an embedded PostgreSQL (pgserver)
+started once for the session in a temporary directory and deleted at the end. Each test
+gets its own schema (`t_<random>`), migrated, and dropped afterwards, which costs a few
+milliseconds and lets tests run against one server without seeing each other.
+
+Worker processes are real `python -m pgsched worker` subprocesses configured through a
+generated pgsched.toml; `wait_until` polls with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgsched import Scheduler, WorkerOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_TASKS = Path(__file__).resolve().parent / "worker_tasks.py"
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    dsn = os.environ.get("PGSCHED_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    data = Path(tempfile.mkdtemp(prefix="pgsched-test-")) / "pg"
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def schema(pg_dsn: str) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+async def sched(pg_dsn: str, schema: str) -> AsyncIterator[Scheduler]:
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
+        await s.migrate()
+        yield s
+
+
+def fast_options(**overrides: Any) -> WorkerOptions:
+    base = dict(concurrency=8, lease_seconds=2.0, heartbeat_seconds=0.5, poll_seconds=1.0,
+                shutdown_grace_seconds=5.0, retry_base_seconds=0.05, retry_max_seconds=0.2,
+                vacuum_enabled=False)
+    base.update(overrides)
+    return WorkerOptions(**base)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
+                     interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll an (async or sync) predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def write_config(directory: Path, dsn: str, schema: str, **worker: Any) -> Path:
+    settings = dict(tasks=str(WORKER_TASKS), concurrency=8, lease_seconds=2,
+                    heartbeat_seconds=0.5, poll_seconds=1, shutdown_grace_seconds=5,
+                    retry_base_seconds=0.05, retry_max_seconds=0.2)
+    settings.update(worker)
+    lines = ["[database]", f"dsn = {dsn!r}".replace("'", '"'), f'schema = "{schema}"',
+             "", "[worker]"]
+    for key, value in settings.items():
+        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
+    lines += ["", "[vacuum]", "enabled = false", "", "[log]", 'format = "json"']
+    path = directory / "pgsched.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, config: Path | None = None, input: str | None = None,
+            env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `python -m pgsched ...` as a real process."""
+    cmd = [sys.executable, "-m", "pgsched"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, input=input,
+                          env=env or cli_env(), timeout=timeout, cwd=ROOT)
+
+
+class WorkerProcess:
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
+        self.log_path = config.parent / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(), cwd=ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        await wait_until(lambda: self.proc.poll() is not None, timeout, what="worker exit")
+        return self.proc.returncode
+
+    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        await wait_until(lambda: text in self.log(), timeout, what=f"{text!r} in worker log")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        w = WorkerProcess(config, *args, env=env)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
