@@ -49,7 +49,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Piped output (scripts, `| less`) gets a wide fixed width instead of rich's 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 log = get_logger("pgsched.cli")
 
 
@@ -115,14 +116,15 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-def resolve_dsn(settings: Settings) -> str:
+def resolve_dsn(settings: Settings, *, announce: bool = False) -> str:
     if settings.database.dsn:
         return settings.database.dsn
     from .embedded import embedded_dsn
 
     dsn = embedded_dsn(settings.database.data_dir)
-    log.info("embedded_database", data_dir=str(settings.database.data_dir),
-             note="development database; set [database] dsn for production")
+    (log.info if announce else log.debug)(
+        "embedded_database", data_dir=str(settings.database.data_dir),
+        note="development database; set [database] dsn for production")
     return dsn
 
 
@@ -216,7 +218,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
 async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> int:
     pool_size = max(2, settings.database.pool_size)
     sched = Scheduler(
-        resolve_dsn(settings), schema=settings.database.schema, options=options,
+        resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
         misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
     )
     await sched.open()
@@ -227,7 +229,7 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, worker, signum)
-        await sched.shutdown()
+        await sched.wait()
         return worker.abandoned_threads
     finally:
         await sched.close()

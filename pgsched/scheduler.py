@@ -169,6 +169,11 @@ class Scheduler:
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 
+    async def wait(self) -> None:
+        """Wait until the in-process worker exits (after stop(), a signal, or --burst)."""
+        if self._worker_task is not None:
+            await self._worker_task
+
     async def shutdown(self) -> None:
         """Stop the in-process worker gracefully (running jobs get the grace period)."""
         if self._worker is not None and self._worker_task is not None:

@@ -49,10 +49,6 @@ def validate_identifier(name: str, what: str = "schema name") -> str:
     return name
 
 
-def _read_sql(name: str) -> str:
-    return importlib.resources.files("pgsched").joinpath("sql", name).read_text("utf-8")
-
-
 def parse_named_blocks(text: str) -> dict[str, str]:
     """Split a .sql file into {name: statement} on `-- name: NAME` lines."""
     blocks: dict[str, str] = {}
@@ -75,7 +71,20 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-_QUERIES = parse_named_blocks(_read_sql("queries.sql"))
+def _load_queries() -> dict[str, str]:
+    """Named blocks of every sql/*.sql file (each area of pgsched owns one file)."""
+    folder = importlib.resources.files("pgsched").joinpath("sql")
+    queries: dict[str, str] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".sql"):
+            for name, text in parse_named_blocks(entry.read_text("utf-8")).items():
+                if name in queries:
+                    raise RuntimeError(f"query {name} is defined twice in pgsched/sql")
+                queries[name] = text
+    return queries
+
+
+_QUERIES = _load_queries()
 
 
 def _bind(text: str, schema: str) -> str:
