@@ -1,0 +1,272 @@
+"""What every benchmark scenario needs: the server, schemas, worker processes, the machine.
+
+Owns: starting the embedded PostgreSQL in a temporary data directory (or using --dsn),
+one fresh schema per scenario (dropped again afterwards), writing a pgsched.toml for the
+worker processes, starting and watching real `python -m pgsched worker` processes
+(their peak resident memory is sampled while they run), and describing the machine and
+server so that results are never quoted without them.
+
+Invariants: every schema the benchmark creates is named `bench_*` and dropped when its
+scenario ends, so --dsn never leaves anything behind on success. Worker processes are
+killed if the benchmark fails or one of them overruns its deadline.
+
+Failure: a worker that exits with a non-zero code, or misses a deadline, raises
+BenchError with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import psycopg.conninfo
+import tomli_w
+from psycopg import sql
+
+import pgsched
+from pgsched import Scheduler
+
+TASKS = Path(__file__).resolve().parent / "tasks.py"
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does (--quick shrinks everything)."""
+
+    enqueue_loop: int = 10_000
+    enqueue_bulk: int = 100_000
+    drain: int = 20_000
+    due_latency: int = 200
+    enqueue_latency: int = 200
+    backlog_finished: int = 1_000_000
+    backlog_future: int = 200_000
+    idle_seconds: float = 60.0
+    raw_claim: int = 20_000
+    raw_batch: int = 100
+
+
+QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, drain=500, due_latency=10,
+              enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
+              idle_seconds=2.0, raw_claim=500)
+
+
+@dataclass
+class Harness:
+    dsn: str
+    sizes: Sizes
+    workdir: Path
+    concurrency: int | None = None
+    server_log: Path | None = None  # set when we own the server and can read its log
+    _procs: list[WorkerProc] = field(default_factory=list)
+
+    # -- schemas and connections ---------------------------------------------------------
+
+    async def connect(self) -> psycopg.AsyncConnection:
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+
+    async def fresh_schema(self, name: str, *, migrate: bool = True) -> str:
+        schema = f"bench_{name}"
+        await self.drop_schema(schema)
+        if migrate:
+            async with Scheduler(self.dsn, schema=schema) as sched:
+                await sched.migrate()
+        return schema
+
+    async def drop_schema(self, schema: str) -> None:
+        async with await self.connect() as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                               .format(sql.Identifier(schema)))
+
+    async def one(self, query: str | sql.Composable, params: Any = None) -> tuple:
+        async with await self.connect() as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+    async def analyze(self, schema: str) -> None:
+        """VACUUM ANALYZE the jobs table, as autovacuum would on a long-lived table; run
+        before a timed drain so its plan does not depend on when autovacuum woke up."""
+        async with await self.connect() as conn:
+            await conn.execute(sql.SQL("VACUUM ANALYZE {}.jobs").format(sql.Identifier(schema)))
+
+    # -- worker processes ----------------------------------------------------------------
+
+    def write_config(self, schema: str, *, dsn: str | None = None) -> Path:
+        worker: dict[str, Any] = {"tasks": str(TASKS)}
+        if self.concurrency is not None:
+            worker["concurrency"] = self.concurrency
+        document = {
+            "database": {"dsn": dsn or self.dsn, "schema": schema},
+            "worker": worker,
+            # The daemon's default under systemd: JSON lines to a pipe (here a file).
+            "log": {"format": "json"},
+        }
+        path = self.workdir / f"{schema}-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(tomli_w.dumps(document))
+        path.chmod(0o600)
+        return path
+
+    def start_worker(self, schema: str, *args: str, dsn: str | None = None) -> WorkerProc:
+        proc = WorkerProc(self.write_config(schema, dsn=dsn), args)
+        self._procs.append(proc)
+        return proc
+
+    async def wait_listening(self, schema: str, count: int = 1, timeout: float = 30) -> None:
+        """Until `count` workers LISTEN on the schema's channel (their notifications work)."""
+        deadline = time.monotonic() + timeout
+        channel = f'LISTEN "pgsched_{schema}"'
+        while True:
+            (n,) = await self.one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = %s", [channel])
+            if n >= count:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"no worker listening on {schema} after {timeout}s")
+            await asyncio.sleep(0.05)
+
+    async def wait_finished(self, schema: str, prefix: str, total: int,
+                            timeout: float = 120) -> None:
+        """Until every job whose id starts with `prefix` is completed (polls every 50 ms)."""
+        deadline = time.monotonic() + timeout
+        query = sql.SQL("SELECT count(*) FROM {}.jobs WHERE id LIKE %s AND status = 'completed'"
+                        ).format(sql.Identifier(schema))
+        while True:
+            (done,) = await self.one(query, [prefix + "%"])
+            if done >= total:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {done}/{total} {prefix}* jobs completed in {timeout}s")
+            await asyncio.sleep(0.05)
+
+    def kill_all(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+
+    # -- the server log (statement counting) ---------------------------------------------
+
+    def statement_logging_dsn(self) -> str | None:
+        """A DSN whose sessions log every statement, when we can read the server log."""
+        if self.server_log is None:
+            return None
+        return psycopg.conninfo.make_conninfo(self.dsn, options="-c log_statement=all")
+
+    # -- the machine -----------------------------------------------------------------------
+
+    async def machine(self) -> dict[str, Any]:
+        (version,) = await self.one("SELECT current_setting('server_version')")
+        settings = {}
+        for name in ("shared_buffers", "synchronous_commit", "fsync", "max_connections"):
+            (settings[name],) = await self.one("SELECT current_setting(%s)", [name])
+        return {
+            "nproc": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(),
+            "python": platform.python_version(),
+            "postgresql": version,
+            "postgresql_settings": settings,
+            "server": "embedded (pgserver), same machine" if self.server_log else "--dsn",
+            "pgsched": pgsched.__version__,
+            "commit": _git_commit(),
+        }
+
+
+class WorkerProc:
+    """One `python -m pgsched worker` process; its output goes to a log file (a pipe to
+    journald would cost the same: the daemon renders JSON lines either way)."""
+
+    def __init__(self, config: Path, args: tuple[str, ...]):
+        self.log_path = config.with_suffix(".log")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.parent,
+            )
+        self.ps = psutil.Process(self.proc.pid)
+        self.peak_rss = 0
+
+    def sample_rss(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    async def wait(self, timeout: float) -> None:
+        """Until the process exits (sampling its memory); raises if it failed or overran."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.sample_rss()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BenchError(f"worker overran {timeout}s:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+        if self.proc.returncode != 0:
+            raise BenchError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    async def stop(self, timeout: float = 30) -> None:
+        self.proc.terminate()
+        await self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_embedded(workdir: Path) -> tuple[str, Path]:
+    """Start a throw-away embedded server in workdir/pg; returns (dsn, its log file)."""
+    from pgsched.embedded import embedded_dsn
+
+    data = workdir / "pg"
+    return embedded_dsn(data), data / "log"
+
+
+def stop_embedded(workdir: Path) -> None:
+    import pgserver  # installed: start_embedded worked
+
+    pgserver.get_server(workdir / "pg").cleanup()
+
+
+def make_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="pgsched-bench-"))
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

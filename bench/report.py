@@ -1,0 +1,125 @@
+"""Turning a run's metrics into the printed table and the list of targets met or missed.
+
+Owns: the targets of issue 4 (each a ratio to the raw ceiling of the same run, or an
+absolute bound) and the Markdown table the benchmark prints, which is also the table
+pasted into the README. A metric a partial run (--only) did not produce shows as "-".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    key: str  # the metric shown (for latencies, the prefix of p50/p95/max)
+    unit: str
+    reference: str | None = None  # metric the value is divided by
+    target: str = ""
+    met: Callable[[Metrics], bool] | None = None
+
+
+def _ratio(m: Metrics, key: str, ref: str) -> float | None:
+    if key in m and m.get(ref):
+        return m[key] / m[ref]
+    return None
+
+
+def _at_least(key: str, ref: str, fraction: float) -> Callable[[Metrics], bool]:
+    return lambda m: _ratio(m, key, ref) >= fraction
+
+
+ROWS = [
+    Row("enqueue-loop: 10k schedule() calls", "enqueue_loop_jobs_per_s", "jobs/s",
+        "raw_insert_loop_rows_per_s", ">= 80% of raw insert loop",
+        _at_least("enqueue_loop_jobs_per_s", "raw_insert_loop_rows_per_s", 0.8)),
+    Row("enqueue-bulk: 100k via schedule_bulk()", "enqueue_bulk_jobs_per_s", "jobs/s",
+        "raw_copy_rows_per_s", ">= 80% of raw COPY",
+        _at_least("enqueue_bulk_jobs_per_s", "raw_copy_rows_per_s", 0.8)),
+    Row("drain-1: 20k no-op jobs, 1 worker", "drain_1_jobs_per_s", "jobs/s",
+        "raw_claim_jobs_per_s", ">= 60% of raw claim-100",
+        _at_least("drain_1_jobs_per_s", "raw_claim_jobs_per_s", 0.6)),
+    Row("drain-2: 20k no-op jobs, 2 workers", "drain_2_jobs_per_s", "jobs/s",
+        "raw_claim_jobs_per_s", "> drain-1",
+        lambda m: m["drain_2_jobs_per_s"] > m["drain_1_jobs_per_s"]),
+    Row("backlog: drain-1 beside 1M done + 200k future", "backlog_drain_jobs_per_s", "jobs/s",
+        "drain_1_jobs_per_s", ">= 80% of drain-1",
+        _at_least("backlog_drain_jobs_per_s", "drain_1_jobs_per_s", 0.8)),
+    Row("due-latency: 200 jobs at distinct instants", "due_latency", "ms", None,
+        "p50 <= 5, p95 <= 20",
+        lambda m: m["due_latency_p50_ms"] <= 5 and m["due_latency_p95_ms"] <= 20),
+    Row("enqueue-latency: commit to start", "enqueue_latency", "ms", None, "p50 <= 5",
+        lambda m: m["enqueue_latency_p50_ms"] <= 5),
+    Row("idle worker: CPU", "idle_cpu_percent", "% of a core", None, "< 1%",
+        lambda m: m["idle_cpu_percent"] < 1),
+    Row("idle worker: statements", "idle_statements_per_min", "per minute", None, "<= ~30",
+        lambda m: m["idle_statements_per_min"] <= 30),
+    Row("worker peak RSS while draining (drain-1)", "drain_1_worker_peak_rss_mb", "MB", None,
+        "< 100 MB", lambda m: m["drain_1_worker_peak_rss_mb"] < 100),
+    Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
+    Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
+    Row("raw: claim 100 SKIP LOCKED + complete", "raw_claim_jobs_per_s", "jobs/s"),
+]
+
+
+def _value(row: Row, m: Metrics) -> str | None:
+    if row.unit == "ms":
+        keys = [f"{row.key}_{p}_ms" for p in ("p50", "p95", "max")]
+        if not all(k in m for k in keys):
+            return None
+        return " / ".join(f"{m[k]:.1f}" for k in keys) + " ms (p50/p95/max)"
+    if row.key not in m:
+        return None
+    value = m[row.key]
+    if row.unit in ("jobs/s", "rows/s"):
+        return f"{value:,.0f} {row.unit}"
+    return f"{value:.2f} {row.unit}" if row.unit != "per minute" else f"{value:.1f} /min"
+
+
+def evaluate(m: Metrics) -> list[dict[str, Any]]:
+    """One entry per row: its value, ratio to its reference and whether its target is met
+    (None when the run did not produce what the target needs)."""
+    results = []
+    for row in ROWS:
+        met = None
+        if row.met is not None:
+            try:
+                met = bool(row.met(m))
+            except (KeyError, TypeError):
+                met = None
+        ratio = _ratio(m, row.key, row.reference) if row.reference else None
+        results.append({"label": row.label, "value": _value(row, m), "reference": row.reference,
+                        "ratio": ratio, "target": row.target or None, "met": met})
+    return results
+
+
+def table(m: Metrics) -> str:
+    lines = ["| scenario | result | ratio | target | met |", "|---|---|---|---|---|"]
+    for r in evaluate(m):
+        if r["value"] is None:
+            continue
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.0%} of {_short(r['reference'])}"
+        met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+        lines.append(f"| {r['label']} | {r['value']} | {ratio} | {r['target'] or ''} | {met} |")
+    return "\n".join(lines)
+
+
+def _short(reference: str | None) -> str:
+    return {
+        "raw_insert_loop_rows_per_s": "raw insert",
+        "raw_copy_rows_per_s": "raw COPY",
+        "raw_claim_jobs_per_s": "raw claim",
+        "drain_1_jobs_per_s": "drain-1",
+    }.get(reference or "", reference or "")
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    return (f"{machine['nproc']} x {machine['cpu_model']}, {machine['ram_gb']} GB RAM, "
+            f"PostgreSQL {machine['postgresql']} ({machine['server']}), "
+            f"Python {machine['python']}, pgsched {machine['pgsched']}"
+            + (f" @ {machine['commit']}" if machine.get("commit") else ""))
