@@ -234,7 +234,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         failures = 0
         while not self._stopping.is_set():
-            free = self.options.concurrency - self._executing
+            free = self._free_slots()
             claimed_full = False
             if free > 0:
                 try:
@@ -253,7 +253,7 @@ class Worker:
                         await result
             if claimed_full:
                 continue  # more may be due right now
-            if self.options.burst and self._executing == 0:
+            if self.options.burst and free > 0 and self._executing == 0:
                 log.info("burst_done")
                 return
             # With every slot busy, a freed slot is the next reason to claim.
@@ -264,6 +264,14 @@ class Worker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _free_slots(self) -> int:
+        """Jobs to claim now: free execution slots, less whatever the completer's backlog
+        holds beyond one full batch. When the database records outcomes slower than jobs
+        finish, the fetcher waits for the completer instead of taking ever more leases
+        (a backlog of thousands made every completion statement slower still)."""
+        concurrency = self.options.concurrency
+        return min(concurrency - self._executing, 2 * concurrency - len(self._held))
 
     async def _claim(self, free: int) -> bool:
         """Claim up to `free` jobs and start them; True if the claim was full."""
@@ -356,6 +364,7 @@ class Worker:
             finally:
                 for _ in batch:
                     self._completions.task_done()
+            self._free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[_Completion]) -> None:
         attempt = 0
