@@ -22,6 +22,9 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    # psycopg_pool logs each broken connection it discards; the worker already reports
+    # the outage once as `db_unavailable`, in its own format.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
