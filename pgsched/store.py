@@ -397,9 +397,13 @@ async def open_pool(
     application_name shows in pg_stat_activity, so an operator can tell a worker's
     connections from a web app's that only enqueues.
     """
+    kwargs = {"autocommit": True, "application_name": application_name}
+    # One direct attempt first: a wrong host or password fails at once with the server's
+    # own message, instead of a pool timeout ten seconds later.
+    probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+    await probe.close()
     pool = AsyncConnectionPool(
-        dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched",
-        kwargs={"autocommit": True, "application_name": application_name},
+        dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched", kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=10)
     return pool
