@@ -8,23 +8,10 @@ import os
 import signal
 from datetime import UTC, datetime
 
-import psycopg
 import worker_tasks  # noqa: F401 - registers the test tasks for scheduling by function
-from conftest import cli_env, wait_until, write_config
+from conftest import audit_counts, audit_env, wait_until, write_config
 
 from pgsched import JobSpec
-
-
-def audit_env(pg_dsn: str, schema: str) -> dict[str, str]:
-    return cli_env(PGSCHED_TEST_AUDIT_DSN=pg_dsn, PGSCHED_TEST_AUDIT_SCHEMA=schema)
-
-
-def audit_counts(pg_dsn: str, schema: str) -> dict[str, int]:
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass(%s)", [f'"{schema}".audit']).fetchone()[0] is None:
-            return {}
-        rows = conn.execute(f'SELECT key, count(*) FROM "{schema}".audit GROUP BY key')
-        return dict(rows.fetchall())
 
 
 async def count_status(sched, status: str) -> int:
