@@ -262,9 +262,11 @@ async def run_live(
     *,
     interval: float = 1.0,
     errors: tuple[type[BaseException], ...] = (),
+    fetch_timeout: float = 10.0,
 ) -> None:
     """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
-    SIGTERM. A refresh raising one of `errors` keeps the last frame, marked with the error."""
+    SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
+    keeps the last frame, marked with the error. Quitting never waits for a refresh."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -274,8 +276,8 @@ async def run_live(
         if char in ("q", "Q"):
             stop.set()
 
-    snapshot = await fetch()
     try:
+        snapshot = await fetch()
         with _keys(on_key), Live(render(snapshot), console=console, screen=True,
                                  auto_refresh=False, transient=True) as live:
             tick = loop.time()
@@ -287,10 +289,23 @@ async def run_live(
                     await asyncio.wait_for(stop.wait(), tick - loop.time())
                 if stop.is_set():
                     return
-                try:
-                    snapshot = await fetch()
-                except errors as exc:
-                    snapshot.error = _one_line(str(exc) or type(exc).__name__, 80)
+                refresh = asyncio.ensure_future(fetch())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({refresh, stopping}, timeout=fetch_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not refresh.done():
+                    # A database that went away can leave a query waiting for minutes.
+                    refresh.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *errors):
+                        await refresh
+                    if stop.is_set():
+                        return
+                    snapshot.error = f"no answer from the database within {fetch_timeout:g}s"
+                elif isinstance(refresh.exception(), errors):
+                    snapshot.error = _one_line(str(refresh.exception()) or "database error", 80)
+                else:
+                    snapshot = refresh.result()
                 live.update(render(snapshot), refresh=True)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -529,7 +529,7 @@ async def test_add_from_file_adds_valid_lines_and_reports_the_others(config, sch
     assert result.exit_code == 2
     assert result.stdout.split() == ["a1", "a2"]
     lines = result.stderr.splitlines()
-    assert lines[0] == "added 2, skipped 2 (already exist), rejected 6"
+    assert lines[0] == "added 2, 2 ignored as duplicates, rejected 6"
     assert [int(re.match(r"error: line (\d+):", line)[1]) for line in lines[1:]] \
         == [6, 7, 8, 9, 10, 11]
     for text in ("not valid JSON", "unknown key 'pri'", "unknown task 'no_such_task'",
