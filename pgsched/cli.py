@@ -30,10 +30,10 @@ import psycopg
 import psycopg_pool
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .config import Settings, find_config_path, load_settings, mask_dsn
+from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .scheduler import UNSET, ConflictResolution, Scheduler
@@ -460,7 +460,7 @@ def ls(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(box=None, pad_edge=False)
+    table = DataTable(box=None, pad_edge=False)
     for column in ("id", "task", "status", "execution_time", "priority", "attempts",
                    "last_error"):
         table.add_column(column, overflow="fold")

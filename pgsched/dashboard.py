@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -36,10 +37,19 @@ from .ops import Snapshot, human_seconds, priority_name, worker_is_live
 ERROR_WIDTH = 70
 
 
+class DataTable(Table):
+    """A table whose cells are data, never rich markup: a job id or an error message
+    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError."""
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **options)
+
+
 def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> Table:
-    """A borderless table. Other cells give way before ids (up to UUID size), and fold
-    rather than lose characters; other cells stay on one line, cut with an ellipsis."""
-    table = Table(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    """A borderless table, one line per row: cells are cut with an ellipsis, except ids,
+    which other cells give way to (up to UUID size) and which fold rather than lose
+    characters."""
+    table = DataTable(box=None, pad_edge=False, header_style="bold", show_edge=False)
     for column in columns:
         table.add_column(column, justify="right" if column in right else "left",
                          overflow="fold" if column == "id" else "ellipsis",
@@ -180,7 +190,7 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
 
 def job_view(job: dict[str, Any]) -> RenderableType:
     """`pgsched show`: the job's fields, then its attempts, then their tracebacks."""
-    fields = Table(box=None, pad_edge=False, show_header=False)
+    fields = DataTable(box=None, pad_edge=False, show_header=False)
     fields.add_column(style="bold")
     fields.add_column(overflow="fold")
     budget = (f"{job['attempts']} ({job['failures']} failed, max_retries {job['max_retries']}, "
@@ -218,8 +228,6 @@ def job_view(job: dict[str, Any]) -> RenderableType:
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False)
 
 

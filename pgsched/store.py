@@ -380,7 +380,6 @@ class Store:
         rows = await self._rows("prune_workers", {"older_than_seconds": older_than_seconds})
         return [row["id"] for row in rows]
 
-
     # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
 
     async def db_now(self) -> datetime:

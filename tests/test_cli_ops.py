@@ -435,6 +435,18 @@ async def _all_running(sched: Scheduler, ids: list[str]) -> bool:
     return all(s == "running" for s in await _statuses(sched, ids))
 
 
+async def test_job_data_is_printed_as_is_never_as_markup(config, sched):
+    job_id = "odd [/] id [bold]x"
+    await sched.schedule("fail", job_id=job_id, queue="q[/]",
+                         kwargs={"message": "[red]boom[/] :smile:"})
+    await settle(sched, job_id)
+    for args in (["show", job_id], ["ls"], ["status"], ["top"]):
+        result = await cli(config, *args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert job_id in result.stdout or args == ["status"]
+        assert ("q[/]" if args == ["status"] else "[red]boom[/] :smile:") in result.stdout
+
+
 class Terminal:
     """`pgsched top` in a pseudo-terminal of 120x40, its screen output collected."""
 
