@@ -37,7 +37,7 @@ from rich.progress import (
 )
 
 from .cli import _ctx, _run, app, command, err, open_scheduler, out, task_checker
-from .config import Settings, settings_to_toml
+from .config import Settings, load_settings, settings_to_toml
 from .dashboard import dashboard_view, job_view, run_live, status_view, workers_table
 from .errors import InvalidInput, JobNotFound, PgschedError
 from .logs import configure
@@ -149,25 +149,24 @@ def retry(
     if job_ids and (task_name or queue):
         raise InvalidInput("--task and --queue filter --status; with job ids give only the ids")
     settings = _settings(ctx)
+    wanted = list(dict.fromkeys(job_ids or []))
 
     async def go() -> tuple[list[str], dict[str, str]]:
         async with open_scheduler(settings) as sched:
-            if job_ids:
-                done = await retry_jobs(sched.store, job_ids)
-                left = [j for j in job_ids if j not in set(done)]
-                return done, await sched.store.job_statuses(left)
+            if wanted:
+                done = set(await retry_jobs(sched.store, wanted))
+                # In the order given, like cancel; the others are explained below.
+                return ([j for j in wanted if j in done],
+                        await sched.store.job_statuses([j for j in wanted if j not in done]))
             with progress("retrying", None) as advance:
                 return await retry_matching(
                     sched.store, statuses=[s.value for s in dict.fromkeys(status or [])],
-                    task=task_name,
-                    queue=queue, on_batch=advance), {}
+                    task=task_name, queue=queue, on_batch=advance), {}
 
     retried, others = _run(go())
-    if job_ids:  # in the order given, like cancel
-        retried = [j for j in dict.fromkeys(job_ids) if j in set(retried)]
     _print_ids(retried)
     err.print(f"retried {len(retried)} job{'' if len(retried) == 1 else 's'}", markup=False)
-    problems = [j for j in dict.fromkeys(job_ids or []) if j not in set(retried)]
+    problems = [j for j in wanted if j not in set(retried)]
     for job_id in problems:
         reason = (f"is {others[job_id]}; only failed, expired or cancelled jobs can be retried"
                   if job_id in others else "not found")
@@ -275,7 +274,10 @@ def init(
         path = path / "pgsched.toml"
     if not path.parent.is_dir():
         raise InvalidInput(f"directory {path.parent} does not exist: create it first")
-    text = starter_config(tasks=tasks, dsn=_ctx(ctx).dsn)
+    dsn = _ctx(ctx).dsn
+    # The values must pass the same checks as when the file is read later.
+    load_settings(None, env={}, overrides={"worker.tasks": tasks, "database.dsn": dsn})
+    text = starter_config(tasks=tasks, dsn=dsn)
     try:
         # O_EXCL: refuses an existing file (or symlink) even if it appears meanwhile; mode
         # 600 because the file is where a DSN with a password ends up.

@@ -206,6 +206,9 @@ def test_init_writes_the_commented_example_and_never_overwrites(tmp_path, monkey
                                   "another path"]
     missing = invoke("init", str(tmp_path / "nope" / "x.toml"))
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    bad = invoke("init", "other.toml", "--tasks", "not a module")
+    assert bad.exit_code == 2 and "dotted module name" in bad.stderr
+    assert not (tmp_path / "other.toml").exists()
 
 
 def test_init_fills_in_tasks_and_dsn_and_config_masks_the_password(tmp_path):
