@@ -75,7 +75,7 @@ async def cli(config: Path, *args: str, input: str | None = None):
 def config(tmp_path, pg_dsn, schema, sched) -> Path:
     """A config for in-process commands. The task module is named as a dotted module,
     which the tests have already imported, so loading it registers nothing twice. The
-    long lease only sets when commands call a worker stale (workers have their own)."""
+    lease here only decides when a command calls a worker stale (workers have their own)."""
     return write_config(tmp_path, pg_dsn, schema, tasks="worker_tasks", lease_seconds=30,
                         heartbeat_seconds=5)
 
