@@ -241,6 +241,10 @@ class Scheduler:
             timeout_seconds=timeout,
         )
 
+    def validate(self, spec: JobSpec) -> None:
+        """Raise InvalidInput if schedule_bulk would refuse `spec`; needs no database."""
+        self._new_job(spec)
+
     async def schedule(
         self,
         func: Callable[..., Any] | str,

@@ -344,11 +344,13 @@ class Store:
         return rows[0] if rows else None
 
     async def list_jobs(
-        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50
+        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
         return await self._rows(
             "list_jobs",
-            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit},
+            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
+             "since": since},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:
@@ -376,6 +378,42 @@ class Store:
 
     async def prune_workers(self, older_than_seconds: float) -> list[str]:
         rows = await self._rows("prune_workers", {"older_than_seconds": older_than_seconds})
+        return [row["id"] for row in rows]
+
+    # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
+
+    async def db_now(self) -> datetime:
+        return (await self._rows("ops_db_now", {}))[0]["db_now"]
+
+    async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
+        """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
+        return await self._rows("ops_active_counts" if active_only else "ops_job_counts", {})
+
+    async def throughput(self) -> dict[str, int]:
+        return (await self._rows("ops_throughput", {}))[0]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        return await self._rows("ops_workers", {})
+
+    async def running_jobs(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_running_jobs", {"limit": limit})
+
+    async def next_jobs(self, *, limit: int, priorities: Sequence[int]) -> list[dict[str, Any]]:
+        return await self._rows("ops_next_jobs", {"limit": limit, "priorities": list(priorities)})
+
+    async def recent_failures(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_recent_failures", {"limit": limit})
+
+    async def retry_jobs(
+        self, *, statuses: Sequence[str], cutoff: datetime, limit: int,
+        ids: Sequence[str] | None = None, task: str | None = None, queue: str | None = None,
+    ) -> list[str]:
+        """Put up to `limit` matching finished jobs back to pending; returns their ids."""
+        rows = await self._rows("ops_retry_jobs", {
+            "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
+            "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
+            "channel": self.channel,
+        })
         return [row["id"] for row in rows]
 
 
