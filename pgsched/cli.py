@@ -30,10 +30,10 @@ import psycopg
 import psycopg_pool
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .config import Settings, find_config_path, load_settings, mask_dsn
+from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .scheduler import UNSET, ConflictResolution, Scheduler
@@ -220,6 +220,7 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
         misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
+        application_name="pgsched-worker",
     )
     await sched.open()
     try:
@@ -269,12 +270,20 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
     return value
 
 
+def for_option(option: str, parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a parser and name the option in its error, so the user knows what to fix."""
+    try:
+        return parse(*args, **kwargs)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{option}: {exc}") from None
+
+
 def parse_misfire(text: str | None) -> Any:
     if text is None:
         return UNSET
     if text.strip().lower() == "none":
         return None
-    seconds = parse_duration(text).total_seconds()
+    seconds = for_option("--misfire-grace", parse_duration, text).total_seconds()
     if seconds <= 0:
         raise InvalidInput(f"--misfire-grace {text!r} must be > 0, or none")
     return seconds
@@ -284,7 +293,8 @@ def parse_misfire(text: str | None) -> Any:
 @command
 def add(
     ctx: typer.Context,
-    task_name: Annotated[str, typer.Argument(metavar="TASK", help="Registered task name.")],
+    task_name: Annotated[str | None, typer.Argument(
+        metavar="TASK", help="Registered task name.")] = None,
     args: Annotated[str, typer.Option("--args", help="JSON array of arguments.")] = "[]",
     kwargs: Annotated[str, typer.Option("--kwargs", help="JSON object of keyword args.")] = "{}",
     at: Annotated[str | None, typer.Option(
@@ -292,25 +302,44 @@ def add(
     in_: Annotated[str | None, typer.Option(
         "--in", help="Delay like 90s, 5m, 2h, 1d, 1h30m.")] = None,
     job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a UUID).")] = None,
-    on_conflict: Annotated[OnConflict, typer.Option(help="When --id exists.")] = OnConflict.raise_,
+    on_conflict: Annotated[OnConflict | None, typer.Option(
+        help="When the id exists [default: raise; with --from: ignore].")] = None,
     priority: Annotated[Priority | None, typer.Option(help="normal or critical.")] = None,
     retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
     misfire_grace: Annotated[str | None, typer.Option(
         help="Seconds (or a duration) after its due time a job may still start, or none.")] = None,
+    from_file: Annotated[str | None, typer.Option(
+        "--from", metavar="FILE", help="Add one job per JSON line of FILE (- for stdin).")] = None,
+    strict: Annotated[bool, typer.Option(
+        help="With --from: add nothing if any line is rejected.")] = False,
 ) -> None:
     """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
+    if from_file is not None:
+        per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
+                   "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
+                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace}
+        given = next((name for name, value in per_job.items() if value), None)
+        if given:
+            raise InvalidInput(f"{given} describes one job; with --from put it in each line")
+        from .cli_ops import add_from_file
+
+        add_from_file(settings, from_file, on_conflict=(on_conflict or OnConflict.ignore).value,
+                      strict=strict)
+        return
+    if task_name is None:
+        raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
     when = datetime.now(UTC)
     if at is not None:
-        when = parse_time(at, tz=settings.jobs.timezone)
+        when = for_option("--at", parse_time, at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = when + parse_duration(in_)
+        when = when + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
     _check_task_known(settings, task_name)
 
@@ -320,7 +349,8 @@ def add(
                 task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
                 priority=JobPriority.parse(priority.value) if priority else None,
                 max_retries=retries, job_id=job_id,
-                conflict_resolution=ConflictResolution.parse(on_conflict.value),
+                conflict_resolution=ConflictResolution.parse(
+                    (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
             )
 
@@ -328,18 +358,26 @@ def add(
 
 
 def _check_task_known(settings: Settings, name: str) -> None:
-    """Reject an unknown task name when the task module can be imported here."""
+    task_checker(settings)(name)
+
+
+def task_checker(settings: Settings) -> Callable[[str], None]:
+    """A check rejecting unknown task names, when the task module can be imported here."""
     if settings.worker.tasks is None:
-        return
+        return lambda _name: None
     try:
         load_tasks(settings.worker.tasks, settings.base_dir)
     except InvalidInput as exc:
         log.debug("task_module_unavailable", error=str(exc))
-        return
-    if get_task(name) is None:
-        raise InvalidInput(
-            f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
-        )
+        return lambda _name: None
+
+    def check(name: str) -> None:
+        if get_task(name) is None:
+            raise InvalidInput(
+                f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
+            )
+
+    return check
 
 
 # -- cancel ------------------------------------------------------------------------------
@@ -407,22 +445,31 @@ def ls(
         "--status", "-s", help="Filter by status (repeatable).")] = None,
     task_name: Annotated[str | None, typer.Option("--task", help="Filter by task.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many.")] = 50,
+    since: Annotated[str | None, typer.Option(
+        help="Only jobs created since a duration ago (30m, 2d) or a time (ISO 8601).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (by creation time)."""
+    from .ops import parse_since
+
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     statuses = parse_statuses(status, STATUSES)
+    created_since = None if since is None else parse_since(
+        since, tz=settings.jobs.timezone, now=datetime.now(UTC))
 
     async def go() -> list[dict[str, Any]]:
         async with open_scheduler(settings) as sched:
-            return await sched.store.list_jobs(statuses=statuses, task=task_name, limit=limit)
+            return await sched.store.list_jobs(statuses=statuses, task=task_name,
+                                               limit=limit + 1, since=created_since)
 
     rows = [job_to_json(row) for row in _run(go())]
+    more = len(rows) > limit
+    rows = rows[:limit]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(box=None, pad_edge=False)
+    table = DataTable(box=None, pad_edge=False)
     for column in ("id", "task", "status", "execution_time", "priority", "attempts",
                    "last_error"):
         table.add_column(column, overflow="fold")
@@ -431,6 +478,9 @@ def ls(
                       str(row["priority"]), f"{row['attempts']}/{row['max_retries'] + 1}",
                       (row["last_error"] or "")[:60])
     out.print(table)
+    if more:
+        err.print(f"showing the newest {limit}; use --limit or --since to see others",
+                  markup=False)
 
 
 # -- vacuum ------------------------------------------------------------------------------
@@ -448,8 +498,8 @@ def vacuum(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete finished jobs past their retention; prints the count per status."""
+    from .cli_ops import vacuum_with_progress
     from .worker.maintenance import retention_by_status
-    from .worker.maintenance import vacuum as run_vacuum
 
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
@@ -457,7 +507,7 @@ def vacuum(
     retention = retention_by_status(settings.vacuum.retention_days,
                                     settings.vacuum.failed_retention_days)
     if older_than is not None:
-        seconds = parse_duration(older_than).total_seconds()
+        seconds = for_option("--older-than", parse_duration, older_than).total_seconds()
         retention = dict.fromkeys(retention, seconds)
     retention = {s: retention[s] for s in statuses}
 
@@ -466,8 +516,8 @@ def vacuum(
             if dry_run:
                 return {s: await sched.store.count_vacuumable(status=s, older_than_seconds=age)
                         for s, age in retention.items()}
-            return await run_vacuum(sched.store, retention_seconds=retention,
-                                    batch_size=settings.vacuum.batch_size)
+            return await vacuum_with_progress(sched.store, retention_seconds=retention,
+                                              batch_size=settings.vacuum.batch_size)
 
     counts = _run(go())
     if as_json:
@@ -483,6 +533,9 @@ def vacuum(
 def version() -> None:
     """Print pgsched's version."""
     out.print(__version__)
+
+
+from . import cli_ops  # noqa: E402,F401  (registers the operator commands)
 
 
 def main() -> None:

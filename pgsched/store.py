@@ -135,8 +135,8 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self) -> int:
-        """Apply missing migrations; returns the schema version now in place."""
+    async def migrate(self, target: int | None = None) -> int:
+        """Apply missing migrations (up to `target`); returns the schema version in place."""
         schema = sql.Identifier(self.schema)
         async with self.pool.connection() as conn, conn.transaction():
             # hashtext of the schema name: migrations of different schemas do not block
@@ -158,7 +158,7 @@ class Store:
             applied = {row[0] for row in await cur.fetchall()}
             version = max(applied, default=0)
             for number, name, text in migrations():
-                if number in applied:
+                if number in applied or (target is not None and number > target):
                     continue
                 await conn.execute(_bind(text, self.schema))
                 await conn.execute(
@@ -344,11 +344,13 @@ class Store:
         return rows[0] if rows else None
 
     async def list_jobs(
-        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50
+        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
         return await self._rows(
             "list_jobs",
-            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit},
+            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
+             "since": since},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:
@@ -378,6 +380,42 @@ class Store:
         rows = await self._rows("prune_workers", {"older_than_seconds": older_than_seconds})
         return [row["id"] for row in rows]
 
+    # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
+
+    async def db_now(self) -> datetime:
+        return (await self._rows("ops_db_now", {}))[0]["db_now"]
+
+    async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
+        """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
+        return await self._rows("ops_active_counts" if active_only else "ops_job_counts", {})
+
+    async def throughput(self) -> dict[str, int]:
+        return (await self._rows("ops_throughput", {}))[0]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        return await self._rows("ops_workers", {})
+
+    async def running_jobs(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_running_jobs", {"limit": limit})
+
+    async def next_jobs(self, *, limit: int, priorities: Sequence[int]) -> list[dict[str, Any]]:
+        return await self._rows("ops_next_jobs", {"limit": limit, "priorities": list(priorities)})
+
+    async def recent_failures(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_recent_failures", {"limit": limit})
+
+    async def retry_jobs(
+        self, *, statuses: Sequence[str], cutoff: datetime, limit: int,
+        ids: Sequence[str] | None = None, task: str | None = None, queue: str | None = None,
+    ) -> list[str]:
+        """Put up to `limit` matching finished jobs back to pending; returns their ids."""
+        rows = await self._rows("ops_retry_jobs", {
+            "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
+            "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
+            "channel": self.channel,
+        })
+        return [row["id"] for row in rows]
+
 
 def encode_json(value: Any, what: str) -> str:
     """JSON text for args, kwargs and results; NaN, Infinity and non-JSON types refused."""
@@ -389,16 +427,28 @@ def encode_json(value: Any, what: str) -> str:
         ) from exc
 
 
-async def open_pool(dsn: str, *, max_size: int = 4, min_size: int = 1) -> AsyncConnectionPool:
-    """An opened pool; raises psycopg.OperationalError if the server cannot be reached."""
+async def open_pool(
+    dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
+) -> AsyncConnectionPool:
+    """An opened pool; raises psycopg.OperationalError if the server cannot be reached.
+
+    application_name shows in pg_stat_activity, so an operator can tell a worker's
+    connections from a web app's that only enqueues.
+    """
+    kwargs = {"autocommit": True, "application_name": application_name}
+    # One direct attempt first: a wrong host or password fails at once with the server's
+    # own message, instead of a pool timeout ten seconds later.
+    probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+    await probe.close()
     pool = AsyncConnectionPool(
-        dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
-        name="pgsched",
+        dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched", kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=10)
     return pool
 
 
-async def connect(dsn: str) -> psycopg.AsyncConnection:
+async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, application_name=application_name
+    )

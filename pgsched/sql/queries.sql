@@ -150,8 +150,9 @@ UPDATE {schema}.jobs AS j SET
     lease_until = NULL,
     last_error = %(error)s,
     errors = j.errors || jsonb_build_object(
-        'attempt', j.attempts, 'worker_id', j.worker_id, 'at', now(),
-        'error', %(error)s::text, 'traceback', %(traceback)s::text)
+        'attempt', j.attempts, 'worker_id', j.worker_id, 'started_at', j.started_at,
+        'at', now(), 'outcome', 'failed', 'error', %(error)s::text,
+        'traceback', %(traceback)s::text)
 WHERE j.id = %(id)s AND j.attempts = %(attempt)s
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.status, j.execution_time;
@@ -188,7 +189,8 @@ UPDATE {schema}.jobs AS j SET
              || o.worker_id || ' last); the job may crash or hang its worker'
         ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
     errors = j.errors || jsonb_build_object(
-        'attempt', j.attempts, 'worker_id', o.worker_id, 'at', now(),
+        'attempt', j.attempts, 'worker_id', o.worker_id, 'started_at', j.started_at,
+        'at', now(), 'outcome', 'lease_expired',
         'error', 'lease expired (worker crashed, hung or lost its connection)')
 FROM orphans o
 WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < now()
@@ -209,10 +211,11 @@ SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 
 -- name: list_jobs
--- Jobs filtered by status and task, newest first.
+-- Jobs filtered by status, task and creation time, newest first.
 SELECT * FROM {schema}.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 

@@ -153,6 +153,7 @@ class Worker:
         self.ready = asyncio.Event()  # set once registered and the first claim ran
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.maintenance = Maintenance(self)
+        self.application_name = "pgsched-worker"
         self._job_log = log  # bound for real in run(), once logging is configured
 
     # -- public control ------------------------------------------------------------------
@@ -479,7 +480,7 @@ class Worker:
         while not self.closing.is_set():
             conn = None
             try:
-                conn = await connect(self.dsn)
+                conn = await connect(self.dsn, application_name=self.application_name)
                 await conn.execute(psycopg.sql.SQL("LISTEN {}").format(
                     psycopg.sql.Identifier(self.store.channel)))
                 if failures:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..logs import get_logger
@@ -31,9 +32,11 @@ PRUNE_EVERY_SECONDS = 300.0
 
 
 async def vacuum(
-    store: Store, *, retention_seconds: dict[str, float], batch_size: int
+    store: Store, *, retention_seconds: dict[str, float], batch_size: int,
+    on_batch: Callable[[str, int], None] | None = None,
 ) -> dict[str, int]:
-    """Delete finished jobs past retention, batch by batch; returns the count per status."""
+    """Delete finished jobs past retention, batch by batch; returns the count per status.
+    on_batch(status, deleted) is called after each batch (the CLI's progress bar)."""
     deleted = {}
     for status, older_than in retention_seconds.items():
         total = 0
@@ -41,6 +44,8 @@ async def vacuum(
             n = await store.vacuum_jobs(status=status, older_than_seconds=older_than,
                                         limit=batch_size)
             total += n
+            if on_batch is not None:
+                on_batch(status, n)
             if n < batch_size:
                 break
             await asyncio.sleep(0)  # let the loop breathe between batches
