@@ -5,7 +5,9 @@
 -- Everything here but ops_retry_jobs only reads. The dashboard (`pgsched top`) runs the
 -- read statements once a second, so each is shaped to touch the rows it reports on and
 -- never the whole job history: pending and running rows through their partial indexes,
--- finished rows through jobs_finished_idx (status, finished_at).
+-- finished rows through jobs_finished_idx (status, finished_at). Running rows are found
+-- with `lease_until IS NOT NULL AND status = 'running'`: the first term is the predicate
+-- of jobs_leased_idx (migration 0004), the second keeps the meaning exact.
 
 -- name: ops_db_now
 -- The database clock: the cut-off of a bulk retry and the reference for ages shown.
@@ -32,7 +34,7 @@ FROM {schema}.jobs WHERE status = 'pending'
 GROUP BY queue
 UNION ALL
 SELECT queue, 'running', count(*), 0, NULL
-FROM {schema}.jobs WHERE status = 'running'
+FROM {schema}.jobs WHERE lease_until IS NOT NULL AND status = 'running'
 GROUP BY queue
 ORDER BY 1, 2;
 
@@ -60,7 +62,7 @@ SELECT w.id, w.host, w.pid, w.version, w.concurrency, w.queues, w.started_at,
 FROM {schema}.workers w
 LEFT JOIN (
     SELECT worker_id, count(*) AS running FROM {schema}.jobs
-    WHERE status = 'running' GROUP BY worker_id
+    WHERE lease_until IS NOT NULL AND status = 'running' GROUP BY worker_id
 ) r ON r.worker_id = w.id
 ORDER BY w.started_at, w.id;
 
@@ -68,7 +70,7 @@ ORDER BY w.started_at, w.id;
 -- Running jobs, longest running first, with their elapsed time.
 SELECT id, task, queue, worker_id, attempts, started_at, lease_until,
        extract(epoch FROM now() - started_at)::float8 AS elapsed
-FROM {schema}.jobs WHERE status = 'running'
+FROM {schema}.jobs WHERE lease_until IS NOT NULL AND status = 'running'
 ORDER BY started_at, id
 LIMIT %(limit)s;
 
