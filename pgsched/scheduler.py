@@ -1,8 +1,9 @@
 """The Python API: `Scheduler`, `JobSpec` and `ConflictResolution`.
 
-Owns: validating what callers ask for (task names, times, JSON payloads, options) before
-anything reaches the database, and the pg-scheduler-compatible calls `schedule`,
-`schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web app opens a
+Owns: validating what callers ask for (task names, times, JSON payloads, options) so
+that nothing invalid is ever written (a bulk call validates while it streams its rows,
+in a transaction that a bad job rolls back), and the pg-scheduler-compatible calls
+`schedule`, `schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web app opens a
 Scheduler, schedules, and closes it. `start()` runs the same worker as `pgsched worker`
 inside the caller's event loop.
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -84,6 +85,13 @@ def validate_job_id(job_id: str) -> str:
     if any(ord(ch) < 32 for ch in job_id):
         raise InvalidInput("invalid job id: control characters are not allowed")
     return job_id
+
+
+def new_job_id() -> str:
+    """A random (version 4) UUID as text, like str(uuid.uuid4()) at less than half the
+    cost, which shows when schedule_bulk() writes 100,000 jobs a second."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def _seconds(value: Any, what: str) -> float:
@@ -224,12 +232,12 @@ class Scheduler:
             timeout = _seconds(timeout, "timeout")
         grace = spec.misfire_grace_time
         if grace is UNSET:
-            grace = self.misfire_grace_time
-        if grace is not None:
+            grace = self.misfire_grace_time  # validated once, in __init__
+        elif grace is not None:
             grace = _seconds(grace, "misfire_grace_time")
         queue = spec.queue or (registered.queue if registered else "default")
         return NewJob(
-            id=validate_job_id(spec.job_id) if spec.job_id is not None else str(uuid.uuid4()),
+            id=validate_job_id(spec.job_id) if spec.job_id is not None else new_job_id(),
             task=name,
             queue=queue,
             args=args_json,
@@ -282,31 +290,28 @@ class Scheduler:
 
     async def schedule_bulk(
         self,
-        jobs: Sequence[JobSpec],
+        jobs: Iterable[JobSpec],
         *,
         conflict_resolution: ConflictResolution | str = ConflictResolution.IGNORE,
         batch_size: int = 5000,
     ) -> list[str | None]:
         """Schedule many jobs; returns their ids in input order, None where IGNORE skipped one.
 
-        All jobs are validated before anything is written; with RAISE a clash rolls the
-        whole call back.
+        Nothing is written unless every job is valid, and with RAISE unless no id clashes:
+        the jobs are validated while they stream to the server (COPY), inside one
+        transaction that a bad job or a clash rolls back. `batch_size` is accepted for
+        compatibility; the stream needs no batches.
         """
         mode = ConflictResolution.parse(conflict_resolution)
-        rows = [self._new_job(spec) for spec in jobs]
-        first_index: dict[str, int] = {}
-        unique: list[NewJob] = []
-        for _i, row in enumerate(rows):
-            if row.id in first_index:
-                if mode is ConflictResolution.RAISE:
-                    raise JobConflict(f"job id {row.id!r} appears twice in the bulk call")
-                if mode is ConflictResolution.REPLACE:
-                    unique[first_index[row.id]] = row
-                continue
-            first_index[row.id] = len(unique)
-            unique.append(row)
-        written = await self.store.insert_jobs_batched(
-            unique, replace=mode is ConflictResolution.REPLACE, batch_size=batch_size,
+        rows: list[NewJob] = []  # every job, in input order
+        if mode is ConflictResolution.REPLACE:
+            rows = [self._new_job(spec) for spec in jobs]
+            # A repeated id keeps the first one's position and the last one's contents.
+            unique: Iterable[NewJob] = {row.id: row for row in rows}.values()
+        else:
+            unique = self._first_of_each_id(jobs, rows, strict=mode is ConflictResolution.RAISE)
+        written = await self.store.copy_jobs(
+            unique, replace=mode is ConflictResolution.REPLACE,
             require_all=mode is ConflictResolution.RAISE,
         )
         result: list[str | None] = []
@@ -315,6 +320,22 @@ class Scheduler:
             result.append(row.id if row.id in written and row.id not in seen else None)
             seen.add(row.id)
         return result
+
+    def _first_of_each_id(
+        self, specs: Iterable[JobSpec], rows: list[NewJob], *, strict: bool
+    ) -> Iterator[NewJob]:
+        """Validate specs one by one, collecting them in `rows`; yield the first job of
+        each id (strict: a repeated id is an error)."""
+        ids: set[str] = set()
+        for spec in specs:
+            row = self._new_job(spec)
+            rows.append(row)
+            if row.id in ids:
+                if strict:
+                    raise JobConflict(f"job id {row.id!r} appears twice in the bulk call")
+                continue
+            ids.add(row.id)
+            yield row
 
     async def cancel_job(self, job_id: str) -> bool:
         """Cancel a pending job; False if it does not exist or is no longer pending."""

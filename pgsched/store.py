@@ -22,10 +22,9 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
@@ -96,9 +95,9 @@ def channel_name(schema: str) -> str:
     return f"pgsched_{schema}"
 
 
-@dataclass(frozen=True)
-class NewJob:
-    """One row to insert, already validated and JSON-encoded by the scheduler."""
+class NewJob(NamedTuple):
+    """One row to insert, already validated and JSON-encoded by the scheduler. A tuple in
+    the column order of COPY_COLUMNS, so a bulk insert streams it as it is."""
 
     id: str
     task: str
@@ -186,53 +185,61 @@ class Store:
 
     # -- enqueue -------------------------------------------------------------------------
 
-    def _job_params(self, jobs: Sequence[NewJob]) -> dict[str, Any]:
-        return {
-            "ids": [j.id for j in jobs],
-            "tasks": [j.task for j in jobs],
-            "queues": [j.queue for j in jobs],
-            "args": [j.args for j in jobs],
-            "kwargs": [j.kwargs for j in jobs],
-            "priorities": [j.priority for j in jobs],
-            "execution_times": [j.execution_time for j in jobs],
-            "misfire_graces": [j.misfire_grace_seconds for j in jobs],
-            "max_retries": [j.max_retries for j in jobs],
-            "timeouts": [j.timeout_seconds for j in jobs],
-            "channel": self.channel,
-        }
-
     async def insert_jobs(self, jobs: Sequence[NewJob], *, replace: bool = False) -> set[str]:
-        """Insert (or with replace, overwrite non-running) jobs; returns the ids written."""
-        if not jobs:
-            return set()
-        async with self.pool.connection() as conn:
-            return await self._insert(conn, jobs, replace)
+        """Insert (or with replace, overwrite non-running) jobs; returns the ids written.
+        One job is one statement with scalar parameters (sql/enqueue.sql); more are copied."""
+        if len(jobs) != 1:
+            return await self.copy_jobs(jobs, replace=replace, require_all=False)
+        params = {**jobs[0]._asdict(), "channel": self.channel}
+        rows = await self._rows("replace_job" if replace else "insert_job", params)
+        return {row["id"] for row in rows}
 
-    async def insert_jobs_batched(
-        self, jobs: Sequence[NewJob], *, replace: bool, batch_size: int, require_all: bool
+    async def copy_jobs(
+        self, jobs: Iterable[NewJob], *, replace: bool, require_all: bool
     ) -> set[str]:
-        """insert_jobs in batches inside one transaction. With require_all, an id that was
-        not written raises JobConflict and rolls back every batch."""
-        written: set[str] = set()
+        """Write many jobs in one transaction with COPY; returns the ids written.
+
+        Without replace they are streamed straight into the jobs table, as fast as the
+        server ingests rows. If an id exists already that attempt is undone (a savepoint)
+        and the rows go through a staging table and INSERT ... ON CONFLICT, which skips
+        them (or with replace, overwrites those not running). With require_all a skipped id
+        raises JobConflict and nothing is written. `jobs` may be a generator that validates
+        as it goes, so that validation overlaps the server's work: whatever it raises rolls
+        the transaction back, and nothing is written either.
+        """
+        rest, copied = iter(jobs), []
         async with self.pool.connection() as conn, conn.transaction():
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start : start + batch_size]
-                done = await self._insert(conn, batch, replace)
-                if require_all and len(done) < len(batch):
-                    clash = next(j.id for j in batch if j.id not in done)
-                    raise JobConflict(
-                        f"job {clash!r} already exists: nothing was scheduled; use "
-                        "conflict_resolution IGNORE or REPLACE"
-                    )
-                written |= done
-        return written
+            if replace:
+                copied.extend(rest)
+            else:
+                try:
+                    async with conn.transaction():
+                        await self._copy(conn, "copy_jobs", _collect(rest, copied))
+                        if copied:
+                            earliest = min(job.execution_time for job in copied)
+                            await conn.execute(self._q["notify_due"],
+                                               {"channel": self.channel, "at": earliest})
+                    return {job.id for job in copied}
+                except psycopg.errors.UniqueViolation:
+                    copied.extend(rest)  # the COPY may have stopped before the end
+            await conn.execute(self._q["create_staging"])
+            await self._copy(conn, "copy_staging", copied)
+            cur = await conn.execute(self._q["replace_staged" if replace else "insert_staged"],
+                                     {"channel": self.channel})
+            skipped = set((await cur.fetchone())[1])
+            if require_all and skipped:
+                clash = next(job.id for job in copied if job.id in skipped)
+                raise JobConflict(
+                    f"job {clash!r} already exists: nothing was scheduled; use "
+                    "conflict_resolution IGNORE or REPLACE"
+                )
+        return {job.id for job in copied} - skipped
 
-    async def _insert(
-        self, conn: psycopg.AsyncConnection, jobs: Sequence[NewJob], replace: bool
-    ) -> set[str]:
-        name = "replace_jobs" if replace else "insert_jobs"
-        cur = await conn.execute(self._q[name], self._job_params(jobs))
-        return {row[0] for row in await cur.fetchall()}
+    async def _copy(self, conn: psycopg.AsyncConnection, name: str, jobs: Iterable[NewJob]
+                    ) -> None:
+        async with conn.cursor().copy(self._q[name]) as copy:
+            for job in jobs:
+                await copy.write_row(job)
 
     # -- the worker's path ---------------------------------------------------------------
 
@@ -417,10 +424,22 @@ class Store:
         return [row["id"] for row in rows]
 
 
+# One encoder for every call: json.dumps builds a new one whenever options are given.
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
+def _collect(jobs: Iterable[NewJob], into: list[NewJob]) -> Iterator[NewJob]:
+    for job in jobs:
+        into.append(job)
+        yield job
+
+
 def encode_json(value: Any, what: str) -> str:
     """JSON text for args, kwargs and results; NaN, Infinity and non-JSON types refused."""
+    if not value and type(value) in (list, dict):  # most jobs: no args or no kwargs
+        return "[]" if type(value) is list else "{}"
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        return _JSON.encode(value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(
             f"{what} must be JSON (no NaN/Infinity, no custom objects): {exc}"

@@ -1,0 +1,130 @@
+-- Adding jobs: schedule() writes one row in one statement, schedule_bulk() streams rows
+-- with COPY. Loaded by pgsched/store.py like every sql/*.sql file; same conventions as
+-- queries.sql ({schema} is the quoted schema identifier, %(name)s are parameters).
+--
+-- Why two shapes: psycopg adapts list parameters in Python, element by element, so the
+-- unnest-of-arrays insert cost more client CPU than the insert itself: about 120 us more
+-- per schedule() than scalar parameters, and 9.5 us per row in bulk against 2.2 us for
+-- COPY (measured on the benchmark machine, see docs/README-performance.md).
+--
+-- Every path wakes idle workers with one NOTIFY per statement, carrying the earliest due
+-- time as epoch seconds, never one per row.
+
+-- name: insert_job
+-- Insert one job unless its id exists. Returns the id when it was inserted.
+WITH new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
+            %(priority)s, %(execution_time)s, %(misfire_grace_seconds)s, %(max_retries)s,
+            %(timeout_seconds)s)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+)
+SELECT new.id FROM new LEFT JOIN wake ON true;
+
+-- name: replace_job
+-- Insert one job, or overwrite the existing one unless it is running (a finished job is
+-- scheduled again from scratch). Returns the id when it was written.
+WITH new AS (
+    INSERT INTO {schema}.jobs AS j
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
+            %(priority)s, %(execution_time)s, %(misfire_grace_seconds)s, %(max_retries)s,
+            %(timeout_seconds)s)
+    ON CONFLICT (id) DO UPDATE SET
+        task = excluded.task, queue = excluded.queue, args = excluded.args,
+        kwargs = excluded.kwargs, priority = excluded.priority,
+        execution_time = excluded.execution_time,
+        misfire_grace_seconds = excluded.misfire_grace_seconds,
+        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
+        status = 'pending', attempts = 0, failures = 0, recoveries = 0, worker_id = NULL,
+        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
+        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+    WHERE j.status <> 'running'
+    RETURNING id, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+)
+SELECT new.id FROM new LEFT JOIN wake ON true;
+
+-- name: copy_jobs
+-- Stream new jobs straight into the table: the fast path of schedule_bulk(). An id that
+-- exists already fails the whole COPY (unique violation); the caller then undoes it and
+-- goes through the staging table below.
+COPY {schema}.jobs
+    (id, task, queue, args, kwargs, priority, execution_time,
+     misfire_grace_seconds, max_retries, timeout_seconds)
+FROM STDIN;
+
+-- name: notify_due
+-- Wake idle workers after copy_jobs (COPY cannot notify): %(at)s is the earliest due time.
+SELECT pg_notify(%(channel)s, extract(epoch FROM %(at)s::timestamptz)::text);
+
+-- name: create_staging
+-- The session's staging table for schedule_bulk() calls with clashing ids or REPLACE.
+-- Emptied at each commit; the same for every schema, since it holds only the new rows.
+CREATE TEMP TABLE IF NOT EXISTS pgsched_new_jobs (
+    id text, task text, queue text, args jsonb, kwargs jsonb, priority smallint,
+    execution_time timestamptz, misfire_grace_seconds float8, max_retries integer,
+    timeout_seconds float8
+) ON COMMIT DELETE ROWS;
+
+-- name: copy_staging
+-- Stream jobs into the staging table (never fails on ids: it has no constraints).
+COPY pg_temp.pgsched_new_jobs FROM STDIN;
+
+-- name: insert_staged
+-- Insert the staged jobs whose ids do not exist yet. Returns one row: the ids that were
+-- skipped (usually none, so a large call does not ship every id back). `wake` is read in
+-- a scalar subquery so that it runs even when nothing was skipped: a CTE that only
+-- reads is evaluated only if something reads it.
+WITH new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    SELECT * FROM pg_temp.pgsched_new_jobs
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT (SELECT count(*) FROM wake) AS notified,
+       ARRAY(SELECT s.id FROM pg_temp.pgsched_new_jobs s
+             WHERE NOT EXISTS (SELECT 1 FROM new WHERE new.id = s.id)) AS skipped;
+
+-- name: replace_staged
+-- Insert the staged jobs, or overwrite existing ones that are not running. Returns one
+-- row like insert_staged: the ids that were skipped (running jobs).
+WITH new AS (
+    INSERT INTO {schema}.jobs AS j
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds)
+    SELECT * FROM pg_temp.pgsched_new_jobs
+    ON CONFLICT (id) DO UPDATE SET
+        task = excluded.task, queue = excluded.queue, args = excluded.args,
+        kwargs = excluded.kwargs, priority = excluded.priority,
+        execution_time = excluded.execution_time,
+        misfire_grace_seconds = excluded.misfire_grace_seconds,
+        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
+        status = 'pending', attempts = 0, failures = 0, recoveries = 0, worker_id = NULL,
+        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
+        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+    WHERE j.status <> 'running'
+    RETURNING id, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT (SELECT count(*) FROM wake) AS notified,
+       ARRAY(SELECT s.id FROM pg_temp.pgsched_new_jobs s
+             WHERE NOT EXISTS (SELECT 1 FROM new WHERE new.id = s.id)) AS skipped;

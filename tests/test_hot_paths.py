@@ -1,0 +1,207 @@
+"""The fast paths of issue 4 against a real PostgreSQL: what they must still get right.
+
+Enqueue: schedule() writes one row with scalar parameters; schedule_bulk() streams rows
+with COPY straight into the table and falls back to a staging table when ids clash.
+Worker: fenced writes find their rows by primary key (migration 0004), lease_until is set
+exactly while a job runs, and the fetcher waits for a lagging completer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
+from conftest import fast_options, wait_until
+
+from pgsched import ConflictResolution, InvalidInput, JobConflict, JobSpec, Worker
+from pgsched.store import _QUERIES, Store, _bind
+
+# What COPY's text format escapes (tab, newline, CR, backslash, \N) and then some.
+AWKWARD = "tab\there, new\nline, cr\r, back\\slash, \\N, quote' \"dq\", ünï 🚀, {braces}"
+AWKWARD_ID = "back\\slash \\N quote' \"dq\" ünï 🚀 {braces}"  # ids refuse control characters
+
+
+async def jobs_by_id(sched) -> dict[str, dict]:
+    return {j["id"]: j for j in await sched.store.list_jobs(limit=100_000)}
+
+
+async def test_awkward_text_survives_copy_and_the_single_row_insert(sched):
+    args, kwargs = (AWKWARD, "", None, 1.5, [AWKWARD]), {AWKWARD: AWKWARD, "n": None}
+    await sched.schedule_bulk([
+        JobSpec("noop", job_id=f"bulk {AWKWARD_ID} {i}", args=args, kwargs=kwargs,
+                queue=AWKWARD)
+        for i in range(3)])
+    await sched.schedule("noop", job_id=f"one {AWKWARD_ID}", args=args, kwargs=kwargs,
+                         queue=AWKWARD)
+    rows = await jobs_by_id(sched)
+    assert set(rows) == {f"bulk {AWKWARD_ID} {i}" for i in range(3)} | {f"one {AWKWARD_ID}"}
+    for row in rows.values():
+        assert (row["args"], row["kwargs"], row["queue"]) == (list(args), kwargs, AWKWARD)
+
+
+async def test_bulk_clashing_with_existing_ids_skips_exactly_those(sched):
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for job_id in ("e1", "e3"):
+        await sched.schedule("add", job_id=job_id, args=(0, 0), execution_time=later)
+    specs = [JobSpec("add", job_id=f"e{i}", args=(i, i)) for i in range(5)]
+    specs.append(JobSpec("add", job_id="e0", args=(9, 9)))  # repeated within the call
+    assert await sched.schedule_bulk(specs) == ["e0", None, "e2", None, "e4", None]
+    rows = await jobs_by_id(sched)
+    assert {k: r["args"] for k, r in rows.items()} == {
+        "e0": [0, 0], "e1": [0, 0], "e2": [2, 2], "e3": [0, 0], "e4": [4, 4]}
+
+    with pytest.raises(JobConflict, match="'e1' already exists"):
+        await sched.schedule_bulk([JobSpec("add", job_id=f"n{i}") for i in range(3)]
+                                  + [JobSpec("add", job_id="e1")], conflict_resolution="raise")
+    assert set(await jobs_by_id(sched)) == {f"e{i}" for i in range(5)}
+
+
+async def test_an_invalid_job_deep_in_a_bulk_call_writes_nothing(sched):
+    # Far enough in that the first rows have reached the server when it is found.
+    specs = [JobSpec("noop") for _ in range(20_000)]
+    specs.insert(15_000, JobSpec("noop", args=(float("nan"),)))
+    with pytest.raises(InvalidInput, match="NaN"):
+        await sched.schedule_bulk(specs)
+    assert await sched.store.list_jobs() == []
+    assert len(await sched.schedule_bulk(specs[:10])) == 10  # the connection is usable
+
+
+async def test_bulk_replace_overwrites_all_but_the_running_job(sched):
+    await sched.schedule_bulk([JobSpec("add", job_id=k, args=(0, 0)) for k in ("a", "b")])
+    claimed, _, _ = await sched.store.claim_jobs(
+        worker_id="w", limit=1, lease_seconds=60, priorities=[1, 5])
+    running = claimed[0]["id"]
+    specs = [JobSpec("add", job_id=k, args=(1, 1)) for k in ("a", "b", "c")]
+    result = await sched.schedule_bulk(specs, conflict_resolution=ConflictResolution.REPLACE)
+    assert result == [None if k == running else k for k in ("a", "b", "c")]
+    rows = await jobs_by_id(sched)
+    assert rows[running]["status"] == "running" and rows[running]["args"] == [0, 0]
+    assert all(r["args"] == [1, 1] for k, r in rows.items() if k != running)
+
+
+async def test_every_enqueue_path_wakes_workers_once_with_the_earliest_due_time(
+        sched, pg_dsn):
+    base = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    at = [base + timedelta(seconds=s) for s in (30, 10, 20)]
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
+        await listener.execute(f'LISTEN "{sched.store.channel}"')
+
+        async def wakes() -> list[float]:
+            return [float(n.payload) async for n in listener.notifies(timeout=0.5)]
+
+        await sched.schedule("noop", job_id="one", execution_time=at[0])
+        assert await wakes() == [at[0].timestamp()]
+        await sched.schedule_bulk([JobSpec("noop", execution_time=t) for t in at])  # COPY
+        assert await wakes() == [at[1].timestamp()]
+        await sched.schedule_bulk(  # a clash: through the staging table
+            [JobSpec("noop", job_id="one"), *(JobSpec("noop", execution_time=t) for t in at)])
+        assert await wakes() == [at[1].timestamp()]
+        await sched.schedule_bulk([JobSpec("noop", job_id="one", execution_time=at[2])],
+                                  conflict_resolution="replace")
+        assert await wakes() == [at[2].timestamp()]
+        await sched.schedule_bulk([JobSpec("noop", job_id="one")])  # nothing written
+        assert await wakes() == []
+
+
+async def _lease_mismatches(sched) -> list[tuple[str, str]]:
+    return [(j["id"], j["status"]) for j in (await jobs_by_id(sched)).values()
+            if (j["lease_until"] is not None) != (j["status"] == "running")]
+
+
+async def test_lease_until_is_set_exactly_while_a_job_runs(sched):
+    """jobs_leased_idx (migration 0004) stands for the running jobs: every way into and
+    out of running must set or clear lease_until with the status."""
+    past = datetime.now(UTC) - timedelta(minutes=10)
+    await sched.schedule("noop", job_id="completed")
+    await sched.schedule("fail", job_id="failed")
+    await sched.schedule("fail", job_id="retried", max_retries=1)
+    await sched.schedule("noop", job_id="expired", execution_time=past, misfire_grace_time=1)
+    await sched.schedule("sleep", args=(60,), job_id="released")
+    await sched.schedule("noop", job_id="cancelled", execution_time=past + timedelta(hours=1))
+    await sched.cancel_job("cancelled")
+    worker = Worker(sched.store, sched._dsn, fast_options(shutdown_grace_seconds=0.1))
+    runner = asyncio.create_task(worker.run())
+
+    async def settled() -> bool:
+        rows = await jobs_by_id(sched)
+        return rows["released"]["status"] == "running" and rows["retried"]["failures"] == 2
+
+    await wait_until(settled, what="every job but the sleeper to finish")
+    assert await _lease_mismatches(sched) == []
+    worker.stop()
+    await runner  # the sleeper goes back to pending
+    claimed, _, _ = await sched.store.claim_jobs(  # a worker that then vanishes
+        worker_id="gone", limit=1, lease_seconds=0.05, priorities=[1, 5])
+    assert [j["id"] for j in claimed] == ["released"]
+    await wait_until(lambda: sched.store.recover_orphans(max_recoveries=3), what="recovery")
+    await sched.schedule("noop", job_id="completed", conflict_resolution="replace")
+    await sched.store.retry_jobs(statuses=["failed"], cutoff=datetime.now(UTC), limit=10,
+                                 ids=["failed"])
+    statuses = {k: r["status"] for k, r in (await jobs_by_id(sched)).items()}
+    assert statuses == {"completed": "pending", "failed": "pending", "retried": "failed",
+                        "expired": "expired", "released": "pending", "cancelled": "cancelled"}
+    assert await _lease_mismatches(sched) == []
+
+
+PARAM_TYPES = {"worker_id": "text", "ids": "text[]", "attempts": "int[]",
+               "results": "jsonb[]", "lease_seconds": "float8"}
+
+
+def _prepare(text: str, name: str) -> tuple[str, list[str]]:
+    """A PREPARE statement for a named query: %(param)s becomes $n in order of use."""
+    names: list[str] = []
+
+    def number(m: re.Match) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    query = re.sub(r"%\((\w+)\)s", number, text)
+    types = ", ".join(PARAM_TYPES[n] for n in names)
+    return f"PREPARE {name} ({types}) AS {query}", names
+
+
+@pytest.mark.parametrize("query", ["complete_jobs", "heartbeat_jobs", "release_jobs"])
+async def test_fenced_writes_probe_the_primary_key_whatever_the_statistics(
+        sched, pg_dsn, schema, query):
+    """Statistics taken before a drain say no job runs; the generic plan must still look
+    each id up by primary key instead of walking every running row per id."""
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, execution_time) '
+            "SELECT 'j' || g, 'noop', now() FROM generate_series(1, 20000) g")
+        await conn.execute(f'ANALYZE "{schema}".jobs')
+        claimed, _, _ = await sched.store.claim_jobs(
+            worker_id="w", limit=500, lease_seconds=60, priorities=[1, 5])
+        statement, params = _prepare(_bind(_QUERIES[query], schema), "fenced")
+        await conn.execute(statement)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        values = {"worker_id": "w", "ids": [j["id"] for j in claimed],
+                  "attempts": [1] * len(claimed), "results": ["null"] * len(claimed),
+                  "lease_seconds": 60}
+        arguments = psycopg.sql.SQL(", ").join(
+            psycopg.sql.SQL("{}::{}").format(values[p], psycopg.sql.SQL(PARAM_TYPES[p]))
+            for p in params)
+        cur = await conn.execute(
+            psycopg.sql.SQL("EXPLAIN EXECUTE fenced({})").format(arguments))
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "jobs_pkey" in plan, plan
+    assert "jobs_leased_idx" not in plan and "Seq Scan on jobs" not in plan, plan
+
+
+async def test_fetcher_holds_back_while_the_completer_lags(sched):
+    """Slots count jobs that run; outcomes not yet written may add one batch more, then
+    the fetcher waits for the completer instead of taking ever more leases."""
+    worker = Worker(Store(sched.store.pool, sched.schema), sched._dsn,
+                    fast_options(concurrency=4))
+    assert worker._free_slots() == 4
+    worker._held = {str(i): None for i in range(4)}  # four finished, not yet written
+    assert worker._free_slots() == 4
+    worker._executing, worker._held = 2, {str(i): None for i in range(6)}
+    assert worker._free_slots() == 2
+    worker._executing, worker._held = 0, {str(i): None for i in range(8)}
+    assert worker._free_slots() == 0
