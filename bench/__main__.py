@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -20,8 +22,8 @@ from .harness import (
     start_embedded,
     stop_embedded,
 )
-from .report import evaluate, machine_line, table
-from .scenarios import SCENARIOS
+from .report import cpu_table, evaluate, machine_line, table
+from .scenarios import NAMES, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -34,60 +36,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dsn", help="run on this PostgreSQL (creates and drops bench_* "
                                       "schemas) instead of a throw-away embedded server")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes: checks that everything runs, measures nothing")
+                        help="tiny sizes, one round: checks that everything runs, measures "
+                             "nothing")
     parser.add_argument("--out", type=Path, help=f"also write the JSON here (always: {RESULTS})")
-    parser.add_argument("--only", help="comma-separated scenarios to run: "
-                                       + ", ".join(SCENARIOS))
-    parser.add_argument("--concurrency", type=int,
-                        help="[worker] concurrency of the worker processes (default: pgsched's)")
+    parser.add_argument("--only", help="comma-separated scenarios to run: " + ", ".join(NAMES))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput scenarios run this many times, alternating with the "
+                             "raw ceiling; the table shows medians (default 3)")
     args = parser.parse_args(argv)
     if args.only:
-        unknown = [s for s in args.only.split(",") if s not in SCENARIOS]
+        unknown = [s for s in args.only.split(",") if s not in NAMES]
         if unknown:
-            parser.error(f"unknown scenario {unknown[0]!r}: use one of {', '.join(SCENARIOS)}")
-    if args.concurrency is not None and args.concurrency < 1:
-        parser.error("--concurrency must be at least 1")
+            parser.error(f"unknown scenario {unknown[0]!r}: use one of {', '.join(NAMES)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.quick:
+        args.rounds = 1
     return args
 
 
+def _medians(runs: list[dict]) -> dict:
+    """Per metric, the median over the rounds (a metric every round produced)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 async def run(args: argparse.Namespace) -> dict:
-    names = args.only.split(",") if args.only else list(SCENARIOS)
+    chosen = [s for s in scenarios() if not args.only or s.name in args.only.split(",")]
     sizes = QUICK if args.quick else Sizes()
     workdir = make_workdir()
     embedded = args.dsn is None
     try:
         if embedded:
-            dsn, server_log = start_embedded(workdir)
+            dsn, server_log, server_pid = start_embedded(workdir)
         else:
-            dsn, server_log = args.dsn, None
-        h = Harness(dsn, sizes, workdir, concurrency=args.concurrency, server_log=server_log)
+            dsn, server_log, server_pid = args.dsn, None, None
+        h = Harness(dsn, sizes, workdir, server_log=server_log, server_pid=server_pid)
         machine = await h.machine()
         print(f"machine: {machine_line(machine)}", file=sys.stderr)
-        metrics: dict = {}
+        runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
         started = time.monotonic()
         try:
-            for name in names:
-                t0 = time.monotonic()
-                print(f"{name} ...", end="", flush=True, file=sys.stderr)
-                metrics.update(await SCENARIOS[name](h))
-                print(f" {time.monotonic() - t0:.1f}s", file=sys.stderr)
+            for round_no in range(args.rounds):
+                for s in chosen:
+                    if s.repeated or round_no == 0:
+                        await _run_one(h, s, runs, round_no)
         finally:
             h.kill_all()
+            for s in chosen:
+                cleanup = getattr(s.run, "cleanup", None)
+                if cleanup is not None:
+                    await cleanup(h)
+        metrics: dict = {}
+        for s in chosen:
+            metrics.update(_medians(runs[s.name]) if s.repeated else runs[s.name][0])
         return {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": args.quick,
-            "scenarios": names,
+            "rounds": args.rounds,
             "duration_s": round(time.monotonic() - started, 1),
             "machine": machine,
+            "load_average_at_start": os.getloadavg(),
             "sizes": vars(sizes),
-            "worker_concurrency": args.concurrency,
             "metrics": metrics,
             "targets": evaluate(metrics),
+            "runs": runs,
         }
     finally:
         if embedded:
             stop_embedded(workdir)
         remove_workdir(workdir)
+
+
+async def _run_one(h: Harness, s, runs: dict[str, list[dict]], round_no: int) -> None:
+    t0 = time.monotonic()
+    print(f"round {round_no + 1} {s.name} ...", end="", flush=True, file=sys.stderr)
+    runs[s.name].append(await s.run(h))
+    print(f" {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(text)
     print(machine_line(result["machine"]))
     print(table(result["metrics"]))
+    print()
+    print(cpu_table(result["metrics"]))
     return 0
 
 

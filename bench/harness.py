@@ -60,6 +60,9 @@ class Sizes:
     idle_seconds: float = 60.0
     raw_claim: int = 20_000
     raw_batch: int = 100
+    # Worker concurrency of the drains: the raw loop's batch, since a worker claims at most
+    # its free slots at once (drain-1-default runs pgsched's default as well).
+    drain_concurrency: int = 100
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, drain=500, due_latency=10,
@@ -72,8 +75,8 @@ class Harness:
     dsn: str
     sizes: Sizes
     workdir: Path
-    concurrency: int | None = None
     server_log: Path | None = None  # set when we own the server and can read its log
+    server_pid: int | None = None  # the postmaster, when we own the server
     _procs: list[WorkerProc] = field(default_factory=list)
 
     # -- schemas and connections ---------------------------------------------------------
@@ -107,10 +110,11 @@ class Harness:
 
     # -- worker processes ----------------------------------------------------------------
 
-    def write_config(self, schema: str, *, dsn: str | None = None) -> Path:
+    def write_config(self, schema: str, *, dsn: str | None = None,
+                     concurrency: int | None = None) -> Path:
         worker: dict[str, Any] = {"tasks": str(TASKS)}
-        if self.concurrency is not None:
-            worker["concurrency"] = self.concurrency
+        if concurrency is not None:
+            worker["concurrency"] = concurrency
         document = {
             "database": {"dsn": dsn or self.dsn, "schema": schema},
             "worker": worker,
@@ -122,10 +126,14 @@ class Harness:
         path.chmod(0o600)
         return path
 
-    def start_worker(self, schema: str, *args: str, dsn: str | None = None) -> WorkerProc:
-        proc = WorkerProc(self.write_config(schema, dsn=dsn), args)
+    def start_worker(self, schema: str, *args: str, dsn: str | None = None,
+                     concurrency: int | None = None) -> WorkerProc:
+        proc = WorkerProc(self.write_config(schema, dsn=dsn, concurrency=concurrency), args)
         self._procs.append(proc)
         return proc
+
+    def cpu_meter(self) -> CpuMeter:
+        return CpuMeter(self.server_pid)
 
     async def wait_listening(self, schema: str, count: int = 1, timeout: float = 30) -> None:
         """Until `count` workers LISTEN on the schema's channel (their notifications work)."""
@@ -187,6 +195,51 @@ class Harness:
         }
 
 
+class CpuMeter:
+    """CPU seconds used by worker processes and by the server, sampled over time.
+
+    Each sample records, per process, its CPU time so far; `between(t0, t1)` sums what
+    each used between two wall-clock instants (from the samples nearest them), so the
+    Python start-up of a worker does not count against the jobs it then drains. Server
+    processes (the postmaster's children: backends, WAL writer, checkpointer) are found
+    anew at each sample; with --dsn the server is not ours to see and counts as None.
+    """
+
+    def __init__(self, server_pid: int | None):
+        self.server = psutil.Process(server_pid) if server_pid else None
+        self.workers: list[psutil.Process] = []
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+
+    def add_worker(self, proc: psutil.Process) -> None:
+        self.workers.append(proc)
+
+    def sample(self) -> None:
+        seen: dict[int, tuple[str, float]] = {}
+        procs = [("worker", p) for p in self.workers]
+        if self.server is not None:
+            with contextlib.suppress(psutil.Error):
+                procs += [("server", p) for p in [self.server, *self.server.children()]]
+        for role, proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                seen[proc.pid] = (role, times.user + times.system)
+        self.samples.append((time.time(), seen))
+
+    def between(self, start: float, end: float) -> dict[str, float | None]:
+        """CPU seconds per role used from `start` to `end` (epoch seconds)."""
+        before = max((s for s in self.samples if s[0] <= start), default=self.samples[0],
+                     key=lambda s: s[0])[1]
+        after: dict[int, tuple[str, float]] = {}
+        for at, seen in self.samples:  # a process that exited keeps its last sample
+            if at <= end + 0.1:
+                after.update(seen)
+        used = {"worker": 0.0, "server": 0.0 if self.server is not None else None}
+        for pid, (role, cpu) in after.items():
+            if used[role] is not None:
+                used[role] += cpu - before.get(pid, (role, 0.0))[1]
+        return used
+
+
 class WorkerProc:
     """One `python -m pgsched worker` process; its output goes to a log file (a pipe to
     journald would cost the same: the daemon renders JSON lines either way)."""
@@ -209,11 +262,14 @@ class WorkerProc:
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
 
-    async def wait(self, timeout: float) -> None:
-        """Until the process exits (sampling its memory); raises if it failed or overran."""
+    async def wait(self, timeout: float, meter: CpuMeter | None = None) -> None:
+        """Until the process exits (sampling its memory and the CPU meter); raises if it
+        failed or overran."""
         deadline = time.monotonic() + timeout
         while self.proc.poll() is None:
             self.sample_rss()
+            if meter is not None:
+                meter.sample()
             if time.monotonic() > deadline:
                 self.kill()
                 raise BenchError(f"worker overran {timeout}s:\n{self.log_tail()}")
@@ -231,12 +287,14 @@ class WorkerProc:
             self.proc.wait()
 
 
-def start_embedded(workdir: Path) -> tuple[str, Path]:
-    """Start a throw-away embedded server in workdir/pg; returns (dsn, its log file)."""
+def start_embedded(workdir: Path) -> tuple[str, Path, int]:
+    """Start a throw-away embedded server in workdir/pg: (dsn, its log file, its pid)."""
     from pgsched.embedded import embedded_dsn
 
     data = workdir / "pg"
-    return embedded_dsn(data), data / "log"
+    dsn = embedded_dsn(data)
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    return dsn, data / "log", pid
 
 
 def stop_embedded(workdir: Path) -> None:

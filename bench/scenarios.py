@@ -20,6 +20,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -97,7 +98,9 @@ async def raw_ceiling(h: Harness) -> Metrics:
         await h.analyze(schema)
         claim, complete = _q(RAW_CLAIM, schema), _q(RAW_COMPLETE, schema)
         done = 0
-        started = time.perf_counter()
+        meter = h.cpu_meter()
+        meter.sample()
+        started, cpu = time.time(), time.process_time()
         while True:
             cur = await conn.execute(claim, {"limit": sizes.raw_batch})
             ids = [row[0] for row in await cur.fetchall()]
@@ -105,10 +108,15 @@ async def raw_ceiling(h: Harness) -> Metrics:
                 break
             await conn.execute(complete, {"ids": ids})
             done += len(ids)
-        elapsed = time.perf_counter() - started
+        ended, cpu = time.time(), time.process_time() - cpu
+        meter.sample()
         if done != sizes.raw_claim:
             raise BenchError(f"raw claim loop completed {done}/{sizes.raw_claim} rows")
-        metrics["raw_claim_jobs_per_s"] = done / elapsed
+        metrics["raw_claim_jobs_per_s"] = done / (ended - started)
+        metrics["raw_claim_client_cpu_us_per_job"] = cpu / done * 1e6
+        server = meter.between(started, ended)["server"]
+        if server is not None:
+            metrics["raw_claim_server_cpu_us_per_job"] = server / done * 1e6
     await h.drop_schema(schema)
     return metrics
 
@@ -145,60 +153,91 @@ async def enqueue_bulk(h: Harness) -> Metrics:
 # -- drains --------------------------------------------------------------------------------
 
 
-async def _add_due(h: Harness, schema: str, n: int, prefix: str = "d-") -> None:
+async def _add_due(h: Harness, schema: str, n: int, prefix: str) -> None:
     due = datetime.now(UTC) - timedelta(seconds=1)
     async with Scheduler(h.dsn, schema=schema) as sched:
         await sched.schedule_bulk(
             [JobSpec("noop", execution_time=due, job_id=f"{prefix}{i:07d}") for i in range(n)])
 
 
-async def _drain(h: Harness, schema: str, processes: int) -> tuple[float, int]:
-    """Start `processes` burst workers on the due jobs; (jobs/s, peak RSS in bytes)."""
+async def _drain(h: Harness, schema: str, name: str, *, processes: int = 1,
+                 concurrency: int | None = None, prefix: str = "d-") -> Metrics:
+    """Add the due jobs, start `processes` burst workers, and time them from the table."""
     n = h.sizes.drain
-    procs = [h.start_worker(schema, "--burst") for _ in range(processes)]
-    await asyncio.gather(*(p.wait(timeout=60 + n / 100) for p in procs))
+    await _add_due(h, schema, n, prefix)
+    await h.analyze(schema)
+    meter = h.cpu_meter()
+    procs = [h.start_worker(schema, "--burst", concurrency=concurrency)
+             for _ in range(processes)]
+    for proc in procs:
+        meter.add_worker(proc.ps)
+    await asyncio.gather(*(p.wait(timeout=60 + n / 100, meter=meter) for p in procs))
     done, first, last = await h.one(_q(
         "SELECT count(*) FILTER (WHERE status = 'completed'), min(started_at),"
-        " max(finished_at) FROM {s}.jobs WHERE id LIKE %s", schema), ["d-%"])
+        " max(finished_at) FROM {s}.jobs WHERE id LIKE %s", schema), [prefix + "%"])
     if done != n:
         raise BenchError(f"{schema}: {done}/{n} jobs completed")
-    return n / (last - first).total_seconds(), max(p.peak_rss for p in procs)
+    cpu = meter.between(first.timestamp(), last.timestamp())
+    metrics = {
+        f"{name}_jobs_per_s": n / (last - first).total_seconds(),
+        f"{name}_worker_peak_rss_mb": max(p.peak_rss for p in procs) / 2**20,
+        f"{name}_worker_cpu_us_per_job": cpu["worker"] / n * 1e6,
+    }
+    if cpu["server"] is not None:
+        metrics[f"{name}_server_cpu_us_per_job"] = cpu["server"] / n * 1e6
+    return metrics
 
 
-def _drain_scenario(processes: int) -> Callable[[Harness], Awaitable[Metrics]]:
+def _drain_scenario(name: str, processes: int, *, default_concurrency: bool = False
+                    ) -> Callable[[Harness], Awaitable[Metrics]]:
     async def drain(h: Harness) -> Metrics:
-        schema = await h.fresh_schema(f"drain_{processes}")
-        await _add_due(h, schema, h.sizes.drain)
-        await h.analyze(schema)
-        rate, rss = await _drain(h, schema, processes)
+        schema = await h.fresh_schema(name.replace("-", "_"))
+        concurrency = None if default_concurrency else h.sizes.drain_concurrency
+        metrics = await _drain(h, schema, name.replace("-", "_"), processes=processes,
+                               concurrency=concurrency)
         await h.drop_schema(schema)
-        return {f"drain_{processes}_jobs_per_s": rate,
-                f"drain_{processes}_worker_peak_rss_mb": rss / 2**20}
+        return metrics
 
     return drain
 
 
-async def backlog(h: Harness) -> Metrics:
-    """drain-1 with a million finished jobs and 200,000 due next week in the same table."""
-    sizes = h.sizes
-    schema = await h.fresh_schema("backlog")
-    async with await h.connect() as conn:
-        await conn.execute(_q(
-            "INSERT INTO {s}.jobs (id, task, status, execution_time, attempts, worker_id,"
-            " result, started_at, finished_at)"
-            " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
-            " 'null', now() - interval '1 day', now() - interval '1 day'"
-            " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
-        await conn.execute(_q(
-            f"INSERT INTO {{s}}.jobs ({COLUMNS}) SELECT 'future-' || g, 'noop', 'default',"
-            " '[]', '{{}}', 5, now() + interval '7 days' + (g %% 86400) * interval '1 second',"
-            " 300, 0, NULL FROM generate_series(1, %(n)s) g", schema),
-            {"n": sizes.backlog_future})
-    await _add_due(h, schema, sizes.drain)
-    await h.analyze(schema)
-    rate, rss = await _drain(h, schema, 1)
-    await h.drop_schema(schema)
-    return {"backlog_drain_jobs_per_s": rate, "backlog_worker_peak_rss_mb": rss / 2**20}
+class Backlog:
+    """drain-1 with a million finished jobs and 200,000 due next week in the same table.
+
+    The big table is built once (the first round) and kept until cleanup(); each round
+    drains a fresh set of due jobs beside it."""
+
+    def __init__(self) -> None:
+        self.schema: str | None = None
+        self.rounds = 0
+
+    async def __call__(self, h: Harness) -> Metrics:
+        if self.schema is None:
+            self.schema = await self._build(h)
+        self.rounds += 1
+        return await _drain(h, self.schema, "backlog", concurrency=h.sizes.drain_concurrency,
+                            prefix=f"d{self.rounds}-")
+
+    async def _build(self, h: Harness) -> str:
+        sizes = h.sizes
+        schema = await h.fresh_schema("backlog")
+        async with await h.connect() as conn:
+            await conn.execute(_q(
+                "INSERT INTO {s}.jobs (id, task, status, execution_time, attempts, worker_id,"
+                " result, started_at, finished_at)"
+                " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
+                " 'null', now() - interval '1 day', now() - interval '1 day'"
+                " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
+            await conn.execute(_q(
+                f"INSERT INTO {{s}}.jobs ({COLUMNS}) SELECT 'future-' || g, 'noop', 'default',"
+                " '[]', '{{}}', 5, now() + interval '7 days' + (g %% 86400) * interval '1 second',"
+                " 300, 0, NULL FROM generate_series(1, %(n)s) g", schema),
+                {"n": sizes.backlog_future})
+        return schema
+
+    async def cleanup(self, h: Harness) -> None:
+        if self.schema is not None:
+            await h.drop_schema(self.schema)
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -327,14 +366,27 @@ async def _transactions(h: Harness) -> int:
     return n
 
 
-SCENARIOS: dict[str, Callable[[Harness], Awaitable[Metrics]]] = {
-    "raw": raw_ceiling,
-    "enqueue-loop": enqueue_loop,
-    "enqueue-bulk": enqueue_bulk,
-    "drain-1": _drain_scenario(1),
-    "drain-2": _drain_scenario(2),
-    "backlog": backlog,
-    "due-latency": due_latency,
-    "enqueue-latency": enqueue_latency,
-    "idle": idle_cost,
-}
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    run: Callable[[Harness], Awaitable[Metrics]]
+    repeated: bool  # throughput: run in every round, alternating with the raw ceiling
+
+
+def scenarios() -> list[Scenario]:
+    return [
+        Scenario("raw", raw_ceiling, True),
+        Scenario("enqueue-loop", enqueue_loop, True),
+        Scenario("enqueue-bulk", enqueue_bulk, True),
+        Scenario("drain-1", _drain_scenario("drain-1", 1), True),
+        Scenario("drain-2", _drain_scenario("drain-2", 2), True),
+        Scenario("drain-1-default", _drain_scenario("drain-1-default", 1,
+                                                    default_concurrency=True), True),
+        Scenario("backlog", Backlog(), True),
+        Scenario("due-latency", due_latency, False),
+        Scenario("enqueue-latency", enqueue_latency, False),
+        Scenario("idle", idle_cost, False),
+    ]
+
+
+NAMES = [s.name for s in scenarios()]

