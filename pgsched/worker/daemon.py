@@ -52,6 +52,10 @@ from .maintenance import Maintenance
 
 log = get_logger("pgsched.worker")
 
+# Added to a due-time timer so that the claim reaches the server just after the job falls
+# due: one that arrives early claims nothing and costs another round trip.
+TIMER_MARGIN_SECONDS = 0.0005
+
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
 
 
@@ -89,6 +93,8 @@ class _Completion:
     held: _Held
     outcome: Outcome
     failures: int
+    duration_s: float = 0.0
+    lateness_ms: float = 0.0  # how long after its due time the job started
 
 
 @dataclass
@@ -281,13 +287,17 @@ class Worker:
     async def _claim(self, free: int) -> bool:
         """Claim up to `free` jobs and start them; True if the claim was full."""
         loop = asyncio.get_running_loop()
+        # db_now is read when the statement starts, right after it is sent: timing from the
+        # answer instead would set the timer late by the claim's own duration (1-3 ms).
+        sent, sent_wall = loop.time(), time.time()
         jobs, next_due, db_now = await self.store.claim_jobs(
             worker_id=self.id, limit=free, lease_seconds=self.options.lease_seconds,
             priorities=self._priorities,
         )
-        self._clock_offset = db_now.timestamp() - time.time()
+        self._clock_offset = db_now.timestamp() - sent_wall
         self._next_due_deadline = (
-            loop.time() + (next_due - db_now).total_seconds() if next_due is not None else None
+            sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
+            if next_due is not None else None
         )
         for job in jobs:
             if job["expired"]:
@@ -327,11 +337,12 @@ class Worker:
             job_id=job["id"], task=job["task"], attempt=job["attempts"]
         )
         started = time.monotonic()
-        lateness = time.time() + self._clock_offset - job["execution_time"].timestamp()
-        # debug, not info: with job_completed that would be two lines per job, which
-        # cost a third of the worker's CPU per no-op job and make journald's rate limit
-        # drop the warnings that matter.
-        self._job_log.debug("job_started", lateness_ms=round(lateness * 1000, 1))
+        lateness_ms = round(
+            (time.time() + self._clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+        # debug, not info: with job_completed (which repeats lateness_ms) that would be two
+        # lines per job, a third of the worker's CPU per no-op job, and journald's rate
+        # limit would drop the warnings that matter.
+        self._job_log.debug("job_started", lateness_ms=lateness_ms)
         try:
             outcome = await run_job(job, self._threads, self._sync_calls)
         except asyncio.CancelledError:
@@ -351,7 +362,8 @@ class Worker:
             self._held.pop(held.id, None)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
         else:
-            self._completions.put_nowait(_Completion(held, outcome, job["failures"]))
+            self._completions.put_nowait(
+                _Completion(held, outcome, job["failures"], duration, lateness_ms))
             if not outcome.ok:
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         self._free_slot()
@@ -403,7 +415,8 @@ class Worker:
                 self._held.pop(c.held.id, None)
                 if c.held.id in written:
                     self.stats.completed += 1
-                    self._job_log.info("job_completed", job_id=c.held.id)
+                    self._job_log.info("job_completed", job_id=c.held.id,
+                                       duration_s=c.duration_s, lateness_ms=c.lateness_ms)
                 else:
                     self.stats.lease_lost += 1
                     log.warning("job_completion_rejected", job_id=c.held.id,
