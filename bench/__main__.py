@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one round: checks that everything runs, measures "
                              "nothing")
-    parser.add_argument("--out", type=Path, help=f"also write the JSON here (always: {RESULTS})")
+    parser.add_argument("--out", type=Path,
+                        help=f"also write the JSON here (a full run always writes {RESULTS})")
     parser.add_argument("--only", help="comma-separated scenarios to run: " + ", ".join(NAMES))
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput scenarios run this many times, alternating with the "
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         return 1
     text = json.dumps(result, indent=2, default=str) + "\n"
-    for path in filter(None, [RESULTS, args.out]):
+    # A quick run measures nothing worth keeping: it never replaces the latest results.
+    for path in filter(None, [None if args.quick else RESULTS, args.out]):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     print(machine_line(result["machine"]))

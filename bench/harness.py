@@ -111,7 +111,7 @@ class Harness:
     # -- worker processes ----------------------------------------------------------------
 
     def write_config(self, schema: str, *, dsn: str | None = None,
-                     concurrency: int | None = None) -> Path:
+                     concurrency: int | None = None, log_level: str = "info") -> Path:
         worker: dict[str, Any] = {"tasks": str(TASKS)}
         if concurrency is not None:
             worker["concurrency"] = concurrency
@@ -119,7 +119,7 @@ class Harness:
             "database": {"dsn": dsn or self.dsn, "schema": schema},
             "worker": worker,
             # The daemon's default under systemd: JSON lines to a pipe (here a file).
-            "log": {"format": "json"},
+            "log": {"format": "json", "level": log_level},
         }
         path = self.workdir / f"{schema}-{uuid.uuid4().hex[:6]}.toml"
         path.write_text(tomli_w.dumps(document))
@@ -127,8 +127,10 @@ class Harness:
         return path
 
     def start_worker(self, schema: str, *args: str, dsn: str | None = None,
-                     concurrency: int | None = None) -> WorkerProc:
-        proc = WorkerProc(self.write_config(schema, dsn=dsn, concurrency=concurrency), args)
+                     concurrency: int | None = None, log_level: str = "info") -> WorkerProc:
+        config = self.write_config(schema, dsn=dsn, concurrency=concurrency,
+                                   log_level=log_level)
+        proc = WorkerProc(config, args)
         self._procs.append(proc)
         return proc
 
@@ -196,48 +198,62 @@ class Harness:
 
 
 class CpuMeter:
-    """CPU seconds used by worker processes and by the server, sampled over time.
+    """CPU seconds used by worker processes and by the server.
 
-    Each sample records, per process, its CPU time so far; `between(t0, t1)` sums what
-    each used between two wall-clock instants (from the samples nearest them), so the
-    Python start-up of a worker does not count against the jobs it then drains. Server
-    processes (the postmaster's children: backends, WAL writer, checkpointer) are found
-    anew at each sample; with --dsn the server is not ours to see and counts as None.
+    Workers are sampled often (one /proc read each) and `worker_between(t0, t1)` sums
+    what they used between two wall-clock instants, from the samples nearest them, so
+    the Python start-up of a worker does not count against the jobs it then drains.
+    The server is read at the start and the end of a scenario: the postmaster's own CPU,
+    plus its children's, live (backends, WAL writer, checkpointer) or exited and reaped
+    (the kernel adds those to the postmaster's children times), so a backend that closed
+    with its worker still counts. With --dsn the server is not ours to see: None.
     """
 
     def __init__(self, server_pid: int | None):
         self.server = psutil.Process(server_pid) if server_pid else None
         self.workers: list[psutil.Process] = []
-        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self.server_start = self._server_total()
 
     def add_worker(self, proc: psutil.Process) -> None:
         self.workers.append(proc)
 
     def sample(self) -> None:
-        seen: dict[int, tuple[str, float]] = {}
-        procs = [("worker", p) for p in self.workers]
-        if self.server is not None:
-            with contextlib.suppress(psutil.Error):
-                procs += [("server", p) for p in [self.server, *self.server.children()]]
-        for role, proc in procs:
+        seen: dict[int, float] = {}
+        for proc in self.workers:
             with contextlib.suppress(psutil.Error):
                 times = proc.cpu_times()
-                seen[proc.pid] = (role, times.user + times.system)
+                seen[proc.pid] = times.user + times.system
         self.samples.append((time.time(), seen))
 
-    def between(self, start: float, end: float) -> dict[str, float | None]:
-        """CPU seconds per role used from `start` to `end` (epoch seconds)."""
-        before = max((s for s in self.samples if s[0] <= start), default=self.samples[0],
-                     key=lambda s: s[0])[1]
-        after: dict[int, tuple[str, float]] = {}
+    def worker_between(self, start: float, end: float) -> float:
+        before: dict[int, float] = {}
+        after: dict[int, float] = {}
         for at, seen in self.samples:  # a process that exited keeps its last sample
-            if at <= end + 0.1:
-                after.update(seen)
-        used = {"worker": 0.0, "server": 0.0 if self.server is not None else None}
-        for pid, (role, cpu) in after.items():
-            if used[role] is not None:
-                used[role] += cpu - before.get(pid, (role, 0.0))[1]
-        return used
+            for pid, cpu in seen.items():
+                if at <= start:
+                    before[pid] = cpu
+                if at <= end + 0.1:
+                    after[pid] = cpu
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+    def server_used(self) -> float | None:
+        """Server CPU seconds since this meter was made."""
+        now = self._server_total()
+        return None if now is None or self.server_start is None else now - self.server_start
+
+    def _server_total(self) -> float | None:
+        if self.server is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            t = self.server.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in self.server.children():
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+            return total
+        return None
 
 
 class WorkerProc:

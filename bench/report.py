@@ -49,6 +49,8 @@ ROWS = [
         lambda m: m["drain_2_jobs_per_s"] > m["drain_1_jobs_per_s"]),
     Row("drain-1 at the default concurrency (25)", "drain_1_default_jobs_per_s", "jobs/s",
         "raw_claim_jobs_per_s"),
+    Row("drain-1 with [log] level = warning", "drain_1_quiet_jobs_per_s", "jobs/s",
+        "raw_claim_jobs_per_s"),
     Row("backlog: drain-1 beside 1M done + 200k future", "backlog_jobs_per_s", "jobs/s",
         "drain_1_jobs_per_s", ">= 80% of drain-1",
         _at_least("backlog_jobs_per_s", "drain_1_jobs_per_s", 0.8)),
@@ -117,18 +119,24 @@ CPU_ROWS = [
     ("drain-2", "drain_2_worker_cpu_us_per_job", "drain_2_server_cpu_us_per_job"),
     ("drain-1 at concurrency 25", "drain_1_default_worker_cpu_us_per_job",
      "drain_1_default_server_cpu_us_per_job"),
+    ("drain-1, log level warning", "drain_1_quiet_worker_cpu_us_per_job",
+     "drain_1_quiet_server_cpu_us_per_job"),
     ("backlog", "backlog_worker_cpu_us_per_job", "backlog_server_cpu_us_per_job"),
 ]
 
 
 def cpu_table(m: Metrics) -> str:
-    """Where a drained job's CPU goes: the Python side (the raw loop's own process, or the
-    worker processes) and the server (every PostgreSQL process), in microseconds."""
+    """Where a job's CPU goes: the Python side (the raw loop's own process, the worker
+    processes, or the enqueuing process) and the server (every PostgreSQL process)."""
     lines = ["| CPU per job | Python side | PostgreSQL |", "|---|---|---|"]
     for label, client, server in CPU_ROWS:
         if client in m:
-            shown = f"{m[server]:.0f} us" if server in m else "n/a (--dsn)"
+            shown = f"{m[server]:.0f} us" if server in m else "n/a"
             lines.append(f"| {label} | {m[client]:.0f} us | {shown} |")
+    for label, key in (("raw COPY (client only)", "raw_copy_client_cpu_us_per_row"),
+                       ("enqueue-bulk (client only)", "enqueue_bulk_client_cpu_us_per_job")):
+        if key in m:
+            lines.append(f"| {label} | {m[key]:.1f} us | |")
     return "\n".join(lines)
 
 

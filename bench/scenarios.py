@@ -75,12 +75,13 @@ async def raw_ceiling(h: Harness) -> Metrics:
     metrics: Metrics = {}
     async with await h.connect() as conn:
         rows = [_job_row(f"c-{i}", now) for i in range(sizes.enqueue_bulk)]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         async with conn.cursor().copy(_q(f"COPY {{s}}.jobs ({COLUMNS}) FROM STDIN", schema)
                                       ) as copy:
             for row in rows:
                 await copy.write_row(row)
         metrics["raw_copy_rows_per_s"] = len(rows) / (time.perf_counter() - started)
+        metrics["raw_copy_client_cpu_us_per_row"] = (time.process_time() - cpu) / len(rows) * 1e6
 
         insert = _q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})",
                     schema)
@@ -99,7 +100,6 @@ async def raw_ceiling(h: Harness) -> Metrics:
         claim, complete = _q(RAW_CLAIM, schema), _q(RAW_COMPLETE, schema)
         done = 0
         meter = h.cpu_meter()
-        meter.sample()
         started, cpu = time.time(), time.process_time()
         while True:
             cur = await conn.execute(claim, {"limit": sizes.raw_batch})
@@ -109,12 +109,11 @@ async def raw_ceiling(h: Harness) -> Metrics:
             await conn.execute(complete, {"ids": ids})
             done += len(ids)
         ended, cpu = time.time(), time.process_time() - cpu
-        meter.sample()
+        server = meter.server_used()
         if done != sizes.raw_claim:
             raise BenchError(f"raw claim loop completed {done}/{sizes.raw_claim} rows")
         metrics["raw_claim_jobs_per_s"] = done / (ended - started)
         metrics["raw_claim_client_cpu_us_per_job"] = cpu / done * 1e6
-        server = meter.between(started, ended)["server"]
         if server is not None:
             metrics["raw_claim_server_cpu_us_per_job"] = server / done * 1e6
     await h.drop_schema(schema)
@@ -141,13 +140,14 @@ async def enqueue_bulk(h: Harness) -> Metrics:
     specs = [JobSpec("noop") for _ in range(h.sizes.enqueue_bulk)]
     async with Scheduler(h.dsn, schema=schema) as sched:
         await sched.schedule("noop")
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         ids = await sched.schedule_bulk(specs)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     if None in ids:
         raise BenchError("schedule_bulk skipped jobs")
     await h.drop_schema(schema)
-    return {"enqueue_bulk_jobs_per_s": len(specs) / elapsed}
+    return {"enqueue_bulk_jobs_per_s": len(specs) / elapsed,
+            "enqueue_bulk_client_cpu_us_per_job": cpu / len(specs) * 1e6}
 
 
 # -- drains --------------------------------------------------------------------------------
@@ -161,13 +161,14 @@ async def _add_due(h: Harness, schema: str, n: int, prefix: str) -> None:
 
 
 async def _drain(h: Harness, schema: str, name: str, *, processes: int = 1,
-                 concurrency: int | None = None, prefix: str = "d-") -> Metrics:
+                 concurrency: int | None = None, log_level: str = "info",
+                 prefix: str = "d-") -> Metrics:
     """Add the due jobs, start `processes` burst workers, and time them from the table."""
     n = h.sizes.drain
     await _add_due(h, schema, n, prefix)
     await h.analyze(schema)
     meter = h.cpu_meter()
-    procs = [h.start_worker(schema, "--burst", concurrency=concurrency)
+    procs = [h.start_worker(schema, "--burst", concurrency=concurrency, log_level=log_level)
              for _ in range(processes)]
     for proc in procs:
         meter.add_worker(proc.ps)
@@ -177,24 +178,25 @@ async def _drain(h: Harness, schema: str, name: str, *, processes: int = 1,
         " max(finished_at) FROM {s}.jobs WHERE id LIKE %s", schema), [prefix + "%"])
     if done != n:
         raise BenchError(f"{schema}: {done}/{n} jobs completed")
-    cpu = meter.between(first.timestamp(), last.timestamp())
+    server = meter.server_used()  # includes the workers' start-up and shutdown statements
     metrics = {
         f"{name}_jobs_per_s": n / (last - first).total_seconds(),
         f"{name}_worker_peak_rss_mb": max(p.peak_rss for p in procs) / 2**20,
-        f"{name}_worker_cpu_us_per_job": cpu["worker"] / n * 1e6,
+        f"{name}_worker_cpu_us_per_job":
+            meter.worker_between(first.timestamp(), last.timestamp()) / n * 1e6,
     }
-    if cpu["server"] is not None:
-        metrics[f"{name}_server_cpu_us_per_job"] = cpu["server"] / n * 1e6
+    if server is not None:
+        metrics[f"{name}_server_cpu_us_per_job"] = server / n * 1e6
     return metrics
 
 
-def _drain_scenario(name: str, processes: int, *, default_concurrency: bool = False
-                    ) -> Callable[[Harness], Awaitable[Metrics]]:
+def _drain_scenario(name: str, processes: int, *, default_concurrency: bool = False,
+                    log_level: str = "info") -> Callable[[Harness], Awaitable[Metrics]]:
     async def drain(h: Harness) -> Metrics:
         schema = await h.fresh_schema(name.replace("-", "_"))
         concurrency = None if default_concurrency else h.sizes.drain_concurrency
         metrics = await _drain(h, schema, name.replace("-", "_"), processes=processes,
-                               concurrency=concurrency)
+                               concurrency=concurrency, log_level=log_level)
         await h.drop_schema(schema)
         return metrics
 
@@ -382,6 +384,8 @@ def scenarios() -> list[Scenario]:
         Scenario("drain-2", _drain_scenario("drain-2", 2), True),
         Scenario("drain-1-default", _drain_scenario("drain-1-default", 1,
                                                     default_concurrency=True), True),
+        Scenario("drain-1-quiet", _drain_scenario("drain-1-quiet", 1, log_level="warning"),
+                 True),
         Scenario("backlog", Backlog(), True),
         Scenario("due-latency", due_latency, False),
         Scenario("enqueue-latency", enqueue_latency, False),
