@@ -15,6 +15,7 @@ the module name and the original error, so the CLI reports it in one line.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -62,8 +63,8 @@ class Task:
     priority: JobPriority = JobPriority.NORMAL
     queue: str = "default"
 
-    @property
-    def is_async(self) -> bool:
+    @functools.cached_property
+    def is_async(self) -> bool:  # asked for every job run; inspect costs ~1 us a time
         return inspect.iscoroutinefunction(self.func)
 
 
