@@ -90,6 +90,9 @@ async def run(args: argparse.Namespace) -> dict:
         metrics: dict = {}
         for s in chosen:
             metrics.update(_medians(runs[s.name]) if s.repeated else runs[s.name][0])
+        # Every repeated scenario's figures of one round, for ratios paired by round.
+        rounds = [{k: v for s in chosen if s.repeated for k, v in runs[s.name][i].items()}
+                  for i in range(args.rounds)]
         return {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": args.quick,
@@ -99,8 +102,9 @@ async def run(args: argparse.Namespace) -> dict:
             "load_average_at_start": os.getloadavg(),
             "sizes": vars(sizes),
             "metrics": metrics,
-            "targets": evaluate(metrics),
+            "targets": evaluate(metrics, rounds),
             "runs": runs,
+            "rounds_metrics": rounds,
         }
     finally:
         if embedded:
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     print(machine_line(result["machine"]))
-    print(table(result["metrics"]))
+    print(table(result["metrics"], result["rounds_metrics"]))
     print()
     print(cpu_table(result["metrics"]))
     return 0

@@ -1,13 +1,16 @@
 """Turning a run's metrics into the printed table and the list of targets met or missed.
 
 Owns: the targets of issue 4 (each a ratio to the raw ceiling of the same run, or an
-absolute bound) and the Markdown table the benchmark prints, which is also the table
-pasted into the README. A metric a partial run (--only) did not produce shows as "-".
+absolute bound) and the Markdown tables the benchmark prints, which are also the tables
+pasted into the README. Values are medians over the rounds; ratios are medians of the
+per-round ratios, with their range in brackets. A row whose metric a partial run (--only)
+did not produce is left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,50 +24,46 @@ class Row:
     unit: str
     reference: str | None = None  # metric the value is divided by
     target: str = ""
-    met: Callable[[Metrics], bool] | None = None
+    at_least: float | None = None  # target: this fraction of the reference
+    met: Callable[[Metrics], bool] | None = None  # any other target, on the medians
 
 
-def _ratio(m: Metrics, key: str, ref: str) -> float | None:
-    if key in m and m.get(ref):
-        return m[key] / m[ref]
-    return None
-
-
-def _at_least(key: str, ref: str, fraction: float) -> Callable[[Metrics], bool]:
-    return lambda m: _ratio(m, key, ref) >= fraction
+def ratios(m: Metrics, key: str, ref: str, rounds: Sequence[Metrics] = ()) -> list[float]:
+    """key / ref for each round (each pair measured minutes apart at most, so load from
+    elsewhere on the machine mostly cancels out), else the ratio of the medians."""
+    paired = [r[key] / r[ref] for r in rounds if key in r and r.get(ref)]
+    if not paired and key in m and m.get(ref):
+        paired = [m[key] / m[ref]]
+    return paired
 
 
 ROWS = [
     Row("enqueue-loop: 10k schedule() calls", "enqueue_loop_jobs_per_s", "jobs/s",
-        "raw_insert_loop_rows_per_s", ">= 80% of raw insert loop",
-        _at_least("enqueue_loop_jobs_per_s", "raw_insert_loop_rows_per_s", 0.8)),
+        "raw_insert_loop_rows_per_s", ">= 80% of raw insert loop", at_least=0.8),
     Row("enqueue-bulk: 100k via schedule_bulk()", "enqueue_bulk_jobs_per_s", "jobs/s",
-        "raw_copy_rows_per_s", ">= 80% of raw COPY",
-        _at_least("enqueue_bulk_jobs_per_s", "raw_copy_rows_per_s", 0.8)),
+        "raw_copy_rows_per_s", ">= 80% of raw COPY", at_least=0.8),
     Row("drain-1: 20k no-op jobs, 1 worker (concurrency 100)", "drain_1_jobs_per_s",
-        "jobs/s", "raw_claim_jobs_per_s", ">= 60% of raw claim-100",
-        _at_least("drain_1_jobs_per_s", "raw_claim_jobs_per_s", 0.6)),
+        "jobs/s", "raw_claim_jobs_per_s", ">= 60% of raw claim-100", at_least=0.6),
     Row("drain-2: 20k no-op jobs, 2 workers (concurrency 100)", "drain_2_jobs_per_s",
         "jobs/s", "raw_claim_jobs_per_s", "> drain-1",
-        lambda m: m["drain_2_jobs_per_s"] > m["drain_1_jobs_per_s"]),
+        met=lambda m: m["drain_2_jobs_per_s"] > m["drain_1_jobs_per_s"]),
     Row("drain-1 at the default concurrency (25)", "drain_1_default_jobs_per_s", "jobs/s",
         "raw_claim_jobs_per_s"),
     Row("drain-1 with [log] level = warning", "drain_1_quiet_jobs_per_s", "jobs/s",
         "raw_claim_jobs_per_s"),
     Row("backlog: drain-1 beside 1M done + 200k future", "backlog_jobs_per_s", "jobs/s",
-        "drain_1_jobs_per_s", ">= 80% of drain-1",
-        _at_least("backlog_jobs_per_s", "drain_1_jobs_per_s", 0.8)),
+        "drain_1_jobs_per_s", ">= 80% of drain-1", at_least=0.8),
     Row("due-latency: 200 jobs at distinct instants", "due_latency", "ms", None,
         "p50 <= 5, p95 <= 20",
-        lambda m: m["due_latency_p50_ms"] <= 5 and m["due_latency_p95_ms"] <= 20),
+        met=lambda m: m["due_latency_p50_ms"] <= 5 and m["due_latency_p95_ms"] <= 20),
     Row("enqueue-latency: commit to start", "enqueue_latency", "ms", None, "p50 <= 5",
-        lambda m: m["enqueue_latency_p50_ms"] <= 5),
+        met=lambda m: m["enqueue_latency_p50_ms"] <= 5),
     Row("idle worker: CPU", "idle_cpu_percent", "% of a core", None, "< 1%",
-        lambda m: m["idle_cpu_percent"] < 1),
+        met=lambda m: m["idle_cpu_percent"] < 1),
     Row("idle worker: statements", "idle_statements_per_min", "per minute", None, "<= ~30",
-        lambda m: m["idle_statements_per_min"] <= 30),
+        met=lambda m: m["idle_statements_per_min"] <= 30),
     Row("worker peak RSS while draining (drain-1)", "drain_1_worker_peak_rss_mb", "MB", None,
-        "< 100 MB", lambda m: m["drain_1_worker_peak_rss_mb"] < 100),
+        "< 100 MB", met=lambda m: m["drain_1_worker_peak_rss_mb"] < 100),
     Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
     Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
     Row("raw: claim 100 SKIP LOCKED + complete", "raw_claim_jobs_per_s", "jobs/s"),
@@ -85,31 +84,39 @@ def _value(row: Row, m: Metrics) -> str | None:
     return f"{value:.2f} {row.unit}" if row.unit != "per minute" else f"{value:.1f} /min"
 
 
-def evaluate(m: Metrics) -> list[dict[str, Any]]:
+def evaluate(m: Metrics, rounds: Sequence[Metrics] = ()) -> list[dict[str, Any]]:
     """One entry per row: its value, ratio to its reference and whether its target is met
     (None when the run did not produce what the target needs)."""
     results = []
     for row in ROWS:
+        paired = ratios(m, row.key, row.reference, rounds) if row.reference else []
+        share = statistics.median(paired) if paired else None
         met = None
-        if row.met is not None:
+        if row.at_least is not None:
+            met = None if share is None else share >= row.at_least
+        elif row.met is not None:
             try:
                 met = bool(row.met(m))
             except (KeyError, TypeError):
                 met = None
-        ratio = _ratio(m, row.key, row.reference) if row.reference else None
         results.append({"label": row.label, "value": _value(row, m), "reference": row.reference,
-                        "ratio": ratio, "target": row.target or None, "met": met})
+                        "ratio": share, "ratio_range": [min(paired), max(paired)] if paired
+                        else None, "target": row.target or None, "met": met})
     return results
 
 
-def table(m: Metrics) -> str:
+def table(m: Metrics, rounds: Sequence[Metrics] = ()) -> str:
     lines = ["| scenario | result | ratio | target | met |", "|---|---|---|---|---|"]
-    for r in evaluate(m):
+    for r in evaluate(m, rounds):
         if r["value"] is None:
             continue
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.0%} of {_short(r['reference'])}"
+        shown = ""
+        if r["ratio"] is not None:
+            low, high = r["ratio_range"]
+            spread = f" ({low:.0%}-{high:.0%})" if high > low else ""
+            shown = f"{r['ratio']:.0%}{spread} of {_short(r['reference'])}"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-        lines.append(f"| {r['label']} | {r['value']} | {ratio} | {r['target'] or ''} | {met} |")
+        lines.append(f"| {r['label']} | {r['value']} | {shown} | {r['target'] or ''} | {met} |")
     return "\n".join(lines)
 
 
