@@ -3,9 +3,9 @@
 Owns: validating what callers ask for (task names, times, JSON payloads, options) so
 that nothing invalid is ever written (a bulk call validates while it streams its rows,
 in a transaction that a bad job rolls back), and the pg-scheduler-compatible calls
-`schedule`, `schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web app opens a
-Scheduler, schedules, and closes it. `start()` runs the same worker as `pgsched worker`
-inside the caller's event loop.
+`schedule`, `schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web
+app opens a Scheduler, schedules, and closes it. `start()` runs the same worker as
+`pgsched worker` inside the caller's event loop.
 
 Invariants: arguments, keyword arguments and results are JSON (never pickle); NaN,
 Infinity and non-JSON types are refused at schedule time. A bulk call with

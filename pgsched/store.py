@@ -99,7 +99,7 @@ def channel_name(schema: str) -> str:
 
 class NewJob(NamedTuple):
     """One row to insert, already validated and JSON-encoded by the scheduler. A tuple in
-    the column order of COPY_COLUMNS, so a bulk insert streams it as it is."""
+    the column order of copy_jobs (sql/enqueue.sql), so COPY streams it as it is."""
 
     id: str
     task: str
@@ -190,11 +190,14 @@ class Store:
     async def insert_jobs(self, jobs: Sequence[NewJob], *, replace: bool = False) -> set[str]:
         """Insert (or with replace, overwrite non-running) jobs; returns the ids written.
         One job is one statement with scalar parameters (sql/enqueue.sql); more are copied."""
-        if len(jobs) != 1:
+        if not jobs:
+            return set()
+        if len(jobs) > 1:
             return await self.copy_jobs(jobs, replace=replace, require_all=False)
         params = {**jobs[0]._asdict(), "channel": self.channel}
-        rows = await self._rows("replace_job" if replace else "insert_job", params)
-        return {row["id"] for row in rows}
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(self._q["replace_job" if replace else "insert_job"], params)
+            return {row[0] for row in await cur.fetchall()}
 
     async def copy_jobs(
         self, jobs: Iterable[NewJob], *, replace: bool, require_all: bool

@@ -3,9 +3,10 @@
 Services, each an asyncio task under one TaskGroup (a service that crashes stops the
 worker loudly instead of letting it limp on):
 
-- fetcher: the only claimer. Claims at most its free slots, in one statement, then
-  sleeps until the earliest of: a NOTIFY for a job due now, a timer set to the next known
-  due time, a freed slot while a backlog remains, or the safety poll.
+- fetcher: the only claimer. Claims at most its free slots (fewer while more than one
+  batch of outcomes waits for the completer), in one statement, then sleeps until the
+  earliest of: a NOTIFY for a job due now, a timer set to the next known due time, a
+  freed slot while a backlog remains, or the safety poll.
 - listener: holds the LISTEN connection and turns notifications into wake-ups; after a
   reconnect it wakes the fetcher, since notifications sent meanwhile are lost.
 - completer: writes finished jobs in one statement per batch; a batch forms naturally
