@@ -443,31 +443,48 @@ class Store:
         nothing, and its row locks go with its session. Returns (schedules locked, jobs
         inserted as {id, schedule_id, fire_time}).
         """
-        async with self.pool.connection() as conn, conn.transaction():
-            # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows
-            # for ever; the server ends such a session instead, and others take over.
-            await conn.execute(self._q["limit_idle_transaction"],
-                               {"ms": str(round(idle_timeout_seconds * 1000))})
-            cur = conn.cursor(row_factory=dict_row)
-            due = await (await cur.execute(
-                self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
-            if not due:
-                return 0, []
-            advances = [plan(row) for row in due]
-            windows = [(a.id, job_id, fire) for a in advances for job_id, fire in a.windows]
-            await cur.execute(self._q["advance_schedules"], {
-                "ids": [a.id for a in advances],
-                "expected": [a.expected for a in advances],
-                "next_fire_ats": [a.next_fire_at for a in advances],
-                "last_fire_ats": [a.windows[-1][1] if a.windows else None for a in advances],
-                "last_job_ids": [a.windows[-1][0] if a.windows else None for a in advances],
-                "window_job_ids": [w[1] for w in windows],
-                "window_schedule_ids": [w[0] for w in windows],
-                "window_fire_times": [w[2] for w in windows],
-                "skip_grace_seconds": skip_grace_seconds,
-                "channel": self.channel,
-            })
-            return len(due), await cur.fetchall()
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await self._fire_due_schedules(
+                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds, now)
+        except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+            # The server ended the session of a planner that stalled mid-transaction (and
+            # rolled it back): a lost connection, as far as the caller is concerned.
+            raise psycopg.OperationalError(str(exc).strip()) from exc
+
+    async def _fire_due_schedules(
+        self,
+        conn: psycopg.AsyncConnection,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows for
+        # ever; the server ends such a session instead, and others take over.
+        await conn.execute(self._q["limit_idle_transaction"],
+                           {"ms": str(round(idle_timeout_seconds * 1000))})
+        cur = conn.cursor(row_factory=dict_row)
+        due = await (await cur.execute(
+            self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
+        if not due:
+            return 0, []
+        advances = [plan(row) for row in due]
+        windows = [(a.id, job_id, fire) for a in advances for job_id, fire in a.windows]
+        await cur.execute(self._q["advance_schedules"], {
+            "ids": [a.id for a in advances],
+            "expected": [a.expected for a in advances],
+            "next_fire_ats": [a.next_fire_at for a in advances],
+            "last_fire_ats": [a.windows[-1][1] if a.windows else None for a in advances],
+            "last_job_ids": [a.windows[-1][0] if a.windows else None for a in advances],
+            "window_job_ids": [w[1] for w in windows],
+            "window_schedule_ids": [w[0] for w in windows],
+            "window_fire_times": [w[2] for w in windows],
+            "skip_grace_seconds": skip_grace_seconds,
+            "channel": self.channel,
+        })
+        return len(due), await cur.fetchall()
 
     async def next_schedule_fire(self) -> tuple[datetime | None, datetime]:
         """(earliest next_fire_at of active schedules, database now)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,12 +26,15 @@ from pgsched import (
     InvalidInput,
     ScheduleConflict,
     ScheduleNotFound,
+    Scheduler,
     Worker,
     periodic,
     recurring,
     tasks,
 )
 from pgsched.recurring import define_schedule
+from pgsched.store import _bind, migrations
+from pgsched.worker import planner as planner_module
 from pgsched.worker.planner import CATCH_UP_LIMIT, CRASH_ENV, CRASH_EXIT_CODE, SKIP_TOLERANCE
 
 PERIODIC_TASKS = Path(__file__).resolve().parent / "periodic_tasks.py"
@@ -318,6 +322,29 @@ async def test_planner_survives_a_schedule_that_no_longer_parses(sched, db):
     assert fire_times(db, "fine") == [T - timedelta(minutes=5)]
 
 
+async def test_a_planner_stalled_in_its_transaction_is_cut_off_and_writes_nothing(
+        sched, db, monkeypatch):
+    await add(sched, "ten", every="10m")
+    db("UPDATE schedules SET next_fire_at = %s", utc(2030, 1, 1, 12, 0))
+    p = planner(sched)
+    monkeypatch.setattr(planner_module, "IDLE_TIMEOUT_SECONDS", 0.3)
+    plan = p._plan
+
+    def stalled(row):
+        time.sleep(1)  # the whole process stands still, as under SIGSTOP
+        return plan(row)
+
+    p._plan = stalled
+    # The server ended the session: for the planner a lost connection, retried later.
+    with pytest.raises(psycopg.OperationalError, match="idle-in-transaction"):
+        await p.run_once(now=T)
+    assert fire_times(db, "ten") == []
+    assert schedule(db, "ten")["next_fire_at"] == utc(2030, 1, 1, 12, 0)
+    p._plan = plan
+    await p.run_once(now=T)
+    assert fire_times(db, "ten") == [utc(2030, 1, 1, 12, 0)]
+
+
 # -- operations ------------------------------------------------------------------------
 
 
@@ -422,6 +449,22 @@ async def test_worker_fires_on_time_and_wakes_for_a_new_schedule(sched, registry
     assert all(j["fire_time"].microsecond == 0 for j in jobs)
     completed = [j for j in jobs if j["status"] == "completed"]
     assert all(j["started_at"] >= j["fire_time"] for j in completed)
+
+
+async def test_worker_stops_on_a_schema_without_schedules_until_migrated(pg_dsn, schema):
+    number, name, text = migrations()[0]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a schema left at version 1
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'CREATE TABLE "{schema}".schema_migrations (version integer PRIMARY KEY,'
+                     " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(_bind(text, schema))
+        conn.execute(f'INSERT INTO "{schema}".schema_migrations VALUES (%s, %s)', [number, name])
+    async with Scheduler(pg_dsn, schema=schema) as old:
+        job_id = await old.schedule("noop", execution_time=T)
+        await asyncio.wait_for(Worker(old.store, old._dsn, fast_options()).run(), 20)
+        assert await old.migrate() == 2
+        job = await old.get_job(job_id)
+        assert job["status"] == "pending" and job["schedule_id"] is None
 
 
 # -- worker processes ------------------------------------------------------------------
