@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import InvalidInput, ScheduleConflict, ScheduleNotFound
-from .store import NewSchedule, Store, encode_json
+from .store import NewSchedule, Store
 from .tasks import JobPriority, Task, check_task_options, get_task, task, validate_task_name
 from .timing import (
     CATCH_UP_MODES,
@@ -138,7 +138,7 @@ def define_schedule(
     enabled: bool = True,
 ) -> ScheduleDefinition:
     """Validate everything about a schedule; raises InvalidInput for the first problem."""
-    from .scheduler import MAX_PAYLOAD_BYTES  # scheduler imports the worker, which imports us
+    from .scheduler import encode_arguments  # scheduler imports the worker, which imports us
 
     validate_task_name(task_name)
     validate_schedule_id(schedule_id)
@@ -166,15 +166,7 @@ def define_schedule(
     if not isinstance(enabled, bool):
         raise InvalidInput(f"invalid enabled {enabled!r}: use True or False")
     check_task_options(max_retries, timeout)
-    if not isinstance(args, list | tuple):
-        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise InvalidInput("kwargs must be a dict with string keys")
-    args_json, kwargs_json = encode_json(list(args), "args"), encode_json(kwargs, "kwargs")
-    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-        raise InvalidInput(f"schedule arguments are over {MAX_PAYLOAD_BYTES} bytes: store "
-                           "large data elsewhere and pass a reference")
+    args_json, kwargs_json = encode_arguments(args, kwargs)
     if not isinstance(queue, str) or not queue:
         raise InvalidInput(f"invalid queue {queue!r}: use a non-empty name")
     return ScheduleDefinition(
@@ -280,13 +272,6 @@ def window_job_id(schedule_id: str, fire_time: datetime) -> str:
     return f"{schedule_id}@{format_instant(fire_time)}"
 
 
-def describe(row: dict[str, Any]) -> str:
-    """`cron 0 9 * * 1-5` or `every 15m`, for tables and logs."""
-    if row["cron"] is not None:
-        return f"cron {row['cron']}"
-    return f"every {format_duration(row['every'])}"
-
-
 async def sync_code_schedules(store: Store, default_tz: str) -> list[dict[str, Any]]:
     """Write this process's @periodic schedules; returns [{id, change}] where change is
     created, updated, disabled (gone from the code) or cli_owned (left alone)."""
@@ -304,9 +289,9 @@ async def add_schedule(
     row = definition.row(default_tz=default_tz, now=now)
     if await store.insert_schedule(row, replace=on_conflict == "replace"):
         return True
-    found = await store.list_schedules(definition.id)
     if on_conflict == "ignore":
         return False
+    found = await store.list_schedules(definition.id)
     if found and found[0]["origin"] == "code":
         raise ScheduleConflict(
             f"schedule {definition.id!r} is defined in code (@periodic): change it there; "
