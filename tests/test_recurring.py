@@ -507,10 +507,10 @@ async def test_three_workers_one_job_per_window_through_a_restart(
     await stop_all(procs)
     times = assert_one_job_per_window(db, "tick")
     assert len(times) >= 8
-    # Each window was inserted by exactly one planner: the others' inserts matched no row
-    # (the killed one may have died between its commit and its log line).
+    # No planner believes it inserted a window another one inserted (a planner logs only
+    # the rows its statement returned; the killed one may have died before logging).
     enqueued = [p.log().count("schedule_window_enqueued") for p in [killed, *procs]]
-    assert len(times) - 1 <= sum(enqueued) <= len(times), enqueued
+    assert sum(enqueued) <= len(times), enqueued
 
 
 async def test_planners_killed_between_computing_and_inserting_lose_and_double_nothing(

@@ -69,9 +69,8 @@ CRASH_EXIT_CODE = 86
 
 @dataclass
 class PlanResult:
-    """What one pass did: schedules planned, jobs inserted, and when to look again."""
+    """What one pass did: the jobs it inserted, and when to look again."""
 
-    planned: int = 0
     jobs: list[dict[str, Any]] = field(default_factory=list)
     next_fire_at: datetime | None = None
     db_now: datetime | None = None
@@ -154,7 +153,6 @@ class Planner:
                 skip_grace_seconds=SKIP_TOLERANCE.total_seconds(),
                 idle_timeout_seconds=IDLE_TIMEOUT_SECONDS,
             )
-            result.planned += locked
             result.jobs += jobs
             if locked < BATCH_SIZE:
                 break
