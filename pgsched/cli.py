@@ -211,7 +211,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         retry_max_seconds=w.retry_max_seconds, max_recoveries=w.max_recoveries, burst=burst,
         vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
-        vacuum_batch_size=v.batch_size,
+        vacuum_batch_size=v.batch_size, timezone=settings.jobs.timezone,
     )
 
 
@@ -313,8 +313,17 @@ def add(
         "--from", metavar="FILE", help="Add one job per JSON line of FILE (- for stdin).")] = None,
     strict: Annotated[bool, typer.Option(
         help="With --from: add nothing if any line is rejected.")] = False,
+    cron: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: cron expression (check it with `pgsched cron`).")] = None,
+    every: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: interval like 30s, 15m, 1d.")] = None,
+    tz: Annotated[str | None, typer.Option(
+        help="Time zone of --cron (default: [jobs] timezone).")] = None,
+    catch_up: Annotated[str | None, typer.Option(
+        help="Schedules: latest (default), skip or all missed windows.")] = None,
 ) -> None:
-    """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
+    """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
+    prints only the id, so JOB=$(pgsched add ...) works."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     if from_file is not None:
@@ -333,6 +342,15 @@ def add(
         raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
+    if cron is not None or every is not None or tz is not None or catch_up is not None:
+        from .cli_recurring import add_schedule
+
+        return add_schedule(
+            settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
+            args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
+            on_conflict=(on_conflict or OnConflict.raise_).value,
+            priority=priority.value if priority else None, retries=retries, timeout=timeout,
+            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
     when = datetime.now(UTC)
@@ -535,7 +553,7 @@ def version() -> None:
     out.print(__version__)
 
 
-from . import cli_ops  # noqa: E402,F401  (registers the operator commands)
+from . import cli_ops, cli_recurring  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:

@@ -86,6 +86,23 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
+def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
+    """Validate a job's (or schedule's) arguments; returns them as JSON text."""
+    if not isinstance(args, list | tuple):
+        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
+    kwargs = kwargs or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidInput("kwargs must be a dict with string keys")
+    args_json = encode_json(list(args), "args")
+    kwargs_json = encode_json(kwargs, "kwargs")
+    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
+            f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
+        )
+    return args_json, kwargs_json
+
+
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
@@ -196,18 +213,7 @@ class Scheduler:
                 f"execution_time {when!r} must be a timezone-aware datetime, "
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
             )
-        if not isinstance(spec.args, list | tuple):
-            raise InvalidInput(f"args must be a list or tuple, not {type(spec.args).__name__}")
-        kwargs = spec.kwargs or {}
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise InvalidInput("kwargs must be a dict with string keys")
-        args_json = encode_json(list(spec.args), "args")
-        kwargs_json = encode_json(kwargs, "kwargs")
-        if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-            raise InvalidInput(
-                f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
-                f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
-            )
+        args_json, kwargs_json = encode_arguments(spec.args, spec.kwargs)
         if spec.priority is not None:
             priority = JobPriority.parse(spec.priority)
         else:

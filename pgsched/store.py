@@ -19,12 +19,13 @@ back off and retry; constraint problems become pgsched errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -110,6 +111,38 @@ class NewJob:
     misfire_grace_seconds: float | None
     max_retries: int
     timeout_seconds: float | None
+
+
+@dataclass(frozen=True)
+class NewSchedule:
+    """One schedule to write, already validated and JSON-encoded (see recurring.py)."""
+
+    id: str
+    task: str
+    cron: str | None
+    tz: str | None
+    every: timedelta | None
+    anchor: datetime
+    args: str
+    kwargs: str
+    priority: int
+    max_retries: int
+    timeout_seconds: float | None
+    queue: str
+    catch_up: str
+    enabled: bool
+    next_fire_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleAdvance:
+    """What the planner decided for one locked schedule: move next_fire_at from
+    `expected` to `next_fire_at` and enqueue `windows` as (job id, fire time)."""
+
+    id: str
+    expected: datetime
+    next_fire_at: datetime
+    windows: Sequence[tuple[str, datetime]] = ()
 
 
 class Store:
@@ -365,6 +398,121 @@ class Store:
         )
         return rows[0]["count"]
 
+    # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
+
+    async def db_now(self) -> datetime:
+        return (await self._rows("db_now", {}))[0]["now"]
+
+    async def sync_code_schedules(self, schedules: Sequence[NewSchedule]) -> list[dict[str, Any]]:
+        """Upsert code schedules, disable code schedules not given; returns {id, change}."""
+        return await self._rows("sync_code_schedules", {
+            "ids": [s.id for s in schedules],
+            "tasks": [s.task for s in schedules],
+            "crons": [s.cron for s in schedules],
+            "tzs": [s.tz for s in schedules],
+            "everys": [s.every for s in schedules],
+            "anchors": [s.anchor for s in schedules],
+            "args": [s.args for s in schedules],
+            "kwargs": [s.kwargs for s in schedules],
+            "priorities": [s.priority for s in schedules],
+            "max_retries": [s.max_retries for s in schedules],
+            "timeouts": [s.timeout_seconds for s in schedules],
+            "queues": [s.queue for s in schedules],
+            "catch_ups": [s.catch_up for s in schedules],
+            "enableds": [s.enabled for s in schedules],
+            "next_fire_ats": [s.next_fire_at for s in schedules],
+            "channel": self.channel,
+        })
+
+    async def insert_schedule(self, schedule: NewSchedule, *, replace: bool) -> bool:
+        """Create a CLI schedule (or with replace, redefine a CLI one); True if written."""
+        params = {f.name: getattr(schedule, f.name) for f in dataclasses.fields(schedule)}
+        params.update(timeout=schedule.timeout_seconds, replace=replace, channel=self.channel)
+        return bool(await self._rows("insert_schedule", params))
+
+    async def fire_due_schedules(
+        self,
+        *,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Lock up to `limit` due schedules, let `plan` decide each, apply the decisions.
+
+        One transaction: a planner that dies before it commits moves nothing and inserts
+        nothing, and its row locks go with its session. Returns (schedules locked, jobs
+        inserted as {id, schedule_id, fire_time}).
+        """
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await self._fire_due_schedules(
+                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds, now)
+        except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+            # The server ended the session of a planner that stalled mid-transaction (and
+            # rolled it back): a lost connection, as far as the caller is concerned.
+            raise psycopg.OperationalError(str(exc).strip()) from exc
+
+    async def _fire_due_schedules(
+        self,
+        conn: psycopg.AsyncConnection,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows for
+        # ever; the server ends such a session instead, and others take over.
+        await conn.execute(self._q["limit_idle_transaction"],
+                           {"ms": str(round(idle_timeout_seconds * 1000))})
+        cur = conn.cursor(row_factory=dict_row)
+        due = await (await cur.execute(
+            self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
+        if not due:
+            return 0, []
+        advances = [plan(row) for row in due]
+        windows = [(a.id, job_id, fire) for a in advances for job_id, fire in a.windows]
+        await cur.execute(self._q["advance_schedules"], {
+            "ids": [a.id for a in advances],
+            "expected": [a.expected for a in advances],
+            "next_fire_ats": [a.next_fire_at for a in advances],
+            "last_fire_ats": [a.windows[-1][1] if a.windows else None for a in advances],
+            "last_job_ids": [a.windows[-1][0] if a.windows else None for a in advances],
+            "window_job_ids": [w[1] for w in windows],
+            "window_schedule_ids": [w[0] for w in windows],
+            "window_fire_times": [w[2] for w in windows],
+            "skip_grace_seconds": skip_grace_seconds,
+            "channel": self.channel,
+        })
+        return len(due), await cur.fetchall()
+
+    async def next_schedule_fire(self) -> tuple[datetime | None, datetime]:
+        """(earliest next_fire_at of active schedules, database now)."""
+        row = (await self._rows("next_schedule_fire", {}))[0]
+        return row["next_fire_at"], row["db_now"]
+
+    async def list_schedules(self, schedule_id: str | None = None) -> list[dict[str, Any]]:
+        return await self._rows("list_schedules", {"id": schedule_id})
+
+    async def pause_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("pause_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
+    async def resume_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("resume_schedule", {"id": schedule_id, "channel": self.channel})
+        return rows[0] if rows else None
+
+    async def trigger_schedule(self, schedule_id: str, job_id: str) -> str | None:
+        rows = await self._rows(
+            "trigger_schedule", {"id": schedule_id, "job_id": job_id, "channel": self.channel})
+        return rows[0]["id"] if rows else None
+
+    async def remove_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("remove_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
     # -- worker registry -----------------------------------------------------------------
 
     async def register_worker(self, **worker: Any) -> None:
@@ -382,8 +530,6 @@ class Store:
 
     # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
 
-    async def db_now(self) -> datetime:
-        return (await self._rows("ops_db_now", {}))[0]["db_now"]
 
     async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
         """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""

@@ -13,6 +13,9 @@ from conftest import WORKER_TASKS, run_cli, write_config
 from typer.testing import CliRunner
 
 from pgsched.cli import app
+from pgsched.store import migrations
+
+LATEST = migrations()[-1][0]
 
 runner = CliRunner()
 
@@ -20,7 +23,7 @@ runner = CliRunner()
 @pytest.fixture
 def config(tmp_path: Path, pg_dsn: str, schema: str) -> Path:
     path = write_config(tmp_path, pg_dsn, schema)
-    assert cli(path, "migrate").stdout.strip() == "1"
+    assert cli(path, "migrate").stdout.strip() == str(LATEST)
     return path
 
 
@@ -37,7 +40,7 @@ def jobs(pg_dsn: str, schema: str) -> list[dict]:
 
 
 def test_migrate_is_idempotent(config):
-    assert cli(config, "migrate").stdout.strip() == "1"
+    assert cli(config, "migrate").stdout.strip() == str(LATEST)
 
 
 def test_add_prints_only_the_job_id_and_stores_the_job(config, pg_dsn, schema):

@@ -7,10 +7,6 @@
 -- never the whole job history: pending and running rows through their partial indexes,
 -- finished rows through jobs_finished_idx (status, finished_at).
 
--- name: ops_db_now
--- The database clock: the cut-off of a bulk retry and the reference for ages shown.
-SELECT now() AS db_now;
-
 -- name: ops_job_counts
 -- Jobs per queue and status (one pass over the table: `pgsched status` only). For pending
 -- rows also how many are due and the oldest due time.

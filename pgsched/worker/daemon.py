@@ -14,6 +14,7 @@ worker loudly instead of letting it limp on):
   cancelled locally (its late writes would be fenced out anyway). It also notices when
   the event loop was blocked for longer than a heartbeat.
 - maintenance: orphan recovery, worker-registry pruning and vacuum (maintenance.py).
+- planner: enqueues the due windows of recurring schedules (planner.py).
 
 Lifecycle: run() returns after stop() (SIGTERM/SIGINT): claiming stops, running jobs get
 `shutdown_grace_seconds` to finish, the rest are cancelled and put back to pending
@@ -49,9 +50,11 @@ from ..store import Store, connect
 from ..tasks import JobPriority
 from .executor import Outcome, SyncCalls, retry_delay, run_job
 from .maintenance import Maintenance
+from .planner import Planner
 
 log = get_logger("pgsched.worker")
 
+SCHEDULES_CHANGED = "schedules"  # NOTIFY payload of sql/recurring.sql; others are epochs
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
 
 
@@ -71,6 +74,7 @@ class WorkerOptions:
     retention_days: float = 7.0
     failed_retention_days: float = 30.0
     vacuum_batch_size: int = 1000
+    timezone: str = "UTC"  # of @periodic cron schedules that name none ([jobs] timezone)
 
 
 @dataclass
@@ -154,6 +158,7 @@ class Worker:
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.maintenance = Maintenance(self)
         self.application_name = "pgsched-worker"
+        self.planner = Planner(self)
 
     # -- public control ------------------------------------------------------------------
 
@@ -192,6 +197,7 @@ class Worker:
                     services.create_task(self._complete_loop(), name="completer"),
                     services.create_task(self._heartbeat_loop(), name="heartbeater"),
                     services.create_task(self.maintenance.run(), name="maintenance"),
+                    services.create_task(self.planner.run(), name="planner"),
                 ]
                 await fetcher
                 await self._drain()
@@ -471,7 +477,11 @@ class Worker:
                     log.info("listener_reconnected")
                 failures = 0
                 self._wake.set()  # anything added while we were away
+                self.planner.wake()
                 async for notify in conn.notifies():
+                    if notify.payload == SCHEDULES_CHANGED:
+                        self.planner.wake()
+                        continue
                     try:
                         self.note_due(float(notify.payload))
                     except ValueError:
