@@ -237,9 +237,20 @@ class Store:
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
-        self, *, worker_id: str, limit: int, lease_seconds: float, priorities: Sequence[int]
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        priorities: Sequence[int],
+        queues: Sequence[str] | None = None,
+        capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
-        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now)."""
+        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now).
+
+        queues: the queues served (None: all); capped: (queues, free slots of each) for
+        queues with a per-queue concurrency limit. Paused queues are never claimed from.
+        """
         rows = await self._rows(
             "claim_jobs",
             {
@@ -247,6 +258,9 @@ class Store:
                 "limit": limit,
                 "lease_seconds": lease_seconds,
                 "priorities": list(priorities),
+                "queues": list(queues) if queues is not None else None,
+                "capped_queues": list(capped[0]),
+                "capped_free": list(capped[1]),
             },
         )
         claimed = [row for row in rows if row["id"] is not None]
@@ -254,9 +268,10 @@ class Store:
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
-    ) -> set[str]:
+    ) -> dict[str, bool]:
+        """Renew leases; returns {id still held: whether a cancel was requested}."""
         if not held:
-            return set()
+            return {}
         rows = await self._rows(
             "heartbeat_jobs",
             {
@@ -266,7 +281,7 @@ class Store:
                 "lease_seconds": lease_seconds,
             },
         )
-        return {row["id"] for row in rows}
+        return {row["id"]: row["cancel_requested"] for row in rows}
 
     async def complete_jobs(
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
@@ -362,6 +377,56 @@ class Store:
             "count_vacuumable", {"status": status, "older_than_seconds": older_than_seconds}
         )
         return rows[0]["count"]
+
+    # -- queues and cancellation (sql/queues.sql) -----------------------------------------
+
+    async def request_cancel(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        batch_size: int = 5000,
+    ) -> dict[str, str]:
+        """Cancel pending jobs and mark running ones for their worker to stop: the given
+        ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
+        'running'}; ids not returned were not found or had already finished."""
+        params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
+                  "channel": self.channel}
+        if ids is not None:
+            rows = await self._rows("request_cancel", {**params, "limit": max(1, len(ids))})
+            return {row["id"]: row["status"] for row in rows}
+        result: dict[str, str] = {}
+        while rows := await self._rows("request_cancel", {**params, "limit": batch_size}):
+            result.update((row["id"], row["status"]) for row in rows)
+        return result
+
+    async def finish_cancelled_jobs(
+        self, *, worker_id: str, held: Sequence[tuple[str, int]]
+    ) -> set[str]:
+        """Record running jobs stopped on request as cancelled; returns the ids written."""
+        if not held:
+            return set()
+        rows = await self._rows(
+            "finish_cancelled_jobs",
+            {"worker_id": worker_id, "ids": [i for i, _ in held],
+             "attempts": [a for _, a in held]},
+        )
+        return {row["id"] for row in rows}
+
+    async def pause_queues(
+        self, queues: Sequence[str], *, paused_by: str | None = None, reason: str | None = None
+    ) -> set[str]:
+        rows = await self._rows(
+            "pause_queues", {"queues": list(queues), "paused_by": paused_by, "reason": reason})
+        return {row["queue"] for row in rows}
+
+    async def resume_queues(self, queues: Sequence[str]) -> set[str]:
+        rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
+        return {row["queue"] for row in rows}
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        return await self._rows("queue_stats", {})
 
     # -- worker registry -----------------------------------------------------------------
 

@@ -83,9 +83,12 @@ class Maintenance:
         did: dict[str, object] = {}
         recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
         for row in recovered:
-            event = "job_recovered" if row["status"] == "pending" else "job_poisoned"
+            status = str(row["status"])
+            event = {"pending": "job_recovered", "cancelled": "job_cancelled"}.get(
+                status, "job_poisoned")
             log.warning(event, job_id=row["id"], task=row["task"], attempt=row["attempts"],
                         previous_worker=row["previous_worker"])
+            self.worker.metrics.job_recovered(row["task"], row["queue"], status)
         if recovered:
             did["recovered"] = len(recovered)
             self.worker._wake.set()  # recovered jobs are due now
