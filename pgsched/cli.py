@@ -36,6 +36,7 @@ from . import __version__
 from .config import Settings, find_config_path, load_settings, mask_dsn
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
+from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
 from .store import FINISHED_STATUSES, STATUSES
 from .tasks import JobPriority, get_task, load_tasks
@@ -177,12 +178,17 @@ def migrate(ctx: typer.Context) -> None:
 def worker(
     ctx: typer.Context,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    queues: Annotated[str | None, typer.Option(
+        help="Claim only from these queues, comma-separated (default: every queue).")] = None,
     burst: Annotated[bool, typer.Option(help="Run the jobs due now, then exit.")] = False,
     migrate_schema: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
 ) -> None:
     """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
-    settings = _ctx(ctx).settings(**{"worker.concurrency": concurrency})
+    settings = _ctx(ctx).settings(**{
+        "worker.concurrency": concurrency,
+        "worker.queues": list(parse_queue_list(queues)) if queues is not None else None,
+    })
     configure(settings.log.level, settings.log.format)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
@@ -211,7 +217,9 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         retry_max_seconds=w.retry_max_seconds, max_recoveries=w.max_recoveries, burst=burst,
         vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
-        vacuum_batch_size=v.batch_size,
+        vacuum_batch_size=v.batch_size, queues=w.queues or None,
+        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()),
+        metrics_listen=settings.metrics.listen, systemd_notify=True,
     )
 
 
@@ -298,6 +306,8 @@ def add(
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
     misfire_grace: Annotated[str | None, typer.Option(
         help="Seconds (or a duration) after its due time a job may still start, or none.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
 ) -> None:
     """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
     settings = _ctx(ctx).settings()
@@ -312,6 +322,8 @@ def add(
     elif in_ is not None:
         when = when + parse_duration(in_)
     grace = parse_misfire(misfire_grace)
+    if queue is not None:
+        validate_queue_name(queue)
     _check_task_known(settings, task_name)
 
     async def go() -> str:
@@ -322,6 +334,7 @@ def add(
                 max_retries=retries, job_id=job_id,
                 conflict_resolution=ConflictResolution.parse(on_conflict.value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
+                queue=queue,
             )
 
     out.print(_run(go()), markup=False)
@@ -340,36 +353,6 @@ def _check_task_known(settings: Settings, name: str) -> None:
         raise InvalidInput(
             f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
         )
-
-
-# -- cancel ------------------------------------------------------------------------------
-
-
-@app.command()
-@command
-def cancel(
-    ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", help="Jobs to cancel.")],
-) -> None:
-    """Cancel pending jobs; exit 1 if any id was not found or is no longer pending."""
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-
-    async def go() -> tuple[set[str], dict[str, str]]:
-        async with open_scheduler(settings) as sched:
-            done = await sched.store.cancel_jobs(job_ids)
-            return done, await sched.store.job_statuses([j for j in job_ids if j not in done])
-
-    cancelled, others = _run(go())
-    for job_id in job_ids:
-        if job_id in cancelled:
-            out.print(job_id, markup=False)
-    problems = [j for j in job_ids if j not in cancelled]
-    for job_id in problems:
-        reason = f"is {others[job_id]}, not pending" if job_id in others else "not found"
-        err.print(f"error: job {job_id}: {reason}", markup=False)
-    if problems:
-        raise typer.Exit(1)
 
 
 # -- ls ----------------------------------------------------------------------------------
@@ -483,6 +466,9 @@ def vacuum(
 def version() -> None:
     """Print pgsched's version."""
     out.print(__version__)
+
+
+from . import cli_queues  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:
