@@ -115,6 +115,7 @@ class Stats:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+    cancelled: int = 0
     expired: int = 0
     released: int = 0
     lease_lost: int = 0
@@ -470,6 +471,7 @@ class Worker:
                          retry_at=row["execution_time"].isoformat())
                 self.note_due(row["execution_time"].timestamp())
             elif row["status"] == "cancelled":  # a cancel was requested while it failed
+                self.stats.cancelled += 1
                 self.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", job_id=c.held.id, error=c.outcome.error)
             else:
@@ -486,6 +488,7 @@ class Worker:
         for c in cancelled:
             self._held.pop(c.held.id, None)
             if c.held.id in written:
+                self.stats.cancelled += 1
                 self.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", job_id=c.held.id, task=c.held.task_name)
             else:

@@ -84,10 +84,16 @@ class Maintenance:
         recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
         for row in recovered:
             status = str(row["status"])
-            event = {"pending": "job_recovered", "cancelled": "job_cancelled"}.get(
-                status, "job_poisoned")
-            log.warning(event, job_id=row["id"], task=row["task"], attempt=row["attempts"],
-                        previous_worker=row["previous_worker"])
+            fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],
+                          previous_worker=row["previous_worker"])
+            # Literal event names, so that grepping the code finds every documented event.
+            if status == "pending":
+                log.warning("job_recovered", **fields)
+            elif status == "cancelled":
+                log.warning("job_cancelled", reason="lease expired after a cancel request",
+                            **fields)
+            else:
+                log.warning("job_poisoned", **fields)
             self.worker.metrics.job_recovered(row["task"], row["queue"], status)
         if recovered:
             did["recovered"] = len(recovered)

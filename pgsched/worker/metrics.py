@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -184,8 +185,10 @@ class MetricsServer:
         try:
             self._server = await asyncio.start_server(self._handle, host, port)
         except OSError as exc:
+            # asyncio rewraps the bind error; errno still says what went wrong.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise PgschedError(
-                f"cannot serve metrics on {self.listen}: {exc.strerror or exc}; change "
+                f"cannot serve metrics on {self.listen}: {reason}; change "
                 "[metrics] listen or stop what uses that port") from None
         sockname = self._server.sockets[0].getsockname()
         bound_host = f"[{sockname[0]}]" if self._server.sockets[0].family == socket.AF_INET6 \
