@@ -228,6 +228,7 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
         misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
+        application_name="pgsched-worker",
     )
     await sched.open()
     try:
@@ -277,12 +278,20 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
     return value
 
 
+def for_option(option: str, parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a parser and name the option in its error, so the user knows what to fix."""
+    try:
+        return parse(*args, **kwargs)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{option}: {exc}") from None
+
+
 def parse_misfire(text: str | None) -> Any:
     if text is None:
         return UNSET
     if text.strip().lower() == "none":
         return None
-    seconds = parse_duration(text).total_seconds()
+    seconds = for_option("--misfire-grace", parse_duration, text).total_seconds()
     if seconds <= 0:
         raise InvalidInput(f"--misfire-grace {text!r} must be > 0, or none")
     return seconds
@@ -318,9 +327,9 @@ def add(
         raise InvalidInput("use either --at or --in, not both")
     when = datetime.now(UTC)
     if at is not None:
-        when = parse_time(at, tz=settings.jobs.timezone)
+        when = for_option("--at", parse_time, at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = when + parse_duration(in_)
+        when = when + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
     if queue is not None:
         validate_queue_name(queue)
@@ -440,7 +449,7 @@ def vacuum(
     retention = retention_by_status(settings.vacuum.retention_days,
                                     settings.vacuum.failed_retention_days)
     if older_than is not None:
-        seconds = parse_duration(older_than).total_seconds()
+        seconds = for_option("--older-than", parse_duration, older_than).total_seconds()
         retention = dict.fromkeys(retention, seconds)
     retention = {s: retention[s] for s in statuses}
 

@@ -112,11 +112,13 @@ class Scheduler:
         misfire_grace_time: float | None = DEFAULT_MISFIRE_GRACE_SECONDS,
         options: WorkerOptions | None = None,
         pool_size: int = 4,
+        application_name: str = "pgsched",
     ):
         self._own_pool = isinstance(dsn_or_pool, str)
         self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
         self._pool = None if self._own_pool else dsn_or_pool
         self._pool_size = pool_size
+        self.application_name = application_name
         self.schema = schema
         self.misfire_grace_time = (
             None if misfire_grace_time is None
@@ -133,7 +135,8 @@ class Scheduler:
         if self._store is None:
             if self._pool is None:
                 try:
-                    self._pool = await open_pool(self._dsn, max_size=self._pool_size)
+                    self._pool = await open_pool(self._dsn, max_size=self._pool_size,
+                                                 application_name=self.application_name)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
             self._store = Store(self._pool, self.schema)

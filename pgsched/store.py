@@ -135,8 +135,8 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self) -> int:
-        """Apply missing migrations; returns the schema version now in place."""
+    async def migrate(self, target: int | None = None) -> int:
+        """Apply missing migrations (up to `target`); returns the schema version in place."""
         schema = sql.Identifier(self.schema)
         async with self.pool.connection() as conn, conn.transaction():
             # hashtext of the schema name: migrations of different schemas do not block
@@ -158,7 +158,7 @@ class Store:
             applied = {row[0] for row in await cur.fetchall()}
             version = max(applied, default=0)
             for number, name, text in migrations():
-                if number in applied:
+                if number in applied or (target is not None and number > target):
                     continue
                 await conn.execute(_bind(text, self.schema))
                 await conn.execute(
@@ -454,16 +454,28 @@ def encode_json(value: Any, what: str) -> str:
         ) from exc
 
 
-async def open_pool(dsn: str, *, max_size: int = 4, min_size: int = 1) -> AsyncConnectionPool:
-    """An opened pool; raises psycopg.OperationalError if the server cannot be reached."""
+async def open_pool(
+    dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
+) -> AsyncConnectionPool:
+    """An opened pool; raises psycopg.OperationalError if the server cannot be reached.
+
+    application_name shows in pg_stat_activity, so an operator can tell a worker's
+    connections from a web app's that only enqueues.
+    """
+    kwargs = {"autocommit": True, "application_name": application_name}
+    # One direct attempt first: a wrong host or password fails at once with the server's
+    # own message, instead of a pool timeout ten seconds later.
+    probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
+    await probe.close()
     pool = AsyncConnectionPool(
-        dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
-        name="pgsched",
+        dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched", kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=10)
     return pool
 
 
-async def connect(dsn: str) -> psycopg.AsyncConnection:
+async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, application_name=application_name
+    )

@@ -122,6 +122,22 @@ def run_cli(*args: str, config: Path | None = None, input: str | None = None,
                           env=env or cli_env(), timeout=timeout, cwd=ROOT)
 
 
+def audit_env(pg_dsn: str, schema: str) -> dict[str, str]:
+    """Environment for workers running tests/worker_tasks.py's `record`; creates the
+    audit table it writes to."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".audit '
+                     "(key text, pid int, at timestamptz DEFAULT now())")
+    return cli_env(PGSCHED_TEST_AUDIT_DSN=pg_dsn, PGSCHED_TEST_AUDIT_SCHEMA=schema)
+
+
+def audit_counts(pg_dsn: str, schema: str) -> dict[str, int]:
+    """How many times each key's job body really ran."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        rows = conn.execute(f'SELECT key, count(*) FROM "{schema}".audit GROUP BY key')
+        return dict(rows.fetchall())
+
+
 class WorkerProcess:
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
         self.log_path = config.parent / f"worker-{uuid.uuid4().hex[:6]}.log"

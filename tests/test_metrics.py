@@ -95,8 +95,10 @@ async def test_scrape_counts_jobs_and_reports_queues(sched, metered):
 
 async def test_healthz_is_200_while_serving_and_503_once_stopping(sched, metered):
     worker, address = metered
-    status, content_type, body = get(address, "/healthz")
-    assert (status, content_type) == (200, "application/json")
+    # The server is up before the worker has registered and claimed: 503 until then.
+    _, content_type, body = await wait_until(
+        lambda: (answer := get(address, "/healthz"))[0] == 200 and answer, what="healthy")
+    assert content_type == "application/json"
     health = json.loads(body)
     assert health["status"] == "ok" and all(health["checks"].values())
     assert get(address, "/nope")[0] == 404

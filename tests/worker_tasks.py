@@ -1,7 +1,8 @@
 """Tasks the test suite's worker processes run (loaded by path from the generated config).
 
 `record` writes to an audit table in the test's schema, outside pgsched's own tables, so
-tests can count how many times each job body really ran.
+tests can count how many times each job body really ran. The test creates that table
+first (conftest.audit_env): creating it here would race between concurrent jobs.
 """
 
 import asyncio
@@ -16,8 +17,6 @@ from pgsched import JobPriority, task
 def _audit(key: str) -> None:
     dsn, schema = os.environ["PGSCHED_TEST_AUDIT_DSN"], os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".audit '
-                     "(key text, pid int, at timestamptz DEFAULT now())")
         conn.execute(f'INSERT INTO "{schema}".audit (key, pid) VALUES (%s, %s)',
                      [key, os.getpid()])
 

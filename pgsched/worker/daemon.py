@@ -172,6 +172,7 @@ class Worker:
         self.ready = asyncio.Event()  # set once registered and the first claim ran
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.maintenance = Maintenance(self)
+        self.application_name = "pgsched-worker"
         self.metrics = WorkerMetrics()
         self.systemd = SystemdNotifier.from_environment() if options.systemd_notify \
             else SystemdNotifier()
@@ -574,7 +575,7 @@ class Worker:
         while not self.closing.is_set():
             conn = None
             try:
-                conn = await connect(self.dsn)
+                conn = await connect(self.dsn, application_name=self.application_name)
                 await conn.execute(psycopg.sql.SQL("LISTEN {}").format(
                     psycopg.sql.Identifier(self.store.channel)))
                 if failures:
