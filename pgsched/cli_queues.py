@@ -29,7 +29,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .cli import _ctx, _run, app, command, err, open_scheduler, out
+from .cli import _ctx, _run, app, command, err, for_option, open_scheduler, out
 from .errors import InvalidInput
 from .logs import configure
 from .queues import validate_queue_name
@@ -70,7 +70,8 @@ def cancel(
         validate_task_name(task_name)
     if queue is not None:
         validate_queue_name(queue)
-    wait_seconds = parse_duration(wait).total_seconds() if wait is not None else None
+    wait_seconds = (for_option("--wait", parse_duration, wait).total_seconds()
+                    if wait is not None else None)
 
     async def go() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
         async with open_scheduler(settings) as sched:
@@ -84,8 +85,9 @@ def cancel(
             return done, others, final
 
     done, others, final = _run(go())
-    for job_id in done:
-        out.print(job_id, markup=False)
+    for job_id in dict.fromkeys(ids) if ids else done:  # ids in the order given
+        if job_id in done:
+            out.print(job_id, markup=False)
     running = [j for j, status in done.items() if status == "running"]
     problems = 0
     if ids:
@@ -135,38 +137,33 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
-    """Stop every worker from claiming from `queues` until they are resumed."""
+def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str) -> None:
+    """Validate the names, run `act(store, names)` (returns the names it changed), print
+    every name on stdout and `unchanged` on stderr for those it did not change."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
 
     async def go() -> set[str]:
         async with open_scheduler(settings) as sched:
-            return await sched.store.pause_queues(names, paused_by=_who(), reason=reason)
+            return await act(sched.store, names)
 
-    paused = _run(go())
+    changed = _run(go())
     for name in names:
         out.print(name, markup=False)
-        if name not in paused:
-            err.print(f"queue {name}: was already paused", markup=False)
+        if name not in changed:
+            err.print(f"queue {name}: {unchanged}", markup=False)
+
+
+def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
+    """Stop every worker from claiming from `queues` until they are resumed."""
+    _each_queue(ctx, queues, lambda store, names: store.pause_queues(
+        names, paused_by=_who(), reason=reason), "was already paused")
 
 
 def resume_queues_command(ctx: typer.Context, queues: list[str]) -> None:
     """Let workers claim from `queues` again (idle workers are woken at once)."""
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-    names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
-
-    async def go() -> set[str]:
-        async with open_scheduler(settings) as sched:
-            return await sched.store.resume_queues(names)
-
-    resumed = _run(go())
-    for name in names:
-        out.print(name, markup=False)
-        if name not in resumed:
-            err.print(f"queue {name}: was not paused", markup=False)
+    _each_queue(ctx, queues, lambda store, names: store.resume_queues(names), "was not paused")
 
 
 QueueOption = Annotated[list[str], typer.Option(

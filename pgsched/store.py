@@ -417,15 +417,18 @@ class Store:
     async def pause_queues(
         self, queues: Sequence[str], *, paused_by: str | None = None, reason: str | None = None
     ) -> set[str]:
+        """Stop claims from these queues for every worker; returns those newly paused."""
         rows = await self._rows(
             "pause_queues", {"queues": list(queues), "paused_by": paused_by, "reason": reason})
         return {row["queue"] for row in rows}
 
     async def resume_queues(self, queues: Sequence[str]) -> set[str]:
+        """Allow claims again and wake idle workers; returns those that were paused."""
         rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
         return {row["queue"] for row in rows}
 
     async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
         return await self._rows("queue_stats", {})
 
     # -- worker registry -----------------------------------------------------------------
