@@ -394,12 +394,26 @@ class Store:
         params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
                   "channel": self.channel}
         if ids is not None:
-            rows = await self._rows("request_cancel", {**params, "limit": max(1, len(ids))})
+            rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
             return {row["id"]: row["status"] for row in rows}
         result: dict[str, str] = {}
-        while rows := await self._rows("request_cancel", {**params, "limit": batch_size}):
+        while rows := await self._cancel_batch({**params, "limit": batch_size}):
             result.update((row["id"], row["status"]) for row in rows)
         return result
+
+    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+        # The batch locks running rows of many workers in id order while a worker's
+        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
+        # rare deadlock by aborting either side. The statement is idempotent, so retry it
+        # (the worker retries its side too).
+        failed = 0
+        while True:
+            try:
+                return await self._rows("request_cancel", params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
 
     async def finish_cancelled_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]]

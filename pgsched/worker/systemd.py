@@ -57,7 +57,7 @@ class SystemdNotifier:
         if address.startswith("@"):
             address = "\0" + address[1:]  # Linux abstract namespace
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:  # not inherited
                 sock.setblocking(False)
                 sock.connect(address)
                 sock.send("\n".join(fields).encode())
