@@ -213,7 +213,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(worker_id=self.id)
         log.info("worker_starting", concurrency=self.options.concurrency, pid=os.getpid(),
                  burst=self.options.burst, queues=list(self.options.queues or ["*"]))
-        self._check_watchdog()
+        self.systemd.check_watchdog(self.options.heartbeat_seconds)
         server = None
         if self.options.metrics_listen:
             server = MetricsServer(self, self.options.metrics_listen)
@@ -338,6 +338,9 @@ class Worker:
         return len(jobs) >= free
 
     def _running_by_queue(self) -> Counter[str]:
+        """Running jobs per queue; only queues with a limit need counting."""
+        if not self._queue_limits:
+            return Counter()
         return Counter(h.queue for h in self._held.values() if not h.finished)
 
     def note_due(self, due_epoch: float) -> None:
@@ -533,14 +536,6 @@ class Worker:
                 waiter.cancel()
         self._beat_now.clear()
         return self.closing.is_set()
-
-    def _check_watchdog(self) -> None:
-        watchdog = self.systemd.watchdog_seconds
-        if watchdog is not None and watchdog < 2 * self.options.heartbeat_seconds:
-            log.warning("systemd_watchdog_too_short", watchdog_seconds=watchdog,
-                        heartbeat_seconds=self.options.heartbeat_seconds,
-                        hint="set WatchdogSec to at least twice [worker] heartbeat_seconds, "
-                             "plus the time a database outage may stall a heartbeat")
 
     async def heartbeat_once(self) -> None:
         held = [(h.id, h.attempt) for h in self._held.values() if not h.finished]

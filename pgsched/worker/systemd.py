@@ -77,3 +77,11 @@ class SystemdNotifier:
 
     def watchdog(self) -> bool:
         return self.watchdog_seconds is not None and self.notify("WATCHDOG=1")
+
+    def check_watchdog(self, heartbeat_seconds: float) -> None:
+        """Warn when pings (one per heartbeat) cannot keep up with WatchdogSec."""
+        if self.watchdog_seconds is not None and self.watchdog_seconds < 2 * heartbeat_seconds:
+            log.warning("systemd_watchdog_too_short", watchdog_seconds=self.watchdog_seconds,
+                        heartbeat_seconds=heartbeat_seconds,
+                        hint="set WatchdogSec to at least twice [worker] heartbeat_seconds, "
+                             "plus the time a database outage may stall a heartbeat")
