@@ -36,6 +36,7 @@ from .config import Settings, find_config_path, load_settings, mask_dsn
 from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
+from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
 from .store import FINISHED_STATUSES, STATUSES
 from .tasks import JobPriority, get_task, load_tasks
@@ -177,12 +178,17 @@ def migrate(ctx: typer.Context) -> None:
 def worker(
     ctx: typer.Context,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    queues: Annotated[str | None, typer.Option(
+        help="Claim only from these queues, comma-separated (default: every queue).")] = None,
     burst: Annotated[bool, typer.Option(help="Run the jobs due now, then exit.")] = False,
     migrate_schema: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
 ) -> None:
     """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
-    settings = _ctx(ctx).settings(**{"worker.concurrency": concurrency})
+    settings = _ctx(ctx).settings(**{
+        "worker.concurrency": concurrency,
+        "worker.queues": list(parse_queue_list(queues)) if queues is not None else None,
+    })
     configure(settings.log.level, settings.log.format)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
@@ -212,6 +218,9 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
         vacuum_batch_size=v.batch_size, timezone=settings.jobs.timezone,
+        queues=w.queues or None,
+        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()),
+        metrics_listen=settings.metrics.listen, systemd_notify=True,
     )
 
 
@@ -231,6 +240,8 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, worker, signum)
         await sched.wait()
+        if worker.schema_outdated:
+            raise PgschedError("the schema is older than this pgsched: run `pgsched migrate`")
         return worker.abandoned_threads
     finally:
         await sched.close()
@@ -321,6 +332,8 @@ def add(
         help="Time zone of --cron (default: [jobs] timezone).")] = None,
     catch_up: Annotated[str | None, typer.Option(
         help="Schedules: latest (default), skip or all missed windows.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works."""
@@ -359,6 +372,8 @@ def add(
     elif in_ is not None:
         when = when + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
+    if queue is not None:
+        validate_queue_name(queue)
     _check_task_known(settings, task_name)
 
     async def go() -> str:
@@ -370,6 +385,7 @@ def add(
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
+                queue=queue,
             )
 
     out.print(_run(go()), markup=False)
@@ -396,36 +412,6 @@ def task_checker(settings: Settings) -> Callable[[str], None]:
             )
 
     return check
-
-
-# -- cancel ------------------------------------------------------------------------------
-
-
-@app.command()
-@command
-def cancel(
-    ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", help="Jobs to cancel.")],
-) -> None:
-    """Cancel pending jobs; exit 1 if any id was not found or is no longer pending."""
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-
-    async def go() -> tuple[set[str], dict[str, str]]:
-        async with open_scheduler(settings) as sched:
-            done = await sched.store.cancel_jobs(job_ids)
-            return done, await sched.store.job_statuses([j for j in job_ids if j not in done])
-
-    cancelled, others = _run(go())
-    for job_id in job_ids:
-        if job_id in cancelled:
-            out.print(job_id, markup=False)
-    problems = [j for j in job_ids if j not in cancelled]
-    for job_id in problems:
-        reason = f"is {others[job_id]}, not pending" if job_id in others else "not found"
-        err.print(f"error: job {job_id}: {reason}", markup=False)
-    if problems:
-        raise typer.Exit(1)
 
 
 # -- ls ----------------------------------------------------------------------------------
@@ -553,7 +539,7 @@ def version() -> None:
     out.print(__version__)
 
 
-from . import cli_ops, cli_recurring  # noqa: E402,F401  (register their commands)
+from . import cli_ops, cli_queues, cli_recurring  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:

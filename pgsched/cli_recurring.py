@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import recurring
 from .cli import _check_task_known, _ctx, _run, app, command, err, open_scheduler, out
+from .cli_queues import pause_queues_command, resume_queues_command
 from .config import Settings
 from .errors import InvalidInput
 from .logs import configure
@@ -141,18 +142,45 @@ def schedules(
     out.print(table)
 
 
+OptionalId = Annotated[str | None, typer.Argument(
+    metavar="ID", help="Schedule id (or use --queue).", show_default=False)]
+QueueOption = Annotated[list[str] | None, typer.Option(
+    "--queue", "-q", help="Queue name instead of a schedule (repeatable).", show_default=False)]
+
+
+def _one_target(schedule_id: str | None, queues: list[str] | None) -> None:
+    if (schedule_id is None) == (not queues):
+        raise InvalidInput("give either a schedule ID or --queue NAME")
+
+
 @app.command()
 @command
-def pause(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
-    """Stop a schedule firing until `pgsched resume` (exit 1 if the id is unknown)."""
+def pause(
+    ctx: typer.Context,
+    schedule_id: OptionalId = None,
+    queue: QueueOption = None,
+    reason: Annotated[str | None, typer.Option(
+        help="With --queue: shown by `pgsched queues`.")] = None,
+) -> None:
+    """Stop a schedule firing, or (--queue) every worker claiming from a queue, until
+    `pgsched resume`. Running jobs finish; a paused queue's jobs stay pending (they may
+    expire past their misfire grace). Exit 1 for an unknown schedule id."""
+    _one_target(schedule_id, queue)
+    if queue:
+        return pause_queues_command(ctx, queue, reason)
     _note_disabled(_store_call(_settings(ctx), recurring.pause_schedule, schedule_id))
     out.print(schedule_id, markup=False)
 
 
 @app.command()
 @command
-def resume(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
-    """Let a paused schedule fire again from its next window; missed ones are not run."""
+def resume(ctx: typer.Context, schedule_id: OptionalId = None,
+           queue: QueueOption = None) -> None:
+    """Let a paused schedule fire again from its next window (missed ones are not run), or
+    (--queue) workers claim from a paused queue again."""
+    _one_target(schedule_id, queue)
+    if queue:
+        return resume_queues_command(ctx, queue)
     _note_disabled(_store_call(_settings(ctx), recurring.resume_schedule, schedule_id))
     out.print(schedule_id, markup=False)
 

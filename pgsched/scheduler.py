@@ -29,6 +29,7 @@ import psycopg
 import psycopg_pool
 
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
 from .worker import Worker, WorkerOptions
@@ -233,11 +234,12 @@ class Scheduler:
             grace = self.misfire_grace_time
         if grace is not None:
             grace = _seconds(grace, "misfire_grace_time")
-        queue = spec.queue or (registered.queue if registered else "default")
+        queue = spec.queue if spec.queue is not None else (
+            registered.queue if registered else DEFAULT_QUEUE)
         return NewJob(
             id=validate_job_id(spec.job_id) if spec.job_id is not None else str(uuid.uuid4()),
             task=name,
-            queue=queue,
+            queue=validate_queue_name(queue),
             args=args_json,
             kwargs=kwargs_json,
             priority=int(priority),

@@ -270,9 +270,20 @@ class Store:
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
-        self, *, worker_id: str, limit: int, lease_seconds: float, priorities: Sequence[int]
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        priorities: Sequence[int],
+        queues: Sequence[str] | None = None,
+        capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
-        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now)."""
+        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now).
+
+        queues: the queues served (None: all); capped: (queues, free slots of each) for
+        queues with a per-queue concurrency limit. Paused queues are never claimed from.
+        """
         rows = await self._rows(
             "claim_jobs",
             {
@@ -280,6 +291,9 @@ class Store:
                 "limit": limit,
                 "lease_seconds": lease_seconds,
                 "priorities": list(priorities),
+                "queues": list(queues) if queues is not None else None,
+                "capped_queues": list(capped[0]),
+                "capped_free": list(capped[1]),
             },
         )
         claimed = [row for row in rows if row["id"] is not None]
@@ -287,9 +301,10 @@ class Store:
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
-    ) -> set[str]:
+    ) -> dict[str, bool]:
+        """Renew leases; returns {id still held: whether a cancel was requested}."""
         if not held:
-            return set()
+            return {}
         rows = await self._rows(
             "heartbeat_jobs",
             {
@@ -299,7 +314,7 @@ class Store:
                 "lease_seconds": lease_seconds,
             },
         )
-        return {row["id"] for row in rows}
+        return {row["id"]: row["cancel_requested"] for row in rows}
 
     async def complete_jobs(
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
@@ -512,6 +527,73 @@ class Store:
     async def remove_schedule(self, schedule_id: str) -> dict[str, Any] | None:
         rows = await self._rows("remove_schedule", {"id": schedule_id})
         return rows[0] if rows else None
+
+    # -- queues and cancellation (sql/queues.sql) -----------------------------------------
+
+    async def request_cancel(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        batch_size: int = 5000,
+    ) -> dict[str, str]:
+        """Cancel pending jobs and mark running ones for their worker to stop: the given
+        ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
+        'running'}; ids not returned were not found or had already finished."""
+        params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
+                  "channel": self.channel}
+        if ids is not None:
+            rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
+            return {row["id"]: row["status"] for row in rows}
+        result: dict[str, str] = {}
+        while rows := await self._cancel_batch({**params, "limit": batch_size}):
+            result.update((row["id"], row["status"]) for row in rows)
+        return result
+
+    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+        # The batch locks running rows of many workers in id order while a worker's
+        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
+        # rare deadlock by aborting either side. The statement is idempotent, so retry it
+        # (the worker retries its side too).
+        failed = 0
+        while True:
+            try:
+                return await self._rows("request_cancel", params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
+
+    async def finish_cancelled_jobs(
+        self, *, worker_id: str, held: Sequence[tuple[str, int]]
+    ) -> set[str]:
+        """Record running jobs stopped on request as cancelled; returns the ids written."""
+        if not held:
+            return set()
+        rows = await self._rows(
+            "finish_cancelled_jobs",
+            {"worker_id": worker_id, "ids": [i for i, _ in held],
+             "attempts": [a for _, a in held]},
+        )
+        return {row["id"] for row in rows}
+
+    async def pause_queues(
+        self, queues: Sequence[str], *, paused_by: str | None = None, reason: str | None = None
+    ) -> set[str]:
+        """Stop claims from these queues for every worker; returns those newly paused."""
+        rows = await self._rows(
+            "pause_queues", {"queues": list(queues), "paused_by": paused_by, "reason": reason})
+        return {row["queue"] for row in rows}
+
+    async def resume_queues(self, queues: Sequence[str]) -> set[str]:
+        """Allow claims again and wake idle workers; returns those that were paused."""
+        rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
+        return {row["queue"] for row in rows}
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
+        return await self._rows("queue_stats", {})
 
     # -- worker registry -----------------------------------------------------------------
 

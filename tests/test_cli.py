@@ -111,7 +111,7 @@ def test_cancel_reports_each_id(config):
     cli(config, "cancel", done)
     result = cli(config, "cancel", pending, done, "missing", code=1)
     assert result.stdout.split() == [pending]
-    assert f"job {done}: is cancelled, not pending" in result.stderr
+    assert f"job {done}: already cancelled" in result.stderr
     assert "job missing: not found" in result.stderr
 
 

@@ -462,7 +462,7 @@ async def test_worker_stops_on_a_schema_without_schedules_until_migrated(pg_dsn,
     async with Scheduler(pg_dsn, schema=schema) as old:
         job_id = await old.schedule("noop", execution_time=T)
         await asyncio.wait_for(Worker(old.store, old._dsn, fast_options()).run(), 20)
-        assert await old.migrate() == 2
+        assert await old.migrate() == migrations()[-1][0]
         job = await old.get_job(job_id)
         assert job["status"] == "pending" and job["schedule_id"] is None
 

@@ -69,3 +69,19 @@ def fail(message: str = "boom") -> None:
 @task(priority=JobPriority.CRITICAL)
 async def urgent() -> str:
     return "urgent"
+
+
+# How many `track` jobs of each key run at once, in this process (in-process workers).
+ACTIVE: dict[str, int] = {}
+PEAK: dict[str, int] = {}
+
+
+@task
+async def track(key: str, seconds: float) -> str:
+    ACTIVE[key] = ACTIVE.get(key, 0) + 1
+    PEAK[key] = max(PEAK.get(key, 0), ACTIVE[key])
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        ACTIVE[key] -= 1
+    return key

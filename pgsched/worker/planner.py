@@ -23,10 +23,10 @@ Catch-up (per schedule): latest runs the most recent missed window once; skip ru
 windows at most SKIP_TOLERANCE late (and their jobs expire if not started within it);
 all runs every missed window, at most CATCH_UP_LIMIT of them, the most recent.
 
-Failure: connection errors are logged and retried with backoff. On a schema older than
-the schedules migration it logs `schema_outdated` and stops the worker. A stored schedule that no
-longer parses (a time zone removed from tzdata) is logged and retried every
-BROKEN_RETRY; it never stops the worker. Anything else is a bug and stops the worker.
+Failure: connection errors are logged and retried with backoff. (An outdated schema is
+caught by the worker before any service starts.) A stored schedule that no longer parses
+(a time zone removed from tzdata) is logged and retried every BROKEN_RETRY; it never
+stops the worker. Anything else is a bug and stops the worker.
 
 Fault injection: with PGSCHED_TEST_PLANNER_CRASH=<probability> in the environment, the
 process exits (code CRASH_EXIT_CODE) after computing a schedule's windows and before
@@ -62,7 +62,6 @@ MAX_SLEEP_SECONDS = 60.0
 BUSY_RETRY_SECONDS = 0.5  # a due schedule is locked by another planner that is finishing
 BROKEN_RETRY = timedelta(minutes=5)
 IDLE_TIMEOUT_SECONDS = 10.0
-SCHEMA_VERSION = 2  # the migration that added schedules
 CRASH_ENV = "PGSCHED_TEST_PLANNER_CRASH"
 CRASH_EXIT_CODE = 86
 
@@ -108,8 +107,6 @@ class Planner:
             self._wake.clear()
             try:
                 if not synced:
-                    if not await self._schema_ready():
-                        return
                     await self.sync()
                     synced = True
                 delay = (await self.run_once()).delay_seconds()
@@ -121,15 +118,6 @@ class Planner:
                 continue
             if await self._sleep(delay):
                 return
-
-    async def _schema_ready(self) -> bool:
-        """A worker started with --no-migrate on an older schema stops, saying why."""
-        version = await self.store.schema_version() or 0
-        if version < SCHEMA_VERSION:
-            log.error("schema_outdated", version=version, needed=SCHEMA_VERSION,
-                      hint="run `pgsched migrate`, then start the worker again")
-            self.worker.stop()
-        return version >= SCHEMA_VERSION
 
     async def sync(self) -> None:
         """Upsert this process's @periodic schedules; disable those gone from the code."""
