@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,14 @@ def run_cli(*args: str, config: Path | None = None, input: str | None = None,
 
 
 class WorkerProcess:
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
+    """`pgsched worker` as a real process; `prefix` wraps the command (e.g. `unshare`)."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()):
         self.log_path = config.parent / f"worker-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
+            [*prefix, sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(), cwd=ROOT,
         )
 
@@ -162,8 +165,9 @@ class WorkerProcess:
 def workers() -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        w = WorkerProcess(config, *args, env=env)
+    def start(config: Path, *args: str, env: dict[str, str] | None = None,
+              prefix: Sequence[str] = ()) -> WorkerProcess:
+        w = WorkerProcess(config, *args, env=env, prefix=prefix)
         started.append(w)
         return w
 
