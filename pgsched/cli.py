@@ -306,11 +306,11 @@ def add(
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
-    when = datetime.now(UTC)
+    when = None  # due now, on the database clock
     if at is not None:
         when = parse_time(at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = when + parse_duration(in_)
+        when = datetime.now(UTC) + parse_duration(in_)
     grace = parse_misfire(misfire_grace)
     _check_task_known(settings, task_name)
 

@@ -187,8 +187,10 @@ class Scheduler:
     def _new_job(self, spec: JobSpec) -> NewJob:
         name = task_name_of(spec.func)
         registered = get_task(name)
-        when = spec.execution_time or datetime.now(UTC)
-        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        when = spec.execution_time
+        if when is not None and (
+                not isinstance(when, datetime) or when.tzinfo is None
+                or when.utcoffset() is None):
             raise InvalidInput(
                 f"execution_time {when!r} must be a timezone-aware datetime, "
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
@@ -232,7 +234,7 @@ class Scheduler:
             args=args_json,
             kwargs=kwargs_json,
             priority=int(priority),
-            execution_time=when.astimezone(UTC),
+            execution_time=None if when is None else when.astimezone(UTC),
             misfire_grace_seconds=grace,
             max_retries=max_retries,
             timeout_seconds=timeout,
@@ -255,8 +257,9 @@ class Scheduler:
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
-        Defaults: due now; priority, max_retries, timeout and queue from the task's @task
-        options; misfire_grace_time from the Scheduler (300 s; None = never expire).
+        Defaults: due now (on the database clock, whatever this machine's clock says);
+        priority, max_retries, timeout and queue from the task's @task options;
+        misfire_grace_time from the Scheduler (300 s; None = never expire).
         """
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,

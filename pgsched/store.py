@@ -106,7 +106,7 @@ class NewJob:
     args: str
     kwargs: str
     priority: int
-    execution_time: datetime
+    execution_time: datetime | None  # None: due now, on the database clock
     misfire_grace_seconds: float | None
     max_retries: int
     timeout_seconds: float | None
