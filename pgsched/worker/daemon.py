@@ -439,7 +439,9 @@ class Worker:
                 failures += 1
 
     async def heartbeat_once(self) -> None:
-        held = [(h.id, h.attempt) for h in self._held.values() if not h.finished]
+        # Finished jobs too: until their outcome is written (the completer may be backing
+        # off) or they are released at shutdown, an expired lease would get them run again.
+        held = [(h.id, h.attempt) for h in self._held.values() if not h.lease_lost]
         if held:
             kept = await self.store.heartbeat_jobs(
                 worker_id=self.id, held=held, lease_seconds=self.options.lease_seconds
