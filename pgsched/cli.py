@@ -193,13 +193,7 @@ def worker(
         )
     load_tasks(settings.worker.tasks, settings.base_dir)
     options = worker_options(settings, burst=burst)
-    abandoned = _run(_serve(settings, options, migrate_schema))
-    if abandoned:
-        # Threads running sync tasks cannot be interrupted, and Python would wait for
-        # them at exit; their jobs were already put back to pending.
-        log.warning("sync_tasks_abandoned", count=abandoned)
-        sys.stderr.flush()
-        os._exit(0)
+    _run(_serve(settings, options, migrate_schema))
 
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
@@ -215,7 +209,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     )
 
 
-async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> int:
+async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
     pool_size = max(2, settings.database.pool_size)
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
@@ -230,9 +224,16 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, worker, signum)
         await sched.wait()
-        return worker.abandoned_threads
     finally:
         await sched.close()
+    if worker.abandoned_threads or worker.abandoned_tasks:
+        # Threads running sync tasks cannot be interrupted and a task that ignores
+        # cancellation cannot be stopped; Python and asyncio.run() would wait for them at
+        # exit. Their jobs were already put back to pending.
+        if worker.abandoned_threads:
+            log.warning("sync_tasks_abandoned", count=worker.abandoned_threads)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _on_signal(worker: Any, signum: int) -> None:

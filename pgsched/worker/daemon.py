@@ -53,6 +53,8 @@ from .maintenance import Maintenance
 log = get_logger("pgsched.worker")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
+# After a second signal, how long cancelled jobs still get to run their cleanup.
+KILL_CLEANUP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Worker:
             max_workers=options.concurrency, thread_name_prefix="pgsched-task"
         )
         self._sync_calls = SyncCalls()
+        self._ignoring_cancellation: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._completions: asyncio.Queue[_Completion] = asyncio.Queue()
         self._stopping = asyncio.Event()
@@ -177,6 +180,11 @@ class Worker:
     def abandoned_threads(self) -> int:
         """Sync tasks still running in threads (timed out or interrupted by shutdown)."""
         return self._sync_calls.running
+
+    @property
+    def abandoned_tasks(self) -> int:
+        """Async tasks that ignored the shutdown's cancellation and still run."""
+        return sum(1 for task in self._ignoring_cancellation if not task.done())
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.id)
@@ -489,23 +497,23 @@ class Worker:
 
     async def _drain(self) -> None:
         """Wait for running jobs within the grace period, then cancel and release them."""
-        loop = asyncio.get_running_loop()
         running = {h.task for h in self._held.values() if h.task and not h.task.done()}
         if running and not self._killed.is_set():
             log.info("shutdown_waiting", running=len(running),
                      grace_seconds=self.options.shutdown_grace_seconds)
-            deadline = loop.time() + self.options.shutdown_grace_seconds
-            killed = asyncio.create_task(self._killed.wait())
-            while running and not killed.done() and loop.time() < deadline:
-                _, running = await asyncio.wait(
-                    running | {killed}, timeout=deadline - loop.time(),
-                    return_when=asyncio.FIRST_COMPLETED)
-                running.discard(killed)
-            killed.cancel()
+            running = await self._wait_unless_killed(
+                running, self.options.shutdown_grace_seconds)
         for task in running:
             task.cancel()
         if running:
-            await asyncio.wait(running)
+            # Cancelled tasks may await their cleanup. One that ignores the cancellation
+            # is left behind after a second signal (the process is about to exit).
+            await asyncio.wait(running, timeout=KILL_CLEANUP_SECONDS)
+            self._ignoring_cancellation = await self._wait_unless_killed(
+                {t for t in running if not t.done()}, None)
+            if self._ignoring_cancellation:
+                log.warning("jobs_ignored_cancellation", count=len(self._ignoring_cancellation),
+                            hint="a task caught asyncio.CancelledError and kept running")
         # Outcomes of finished jobs are recorded first; what is still held after that was
         # interrupted and goes back to pending.
         await self._completions.join()
@@ -528,3 +536,22 @@ class Worker:
             log.info("jobs_released", count=len(released))
         self._held.clear()
 
+    async def _wait_unless_killed(
+        self, tasks: set[asyncio.Task[None]], timeout: float | None
+    ) -> set[asyncio.Task[None]]:
+        """Wait until the tasks are done, the timeout passes or kill() is called; returns
+        the tasks still running."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        killed = asyncio.create_task(self._killed.wait())
+        try:
+            while tasks and not killed.done():
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    break
+                _, tasks = await asyncio.wait(
+                    tasks | {killed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                tasks.discard(killed)
+        finally:
+            killed.cancel()
+        return tasks
