@@ -124,12 +124,16 @@ def sync_hold(key: str, release: str) -> str:
 @task
 async def hold_with_cleanup(key: str, release: str, on_cancel: str) -> str:
     """Like hold, with an asyncio cancellation path: `reraise` cleans up and lets the
-    cancellation through, `error` fails while cleaning up, `swallow` returns instead."""
+    cancellation through, `error` fails while cleaning up, `swallow` returns instead,
+    `wait:PATH` cleans up until PATH exists, then lets the cancellation through."""
     try:
         while not Path(release).exists():
             await asyncio.sleep(0.02)
     except asyncio.CancelledError:
         await asyncio.sleep(0.05)  # an await inside the cleanup, like closing a client
+        if on_cancel.startswith("wait:"):
+            while not Path(on_cancel.removeprefix("wait:")).exists():
+                await asyncio.sleep(0.02)
         if on_cancel == "error":
             raise RuntimeError("cleanup failed") from None
         if on_cancel == "swallow":
@@ -171,3 +175,12 @@ def fail(message: str = "boom") -> None:
 @task(priority=JobPriority.CRITICAL)
 async def urgent() -> str:
     return "urgent"
+
+
+@task
+async def stubborn(release: str) -> str:
+    """Ignores cancellation until `release` exists: a task only a second signal stops."""
+    while not Path(release).exists():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.02)
+    return "done"
