@@ -37,7 +37,7 @@ from .config import Settings, find_config_path, load_settings, mask_dsn
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .scheduler import UNSET, ConflictResolution, Scheduler
-from .store import FINISHED_STATUSES, STATUSES
+from .store import FINISHED_STATUSES, STATUSES, validate_identifier
 from .tasks import JobPriority, get_task, load_tasks
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
@@ -108,6 +108,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise _fail("the pgsched schema is not set up: run `pgsched migrate` first", 1) \
                 from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if debug:
+                raise
+            raise _fail(
+                f"{str(exc).strip().splitlines()[0]}: the database role lacks a privilege "
+                "pgsched needs; as the schema's owner run `pgsched migrate --grant ROLE`", 1,
+            ) from None
 
     return wrapper
 
@@ -157,14 +164,20 @@ def main_options(
 
 @app.command()
 @command
-def migrate(ctx: typer.Context) -> None:
+def migrate(
+    ctx: typer.Context,
+    grant: Annotated[list[str] | None, typer.Option(
+        "--grant", metavar="ROLE", help="Also let ROLE run worker, add and ls in the schema "
+        "(no DDL); repeatable.")] = None,
+) -> None:
     """Create or upgrade pgsched's schema; prints the schema version."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
+    roles = [validate_identifier(role, "role name") for role in grant or []]
 
     async def go() -> int:
         async with open_scheduler(settings) as sched:
-            return await sched.migrate()
+            return await sched.migrate(grant=roles)
 
     out.print(_run(go()))
 

@@ -157,9 +157,10 @@ class Scheduler:
             raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")
         return self._store
 
-    async def migrate(self) -> int:
-        """Create or upgrade the schema; returns its version."""
-        return await self.store.migrate()
+    async def migrate(self, *, grant: Sequence[str] = ()) -> int:
+        """Create or upgrade the schema and grant the runtime roles in `grant` what they
+        need (no DDL); returns the schema version."""
+        return await self.store.migrate(grant=grant)
 
     async def start(self) -> Worker:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""

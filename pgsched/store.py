@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from .errors import InvalidInput, JobConflict
+from .errors import InvalidInput, JobConflict, PgschedError
 
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -135,8 +135,15 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self) -> int:
-        """Apply missing migrations; returns the schema version now in place."""
+    async def migrate(self, *, grant: Sequence[str] = ()) -> int:
+        """Apply missing migrations, then grant each role in `grant` what a runtime role
+        needs (security.sql), all in one transaction; returns the schema version."""
+        roles = [validate_identifier(role, "role name") for role in grant]
+        current = await self.schema_version()
+        if not roles and current is not None and current >= migrations()[-1][0]:
+            # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
+            # privilege) starts with its default --migrate.
+            return current
         schema = sql.Identifier(self.schema)
         async with self.pool.connection() as conn, conn.transaction():
             # hashtext of the schema name: migrations of different schemas do not block
@@ -167,6 +174,8 @@ class Store:
                     [number, name],
                 )
                 version = max(version, number)
+            for role in roles:
+                await self._grant_runtime_role(conn, role)
             return version
 
     async def schema_version(self) -> int | None:
@@ -183,6 +192,24 @@ class Store:
                 )
             )
             return (await cur.fetchone())[0]
+
+    # -- least privilege (security.sql) ---------------------------------------------------
+
+    async def _grant_runtime_role(self, conn: psycopg.AsyncConnection, role: str) -> None:
+        def bind(name: str, **identifiers: str) -> sql.Composed:
+            return sql.SQL(self._q[name]).format(
+                **{key: sql.Identifier(value) for key, value in identifiers.items()})
+
+        try:
+            await conn.execute(bind("grant_runtime_role", role=role))
+            cur = await conn.execute(self._q["schema_types"], {"schema": self.schema})
+            for (type_name,) in await cur.fetchall():
+                await conn.execute(bind("grant_type_usage", role=role, type=type_name))
+        except psycopg.errors.UndefinedObject:
+            raise PgschedError(
+                f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
+                "PASSWORD '...'); nothing was changed"
+            ) from None
 
     # -- enqueue -------------------------------------------------------------------------
 
@@ -387,6 +414,7 @@ def encode_json(value: Any, what: str) -> str:
         raise InvalidInput(
             f"{what} must be JSON (no NaN/Infinity, no custom objects): {exc}"
         ) from exc
+
 
 
 async def open_pool(dsn: str, *, max_size: int = 4, min_size: int = 1) -> AsyncConnectionPool:
