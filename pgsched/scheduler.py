@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
+from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .store import NewJob, Store, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
@@ -134,7 +135,11 @@ class Scheduler:
                 try:
                     self._pool = await open_pool(self._dsn, max_size=self._pool_size)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                    raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+                    # libpq's first line says why; the rest is a generic hint.
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
+                        else type(exc).__name__
+                    raise DatabaseUnavailable(
+                        f"cannot connect to the database: {mask_dsn(reason)}") from exc
             self._store = Store(self._pool, self.schema)
         return self
 

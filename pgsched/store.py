@@ -417,8 +417,27 @@ def encode_json(value: Any, what: str) -> str:
 
 
 
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq cannot parse, without quoting it: libpq's message quotes the
+    text it choked on, which can be (part of) the password."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise InvalidInput(
+            "the database DSN cannot be parsed: use a postgresql:// URI (percent-encode "
+            "characters such as @ : / % in the password) or key=value pairs (quote values "
+            "that contain spaces: password='a b')"
+        ) from None
+
+
 async def open_pool(dsn: str, *, max_size: int = 4, min_size: int = 1) -> AsyncConnectionPool:
-    """An opened pool; raises psycopg.OperationalError if the server cannot be reached."""
+    """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
+    psycopg.OperationalError with the server's reason if it cannot be reached."""
+    check_dsn(dsn)
+    # One plain connection first: an unreachable server or a refused login fails now with
+    # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
+    probe = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await probe.close()
     pool = AsyncConnectionPool(
         dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
         name="pgsched",
