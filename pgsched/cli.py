@@ -38,7 +38,7 @@ from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .scheduler import UNSET, ConflictResolution, Scheduler
 from .store import FINISHED_STATUSES, STATUSES, validate_identifier
-from .tasks import JobPriority, get_task, load_tasks
+from .tasks import JobPriority, get_task, load_tasks, validate_task_name
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
 
@@ -277,6 +277,8 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
         value = json.loads(text, parse_constant=no_constants)
     except ValueError as exc:
         raise InvalidInput(f"{option} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{option} is nested too deeply") from None
     if not isinstance(value, kind):
         expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
         raise InvalidInput(f"{option} must be {expected}")
@@ -343,6 +345,7 @@ def add(
 
 def _check_task_known(settings: Settings, name: str) -> None:
     """Reject an unknown task name when the task module can be imported here."""
+    validate_task_name(name)  # first: a hostile name must not be echoed back in full
     if settings.worker.tasks is None:
         return
     try:

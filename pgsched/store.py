@@ -414,7 +414,8 @@ def encode_json(value: Any, what: str) -> str:
         raise InvalidInput(
             f"{what} must be JSON (no NaN/Infinity, no custom objects): {exc}"
         ) from exc
-
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply (or refers to itself)") from None
 
 
 def check_dsn(dsn: str) -> None:
