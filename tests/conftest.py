@@ -52,6 +52,20 @@ def pg_dsn() -> Iterator[str]:
         shutil.rmtree(data.parent, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL that tests may stop, crash, start, and create roles in
+    (tests/faults/cluster.py); started on first use, shared by the session."""
+    from faults.cluster import Cluster, ClusterUnavailable
+
+    try:
+        owned = Cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
+    yield owned
+    owned.destroy()
+
+
 @pytest.fixture
 def schema(pg_dsn: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"

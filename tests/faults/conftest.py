@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 
 from pgsched import Scheduler
 
-from .cluster import Cluster, ClusterUnavailable
+from .cluster import Cluster
 from .kit import fault_options
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    """A throwaway PostgreSQL the test may stop and start (shared by the fault tests)."""
-    try:
-        owned = Cluster()
-    except ClusterUnavailable as exc:
-        pytest.skip(f"cannot start a throwaway PostgreSQL to restart: {exc}")
-    yield owned
-    owned.destroy()
 
 
 @pytest.fixture
