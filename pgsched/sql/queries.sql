@@ -89,8 +89,13 @@ candidates AS (
     SELECT c.id, c.expired
     FROM unnest(%(priorities)s::smallint[]) AS p(priority)
     CROSS JOIN LATERAL (
-        SELECT id, (misfire_grace_seconds IS NOT NULL AND now() > execution_time
-                    + make_interval(secs => misfire_grace_seconds)) AS expired
+        -- Only a job that could not start in time expires. One put back by orphan recovery
+        -- or a shutdown (an attempt that ended without an outcome: attempts > failures)
+        -- did start in time and must run again, however late; a retry (every attempt
+        -- failed) keeps its grace from the retry time.
+        SELECT id, (misfire_grace_seconds IS NOT NULL AND attempts = failures
+                    AND now() > execution_time
+                        + make_interval(secs => misfire_grace_seconds)) AS expired
         FROM {schema}.jobs
         WHERE status = 'pending' AND priority = p.priority AND execution_time <= now()
         ORDER BY execution_time, id

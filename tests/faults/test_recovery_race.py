@@ -123,3 +123,38 @@ async def test_stale_attempt_is_fenced_even_when_the_same_worker_reclaims(sched)
         ("running", 2, 0, None)
     assert await store.complete_jobs(worker_id=W, done=[(job_id, 2, '"fresh"')]) == {job_id}
 
+
+
+async def _wait_past_grace(sched, job_id, grace):
+    await wait_until(lambda: _db_past(sched, job_id, grace),
+                     what="the database clock past the job's misfire grace")
+
+
+async def _db_past(sched, job_id, grace):
+    rows = await query(sched, "SELECT now() > execution_time + make_interval(secs => %s) "
+                              "AS past FROM {schema}.jobs WHERE id = %s", [grace, job_id])
+    return rows[0]["past"]
+
+
+async def test_a_started_job_put_back_by_a_crash_or_shutdown_is_not_expired(sched):
+    """The misfire grace skips a job that could not start in time. A job that did start
+    and lost its worker (recovery) or was interrupted by a shutdown (release) must run
+    again, however late: expiring it would lose it."""
+    recovered = await sched.schedule("noop", misfire_grace_time=0.5, job_id="recovered")
+    released = await sched.schedule("noop", misfire_grace_time=0.5, job_id="released")
+    assert {j["id"] for j in await claim_all(sched)} == {recovered, released}
+    await _wait_past_grace(sched, recovered, 0.5)
+    await expire_leases(sched)
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() + interval '1 minute' "
+                       "WHERE id = %s RETURNING id", [released])
+    assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == [recovered]
+    assert await sched.store.release_jobs(worker_id=W, held=[(released, 1)]) == {released}
+    again = await claim_all(sched, worker_id="host:2:fresh")
+    assert sorted((j["id"], j["expired"], j["attempts"]) for j in again) == \
+        [(recovered, False, 2), (released, False, 2)]
+
+
+async def test_a_job_never_started_within_its_grace_still_expires(sched):
+    job_id = await sched.schedule("noop", misfire_grace_time=0.5)
+    await _wait_past_grace(sched, job_id, 0.5)
+    assert [(j["id"], j["expired"]) for j in await claim_all(sched)] == [(job_id, True)]

@@ -50,13 +50,17 @@ async def test_sigterm_within_the_grace_lets_jobs_finish(sched, pg_dsn, schema, 
 
 async def test_past_the_grace_jobs_go_back_to_pending(sched, pg_dsn, schema, workers,
                                                       tmp_path):
+    """...and run again, even when that is later than their misfire grace allows for a
+    first start (they did start in time)."""
     env = audit_env(pg_dsn, schema)
     release, do_release = release_file(tmp_path)
-    await sched.schedule_bulk([JobSpec(task, args=(task, release), job_id=task)
+    await sched.schedule_bulk([JobSpec(task, args=(task, release), job_id=task,
+                                       misfire_grace_time=0.5)
                                for task in ("hold", "sync_hold")])
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.5)
     worker = workers(config, env=env)
     await wait_until(lambda: _running(sched, 2), what="jobs in flight")
+    await wait_until(lambda: _all_past_grace(sched, 0.5), what="the misfire grace to pass")
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0  # the sync task's thread cannot stop; the process can
     assert log_events(worker, "sync_tasks_abandoned")
@@ -68,6 +72,12 @@ async def test_past_the_grace_jobs_go_back_to_pending(sched, pg_dsn, schema, wor
     check_each_completed_once(await jobs(sched), await audit(sched))
     successor.signal(signal.SIGTERM)
     assert await successor.wait() == 0
+
+
+async def _all_past_grace(sched, grace):
+    rows = await query(sched, "SELECT bool_and(now() > execution_time + make_interval("
+                              "secs => %s)) AS past FROM {schema}.jobs", [grace])
+    return rows[0]["past"]
 
 
 async def _all_completed(sched):
