@@ -14,6 +14,8 @@ and an exactly-once completion record, so for every job:
 
 from __future__ import annotations
 
+import json
+import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,3 +141,18 @@ def with_params(dsn: str, **params: str) -> str:
 async def backends(sched: Scheduler, application_name: str) -> list[dict[str, Any]]:
     return await query(sched, "SELECT pid, query, state FROM pg_stat_activity "
                               "WHERE application_name = %s", [application_name])
+
+
+async def stop_all(processes: list[WorkerProcess]) -> list[int]:
+    """SIGTERM each worker once it is up (a process still importing has no handler yet and
+    would die of the signal), and return the exit codes."""
+    for w in processes:
+        await w.wait_for_log('"worker_starting"')
+        w.signal(signal.SIGTERM)
+    return [await w.wait() for w in processes]
+
+
+def assert_json_lines(worker: WorkerProcess) -> None:
+    """A worker logging JSON writes nothing else, even during outages."""
+    for line in worker.log().splitlines():
+        assert line.startswith("{") and json.loads(line), line

@@ -15,6 +15,7 @@ from conftest import wait_until
 
 from .kit import (
     alive,
+    assert_json_lines,
     audit,
     audit_env,
     backends,
@@ -98,6 +99,7 @@ async def test_postgres_restarts_under_busy_and_idle_workers(cluster, cluster_sc
     assert [await w.wait() for w in crew] == [0, 0, 0]
     for w in crew:
         assert cluster.app_password not in w.log()
+        assert_json_lines(w)
 
 
 async def _registered(sched, n):
