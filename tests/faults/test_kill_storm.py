@@ -19,6 +19,7 @@ from .kit import (
     jobs,
     pid_of,
     query,
+    stop_all,
 )
 
 JOBS = 2000
@@ -65,9 +66,7 @@ async def test_killed_workers_lose_nothing_and_double_nothing(sched, pg_dsn, sch
     result = check_each_completed_once(await jobs(sched), await audit(sched))
     # A rerun only ever follows a lease that expired because its worker was killed.
     assert result.rerun_worker_pids <= killed, (seed, result.reruns)
-    for w in live:
-        w.signal(signal.SIGTERM)
-    assert [await w.wait() for w in live] == [0] * len(live)
+    assert await stop_all(live) == [0] * len(live)
     print(f"seed {seed}: {len(killed)} kills, {len(result.reruns)} reruns of "
           f"{result.jobs} jobs")
 
