@@ -6,7 +6,7 @@
 -- record. Re-run it after an upgrade that adds tables (it is idempotent).
 --
 -- {schema} is replaced by the quoted schema when the store loads this file; {{role}} and
--- {{type}} survive that as {role} and {type} and are replaced by Store.grant_runtime_role
+-- {{type}} survive that as {role} and {type} and are replaced by Store._grant_runtime_role
 -- with quoted, validated identifiers.
 
 -- name: grant_runtime_role
