@@ -38,8 +38,8 @@ from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
-from .store import FINISHED_STATUSES, STATUSES
-from .tasks import JobPriority, get_task, load_tasks
+from .store import FINISHED_STATUSES, STATUSES, validate_identifier
+from .tasks import JobPriority, get_task, load_tasks, validate_task_name
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
 
@@ -109,6 +109,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise _fail("the pgsched schema is not set up: run `pgsched migrate` first", 1) \
                 from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if debug:
+                raise
+            raise _fail(
+                f"{str(exc).strip().splitlines()[0]}: the database role lacks a privilege "
+                "pgsched needs; as the schema's owner run `pgsched migrate --grant ROLE`", 1,
+            ) from None
 
     return wrapper
 
@@ -158,14 +165,20 @@ def main_options(
 
 @app.command()
 @command
-def migrate(ctx: typer.Context) -> None:
+def migrate(
+    ctx: typer.Context,
+    grant: Annotated[list[str] | None, typer.Option(
+        "--grant", metavar="ROLE", help="Also let ROLE run worker, add and ls in the schema "
+        "(no DDL); repeatable.")] = None,
+) -> None:
     """Create or upgrade pgsched's schema; prints the schema version."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
+    roles = [validate_identifier(role, "role name") for role in grant or []]
 
     async def go() -> int:
         async with open_scheduler(settings) as sched:
-            return await sched.migrate()
+            return await sched.migrate(grant=roles)
 
     out.print(_run(go()))
 
@@ -199,13 +212,7 @@ def worker(
         )
     load_tasks(settings.worker.tasks, settings.base_dir)
     options = worker_options(settings, burst=burst)
-    abandoned = _run(_serve(settings, options, migrate_schema))
-    if abandoned:
-        # Threads running sync tasks cannot be interrupted, and Python would wait for
-        # them at exit; their jobs were already put back to pending.
-        log.warning("sync_tasks_abandoned", count=abandoned)
-        sys.stderr.flush()
-        os._exit(0)
+    _run(_serve(settings, options, migrate_schema))
 
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
@@ -224,7 +231,7 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     )
 
 
-async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> int:
+async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
     pool_size = max(2, settings.database.pool_size)
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
@@ -242,9 +249,16 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         await sched.wait()
         if worker.schema_outdated:
             raise PgschedError("the schema is older than this pgsched: run `pgsched migrate`")
-        return worker.abandoned_threads
     finally:
         await sched.close()
+    if worker.abandoned_threads or worker.abandoned_tasks:
+        # Threads running sync tasks cannot be interrupted and a task that ignores
+        # cancellation cannot be stopped; Python and asyncio.run() would wait for them at
+        # exit. Their jobs were already put back to pending.
+        if worker.abandoned_threads:
+            log.warning("sync_tasks_abandoned", count=worker.abandoned_threads)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _on_signal(worker: Any, signum: int) -> None:
@@ -275,6 +289,8 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
         value = json.loads(text, parse_constant=no_constants)
     except ValueError as exc:
         raise InvalidInput(f"{option} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{option} is nested too deeply") from None
     if not isinstance(value, kind):
         expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
         raise InvalidInput(f"{option} must be {expected}")
@@ -366,11 +382,11 @@ def add(
             job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
-    when = datetime.now(UTC)
+    when = None  # due now, on the database clock
     if at is not None:
         when = for_option("--at", parse_time, at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = when + for_option("--in", parse_duration, in_)
+        when = datetime.now(UTC) + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
     if queue is not None:
         validate_queue_name(queue)
@@ -392,6 +408,7 @@ def add(
 
 
 def _check_task_known(settings: Settings, name: str) -> None:
+    validate_task_name(name)  # first: a hostile name must not be echoed back in full
     task_checker(settings)(name)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
+from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
@@ -155,7 +156,11 @@ class Scheduler:
                     self._pool = await open_pool(self._dsn, max_size=self._pool_size,
                                                  application_name=self.application_name)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                    raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+                    # libpq's first line says why; the rest is a generic hint.
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
+                        else type(exc).__name__
+                    raise DatabaseUnavailable(
+                        f"cannot connect to the database: {mask_dsn(reason)}") from exc
             self._store = Store(self._pool, self.schema)
         return self
 
@@ -178,9 +183,10 @@ class Scheduler:
             raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")
         return self._store
 
-    async def migrate(self) -> int:
-        """Create or upgrade the schema; returns its version."""
-        return await self.store.migrate()
+    async def migrate(self, *, grant: Sequence[str] = ()) -> int:
+        """Create or upgrade the schema and grant the runtime roles in `grant` what they
+        need (no DDL); returns the schema version."""
+        return await self.store.migrate(grant=grant)
 
     async def start(self) -> Worker:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
@@ -208,8 +214,10 @@ class Scheduler:
     def _new_job(self, spec: JobSpec) -> NewJob:
         name = task_name_of(spec.func)
         registered = get_task(name)
-        when = spec.execution_time or datetime.now(UTC)
-        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        when = spec.execution_time
+        if when is not None and (
+                not isinstance(when, datetime) or when.tzinfo is None
+                or when.utcoffset() is None):
             raise InvalidInput(
                 f"execution_time {when!r} must be a timezone-aware datetime, "
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
@@ -243,7 +251,7 @@ class Scheduler:
             args=args_json,
             kwargs=kwargs_json,
             priority=int(priority),
-            execution_time=when.astimezone(UTC),
+            execution_time=None if when is None else when.astimezone(UTC),
             misfire_grace_seconds=grace,
             max_retries=max_retries,
             timeout_seconds=timeout,
@@ -270,8 +278,9 @@ class Scheduler:
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
-        Defaults: due now; priority, max_retries, timeout and queue from the task's @task
-        options; misfire_grace_time from the Scheduler (300 s; None = never expire).
+        Defaults: due now (on the database clock, whatever this machine's clock says);
+        priority, max_retries, timeout and queue from the task's @task options;
+        misfire_grace_time from the Scheduler (300 s; None = never expire).
         """
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,

@@ -30,10 +30,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from .errors import InvalidInput, JobConflict
+from .errors import InvalidInput, JobConflict, PgschedError
 
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -107,7 +108,7 @@ class NewJob:
     args: str
     kwargs: str
     priority: int
-    execution_time: datetime
+    execution_time: datetime | None  # None: due now, on the database clock
     misfire_grace_seconds: float | None
     max_retries: int
     timeout_seconds: float | None
@@ -168,8 +169,16 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self, target: int | None = None) -> int:
-        """Apply missing migrations (up to `target`); returns the schema version in place."""
+    async def migrate(self, target: int | None = None, *, grant: Sequence[str] = ()) -> int:
+        """Apply missing migrations (up to `target`), then grant each role in `grant` what a
+        runtime role needs (security.sql), all in one transaction; returns the version."""
+        roles = [validate_identifier(role, "role name") for role in grant]
+        current = await self.schema_version()
+        wanted = migrations()[-1][0] if target is None else target
+        if not roles and current is not None and current >= wanted:
+            # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
+            # privilege) starts with its default --migrate.
+            return current
         schema = sql.Identifier(self.schema)
         async with self.pool.connection() as conn, conn.transaction():
             # hashtext of the schema name: migrations of different schemas do not block
@@ -200,6 +209,8 @@ class Store:
                     [number, name],
                 )
                 version = max(version, number)
+            for role in roles:
+                await self._grant_runtime_role(conn, role)
             return version
 
     async def schema_version(self) -> int | None:
@@ -216,6 +227,24 @@ class Store:
                 )
             )
             return (await cur.fetchone())[0]
+
+    # -- least privilege (security.sql) ---------------------------------------------------
+
+    async def _grant_runtime_role(self, conn: psycopg.AsyncConnection, role: str) -> None:
+        def bind(name: str, **identifiers: str) -> sql.Composed:
+            return sql.SQL(self._q[name]).format(
+                **{key: sql.Identifier(value) for key, value in identifiers.items()})
+
+        try:
+            await conn.execute(bind("grant_runtime_role", role=role))
+            cur = await conn.execute(self._q["schema_types"], {"schema": self.schema})
+            for (type_name,) in await cur.fetchall():
+                await conn.execute(bind("grant_type_usage", role=role, type=type_name))
+        except psycopg.errors.UndefinedObject:
+            raise PgschedError(
+                f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
+                "PASSWORD '...'); nothing was changed"
+            ) from None
 
     # -- enqueue -------------------------------------------------------------------------
 
@@ -653,19 +682,36 @@ def encode_json(value: Any, what: str) -> str:
         raise InvalidInput(
             f"{what} must be JSON (no NaN/Infinity, no custom objects): {exc}"
         ) from exc
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply (or refers to itself)") from None
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq cannot parse, without quoting it: libpq's message quotes the
+    text it choked on, which can be (part of) the password."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise InvalidInput(
+            "the database DSN cannot be parsed: use a postgresql:// URI (percent-encode "
+            "characters such as @ : / % in the password) or key=value pairs (quote values "
+            "that contain spaces: password='a b')"
+        ) from None
 
 
 async def open_pool(
     dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
 ) -> AsyncConnectionPool:
-    """An opened pool; raises psycopg.OperationalError if the server cannot be reached.
+    """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
+    psycopg.OperationalError with the server's reason if it cannot be reached.
 
     application_name shows in pg_stat_activity, so an operator can tell a worker's
     connections from a web app's that only enqueues.
     """
-    kwargs = {"autocommit": True, "application_name": application_name}
-    # One direct attempt first: a wrong host or password fails at once with the server's
-    # own message, instead of a pool timeout ten seconds later.
+    check_dsn(dsn)
+    kwargs = {"autocommit": True, **_application_name(dsn, application_name)}
+    # One plain connection first: an unreachable server or a refused login fails now with
+    # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
     probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
     await probe.close()
     pool = AsyncConnectionPool(
@@ -678,5 +724,10 @@ async def open_pool(
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
     return await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, application_name=application_name
+        dsn, autocommit=True, **_application_name(dsn, application_name)
     )
+
+
+def _application_name(dsn: str, default: str) -> dict[str, str]:
+    """Our application_name, unless the DSN sets its own (the operator's choice wins)."""
+    return {} if "application_name" in conninfo_to_dict(dsn) else {"application_name": default}

@@ -12,10 +12,15 @@ WITH new AS (
     INSERT INTO {schema}.jobs AS j
         (id, task, queue, args, kwargs, priority, execution_time,
          misfire_grace_seconds, max_retries, timeout_seconds)
-    SELECT * FROM unnest(
+    -- A NULL execution_time is "due now" on the database clock: a client whose clock is
+    -- behind must not enqueue a job already past its misfire grace (nor, ahead, a late one).
+    SELECT n.id, n.task, n.queue, n.args, n.kwargs, n.priority, coalesce(n.at, now()),
+           n.grace, n.max_retries, n.timeout
+    FROM unnest(
         %(ids)s::text[], %(tasks)s::text[], %(queues)s::text[], %(args)s::jsonb[],
         %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(execution_times)s::timestamptz[],
         %(misfire_graces)s::float8[], %(max_retries)s::int[], %(timeouts)s::float8[])
+        AS n(id, task, queue, args, kwargs, priority, at, grace, max_retries, timeout)
     ON CONFLICT (id) DO NOTHING
     RETURNING id, execution_time
 ),
@@ -33,10 +38,13 @@ WITH new AS (
     INSERT INTO {schema}.jobs AS j
         (id, task, queue, args, kwargs, priority, execution_time,
          misfire_grace_seconds, max_retries, timeout_seconds)
-    SELECT * FROM unnest(
+    SELECT n.id, n.task, n.queue, n.args, n.kwargs, n.priority, coalesce(n.at, now()),
+           n.grace, n.max_retries, n.timeout
+    FROM unnest(
         %(ids)s::text[], %(tasks)s::text[], %(queues)s::text[], %(args)s::jsonb[],
         %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(execution_times)s::timestamptz[],
         %(misfire_graces)s::float8[], %(max_retries)s::int[], %(timeouts)s::float8[])
+        AS n(id, task, queue, args, kwargs, priority, at, grace, max_retries, timeout)
     ON CONFLICT (id) DO UPDATE SET
         task = excluded.task, queue = excluded.queue, args = excluded.args,
         kwargs = excluded.kwargs, priority = excluded.priority,
@@ -111,11 +119,16 @@ candidates AS (
     SELECT c.id, c.expired
     FROM served s
     CROSS JOIN LATERAL (
+        -- Only a job that could not start in time expires. One put back by orphan recovery
+        -- or a shutdown (an attempt that ended without an outcome: attempts > failures)
+        -- did start in time and must run again, however late; a retry (every attempt
+        -- failed) keeps its grace from the retry time.
         SELECT w.* FROM unnest(%(priorities)s::smallint[]) AS p(priority)
         CROSS JOIN LATERAL (
             SELECT id, priority, execution_time,
-                   (misfire_grace_seconds IS NOT NULL AND now() > execution_time
-                    + make_interval(secs => misfire_grace_seconds)) AS expired
+                   (misfire_grace_seconds IS NOT NULL AND attempts = failures
+                    AND now() > execution_time
+                        + make_interval(secs => misfire_grace_seconds)) AS expired
             FROM {schema}.jobs
             WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
               AND execution_time <= now()

@@ -68,6 +68,8 @@ log = get_logger("pgsched.worker")
 SCHEDULES_CHANGED = "schedules"  # NOTIFY payload of sql/recurring.sql; others are epochs
 LATEST_SCHEMA = migrations()[-1][0]
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
+# After a second signal, how long cancelled jobs still get to run their cleanup.
+KILL_CLEANUP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ class Worker:
             max_workers=options.concurrency, thread_name_prefix="pgsched-task"
         )
         self._sync_calls = SyncCalls()
+        self._ignoring_cancellation: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._completions: asyncio.Queue[_Completion] = asyncio.Queue()
         self._stopping = asyncio.Event()
@@ -215,6 +218,11 @@ class Worker:
     def abandoned_threads(self) -> int:
         """Sync tasks still running in threads (timed out or interrupted by shutdown)."""
         return self._sync_calls.running
+
+    @property
+    def abandoned_tasks(self) -> int:
+        """Async tasks that ignored the shutdown's cancellation and still run."""
+        return sum(1 for task in self._ignoring_cancellation if not task.done())
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.id)
@@ -558,7 +566,9 @@ class Worker:
         return self.closing.is_set()
 
     async def heartbeat_once(self) -> None:
-        held = [(h.id, h.attempt) for h in self._held.values() if not h.finished]
+        # Finished jobs too: until their outcome is written (the completer may be backing
+        # off) or they are released at shutdown, an expired lease would get them run again.
+        held = [(h.id, h.attempt) for h in self._held.values() if not h.lease_lost]
         if held:
             kept = await self.store.heartbeat_jobs(
                 worker_id=self.id, held=held, lease_seconds=self.options.lease_seconds
@@ -631,23 +641,23 @@ class Worker:
 
     async def _drain(self) -> None:
         """Wait for running jobs within the grace period, then cancel and release them."""
-        loop = asyncio.get_running_loop()
         running = {h.task for h in self._held.values() if h.task and not h.task.done()}
         if running and not self._killed.is_set():
             log.info("shutdown_waiting", running=len(running),
                      grace_seconds=self.options.shutdown_grace_seconds)
-            deadline = loop.time() + self.options.shutdown_grace_seconds
-            killed = asyncio.create_task(self._killed.wait())
-            while running and not killed.done() and loop.time() < deadline:
-                _, running = await asyncio.wait(
-                    running | {killed}, timeout=deadline - loop.time(),
-                    return_when=asyncio.FIRST_COMPLETED)
-                running.discard(killed)
-            killed.cancel()
+            running = await self._wait_unless_killed(
+                running, self.options.shutdown_grace_seconds)
         for task in running:
             task.cancel()
         if running:
-            await asyncio.wait(running)
+            # Cancelled tasks may await their cleanup. One that ignores the cancellation
+            # is left behind after a second signal (the process is about to exit).
+            await asyncio.wait(running, timeout=KILL_CLEANUP_SECONDS)
+            self._ignoring_cancellation = await self._wait_unless_killed(
+                {t for t in running if not t.done()}, None)
+            if self._ignoring_cancellation:
+                log.warning("jobs_ignored_cancellation", count=len(self._ignoring_cancellation),
+                            hint="a task caught asyncio.CancelledError and kept running")
         # Outcomes of finished jobs are recorded first; what is still held after that was
         # interrupted and goes back to pending.
         await self._completions.join()
@@ -670,3 +680,22 @@ class Worker:
             log.info("jobs_released", count=len(released))
         self._held.clear()
 
+    async def _wait_unless_killed(
+        self, tasks: set[asyncio.Task[None]], timeout: float | None
+    ) -> set[asyncio.Task[None]]:
+        """Wait until the tasks are done, the timeout passes or kill() is called; returns
+        the tasks still running."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        killed = asyncio.create_task(self._killed.wait())
+        try:
+            while tasks and not killed.done():
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    break
+                _, tasks = await asyncio.wait(
+                    tasks | {killed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                tasks.discard(killed)
+        finally:
+            killed.cancel()
+        return tasks
