@@ -36,9 +36,10 @@ from .config import Settings, find_config_path, load_settings, mask_dsn
 from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
+from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
-from .store import FINISHED_STATUSES, STATUSES
-from .tasks import JobPriority, get_task, load_tasks
+from .store import FINISHED_STATUSES, STATUSES, validate_identifier
+from .tasks import JobPriority, get_task, load_tasks, validate_task_name
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
 
@@ -108,6 +109,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise _fail("the pgsched schema is not set up: run `pgsched migrate` first", 1) \
                 from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if debug:
+                raise
+            raise _fail(
+                f"{str(exc).strip().splitlines()[0]}: the database role lacks a privilege "
+                "pgsched needs; as the schema's owner run `pgsched migrate --grant ROLE`", 1,
+            ) from None
 
     return wrapper
 
@@ -157,14 +165,20 @@ def main_options(
 
 @app.command()
 @command
-def migrate(ctx: typer.Context) -> None:
+def migrate(
+    ctx: typer.Context,
+    grant: Annotated[list[str] | None, typer.Option(
+        "--grant", metavar="ROLE", help="Also let ROLE run worker, add and ls in the schema "
+        "(no DDL); repeatable.")] = None,
+) -> None:
     """Create or upgrade pgsched's schema; prints the schema version."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
+    roles = [validate_identifier(role, "role name") for role in grant or []]
 
     async def go() -> int:
         async with open_scheduler(settings) as sched:
-            return await sched.migrate()
+            return await sched.migrate(grant=roles)
 
     out.print(_run(go()))
 
@@ -177,12 +191,17 @@ def migrate(ctx: typer.Context) -> None:
 def worker(
     ctx: typer.Context,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    queues: Annotated[str | None, typer.Option(
+        help="Claim only from these queues, comma-separated (default: every queue).")] = None,
     burst: Annotated[bool, typer.Option(help="Run the jobs due now, then exit.")] = False,
     migrate_schema: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
 ) -> None:
     """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
-    settings = _ctx(ctx).settings(**{"worker.concurrency": concurrency})
+    settings = _ctx(ctx).settings(**{
+        "worker.concurrency": concurrency,
+        "worker.queues": list(parse_queue_list(queues)) if queues is not None else None,
+    })
     configure(settings.log.level, settings.log.format)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
@@ -193,13 +212,7 @@ def worker(
         )
     load_tasks(settings.worker.tasks, settings.base_dir)
     options = worker_options(settings, burst=burst)
-    abandoned = _run(_serve(settings, options, migrate_schema))
-    if abandoned:
-        # Threads running sync tasks cannot be interrupted, and Python would wait for
-        # them at exit; their jobs were already put back to pending.
-        log.warning("sync_tasks_abandoned", count=abandoned)
-        sys.stderr.flush()
-        os._exit(0)
+    _run(_serve(settings, options, migrate_schema))
 
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
@@ -211,11 +224,14 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         retry_max_seconds=w.retry_max_seconds, max_recoveries=w.max_recoveries, burst=burst,
         vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
-        vacuum_batch_size=v.batch_size,
+        vacuum_batch_size=v.batch_size, timezone=settings.jobs.timezone,
+        queues=w.queues or None,
+        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()),
+        metrics_listen=settings.metrics.listen, systemd_notify=True,
     )
 
 
-async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> int:
+async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
     pool_size = max(2, settings.database.pool_size)
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
@@ -231,9 +247,18 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, worker, signum)
         await sched.wait()
-        return worker.abandoned_threads
+        if worker.schema_outdated:
+            raise PgschedError("the schema is older than this pgsched: run `pgsched migrate`")
     finally:
         await sched.close()
+    if worker.abandoned_threads or worker.abandoned_tasks:
+        # Threads running sync tasks cannot be interrupted and a task that ignores
+        # cancellation cannot be stopped; Python and asyncio.run() would wait for them at
+        # exit. Their jobs were already put back to pending.
+        if worker.abandoned_threads:
+            log.warning("sync_tasks_abandoned", count=worker.abandoned_threads)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _on_signal(worker: Any, signum: int) -> None:
@@ -264,6 +289,8 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
         value = json.loads(text, parse_constant=no_constants)
     except ValueError as exc:
         raise InvalidInput(f"{option} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{option} is nested too deeply") from None
     if not isinstance(value, kind):
         expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
         raise InvalidInput(f"{option} must be {expected}")
@@ -313,8 +340,19 @@ def add(
         "--from", metavar="FILE", help="Add one job per JSON line of FILE (- for stdin).")] = None,
     strict: Annotated[bool, typer.Option(
         help="With --from: add nothing if any line is rejected.")] = False,
+    cron: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: cron expression (check it with `pgsched cron`).")] = None,
+    every: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: interval like 30s, 15m, 1d.")] = None,
+    tz: Annotated[str | None, typer.Option(
+        help="Time zone of --cron (default: [jobs] timezone).")] = None,
+    catch_up: Annotated[str | None, typer.Option(
+        help="Schedules: latest (default), skip or all missed windows.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
 ) -> None:
-    """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
+    """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
+    prints only the id, so JOB=$(pgsched add ...) works."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     if from_file is not None:
@@ -333,14 +371,25 @@ def add(
         raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
+    if cron is not None or every is not None or tz is not None or catch_up is not None:
+        from .cli_recurring import add_schedule
+
+        return add_schedule(
+            settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
+            args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
+            on_conflict=(on_conflict or OnConflict.raise_).value,
+            priority=priority.value if priority else None, retries=retries, timeout=timeout,
+            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
-    when = datetime.now(UTC)
+    when = None  # due now, on the database clock
     if at is not None:
         when = for_option("--at", parse_time, at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = when + for_option("--in", parse_duration, in_)
+        when = datetime.now(UTC) + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
+    if queue is not None:
+        validate_queue_name(queue)
     _check_task_known(settings, task_name)
 
     async def go() -> str:
@@ -352,12 +401,14 @@ def add(
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
+                queue=queue,
             )
 
     out.print(_run(go()), markup=False)
 
 
 def _check_task_known(settings: Settings, name: str) -> None:
+    validate_task_name(name)  # first: a hostile name must not be echoed back in full
     task_checker(settings)(name)
 
 
@@ -378,36 +429,6 @@ def task_checker(settings: Settings) -> Callable[[str], None]:
             )
 
     return check
-
-
-# -- cancel ------------------------------------------------------------------------------
-
-
-@app.command()
-@command
-def cancel(
-    ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", help="Jobs to cancel.")],
-) -> None:
-    """Cancel pending jobs; exit 1 if any id was not found or is no longer pending."""
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-
-    async def go() -> tuple[set[str], dict[str, str]]:
-        async with open_scheduler(settings) as sched:
-            done = await sched.store.cancel_jobs(job_ids)
-            return done, await sched.store.job_statuses([j for j in job_ids if j not in done])
-
-    cancelled, others = _run(go())
-    for job_id in job_ids:
-        if job_id in cancelled:
-            out.print(job_id, markup=False)
-    problems = [j for j in job_ids if j not in cancelled]
-    for job_id in problems:
-        reason = f"is {others[job_id]}, not pending" if job_id in others else "not found"
-        err.print(f"error: job {job_id}: {reason}", markup=False)
-    if problems:
-        raise typer.Exit(1)
 
 
 # -- ls ----------------------------------------------------------------------------------
@@ -535,7 +556,7 @@ def version() -> None:
     out.print(__version__)
 
 
-from . import cli_ops  # noqa: E402,F401  (registers the operator commands)
+from . import cli_ops, cli_queues, cli_recurring  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:

@@ -52,6 +52,25 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
+    _route_library_logs()
+
+
+class _LibraryLogs(logging.Handler):
+    """psycopg's own warnings (the pool reconnecting during an outage) as structlog events,
+    so a JSON log stays one JSON object per line; a DSN in them is masked."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from .config import mask_dsn
+
+        structlog.get_logger(record.name).log(
+            record.levelno, "library_warning", message=mask_dsn(record.getMessage()))
+
+
+def _route_library_logs() -> None:
+    library = logging.getLogger("psycopg")
+    if not any(isinstance(h, _LibraryLogs) for h in library.handlers):
+        library.addHandler(_LibraryLogs(logging.WARNING))
+        library.propagate = False
 
 
 def get_logger(name: str = "pgsched") -> structlog.typing.FilteringBoundLogger:

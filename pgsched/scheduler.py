@@ -29,7 +29,9 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
+from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
 from .worker import Worker, WorkerOptions
@@ -94,6 +96,23 @@ def new_job_id() -> str:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
+def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
+    """Validate a job's (or schedule's) arguments; returns them as JSON text."""
+    if not isinstance(args, list | tuple):
+        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
+    kwargs = kwargs or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidInput("kwargs must be a dict with string keys")
+    args_json = encode_json(list(args), "args")
+    kwargs_json = encode_json(kwargs, "kwargs")
+    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
+            f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
+        )
+    return args_json, kwargs_json
+
+
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
@@ -145,7 +164,11 @@ class Scheduler:
                     self._pool = await open_pool(self._dsn, max_size=self._pool_size,
                                                  application_name=self.application_name)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                    raise DatabaseUnavailable(f"cannot connect to the database: {exc}") from exc
+                    # libpq's first line says why; the rest is a generic hint.
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
+                        else type(exc).__name__
+                    raise DatabaseUnavailable(
+                        f"cannot connect to the database: {mask_dsn(reason)}") from exc
             self._store = Store(self._pool, self.schema)
         return self
 
@@ -168,9 +191,10 @@ class Scheduler:
             raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")
         return self._store
 
-    async def migrate(self) -> int:
-        """Create or upgrade the schema; returns its version."""
-        return await self.store.migrate()
+    async def migrate(self, *, grant: Sequence[str] = ()) -> int:
+        """Create or upgrade the schema and grant the runtime roles in `grant` what they
+        need (no DDL); returns the schema version."""
+        return await self.store.migrate(grant=grant)
 
     async def start(self) -> Worker:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
@@ -198,24 +222,15 @@ class Scheduler:
     def _new_job(self, spec: JobSpec) -> NewJob:
         name = task_name_of(spec.func)
         registered = get_task(name)
-        when = spec.execution_time or datetime.now(UTC)
-        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+        when = spec.execution_time
+        if when is not None and (
+                not isinstance(when, datetime) or when.tzinfo is None
+                or when.utcoffset() is None):
             raise InvalidInput(
                 f"execution_time {when!r} must be a timezone-aware datetime, "
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
             )
-        if not isinstance(spec.args, list | tuple):
-            raise InvalidInput(f"args must be a list or tuple, not {type(spec.args).__name__}")
-        kwargs = spec.kwargs or {}
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise InvalidInput("kwargs must be a dict with string keys")
-        args_json = encode_json(list(spec.args), "args")
-        kwargs_json = encode_json(kwargs, "kwargs")
-        if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-            raise InvalidInput(
-                f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
-                f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
-            )
+        args_json, kwargs_json = encode_arguments(spec.args, spec.kwargs)
         if spec.priority is not None:
             priority = JobPriority.parse(spec.priority)
         else:
@@ -235,15 +250,16 @@ class Scheduler:
             grace = self.misfire_grace_time  # validated once, in __init__
         elif grace is not None:
             grace = _seconds(grace, "misfire_grace_time")
-        queue = spec.queue or (registered.queue if registered else "default")
+        queue = spec.queue if spec.queue is not None else (
+            registered.queue if registered else DEFAULT_QUEUE)
         return NewJob(
             id=validate_job_id(spec.job_id) if spec.job_id is not None else new_job_id(),
             task=name,
-            queue=queue,
+            queue=validate_queue_name(queue),
             args=args_json,
             kwargs=kwargs_json,
             priority=int(priority),
-            execution_time=when.astimezone(UTC),
+            execution_time=None if when is None else when.astimezone(UTC),
             misfire_grace_seconds=grace,
             max_retries=max_retries,
             timeout_seconds=timeout,
@@ -270,8 +286,9 @@ class Scheduler:
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
-        Defaults: due now; priority, max_retries, timeout and queue from the task's @task
-        options; misfire_grace_time from the Scheduler (300 s; None = never expire).
+        Defaults: due now (on the database clock, whatever this machine's clock says);
+        priority, max_retries, timeout and queue from the task's @task options;
+        misfire_grace_time from the Scheduler (300 s; None = never expire).
         """
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,

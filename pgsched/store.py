@@ -19,21 +19,24 @@ back off and retry; constraint problems become pgsched errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from .errors import InvalidInput, JobConflict
+from .errors import InvalidInput, JobConflict, PgschedError
 
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -107,10 +110,42 @@ class NewJob(NamedTuple):
     args: str
     kwargs: str
     priority: int
-    execution_time: datetime
+    execution_time: datetime | None  # None: due now, on the database clock
     misfire_grace_seconds: float | None
     max_retries: int
     timeout_seconds: float | None
+
+
+@dataclass(frozen=True)
+class NewSchedule:
+    """One schedule to write, already validated and JSON-encoded (see recurring.py)."""
+
+    id: str
+    task: str
+    cron: str | None
+    tz: str | None
+    every: timedelta | None
+    anchor: datetime
+    args: str
+    kwargs: str
+    priority: int
+    max_retries: int
+    timeout_seconds: float | None
+    queue: str
+    catch_up: str
+    enabled: bool
+    next_fire_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleAdvance:
+    """What the planner decided for one locked schedule: move next_fire_at from
+    `expected` to `next_fire_at` and enqueue `windows` as (job id, fire time)."""
+
+    id: str
+    expected: datetime
+    next_fire_at: datetime
+    windows: Sequence[tuple[str, datetime]] = ()
 
 
 class Store:
@@ -136,8 +171,16 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self, target: int | None = None) -> int:
-        """Apply missing migrations (up to `target`); returns the schema version in place."""
+    async def migrate(self, target: int | None = None, *, grant: Sequence[str] = ()) -> int:
+        """Apply missing migrations (up to `target`), then grant each role in `grant` what a
+        runtime role needs (security.sql), all in one transaction; returns the version."""
+        roles = [validate_identifier(role, "role name") for role in grant]
+        current = await self.schema_version()
+        wanted = migrations()[-1][0] if target is None else target
+        if not roles and current is not None and current >= wanted:
+            # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
+            # privilege) starts with its default --migrate.
+            return current
         schema = sql.Identifier(self.schema)
         async with self.pool.connection() as conn, conn.transaction():
             # hashtext of the schema name: migrations of different schemas do not block
@@ -168,6 +211,8 @@ class Store:
                     [number, name],
                 )
                 version = max(version, number)
+            for role in roles:
+                await self._grant_runtime_role(conn, role)
             return version
 
     async def schema_version(self) -> int | None:
@@ -184,6 +229,24 @@ class Store:
                 )
             )
             return (await cur.fetchone())[0]
+
+    # -- least privilege (security.sql) ---------------------------------------------------
+
+    async def _grant_runtime_role(self, conn: psycopg.AsyncConnection, role: str) -> None:
+        def bind(name: str, **identifiers: str) -> sql.Composed:
+            return sql.SQL(self._q[name]).format(
+                **{key: sql.Identifier(value) for key, value in identifiers.items()})
+
+        try:
+            await conn.execute(bind("grant_runtime_role", role=role))
+            cur = await conn.execute(self._q["schema_types"], {"schema": self.schema})
+            for (type_name,) in await cur.fetchall():
+                await conn.execute(bind("grant_type_usage", role=role, type=type_name))
+        except psycopg.errors.UndefinedObject:
+            raise PgschedError(
+                f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
+                "PASSWORD '...'); nothing was changed"
+            ) from None
 
     # -- enqueue -------------------------------------------------------------------------
 
@@ -212,8 +275,13 @@ class Store:
         as it goes, so that validation overlaps the server's work: whatever it raises rolls
         the transaction back, and nothing is written either.
         """
-        rest, copied = iter(jobs), []
+        copied: list[NewJob] = []
         async with self.pool.connection() as conn, conn.transaction():
+            # A job without a due time is due now on the database clock, and now() is the
+            # transaction's start: the value insert_job would give it, the same for all.
+            now = (await (await conn.execute(self._q["db_now"])).fetchone())[0]
+            rest = (job if job.execution_time is not None else job._replace(execution_time=now)
+                    for job in jobs)
             if replace:
                 copied.extend(rest)
             else:
@@ -249,9 +317,20 @@ class Store:
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
-        self, *, worker_id: str, limit: int, lease_seconds: float, priorities: Sequence[int]
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        priorities: Sequence[int],
+        queues: Sequence[str] | None = None,
+        capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
-        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now)."""
+        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now).
+
+        queues: the queues served (None: all); capped: (queues, free slots of each) for
+        queues with a per-queue concurrency limit. Paused queues are never claimed from.
+        """
         rows = await self._rows(
             "claim_jobs",
             {
@@ -259,6 +338,9 @@ class Store:
                 "limit": limit,
                 "lease_seconds": lease_seconds,
                 "priorities": list(priorities),
+                "queues": list(queues) if queues is not None else None,
+                "capped_queues": list(capped[0]),
+                "capped_free": list(capped[1]),
             },
         )
         claimed = [row for row in rows if row["id"] is not None]
@@ -266,9 +348,10 @@ class Store:
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
-    ) -> set[str]:
+    ) -> dict[str, bool]:
+        """Renew leases; returns {id still held: whether a cancel was requested}."""
         if not held:
-            return set()
+            return {}
         rows = await self._rows(
             "heartbeat_jobs",
             {
@@ -278,7 +361,7 @@ class Store:
                 "lease_seconds": lease_seconds,
             },
         )
-        return {row["id"] for row in rows}
+        return {row["id"]: row["cancel_requested"] for row in rows}
 
     async def complete_jobs(
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
@@ -377,6 +460,188 @@ class Store:
         )
         return rows[0]["count"]
 
+    # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
+
+    async def db_now(self) -> datetime:
+        return (await self._rows("db_now", {}))[0]["now"]
+
+    async def sync_code_schedules(self, schedules: Sequence[NewSchedule]) -> list[dict[str, Any]]:
+        """Upsert code schedules, disable code schedules not given; returns {id, change}."""
+        return await self._rows("sync_code_schedules", {
+            "ids": [s.id for s in schedules],
+            "tasks": [s.task for s in schedules],
+            "crons": [s.cron for s in schedules],
+            "tzs": [s.tz for s in schedules],
+            "everys": [s.every for s in schedules],
+            "anchors": [s.anchor for s in schedules],
+            "args": [s.args for s in schedules],
+            "kwargs": [s.kwargs for s in schedules],
+            "priorities": [s.priority for s in schedules],
+            "max_retries": [s.max_retries for s in schedules],
+            "timeouts": [s.timeout_seconds for s in schedules],
+            "queues": [s.queue for s in schedules],
+            "catch_ups": [s.catch_up for s in schedules],
+            "enableds": [s.enabled for s in schedules],
+            "next_fire_ats": [s.next_fire_at for s in schedules],
+            "channel": self.channel,
+        })
+
+    async def insert_schedule(self, schedule: NewSchedule, *, replace: bool) -> bool:
+        """Create a CLI schedule (or with replace, redefine a CLI one); True if written."""
+        params = {f.name: getattr(schedule, f.name) for f in dataclasses.fields(schedule)}
+        params.update(timeout=schedule.timeout_seconds, replace=replace, channel=self.channel)
+        return bool(await self._rows("insert_schedule", params))
+
+    async def fire_due_schedules(
+        self,
+        *,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Lock up to `limit` due schedules, let `plan` decide each, apply the decisions.
+
+        One transaction: a planner that dies before it commits moves nothing and inserts
+        nothing, and its row locks go with its session. Returns (schedules locked, jobs
+        inserted as {id, schedule_id, fire_time}).
+        """
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await self._fire_due_schedules(
+                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds, now)
+        except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+            # The server ended the session of a planner that stalled mid-transaction (and
+            # rolled it back): a lost connection, as far as the caller is concerned.
+            raise psycopg.OperationalError(str(exc).strip()) from exc
+
+    async def _fire_due_schedules(
+        self,
+        conn: psycopg.AsyncConnection,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows for
+        # ever; the server ends such a session instead, and others take over.
+        await conn.execute(self._q["limit_idle_transaction"],
+                           {"ms": str(round(idle_timeout_seconds * 1000))})
+        cur = conn.cursor(row_factory=dict_row)
+        due = await (await cur.execute(
+            self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
+        if not due:
+            return 0, []
+        advances = [plan(row) for row in due]
+        windows = [(a.id, job_id, fire) for a in advances for job_id, fire in a.windows]
+        await cur.execute(self._q["advance_schedules"], {
+            "ids": [a.id for a in advances],
+            "expected": [a.expected for a in advances],
+            "next_fire_ats": [a.next_fire_at for a in advances],
+            "last_fire_ats": [a.windows[-1][1] if a.windows else None for a in advances],
+            "last_job_ids": [a.windows[-1][0] if a.windows else None for a in advances],
+            "window_job_ids": [w[1] for w in windows],
+            "window_schedule_ids": [w[0] for w in windows],
+            "window_fire_times": [w[2] for w in windows],
+            "skip_grace_seconds": skip_grace_seconds,
+            "channel": self.channel,
+        })
+        return len(due), await cur.fetchall()
+
+    async def next_schedule_fire(self) -> tuple[datetime | None, datetime]:
+        """(earliest next_fire_at of active schedules, database now)."""
+        row = (await self._rows("next_schedule_fire", {}))[0]
+        return row["next_fire_at"], row["db_now"]
+
+    async def list_schedules(self, schedule_id: str | None = None) -> list[dict[str, Any]]:
+        return await self._rows("list_schedules", {"id": schedule_id})
+
+    async def pause_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("pause_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
+    async def resume_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("resume_schedule", {"id": schedule_id, "channel": self.channel})
+        return rows[0] if rows else None
+
+    async def trigger_schedule(self, schedule_id: str, job_id: str) -> str | None:
+        rows = await self._rows(
+            "trigger_schedule", {"id": schedule_id, "job_id": job_id, "channel": self.channel})
+        return rows[0]["id"] if rows else None
+
+    async def remove_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("remove_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
+    # -- queues and cancellation (sql/queues.sql) -----------------------------------------
+
+    async def request_cancel(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        batch_size: int = 5000,
+    ) -> dict[str, str]:
+        """Cancel pending jobs and mark running ones for their worker to stop: the given
+        ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
+        'running'}; ids not returned were not found or had already finished."""
+        params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
+                  "channel": self.channel}
+        if ids is not None:
+            rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
+            return {row["id"]: row["status"] for row in rows}
+        result: dict[str, str] = {}
+        while rows := await self._cancel_batch({**params, "limit": batch_size}):
+            result.update((row["id"], row["status"]) for row in rows)
+        return result
+
+    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+        # The batch locks running rows of many workers in id order while a worker's
+        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
+        # rare deadlock by aborting either side. The statement is idempotent, so retry it
+        # (the worker retries its side too).
+        failed = 0
+        while True:
+            try:
+                return await self._rows("request_cancel", params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
+
+    async def finish_cancelled_jobs(
+        self, *, worker_id: str, held: Sequence[tuple[str, int]]
+    ) -> set[str]:
+        """Record running jobs stopped on request as cancelled; returns the ids written."""
+        if not held:
+            return set()
+        rows = await self._rows(
+            "finish_cancelled_jobs",
+            {"worker_id": worker_id, "ids": [i for i, _ in held],
+             "attempts": [a for _, a in held]},
+        )
+        return {row["id"] for row in rows}
+
+    async def pause_queues(
+        self, queues: Sequence[str], *, paused_by: str | None = None, reason: str | None = None
+    ) -> set[str]:
+        """Stop claims from these queues for every worker; returns those newly paused."""
+        rows = await self._rows(
+            "pause_queues", {"queues": list(queues), "paused_by": paused_by, "reason": reason})
+        return {row["queue"] for row in rows}
+
+    async def resume_queues(self, queues: Sequence[str]) -> set[str]:
+        """Allow claims again and wake idle workers; returns those that were paused."""
+        rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
+        return {row["queue"] for row in rows}
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
+        return await self._rows("queue_stats", {})
+
     # -- worker registry -----------------------------------------------------------------
 
     async def register_worker(self, **worker: Any) -> None:
@@ -394,8 +659,6 @@ class Store:
 
     # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
 
-    async def db_now(self) -> datetime:
-        return (await self._rows("ops_db_now", {}))[0]["db_now"]
 
     async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
         """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
@@ -449,19 +712,36 @@ def encode_json(value: Any, what: str) -> str:
         raise InvalidInput(
             f"{what} must be JSON (no NaN/Infinity, no custom objects): {exc}"
         ) from exc
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply (or refers to itself)") from None
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN libpq cannot parse, without quoting it: libpq's message quotes the
+    text it choked on, which can be (part of) the password."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise InvalidInput(
+            "the database DSN cannot be parsed: use a postgresql:// URI (percent-encode "
+            "characters such as @ : / % in the password) or key=value pairs (quote values "
+            "that contain spaces: password='a b')"
+        ) from None
 
 
 async def open_pool(
     dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
 ) -> AsyncConnectionPool:
-    """An opened pool; raises psycopg.OperationalError if the server cannot be reached.
+    """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
+    psycopg.OperationalError with the server's reason if it cannot be reached.
 
     application_name shows in pg_stat_activity, so an operator can tell a worker's
     connections from a web app's that only enqueues.
     """
-    kwargs = {"autocommit": True, "application_name": application_name}
-    # One direct attempt first: a wrong host or password fails at once with the server's
-    # own message, instead of a pool timeout ten seconds later.
+    check_dsn(dsn)
+    kwargs = {"autocommit": True, **_application_name(dsn, application_name)}
+    # One plain connection first: an unreachable server or a refused login fails now with
+    # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
     probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
     await probe.close()
     pool = AsyncConnectionPool(
@@ -495,5 +775,10 @@ def _loads_json(data: bytes) -> Any:
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
     return await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, application_name=application_name
+        dsn, autocommit=True, **_application_name(dsn, application_name)
     )
+
+
+def _application_name(dsn: str, default: str) -> dict[str, str]:
+    """Our application_name, unless the DSN sets its own (the operator's choice wins)."""
+    return {} if "application_name" in conninfo_to_dict(dsn) else {"application_name": default}

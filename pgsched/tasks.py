@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .queues import validate_queue_name
 
 _TASK_NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
 
@@ -134,7 +135,7 @@ def task(
                 max_retries=max_retries,
                 timeout=timeout,
                 priority=JobPriority.parse(priority),
-                queue=queue,
+                queue=validate_queue_name(queue),
             )
         )
         return fn

@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,20 @@ def pg_dsn() -> Iterator[str]:
     finally:
         server.cleanup()
         shutil.rmtree(data.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL that tests may stop, crash, start, and create roles in
+    (tests/faults/cluster.py); started on first use, shared by the session."""
+    from faults.cluster import Cluster, ClusterUnavailable
+
+    try:
+        owned = Cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
+    yield owned
+    owned.destroy()
 
 
 @pytest.fixture
@@ -125,9 +139,10 @@ def run_cli(*args: str, config: Path | None = None, input: str | None = None,
 def audit_env(pg_dsn: str, schema: str) -> dict[str, str]:
     """Environment for workers running tests/worker_tasks.py's `record`; creates the
     audit table it writes to."""
+    from worker_tasks import create_audit_table
+
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".audit '
-                     "(key text, pid int, at timestamptz DEFAULT now())")
+        create_audit_table(conn, schema)
     return cli_env(PGSCHED_TEST_AUDIT_DSN=pg_dsn, PGSCHED_TEST_AUDIT_SCHEMA=schema)
 
 
@@ -139,11 +154,14 @@ def audit_counts(pg_dsn: str, schema: str) -> dict[str, int]:
 
 
 class WorkerProcess:
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
+    """`pgsched worker` as a real process; `prefix` wraps the command (e.g. `unshare`)."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None,
+                 prefix: Sequence[str] = ()):
         self.log_path = config.parent / f"worker-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
+            [*prefix, sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env or cli_env(), cwd=ROOT,
         )
 
@@ -178,8 +196,9 @@ class WorkerProcess:
 def workers() -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(config: Path, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        w = WorkerProcess(config, *args, env=env)
+    def start(config: Path, *args: str, env: dict[str, str] | None = None,
+              prefix: Sequence[str] = ()) -> WorkerProcess:
+        w = WorkerProcess(config, *args, env=env, prefix=prefix)
         started.append(w)
         return w
 

@@ -15,14 +15,15 @@ from typer.testing import CliRunner
 from pgsched.cli import app
 from pgsched.store import migrations
 
+LATEST = migrations()[-1][0]
+
 runner = CliRunner()
-LATEST = str(migrations()[-1][0])  # what `migrate` prints once every migration is applied
 
 
 @pytest.fixture
 def config(tmp_path: Path, pg_dsn: str, schema: str) -> Path:
     path = write_config(tmp_path, pg_dsn, schema)
-    assert cli(path, "migrate").stdout.strip() == LATEST
+    assert cli(path, "migrate").stdout.strip() == str(LATEST)
     return path
 
 
@@ -39,7 +40,7 @@ def jobs(pg_dsn: str, schema: str) -> list[dict]:
 
 
 def test_migrate_is_idempotent(config):
-    assert cli(config, "migrate").stdout.strip() == LATEST
+    assert cli(config, "migrate").stdout.strip() == str(LATEST)
 
 
 def test_add_prints_only_the_job_id_and_stores_the_job(config, pg_dsn, schema):
@@ -110,7 +111,7 @@ def test_cancel_reports_each_id(config):
     cli(config, "cancel", done)
     result = cli(config, "cancel", pending, done, "missing", code=1)
     assert result.stdout.split() == [pending]
-    assert f"job {done}: is cancelled, not pending" in result.stderr
+    assert f"job {done}: already cancelled" in result.stderr
     assert "job missing: not found" in result.stderr
 
 

@@ -442,14 +442,15 @@ async def _all_running(sched: Scheduler, ids: list[str]) -> bool:
 
 async def test_job_data_is_printed_as_is_never_as_markup(config, sched):
     job_id = "odd [/] id [bold]x"
-    await sched.schedule("fail", job_id=job_id, queue="q[/]",
-                         kwargs={"message": "[red]boom[/] :smile:"})
+    # Queue and task names are validated, so hostile text can only come through ids and
+    # error messages.
+    await sched.schedule("fail", job_id=job_id, kwargs={"message": "[red]boom[/] :smile:"})
     await settle(sched, job_id)
-    for args in (["show", job_id], ["ls"], ["status"], ["top"]):
+    for args in (["show", job_id], ["ls"], ["top"]):
         result = await cli(config, *args)
         assert result.exit_code == 0, (args, result.stderr)
-        assert job_id in result.stdout or args == ["status"]
-        assert ("q[/]" if args == ["status"] else "[red]boom[/] :smile:") in result.stdout
+        assert job_id in result.stdout
+        assert "[red]boom[/] :smile:" in result.stdout
 
 
 class Terminal:

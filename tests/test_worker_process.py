@@ -86,7 +86,7 @@ async def test_late_completion_from_worker_that_lost_its_lease_is_rejected(sched
     assert fresh[0]["attempts"] == 2
     # The stale worker wakes up: its heartbeat, completion, failure and release all miss.
     assert await store.heartbeat_jobs(worker_id="stale", held=[(job_id, 1)],
-                                      lease_seconds=60) == set()
+                                      lease_seconds=60) == {}
     assert await store.complete_jobs(worker_id="stale", done=[(job_id, 1, '"stale"')]) == set()
     assert await store.fail_job(worker_id="stale", job_id=job_id, attempt=1, error="x",
                                 traceback=None, retry_delay_seconds=0) is None

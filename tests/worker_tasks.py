@@ -1,24 +1,77 @@
 """Tasks the test suite's worker processes run (loaded by path from the generated config).
 
-`record` writes to an audit table in the test's schema, outside pgsched's own tables, so
-tests can count how many times each job body really ran. The test creates that table
-first (conftest.audit_env): creating it here would race between concurrent jobs.
+`record` and the other audited tasks write one row per real execution of a job body to an
+`audit` table in the test's schema, outside pgsched's own tables, so tests can count how
+many times each job really ran and which claim (job id, attempt, worker) ran it. The
+claim comes from the context pgsched binds for every job (structlog contextvars), which
+reaches sync tasks too because the worker copies the context into the thread.
+
+Tasks that must wait for the test (`hold`, `spin_until`) wait for a file to appear, so
+tests release them on an event instead of guessing durations.
 """
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
+from pathlib import Path
 
 import psycopg
+import structlog
 
 from pgsched import JobPriority, task
 
+AUDIT_COLUMNS = ("key text, job_id text, attempt int, worker_id text, pid int, "
+                 "at timestamptz DEFAULT now()")
+
+_local = threading.local()
+
+
+def create_audit_table(conn: psycopg.Connection, schema: str) -> None:
+    conn.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".audit ({AUDIT_COLUMNS})')
+
+
+def _audit_connection() -> psycopg.Connection:
+    """One connection per thread, reopened when a server restart broke it. While the
+    server is down, it waits for it (up to a minute) like a patient real task would."""
+    conn = getattr(_local, "conn", None)
+    if conn is None or conn.closed or conn.broken:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = psycopg.connect(os.environ["PGSCHED_TEST_AUDIT_DSN"], autocommit=True)
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        _local.conn = conn
+        schema = os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
+        # Another process may create it at the same moment.
+        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            create_audit_table(conn, schema)
+    return conn
+
 
 def _audit(key: str) -> None:
-    dsn, schema = os.environ["PGSCHED_TEST_AUDIT_DSN"], os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'INSERT INTO "{schema}".audit (key, pid) VALUES (%s, %s)',
-                     [key, os.getpid()])
+    claim = structlog.contextvars.get_contextvars()
+    schema = os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
+    row = [key, claim.get("job_id"), claim.get("attempt"), claim.get("worker_id"), os.getpid()]
+    sql = (f'INSERT INTO "{schema}".audit (key, job_id, attempt, worker_id, pid) '
+           "VALUES (%s, %s, %s, %s, %s)")
+    try:
+        _audit_connection().execute(sql, row)
+    except psycopg.OperationalError:
+        # The connection died while idle (server restart, pg_terminate_backend): a
+        # statement cut off that way did not commit, so running it again counts once.
+        _local.conn = None
+        _audit_connection().execute(sql, row)
+
+
+def _wait_for_file(path: str) -> None:
+    while not Path(path).exists():
+        time.sleep(0.02)
 
 
 @task
@@ -37,7 +90,9 @@ def sync_add(a: int, b: int) -> int:
 
 
 @task
-def record(key: str) -> str:
+def record(key: str, seconds: float = 0.0) -> str:
+    if seconds:
+        time.sleep(seconds)
     _audit(key)
     return key
 
@@ -45,6 +100,57 @@ def record(key: str) -> str:
 @task
 async def sleep_then_record(key: str, seconds: float) -> str:
     await asyncio.sleep(seconds)
+    await asyncio.to_thread(_audit, key)
+    return key
+
+
+@task
+async def hold(key: str, release: str) -> str:
+    """Run until the file `release` exists, then audit: a job that is busy on demand."""
+    while not Path(release).exists():
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(_audit, key)
+    return key
+
+
+@task
+def sync_hold(key: str, release: str) -> str:
+    """Like hold, in a thread: a sync task cannot be interrupted."""
+    _wait_for_file(release)
+    _audit(key)
+    return key
+
+
+@task
+async def hold_with_cleanup(key: str, release: str, on_cancel: str) -> str:
+    """Like hold, with an asyncio cancellation path: `reraise` cleans up and lets the
+    cancellation through, `error` fails while cleaning up, `swallow` returns instead,
+    `wait:PATH` cleans up until PATH exists, then lets the cancellation through."""
+    try:
+        while not Path(release).exists():
+            await asyncio.sleep(0.02)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.05)  # an await inside the cleanup, like closing a client
+        if on_cancel.startswith("wait:"):
+            while not Path(on_cancel.removeprefix("wait:")).exists():
+                await asyncio.sleep(0.02)
+        if on_cancel == "error":
+            raise RuntimeError("cleanup failed") from None
+        if on_cancel == "swallow":
+            return "interrupted"
+        raise
+    await asyncio.to_thread(_audit, key)
+    return key
+
+
+@task
+async def spin_once(key: str, marker: str, release: str) -> str:
+    """The first run blocks the event loop with CPU work (no await) until `release`
+    exists; later runs do not. Audits every run."""
+    if not Path(marker).exists():
+        Path(marker).touch()
+        while not Path(release).exists():
+            sum(i * i for i in range(20_000))  # the worker's loop is stuck in here
     await asyncio.to_thread(_audit, key)
     return key
 
@@ -69,3 +175,28 @@ def fail(message: str = "boom") -> None:
 @task(priority=JobPriority.CRITICAL)
 async def urgent() -> str:
     return "urgent"
+
+
+# How many `track` jobs of each key run at once, in this process (in-process workers).
+ACTIVE: dict[str, int] = {}
+PEAK: dict[str, int] = {}
+
+
+@task
+async def track(key: str, seconds: float) -> str:
+    ACTIVE[key] = ACTIVE.get(key, 0) + 1
+    PEAK[key] = max(PEAK.get(key, 0), ACTIVE[key])
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        ACTIVE[key] -= 1
+    return key
+
+
+@task
+async def stubborn(release: str) -> str:
+    """Ignores cancellation until `release` exists: a task only a second signal stops."""
+    while not Path(release).exists():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.02)
+    return "done"

@@ -8,7 +8,9 @@
 -- COPY (measured on the benchmark machine, see docs/README-performance.md).
 --
 -- Every path wakes idle workers with one NOTIFY per statement, carrying the earliest due
--- time as epoch seconds, never one per row.
+-- time as epoch seconds, never one per row. A NULL execution_time is "due now" on the
+-- database clock (a client whose clock is behind must not enqueue a job already past its
+-- misfire grace); the COPY paths fill it in from the transaction's now() first.
 
 -- name: insert_job
 -- Insert one job unless its id exists. Returns the id when it was inserted.
@@ -17,8 +19,8 @@ WITH new AS (
         (id, task, queue, args, kwargs, priority, execution_time,
          misfire_grace_seconds, max_retries, timeout_seconds)
     VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
-            %(priority)s, %(execution_time)s, %(misfire_grace_seconds)s, %(max_retries)s,
-            %(timeout_seconds)s)
+            %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
+            %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
     ON CONFLICT (id) DO NOTHING
     RETURNING id, execution_time
 ),
@@ -35,8 +37,8 @@ WITH new AS (
         (id, task, queue, args, kwargs, priority, execution_time,
          misfire_grace_seconds, max_retries, timeout_seconds)
     VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
-            %(priority)s, %(execution_time)s, %(misfire_grace_seconds)s, %(max_retries)s,
-            %(timeout_seconds)s)
+            %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
+            %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
     ON CONFLICT (id) DO UPDATE SET
         task = excluded.task, queue = excluded.queue, args = excluded.args,
         kwargs = excluded.kwargs, priority = excluded.priority,

@@ -9,10 +9,6 @@
 -- with `lease_until IS NOT NULL AND status = 'running'`: the first term is the predicate
 -- of jobs_leased_idx (migration 0004), the second keeps the meaning exact.
 
--- name: ops_db_now
--- The database clock: the cut-off of a bulk retry and the reference for ages shown.
-SELECT now() AS db_now;
-
 -- name: ops_job_counts
 -- Jobs per queue and status (one pass over the table: `pgsched status` only). For pending
 -- rows also how many are due and the oldest due time.
@@ -106,7 +102,7 @@ LIMIT %(limit)s;
 -- stay unique and every write after a claim stays fenced). Selects either the given ids
 -- or, with %(ids)s NULL, the jobs matching the filters that ended before %(cutoff)s: a
 -- bulk retry runs in batches, and the cut-off keeps a job it retried that failed again
--- meanwhile from being picked up a second time. Wakes the workers like insert_jobs.
+-- meanwhile from being picked up a second time. Wakes the workers like insert_job.
 WITH picked AS (
     SELECT id FROM {schema}.jobs
     WHERE status = ANY(%(statuses)s::{schema}.job_status[])

@@ -6,8 +6,10 @@ the daemon records the Outcome with fenced statements.
 
 Invariants: every exception a task raises becomes an Outcome (never escapes); only
 asyncio cancellation propagates, because it means the daemon itself cancelled the job
-(shutdown, lost lease) and must decide what to record. A sync task that times out or is
-cancelled cannot be interrupted: its thread runs on, its result is ignored.
+(shutdown, lost lease) and must decide what to record; an exception a task raises while
+it is being cancelled that way (a failing cleanup) counts as that cancellation. A sync
+task that times out or is cancelled cannot be interrupted: its thread runs on, its result
+is ignored.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class Outcome:
     result_json: str = "null"
     error: str = ""
     traceback: str | None = None
+    cancelled: bool = False  # stopped because a cancel was requested
+
+
+CANCELLED = Outcome(ok=False, error="cancelled on request", cancelled=True)
 
 
 class SyncCalls:
@@ -76,6 +82,10 @@ async def run_job(job: dict[str, Any], threads: Executor, sync_calls: SyncCalls)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
+        if _cancelling():
+            # The task raised while handling the daemon's cancellation (shutdown, lost
+            # lease): an interruption, not a failed attempt that would burn a retry.
+            raise asyncio.CancelledError from exc
         return _failed(exc)
     if result is None:
         return _NONE
@@ -96,6 +106,13 @@ async def _call(task: Any, args: list, kwargs: dict, threads: Executor,
     call = functools.partial(
         contextvars.copy_context().run, sync_calls.call, task.func, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+def _cancelling() -> bool:
+    # asyncio.timeout() withdraws its own cancellation before the error gets here, so
+    # only a cancellation from outside (the daemon) is still counted.
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _failed(exc: BaseException) -> Outcome:

@@ -88,9 +88,18 @@ class Maintenance:
         did: dict[str, object] = {}
         recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
         for row in recovered:
-            event = "job_recovered" if row["status"] == "pending" else "job_poisoned"
-            log.warning(event, job_id=row["id"], task=row["task"], attempt=row["attempts"],
-                        previous_worker=row["previous_worker"])
+            status = str(row["status"])
+            fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],
+                          previous_worker=row["previous_worker"])
+            # Literal event names, so that grepping the code finds every documented event.
+            if status == "pending":
+                log.warning("job_recovered", **fields)
+            elif status == "cancelled":
+                log.warning("job_cancelled", reason="lease expired after a cancel request",
+                            **fields)
+            else:
+                log.warning("job_poisoned", **fields)
+            self.worker.metrics.job_recovered(row["task"], row["queue"], status)
         if recovered:
             did["recovered"] = len(recovered)
             self.worker._wake.set()  # recovered jobs are due now
