@@ -30,17 +30,19 @@ async def jobs_by_id(sched) -> dict[str, dict]:
 
 
 async def test_awkward_text_survives_copy_and_the_single_row_insert(sched):
+    # Queue names are validated (letters, digits, _ . : -), so the awkward text travels in
+    # ids, args and kwargs; the queue still goes through COPY and the single-row insert.
     args, kwargs = (AWKWARD, "", None, 1.5, [AWKWARD]), {AWKWARD: AWKWARD, "n": None}
+    queue = "q.with:odd-chars_1"
     await sched.schedule_bulk([
-        JobSpec("noop", job_id=f"bulk {AWKWARD_ID} {i}", args=args, kwargs=kwargs,
-                queue=AWKWARD)
+        JobSpec("noop", job_id=f"bulk {AWKWARD_ID} {i}", args=args, kwargs=kwargs, queue=queue)
         for i in range(3)])
     await sched.schedule("noop", job_id=f"one {AWKWARD_ID}", args=args, kwargs=kwargs,
-                         queue=AWKWARD)
+                         queue=queue)
     rows = await jobs_by_id(sched)
     assert set(rows) == {f"bulk {AWKWARD_ID} {i}" for i in range(3)} | {f"one {AWKWARD_ID}"}
     for row in rows.values():
-        assert (row["args"], row["kwargs"], row["queue"]) == (list(args), kwargs, AWKWARD)
+        assert (row["args"], row["kwargs"], row["queue"]) == (list(args), kwargs, queue)
 
 
 async def test_bulk_clashing_with_existing_ids_skips_exactly_those(sched):
