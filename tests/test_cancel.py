@@ -14,7 +14,11 @@ from conftest import fast_options, wait_until
 
 from pgsched import Scheduler, Worker
 
-PAST = datetime.now(UTC) - timedelta(minutes=1)
+
+def past() -> datetime:
+    """A minute ago, at call time: a constant taken at import would drift past the
+    default 300 s misfire grace in a long test run, and the jobs would expire."""
+    return datetime.now(UTC) - timedelta(minutes=1)
 
 
 async def job(sched: Scheduler, job_id: str) -> dict[str, Any]:
@@ -90,7 +94,7 @@ async def test_sync_task_is_cancelled_and_its_slot_freed(sched):
 
 
 async def test_cancel_of_a_dead_workers_job_ends_cancelled_at_lease_expiry(sched):
-    job_id = await sched.schedule("record", args=("never",), execution_time=PAST)
+    job_id = await sched.schedule("record", args=("never",), execution_time=past())
     assert [j["id"] for j in await claim_as_ghost(sched, lease_seconds=0.3)] == [job_id]
     assert await sched.store.request_cancel(ids=[job_id]) == {job_id: "running"}
     janitor = Worker(sched.store, sched._dsn, fast_options())
@@ -104,7 +108,7 @@ async def test_cancel_of_a_dead_workers_job_ends_cancelled_at_lease_expiry(sched
 
 
 async def test_failure_after_a_cancel_request_is_not_retried(sched):
-    job_id = await sched.schedule("fail", max_retries=5, execution_time=PAST)
+    job_id = await sched.schedule("fail", max_retries=5, execution_time=past())
     [claimed] = await claim_as_ghost(sched)
     await sched.store.request_cancel(ids=[job_id])
     row = await sched.store.fail_job(worker_id="ghost", job_id=job_id,
@@ -117,8 +121,8 @@ async def test_failure_after_a_cancel_request_is_not_retried(sched):
 
 
 async def test_release_at_shutdown_honours_a_cancel_request(sched):
-    keep = await sched.schedule("noop", execution_time=PAST)
-    stop = await sched.schedule("noop", execution_time=PAST - timedelta(seconds=1))
+    keep = await sched.schedule("noop", execution_time=past())
+    stop = await sched.schedule("noop", execution_time=past() - timedelta(seconds=1))
     claimed = {j["id"]: j["attempts"] for j in await claim_as_ghost(sched)}
     await sched.store.request_cancel(ids=[stop])
     released = await sched.store.release_jobs(worker_id="ghost", held=list(claimed.items()))
@@ -128,7 +132,7 @@ async def test_release_at_shutdown_honours_a_cancel_request(sched):
 
 
 async def test_a_new_attempt_starts_without_the_old_cancel_request(sched):
-    job_id = await sched.schedule("noop", job_id="again", execution_time=PAST)
+    job_id = await sched.schedule("noop", job_id="again", execution_time=past())
     await claim_as_ghost(sched)
     await sched.store.request_cancel(ids=[job_id])
     async with sched.store.pool.connection() as conn:  # an operator puts it back by hand
@@ -141,13 +145,13 @@ async def test_a_new_attempt_starts_without_the_old_cancel_request(sched):
 
 
 async def test_bulk_cancel_by_task_and_queue_notifies_each_worker_once(sched, pg_dsn):
-    running = await sched.schedule("noop", queue="q", execution_time=PAST - timedelta(hours=1),
+    running = await sched.schedule("noop", queue="q", execution_time=past() - timedelta(hours=1),
                                    misfire_grace_time=None)
     await claim_as_ghost(sched)
     pending = [await sched.schedule("noop", queue="q") for _ in range(5)]
     other_task = await sched.schedule("add", args=(1, 1), queue="q",
-                                      execution_time=PAST + timedelta(hours=1))
-    other_queue = await sched.schedule("noop", queue="r", execution_time=PAST + timedelta(hours=1))
+                                      execution_time=past() + timedelta(hours=1))
+    other_queue = await sched.schedule("noop", queue="r", execution_time=past() + timedelta(hours=1))
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
         await listener.execute(f'LISTEN "{sched.store.channel}"')
         done = await sched.store.request_cancel(task="noop", queue="q", batch_size=2)

@@ -15,7 +15,11 @@ from pgsched import InvalidInput, JobPriority, Scheduler, Worker, task
 from pgsched.queues import capped_free_slots, parse_queue_list, saturated
 from pgsched.tasks import get_task
 
-PAST = datetime.now(UTC) - timedelta(minutes=1)
+
+def past() -> datetime:
+    """A minute ago, at call time: a constant taken at import would drift past the
+    default 300 s misfire grace in a long test run, and the jobs would expire."""
+    return datetime.now(UTC) - timedelta(minutes=1)
 
 
 async def status(sched: Scheduler, job_id: str) -> str:
@@ -61,8 +65,8 @@ async def test_paused_queue_is_skipped_and_resume_wakes_idle_workers(sched):
     assert await sched.store.pause_queues(["held"], paused_by="test", reason="smtp down") \
         == {"held"}
     assert await sched.store.pause_queues(["held"]) == set()  # already paused
-    held = await sched.schedule("noop", queue="held", execution_time=PAST)
-    free = await sched.schedule("noop", execution_time=PAST)
+    held = await sched.schedule("noop", queue="held", execution_time=past())
+    free = await sched.schedule("noop", execution_time=past())
     worker = Worker(sched.store, sched._dsn, fast_options(poll_seconds=30))
     runner = asyncio.create_task(worker.run())
     try:
@@ -93,9 +97,9 @@ async def test_per_queue_concurrency_holds_within_a_worker(sched):
     # The slow jobs are due first: without the limit they would fill the slots first.
     for i in range(6):
         await sched.schedule("track", args=("slow", 0.3), queue="slow",
-                             execution_time=PAST - timedelta(seconds=10 - i))
+                             execution_time=past() - timedelta(seconds=10 - i))
     for _ in range(6):
-        await sched.schedule("track", args=("fast", 0.3), queue="fast", execution_time=PAST)
+        await sched.schedule("track", args=("fast", 0.3), queue="fast", execution_time=past())
     await run_burst(sched, concurrency=8, queue_concurrency=(("slow", 2),))
     assert peak["slow"] == 2
     assert peak["fast"] == 6
@@ -103,9 +107,9 @@ async def test_per_queue_concurrency_holds_within_a_worker(sched):
 
 
 async def test_priority_then_due_time_order_holds_across_queues(sched):
-    old = await sched.schedule("noop", queue="a", execution_time=PAST - timedelta(seconds=30))
-    newer = await sched.schedule("noop", queue="b", execution_time=PAST)
-    urgent = await sched.schedule("noop", queue="c", execution_time=PAST + timedelta(seconds=5),
+    old = await sched.schedule("noop", queue="a", execution_time=past() - timedelta(seconds=30))
+    newer = await sched.schedule("noop", queue="b", execution_time=past())
+    urgent = await sched.schedule("noop", queue="c", execution_time=past() + timedelta(seconds=5),
                                   priority=JobPriority.CRITICAL)
     await run_burst(sched, concurrency=1)
     started = [(await sched.get_job(j))["started_at"] for j in (urgent, old, newer)]
