@@ -151,7 +151,8 @@ async def test_bulk_cancel_by_task_and_queue_notifies_each_worker_once(sched, pg
     pending = [await sched.schedule("noop", queue="q") for _ in range(5)]
     other_task = await sched.schedule("add", args=(1, 1), queue="q",
                                       execution_time=past() + timedelta(hours=1))
-    other_queue = await sched.schedule("noop", queue="r", execution_time=past() + timedelta(hours=1))
+    other_queue = await sched.schedule("noop", queue="r",
+                                       execution_time=past() + timedelta(hours=1))
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
         await listener.execute(f'LISTEN "{sched.store.channel}"')
         done = await sched.store.request_cancel(task="noop", queue="q", batch_size=2)
