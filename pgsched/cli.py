@@ -408,22 +408,23 @@ def add(
 
 
 def _check_task_known(settings: Settings, name: str) -> None:
-    validate_task_name(name)  # first: a hostile name must not be echoed back in full
     task_checker(settings)(name)
 
 
 def task_checker(settings: Settings) -> Callable[[str], None]:
-    """A check rejecting unknown task names, when the task module can be imported here."""
-    if settings.worker.tasks is None:
-        return lambda _name: None
-    try:
-        load_tasks(settings.worker.tasks, settings.base_dir)
-    except InvalidInput as exc:
-        log.debug("task_module_unavailable", error=str(exc))
-        return lambda _name: None
+    """A check rejecting invalid task names, and unknown ones when the task module can be
+    imported here."""
+    module = settings.worker.tasks
+    if module is not None:
+        try:
+            load_tasks(module, settings.base_dir)
+        except InvalidInput as exc:
+            log.debug("task_module_unavailable", error=str(exc))
+            module = None
 
     def check(name: str) -> None:
-        if get_task(name) is None:
+        validate_task_name(name)  # first: a hostile name must not be echoed back in full
+        if module is not None and get_task(name) is None:
             raise InvalidInput(
                 f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
             )

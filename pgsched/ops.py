@@ -306,7 +306,7 @@ def parse_job_line(text: str, *, tz: str, now: datetime) -> JobSpec:
     validate_task_name(data["task"])
     if "at" in data and "in" in data:
         raise InvalidInput('use either "at" or "in", not both')
-    when = now
+    when: datetime | None = None  # due now, on the database clock (not this machine's)
     if "at" in data:
         if not isinstance(data["at"], str):
             raise InvalidInput('"at" must be an ISO 8601 time as a string')
