@@ -19,6 +19,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,25 @@ def assert_json_lines(worker: WorkerProcess) -> None:
     """A worker logging JSON writes nothing else, even during outages."""
     for line in worker.log().splitlines():
         assert line.startswith("{") and json.loads(line), line
+
+
+async def job_if(sched: Scheduler, job_id: str, status: str,
+                 attempts: int | None = None) -> dict[str, Any] | None:
+    """The job when it has this status (and attempt count); None otherwise, also while
+    the test's own connections are reconnecting after a database restart."""
+    try:
+        job = await sched.store.get_job(job_id)
+    except psycopg.OperationalError:
+        return None
+    if job is None or job["status"] != status:
+        return None
+    return job if attempts is None or job["attempts"] == attempts else None
+
+
+async def at_least(sched: Scheduler, status: str, n: int) -> bool:
+    """Whether at least n jobs have this status."""
+    return (await counts(sched))[status] >= n
+
+
+async def db_now(sched: Scheduler) -> datetime:
+    return (await query(sched, "SELECT now() AS now"))[0]["now"]

@@ -18,6 +18,7 @@ from .kit import (
     audit_env,
     check_each_completed_once,
     fault_config,
+    job_if,
     jobs,
     log_events,
     pid_of,
@@ -35,7 +36,7 @@ async def test_blocked_loop_is_reported_and_the_job_recovered(sched, pg_dsn, sch
     blocked = workers(config, env=env)
     await wait_until(marker.exists, what="the task to start blocking its worker's loop")
     rescuer = workers(config, env=env)
-    job = await wait_until(lambda: _completed(sched, job_id), timeout=30,
+    job = await wait_until(lambda: job_if(sched, job_id, "completed"), timeout=30,
                            what="another worker to recover and finish the job")
     assert pid_of(job["worker_id"]) == rescuer.pid
     assert (job["attempts"], job["recoveries"]) == (2, 1)
@@ -58,7 +59,3 @@ async def test_blocked_loop_is_reported_and_the_job_recovered(sched, pg_dsn, sch
     check_each_completed_once(await jobs(sched), await audit(sched))
     assert Path(release).exists()
 
-
-async def _completed(sched, job_id):
-    job = await sched.store.get_job(job_id)
-    return job if job["status"] == "completed" else None

@@ -20,11 +20,13 @@ from conftest import run_cli, wait_until
 from pgsched import JobSpec
 
 from .kit import (
+    at_least,
     audit,
     audit_env,
     check_each_completed_once,
-    counts,
+    db_now,
     fault_config,
+    job_if,
     jobs,
     log_events,
     pid_of,
@@ -39,10 +41,6 @@ SHIM = str(Path(__file__).parent / "skewed_clock")
 
 def skewed(env: dict[str, str], seconds: float) -> dict[str, str]:
     return {**env, "PYTHONPATH": SHIM, "PGSCHED_TEST_CLOCK_OFFSET_SECONDS": str(seconds)}
-
-
-async def db_now(sched):
-    return (await query(sched, "SELECT now() AS now"))[0]["now"]
 
 
 async def test_an_hour_of_skew_changes_no_lease_and_no_timer(sched, pg_dsn, schema, workers,
@@ -68,14 +66,14 @@ async def test_an_hour_of_skew_changes_no_lease_and_no_timer(sched, pg_dsn, sche
     for w in (ahead, behind):
         assert not log_events(w, "job_recovered") and not log_events(w, "lease_lost")
     do_release()
-    await wait_until(lambda: _completed(sched, 2), what="held jobs completed")
+    await wait_until(lambda: at_least(sched, "completed", 2), what="held jobs completed")
     check_each_completed_once(await jobs(sched), await audit(sched))
 
     ahead.signal(signal.SIGTERM)
     assert await ahead.wait() == 0
     due = await db_now(sched) + timedelta(seconds=2)
     job_id = await sched.schedule("noop", execution_time=due, job_id="timer")
-    job = await wait_until(lambda: _done(sched, job_id), timeout=20,
+    job = await wait_until(lambda: job_if(sched, job_id, "completed"), timeout=20,
                            what="the job started by its timer, not the 600 s poll")
     assert job["started_at"] >= due and pid_of(job["worker_id"]) == behind.pid
     behind.signal(signal.SIGTERM)
@@ -93,7 +91,8 @@ async def test_a_client_an_hour_off_adds_jobs_due_now_on_the_database_clock(
         job = await sched.store.get_job(added.stdout.strip())
         assert before <= job["execution_time"] <= await db_now(sched), (offset, job)
     worker = workers(config, env=env)
-    await wait_until(lambda: _completed(sched, 2), what="both jobs run, none expired")
+    await wait_until(lambda: at_least(sched, "completed", 2),
+                     what="both jobs run, none expired")
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0
 
@@ -110,11 +109,3 @@ async def _heartbeated_for(sched, seconds):
                        [seconds])
     return rows[0]["ok"]
 
-
-async def _completed(sched, n):
-    return (await counts(sched))["completed"] >= n
-
-
-async def _done(sched, job_id):
-    job = await sched.store.get_job(job_id)
-    return job if job["status"] == "completed" else None

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import psycopg
 from conftest import wait_until
 
 from .kit import (
     alive,
     assert_json_lines,
+    at_least,
     audit,
     audit_env,
     backends,
     check_each_completed_once,
-    counts,
     fault_config,
+    job_if,
     jobs,
     log_events,
     query,
@@ -32,20 +32,12 @@ from .kit import (
 NEVER_POLL = 600  # seconds: longer than any deadline below, so only NOTIFY wakes a worker
 
 
-async def completed(sched, job_id):
-    try:
-        job = await sched.store.get_job(job_id)
-    except psycopg.OperationalError:
-        return None  # the test's own pool is reconnecting after a restart
-    return job if job and job["status"] == "completed" else None
-
-
 async def probe_notify(sched, name: str) -> None:
     """Two jobs added one after the other to idle workers. The first may be picked up by
     a wake-up left over from the reconnect; the second only by its NOTIFY."""
     for n in (1, 2):
         job_id = await sched.schedule("record", args=(f"{name}-{n}",), job_id=f"{name}-{n}")
-        await wait_until(lambda j=job_id: completed(sched, j), timeout=20,
+        await wait_until(lambda j=job_id: job_if(sched, j, "completed"), timeout=20,
                          what=f"{job_id} picked up by NOTIFY (poll is {NEVER_POLL}s)")
 
 
@@ -62,7 +54,7 @@ async def test_postgres_restarts_under_busy_and_idle_workers(cluster, cluster_sc
     # body does not (it finishes during the outage and its outcome must wait).
     await sched.schedule("hold", args=("hold", release), job_id="hold")
     await sched.schedule("sleep", args=(1,), job_id="sleep")
-    await wait_until(lambda: _running(sched, 2), what="two workers busy, one idle")
+    await wait_until(lambda: at_least(sched, "running", 2), what="two workers busy, one idle")
 
     # 1. A clean stop (every connection dropped) with jobs in flight, for longer than a
     #    lease.
@@ -76,7 +68,7 @@ async def test_postgres_restarts_under_busy_and_idle_workers(cluster, cluster_sc
     await wait_until(lambda: all(log_events(w, "listener_reconnected") for w in crew),
                      what="every listener to reconnect")
     for job_id in ("hold", "sleep"):
-        await wait_until(lambda j=job_id: completed(sched, j), timeout=30,
+        await wait_until(lambda j=job_id: job_if(sched, j, "completed"), timeout=30,
                          what=f"{job_id} completed, or recovered and rerun")
     await probe_notify(sched, "after-stop")
 
@@ -106,10 +98,6 @@ async def _registered(sched, n):
     return len(await query(sched, "SELECT id FROM {schema}.workers")) >= n
 
 
-async def _running(sched, n):
-    return (await counts(sched))["running"] >= n
-
-
 async def test_terminated_connections_are_replaced(sched, pg_dsn, schema, workers, tmp_path):
     app = "pgsched-fault-5"
     config = fault_config(tmp_path, with_params(pg_dsn, application_name=app), schema,
@@ -119,7 +107,7 @@ async def test_terminated_connections_are_replaced(sched, pg_dsn, schema, worker
     worker = workers(config, env=env)
     listener = await wait_until(lambda: _listener(sched, app), what="the LISTEN connection")
     await sched.schedule("hold", args=("first", release), job_id="first")
-    await wait_until(lambda: _running(sched, 1), what="a job in flight")
+    await wait_until(lambda: at_least(sched, "running", 1), what="a job in flight")
 
     # 1. Only the LISTEN connection.
     await query(sched, "SELECT pg_terminate_backend(%s)", [listener])
@@ -133,7 +121,8 @@ async def test_terminated_connections_are_replaced(sched, pg_dsn, schema, worker
                                 "WHERE application_name = %s", [app])
     assert len(killed) >= 2  # the pool's connections and the listener
     do_release()
-    await wait_until(lambda: completed(sched, "first"), what="the in-flight job completed")
+    await wait_until(lambda: job_if(sched, "first", "completed"),
+                     what="the in-flight job completed")
     await wait_until(lambda: len(log_events(worker, "db_unavailable")) > outages,
                      what="the worker to log the lost connections")
     await wait_until(lambda: _listener(sched, app), what="LISTEN again")

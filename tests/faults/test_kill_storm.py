@@ -11,6 +11,7 @@ from pgsched import JobSpec
 
 from .kit import (
     alive,
+    at_least,
     audit,
     audit_env,
     check_each_completed_once,
@@ -46,7 +47,7 @@ async def test_killed_workers_lose_nothing_and_double_nothing(sched, pg_dsn, sch
         if done >= JOBS * 0.9:
             break
         # Space the kills by progress, not by time: about one per 7% of the jobs.
-        await wait_until(lambda d=done: _completed_at_least(sched, d + JOBS // 15),
+        await wait_until(lambda d=done: at_least(sched, "completed", d + JOBS // 15),
                          timeout=60, what="progress between kills")
         busy = await query(sched, "SELECT DISTINCT worker_id FROM {schema}.jobs "
                                   "WHERE status = 'running'")
@@ -60,7 +61,7 @@ async def test_killed_workers_lose_nothing_and_double_nothing(sched, pg_dsn, sch
         live.append(workers(config, env=env))
 
     assert len(killed) >= KILLS // 2, f"only {len(killed)} kills happened (seed {seed})"
-    await wait_until(lambda: _completed_at_least(sched, JOBS), timeout=120,
+    await wait_until(lambda: at_least(sched, "completed", JOBS), timeout=120,
                      what=f"all {JOBS} jobs completed (seed {seed})")
     assert alive(live)
     result = check_each_completed_once(await jobs(sched), await audit(sched))
@@ -71,10 +72,6 @@ async def test_killed_workers_lose_nothing_and_double_nothing(sched, pg_dsn, sch
           f"{result.jobs} jobs")
 
 
-async def _completed_at_least(sched, n: int) -> bool:
-    return (await counts(sched))["completed"] >= n
-
-
 async def test_no_row_left_running_after_kills(sched, pg_dsn, schema, workers, tmp_path):
     """Kill every worker mid-job, start one fresh worker: it recovers everything."""
     config = fault_config(tmp_path, pg_dsn, schema, concurrency=2)
@@ -82,7 +79,7 @@ async def test_no_row_left_running_after_kills(sched, pg_dsn, schema, workers, t
     await sched.schedule_bulk([JobSpec("record", args=(f"k{i}", 0.05), job_id=f"j{i}")
                                for i in range(40)])
     doomed = [workers(config, env=env) for _ in range(3)]
-    await wait_until(lambda: _running_count(sched, 4), what="jobs running")
+    await wait_until(lambda: at_least(sched, "running", 4), what="jobs running")
     for w in doomed:
         w.signal(signal.SIGKILL)
     for w in doomed:
@@ -90,7 +87,7 @@ async def test_no_row_left_running_after_kills(sched, pg_dsn, schema, workers, t
     stranded = (await counts(sched))["running"]
     assert stranded > 0
     survivor = workers(config, env=env)
-    await wait_until(lambda: _completed_at_least(sched, 40), what="all jobs completed")
+    await wait_until(lambda: at_least(sched, "completed", 40), what="all jobs completed")
     rows = await jobs(sched)
     result = check_each_completed_once(rows, await audit(sched))
     assert result.rerun_worker_pids <= {w.pid for w in doomed}
@@ -98,6 +95,3 @@ async def test_no_row_left_running_after_kills(sched, pg_dsn, schema, workers, t
     survivor.signal(signal.SIGTERM)
     assert await survivor.wait() == 0
 
-
-async def _running_count(sched, n: int) -> bool:
-    return (await counts(sched))["running"] >= n

@@ -14,10 +14,10 @@ from conftest import wait_until
 from pgsched import JobSpec
 
 from .kit import (
+    at_least,
     audit,
     audit_env,
     check_each_completed_once,
-    counts,
     fault_config,
     jobs,
     pid_of,
@@ -50,7 +50,7 @@ async def test_orphans_are_recovered_while_every_slot_is_busy(sched, pg_dsn, sch
 
     release_orphans()
     release_blockers()
-    await wait_until(lambda: _all_completed(sched, 4), what="everything completed")
+    await wait_until(lambda: at_least(sched, "completed", 4), what="everything completed")
     check_each_completed_once(await jobs(sched), await audit(sched))
     for w in crew:
         w.signal(signal.SIGTERM)
@@ -67,10 +67,6 @@ async def _recovered(sched, ids):
     rows = await query(sched, "SELECT * FROM {schema}.jobs WHERE id = ANY(%s) "
                               "AND recoveries = 1", [ids])
     return len(rows) == len(ids)
-
-
-async def _all_completed(sched, n):
-    return (await counts(sched))["completed"] == n
 
 
 UNSHARE = ["unshare", "--pid", "--fork", "--kill-child"]
@@ -111,7 +107,7 @@ async def test_a_worker_restarted_under_the_same_host_and_pid_inherits_nothing(
                              what="jobs recovered and claimed by the second life")
     assert {r["worker_id"] for r in after} == {new_id}
     do_release()
-    await wait_until(lambda: _all_completed(sched, 2), what="jobs completed")
+    await wait_until(lambda: at_least(sched, "completed", 2), what="jobs completed")
     rows = await jobs(sched)
     assert all(r["recoveries"] == 1 and r["worker_id"] == new_id for r in rows)
     assert all(old_id in str(r["errors"]) for r in rows)

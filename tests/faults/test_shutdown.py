@@ -10,9 +10,11 @@ from conftest import wait_until
 from pgsched import JobSpec
 
 from .kit import (
+    at_least,
     audit,
     audit_env,
     check_each_completed_once,
+    db_now,
     fault_config,
     jobs,
     log_events,
@@ -27,11 +29,6 @@ async def _statuses(sched):
     return {r["id"]: r for r in rows}
 
 
-async def _running(sched, n):
-    rows = await query(sched, "SELECT id FROM {schema}.jobs WHERE status = 'running'")
-    return len(rows) >= n
-
-
 async def test_sigterm_within_the_grace_lets_jobs_finish(sched, pg_dsn, schema, workers,
                                                          tmp_path):
     env = audit_env(pg_dsn, schema)
@@ -40,7 +37,7 @@ async def test_sigterm_within_the_grace_lets_jobs_finish(sched, pg_dsn, schema, 
                                for task in ("hold", "sync_hold")])
     worker = workers(fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=30),
                      env=env)
-    await wait_until(lambda: _running(sched, 2), what="jobs in flight")
+    await wait_until(lambda: at_least(sched, "running", 2), what="jobs in flight")
     worker.signal(signal.SIGTERM)
     await worker.wait_for_log('"shutdown_waiting"')
     do_release()
@@ -59,7 +56,7 @@ async def test_past_the_grace_jobs_go_back_to_pending(sched, pg_dsn, schema, wor
                                for task in ("hold", "sync_hold")])
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.5)
     worker = workers(config, env=env)
-    await wait_until(lambda: _running(sched, 2), what="jobs in flight")
+    await wait_until(lambda: at_least(sched, "running", 2), what="jobs in flight")
     await wait_until(lambda: _all_past_grace(sched, 0.5), what="the misfire grace to pass")
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0  # the sync task's thread cannot stop; the process can
@@ -90,7 +87,7 @@ async def test_a_second_signal_skips_the_grace(sched, pg_dsn, schema, workers, t
     await sched.schedule("hold", args=("hold", release), job_id="hold")
     worker = workers(fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=600),
                      env=env)
-    await wait_until(lambda: _running(sched, 1), what="a job in flight")
+    await wait_until(lambda: at_least(sched, "running", 1), what="a job in flight")
     worker.signal(signal.SIGTERM)
     await worker.wait_for_log('"shutdown_waiting"')
     worker.signal(signal.SIGINT)
@@ -110,7 +107,7 @@ async def test_cancellation_paths_inside_tasks(sched, pg_dsn, schema, workers, t
         + [JobSpec("stubborn", args=(release,), job_id="stubborn")])
     worker = workers(fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.5),
                      env=env)
-    await wait_until(lambda: _running(sched, 4), what="jobs in flight")
+    await wait_until(lambda: at_least(sched, "running", 4), what="jobs in flight")
     worker.signal(signal.SIGTERM)
     await worker.wait_for_log('"shutdown_waiting"')
     await wait_until(lambda: len(log_events(worker, "job_interrupted")) == 2
@@ -140,11 +137,11 @@ async def test_a_slow_cleanup_does_not_cost_other_interrupted_jobs_their_lease(
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.2,
                           lease_seconds=1.5, heartbeat_seconds=0.3)
     worker = workers(config, env=env)
-    await wait_until(lambda: _running(sched, 2), what="jobs in flight")
+    await wait_until(lambda: at_least(sched, "running", 2), what="jobs in flight")
     bystander = workers(config, env=env)  # would recover an expired lease at once
     worker.signal(signal.SIGTERM)
     await worker.wait_for_log('"job_interrupted"')
-    interrupted_at = (await query(sched, "SELECT now() AS now"))[0]["now"]
+    interrupted_at = await db_now(sched)
     await wait_until(lambda: _heartbeat_after(sched, "quick", interrupted_at, 3 * 1.5),
                      what="the interrupted job's lease kept for three lease periods")
     finish_cleanup()

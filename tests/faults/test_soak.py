@@ -29,6 +29,7 @@ from .kit import (
     audit_env,
     check_each_completed_once,
     counts,
+    db_now,
     fault_config,
     jobs,
     pid_of,
@@ -69,7 +70,7 @@ async def test_soak_kills_restarts_and_a_steady_stream(cluster, cluster_sched, s
                 batch.append(JobSpec("record", args=(f"k{n}", rng.choice((0, 0.01, 0.05))),
                                      job_id=f"j{n:07d}", misfire_grace_time=None,
                                      execution_time=None if not later else
-                                     (await _db_now(sched)) + later))
+                                     (await db_now(sched)) + later))
             while True:
                 try:
                     await sched.schedule_bulk(batch)
@@ -131,10 +132,6 @@ async def test_soak_kills_restarts_and_a_steady_stream(cluster, cluster_sched, s
         assert_json_lines(w)
     print(f"soak seed {seed}: {len(produced)} jobs, faults {faults}, "
           f"{len(result.reruns)} reruns after recovered leases")
-
-
-async def _db_now(sched):
-    return (await query(sched, "SELECT now() AS now"))[0]["now"]
 
 
 async def _tolerant(fn):

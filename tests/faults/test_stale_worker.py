@@ -13,6 +13,7 @@ from .kit import (
     audit_env,
     check_each_completed_once,
     fault_config,
+    job_if,
     jobs,
     log_events,
     pid_of,
@@ -31,16 +32,17 @@ async def test_frozen_worker_cannot_overwrite_the_job(task, sched, pg_dsn, schem
     release, do_release = release_file(tmp_path)
     job_id = await sched.schedule(task, args=("stale", release), job_id="stale")
     stale = workers(config, env=env)
-    first = await wait_until(lambda: _running(sched, job_id), what="first claim")
+    first = await wait_until(lambda: job_if(sched, job_id, "running", 1), what="first claim")
     assert pid_of(first["worker_id"]) == stale.pid
 
     stale.signal(signal.SIGSTOP)  # frozen mid-job: no heartbeat, lease runs out
     fresh = workers(config, env=env)
-    second = await wait_until(lambda: _running(sched, job_id, attempt=2), timeout=30,
+    second = await wait_until(lambda: job_if(sched, job_id, "running", 2), timeout=30,
                               what="the job recovered and claimed again")
     assert pid_of(second["worker_id"]) == fresh.pid and second["recoveries"] == 1
     do_release()
-    done = await wait_until(lambda: _completed(sched, job_id), what="second run completed")
+    done = await wait_until(lambda: job_if(sched, job_id, "completed"),
+                            what="second run completed")
 
     stale.signal(signal.SIGCONT)
     await wait_until(lambda: any(log_events(stale, e) for e in LOST_LEASE_EVENTS),
@@ -57,12 +59,3 @@ async def test_frozen_worker_cannot_overwrite_the_job(task, sched, pg_dsn, schem
     assert (await sched.store.heartbeat_jobs(worker_id=first["worker_id"], held=[(job_id, 1)],
                                              lease_seconds=60)) == set()
 
-
-async def _running(sched, job_id, attempt=1):
-    job = await sched.store.get_job(job_id)
-    return job if job["status"] == "running" and job["attempts"] == attempt else None
-
-
-async def _completed(sched, job_id):
-    job = await sched.store.get_job(job_id)
-    return job if job["status"] == "completed" else None
