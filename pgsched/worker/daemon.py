@@ -17,8 +17,10 @@ worker loudly instead of letting it limp on):
 
 Lifecycle: run() returns after stop() (SIGTERM/SIGINT): claiming stops, running jobs get
 `shutdown_grace_seconds` to finish, the rest are cancelled and put back to pending
-(not a failure). kill() (a second signal) skips the grace. Jobs are never left running
-by a clean exit; after a crash their leases expire and another worker recovers them.
+(not a failure). kill() (a second signal) skips the grace and gives cancelled jobs at
+most KILL_CLEANUP_SECONDS, even if a task ignores its cancellation. Jobs are never left
+running by a clean exit; after a crash their leases expire and another worker recovers
+them.
 
 Database outages: every service catches connection errors, logs `db_unavailable`, backs
 off with jitter and carries on; a job whose outcome cannot be written keeps its slot in
