@@ -12,7 +12,10 @@ from .errors import (
     JobConflict,
     JobNotFound,
     PgschedError,
+    ScheduleConflict,
+    ScheduleNotFound,
 )
+from .recurring import periodic
 from .scheduler import ConflictResolution, JobSpec, Scheduler
 from .tasks import JobPriority, task
 from .worker import Worker, WorkerOptions
@@ -27,9 +30,12 @@ __all__ = [
     "JobPriority",
     "JobSpec",
     "PgschedError",
+    "ScheduleConflict",
+    "ScheduleNotFound",
     "Scheduler",
     "Worker",
     "WorkerOptions",
     "__version__",
+    "periodic",
     "task",
 ]

@@ -30,12 +30,13 @@ import psycopg
 import psycopg_pool
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .config import Settings, find_config_path, load_settings, mask_dsn
+from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
+from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
 from .store import FINISHED_STATUSES, STATUSES, validate_identifier
 from .tasks import JobPriority, get_task, load_tasks, validate_task_name
@@ -190,12 +191,17 @@ def migrate(
 def worker(
     ctx: typer.Context,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Jobs run at once.")] = None,
+    queues: Annotated[str | None, typer.Option(
+        help="Claim only from these queues, comma-separated (default: every queue).")] = None,
     burst: Annotated[bool, typer.Option(help="Run the jobs due now, then exit.")] = False,
     migrate_schema: Annotated[bool, typer.Option(
         "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
 ) -> None:
     """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
-    settings = _ctx(ctx).settings(**{"worker.concurrency": concurrency})
+    settings = _ctx(ctx).settings(**{
+        "worker.concurrency": concurrency,
+        "worker.queues": list(parse_queue_list(queues)) if queues is not None else None,
+    })
     configure(settings.log.level, settings.log.format)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
@@ -218,7 +224,10 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         retry_max_seconds=w.retry_max_seconds, max_recoveries=w.max_recoveries, burst=burst,
         vacuum_enabled=v.enabled, vacuum_interval_seconds=v.interval_seconds,
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
-        vacuum_batch_size=v.batch_size,
+        vacuum_batch_size=v.batch_size, timezone=settings.jobs.timezone,
+        queues=w.queues or None,
+        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()),
+        metrics_listen=settings.metrics.listen, systemd_notify=True,
     )
 
 
@@ -227,6 +236,7 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
     sched = Scheduler(
         resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
         misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
+        application_name="pgsched-worker",
     )
     await sched.open()
     try:
@@ -237,6 +247,8 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, worker, signum)
         await sched.wait()
+        if worker.schema_outdated:
+            raise PgschedError("the schema is older than this pgsched: run `pgsched migrate`")
     finally:
         await sched.close()
     if worker.abandoned_threads or worker.abandoned_tasks:
@@ -285,12 +297,20 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
     return value
 
 
+def for_option(option: str, parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a parser and name the option in its error, so the user knows what to fix."""
+    try:
+        return parse(*args, **kwargs)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{option}: {exc}") from None
+
+
 def parse_misfire(text: str | None) -> Any:
     if text is None:
         return UNSET
     if text.strip().lower() == "none":
         return None
-    seconds = parse_duration(text).total_seconds()
+    seconds = for_option("--misfire-grace", parse_duration, text).total_seconds()
     if seconds <= 0:
         raise InvalidInput(f"--misfire-grace {text!r} must be > 0, or none")
     return seconds
@@ -300,7 +320,8 @@ def parse_misfire(text: str | None) -> Any:
 @command
 def add(
     ctx: typer.Context,
-    task_name: Annotated[str, typer.Argument(metavar="TASK", help="Registered task name.")],
+    task_name: Annotated[str | None, typer.Argument(
+        metavar="TASK", help="Registered task name.")] = None,
     args: Annotated[str, typer.Option("--args", help="JSON array of arguments.")] = "[]",
     kwargs: Annotated[str, typer.Option("--kwargs", help="JSON object of keyword args.")] = "{}",
     at: Annotated[str | None, typer.Option(
@@ -308,26 +329,67 @@ def add(
     in_: Annotated[str | None, typer.Option(
         "--in", help="Delay like 90s, 5m, 2h, 1d, 1h30m.")] = None,
     job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a UUID).")] = None,
-    on_conflict: Annotated[OnConflict, typer.Option(help="When --id exists.")] = OnConflict.raise_,
+    on_conflict: Annotated[OnConflict | None, typer.Option(
+        help="When the id exists [default: raise; with --from: ignore].")] = None,
     priority: Annotated[Priority | None, typer.Option(help="normal or critical.")] = None,
     retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
     misfire_grace: Annotated[str | None, typer.Option(
         help="Seconds (or a duration) after its due time a job may still start, or none.")] = None,
+    from_file: Annotated[str | None, typer.Option(
+        "--from", metavar="FILE", help="Add one job per JSON line of FILE (- for stdin).")] = None,
+    strict: Annotated[bool, typer.Option(
+        help="With --from: add nothing if any line is rejected.")] = False,
+    cron: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: cron expression (check it with `pgsched cron`).")] = None,
+    every: Annotated[str | None, typer.Option(
+        help="Make a recurring schedule: interval like 30s, 15m, 1d.")] = None,
+    tz: Annotated[str | None, typer.Option(
+        help="Time zone of --cron (default: [jobs] timezone).")] = None,
+    catch_up: Annotated[str | None, typer.Option(
+        help="Schedules: latest (default), skip or all missed windows.")] = None,
+    queue: Annotated[str | None, typer.Option(
+        help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
 ) -> None:
-    """Schedule a job; prints only its id, so JOB=$(pgsched add ...) works."""
+    """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
+    prints only the id, so JOB=$(pgsched add ...) works."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
+    if from_file is not None:
+        per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
+                   "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
+                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace}
+        given = next((name for name, value in per_job.items() if value), None)
+        if given:
+            raise InvalidInput(f"{given} describes one job; with --from put it in each line")
+        from .cli_ops import add_from_file
+
+        add_from_file(settings, from_file, on_conflict=(on_conflict or OnConflict.ignore).value,
+                      strict=strict)
+        return
+    if task_name is None:
+        raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
+    if cron is not None or every is not None or tz is not None or catch_up is not None:
+        from .cli_recurring import add_schedule
+
+        return add_schedule(
+            settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
+            args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
+            on_conflict=(on_conflict or OnConflict.raise_).value,
+            priority=priority.value if priority else None, retries=retries, timeout=timeout,
+            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
     when = None  # due now, on the database clock
     if at is not None:
-        when = parse_time(at, tz=settings.jobs.timezone)
+        when = for_option("--at", parse_time, at, tz=settings.jobs.timezone)
     elif in_ is not None:
-        when = datetime.now(UTC) + parse_duration(in_)
+        when = datetime.now(UTC) + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
+    if queue is not None:
+        validate_queue_name(queue)
     _check_task_known(settings, task_name)
 
     async def go() -> str:
@@ -336,57 +398,38 @@ def add(
                 task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
                 priority=JobPriority.parse(priority.value) if priority else None,
                 max_retries=retries, job_id=job_id,
-                conflict_resolution=ConflictResolution.parse(on_conflict.value),
+                conflict_resolution=ConflictResolution.parse(
+                    (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
+                queue=queue,
             )
 
     out.print(_run(go()), markup=False)
 
 
 def _check_task_known(settings: Settings, name: str) -> None:
-    """Reject an unknown task name when the task module can be imported here."""
-    validate_task_name(name)  # first: a hostile name must not be echoed back in full
-    if settings.worker.tasks is None:
-        return
-    try:
-        load_tasks(settings.worker.tasks, settings.base_dir)
-    except InvalidInput as exc:
-        log.debug("task_module_unavailable", error=str(exc))
-        return
-    if get_task(name) is None:
-        raise InvalidInput(
-            f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
-        )
+    task_checker(settings)(name)
 
 
-# -- cancel ------------------------------------------------------------------------------
+def task_checker(settings: Settings) -> Callable[[str], None]:
+    """A check rejecting invalid task names, and unknown ones when the task module can be
+    imported here."""
+    module = settings.worker.tasks
+    if module is not None:
+        try:
+            load_tasks(module, settings.base_dir)
+        except InvalidInput as exc:
+            log.debug("task_module_unavailable", error=str(exc))
+            module = None
 
+    def check(name: str) -> None:
+        validate_task_name(name)  # first: a hostile name must not be echoed back in full
+        if module is not None and get_task(name) is None:
+            raise InvalidInput(
+                f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
+            )
 
-@app.command()
-@command
-def cancel(
-    ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", help="Jobs to cancel.")],
-) -> None:
-    """Cancel pending jobs; exit 1 if any id was not found or is no longer pending."""
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-
-    async def go() -> tuple[set[str], dict[str, str]]:
-        async with open_scheduler(settings) as sched:
-            done = await sched.store.cancel_jobs(job_ids)
-            return done, await sched.store.job_statuses([j for j in job_ids if j not in done])
-
-    cancelled, others = _run(go())
-    for job_id in job_ids:
-        if job_id in cancelled:
-            out.print(job_id, markup=False)
-    problems = [j for j in job_ids if j not in cancelled]
-    for job_id in problems:
-        reason = f"is {others[job_id]}, not pending" if job_id in others else "not found"
-        err.print(f"error: job {job_id}: {reason}", markup=False)
-    if problems:
-        raise typer.Exit(1)
+    return check
 
 
 # -- ls ----------------------------------------------------------------------------------
@@ -424,22 +467,31 @@ def ls(
         "--status", "-s", help="Filter by status (repeatable).")] = None,
     task_name: Annotated[str | None, typer.Option("--task", help="Filter by task.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many.")] = 50,
+    since: Annotated[str | None, typer.Option(
+        help="Only jobs created since a duration ago (30m, 2d) or a time (ISO 8601).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (by creation time)."""
+    from .ops import parse_since
+
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     statuses = parse_statuses(status, STATUSES)
+    created_since = None if since is None else parse_since(
+        since, tz=settings.jobs.timezone, now=datetime.now(UTC))
 
     async def go() -> list[dict[str, Any]]:
         async with open_scheduler(settings) as sched:
-            return await sched.store.list_jobs(statuses=statuses, task=task_name, limit=limit)
+            return await sched.store.list_jobs(statuses=statuses, task=task_name,
+                                               limit=limit + 1, since=created_since)
 
     rows = [job_to_json(row) for row in _run(go())]
+    more = len(rows) > limit
+    rows = rows[:limit]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(box=None, pad_edge=False)
+    table = DataTable(box=None, pad_edge=False)
     for column in ("id", "task", "status", "execution_time", "priority", "attempts",
                    "last_error"):
         table.add_column(column, overflow="fold")
@@ -448,6 +500,9 @@ def ls(
                       str(row["priority"]), f"{row['attempts']}/{row['max_retries'] + 1}",
                       (row["last_error"] or "")[:60])
     out.print(table)
+    if more:
+        err.print(f"showing the newest {limit}; use --limit or --since to see others",
+                  markup=False)
 
 
 # -- vacuum ------------------------------------------------------------------------------
@@ -465,8 +520,8 @@ def vacuum(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete finished jobs past their retention; prints the count per status."""
+    from .cli_ops import vacuum_with_progress
     from .worker.maintenance import retention_by_status
-    from .worker.maintenance import vacuum as run_vacuum
 
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
@@ -474,7 +529,7 @@ def vacuum(
     retention = retention_by_status(settings.vacuum.retention_days,
                                     settings.vacuum.failed_retention_days)
     if older_than is not None:
-        seconds = parse_duration(older_than).total_seconds()
+        seconds = for_option("--older-than", parse_duration, older_than).total_seconds()
         retention = dict.fromkeys(retention, seconds)
     retention = {s: retention[s] for s in statuses}
 
@@ -483,8 +538,8 @@ def vacuum(
             if dry_run:
                 return {s: await sched.store.count_vacuumable(status=s, older_than_seconds=age)
                         for s, age in retention.items()}
-            return await run_vacuum(sched.store, retention_seconds=retention,
-                                    batch_size=settings.vacuum.batch_size)
+            return await vacuum_with_progress(sched.store, retention_seconds=retention,
+                                              batch_size=settings.vacuum.batch_size)
 
     counts = _run(go())
     if as_json:
@@ -500,6 +555,9 @@ def vacuum(
 def version() -> None:
     """Print pgsched's version."""
     out.print(__version__)
+
+
+from . import cli_ops, cli_queues, cli_recurring  # noqa: E402,F401  (register their commands)
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import tomli_w
 
-from pgsched.errors import ConfigError
+from pgsched.errors import ConfigError, InvalidInput
+from pgsched.queues import validate_queue_name
 
 CONFIG_FILENAME = "pgsched.toml"
 CONFIG_ENV = "PGSCHED_CONFIG"
@@ -65,6 +66,7 @@ class WorkerSettings:
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     max_recoveries: int = 3  # a job orphaned this many times is failed as a poison pill
+    queues: tuple[str, ...] = ()  # the queues this worker claims from; empty: every queue
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,18 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    listen: str | None = None  # "host:port" for /metrics and /healthz; None: off
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """One `[queues.NAME]` table. The limit holds within each worker process."""
+
+    concurrency: int
+
+
+@dataclass(frozen=True)
 class Settings:
     database: DatabaseSettings
     worker: WorkerSettings
@@ -98,6 +112,8 @@ class Settings:
     path: Path | None  # the file read, as it was named
     base_dir: Path  # the file's directory (cwd if none), absolute
     warnings: tuple[str, ...]
+    metrics: MetricsSettings = MetricsSettings()
+    queues: Mapping[str, QueueSettings] = dataclasses.field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type] = {
@@ -106,7 +122,10 @@ _SECTIONS: dict[str, type] = {
     "jobs": JobSettings,
     "vacuum": VacuumSettings,
     "log": LogSettings,
+    "metrics": MetricsSettings,
 }
+# [queues.NAME] tables are named by the user, so they are read apart from the sections.
+QUEUES_TABLE = "queues"
 _FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
 
 # Every integer may end up as a query parameter, so it has to fit a PostgreSQL integer.
@@ -184,9 +203,12 @@ def load_settings(
     chosen: dict[tuple[str, str], tuple[_Origin, object]] = {}
     warnings: list[str] = []
 
+    queues: dict[str, QueueSettings] = {}
     if path is not None:
         origin = _Origin("file", str(path), base_dir)
-        for section, key, value in _file_entries(path, _read_toml(path)):
+        document = _read_toml(path)
+        queues = _queue_tables(path, document.pop(QUEUES_TABLE, {}))
+        for section, key, value in _file_entries(path, document):
             chosen[section, key] = (origin, value)
         file_dsn = chosen.get(("database", "dsn"), (None, None))[1]
         warning = _permission_warning(path, file_dsn)
@@ -215,6 +237,7 @@ def load_settings(
         path=None if path is None else Path(path),
         base_dir=base_dir,
         warnings=tuple(warnings),
+        queues=queues,
     )
 
 
@@ -242,6 +265,41 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {_printable(str(error))}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+
+
+def _queue_tables(path: Path, tables: object) -> dict[str, QueueSettings]:
+    """The [queues.NAME] tables: {name: QueueSettings}, every name and value checked."""
+    if not isinstance(tables, dict):
+        raise ConfigError(
+            f"{path}: {QUEUES_TABLE} = {_show(tables)}: must be a table of queues; write "
+            "[queues.NAME] on its own line with concurrency = N below it"
+        )
+    queues = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: [queues] {_show_key(name)} = {_show(table)}: each queue is a table "
+                f"of its own; write [queues.{_show_key(name)}] with concurrency = N below it"
+            )
+        where = f"{path}: [queues.{_show_key(name)}]"
+        try:
+            validate_queue_name(name)
+        except InvalidInput as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        fields = [f.name for f in dataclasses.fields(QueueSettings)]
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"{where} {_show_key(key)} = {_show(value)}: unknown key; "
+                                  f"[queues.NAME] accepts {', '.join(fields)}")
+        if "concurrency" not in table:
+            raise ConfigError(f"{where}: concurrency is missing; add concurrency = N")
+        try:
+            limit = _integer(1, 10_000)(table["concurrency"], path)
+        except _Bad as bad:
+            raise ConfigError(
+                f"{where} concurrency = {_show(table['concurrency'])}: {bad}") from None
+        queues[name] = QueueSettings(concurrency=limit)
+    return queues
 
 
 def _file_entries(path: Path, document: dict) -> Iterator[tuple[str, str, object]]:
@@ -300,7 +358,8 @@ def _hint(name: str, candidates: list[str], otherwise: str, wrap: str = "{}") ->
 
 
 def _section_list() -> str:
-    return "the tables are " + ", ".join(f"[{name}]" for name in _SECTIONS)
+    return "the tables are " + ", ".join(f"[{name}]" for name in _SECTIONS) + \
+        ", [queues.NAME]"
 
 
 # Cross-field rules: (section, key, op, other key, why). The message blames `key` when it
@@ -464,6 +523,36 @@ def _timezone(value: object, _base: Path) -> str:
     return value
 
 
+def _queue_names(value: object, _base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _Bad('must be a list of queue names like ["default", "emails"]; [] serves all')
+    try:
+        return tuple(dict.fromkeys(validate_queue_name(v) for v in value))
+    except InvalidInput as exc:
+        raise _Bad(str(exc)) from None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (host, port); ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or \
+            any(c.isspace() for c in host) or ("[" in host or "]" in host):
+        raise ValueError('must be "host:port" like "127.0.0.1:9464" or "[::1]:9464"')
+    return host, int(port)
+
+
+def _listen(value: object, _base: Path) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError('must be "host:port" like "127.0.0.1:9464"')
+        parse_listen(value)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    return value
+
+
 def _absolute(path: Path, base: Path) -> Path:
     return Path(os.path.abspath(base / path.expanduser()))
 
@@ -485,6 +574,7 @@ _CHECKS: dict[str, dict[str, _Check]] = {
         "retry_base_seconds": _number(positive=True),
         "retry_max_seconds": _number(positive=True),
         "max_recoveries": _integer(1),
+        "queues": _queue_names,
     },
     "jobs": {
         "timezone": _timezone,
@@ -500,6 +590,9 @@ _CHECKS: dict[str, dict[str, _Check]] = {
     "log": {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("auto", "console", "json"),
+    },
+    "metrics": {
+        "listen": _listen,
     },
 }
 
@@ -590,9 +683,15 @@ def settings_to_toml(settings: Settings) -> str:
                 value = "none"
             elif isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
             elif (name, key) == ("database", "dsn"):
                 value = mask_dsn(value)
             table[key] = value
         document[name] = table
+    if settings.queues:
+        document[QUEUES_TABLE] = {
+            name: dataclasses.asdict(queue) for name, queue in settings.queues.items()
+        }
     source = f"from {settings.path}" if settings.path else "no config file; defaults"
     return f"# effective pgsched configuration ({_printable(source)})\n\n" + tomli_w.dumps(document)

@@ -36,3 +36,11 @@ class JobNotFound(PgschedError, LookupError):
 
 class DatabaseUnavailable(PgschedError):
     """The database could not be reached (or the embedded one could not be started)."""
+
+
+class ScheduleConflict(PgschedError, ValueError):
+    """A schedule with this id already exists and may not be changed this way."""
+
+
+class ScheduleNotFound(PgschedError, LookupError):
+    """No schedule has the given id."""

@@ -20,8 +20,21 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is at write time (test runners and daemons swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    # psycopg_pool logs each broken connection it discards; the worker already reports
+    # the outage once as `db_unavailable`, in its own format.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -36,28 +49,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
-    _route_library_logs()
-
-
-class _LibraryLogs(logging.Handler):
-    """psycopg's own warnings (the pool reconnecting during an outage) as structlog events,
-    so a JSON log stays one JSON object per line; a DSN in them is masked."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from .config import mask_dsn
-
-        structlog.get_logger(record.name).log(
-            record.levelno, "library_warning", message=mask_dsn(record.getMessage()))
-
-
-def _route_library_logs() -> None:
-    library = logging.getLogger("psycopg")
-    if not any(isinstance(h, _LibraryLogs) for h in library.handlers):
-        library.addHandler(_LibraryLogs(logging.WARNING))
-        library.propagate = False
 
 
 def get_logger(name: str = "pgsched") -> structlog.typing.FilteringBoundLogger:

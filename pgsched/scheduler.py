@@ -30,6 +30,7 @@ import psycopg_pool
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
 from .worker import Worker, WorkerOptions
@@ -87,6 +88,23 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
+def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
+    """Validate a job's (or schedule's) arguments; returns them as JSON text."""
+    if not isinstance(args, list | tuple):
+        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
+    kwargs = kwargs or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidInput("kwargs must be a dict with string keys")
+    args_json = encode_json(list(args), "args")
+    kwargs_json = encode_json(kwargs, "kwargs")
+    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
+            f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
+        )
+    return args_json, kwargs_json
+
+
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, timedelta):
         value = value.total_seconds()
@@ -112,11 +130,13 @@ class Scheduler:
         misfire_grace_time: float | None = DEFAULT_MISFIRE_GRACE_SECONDS,
         options: WorkerOptions | None = None,
         pool_size: int = 4,
+        application_name: str = "pgsched",
     ):
         self._own_pool = isinstance(dsn_or_pool, str)
         self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
         self._pool = None if self._own_pool else dsn_or_pool
         self._pool_size = pool_size
+        self.application_name = application_name
         self.schema = schema
         self.misfire_grace_time = (
             None if misfire_grace_time is None
@@ -133,7 +153,8 @@ class Scheduler:
         if self._store is None:
             if self._pool is None:
                 try:
-                    self._pool = await open_pool(self._dsn, max_size=self._pool_size)
+                    self._pool = await open_pool(self._dsn, max_size=self._pool_size,
+                                                 application_name=self.application_name)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     # libpq's first line says why; the rest is a generic hint.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
@@ -201,18 +222,7 @@ class Scheduler:
                 f"execution_time {when!r} must be a timezone-aware datetime, "
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
             )
-        if not isinstance(spec.args, list | tuple):
-            raise InvalidInput(f"args must be a list or tuple, not {type(spec.args).__name__}")
-        kwargs = spec.kwargs or {}
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise InvalidInput("kwargs must be a dict with string keys")
-        args_json = encode_json(list(spec.args), "args")
-        kwargs_json = encode_json(kwargs, "kwargs")
-        if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-            raise InvalidInput(
-                f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
-                f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
-            )
+        args_json, kwargs_json = encode_arguments(spec.args, spec.kwargs)
         if spec.priority is not None:
             priority = JobPriority.parse(spec.priority)
         else:
@@ -232,11 +242,12 @@ class Scheduler:
             grace = self.misfire_grace_time
         if grace is not None:
             grace = _seconds(grace, "misfire_grace_time")
-        queue = spec.queue or (registered.queue if registered else "default")
+        queue = spec.queue if spec.queue is not None else (
+            registered.queue if registered else DEFAULT_QUEUE)
         return NewJob(
             id=validate_job_id(spec.job_id) if spec.job_id is not None else str(uuid.uuid4()),
             task=name,
-            queue=queue,
+            queue=validate_queue_name(queue),
             args=args_json,
             kwargs=kwargs_json,
             priority=int(priority),
@@ -245,6 +256,10 @@ class Scheduler:
             max_retries=max_retries,
             timeout_seconds=timeout,
         )
+
+    def validate(self, spec: JobSpec) -> None:
+        """Raise InvalidInput if schedule_bulk would refuse `spec`; needs no database."""
+        self._new_job(spec)
 
     async def schedule(
         self,

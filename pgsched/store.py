@@ -19,12 +19,13 @@ back off and retry; constraint problems become pgsched errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -112,6 +113,38 @@ class NewJob:
     timeout_seconds: float | None
 
 
+@dataclass(frozen=True)
+class NewSchedule:
+    """One schedule to write, already validated and JSON-encoded (see recurring.py)."""
+
+    id: str
+    task: str
+    cron: str | None
+    tz: str | None
+    every: timedelta | None
+    anchor: datetime
+    args: str
+    kwargs: str
+    priority: int
+    max_retries: int
+    timeout_seconds: float | None
+    queue: str
+    catch_up: str
+    enabled: bool
+    next_fire_at: datetime
+
+
+@dataclass(frozen=True)
+class ScheduleAdvance:
+    """What the planner decided for one locked schedule: move next_fire_at from
+    `expected` to `next_fire_at` and enqueue `windows` as (job id, fire time)."""
+
+    id: str
+    expected: datetime
+    next_fire_at: datetime
+    windows: Sequence[tuple[str, datetime]] = ()
+
+
 class Store:
     """Runs pgsched's named queries against one schema through a psycopg async pool."""
 
@@ -135,12 +168,13 @@ class Store:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def migrate(self, *, grant: Sequence[str] = ()) -> int:
-        """Apply missing migrations, then grant each role in `grant` what a runtime role
-        needs (security.sql), all in one transaction; returns the schema version."""
+    async def migrate(self, target: int | None = None, *, grant: Sequence[str] = ()) -> int:
+        """Apply missing migrations (up to `target`), then grant each role in `grant` what a
+        runtime role needs (security.sql), all in one transaction; returns the version."""
         roles = [validate_identifier(role, "role name") for role in grant]
         current = await self.schema_version()
-        if not roles and current is not None and current >= migrations()[-1][0]:
+        wanted = migrations()[-1][0] if target is None else target
+        if not roles and current is not None and current >= wanted:
             # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
             # privilege) starts with its default --migrate.
             return current
@@ -165,7 +199,7 @@ class Store:
             applied = {row[0] for row in await cur.fetchall()}
             version = max(applied, default=0)
             for number, name, text in migrations():
-                if number in applied:
+                if number in applied or (target is not None and number > target):
                     continue
                 await conn.execute(_bind(text, self.schema))
                 await conn.execute(
@@ -264,9 +298,20 @@ class Store:
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
-        self, *, worker_id: str, limit: int, lease_seconds: float, priorities: Sequence[int]
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        priorities: Sequence[int],
+        queues: Sequence[str] | None = None,
+        capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
-        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now)."""
+        """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now).
+
+        queues: the queues served (None: all); capped: (queues, free slots of each) for
+        queues with a per-queue concurrency limit. Paused queues are never claimed from.
+        """
         rows = await self._rows(
             "claim_jobs",
             {
@@ -274,6 +319,9 @@ class Store:
                 "limit": limit,
                 "lease_seconds": lease_seconds,
                 "priorities": list(priorities),
+                "queues": list(queues) if queues is not None else None,
+                "capped_queues": list(capped[0]),
+                "capped_free": list(capped[1]),
             },
         )
         claimed = [row for row in rows if row["id"] is not None]
@@ -281,9 +329,10 @@ class Store:
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
-    ) -> set[str]:
+    ) -> dict[str, bool]:
+        """Renew leases; returns {id still held: whether a cancel was requested}."""
         if not held:
-            return set()
+            return {}
         rows = await self._rows(
             "heartbeat_jobs",
             {
@@ -293,7 +342,7 @@ class Store:
                 "lease_seconds": lease_seconds,
             },
         )
-        return {row["id"] for row in rows}
+        return {row["id"]: row["cancel_requested"] for row in rows}
 
     async def complete_jobs(
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
@@ -371,11 +420,13 @@ class Store:
         return rows[0] if rows else None
 
     async def list_jobs(
-        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50
+        self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
         return await self._rows(
             "list_jobs",
-            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit},
+            {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
+             "since": since},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:
@@ -390,6 +441,188 @@ class Store:
         )
         return rows[0]["count"]
 
+    # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
+
+    async def db_now(self) -> datetime:
+        return (await self._rows("db_now", {}))[0]["now"]
+
+    async def sync_code_schedules(self, schedules: Sequence[NewSchedule]) -> list[dict[str, Any]]:
+        """Upsert code schedules, disable code schedules not given; returns {id, change}."""
+        return await self._rows("sync_code_schedules", {
+            "ids": [s.id for s in schedules],
+            "tasks": [s.task for s in schedules],
+            "crons": [s.cron for s in schedules],
+            "tzs": [s.tz for s in schedules],
+            "everys": [s.every for s in schedules],
+            "anchors": [s.anchor for s in schedules],
+            "args": [s.args for s in schedules],
+            "kwargs": [s.kwargs for s in schedules],
+            "priorities": [s.priority for s in schedules],
+            "max_retries": [s.max_retries for s in schedules],
+            "timeouts": [s.timeout_seconds for s in schedules],
+            "queues": [s.queue for s in schedules],
+            "catch_ups": [s.catch_up for s in schedules],
+            "enableds": [s.enabled for s in schedules],
+            "next_fire_ats": [s.next_fire_at for s in schedules],
+            "channel": self.channel,
+        })
+
+    async def insert_schedule(self, schedule: NewSchedule, *, replace: bool) -> bool:
+        """Create a CLI schedule (or with replace, redefine a CLI one); True if written."""
+        params = {f.name: getattr(schedule, f.name) for f in dataclasses.fields(schedule)}
+        params.update(timeout=schedule.timeout_seconds, replace=replace, channel=self.channel)
+        return bool(await self._rows("insert_schedule", params))
+
+    async def fire_due_schedules(
+        self,
+        *,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Lock up to `limit` due schedules, let `plan` decide each, apply the decisions.
+
+        One transaction: a planner that dies before it commits moves nothing and inserts
+        nothing, and its row locks go with its session. Returns (schedules locked, jobs
+        inserted as {id, schedule_id, fire_time}).
+        """
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                return await self._fire_due_schedules(
+                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds, now)
+        except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+            # The server ended the session of a planner that stalled mid-transaction (and
+            # rolled it back): a lost connection, as far as the caller is concerned.
+            raise psycopg.OperationalError(str(exc).strip()) from exc
+
+    async def _fire_due_schedules(
+        self,
+        conn: psycopg.AsyncConnection,
+        plan: Callable[[dict[str, Any]], ScheduleAdvance],
+        limit: int,
+        skip_grace_seconds: float,
+        idle_timeout_seconds: float,
+        now: datetime | None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows for
+        # ever; the server ends such a session instead, and others take over.
+        await conn.execute(self._q["limit_idle_transaction"],
+                           {"ms": str(round(idle_timeout_seconds * 1000))})
+        cur = conn.cursor(row_factory=dict_row)
+        due = await (await cur.execute(
+            self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
+        if not due:
+            return 0, []
+        advances = [plan(row) for row in due]
+        windows = [(a.id, job_id, fire) for a in advances for job_id, fire in a.windows]
+        await cur.execute(self._q["advance_schedules"], {
+            "ids": [a.id for a in advances],
+            "expected": [a.expected for a in advances],
+            "next_fire_ats": [a.next_fire_at for a in advances],
+            "last_fire_ats": [a.windows[-1][1] if a.windows else None for a in advances],
+            "last_job_ids": [a.windows[-1][0] if a.windows else None for a in advances],
+            "window_job_ids": [w[1] for w in windows],
+            "window_schedule_ids": [w[0] for w in windows],
+            "window_fire_times": [w[2] for w in windows],
+            "skip_grace_seconds": skip_grace_seconds,
+            "channel": self.channel,
+        })
+        return len(due), await cur.fetchall()
+
+    async def next_schedule_fire(self) -> tuple[datetime | None, datetime]:
+        """(earliest next_fire_at of active schedules, database now)."""
+        row = (await self._rows("next_schedule_fire", {}))[0]
+        return row["next_fire_at"], row["db_now"]
+
+    async def list_schedules(self, schedule_id: str | None = None) -> list[dict[str, Any]]:
+        return await self._rows("list_schedules", {"id": schedule_id})
+
+    async def pause_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("pause_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
+    async def resume_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("resume_schedule", {"id": schedule_id, "channel": self.channel})
+        return rows[0] if rows else None
+
+    async def trigger_schedule(self, schedule_id: str, job_id: str) -> str | None:
+        rows = await self._rows(
+            "trigger_schedule", {"id": schedule_id, "job_id": job_id, "channel": self.channel})
+        return rows[0]["id"] if rows else None
+
+    async def remove_schedule(self, schedule_id: str) -> dict[str, Any] | None:
+        rows = await self._rows("remove_schedule", {"id": schedule_id})
+        return rows[0] if rows else None
+
+    # -- queues and cancellation (sql/queues.sql) -----------------------------------------
+
+    async def request_cancel(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        task: str | None = None,
+        queue: str | None = None,
+        batch_size: int = 5000,
+    ) -> dict[str, str]:
+        """Cancel pending jobs and mark running ones for their worker to stop: the given
+        ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
+        'running'}; ids not returned were not found or had already finished."""
+        params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
+                  "channel": self.channel}
+        if ids is not None:
+            rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
+            return {row["id"]: row["status"] for row in rows}
+        result: dict[str, str] = {}
+        while rows := await self._cancel_batch({**params, "limit": batch_size}):
+            result.update((row["id"], row["status"]) for row in rows)
+        return result
+
+    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+        # The batch locks running rows of many workers in id order while a worker's
+        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
+        # rare deadlock by aborting either side. The statement is idempotent, so retry it
+        # (the worker retries its side too).
+        failed = 0
+        while True:
+            try:
+                return await self._rows("request_cancel", params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
+
+    async def finish_cancelled_jobs(
+        self, *, worker_id: str, held: Sequence[tuple[str, int]]
+    ) -> set[str]:
+        """Record running jobs stopped on request as cancelled; returns the ids written."""
+        if not held:
+            return set()
+        rows = await self._rows(
+            "finish_cancelled_jobs",
+            {"worker_id": worker_id, "ids": [i for i, _ in held],
+             "attempts": [a for _, a in held]},
+        )
+        return {row["id"] for row in rows}
+
+    async def pause_queues(
+        self, queues: Sequence[str], *, paused_by: str | None = None, reason: str | None = None
+    ) -> set[str]:
+        """Stop claims from these queues for every worker; returns those newly paused."""
+        rows = await self._rows(
+            "pause_queues", {"queues": list(queues), "paused_by": paused_by, "reason": reason})
+        return {row["queue"] for row in rows}
+
+    async def resume_queues(self, queues: Sequence[str]) -> set[str]:
+        """Allow claims again and wake idle workers; returns those that were paused."""
+        rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
+        return {row["queue"] for row in rows}
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
+        return await self._rows("queue_stats", {})
+
     # -- worker registry -----------------------------------------------------------------
 
     async def register_worker(self, **worker: Any) -> None:
@@ -403,6 +636,40 @@ class Store:
 
     async def prune_workers(self, older_than_seconds: float) -> list[str]:
         rows = await self._rows("prune_workers", {"older_than_seconds": older_than_seconds})
+        return [row["id"] for row in rows]
+
+    # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
+
+
+    async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
+        """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
+        return await self._rows("ops_active_counts" if active_only else "ops_job_counts", {})
+
+    async def throughput(self) -> dict[str, int]:
+        return (await self._rows("ops_throughput", {}))[0]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        return await self._rows("ops_workers", {})
+
+    async def running_jobs(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_running_jobs", {"limit": limit})
+
+    async def next_jobs(self, *, limit: int, priorities: Sequence[int]) -> list[dict[str, Any]]:
+        return await self._rows("ops_next_jobs", {"limit": limit, "priorities": list(priorities)})
+
+    async def recent_failures(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("ops_recent_failures", {"limit": limit})
+
+    async def retry_jobs(
+        self, *, statuses: Sequence[str], cutoff: datetime, limit: int,
+        ids: Sequence[str] | None = None, task: str | None = None, queue: str | None = None,
+    ) -> list[str]:
+        """Put up to `limit` matching finished jobs back to pending; returns their ids."""
+        rows = await self._rows("ops_retry_jobs", {
+            "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
+            "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
+            "channel": self.channel,
+        })
         return [row["id"] for row in rows]
 
 
@@ -431,22 +698,30 @@ def check_dsn(dsn: str) -> None:
         ) from None
 
 
-async def open_pool(dsn: str, *, max_size: int = 4, min_size: int = 1) -> AsyncConnectionPool:
-    """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
-    psycopg.OperationalError with the server's reason if it cannot be reached."""
+async def open_pool(
+    dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
+) -> AsyncConnectionPool:
+    """An opened pool. Raises InvalidInput for a DSN that cannot be parsed (check_dsn),
+    psycopg.OperationalError if the server cannot be reached.
+
+    application_name shows in pg_stat_activity, so an operator can tell a worker's
+    connections from a web app's that only enqueues.
+    """
     check_dsn(dsn)
-    # One plain connection first: an unreachable server or a refused login fails now with
-    # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
-    probe = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    kwargs = {"autocommit": True, "application_name": application_name}
+    # One direct attempt first: a wrong host or password fails at once with the server's
+    # own message, instead of a pool timeout ten seconds later.
+    probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
     await probe.close()
     pool = AsyncConnectionPool(
-        dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True},
-        name="pgsched",
+        dsn, min_size=min_size, max_size=max_size, open=False, name="pgsched", kwargs=kwargs,
     )
     await pool.open(wait=True, timeout=10)
     return pool
 
 
-async def connect(dsn: str) -> psycopg.AsyncConnection:
+async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    return await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, application_name=application_name
+    )

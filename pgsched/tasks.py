@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .queues import validate_queue_name
 
 _TASK_NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
 
@@ -90,16 +91,20 @@ def check_task_options(max_retries: int, timeout: float | None) -> None:
         raise InvalidInput(f"invalid timeout {timeout!r}: use a number of seconds > 0, or None")
 
 
+def _origin(func: Callable[..., Any]) -> tuple[str, str]:
+    """Where a function was defined. Importing one file twice (by module name and by
+    path) creates new function objects for the same task: not a clash."""
+    code = getattr(func, "__code__", None)
+    return (getattr(code, "co_filename", ""), getattr(func, "__qualname__", repr(func)))
+
+
 def register(task_: Task) -> Task:
     existing = _REGISTRY.get(task_.name)
-    if existing is not None and existing.func is not task_.func:
-        # Re-importing a module defines new function objects with the same qualified name;
-        # that is the same task, not a clash.
-        same = getattr(existing.func, "__qualname__", None) == getattr(
-            task_.func, "__qualname__", None
-        ) and getattr(existing.func, "__module__", None) == getattr(task_.func, "__module__", None)
-        if not same:
-            raise InvalidInput(f"task name {task_.name!r} is registered twice")
+    if existing is not None and _origin(existing.func) != _origin(task_.func):
+        raise InvalidInput(
+            f"task name {task_.name!r} is registered twice ({_origin(existing.func)[1]} and "
+            f"{_origin(task_.func)[1]}): give one of them another name="
+        )
     _REGISTRY[task_.name] = task_
     task_.func.__pgsched_task__ = task_.name  # type: ignore[attr-defined]
     return task_
@@ -129,7 +134,7 @@ def task(
                 max_retries=max_retries,
                 timeout=timeout,
                 priority=JobPriority.parse(priority),
-                queue=queue,
+                queue=validate_queue_name(queue),
             )
         )
         return fn

@@ -60,7 +60,6 @@ __all__ = [
     "parse_timezone",
 ]
 
-UTC = UTC
 EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_DURATION = timedelta(days=36525)  # 100 years: anything longer is a typo, not a plan
 CATCH_UP_MODES = ("latest", "skip", "all")
@@ -309,7 +308,8 @@ def _cron_fields(expr: str) -> list[str]:
     def bad(reason: str) -> InvalidInput:
         return InvalidInput(f"invalid cron expression {_show(expr)}: {reason}")
 
-    fields = _CRON_ALIASES.get(expr.lower(), expr).split()
+    # Split on ASCII blanks only, as croniter does: other spaces make a field invalid.
+    fields = re.findall(r"\S+", _CRON_ALIASES.get(expr.lower(), expr), re.ASCII)
     if len(fields) not in (5, 6):
         raise bad(_CRON_HINT)
     for index, field in enumerate(fields):
@@ -338,7 +338,7 @@ def _cron_fields(expr: str) -> list[str]:
         croniter.expand(joined, strict=fields[4] in ("*", "?"))
         croniter(joined, datetime(2000, 1, 1)).get_next()
     except _CRONITER_ERRORS:
-        raise bad("it never fires; check the day-of-month and month fields") from None
+        raise bad("it never fires; check the day-of-month, month and day-of-week fields") from None
     return fields
 
 
@@ -347,9 +347,11 @@ class CronSchedule:
 
     Fields are minute, hour, day-of-month, month, day-of-week and optionally seconds last
     (croniter's order). When both day fields are restricted a day matches if either one
-    does, as in classic cron. Aliases @hourly, @daily, @midnight, @weekly, @monthly,
-    @yearly and @annually are accepted; hashed (H) and random (R) values are not, because
-    every replica must compute the same times.
+    does, as in classic cron (croniter intersects them instead when one uses # or W).
+    Ranges may wrap (hour 22-2 is 22, 23, 0, 1, 2); an equal-ended range such as 9-9 is
+    refused because croniter would read it as the whole field. Aliases @hourly, @daily,
+    @midnight, @weekly, @monthly, @yearly and @annually are accepted; hashed (H) and
+    random (R) values are not, because every replica must compute the same times.
     """
 
     def __init__(self, expr: str, tz: str | ZoneInfo = "UTC"):

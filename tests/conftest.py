@@ -136,6 +136,23 @@ def run_cli(*args: str, config: Path | None = None, input: str | None = None,
                           env=env or cli_env(), timeout=timeout, cwd=ROOT)
 
 
+def audit_env(pg_dsn: str, schema: str, **extra: str) -> dict[str, str]:
+    """Environment for workers running tests/worker_tasks.py's audited tasks (`record`,
+    `hold`...); creates the audit table they write to."""
+    from worker_tasks import create_audit_table
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        create_audit_table(conn, schema)
+    return cli_env(PGSCHED_TEST_AUDIT_DSN=pg_dsn, PGSCHED_TEST_AUDIT_SCHEMA=schema, **extra)
+
+
+def audit_counts(pg_dsn: str, schema: str) -> dict[str, int]:
+    """How many times each key's job body really ran."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        rows = conn.execute(f'SELECT key, count(*) FROM "{schema}".audit GROUP BY key')
+        return dict(rows.fetchall())
+
+
 class WorkerProcess:
     """`pgsched worker` as a real process; `prefix` wraps the command (e.g. `unshare`)."""
 

@@ -24,6 +24,8 @@ from pgsched.config import (
     DatabaseSettings,
     JobSettings,
     LogSettings,
+    MetricsSettings,
+    QueueSettings,
     Settings,
     VacuumSettings,
     WorkerSettings,
@@ -42,6 +44,7 @@ SECTIONS = {
     "jobs": JobSettings,
     "vacuum": VacuumSettings,
     "log": LogSettings,
+    "metrics": MetricsSettings,
 }
 PASSWORD_DSN = "postgresql://app:s3cret@db.internal:5432/jobs"
 
@@ -86,7 +89,7 @@ def test_example_is_the_defaults_except_tasks(monkeypatch):
     example, defaults = load(EXAMPLE), load()
     assert example.database == defaults.database
     assert example.worker == dataclasses.replace(defaults.worker, tasks="examples.tasks")
-    for name in ("jobs", "vacuum", "log"):
+    for name in ("jobs", "vacuum", "log", "metrics", "queues"):
         assert getattr(example, name) == getattr(defaults, name)
     assert example.warnings == ()
 
@@ -95,15 +98,16 @@ def test_example_documents_every_field_in_order():
     keys: dict[str, list[str]] = {}
     section = None
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        header = re.fullmatch(r"\[(\w+)\]", line)
+        # The [queues.NAME] example is commented out; its keys are checked like a section's.
+        header = re.fullmatch(r"\[(\w+)\]|#\s*\[(queues)\.\w+\]", line)
         if header:
-            section = header[1]
+            section = header[1] or header[2]
             keys[section] = []
         key = re.match(r"#?\s*(\w+)\s*=", line)
         if key and section:
             keys[section].append(key[1])
-    assert list(keys) == list(SECTIONS)
-    for name, cls in SECTIONS.items():
+    assert list(keys) == [*SECTIONS, "queues"]
+    for name, cls in {**SECTIONS, "queues": QueueSettings}.items():
         assert keys[name] == [f.name for f in dataclasses.fields(cls)], name
 
 
@@ -224,6 +228,13 @@ BAD_VALUES = [
     ("log", "level", "10", "10", "must be one of debug, info, warning, error"),
     ("log", "format", '"text"', '"text"', "must be one of auto, console, json"),
     ("log", "format", "true", "true", "must be one of auto, console, json"),
+    ("worker", "queues", '"emails"', '"emails"', "must be a list of queue names"),
+    ("worker", "queues", '["a b"]', '["a b"]', "invalid queue name 'a b'"),
+    ("worker", "queues", "[1]", "[1]", "must be a list of queue names"),
+    ("metrics", "listen", '"9464"', '"9464"', 'must be "host:port"'),
+    ("metrics", "listen", '"localhost:http"', '"localhost:http"', 'must be "host:port"'),
+    ("metrics", "listen", '"127.0.0.1:70000"', '"127.0.0.1:70000"', 'must be "host:port"'),
+    ("metrics", "listen", "9464", "9464", 'must be "host:port"'),
 ]
 
 
@@ -301,7 +312,8 @@ def test_unknown_table_suggests_the_closest(tmp_path):
 def test_unknown_table_without_a_close_match_lists_the_tables(tmp_path):
     path = write(tmp_path, "[zzz]\n")
     assert error_for(path) == (
-        f"{path}: unknown table [zzz]; the tables are [database], [worker], [jobs], [vacuum], [log]"
+        f"{path}: unknown table [zzz]; the tables are [database], [worker], [jobs], [vacuum], "
+        "[log], [metrics], [queues.NAME]"
     )
 
 
@@ -608,3 +620,41 @@ def test_fuzz_structured_toml_loads_or_raises_config_error(document):
 @given(toml_ish_text | st.text(max_size=80))
 def test_fuzz_arbitrary_text_loads_or_raises_config_error(text):
     _loads_or_config_error(text)
+
+
+# ---------------------------------------------------------------- queues and metrics
+
+
+def test_queue_tables_and_metrics_are_read(tmp_path):
+    path = write(tmp_path, textwrap.dedent("""
+        [worker]
+        queues = ["emails", "reports", "emails"]
+        [metrics]
+        listen = "[::1]:0"
+        [queues.emails]
+        concurrency = 5
+        [queues."billing.eu"]
+        concurrency = 1
+    """))
+    got = load(path)
+    assert got.worker.queues == ("emails", "reports")
+    assert got.metrics == MetricsSettings("[::1]:0")
+    assert got.queues == {"emails": QueueSettings(5), "billing.eu": QueueSettings(1)}
+    again = load(write(tmp_path, settings_to_toml(got), name="again.toml"))
+    assert (again.worker, again.metrics, again.queues) == (got.worker, got.metrics, got.queues)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[queues.emails]\nconcurrency = 0\n", "[queues.emails] concurrency = 0: must be an integer"),
+    ("[queues.emails]\nlimit = 3\n",
+     "[queues.emails] limit = 3: unknown key; [queues.NAME] accepts concurrency"),
+    ("[queues.emails]\n", "[queues.emails]: concurrency is missing"),
+    ("[queues]\nconcurrency = 5\n", "[queues] concurrency = 5: each queue is a table"),
+    ('[queues."a b"]\nconcurrency = 1\n', "[queues.\"a b\"]: invalid queue name 'a b'"),
+    ("queues = 3\n", "queues = 3: must be a table of queues"),
+])
+def test_bad_queue_tables_name_the_table(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    message = error_for(path)
+    assert message.startswith(f"{path}: "), message
+    assert expected in message

@@ -4,9 +4,11 @@
 `audit` table in the test's schema, outside pgsched's own tables, so tests can count how
 many times each job really ran and which claim (job id, attempt, worker) ran it. The
 claim comes from the context pgsched binds for every job (structlog contextvars), which
-reaches sync tasks too because the worker copies the context into the thread.
+reaches sync tasks too because the worker copies the context into the thread. The test
+creates that table first (conftest.audit_env): creating it here would race between
+concurrent jobs.
 
-Tasks that must wait for the test (`hold`, `spin_until`) wait for a file to appear, so
+Tasks that must wait for the test (`hold`, `spin_once`, ...) wait for a file to appear, so
 tests release them on an event instead of guessing durations.
 """
 
@@ -47,10 +49,6 @@ def _audit_connection() -> psycopg.Connection:
                     raise
                 time.sleep(0.1)
         _local.conn = conn
-        schema = os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
-        # Another process may create it at the same moment.
-        with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            create_audit_table(conn, schema)
     return conn
 
 
@@ -184,3 +182,19 @@ async def stubborn(release: str) -> str:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.02)
     return "done"
+
+
+# How many `track` jobs of each key run at once, in this process (in-process workers).
+ACTIVE: dict[str, int] = {}
+PEAK: dict[str, int] = {}
+
+
+@task
+async def track(key: str, seconds: float) -> str:
+    ACTIVE[key] = ACTIVE.get(key, 0) + 1
+    PEAK[key] = max(PEAK.get(key, 0), ACTIVE[key])
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        ACTIVE[key] -= 1
+    return key

@@ -64,44 +64,82 @@ wake AS (
 SELECT new.id FROM new LEFT JOIN wake ON true;
 
 -- name: claim_jobs
--- Claim up to %(limit)s due jobs for one worker (expiring those past their misfire grace)
--- and report when the next pending job falls due. Always returns at least one row: the
--- job columns are NULL when nothing was claimed.
+-- Claim up to %(limit)s due jobs for one worker from the queues it serves (%(queues)s, or
+-- every queue when NULL) that are not paused, taking at most %(capped_free)s from each
+-- queue in %(capped_queues)s (per-queue concurrency); expire jobs past their misfire
+-- grace; report when the next pending job of those queues falls due. Always returns at
+-- least one row: the job columns are NULL when nothing was claimed.
 --
--- Why this shape: the pending index is (priority, execution_time, id). A plain
--- `ORDER BY priority, execution_time` scan cannot skip from one priority to the next, so
--- when fewer than `limit` jobs are due it would walk every future job of the first
--- priority (200,000 rows due next week cost milliseconds per claim). Walking the index
--- once per priority value (a handful, from JobPriority) with LATERAL keeps each walk to
--- the due rows. Rows are locked with SKIP LOCKED so concurrent workers never wait on each
--- other; the outer LIMIT keeps priority order because the nested loop preserves the
--- order of the priorities array.
-WITH next_due AS (
+-- Why this shape: the pending index is (queue, priority, execution_time, id), and each
+-- (queue, priority) pair is walked on its own, over its due rows only. A single
+-- `ORDER BY priority, execution_time` scan filtered by queue would wade through the due
+-- backlog of every paused queue and of queues left to other workers, and through every
+-- future job of a priority when few are due (200,000 jobs due next week cost
+-- milliseconds per claim). The queues come from the worker's list, or, for a worker that
+-- serves every queue, from a loose index scan (one index probe per distinct queue with
+-- pending jobs); the priorities are the handful of JobPriority values. Within a queue
+-- the walks run in priority order and the LIMIT stops them at the queue's cap (a nested
+-- loop preserves the order of the priorities array). Across queues the candidates are
+-- sorted by priority and due time and cut to %(limit)s: when several queues have jobs due
+-- at once a claim locks up to its limit in each of them and lets the surplus go at
+-- commit, milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and
+-- never wait. Rows are locked inside the walks so that a claimer skips what another is
+-- taking and walks on, instead of ending up with the same candidates.
+WITH RECURSIVE pending_queues AS (
+    (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM {schema}.jobs j
+            WHERE j.status = 'pending' AND j.queue > q.queue ORDER BY j.queue LIMIT 1)
+    FROM pending_queues q WHERE q.queue IS NOT NULL
+),
+served AS (
+    SELECT s.queue, least(%(limit)s, coalesce(c.free, %(limit)s)) AS cap
+    FROM (
+        SELECT queue FROM pending_queues
+        WHERE queue IS NOT NULL AND %(queues)s::text[] IS NULL
+        UNION ALL
+        SELECT unnest(%(queues)s::text[])
+    ) s
+    LEFT JOIN unnest(%(capped_queues)s::text[], %(capped_free)s::int[]) AS c(queue, free)
+        ON c.queue = s.queue
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
+),
+next_due AS (
     SELECT min(f.execution_time) AS at
-    FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+    FROM served s
+    CROSS JOIN unnest(%(priorities)s::smallint[]) AS p(priority)
     CROSS JOIN LATERAL (
         SELECT execution_time FROM {schema}.jobs
-        WHERE status = 'pending' AND priority = p.priority AND execution_time > now()
+        WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
+          AND execution_time > now()
         ORDER BY execution_time LIMIT 1
     ) f
 ),
 candidates AS (
     SELECT c.id, c.expired
-    FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+    FROM served s
     CROSS JOIN LATERAL (
-        -- Only a job that could not start in time expires. One put back by orphan recovery
-        -- or a shutdown (an attempt that ended without an outcome: attempts > failures)
-        -- did start in time and must run again, however late; a retry (every attempt
-        -- failed) keeps its grace from the retry time.
-        SELECT id, (misfire_grace_seconds IS NOT NULL AND attempts = failures
+        SELECT w.* FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+        CROSS JOIN LATERAL (
+            -- Only a job that could not start in time expires. One put back by orphan
+            -- recovery or a shutdown (it started, and an attempt ended without an outcome:
+            -- attempts > failures) must run again, however late. A retry after failures,
+            -- or an operator's retry (started_at reset), keeps its grace from its new time.
+            SELECT id, priority, execution_time,
+                   (misfire_grace_seconds IS NOT NULL
+                    AND (started_at IS NULL OR attempts = failures)
                     AND now() > execution_time
                         + make_interval(secs => misfire_grace_seconds)) AS expired
-        FROM {schema}.jobs
-        WHERE status = 'pending' AND priority = p.priority AND execution_time <= now()
-        ORDER BY execution_time, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+            FROM {schema}.jobs
+            WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
+              AND execution_time <= now()
+            ORDER BY execution_time, id
+            LIMIT s.cap
+            FOR UPDATE SKIP LOCKED
+        ) w
+        LIMIT s.cap
     ) c
+    ORDER BY c.priority, c.execution_time, c.id
     LIMIT %(limit)s
 ),
 claimed AS (
@@ -114,6 +152,7 @@ claimed AS (
         heartbeat_at = CASE WHEN c.expired THEN NULL ELSE now() END,
         started_at = CASE WHEN c.expired THEN j.started_at ELSE now() END,
         finished_at = CASE WHEN c.expired THEN now() END,
+        cancel_requested_at = NULL,
         last_error = CASE WHEN c.expired
             THEN 'expired: not started within its misfire grace of '
                  || j.misfire_grace_seconds || 's after ' || j.execution_time
@@ -127,15 +166,16 @@ SELECT n.at AS next_due, now() AS db_now, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
--- Renew the leases of the jobs this worker runs. Returns the ids still held: any id
--- missing from the result was lost (recovered, cancelled or replaced) and must stop.
+-- Renew the leases of the jobs this worker runs. Returns the ids still held, each with
+-- whether a cancel was requested (the fallback when the NOTIFY was missed): any id
+-- missing from the result was lost (recovered or replaced) and must stop.
 UPDATE {schema}.jobs AS j SET
     lease_until = now() + make_interval(secs => %(lease_seconds)s),
     heartbeat_at = now()
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
 WHERE j.id = h.id AND j.attempts = h.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
-RETURNING j.id;
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: complete_jobs
 -- Record successful attempts in one statement. Fenced on owner, attempt and status, so a
@@ -150,30 +190,39 @@ RETURNING j.id;
 
 -- name: fail_job
 -- Record a failed attempt (an exception or a timeout): back to pending at
--- now() + %(retry_delay_seconds)s while the retry budget lasts, else failed. Fenced like
--- complete_jobs; returns the new status, or no row when the lease was lost.
+-- now() + %(retry_delay_seconds)s while the retry budget lasts, else failed; cancelled,
+-- never retried, when a cancel was requested meanwhile. Fenced like complete_jobs;
+-- returns the new status, or no row when the lease was lost.
 UPDATE {schema}.jobs AS j SET
     failures = j.failures + 1,
-    status = CASE WHEN j.failures + 1 <= j.max_retries THEN 'pending' ELSE 'failed' END
+    status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  WHEN j.failures + 1 <= j.max_retries THEN 'pending' ELSE 'failed' END
              ::{schema}.job_status,
-    execution_time = CASE WHEN j.failures + 1 <= j.max_retries
+    execution_time = CASE WHEN j.failures + 1 <= j.max_retries AND j.cancel_requested_at IS NULL
         THEN now() + make_interval(secs => %(retry_delay_seconds)s) ELSE j.execution_time END,
-    finished_at = CASE WHEN j.failures + 1 <= j.max_retries THEN NULL ELSE now() END,
-    worker_id = CASE WHEN j.failures + 1 <= j.max_retries THEN NULL ELSE j.worker_id END,
+    finished_at = CASE WHEN j.failures + 1 <= j.max_retries AND j.cancel_requested_at IS NULL
+        THEN NULL ELSE now() END,
+    worker_id = CASE WHEN j.failures + 1 <= j.max_retries AND j.cancel_requested_at IS NULL
+        THEN NULL ELSE j.worker_id END,
     lease_until = NULL,
     last_error = %(error)s,
     errors = j.errors || jsonb_build_object(
-        'attempt', j.attempts, 'worker_id', j.worker_id, 'at', now(),
-        'error', %(error)s::text, 'traceback', %(traceback)s::text)
+        'attempt', j.attempts, 'worker_id', j.worker_id, 'started_at', j.started_at,
+        'at', now(), 'outcome', 'failed', 'error', %(error)s::text,
+        'traceback', %(traceback)s::text)
 WHERE j.id = %(id)s AND j.attempts = %(attempt)s
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.status, j.execution_time;
 
 -- name: release_jobs
 -- Put jobs this worker gives up on at shutdown back to pending, due now, without
--- counting a failure. Fenced like complete_jobs.
+-- counting a failure (cancelled instead, if a cancel was requested). Fenced like
+-- complete_jobs.
 UPDATE {schema}.jobs AS j SET
-    status = 'pending', worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
+    status = CASE WHEN j.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END
+             ::{schema}.job_status,
+    finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
 WHERE j.id = r.id AND j.attempts = r.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
@@ -181,7 +230,8 @@ RETURNING j.id;
 
 -- name: recover_orphans
 -- Return running jobs whose lease expired to pending (or fail them once they have been
--- orphaned %(max_recoveries)s times). The lease test is repeated in the UPDATE itself, so
+-- orphaned %(max_recoveries)s times; or cancel them when a cancel was requested, since
+-- their worker can no longer do it). The lease test is repeated in the UPDATE itself, so
 -- a completion that commits after the scan wins: the row no longer matches.
 WITH orphans AS (
     SELECT id, worker_id FROM {schema}.jobs
@@ -192,20 +242,27 @@ WITH orphans AS (
 )
 UPDATE {schema}.jobs AS j SET
     recoveries = j.recoveries + 1,
-    status = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s THEN 'failed' ELSE 'pending' END
-             ::{schema}.job_status,
-    finished_at = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s THEN now() END,
+    status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  WHEN j.recoveries + 1 >= %(max_recoveries)s THEN 'failed'
+                  ELSE 'pending' END::{schema}.job_status,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.recoveries + 1 >= %(max_recoveries)s THEN now() END,
     worker_id = NULL, lease_until = NULL,
-    last_error = CASE WHEN j.recoveries + 1 >= %(max_recoveries)s
+    last_error = CASE
+        WHEN j.cancel_requested_at IS NOT NULL
+        THEN 'cancelled: the cancel was requested while worker ' || o.worker_id
+             || ' ran it, and its lease expired'
+        WHEN j.recoveries + 1 >= %(max_recoveries)s
         THEN 'poison pill: lease expired ' || (j.recoveries + 1) || ' times (worker '
              || o.worker_id || ' last); the job may crash or hang its worker'
         ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
     errors = j.errors || jsonb_build_object(
-        'attempt', j.attempts, 'worker_id', o.worker_id, 'at', now(),
+        'attempt', j.attempts, 'worker_id', o.worker_id, 'started_at', j.started_at,
+        'at', now(), 'outcome', 'lease_expired',
         'error', 'lease expired (worker crashed, hung or lost its connection)')
 FROM orphans o
 WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < now()
-RETURNING j.id, j.task, j.status, j.attempts, o.worker_id AS previous_worker;
+RETURNING j.id, j.task, j.queue, j.status, j.attempts, o.worker_id AS previous_worker;
 
 -- name: cancel_jobs
 -- Cancel pending jobs. Returns the ids cancelled.
@@ -222,10 +279,11 @@ SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 
 -- name: list_jobs
--- Jobs filtered by status and task, newest first.
+-- Jobs filtered by status, task and creation time, newest first.
 SELECT * FROM {schema}.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 

@@ -11,9 +11,17 @@ worker loudly instead of letting it limp on):
 - completer: writes finished jobs in one statement per batch; a batch forms naturally
   while the previous write is in flight.
 - heartbeater: renews all held leases in one statement; a job whose lease was lost is
-  cancelled locally (its late writes would be fenced out anyway). It also notices when
-  the event loop was blocked for longer than a heartbeat.
+  cancelled locally (its late writes would be fenced out anyway), and so is a job whose
+  cancel was requested (`pgsched cancel`; the NOTIFY 'cancel:<worker id>' makes the
+  heartbeat come at once, the heartbeat itself is the fallback). It also notices when
+  the event loop was blocked for longer than a heartbeat, and pings systemd's watchdog.
 - maintenance: orphan recovery, worker-registry pruning and vacuum (maintenance.py).
+- planner: enqueues the due windows of recurring schedules (planner.py).
+
+Queues: a worker claims from `options.queues` (None: every queue) except paused ones,
+and at most `queue_concurrency[q]` jobs of queue q at once. Monitoring: counters in
+`self.metrics` (metrics.py), served with /healthz when `metrics_listen` is set; systemd
+READY/STOPPING/WATCHDOG when `systemd_notify` is set (systemd.py).
 
 Lifecycle: run() returns after stop() (SIGTERM/SIGINT): claiming stops, running jobs get
 `shutdown_grace_seconds` to finish, the rest are cancelled and put back to pending
@@ -36,6 +44,7 @@ import random
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,13 +56,19 @@ import structlog
 
 from .. import __version__
 from ..logs import get_logger
-from ..store import Store, connect
+from ..queues import capped_free_slots, saturated
+from ..store import Store, connect, migrations
 from ..tasks import JobPriority
-from .executor import Outcome, SyncCalls, retry_delay, run_job
+from .executor import CANCELLED, Outcome, SyncCalls, retry_delay, run_job
 from .maintenance import Maintenance
+from .metrics import MetricsServer, WorkerMetrics
+from .planner import Planner
+from .systemd import SystemdNotifier
 
 log = get_logger("pgsched.worker")
 
+SCHEDULES_CHANGED = "schedules"  # NOTIFY payload of sql/recurring.sql; others are epochs
+LATEST_SCHEMA = migrations()[-1][0]
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
 # After a second signal, how long cancelled jobs still get to run their cleanup.
 KILL_CLEANUP_SECONDS = 1.0
@@ -75,6 +90,11 @@ class WorkerOptions:
     retention_days: float = 7.0
     failed_retention_days: float = 30.0
     vacuum_batch_size: int = 1000
+    timezone: str = "UTC"  # of @periodic cron schedules that name none ([jobs] timezone)
+    queues: tuple[str, ...] | None = None  # None: every queue
+    queue_concurrency: tuple[tuple[str, int], ...] = ()  # (queue, limit) within this worker
+    metrics_listen: str | None = None  # "host:port" for /metrics and /healthz
+    systemd_notify: bool = False  # speak sd_notify when NOTIFY_SOCKET is set
 
 
 @dataclass
@@ -86,6 +106,9 @@ class _Held:
     task: asyncio.Task[None] | None = None
     lease_lost: bool = False
     finished: bool = False
+    task_name: str = ""
+    queue: str = ""
+    cancel_requested: bool = False
 
 
 @dataclass
@@ -101,6 +124,7 @@ class Stats:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+    cancelled: int = 0
     expired: int = 0
     released: int = 0
     lease_lost: int = 0
@@ -158,6 +182,16 @@ class Worker:
         self.ready = asyncio.Event()  # set once registered and the first claim ran
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.maintenance = Maintenance(self)
+        self.application_name = "pgsched-worker"
+        self.planner = Planner(self)
+        self.schema_outdated = False
+        self.metrics = WorkerMetrics()
+        self.systemd = SystemdNotifier.from_environment() if options.systemd_notify \
+            else SystemdNotifier()
+        self._queue_limits = dict(options.queue_concurrency)
+        self._beat_now = asyncio.Event()  # a cancel request: heartbeat without waiting
+        self.listening = False  # the LISTEN connection is up
+        self.last_db_ok: float | None = None  # loop.time() of the last heartbeat that worked
 
     # -- public control ------------------------------------------------------------------
 
@@ -179,6 +213,10 @@ class Worker:
         return self._executing
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def abandoned_threads(self) -> int:
         """Sync tasks still running in threads (timed out or interrupted by shutdown)."""
         return self._sync_calls.running
@@ -191,7 +229,14 @@ class Worker:
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.id)
         log.info("worker_starting", concurrency=self.options.concurrency, pid=os.getpid(),
-                 burst=self.options.burst)
+                 burst=self.options.burst, queues=list(self.options.queues or ["*"]))
+        self.systemd.check_watchdog(self.options.heartbeat_seconds)
+        if not await self._schema_ready():
+            return
+        server = None
+        if self.options.metrics_listen:
+            server = MetricsServer(self, self.options.metrics_listen)
+            await server.start()
         await self._register()
         try:
             async with asyncio.TaskGroup() as services:
@@ -201,8 +246,10 @@ class Worker:
                     services.create_task(self._complete_loop(), name="completer"),
                     services.create_task(self._heartbeat_loop(), name="heartbeater"),
                     services.create_task(self.maintenance.run(), name="maintenance"),
+                    services.create_task(self.planner.run(), name="planner"),
                 ]
                 await fetcher
+                self.systemd.stopping(f"stopping: {self._executing} jobs running")
                 await self._drain()
                 # Loops also watch `closing`: a cancellation that lands inside a psycopg
                 # call can be swallowed there, and must not leave the worker hanging.
@@ -210,11 +257,23 @@ class Worker:
                 for service in side:
                     service.cancel()
         finally:
+            if server is not None:
+                await server.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(DB_ERRORS):
                 await self.store.unregister_worker(self.id)
             counts = {k: v for k, v in vars(self.stats).items() if v and k != "extra"}
             log.info("worker_stopped", **counts)
+
+    async def _schema_ready(self) -> bool:
+        """A worker started with --no-migrate on an older schema stops, saying why,
+        instead of failing query by query."""
+        version = await self.store.schema_version() or 0
+        self.schema_outdated = version < LATEST_SCHEMA
+        if self.schema_outdated:
+            log.error("schema_outdated", version=version, needed=LATEST_SCHEMA,
+                      hint="run `pgsched migrate`, then start the worker again")
+        return not self.schema_outdated
 
     # -- registration ----------------------------------------------------------------------
 
@@ -224,8 +283,10 @@ class Worker:
             try:
                 await self.store.register_worker(
                     id=self.id, host=socket.gethostname(), pid=os.getpid(), version=__version__,
-                    concurrency=self.options.concurrency, queues=None,
+                    concurrency=self.options.concurrency,
+                    queues=list(self.options.queues) if self.options.queues else None,
                 )
+                self.last_db_ok = asyncio.get_running_loop().time()
                 return
             except DB_ERRORS as exc:
                 self._db_error("register", exc, attempt)
@@ -234,6 +295,7 @@ class Worker:
 
     def _db_error(self, where: str, exc: BaseException, attempt: int) -> None:
         raise_if_cancelling()
+        self.metrics.db_error(where)
         if attempt == 0:
             log.warning("db_unavailable", where=where, error=str(exc).strip().splitlines()[0]
                         if str(exc).strip() else type(exc).__name__)
@@ -257,6 +319,8 @@ class Worker:
                     continue
             if not self.ready.is_set():
                 self.ready.set()
+                served = ", ".join(self.options.queues or ["every queue"])
+                self.systemd.ready(f"claiming from {served}")
                 for callback in self.on_ready:
                     result = callback()
                     if result is not None:
@@ -267,7 +331,8 @@ class Worker:
                 log.info("burst_done")
                 return
             # With every slot busy, a freed slot is the next reason to claim.
-            self._slot_freed_wakes = free <= 0 or self.options.burst
+            self._slot_freed_wakes = free <= 0 or self.options.burst or saturated(
+                self._queue_limits, self._running_by_queue(), self.options.queues)
             timeout = self.options.poll_seconds
             if self._next_due_deadline is not None:
                 timeout = min(timeout, max(0.0, self._next_due_deadline - loop.time()))
@@ -280,7 +345,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         jobs, next_due, db_now = await self.store.claim_jobs(
             worker_id=self.id, limit=free, lease_seconds=self.options.lease_seconds,
-            priorities=self._priorities,
+            priorities=self._priorities, queues=self.options.queues,
+            capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
         )
         self._clock_offset = db_now.timestamp() - time.time()
         self._next_due_deadline = (
@@ -289,15 +355,23 @@ class Worker:
         for job in jobs:
             if job["expired"]:
                 self.stats.expired += 1
+                self.metrics.job("expired", job["task"], job["queue"])
                 log.warning("job_expired", job_id=job["id"], task=job["task"],
                             execution_time=job["execution_time"].isoformat())
                 continue
             self.stats.claimed += 1
-            held = _Held(job["id"], job["attempts"])
+            self.metrics.job("started", job["task"], job["queue"])
+            held = _Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"])
             self._held[held.id] = held
             self._executing += 1
             held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
         return len(jobs) >= free
+
+    def _running_by_queue(self) -> Counter[str]:
+        """Running jobs per queue; only queues with a limit need counting."""
+        if not self._queue_limits:
+            return Counter()
+        return Counter(h.queue for h in self._held.values() if not h.finished)
 
     def note_due(self, due_epoch: float) -> None:
         """A job was added for `due_epoch` (database clock): wake now or move the timer."""
@@ -334,6 +408,10 @@ class Worker:
             if held.lease_lost:
                 self._held.pop(held.id, None)
                 log.warning("job_abandoned", reason="lease lost")
+            elif held.cancel_requested:
+                self.metrics.job_ran(held.task_name, held.queue, "cancelled",
+                                     time.monotonic() - started)
+                self._completions.put_nowait(_Completion(held, CANCELLED, job["failures"]))
             else:
                 log.info("job_interrupted", reason="shutdown")
             self._free_slot()
@@ -341,6 +419,8 @@ class Worker:
         self._executing -= 1
         held.finished = True
         duration = round(time.monotonic() - started, 4)
+        self.metrics.job_ran(held.task_name, held.queue,
+                             "completed" if outcome.ok else "failed", duration)
         if held.lease_lost:
             self._held.pop(held.id, None)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
@@ -396,12 +476,14 @@ class Worker:
                 self._held.pop(c.held.id, None)
                 if c.held.id in written:
                     self.stats.completed += 1
+                    self.metrics.job("completed", c.held.task_name, c.held.queue)
                     log.info("job_completed", job_id=c.held.id)
                 else:
                     self.stats.lease_lost += 1
                     log.warning("job_completion_rejected", job_id=c.held.id,
                                 reason="lease lost before the result was recorded")
-        left = [c for c in batch if not c.outcome.ok]
+        await self._record_cancelled([c for c in batch if c.outcome.cancelled])
+        left = [c for c in batch if not c.outcome.ok and not c.outcome.cancelled]
         while left:
             c = left[0]
             row = await self.store.fail_job(
@@ -418,13 +500,34 @@ class Worker:
                 log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
             elif row["status"] == "pending":
                 self.stats.retried += 1
+                self.metrics.job("retried", c.held.task_name, c.held.queue)
                 log.info("job_retry_scheduled", job_id=c.held.id, error=c.outcome.error,
                          retry_at=row["execution_time"].isoformat())
                 self.note_due(row["execution_time"].timestamp())
+            elif row["status"] == "cancelled":  # a cancel was requested while it failed
+                self.stats.cancelled += 1
+                self.metrics.job("cancelled", c.held.task_name, c.held.queue)
+                log.info("job_cancelled", job_id=c.held.id, error=c.outcome.error)
             else:
                 self.stats.failed += 1
+                self.metrics.job("failed", c.held.task_name, c.held.queue)
                 log.error("job_failed", job_id=c.held.id, error=c.outcome.error)
         return []
+
+    async def _record_cancelled(self, cancelled: list[_Completion]) -> None:
+        if not cancelled:
+            return
+        written = await self.store.finish_cancelled_jobs(
+            worker_id=self.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
+        for c in cancelled:
+            self._held.pop(c.held.id, None)
+            if c.held.id in written:
+                self.stats.cancelled += 1
+                self.metrics.job("cancelled", c.held.task_name, c.held.queue)
+                log.info("job_cancelled", job_id=c.held.id, task=c.held.task_name)
+            else:
+                self.stats.lease_lost += 1
+                log.warning("job_cancel_rejected", job_id=c.held.id, reason="lease lost")
 
     # -- heartbeater ---------------------------------------------------------------------
 
@@ -434,8 +537,9 @@ class Worker:
         failures = 0
         while True:
             planned = loop.time() + interval * random.uniform(0.9, 1.0)
-            if await self.sleep_or_close(planned - loop.time()):
+            if await self._until_next_beat(planned - loop.time()):
                 return
+            self.systemd.watchdog()
             blocked = loop.time() - planned
             if blocked > interval:
                 log.warning("event_loop_blocked", seconds=round(blocked, 2),
@@ -443,10 +547,25 @@ class Worker:
                                  "so it runs in a thread")
             try:
                 await self.heartbeat_once()
+                self.last_db_ok = loop.time()
                 failures = 0
             except DB_ERRORS as exc:
                 self._db_error("heartbeat", exc, failures)
                 failures += 1
+
+    async def _until_next_beat(self, seconds: float) -> bool:
+        """Sleep until the next heartbeat, or less when a cancel request arrives; True
+        once the worker is closing."""
+        waits = [asyncio.ensure_future(self.closing.wait()),
+                 asyncio.ensure_future(self._beat_now.wait())]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        self._beat_now.clear()
+        return self.closing.is_set()
 
     async def heartbeat_once(self) -> None:
         # Finished jobs too: until their outcome is written (the completer may be backing
@@ -456,9 +575,17 @@ class Worker:
             kept = await self.store.heartbeat_jobs(
                 worker_id=self.id, held=held, lease_seconds=self.options.lease_seconds
             )
+            self.metrics.leases(renewed=len(kept), lost=len(held) - len(kept))
             for job_id, _ in held:
                 h = self._held.get(job_id)
-                if job_id not in kept and h is not None and not h.finished:
+                if h is None or h.finished:
+                    continue
+                if kept.get(job_id) and not h.cancel_requested:
+                    h.cancel_requested = True
+                    log.info("job_cancel_requested", job_id=job_id, task=h.task_name)
+                    if h.task is not None:
+                        h.task.cancel()
+                elif job_id not in kept:
                     h.lease_lost = True
                     self.stats.lease_lost += 1
                     log.warning("lease_lost", job_id=job_id,
@@ -475,25 +602,42 @@ class Worker:
         while not self.closing.is_set():
             conn = None
             try:
-                conn = await connect(self.dsn)
+                conn = await connect(self.dsn, application_name=self.application_name)
                 await conn.execute(psycopg.sql.SQL("LISTEN {}").format(
                     psycopg.sql.Identifier(self.store.channel)))
                 if failures:
                     log.info("listener_reconnected")
+                    self.metrics.db_reconnected()
                 failures = 0
+                self.listening = True
                 self._wake.set()  # anything added while we were away
+                self.planner.wake()
+                self._beat_now.set()  # and any cancel request
                 async for notify in conn.notifies():
-                    try:
-                        self.note_due(float(notify.payload))
-                    except ValueError:
-                        self._wake.set()
+                    self._on_notify(notify.payload)
             except DB_ERRORS as exc:
                 self._db_error("listen", exc, failures)
                 failures += 1
                 await backoff_sleep(failures)
             finally:
+                self.listening = False
                 if conn is not None:
                     await conn.close()
+
+    def _on_notify(self, payload: str) -> None:
+        """'cancel:<worker id>': a job of that worker is to be cancelled; else a due time."""
+        if payload == SCHEDULES_CHANGED:
+            self.planner.wake()
+            return
+        kind, _, target = payload.partition(":")
+        if kind == "cancel":
+            if target == self.id:
+                self._beat_now.set()
+            return
+        try:
+            self.note_due(float(payload))
+        except ValueError:
+            self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------
 

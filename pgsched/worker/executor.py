@@ -35,6 +35,10 @@ class Outcome:
     result_json: str = "null"
     error: str = ""
     traceback: str | None = None
+    cancelled: bool = False  # stopped because a cancel was requested
+
+
+CANCELLED = Outcome(ok=False, error="cancelled on request", cancelled=True)
 
 
 class SyncCalls:

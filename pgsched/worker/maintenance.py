@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..logs import get_logger
@@ -31,9 +32,11 @@ PRUNE_EVERY_SECONDS = 300.0
 
 
 async def vacuum(
-    store: Store, *, retention_seconds: dict[str, float], batch_size: int
+    store: Store, *, retention_seconds: dict[str, float], batch_size: int,
+    on_batch: Callable[[str, int], None] | None = None,
 ) -> dict[str, int]:
-    """Delete finished jobs past retention, batch by batch; returns the count per status."""
+    """Delete finished jobs past retention, batch by batch; returns the count per status.
+    on_batch(status, deleted) is called after each batch (the CLI's progress bar)."""
     deleted = {}
     for status, older_than in retention_seconds.items():
         total = 0
@@ -41,6 +44,8 @@ async def vacuum(
             n = await store.vacuum_jobs(status=status, older_than_seconds=older_than,
                                         limit=batch_size)
             total += n
+            if on_batch is not None:
+                on_batch(status, n)
             if n < batch_size:
                 break
             await asyncio.sleep(0)  # let the loop breathe between batches
@@ -83,9 +88,18 @@ class Maintenance:
         did: dict[str, object] = {}
         recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
         for row in recovered:
-            event = "job_recovered" if row["status"] == "pending" else "job_poisoned"
-            log.warning(event, job_id=row["id"], task=row["task"], attempt=row["attempts"],
-                        previous_worker=row["previous_worker"])
+            status = str(row["status"])
+            fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],
+                          previous_worker=row["previous_worker"])
+            # Literal event names, so that grepping the code finds every documented event.
+            if status == "pending":
+                log.warning("job_recovered", **fields)
+            elif status == "cancelled":
+                log.warning("job_cancelled", reason="lease expired after a cancel request",
+                            **fields)
+            else:
+                log.warning("job_poisoned", **fields)
+            self.worker.metrics.job_recovered(row["task"], row["queue"], status)
         if recovered:
             did["recovered"] = len(recovered)
             self.worker._wake.set()  # recovered jobs are due now

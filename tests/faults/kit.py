@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from conftest import WorkerProcess, cli_env, fast_options, write_config
+from conftest import WorkerProcess, fast_options, write_config
 from psycopg.rows import dict_row
-from worker_tasks import create_audit_table
 
 from pgsched import Scheduler, WorkerOptions
 
@@ -42,13 +41,6 @@ def fault_options(**overrides: Any) -> WorkerOptions:
 
 def fault_config(directory: Path, dsn: str, schema: str, **worker: Any) -> Path:
     return write_config(directory, dsn, schema, **{**FAULT_WORKER, **worker})
-
-
-def audit_env(dsn: str, schema: str, **extra: str) -> dict[str, str]:
-    """Environment for worker processes whose audited tasks write to `schema`.audit."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        create_audit_table(conn, schema)
-    return cli_env(PGSCHED_TEST_AUDIT_DSN=dsn, PGSCHED_TEST_AUDIT_SCHEMA=schema, **extra)
 
 
 async def query(sched: Scheduler, sql: str, params: Any = None) -> list[dict[str, Any]]:
@@ -129,14 +121,6 @@ def release_file(directory: Path, name: str = "release") -> tuple[str, Callable[
     """A path a `hold` task waits for, and the function that creates it."""
     path = directory / name
     return str(path), path.touch
-
-
-def with_params(dsn: str, **params: str) -> str:
-    """`dsn` (URI or key=value) with connection parameters added."""
-    if "://" in dsn:
-        extra = "&".join(f"{k}={v}" for k, v in params.items())
-        return dsn + ("&" if "?" in dsn else "?") + extra
-    return " ".join([dsn, *(f"{k}={v}" for k, v in params.items())])
 
 
 async def backends(sched: Scheduler, application_name: str) -> list[dict[str, Any]]:

@@ -11,11 +11,10 @@ import json
 import signal
 from pathlib import Path
 
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from .kit import (
     audit,
-    audit_env,
     check_each_completed_once,
     fault_config,
     job_if,

@@ -15,14 +15,13 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-from conftest import run_cli, wait_until
+from conftest import audit_env, run_cli, wait_until
 
 from pgsched import JobSpec
 
 from .kit import (
     at_least,
     audit,
-    audit_env,
     check_each_completed_once,
     db_now,
     fault_config,
@@ -84,15 +83,16 @@ async def test_a_client_an_hour_off_adds_jobs_due_now_on_the_database_clock(
         sched, pg_dsn, schema, workers, tmp_path):
     config = fault_config(tmp_path, pg_dsn, schema)
     env = audit_env(pg_dsn, schema)
-    for offset in (-HOUR, HOUR):
+    for offset, from_file in ((-HOUR, False), (HOUR, False), (-HOUR, True)):
         before = await db_now(sched)
-        added = run_cli("add", "noop", config=config, env=skewed(env, offset))
+        added = run_cli("add", *(["--from", "-"] if from_file else ["noop"]), config=config,
+                        env=skewed(env, offset), input='{"task": "noop"}\n')
         assert added.returncode == 0, added.stderr
-        job = await sched.store.get_job(added.stdout.strip())
+        job = await sched.store.get_job(added.stdout.split()[0])
         assert before <= job["execution_time"] <= await db_now(sched), (offset, job)
     worker = workers(config, env=env)
-    await wait_until(lambda: at_least(sched, "completed", 2),
-                     what="both jobs run, none expired")
+    await wait_until(lambda: at_least(sched, "completed", 3),
+                     what="every job run, none expired")
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from .kit import (
     alive,
     assert_json_lines,
     at_least,
     audit,
-    audit_env,
     backends,
     check_each_completed_once,
     fault_config,
@@ -26,7 +25,6 @@ from .kit import (
     log_events,
     query,
     release_file,
-    with_params,
 )
 
 NEVER_POLL = 600  # seconds: longer than any deadline below, so only NOTIFY wakes a worker
@@ -99,9 +97,8 @@ async def _registered(sched, n):
 
 
 async def test_terminated_connections_are_replaced(sched, pg_dsn, schema, workers, tmp_path):
-    app = "pgsched-fault-5"
-    config = fault_config(tmp_path, with_params(pg_dsn, application_name=app), schema,
-                          poll_seconds=NEVER_POLL)
+    app = "pgsched-worker"  # the application_name of every worker connection
+    config = fault_config(tmp_path, pg_dsn, schema, poll_seconds=NEVER_POLL)
     env = audit_env(pg_dsn, schema)
     release, do_release = release_file(tmp_path)
     worker = workers(config, env=env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import signal
 
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from pgsched import JobSpec
 
@@ -13,7 +13,6 @@ from .kit import (
     alive,
     at_least,
     audit,
-    audit_env,
     check_each_completed_once,
     counts,
     fault_config,

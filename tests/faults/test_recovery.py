@@ -9,14 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from pgsched import JobSpec
 
 from .kit import (
     at_least,
     audit,
-    audit_env,
     check_each_completed_once,
     fault_config,
     jobs,

@@ -116,7 +116,7 @@ async def test_stale_attempt_is_fenced_even_when_the_same_worker_reclaims(sched)
     assert await store.complete_jobs(worker_id=W, done=[(job_id, 1, '"stale"')]) == set()
     assert await store.fail_job(worker_id=W, job_id=job_id, attempt=1, error="stale",
                                 traceback=None, retry_delay_seconds=0) is None
-    assert await store.heartbeat_jobs(worker_id=W, held=[(job_id, 1)], lease_seconds=60) == set()
+    assert not await store.heartbeat_jobs(worker_id=W, held=[(job_id, 1)], lease_seconds=60)
     assert await store.release_jobs(worker_id=W, held=[(job_id, 1)]) == set()
     job = await store.get_job(job_id)
     assert (job["status"], job["attempts"], job["failures"], job["result"]) == \

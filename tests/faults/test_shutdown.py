@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from pgsched import JobSpec
 
 from .kit import (
     at_least,
     audit,
-    audit_env,
     check_each_completed_once,
     db_now,
     fault_config,

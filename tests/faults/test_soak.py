@@ -18,7 +18,7 @@ from datetime import timedelta
 import psycopg
 import psycopg_pool
 import pytest
-from conftest import wait_until
+from conftest import audit_env, wait_until
 
 from pgsched import JobSpec
 
@@ -26,7 +26,6 @@ from .kit import (
     alive,
     assert_json_lines,
     audit,
-    audit_env,
     check_each_completed_once,
     counts,
     db_now,

@@ -1,0 +1,320 @@
+"""Rendering the operator views with rich, and the live loop of `pgsched top`.
+
+Owns: how a Snapshot, a job or the worker registry looks on a terminal or in a pipe
+(plain tables without boxes, so `grep` and `awk` work on them), and the terminal session
+of the dashboard: alternate screen, keys read in cbreak mode, one refresh per second.
+
+Invariants: the render functions are pure (data in, renderable out), so tests render them
+on a recording console. The live loop always restores the terminal (its mode, the main
+screen, the cursor) however it ends: q, Ctrl-C, SIGTERM or an error.
+
+Failure: a refresh that cannot reach the database keeps the last snapshot on screen with
+the error in the header and tries again on the next tick; any other error ends the loop
+(after restoring the terminal) and propagates to the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import termios
+import tty
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .ops import Snapshot, human_seconds, priority_name, worker_is_live
+
+ERROR_WIDTH = 70
+
+
+class DataTable(Table):
+    """A table whose cells are data, never rich markup: a job id or an error message
+    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError."""
+
+    def add_row(self, *cells: Any, **options: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **options)
+
+
+def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> Table:
+    """A borderless table, one line per row: cells are cut with an ellipsis, except ids,
+    which other cells give way to (up to UUID size) and which fold rather than lose
+    characters."""
+    table = DataTable(box=None, pad_edge=False, header_style="bold", show_edge=False)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left",
+                         overflow="fold" if column == "id" else "ellipsis",
+                         no_wrap=column != "id")
+        if column == "id":
+            table.columns[-1].min_width = min(36, max(map(len, ids), default=2))
+    return table
+
+
+def _heading(text: str) -> Text:
+    return Text(text, style="bold cyan")
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{human_seconds(seconds)} ago"
+
+
+def _since(then: datetime | None, now: datetime) -> str:
+    return "-" if then is None else _ago((now - then).total_seconds())
+
+
+def _one_line(text: str | None, width: int = ERROR_WIDTH) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _lag(snap: Snapshot, oldest_due: datetime | None) -> str:
+    lag = snap.lag(oldest_due)
+    return "-" if lag is None else human_seconds(lag)
+
+
+def queues_table(snap: Snapshot, *, statuses: tuple[str, ...]) -> Table:
+    columns = ("queue", *statuses[:1], "due", *statuses[1:], "lag")
+    table = _table(*columns, right=columns[1:])
+    rows = [*sorted(snap.queues.items())]
+    if len(rows) != 1:
+        rows.append(("(all)", snap.totals))
+    for name, counts in rows:
+        table.add_row(name, str(counts[statuses[0]]), str(counts["due"]),
+                      *(str(counts[s]) for s in statuses[1:]), _lag(snap, counts["oldest_due"]))
+    return table
+
+
+def throughput_table(snap: Snapshot) -> Table:
+    t = snap.throughput
+    table = _table("finished", "completed", "failed", "expired",
+                   right=("completed", "failed", "expired"))
+    for label, suffix in (("last minute", "1m"), ("last hour", "1h")):
+        table.add_row(label, *(str(t[f"{s}_{suffix}"])
+                               for s in ("completed", "failed", "expired")))
+    return table
+
+
+def workers_table(workers: list[dict[str, Any]], *, now: datetime,
+                  stale_after: float) -> Table:
+    """The registry: `running` is jobs running / concurrency; `stale` means no heartbeat
+    for longer than stale_after (a lease), so the worker is probably gone."""
+    table = _table("id", "host", "pid", "version", "queues", "running", "started", "heartbeat",
+                   "state", right=("pid", "running"), ids=[w["id"] for w in workers])
+    for w in workers:
+        queues = ",".join(w["queues"]) if w["queues"] else "all"
+        table.add_row(w["id"], w["host"], str(w["pid"]), w["version"], queues,
+                      f"{w['running']}/{w['concurrency']}", _since(w["started_at"], now),
+                      _ago(w["heartbeat_age"]),
+                      "live" if worker_is_live(w, stale_after) else "stale")
+    return table
+
+
+def _workers(snap: Snapshot) -> list[RenderableType]:
+    live = sum(1 for w in snap.workers if worker_is_live(w, snap.stale_after))
+    stale = len(snap.workers) - live
+    heading = _heading(f"Workers: {live} live" + (f", {stale} stale" if stale else ""))
+    if not snap.workers:
+        return [heading, Text("(no worker registered)")]
+    return [heading, workers_table(snap.workers, now=snap.db_now, stale_after=snap.stale_after)]
+
+
+def status_view(snap: Snapshot) -> RenderableType:
+    """`pgsched status`: counts per queue and status, lag, throughput, workers."""
+    totals = snap.totals
+    lag = snap.lag(totals["oldest_due"])
+    lag_line = ("Oldest due job: none waiting" if lag is None
+                else f"Oldest due job: waiting {human_seconds(lag)} ({totals['due']} due now)")
+    parts: list[RenderableType] = [
+        _heading("Jobs"),
+        queues_table(snap, statuses=("pending", "running", "completed", "failed", "cancelled",
+                                     "expired")),
+        Text(lag_line), Text(""),
+        throughput_table(snap), Text(""),
+        *_workers(snap),
+    ]
+    return Group(*parts)
+
+
+def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> RenderableType:
+    """One frame of `pgsched top`. With a terminal height, the three job lists share the
+    lines the rest of the frame leaves, so the frame fits the screen."""
+    t = snap.throughput
+    rows = max(len(snap.running), len(snap.upcoming), len(snap.failures))
+    if height is not None:
+        fixed = 17 + len(snap.queues) + (len(snap.queues) != 1) + max(1, len(snap.workers))
+        rows = max(1, (height - fixed) // 3)
+    header = Text(f"{title}  {snap.db_now:%Y-%m-%d %H:%M:%S %Z}", style="bold")
+    if snap.error:
+        header.append(f"  ! {snap.error} (retrying)", style="bold red")
+    rate = (f"last minute: {t['completed_1m']} completed ({t['completed_1m'] / 60:.1f}/s), "
+            f"{t['failed_1m']} failed, {t['expired_1m']} expired   last hour: "
+            f"{t['completed_1h']} completed, {t['failed_1h']} failed, {t['expired_1h']} expired")
+    running = _table("id", "task", "queue", "worker", "attempt", "elapsed",
+                     right=("attempt", "elapsed"), ids=[j["id"] for j in snap.running[:rows]])
+    for job in snap.running[:rows]:
+        running.add_row(job["id"], job["task"], job["queue"], job["worker_id"] or "-",
+                        str(job["attempts"]), human_seconds(job["elapsed"]))
+    upcoming = _table("id", "task", "queue", "priority", "due", right=("due",),
+                      ids=[j["id"] for j in snap.upcoming[:rows]])
+    for job in snap.upcoming[:rows]:
+        due = job["due_in"]
+        upcoming.add_row(job["id"], job["task"], job["queue"], str(priority_name(job["priority"])),
+                         f"in {human_seconds(due)}" if due > 0 else f"late {human_seconds(due)}")
+    failures = _table("id", "task", "attempts", "failed", "last error", right=("attempts",),
+                      ids=[j["id"] for j in snap.failures[:rows]])
+    for job in snap.failures[:rows]:
+        failures.add_row(job["id"], job["task"], str(job["attempts"]), _ago(job["age"]),
+                         _one_line(job["last_error"]))
+    running_count = snap.totals["running"]
+    return Group(
+        header, Text(rate), Text(""),
+        queues_table(snap, statuses=("pending", "running")), Text(""),
+        *_workers(snap), Text(""),
+        _heading(f"Running: {running_count}" + (
+            f" (longest {min(rows, len(snap.running))} shown)"
+            if running_count > min(rows, len(snap.running)) else "")),
+        running if snap.running else Text("(none)"), Text(""),
+        _heading("Next due"), upcoming if snap.upcoming else Text("(none pending)"), Text(""),
+        _heading("Recent failures"), failures if snap.failures else Text("(none)"),
+    )
+
+
+def job_view(job: dict[str, Any]) -> RenderableType:
+    """`pgsched show`: the job's fields, then its attempts, then their tracebacks."""
+    fields = DataTable(box=None, pad_edge=False, show_header=False)
+    fields.add_column(style="bold")
+    fields.add_column(overflow="fold")
+    budget = (f"{job['attempts']} ({job['failures']} failed, max_retries {job['max_retries']}, "
+              f"lease recoveries {job['recoveries']})")
+    shown = {
+        **{k: job[k] for k in ("id", "task", "queue", "status", "priority")},
+        "args": _json(job["args"]), "kwargs": _json(job["kwargs"]),
+        **{k: job[k] for k in ("execution_time", "created_at", "started_at", "finished_at")},
+        "attempts": budget,
+        "timeout": _seconds_or(job["timeout_seconds"], "none"),
+        "misfire grace": _seconds_or(job["misfire_grace_seconds"], "none (never expires)"),
+        "worker": job["worker_id"], "lease until": job["lease_until"],
+        "result": _json(job["result"]) if job["status"] == "completed" else None,
+        "last error": job["last_error"],
+    }
+    for key, value in shown.items():
+        if value is not None:
+            fields.add_row(key, str(value))
+    parts: list[RenderableType] = [fields]
+    history = job["history"]
+    if history:
+        attempts = _table("attempt", "worker", "started", "duration", "outcome", "error",
+                          right=("attempt", "duration"))
+        for a in history:
+            duration = a["duration_seconds"]
+            attempts.add_row(str(a["attempt"]), a["worker_id"] or "-", a["started_at"] or "-",
+                             "-" if duration is None else human_seconds(duration), a["outcome"],
+                             _one_line(a["error"], 200) or "-")
+        parts += [Text(""), _heading("Attempts"), attempts]
+    for a in history:
+        if a["traceback"]:
+            parts += [Text(""), _heading(f"Traceback of attempt {a['attempt']}"),
+                      Text(a["traceback"].rstrip())]
+    return Group(*parts)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _seconds_or(value: float | None, otherwise: str) -> str:
+    return otherwise if value is None else f"{value:g}s"
+
+
+# -- the live loop -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _keys(on_key: Callable[[str], None]) -> Iterator[None]:
+    """Deliver single keypresses from a terminal stdin (cbreak mode: Ctrl-C still sends
+    SIGINT); does nothing when stdin is not a terminal."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        data = os.read(fd, 32)
+        for char in data.decode(errors="replace"):
+            on_key(char)
+
+    tty.setcbreak(fd)
+    loop.add_reader(fd, readable)
+    try:
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def run_live(
+    fetch: Callable[[], Awaitable[Snapshot]],
+    render: Callable[[Snapshot], RenderableType],
+    console: Console,
+    *,
+    interval: float = 1.0,
+    errors: tuple[type[BaseException], ...] = (),
+    fetch_timeout: float = 10.0,
+) -> None:
+    """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
+    SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
+    keeps the last frame, marked with the error. Quitting never waits for a refresh."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    def on_key(char: str) -> None:
+        if char in ("q", "Q"):
+            stop.set()
+
+    try:
+        snapshot = await fetch()
+        with _keys(on_key), Live(render(snapshot), console=console, screen=True,
+                                 auto_refresh=False, transient=True) as live:
+            tick = loop.time()
+            while True:
+                # Ticks keep to the interval however long a fetch takes; after a stall
+                # (a suspended terminal) the next one is simply a full interval away.
+                tick = max(tick + interval, loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), tick - loop.time())
+                if stop.is_set():
+                    return
+                refresh = asyncio.ensure_future(fetch())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({refresh, stopping}, timeout=fetch_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not refresh.done():
+                    # A database that went away can leave a query waiting for minutes.
+                    refresh.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *errors):
+                        await refresh
+                    if stop.is_set():
+                        return
+                    snapshot.error = f"no answer from the database within {fetch_timeout:g}s"
+                elif isinstance(refresh.exception(), errors):
+                    snapshot.error = _one_line(str(refresh.exception()) or "database error", 80)
+                else:
+                    snapshot = refresh.result()
+                live.update(render(snapshot), refresh=True)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

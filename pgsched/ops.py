@@ -1,0 +1,395 @@
+"""What the operator commands know: snapshots of the system, a job's attempt history,
+bulk retry, job files for `add --from`, and the starter configuration. Nothing here
+prints; pgsched/cli_ops.py and pgsched/dashboard.py turn these values into text.
+
+Owns:
+- `Snapshot`: one consistent-enough look at counts, throughput, workers and (for the
+  dashboard) running, upcoming and failed jobs, gathered through the store's read-only
+  operator queries. Ages are measured against the database clock, so a client with a
+  skewed clock still shows true lags.
+- `attempt_history`: every attempt of a job, reconstructed from its errors history and
+  its current state (an attempt number with no record was interrupted by a shutdown).
+- `retry_jobs` / `retry_matching`: failed, expired or cancelled jobs back to pending.
+- `parse_job_lines`: JSON Lines into JobSpecs, each bad line rejected with its number.
+- `starter_config`: the text `pgsched init` writes.
+
+Invariants: a bulk retry never picks up a job it already retried in this run (it only
+takes jobs that ended before it started). A job file line is either turned into a
+complete JobSpec or rejected as a whole; nothing is written for a rejected line.
+
+Failure: InvalidInput (exit 2) for bad input, naming the line or option; database errors
+propagate to the CLI, which reports them in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import tomli_w
+
+from .errors import InvalidInput
+from .scheduler import UNSET, JobSpec
+from .store import STATUSES, Store
+from .tasks import JobPriority, validate_task_name
+from .timing import MAX_DURATION, parse_duration, parse_time
+
+RETRYABLE_STATUSES = ("failed", "expired", "cancelled")
+RETRY_BATCH = 1000
+
+
+def human_seconds(seconds: float) -> str:
+    """A short age or duration for tables: 0.25s, 42s, 5m12s, 3h05m, 2d04h."""
+    seconds = abs(seconds)
+    if seconds < 10:
+        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def priority_name(value: int) -> str | int:
+    try:
+        return JobPriority(value).name.lower()
+    except ValueError:
+        return value
+
+
+# -- snapshots ---------------------------------------------------------------------------
+
+
+def queue_counts(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rows of (queue, status, jobs, due, oldest_due) as {queue: {status: n, due, oldest_due}}."""
+    queues: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        counts = queues.setdefault(
+            row["queue"], {**dict.fromkeys(STATUSES, 0), "due": 0, "oldest_due": None})
+        counts[row["status"]] = row["jobs"]
+        if row["status"] == "pending":
+            counts["due"], counts["oldest_due"] = row["due"], row["oldest_due"]
+    return queues
+
+
+@dataclass
+class Snapshot:
+    db_now: datetime
+    queues: dict[str, dict[str, Any]]
+    throughput: dict[str, int]
+    workers: list[dict[str, Any]]
+    stale_after: float  # a worker silent for longer than this is shown as stale
+    running: list[dict[str, Any]] = field(default_factory=list)
+    upcoming: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None  # set by the dashboard when a refresh failed
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        totals: dict[str, Any] = {**dict.fromkeys(STATUSES, 0), "due": 0, "oldest_due": None}
+        for counts in self.queues.values():
+            for key in (*STATUSES, "due"):
+                totals[key] += counts[key]
+            due = counts["oldest_due"]
+            if due is not None and (totals["oldest_due"] is None or due < totals["oldest_due"]):
+                totals["oldest_due"] = due
+        return totals
+
+    def lag(self, oldest_due: datetime | None) -> float | None:
+        """Seconds the oldest due job has waited, or None when nothing is due."""
+        return None if oldest_due is None else max(0.0, (self.db_now - oldest_due)
+                                                   .total_seconds())
+
+    def to_json(self) -> dict[str, Any]:
+        def with_lag(counts: dict[str, Any]) -> dict[str, Any]:
+            return {**counts, "lag_seconds": self.lag(counts["oldest_due"])}
+
+        t = self.throughput
+        data: dict[str, Any] = {
+            "db_now": self.db_now,
+            "queues": {name: with_lag(c) for name, c in self.queues.items()},
+            "totals": with_lag(self.totals),
+            "throughput": {
+                "last_minute": {s: t[f"{s}_1m"] for s in ("completed", "failed", "expired")},
+                "last_hour": {s: t[f"{s}_1h"] for s in ("completed", "failed", "expired")},
+            },
+            "workers": [worker_json(w, self.stale_after) for w in self.workers],
+        }
+        return to_jsonable(data)
+
+
+def worker_is_live(worker: dict[str, Any], stale_after: float) -> bool:
+    return worker["heartbeat_age"] <= stale_after
+
+
+def worker_json(row: dict[str, Any], stale_after: float) -> dict[str, Any]:
+    keys = ("id", "host", "pid", "version", "concurrency", "queues", "started_at",
+            "heartbeat_at", "running")
+    return to_jsonable({**{k: row[k] for k in keys},
+                        "heartbeat_age_seconds": round(row["heartbeat_age"], 3),
+                        "live": worker_is_live(row, stale_after)})
+
+
+async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
+                 rows: int = 10) -> Snapshot:
+    """A snapshot for `status` (every count) or the dashboard (active counts, job lists)."""
+    snapshot = Snapshot(
+        db_now=await store.db_now(),
+        queues=queue_counts(await store.job_counts(active_only=dashboard)),
+        throughput=await store.throughput(),
+        workers=await store.list_workers(),
+        stale_after=stale_after,
+    )
+    if dashboard:
+        snapshot.running = await store.running_jobs(limit=rows)
+        snapshot.upcoming = await store.next_jobs(
+            limit=rows, priorities=sorted(int(p) for p in JobPriority))
+        snapshot.failures = await store.recent_failures(limit=max(3, rows // 2))
+    return snapshot
+
+
+# -- one job -----------------------------------------------------------------------------
+
+
+def _instant(value: Any) -> datetime | None:
+    if isinstance(value, datetime) or value is None:
+        return value
+    return datetime.fromisoformat(value)  # jsonb renders timestamptz as ISO 8601
+
+
+def attempt_history(job: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
+    """Every attempt of a job, oldest first: attempt, worker_id, started_at, ended_at,
+    duration_seconds, outcome, error, traceback.
+
+    Failed and orphaned attempts come from the errors history. The last attempt of a
+    running, completed or cancelled job comes from the row itself. Any other attempt
+    number without a record was interrupted when its worker shut down (release does not
+    count a failure and writes no history).
+    """
+    history: dict[int, dict[str, Any]] = {}
+    for entry in job.get("errors") or []:
+        started, ended = _instant(entry.get("started_at")), _instant(entry.get("at"))
+        history[entry["attempt"]] = {
+            "attempt": entry["attempt"], "worker_id": entry.get("worker_id"),
+            "started_at": started, "ended_at": ended,
+            "outcome": entry.get("outcome", "failed"),
+            "error": entry.get("error"), "traceback": entry.get("traceback"),
+        }
+    last, status = job["attempts"], str(job["status"])
+    for number in range(1, last + 1):
+        if number in history:
+            continue
+        attempt: dict[str, Any] = {
+            "attempt": number, "worker_id": None, "started_at": None, "ended_at": None,
+            "outcome": "interrupted", "error": "worker shut down; the job was put back",
+            "traceback": None,
+        }
+        if number == last and status in ("running", "completed", "cancelled"):
+            attempt.update(worker_id=job["worker_id"], started_at=job["started_at"],
+                           ended_at=job["finished_at"], outcome=status, error=None)
+        elif number == last and status == "pending" and job["started_at"] is not None:
+            attempt.update(started_at=job["started_at"])
+        history[number] = attempt
+    result = [history[n] for n in sorted(history)]
+    for attempt in result:
+        start, end = attempt["started_at"], attempt["ended_at"]
+        if attempt["outcome"] == "running":
+            end = now
+        attempt["duration_seconds"] = (
+            round((end - start).total_seconds(), 3) if start and end else None)
+    return result
+
+
+JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "execution_time",
+            "created_at", "started_at", "finished_at", "attempts", "failures", "recoveries",
+            "max_retries", "timeout_seconds", "misfire_grace_seconds", "worker_id",
+            "lease_until", "heartbeat_at", "result", "last_error")
+
+
+def job_json(job: dict[str, Any], now: datetime) -> dict[str, Any]:
+    data = {key: job.get(key) for key in JOB_KEYS}
+    data["status"] = str(job["status"])
+    data["priority"] = priority_name(job["priority"])
+    data["history"] = attempt_history(job, now)
+    return to_jsonable(data)
+
+
+# -- retry -------------------------------------------------------------------------------
+
+
+async def retry_jobs(store: Store, ids: list[str]) -> list[str]:
+    """Retry the given jobs that are failed, expired or cancelled; returns those retried."""
+    return await store.retry_jobs(statuses=RETRYABLE_STATUSES, ids=ids,
+                                  cutoff=await store.db_now(), limit=len(ids))
+
+
+async def retry_matching(
+    store: Store, *, statuses: list[str], task: str | None, queue: str | None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Retry every job matching the filters, batch by batch (no statement locks many rows)."""
+    cutoff = await store.db_now()
+    retried: list[str] = []
+    while True:
+        batch = await store.retry_jobs(statuses=statuses, task=task, queue=queue,
+                                       cutoff=cutoff, limit=RETRY_BATCH)
+        retried += batch
+        if on_batch is not None:
+            on_batch(len(batch))
+        if len(batch) < RETRY_BATCH:
+            return retried
+
+
+# -- job files (add --from) --------------------------------------------------------------
+
+LINE_KEYS = ("task", "args", "kwargs", "at", "in", "id", "priority", "retries", "timeout",
+             "misfire_grace", "queue")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    line: int
+    error: str
+
+
+def _seconds_or_none(value: Any, key: str, *, none_ok: bool) -> float | None:
+    """Seconds from a number or a duration string; null or "none" only where allowed."""
+    if value is None or (none_ok and isinstance(value, str) and value.lower() == "none"):
+        if not none_ok:
+            raise InvalidInput(f'"{key}" cannot be null')
+        return None
+    if isinstance(value, str):
+        return parse_duration(value).total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 <= value <= MAX_DURATION.total_seconds():
+        raise InvalidInput(
+            f'"{key}" must be a number of seconds (at most 100 years) or a duration like "90s"')
+    return float(value)
+
+
+def parse_job_line(text: str, *, tz: str, now: datetime) -> JobSpec:
+    """One JSON object (a line of a job file) as a JobSpec; InvalidInput names the key."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        data = json.loads(text, parse_constant=no_constants)
+    except ValueError as exc:
+        raise InvalidInput(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput('each line must be a JSON object like {"task": "name"}')
+    unknown = sorted(set(data) - set(LINE_KEYS))
+    if unknown:
+        raise InvalidInput(f"unknown key {unknown[0]!r}: use {', '.join(LINE_KEYS)}")
+    if "task" not in data:
+        raise InvalidInput('"task" is missing')
+    if not isinstance(data["task"], str):
+        raise InvalidInput('"task" must be a string')
+    validate_task_name(data["task"])
+    if "at" in data and "in" in data:
+        raise InvalidInput('use either "at" or "in", not both')
+    when: datetime | None = None  # due now, on the database clock (not this machine's)
+    if "at" in data:
+        if not isinstance(data["at"], str):
+            raise InvalidInput('"at" must be an ISO 8601 time as a string')
+        when = parse_time(data["at"], tz=tz)
+    elif "in" in data:
+        when = now + timedelta(seconds=_seconds_or_none(data["in"], "in", none_ok=False))
+    for key in ("id", "queue"):
+        if key in data and (not isinstance(data[key], str) or not data[key]):
+            raise InvalidInput(f'"{key}" must be a non-empty string')
+    retries = data.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        raise InvalidInput('"retries" must be a whole number >= 0')
+    priority = data.get("priority")
+    return JobSpec(
+        func=data["task"], execution_time=when, args=data.get("args", []),
+        kwargs=data.get("kwargs", {}),
+        priority=JobPriority.parse(priority) if priority is not None else None,
+        max_retries=retries, job_id=data.get("id"),
+        timeout=(_seconds_or_none(data["timeout"], "timeout", none_ok=True)
+                 if "timeout" in data else UNSET),
+        misfire_grace_time=(_seconds_or_none(data["misfire_grace"], "misfire_grace",
+                                             none_ok=True)
+                            if "misfire_grace" in data else UNSET),
+        queue=data.get("queue"),
+    )
+
+
+def parse_job_lines(
+    lines: Iterable[str], *, tz: str, now: datetime, check: Callable[[JobSpec], None],
+) -> tuple[list[JobSpec], list[Rejected]]:
+    """Every non-blank line as a JobSpec that `check` accepts, or a Rejected with its
+    1-based line number. `check` applies the scheduler's own validation (JSON payload,
+    size, id, known task), so an accepted line is one schedule_bulk writes."""
+    specs: list[JobSpec] = []
+    rejected: list[Rejected] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            spec = parse_job_line(line, tz=tz, now=now)
+            check(spec)
+        except InvalidInput as exc:
+            rejected.append(Rejected(number, str(exc)))
+            continue
+        specs.append(spec)
+    return specs, rejected
+
+
+# -- starter configuration (pgsched init) ------------------------------------------------
+
+_TASKS_LINE = re.compile(r"^tasks = .*$", re.MULTILINE)
+_DSN_LINE = re.compile(r"^# dsn = .*$", re.MULTILINE)
+
+
+def _toml_value(key: str, value: str) -> str:
+    return tomli_w.dumps({key: value}).strip()
+
+
+def starter_config(*, tasks: str | None = None, dsn: str | None = None) -> str:
+    """The commented starter pgsched.toml: pgsched.toml.example (packaged as
+    starter.toml, so the two can never differ) with the task module and the DSN filled
+    in, or left as commented placeholders."""
+    text = importlib.resources.files("pgsched").joinpath("starter.toml").read_text("utf-8")
+    if not _TASKS_LINE.search(text) or not _DSN_LINE.search(text):
+        raise RuntimeError("starter.toml lost its `tasks = ` or `# dsn = ` line")
+    tasks_line = (_toml_value("tasks", tasks) if tasks is not None
+                  else "# " + _toml_value("tasks", "myapp.tasks"))
+    text = _TASKS_LINE.sub(lambda _: tasks_line, text, count=1)
+    if dsn is not None:
+        text = _DSN_LINE.sub(lambda _: _toml_value("dsn", dsn), text, count=1)
+    return text
+
+
+def parse_since(text: str, *, tz: str, now: datetime) -> datetime:
+    """--since: a duration back from now (30m, 2d) or a time (ISO 8601, [jobs] timezone)."""
+    try:
+        return now - parse_duration(text)
+    except InvalidInput:
+        pass
+    try:
+        return parse_time(text, tz=tz)
+    except InvalidInput:
+        raise InvalidInput(
+            f"invalid --since {text!r}: use a duration like 30m or 2d, or a time like "
+            "2026-03-08T14:30Z"
+        ) from None

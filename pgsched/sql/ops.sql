@@ -1,0 +1,127 @@
+-- The operator commands' statements (status, top, workers, retry), loaded by
+-- pgsched/store.py like every sql/*.sql file. Same conventions as queries.sql: {schema}
+-- is the quoted schema identifier, %(name)s are parameters, time is the database clock.
+--
+-- Everything here but ops_retry_jobs only reads. The dashboard (`pgsched top`) runs the
+-- read statements once a second, so each is shaped to touch the rows it reports on and
+-- never the whole job history: pending and running rows through their partial indexes,
+-- finished rows through jobs_finished_idx (status, finished_at).
+
+-- name: ops_job_counts
+-- Jobs per queue and status (one pass over the table: `pgsched status` only). For pending
+-- rows also how many are due and the oldest due time.
+SELECT queue, status::text AS status, count(*) AS jobs,
+       count(*) FILTER (WHERE status = 'pending' AND execution_time <= now()) AS due,
+       min(execution_time) FILTER (WHERE status = 'pending' AND execution_time <= now())
+           AS oldest_due
+FROM {schema}.jobs
+GROUP BY queue, status
+ORDER BY queue, status;
+
+-- name: ops_active_counts
+-- Like ops_job_counts for pending and running jobs only. Two branches rather than
+-- `status IN (...)`, so each can use its partial index and the history is never read.
+SELECT queue, 'pending' AS status, count(*) AS jobs,
+       count(*) FILTER (WHERE execution_time <= now()) AS due,
+       min(execution_time) FILTER (WHERE execution_time <= now()) AS oldest_due
+FROM {schema}.jobs WHERE status = 'pending'
+GROUP BY queue
+UNION ALL
+SELECT queue, 'running', count(*), 0, NULL
+FROM {schema}.jobs WHERE status = 'running'
+GROUP BY queue
+ORDER BY 1, 2;
+
+-- name: ops_throughput
+-- Jobs that ended completed, failed or expired in the last minute and the last hour
+-- (by finished_at; a failed attempt that is retried has not ended and is not counted).
+SELECT
+    count(*) FILTER (WHERE status = 'completed' AND finished_at > now() - interval '1 minute')
+        AS completed_1m,
+    count(*) FILTER (WHERE status = 'failed' AND finished_at > now() - interval '1 minute')
+        AS failed_1m,
+    count(*) FILTER (WHERE status = 'expired' AND finished_at > now() - interval '1 minute')
+        AS expired_1m,
+    count(*) FILTER (WHERE status = 'completed') AS completed_1h,
+    count(*) FILTER (WHERE status = 'failed') AS failed_1h,
+    count(*) FILTER (WHERE status = 'expired') AS expired_1h
+FROM {schema}.jobs
+WHERE status IN ('completed', 'failed', 'expired') AND finished_at > now() - interval '1 hour';
+
+-- name: ops_workers
+-- The worker registry with the age of each heartbeat and how many jobs each runs now.
+SELECT w.id, w.host, w.pid, w.version, w.concurrency, w.queues, w.started_at,
+       w.heartbeat_at, extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age,
+       coalesce(r.running, 0) AS running
+FROM {schema}.workers w
+LEFT JOIN (
+    SELECT worker_id, count(*) AS running FROM {schema}.jobs
+    WHERE status = 'running' GROUP BY worker_id
+) r ON r.worker_id = w.id
+ORDER BY w.started_at, w.id;
+
+-- name: ops_running_jobs
+-- Running jobs, longest running first, with their elapsed time.
+SELECT id, task, queue, worker_id, attempts, started_at, lease_until,
+       extract(epoch FROM now() - started_at)::float8 AS elapsed
+FROM {schema}.jobs WHERE status = 'running'
+ORDER BY started_at, id
+LIMIT %(limit)s;
+
+-- name: ops_next_jobs
+-- The pending jobs that run next: due ones in claim order (priority, then due time), then
+-- future ones by due time. Like claim_jobs it walks the pending index once per priority,
+-- so a backlog of millions is never sorted.
+SELECT n.*, extract(epoch FROM n.execution_time - now())::float8 AS due_in
+FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT id, task, queue, priority, execution_time, attempts, last_error
+    FROM {schema}.jobs
+    WHERE status = 'pending' AND priority = p.priority
+    ORDER BY execution_time, id
+    LIMIT %(limit)s
+) n
+ORDER BY n.execution_time > now(),
+         CASE WHEN n.execution_time <= now() THEN n.priority END,
+         n.execution_time, n.id
+LIMIT %(limit)s;
+
+-- name: ops_recent_failures
+-- The most recently failed jobs (the dead-letter queue, newest first).
+SELECT id, task, queue, attempts, finished_at, last_error,
+       extract(epoch FROM now() - finished_at)::float8 AS age
+FROM {schema}.jobs WHERE status = 'failed'
+ORDER BY finished_at DESC, id
+LIMIT %(limit)s;
+
+-- name: ops_retry_jobs
+-- Put failed, expired or cancelled jobs back to pending, due now, with a fresh retry and
+-- recovery budget; the attempts counter and the errors history are kept (attempt numbers
+-- stay unique and every write after a claim stays fenced). Selects either the given ids
+-- or, with %(ids)s NULL, the jobs matching the filters that ended before %(cutoff)s: a
+-- bulk retry runs in batches, and the cut-off keeps a job it retried that failed again
+-- meanwhile from being picked up a second time. Wakes the workers like insert_jobs.
+WITH picked AS (
+    SELECT id FROM {schema}.jobs
+    WHERE status = ANY(%(statuses)s::{schema}.job_status[])
+      AND (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND finished_at <= %(cutoff)s
+    ORDER BY finished_at, id
+    LIMIT %(limit)s
+    FOR UPDATE
+),
+retried AS (
+    UPDATE {schema}.jobs AS j SET
+        status = 'pending', execution_time = now(), failures = 0, recoveries = 0,
+        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
+        started_at = NULL, finished_at = NULL
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)
+    FROM retried HAVING count(*) > 0
+)
+SELECT retried.id FROM retried LEFT JOIN wake ON true;

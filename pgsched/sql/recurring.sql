@@ -1,0 +1,227 @@
+-- Recurring schedules: the statements behind @periodic, the planner and the schedule CLI.
+--
+-- Same conventions as queries.sql: `-- name: NAME` plus a one-line description, {schema}
+-- for the quoted schema, %(name)s parameters. A statement that changes when schedules fire
+-- sends NOTIFY '<channel>', 'schedules' so sleeping planners look again; a statement that
+-- inserts jobs sends the usual epoch payload so fetchers wake.
+--
+-- Time is the database clock. Queries the planner runs accept %(now)s (NULL: now()) so
+-- tests can step through a DST night without waiting for one.
+
+-- name: db_now
+-- The database clock: a schedule's first fire time, a bulk retry's cut-off, the
+-- reference for ages shown by status/top.
+SELECT now() AS now;
+
+-- name: sync_code_schedules
+-- Upsert this worker's @periodic schedules and disable code schedules it no longer
+-- defines; CLI-made schedules are never touched. A changed definition, or a schedule
+-- enabled again, restarts at the given next_fire_at; an unchanged one keeps its place, so
+-- a restart neither skips nor repeats a window. Returns each schedule affected and how.
+WITH given AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(tasks)s::text[], %(crons)s::text[], %(tzs)s::text[],
+        %(everys)s::interval[], %(anchors)s::timestamptz[], %(args)s::jsonb[],
+        %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(max_retries)s::int[],
+        %(timeouts)s::float8[], %(queues)s::text[], %(catch_ups)s::text[],
+        %(enableds)s::bool[], %(next_fire_ats)s::timestamptz[])
+    AS g(id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
+         timeout_seconds, queue, catch_up, enabled, next_fire_at)
+),
+upserted AS (
+    INSERT INTO {schema}.schedules AS s
+        (id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
+         timeout_seconds, queue, catch_up, enabled, next_fire_at, origin)
+    -- Sorted, so replicas starting together lock rows in the same order.
+    SELECT g.*, 'code' FROM given g ORDER BY g.id
+    ON CONFLICT (id) DO UPDATE SET
+        task = excluded.task, cron = excluded.cron, tz = excluded.tz, every = excluded.every,
+        anchor = excluded.anchor, args = excluded.args, kwargs = excluded.kwargs,
+        priority = excluded.priority, max_retries = excluded.max_retries,
+        timeout_seconds = excluded.timeout_seconds, queue = excluded.queue,
+        catch_up = excluded.catch_up, enabled = excluded.enabled,
+        next_fire_at = CASE
+            WHEN NOT s.enabled OR (s.cron, s.tz, s.every, s.anchor)
+                IS DISTINCT FROM (excluded.cron, excluded.tz, excluded.every, excluded.anchor)
+            THEN excluded.next_fire_at ELSE s.next_fire_at END,
+        updated_at = now()
+    WHERE s.origin = 'code'
+      AND (s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
+           s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled)
+          IS DISTINCT FROM
+          (excluded.task, excluded.cron, excluded.tz, excluded.every, excluded.anchor,
+           excluded.args, excluded.kwargs, excluded.priority, excluded.max_retries,
+           excluded.timeout_seconds, excluded.queue, excluded.catch_up, excluded.enabled)
+    RETURNING s.id, CASE WHEN s.xmax = 0 THEN 'created' ELSE 'updated' END AS change
+),
+disabled AS (
+    UPDATE {schema}.schedules SET enabled = false, updated_at = now()
+    WHERE origin = 'code' AND enabled AND id <> ALL(%(ids)s::text[])
+    RETURNING id, 'disabled' AS change
+),
+cli_owned AS (
+    SELECT id, 'cli_owned' AS change FROM {schema}.schedules
+    WHERE origin = 'cli' AND id = ANY(%(ids)s::text[])
+),
+changes AS (
+    SELECT * FROM upserted UNION ALL SELECT * FROM disabled UNION ALL SELECT * FROM cli_owned
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, 'schedules')
+    WHERE EXISTS (SELECT FROM upserted) OR EXISTS (SELECT FROM disabled)
+)
+SELECT changes.* FROM changes LEFT JOIN wake ON true ORDER BY changes.id;
+
+-- name: insert_schedule
+-- Create a schedule from the CLI. With %(replace)s an existing CLI schedule gets the new
+-- definition (its paused flag stays; a changed timing restarts at the given next_fire_at);
+-- otherwise, and always for a schedule defined in code, the existing row is left alone.
+-- Returns the id when something was written.
+WITH written AS (
+    INSERT INTO {schema}.schedules AS s
+        (id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
+         timeout_seconds, queue, catch_up, next_fire_at, origin)
+    VALUES (%(id)s, %(task)s, %(cron)s, %(tz)s, %(every)s, %(anchor)s, %(args)s, %(kwargs)s,
+            %(priority)s, %(max_retries)s, %(timeout)s, %(queue)s, %(catch_up)s,
+            %(next_fire_at)s, 'cli')
+    ON CONFLICT (id) DO UPDATE SET
+        task = excluded.task, cron = excluded.cron, tz = excluded.tz, every = excluded.every,
+        anchor = excluded.anchor, args = excluded.args, kwargs = excluded.kwargs,
+        priority = excluded.priority, max_retries = excluded.max_retries,
+        timeout_seconds = excluded.timeout_seconds, queue = excluded.queue,
+        catch_up = excluded.catch_up,
+        next_fire_at = CASE
+            WHEN (s.cron, s.tz, s.every, s.anchor)
+                IS DISTINCT FROM (excluded.cron, excluded.tz, excluded.every, excluded.anchor)
+            THEN excluded.next_fire_at ELSE s.next_fire_at END,
+        updated_at = now()
+    WHERE %(replace)s AND s.origin = 'cli'
+    RETURNING s.id
+),
+wake AS (SELECT pg_notify(%(channel)s, 'schedules') FROM written)
+SELECT written.id FROM written LEFT JOIN wake ON true;
+
+-- name: limit_idle_transaction
+-- For the planner's transaction only: end the session if it idles mid-transaction longer
+-- than %(ms)s milliseconds, so a frozen planner cannot keep schedules locked.
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
+
+-- name: lock_due_schedules
+-- The planner's first step: lock up to %(limit)s due, active schedules for the rest of its
+-- transaction. SKIP LOCKED lets replicas split the due schedules between them instead of
+-- queueing on the same rows; a planner that dies mid-transaction releases its rows.
+SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
+       coalesce(%(now)s::timestamptz, now()) AS db_now
+FROM {schema}.schedules
+WHERE enabled AND NOT paused AND next_fire_at <= coalesce(%(now)s::timestamptz, now())
+ORDER BY next_fire_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: advance_schedules
+-- The planner's second step, one statement for the batch: move each schedule's
+-- next_fire_at on and insert its windows' jobs. The update is a compare-and-set on the
+-- next_fire_at the planner read, and jobs are inserted only for schedules it moved, so
+-- the move and the jobs commit together or not at all. The unique index on
+-- (schedule_id, fire_time) makes a second job for a window impossible even if two
+-- planners ever computed it. Returns the jobs inserted.
+WITH plan AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(expected)s::timestamptz[], %(next_fire_ats)s::timestamptz[],
+        %(last_fire_ats)s::timestamptz[], %(last_job_ids)s::text[])
+    AS p(id, expected, next_fire_at, last_fire_at, last_job_id)
+),
+advanced AS (
+    UPDATE {schema}.schedules AS s SET
+        next_fire_at = p.next_fire_at,
+        last_fire_at = coalesce(p.last_fire_at, s.last_fire_at),
+        last_job_id = coalesce(p.last_job_id, s.last_job_id)
+    FROM plan p
+    WHERE s.id = p.id AND s.next_fire_at = p.expected AND s.enabled AND NOT s.paused
+    RETURNING s.id, s.task, s.queue, s.args, s.kwargs, s.priority, s.max_retries,
+              s.timeout_seconds, s.catch_up
+),
+windows AS (
+    SELECT * FROM unnest(
+        %(window_job_ids)s::text[], %(window_schedule_ids)s::text[],
+        %(window_fire_times)s::timestamptz[])
+    AS w(job_id, schedule_id, fire_time)
+),
+new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time, misfire_grace_seconds,
+         max_retries, timeout_seconds, schedule_id, fire_time)
+    -- execution_time is the window's fire time, so lateness shows. Only `skip` windows
+    -- expire: the catch-up mode, not the misfire grace, decides which late windows run.
+    SELECT w.job_id, a.task, a.queue, a.args, a.kwargs, a.priority, w.fire_time,
+           CASE WHEN a.catch_up = 'skip' THEN %(skip_grace_seconds)s::float8 END,
+           a.max_retries, a.timeout_seconds, a.id, w.fire_time
+    FROM windows w JOIN advanced a ON a.id = w.schedule_id
+    ON CONFLICT DO NOTHING
+    RETURNING id, schedule_id, fire_time, execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM new HAVING count(*) > 0
+)
+SELECT new.id, new.schedule_id, new.fire_time FROM new LEFT JOIN wake ON true;
+
+-- name: next_schedule_fire
+-- When the planner must look again: the earliest next_fire_at of active schedules, and
+-- the database clock to turn it into a delay.
+SELECT min(next_fire_at) AS next_fire_at, now() AS db_now
+FROM {schema}.schedules WHERE enabled AND NOT paused;
+
+-- name: list_schedules
+-- Schedules (one, when %(id)s is given) with the last job each made: when it was due
+-- (a window's fire time, or a trigger's time) and its status.
+SELECT s.*, j.execution_time AS last_run_at, j.status::text AS last_status
+FROM {schema}.schedules s LEFT JOIN {schema}.jobs j ON j.id = s.last_job_id
+WHERE %(id)s::text IS NULL OR s.id = %(id)s
+ORDER BY s.id;
+
+-- name: pause_schedule
+-- Stop a schedule firing until it is resumed. Returns the row, or nothing if unknown.
+UPDATE {schema}.schedules SET paused = true, updated_at = now()
+WHERE id = %(id)s
+RETURNING id, enabled;
+
+-- name: resume_schedule
+-- Let a paused schedule fire again from now on: windows missed while paused are not
+-- caught up. next_fire_at becomes now, and the planner (woken by the NOTIFY) moves it to
+-- the first window at or after that. Returns the row, or nothing if unknown.
+WITH resumed AS (
+    UPDATE {schema}.schedules SET
+        next_fire_at = CASE WHEN paused THEN now() ELSE next_fire_at END,
+        paused = false, updated_at = now()
+    WHERE id = %(id)s
+    RETURNING id, enabled
+),
+wake AS (SELECT pg_notify(%(channel)s, 'schedules') FROM resumed)
+SELECT resumed.* FROM resumed LEFT JOIN wake ON true;
+
+-- name: trigger_schedule
+-- Run a schedule's task now as one extra job, with the schedule's arguments and options.
+-- Its windows do not change (the job has no fire_time); it becomes the "last run".
+-- Returns the job id, or nothing if the schedule is unknown.
+WITH new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time, max_retries,
+         timeout_seconds, schedule_id)
+    SELECT %(job_id)s, task, queue, args, kwargs, priority, now(), max_retries,
+           timeout_seconds, id
+    FROM {schema}.schedules WHERE id = %(id)s
+    RETURNING id, schedule_id, execution_time
+),
+touched AS (
+    UPDATE {schema}.schedules s SET last_job_id = new.id FROM new WHERE s.id = new.schedule_id
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+)
+SELECT new.id FROM new LEFT JOIN wake ON true;
+
+-- name: remove_schedule
+-- Delete a schedule. Jobs it already enqueued stay (cancel them with `pgsched cancel`).
+-- Returns the row, or nothing if unknown.
+DELETE FROM {schema}.schedules WHERE id = %(id)s RETURNING id, origin;

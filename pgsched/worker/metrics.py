@@ -1,0 +1,261 @@
+"""Prometheus metrics and the /healthz check of one worker process.
+
+Owns: the worker's counters and histogram (`WorkerMetrics`, fed by the daemon through a
+few hook calls), the gauges read when scraped (this worker's slots; every queue's due,
+scheduled and running jobs, lag and paused flag from one cheap query), and the small
+HTTP server that serves them with `/healthz` on `[metrics] listen` (`MetricsServer`).
+
+Invariants:
+- Every Worker has its own CollectorRegistry, so several workers in one process (tests,
+  an app running a worker in-process) never clash on metric names.
+- The server runs on the worker's event loop, not in a thread: if the loop is wedged,
+  /healthz stops answering, which is what a health check should report. It answers one
+  request per connection (HTTP/1.0 style, `Connection: close`), GET and HEAD only, and
+  drops clients that do not send a request line within a few seconds.
+- The queue query runs at most once per QUEUE_STATS_TTL_SECONDS however many scrapers
+  there are; when it fails the last values are served and the failure is counted.
+
+Failure: a listen address that cannot be bound raises PgschedError when the worker
+starts (before it claims anything). A broken client connection is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..config import parse_listen
+from ..errors import PgschedError
+from ..logs import get_logger
+
+if TYPE_CHECKING:
+    from .daemon import Worker
+
+log = get_logger("pgsched.metrics")
+
+QUEUE_STATS_TTL_SECONDS = 5.0
+QUEUE_STATS_TIMEOUT_SECONDS = 5.0
+REQUEST_TIMEOUT_SECONDS = 5.0
+# From a few milliseconds to an hour: jobs range from API calls to report builds.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                    300, 600, 1800, 3600)
+JOB_EVENTS = {
+    "started": "Jobs claimed and started by this worker.",
+    "completed": "Jobs this worker ran to success (recorded).",
+    "failed": "Jobs whose last allowed attempt failed on this worker (dead-lettered).",
+    "retried": "Failed attempts on this worker that were scheduled for a retry.",
+    "cancelled": "Running jobs this worker stopped because `pgsched cancel` asked it to.",
+    "expired": "Jobs this worker found past their misfire grace and expired unrun.",
+}
+
+
+class WorkerMetrics:
+    """Counters and the duration histogram; the daemon calls the methods below."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("task", "queue")
+        self._jobs = {
+            event: Counter(f"pgsched_jobs_{event}", doc, labels, registry=self.registry)
+            for event, doc in JOB_EVENTS.items()
+        }
+        self._recovered = Counter(
+            "pgsched_jobs_recovered", "Orphaned jobs (lease expired) this worker recovered, "
+            "by the status they got: pending (run again), failed (poison pill), cancelled.",
+            (*labels, "status"), registry=self.registry)
+        self._duration = Histogram(
+            "pgsched_job_duration_seconds", "Time from start to outcome of each attempt run "
+            "on this worker, by outcome: completed, failed, cancelled.",
+            (*labels, "outcome"), buckets=DURATION_BUCKETS, registry=self.registry)
+        self._renewals = Counter("pgsched_lease_renewals", "Job leases renewed.",
+                                 registry=self.registry)
+        self._losses = Counter("pgsched_lease_losses", "Jobs whose lease this worker lost "
+                               "(recovered or replaced elsewhere); their outcome is dropped.",
+                               registry=self.registry)
+        self._db_errors = Counter("pgsched_db_errors", "Database operations that failed "
+                                  "with a connection error, by operation.", ("operation",),
+                                  registry=self.registry)
+        self._reconnects = Counter("pgsched_db_reconnects", "Times the LISTEN connection was "
+                                   "re-established after it was lost.", registry=self.registry)
+
+    def job(self, event: str, task: str, queue: str) -> None:
+        self._jobs[event].labels(task, queue).inc()
+
+    def job_ran(self, task: str, queue: str, outcome: str, seconds: float) -> None:
+        self._duration.labels(task, queue, outcome).observe(seconds)
+
+    def job_recovered(self, task: str, queue: str, status: str) -> None:
+        self._recovered.labels(task, queue, status).inc()
+
+    def leases(self, renewed: int, lost: int) -> None:
+        self._renewals.inc(renewed)
+        self._losses.inc(lost)
+
+    def db_error(self, operation: str) -> None:
+        self._db_errors.labels(operation).inc()
+
+    def db_reconnected(self) -> None:
+        self._reconnects.inc()
+
+
+def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
+    """(healthy, checks): connected, serving, and talking to the database recently.
+
+    "database" fails once nothing reached the database for a whole lease: by then this
+    worker's leases are gone and other workers recover its jobs.
+    """
+    loop = asyncio.get_running_loop()
+    checks = {
+        "started": worker.ready.is_set(),
+        "not_stopping": not worker.stopping,
+        "listener_connected": worker.listening,
+        "database": worker.last_db_ok is not None
+        and loop.time() - worker.last_db_ok < worker.options.lease_seconds,
+    }
+    return all(checks.values()), checks
+
+
+class _ScrapeCollector(Collector):
+    """Gauges computed when scraped: this worker's slots and the queues' backlog."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.queue_rows: list[dict[str, Any]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        w = self.worker
+        info = InfoMetricFamily("pgsched_worker", "This worker process.")
+        info.add_metric([], {"worker_id": w.id, "version": __version__,
+                             "queues": ",".join(w.options.queues or ()) or "*"})
+        yield info
+        yield GaugeMetricFamily("pgsched_worker_running_jobs", "Jobs running in this worker.",
+                                value=w.running_jobs)
+        yield GaugeMetricFamily("pgsched_worker_concurrency", "Job slots of this worker.",
+                                value=w.options.concurrency)
+        gauges = {
+            "due": GaugeMetricFamily("pgsched_queue_due_jobs", "Pending jobs that are due "
+                                     "now, per queue (every worker reports the same value).",
+                                     labels=["queue"]),
+            "scheduled": GaugeMetricFamily("pgsched_queue_scheduled_jobs", "Pending jobs due "
+                                           "in the future, per queue.", labels=["queue"]),
+            "running": GaugeMetricFamily("pgsched_queue_running_jobs", "Running jobs per queue, "
+                                         "on all workers.", labels=["queue"]),
+            "lag_seconds": GaugeMetricFamily("pgsched_queue_lag_seconds", "How late the oldest "
+                                             "due job of the queue is (0 when none is due).",
+                                             labels=["queue"]),
+            "paused": GaugeMetricFamily("pgsched_queue_paused", "1 if the queue is paused.",
+                                        labels=["queue"]),
+        }
+        for row in self.queue_rows:
+            for key, gauge in gauges.items():
+                gauge.add_metric([row["queue"]], float(row[key]))
+        yield from gauges.values()
+
+
+class MetricsServer:
+    """GET /metrics (Prometheus text or OpenMetrics) and GET /healthz (JSON, 200 or 503)."""
+
+    def __init__(self, worker: Worker, listen: str):
+        self.worker = worker
+        self.listen = listen
+        self._scrape = _ScrapeCollector(worker)
+        worker.metrics.registry.register(self._scrape)
+        self._stats_at: float | None = None
+        self._stats_lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+        self._queue_stat_errors = Counter(
+            "pgsched_queue_stats_errors", "Scrapes whose queue query failed (the previous "
+            "values were served).", registry=worker.metrics.registry)
+
+    async def start(self) -> str:
+        """Bind and serve; returns the address bound (the real port when 0 was asked)."""
+        host, port = parse_listen(self.listen)
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:
+            # asyncio rewraps the bind error; errno still says what went wrong.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise PgschedError(
+                f"cannot serve metrics on {self.listen}: {reason}; change "
+                "[metrics] listen or stop what uses that port") from None
+        sockname = self._server.sockets[0].getsockname()
+        bound_host = f"[{sockname[0]}]" if self._server.sockets[0].family == socket.AF_INET6 \
+            else sockname[0]
+        address = f"{bound_host}:{sockname[1]}"
+        log.info("metrics_listening", address=address, paths="/metrics /healthz")
+        return address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+    async def _refresh_queue_stats(self) -> None:
+        async with self._stats_lock:
+            now = time.monotonic()
+            if self._stats_at is not None and now - self._stats_at < QUEUE_STATS_TTL_SECONDS:
+                return
+            try:
+                rows = await asyncio.wait_for(self.worker.store.queue_stats(),
+                                              QUEUE_STATS_TIMEOUT_SECONDS)
+            except Exception as exc:  # a scrape must never take the worker down
+                self._queue_stat_errors.inc()
+                log.debug("queue_stats_failed", error=str(exc).strip()[:200])
+                return
+            self._scrape.queue_rows = rows
+            self._stats_at = now
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, content_type, body = await self._respond(head)
+            header = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            method = head.split(b" ", 1)[0]
+            writer.write(header.encode("latin-1") + (b"" if method == b"HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return "400 Bad Request", "text/plain", b"bad request line\n"
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"use GET\n"
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            await self._refresh_queue_stats()
+            accept = next((line.split(":", 1)[1].strip() for line in lines[1:]
+                           if line.lower().startswith("accept:")), "")
+            encoder, content_type = choose_encoder(accept)
+            return "200 OK", content_type, encoder(self.worker.metrics.registry)
+        if path == "/healthz":
+            ok, checks = health(self.worker)
+            body = json.dumps({"status": "ok" if ok else "unavailable", "checks": checks,
+                               "worker_id": self.worker.id}).encode() + b"\n"
+            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
+        if path == "/":
+            return "200 OK", "text/plain", b"pgsched worker: /metrics /healthz\n"
+        return "404 Not Found", "text/plain", b"not found: try /metrics or /healthz\n"

@@ -1,0 +1,191 @@
+"""The planner: turns due windows of recurring schedules into jobs, on every worker.
+
+No leader. Each pass is one transaction (Store.fire_due_schedules):
+1. lock the due, active schedules with FOR UPDATE SKIP LOCKED, reading the database
+   clock; replicas waking together split the due rows instead of queueing on them;
+2. decide each schedule's windows with pgsched.timing.due_windows (pure; the catch-up
+   mode picks which missed windows run);
+3. in one statement, move each next_fire_at on (compare-and-set on the value read) and
+   insert one job per window with execution_time = the window's fire time.
+A planner that dies anywhere before its commit moves nothing and inserts nothing; its
+locks go with its session, and the next planner to look does the work. A planner frozen
+mid-transaction is cut off by the server after IDLE_TIMEOUT_SECONDS. The unique index on
+jobs (schedule_id, fire_time) makes a second job for a window impossible regardless.
+
+Timing: after a pass the planner sleeps until the earliest next_fire_at (database clock),
+at most MAX_SLEEP_SECONDS; a NOTIFY 'schedules' (a schedule added, resumed or changed
+elsewhere) or a listener reconnect wakes it early. It does not poll.
+
+At start it upserts the process's @periodic schedules and disables the code schedules it
+no longer defines (recurring.sync_code_schedules). Burst workers do neither.
+
+Catch-up (per schedule): latest runs the most recent missed window once; skip runs only
+windows at most SKIP_TOLERANCE late (and their jobs expire if not started within it);
+all runs every missed window, at most CATCH_UP_LIMIT of them, the most recent.
+
+Failure: connection errors are logged and retried with backoff. (An outdated schema is
+caught by the worker before any service starts.) A stored schedule that no longer parses
+(a time zone removed from tzdata) is logged and retried every BROKEN_RETRY; it never
+stops the worker. Anything else is a bug and stops the worker.
+
+Fault injection: with PGSCHED_TEST_PLANNER_CRASH=<probability> in the environment, the
+process exits (code CRASH_EXIT_CODE) after computing a schedule's windows and before
+writing them, with that probability; the test suite uses it to prove no window is lost
+or doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidInput
+from ..logs import get_logger
+from ..recurring import format_instant, sync_code_schedules, timing_of, window_job_id
+from ..store import ScheduleAdvance
+from ..timing import due_windows
+
+if TYPE_CHECKING:
+    from .daemon import Worker
+
+log = get_logger("pgsched.planner")
+
+CATCH_UP_LIMIT = 100
+SKIP_TOLERANCE = timedelta(seconds=60)
+BATCH_SIZE = 100
+MAX_SLEEP_SECONDS = 60.0
+BUSY_RETRY_SECONDS = 0.5  # a due schedule is locked by another planner that is finishing
+BROKEN_RETRY = timedelta(minutes=5)
+IDLE_TIMEOUT_SECONDS = 10.0
+CRASH_ENV = "PGSCHED_TEST_PLANNER_CRASH"
+CRASH_EXIT_CODE = 86
+
+
+@dataclass
+class PlanResult:
+    """What one pass did: the jobs it inserted, and when to look again."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    next_fire_at: datetime | None = None
+    db_now: datetime | None = None
+
+    def delay_seconds(self) -> float:
+        if self.next_fire_at is None or self.db_now is None:
+            return MAX_SLEEP_SECONDS
+        delay = (self.next_fire_at - self.db_now).total_seconds()
+        if delay <= 0:
+            # Due but not ours: another planner holds it (and is about to commit).
+            return BUSY_RETRY_SECONDS * random.uniform(0.8, 1.2)
+        # A few milliseconds late, so the database clock has passed the fire time.
+        return min(MAX_SLEEP_SECONDS, delay + random.uniform(0.005, 0.02))
+
+
+class Planner:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.store = worker.store
+        self._wake = asyncio.Event()
+        self._crash_rate = float(os.environ.get(CRASH_ENV) or 0)
+
+    def wake(self) -> None:
+        """Look at the schedules again now (one was added or changed elsewhere)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        from .daemon import DB_ERRORS, backoff_sleep
+
+        if self.worker.options.burst:
+            return
+        failures = 0
+        synced = False
+        while True:
+            self._wake.clear()
+            try:
+                if not synced:
+                    await self.sync()
+                    synced = True
+                delay = (await self.run_once()).delay_seconds()
+                failures = 0
+            except DB_ERRORS as exc:
+                self.worker._db_error("planner", exc, failures)
+                failures += 1
+                await backoff_sleep(failures)
+                continue
+            if await self._sleep(delay):
+                return
+
+    async def sync(self) -> None:
+        """Upsert this process's @periodic schedules; disable those gone from the code."""
+        changes = await sync_code_schedules(self.store, self.worker.options.timezone)
+        by_change: dict[str, list[str]] = {}
+        for row in changes:
+            by_change.setdefault(row["change"], []).append(row["id"])
+        for schedule_id in by_change.pop("cli_owned", []):
+            log.warning("schedule_defined_by_cli", schedule_id=schedule_id,
+                        hint="a schedule made with `pgsched add` has this id; the @periodic "
+                             "definition is ignored until it is removed")
+        if by_change:
+            log.info("schedules_synced", **by_change)
+
+    async def run_once(self, now: datetime | None = None) -> PlanResult:
+        """Enqueue every due window; `now` replaces the database clock (tests only)."""
+        result = PlanResult()
+        while True:
+            locked, jobs = await self.store.fire_due_schedules(
+                plan=self._plan, limit=BATCH_SIZE, now=now,
+                skip_grace_seconds=SKIP_TOLERANCE.total_seconds(),
+                idle_timeout_seconds=IDLE_TIMEOUT_SECONDS,
+            )
+            result.jobs += jobs
+            if locked < BATCH_SIZE:
+                break
+        for job in result.jobs:
+            log.info("schedule_window_enqueued", schedule_id=job["schedule_id"],
+                     job_id=job["id"], fire_time=format_instant(job["fire_time"]))
+        result.next_fire_at, result.db_now = await self.store.next_schedule_fire()
+        if now is not None:
+            result.db_now = now
+        return result
+
+    def _plan(self, row: dict[str, Any]) -> ScheduleAdvance:
+        """Decide one locked schedule's windows (runs inside the store's transaction)."""
+        now, expected = row["db_now"], row["next_fire_at"]
+        try:
+            windows, next_fire = due_windows(
+                timing_of(row), expected, now, catch_up=row["catch_up"],
+                tolerance=SKIP_TOLERANCE, limit=CATCH_UP_LIMIT,
+            )
+        except InvalidInput as exc:
+            log.error("schedule_broken", schedule_id=row["id"], error=str(exc),
+                      retry_in_s=BROKEN_RETRY.total_seconds())
+            return ScheduleAdvance(row["id"], expected, now + BROKEN_RETRY)
+        late = now - expected
+        if late > SKIP_TOLERANCE:
+            log.warning("schedule_catching_up", schedule_id=row["id"], catch_up=row["catch_up"],
+                        missed_since=format_instant(expected), windows=len(windows))
+        if self._crash_rate and random.random() < self._crash_rate:
+            log.warning("planner_crash_injected", schedule_id=row["id"],
+                        windows=[format_instant(w) for w in windows])
+            os._exit(CRASH_EXIT_CODE)
+        return ScheduleAdvance(
+            row["id"], expected, next_fire,
+            [(window_job_id(row["id"], fire), fire) for fire in windows],
+        )
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep until woken or `seconds` pass; True once the worker is closing."""
+        waiters = [asyncio.ensure_future(self._wake.wait()),
+                   asyncio.ensure_future(self.worker.closing.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+        return self.worker.closing.is_set()

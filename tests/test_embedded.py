@@ -1,0 +1,52 @@
+"""The embedded default: no DSN anywhere starts a PostgreSQL in data_dir, shared by every
+pgsched process pointed at it; without the extra, a one-line error says what to do."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+from conftest import ROOT, WORKER_TASKS, WorkerProcess, cli_env, run_cli, wait_until
+
+
+def embedded_config(tmp_path):
+    path = tmp_path / "pgsched.toml"
+    path.write_text(f'[database]\ndata_dir = "pg"\n\n[worker]\ntasks = "{WORKER_TASKS}"\n'
+                    'heartbeat_seconds = 1\n\n[log]\nformat = "json"\n')
+    return path
+
+
+async def test_worker_and_cli_share_one_embedded_server(tmp_path):
+    config = embedded_config(tmp_path)
+    worker = WorkerProcess(config)
+    try:
+        await worker.wait_for_log('"worker_starting"', timeout=60)
+        assert '"embedded_database"' in worker.log()
+        added = run_cli("add", "add", "--args", "[20, 22]", config=config)
+        assert added.returncode == 0, added.stderr
+        job_id = added.stdout.strip()
+
+        def finished():
+            rows = json.loads(run_cli("ls", "--json", config=config).stdout)
+            return [r for r in rows if r["id"] == job_id and r["status"] == "completed"]
+
+        [job] = await wait_until(finished, timeout=30, interval=0.3, what="job completed")
+        assert job["result"] == 42
+        assert (tmp_path / "pg" / "PG_VERSION").exists()
+        worker.signal(signal.SIGTERM)
+        assert await worker.wait() == 0
+    finally:
+        worker.kill()
+
+
+def test_missing_extra_says_what_to_install(tmp_path):
+    config = embedded_config(tmp_path)
+    code = ("import sys; sys.modules['pgserver'] = None; from pgsched.cli import main; "
+            f"sys.argv = ['pgsched', '--config', {str(config)!r}, 'ls']; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=cli_env(), cwd=ROOT, timeout=60)
+    assert result.returncode == 1
+    assert "pip install 'pgsched[embedded]'" in result.stderr
+    assert "PGSCHED_DSN" in result.stderr and "Traceback" not in result.stderr

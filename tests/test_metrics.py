@@ -1,0 +1,145 @@
+"""Prometheus metrics and /healthz, scraped with urllib from a real worker process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import WorkerProcess, wait_until, write_config
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def metrics_config(tmp_path: Path, dsn: str, schema: str, **worker) -> Path:
+    path = write_config(tmp_path, dsn, schema, **worker)
+    path.write_text(path.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                    "\n[queues.slow]\nconcurrency = 1\n")
+    return path
+
+
+async def address_of(worker: WorkerProcess) -> str:
+    await worker.wait_for_log('"event": "metrics_listening"')
+    for line in worker.log().splitlines():
+        if '"metrics_listening"' in line:
+            return json.loads(line)["address"]
+    raise AssertionError("no metrics_listening line")
+
+
+def get(address: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(status, content type, body) with a real HTTP client; errors are answers too."""
+    request = urllib.request.Request(f"http://{address}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Parse the exposition with prometheus_client's own parser (it must be valid)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(parsed: dict, name: str, **labels: str) -> float | None:
+    return parsed.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture
+async def metered(tmp_path, pg_dsn, schema, sched, workers):
+    await sched.store.pause_queues(["held"])
+    await sched.schedule("noop", queue="held")
+    worker = workers(metrics_config(tmp_path, pg_dsn, schema))
+    return worker, await address_of(worker)
+
+
+async def test_scrape_counts_jobs_and_reports_queues(sched, metered):
+    worker, address = metered
+    await sched.schedule("add", args=(1, 2), queue="q1")
+    await sched.schedule("fail", max_retries=1)
+    await sched.schedule("noop", queue="q1", execution_time=datetime.now(UTC) + timedelta(hours=1))
+
+    def scraped() -> dict | None:
+        parsed = samples(get(address, "/metrics")[2])
+        done = value(parsed, "pgsched_jobs_failed_total", task="fail", queue="default")
+        return parsed if done == 1 else None
+
+    parsed = await wait_until(scraped, what="failed job counted")
+    assert value(parsed, "pgsched_jobs_started_total", task="add", queue="q1") == 1
+    assert value(parsed, "pgsched_jobs_completed_total", task="add", queue="q1") == 1
+    assert value(parsed, "pgsched_jobs_started_total", task="fail", queue="default") == 2
+    assert value(parsed, "pgsched_jobs_retried_total", task="fail", queue="default") == 1
+    assert value(parsed, "pgsched_job_duration_seconds_count",
+                 task="add", queue="q1", outcome="completed") == 1
+    assert value(parsed, "pgsched_job_duration_seconds_count",
+                 task="fail", queue="default", outcome="failed") == 2
+    assert value(parsed, "pgsched_lease_losses_total") == 0
+    assert value(parsed, "pgsched_worker_concurrency") == 8
+    # Queue gauges, from the database: the paused queue keeps its due job.
+    assert value(parsed, "pgsched_queue_paused", queue="held") == 1
+    assert value(parsed, "pgsched_queue_due_jobs", queue="held") == 1
+    assert value(parsed, "pgsched_queue_lag_seconds", queue="held") >= 0
+    assert value(parsed, "pgsched_queue_scheduled_jobs", queue="q1") == 1
+    info = [k for k in parsed if k[0] == "pgsched_worker_info"]
+    assert len(info) == 1 and ("queues", "*") in info[0][1]
+    status, content_type, _ = get(address, "/metrics",
+                                  {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200 and content_type.startswith("application/openmetrics-text")
+    assert worker.proc.poll() is None
+
+
+async def test_healthz_is_200_while_serving_and_503_once_stopping(sched, metered):
+    worker, address = metered
+    # The server is up before the worker has registered and claimed: 503 until then.
+    _, content_type, body = await wait_until(
+        lambda: (answer := get(address, "/healthz"))[0] == 200 and answer, what="healthy")
+    assert content_type == "application/json"
+    health = json.loads(body)
+    assert health["status"] == "ok" and all(health["checks"].values())
+    assert get(address, "/nope")[0] == 404
+    # A client speaking nonsense gets a 400 and the server carries on.
+    with socket.create_connection(tuple_of(address), timeout=5) as raw:
+        raw.sendall(b"garbage\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 400")
+    job_id = await sched.schedule("sleep", args=(60,))
+    await wait_until(lambda: _running(sched, job_id), what="job running")
+    worker.signal(signal.SIGTERM)  # grace is 5 s: the worker drains, still listening
+
+    def unavailable() -> dict | None:
+        status, _, body = get(address, "/healthz")
+        return json.loads(body) if status == 503 else None
+
+    health = await wait_until(unavailable, what="503 while draining")
+    assert health["status"] == "unavailable" and health["checks"]["not_stopping"] is False
+    assert await worker.wait() == 0
+
+
+def tuple_of(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+async def _running(sched, job_id: str) -> bool:
+    return str((await sched.get_job(job_id))["status"]) == "running"
+
+
+async def test_metrics_port_in_use_is_one_clear_line(tmp_path, pg_dsn, schema, sched):
+    from conftest import run_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, pg_dsn, schema)
+        config.write_text(config.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        result = run_cli("worker", config=config, timeout=30)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot serve metrics on 127.0.0.1:{port}: Address already in "
+                      "use; change [metrics] listen or stop what uses that port"]
+    assert "Traceback" not in result.stderr
