@@ -14,8 +14,10 @@ worker loudly instead of letting it limp on):
 - heartbeater: renews all held leases in one statement; a job whose lease was lost is
   cancelled locally (its late writes would be fenced out anyway), and so is a job whose
   cancel was requested (`pgsched cancel`; the NOTIFY 'cancel:<worker id>' makes the
-  heartbeat come at once, the heartbeat itself is the fallback). It also notices when
-  the event loop was blocked for longer than a heartbeat, and pings systemd's watchdog.
+  heartbeat come at once, the heartbeat itself is the fallback). It also pings systemd's
+  watchdog.
+- loop-watch: only sleeps, and logs `event_loop_blocked` when it wakes more than a
+  heartbeat late (a task doing CPU work in `async def`).
 - maintenance: orphan recovery, worker-registry pruning and vacuum (maintenance.py).
 - planner: enqueues the due windows of recurring schedules (planner.py).
 
@@ -255,6 +257,7 @@ class Worker:
                     services.create_task(self._listen_loop(), name="listener"),
                     services.create_task(self._complete_loop(), name="completer"),
                     services.create_task(self._heartbeat_loop(), name="heartbeater"),
+                    services.create_task(self._watch_loop(), name="loop-watch"),
                     services.create_task(self.maintenance.run(), name="maintenance"),
                     services.create_task(self.planner.run(), name="planner"),
                 ]
@@ -569,11 +572,6 @@ class Worker:
             if await self._until_next_beat(planned - loop.time()):
                 return
             self.systemd.watchdog()
-            blocked = loop.time() - planned
-            if blocked > interval:
-                log.warning("event_loop_blocked", seconds=round(blocked, 2),
-                            hint="a task runs CPU work in `async def`; make it a plain def "
-                                 "so it runs in a thread")
             try:
                 await self.heartbeat_once()
                 self.last_db_ok = loop.time()
@@ -581,6 +579,22 @@ class Worker:
             except DB_ERRORS as exc:
                 self._db_error("heartbeat", exc, failures)
                 failures += 1
+
+    async def _watch_loop(self) -> None:
+        """Report a blocked event loop. Its own task, doing nothing but sleep, so that any
+        lateness is the loop's: the heartbeat's lateness would also include its database
+        round trips, and a freeze during one of them would go unseen."""
+        interval = self.options.heartbeat_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + interval
+            if await self.sleep_or_close(interval):
+                return
+            blocked = loop.time() - planned
+            if blocked > interval:
+                log.warning("event_loop_blocked", seconds=round(blocked, 2),
+                            hint="a task runs CPU work in `async def`; make it a plain def "
+                                 "so it runs in a thread")
 
     async def _until_next_beat(self, seconds: float) -> bool:
         """Sleep until the next heartbeat, or less when a cancel request arrives; True
