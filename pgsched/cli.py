@@ -38,7 +38,7 @@ from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
 from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
-from .store import FINISHED_STATUSES, STATUSES, validate_identifier
+from .store import FINISHED_STATUSES, STATUSES, decode_json, validate_identifier
 from .tasks import JobPriority, get_task, load_tasks, validate_task_name
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
@@ -282,15 +282,7 @@ class Priority(StrEnum):
 
 
 def parse_json_arg(text: str, option: str, kind: type) -> Any:
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        value = json.loads(text, parse_constant=no_constants)
-    except ValueError as exc:
-        raise InvalidInput(f"{option} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidInput(f"{option} is nested too deeply") from None
+    value = decode_json(text, option)
     if not isinstance(value, kind):
         expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
         raise InvalidInput(f"{option} must be {expected}")

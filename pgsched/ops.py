@@ -24,7 +24,6 @@ propagate to the CLI, which reports them in one line.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import tomli_w
 
 from .errors import InvalidInput
 from .scheduler import UNSET, JobSpec
-from .store import STATUSES, Store
+from .store import STATUSES, Store, decode_json
 from .tasks import JobPriority, validate_task_name
 from .timing import MAX_DURATION, parse_duration, parse_time
 
@@ -287,13 +286,7 @@ def _seconds_or_none(value: Any, key: str, *, none_ok: bool) -> float | None:
 
 def parse_job_line(text: str, *, tz: str, now: datetime) -> JobSpec:
     """One JSON object (a line of a job file) as a JobSpec; InvalidInput names the key."""
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        data = json.loads(text, parse_constant=no_constants)
-    except ValueError as exc:
-        raise InvalidInput(f"not valid JSON: {exc}") from None
+    data = decode_json(text, "the line")
     if not isinstance(data, dict):
         raise InvalidInput('each line must be a JSON object like {"task": "name"}')
     unknown = sorted(set(data) - set(LINE_KEYS))

@@ -702,6 +702,20 @@ def _collect(jobs: Iterable[NewJob], into: list[NewJob]) -> Iterator[NewJob]:
         yield job
 
 
+def decode_json(text: str, what: str) -> Any:
+    """Parse JSON text given by a user; NaN/Infinity and absurd nesting are bad input."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except ValueError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply") from None
+
+
 def encode_json(value: Any, what: str) -> str:
     """JSON text for args, kwargs and results; NaN, Infinity and non-JSON types refused."""
     if not value and type(value) in (list, dict):  # most jobs: no args or no kwargs
