@@ -207,7 +207,7 @@ def periodic(
     [jobs] timezone). `id` defaults to the task name; give one to each @periodic when a
     function has several. `priority`, `max_retries`, `timeout` and `queue` default to the
     task's options; when this decorator registers the task they become its options too.
-    `catch_up` is latest, skip or all (see docs/README-recurring.md). `enabled=False`
+    `catch_up` is latest, skip or all (see README.md, Recurring jobs). `enabled=False`
     keeps the schedule in the database but stops it firing.
     """
 
