@@ -51,13 +51,16 @@ async def test_past_the_grace_jobs_go_back_to_pending(sched, pg_dsn, schema, wor
     first start (they did start in time)."""
     env = audit_env(pg_dsn, schema)
     release, do_release = release_file(tmp_path)
-    await sched.schedule_bulk([JobSpec(task, args=(task, release), job_id=task,
-                                       misfire_grace_time=0.5)
-                               for task in ("hold", "sync_hold")])
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.5)
     worker = workers(config, env=env)
+    # The worker is up before the jobs exist, so their short grace measures the claim
+    # (a NOTIFY away), not the process start-up of a busy machine.
+    await worker.wait_for_log("worker_starting")
+    await sched.schedule_bulk([JobSpec(task, args=(task, release), job_id=task,
+                                       misfire_grace_time=2)
+                               for task in ("hold", "sync_hold")])
     await wait_until(lambda: at_least(sched, "running", 2), what="jobs in flight")
-    await wait_until(lambda: _all_past_grace(sched, 0.5), what="the misfire grace to pass")
+    await wait_until(lambda: _all_past_grace(sched, 2), what="the misfire grace to pass")
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0  # the sync task's thread cannot stop; the process can
     assert log_events(worker, "sync_tasks_abandoned")
