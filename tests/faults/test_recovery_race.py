@@ -140,10 +140,10 @@ async def test_a_started_job_put_back_by_a_crash_or_shutdown_is_not_expired(sche
     """The misfire grace skips a job that could not start in time. A job that did start
     and lost its worker (recovery) or was interrupted by a shutdown (release) must run
     again, however late: expiring it would lose it."""
-    recovered = await sched.schedule("noop", misfire_grace_time=0.5, job_id="recovered")
-    released = await sched.schedule("noop", misfire_grace_time=0.5, job_id="released")
+    recovered = await sched.schedule("noop", misfire_grace_time=2, job_id="recovered")
+    released = await sched.schedule("noop", misfire_grace_time=2, job_id="released")
     assert {j["id"] for j in await claim_all(sched)} == {recovered, released}
-    await _wait_past_grace(sched, recovered, 0.5)
+    await _wait_past_grace(sched, recovered, 2)
     await expire_leases(sched)
     await query(sched, "UPDATE {schema}.jobs SET lease_until = now() + interval '1 minute' "
                        "WHERE id = %s RETURNING id", [released])
