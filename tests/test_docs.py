@@ -117,6 +117,7 @@ def test_cli_reference_documents_every_command_and_option():
     for name in names:
         command = root.get_command(ctx, name)
         # The first line of the command's own help, and every option it takes.
+        assert command.help, f"pgsched {name} has no help text for the reference"
         assert command.help.strip().splitlines()[0] in sections[name], name
         for param in command.params:
             if param.param_type_name == "option" and not param.hidden:
