@@ -7,8 +7,8 @@ recovery takes the jobs back, all in any order hypothesis chooses. No worker pro
 no mock: each rule is one Store call, as the worker or the CLI would make it.
 
 Time: every query takes now() from the database clock, and claims take a 60 s lease, so a
-lease never ends by itself within an example. A lease expires when the `expire_lease`
-rule moves `lease_until` into the past, which is the row a real expiry leaves behind.
+lease never ends by itself within an example. Leases expire when the `expire_leases`
+rules move `lease_until` into the past, which is the row a real expiry leaves behind.
 A "late" job was due an hour ago with a 10 minute misfire grace: its first claim expires
 it, while a retry or a recovery (due again now, or started in time) runs it.
 
@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
+    initialize,
     invariant,
     multiple,
     rule,
@@ -72,8 +73,9 @@ PROFILES = {
 PROFILE = os.environ.get("PGSCHED_LIFECYCLE_PROFILE", "ci")
 
 WORKERS = ("w1", "w2", "w3")
-JOB_IDS = ("j1", "j2", "j3", "j4")
-LEASE_SECONDS = 60.0  # never ends on its own within an example: expire_lease ends it
+JOB_IDS = ("j1", "j2", "j3", "j4", "j5")
+LEASE_SECONDS = 60.0  # never ends on its own within an example: expire_leases ends it
+LATE_ODDS = st.sampled_from((False, False, False, True))  # most jobs are due now
 LATE = timedelta(hours=1)  # how long before its scheduling a late job was due
 GRACE_SECONDS = 600.0  # a late job's misfire grace: longer than any example
 MAX_RECOVERIES = 2
@@ -155,13 +157,19 @@ class JobLifecycle(RuleBasedStateMachine):
 
     # -- operator -------------------------------------------------------------------------
 
+    @initialize(job_ids=st.lists(st.sampled_from(JOB_IDS), min_size=1, unique=True),
+                max_retries=st.integers(0, 2))
+    def start_with_jobs(self, job_ids: list[str], max_retries: int) -> None:
+        """Every example starts with work to claim (claims of nothing teach little)."""
+        self._schedule(job_ids, max_retries, replace=False, late=False)
+
     @rule(job_id=st.sampled_from(JOB_IDS), max_retries=st.integers(0, 2),
-          replace=st.booleans(), late=st.booleans())
+          replace=st.booleans(), late=LATE_ODDS)
     def schedule(self, job_id: str, max_retries: int, replace: bool, late: bool) -> None:
         self._schedule([job_id], max_retries, replace, late)
 
     @rule(job_ids=st.lists(st.sampled_from(JOB_IDS), min_size=2, max_size=3, unique=True),
-          max_retries=st.integers(0, 2), replace=st.booleans(), late=st.booleans())
+          max_retries=st.integers(0, 2), replace=st.booleans(), late=LATE_ODDS)
     def schedule_bulk(self, job_ids: list[str], max_retries: int, replace: bool,
                       late: bool) -> None:
         self._schedule(job_ids, max_retries, replace, late)
@@ -189,8 +197,14 @@ class JobLifecycle(RuleBasedStateMachine):
         return REPLACE_RESETS_ATTEMPTS and any(
             job_id in self.seen and self.seen[job_id]["attempts"] > 0 for job_id in job_ids)
 
-    @rule(job_id=st.sampled_from(JOB_IDS))
-    def request_cancel(self, job_id: str) -> None:
+    @rule(job_id=st.sampled_from(JOB_IDS), pending_only=st.booleans())
+    def cancel(self, job_id: str, pending_only: bool) -> None:
+        if pending_only:
+            self._cancel_pending(job_id)
+        else:
+            self._request_cancel(job_id)
+
+    def _request_cancel(self, job_id: str) -> None:
         """`pgsched cancel`: pending jobs end at once, running ones are marked."""
         status = self._status(job_id)
         got = self.db.call(self.db.store.request_cancel(ids=[job_id]))
@@ -202,8 +216,7 @@ class JobLifecycle(RuleBasedStateMachine):
             assert row["cancel_requested_at"] is not None
             assert row["worker_id"] == self.seen[job_id]["worker_id"]
 
-    @rule(job_id=st.sampled_from(JOB_IDS))
-    def cancel_pending(self, job_id: str) -> None:
+    def _cancel_pending(self, job_id: str) -> None:
         """Scheduler.cancel: only a pending job is cancelled."""
         got = self.db.call(self.db.store.cancel_jobs([job_id]))
         assert got == ({job_id} if self._status(job_id) == "pending" else set())
@@ -224,32 +237,46 @@ class JobLifecycle(RuleBasedStateMachine):
 
     # -- time -----------------------------------------------------------------------------
 
-    @rule(job_id=st.sampled_from(JOB_IDS))
-    def expire_lease(self, job_id: str) -> None:
-        """The lease of a running job ends (its worker froze, or lost the network)."""
+    @rule(run=runs)
+    def expire_leases(self, run: Run) -> None:
+        """The leases of every job run.worker runs end (it froze, or lost the network);
+        drawn from the claims so that it mostly picks a worker that holds something."""
+        self.may_change = self._expire(run.worker)
+
+    @rule(max_recoveries=st.integers(1, 3))
+    def recover_orphans(self, max_recoveries: int) -> None:
+        self.may_change = self._recover(max_recoveries)
+
+    @rule(run=runs, max_recoveries=st.integers(1, 3))
+    def crash(self, run: Run, max_recoveries: int) -> None:
+        """run.worker dies and another worker's recovery takes its jobs back at once (the
+        two rules above, in one step, so that hypothesis reaches recoveries often)."""
+        self.may_change = self._expire(run.worker) | self._recover(max_recoveries)
+
+    def _expire(self, worker: str) -> set[str]:
         changed = self.db.execute(
             "UPDATE {jobs} SET lease_until = now() - interval '1 second'"
-            " WHERE id = %s AND status = 'running' RETURNING id", [job_id])
-        self.may_change = {row["id"] for row in changed}
+            " WHERE worker_id = %s AND status = 'running' RETURNING id", [worker])
+        return {row["id"] for row in changed}
 
-    @rule()
-    def recover_orphans(self) -> None:
+    def _recover(self, max_recoveries: int) -> set[str]:
+        rows = self.db.rows()
         now = self.db.call(self.db.store.db_now())
-        lapsed = {job_id for job_id, row in self.seen.items()
+        lapsed = {job_id for job_id, row in rows.items()
                   if row["status"] == "running" and row["lease_until"] < now}
-        got = self.db.call(self.db.store.recover_orphans(max_recoveries=MAX_RECOVERIES))
+        got = self.db.call(self.db.store.recover_orphans(max_recoveries=max_recoveries))
         assert {row["id"] for row in got} == lapsed, f"recovered {got}, lapsed {lapsed}"
-        self.may_change = lapsed
         for row in got:
-            before = self.seen[row["id"]]
+            before = rows[row["id"]]
             if before["cancel_requested_at"] is not None:
                 expected = "cancelled"
-            elif before["recoveries"] + 1 >= MAX_RECOVERIES:
+            elif before["recoveries"] + 1 >= max_recoveries:
                 expected = "failed"
             else:
                 expected = "pending"
             assert row["status"] == expected, f"recovered {before} as {row}"
             del self.current[row["id"]]
+        return lapsed
 
     # -- workers --------------------------------------------------------------------------
 
