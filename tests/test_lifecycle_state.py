@@ -435,6 +435,8 @@ def database(pg_dsn: str, schema: str) -> Any:
 
 
 def test_job_lifecycle(database: Database) -> None:
+    if PROFILE not in PROFILES:
+        pytest.fail(f"PGSCHED_LIFECYCLE_PROFILE={PROFILE!r}: use one of {', '.join(PROFILES)}")
     machine = type("JobLifecycle", (JobLifecycle,), {"db": database})
     run_state_machine_as_test(machine, settings=PROFILES[PROFILE])
 
