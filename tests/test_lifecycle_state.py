@@ -65,7 +65,7 @@ from pgsched.tasks import JobPriority
 REPLACE_RESETS_ATTEMPTS = True
 
 PROFILES = {
-    "ci": settings(max_examples=200, stateful_step_count=40, deadline=None,
+    "ci": settings(max_examples=120, stateful_step_count=40, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow]),
     "long": settings(max_examples=2000, stateful_step_count=60, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow]),
