@@ -74,8 +74,8 @@ def _medians(runs: list[dict]) -> dict:
 
 async def run(args: argparse.Namespace) -> dict:
     every = scenarios() + peer_scenarios(args.peers)
-    # Throughput first (each round pairs pgsched with the raw ceiling and the peers within
-    # minutes), then the scenarios that run once.
+    # Within a round, throughput first (pgsched, the raw ceiling and the peers within
+    # minutes of each other); the scenarios that run once end the first round.
     chosen = [s for s in sorted(every, key=lambda s: not s.repeated)
               if not args.only or s.name in args.only.split(",")]
     sizes = QUICK if args.quick else Sizes()

@@ -306,8 +306,8 @@ async def due_latency(h: Harness) -> Metrics:
 
 async def due_latency_load(h: Harness) -> Metrics:
     """due-latency while the same worker (default configuration) drains a steady stream of
-    no-op jobs enqueued for now at half its peak: the drain-1-default rate of this run
-    (measured here first when --only left that scenario out)."""
+    no-op jobs enqueued for now at half its peak: the drain-1-default rate of this run's
+    first round (measured here first when --only left that scenario out)."""
     n = h.sizes.due_latency
     schema = await h.fresh_schema("due_load")
     peak = h.measured.get("drain_1_default_jobs_per_s")
