@@ -22,7 +22,8 @@ from .harness import (
     start_embedded,
     stop_embedded,
 )
-from .report import cpu_table, evaluate, machine_line, table
+from .peers import PEERS, peer_scenarios
+from .report import evaluate, machine_line, markdown
 from .scenarios import NAMES, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -40,15 +41,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "nothing")
     parser.add_argument("--out", type=Path,
                         help=f"also write the JSON here (a full run always writes {RESULTS})")
-    parser.add_argument("--only", help="comma-separated scenarios to run: " + ", ".join(NAMES))
+    parser.add_argument("--only", help="comma-separated scenarios to run: " + ", ".join(NAMES)
+                        + " (and with --peers, the peer's: pgqueuer-drain-1, ...)")
+    parser.add_argument("--peers", default="",
+                        help="comma-separated peers to measure beside pgsched: "
+                             + ", ".join(PEERS) + " (installed on first use into "
+                             "bench/.peer-venv, never into pgsched's environment)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput scenarios run this many times, alternating with the "
                              "raw ceiling; the table shows medians (default 3)")
     args = parser.parse_args(argv)
+    args.peers = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in args.peers if p not in PEERS]
+    if unknown:
+        parser.error(f"unknown peer {unknown[0]!r}: use one of {', '.join(PEERS)}")
     if args.only:
-        unknown = [s for s in args.only.split(",") if s not in NAMES]
+        names = NAMES + [s.name for s in peer_scenarios(args.peers)]
+        unknown = [s for s in args.only.split(",") if s not in names]
         if unknown:
-            parser.error(f"unknown scenario {unknown[0]!r}: use one of {', '.join(NAMES)}")
+            parser.error(f"unknown scenario {unknown[0]!r}: use one of {', '.join(names)}")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.quick:
@@ -62,7 +73,11 @@ def _medians(runs: list[dict]) -> dict:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    chosen = [s for s in scenarios() if not args.only or s.name in args.only.split(",")]
+    every = scenarios() + peer_scenarios(args.peers)
+    # Within a round, throughput first (pgsched, the raw ceiling and the peers within
+    # minutes of each other); the scenarios that run once end the first round.
+    chosen = [s for s in sorted(every, key=lambda s: not s.repeated)
+              if not args.only or s.name in args.only.split(",")]
     sizes = QUICK if args.quick else Sizes()
     workdir = make_workdir()
     embedded = args.dsn is None
@@ -73,6 +88,7 @@ async def run(args: argparse.Namespace) -> dict:
             dsn, server_log, server_pid = args.dsn, None, None
         h = Harness(dsn, sizes, workdir, server_log=server_log, server_pid=server_pid)
         machine = await h.machine()
+        load_at_start = os.getloadavg()
         print(f"machine: {machine_line(machine)}", file=sys.stderr)
         runs: dict[str, list[dict]] = {s.name: [] for s in chosen}
         started = time.monotonic()
@@ -99,7 +115,9 @@ async def run(args: argparse.Namespace) -> dict:
             "rounds": args.rounds,
             "duration_s": round(time.monotonic() - started, 1),
             "machine": machine,
-            "load_average_at_start": os.getloadavg(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": os.getloadavg(),
+            "peers": args.peers,
             "sizes": vars(sizes),
             "metrics": metrics,
             "targets": evaluate(metrics, rounds),
@@ -116,6 +134,7 @@ async def _run_one(h: Harness, s, runs: dict[str, list[dict]], round_no: int) ->
     t0 = time.monotonic()
     print(f"round {round_no + 1} {s.name} ...", end="", flush=True, file=sys.stderr)
     runs[s.name].append(await s.run(h))
+    h.measured.update(runs[s.name][-1])
     print(f" {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
 
@@ -127,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         return 1
     text = json.dumps(result, indent=2, default=str) + "\n"
+    report = markdown(result)
     # A quick run measures nothing worth keeping: it never replaces the latest results.
     for path in filter(None, [None if args.quick else RESULTS, args.out]):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    print(machine_line(result["machine"]))
-    print(table(result["metrics"], result["rounds_metrics"]))
-    print()
-    print(cpu_table(result["metrics"]))
+        path.with_suffix(".md").write_text(report)
+    print(report, end="")
     return 0
 
 

@@ -52,7 +52,8 @@ class Sizes:
 
     enqueue_loop: int = 10_000
     enqueue_bulk: int = 100_000
-    drain: int = 20_000
+    enqueue_bulk_small: int = 10_000  # a second bulk size: fixed costs per call count
+    drain: int = 10_000  # the jobs every drain works through, pgsched's and the peers'
     due_latency: int = 200
     enqueue_latency: int = 200
     backlog_finished: int = 1_000_000
@@ -60,14 +61,22 @@ class Sizes:
     idle_seconds: float = 60.0
     raw_claim: int = 20_000
     raw_batch: int = 100
-    # Worker concurrency of the drains: the raw loop's batch, since a worker claims at most
-    # its free slots at once (drain-1-default runs pgsched's default as well).
+    # Worker concurrency of drain-1 and backlog: the raw loop's batch, since a worker
+    # claims at most its free slots at once (drain-1-default and drain-2 run pgsched's
+    # default configuration, as the targets ask).
     drain_concurrency: int = 100
+    # Recurring at scale: this many schedules, each firing every recurring_every seconds,
+    # for recurring_windows windows, across recurring_workers worker processes.
+    recurring_schedules: int = 10_000
+    recurring_every: float = 60.0
+    recurring_windows: int = 3
+    recurring_workers: int = 3
 
 
-QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, drain=500, due_latency=10,
-              enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
-              idle_seconds=2.0, raw_claim=500)
+QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
+              due_latency=10, enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
+              idle_seconds=2.0, raw_claim=500, recurring_schedules=50, recurring_every=2.0,
+              recurring_windows=2)
 
 
 @dataclass
@@ -77,6 +86,8 @@ class Harness:
     workdir: Path
     server_log: Path | None = None  # set when we own the server and can read its log
     server_pid: int | None = None  # the postmaster, when we own the server
+    # Every metric measured so far in this run (a scenario may size itself from another's).
+    measured: dict[str, Any] = field(default_factory=dict)
     _procs: list[WorkerProc] = field(default_factory=list)
 
     # -- schemas and connections ---------------------------------------------------------

@@ -40,7 +40,7 @@ def _job_row(job_id: str, when: datetime) -> tuple:
     return (job_id, "noop", "default", "[]", "{}", 5, when, 300.0, 0, None)
 
 
-def _q(text: str, schema: str) -> sql.Composed:
+def q(text: str, schema: str) -> sql.Composed:
     return sql.SQL(text).format(s=sql.Identifier(schema))
 
 
@@ -48,11 +48,14 @@ def _q(text: str, schema: str) -> sql.Composed:
 
 # A claim in one statement, like every Postgres queue: lock up to 100 due rows without
 # waiting on anyone (SKIP LOCKED) and mark them running. The completion is a second
-# statement, since a queue has to commit the claim before the job runs.
+# statement, since a queue has to commit the claim before the job runs. The claim walks
+# the pending index in its order, (queue, priority, execution_time, id) since migration
+# 0005: without the queue, every claim would sort all pending rows (a ceiling of 4,300
+# instead of ~27,000 jobs/s on the machine of docs/performance.md).
 RAW_CLAIM = """
 WITH c AS (
     SELECT id FROM {s}.jobs
-    WHERE status = 'pending' AND execution_time <= now()
+    WHERE status = 'pending' AND queue = 'default' AND execution_time <= now()
     ORDER BY priority, execution_time, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -74,16 +77,21 @@ async def raw_ceiling(h: Harness) -> Metrics:
     now = datetime.now(UTC)
     metrics: Metrics = {}
     async with await h.connect() as conn:
-        rows = [_job_row(f"c-{i}", now) for i in range(sizes.enqueue_bulk)]
-        started, cpu = time.perf_counter(), time.process_time()
-        async with conn.cursor().copy(_q(f"COPY {{s}}.jobs ({COLUMNS}) FROM STDIN", schema)
-                                      ) as copy:
-            for row in rows:
-                await copy.write_row(row)
-        metrics["raw_copy_rows_per_s"] = len(rows) / (time.perf_counter() - started)
-        metrics["raw_copy_client_cpu_us_per_row"] = (time.process_time() - cpu) / len(rows) * 1e6
+        for prefix, n in (("c-", sizes.enqueue_bulk), ("c10k-", sizes.enqueue_bulk_small)):
+            rows = [_job_row(f"{prefix}{i}", now) for i in range(n)]
+            started, cpu = time.perf_counter(), time.process_time()
+            async with conn.cursor().copy(q(f"COPY {{s}}.jobs ({COLUMNS}) FROM STDIN", schema)
+                                          ) as copy:
+                for row in rows:
+                    await copy.write_row(row)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            if prefix == "c-":
+                metrics["raw_copy_rows_per_s"] = n / elapsed
+                metrics["raw_copy_client_cpu_us_per_row"] = cpu / n * 1e6
+            else:
+                metrics["raw_copy_10k_rows_per_s"] = n / elapsed
 
-        insert = _q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})",
+        insert = q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})",
                     schema)
         rows = [_job_row(f"i-{i}", now) for i in range(sizes.enqueue_loop)]
         started = time.perf_counter()
@@ -91,13 +99,13 @@ async def raw_ceiling(h: Harness) -> Metrics:
             await conn.execute(insert, row)
         metrics["raw_insert_loop_rows_per_s"] = len(rows) / (time.perf_counter() - started)
 
-        await conn.execute(_q("TRUNCATE {s}.jobs", schema))
-        await conn.execute(_q(
+        await conn.execute(q("TRUNCATE {s}.jobs", schema))
+        await conn.execute(q(
             f"INSERT INTO {{s}}.jobs ({COLUMNS}) SELECT 'r-' || g, 'noop', 'default', '[]',"
             " '{{}}', 5, now() - interval '1 second', 300, 0, NULL"
             " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.raw_claim})
         await h.analyze(schema)
-        claim, complete = _q(RAW_CLAIM, schema), _q(RAW_COMPLETE, schema)
+        claim, complete = q(RAW_CLAIM, schema), q(RAW_COMPLETE, schema)
         done = 0
         meter = h.cpu_meter()
         started, cpu = time.time(), time.process_time()
@@ -135,19 +143,24 @@ async def enqueue_loop(h: Harness) -> Metrics:
     return {"enqueue_loop_jobs_per_s": h.sizes.enqueue_loop / elapsed}
 
 
-async def enqueue_bulk(h: Harness) -> Metrics:
-    schema = await h.fresh_schema("enqueue_bulk")
-    specs = [JobSpec("noop") for _ in range(h.sizes.enqueue_bulk)]
-    async with Scheduler(h.dsn, schema=schema) as sched:
-        await sched.schedule("noop")
-        started, cpu = time.perf_counter(), time.process_time()
-        ids = await sched.schedule_bulk(specs)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    if None in ids:
-        raise BenchError("schedule_bulk skipped jobs")
-    await h.drop_schema(schema)
-    return {"enqueue_bulk_jobs_per_s": len(specs) / elapsed,
-            "enqueue_bulk_client_cpu_us_per_job": cpu / len(specs) * 1e6}
+def _enqueue_bulk(size: str, name: str) -> Callable[[Harness], Awaitable[Metrics]]:
+    """One schedule_bulk() of `getattr(h.sizes, size)` JobSpecs, built beforehand."""
+
+    async def enqueue_bulk(h: Harness) -> Metrics:
+        schema = await h.fresh_schema(name)
+        specs = [JobSpec("noop") for _ in range(getattr(h.sizes, size))]
+        async with Scheduler(h.dsn, schema=schema) as sched:
+            await sched.schedule("noop")
+            started, cpu = time.perf_counter(), time.process_time()
+            ids = await sched.schedule_bulk(specs)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if None in ids:
+            raise BenchError("schedule_bulk skipped jobs")
+        await h.drop_schema(schema)
+        return {f"{name}_jobs_per_s": len(specs) / elapsed,
+                f"{name}_client_cpu_us_per_job": cpu / len(specs) * 1e6}
+
+    return enqueue_bulk
 
 
 # -- drains --------------------------------------------------------------------------------
@@ -173,7 +186,7 @@ async def _drain(h: Harness, schema: str, name: str, *, processes: int = 1,
     for proc in procs:
         meter.add_worker(proc.ps)
     await asyncio.gather(*(p.wait(timeout=60 + n / 100, meter=meter) for p in procs))
-    done, first, last = await h.one(_q(
+    done, first, last = await h.one(q(
         "SELECT count(*) FILTER (WHERE status = 'completed'), min(started_at),"
         " max(finished_at) FROM {s}.jobs WHERE id LIKE %s", schema), [prefix + "%"])
     if done != n:
@@ -224,13 +237,13 @@ class Backlog:
         sizes = h.sizes
         schema = await h.fresh_schema("backlog")
         async with await h.connect() as conn:
-            await conn.execute(_q(
+            await conn.execute(q(
                 "INSERT INTO {s}.jobs (id, task, status, execution_time, attempts, worker_id,"
                 " result, started_at, finished_at)"
                 " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
                 " 'null', now() - interval '1 day', now() - interval '1 day'"
                 " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
-            await conn.execute(_q(
+            await conn.execute(q(
                 f"INSERT INTO {{s}}.jobs ({COLUMNS}) SELECT 'future-' || g, 'noop', 'default',"
                 " '[]', '{{}}', 5, now() + interval '7 days' + (g %% 86400) * interval '1 second',"
                 " 300, 0, NULL FROM generate_series(1, %(n)s) g", schema),
@@ -254,7 +267,7 @@ async def _idle_worker(h: Harness, schema: str, sched: Scheduler, dsn: str | Non
     return worker
 
 
-def _percentiles(values_ms: list[float], name: str) -> Metrics:
+def percentiles(values_ms: list[float], name: str) -> Metrics:
     ordered = sorted(values_ms)
     return {
         f"{name}_p50_ms": statistics.median(ordered),
@@ -265,10 +278,18 @@ def _percentiles(values_ms: list[float], name: str) -> Metrics:
 
 async def _stamps(h: Harness, schema: str, prefix: str) -> dict[str, tuple[datetime, float]]:
     async with await h.connect() as conn:
-        cur = await conn.execute(_q(
+        cur = await conn.execute(q(
             "SELECT id, execution_time, result FROM {s}.jobs WHERE id LIKE %s", schema),
             [prefix + "%"])
         return {row[0]: (row[1], float(row[2])) for row in await cur.fetchall()}
+
+
+def _due_stamps(n: int, lead: float = 1.0) -> list[JobSpec]:
+    # 25 ms apart plus jitter, starting after `lead` seconds: all are known to the worker
+    # before the first falls due, so it must sleep on a timer, not on a notification.
+    base = datetime.now(UTC) + timedelta(seconds=lead)
+    return [JobSpec("stamp", job_id=f"due-{i:05d}", execution_time=base + timedelta(
+        seconds=i * 0.025 + random.uniform(0, 0.01))) for i in range(n)]
 
 
 async def due_latency(h: Harness) -> Metrics:
@@ -277,19 +298,53 @@ async def due_latency(h: Harness) -> Metrics:
     schema = await h.fresh_schema("due_latency")
     async with Scheduler(h.dsn, schema=schema) as sched:
         worker = await _idle_worker(h, schema, sched)
-        # 25 ms apart plus jitter, starting after a second: all are known to the worker
-        # before the first falls due, so it must sleep on a timer, not on a notification.
-        base = datetime.now(UTC) + timedelta(seconds=1)
-        await sched.schedule_bulk([
-            JobSpec("stamp", job_id=f"due-{i:05d}", execution_time=base + timedelta(
-                seconds=i * 0.025 + random.uniform(0, 0.01)))
-            for i in range(n)])
+        await sched.schedule_bulk(_due_stamps(n))
         await h.wait_finished(schema, "due-", n, timeout=30 + n * 0.1)
         await worker.stop()
     stamps = await _stamps(h, schema, "due-")
     await h.drop_schema(schema)
-    return _percentiles([(started - due.timestamp()) * 1000 for due, started in stamps.values()],
-                        "due_latency")
+    return percentiles([(started - due.timestamp()) * 1000 for due, started in stamps.values()],
+                       "due_latency")
+
+
+async def due_latency_load(h: Harness) -> Metrics:
+    """due-latency while the same worker (default configuration) drains a steady stream of
+    no-op jobs enqueued for now at half its peak: the drain-1-default rate of this run's
+    first round (measured here first when --only left that scenario out)."""
+    n = h.sizes.due_latency
+    schema = await h.fresh_schema("due_load")
+    peak = h.measured.get("drain_1_default_jobs_per_s")
+    if peak is None:
+        peak = (await _drain(h, schema, "peak", prefix="peak-"))["peak_jobs_per_s"]
+    async with Scheduler(h.dsn, schema=schema) as sched:
+        worker = await _idle_worker(h, schema, sched)
+        stamps = _due_stamps(n, lead=1.5)  # the stream is steady before the first falls due
+        await sched.schedule_bulk(stamps)
+        seconds = (stamps[-1].execution_time - datetime.now(UTC)).total_seconds() + 0.2
+        fed, elapsed = await _feed(sched, peak / 2, seconds)
+        await h.wait_finished(schema, "due-", n, timeout=30 + n * 0.1)
+        await h.wait_finished(schema, "load-", fed, timeout=30 + fed / 100)
+        await worker.stop()
+    timed = await _stamps(h, schema, "due-")
+    await h.drop_schema(schema)
+    metrics = percentiles([(started - due.timestamp()) * 1000 for due, started in timed.values()],
+                          "due_latency_load")
+    metrics["due_latency_load_stream_jobs_per_s"] = fed / elapsed
+    return metrics
+
+
+async def _feed(sched: Scheduler, rate: float, seconds: float) -> tuple[int, float]:
+    """Enqueue no-op jobs for now at `rate` a second for `seconds`, in one schedule_bulk()
+    every 10 ms (a stream, not a burst); returns how many and over how long."""
+    started, sent = time.monotonic(), 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        behind = int(rate * elapsed) - sent
+        if behind > 0:
+            await sched.schedule_bulk([JobSpec("noop", job_id=f"load-{sent + i:07d}")
+                                       for i in range(behind)])
+            sent += behind
+        await asyncio.sleep(0.01)
+    return sent, time.monotonic() - started
 
 
 async def enqueue_latency(h: Harness) -> Metrics:
@@ -309,8 +364,59 @@ async def enqueue_latency(h: Harness) -> Metrics:
         await worker.stop()
     stamps = await _stamps(h, schema, "enq-")
     await h.drop_schema(schema)
-    return _percentiles([(started - committed[job_id]) * 1000
+    return percentiles([(started - committed[job_id]) * 1000
                          for job_id, (_, started) in stamps.items()], "enqueue_latency")
+
+
+# -- recurring at scale --------------------------------------------------------------------
+
+
+async def recurring_at_scale(h: Harness) -> Metrics:
+    """Many interval schedules firing together across several worker processes.
+
+    The workers start first and listen; then one statement adds every schedule (as the
+    CLI would: origin 'cli', catch-up 'latest'), all due at the same instant a few
+    seconds on and every `recurring_every` after, and wakes the planners. The run ends
+    when every job of `recurring_windows` windows has completed. Reported: window to
+    start (the job's started_at minus its fire time, both the server's clock) and every
+    (schedule, window) pair without exactly one job: lost (none) or doubled (more).
+    """
+    sizes = h.sizes
+    n, every, windows = sizes.recurring_schedules, sizes.recurring_every, sizes.recurring_windows
+    schema = await h.fresh_schema("recurring")
+    procs = [h.start_worker(schema) for _ in range(sizes.recurring_workers)]
+    await h.wait_listening(schema, count=len(procs))
+    async with await h.connect() as conn:
+        (first,) = await (await conn.execute(
+            "SELECT date_trunc('second', now()) + interval '3 seconds'")).fetchone()
+        async with conn.transaction():
+            await conn.execute(q(
+                "INSERT INTO {s}.schedules (id, task, every, anchor, next_fire_at, origin)"
+                " SELECT 'rec-' || lpad(g::text, 6, '0'), 'noop', %(every)s, %(first)s,"
+                " %(first)s, 'cli' FROM generate_series(1, %(n)s) g", schema),
+                {"every": timedelta(seconds=every), "first": first, "n": n})
+            await conn.execute("SELECT pg_notify(%s, 'schedules')", [f"pgsched_{schema}"])
+    total = n * windows
+    await h.wait_finished(schema, "rec-", total,
+                          timeout=10 + (windows - 1) * every + 60 + total / 100)
+    for proc in procs:
+        await proc.stop()
+    expected = [first + timedelta(seconds=k * every) for k in range(windows)]
+    async with await h.connect() as conn:
+        cur = await conn.execute(q(
+            "SELECT fire_time, extract(epoch FROM started_at - fire_time) * 1000 FROM {s}.jobs"
+            " WHERE schedule_id IS NOT NULL AND fire_time <= %s", schema), [expected[-1]])
+        rows = await cur.fetchall()
+        (pairs,) = await (await conn.execute(q(
+            "SELECT count(DISTINCT (schedule_id, fire_time)) FROM {s}.jobs"
+            " WHERE fire_time = ANY(%s)", schema), [expected])).fetchone()
+    await h.drop_schema(schema)
+    metrics = percentiles([float(ms) for fire, ms in rows if fire in expected],
+                          "recurring_window_to_start")
+    metrics["recurring_windows_expected"] = total
+    metrics["recurring_windows_lost"] = total - pairs
+    metrics["recurring_windows_doubled"] = len(rows) - pairs  # incl. any at a wrong instant
+    return metrics
 
 
 # -- idle cost -----------------------------------------------------------------------------
@@ -376,19 +482,24 @@ class Scenario:
 
 
 def scenarios() -> list[Scenario]:
+    """pgsched's scenarios in the order they run: throughput (every round), then the rest."""
     return [
         Scenario("raw", raw_ceiling, True),
         Scenario("enqueue-loop", enqueue_loop, True),
-        Scenario("enqueue-bulk", enqueue_bulk, True),
+        Scenario("enqueue-bulk", _enqueue_bulk("enqueue_bulk", "enqueue_bulk"), True),
+        Scenario("enqueue-bulk-10k", _enqueue_bulk("enqueue_bulk_small", "enqueue_bulk_10k"),
+                 True),
         Scenario("drain-1", _drain_scenario("drain-1", 1), True),
-        Scenario("drain-2", _drain_scenario("drain-2", 2), True),
+        Scenario("drain-2", _drain_scenario("drain-2", 2, default_concurrency=True), True),
         Scenario("drain-1-default", _drain_scenario("drain-1-default", 1,
                                                     default_concurrency=True), True),
         Scenario("drain-1-quiet", _drain_scenario("drain-1-quiet", 1, log_level="warning"),
                  True),
         Scenario("backlog", Backlog(), True),
         Scenario("due-latency", due_latency, False),
+        Scenario("due-latency-load", due_latency_load, False),
         Scenario("enqueue-latency", enqueue_latency, False),
+        Scenario("recurring", recurring_at_scale, False),
         Scenario("idle", idle_cost, False),
     ]
 

@@ -1,7 +1,9 @@
 """The benchmark (`python -m bench`) still runs end to end and reports every figure.
 
-Only --quick (tiny sizes, one round) on the test server: this checks that the code works,
-never how fast anything is (speed belongs to the benchmark itself, not to the suite).
+Only --quick (tiny sizes, one round) on the test server, without peers (PgQueuer would be
+installed into its own environment first): this checks that the code works, never how fast
+anything is (speed belongs to the benchmark itself, not to the suite). How the report judges
+a target against a peer is pure logic, tested on made-up figures.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import sys
 
 import psycopg
 from conftest import ROOT, cli_env
+
+sys.path.insert(0, str(ROOT))  # bench/ is a directory of the checkout, not an installed package
+from bench.report import evaluate, table
 
 
 def test_quick_benchmark_produces_every_metric(pg_dsn, tmp_path):
@@ -26,7 +31,26 @@ def test_quick_benchmark_produces_every_metric(pg_dsn, tmp_path):
     unjudged = [t["label"] for t in result["targets"] if t["target"] and t["met"] is None]
     assert unjudged == [], f"targets that could not be evaluated: {unjudged}"
     assert "| scenario |" in done.stdout and result["machine"]["postgresql"]
+    assert result["metrics"]["recurring_windows_lost"] == 0
+    assert len(result["load_average_at_end"]) == 3
+    assert "load average" in out.with_suffix(".md").read_text()
     with psycopg.connect(pg_dsn) as conn:
         leftovers = conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", ["bench_%"]).fetchall()
     assert leftovers == [], "the benchmark left schemas behind"
+
+
+def _drain_row(metrics: dict) -> dict:
+    return next(t for t in evaluate(metrics) if t["label"].startswith("drain-1: 10k"))
+
+
+def test_a_peer_target_is_judged_only_when_the_peer_was_measured():
+    ours = {"drain_1_default_jobs_per_s": 7000.0, "raw_claim_jobs_per_s": 10000.0}
+    alone = _drain_row(ours)
+    assert alone["met"] is True and alone["peer"] is None  # 70% of raw, no peer to beat
+    beaten = _drain_row({**ours, "pgqueuer_drain_1_jobs_per_s": 5000.0})
+    assert beaten["peer_ratio"] == 1.4 and beaten["met"] is False  # 1.4x, not 1.5x
+    ahead = _drain_row({**ours, "pgqueuer_drain_1_jobs_per_s": 4000.0})
+    assert ahead["met"] is True
+    assert "| PgQueuer |" in table({**ours, "pgqueuer_drain_1_jobs_per_s": 4000.0})
+    assert "PgQueuer" not in table(ours)
