@@ -20,6 +20,7 @@ back off and retry; constraint problems become pgsched errors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import re
@@ -38,6 +39,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from .errors import InvalidInput, JobConflict, PgschedError
 
+# PostgreSQL truncates longer identifiers (and refuses longer NOTIFY channels).
+MAX_IDENTIFIER_BYTES = 63
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
@@ -96,8 +99,17 @@ def _bind(text: str, schema: str) -> str:
 
 
 def channel_name(schema: str) -> str:
-    """The NOTIFY channel of a schema: workers of other schemas never wake for it."""
-    return f"pgsched_{schema}"
+    """The NOTIFY channel of a schema: workers of other schemas never wake for it.
+
+    `pgsched_<schema>` while that fits PostgreSQL's identifier limit (schemas of up to 55
+    characters); a longer schema keeps its first characters and a hash of the whole name,
+    so the channel stays within the limit and distinct per schema.
+    """
+    channel = f"pgsched_{schema}"
+    if len(channel.encode()) <= MAX_IDENTIFIER_BYTES:
+        return channel
+    digest = hashlib.sha256(schema.encode()).hexdigest()[:8]
+    return f"{channel[:MAX_IDENTIFIER_BYTES - len(digest) - 1]}_{digest}"
 
 
 class NewJob(NamedTuple):

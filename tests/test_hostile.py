@@ -6,9 +6,13 @@ roles are created by the tests in a cluster they own."""
 from __future__ import annotations
 
 import json
+import secrets
 
+import psycopg
 import pytest
-from conftest import cli_env, run_cli, write_config
+from conftest import cli_env, run_cli, wait_until, write_config
+
+TRACEBACK = "Traceback (most recent call last)"
 
 SECRET = "S3CRET"
 
@@ -57,3 +61,38 @@ def test_a_password_in_dsn_on_the_command_line_gets_one_warning_line(dsn):
 def test_no_password_in_dsn_no_warning():
     shown = run_cli("--dsn", "postgresql://app@localhost:1/db?sslmode=require", "config")
     assert shown.returncode == 0 and "password" not in shown.stderr, shown.stderr
+
+
+# -- identifiers derived from the schema name -------------------------------------------------
+
+
+async def test_a_63_character_schema_enqueues_and_wakes_its_worker(pg_dsn, tmp_path, workers):
+    # pgsched_<schema> is 71 bytes here: add failed with a traceback (channel name too long).
+    schema = "s" + secrets.token_hex(31)
+    try:
+        # A minute between polls: only the NOTIFY can get the job run within the deadline.
+        config = write_config(tmp_path, pg_dsn, schema, poll_seconds=60)
+        assert run_cli("migrate", config=config).returncode == 0
+        worker = workers(config)
+        await wait_until(lambda: _listening(pg_dsn, schema[:20]), timeout=30,
+                         what="the worker to LISTEN")
+        added = run_cli("add", "add", "--args", "[2, 3]", "--id", "long-schema", config=config)
+        assert added.returncode == 0 and TRACEBACK not in added.stderr, added.stderr
+        await wait_until(lambda: _status(pg_dsn, schema, "long-schema") == "completed",
+                         timeout=20, what="the job to run")
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _status(dsn: str, schema: str, job_id: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f'SELECT status FROM "{schema}".jobs WHERE id = %s',
+                           [job_id]).fetchone()
+    return row and row[0]
+
+
+def _listening(dsn: str, schema_prefix: str) -> bool:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s",
+                            [f'LISTEN "pgsched_{schema_prefix}%']).fetchone()[0] > 0
