@@ -73,7 +73,7 @@ async def test_a_63_character_schema_enqueues_and_wakes_its_worker(pg_dsn, tmp_p
         # A minute between polls: only the NOTIFY can get the job run within the deadline.
         config = write_config(tmp_path, pg_dsn, schema, poll_seconds=60)
         assert run_cli("migrate", config=config).returncode == 0
-        worker = workers(config)
+        workers(config)
         await wait_until(lambda: _listening(pg_dsn, schema[:20]), timeout=30,
                          what="the worker to LISTEN")
         added = run_cli("add", "add", "--args", "[2, 3]", "--id", "long-schema", config=config)
