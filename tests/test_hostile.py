@@ -11,6 +11,12 @@ import secrets
 import psycopg
 import pytest
 from conftest import cli_env, run_cli, wait_until, write_config
+from test_security import Roles
+from test_security import roles as roles  # the hostile roles, as a fixture
+
+from pgsched import JobSpec
+from pgsched.errors import InvalidInput
+from pgsched.recurring import define_schedule
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -96,3 +102,99 @@ def _listening(dsn: str, schema_prefix: str) -> bool:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s",
                             [f'LISTEN "pgsched_{schema_prefix}%']).fetchone()[0] > 0
+
+
+@pytest.fixture
+def granted(roles: Roles, tmp_path) -> tuple[Roles, object]:
+    """The schema migrated by its owner, and a config for the runtime role, which has
+    exactly the rights `migrate --grant` gives."""
+    owner = tmp_path / "owner"
+    owner.mkdir()
+    migrated = run_cli("migrate", "--grant", roles.runtime,
+                       config=write_config(owner, roles.owner_dsn, roles.schema))
+    assert migrated.returncode == 0, migrated.stderr
+    return roles, write_config(tmp_path, roles.runtime_dsn, roles.schema)
+
+
+# -- deeply nested arguments ------------------------------------------------------------------
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+async def test_deep_arguments_are_refused_by_the_api_at_schedule_time(sched):
+    # The args list itself is level 1.
+    assert await sched.schedule("noop", args=nested(100), job_id="deep-100")
+    with pytest.raises(InvalidInput, match="deeper than 100 levels"):
+        await sched.schedule("noop", args=nested(101), job_id="deep-101")
+    with pytest.raises(InvalidInput, match="kwargs nest deeper than 100"):
+        await sched.schedule("noop", kwargs={"k": nested(100)})
+    with pytest.raises(InvalidInput, match="deeper than 100 levels"):
+        await sched.schedule_bulk([JobSpec("noop"), JobSpec("noop", args=[nested(150)])])
+    with pytest.raises(InvalidInput, match="deeper than 100 levels"):
+        define_schedule("noop", schedule_id="deep", every="1m", args=[nested(150)])
+    # Brackets inside strings are text, not nesting.
+    assert await sched.schedule("noop", args=["[" * 500, '\\"{' * 300], job_id="brackets")
+    assert set(await sched.store.job_statuses(["deep-100", "deep-101", "brackets"])) == \
+        {"deep-100", "brackets"}
+
+
+def test_deep_arguments_are_refused_by_every_cli_entry_point(pg_dsn, schema, tmp_path):
+    config = write_config(tmp_path, pg_dsn, schema)
+    assert run_cli("migrate", config=config).returncode == 0
+    deep = json.dumps(nested(150))
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(json.dumps({"task": "noop", "args": nested(150)}) + "\n")
+    runs = {
+        "add": run_cli("add", "noop", "--args", deep, config=config),
+        "add --kwargs": run_cli("add", "noop", "--kwargs", json.dumps({"k": nested(150)}),
+                                config=config),
+        "add --every": run_cli("add", "noop", "--every", "1m", "--id", "deep-every",
+                               "--args", deep, config=config),
+        "add --cron": run_cli("add", "noop", "--cron", "* * * * *", "--id", "deep-cron",
+                              "--args", deep, config=config),
+        "add --from --strict": run_cli("add", "--from", str(lines), "--strict", config=config),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode != 0 and TRACEBACK not in proc.stderr, (name, proc.stderr)
+        assert "deeper than 100 levels" in proc.stderr, (name, proc.stderr)
+    with psycopg.connect(pg_dsn) as conn:
+        counts = conn.execute(f'SELECT (SELECT count(*) FROM "{schema}".jobs), '
+                              f'(SELECT count(*) FROM "{schema}".schedules)').fetchone()
+    assert counts == (0, 0)
+
+
+async def test_a_schedule_poisoned_by_sql_is_skipped_and_the_others_fire(granted, workers):
+    roles, config = granted
+    s = roles.schema
+    for schedule_id in ("good", "poisoned", "huge-number"):
+        added = run_cli("add", "noop", "--every", "1s", "--id", schedule_id, config=config)
+        assert added.returncode == 0, added.stderr
+    # The attacker has exactly the runtime role's rights: rewrite two schedules' arguments.
+    with psycopg.connect(roles.runtime_dsn, autocommit=True) as conn:
+        conn.execute(f"UPDATE {s}.schedules SET args = %s::jsonb WHERE id = 'poisoned'",
+                     ["[" * 990 + "]" * 990])
+        conn.execute(f"UPDATE {s}.schedules SET kwargs = %s::jsonb WHERE id = 'huge-number'",
+                     ['{"n": ' + "9" * 5000 + "}"])
+    worker = workers(config)
+
+    def completed_good_jobs() -> int:
+        with psycopg.connect(roles.runtime_dsn) as conn:
+            return conn.execute(f"SELECT count(*) FROM {s}.jobs WHERE schedule_id = 'good' "
+                                "AND status = 'completed'").fetchone()[0]
+
+    await wait_until(lambda: completed_good_jobs() >= 3, timeout=40,
+                     what="three windows of the good schedule to run")
+    assert worker.proc.poll() is None, worker.log()[-2000:]
+    with psycopg.connect(roles.runtime_dsn) as conn:
+        poisoned = conn.execute(f"SELECT count(*) FROM {s}.jobs WHERE schedule_id "
+                                "IN ('poisoned', 'huge-number')").fetchone()[0]
+    assert poisoned == 0
+    broken = [json.loads(line) for line in worker.log().splitlines()
+              if '"schedule_broken"' in line]
+    assert {b["schedule_id"] for b in broken} == {"poisoned", "huge-number"}
+    assert all("nest deeper than 100" in b["error"] for b in broken)
