@@ -27,7 +27,8 @@ Failure: connection errors are logged and retried with backoff. (An outdated sch
 caught by the worker before any service starts.) A stored schedule that no longer parses
 (a time zone removed from tzdata, a cron expression over the length limit, arguments
 written with SQL that no worker could decode) is logged, makes no job, and is looked at
-again every BROKEN_RETRY; it never stops the worker or the other schedules. Anything else is a bug and stops the worker.
+again every BROKEN_RETRY; it never stops the worker or the other schedules. Anything
+else is a bug and stops the worker.
 
 Fault injection: with PGSCHED_TEST_PLANNER_CRASH=<probability> in the environment, the
 process exits (code CRASH_EXIT_CODE) after computing a schedule's windows and before
