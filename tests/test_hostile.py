@@ -181,14 +181,8 @@ async def test_a_schedule_poisoned_by_sql_is_skipped_and_the_others_fire(granted
         conn.execute(f"UPDATE {s}.schedules SET kwargs = %s::jsonb WHERE id = 'huge-number'",
                      ['{"n": ' + "9" * 5000 + "}"])
     worker = workers(config)
-
-    def completed_good_jobs() -> int:
-        with psycopg.connect(roles.runtime_dsn) as conn:
-            return conn.execute(f"SELECT count(*) FROM {s}.jobs WHERE schedule_id = 'good' "
-                                "AND status = 'completed'").fetchone()[0]
-
-    await wait_until(lambda: completed_good_jobs() >= 3, timeout=40,
-                     what="three windows of the good schedule to run")
+    await wait_until(lambda: _completed_windows(roles.runtime_dsn, s, "good") >= 3,
+                     timeout=40, what="three windows of the good schedule to run")
     assert worker.proc.poll() is None, worker.log()[-2000:]
     with psycopg.connect(roles.runtime_dsn) as conn:
         poisoned = conn.execute(f"SELECT count(*) FROM {s}.jobs WHERE schedule_id "
@@ -198,3 +192,63 @@ async def test_a_schedule_poisoned_by_sql_is_skipped_and_the_others_fire(granted
               if '"schedule_broken"' in line]
     assert {b["schedule_id"] for b in broken} == {"poisoned", "huge-number"}
     assert all("nest deeper than 100" in b["error"] for b in broken)
+
+
+# -- long cron expressions --------------------------------------------------------------------
+
+HUGE_CRON = ",".join(["5"] * 56_000) + " * * * *"  # 112 KB, about a second to parse
+
+
+def test_long_cron_expressions_are_refused_at_every_entry_point(pg_dsn, schema, tmp_path):
+    config = write_config(tmp_path, pg_dsn, schema)
+    assert run_cli("migrate", config=config).returncode == 0
+    long_list = ",".join(["5"] * 61) + " * * * *"
+    runs = {
+        "add --cron huge": run_cli("add", "noop", "--cron", HUGE_CRON, "--id", "a",
+                                   config=config),
+        "add --cron 61 items": run_cli("add", "noop", "--cron", long_list, "--id", "b",
+                                       config=config),
+        "cron": run_cli("cron", HUGE_CRON, config=config),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode == 2 and TRACEBACK not in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+        assert "the limit is" in proc.stderr and len(proc.stderr) < 300, (name, proc.stderr)
+    with pytest.raises(InvalidInput, match="112007 characters long; the limit is 1000"):
+        define_schedule("noop", schedule_id="c", cron=HUGE_CRON)
+    with pytest.raises(InvalidInput, match="lists 61 values; the limit is 60"):
+        define_schedule("noop", schedule_id="d", cron=long_list)
+
+
+async def test_sixteen_huge_cron_rows_written_by_sql_do_not_stop_other_schedules(
+        granted, workers):
+    roles, config = granted
+    s = roles.schema
+    for args in (("--every", "1s", "--id", "good"), ("--cron", "* * * * *", "--id", "template")):
+        added = run_cli("add", "noop", *args, config=config)
+        assert added.returncode == 0, added.stderr
+    # The attacker, with the runtime role's rights, writes 16 schedules with distinct huge
+    # cron lists, all due now. Parsing them took longer than the planner's transaction may
+    # stay idle, so the server cut the pass off and no schedule fired meanwhile.
+    with psycopg.connect(roles.runtime_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TEMP TABLE evil AS SELECT * FROM {s}.schedules "
+                     "WHERE id = 'template'")
+        for n in range(16):
+            conn.execute("UPDATE evil SET id = %s, cron = %s, next_fire_at = now()",
+                         [f"evil-{n}", f"{n},{HUGE_CRON}"])
+            conn.execute(f"INSERT INTO {s}.schedules SELECT * FROM evil")
+        conn.execute(f"DELETE FROM {s}.schedules WHERE id = 'template'")
+    worker = workers(config)
+    await wait_until(lambda: _completed_windows(roles.runtime_dsn, s, "good") >= 3,
+                     timeout=40, what="three windows of the good schedule to run")
+    assert worker.proc.poll() is None, worker.log()[-2000:]
+    assert '"where": "planner"' not in worker.log(), "the planner's transaction was cut off"
+    broken = {json.loads(line)["schedule_id"] for line in worker.log().splitlines()
+              if '"schedule_broken"' in line}
+    assert broken == {f"evil-{n}" for n in range(16)}
+
+
+def _completed_windows(dsn: str, schema: str, schedule_id: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"SELECT count(*) FROM {schema}.jobs WHERE schedule_id = %s "
+                            "AND status = 'completed'", [schedule_id]).fetchone()[0]
