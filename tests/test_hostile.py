@@ -5,8 +5,11 @@ roles are created by the tests in a cluster they own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import secrets
+import socket
 
 import psycopg
 import pytest
@@ -17,6 +20,7 @@ from test_security import roles as roles  # the hostile roles, as a fixture
 from pgsched import JobSpec
 from pgsched.errors import InvalidInput
 from pgsched.recurring import define_schedule
+from pgsched.worker.metrics import MAX_CONNECTIONS, MAX_LABEL_VALUES
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -252,3 +256,71 @@ def _completed_windows(dsn: str, schema: str, schedule_id: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute(f"SELECT count(*) FROM {schema}.jobs WHERE schedule_id = %s "
                             "AND status = 'completed'", [schedule_id]).fetchone()[0]
+
+
+# -- the metrics listener ---------------------------------------------------------------------
+
+
+async def test_1100_idle_metrics_connections_cannot_exhaust_the_workers_files(
+        pg_dsn, schema, tmp_path, workers, sched):
+    from test_metrics import address_of, get, metrics_config
+
+    # The usual default limit of 1024 files: the flood below is more than it allows.
+    worker = workers(metrics_config(tmp_path, pg_dsn, schema),
+                     prefix=["prlimit", "--nofile=1024:1024", "--"])
+    address = await address_of(worker)
+    host, port = address.rsplit(":", 1)
+    baseline = len(os.listdir(f"/proc/{worker.pid}/fd"))
+    held: list[socket.socket] = []
+    peak = baseline
+    try:
+        for n in range(1100):
+            held.append(socket.create_connection((host, int(port)), timeout=2))
+            if n % 50 == 0:
+                peak = max(peak, len(os.listdir(f"/proc/{worker.pid}/fd")))
+        await asyncio.sleep(0.5)
+        peak = max(peak, len(os.listdir(f"/proc/{worker.pid}/fd")))
+        # The worker still does its work while the connections are held.
+        await sched.schedule("noop", job_id="during-flood")
+        await wait_until(lambda: _status(pg_dsn, schema, "during-flood") == "completed",
+                         timeout=30, what="a job to run during the flood")
+    finally:
+        for sock in held:
+            sock.close()
+    # The held connections, plus accept batches (of up to MAX_CONNECTIONS) not closed
+    # yet: far from the 1024 the flood reached before.
+    assert peak < baseline + 4 * MAX_CONNECTIONS, (baseline, peak)
+    await wait_until(lambda: get(address, "/healthz")[0] == 200, timeout=20,
+                     what="/healthz to answer again")
+    assert "Too many open files" not in worker.log()
+    scraped = get(address, "/metrics")[2]
+    refused = next(line for line in scraped.splitlines()
+                   if line.startswith("pgsched_metrics_connections_refused_total"))
+    # Most were refused (idle ones that timed out made room for a few more).
+    assert float(refused.split()[-1]) >= 1100 // 2
+
+
+async def test_task_names_written_by_sql_cannot_grow_the_metric_labels(granted, workers):
+    from test_metrics import address_of, get, samples
+
+    roles, config = granted
+    config.write_text(config.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    count = MAX_LABEL_VALUES + 100
+    with psycopg.connect(roles.runtime_dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {roles.schema}.jobs (id, task, execution_time) "
+                     "SELECT 'evil-' || i, 'evil_task_' || i, now() "
+                     "FROM generate_series(1, %s) AS i", [count])
+    worker = workers(config)
+    address = await address_of(worker)
+
+    def unfinished() -> int:
+        with psycopg.connect(roles.runtime_dsn) as conn:
+            return conn.execute(f"SELECT count(*) FROM {roles.schema}.jobs "
+                                "WHERE status IN ('pending', 'running')").fetchone()[0]
+
+    await wait_until(lambda: unfinished() == 0, timeout=60, what="every job to fail")
+    started = {dict(labels)["task"]: value for (name, labels), value
+               in samples(get(address, "/metrics")[2]).items()
+               if name == "pgsched_jobs_started_total"}
+    assert len(started) == MAX_LABEL_VALUES + 1
+    assert started["other"] == count - MAX_LABEL_VALUES
