@@ -29,18 +29,12 @@ caught by the worker before any service starts.) A stored schedule that no longe
 written with SQL that no worker could decode) is logged, makes no job, and is looked at
 again every BROKEN_RETRY; it never stops the worker or the other schedules. Anything
 else is a bug and stops the worker.
-
-Fault injection: with PGSCHED_TEST_PLANNER_CRASH=<probability> in the environment, the
-process exits (code CRASH_EXIT_CODE) after computing a schedule's windows and before
-writing them, with that probability; the test suite uses it to prove no window is lost
-or doubled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -64,8 +58,6 @@ MAX_SLEEP_SECONDS = 60.0
 BUSY_RETRY_SECONDS = 0.5  # a due schedule is locked by another planner that is finishing
 BROKEN_RETRY = timedelta(minutes=5)
 IDLE_TIMEOUT_SECONDS = 10.0
-CRASH_ENV = "PGSCHED_TEST_PLANNER_CRASH"
-CRASH_EXIT_CODE = 86
 
 
 @dataclass
@@ -92,7 +84,6 @@ class Planner:
         self.worker = worker
         self.store = worker.store
         self._wake = asyncio.Event()
-        self._crash_rate = float(os.environ.get(CRASH_ENV) or 0)
 
     def wake(self) -> None:
         """Look at the schedules again now (one was added or changed elsewhere)."""
@@ -178,10 +169,6 @@ class Planner:
         if late > SKIP_TOLERANCE:
             log.warning("schedule_catching_up", schedule_id=row["id"], catch_up=row["catch_up"],
                         missed_since=format_instant(expected), windows=len(windows))
-        if self._crash_rate and random.random() < self._crash_rate:
-            log.warning("planner_crash_injected", schedule_id=row["id"],
-                        windows=[format_instant(w) for w in windows])
-            os._exit(CRASH_EXIT_CODE)
         return ScheduleAdvance(
             row["id"], expected, next_fire,
             [(window_job_id(row["id"], fire), fire) for fire in windows],
