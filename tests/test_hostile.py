@@ -9,7 +9,9 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import socket
+import subprocess
 
 import psycopg
 import pytest
@@ -324,3 +326,38 @@ async def test_task_names_written_by_sql_cannot_grow_the_metric_labels(granted, 
                if name == "pgsched_jobs_started_total"}
     assert len(started) == MAX_LABEL_VALUES + 1
     assert started["other"] == count - MAX_LABEL_VALUES
+
+
+# -- the embedded development server ----------------------------------------------------------
+
+PSQL = "/usr/lib/postgresql/15/bin/psql"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(PSQL),
+                    reason="needs root (to act as another local user) and psql")
+@pytest.mark.parametrize("data_dir", ["pg", "long-" + "d" * 100 + "/pg"], ids=["short", "long"])
+async def test_other_local_users_cannot_reach_the_embedded_server(tmp_path, workers, data_dir):
+    from test_embedded import embedded_config
+
+    # The long path does not fit a socket path: pgserver then put the socket in a directory
+    # anyone could enter (0777), and every local user was the trusted superuser.
+    config = embedded_config(tmp_path)
+    config.write_text(config.read_text().replace('data_dir = "pg"', f'data_dir = "{data_dir}"'))
+    worker = workers(config)
+    try:
+        await worker.wait_for_log('"worker_starting"', timeout=90)
+        pid_file = (tmp_path / data_dir / "postmaster.pid").read_text().splitlines()
+        socket_dir, tcp_address = pid_file[4], pid_file[5]
+        assert tcp_address.strip() == ""
+        assert os.stat(socket_dir).st_mode & 0o077 == 0, oct(os.stat(socket_dir).st_mode)
+        query = [PSQL, "-h", socket_dir, "-U", "postgres", "-d", "postgres", "-c", "SELECT 1"]
+        as_nobody = subprocess.run(["runuser", "-u", "nobody", "--", *query],
+                                   capture_output=True, text=True, timeout=30, cwd="/")
+        assert as_nobody.returncode != 0 and "Permission denied" in as_nobody.stderr, \
+            as_nobody.stdout + as_nobody.stderr
+        added = run_cli("add", "add", "--args", "[1, 2]", config=config)  # the owner still can
+        assert added.returncode == 0, added.stderr
+    finally:
+        # A clean stop: the last process using the embedded server stops it.
+        worker.signal(signal.SIGTERM)
+        await worker.wait()
