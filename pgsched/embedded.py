@@ -59,13 +59,15 @@ def embedded_dsn(data_dir: Path) -> str:
         ) from exc
 
 
-# postmaster.pid lines (1-based): 5 the socket directory, 6 the first TCP listen address
-# (empty when the server listens on no TCP address).
+# postmaster.pid lines, counted from 0: the socket directory, and the first TCP listen
+# address (empty when the server listens on no TCP address).
 _PID_SOCKET_DIR, _PID_LISTEN_ADDRESS = 4, 5
 
 
 def _private_socket(data_dir: Path) -> None:
     """Make sure the running server is reachable through its owner's socket only."""
+    if os.name == "nt":
+        return  # no Unix sockets: pgserver listens on 127.0.0.1 there
     lines = (data_dir / "postmaster.pid").read_text().splitlines()
     if len(lines) <= _PID_LISTEN_ADDRESS or lines[_PID_LISTEN_ADDRESS].strip():
         raise DatabaseUnavailable(
