@@ -32,7 +32,13 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .config import Settings, find_config_path, load_settings, mask_dsn
+from .config import (
+    Settings,
+    command_line_dsn_warning,
+    find_config_path,
+    load_settings,
+    mask_dsn,
+)
 from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
@@ -157,6 +163,8 @@ def main_options(
                                         help="Show tracebacks for errors.")] = False,
 ) -> None:
     """pgsched: a PostgreSQL-backed job scheduler."""
+    if dsn and (warning := command_line_dsn_warning(dsn)):
+        err.print(f"warning: {warning}", markup=False)
     ctx.obj = _Context(config=config, dsn=dsn, schema=schema, debug=debug)
 
 

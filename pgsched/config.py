@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import psycopg
 import tomli_w
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsched.errors import ConfigError, InvalidInput
 from pgsched.queues import validate_queue_name
@@ -401,7 +403,7 @@ def _check_relations(
 
 
 def _permission_warning(path: Path, dsn: object) -> str | None:
-    if os.name == "nt" or not isinstance(dsn, str) or mask_dsn(dsn) == dsn:
+    if os.name == "nt" or not isinstance(dsn, str) or not dsn_has_password(dsn):
         return None
     try:
         mode = os.stat(path).st_mode
@@ -413,6 +415,14 @@ def _permission_warning(path: Path, dsn: object) -> str | None:
         f"{path} is readable by other users and contains a database password; "
         f"run: chmod 600 {shlex.quote(str(path))}"
     )
+
+
+def command_line_dsn_warning(dsn: str) -> str | None:
+    """The warning for a --dsn that carries a password (other users see it in `ps`)."""
+    if not dsn_has_password(dsn):
+        return None
+    return ("--dsn carries a password, which other users of this machine can read in the "
+            "process list; put it in a PGPASSFILE or in pgsched.toml with mode 600 instead")
 
 
 # ---------------------------------------------------------------- value checks
@@ -654,8 +664,47 @@ _KEYWORD_PASSWORD = re.compile(
 )
 
 
+# The libpq keywords whose values are secrets.
+_SECRET_KEYS = ("password", "sslpassword")
+
+
 def mask_dsn(dsn: str) -> str:
-    """`dsn` with any password replaced by ***, in URL or key=value form."""
+    """`dsn` with any password replaced by ***, in URL or key=value form.
+
+    libpq decides what a password is (a `?` inside it, `pass%77ord=`, a repeated key), so
+    the text is parsed as libpq parses it. The mask keeps the DSN's own spelling when libpq
+    reads the masked text back with every password as ***; otherwise the DSN is rebuilt
+    from libpq's reading, in key=value form. Text that is not a DSN (an error message)
+    gets the same masking by pattern.
+    """
+    masked = _mask_by_pattern(dsn)
+    secrets = _secrets(dsn)
+    if not secrets:
+        return masked
+    back = _secrets(masked)
+    if back is not None and all(back.get(key) == "***" for key in secrets):
+        return masked
+    params = conninfo_to_dict(dsn)
+    params.update(dict.fromkeys(secrets, "***"))
+    return make_conninfo("", **params)
+
+
+def dsn_has_password(dsn: str) -> bool:
+    """True if libpq would read a password from `dsn` (unparsable text: if it looks so)."""
+    secrets = _secrets(dsn)
+    return bool(secrets) if secrets is not None else _mask_by_pattern(dsn) != dsn
+
+
+def _secrets(dsn: str) -> dict[str, str] | None:
+    """The non-empty secrets libpq reads from `dsn`; None if libpq cannot parse it."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return None
+    return {key: params[key] for key in _SECRET_KEYS if params.get(key)}
+
+
+def _mask_by_pattern(dsn: str) -> str:
     start = _URL_SCHEME.match(dsn)
     if not start:
         return _KEYWORD_PASSWORD.sub(r"\1***", dsn)

@@ -32,7 +32,7 @@ import psycopg_pool
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
-from .store import NewJob, Store, encode_json, open_pool
+from .store import NewJob, Store, check_json_depth, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
 from .worker import Worker, WorkerOptions
 
@@ -105,6 +105,8 @@ def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tupl
         raise InvalidInput("kwargs must be a dict with string keys")
     args_json = encode_json(list(args), "args")
     kwargs_json = encode_json(kwargs, "kwargs")
+    check_json_depth(args_json, "args")
+    check_json_depth(kwargs_json, "kwargs")
     if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
         raise InvalidInput(
             f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "

@@ -20,6 +20,7 @@ back off and retry; constraint problems become pgsched errors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import re
@@ -38,6 +39,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from .errors import InvalidInput, JobConflict, PgschedError
 
+# PostgreSQL truncates longer identifiers (and refuses longer NOTIFY channels).
+MAX_IDENTIFIER_BYTES = 63
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
@@ -96,8 +99,17 @@ def _bind(text: str, schema: str) -> str:
 
 
 def channel_name(schema: str) -> str:
-    """The NOTIFY channel of a schema: workers of other schemas never wake for it."""
-    return f"pgsched_{schema}"
+    """The NOTIFY channel of a schema: workers of other schemas never wake for it.
+
+    `pgsched_<schema>` while that fits PostgreSQL's identifier limit (schemas of up to 55
+    characters); a longer schema keeps its first characters and a hash of the whole name,
+    so the channel stays within the limit and distinct per schema.
+    """
+    channel = f"pgsched_{schema}"
+    if len(channel.encode()) <= MAX_IDENTIFIER_BYTES:
+        return channel
+    digest = hashlib.sha256(schema.encode()).hexdigest()[:8]
+    return f"{channel[:MAX_IDENTIFIER_BYTES - len(digest) - 1]}_{digest}"
 
 
 class NewJob(NamedTuple):
@@ -531,7 +543,8 @@ class Store:
                            {"ms": str(round(idle_timeout_seconds * 1000))})
         cur = conn.cursor(row_factory=dict_row)
         due = await (await cur.execute(
-            self._q["lock_due_schedules"], {"limit": limit, "now": now})).fetchall()
+            self._q["lock_due_schedules"],
+            {"limit": limit, "now": now, **_UNREADABLE_JSON})).fetchall()
         if not due:
             return 0, []
         advances = [plan(row) for row in due]
@@ -714,6 +727,45 @@ def decode_json(text: str, what: str) -> Any:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidInput(f"{what} is nested too deeply") from None
+
+
+# Arguments may nest at most this deep (the args list or kwargs object is level 1). The
+# worker's JSON decoder recurses per level, so the limit keeps every stored value far from
+# Python's recursion limit; real arguments rarely nest beyond ten.
+MAX_JSON_DEPTH = 100
+# jsonpath tests for stored arguments no worker could decode: a value at a level the API
+# never writes (level 0 is the args list itself), or an integer beyond Python's default
+# 4300-digit limit on int().
+_UNREADABLE_JSON = {
+    "too_deep": f"strict $.**{{{MAX_JSON_DEPTH + 1} to last}}",
+    "too_long": 'strict $.** ? (@.type() == "number" && (@ >= 1e4300 || @ <= -1e4300))',
+}
+# Only the brackets of JSON text, as bytes, objects written like lists.
+_AS_LIST_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def check_json_depth(text: str, what: str) -> None:
+    """Refuse JSON text nested deeper than MAX_JSON_DEPTH, in one line.
+
+    Cheap for the common case: text with fewer brackets than the limit (brackets in
+    strings included) cannot nest that deep and is not scanned. Otherwise, with C-level
+    string operations only (about 10 us for 1 KB holding a hundred lists and objects):
+    drop escaped backslashes and quotes, keep what lies outside the quotes, keep its
+    brackets, and remove the innermost pairs once per level.
+    """
+    if len(text) <= 2 * MAX_JSON_DEPTH or text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    outside = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    brackets = outside.encode().translate(_AS_LIST_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return
+        brackets = brackets.replace(b"[]", b"")
+    if brackets:
+        raise InvalidInput(
+            f"{what} nest deeper than {MAX_JSON_DEPTH} levels of lists and objects; "
+            "flatten them or store the data elsewhere and pass a reference")
 
 
 def encode_json(value: Any, what: str) -> str:

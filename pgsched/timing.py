@@ -25,7 +25,9 @@ Invariants:
 Failure: a bad value raises `InvalidInput` (a ValueError) with a one-line message naming
 the value and how to fix it. The parsers (`parse_duration`, `parse_timezone`,
 `parse_time`, `CronSchedule`) raise nothing else for any text. A cron expression that can
-never fire is refused when the schedule is built.
+never fire is refused when the schedule is built, and so is one longer than MAX_CRON_LENGTH
+or with a list of more than MAX_CRON_LIST_ITEMS items, before any parsing, so parsing time
+stays bounded (a few milliseconds) even for stored expressions written with SQL.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from pgsched.errors import InvalidInput
 __all__ = [
     "CATCH_UP_MODES",
     "EPOCH_UTC",
+    "MAX_CRON_LENGTH",
+    "MAX_CRON_LIST_ITEMS",
     "MAX_DURATION",
     "UTC",
     "CronSchedule",
@@ -285,6 +289,10 @@ _CRON_ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+# A cron expression is at most this long, and each field lists at most this many items
+# (a field has at most 60 distinct values): enough for any real schedule.
+MAX_CRON_LENGTH = 1000
+MAX_CRON_LIST_ITEMS = 60
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#\-]+", re.ASCII)
 _CRON_FIELDS = (
     ("minute", "0-59"),
@@ -308,6 +316,10 @@ def _cron_fields(expr: str) -> list[str]:
     def bad(reason: str) -> InvalidInput:
         return InvalidInput(f"invalid cron expression {_show(expr)}: {reason}")
 
+    # Parsing costs time in proportion to the text, and the planner parses stored
+    # expressions inside its transaction: no legitimate expression comes near either limit.
+    if len(expr) > MAX_CRON_LENGTH:
+        raise bad(f"it is {len(expr)} characters long; the limit is {MAX_CRON_LENGTH}")
     # Split on ASCII blanks only, as croniter does: other spaces make a field invalid.
     fields = re.findall(r"\S+", _CRON_ALIASES.get(expr.lower(), expr), re.ASCII)
     if len(fields) not in (5, 6):
@@ -318,7 +330,11 @@ def _cron_fields(expr: str) -> list[str]:
             raise bad(f"the {name} field {_show(field)} has characters cron does not use")
         if field[0] in "hHrR":
             raise bad(f"hashed (H) and random (R) values are not supported; write the {name}")
-        for item in field.split(","):
+        items = field.split(",")
+        if len(items) > MAX_CRON_LIST_ITEMS:
+            raise bad(f"the {name} field lists {len(items)} values; the limit is "
+                      f"{MAX_CRON_LIST_ITEMS} (use a range or a step such as */5)")
+        for item in items:
             ends = item.split("/")[0].split("-")
             # croniter reads an equal-ended range such as 9-9 as the whole field, which
             # would run a daily job every hour.

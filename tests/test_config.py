@@ -503,6 +503,9 @@ def test_tasks_file_path_resolves_against_the_config_directory(tmp_path):
         ("host=h sslpassword=secret", "host=h sslpassword=***"),
         ("host=h dbname=db", "host=h dbname=db"),
         ("", ""),
+        # libpq reads these passwords where a pattern does not: rebuilt as key=value.
+        ("postgresql://u:S3?CRET@h/db", "user=u password=*** dbname=db host=h"),
+        ("postgresql://h/db?pass%77ord=S3CRET", "password=*** dbname=db host=h"),
     ],
 )
 def test_mask_dsn(dsn, masked):

@@ -35,9 +35,12 @@ from pgsched import (
 from pgsched.recurring import define_schedule
 from pgsched.store import _bind, migrations
 from pgsched.worker import planner as planner_module
-from pgsched.worker.planner import CATCH_UP_LIMIT, CRASH_ENV, CRASH_EXIT_CODE, SKIP_TOLERANCE
+from pgsched.worker.planner import CATCH_UP_LIMIT, SKIP_TOLERANCE
 
 PERIODIC_TASKS = Path(__file__).resolve().parent / "periodic_tasks.py"
+# On PYTHONPATH, makes a worker's planner exit between computing and writing windows.
+PLANNER_CRASH = Path(__file__).resolve().parent / "faults" / "planner_crash"
+PLANNER_CRASH_EXIT_CODE = 86  # faults/planner_crash/sitecustomize.py
 T = datetime(2030, 1, 1, 12, 5, tzinfo=UTC)  # the clock of planner passes given a `now`
 
 
@@ -518,14 +521,14 @@ async def test_planners_killed_between_computing_and_inserting_lose_and_double_n
     """Issue 5, item 10: each planner may exit right after computing a window, before
     writing it; the others (and restarted ones) must still enqueue it, once."""
     config = write_config(tmp_path, pg_dsn, schema, tasks=str(PERIODIC_TASKS))
-    crashy = cli_env(**{CRASH_ENV: "0.4"})
+    crashy = cli_env(PYTHONPATH=str(PLANNER_CRASH), PGSCHED_TEST_PLANNER_CRASH_RATE="0.4")
     procs = [workers(config, env=crashy) for _ in range(3)]
     crashes: list[list[str]] = []  # the windows each crashed planner had computed
 
     def restart_the_dead() -> bool:
         for i, proc in enumerate(procs):
             if proc.proc.poll() is not None:
-                assert proc.proc.returncode == CRASH_EXIT_CODE, proc.log()[-2000:]
+                assert proc.proc.returncode == PLANNER_CRASH_EXIT_CODE, proc.log()[-2000:]
                 crashes.extend(event["windows"] for event in map(json.loads, (
                     line for line in proc.log().splitlines() if "planner_crash_injected" in line)))
                 procs[i] = workers(config, env=crashy)

@@ -110,8 +110,15 @@ SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
 -- The planner's first step: lock up to %(limit)s due, active schedules for the rest of its
 -- transaction. SKIP LOCKED lets replicas split the due schedules between them instead of
 -- queueing on the same rows; a planner that dies mid-transaction releases its rows.
+-- args_unreadable: arguments the API would have refused and a worker could not decode
+-- (written with SQL): nested beyond %(too_deep)s, or an integer of thousands of digits.
+-- The planner skips such a schedule instead of making a poisoned job every window.
 SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
-       coalesce(%(now)s::timestamptz, now()) AS db_now
+       coalesce(%(now)s::timestamptz, now()) AS db_now,
+       jsonb_path_exists(args, %(too_deep)s::jsonpath)
+           OR jsonb_path_exists(kwargs, %(too_deep)s::jsonpath)
+           OR jsonb_path_exists(args, %(too_long)s::jsonpath)
+           OR jsonb_path_exists(kwargs, %(too_long)s::jsonpath) AS args_unreadable
 FROM {schema}.schedules
 WHERE enabled AND NOT paused AND next_fire_at <= coalesce(%(now)s::timestamptz, now())
 ORDER BY next_fire_at

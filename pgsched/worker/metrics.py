@@ -11,7 +11,14 @@ Invariants:
 - The server runs on the worker's event loop, not in a thread: if the loop is wedged,
   /healthz stops answering, which is what a health check should report. It answers one
   request per connection (HTTP/1.0 style, `Connection: close`), GET and HEAD only, and
-  drops clients that do not send a request line within a few seconds.
+  drops clients that do not send their request, or read the answer, within
+  REQUEST_TIMEOUT_SECONDS.
+- At most MAX_CONNECTIONS connections are open at once; one beyond is closed as soon as
+  it is accepted (and counted). Idle or flooding clients hold a bounded number of file
+  descriptors, so they can never starve the worker's database connections.
+- Label values come from job rows, which anyone with the runtime role's rights can
+  write: each worker keeps at most MAX_LABEL_VALUES distinct task names and queue names
+  as labels; rows beyond that count under OTHER_LABEL, so memory stays bounded.
 - The queue query runs at most once per QUEUE_STATS_TTL_SECONDS however many scrapers
   there are; when it fails the last values are served and the failure is counted.
 
@@ -48,9 +55,12 @@ log = get_logger("pgsched.metrics")
 QUEUE_STATS_TTL_SECONDS = 5.0
 QUEUE_STATS_TIMEOUT_SECONDS = 5.0
 REQUEST_TIMEOUT_SECONDS = 5.0
+MAX_CONNECTIONS = 64  # a few scrapers and health checks need a handful
 # From a few milliseconds to an hour: jobs range from API calls to report builds.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
                     300, 600, 1800, 3600)
+MAX_LABEL_VALUES = 200  # distinct task (and queue) names; far beyond real applications
+OTHER_LABEL = "other"
 JOB_EVENTS = {
     "started": "Jobs claimed and started by this worker.",
     "completed": "Jobs this worker ran to success (recorded).",
@@ -89,15 +99,20 @@ class WorkerMetrics:
                                   registry=self.registry)
         self._reconnects = Counter("pgsched_db_reconnects", "Times the LISTEN connection was "
                                    "re-established after it was lost.", registry=self.registry)
+        self._tasks: set[str] = set()
+        self._queues: set[str] = set()
 
     def job(self, event: str, task: str, queue: str) -> None:
-        self._jobs[event].labels(task, queue).inc()
+        self._jobs[event].labels(*self._labels(task, queue)).inc()
 
     def job_ran(self, task: str, queue: str, outcome: str, seconds: float) -> None:
-        self._duration.labels(task, queue, outcome).observe(seconds)
+        self._duration.labels(*self._labels(task, queue), outcome).observe(seconds)
 
     def job_recovered(self, task: str, queue: str, status: str) -> None:
-        self._recovered.labels(task, queue, status).inc()
+        self._recovered.labels(*self._labels(task, queue), status).inc()
+
+    def _labels(self, task: str, queue: str) -> tuple[str, str]:
+        return _bounded(self._tasks, task), _bounded(self._queues, queue)
 
     def leases(self, renewed: int, lost: int) -> None:
         self._renewals.inc(renewed)
@@ -108,6 +123,16 @@ class WorkerMetrics:
 
     def db_reconnected(self) -> None:
         self._reconnects.inc()
+
+
+def _bounded(seen: set[str], value: str) -> str:
+    """`value`, or OTHER_LABEL once MAX_LABEL_VALUES others have been seen."""
+    if value in seen:
+        return value
+    if len(seen) < MAX_LABEL_VALUES:
+        seen.add(value)
+        return value
+    return OTHER_LABEL
 
 
 def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
@@ -175,6 +200,11 @@ class MetricsServer:
         self._stats_at: float | None = None
         self._stats_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
+        self._connections = 0
+        self._refused = Counter(
+            "pgsched_metrics_connections_refused", "Connections to this endpoint closed "
+            f"unanswered because {MAX_CONNECTIONS} were already open.",
+            registry=worker.metrics.registry)
         self._queue_stat_errors = Counter(
             "pgsched_queue_stats_errors", "Scrapes whose queue query failed (the previous "
             "values were served).", registry=worker.metrics.registry)
@@ -183,7 +213,9 @@ class MetricsServer:
         """Bind and serve; returns the address bound (the real port when 0 was asked)."""
         host, port = parse_listen(self.listen)
         try:
-            self._server = await asyncio.start_server(self._handle, host, port)
+            # The backlog bounds how many connections one accept batch takes at once.
+            self._server = await asyncio.start_server(self._handle, host, port,
+                                                      backlog=MAX_CONNECTIONS)
         except OSError as exc:
             # asyncio rewraps the bind error; errno still says what went wrong.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -219,6 +251,11 @@ class MetricsServer:
             self._stats_at = now
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= MAX_CONNECTIONS:
+            self._refused.inc()
+            writer.transport.abort()
+            return
+        self._connections += 1
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -227,11 +264,13 @@ class MetricsServer:
                       f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             method = head.split(b" ", 1)[0]
             writer.write(header.encode("latin-1") + (b"" if method == b"HEAD" else body))
-            await writer.drain()
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):  # a client that never reads
+                await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError):
-            pass
+            writer.transport.abort()
         finally:
+            self._connections -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -25,20 +25,16 @@ all runs every missed window, at most CATCH_UP_LIMIT of them, the most recent.
 
 Failure: connection errors are logged and retried with backoff. (An outdated schema is
 caught by the worker before any service starts.) A stored schedule that no longer parses
-(a time zone removed from tzdata) is logged and retried every BROKEN_RETRY; it never
-stops the worker. Anything else is a bug and stops the worker.
-
-Fault injection: with PGSCHED_TEST_PLANNER_CRASH=<probability> in the environment, the
-process exits (code CRASH_EXIT_CODE) after computing a schedule's windows and before
-writing them, with that probability; the test suite uses it to prove no window is lost
-or doubled.
+(a time zone removed from tzdata, a cron expression over the length limit, arguments
+written with SQL that no worker could decode) is logged, makes no job, and is looked at
+again every BROKEN_RETRY; it never stops the worker or the other schedules. Anything
+else is a bug and stops the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInput
 from ..logs import get_logger
 from ..recurring import format_instant, sync_code_schedules, timing_of, window_job_id
-from ..store import ScheduleAdvance
+from ..store import MAX_JSON_DEPTH, ScheduleAdvance
 from ..timing import due_windows
 
 if TYPE_CHECKING:
@@ -62,8 +58,6 @@ MAX_SLEEP_SECONDS = 60.0
 BUSY_RETRY_SECONDS = 0.5  # a due schedule is locked by another planner that is finishing
 BROKEN_RETRY = timedelta(minutes=5)
 IDLE_TIMEOUT_SECONDS = 10.0
-CRASH_ENV = "PGSCHED_TEST_PLANNER_CRASH"
-CRASH_EXIT_CODE = 86
 
 
 @dataclass
@@ -90,7 +84,6 @@ class Planner:
         self.worker = worker
         self.store = worker.store
         self._wake = asyncio.Event()
-        self._crash_rate = float(os.environ.get(CRASH_ENV) or 0)
 
     def wake(self) -> None:
         """Look at the schedules again now (one was added or changed elsewhere)."""
@@ -155,6 +148,14 @@ class Planner:
     def _plan(self, row: dict[str, Any]) -> ScheduleAdvance:
         """Decide one locked schedule's windows (runs inside the store's transaction)."""
         now, expected = row["db_now"], row["next_fire_at"]
+        if row["args_unreadable"]:
+            log.error("schedule_broken", schedule_id=row["id"],
+                      error=f"its stored args or kwargs nest deeper than {MAX_JSON_DEPTH} "
+                            "levels or hold an integer of thousands of digits; no worker "
+                            "could decode its jobs, so none are made: redefine it with "
+                            "`pgsched add --on-conflict replace` or remove it",
+                      retry_in_s=BROKEN_RETRY.total_seconds())
+            return ScheduleAdvance(row["id"], expected, now + BROKEN_RETRY)
         try:
             windows, next_fire = due_windows(
                 timing_of(row), expected, now, catch_up=row["catch_up"],
@@ -168,10 +169,6 @@ class Planner:
         if late > SKIP_TOLERANCE:
             log.warning("schedule_catching_up", schedule_id=row["id"], catch_up=row["catch_up"],
                         missed_since=format_instant(expected), windows=len(windows))
-        if self._crash_rate and random.random() < self._crash_rate:
-            log.warning("planner_crash_injected", schedule_id=row["id"],
-                        windows=[format_instant(w) for w in windows])
-            os._exit(CRASH_EXIT_CODE)
         return ScheduleAdvance(
             row["id"], expected, next_fire,
             [(window_job_id(row["id"], fire), fire) for fire in windows],
