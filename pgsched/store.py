@@ -217,6 +217,10 @@ class Store:
             # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
             # privilege) starts with its default --migrate.
             return current
+        if roles:
+            missing = await self._rows("missing_roles", {"roles": roles})
+            if missing:
+                raise _missing_role(missing[0]["name"])
         async with self.pool.connection() as conn:
             # Migrations wait for their locks as long as it takes (another run's index
             # build, a long transaction): the pool's lock_timeout is for the hot paths.
@@ -309,11 +313,8 @@ class Store:
             cur = await conn.execute(self._q["schema_types"], {"schema": self.schema})
             for (type_name,) in await cur.fetchall():
                 await conn.execute(bind("grant_type_usage", role=role, type=type_name))
-        except psycopg.errors.UndefinedObject:
-            raise PgschedError(
-                f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
-                "PASSWORD '...'); nothing was changed"
-            ) from None
+        except psycopg.errors.UndefinedObject:  # dropped since migrate() checked
+            raise _missing_role(role) from None
 
     # -- enqueue -------------------------------------------------------------------------
 
@@ -775,6 +776,12 @@ def clip_traceback(traceback: str | None) -> str | None:
     if traceback is None or len(traceback) <= TRACEBACK_MAX_CHARS:
         return traceback
     return _CLIPPED + traceback[len(traceback) - TRACEBACK_MAX_CHARS + len(_CLIPPED):]
+
+
+def _missing_role(role: str) -> PgschedError:
+    return PgschedError(
+        f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
+        "PASSWORD '...'); nothing was changed")
 
 
 # One encoder for every call: json.dumps builds a new one whenever options are given.
