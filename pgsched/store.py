@@ -222,14 +222,16 @@ class Store:
             if missing:
                 raise _missing_role(missing[0]["name"])
         async with self.pool.connection() as conn:
-            # Migrations wait for their locks as long as it takes (another run's index
-            # build, a long transaction): the pool's lock_timeout is for the hot paths.
-            await conn.execute("SET lock_timeout = 0")
-            await self._lock_migrations(conn)
             try:
+                # Migrations wait for their locks as long as it takes (another run's index
+                # build, a long transaction): the pool's lock_timeout is for the hot paths.
+                await conn.execute("SET lock_timeout = 0")
+                await self._lock_migrations(conn)
                 return await self._migrate_locked(conn, target, roles)
             finally:
-                with contextlib.suppress(psycopg.OperationalError):  # gone with the session
+                # The connection goes back to the pool: unlocked, with its lock_timeout.
+                # A broken one took both with its session.
+                with contextlib.suppress(psycopg.OperationalError):
                     await conn.execute(
                         "SELECT pg_advisory_unlock(hashtext('pgsched.migrate.' || %s))",
                         [self.schema])
