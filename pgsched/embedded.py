@@ -12,6 +12,9 @@ for a socket path, a directory pgserver makes under the runtime directory and op
 everyone (0777); `_private_socket` closes it again (0700, owned by the server's user)
 and refuses a server that listens on TCP or whose socket directory belongs to someone
 else.
+A process that died without leaving the list (SIGKILL, a crash) would keep the server
+up for ever, so every process drops the pids of dead processes from it when it joins
+and again when it exits.
 
 Failure: without the extra, when the server cannot start, or when its socket cannot be
 made private, DatabaseUnavailable says what to install or configure, in one line.
@@ -19,6 +22,7 @@ made private, DatabaseUnavailable says what to install or configure, in one line
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import warnings
@@ -46,7 +50,11 @@ def embedded_dsn(data_dir: Path) -> str:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            _forget_dead_users(data_dir)
             server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        # atexit runs last-registered first: this runs before pgserver's own exit
+        # handler decides whether this process is the server's last user.
+        atexit.register(_forget_dead_users, data_dir)
         uri = server.get_uri()
         _private_socket(data_dir)
         return uri
@@ -84,3 +92,21 @@ def _private_socket(data_dir: Path) -> None:
         os.chown(socket_dir, owner.st_uid, owner.st_gid)  # root: the server must still write
     if info.st_mode & 0o077:
         os.chmod(socket_dir, 0o700)
+
+
+def _forget_dead_users(data_dir: Path) -> None:
+    """Drop the pids of processes that no longer exist from pgserver's list of the
+    server's users (`.handle_pids.json`), under pgserver's own lock."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    users = data_dir / ".handle_pids.json"
+    if not users.exists():
+        return
+    with PostgresServer._lock:
+        handles = DiskList(users)
+        pids = handles.get()
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.put(alive)

@@ -272,6 +272,17 @@ def window_job_id(schedule_id: str, fire_time: datetime) -> str:
     return f"{schedule_id}@{format_instant(fire_time)}"
 
 
+# The job ids schedules make: `<schedule id>@<fire time>` for windows (a time starts
+# with a digit) and `<schedule id>@trigger-<hex>` for `pgsched trigger`. Users may not
+# take them (scheduler.validate_job_id): the planner's insert skips an id that exists,
+# so a user's job with a window's id would silently stand in for the window.
+_RESERVED_JOB_ID_RE = re.compile(rf"{_SCHEDULE_ID_RE.pattern}@(?:[0-9]|trigger-)")
+
+
+def is_schedule_job_id(job_id: str) -> bool:
+    return "@" in job_id and _RESERVED_JOB_ID_RE.match(job_id) is not None
+
+
 async def sync_code_schedules(store: Store, default_tz: str) -> list[dict[str, Any]]:
     """Write this process's @periodic schedules; returns [{id, change}] where change is
     created, updated, disabled (gone from the code) or cli_owned (left alone)."""

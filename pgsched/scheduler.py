@@ -32,7 +32,8 @@ import psycopg_pool
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
-from .store import NewJob, Store, check_json_depth, encode_json, open_pool
+from .recurring import is_schedule_job_id
+from .store import NewJob, Store, check_json_depth, encode_json, lock_timeout_for, open_pool
 from .tasks import JobPriority, get_task, task_name_of
 from .worker import Worker, WorkerOptions
 
@@ -86,6 +87,10 @@ def validate_job_id(job_id: str) -> str:
         raise InvalidInput(f"invalid job id: use 1 to {MAX_JOB_ID_LENGTH} characters")
     if any(ord(ch) < 32 for ch in job_id):
         raise InvalidInput("invalid job id: control characters are not allowed")
+    if is_schedule_job_id(job_id):
+        raise InvalidInput(
+            f"invalid job id {job_id!r}: ids like SCHEDULE@<time> and SCHEDULE@trigger-... "
+            "are reserved for schedule windows; choose another id (e.g. without '@')")
     return job_id
 
 
@@ -163,8 +168,10 @@ class Scheduler:
         if self._store is None:
             if self._pool is None:
                 try:
-                    self._pool = await open_pool(self._dsn, max_size=self._pool_size,
-                                                 application_name=self.application_name)
+                    self._pool = await open_pool(
+                        self._dsn, max_size=self._pool_size,
+                        application_name=self.application_name,
+                        lock_timeout_seconds=lock_timeout_for(self.options.lease_seconds))
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     # libpq's first line says why; the rest is a generic hint.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() \

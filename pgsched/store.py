@@ -9,9 +9,14 @@ Invariants:
 - Every write after a claim is fenced on (id, attempt, worker_id, status = 'running'):
   the methods return what was actually written, so callers can tell a lost lease.
 - Time comes from the database clock; callers pass durations, never timestamps of
-  their own for leases.
-- `migrate` runs under a transaction-scoped advisory lock, so concurrent migrations
-  serialise and the second one finds nothing to do.
+  their own for leases. Lease ends are computed at write time (clock_timestamp()), so
+  a write that waited for a lock never commits a lease that is already over.
+- attempts, the fencing token, never goes down for a job id (replace and retry keep it).
+- Every pool connection waits at most LOCK_TIMEOUT_SECONDS (or a quarter of the lease)
+  for a lock, so a table lock turns into errors the loops retry, never into hung
+  connections that starve the worker's registry heartbeat (docs/delivery.md).
+- `migrate` runs under a session-level advisory lock, so concurrent migrations
+  serialise and the second one finds nothing to do; it waits for locks without limit.
 
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
 back off and retry; constraint problems become pgsched errors.
@@ -19,6 +24,8 @@ back off and retry; constraint problems become pgsched errors.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import importlib.resources
@@ -45,6 +52,20 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# The first line of a migration that runs statement by statement, outside a transaction
+# (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
+NO_TRANSACTION = "-- pgsched: no-transaction\n"
+_STATEMENT_END_RE = re.compile(r";[ \t]*$", re.MULTILINE)
+# A job's `errors` history keeps the entries of its first ERRORS_KEPT_FIRST attempts and
+# of its last ERRORS_KEPT_LAST (docs/delivery.md): the first failure often explains the
+# rest, the last ones say what happens now, and a job retried without end stays small.
+ERRORS_KEPT_FIRST = 1
+ERRORS_KEPT_LAST = 10
+# Each stored traceback keeps its last TRACEBACK_MAX_CHARS characters (where it was
+# raised); the cut is marked at the start.
+TRACEBACK_MAX_CHARS = 4000
+# The longest a pool connection waits for a lock (see lock_timeout_for).
+LOCK_TIMEOUT_SECONDS = 5.0
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -65,6 +86,15 @@ def parse_named_blocks(text: str) -> dict[str, str]:
         body = text[match.end() : end].strip()
         blocks[match.group(1)] = body.rstrip(";").strip()
     return blocks
+
+
+def split_statements(text: str) -> list[str]:
+    """The statements of a no-transaction migration: split at each `;` ending a line,
+    without the chunks that hold only comments."""
+    chunks = (chunk.strip() for chunk in _STATEMENT_END_RE.split(text))
+    return [chunk for chunk in chunks
+            if any(line.strip() and not line.strip().startswith("--")
+                   for line in chunk.splitlines())]
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -185,7 +215,13 @@ class Store:
 
     async def migrate(self, target: int | None = None, *, grant: Sequence[str] = ()) -> int:
         """Apply missing migrations (up to `target`), then grant each role in `grant` what a
-        runtime role needs (security.sql), all in one transaction; returns the version."""
+        runtime role needs (security.sql); returns the version.
+
+        Each migration commits with the row that records it, in one transaction, or for a
+        no-transaction file statement by statement (sql/migrations/README.md). The whole
+        run holds a session-level advisory lock, so concurrent runs serialise and the
+        second finds nothing to do.
+        """
         roles = [validate_identifier(role, "role name") for role in grant]
         current = await self.schema_version()
         wanted = migrations()[-1][0] if target is None else target
@@ -193,39 +229,76 @@ class Store:
             # Up to date: no DDL at all, so a worker running as a runtime role (no CREATE
             # privilege) starts with its default --migrate.
             return current
-        schema = sql.Identifier(self.schema)
-        async with self.pool.connection() as conn, conn.transaction():
-            # hashtext of the schema name: migrations of different schemas do not block
-            # each other, two of the same schema run one after the other.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('pgsched.migrate.' || %s))", [self.schema]
-            )
-            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
-            await conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(schema)
-            )
+        if roles:
+            missing = await self._rows("missing_roles", {"roles": roles})
+            if missing:
+                raise _missing_role(missing[0]["name"])
+        async with self.pool.connection() as conn:
+            try:
+                # Migrations wait for their locks as long as it takes (another run's index
+                # build, a long transaction): the pool's lock_timeout is for the hot paths.
+                await conn.execute("SET lock_timeout = 0")
+                await self._lock_migrations(conn)
+                return await self._migrate_locked(conn, target, roles)
+            finally:
+                # The connection goes back to the pool: unlocked, with its lock_timeout.
+                # A broken one took both with its session.
+                with contextlib.suppress(psycopg.OperationalError):
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext('pgsched.migrate.' || %s))",
+                        [self.schema])
+                    await conn.execute("RESET lock_timeout")
+
+    async def _lock_migrations(self, conn: psycopg.AsyncConnection) -> None:
+        """Take the schema's migration lock (hashtext of its name: migrations of different
+        schemas do not block each other). Polled, not waited for: a session waiting in
+        pg_advisory_lock holds a snapshot, and the CREATE INDEX CONCURRENTLY of the run
+        holding the lock waits for every older snapshot, a deadlock."""
+        pause = 0.05
+        while True:
             cur = await conn.execute(
-                sql.SQL("SELECT version FROM {}.schema_migrations").format(schema)
-            )
-            applied = {row[0] for row in await cur.fetchall()}
-            version = max(applied, default=0)
-            for number, name, text in migrations():
-                if number in applied or (target is not None and number > target):
-                    continue
-                await conn.execute(_bind(text, self.schema))
-                await conn.execute(
-                    sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)")
-                    .format(schema),
-                    [number, name],
-                )
-                version = max(version, number)
-            for role in roles:
-                await self._grant_runtime_role(conn, role)
-            return version
+                "SELECT pg_try_advisory_lock(hashtext('pgsched.migrate.' || %s))",
+                [self.schema])
+            if (await cur.fetchone())[0]:
+                return
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    async def _migrate_locked(
+        self, conn: psycopg.AsyncConnection, target: int | None, roles: Sequence[str]
+    ) -> int:
+        schema = sql.Identifier(self.schema)
+        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(schema)
+        )
+        cur = await conn.execute(sql.SQL("SELECT version FROM {}.schema_migrations").format(schema))
+        applied = {row[0] for row in await cur.fetchall()}
+        version = max(applied, default=0)
+        record = sql.SQL("INSERT INTO {}.schema_migrations (version, name) VALUES (%s, %s)"
+                         ).format(schema)
+        for number, name, text in migrations():
+            if number in applied or (target is not None and number > target):
+                continue
+            body = _bind(text, self.schema)
+            if text.startswith(NO_TRANSACTION):
+                for statement in split_statements(body):
+                    await conn.execute(statement)
+                await conn.execute(record, [number, name])
+            else:
+                async with conn.transaction():
+                    await conn.execute(body)
+                    await conn.execute(record, [number, name])
+            version = max(version, number)
+        if roles:
+            async with conn.transaction():
+                for role in roles:
+                    await self._grant_runtime_role(conn, role)
+        return version
 
     async def schema_version(self) -> int | None:
         """The applied version, or None when the schema was never migrated."""
@@ -254,11 +327,8 @@ class Store:
             cur = await conn.execute(self._q["schema_types"], {"schema": self.schema})
             for (type_name,) in await cur.fetchall():
                 await conn.execute(bind("grant_type_usage", role=role, type=type_name))
-        except psycopg.errors.UndefinedObject:
-            raise PgschedError(
-                f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
-                "PASSWORD '...'); nothing was changed"
-            ) from None
+        except psycopg.errors.UndefinedObject:  # dropped since migrate() checked
+            raise _missing_role(role) from None
 
     # -- enqueue -------------------------------------------------------------------------
 
@@ -410,13 +480,15 @@ class Store:
                 "id": job_id,
                 "attempt": attempt,
                 "error": error,
-                "traceback": traceback,
+                "traceback": clip_traceback(traceback),
                 "retry_delay_seconds": retry_delay_seconds,
+                **_ERRORS_KEPT,
             },
         )
         return rows[0] if rows else None
 
     async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]]) -> set[str]:
+        """Put held jobs back to pending (shutdown) and wake idle workers for them."""
         if not held:
             return set()
         rows = await self._rows(
@@ -425,6 +497,7 @@ class Store:
                 "worker_id": worker_id,
                 "ids": [job_id for job_id, _ in held],
                 "attempts": [attempt for _, attempt in held],
+                "channel": self.channel,
             },
         )
         return {row["id"] for row in rows}
@@ -432,9 +505,12 @@ class Store:
     async def recover_orphans(
         self, *, max_recoveries: int, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        return await self._rows(
-            "recover_orphans", {"max_recoveries": max_recoveries, "limit": limit}
-        )
+        """Recover expired leases of silent workers (sql/queries.sql says which, and which
+        job a crash counts against) and wake idle workers for them."""
+        return await self._rows("recover_orphans", {
+            "max_recoveries": max_recoveries, "limit": limit, "channel": self.channel,
+            **_ERRORS_KEPT,
+        })
 
     # -- inspection and operations -------------------------------------------------------
 
@@ -705,6 +781,24 @@ class Store:
         return [row["id"] for row in rows]
 
 
+_ERRORS_KEPT = {"errors_first": ERRORS_KEPT_FIRST, "errors_last": ERRORS_KEPT_LAST}
+_CLIPPED = "[...]\n"
+
+
+def clip_traceback(traceback: str | None) -> str | None:
+    """A traceback of at most TRACEBACK_MAX_CHARS: its end (the frame that raised and the
+    error), marked as cut when it was longer."""
+    if traceback is None or len(traceback) <= TRACEBACK_MAX_CHARS:
+        return traceback
+    return _CLIPPED + traceback[len(traceback) - TRACEBACK_MAX_CHARS + len(_CLIPPED):]
+
+
+def _missing_role(role: str) -> PgschedError:
+    return PgschedError(
+        f"role {role!r} does not exist: create it first (CREATE ROLE {role} LOGIN "
+        "PASSWORD '...'); nothing was changed")
+
+
 # One encoder for every call: json.dumps builds a new one whenever options are given.
 _JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
@@ -795,17 +889,28 @@ def check_dsn(dsn: str) -> None:
         ) from None
 
 
+def lock_timeout_for(lease_seconds: float) -> float:
+    """The lock_timeout of a pool whose worker holds leases of `lease_seconds`: a quarter
+    of the lease, at most LOCK_TIMEOUT_SECONDS. A statement blocked by a table lock then
+    gives its pool connection back well within a lease, and the worker's registry
+    heartbeat (which no job DDL locks) gets one in time to keep its jobs."""
+    return min(LOCK_TIMEOUT_SECONDS, lease_seconds / 4)
+
+
 async def open_pool(
-    dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched"
+    dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched",
+    lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
 ) -> AsyncConnectionPool:
     """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
     psycopg.OperationalError with the server's reason if it cannot be reached.
 
     application_name shows in pg_stat_activity, so an operator can tell a worker's
-    connections from a web app's that only enqueues.
+    connections from a web app's that only enqueues. Every connection waits at most
+    lock_timeout_seconds for a lock (a session default, so RESET returns to it).
     """
     check_dsn(dsn)
-    kwargs = {"autocommit": True, **_application_name(dsn, application_name)}
+    kwargs = {"autocommit": True, **_application_name(dsn, application_name),
+              **_session_options(dsn, lock_timeout_seconds)}
     # One plain connection first: an unreachable server or a refused login fails now with
     # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
     probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
@@ -843,6 +948,13 @@ async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncC
     return await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, **_application_name(dsn, application_name)
     )
+
+
+def _session_options(dsn: str, lock_timeout_seconds: float) -> dict[str, str]:
+    """libpq `options` with our lock_timeout after the DSN's own options (those stay)."""
+    given = conninfo_to_dict(dsn).get("options") or ""
+    ours = f"-c lock_timeout={max(1, round(lock_timeout_seconds * 1000))}"
+    return {"options": f"{given} {ours}".strip()}
 
 
 def _application_name(dsn: str, default: str) -> dict[str, str]:

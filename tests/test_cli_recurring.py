@@ -171,3 +171,24 @@ async def test_worker_runs_cli_and_code_schedules(tmp_path, pg_dsn, schema, sche
     assert removed.returncode == 0 and "next worker to start creates it again" in removed.stderr
     worker.signal(signal.SIGINT)
     assert await worker.wait() == 0
+
+
+async def test_a_user_job_id_in_a_window_namespace_never_takes_the_window(
+        config, tmp_path, sched, workers):
+    made = cli(config, "add", "noop", "--every", "2s", "--id", "m1", "--catch-up", "all")
+    assert made.returncode == 0, made.stderr  # all: a slow worker start skips no window
+    fire = listed(config)["m1"]["next_fire_at"]
+    window = f"m1@{datetime.fromisoformat(fire).astimezone(ZoneInfo('UTC')):%Y-%m-%dT%H:%M:%SZ}"
+    taken = cli(config, "add", "noop", "--id", window, "--at", "2099-01-01T00:00Z")
+    assert taken.returncode == 2, taken.stdout + taken.stderr
+    assert "reserved for schedule windows" in taken.stderr and "Traceback" not in taken.stderr
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text(json.dumps({"task": "noop", "id": f"m1@trigger-{'0' * 12}"}) + "\n")
+    from_file = cli(config, "add", "--from", str(lines), "--strict")
+    assert from_file.returncode == 2 and "reserved" in from_file.stderr, from_file.stderr
+    ordinary = cli(config, "add", "noop", "--id", "alice@example.com", "--at", "2099-01-01T00:00Z")
+    assert ordinary.returncode == 0, ordinary.stderr  # only the window pattern is reserved
+
+    workers(config)
+    job = await wait_until(lambda: sched.store.get_job(window), what="the window's own job")
+    assert job["schedule_id"] == "m1" and job["fire_time"] is not None

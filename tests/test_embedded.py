@@ -50,3 +50,29 @@ def test_missing_extra_says_what_to_install(tmp_path):
     assert result.returncode == 1
     assert "pip install 'pgsched[embedded]'" in result.stderr
     assert "PGSCHED_DSN" in result.stderr and "Traceback" not in result.stderr
+
+
+def postmaster_pid(data_dir) -> int | None:
+    pid_file = data_dir / "postmaster.pid"
+    return int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+
+
+async def test_last_live_user_stops_the_server_despite_a_killed_user(tmp_path):
+    config = embedded_config(tmp_path)
+    data_dir = tmp_path / "pg"
+    worker = WorkerProcess(config)
+    try:
+        await worker.wait_for_log('"worker_starting"', timeout=60)
+        assert postmaster_pid(data_dir) is not None
+        worker.kill()  # SIGKILL: its pid stays in the server's list of users
+        assert str(worker.pid) in (data_dir / ".handle_pids.json").read_text()
+        listed = run_cli("ls", config=config)
+        assert listed.returncode == 0, listed.stderr
+        await wait_until(lambda: postmaster_pid(data_dir) is None, timeout=30,
+                         what="the server stopped by its last live user")
+    finally:
+        worker.kill()
+        pid = postmaster_pid(data_dir)
+        if pid is not None:  # the server this test started, left running by the old code
+            import os
+            os.kill(pid, signal.SIGTERM)

@@ -25,9 +25,8 @@ Checked after every step, against the rows:
 - a finished row (completion included) never changes again, except through an explicit
   replace or retry.
 
-Known open bug: issue 9 bug 4 (REPLACE resets `attempts` to 0, so an old run's write
-passes the fence). While REPLACE_RESETS_ATTEMPTS is True the machine never replaces a job
-that was ever claimed, and test_replace_keeps_attempts (xfail, strict) reproduces it.
+Recovery counts a crash once per worker, against its longest-running orphan (the
+`recover_orphans` block in sql/queries.sql); the model picks the same job.
 
 Run longer: PGSCHED_LIFECYCLE_PROFILE=long (2,000 examples of up to 60 steps).
 """
@@ -59,10 +58,6 @@ from psycopg import sql
 
 from pgsched.store import FINISHED_STATUSES, NewJob, Store, open_pool
 from pgsched.tasks import JobPriority
-
-# Issue 9 bug 4. Once the store's replace keeps `attempts`, delete this constant, its use
-# in JobLifecycle._replace_is_guarded and the xfail mark on test_replace_keeps_attempts.
-REPLACE_RESETS_ATTEMPTS = True
 
 PROFILES = {
     "ci": settings(max_examples=120, stateful_step_count=40, deadline=None,
@@ -133,10 +128,11 @@ def new_job(job_id: str, max_retries: int, due: datetime | None = None) -> NewJo
 
 
 def misfired(row: dict[str, Any], now: datetime) -> bool:
-    """Whether a claim at `now` expires this pending row: it never started (each attempt
-    failed) and its grace ended."""
+    """Whether a claim at `now` expires this pending row: it has not started since it fell
+    due (new, replaced, retried, or due again after a failure) and its grace ended."""
     grace = row["misfire_grace_seconds"]
-    return (grace is not None and row["attempts"] == row["failures"]
+    not_started = row["started_at"] is None or row["started_at"] < row["execution_time"]
+    return (grace is not None and not_started
             and now > row["execution_time"] + timedelta(seconds=grace))
 
 
@@ -176,8 +172,6 @@ class JobLifecycle(RuleBasedStateMachine):
 
     def _schedule(self, job_ids: list[str], max_retries: int, replace: bool,
                   late: bool) -> None:
-        if replace and self._replace_is_guarded(job_ids):
-            return
         due = self.db.call(self.db.store.db_now()) - LATE if late else None
         jobs = [new_job(job_id, max_retries, due) for job_id in job_ids]
         written = self.db.call(self.db.store.insert_jobs(jobs, replace=replace))
@@ -191,11 +185,6 @@ class JobLifecycle(RuleBasedStateMachine):
         for job_id in expected:
             assert rows[job_id]["status"] == "pending"
             assert rows[job_id]["max_retries"] == max_retries
-
-    def _replace_is_guarded(self, job_ids: list[str]) -> bool:
-        """Bug 4: a replace of a job that was ever claimed resets its fencing token."""
-        return REPLACE_RESETS_ATTEMPTS and any(
-            job_id in self.seen and self.seen[job_id]["attempts"] > 0 for job_id in job_ids)
 
     @rule(job_id=st.sampled_from(JOB_IDS), pending_only=st.booleans())
     def cancel(self, job_id: str, pending_only: bool) -> None:
@@ -266,11 +255,17 @@ class JobLifecycle(RuleBasedStateMachine):
                   if row["status"] == "running" and row["lease_until"] < now}
         got = self.db.call(self.db.store.recover_orphans(max_recoveries=max_recoveries))
         assert {row["id"] for row in got} == lapsed, f"recovered {got}, lapsed {lapsed}"
+        # One crash of a worker is counted once: against its longest-running orphan.
+        blamed = {min((rows[j]["started_at"], j) for j in lapsed
+                      if rows[j]["worker_id"] == worker)[1]
+                  for worker in {rows[j]["worker_id"] for j in lapsed}}
         for row in got:
             before = rows[row["id"]]
+            counted = row["id"] in blamed
+            assert self.db.rows()[row["id"]]["recoveries"] == before["recoveries"] + counted
             if before["cancel_requested_at"] is not None:
                 expected = "cancelled"
-            elif before["recoveries"] + 1 >= max_recoveries:
+            elif counted and before["recoveries"] + 1 >= max_recoveries:
                 expected = "failed"
             else:
                 expected = "pending"
@@ -441,8 +436,6 @@ def test_job_lifecycle(database: Database) -> None:
     run_state_machine_as_test(machine, settings=PROFILES[PROFILE])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 9 bug 4: REPLACE resets attempts to 0")
 def test_replace_keeps_attempts(database: Database) -> None:
     """Replace after a recovery must not reuse the attempt number of the lost run: that
     number fences the lost run's late completion out."""

@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from pgsched.store import Store, migrations, open_pool
+from pgsched.store import NO_TRANSACTION, Store, migrations, open_pool, split_statements
 
 CATALOG = {
     "columns": """SELECT table_name, column_name, data_type, udt_name, column_default,
@@ -71,3 +71,23 @@ async def test_concurrent_migrations_serialise(pg_dsn, two_schemas):
 def test_migration_numbers_are_unique():
     numbers = [n for n, _, _ in migrations()]
     assert len(numbers) == len(set(numbers)) and numbers[0] == 1
+
+
+def test_no_transaction_migrations_split_into_statements_without_comment_chunks():
+    text = ("-- pgsched: no-transaction\n-- a header; with a semicolon inside\n"
+            "CREATE INDEX CONCURRENTLY a ON t (x)\n    WHERE y;\n-- between\n"
+            "DROP INDEX CONCURRENTLY IF EXISTS b;  \n-- a trailing comment;\n")
+    assert split_statements(text) == [
+        "-- pgsched: no-transaction\n-- a header; with a semicolon inside\n"
+        "CREATE INDEX CONCURRENTLY a ON t (x)\n    WHERE y",
+        "-- between\nDROP INDEX CONCURRENTLY IF EXISTS b",
+    ]
+
+
+def test_every_index_build_on_an_existing_table_is_concurrent():
+    for number, name, text in migrations():
+        if number >= 4:  # 0001/0002 build indexes on the tables they create
+            builds = [s for s in split_statements(text) if "CREATE INDEX" in s.upper()
+                      or "CREATE UNIQUE INDEX" in s.upper()]
+            assert all("CONCURRENTLY" in s.upper() for s in builds), (number, name)
+            assert not builds or text.startswith(NO_TRANSACTION), (number, name)

@@ -45,7 +45,9 @@ WITH new AS (
         execution_time = excluded.execution_time,
         misfire_grace_seconds = excluded.misfire_grace_seconds,
         max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-        status = 'pending', attempts = 0, failures = 0, recoveries = 0, worker_id = NULL,
+        -- attempts is kept: it fences every write of a claim, so a run of the job
+        -- before the replace can never record an outcome for the new one.
+        status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
         errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status <> 'running'
@@ -117,7 +119,9 @@ WITH new AS (
         execution_time = excluded.execution_time,
         misfire_grace_seconds = excluded.misfire_grace_seconds,
         max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-        status = 'pending', attempts = 0, failures = 0, recoveries = 0, worker_id = NULL,
+        -- attempts is kept: it fences every write of a claim, so a run of the job
+        -- before the replace can never record an outcome for the new one.
+        status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
         errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status <> 'running'

@@ -62,13 +62,15 @@ candidates AS (
     FROM served s
     CROSS JOIN LATERAL (
         -- Only a job that could not start in time expires. One put back by orphan recovery
-        -- or a shutdown (an attempt that ended without an outcome: attempts > failures)
-        -- did start in time and must run again, however late; a retry (every attempt
-        -- failed) keeps its grace from the retry time.
+        -- or a shutdown started in time (its last attempt started at or after its due
+        -- time, which neither changes) and must run again, however late; a retry (due
+        -- again later than its last start) keeps its grace from the retry time; a new,
+        -- replaced or `pgsched retry`-ed job has not started.
         SELECT w.* FROM unnest(%(priorities)s::smallint[]) AS p(priority)
         CROSS JOIN LATERAL (
             SELECT id, priority, execution_time,
-                   (misfire_grace_seconds IS NOT NULL AND attempts = failures
+                   (misfire_grace_seconds IS NOT NULL
+                    AND (started_at IS NULL OR started_at < execution_time)
                     AND now() > execution_time
                         + make_interval(secs => misfire_grace_seconds)) AS expired
             FROM {schema}.jobs
@@ -89,8 +91,8 @@ claimed AS (
         attempts = j.attempts + CASE WHEN c.expired THEN 0 ELSE 1 END,
         worker_id = CASE WHEN c.expired THEN NULL ELSE %(worker_id)s END,
         lease_until = CASE WHEN c.expired THEN NULL
-                           ELSE now() + make_interval(secs => %(lease_seconds)s) END,
-        heartbeat_at = CASE WHEN c.expired THEN NULL ELSE now() END,
+                           ELSE clock_timestamp() + make_interval(secs => %(lease_seconds)s) END,
+        heartbeat_at = CASE WHEN c.expired THEN NULL ELSE clock_timestamp() END,
         started_at = CASE WHEN c.expired THEN j.started_at ELSE now() END,
         finished_at = CASE WHEN c.expired THEN now() END,
         cancel_requested_at = NULL,
@@ -109,10 +111,12 @@ FROM next_due n LEFT JOIN claimed ON true;
 -- name: heartbeat_jobs
 -- Renew the leases of the jobs this worker runs. Returns the ids still held, each with
 -- whether a cancel was requested (the fallback when the NOTIFY was missed): any id
--- missing from the result was lost (recovered or replaced) and must stop.
+-- missing from the result was lost (recovered or replaced) and must stop. The lease ends
+-- a lease after the write, not after the transaction began: a heartbeat that waited
+-- behind a table lock must not commit a lease that is already over.
 UPDATE {schema}.jobs AS j SET
-    lease_until = now() + make_interval(secs => %(lease_seconds)s),
-    heartbeat_at = now()
+    lease_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    heartbeat_at = clock_timestamp()
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
 WHERE j.id = h.id AND j.attempts = h.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
@@ -147,63 +151,108 @@ UPDATE {schema}.jobs AS j SET
         THEN NULL ELSE j.worker_id END,
     lease_until = NULL,
     last_error = %(error)s,
-    errors = j.errors || jsonb_build_object(
+    errors = {schema}.append_error(j.errors, jsonb_build_object(
         'attempt', j.attempts, 'worker_id', j.worker_id, 'started_at', j.started_at,
         'at', now(), 'outcome', 'failed', 'error', %(error)s::text,
-        'traceback', %(traceback)s::text)
+        'traceback', %(traceback)s::text), %(errors_first)s, %(errors_last)s)
 WHERE j.id = %(id)s AND j.attempts = %(attempt)s
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.status, j.execution_time;
 
 -- name: release_jobs
--- Put jobs this worker gives up on at shutdown back to pending, due now, without
--- counting a failure (cancelled instead, if a cancel was requested). Fenced like
--- complete_jobs.
-UPDATE {schema}.jobs AS j SET
-    status = CASE WHEN j.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END
-             ::{schema}.job_status,
-    finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
-FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
-WHERE j.id = r.id AND j.attempts = r.attempt
-  AND j.worker_id = %(worker_id)s AND j.status = 'running'
-RETURNING j.id;
+-- Put jobs this worker gives up on at shutdown back to pending, due again at their due
+-- time (so already due), without counting a failure (cancelled instead, if a cancel was
+-- requested). Fenced like complete_jobs. Wakes idle workers elsewhere with the earliest
+-- due time, as insert_job does.
+WITH released AS (
+    UPDATE {schema}.jobs AS j SET
+        status = CASE WHEN j.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END
+                 ::{schema}.job_status,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
+    FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
+    WHERE j.id = r.id AND j.attempts = r.attempt
+      AND j.worker_id = %(worker_id)s AND j.status = 'running'
+    RETURNING j.id, j.status, j.execution_time
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM released WHERE status = 'pending' HAVING count(*) > 0
+)
+SELECT released.id FROM released LEFT JOIN wake ON true;
 
 -- name: recover_orphans
--- Return running jobs whose lease expired to pending (or fail them once they have been
--- orphaned %(max_recoveries)s times; or cancel them when a cancel was requested, since
--- their worker can no longer do it). The lease test is repeated in the UPDATE itself, so
--- a completion that commits after the scan wins: the row no longer matches.
-WITH orphans AS (
-    SELECT id, worker_id FROM {schema}.jobs
-    WHERE status = 'running' AND lease_until < now()
-    ORDER BY lease_until
+-- Return running jobs whose lease expired and whose worker is silent to pending (or fail
+-- them as poison pills; or cancel them when a cancel was requested, since their worker
+-- can no longer do it), and wake idle workers for them.
+--
+-- Silent: the worker's registry heartbeat (the workers table, which no job DDL locks) is
+-- older than one of its leases, or the worker is gone from the registry. A live worker
+-- whose job heartbeats are only delayed (a table lock on jobs) keeps its jobs: its
+-- lease comes back with its next heartbeat. The lease length is the job's own
+-- (lease_until - heartbeat_at, both written together), so workers with different
+-- settings are judged by theirs.
+--
+-- Blame: a crash orphans every job its worker held, but it takes one recovery from only
+-- one of them, the one that had been running longest (then the lowest id), which is the
+-- likeliest to have brought the worker down (a leak, a hang, a slow crash). Only that
+-- job moves towards %(max_recoveries)s and the poison-pill verdict; its innocent
+-- neighbours run again with their count unchanged, and every recovery is in `errors`.
+--
+-- The lease test is repeated in the UPDATE itself, so a completion that commits after
+-- the scan wins: the row no longer matches. clock_timestamp(), not now(): a statement
+-- that waited for a lock judges leases at the time it runs.
+WITH expired AS (
+    SELECT j.id, j.worker_id, j.started_at FROM {schema}.jobs j
+    WHERE j.status = 'running' AND j.lease_until < clock_timestamp()
+      AND NOT EXISTS (
+          SELECT 1 FROM {schema}.workers w
+          WHERE w.id = j.worker_id
+            AND w.heartbeat_at + (j.lease_until - j.heartbeat_at) > clock_timestamp())
+    ORDER BY j.lease_until
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
+),
+orphans AS (
+    SELECT id, worker_id,
+           row_number() OVER (PARTITION BY worker_id ORDER BY started_at, id) = 1 AS blamed
+    FROM expired
+),
+recovered AS (
+    UPDATE {schema}.jobs AS j SET
+        recoveries = j.recoveries + o.blamed::int,
+        status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN o.blamed AND j.recoveries + 1 >= %(max_recoveries)s THEN 'failed'
+                      ELSE 'pending' END::{schema}.job_status,
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                             OR (o.blamed AND j.recoveries + 1 >= %(max_recoveries)s)
+                           THEN now() END,
+        worker_id = NULL, lease_until = NULL,
+        last_error = CASE
+            WHEN j.cancel_requested_at IS NOT NULL
+            THEN 'cancelled: the cancel was requested while worker ' || o.worker_id
+                 || ' ran it, and its lease expired'
+            WHEN o.blamed AND j.recoveries + 1 >= %(max_recoveries)s
+            THEN 'poison pill: lease expired ' || (j.recoveries + 1) || ' times (worker '
+                 || o.worker_id || ' last); the job may crash or hang its worker'
+            ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
+        errors = {schema}.append_error(j.errors, jsonb_build_object(
+            'attempt', j.attempts, 'worker_id', o.worker_id, 'started_at', j.started_at,
+            'at', now(), 'outcome', 'lease_expired', 'counted', o.blamed,
+            'error', 'lease expired (worker crashed, hung or lost its connection)'),
+            %(errors_first)s, %(errors_last)s)
+    FROM orphans o
+    WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < clock_timestamp()
+    RETURNING j.id, j.task, j.queue, j.status, j.attempts, j.execution_time,
+              o.worker_id AS previous_worker
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM recovered WHERE status = 'pending' HAVING count(*) > 0
 )
-UPDATE {schema}.jobs AS j SET
-    recoveries = j.recoveries + 1,
-    status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                  WHEN j.recoveries + 1 >= %(max_recoveries)s THEN 'failed'
-                  ELSE 'pending' END::{schema}.job_status,
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                         OR j.recoveries + 1 >= %(max_recoveries)s THEN now() END,
-    worker_id = NULL, lease_until = NULL,
-    last_error = CASE
-        WHEN j.cancel_requested_at IS NOT NULL
-        THEN 'cancelled: the cancel was requested while worker ' || o.worker_id
-             || ' ran it, and its lease expired'
-        WHEN j.recoveries + 1 >= %(max_recoveries)s
-        THEN 'poison pill: lease expired ' || (j.recoveries + 1) || ' times (worker '
-             || o.worker_id || ' last); the job may crash or hang its worker'
-        ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
-    errors = j.errors || jsonb_build_object(
-        'attempt', j.attempts, 'worker_id', o.worker_id, 'started_at', j.started_at,
-        'at', now(), 'outcome', 'lease_expired',
-        'error', 'lease expired (worker crashed, hung or lost its connection)')
-FROM orphans o
-WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < now()
-RETURNING j.id, j.task, j.queue, j.status, j.attempts, o.worker_id AS previous_worker;
+SELECT recovered.id, recovered.task, recovered.queue, recovered.status, recovered.attempts,
+       recovered.previous_worker
+FROM recovered LEFT JOIN wake ON true;
 
 -- name: cancel_jobs
 -- Cancel pending jobs. Returns the ids cancelled.
@@ -250,11 +299,12 @@ WHERE status = %(status)s::{schema}.job_status
 -- Add this worker process to the registry (or refresh it after a reconnect).
 INSERT INTO {schema}.workers (id, host, pid, version, concurrency, queues)
 VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(concurrency)s, %(queues)s)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp();
 
 -- name: heartbeat_worker
 -- Mark this worker alive; returns no row if it was pruned (it then registers again).
-UPDATE {schema}.workers SET heartbeat_at = now() WHERE id = %(id)s RETURNING id;
+-- Orphan recovery spares the jobs of a worker alive by this heartbeat (recover_orphans).
+UPDATE {schema}.workers SET heartbeat_at = clock_timestamp() WHERE id = %(id)s RETURNING id;
 
 -- name: unregister_worker
 -- Remove this worker from the registry at shutdown.

@@ -16,6 +16,12 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {{role}
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {schema}.schema_migrations FROM {{role}};
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {{role}};
 
+-- name: missing_roles
+-- Which of the roles %(roles)s do not exist: checked before any migration runs, so that a
+-- typo in --grant changes nothing (each migration commits on its own).
+SELECT r.name FROM unnest(%(roles)s::text[]) AS r(name)
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r.name);
+
 -- name: schema_types
 -- The types pgsched created in the schema (enums, domains, composites; not the row types
 -- of tables or the array types that come with every type).

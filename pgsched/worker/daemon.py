@@ -611,6 +611,12 @@ class Worker:
         return self.closing.is_set()
 
     async def heartbeat_once(self) -> None:
+        # The registry first, and never behind the job leases: orphan recovery spares the
+        # jobs of a worker alive by this heartbeat, and the workers table is one that job
+        # DDL does not lock. A lease renewal stuck behind a table lock fails after the
+        # pool's lock_timeout, and the next beat writes the registry again.
+        if not await self.store.heartbeat_worker(self.id):
+            await self._register()  # pruned while we were unreachable: come back
         # Finished jobs too: until their outcome is written (the completer may be backing
         # off) or they are released at shutdown, an expired lease would get them run again.
         held = [(h.id, h.attempt) for h in self._held.values() if not h.lease_lost]
@@ -635,8 +641,6 @@ class Worker:
                                 reason="recovered, cancelled or replaced by someone else")
                     if h.task is not None:
                         h.task.cancel()
-        if not await self.store.heartbeat_worker(self.id):
-            await self._register()  # pruned while we were unreachable: come back
 
     # -- listener ------------------------------------------------------------------------
 

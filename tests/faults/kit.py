@@ -73,6 +73,12 @@ async def counts(sched: Scheduler) -> Counter[str]:
     return Counter({r["status"]: r["n"] for r in rows})
 
 
+def lease_expiries(job: dict[str, Any]) -> int:
+    """How many of the job's attempts were recovered after their lease expired (each is
+    in `errors`; `recoveries` counts only those a crash was blamed on)."""
+    return sum(1 for e in job["errors"] if e.get("outcome") == "lease_expired")
+
+
 def pid_of(worker_id: str) -> int:
     return int(worker_id.split(":")[1])
 

@@ -1,3 +1,4 @@
+-- pgsched: no-transaction
 -- 0004: the index of running jobs is keyed on their lease, so fenced writes cannot use it.
 -- {schema} is replaced by the quoted schema identifier; literal braces are doubled.
 --
@@ -15,5 +16,12 @@
 -- way out of running clears it). recover_orphans' `lease_until < now()` implies the
 -- predicate; queries that list running jobs say `lease_until IS NOT NULL AND status =
 -- 'running'` (sql/ops.sql) to walk only the leased rows.
-CREATE INDEX jobs_leased_idx ON {schema}.jobs (lease_until) WHERE lease_until IS NOT NULL;
-DROP INDEX {schema}.jobs_running_lease_idx;
+--
+-- Built CONCURRENTLY (outside a transaction, see README.md in this folder): a plain
+-- CREATE INDEX holds a SHARE lock on jobs for the whole build, which stops heartbeats and
+-- completions for as long. The first DROP removes what a build cut short left (an
+-- invalid index), so running the file again is safe.
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_leased_idx;
+CREATE INDEX CONCURRENTLY jobs_leased_idx ON {schema}.jobs (lease_until)
+    WHERE lease_until IS NOT NULL;
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_running_lease_idx;
