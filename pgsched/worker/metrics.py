@@ -114,7 +114,9 @@ def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
     """(healthy, checks): connected, serving, and talking to the database recently.
 
     "database" fails once nothing reached the database for a whole lease: by then this
-    worker's leases are gone and other workers recover its jobs.
+    worker's leases are gone and other workers recover its jobs. "threads" fails once more
+    sync tasks hang in abandoned threads than the worker replaces (its concurrency): they
+    then take slots from new jobs, and the process needs a restart.
     """
     loop = asyncio.get_running_loop()
     checks = {
@@ -123,6 +125,7 @@ def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
         "listener_connected": worker.listening,
         "database": worker.last_db_ok is not None
         and loop.time() - worker.last_db_ok < worker.options.lease_seconds,
+        "threads": not worker.threads_over_cap,
     }
     return all(checks.values()), checks
 
@@ -254,7 +257,8 @@ class MetricsServer:
         if path == "/healthz":
             ok, checks = health(self.worker)
             body = json.dumps({"status": "ok" if ok else "unavailable", "checks": checks,
-                               "worker_id": self.worker.id}).encode() + b"\n"
+                               "worker_id": self.worker.id,
+                               "abandoned_threads": self.worker.hung_threads}).encode() + b"\n"
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/":
             return "200 OK", "text/plain", b"pgsched worker: /metrics /healthz\n"
