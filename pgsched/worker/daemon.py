@@ -92,10 +92,14 @@ UNKNOWN_TASK_DELAY_SECONDS = 60.0
 UNKNOWN_TASK_MAX_DELAY_SECONDS = 3600.0
 UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
 # NOTIFY payloads are untrusted (any role that can connect may send them): a due time is
-# plain decimal seconds since the epoch, and notifications wake the fetcher at most once
-# per NOTIFY_MIN_GAP_SECONDS; more within the gap are folded into one claim.
+# plain decimal seconds since the epoch. Notifications of jobs due now wake the fetcher
+# from a token bucket: NOTIFY_WAKE_BURST at once, then NOTIFY_WAKE_RATE a second; a claim
+# that finds jobs gives its token back, so only wake-ups that find nothing (a flood, or
+# jobs another worker took first) are slowed, and those past the budget are folded into
+# one timer instead of being dropped.
 _EPOCH_RE = re.compile(r"^-?[0-9]{1,11}(\.[0-9]{1,9})?$")
-NOTIFY_MIN_GAP_SECONDS = 0.005
+NOTIFY_WAKE_BURST = 20
+NOTIFY_WAKE_RATE = 50.0
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,8 @@ class Worker:
         self._slot_freed_wakes = False
         self._next_due_deadline: float | None = None  # loop.time() of the next known due job
         self._noted_deadline: float | None = None  # the earliest note_due since the claim began
-        self._last_notify_wake = -math.inf  # loop.time() a notification last woke the fetcher
+        self._wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
+        self._wake_tokens_at = 0.0  # loop.time() the bucket was last filled
         self._shutdown_deadline: asyncio.Timeout | None = None  # armed by stop() and kill()
         self._clock_offset = 0.0  # database clock minus local clock, from the last claim
         self._priorities = sorted(int(p) for p in JobPriority)
@@ -454,6 +459,8 @@ class Worker:
         # A job noted while the claim ran may be one the claim did not see: keep the earliest.
         self._next_due_deadline = min(
             (d for d in (claimed_due, self._noted_deadline) if d is not None), default=None)
+        if jobs:  # a useful wake-up: give its notification token back
+            self._wake_tokens = min(float(NOTIFY_WAKE_BURST), self._wake_tokens + 1.0)
         for job in jobs:
             if job["expired"]:
                 self.stats.expired += 1
@@ -494,25 +501,35 @@ class Worker:
         return Counter(h.queue for h in self._held.values() if not h.finished)
 
     def note_due(self, due_epoch: float) -> None:
-        """A job was added for `due_epoch` (database clock): wake now or move the timer.
-
-        Notifications are folded: one wakes the fetcher at once, more within
-        NOTIFY_MIN_GAP_SECONDS set the timer to the end of the gap instead.
-        """
+        """A job was added for `due_epoch` (database clock): wake now, or move the timer
+        (to when the notification budget allows a claim, for a job due now)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         delay = due_epoch - (time.time() + self._clock_offset)
         if not math.isfinite(delay):
             return
-        deadline = max(now + max(0.0, delay), self._last_notify_wake + NOTIFY_MIN_GAP_SECONDS)
+        if delay <= 0.001:
+            delay = self._wake_budget(now)
+            if delay == 0.0:
+                self._wake.set()
+                return
+        deadline = now + delay
         if self._noted_deadline is None or deadline < self._noted_deadline:
             self._noted_deadline = deadline
-        if deadline <= now + 0.001:
-            self._last_notify_wake = now
-            self._wake.set()
-        elif self._next_due_deadline is None or deadline < self._next_due_deadline:
+        if self._next_due_deadline is None or deadline < self._next_due_deadline:
             self._next_due_deadline = deadline
             self._wake.set()  # the fetcher recomputes its sleep; it claims only if due
+
+    def _wake_budget(self, now: float) -> float:
+        """Take a token for a wake-up now: 0.0 if there was one, else how long until the
+        next one comes (the caller sets a timer; a timer already set earlier wins)."""
+        self._wake_tokens = min(float(NOTIFY_WAKE_BURST), self._wake_tokens
+                                + (now - self._wake_tokens_at) * NOTIFY_WAKE_RATE)
+        self._wake_tokens_at = now
+        if self._wake_tokens >= 1.0:
+            self._wake_tokens -= 1.0
+            return 0.0
+        return (1.0 - self._wake_tokens) / NOTIFY_WAKE_RATE
 
     async def sleep_or_close(self, seconds: float) -> bool:
         """Sleep; True (early) once the worker is closing."""
