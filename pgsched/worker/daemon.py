@@ -320,6 +320,7 @@ class Worker:
                       hint="the database could not be reached to record outcomes or release "
                            "jobs; their leases expire and another worker recovers them")
         finally:
+            self._shutdown_deadline = None  # done with: a later stop() has nothing to bound
             if server is not None:
                 await server.close()
             self._threads.shutdown()
