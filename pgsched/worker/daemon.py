@@ -6,11 +6,18 @@ worker loudly instead of letting it limp on):
 - fetcher: the only claimer. Claims at most its free slots (fewer while more than one
   batch of outcomes waits for the completer), in one statement, then sleeps until the
   earliest of: a NOTIFY for a job due now, a timer set to the next known due time, a
-  freed slot while a backlog remains, or the safety poll.
+  freed slot while a backlog remains, or the safety poll. With every slot busy it sleeps
+  until a slot frees or a wake-up arrives (never on a due time it cannot act on). Wake-ups
+  are cleared before the claim, so one that arrives during it is not lost, and a timer set
+  during the claim is kept if it is earlier than the claim's.
 - listener: holds the LISTEN connection and turns notifications into wake-ups; after a
-  reconnect it wakes the fetcher, since notifications sent meanwhile are lost.
+  reconnect it wakes the fetcher, since notifications sent meanwhile are lost. Payloads
+  are untrusted (any role may NOTIFY): only pgsched's own forms are accepted, and wake-ups
+  for jobs due now come from a token bucket (see NOTIFY_WAKE_BURST).
 - completer: writes finished jobs in one statement per batch; a batch forms naturally
-  while the previous write is in flight.
+  while the previous write is in flight. A batch the database refuses because of a value
+  in it is written job by job, and the job whose outcome cannot be stored fails; a job
+  whose task is unknown here is put back for a worker that knows it (defer_job).
 - heartbeater: renews all held leases in one statement; a job whose lease was lost is
   cancelled locally (its late writes would be fenced out anyway), and so is a job whose
   cancel was requested (`pgsched cancel`; the NOTIFY 'cancel:<worker id>' makes the
@@ -20,6 +27,10 @@ worker loudly instead of letting it limp on):
   heartbeat late (a task doing CPU work in `async def`).
 - maintenance: orphan recovery, worker-registry pruning and vacuum (maintenance.py).
 - planner: enqueues the due windows of recurring schedules (planner.py).
+
+Held jobs are keyed by (id, attempt): after this worker's own recovery took a job back and
+claimed it again, the older attempt is cancelled and its late outcome touches nothing of
+the newer one.
 
 Queues: a worker claims from `options.queues` (None: every queue) except paused ones,
 and at most `queue_concurrency[q]` jobs of queue q at once. Monitoring: counters in
@@ -31,7 +42,9 @@ Lifecycle: run() returns after stop() (SIGTERM/SIGINT): claiming stops, running 
 (not a failure). kill() (a second signal) skips the grace and gives cancelled jobs at
 most KILL_CLEANUP_SECONDS, even if a task ignores its cancellation. Jobs are never left
 running by a clean exit; after a crash their leases expire and another worker recovers
-them.
+them. Whatever the database does, run() returns within the grace plus
+KILL_CLEANUP_SECONDS plus SHUTDOWN_DB_SECONDS of the signal: past that deadline pending
+writes are abandoned (`shutdown_timed_out`) and leases left behind expire as after a crash.
 
 Database outages: every service catches connection errors, logs `db_unavailable`, backs
 off with jitter and carries on; a job whose outcome cannot be written keeps its slot in
@@ -664,54 +677,42 @@ class Worker:
                                 reason="lease lost before the result was recorded")
         await self._record_cancelled([c for c in batch if c.outcome.cancelled])
         for c in batch:
-            if c.outcome.unknown_task:
-                await self._defer(c)
-            elif not c.outcome.ok and not c.outcome.cancelled:
+            if not c.outcome.ok and not c.outcome.cancelled:
                 await self._record_failure(c)
         return []
 
     async def _record_failure(self, c: _Completion) -> None:
-        row = await self.store.fail_job(
-            worker_id=self.id, job_id=c.held.id, attempt=c.held.attempt,
-            error=c.outcome.error, traceback=c.outcome.traceback,
-            retry_delay_seconds=retry_delay(
-                c.failures + 1, self.options.retry_base_seconds, self.options.retry_max_seconds),
-        )
+        """A failed attempt (retried while the budget lasts), or a job whose task this
+        worker does not know (put back for one that does, without counting a failure)."""
+        if c.outcome.unknown_task:
+            row = await self.store.defer_job(
+                worker_id=self.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, base_delay_seconds=UNKNOWN_TASK_DELAY_SECONDS,
+                max_delay_seconds=UNKNOWN_TASK_MAX_DELAY_SECONDS,
+                give_up_seconds=UNKNOWN_TASK_GIVE_UP_SECONDS)
+        else:
+            row = await self.store.fail_job(
+                worker_id=self.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, traceback=c.outcome.traceback,
+                retry_delay_seconds=retry_delay(c.failures + 1, self.options.retry_base_seconds,
+                                                self.options.retry_max_seconds))
         self._held.pop(c.held.key, None)
         if row is None:
             self.stats.lease_lost += 1
             log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
+        elif row["status"] == "pending" and c.outcome.unknown_task:
+            self.stats.deferred += 1
+            log.warning("task_unknown", job_id=c.held.id, task=c.held.task_name,
+                        retry_at=row["execution_time"].isoformat(),
+                        hint="deploy the code that defines it to this worker, or let a "
+                             "worker that has it run the job")
         elif row["status"] == "pending":
             self.stats.retried += 1
             self.metrics.job("retried", c.held.task_name, c.held.queue)
             log.info("job_retry_scheduled", job_id=c.held.id, error=c.outcome.error,
                      retry_at=row["execution_time"].isoformat())
             self.note_due(row["execution_time"].timestamp())
-        else:
-            self._finished_unsuccessfully(c, row["status"])
-
-    async def _defer(self, c: _Completion) -> None:
-        """Put back a job whose task this worker does not know, for one that does."""
-        row = await self.store.defer_job(
-            worker_id=self.id, job_id=c.held.id, attempt=c.held.attempt, error=c.outcome.error,
-            base_delay_seconds=UNKNOWN_TASK_DELAY_SECONDS,
-            max_delay_seconds=UNKNOWN_TASK_MAX_DELAY_SECONDS,
-            give_up_seconds=UNKNOWN_TASK_GIVE_UP_SECONDS)
-        self._held.pop(c.held.key, None)
-        if row is None:
-            self.stats.lease_lost += 1
-            log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
-        elif row["status"] == "pending":
-            self.stats.deferred += 1
-            log.warning("task_unknown", job_id=c.held.id, task=c.held.task_name,
-                        retry_at=row["execution_time"].isoformat(),
-                        hint="deploy the code that defines it to this worker, or let a "
-                             "worker that has it run the job")
-        else:
-            self._finished_unsuccessfully(c, row["status"])
-
-    def _finished_unsuccessfully(self, c: _Completion, status: str) -> None:
-        if status == "cancelled":  # a cancel was requested while it failed
+        elif row["status"] == "cancelled":  # a cancel was requested while it failed
             self.stats.cancelled += 1
             self.metrics.job("cancelled", c.held.task_name, c.held.queue)
             log.info("job_cancelled", job_id=c.held.id, error=c.outcome.error)
