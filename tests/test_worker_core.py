@@ -171,6 +171,26 @@ async def test_job_notified_during_a_claim_starts_without_waiting_for_the_poll(s
         await stop(worker, runner)
 
 
+async def test_timer_set_during_a_claim_is_not_overwritten_by_it(sched):
+    store = ObservedStore(sched.store)
+    worker, runner = await start(sched, store, poll_seconds=30)
+    try:
+        store.holding.clear()
+        store.hold = asyncio.Event()
+        await sched.schedule("noop")
+        await asyncio.wait_for(store.holding.wait(), 10)
+        # Added after the held claim read the table: only its NOTIFY can set the timer.
+        soon = await sched.schedule("add", args=(3, 3), execution_time=(
+            await sched.store.db_now()) + timedelta(seconds=1))
+        await asyncio.sleep(0.3)  # the notification arrives while the claim is held
+        store.hold.set()
+        store.hold = None
+        row = await wait_until(lambda: ended(sched, soon), timeout=10, what="timed job")
+        assert row["result"] == 6
+    finally:
+        await stop(worker, runner)
+
+
 async def test_stop_during_a_slow_claim_returns_promptly(sched):
     store = ObservedStore(sched.store)
     worker, runner = await start(sched, store, poll_seconds=30)

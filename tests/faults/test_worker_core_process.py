@@ -35,6 +35,7 @@ async def test_fully_busy_worker_sleeps_instead_of_spinning(sched, pg_dsn, schem
     before = cpu_seconds(worker.pid)
     await asyncio.sleep(3)
     used = cpu_seconds(worker.pid) - before
+    print(f"busy worker: {used:.2f} s of CPU in 3 s")
     # A spinning fetcher takes a whole core (3 s here); a sleeping worker a few ms.
     assert used < 1.0, f"the busy worker used {used:.2f} s of CPU in 3 s"
 
