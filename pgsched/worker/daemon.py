@@ -591,7 +591,7 @@ class Worker:
         else:
             self._completions.put_nowait(
                 _Completion(held, outcome, job["failures"], duration, lateness_ms))
-            if not outcome.ok:
+            if not outcome.ok and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         self._free_slot()
 
