@@ -8,7 +8,9 @@ is held back after the database did its work) instead of faking the database.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +24,7 @@ from pgsched import Scheduler, Worker
 from pgsched.store import Store
 from pgsched.worker.daemon import NOTIFY_WAKE_BURST, NOTIFY_WAKE_RATE
 from pgsched.worker.executor import ERROR_MAX_CHARS, TRACEBACK_MAX_CHARS
-from pgsched.worker.metrics import health
+from pgsched.worker.metrics import MetricsServer
 
 
 class ObservedStore(Store):
@@ -207,6 +209,11 @@ async def test_stop_during_a_slow_claim_returns_promptly(sched):
 # -- bug 7: timed-out sync tasks do not use up the threads ------------------------------
 
 
+def fetch(address: str, path: str) -> str:
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as response:
+        return response.read().decode()
+
+
 async def test_timed_out_sync_task_does_not_take_the_next_jobs_thread(sched, tmp_path):
     release = tmp_path / "release"
     worker, runner = await start(sched, concurrency=1)
@@ -218,7 +225,16 @@ async def test_timed_out_sync_task_does_not_take_the_next_jobs_thread(sched, tmp
         row = await wait_until(lambda: ended(sched, after), what="next sync job")
         assert str(row["status"]) == "completed" and row["result"] == 3, row["last_error"]
         assert worker.hung_threads == 1
-        assert health(worker)[1]["threads"]  # one abandoned thread is within the cap
+        server = MetricsServer(worker, "127.0.0.1:0")
+        address = await server.start()
+        try:
+            healthz = json.loads(await asyncio.to_thread(fetch, address, "/healthz"))
+            scraped = await asyncio.to_thread(fetch, address, "/metrics")
+        finally:
+            await server.close()
+        # One abandoned thread is within the cap: healthy, and counted.
+        assert healthz["status"] == "ok" and healthz["abandoned_threads"] == 1
+        assert "pgsched_worker_abandoned_threads 1.0" in scraped
     finally:
         release.touch()
         await stop(worker, runner)

@@ -147,6 +147,9 @@ class _ScrapeCollector(Collector):
                                 value=w.running_jobs)
         yield GaugeMetricFamily("pgsched_worker_concurrency", "Job slots of this worker.",
                                 value=w.options.concurrency)
+        yield GaugeMetricFamily("pgsched_worker_abandoned_threads", "Threads still running a "
+                                "sync task whose job timed out or was cancelled.",
+                                value=w.hung_threads)
         gauges = {
             "due": GaugeMetricFamily("pgsched_queue_due_jobs", "Pending jobs that are due "
                                      "now, per queue (every worker reports the same value).",
