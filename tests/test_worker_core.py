@@ -8,10 +8,12 @@ is held back after the database did its work) instead of faking the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,22 +30,34 @@ from pgsched.worker.metrics import MetricsServer
 
 
 class ObservedStore(Store):
-    """The real store; counts claim statements and, while `hold` is set, keeps a claim's
-    answer back until the test releases it (a slow claim)."""
+    """The real store; counts claim statements and can keep one claim's answer back until
+    the test releases it (a slow claim, the database work already done)."""
 
     def __init__(self, store: Store):
         super().__init__(store.pool, store.schema)
         self.claims = 0
-        self.hold: asyncio.Event | None = None
-        self.holding = asyncio.Event()
+        self._hold: asyncio.Event | None = None
+        self._holding = asyncio.Event()
 
     async def claim_jobs(self, **kwargs: Any) -> Any:
         self.claims += 1
         answer = await super().claim_jobs(**kwargs)
-        if self.hold is not None:
-            self.holding.set()
-            await self.hold.wait()
+        if self._hold is not None:
+            self._holding.set()
+            await self._hold.wait()
         return answer
+
+    async def hold_next_claim(self, sched: Scheduler) -> None:
+        """Hold the claim that a new job's NOTIFY starts; returns once it is held."""
+        self._holding.clear()
+        self._hold = asyncio.Event()
+        await sched.schedule("noop")
+        await asyncio.wait_for(self._holding.wait(), 10)
+
+    def release_claim(self) -> None:
+        if self._hold is not None:
+            self._hold.set()
+            self._hold = None
 
 
 async def start(sched: Scheduler, store: Store | None = None,
@@ -154,55 +168,46 @@ async def test_reclaimed_job_keeps_its_lease_when_the_older_attempt_ends(sched, 
 # -- bug 5: wake-ups that arrive during a claim -----------------------------------------
 
 
-async def test_job_notified_during_a_claim_starts_without_waiting_for_the_poll(sched):
+@contextlib.asynccontextmanager
+async def during_a_held_claim(sched: Scheduler) -> AsyncIterator[tuple[Worker, ObservedStore]]:
+    """A worker with a 30 s poll whose next claim is held until store.release_claim()."""
     store = ObservedStore(sched.store)
     worker, runner = await start(sched, store, poll_seconds=30)
     try:
-        store.holding.clear()
-        store.hold = asyncio.Event()
-        await sched.schedule("noop")  # its NOTIFY starts a claim, which we hold
-        await asyncio.wait_for(store.holding.wait(), 10)
-        worker._wake.clear()  # so that only the next NOTIFY can set it
-        later = await sched.schedule("add", args=(2, 2))  # NOTIFY during the claim
-        await wait_until(lambda: worker._wake.is_set(), what="notification received")
-        store.hold.set()
-        store.hold = None
-        row = await wait_until(lambda: ended(sched, later), timeout=10, what="second job")
-        assert row["result"] == 4
+        await store.hold_next_claim(sched)
+        yield worker, store
     finally:
+        store.release_claim()
         await stop(worker, runner)
 
 
+async def test_job_notified_during_a_claim_starts_without_waiting_for_the_poll(sched):
+    async with during_a_held_claim(sched) as (worker, store):
+        worker._wake.clear()  # so that only the next NOTIFY can set it
+        later = await sched.schedule("add", args=(2, 2))  # NOTIFY during the claim
+        await wait_until(lambda: worker._wake.is_set(), what="notification received")
+        store.release_claim()
+        row = await wait_until(lambda: ended(sched, later), timeout=10, what="second job")
+        assert row["result"] == 4
+
+
 async def test_timer_set_during_a_claim_is_not_overwritten_by_it(sched):
-    store = ObservedStore(sched.store)
-    worker, runner = await start(sched, store, poll_seconds=30)
-    try:
-        store.holding.clear()
-        store.hold = asyncio.Event()
-        await sched.schedule("noop")
-        await asyncio.wait_for(store.holding.wait(), 10)
+    async with during_a_held_claim(sched) as (_, store):
         # Added after the held claim read the table: only its NOTIFY can set the timer.
         soon = await sched.schedule("add", args=(3, 3), execution_time=(
             await sched.store.db_now()) + timedelta(seconds=1))
         await asyncio.sleep(0.3)  # the notification arrives while the claim is held
-        store.hold.set()
-        store.hold = None
+        store.release_claim()
         row = await wait_until(lambda: ended(sched, soon), timeout=10, what="timed job")
         assert row["result"] == 6
-    finally:
-        await stop(worker, runner)
 
 
 async def test_stop_during_a_slow_claim_returns_promptly(sched):
     store = ObservedStore(sched.store)
     worker, runner = await start(sched, store, poll_seconds=30)
-    store.holding.clear()
-    store.hold = asyncio.Event()
-    await sched.schedule("noop")
-    await asyncio.wait_for(store.holding.wait(), 10)
+    await store.hold_next_claim(sched)
     worker.stop()
-    store.hold.set()
-    store.hold = None
+    store.release_claim()
     await asyncio.wait_for(runner, 10)  # the poll is 30 s
 
 
