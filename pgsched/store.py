@@ -425,13 +425,13 @@ class Store:
                 "capped_free": list(capped[1]),
             },
         )
-        claimed = [row for row in rows if row["id"] is not None]
+        claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
-    ) -> dict[str, bool]:
-        """Renew leases; returns {id still held: whether a cancel was requested}."""
+    ) -> dict[tuple[str, int], bool]:
+        """Renew leases; returns {(id, attempt) still held: whether a cancel was requested}."""
         if not held:
             return {}
         rows = await self._rows(
@@ -443,12 +443,13 @@ class Store:
                 "lease_seconds": lease_seconds,
             },
         )
-        return {row["id"]: row["cancel_requested"] for row in rows}
+        return {(row["id"], row["attempts"]): row["cancel_requested"] for row in rows}
 
     async def complete_jobs(
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
-    ) -> set[str]:
-        """done: (id, attempt, result as JSON text). Returns the ids actually completed."""
+    ) -> set[tuple[str, int]]:
+        """done: (id, attempt, result as JSON text). Returns the (id, attempt) pairs
+        actually completed."""
         if not done:
             return set()
         rows = await self._rows(
@@ -460,7 +461,7 @@ class Store:
                 "results": [d[2] for d in done],
             },
         )
-        return {row["id"] for row in rows}
+        return {(row["id"], row["attempts"]) for row in rows}
 
     async def fail_job(
         self,
@@ -484,6 +485,27 @@ class Store:
                 "retry_delay_seconds": retry_delay_seconds,
                 **_ERRORS_KEPT,
             },
+        )
+        return rows[0] if rows else None
+
+    async def defer_job(
+        self,
+        *,
+        worker_id: str,
+        job_id: str,
+        attempt: int,
+        error: str,
+        base_delay_seconds: float,
+        max_delay_seconds: float,
+        give_up_seconds: float,
+    ) -> dict[str, Any] | None:
+        """Put back a job whose task is unknown here; returns {status, execution_time}
+        (pending, or failed once deferred for give_up_seconds) or None if fenced out."""
+        rows = await self._rows(
+            "defer_job",
+            {"worker_id": worker_id, "id": job_id, "attempt": attempt, "error": error,
+             "base_delay_seconds": base_delay_seconds,
+             "max_delay_seconds": max_delay_seconds, "give_up_seconds": give_up_seconds},
         )
         return rows[0] if rows else None
 
@@ -860,6 +882,27 @@ def check_json_depth(text: str, what: str) -> None:
         raise InvalidInput(
             f"{what} nest deeper than {MAX_JSON_DEPTH} levels of lists and objects; "
             "flatten them or store the data elsewhere and pass a reference")
+
+
+def _decode_payload(job: dict[str, Any]) -> dict[str, Any]:
+    """Decode a claimed job's args and kwargs (claim_jobs returns them as text). A value
+    that cannot be decoded (nested too deeply for Python, written by SQL) sets
+    `undecodable` to the reason instead of raising: that job fails, the claim goes on."""
+    try:
+        job["args"] = _loads_text(job["args"], "the job's args")
+        job["kwargs"] = _loads_text(job["kwargs"], "the job's kwargs")
+    except InvalidInput as exc:
+        job["args"], job["kwargs"] = [], {}
+        job["undecodable"] = f"{exc}; the row was not written by pgsched's API or CLI"
+    return job
+
+
+def _loads_text(text: str, what: str) -> Any:
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    return decode_json(text, what)
 
 
 def encode_json(value: Any, what: str) -> str:

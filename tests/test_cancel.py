@@ -140,8 +140,9 @@ async def test_a_new_attempt_starts_without_the_old_cancel_request(sched):
                            "worker_id = NULL WHERE id = %s", [job_id])
     [claimed] = await claim_as_ghost(sched)
     assert (await job(sched, job_id))["cancel_requested_at"] is None
-    assert await sched.store.heartbeat_jobs(worker_id="ghost", held=[(job_id, claimed["attempts"])],
-                                            lease_seconds=60) == {job_id: False}
+    held = (job_id, claimed["attempts"])
+    assert await sched.store.heartbeat_jobs(worker_id="ghost", held=[held],
+                                            lease_seconds=60) == {held: False}
 
 
 async def test_bulk_cancel_by_task_and_queue_notifies_each_worker_once(sched, pg_dsn):

@@ -317,7 +317,7 @@ async def test_retry_by_id_keeps_history_and_restores_the_retry_budget(config, s
 async def test_retry_by_status_with_task_and_queue_filters(config, sched):
     ids = {}
     for name, task, queue in [("f1", "fail", "q1"), ("f2", "fail", "q1"), ("f3", "fail", "q2"),
-                              ("g1", "not_registered", "q1")]:
+                              ("g1", "raises_nul", "q1")]:
         ids[name] = await sched.schedule(task, queue=queue, job_id=name)
     await settle(sched, *ids)
     result = await cli(config, "retry", "--status", "failed", "--task", "fail", "--queue", "q1")

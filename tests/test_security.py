@@ -200,7 +200,8 @@ def test_injection_through_the_schema_name_is_refused(pg_dsn, tmp_path, schema_n
 
 async def test_only_registered_tasks_run_nothing_is_imported_from_the_database(
         sched, pg_dsn, schema, tmp_path):
-    """A job row naming a module function is failed as unknown; the module never loads."""
+    """A job row naming a module function is put back as unknown (never run); the module
+    never loads."""
     marker = tmp_path / "imported"
     (tmp_path / "evil_mod.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).touch()\ndef run(): pass\n")
@@ -216,7 +217,8 @@ async def test_only_registered_tasks_run_nothing_is_imported_from_the_database(
     assert run_cli("worker", "--burst", config=config, env=env).returncode == 0
     for name in ("evil_mod.run", "evil_mod:run", "os.system"):
         job = await sched.store.get_job(name)
-        assert job["status"] == "failed" and "not registered" in job["last_error"]
+        assert job["status"] == "pending" and "not registered" in job["last_error"]
+        assert job["errors"][-1]["outcome"] == "task_unknown"
     assert not marker.exists()
 
 

@@ -91,7 +91,8 @@ async def test_late_completion_from_worker_that_lost_its_lease_is_rejected(sched
     assert await store.fail_job(worker_id="stale", job_id=job_id, attempt=1, error="x",
                                 traceback=None, retry_delay_seconds=0) is None
     assert await store.release_jobs(worker_id="stale", held=[(job_id, 1)]) == set()
-    assert await store.complete_jobs(worker_id="fresh", done=[(job_id, 2, '"fresh"')]) == {job_id}
+    assert await store.complete_jobs(worker_id="fresh", done=[(job_id, 2, '"fresh"')]) \
+        == {(job_id, 2)}
     job = await sched.get_job(job_id)
     assert job["status"] == "completed" and job["result"] == "fresh"
     assert job["worker_id"] == "fresh"

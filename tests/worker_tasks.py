@@ -200,3 +200,29 @@ async def stubborn(release: str) -> str:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0.02)
     return "done"
+
+
+@task
+async def hold_attempt(release_prefix: str) -> int:
+    """Run until the file `<release_prefix><attempt>` exists: each attempt of the job is
+    released on its own."""
+    attempt = structlog.contextvars.get_contextvars()["attempt"]
+    while not Path(f"{release_prefix}{attempt}").exists():
+        await asyncio.sleep(0.02)
+    return attempt
+
+
+@task
+async def returns_nul() -> str:
+    return "a\x00b"
+
+
+@task
+async def returns_lone_surrogate() -> str:
+    """Encodes to JSON ("\\ud800") that jsonb refuses: only the database can tell."""
+    return "\ud800"
+
+
+@task
+async def raises_nul(repeat: int = 1) -> None:
+    raise ValueError("x\x00y" * repeat)

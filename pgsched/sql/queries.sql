@@ -102,36 +102,39 @@ claimed AS (
             ELSE j.last_error END
     FROM candidates c
     WHERE j.id = c.id
-    RETURNING j.id, j.task, j.queue, j.args, j.kwargs, j.priority, j.execution_time,
+    -- args and kwargs as text: the worker decodes them job by job, so one row it cannot
+    -- decode (nested too deeply) fails that job instead of the whole claim.
+    RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
+              j.priority, j.execution_time,
               j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
 )
 SELECT n.at AS next_due, now() AS db_now, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
--- Renew the leases of the jobs this worker runs. Returns the ids still held, each with
--- whether a cancel was requested (the fallback when the NOTIFY was missed): any id
--- missing from the result was lost (recovered or replaced) and must stop. The lease ends
--- a lease after the write, not after the transaction began: a heartbeat that waited
--- behind a table lock must not commit a lease that is already over.
+-- Renew the leases of the jobs this worker runs. Returns the (id, attempt) pairs still
+-- held, each with whether a cancel was requested (the fallback when the NOTIFY was
+-- missed): any pair missing from the result was lost (recovered or replaced) and must
+-- stop. The lease ends a lease after the write, not after the transaction began: a
+-- heartbeat that waited behind a table lock must not commit a lease that is already over.
 UPDATE {schema}.jobs AS j SET
     lease_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
     heartbeat_at = clock_timestamp()
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
 WHERE j.id = h.id AND j.attempts = h.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
-RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested;
+RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: complete_jobs
 -- Record successful attempts in one statement. Fenced on owner, attempt and status, so a
--- worker that lost its lease changes nothing. Returns the ids actually completed.
+-- worker that lost its lease changes nothing. Returns the (id, attempt) pairs completed.
 UPDATE {schema}.jobs AS j SET
     status = 'completed', result = c.result, finished_at = now(), lease_until = NULL
 FROM unnest(%(ids)s::text[], %(attempts)s::int[], %(results)s::jsonb[])
     AS c(id, attempt, result)
 WHERE j.id = c.id AND j.attempts = c.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
-RETURNING j.id;
+RETURNING j.id, j.attempts;
 
 -- name: fail_job
 -- Record a failed attempt (an exception or a timeout): back to pending at
@@ -155,6 +158,46 @@ UPDATE {schema}.jobs AS j SET
         'attempt', j.attempts, 'worker_id', j.worker_id, 'started_at', j.started_at,
         'at', now(), 'outcome', 'failed', 'error', %(error)s::text,
         'traceback', %(traceback)s::text), %(errors_first)s, %(errors_last)s)
+WHERE j.id = %(id)s AND j.attempts = %(attempt)s
+  AND j.worker_id = %(worker_id)s AND j.status = 'running'
+RETURNING j.status, j.execution_time;
+
+-- name: defer_job
+-- Put back a job whose task this worker does not know (a rolling deploy: only newer code
+-- has it): pending again after %(base_delay_seconds)s, doubling with each deferral up to
+-- %(max_delay_seconds)s, without counting a failure. Each deferral is an `errors` entry
+-- with outcome 'task_unknown'; once the first one is %(give_up_seconds)s old the job
+-- fails (cancelled instead, if a cancel was requested). Fenced like fail_job; returns the
+-- new status, or no row when the lease was lost.
+WITH prior AS (
+    SELECT count(*) AS deferrals, min((e ->> 'at')::timestamptz) AS first_at
+    FROM {schema}.jobs AS d, jsonb_array_elements(d.errors) AS e
+    WHERE d.id = %(id)s AND e ->> 'outcome' = 'task_unknown'
+),
+decision AS (
+    SELECT CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN p.first_at < now() - make_interval(secs => %(give_up_seconds)s)
+                THEN 'failed' ELSE 'pending' END AS status,
+           least(%(max_delay_seconds)s,
+                 %(base_delay_seconds)s * 2.0 ^ least(p.deferrals, 30)) AS delay
+    FROM {schema}.jobs AS j, prior AS p
+    WHERE j.id = %(id)s
+)
+UPDATE {schema}.jobs AS j SET
+    status = d.status::{schema}.job_status,
+    failures = j.failures + CASE WHEN d.status = 'failed' THEN 1 ELSE 0 END,
+    execution_time = CASE WHEN d.status = 'pending'
+        THEN now() + make_interval(secs => d.delay) ELSE j.execution_time END,
+    finished_at = CASE WHEN d.status = 'pending' THEN NULL ELSE now() END,
+    worker_id = CASE WHEN d.status = 'pending' THEN NULL ELSE j.worker_id END,
+    lease_until = NULL, heartbeat_at = NULL,
+    last_error = CASE WHEN d.status = 'failed'
+        THEN 'gave up: ' || %(error)s || ' (for ' || %(give_up_seconds)s || 's)'
+        ELSE %(error)s END,
+    errors = j.errors || jsonb_build_object(
+        'attempt', j.attempts, 'worker_id', j.worker_id, 'started_at', j.started_at,
+        'at', now(), 'outcome', 'task_unknown', 'error', %(error)s::text)
+FROM decision AS d
 WHERE j.id = %(id)s AND j.attempts = %(attempt)s
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.status, j.execution_time;

@@ -1,15 +1,22 @@
 """Running one claimed job's function and turning what happened into an Outcome.
 
-Owns: calling the task (async on the loop, sync in the worker's thread pool), the
-per-job timeout, encoding the result as JSON, and the retry delay. It writes nothing:
-the daemon records the Outcome with fenced statements.
+Owns: calling the task (async on the loop, sync in the worker's threads), the per-job
+timeout, encoding the result as JSON, making error text storable, and the retry delay.
+It writes nothing: the daemon records the Outcome with fenced statements.
 
-Invariants: every exception a task raises becomes an Outcome (never escapes); only
-asyncio cancellation propagates, because it means the daemon itself cancelled the job
-(shutdown, lost lease) and must decide what to record; an exception a task raises while
-it is being cancelled that way (a failing cleanup) counts as that cancellation. A sync
-task that times out or is cancelled cannot be interrupted: its thread runs on, its result
-is ignored.
+Invariants: every exception a task raises, and every value it returns, becomes an
+Outcome (never escapes); only asyncio cancellation propagates, because it means the
+daemon itself cancelled the job (shutdown, lost lease) and must decide what to record; an
+exception a task raises while it is being cancelled that way (a failing cleanup) counts as
+that cancellation. Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which
+the store cuts) have NUL and unencodable characters escaped, so PostgreSQL can store
+them. A result PostgreSQL cannot store (a NUL in a string) fails the job.
+
+Threads: a sync task that times out or is cancelled cannot be interrupted: its thread
+runs on (abandoned) and its result is ignored. TaskThreads then gives the next jobs a
+fresh pool, so an abandoned thread never takes a slot, up to MAX_ABANDONED_THREADS
+(the worker's concurrency); beyond that the pool is kept and the worker reports itself
+unhealthy, because a process full of hung threads needs a restart.
 """
 
 from __future__ import annotations
@@ -18,15 +25,24 @@ import asyncio
 import contextvars
 import functools
 import random
+import re
 import threading
 import traceback
-from concurrent.futures import Executor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InvalidInput
+from ..logs import get_logger
 from ..store import encode_json
 from ..tasks import get_task
+
+log = get_logger("pgsched.worker")
+
+ERROR_MAX_CHARS = 2000  # tracebacks are cut by the store (store.TRACEBACK_MAX_CHARS)
+# A NUL escaped by the JSON encoder: \u0000 after an even number of backslashes (an odd
+# number means the backslash itself was escaped and this is plain text).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -36,20 +52,66 @@ class Outcome:
     error: str = ""
     traceback: str | None = None
     cancelled: bool = False  # stopped because a cancel was requested
+    unknown_task: bool = False  # this worker does not know the task: defer, not a failure
 
 
 CANCELLED = Outcome(ok=False, error="cancelled on request", cancelled=True)
 
 
-class SyncCalls:
-    """Counts sync task calls still running in threads, so shutdown can tell the
-    process it must not wait for them (a thread cannot be interrupted)."""
+def escaped(text: str) -> str:
+    """`text` as PostgreSQL text can hold it: NULs and lone surrogates escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
-    def __init__(self) -> None:
-        self.running = 0
+
+def storable(text: str, limit: int) -> str:
+    """escaped(text), cut to `limit` characters with a marker saying how much was cut."""
+    text = escaped(text)
+    if len(text) <= limit:
+        return text
+    marker = f"... [{len(text) - limit} more characters cut]"
+    return text[: max(0, limit - len(marker))] + marker
+
+
+def failed(error: str, tb: str | None = None) -> Outcome:
+    return Outcome(ok=False, error=storable(error, ERROR_MAX_CHARS),
+                   traceback=None if tb is None else escaped(tb))
+
+
+class TaskThreads:
+    """The threads sync tasks run in, and the count of those still running.
+
+    A call abandoned while its thread runs (timeout, cancel, lost lease, shutdown) moves
+    the next calls to a fresh pool, so `concurrency` threads stay free for new jobs; the
+    old pool's threads end when their calls return.
+    """
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+        self.max_abandoned = concurrency
+        self.running = 0  # calls in any thread, abandoned or not
+        self.abandoned = 0  # calls whose job has moved on while the thread runs on
         self._lock = threading.Lock()
+        self._pool = self._new_pool()
 
-    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="pgsched-task")
+
+    @property
+    def over_cap(self) -> bool:
+        return self.abandoned > self.max_abandoned
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # copy_context: structlog's bound job context reaches the thread's logs.
+        call = functools.partial(contextvars.copy_context().run, self._run, fn, *args, **kwargs)
+        future = self._pool.submit(call)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel() and not future.done():  # a thread cannot be stopped
+                self._abandon(future)
+            raise
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             self.running += 1
         try:
@@ -58,12 +120,35 @@ class SyncCalls:
             with self._lock:
                 self.running -= 1
 
+    def _abandon(self, future: Future[Any]) -> None:
+        with self._lock:
+            self.abandoned += 1
+        future.add_done_callback(self._abandoned_call_ended)
+        if self.over_cap:
+            log.error("threads_abandoned_over_cap", abandoned=self.abandoned,
+                      cap=self.max_abandoned, hint="sync tasks hang after their timeout; "
+                      "they now take slots from new jobs: fix the task and restart the worker")
+            return
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False)  # its idle threads exit; running calls finish there
+        log.warning("thread_abandoned", abandoned=self.abandoned,
+                    hint="a sync task ran on after its timeout or cancellation")
 
-async def run_job(job: dict[str, Any], threads: Executor, sync_calls: SyncCalls) -> Outcome:
+    def _abandoned_call_ended(self, _: Future[Any]) -> None:
+        with self._lock:
+            self.abandoned -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
+    if job.get("undecodable"):
+        return failed(job["undecodable"])
     task = get_task(job["task"])
     if task is None:
         return Outcome(
-            ok=False,
+            ok=False, unknown_task=True,
             error=f"unknown task {job['task']!r}: it is not registered in this worker's task "
             "module (check [worker] tasks and deploy the code that defines it)",
         )
@@ -71,10 +156,10 @@ async def run_job(job: dict[str, Any], threads: Executor, sync_calls: SyncCalls)
     args, kwargs = job["args"], job["kwargs"]
     try:
         if timeout is None:  # no timeout scope: a measurable share of a no-op job
-            result = await _call(task, args, kwargs, threads, sync_calls)
+            result = await _call(task, args, kwargs, threads)
         else:
             async with asyncio.timeout(timeout) as deadline:
-                result = await _call(task, args, kwargs, threads, sync_calls)
+                result = await _call(task, args, kwargs, threads)
     except TimeoutError as exc:
         if timeout is not None and deadline.expired():
             return Outcome(ok=False, error=f"timed out after {timeout:g}s")
@@ -89,23 +174,28 @@ async def run_job(job: dict[str, Any], threads: Executor, sync_calls: SyncCalls)
         return _failed(exc)
     if result is None:
         return _NONE
+    return result_outcome(result)
+
+
+def result_outcome(result: Any) -> Outcome:
     try:
-        return Outcome(ok=True, result_json=encode_json(result, "the task's return value"))
+        text = encode_json(result, "the task's return value")
     except InvalidInput as exc:
-        return Outcome(ok=False, error=str(exc))
+        return failed(str(exc))
+    if _JSON_NUL.search(text):
+        return failed("the task's return value contains a NUL character (\\u0000), which "
+                      "PostgreSQL cannot store in jsonb: remove it or encode the data "
+                      "(for example as base64)")
+    return Outcome(ok=True, result_json=text)
 
 
 _NONE = Outcome(ok=True)  # most tasks return nothing: skip encoding null every time
 
 
-async def _call(task: Any, args: list, kwargs: dict, threads: Executor,
-                sync_calls: SyncCalls) -> Any:
+async def _call(task: Any, args: list, kwargs: dict, threads: TaskThreads) -> Any:
     if task.is_async:
         return await task.func(*args, **kwargs)
-    # copy_context: structlog's bound job context reaches the thread's logs.
-    call = functools.partial(
-        contextvars.copy_context().run, sync_calls.call, task.func, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(threads, call)
+    return await threads.call(task.func, *args, **kwargs)
 
 
 def _cancelling() -> bool:
@@ -116,11 +206,7 @@ def _cancelling() -> bool:
 
 
 def _failed(exc: BaseException) -> Outcome:
-    return Outcome(
-        ok=False,
-        error=f"{type(exc).__name__}: {exc}",
-        traceback="".join(traceback.format_exception(exc)),
-    )
+    return failed(f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
 
 
 def retry_delay(failures: int, base_seconds: float, max_seconds: float) -> float:

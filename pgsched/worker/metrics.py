@@ -139,7 +139,9 @@ def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
     """(healthy, checks): connected, serving, and talking to the database recently.
 
     "database" fails once nothing reached the database for a whole lease: by then this
-    worker's leases are gone and other workers recover its jobs.
+    worker's leases are gone and other workers recover its jobs. "threads" fails once more
+    sync tasks hang in abandoned threads than the worker replaces (its concurrency): they
+    then take slots from new jobs, and the process needs a restart.
     """
     loop = asyncio.get_running_loop()
     checks = {
@@ -148,6 +150,7 @@ def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
         "listener_connected": worker.listening,
         "database": worker.last_db_ok is not None
         and loop.time() - worker.last_db_ok < worker.options.lease_seconds,
+        "threads": not worker.threads_over_cap,
     }
     return all(checks.values()), checks
 
@@ -169,6 +172,9 @@ class _ScrapeCollector(Collector):
                                 value=w.running_jobs)
         yield GaugeMetricFamily("pgsched_worker_concurrency", "Job slots of this worker.",
                                 value=w.options.concurrency)
+        yield GaugeMetricFamily("pgsched_worker_abandoned_threads", "Threads still running a "
+                                "sync task whose job timed out or was cancelled.",
+                                value=w.hung_threads)
         gauges = {
             "due": GaugeMetricFamily("pgsched_queue_due_jobs", "Pending jobs that are due "
                                      "now, per queue (every worker reports the same value).",
@@ -293,7 +299,8 @@ class MetricsServer:
         if path == "/healthz":
             ok, checks = health(self.worker)
             body = json.dumps({"status": "ok" if ok else "unavailable", "checks": checks,
-                               "worker_id": self.worker.id}).encode() + b"\n"
+                               "worker_id": self.worker.id,
+                               "abandoned_threads": self.worker.hung_threads}).encode() + b"\n"
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", body
         if path == "/":
             return "200 OK", "text/plain", b"pgsched worker: /metrics /healthz\n"

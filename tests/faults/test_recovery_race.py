@@ -84,10 +84,11 @@ async def test_raced_for_real_exactly_one_side_wins_each_job(sched):
         await sched.schedule_bulk([JobSpec("noop", job_id=i) for i in ids])
         await claim_all(sched)
         await expire_leases(sched)
-        completed, recovered = await asyncio.gather(
+        completed_pairs, recovered = await asyncio.gather(
             sched.store.complete_jobs(worker_id=W, done=[(i, 1, '"done"') for i in ids]),
             sched.store.recover_orphans(max_recoveries=3))
         recovered_ids = {r["id"] for r in recovered}
+        completed = {job_id for job_id, _ in completed_pairs}
         assert completed.isdisjoint(recovered_ids)
         assert completed | recovered_ids == set(ids)
         rows = await query(sched, "SELECT * FROM {schema}.jobs WHERE id = ANY(%s)", [ids])
@@ -127,7 +128,8 @@ async def test_stale_attempt_is_fenced_even_when_the_same_worker_reclaims(sched)
     job = await store.get_job(job_id)
     assert (job["status"], job["attempts"], job["failures"], job["result"]) == \
         ("running", 2, 0, None)
-    assert await store.complete_jobs(worker_id=W, done=[(job_id, 2, '"fresh"')]) == {job_id}
+    assert await store.complete_jobs(worker_id=W, done=[(job_id, 2, '"fresh"')]) \
+        == {(job_id, 2)}
 
 
 
