@@ -38,8 +38,8 @@ from typer.testing import CliRunner
 from pgsched import InvalidInput, JobSpec, Scheduler, Worker
 from pgsched import ops as ops_module
 from pgsched.cli import app
+from pgsched.cli.views import dashboard_view
 from pgsched.config import WorkerSettings, load_settings
-from pgsched.dashboard import dashboard_view
 from pgsched.ops import (
     LINE_KEYS,
     attempt_history,

@@ -1,38 +1,23 @@
-"""Rendering the operator views with rich, and the live loop of `pgsched top`.
+"""Rendering the operator views with rich: not a command module, shared by them.
 
 Owns: how a Snapshot, a job or the worker registry looks on a terminal or in a pipe
-(plain tables without boxes, so `grep` and `awk` work on them), and the terminal session
-of the dashboard: alternate screen, keys read in cbreak mode, one refresh per second.
+(plain tables without boxes, so `grep` and `awk` work on them).
 
 Invariants: the render functions are pure (data in, renderable out), so tests render them
-on a recording console. The live loop always restores the terminal (its mode, the main
-screen, the cursor) however it ends: q, Ctrl-C, SIGTERM or an error.
-
-Failure: a refresh that cannot reach the database keeps the last snapshot on screen with
-the error in the header and tries again on the next tick; any other error ends the loop
-(after restoring the terminal) and propagates to the CLI.
+on a recording console; cells are data, never rich markup.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import signal
-import sys
-import termios
-import tty
-from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .ops import Snapshot, human_seconds, priority_name, worker_is_live
+from ..ops import Snapshot, human_seconds, priority_name, worker_is_live
 
 ERROR_WIDTH = 70
 
@@ -71,7 +56,7 @@ def _since(then: datetime | None, now: datetime) -> str:
     return "-" if then is None else _ago((now - then).total_seconds())
 
 
-def _one_line(text: str | None, width: int = ERROR_WIDTH) -> str:
+def one_line(text: str | None, width: int = ERROR_WIDTH) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
     return line if len(line) <= width else line[: width - 1] + "…"
 
@@ -173,7 +158,7 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
                       ids=[j["id"] for j in snap.failures[:rows]])
     for job in snap.failures[:rows]:
         failures.add_row(job["id"], job["task"], str(job["attempts"]), _ago(job["age"]),
-                         _one_line(job["last_error"]))
+                         one_line(job["last_error"]))
     running_count = snap.totals["running"]
     return Group(
         header, Text(rate), Text(""),
@@ -218,7 +203,7 @@ def job_view(job: dict[str, Any]) -> RenderableType:
             duration = a["duration_seconds"]
             attempts.add_row(str(a["attempt"]), a["worker_id"] or "-", a["started_at"] or "-",
                              "-" if duration is None else human_seconds(duration), a["outcome"],
-                             _one_line(a["error"], 200) or "-")
+                             one_line(a["error"], 200) or "-")
         parts += [Text(""), _heading("Attempts"), attempts]
     for a in history:
         if a["traceback"]:
@@ -233,88 +218,3 @@ def _json(value: Any) -> str:
 
 def _seconds_or(value: float | None, otherwise: str) -> str:
     return otherwise if value is None else f"{value:g}s"
-
-
-# -- the live loop -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _keys(on_key: Callable[[str], None]) -> Iterator[None]:
-    """Deliver single keypresses from a terminal stdin (cbreak mode: Ctrl-C still sends
-    SIGINT); does nothing when stdin is not a terminal."""
-    if not sys.stdin.isatty():
-        yield
-        return
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-    loop = asyncio.get_running_loop()
-
-    def readable() -> None:
-        data = os.read(fd, 32)
-        for char in data.decode(errors="replace"):
-            on_key(char)
-
-    tty.setcbreak(fd)
-    loop.add_reader(fd, readable)
-    try:
-        yield
-    finally:
-        loop.remove_reader(fd)
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-async def run_live(
-    fetch: Callable[[], Awaitable[Snapshot]],
-    render: Callable[[Snapshot], RenderableType],
-    console: Console,
-    *,
-    interval: float = 1.0,
-    errors: tuple[type[BaseException], ...] = (),
-    fetch_timeout: float = 10.0,
-) -> None:
-    """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
-    SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
-    keeps the last frame, marked with the error. Quitting never waits for a refresh."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-
-    def on_key(char: str) -> None:
-        if char in ("q", "Q"):
-            stop.set()
-
-    try:
-        snapshot = await fetch()
-        with _keys(on_key), Live(render(snapshot), console=console, screen=True,
-                                 auto_refresh=False, transient=True) as live:
-            tick = loop.time()
-            while True:
-                # Ticks keep to the interval however long a fetch takes; after a stall
-                # (a suspended terminal) the next one is simply a full interval away.
-                tick = max(tick + interval, loop.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), tick - loop.time())
-                if stop.is_set():
-                    return
-                refresh = asyncio.ensure_future(fetch())
-                stopping = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({refresh, stopping}, timeout=fetch_timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not refresh.done():
-                    # A database that went away can leave a query waiting for minutes.
-                    refresh.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, *errors):
-                        await refresh
-                    if stop.is_set():
-                        return
-                    snapshot.error = f"no answer from the database within {fetch_timeout:g}s"
-                elif isinstance(refresh.exception(), errors):
-                    snapshot.error = _one_line(str(refresh.exception()) or "database error", 80)
-                else:
-                    snapshot = refresh.result()
-                live.update(render(snapshot), refresh=True)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)

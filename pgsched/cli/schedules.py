@@ -1,15 +1,17 @@
-"""The `pgsched` commands for recurring schedules.
+"""Schedule commands: `schedules`, `pause`, `resume`, `trigger`, `remove`, `cron`.
 
-Owns: `schedules`, `pause`, `resume`, `trigger`, `remove`, `cron`, and the schedule branch
-of `add` (cli.add calls `add_schedule` when --cron or --every is given). Thin like
-cli.py: every input is validated before a connection is opened, so bad input exits 2
-and writes nothing; the work is done by pgsched.recurring. Data on stdout, notes on
-stderr; an unknown schedule id exits 1.
+Owns: their command-line contract, on the terms of pgsched/cli/app.py; the work is done by
+pgsched.recurring. `pause` and `resume` take a schedule id or --queue (then every worker
+stops or starts claiming from that queue). Every input is validated before a connection is
+opened, so bad input exits 2 and writes nothing; an unknown schedule id exits 1.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import socket
 import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -17,65 +19,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from . import recurring
-from .cli import _check_task_known, _ctx, _run, app, command, err, open_scheduler, out
-from .cli_queues import pause_queues_command, resume_queues_command
-from .config import Settings
-from .errors import InvalidInput
-from .logs import configure
-from .store import Store
-from .tasks import JobPriority, get_task
-from .timing import CronSchedule, format_duration, parse_time
+from .. import recurring
+from ..config import Settings
+from ..errors import InvalidInput
+from ..queues import validate_queue_name
+from ..store import Store
+from ..tasks import JobPriority
+from ..timing import CronSchedule, format_duration, parse_time
+from .app import _ctx, _run, app, command, err, open_scheduler, out, settings_of
 
 ID_ARGUMENT = typer.Argument(metavar="ID", help="Schedule id (see `pgsched schedules`).")
-
-
-def add_schedule(
-    settings: Settings,
-    task_name: str,
-    *,
-    cron: str | None,
-    every: str | None,
-    tz: str | None,
-    catch_up: str | None,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    schedule_id: str | None,
-    on_conflict: str,
-    priority: str | None,
-    retries: int | None,
-    timeout: float | None,
-    job_options: dict[str, str | None],
-) -> None:
-    """`pgsched add TASK --cron EXPR | --every DURATION --id ID`: prints the schedule id."""
-    for option, value in job_options.items():
-        if value is not None:
-            raise InvalidInput(f"{option} applies to one-off jobs; a schedule's jobs run at "
-                               "its fire times")
-    if cron is None and every is None:
-        raise InvalidInput("--tz and --catch-up describe a schedule: add --cron or --every")
-    if schedule_id is None:
-        raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
-    _check_task_known(settings, task_name)
-    known = get_task(task_name)  # its @task options are the defaults, when importable here
-    definition = recurring.define_schedule(
-        task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest",
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
-        max_retries=retries if retries is not None else (known.max_retries if known else 0),
-        timeout=timeout if timeout is not None else (known.timeout if known else None),
-        queue=known.queue if known else "default",
-    )
-
-    async def go() -> bool:
-        async with open_scheduler(settings) as sched:
-            return await recurring.add_schedule(
-                sched.store, definition, default_tz=settings.jobs.timezone,
-                on_conflict=on_conflict)
-
-    if not _run(go()):
-        err.print(f"schedule {schedule_id} exists; left as it was", markup=False)
-    out.print(schedule_id, markup=False)
 
 
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -97,13 +50,11 @@ def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: recurring.format_instant(v) if isinstance(v, datetime) else v
             for k, v in data.items()}
 
-
 def _priority_name(value: int) -> str | int:
     try:
         return JobPriority(value).name.lower()
     except ValueError:
         return value
-
 
 def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
     async def go() -> Any:
@@ -112,13 +63,6 @@ def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
 
     return _run(go())
 
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-    return settings
-
-
 @app.command()
 @command
 def schedules(
@@ -126,7 +70,7 @@ def schedules(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
-    rows = [schedule_to_json(r) for r in _store_call(_settings(ctx), Store.list_schedules)]
+    rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -141,17 +85,15 @@ def schedules(
                       row["last_status"] or "-", row["state"], row["origin"])
     out.print(table)
 
-
 OptionalId = Annotated[str | None, typer.Argument(
     metavar="ID", help="Schedule id (or use --queue).", show_default=False)]
+
 QueueOption = Annotated[list[str] | None, typer.Option(
     "--queue", "-q", help="Queue name instead of a schedule (repeatable).", show_default=False)]
-
 
 def _one_target(schedule_id: str | None, queues: list[str] | None) -> None:
     if (schedule_id is None) == (not queues):
         raise InvalidInput("give either a schedule ID or --queue NAME")
-
 
 @app.command()
 @command
@@ -168,9 +110,8 @@ def pause(
     _one_target(schedule_id, queue)
     if queue:
         return pause_queues_command(ctx, queue, reason)
-    _note_disabled(_store_call(_settings(ctx), recurring.pause_schedule, schedule_id))
+    _note_disabled(_store_call(settings_of(ctx), recurring.pause_schedule, schedule_id))
     out.print(schedule_id, markup=False)
-
 
 @app.command()
 @command
@@ -181,9 +122,8 @@ def resume(ctx: typer.Context, schedule_id: OptionalId = None,
     _one_target(schedule_id, queue)
     if queue:
         return resume_queues_command(ctx, queue)
-    _note_disabled(_store_call(_settings(ctx), recurring.resume_schedule, schedule_id))
+    _note_disabled(_store_call(settings_of(ctx), recurring.resume_schedule, schedule_id))
     out.print(schedule_id, markup=False)
-
 
 def _note_disabled(row: dict[str, Any]) -> None:
     if not row["enabled"]:
@@ -192,26 +132,57 @@ def _note_disabled(row: dict[str, Any]) -> None:
                   markup=False)
 
 
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry (containers)
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str) -> None:
+    """Validate the names, run `act(store, names)` (returns the names it changed), print
+    every name on stdout and `unchanged` on stderr for those it did not change."""
+    settings = settings_of(ctx)
+    names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+
+    async def go() -> set[str]:
+        async with open_scheduler(settings) as sched:
+            return await act(sched.store, names)
+
+    changed = _run(go())
+    for name in names:
+        out.print(name, markup=False)
+        if name not in changed:
+            err.print(f"queue {name}: {unchanged}", markup=False)
+
+def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
+    """Stop every worker from claiming from `queues` until they are resumed."""
+    _each_queue(ctx, queues, lambda store, names: store.pause_queues(
+        names, paused_by=_who(), reason=reason), "was already paused")
+
+def resume_queues_command(ctx: typer.Context, queues: list[str]) -> None:
+    """Let workers claim from `queues` again (idle workers are woken at once)."""
+    _each_queue(ctx, queues, lambda store, names: store.resume_queues(names), "was not paused")
+
+
 @app.command()
 @command
 def trigger(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Run a schedule's task now as one extra job (its windows do not change); prints
     the job id."""
-    out.print(_store_call(_settings(ctx), recurring.trigger_schedule, schedule_id),
+    out.print(_store_call(settings_of(ctx), recurring.trigger_schedule, schedule_id),
               markup=False)
-
 
 @app.command()
 @command
 def remove(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Delete a schedule; jobs it already enqueued stay."""
-    row = _store_call(_settings(ctx), recurring.remove_schedule, schedule_id)
+    row = _store_call(settings_of(ctx), recurring.remove_schedule, schedule_id)
     if row["origin"] == "code":
         err.print(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
                   "start creates it again; remove the decorator, or use `pgsched pause`",
                   markup=False)
     out.print(schedule_id, markup=False)
-
 
 @app.command("cron")
 @command
