@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg_pool
@@ -34,7 +34,9 @@ from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
 from .tasks import JobPriority, get_task, task_name_of
-from .worker import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    from .worker import Worker, WorkerOptions
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_JOB_ID_LENGTH = 255
@@ -150,7 +152,7 @@ class Scheduler:
             None if misfire_grace_time is None
             else _seconds(misfire_grace_time, "misfire_grace_time")
         )
-        self.options = options or WorkerOptions()
+        self.options = options  # None: WorkerOptions() when start() needs them
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -200,7 +202,10 @@ class Scheduler:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
         await self.open()
         if self._worker is None:
-            self._worker = Worker(self.store, self._dsn, self.options)
+            # Imported here: a CLI that only enqueues or lists never loads the worker.
+            from .worker import Worker, WorkerOptions
+
+            self._worker = Worker(self.store, self._dsn, self.options or WorkerOptions())
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 

@@ -44,9 +44,21 @@ async def test_worker_and_cli_share_one_embedded_server(tmp_path):
 def test_missing_extra_says_what_to_install(tmp_path):
     config = embedded_config(tmp_path)
     code = ("import sys; sys.modules['pgserver'] = None; from pgsched.cli import main; "
-            f"sys.argv = ['pgsched', '--config', {str(config)!r}, 'ls']; main()")
+            f"sys.argv = ['pgsched', '--config', {str(config)!r}, 'worker', '--burst']; main()")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=cli_env(), cwd=ROOT, timeout=60)
     assert result.returncode == 1
     assert "pip install 'pgsched[embedded]'" in result.stderr
     assert "PGSCHED_DSN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_read_commands_never_create_an_embedded_database(tmp_path):
+    # Rough edge 1: `pgsched ls` in an empty folder made a 38 MB .pgsched/ there. Only
+    # `worker` (and `web`) start the embedded server; the others join one or say what to do.
+    for args in (["ls"], ["status"], ["add", "noop"], ["migrate"], ["queues"]):
+        result = subprocess.run([sys.executable, "-m", "pgsched", *args], capture_output=True,
+                                text=True, env=cli_env(), cwd=tmp_path, timeout=60)
+        assert result.returncode == 1, (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("error: no database configured") and "--dsn" in line
+        assert list(tmp_path.iterdir()) == [], f"{args} created {list(tmp_path.iterdir())}"

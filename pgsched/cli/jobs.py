@@ -17,35 +17,31 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .. import recurring
-from ..config import Settings
 from ..errors import InvalidInput, JobNotFound
-from ..ops import Rejected, job_json, parse_job_lines, retry_jobs, retry_matching
 from ..queues import validate_queue_name
-from ..scheduler import UNSET, ConflictResolution, JobSpec
-from ..store import STATUSES, decode_json
-from ..tasks import JobPriority, get_task, load_tasks, validate_task_name
-from ..timing import parse_duration, parse_time
 from .app import (
     _run,
     app,
     command,
-    err,
     for_option,
     log,
+    note,
     open_scheduler,
-    out,
     parse_statuses,
     print_ids,
     print_json,
+    print_view,
     progress,
+    say,
     settings_of,
 )
-from .views import DataTable, job_view
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 BULK_CHUNK = 1000
 MAX_REJECTS_SHOWN = 20
@@ -67,6 +63,8 @@ class Priority(StrEnum):
     critical = "critical"
 
 def parse_json_arg(text: str, option: str, kind: type) -> Any:
+    from ..store import decode_json
+
     value = decode_json(text, option)
     if not isinstance(value, kind):
         expected = "an array, like '[1, \"a\"]'" if kind is list else "an object, like '{\"k\": 1}'"
@@ -74,6 +72,9 @@ def parse_json_arg(text: str, option: str, kind: type) -> Any:
     return value
 
 def parse_misfire(text: str | None) -> Any:
+    from ..scheduler import UNSET
+    from ..timing import parse_duration
+
     if text is None:
         return UNSET
     if text.strip().lower() == "none":
@@ -120,6 +121,10 @@ def add(
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works."""
+    from ..scheduler import UNSET, ConflictResolution
+    from ..tasks import JobPriority
+    from ..timing import parse_duration, parse_time
+
     settings = settings_of(ctx)
     if from_file is not None:
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
@@ -166,7 +171,7 @@ def add(
                 queue=queue,
             )
 
-    out.print(_run(go()), markup=False)
+    say(_run(go()))
 
 def _check_task_known(settings: Settings, name: str) -> None:
     task_checker(settings)(name)
@@ -174,6 +179,8 @@ def _check_task_known(settings: Settings, name: str) -> None:
 def task_checker(settings: Settings) -> Callable[[str], None]:
     """A check rejecting invalid task names, and unknown ones when the task module can be
     imported here."""
+    from ..tasks import get_task, load_tasks, validate_task_name
+
     module = settings.worker.tasks
     if module is not None:
         try:
@@ -210,6 +217,9 @@ def add_schedule(
     job_options: dict[str, str | None],
 ) -> None:
     """`pgsched add TASK --cron EXPR | --every DURATION --id ID`: prints the schedule id."""
+    from .. import recurring
+    from ..tasks import JobPriority, get_task
+
     for option, value in job_options.items():
         if value is not None:
             raise InvalidInput(f"{option} applies to one-off jobs; a schedule's jobs run at "
@@ -236,8 +246,8 @@ def add_schedule(
                 on_conflict=on_conflict)
 
     if not _run(go()):
-        err.print(f"schedule {schedule_id} exists; left as it was", markup=False)
-    out.print(schedule_id, markup=False)
+        note(f"schedule {schedule_id} exists; left as it was")
+    say(schedule_id)
 
 
 def _read_lines(source: str) -> list[str]:
@@ -259,13 +269,16 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
     added and each rejected line is reported with its number; with strict, one rejected
     line means nothing is added. Either way the exit code is 2 if any line was rejected.
     """
+    from ..ops import parse_job_lines
+    from ..scheduler import ConflictResolution
+
     lines = _read_lines(source)
     mode = ConflictResolution.parse(on_conflict)
     known = task_checker(settings)
 
-    async def go() -> tuple[list[str | None], list[Rejected]]:
+    async def go() -> tuple[list[str | None], list[Any]]:
         async with open_scheduler(settings) as sched:
-            def check(spec: JobSpec) -> None:
+            def check(spec: Any) -> None:
                 known(str(spec.func))
                 sched.validate(spec)
 
@@ -293,12 +306,11 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
     summary = f"added {len(added)}, {skipped} {why}, rejected {len(rejected)}"
     if rejected and strict:
         summary = f"added nothing (--strict), rejected {len(rejected)}"
-    err.print(summary, markup=False)
+    note(summary)
     for r in rejected[:MAX_REJECTS_SHOWN]:
-        err.print(f"error: line {r.line}: {r.error}", markup=False)
+        note(f"error: line {r.line}: {r.error}")
     if len(rejected) > MAX_REJECTS_SHOWN:
-        err.print(f"... and {len(rejected) - MAX_REJECTS_SHOWN} more rejected lines",
-                  markup=False)
+        note(f"... and {len(rejected) - MAX_REJECTS_SHOWN} more rejected lines")
     if rejected:
         raise typer.Exit(2)
 
@@ -311,6 +323,8 @@ LS_KEYS = ("id", "task", "status", "execution_time", "priority", "attempts", "ma
            "worker_id")
 
 def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    from ..tasks import JobPriority
+
     data = {key: row.get(key) for key in LS_KEYS}
     for key, value in data.items():
         if isinstance(value, datetime):
@@ -333,12 +347,16 @@ def ls(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List jobs, newest first (by creation time)."""
-    from ..ops import parse_since
+    from ..store import STATUSES
+    from .views import DataTable
 
     settings = settings_of(ctx)
     statuses = parse_statuses(status, STATUSES)
-    created_since = None if since is None else parse_since(
-        since, tz=settings.jobs.timezone, now=datetime.now(UTC))
+    created_since = None
+    if since is not None:
+        from ..ops import parse_since
+
+        created_since = parse_since(since, tz=settings.jobs.timezone, now=datetime.now(UTC))
 
     async def go() -> list[dict[str, Any]]:
         async with open_scheduler(settings) as sched:
@@ -359,10 +377,9 @@ def ls(
         table.add_row(row["id"], row["task"], row["status"], row["execution_time"],
                       str(row["priority"]), f"{row['attempts']}/{row['max_retries'] + 1}",
                       (row["last_error"] or "")[:60])
-    out.print(table)
+    print_view(table)
     if more:
-        err.print(f"showing the newest {limit}; use --limit or --since to see others",
-                  markup=False)
+        note(f"showing the newest {limit}; use --limit or --since to see others")
 
 
 # -- show ------------------------------------------------------------------------------
@@ -376,6 +393,9 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Everything about one job: fields, result, and every attempt with its error."""
+    from ..ops import job_json
+    from .views import job_view
+
     settings = settings_of(ctx)
 
     async def go() -> tuple[dict[str, Any] | None, datetime]:
@@ -389,7 +409,7 @@ def show(
     if as_json:
         print_json(data)
     else:
-        out.print(job_view(data))
+        print_view(job_view(data))
 
 
 # -- retry -----------------------------------------------------------------------------
@@ -410,6 +430,8 @@ def retry(
 ) -> None:
     """Put failed, expired or cancelled jobs back to pending, due now, with a fresh retry
     budget (earlier attempts stay in their history); prints the ids retried."""
+    from ..ops import retry_jobs, retry_matching
+
     if job_ids and status:
         raise InvalidInput("give job ids or --status, not both")
     if not job_ids and not status:
@@ -433,12 +455,12 @@ def retry(
 
     retried, others = _run(go())
     print_ids(retried)
-    err.print(f"retried {len(retried)} job{'' if len(retried) == 1 else 's'}", markup=False)
+    note(f"retried {len(retried)} job{'' if len(retried) == 1 else 's'}")
     problems = [j for j in wanted if j not in set(retried)]
     for job_id in problems:
         reason = (f"is {others[job_id]}; only failed, expired or cancelled jobs can be retried"
                   if job_id in others else "not found")
-        err.print(f"error: job {job_id}: {reason}", markup=False)
+        note(f"error: job {job_id}: {reason}")
     if problems:
         raise typer.Exit(1)
 
@@ -464,6 +486,9 @@ def cancel(
     stop it and records it as cancelled (if that worker is gone, the job is cancelled when
     its lease expires). Prints the ids; exit 1 if a given id was not found or had already
     finished, or with --wait if a running job did not end cancelled in time."""
+    from ..tasks import validate_task_name
+    from ..timing import parse_duration
+
     settings = settings_of(ctx)
     ids = list(job_ids or [])
     if ids and (task_name or queue):
@@ -491,31 +516,29 @@ def cancel(
     done, others, final = _run(go())
     for job_id in dict.fromkeys(ids) if ids else done:  # ids in the order given
         if job_id in done:
-            out.print(job_id, markup=False)
+            say(job_id)
     running = [j for j, status in done.items() if status == "running"]
     problems = 0
     if ids:
         for job_id in running:
             if job_id not in final:
-                err.print(f"job {job_id}: running; its worker was asked to stop it",
-                          markup=False)
+                note(f"job {job_id}: running; its worker was asked to stop it")
         for job_id in (j for j in dict.fromkeys(ids) if j not in done):
             problems += 1
             reason = f"already {others[job_id]}" if job_id in others else "not found"
-            err.print(f"error: job {job_id}: {reason}", markup=False)
+            note(f"error: job {job_id}: {reason}")
     else:
-        err.print(f"cancelled {len(done) - len(running)} pending jobs; asked workers to stop "
-                  f"{len(running)} running jobs", markup=False)
+        note(f"cancelled {len(done) - len(running)} pending jobs; asked workers to stop "
+                  f"{len(running)} running jobs")
     for job_id, status in final.items():
         if status == "cancelled":
             continue
         problems += 1
         if status == "running":
-            err.print(f"error: job {job_id}: still running after {wait}; it ends cancelled "
-                      "when its worker stops it or its lease expires", markup=False)
+            note(f"error: job {job_id}: still running after {wait}; it ends cancelled "
+                      "when its worker stops it or its lease expires")
         else:
-            err.print(f"error: job {job_id}: ended {status} before it could be cancelled",
-                      markup=False)
+            note(f"error: job {job_id}: ended {status} before it could be cancelled")
     if problems:
         raise typer.Exit(1)
 

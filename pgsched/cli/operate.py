@@ -15,22 +15,14 @@ import signal
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .. import __version__
-from ..config import Settings, load_settings, settings_to_toml
 from ..errors import InvalidInput, PgschedError
 from ..logs import configure
-from ..ops import gather, starter_config, worker_json
 from ..queues import parse_queue_list
-from ..scheduler import Scheduler
-from ..store import FINISHED_STATUSES, Store, validate_identifier
-from ..tasks import load_tasks
-from ..timing import parse_duration
-from ..worker import WorkerOptions
-from ..worker.maintenance import vacuum as vacuum_jobs
 from .app import (
     _ctx,
     _run,
@@ -39,15 +31,21 @@ from .app import (
     err,
     for_option,
     log,
+    note,
     open_scheduler,
-    out,
     parse_statuses,
     print_json,
+    print_view,
     progress,
     resolve_dsn,
+    say,
     settings_of,
 )
-from .views import status_view, workers_table
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..store import Store
+    from ..worker import WorkerOptions
 
 # -- migrate ---------------------------------------------------------------------------
 
@@ -61,6 +59,8 @@ def migrate(
         "(no DDL); repeatable.")] = None,
 ) -> None:
     """Create or upgrade pgsched's schema; prints the schema version."""
+    from ..store import validate_identifier
+
     settings = settings_of(ctx)
     roles = [validate_identifier(role, "role name") for role in grant or []]
 
@@ -68,7 +68,7 @@ def migrate(
         async with open_scheduler(settings) as sched:
             return await sched.migrate(grant=roles)
 
-    out.print(_run(go()))
+    say(_run(go()))
 
 
 # -- worker ----------------------------------------------------------------------------
@@ -86,6 +86,8 @@ def worker(
         "--migrate/--no-migrate", help="Apply pending migrations at start.")] = True,
 ) -> None:
     """Run the worker daemon: claim due jobs and run them until SIGTERM/SIGINT."""
+    from ..tasks import load_tasks
+
     settings = _ctx(ctx).settings(**{
         "worker.concurrency": concurrency,
         "worker.queues": list(parse_queue_list(queues)) if queues is not None else None,
@@ -103,6 +105,8 @@ def worker(
     _run(_serve(settings, options, migrate_schema))
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
+    from ..worker import WorkerOptions
+
     w, v = settings.worker, settings.vacuum
     return WorkerOptions(
         concurrency=w.concurrency, lease_seconds=w.lease_seconds,
@@ -118,10 +122,13 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     )
 
 async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
+    from ..scheduler import Scheduler
+
     pool_size = max(2, settings.database.pool_size)
     sched = Scheduler(
-        resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
-        misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
+        resolve_dsn(settings, start_embedded=True), schema=settings.database.schema,
+        options=options, misfire_grace_time=settings.jobs.misfire_grace_seconds,
+        pool_size=pool_size,
         application_name="pgsched-worker",
     )
     await sched.open()
@@ -167,6 +174,8 @@ def vacuum(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete finished jobs past their retention; prints the count per status."""
+    from ..store import FINISHED_STATUSES
+    from ..timing import parse_duration
     from ..worker.maintenance import retention_by_status
 
     settings = settings_of(ctx)
@@ -192,14 +201,16 @@ def vacuum(
         return
     verb = "would delete" if dry_run else "deleted"
     for s, n in counts.items():
-        out.print(f"{s}: {n}")
-    err.print(f"{verb} {sum(counts.values())} jobs", markup=False)
+        say(f"{s}: {n}")
+    note(f"{verb} {sum(counts.values())} jobs")
 
 
 async def vacuum_with_progress(store: Store, *, retention_seconds: dict[str, float],
                                batch_size: int) -> dict[str, int]:
     """vacuum(), with a bar on stderr when it is a terminal (the total is counted first,
     which costs one more scan, so only then)."""
+    from ..worker.maintenance import vacuum as vacuum_jobs
+
     total = None
     if err.is_terminal:
         total = 0
@@ -221,6 +232,9 @@ def status(
 ) -> None:
     """Jobs per queue and status, the oldest due job's lag, jobs finished in the last
     minute and hour, and the workers with their heartbeats and running jobs."""
+    from ..ops import gather
+    from .views import status_view
+
     settings = settings_of(ctx)
 
     async def go():
@@ -231,7 +245,7 @@ def status(
     if as_json:
         print_json(snapshot.to_json())
     else:
-        out.print(status_view(snapshot))
+        print_view(status_view(snapshot))
 
 @app.command()
 @command
@@ -242,6 +256,9 @@ def workers(
     """The worker registry: id, host, pid, version, queues, running jobs / concurrency,
     start time, last heartbeat. Workers silent for a lease are stale; the daemons prune
     workers silent for ten leases."""
+    from ..ops import worker_json
+    from .views import workers_table
+
     settings = settings_of(ctx)
     stale_after = settings.worker.lease_seconds
 
@@ -253,9 +270,9 @@ def workers(
     if as_json:
         print_json([worker_json(w, stale_after) for w in rows])
     elif rows:
-        out.print(workers_table(rows, now=now, stale_after=stale_after))
+        print_view(workers_table(rows, now=now, stale_after=stale_after))
     else:
-        err.print("no worker registered", markup=False)
+        note("no worker registered")
 
 
 # -- init, config, version -------------------------------------------------------------
@@ -272,6 +289,9 @@ def init(
 ) -> None:
     """Write a commented starter pgsched.toml; never overwrites. The global --dsn, if
     given, is written as [database] dsn (the file is created readable by you only)."""
+    from ..config import load_settings
+    from ..ops import starter_config
+
     if path.is_dir():
         path = path / "pgsched.toml"
     if not path.parent.is_dir():
@@ -291,19 +311,21 @@ def init(
         raise PgschedError(f"cannot create {path}: {exc.strerror}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(text)
-    out.print(str(path), markup=False)
+    say(str(path))
     hint = "set [worker] tasks, then" if tasks is None else "next:"
-    err.print(f"wrote {path}; {hint} run `pgsched migrate` and `pgsched worker`", markup=False)
+    note(f"wrote {path}; {hint} run `pgsched migrate` and `pgsched worker`")
 
 @app.command("config")
 @command
 def show_config(ctx: typer.Context) -> None:
     """Print the effective configuration (file, PGSCHED_DSN, flags) as TOML, with any
     password masked."""
+    from ..config import settings_to_toml
+
     sys.stdout.write(settings_to_toml(_ctx(ctx).settings()))
 
 
 @app.command()
 def version() -> None:
-    """Print pgsched's version."""
-    out.print(__version__)
+    """Print pgsched's version (also `pgsched --version`)."""
+    sys.stdout.write(f"{__version__}\n")

@@ -11,10 +11,8 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from .app import _run, app, command, open_scheduler, out, settings_of
+from .app import _run, app, command, open_scheduler, print_view, settings_of
 
 
 @app.command("queues")
@@ -25,6 +23,8 @@ def queues_(
 ) -> None:
     """Every queue with pending or running jobs, or paused: its jobs due now, scheduled and
     running, how late its oldest due job is, and whether (since when, by whom) it is paused."""
+    from .views import DataTable
+
     settings = settings_of(ctx)
 
     async def go() -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def queues_(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(box=None, pad_edge=False)
+    table = DataTable(box=None, pad_edge=False)
     for column in ("queue", "state", "due", "scheduled", "running", "lag", "paused"):
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -49,5 +49,5 @@ def queues_(
             paused += f": {row['reason']}" if row["reason"] else ""
         table.add_row(row["queue"], "paused" if row["paused"] else "active", str(row["due"]),
                       str(row["scheduled"]), str(row["running"]), f"{row['lag_seconds']:.1f}s",
-                      Text(paused))  # a reason is free text: never rich markup
-    out.print(table)
+                      paused)
+    print_view(table)

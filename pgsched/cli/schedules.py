@@ -14,24 +14,24 @@ import os
 import socket
 import sys
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from .. import recurring
-from ..config import Settings
 from ..errors import InvalidInput
 from ..queues import validate_queue_name
-from ..store import Store
-from ..tasks import JobPriority
-from ..timing import CronSchedule, format_duration, parse_time
-from .app import _ctx, _run, app, command, err, open_scheduler, out, settings_of
+from .app import _ctx, _run, app, command, note, open_scheduler, print_view, say, settings_of
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 ID_ARGUMENT = typer.Argument(metavar="ID", help="Schedule id (see `pgsched schedules`).")
 
 
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    from .. import recurring
+    from ..timing import format_duration
+
     state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"
     data = {
         "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
@@ -51,6 +51,8 @@ def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
             for k, v in data.items()}
 
 def _priority_name(value: int) -> str | int:
+    from ..tasks import JobPriority
+
     try:
         return JobPriority(value).name.lower()
     except ValueError:
@@ -70,11 +72,14 @@ def schedules(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
+    from ..store import Store
+    from .views import DataTable
+
     rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(box=None, pad_edge=False)
+    table = DataTable(box=None, pad_edge=False)
     for column in ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at",
                    "last_status", "state", "origin"):
         table.add_column(column, overflow="fold")
@@ -83,7 +88,7 @@ def schedules(
         table.add_row(row["id"], row["task"], shown, row["tz"] or "-",
                       row["next_fire_at"] or "-", row["last_run_at"] or "-",
                       row["last_status"] or "-", row["state"], row["origin"])
-    out.print(table)
+    print_view(table)
 
 OptionalId = Annotated[str | None, typer.Argument(
     metavar="ID", help="Schedule id (or use --queue).", show_default=False)]
@@ -107,11 +112,13 @@ def pause(
     """Stop a schedule firing, or (--queue) every worker claiming from a queue, until
     `pgsched resume`. Running jobs finish; a paused queue's jobs stay pending (they may
     expire past their misfire grace). Exit 1 for an unknown schedule id."""
+    from .. import recurring
+
     _one_target(schedule_id, queue)
     if queue:
         return pause_queues_command(ctx, queue, reason)
     _note_disabled(_store_call(settings_of(ctx), recurring.pause_schedule, schedule_id))
-    out.print(schedule_id, markup=False)
+    say(schedule_id)
 
 @app.command()
 @command
@@ -119,17 +126,18 @@ def resume(ctx: typer.Context, schedule_id: OptionalId = None,
            queue: QueueOption = None) -> None:
     """Let a paused schedule fire again from its next window (missed ones are not run), or
     (--queue) workers claim from a paused queue again."""
+    from .. import recurring
+
     _one_target(schedule_id, queue)
     if queue:
         return resume_queues_command(ctx, queue)
     _note_disabled(_store_call(settings_of(ctx), recurring.resume_schedule, schedule_id))
-    out.print(schedule_id, markup=False)
+    say(schedule_id)
 
 def _note_disabled(row: dict[str, Any]) -> None:
     if not row["enabled"]:
-        err.print(f"note: schedule {row['id']} is disabled in code (enabled=False, or its "
-                  "@periodic was removed); it fires only once the code enables it",
-                  markup=False)
+        note(f"note: schedule {row['id']} is disabled in code (enabled=False, or its "
+                  "@periodic was removed); it fires only once the code enables it")
 
 
 def _who() -> str:
@@ -151,9 +159,9 @@ def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str)
 
     changed = _run(go())
     for name in names:
-        out.print(name, markup=False)
+        say(name)
         if name not in changed:
-            err.print(f"queue {name}: {unchanged}", markup=False)
+            note(f"queue {name}: {unchanged}")
 
 def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
     """Stop every worker from claiming from `queues` until they are resumed."""
@@ -170,19 +178,21 @@ def resume_queues_command(ctx: typer.Context, queues: list[str]) -> None:
 def trigger(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Run a schedule's task now as one extra job (its windows do not change); prints
     the job id."""
-    out.print(_store_call(settings_of(ctx), recurring.trigger_schedule, schedule_id),
-              markup=False)
+    from .. import recurring
+
+    say(_store_call(settings_of(ctx), recurring.trigger_schedule, schedule_id))
 
 @app.command()
 @command
 def remove(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Delete a schedule; jobs it already enqueued stay."""
+    from .. import recurring
+
     row = _store_call(settings_of(ctx), recurring.remove_schedule, schedule_id)
     if row["origin"] == "code":
-        err.print(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
-                  "start creates it again; remove the decorator, or use `pgsched pause`",
-                  markup=False)
-    out.print(schedule_id, markup=False)
+        note(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
+                  "start creates it again; remove the decorator, or use `pgsched pause`")
+    say(schedule_id)
 
 @app.command("cron")
 @command
@@ -199,6 +209,9 @@ def cron_times(
 ) -> None:
     """Print the next fire times of a cron expression as pgsched fires them, daylight
     saving included: local time, zone abbreviation, UTC instant."""
+    from .. import recurring
+    from ..timing import CronSchedule, parse_time
+
     settings = _ctx(ctx).settings()
     schedule = CronSchedule(expr, tz or settings.jobs.timezone)
     start = parse_time(after, tz=schedule.tz) if after is not None else datetime.now(UTC)
@@ -209,5 +222,4 @@ def cron_times(
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     for local, t in times:
-        out.print(f"{local.isoformat()}  {local.tzname()}  {recurring.format_instant(t)}",
-                  markup=False)
+        say(f"{local.isoformat()}  {local.tzname()}  {recurring.format_instant(t)}")

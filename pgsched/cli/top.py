@@ -21,16 +21,16 @@ import sys
 import termios
 import tty
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console, RenderableType
-from rich.live import Live
 
-from ..ops import Snapshot, gather
-from ..worker.daemon import DB_ERRORS
-from .app import _run, app, command, open_scheduler, out, settings_of
-from .views import dashboard_view, one_line
+from .app import _run, app, command, open_scheduler, out, print_view, settings_of
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from ..ops import Snapshot
 
 
 @app.command()
@@ -44,8 +44,13 @@ def top(
 ) -> None:
     """Live dashboard: workers, running jobs, next due jobs, recent failures, throughput.
     q or Ctrl-C quits. When stdout is not a terminal it prints one snapshot and exits."""
+    from ..ops import gather
+    from ..worker.daemon import DB_ERRORS
+    from .views import dashboard_view
+
     settings = settings_of(ctx)
-    title = f"pgsched top · schema {settings.database.schema} · q quits"
+    console = out.real()
+    title = f"pgsched top · schema {settings.database.schema}"
 
     async def go() -> None:
         async with open_scheduler(settings) as sched:
@@ -53,14 +58,15 @@ def top(
                 return await gather(sched.store, stale_after=settings.worker.lease_seconds,
                                     dashboard=True, rows=rows)
 
-            if not out.is_terminal:
-                out.print(dashboard_view(await fetch(), title=title))
+            if not console.is_terminal:  # one snapshot, and no keys to press
+                print_view(dashboard_view(await fetch(), title=title))
                 return
 
             def render(snapshot):
-                return dashboard_view(snapshot, title=title, height=out.size.height)
+                return dashboard_view(snapshot, title=f"{title} · q quits",
+                                      height=console.size.height)
 
-            await run_live(fetch, render, out, interval=interval, errors=DB_ERRORS)
+            await run_live(fetch, render, console, interval=interval, errors=DB_ERRORS)
 
     _run(go())
 
@@ -104,6 +110,10 @@ async def run_live(
     """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
     SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
     keeps the last frame, marked with the error. Quitting never waits for a refresh."""
+    from rich.live import Live
+
+    from .views import one_line
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

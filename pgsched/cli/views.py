@@ -13,21 +13,25 @@ import json
 from datetime import datetime
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from ..ops import Snapshot, human_seconds, priority_name, worker_is_live
+from .app import safe
 
 ERROR_WIDTH = 70
 
 
 class DataTable(Table):
     """A table whose cells are data, never rich markup: a job id or an error message
-    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError."""
+    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError, and
+    control characters in it are shown escaped (app.safe)."""
 
     def add_row(self, *cells: Any, **options: Any) -> None:
-        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **options)
+        super().add_row(*(Text(safe(c)) if isinstance(c, str) else c for c in cells),
+                        **options)
 
 
 def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> Table:
@@ -40,7 +44,7 @@ def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> T
                          overflow="fold" if column == "id" else "ellipsis",
                          no_wrap=column != "id")
         if column == "id":
-            table.columns[-1].min_width = min(36, max(map(len, ids), default=2))
+            table.columns[-1].min_width = min(36, max(map(cell_len, ids), default=2))
     return table
 
 
@@ -139,7 +143,7 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
         rows = max(1, (height - fixed) // 3)
     header = Text(f"{title}  {snap.db_now:%Y-%m-%d %H:%M:%S %Z}", style="bold")
     if snap.error:
-        header.append(f"  ! {snap.error} (retrying)", style="bold red")
+        header.append(f"  ! {safe(snap.error)} (retrying)", style="bold red")
     rate = (f"last minute: {t['completed_1m']} completed ({t['completed_1m'] / 60:.1f}/s), "
             f"{t['failed_1m']} failed, {t['expired_1m']} expired   last hour: "
             f"{t['completed_1h']} completed, {t['failed_1h']} failed, {t['expired_1h']} expired")
@@ -208,7 +212,7 @@ def job_view(job: dict[str, Any]) -> RenderableType:
     for a in history:
         if a["traceback"]:
             parts += [Text(""), _heading(f"Traceback of attempt {a['attempt']}"),
-                      Text(a["traceback"].rstrip())]
+                      Text(safe(a["traceback"].rstrip(), multiline=True))]
     return Group(*parts)
 
 
