@@ -63,11 +63,13 @@ class Sizes:
     # Worker concurrency of the drains: the raw loop's batch, since a worker claims at most
     # its free slots at once (drain-1-default runs pgsched's default as well).
     drain_concurrency: int = 100
+    cli_runs: int = 20  # runs of each command in cli-startup
+
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, drain=500, due_latency=10,
               enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
-              idle_seconds=2.0, raw_claim=500)
+              idle_seconds=2.0, raw_claim=500, cli_runs=3)
 
 
 @dataclass

@@ -121,9 +121,10 @@ def test_ls_json_has_the_documented_keys_and_filters(config):
     cli(config, "cancel", b)
     rows = json.loads(cli(config, "ls", "--json").stdout)
     assert [r["id"] for r in rows] == [b, a]  # newest first
-    assert list(rows[0]) == ["id", "task", "status", "execution_time", "priority", "attempts",
-                             "max_retries", "args", "kwargs", "result", "last_error",
-                             "created_at", "started_at", "finished_at", "worker_id"]
+    assert list(rows[0]) == ["id", "task", "queue", "status", "execution_time", "priority",
+                             "attempts", "failures", "recoveries", "max_retries", "args",
+                             "kwargs", "result", "last_error", "created_at", "started_at",
+                             "finished_at", "worker_id"]
     assert datetime.fromisoformat(rows[1]["execution_time"]).tzinfo is not None
     only = json.loads(cli(config, "ls", "--json", "--status", "pending", "--task", "add").stdout)
     assert [r["id"] for r in only] == [a]

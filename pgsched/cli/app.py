@@ -96,6 +96,25 @@ def say(text: object) -> None:
     sys.stdout.write(safe(text) + "\n")
 
 
+def width(text: str) -> int:
+    """Terminal columns `text` takes: East Asian wide characters take two."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def print_table(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+    """A plain table on stdout: a header, one line per row, columns two spaces apart,
+    every cell escaped, no trailing spaces; wide (CJK) characters keep columns aligned.
+    Plain text on purpose: `grep`, `awk` and `cut` read it, and it needs no rich."""
+    cells = [list(columns), *([safe(c) for c in row] for row in rows)]
+    widths = [max(width(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ("  ".join(c + " " * (w - width(c)) for c, w in zip(line, widths, strict=True))
+             for line in cells)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in lines))
+
+
 def print_view(renderable: Any) -> None:
     """A rich table or view on stdout, without the trailing spaces rich pads lines with
     (they break `diff` and copy-paste)."""

@@ -34,6 +34,7 @@ from .app import (
     parse_statuses,
     print_ids,
     print_json,
+    print_table,
     print_view,
     progress,
     say,
@@ -318,9 +319,14 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
 # -- ls --------------------------------------------------------------------------------
 
 
-LS_KEYS = ("id", "task", "status", "execution_time", "priority", "attempts", "max_retries",
-           "args", "kwargs", "result", "last_error", "created_at", "started_at", "finished_at",
-           "worker_id")
+LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
+           "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
+           "created_at", "started_at", "finished_at", "worker_id")
+
+
+def _first_line(text: str | None, limit: int) -> str:
+    line = (text or "").strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
     from ..tasks import JobPriority
@@ -341,17 +347,20 @@ def ls(
     status: Annotated[list[str] | None, typer.Option(
         "--status", "-s", help="Filter by status (repeatable).")] = None,
     task_name: Annotated[str | None, typer.Option("--task", help="Filter by task.")] = None,
+    queue: Annotated[str | None, typer.Option("--queue", help="Filter by queue.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many.")] = 50,
     since: Annotated[str | None, typer.Option(
         help="Only jobs created since a duration ago (30m, 2d) or a time (ISO 8601).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
-    """List jobs, newest first (by creation time)."""
+    """List jobs, newest first (by creation time). `attempts` counts every run; `failures`
+    is failures so far of the max_retries + 1 allowed (a retry starts it again)."""
     from ..store import STATUSES
-    from .views import DataTable
 
     settings = settings_of(ctx)
     statuses = parse_statuses(status, STATUSES)
+    if queue is not None:
+        validate_queue_name(queue)
     created_since = None
     if since is not None:
         from ..ops import parse_since
@@ -360,7 +369,7 @@ def ls(
 
     async def go() -> list[dict[str, Any]]:
         async with open_scheduler(settings) as sched:
-            return await sched.store.list_jobs(statuses=statuses, task=task_name,
+            return await sched.store.list_jobs(statuses=statuses, task=task_name, queue=queue,
                                                limit=limit + 1, since=created_since)
 
     rows = [job_to_json(row) for row in _run(go())]
@@ -369,15 +378,12 @@ def ls(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = DataTable(box=None, pad_edge=False)
-    for column in ("id", "task", "status", "execution_time", "priority", "attempts",
-                   "last_error"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["id"], row["task"], row["status"], row["execution_time"],
-                      str(row["priority"]), f"{row['attempts']}/{row['max_retries'] + 1}",
-                      (row["last_error"] or "")[:60])
-    print_view(table)
+    print_table(
+        ("id", "task", "queue", "status", "execution_time", "priority", "attempts", "failures",
+         "last_error"),
+        [(row["id"], row["task"], row["queue"], row["status"], row["execution_time"],
+          row["priority"], row["attempts"], f"{row['failures']}/{row['max_retries'] + 1}",
+          _first_line(row["last_error"], 60)) for row in rows])
     if more:
         note(f"showing the newest {limit}; use --limit or --since to see others")
 

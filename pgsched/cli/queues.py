@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import _run, app, command, open_scheduler, print_view, settings_of
+from .app import _run, app, command, open_scheduler, print_table, settings_of
 
 
 @app.command("queues")
@@ -23,8 +23,6 @@ def queues_(
 ) -> None:
     """Every queue with pending or running jobs, or paused: its jobs due now, scheduled and
     running, how late its oldest due job is, and whether (since when, by whom) it is paused."""
-    from .views import DataTable
-
     settings = settings_of(ctx)
 
     async def go() -> list[dict[str, Any]]:
@@ -35,19 +33,24 @@ def queues_(
     for row in rows:
         if row["paused_at"] is not None:
             row["paused_at"] = row["paused_at"].isoformat()
-        row["lag_seconds"] = round(row["lag_seconds"], 3)
+        # Like `status`: no lag when nothing is due (a 0 would read as "on time").
+        row["lag_seconds"] = round(row["lag_seconds"], 3) if row["due"] else None
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = DataTable(box=None, pad_edge=False)
-    for column in ("queue", "state", "due", "scheduled", "running", "lag", "paused"):
-        table.add_column(column, overflow="fold")
+    lines = []
     for row in rows:
         paused = ""
         if row["paused"]:
             paused = f"since {row['paused_at'][:19]} by {row['paused_by'] or '?'}"
             paused += f": {row['reason']}" if row["reason"] else ""
-        table.add_row(row["queue"], "paused" if row["paused"] else "active", str(row["due"]),
-                      str(row["scheduled"]), str(row["running"]), f"{row['lag_seconds']:.1f}s",
-                      paused)
-    print_view(table)
+        lines.append((row["queue"], "paused" if row["paused"] else "active", row["due"],
+                      row["scheduled"], row["running"], _lag(row), paused))
+    print_table(("queue", "state", "due", "scheduled", "running", "lag", "paused"), lines)
+
+
+def _lag(row: dict[str, Any]) -> str:
+    """How late the oldest due job is, like `status`: "-" when none is due."""
+    from ..ops import human_seconds
+
+    return human_seconds(row["lag_seconds"]) if row["due"] else "-"

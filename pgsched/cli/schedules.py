@@ -20,7 +20,7 @@ import typer
 
 from ..errors import InvalidInput
 from ..queues import validate_queue_name
-from .app import _ctx, _run, app, command, note, open_scheduler, print_view, say, settings_of
+from .app import _ctx, _run, app, command, note, open_scheduler, print_table, say, settings_of
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -73,22 +73,18 @@ def schedules(
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
     from ..store import Store
-    from .views import DataTable
 
     rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = DataTable(box=None, pad_edge=False)
-    for column in ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at",
-                   "last_status", "state", "origin"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        shown = f"cron {row['cron']}" if row["cron"] else f"every {row['every']}"
-        table.add_row(row["id"], row["task"], shown, row["tz"] or "-",
-                      row["next_fire_at"] or "-", row["last_run_at"] or "-",
-                      row["last_status"] or "-", row["state"], row["origin"])
-    print_view(table)
+    print_table(
+        ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at", "last_status", "state",
+         "origin"),
+        [(row["id"], row["task"],
+          f"cron {row['cron']}" if row["cron"] else f"every {row['every']}", row["tz"] or "-",
+          row["next_fire_at"] or "-", row["last_run_at"] or "-", row["last_status"] or "-",
+          row["state"], row["origin"]) for row in rows])
 
 OptionalId = Annotated[str | None, typer.Argument(
     metavar="ID", help="Schedule id (or use --queue).", show_default=False)]

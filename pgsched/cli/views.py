@@ -182,13 +182,19 @@ def job_view(job: dict[str, Any]) -> RenderableType:
     fields = DataTable(box=None, pad_edge=False, show_header=False)
     fields.add_column(style="bold")
     fields.add_column(overflow="fold")
-    budget = (f"{job['attempts']} ({job['failures']} failed, max_retries {job['max_retries']}, "
-              f"lease recoveries {job['recoveries']})")
+    failed = sum(1 for a in job["history"] if a["outcome"] == "failed")
+    attempts = (f"{job['attempts']} ({failed} failed, {job['recoveries']} recovered after a "
+                "lost lease)")
+    # failures counts toward max_retries and starts again at `pgsched retry`; the history
+    # keeps every attempt, so the two can differ.
+    budget = f"{job['failures']} of {job['max_retries'] + 1} allowed"
+    if job["failures"] != failed:
+        budget += " (counted since the last retry)"
     shown = {
         **{k: job[k] for k in ("id", "task", "queue", "status", "priority")},
         "args": _json(job["args"]), "kwargs": _json(job["kwargs"]),
         **{k: job[k] for k in ("execution_time", "created_at", "started_at", "finished_at")},
-        "attempts": budget,
+        "attempts": attempts, "failures": budget,
         "timeout": _seconds_or(job["timeout_seconds"], "none"),
         "misfire grace": _seconds_or(job["misfire_grace_seconds"], "none (never expires)"),
         "worker": job["worker_id"], "lease until": job["lease_until"],
