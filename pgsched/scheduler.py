@@ -33,7 +33,7 @@ from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .store import NewJob, Store, encode_json, open_pool
-from .tasks import JobPriority, get_task, task_name_of
+from .tasks import JobPriority, check_max_retries, get_task, task_name_of
 
 if TYPE_CHECKING:
     from .worker import Worker, WorkerOptions
@@ -86,8 +86,11 @@ class JobSpec:
 def validate_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
         raise InvalidInput(f"invalid job id: use 1 to {MAX_JOB_ID_LENGTH} characters")
-    if any(ord(ch) < 32 for ch in job_id):
+    if any(ord(ch) < 32 or 0x7f <= ord(ch) <= 0x9f for ch in job_id):
         raise InvalidInput("invalid job id: control characters are not allowed")
+    if job_id != job_id.strip():
+        # "a " and "a" would be two jobs that look the same in every listing.
+        raise InvalidInput(f"invalid job id {job_id!r}: remove the leading or trailing spaces")
     return job_id
 
 
@@ -243,8 +246,7 @@ class Scheduler:
         max_retries = spec.max_retries
         if max_retries is None:
             max_retries = registered.max_retries if registered else 0
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+        check_max_retries(max_retries)
         timeout = spec.timeout
         if timeout is UNSET:
             timeout = registered.timeout if registered else None

@@ -82,9 +82,19 @@ def validate_task_name(name: str) -> str:
     return name
 
 
+MAX_RETRIES = 10_000  # far above any sane retry budget, far below the integer column's limit
+
+
+def check_max_retries(max_retries: object) -> int:
+    if (isinstance(max_retries, bool) or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= MAX_RETRIES):
+        raise InvalidInput(
+            f"invalid max_retries {max_retries!r}: use a whole number from 0 to {MAX_RETRIES}")
+    return max_retries
+
+
 def check_task_options(max_retries: int, timeout: float | None) -> None:
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+    check_max_retries(max_retries)
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
         or timeout == float("inf")

@@ -157,3 +157,77 @@ def test_text_from_the_database_cannot_drive_the_terminal(config, pg_dsn, schema
 def test_ids_with_control_characters_are_escaped_in_errors(config):
     result = cli(config, "show", "nope\x1b[2Kx", code=1)
     assert "\x1b" not in result.stderr and "nope\\x1b[2Kx" in result.stderr
+
+
+def test_init_into_a_missing_directory_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["init", "sub/"])
+    assert result.exit_code == 2 and "directory sub does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # not a file called `sub`
+    (tmp_path / "sub").mkdir()
+    made = runner.invoke(app, ["init", "sub/"])
+    assert made.exit_code == 0 and (tmp_path / "sub" / "pgsched.toml").is_file()
+
+
+def test_every_command_warns_of_a_password_others_can_read(tmp_path):
+    path = tmp_path / "pgsched.toml"
+    path.write_text('[database]\ndsn = "postgresql://app:s3cret@localhost:1/db"\n')
+    path.chmod(0o644)
+    for args in (["config"], ["cron", "* * * * *", "--count", "1"], ["ls"]):
+        result = runner.invoke(app, ["--config", str(path), *args], env={"PGSCHED_DSN": ""})
+        assert "readable by other users" in result.stderr, args
+        assert "s3cret" not in result.stderr + result.stdout, args
+
+
+def test_config_dsn_prints_the_dsn_commands_use_with_the_password_masked(tmp_path, pg_dsn):
+    path = tmp_path / "pgsched.toml"
+    path.write_text('[database]\ndsn = "postgresql://app:s3cret@db.example:5433/jobs"\n')
+    path.chmod(0o600)
+    masked = cli(path, "config", "--dsn").stdout.strip()
+    assert masked.startswith("postgresql://app:") and "s3cret" not in masked
+    shown = cli(path, "config", "--dsn", "--show-password").stdout.strip()
+    assert shown == "postgresql://app:s3cret@db.example:5433/jobs"
+    cli(path, "config", "--show-password", code=2)
+    # With no DSN anywhere and no embedded server running: one line, nothing created.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "pgsched.toml").write_text('[database]\ndata_dir = "pg"\n')
+    none = cli(empty / "pgsched.toml", "config", "--dsn", code=1)
+    assert none.stderr.startswith("error: no database configured")
+    assert list(empty.iterdir()) == [empty / "pgsched.toml"]
+
+
+def test_pausing_a_paused_schedule_says_so(config):
+    cli(config, "add", "noop", "--every", "1h", "--id", "hourly")
+    first = cli(config, "pause", "hourly")
+    assert first.stdout == "hourly\n" and "already" not in first.stderr
+    again = cli(config, "pause", "hourly")
+    assert again.stdout == "hourly\n" and "schedule hourly: was already paused" in again.stderr
+    cli(config, "resume", "hourly")
+    assert "was not paused" in cli(config, "resume", "hourly").stderr
+
+
+def test_cancel_with_a_misspelt_task_is_refused(config):
+    cli(config, "add", "noop")
+    result = cli(config, "cancel", "--task", "nop", code=2)
+    assert "unknown task 'nop'" in result.stderr
+    assert json.loads(cli(config, "ls", "--json").stdout)[0]["status"] == "pending"
+
+
+def test_a_schema_not_set_up_is_named_in_the_error(config):
+    result = cli(config, "--schema", "other_schema", "ls", code=1)
+    [line] = result.stderr.splitlines()
+    assert "schema other_schema is not set up" in line and "pgsched schema" not in line
+
+
+@pytest.mark.parametrize("job_id", [" padded", "padded ", "tab\there", "del\x7f"])
+def test_job_ids_with_outer_spaces_or_controls_are_refused(config, job_id):
+    result = cli(config, "add", "noop", "--id", job_id, code=2)
+    assert "invalid job id" in result.stderr
+    assert json.loads(cli(config, "ls", "--json").stdout) == []
+
+
+def test_a_retry_budget_past_the_column_is_refused_not_a_traceback(config):
+    # Found by the fuzz test: 2147483648 reached the integer column and raised from psycopg.
+    result = cli(config, "add", "noop", "--retries", "2147483648", code=2)
+    assert "invalid max_retries" in result.stderr and "Traceback" not in result.stderr

@@ -217,8 +217,10 @@ class _Context:
             if self.schema is not None:
                 merged["database.schema"] = self.schema
             settings = load_settings(find_config_path(self.config), overrides=merged)
-            if overrides:
+            if overrides:  # the worker's: it logs the warnings as events
                 return settings
+            for warning in settings.warnings:  # every command that reads the file says so
+                note(f"warning: {warning}")
             self._settings = settings
         return self._settings
 
@@ -249,7 +251,7 @@ _GLOBAL_PARAMETERS = [
 ]
 
 
-def _database_error(exc: BaseException) -> str | None:
+def _database_error(exc: BaseException, schema: str) -> str | None:
     """One line for a database error a user can act on, or None for anything else."""
     if "psycopg" not in sys.modules:  # nothing connected: it cannot be a database error
         return None
@@ -260,7 +262,8 @@ def _database_error(exc: BaseException) -> str | None:
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, psycopg.errors.UndefinedTable):
-        return "the pgsched schema is not set up: run `pgsched migrate` first"
+        return (f"schema {schema} is not set up: run `pgsched migrate` with the same "
+                "--config/--dsn/--schema first")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return (f"{first}: the database role lacks a privilege pgsched needs; as the "
                 "schema's owner run `pgsched migrate --grant ROLE`")
@@ -288,15 +291,33 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise _fail(str(exc), exc.exit_code) from None
         except Exception as exc:
-            message = _database_error(exc)
+            schema = (state._settings.database.schema if state._settings is not None
+                      else state.schema or "pgsched")
+            message = _database_error(exc, schema)
             if message is None or state.debug:
                 raise
             raise _fail(message, 1) from None
 
     signature = inspect.signature(fn, eval_str=True)
+    own = _flags(signature)  # `config --dsn` is the command's own flag: the global one yields
     wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*signature.parameters.values(), *_GLOBAL_PARAMETERS])
+        parameters=[*signature.parameters.values(),
+                    *(p for p in _GLOBAL_PARAMETERS if not _flags(p) & own)])
     return wrapper
+
+
+def _flags(where: inspect.Signature | inspect.Parameter) -> set[str]:
+    """The command-line flags of a parameter, or of every parameter of a signature."""
+    if isinstance(where, inspect.Signature):
+        return set().union(*map(_flags, where.parameters.values()))
+    infos = [m for m in getattr(where.annotation, "__metadata__", ())
+             if isinstance(m, typer.models.OptionInfo)]
+    if not infos:
+        return set()
+    # In Annotated[...], typer.Option("--x", "-x") holds the first name in `default`.
+    names = (infos[0].default, *(infos[0].param_decls or ()))
+    declared = {d for d in names if isinstance(d, str) and d.startswith("-")}
+    return declared or {"--" + where.name.replace("_", "-")}
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -367,12 +388,9 @@ def main_options(
 
 
 def settings_of(ctx: typer.Context) -> Settings:
-    """The command's settings, with logging configured from them; warnings about the
-    config file (a password others can read) go to stderr."""
+    """The command's settings, with logging configured from them."""
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
-    for warning in settings.warnings:
-        note(f"warning: {warning}")
     return settings
 
 

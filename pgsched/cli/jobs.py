@@ -492,7 +492,6 @@ def cancel(
     stop it and records it as cancelled (if that worker is gone, the job is cancelled when
     its lease expires). Prints the ids; exit 1 if a given id was not found or had already
     finished, or with --wait if a running job did not end cancelled in time."""
-    from ..tasks import validate_task_name
     from ..timing import parse_duration
 
     settings = settings_of(ctx)
@@ -502,7 +501,7 @@ def cancel(
     if not ids and not (task_name or queue):
         raise InvalidInput("nothing to cancel: give job ids, --task NAME or --queue NAME")
     if task_name is not None:
-        validate_task_name(task_name)
+        task_checker(settings)(task_name)  # a typo is refused, not a silent "0 cancelled"
     if queue is not None:
         validate_queue_name(queue)
     wait_seconds = (for_option("--wait", parse_duration, wait).total_seconds()
@@ -535,14 +534,14 @@ def cancel(
             note(f"error: job {job_id}: {reason}")
     else:
         note(f"cancelled {len(done) - len(running)} pending jobs; asked workers to stop "
-                  f"{len(running)} running jobs")
+             f"{len(running)} running jobs")
     for job_id, status in final.items():
         if status == "cancelled":
             continue
         problems += 1
         if status == "running":
             note(f"error: job {job_id}: still running after {wait}; it ends cancelled "
-                      "when its worker stops it or its lease expires")
+                 "when its worker stops it or its lease expires")
         else:
             note(f"error: job {job_id}: ended {status} before it could be cancelled")
     if problems:

@@ -282,8 +282,10 @@ def workers(
 @command
 def init(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(
-        help="File to create, or a directory to create pgsched.toml in.")] = Path("pgsched.toml"),
+    target: Annotated[str, typer.Argument(
+        metavar="PATH",
+        help="File to create, or a directory (existing, or ending in /) to create "
+             "pgsched.toml in.")] = "pgsched.toml",
     tasks: Annotated[str | None, typer.Option(
         help="Your task module (dotted name or .py path), written as [worker] tasks.")] = None,
 ) -> None:
@@ -292,7 +294,9 @@ def init(
     from ..config import load_settings
     from ..ops import starter_config
 
-    if path.is_dir():
+    path = Path(target)
+    # Path() drops a trailing slash, which is how `init sub/` says "a directory".
+    if path.is_dir() or target.endswith(("/", os.sep)):
         path = path / "pgsched.toml"
     if not path.parent.is_dir():
         raise InvalidInput(f"directory {path.parent} does not exist: create it first")
@@ -313,16 +317,33 @@ def init(
         file.write(text)
     say(str(path))
     hint = "set [worker] tasks, then" if tasks is None else "next:"
-    note(f"wrote {path}; {hint} run `pgsched migrate` and `pgsched worker`")
+    steps = ("run `pgsched migrate` and `pgsched worker`" if dsn else
+             "run `pgsched worker` (with no [database] dsn it starts the embedded development "
+             "server and migrates it)")
+    note(f"wrote {path}; {hint} {steps}")
 
 @app.command("config")
 @command
-def show_config(ctx: typer.Context) -> None:
+def show_config(
+    ctx: typer.Context,
+    dsn: Annotated[bool, typer.Option(
+        "--dsn", help="Print only the DSN the other commands would connect with (the "
+        "embedded server's when it runs), for psql or the Python API.")] = False,
+    show_password: Annotated[bool, typer.Option(
+        help="With --dsn: print the password instead of ***.")] = False,
+) -> None:
     """Print the effective configuration (file, PGSCHED_DSN, flags) as TOML, with any
-    password masked."""
-    from ..config import settings_to_toml
+    password masked; with --dsn, only the DSN."""
+    from ..config import mask_dsn, settings_to_toml
 
-    sys.stdout.write(settings_to_toml(_ctx(ctx).settings()))
+    if show_password and not dsn:
+        raise InvalidInput("--show-password goes with --dsn")
+    settings = _ctx(ctx).settings()
+    if not dsn:
+        sys.stdout.write(settings_to_toml(settings))
+        return
+    resolved = resolve_dsn(settings)
+    say(resolved if show_password else mask_dsn(resolved))
 
 
 @app.command()

@@ -113,7 +113,10 @@ def pause(
     _one_target(schedule_id, queue)
     if queue:
         return pause_queues_command(ctx, queue, reason)
-    _note_disabled(_store_call(settings_of(ctx), recurring.pause_schedule, schedule_id))
+    row = _store_call(settings_of(ctx), recurring.pause_schedule, schedule_id)
+    if row["was_paused"]:
+        note(f"schedule {schedule_id}: was already paused")
+    _note_disabled(row)
     say(schedule_id)
 
 @app.command()
@@ -127,13 +130,16 @@ def resume(ctx: typer.Context, schedule_id: OptionalId = None,
     _one_target(schedule_id, queue)
     if queue:
         return resume_queues_command(ctx, queue)
-    _note_disabled(_store_call(settings_of(ctx), recurring.resume_schedule, schedule_id))
+    row = _store_call(settings_of(ctx), recurring.resume_schedule, schedule_id)
+    if not row["was_paused"]:
+        note(f"schedule {schedule_id}: was not paused")
+    _note_disabled(row)
     say(schedule_id)
 
 def _note_disabled(row: dict[str, Any]) -> None:
     if not row["enabled"]:
         note(f"note: schedule {row['id']} is disabled in code (enabled=False, or its "
-                  "@periodic was removed); it fires only once the code enables it")
+             "@periodic was removed); it fires only once the code enables it")
 
 
 def _who() -> str:
@@ -187,7 +193,7 @@ def remove(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None
     row = _store_call(settings_of(ctx), recurring.remove_schedule, schedule_id)
     if row["origin"] == "code":
         note(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
-                  "start creates it again; remove the decorator, or use `pgsched pause`")
+             "start creates it again; remove the decorator, or use `pgsched pause`")
     say(schedule_id)
 
 @app.command("cron")
