@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -173,7 +174,10 @@ def task_name_of(func_or_name: Callable[..., Any] | str) -> str:
 
 
 def load_tasks(spec: str, base_dir: Path | None = None) -> None:
-    """Import the user's task module: a dotted name (base_dir on sys.path) or a .py path."""
+    """Import the user's task module: a .py path (relative to base_dir), or a dotted name
+    found on sys.path with base_dir (the config file's directory) and the working
+    directory in front: the systemd unit keeps its config in /etc/pgsched and runs in the
+    application's directory, and a console script does not put that directory on the path."""
     try:
         if spec.endswith(".py") or "/" in spec:
             path = Path(spec)
@@ -188,15 +192,17 @@ def load_tasks(spec: str, base_dir: Path | None = None) -> None:
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
         else:
-            if base_dir is not None and str(base_dir) not in sys.path:
-                sys.path.insert(0, str(base_dir))
+            for directory in (os.getcwd(), base_dir):
+                if directory is not None and str(directory) not in sys.path:
+                    sys.path.insert(0, str(directory))
             importlib.import_module(spec)
     except InvalidInput:
         raise
     except ModuleNotFoundError as exc:
         raise InvalidInput(
             f"cannot import task module {spec!r}: {exc}; check [worker] tasks and that the "
-            "module is on the Python path (the config file's directory is added)"
+            "module is on the Python path (the config file's directory and the working "
+            "directory are added)"
         ) from exc
     except Exception as exc:
         raise InvalidInput(
