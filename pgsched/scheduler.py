@@ -239,6 +239,10 @@ class Scheduler:
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
             )
         args_json, kwargs_json = encode_arguments(spec.args, spec.kwargs)
+        if registered is not None and callable(spec.func):
+            # Given the function itself, its signature is here to check against; a name may
+            # be registered differently in the workers, so it is not.
+            registered.check_arguments(spec.args, spec.kwargs)
         if spec.priority is not None:
             priority = JobPriority.parse(spec.priority)
         else:

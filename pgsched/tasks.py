@@ -69,6 +69,19 @@ class Task:
     def is_async(self) -> bool:  # asked for every job run; inspect costs ~1 us a time
         return inspect.iscoroutinefunction(self.func)
 
+    def check_arguments(self, args: Any, kwargs: Any) -> None:
+        """Refuse args/kwargs the function cannot be called with, before the job is written,
+        instead of a TypeError when it runs. Callables without a signature pass."""
+        try:
+            signature = inspect.signature(self.func)
+        except (TypeError, ValueError):
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInput(
+                f"arguments do not fit task {self.name}{signature}: {exc}") from None
+
 
 _REGISTRY: dict[str, Task] = {}
 

@@ -69,7 +69,8 @@ def test_add_conflict_modes(config, pg_dsn, schema):
     cli(config, "add", "add", "--args", "[1,1]", "--id", "j1", "--in", "1h")
     result = cli(config, "add", "add", "--args", "[2,2]", "--id", "j1", code=1)
     assert "already exists" in result.stderr
-    assert cli(config, "add", "add", "--id", "j1", "--on-conflict", "ignore").stdout.strip() == "j1"
+    ignored = cli(config, "add", "add", "--args", "[1,1]", "--id", "j1", "--on-conflict", "ignore")
+    assert ignored.stdout.strip() == "j1"
     cli(config, "add", "add", "--args", "[3,3]", "--id", "j1", "--on-conflict", "replace")
     assert [j["args"] for j in jobs(pg_dsn, schema)] == [[3, 3]]
 

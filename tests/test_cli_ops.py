@@ -562,7 +562,7 @@ async def test_add_from_file_adds_valid_lines_and_reports_the_others(config, sch
     assert (await sched.get_job("existing"))["args"] == ["original"]
 
     replace = await cli(config, "add", "--from", "-", "--on-conflict", "replace",
-                        input='{"task": "noop", "id": "existing", "args": ["new"]}\n')
+                        input='{"task": "record", "id": "existing", "args": ["new"]}\n')
     assert replace.exit_code == 0 and replace.stdout.split() == ["existing"]
     assert (await sched.get_job("existing"))["args"] == ["new"]
 

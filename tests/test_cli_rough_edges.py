@@ -231,3 +231,40 @@ def test_a_retry_budget_past_the_column_is_refused_not_a_traceback(config):
     # Found by the fuzz test: 2147483648 reached the integer column and raised from psycopg.
     result = cli(config, "add", "noop", "--retries", "2147483648", code=2)
     assert "invalid max_retries" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_add_at_a_time_past_the_misfire_grace_is_refused_with_a_hint(config):
+    result = cli(config, "add", "noop", "--at", "2020-01-01T00:00:00Z", code=2)
+    [line] = result.stderr.splitlines()
+    assert "beyond the misfire grace" in line and "--misfire-grace none" in line
+    assert json.loads(cli(config, "ls", "--json").stdout) == []
+    kept = cli(config, "add", "noop", "--at", "2020-01-01T00:00:00Z", "--misfire-grace", "none")
+    assert json.loads(cli(config, "ls", "--json").stdout)[0]["id"] == kept.stdout.strip()
+
+
+def test_add_checks_arguments_against_the_tasks_signature(config, tmp_path):
+    # tests/worker_tasks.py: add(a, b) is importable through [worker] tasks.
+    bad = cli(config, "add", "add", "--args", "[1]", code=2)
+    assert "arguments do not fit task add" in bad.stderr
+    cli(config, "add", "add", "--kwargs", '{"c": 1}', "--args", "[1, 2]", code=2)
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"task": "add", "args": [1, 2]}\n{"task": "add", "args": [1, 2, 3]}\n')
+    mixed = cli(config, "add", "--from", str(lines), code=2)
+    assert len(mixed.stdout.split()) == 1 and "line 2: arguments do not fit" in mixed.stderr
+    cli(config, "add", "add", "--args", "[1, 2]")
+    assert len(json.loads(cli(config, "ls", "--json").stdout)) == 2
+
+
+async def test_schedule_given_a_function_checks_its_arguments(sched):
+    from pgsched import InvalidInput, task
+
+    @task(name="greet_checked")
+    def greet(name: str, *, loud: bool = False) -> str:
+        return name
+
+    with pytest.raises(InvalidInput, match="arguments do not fit task greet_checked"):
+        await sched.schedule(greet, args=["a", "b"])
+    with pytest.raises(InvalidInput, match="unexpected keyword argument 'shout'"):
+        await sched.schedule(greet, args=["a"], kwargs={"shout": True})
+    assert await sched.store.list_jobs() == []
+    await sched.schedule(greet, args=["a"], kwargs={"loud": True})

@@ -156,9 +156,12 @@ def add(
     elif in_ is not None:
         when = datetime.now(UTC) + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
+    if at is not None:
+        _refuse_expired(at, when, settings.jobs.misfire_grace_seconds if grace is UNSET
+                        else grace)
     if queue is not None:
         validate_queue_name(queue)
-    _check_task_known(settings, task_name)
+    _check_task_known(settings, task_name, arg_list, kwarg_map)
 
     async def go() -> str:
         async with open_scheduler(settings) as sched:
@@ -174,12 +177,24 @@ def add(
 
     say(_run(go()))
 
-def _check_task_known(settings: Settings, name: str) -> None:
-    task_checker(settings)(name)
+def _refuse_expired(at: str, when: datetime, grace: float | None) -> None:
+    """A job due longer ago than its misfire grace would expire without running: say so
+    instead of exiting 0."""
+    late = (datetime.now(UTC) - when).total_seconds()
+    if grace is not None and late > grace:
+        raise InvalidInput(
+            f"--at {at} is {late:.0f}s in the past, beyond the misfire grace of {grace:g}s: "
+            "the job would expire at once; add --misfire-grace none (or a longer grace) to "
+            "run it anyway")
 
-def task_checker(settings: Settings) -> Callable[[str], None]:
-    """A check rejecting invalid task names, and unknown ones when the task module can be
-    imported here."""
+
+def _check_task_known(settings: Settings, name: str, args: Any = None,
+                      kwargs: Any = None) -> None:
+    task_checker(settings)(name, args, kwargs)
+
+def task_checker(settings: Settings) -> Callable[..., None]:
+    """check(name, args=None, kwargs=None) rejecting invalid task names and, when the task
+    module can be imported here, unknown tasks and arguments that do not fit the function."""
     from ..tasks import get_task, load_tasks, validate_task_name
 
     module = settings.worker.tasks
@@ -190,12 +205,17 @@ def task_checker(settings: Settings) -> Callable[[str], None]:
             log.debug("task_module_unavailable", error=str(exc))
             module = None
 
-    def check(name: str) -> None:
+    def check(name: str, args: Any = None, kwargs: Any = None) -> None:
         validate_task_name(name)  # first: a hostile name must not be echoed back in full
-        if module is not None and get_task(name) is None:
+        if module is None:
+            return
+        task = get_task(name)
+        if task is None:
             raise InvalidInput(
                 f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
             )
+        if args is not None or kwargs is not None:
+            task.check_arguments(args or [], kwargs or {})
 
     return check
 
@@ -229,7 +249,7 @@ def add_schedule(
         raise InvalidInput("--tz and --catch-up describe a schedule: add --cron or --every")
     if schedule_id is None:
         raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
-    _check_task_known(settings, task_name)
+    _check_task_known(settings, task_name, args, kwargs)
     known = get_task(task_name)  # its @task options are the defaults, when importable here
     definition = recurring.define_schedule(
         task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
@@ -281,7 +301,8 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
         async with open_scheduler(settings) as sched:
             def check(spec: Any) -> None:
                 known(str(spec.func))
-                sched.validate(spec)
+                sched.validate(spec)  # args and kwargs are a list and an object from here
+                known(str(spec.func), spec.args, spec.kwargs)
 
             specs, rejected = parse_job_lines(lines, tz=settings.jobs.timezone,
                                               now=datetime.now(UTC), check=check)
