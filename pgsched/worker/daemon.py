@@ -116,6 +116,10 @@ class _Held:
     queue: str = ""
     cancel_requested: bool = False
 
+    def log_fields(self) -> dict[str, Any]:
+        """What every job event carries (the README's promise): job_id, task, attempt."""
+        return {"job_id": self.id, "task": self.task_name, "attempt": self.attempt}
+
 
 @dataclass
 class _Completion:
@@ -508,11 +512,11 @@ class Worker:
                 if c.held.id in written:
                     self.stats.completed += 1
                     self.metrics.job("completed", c.held.task_name, c.held.queue)
-                    self._job_log.info("job_completed", job_id=c.held.id,
+                    self._job_log.info("job_completed", **c.held.log_fields(),
                                        duration_s=c.duration_s, lateness_ms=c.lateness_ms)
                 else:
                     self.stats.lease_lost += 1
-                    log.warning("job_completion_rejected", job_id=c.held.id,
+                    log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
         await self._record_cancelled([c for c in batch if c.outcome.cancelled])
         left = [c for c in batch if not c.outcome.ok and not c.outcome.cancelled]
@@ -529,21 +533,21 @@ class Worker:
             left.pop(0)
             if row is None:
                 self.stats.lease_lost += 1
-                log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
+                log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
             elif row["status"] == "pending":
                 self.stats.retried += 1
                 self.metrics.job("retried", c.held.task_name, c.held.queue)
-                log.info("job_retry_scheduled", job_id=c.held.id, error=c.outcome.error,
+                log.info("job_retry_scheduled", **c.held.log_fields(), error=c.outcome.error,
                          retry_at=row["execution_time"].isoformat())
                 self.note_due(row["execution_time"].timestamp())
             elif row["status"] == "cancelled":  # a cancel was requested while it failed
                 self.stats.cancelled += 1
                 self.metrics.job("cancelled", c.held.task_name, c.held.queue)
-                log.info("job_cancelled", job_id=c.held.id, error=c.outcome.error)
+                log.info("job_cancelled", **c.held.log_fields(), error=c.outcome.error)
             else:
                 self.stats.failed += 1
                 self.metrics.job("failed", c.held.task_name, c.held.queue)
-                log.error("job_failed", job_id=c.held.id, error=c.outcome.error)
+                log.error("job_failed", **c.held.log_fields(), error=c.outcome.error)
         return []
 
     async def _record_cancelled(self, cancelled: list[_Completion]) -> None:
@@ -556,10 +560,10 @@ class Worker:
             if c.held.id in written:
                 self.stats.cancelled += 1
                 self.metrics.job("cancelled", c.held.task_name, c.held.queue)
-                log.info("job_cancelled", job_id=c.held.id, task=c.held.task_name)
+                log.info("job_cancelled", **c.held.log_fields())
             else:
                 self.stats.lease_lost += 1
-                log.warning("job_cancel_rejected", job_id=c.held.id, reason="lease lost")
+                log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
 
     # -- heartbeater ---------------------------------------------------------------------
 
@@ -625,13 +629,13 @@ class Worker:
                     continue
                 if kept.get(job_id) and not h.cancel_requested:
                     h.cancel_requested = True
-                    log.info("job_cancel_requested", job_id=job_id, task=h.task_name)
+                    log.info("job_cancel_requested", **h.log_fields())
                     if h.task is not None:
                         h.task.cancel()
                 elif job_id not in kept:
                     h.lease_lost = True
                     self.stats.lease_lost += 1
-                    log.warning("lease_lost", job_id=job_id,
+                    log.warning("lease_lost", **h.log_fields(),
                                 reason="recovered, cancelled or replaced by someone else")
                     if h.task is not None:
                         h.task.cancel()
