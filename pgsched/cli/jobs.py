@@ -10,7 +10,6 @@ any. A job or id not found exits 1.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -397,7 +396,7 @@ def ls(
     more = len(rows) > limit
     rows = rows[:limit]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        print_json(rows)
         return
     print_table(
         ("id", "task", "queue", "status", "execution_time", "priority", "attempts", "failures",

@@ -9,7 +9,6 @@ overwrites a file (it creates it exclusively, so two concurrent runs cannot both
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -197,7 +196,7 @@ def vacuum(
 
     counts = _run(go())
     if as_json:
-        sys.stdout.write(json.dumps(counts) + "\n")
+        print_json(counts, indent=None)
         return
     verb = "would delete" if dry_run else "deleted"
     for s, n in counts.items():

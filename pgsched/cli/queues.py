@@ -6,13 +6,11 @@ a queue are `pause --queue` and `resume --queue` (pgsched/cli/schedules.py).
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated, Any
 
 import typer
 
-from .app import _run, app, command, open_scheduler, print_table, settings_of
+from .app import _run, app, command, open_scheduler, print_json, print_table, settings_of
 
 
 @app.command("queues")
@@ -36,7 +34,7 @@ def queues_(
         # Like `status`: no lag when nothing is due (a 0 would read as "on time").
         row["lag_seconds"] = round(row["lag_seconds"], 3) if row["due"] else None
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        print_json(rows)
         return
     lines = []
     for row in rows:

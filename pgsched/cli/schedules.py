@@ -9,10 +9,8 @@ opened, so bad input exits 2 and writes nothing; an unknown schedule id exits 1.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
-import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,7 +18,18 @@ import typer
 
 from ..errors import InvalidInput
 from ..queues import validate_queue_name
-from .app import _ctx, _run, app, command, note, open_scheduler, print_table, say, settings_of
+from .app import (
+    _ctx,
+    _run,
+    app,
+    command,
+    note,
+    open_scheduler,
+    print_json,
+    print_table,
+    say,
+    settings_of,
+)
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -76,7 +85,7 @@ def schedules(
 
     rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        print_json(rows)
         return
     print_table(
         ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at", "last_status", "state",
@@ -221,7 +230,7 @@ def cron_times(
     if as_json:
         data = [{"local": local.isoformat(), "zone": local.tzname(),
                  "utc": recurring.format_instant(t)} for local, t in times]
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        print_json(data)
         return
     for local, t in times:
         say(f"{local.isoformat()}  {local.tzname()}  {recurring.format_instant(t)}")
