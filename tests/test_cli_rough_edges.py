@@ -268,3 +268,8 @@ async def test_schedule_given_a_function_checks_its_arguments(sched):
         await sched.schedule(greet, args=["a"], kwargs={"shout": True})
     assert await sched.store.list_jobs() == []
     await sched.schedule(greet, args=["a"], kwargs={"loud": True})
+
+
+def test_top_piped_prints_one_snapshot_without_the_key_hint(config):
+    shown = cli(config, "top").stdout
+    assert shown.startswith("pgsched top · schema ") and "q quits" not in shown

@@ -130,7 +130,8 @@ def note(text: object) -> None:
 
 # -- usage errors ------------------------------------------------------------------------
 
-# typer words its validation errors the way pydantic does; say it as a person would.
+# typer 0.29+ (not used now: see pyproject.toml) words validation errors the way pydantic
+# does; say it as a person would.
 _WORDING = (
     (re.compile(r"^Value error, "), ""),
     (re.compile(r"Input should be greater than or equal to "), "must be at least "),
