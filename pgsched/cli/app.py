@@ -98,6 +98,8 @@ def say(text: object) -> None:
 
 def width(text: str) -> int:
     """Terminal columns `text` takes: East Asian wide characters take two."""
+    if text.isascii():
+        return len(text)
     import unicodedata
 
     return sum(0 if unicodedata.combining(c) else

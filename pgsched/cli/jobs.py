@@ -9,7 +9,6 @@ any. A job or id not found exits 1.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -569,6 +568,8 @@ def cancel(
 
 async def _wait_for_end(store: Any, job_ids: list[str], seconds: float) -> dict[str, str]:
     """Poll until none of the jobs is running or the time is up; their last statuses."""
+    import asyncio
+
     deadline = time.monotonic() + seconds
     while True:
         statuses = await store.job_statuses(job_ids)

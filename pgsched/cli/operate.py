@@ -8,7 +8,6 @@ overwrites a file (it creates it exclusively, so two concurrent runs cannot both
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -121,6 +120,8 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     )
 
 async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
+    import asyncio
+
     from ..scheduler import Scheduler
 
     pool_size = max(2, settings.database.pool_size)

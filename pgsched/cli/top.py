@@ -13,7 +13,6 @@ the error in the header and tries again on the next tick; any other error ends t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -78,6 +77,8 @@ def top(
 def _keys(on_key: Callable[[str], None]) -> Iterator[None]:
     """Deliver single keypresses from a terminal stdin (cbreak mode: Ctrl-C still sends
     SIGINT); does nothing when stdin is not a terminal."""
+    import asyncio
+
     if not sys.stdin.isatty():
         yield
         return
@@ -110,6 +111,8 @@ async def run_live(
     """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
     SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
     keeps the last frame, marked with the error. Quitting never waits for a refresh."""
+    import asyncio
+
     from rich.live import Live
 
     from .views import one_line
