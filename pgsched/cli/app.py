@@ -456,26 +456,6 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
         yield lambda n: bar.advance(task, n)
 
 
-_GLOBAL_WITH_VALUE = {"--config", "-c", "--dsn", "--schema"}
-
-
-def _keep_only_the_invoked_command(argv: list[str]) -> None:
-    """Leave typer only the command this process runs: it builds a click command for every
-    registered one before parsing argv, 10-25 ms for twenty-odd commands, and a call runs
-    one. Without a known command name (`--help`, a typo, completion) nothing changes."""
-    args = iter(argv)
-    for arg in args:
-        if arg in _GLOBAL_WITH_VALUE:
-            next(args, None)
-        elif not arg.startswith("-"):
-            chosen = [c for c in app.registered_commands
-                      if (c.name or c.callback.__name__.replace("_", "-")) == arg]
-            if chosen:
-                app.registered_commands[:] = chosen
-            return
-
-
 def main() -> None:
-    _keep_only_the_invoked_command(sys.argv[1:])
     app()
 
