@@ -341,9 +341,9 @@ def resolve_dsn(settings: Settings, *, start_embedded: bool = False) -> str:
         dsn = running_embedded_dsn(data_dir)
         if dsn is None:
             raise DatabaseUnavailable(
-                "no database configured: set [database] dsn in pgsched.toml (pgsched init "
-                "writes one), PGSCHED_DSN or --dsn; or start `pgsched worker` here for the "
-                f"embedded development server in {data_dir}")
+                "no database configured: set [database] dsn in pgsched.toml, PGSCHED_DSN or "
+                "--dsn; or start `pgsched worker` here for the embedded development server "
+                f"in {data_dir}")
         return dsn
     dsn = embedded_dsn(data_dir)
     log.info("embedded_database", data_dir=str(data_dir),
