@@ -71,12 +71,13 @@ class Sizes:
     recurring_every: float = 60.0
     recurring_windows: int = 3
     recurring_workers: int = 3
+    cli_runs: int = 20  # runs of each command in cli-startup
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
               due_latency=10, enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
               idle_seconds=2.0, raw_claim=500, recurring_schedules=50, recurring_every=2.0,
-              recurring_windows=2)
+              recurring_windows=2, cli_runs=3)
 
 
 @dataclass

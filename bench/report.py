@@ -95,6 +95,16 @@ ROWS = [
         met=_at_most("idle_statements_per_min", 30)),
     Row("worker peak RSS while draining (drain-1 at 100)", "drain_1_worker_peak_rss_mb", "MB",
         None, "< 100 MB", met=lambda m: m["drain_1_worker_peak_rss_mb"] < 100),
+    Row("CLI start-up: pgsched --version (wall)", "cli_version", "ms", None, "p50 <= 150",
+        met=lambda m: m["cli_version_p50_ms"] <= 150),
+    Row("CLI start-up: pgsched --help (wall)", "cli_help", "ms", None, "p50 <= 150",
+        met=lambda m: m["cli_help_p50_ms"] <= 150),
+    Row("CLI start-up: pgsched ls, 50 jobs (wall)", "cli_ls", "ms", None, "p50 <= 150",
+        met=lambda m: m["cli_ls_p50_ms"] <= 150),
+    Row("CLI start-up: pgsched add (wall)", "cli_add", "ms", None),
+    *(Row(f"CLI start-up: pgsched {name} (CPU, median)", f"cli_{key}_cpu_p50_ms", "ms cpu")
+      for name, key in (("--version", "version"), ("--help", "help"), ("ls", "ls"),
+                        ("add", "add"))),
     Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
     Row("raw: COPY 10k rows", "raw_copy_10k_rows_per_s", "rows/s"),
     Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
@@ -113,6 +123,8 @@ def _value(key: str, unit: str, m: Metrics) -> str | None:
     if key not in m:
         return None
     value = m[key]
+    if unit == "ms cpu":
+        return f"{value:.0f} ms"
     if unit == "windows":
         return (f"{value} / {m['recurring_windows_doubled']} of "
                 f"{m['recurring_windows_expected']:,}")

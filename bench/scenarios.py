@@ -16,12 +16,16 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql
@@ -474,6 +478,57 @@ async def _transactions(h: Harness) -> int:
     return n
 
 
+# -- CLI start-up ----------------------------------------------------------------------------
+
+CLI_COMMANDS = {"version": ["--version"], "help": ["--help"], "ls": ["ls"],
+                "add": ["add", "noop"]}
+
+
+def _pgsched() -> list[str]:
+    """The console script next to this Python (what users run), else `python -m pgsched`."""
+    script = Path(sys.executable).parent / "pgsched"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pgsched"]
+
+
+def _time_command(argv: list[str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + system) milliseconds of each run. CPU time barely moves with
+    the machine's load, so it tells a slow start from a busy machine."""
+    subprocess.run(argv, capture_output=True, check=True)  # warm the file cache
+    wall, cpu = [], []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True)
+        wall.append((time.perf_counter() - start) * 1000)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append((after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr[-500:]}")
+    return wall, cpu
+
+
+async def cli_startup(h: Harness) -> Metrics:
+    """Wall time of whole `pgsched` processes on a small database (50 jobs): what a script
+    calling the CLI in a loop pays per call, Python's own start-up included."""
+    schema = await h.fresh_schema("cli_startup")
+    async with Scheduler(h.dsn, schema=schema) as sched:
+        await sched.schedule_bulk([JobSpec("noop") for _ in range(50)])
+    config = h.write_config(schema)
+    metrics: Metrics = {}
+    for name, args in CLI_COMMANDS.items():
+        argv = [*_pgsched(), "--config", str(config), *args]
+        wall, cpu = await asyncio.to_thread(_time_command, argv, h.sizes.cli_runs)
+        metrics.update(percentiles(wall, f"cli_{name}"))
+        metrics[f"cli_{name}_cpu_p50_ms"] = statistics.median(cpu)
+    async with await h.connect() as conn:
+        cur = await conn.execute(q("SELECT count(*) FROM {s}.jobs", schema))
+        added = (await cur.fetchone())[0] - 50
+    await h.drop_schema(schema)
+    if added != h.sizes.cli_runs + 1:
+        raise BenchError(f"cli-startup: `add` made {added} jobs, not {h.sizes.cli_runs + 1}")
+    return metrics
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -501,6 +556,7 @@ def scenarios() -> list[Scenario]:
         Scenario("enqueue-latency", enqueue_latency, False),
         Scenario("recurring", recurring_at_scale, False),
         Scenario("idle", idle_cost, False),
+        Scenario("cli-startup", cli_startup, False),
     ]
 
 

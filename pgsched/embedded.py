@@ -31,6 +31,20 @@ from pathlib import Path
 from .errors import DatabaseUnavailable
 
 
+def running_embedded_dsn(data_dir: Path) -> str | None:
+    """The DSN of an embedded server already running in `data_dir`, or None; starts and
+    creates nothing (commands other than `worker` and `web` only join a server)."""
+    try:
+        lines = (data_dir.expanduser() / "postmaster.pid").read_text().splitlines()
+        pid, port, socket_dir = int(lines[0]), lines[3].strip(), lines[4].strip()
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    if not socket_dir:
+        return None
+    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+
+
 def embedded_dsn(data_dir: Path) -> str:
     """Start or join the embedded server in `data_dir`; returns its DSN."""
     try:

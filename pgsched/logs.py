@@ -7,14 +7,19 @@ writes one JSON object per line, which journald stores and `jq` reads. Per-job c
 
 Event names are stable (they are documented in the README for alerting): change them
 only with a note in the changelog.
+
+structlog is imported on first use (a logger's first call, or configure() once it is
+loaded): the CLI's quick commands never log, and never pay for importing it.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
-import structlog
+if TYPE_CHECKING:
+    import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -30,11 +35,35 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+_requested: tuple[str, str] | None = None  # what configure() asked for
+_applied = False  # whether structlog has it yet
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    """Route logs to stderr at `level` ("auto" format: console on a TTY, else JSON). Takes
+    effect at once if structlog is loaded, otherwise when a logger is first used."""
+    global _requested, _applied
+    _requested, _applied = (level, fmt), False
     # psycopg_pool logs each broken connection it discards; the worker already reports
     # the outage once as `db_unavailable`, in its own format.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    _route_library_logs()
+    if "structlog" in sys.modules:
+        _structlog()
+
+
+def _structlog() -> Any:
+    global _applied
+    import structlog
+
+    if _requested is not None and not _applied:
+        _applied = True
+        _apply(structlog, *_requested)
+    return structlog
+
+
+def _apply(structlog: Any, level: str, fmt: str) -> None:
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -52,7 +81,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
-    _route_library_logs()
 
 
 class _LibraryLogs(logging.Handler):
@@ -62,7 +90,7 @@ class _LibraryLogs(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from .config import mask_dsn
 
-        structlog.get_logger(record.name).log(
+        _structlog().get_logger(record.name).log(
             record.levelno, "library_warning", message=mask_dsn(record.getMessage()))
 
 
@@ -73,5 +101,18 @@ def _route_library_logs() -> None:
         library.propagate = False
 
 
+class _Logger:
+    """structlog's logger called `name`, looked up on each call (so a later configure()
+    applies, as structlog's own lazy proxy does)."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(_structlog().get_logger(self._name), method)
+
+
 def get_logger(name: str = "pgsched") -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+    return _Logger(name)  # type: ignore[return-value]

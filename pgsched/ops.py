@@ -1,6 +1,6 @@
 """What the operator commands know: snapshots of the system, a job's attempt history,
 bulk retry, job files for `add --from`, and the starter configuration. Nothing here
-prints; pgsched/cli_ops.py and pgsched/dashboard.py turn these values into text.
+prints; pgsched/cli/ turns these values into text.
 
 Owns:
 - `Snapshot`: one consistent-enough look at counts, throughput, workers and (for the

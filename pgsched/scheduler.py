@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import psycopg_pool
@@ -34,8 +34,10 @@ from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .recurring import is_schedule_job_id
 from .store import NewJob, Store, check_json_depth, encode_json, lock_timeout_for, open_pool
-from .tasks import JobPriority, get_task, task_name_of
-from .worker import Worker, WorkerOptions
+from .tasks import JobPriority, check_max_retries, get_task, task_name_of
+
+if TYPE_CHECKING:
+    from .worker import Worker, WorkerOptions
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_JOB_ID_LENGTH = 255
@@ -85,8 +87,11 @@ class JobSpec:
 def validate_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
         raise InvalidInput(f"invalid job id: use 1 to {MAX_JOB_ID_LENGTH} characters")
-    if any(ord(ch) < 32 for ch in job_id):
+    if any(ord(ch) < 32 or 0x7f <= ord(ch) <= 0x9f for ch in job_id):
         raise InvalidInput("invalid job id: control characters are not allowed")
+    if job_id != job_id.strip():
+        # "a " and "a" would be two jobs that look the same in every listing.
+        raise InvalidInput(f"invalid job id {job_id!r}: remove the leading or trailing spaces")
     if is_schedule_job_id(job_id):
         raise InvalidInput(
             f"invalid job id {job_id!r}: ids like SCHEDULE@<time> and SCHEDULE@trigger-... "
@@ -157,7 +162,7 @@ class Scheduler:
             None if misfire_grace_time is None
             else _seconds(misfire_grace_time, "misfire_grace_time")
         )
-        self.options = options or WorkerOptions()
+        self.options = options  # None: WorkerOptions() when start() needs them
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
@@ -209,7 +214,10 @@ class Scheduler:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
         await self.open()
         if self._worker is None:
-            self._worker = Worker(self.store, self._dsn, self.options)
+            # Imported here: a CLI that only enqueues or lists never loads the worker.
+            from .worker import Worker, WorkerOptions
+
+            self._worker = Worker(self.store, self._dsn, self.options or WorkerOptions())
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 
@@ -240,6 +248,10 @@ class Scheduler:
                 "e.g. datetime.now(UTC) + timedelta(minutes=5)"
             )
         args_json, kwargs_json = encode_arguments(spec.args, spec.kwargs)
+        if registered is not None and callable(spec.func):
+            # Given the function itself, its signature is here to check against; a name may
+            # be registered differently in the workers, so it is not.
+            registered.check_arguments(spec.args, spec.kwargs)
         if spec.priority is not None:
             priority = JobPriority.parse(spec.priority)
         else:
@@ -247,8 +259,7 @@ class Scheduler:
         max_retries = spec.max_retries
         if max_retries is None:
             max_retries = registered.max_retries if registered else 0
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+        check_max_retries(max_retries)
         timeout = spec.timeout
         if timeout is UNSET:
             timeout = registered.timeout if registered else None

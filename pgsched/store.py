@@ -550,12 +550,12 @@ class Store:
 
     async def list_jobs(
         self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
-        since: datetime | None = None,
+        since: datetime | None = None, queue: str | None = None,
     ) -> list[dict[str, Any]]:
         return await self._rows(
             "list_jobs",
             {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
-             "since": since},
+             "since": since, "queue": queue},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:

@@ -19,6 +19,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -68,6 +69,19 @@ class Task:
     def is_async(self) -> bool:  # asked for every job run; inspect costs ~1 us a time
         return inspect.iscoroutinefunction(self.func)
 
+    def check_arguments(self, args: Any, kwargs: Any) -> None:
+        """Refuse args/kwargs the function cannot be called with, before the job is written,
+        instead of a TypeError when it runs. Callables without a signature pass."""
+        try:
+            signature = inspect.signature(self.func)
+        except (TypeError, ValueError):
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidInput(
+                f"arguments do not fit task {self.name}{signature}: {exc}") from None
+
 
 _REGISTRY: dict[str, Task] = {}
 
@@ -82,9 +96,19 @@ def validate_task_name(name: str) -> str:
     return name
 
 
+MAX_RETRIES = 10_000  # far above any sane retry budget, far below the integer column's limit
+
+
+def check_max_retries(max_retries: object) -> int:
+    if (isinstance(max_retries, bool) or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= MAX_RETRIES):
+        raise InvalidInput(
+            f"invalid max_retries {max_retries!r}: use a whole number from 0 to {MAX_RETRIES}")
+    return max_retries
+
+
 def check_task_options(max_retries: int, timeout: float | None) -> None:
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise InvalidInput(f"invalid max_retries {max_retries!r}: use a whole number >= 0")
+    check_max_retries(max_retries)
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
         or timeout == float("inf")
@@ -163,7 +187,10 @@ def task_name_of(func_or_name: Callable[..., Any] | str) -> str:
 
 
 def load_tasks(spec: str, base_dir: Path | None = None) -> None:
-    """Import the user's task module: a dotted name (base_dir on sys.path) or a .py path."""
+    """Import the user's task module: a .py path (relative to base_dir), or a dotted name
+    found on sys.path with base_dir (the config file's directory) and the working
+    directory in front: the systemd unit keeps its config in /etc/pgsched and runs in the
+    application's directory, and a console script does not put that directory on the path."""
     try:
         if spec.endswith(".py") or "/" in spec:
             path = Path(spec)
@@ -178,15 +205,17 @@ def load_tasks(spec: str, base_dir: Path | None = None) -> None:
             sys.modules[module_name] = module
             module_spec.loader.exec_module(module)
         else:
-            if base_dir is not None and str(base_dir) not in sys.path:
-                sys.path.insert(0, str(base_dir))
+            for directory in (os.getcwd(), base_dir):
+                if directory is not None and str(directory) not in sys.path:
+                    sys.path.insert(0, str(directory))
             importlib.import_module(spec)
     except InvalidInput:
         raise
     except ModuleNotFoundError as exc:
         raise InvalidInput(
             f"cannot import task module {spec!r}: {exc}; check [worker] tasks and that the "
-            "module is on the Python path (the config file's directory is added)"
+            "module is on the Python path (the config file's directory and the working "
+            "directory are added)"
         ) from exc
     except Exception as exc:
         raise InvalidInput(

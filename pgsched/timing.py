@@ -42,8 +42,6 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
-
 from pgsched.errors import InvalidInput
 
 __all__ = [
@@ -313,6 +311,8 @@ _CRONITER_ERRORS = (ValueError, TypeError, LookupError, OverflowError)
 def _cron_fields(expr: str) -> list[str]:
     """Split and validate a cron expression; returns its fields, aliases expanded."""
 
+    from croniter import croniter  # here: a CLI that never parses cron never loads it
+
     def bad(reason: str) -> InvalidInput:
         return InvalidInput(f"invalid cron expression {_show(expr)}: {reason}")
 
@@ -453,22 +453,26 @@ class CronSchedule:
             yield heapq.heappop(held)
 
     def _placed_candidates(self, start: datetime) -> Iterator[tuple[datetime, datetime | None]]:
+        from croniter import croniter
+
         candidates = croniter(self._cron, start - _SECOND, ret_type=datetime)
         while True:
             try:
                 yield _place(candidates.get_next(), self.tz)
-            except (CroniterBadDateError, OverflowError, ValueError):
+            except (OverflowError, ValueError):  # CroniterBadDateError is a ValueError
                 # No match within croniter's search horizon, or past year 9999.
                 return
 
     def _first_instants_backwards(self, until: datetime) -> Iterator[datetime]:
         wall = until.astimezone(self.tz).replace(tzinfo=None)
+        from croniter import croniter
+
         # get_prev excludes its start, and croniter drops sub-second digits.
         candidates = croniter(self._cron, wall.replace(microsecond=0) + _SECOND, ret_type=datetime)
         while True:
             try:
                 local = candidates.get_prev()
-            except (CroniterBadDateError, OverflowError, ValueError):
+            except (OverflowError, ValueError):
                 return
             if local <= wall:
                 yield _place(local, self.tz)[0]

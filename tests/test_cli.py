@@ -69,7 +69,8 @@ def test_add_conflict_modes(config, pg_dsn, schema):
     cli(config, "add", "add", "--args", "[1,1]", "--id", "j1", "--in", "1h")
     result = cli(config, "add", "add", "--args", "[2,2]", "--id", "j1", code=1)
     assert "already exists" in result.stderr
-    assert cli(config, "add", "add", "--id", "j1", "--on-conflict", "ignore").stdout.strip() == "j1"
+    ignored = cli(config, "add", "add", "--args", "[1,1]", "--id", "j1", "--on-conflict", "ignore")
+    assert ignored.stdout.strip() == "j1"
     cli(config, "add", "add", "--args", "[3,3]", "--id", "j1", "--on-conflict", "replace")
     assert [j["args"] for j in jobs(pg_dsn, schema)] == [[3, 3]]
 
@@ -121,9 +122,10 @@ def test_ls_json_has_the_documented_keys_and_filters(config):
     cli(config, "cancel", b)
     rows = json.loads(cli(config, "ls", "--json").stdout)
     assert [r["id"] for r in rows] == [b, a]  # newest first
-    assert list(rows[0]) == ["id", "task", "status", "execution_time", "priority", "attempts",
-                             "max_retries", "args", "kwargs", "result", "last_error",
-                             "created_at", "started_at", "finished_at", "worker_id"]
+    assert list(rows[0]) == ["id", "task", "queue", "status", "execution_time", "priority",
+                             "attempts", "failures", "recoveries", "max_retries", "args",
+                             "kwargs", "result", "last_error", "created_at", "started_at",
+                             "finished_at", "worker_id"]
     assert datetime.fromisoformat(rows[1]["execution_time"]).tzinfo is not None
     only = json.loads(cli(config, "ls", "--json", "--status", "pending", "--task", "add").stdout)
     assert [r["id"] for r in only] == [a]

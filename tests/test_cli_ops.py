@@ -38,8 +38,8 @@ from typer.testing import CliRunner
 from pgsched import InvalidInput, JobSpec, Scheduler, Worker
 from pgsched import ops as ops_module
 from pgsched.cli import app
+from pgsched.cli.views import dashboard_view
 from pgsched.config import WorkerSettings, load_settings
-from pgsched.dashboard import dashboard_view
 from pgsched.ops import (
     LINE_KEYS,
     attempt_history,
@@ -562,7 +562,7 @@ async def test_add_from_file_adds_valid_lines_and_reports_the_others(config, sch
     assert (await sched.get_job("existing"))["args"] == ["original"]
 
     replace = await cli(config, "add", "--from", "-", "--on-conflict", "replace",
-                        input='{"task": "noop", "id": "existing", "args": ["new"]}\n')
+                        input='{"task": "record", "id": "existing", "args": ["new"]}\n')
     assert replace.exit_code == 0 and replace.stdout.split() == ["existing"]
     assert (await sched.get_job("existing"))["args"] == ["new"]
 

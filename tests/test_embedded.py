@@ -44,7 +44,7 @@ async def test_worker_and_cli_share_one_embedded_server(tmp_path):
 def test_missing_extra_says_what_to_install(tmp_path):
     config = embedded_config(tmp_path)
     code = ("import sys; sys.modules['pgserver'] = None; from pgsched.cli import main; "
-            f"sys.argv = ['pgsched', '--config', {str(config)!r}, 'ls']; main()")
+            f"sys.argv = ['pgsched', '--config', {str(config)!r}, 'worker', '--burst']; main()")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=cli_env(), cwd=ROOT, timeout=60)
     assert result.returncode == 1
@@ -66,8 +66,12 @@ async def test_last_live_user_stops_the_server_despite_a_killed_user(tmp_path):
         assert postmaster_pid(data_dir) is not None
         worker.kill()  # SIGKILL: its pid stays in the server's list of users
         assert str(worker.pid) in (data_dir / ".handle_pids.json").read_text()
-        listed = run_cli("ls", config=config)
-        assert listed.returncode == 0, listed.stderr
+        # A second worker joins (its pid added to the list) and stops with SIGTERM: the
+        # last live user, it must stop the server despite the killed one's stale pid.
+        last = WorkerProcess(config)
+        await last.wait_for_log('"worker_starting"', timeout=60)
+        last.signal(signal.SIGTERM)
+        assert await last.wait(timeout=30) == 0
         await wait_until(lambda: postmaster_pid(data_dir) is None, timeout=30,
                          what="the server stopped by its last live user")
     finally:
@@ -76,3 +80,15 @@ async def test_last_live_user_stops_the_server_despite_a_killed_user(tmp_path):
         if pid is not None:  # the server this test started, left running by the old code
             import os
             os.kill(pid, signal.SIGTERM)
+
+
+def test_read_commands_never_create_an_embedded_database(tmp_path):
+    # Rough edge 1: `pgsched ls` in an empty folder made a 38 MB .pgsched/ there. Only
+    # `worker` (and `web`) start the embedded server; the others join one or say what to do.
+    for args in (["ls"], ["status"], ["add", "noop"], ["migrate"], ["queues"]):
+        result = subprocess.run([sys.executable, "-m", "pgsched", *args], capture_output=True,
+                                text=True, env=cli_env(), cwd=tmp_path, timeout=60)
+        assert result.returncode == 1, (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("error: no database configured") and "--dsn" in line
+        assert list(tmp_path.iterdir()) == [], f"{args} created {list(tmp_path.iterdir())}"

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from pgsched.cli import app, parse_json_arg, parse_misfire
+from pgsched.cli import app
+from pgsched.cli.jobs import parse_json_arg, parse_misfire
 from pgsched.config import Settings, load_settings
 from pgsched.errors import InvalidInput
 from pgsched.timing import CronSchedule, parse_duration, parse_time

@@ -38,3 +38,32 @@ def test_every_emitted_event_is_documented_and_nothing_else():
     assert len(event_rows(EVENTS_PAGE)) > 30  # the table lives on the log events page
     assert sorted(found - listed) == [], "document these events"
     assert sorted(listed - found) == [], "these documented events are never emitted"
+
+
+async def test_job_events_carry_job_id_task_and_attempt(tmp_path, pg_dsn, schema, sched,
+                                                       workers):
+    # The README promises job_id, task and attempt on job events; the completer's events
+    # (job_completed, job_failed, job_retry_scheduled, ...) carried only job_id.
+    import json
+
+    from conftest import wait_until, write_config
+
+    await sched.schedule("fail", job_id="f", max_retries=1)
+    await sched.schedule("noop", job_id="n")
+    worker = workers(write_config(tmp_path, pg_dsn, schema, retry_base_seconds=0.05))
+
+    def job_events() -> list[dict]:
+        events = [json.loads(line) for line in worker.log().splitlines()
+                  if line.startswith("{")]
+        return [e for e in events if e.get("job_id")]
+
+    await wait_until(lambda: {"job_failed", "job_completed", "job_retry_scheduled"}
+                     <= {e["event"] for e in job_events()}, what="job events")
+    by_event = {e["event"]: e for e in job_events()}
+    assert (by_event["job_failed"]["task"], by_event["job_failed"]["attempt"]) == ("fail", 2)
+    assert (by_event["job_retry_scheduled"]["task"],
+            by_event["job_retry_scheduled"]["attempt"]) == ("fail", 1)
+    assert (by_event["job_completed"]["task"], by_event["job_completed"]["attempt"]) \
+        == ("noop", 1)
+    missing = [e["event"] for e in job_events() if not {"task", "attempt"} <= set(e)]
+    assert missing == []

@@ -7,6 +7,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +96,38 @@ async def test_worker_process_notifies_ready_watchdog_and_stopping(
     assert fields[0] == "STOPPING=1" and fields[1].startswith("STATUS=stopping")
     assert await worker.wait() == 0
     assert '"event": "systemd_watchdog_too_short"' in worker.log()
+
+
+def test_the_units_layout_imports_tasks_from_the_working_directory(tmp_path, pg_dsn, schema):
+    # contrib/systemd: the config in /etc/pgsched, tasks = "myapp.tasks" living in
+    # WorkingDirectory=/srv/app, ExecStart the console script (which puts its own bin/
+    # directory on sys.path, not the working directory). Re-rooted under tmp_path.
+    unit = (Path(__file__).resolve().parent.parent / "contrib" / "systemd"
+            / "pgsched-worker.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if line.startswith(("WorkingDirectory=", "Environment=PGSCHED_CONFIG")))
+    workdir = tmp_path / settings["WorkingDirectory"].lstrip("/")
+    config = tmp_path / settings["Environment"].split("=", 1)[1].lstrip("/")
+    (workdir / "myapp").mkdir(parents=True)
+    (workdir / "myapp" / "__init__.py").write_text("")
+    (workdir / "myapp" / "tasks.py").write_text(
+        "from pgsched import task\n\n\n@task\ndef hello(name):\n    return f'hello {name}'\n")
+    config.parent.mkdir(parents=True)
+    write_config(config.parent, pg_dsn, schema, tasks="myapp.tasks")
+    script = Path(sys.executable).parent / "pgsched"
+    env = cli_env(PGSCHED_CONFIG=str(config))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], cwd=workdir, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    migrated = run("migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    added = run("add", "hello", "--args", '["unit"]')
+    assert added.returncode == 0, added.stderr
+    worked = run("worker", "--burst")
+    assert worked.returncode == 0, worked.stderr[-2000:]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        status, result = conn.execute(
+            f'SELECT status::text, result FROM "{schema}".jobs').fetchone()
+    assert (status, result) == ("completed", "hello unit")

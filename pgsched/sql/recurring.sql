@@ -188,21 +188,26 @@ WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
 
 -- name: pause_schedule
--- Stop a schedule firing until it is resumed. Returns the row, or nothing if unknown.
-UPDATE {schema}.schedules SET paused = true, updated_at = now()
-WHERE id = %(id)s
-RETURNING id, enabled;
+-- Stop a schedule firing until it is resumed. Returns the row and whether it was paused
+-- already, or nothing if unknown.
+UPDATE {schema}.schedules AS s SET paused = true, updated_at = now()
+FROM (SELECT id, paused FROM {schema}.schedules WHERE id = %(id)s FOR UPDATE) AS before
+WHERE s.id = before.id
+RETURNING s.id, s.enabled, before.paused AS was_paused;
 
 -- name: resume_schedule
 -- Let a paused schedule fire again from now on: windows missed while paused are not
 -- caught up. next_fire_at becomes now, and the planner (woken by the NOTIFY) moves it to
 -- the first window at or after that. Returns the row, or nothing if unknown.
-WITH resumed AS (
-    UPDATE {schema}.schedules SET
-        next_fire_at = CASE WHEN paused THEN now() ELSE next_fire_at END,
+WITH before AS (
+    SELECT id, paused FROM {schema}.schedules WHERE id = %(id)s FOR UPDATE
+),
+resumed AS (
+    UPDATE {schema}.schedules AS s SET
+        next_fire_at = CASE WHEN s.paused THEN now() ELSE s.next_fire_at END,
         paused = false, updated_at = now()
-    WHERE id = %(id)s
-    RETURNING id, enabled
+    FROM before WHERE s.id = before.id
+    RETURNING s.id, s.enabled, before.paused AS was_paused
 ),
 wake AS (SELECT pg_notify(%(channel)s, 'schedules') FROM resumed)
 SELECT resumed.* FROM resumed LEFT JOIN wake ON true;

@@ -157,6 +157,10 @@ class _Held:
         # running here after this worker's own recovery took it back and claimed it again.
         return self.id, self.attempt
 
+    def log_fields(self) -> dict[str, Any]:
+        """What every job event carries (the README's promise): job_id, task, attempt."""
+        return {"job_id": self.id, "task": self.task_name, "attempt": self.attempt}
+
 
 @dataclass
 class _Completion:
@@ -501,7 +505,7 @@ class Worker:
     def _lease_lost(self, held: _Held) -> None:
         held.lease_lost = True
         self.stats.lease_lost += 1
-        log.warning("lease_lost", job_id=held.id, attempt=held.attempt,
+        log.warning("lease_lost", **held.log_fields(),
                     reason="recovered, cancelled or replaced by someone else")
         if held.finished:
             self._held.pop(held.key, None)  # its late write would be fenced out anyway
@@ -643,13 +647,13 @@ class Worker:
                 except DATA_ERRORS as exc:
                     if not c.outcome.ok:
                         raise
-                    log.error("job_result_not_storable", job_id=c.held.id, error=str(exc))
+                    log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
                     c = batch[i] = _Completion(
                         c.held, failed(f"the task's return value could not be stored: {exc}"),
                         c.failures, c.duration_s, c.lateness_ms)
                     await self._record_once([c])
             except DATA_ERRORS as exc:
-                log.error("completion_not_recorded", job_id=c.held.id, error=str(exc),
+                log.error("completion_not_recorded", **c.held.log_fields(), error=str(exc),
                           hint="its lease expires and another worker runs it again")
                 self._held.pop(c.held.key, None)
             except DB_ERRORS:
@@ -669,11 +673,11 @@ class Worker:
                 if c.held.key in written:
                     self.stats.completed += 1
                     self.metrics.job("completed", c.held.task_name, c.held.queue)
-                    self._job_log.info("job_completed", job_id=c.held.id,
+                    self._job_log.info("job_completed", **c.held.log_fields(),
                                        duration_s=c.duration_s, lateness_ms=c.lateness_ms)
                 else:
                     self.stats.lease_lost += 1
-                    log.warning("job_completion_rejected", job_id=c.held.id,
+                    log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
         await self._record_cancelled([c for c in batch if c.outcome.cancelled])
         for c in batch:
@@ -699,27 +703,27 @@ class Worker:
         self._held.pop(c.held.key, None)
         if row is None:
             self.stats.lease_lost += 1
-            log.warning("job_failure_rejected", job_id=c.held.id, reason="lease lost")
+            log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
         elif row["status"] == "pending" and c.outcome.unknown_task:
             self.stats.deferred += 1
-            log.warning("task_unknown", job_id=c.held.id, task=c.held.task_name,
+            log.warning("task_unknown", **c.held.log_fields(),
                         retry_at=row["execution_time"].isoformat(),
                         hint="deploy the code that defines it to this worker, or let a "
                              "worker that has it run the job")
         elif row["status"] == "pending":
             self.stats.retried += 1
             self.metrics.job("retried", c.held.task_name, c.held.queue)
-            log.info("job_retry_scheduled", job_id=c.held.id, error=c.outcome.error,
+            log.info("job_retry_scheduled", **c.held.log_fields(), error=c.outcome.error,
                      retry_at=row["execution_time"].isoformat())
             self.note_due(row["execution_time"].timestamp())
         elif row["status"] == "cancelled":  # a cancel was requested while it failed
             self.stats.cancelled += 1
             self.metrics.job("cancelled", c.held.task_name, c.held.queue)
-            log.info("job_cancelled", job_id=c.held.id, error=c.outcome.error)
+            log.info("job_cancelled", **c.held.log_fields(), error=c.outcome.error)
         else:
             self.stats.failed += 1
             self.metrics.job("failed", c.held.task_name, c.held.queue)
-            log.error("job_failed", job_id=c.held.id, error=c.outcome.error)
+            log.error("job_failed", **c.held.log_fields(), error=c.outcome.error)
 
     async def _record_cancelled(self, cancelled: list[_Completion]) -> None:
         if not cancelled:
@@ -731,10 +735,10 @@ class Worker:
             if c.held.id in written:
                 self.stats.cancelled += 1
                 self.metrics.job("cancelled", c.held.task_name, c.held.queue)
-                log.info("job_cancelled", job_id=c.held.id, task=c.held.task_name)
+                log.info("job_cancelled", **c.held.log_fields())
             else:
                 self.stats.lease_lost += 1
-                log.warning("job_cancel_rejected", job_id=c.held.id, reason="lease lost")
+                log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
 
     # -- heartbeater ---------------------------------------------------------------------
 
@@ -806,7 +810,7 @@ class Worker:
                     continue
                 if kept.get(key) and not h.cancel_requested:
                     h.cancel_requested = True
-                    log.info("job_cancel_requested", job_id=h.id, task=h.task_name)
+                    log.info("job_cancel_requested", **h.log_fields())
                     if h.task is not None:
                         h.task.cancel()
                 elif key not in kept:

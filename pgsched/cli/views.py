@@ -1,48 +1,37 @@
-"""Rendering the operator views with rich, and the live loop of `pgsched top`.
+"""Rendering the operator views with rich: not a command module, shared by them.
 
 Owns: how a Snapshot, a job or the worker registry looks on a terminal or in a pipe
-(plain tables without boxes, so `grep` and `awk` work on them), and the terminal session
-of the dashboard: alternate screen, keys read in cbreak mode, one refresh per second.
+(plain tables without boxes, so `grep` and `awk` work on them).
 
 Invariants: the render functions are pure (data in, renderable out), so tests render them
-on a recording console. The live loop always restores the terminal (its mode, the main
-screen, the cursor) however it ends: q, Ctrl-C, SIGTERM or an error.
-
-Failure: a refresh that cannot reach the database keeps the last snapshot on screen with
-the error in the header and tries again on the next tick; any other error ends the loop
-(after restoring the terminal) and propagates to the CLI.
+on a recording console; cells are data, never rich markup.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import signal
-import sys
-import termios
-import tty
-from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
+from rich.cells import cell_len
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .ops import Snapshot, human_seconds, priority_name, worker_is_live
+from ..ops import Snapshot, human_seconds, priority_name, worker_is_live
+from .app import safe
 
 ERROR_WIDTH = 70
 
 
 class DataTable(Table):
     """A table whose cells are data, never rich markup: a job id or an error message
-    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError."""
+    like "bad [/] tag" prints as it is instead of being styled or raising MarkupError, and
+    control characters in it are shown escaped (app.safe)."""
 
     def add_row(self, *cells: Any, **options: Any) -> None:
-        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **options)
+        super().add_row(*(Text(safe(c)) if isinstance(c, str) else c for c in cells),
+                        **options)
 
 
 def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> Table:
@@ -55,7 +44,7 @@ def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> T
                          overflow="fold" if column == "id" else "ellipsis",
                          no_wrap=column != "id")
         if column == "id":
-            table.columns[-1].min_width = min(36, max(map(len, ids), default=2))
+            table.columns[-1].min_width = min(36, max(map(cell_len, ids), default=2))
     return table
 
 
@@ -71,7 +60,7 @@ def _since(then: datetime | None, now: datetime) -> str:
     return "-" if then is None else _ago((now - then).total_seconds())
 
 
-def _one_line(text: str | None, width: int = ERROR_WIDTH) -> str:
+def one_line(text: str | None, width: int = ERROR_WIDTH) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
     return line if len(line) <= width else line[: width - 1] + "…"
 
@@ -154,7 +143,7 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
         rows = max(1, (height - fixed) // 3)
     header = Text(f"{title}  {snap.db_now:%Y-%m-%d %H:%M:%S %Z}", style="bold")
     if snap.error:
-        header.append(f"  ! {snap.error} (retrying)", style="bold red")
+        header.append(f"  ! {safe(snap.error)} (retrying)", style="bold red")
     rate = (f"last minute: {t['completed_1m']} completed ({t['completed_1m'] / 60:.1f}/s), "
             f"{t['failed_1m']} failed, {t['expired_1m']} expired   last hour: "
             f"{t['completed_1h']} completed, {t['failed_1h']} failed, {t['expired_1h']} expired")
@@ -173,7 +162,7 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
                       ids=[j["id"] for j in snap.failures[:rows]])
     for job in snap.failures[:rows]:
         failures.add_row(job["id"], job["task"], str(job["attempts"]), _ago(job["age"]),
-                         _one_line(job["last_error"]))
+                         one_line(job["last_error"]))
     running_count = snap.totals["running"]
     return Group(
         header, Text(rate), Text(""),
@@ -193,13 +182,19 @@ def job_view(job: dict[str, Any]) -> RenderableType:
     fields = DataTable(box=None, pad_edge=False, show_header=False)
     fields.add_column(style="bold")
     fields.add_column(overflow="fold")
-    budget = (f"{job['attempts']} ({job['failures']} failed, max_retries {job['max_retries']}, "
-              f"lease recoveries {job['recoveries']})")
+    failed = sum(1 for a in job["history"] if a["outcome"] == "failed")
+    attempts = (f"{job['attempts']} ({failed} failed, {job['recoveries']} recovered after a "
+                "lost lease)")
+    # failures counts toward max_retries and starts again at `pgsched retry`; the history
+    # keeps every attempt, so the two can differ.
+    budget = f"{job['failures']} of {job['max_retries'] + 1} allowed"
+    if job["failures"] != failed:
+        budget += " (counted since the last retry)"
     shown = {
         **{k: job[k] for k in ("id", "task", "queue", "status", "priority")},
         "args": _json(job["args"]), "kwargs": _json(job["kwargs"]),
         **{k: job[k] for k in ("execution_time", "created_at", "started_at", "finished_at")},
-        "attempts": budget,
+        "attempts": attempts, "failures": budget,
         "timeout": _seconds_or(job["timeout_seconds"], "none"),
         "misfire grace": _seconds_or(job["misfire_grace_seconds"], "none (never expires)"),
         "worker": job["worker_id"], "lease until": job["lease_until"],
@@ -218,12 +213,12 @@ def job_view(job: dict[str, Any]) -> RenderableType:
             duration = a["duration_seconds"]
             attempts.add_row(str(a["attempt"]), a["worker_id"] or "-", a["started_at"] or "-",
                              "-" if duration is None else human_seconds(duration), a["outcome"],
-                             _one_line(a["error"], 200) or "-")
+                             one_line(a["error"], 200) or "-")
         parts += [Text(""), _heading("Attempts"), attempts]
     for a in history:
         if a["traceback"]:
             parts += [Text(""), _heading(f"Traceback of attempt {a['attempt']}"),
-                      Text(a["traceback"].rstrip())]
+                      Text(safe(a["traceback"].rstrip(), multiline=True))]
     return Group(*parts)
 
 
@@ -233,88 +228,3 @@ def _json(value: Any) -> str:
 
 def _seconds_or(value: float | None, otherwise: str) -> str:
     return otherwise if value is None else f"{value:g}s"
-
-
-# -- the live loop -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _keys(on_key: Callable[[str], None]) -> Iterator[None]:
-    """Deliver single keypresses from a terminal stdin (cbreak mode: Ctrl-C still sends
-    SIGINT); does nothing when stdin is not a terminal."""
-    if not sys.stdin.isatty():
-        yield
-        return
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-    loop = asyncio.get_running_loop()
-
-    def readable() -> None:
-        data = os.read(fd, 32)
-        for char in data.decode(errors="replace"):
-            on_key(char)
-
-    tty.setcbreak(fd)
-    loop.add_reader(fd, readable)
-    try:
-        yield
-    finally:
-        loop.remove_reader(fd)
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-async def run_live(
-    fetch: Callable[[], Awaitable[Snapshot]],
-    render: Callable[[Snapshot], RenderableType],
-    console: Console,
-    *,
-    interval: float = 1.0,
-    errors: tuple[type[BaseException], ...] = (),
-    fetch_timeout: float = 10.0,
-) -> None:
-    """Show render(fetch()) full screen, refreshed every `interval` s, until q, Ctrl-C or
-    SIGTERM. A refresh that raises one of `errors` or takes longer than `fetch_timeout`
-    keeps the last frame, marked with the error. Quitting never waits for a refresh."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-
-    def on_key(char: str) -> None:
-        if char in ("q", "Q"):
-            stop.set()
-
-    try:
-        snapshot = await fetch()
-        with _keys(on_key), Live(render(snapshot), console=console, screen=True,
-                                 auto_refresh=False, transient=True) as live:
-            tick = loop.time()
-            while True:
-                # Ticks keep to the interval however long a fetch takes; after a stall
-                # (a suspended terminal) the next one is simply a full interval away.
-                tick = max(tick + interval, loop.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), tick - loop.time())
-                if stop.is_set():
-                    return
-                refresh = asyncio.ensure_future(fetch())
-                stopping = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({refresh, stopping}, timeout=fetch_timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not refresh.done():
-                    # A database that went away can leave a query waiting for minutes.
-                    refresh.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, *errors):
-                        await refresh
-                    if stop.is_set():
-                        return
-                    snapshot.error = f"no answer from the database within {fetch_timeout:g}s"
-                elif isinstance(refresh.exception(), errors):
-                    snapshot.error = _one_line(str(refresh.exception()) or "database error", 80)
-                else:
-                    snapshot = refresh.result()
-                live.update(render(snapshot), refresh=True)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)

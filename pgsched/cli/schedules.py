@@ -1,84 +1,46 @@
-"""The `pgsched` commands for recurring schedules.
+"""Schedule commands: `schedules`, `pause`, `resume`, `trigger`, `remove`, `cron`.
 
-Owns: `schedules`, `pause`, `resume`, `trigger`, `remove`, `cron`, and the schedule branch
-of `add` (cli.add calls `add_schedule` when --cron or --every is given). Thin like
-cli.py: every input is validated before a connection is opened, so bad input exits 2
-and writes nothing; the work is done by pgsched.recurring. Data on stdout, notes on
-stderr; an unknown schedule id exits 1.
+Owns: their command-line contract, on the terms of pgsched/cli/app.py; the work is done by
+pgsched.recurring. `pause` and `resume` take a schedule id or --queue (then every worker
+stops or starts claiming from that queue). Every input is validated before a connection is
+opened, so bad input exits 2 and writes nothing; an unknown schedule id exits 1.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import getpass
+import os
+import socket
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from . import recurring
-from .cli import _check_task_known, _ctx, _run, app, command, err, open_scheduler, out
-from .cli_queues import pause_queues_command, resume_queues_command
-from .config import Settings
-from .errors import InvalidInput
-from .logs import configure
-from .store import Store
-from .tasks import JobPriority, get_task
-from .timing import CronSchedule, format_duration, parse_time
+from ..errors import InvalidInput
+from ..queues import validate_queue_name
+from .app import (
+    _ctx,
+    _run,
+    app,
+    command,
+    note,
+    open_scheduler,
+    print_json,
+    print_table,
+    say,
+    settings_of,
+)
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 ID_ARGUMENT = typer.Argument(metavar="ID", help="Schedule id (see `pgsched schedules`).")
 
 
-def add_schedule(
-    settings: Settings,
-    task_name: str,
-    *,
-    cron: str | None,
-    every: str | None,
-    tz: str | None,
-    catch_up: str | None,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    schedule_id: str | None,
-    on_conflict: str,
-    priority: str | None,
-    retries: int | None,
-    timeout: float | None,
-    job_options: dict[str, str | None],
-) -> None:
-    """`pgsched add TASK --cron EXPR | --every DURATION --id ID`: prints the schedule id."""
-    for option, value in job_options.items():
-        if value is not None:
-            raise InvalidInput(f"{option} applies to one-off jobs; a schedule's jobs run at "
-                               "its fire times")
-    if cron is None and every is None:
-        raise InvalidInput("--tz and --catch-up describe a schedule: add --cron or --every")
-    if schedule_id is None:
-        raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
-    _check_task_known(settings, task_name)
-    known = get_task(task_name)  # its @task options are the defaults, when importable here
-    definition = recurring.define_schedule(
-        task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest",
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
-        max_retries=retries if retries is not None else (known.max_retries if known else 0),
-        timeout=timeout if timeout is not None else (known.timeout if known else None),
-        queue=known.queue if known else "default",
-    )
-
-    async def go() -> bool:
-        async with open_scheduler(settings) as sched:
-            return await recurring.add_schedule(
-                sched.store, definition, default_tz=settings.jobs.timezone,
-                on_conflict=on_conflict)
-
-    if not _run(go()):
-        err.print(f"schedule {schedule_id} exists; left as it was", markup=False)
-    out.print(schedule_id, markup=False)
-
-
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    from .. import recurring
+    from ..timing import format_duration
+
     state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"
     data = {
         "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
@@ -97,13 +59,13 @@ def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: recurring.format_instant(v) if isinstance(v, datetime) else v
             for k, v in data.items()}
 
-
 def _priority_name(value: int) -> str | int:
+    from ..tasks import JobPriority
+
     try:
         return JobPriority(value).name.lower()
     except ValueError:
         return value
-
 
 def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
     async def go() -> Any:
@@ -112,13 +74,6 @@ def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
 
     return _run(go())
 
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = _ctx(ctx).settings()
-    configure(settings.log.level, settings.log.format)
-    return settings
-
-
 @app.command()
 @command
 def schedules(
@@ -126,32 +81,29 @@ def schedules(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
-    rows = [schedule_to_json(r) for r in _store_call(_settings(ctx), Store.list_schedules)]
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    table = Table(box=None, pad_edge=False)
-    for column in ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at",
-                   "last_status", "state", "origin"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        shown = f"cron {row['cron']}" if row["cron"] else f"every {row['every']}"
-        table.add_row(row["id"], row["task"], shown, row["tz"] or "-",
-                      row["next_fire_at"] or "-", row["last_run_at"] or "-",
-                      row["last_status"] or "-", row["state"], row["origin"])
-    out.print(table)
+    from ..store import Store
 
+    rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        ("id", "task", "schedule", "tz", "next_fire_at", "last_run_at", "last_status", "state",
+         "origin"),
+        [(row["id"], row["task"],
+          f"cron {row['cron']}" if row["cron"] else f"every {row['every']}", row["tz"] or "-",
+          row["next_fire_at"] or "-", row["last_run_at"] or "-", row["last_status"] or "-",
+          row["state"], row["origin"]) for row in rows])
 
 OptionalId = Annotated[str | None, typer.Argument(
     metavar="ID", help="Schedule id (or use --queue).", show_default=False)]
+
 QueueOption = Annotated[list[str] | None, typer.Option(
     "--queue", "-q", help="Queue name instead of a schedule (repeatable).", show_default=False)]
-
 
 def _one_target(schedule_id: str | None, queues: list[str] | None) -> None:
     if (schedule_id is None) == (not queues):
         raise InvalidInput("give either a schedule ID or --queue NAME")
-
 
 @app.command()
 @command
@@ -165,12 +117,16 @@ def pause(
     """Stop a schedule firing, or (--queue) every worker claiming from a queue, until
     `pgsched resume`. Running jobs finish; a paused queue's jobs stay pending (they may
     expire past their misfire grace). Exit 1 for an unknown schedule id."""
+    from .. import recurring
+
     _one_target(schedule_id, queue)
     if queue:
         return pause_queues_command(ctx, queue, reason)
-    _note_disabled(_store_call(_settings(ctx), recurring.pause_schedule, schedule_id))
-    out.print(schedule_id, markup=False)
-
+    row = _store_call(settings_of(ctx), recurring.pause_schedule, schedule_id)
+    if row["was_paused"]:
+        note(f"schedule {schedule_id}: was already paused")
+    _note_disabled(row)
+    say(schedule_id)
 
 @app.command()
 @command
@@ -178,18 +134,54 @@ def resume(ctx: typer.Context, schedule_id: OptionalId = None,
            queue: QueueOption = None) -> None:
     """Let a paused schedule fire again from its next window (missed ones are not run), or
     (--queue) workers claim from a paused queue again."""
+    from .. import recurring
+
     _one_target(schedule_id, queue)
     if queue:
         return resume_queues_command(ctx, queue)
-    _note_disabled(_store_call(_settings(ctx), recurring.resume_schedule, schedule_id))
-    out.print(schedule_id, markup=False)
-
+    row = _store_call(settings_of(ctx), recurring.resume_schedule, schedule_id)
+    if not row["was_paused"]:
+        note(f"schedule {schedule_id}: was not paused")
+    _note_disabled(row)
+    say(schedule_id)
 
 def _note_disabled(row: dict[str, Any]) -> None:
     if not row["enabled"]:
-        err.print(f"note: schedule {row['id']} is disabled in code (enabled=False, or its "
-                  "@periodic was removed); it fires only once the code enables it",
-                  markup=False)
+        note(f"note: schedule {row['id']} is disabled in code (enabled=False, or its "
+             "@periodic was removed); it fires only once the code enables it")
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry (containers)
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str) -> None:
+    """Validate the names, run `act(store, names)` (returns the names it changed), print
+    every name on stdout and `unchanged` on stderr for those it did not change."""
+    settings = settings_of(ctx)
+    names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+
+    async def go() -> set[str]:
+        async with open_scheduler(settings) as sched:
+            return await act(sched.store, names)
+
+    changed = _run(go())
+    for name in names:
+        say(name)
+        if name not in changed:
+            note(f"queue {name}: {unchanged}")
+
+def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
+    """Stop every worker from claiming from `queues` until they are resumed."""
+    _each_queue(ctx, queues, lambda store, names: store.pause_queues(
+        names, paused_by=_who(), reason=reason), "was already paused")
+
+def resume_queues_command(ctx: typer.Context, queues: list[str]) -> None:
+    """Let workers claim from `queues` again (idle workers are woken at once)."""
+    _each_queue(ctx, queues, lambda store, names: store.resume_queues(names), "was not paused")
 
 
 @app.command()
@@ -197,21 +189,21 @@ def _note_disabled(row: dict[str, Any]) -> None:
 def trigger(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Run a schedule's task now as one extra job (its windows do not change); prints
     the job id."""
-    out.print(_store_call(_settings(ctx), recurring.trigger_schedule, schedule_id),
-              markup=False)
+    from .. import recurring
 
+    say(_store_call(settings_of(ctx), recurring.trigger_schedule, schedule_id))
 
 @app.command()
 @command
 def remove(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
     """Delete a schedule; jobs it already enqueued stay."""
-    row = _store_call(_settings(ctx), recurring.remove_schedule, schedule_id)
-    if row["origin"] == "code":
-        err.print(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
-                  "start creates it again; remove the decorator, or use `pgsched pause`",
-                  markup=False)
-    out.print(schedule_id, markup=False)
+    from .. import recurring
 
+    row = _store_call(settings_of(ctx), recurring.remove_schedule, schedule_id)
+    if row["origin"] == "code":
+        note(f"note: {schedule_id} is defined in code (@periodic): the next worker to "
+             "start creates it again; remove the decorator, or use `pgsched pause`")
+    say(schedule_id)
 
 @app.command("cron")
 @command
@@ -228,6 +220,9 @@ def cron_times(
 ) -> None:
     """Print the next fire times of a cron expression as pgsched fires them, daylight
     saving included: local time, zone abbreviation, UTC instant."""
+    from .. import recurring
+    from ..timing import CronSchedule, parse_time
+
     settings = _ctx(ctx).settings()
     schedule = CronSchedule(expr, tz or settings.jobs.timezone)
     start = parse_time(after, tz=schedule.tz) if after is not None else datetime.now(UTC)
@@ -235,8 +230,7 @@ def cron_times(
     if as_json:
         data = [{"local": local.isoformat(), "zone": local.tzname(),
                  "utc": recurring.format_instant(t)} for local, t in times]
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        print_json(data)
         return
     for local, t in times:
-        out.print(f"{local.isoformat()}  {local.tzname()}  {recurring.format_instant(t)}",
-                  markup=False)
+        say(f"{local.isoformat()}  {local.tzname()}  {recurring.format_instant(t)}")
