@@ -33,7 +33,15 @@ from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .recurring import is_schedule_job_id
-from .store import NewJob, Store, check_json_depth, encode_json, lock_timeout_for, open_pool
+from .store import (
+    LOCK_TIMEOUT_SECONDS,
+    NewJob,
+    Store,
+    check_json_depth,
+    encode_json,
+    lock_timeout_for,
+    open_pool,
+)
 from .tasks import JobPriority, check_max_retries, get_task, task_name_of
 
 if TYPE_CHECKING:
@@ -176,7 +184,8 @@ class Scheduler:
                     self._pool = await open_pool(
                         self._dsn, max_size=self._pool_size,
                         application_name=self.application_name,
-                        lock_timeout_seconds=lock_timeout_for(self.options.lease_seconds))
+                        lock_timeout_seconds=LOCK_TIMEOUT_SECONDS if self.options is None
+                        else lock_timeout_for(self.options.lease_seconds))
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     # libpq's first line says why; the rest is a generic hint.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
