@@ -147,7 +147,7 @@ async def open_scheduler(settings: Settings, *, pool_size: int = 2):
     misfire = settings.jobs.misfire_grace_seconds
     async with Scheduler(
         resolve_dsn(settings), schema=settings.database.schema, misfire_grace_time=misfire,
-        pool_size=pool_size,
+        pool_size=pool_size, prepare_threshold=settings.database.prepare_threshold,
     ) as sched:
         yield sched
 
@@ -241,10 +241,19 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
 
 async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: bool) -> None:
     pool_size = max(2, settings.database.pool_size)
+    db = settings.database
+    if db.prepare_threshold is None and db.listen_dsn is None:
+        # prepare_threshold = "none" is how a pgsched behind a transaction pooler is set
+        # up, and there a LISTEN hears nothing: say why wake-ups take poll_seconds.
+        log.warning("listen_through_pooler", poll_seconds=options.poll_seconds,
+                    note="prepare_threshold is none but no [database] listen_dsn is set: "
+                         "behind PgBouncer in transaction mode this worker hears no "
+                         "wake-ups and polls; set listen_dsn to a direct connection")
     sched = Scheduler(
-        resolve_dsn(settings, announce=True), schema=settings.database.schema, options=options,
+        resolve_dsn(settings, announce=True), schema=db.schema, options=options,
         misfire_grace_time=settings.jobs.misfire_grace_seconds, pool_size=pool_size,
-        application_name="pgsched-worker",
+        application_name="pgsched-worker", prepare_threshold=db.prepare_threshold,
+        listen_dsn=db.listen_dsn,
     )
     await sched.open()
     try:

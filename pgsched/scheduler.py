@@ -146,11 +146,17 @@ class Scheduler:
         options: WorkerOptions | None = None,
         pool_size: int = 4,
         application_name: str = "pgsched",
+        prepare_threshold: int | None = 5,
+        listen_dsn: str | None = None,
     ):
         self._own_pool = isinstance(dsn_or_pool, str)
         self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
         self._pool = None if self._own_pool else dsn_or_pool
         self._pool_size = pool_size
+        self._prepare_threshold = prepare_threshold
+        # The worker's LISTEN connection goes here: behind a transaction pooler only a
+        # direct connection keeps the session a LISTEN needs (docs/pgbouncer.md).
+        self._listen_dsn = listen_dsn or self._dsn
         self.application_name = application_name
         self.schema = schema
         self.misfire_grace_time = (
@@ -171,7 +177,8 @@ class Scheduler:
                     self._pool = await open_pool(
                         self._dsn, max_size=self._pool_size,
                         application_name=self.application_name,
-                        lock_timeout_seconds=lock_timeout_for(self.options.lease_seconds))
+                        lock_timeout_seconds=lock_timeout_for(self.options.lease_seconds),
+                        prepare_threshold=self._prepare_threshold)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     # libpq's first line says why; the rest is a generic hint.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
@@ -209,7 +216,7 @@ class Scheduler:
         """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
         await self.open()
         if self._worker is None:
-            self._worker = Worker(self.store, self._dsn, self.options)
+            self._worker = Worker(self.store, self._listen_dsn, self.options)
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 
