@@ -64,6 +64,8 @@ def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
                                     "limit": 50}),
         ("ls --status failed", "list_jobs", {"statuses": ["failed"], "task": None,
                                              "since": None, "limit": 50}),
+        ("ls --status running", "list_jobs", {"statuses": ["running"], "task": None,
+                                              "since": None, "limit": 50}),
         ("ls --since 1h", "list_jobs", {"statuses": None, "task": None, "since": since,
                                         "limit": 50}),
         ("cancel --task (batch)", "request_cancel", {**cancel, "task": "task_7",

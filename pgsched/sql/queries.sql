@@ -247,7 +247,8 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- that waited for a lock judges leases at the time it runs.
 WITH expired AS (
     SELECT j.id, j.worker_id, j.started_at FROM {schema}.jobs j
-    WHERE j.status = 'running' AND j.lease_until < clock_timestamp()
+    WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
+      AND j.status = 'running' AND j.lease_until < clock_timestamp()
       AND NOT EXISTS (
           SELECT 1 FROM {schema}.workers w
           WHERE w.id = j.worker_id

@@ -85,7 +85,8 @@ WITH pending AS (
     FROM {schema}.jobs WHERE status = 'pending' GROUP BY queue
 ),
 running AS (
-    SELECT queue, count(*) AS running FROM {schema}.jobs WHERE status = 'running'
+    SELECT queue, count(*) AS running FROM {schema}.jobs
+    WHERE worker_id IS NOT NULL AND finished_at IS NULL AND status = 'running'
     GROUP BY queue
 ),
 queues AS (
