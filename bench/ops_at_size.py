@@ -68,7 +68,7 @@ def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
                                               "since": None, "limit": 50}),
         ("ls --since 1h", "list_jobs", {"statuses": None, "task": None, "since": since,
                                         "limit": 50}),
-        ("cancel --task (batch)", "request_cancel", {**cancel, "task": "task_7",
+        ("cancel --task (batch)", "request_cancel", {**cancel, "task": "task_3",
                                                      "queue": None}),
         ("cancel --queue (batch)", "request_cancel", {**cancel, "task": None, "queue": "q3"}),
         ("retry --task (batch)", "ops_retry_jobs", {**retry, "task": "task_7",

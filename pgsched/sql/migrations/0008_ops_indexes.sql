@@ -8,18 +8,20 @@
 -- - jobs_created_idx: `ls` (newest first, keyset by (created_at, id)) and `ls --since`
 --   walk it backwards and stop at the limit instead of sorting the table.
 -- - jobs_task_created_idx: `ls --task` likewise, within one task.
--- - jobs_active_task_idx, jobs_active_queue_idx: `cancel --task/--queue` lock their
---   batches in id order over pending and running rows only (partial, so they stay as
---   small as the live work and finished history never enters them).
+-- - jobs_pending_task_idx, jobs_pending_queue_id_idx: `cancel --task/--queue` take
+--   their batches of pending rows in id order (the order they lock in) from these;
+--   partial, so they stay as small as the backlog. Not `status IN ('pending',
+--   'running')`: a statement about running rows would be able to read (and the planner
+--   did read, ANDed with jobs_running_idx) every pending row through such an index.
 -- Outside a transaction and CONCURRENTLY (README.md in this folder): claims, heartbeats
 -- and completions go on during the builds. Each DROP removes what a cut-short build left.
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_created_idx;
 CREATE INDEX CONCURRENTLY jobs_created_idx ON {schema}.jobs (created_at, id);
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_task_created_idx;
 CREATE INDEX CONCURRENTLY jobs_task_created_idx ON {schema}.jobs (task, created_at, id);
-DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_active_task_idx;
-CREATE INDEX CONCURRENTLY jobs_active_task_idx ON {schema}.jobs (task, id)
-    WHERE status IN ('pending', 'running');
-DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_active_queue_idx;
-CREATE INDEX CONCURRENTLY jobs_active_queue_idx ON {schema}.jobs (queue, id)
-    WHERE status IN ('pending', 'running');
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_task_idx;
+CREATE INDEX CONCURRENTLY jobs_pending_task_idx ON {schema}.jobs (task, id)
+    WHERE status = 'pending';
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_queue_id_idx;
+CREATE INDEX CONCURRENTLY jobs_pending_queue_id_idx ON {schema}.jobs (queue, id)
+    WHERE status = 'pending';
