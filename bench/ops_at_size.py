@@ -52,6 +52,10 @@ CROSS JOIN LATERAL (SELECT (CASE
 """
 
 
+LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
+        "before_id": None}
+
+
 def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
     prios = sorted(int(p) for p in JobPriority)
     since = datetime.now(UTC) - timedelta(hours=1)
@@ -59,15 +63,13 @@ def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
     retry = {"ids": None, "statuses": ["failed"], "cutoff": cutoff, "limit": 1000,
              "channel": "x"}
     return [
-        ("ls", "list_jobs", {"statuses": None, "task": None, "since": None, "limit": 50}),
-        ("ls --task", "list_jobs", {"statuses": None, "task": "task_7", "since": None,
-                                    "limit": 50}),
-        ("ls --status failed", "list_jobs", {"statuses": ["failed"], "task": None,
-                                             "since": None, "limit": 50}),
-        ("ls --status running", "list_jobs", {"statuses": ["running"], "task": None,
-                                              "since": None, "limit": 50}),
-        ("ls --since 1h", "list_jobs", {"statuses": None, "task": None, "since": since,
-                                        "limit": 50}),
+        ("ls", "list_jobs", LIST),
+        ("ls --task", "list_jobs", {**LIST, "task": "task_7"}),
+        ("ls --status failed", "list_jobs", {**LIST, "statuses": ["failed"]}),
+        ("ls --status running", "list_jobs", {**LIST, "statuses": ["running"]}),
+        ("ls --since 1h", "list_jobs", {**LIST, "since": since}),
+        ("ls, a page 3 days back", "list_jobs", {**LIST, "before_id": "",
+                                                 "before_created": cutoff - timedelta(days=3)}),
         ("cancel --task (batch)", "request_cancel", {**cancel, "task": "task_3",
                                                      "queue": None}),
         ("cancel --queue (batch)", "request_cancel", {**cancel, "task": None, "queue": "q3"}),

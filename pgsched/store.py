@@ -550,12 +550,14 @@ class Store:
 
     async def list_jobs(
         self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
-        since: datetime | None = None,
+        since: datetime | None = None, before: tuple[datetime, str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Newest first; `before` = (created_at, id) of the last row of the previous page."""
+        before_created, before_id = before if before is not None else (None, None)
         return await self._rows(
             "list_jobs",
             {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
-             "since": since},
+             "since": since, "before_created": before_created, "before_id": before_id},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:

@@ -21,13 +21,15 @@ from pgsched import JobPriority
 PRIORITIES = sorted(int(p) for p in JobPriority)
 NOW = datetime.now(UTC)
 BATCH = {"ids": None, "channel": "c", "limit": 5000}
-LIST = {"statuses": None, "task": None, "since": None, "limit": 50}
+LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
+        "before_id": None}
 
 # (what the operator runs, named query, its parameters)
 STATEMENTS = [
     ("ls", "list_jobs", LIST),
     ("ls --task", "list_jobs", {**LIST, "task": "task_3"}),
     ("ls --since", "list_jobs", {**LIST, "since": NOW - timedelta(hours=1)}),
+    ("ls, next page", "list_jobs", {**LIST, "before_created": NOW, "before_id": "j5"}),
     ("cancel --task", "request_cancel", {**BATCH, "task": "task_3", "queue": None}),
     ("cancel --queue", "request_cancel", {**BATCH, "task": None, "queue": "q3"}),
     ("cancel ID", "request_cancel", {**BATCH, "ids": ["a", "b"], "task": None, "queue": None}),
@@ -90,3 +92,14 @@ async def test_the_full_count_is_the_one_sequential_scan(sched, planner):
     """The check above can fail: a statement that must read every row shows its scan."""
     cur = await planner.execute("EXPLAIN (FORMAT JSON) " + sched.store._q["ops_job_counts"])
     assert "jobs" in seq_scans((await cur.fetchone())[0][0]["Plan"])
+
+
+async def test_keyset_pages_list_every_job_once_newest_first(sched, planner):
+    pages, before = [], None
+    while page := await sched.store.list_jobs(limit=700, before=before):
+        pages.append([job["id"] for job in page])
+        before = (page[-1]["created_at"], page[-1]["id"])
+    seen = [job_id for page in pages for job_id in page]
+    assert len(pages) == 5 and len(seen) == len(set(seen)) == 3000
+    everything = await sched.store.list_jobs(limit=5000)
+    assert seen == [job["id"] for job in everything]

@@ -313,11 +313,16 @@ SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 
 -- name: list_jobs
--- Jobs filtered by status, task and creation time, newest first.
+-- Jobs filtered by status, task and creation time, newest first; with %(before_created)s
+-- and %(before_id)s (the last row of the previous page) the page after it (keyset
+-- paging). Walks jobs_created_idx or jobs_task_created_idx (migration 0008) backwards,
+-- so a page costs its rows, however deep and however big the table.
 SELECT * FROM {schema}.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(before_created)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_created)s, %(before_id)s::text))
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
