@@ -45,6 +45,7 @@ from pgsched.errors import ConfigError, InvalidInput
 from pgsched.queues import validate_queue_name
 
 CONFIG_FILENAME = "pgsched.toml"
+_DSN_KEYS = ("dsn", "listen_dsn")  # [database] keys that may carry a password
 CONFIG_ENV = "PGSCHED_CONFIG"
 DSN_ENV = "PGSCHED_DSN"
 
@@ -55,6 +56,13 @@ class DatabaseSettings:
     schema: str = "pgsched"
     data_dir: Path = Path(".pgsched")  # load_settings always makes this absolute
     pool_size: int = 4
+    # psycopg prepares a statement after this many executions on one connection; None
+    # never prepares (PgBouncer in transaction mode before 1.21 cannot route prepared
+    # statements, see docs/pgbouncer.md).
+    prepare_threshold: int | None = 5
+    # A direct connection (not through a transaction pooler) for the worker's LISTEN;
+    # None: the LISTEN goes to dsn.
+    listen_dsn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -212,8 +220,9 @@ def load_settings(
         queues = _queue_tables(path, document.pop(QUEUES_TABLE, {}))
         for section, key, value in _file_entries(path, document):
             chosen[section, key] = (origin, value)
-        file_dsn = chosen.get(("database", "dsn"), (None, None))[1]
-        warning = _permission_warning(path, file_dsn)
+        file_dsns = [chosen.get(("database", key), (None, None))[1]
+                     for key in _DSN_KEYS]
+        warning = next(filter(None, (_permission_warning(path, d) for d in file_dsns)), None)
         if warning:
             warnings.append(warning)
 
@@ -463,6 +472,15 @@ def _number(*, positive: bool, days: bool = False, none_ok: bool = False) -> _Ch
     return check
 
 
+def _prepare_threshold(value: object, _base: Path) -> int | None:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    if type(value) is not int or not 0 <= value <= _INT_MAX:
+        raise _Bad('must be an integer >= 0 (executions before psycopg prepares a '
+                   'statement) or "none" (never prepare, for PgBouncer in transaction mode)')
+    return value
+
+
 def _text(what: str) -> _Check:
     def check(value: object, _base: Path) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -573,6 +591,9 @@ _CHECKS: dict[str, dict[str, _Check]] = {
         "schema": _schema,
         "data_dir": _data_dir,
         "pool_size": _integer(2),
+        "prepare_threshold": _prepare_threshold,
+        "listen_dsn": _text("a PostgreSQL connection string that reaches the server directly "
+                            "(not through a transaction pooler)"),
     },
     "worker": {
         "tasks": _tasks,
@@ -718,6 +739,10 @@ def _mask_by_pattern(dsn: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", dsn)
 
 
+# Keys whose None is a setting of its own ("none"), not "use the default".
+_NONE_SPELLED_OUT = {("jobs", "misfire_grace_seconds"), ("database", "prepare_threshold")}
+
+
 def settings_to_toml(settings: Settings) -> str:
     """The effective configuration as TOML that load_settings accepts, password masked."""
     document: dict[str, dict[str, object]] = {}
@@ -727,14 +752,14 @@ def settings_to_toml(settings: Settings) -> str:
         for key in _FIELDS[name]:
             value = getattr(section, key)
             if value is None:
-                if (name, key) != ("jobs", "misfire_grace_seconds"):
+                if (name, key) not in _NONE_SPELLED_OUT:
                     continue  # TOML has no null; leaving the key out means the same
                 value = "none"
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            elif (name, key) == ("database", "dsn"):
+            elif name == "database" and key in _DSN_KEYS:
                 value = mask_dsn(value)
             table[key] = value
         document[name] = table

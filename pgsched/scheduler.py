@@ -159,11 +159,17 @@ class Scheduler:
         options: WorkerOptions | None = None,
         pool_size: int = 4,
         application_name: str = "pgsched",
+        prepare_threshold: int | None = 5,
+        listen_dsn: str | None = None,
     ):
         self._own_pool = isinstance(dsn_or_pool, str)
         self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
         self._pool = None if self._own_pool else dsn_or_pool
         self._pool_size = pool_size
+        self._prepare_threshold = prepare_threshold
+        # The worker's LISTEN connection goes here: behind a transaction pooler only a
+        # direct connection keeps the session a LISTEN needs (docs/pgbouncer.md).
+        self._listen_dsn = listen_dsn or self._dsn
         self.application_name = application_name
         self.schema = schema
         self.misfire_grace_time = (
@@ -185,7 +191,8 @@ class Scheduler:
                         self._dsn, max_size=self._pool_size,
                         application_name=self.application_name,
                         lock_timeout_seconds=LOCK_TIMEOUT_SECONDS if self.options is None
-                        else lock_timeout_for(self.options.lease_seconds))
+                        else lock_timeout_for(self.options.lease_seconds),
+                        prepare_threshold=self._prepare_threshold)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     # libpq's first line says why; the rest is a generic hint.
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
@@ -226,7 +233,7 @@ class Scheduler:
             # Imported here: a CLI that only enqueues or lists never loads the worker.
             from .worker import Worker, WorkerOptions
 
-            self._worker = Worker(self.store, self._dsn, self.options or WorkerOptions())
+            self._worker = Worker(self.store, self._listen_dsn, self.options or WorkerOptions())
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 

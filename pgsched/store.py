@@ -551,11 +551,15 @@ class Store:
     async def list_jobs(
         self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
         since: datetime | None = None, queue: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Newest first; `before` = (created_at, id) of the last row of the previous page."""
+        before_created, before_id = before if before is not None else (None, None)
         return await self._rows(
             "list_jobs",
             {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
-             "since": since, "queue": queue},
+             "since": since, "queue": queue, "before_created": before_created,
+             "before_id": before_id},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:
@@ -942,7 +946,7 @@ def lock_timeout_for(lease_seconds: float) -> float:
 
 async def open_pool(
     dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched",
-    lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+    lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
 ) -> AsyncConnectionPool:
     """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
     psycopg.OperationalError with the server's reason if it cannot be reached.
@@ -950,9 +954,12 @@ async def open_pool(
     application_name shows in pg_stat_activity, so an operator can tell a worker's
     connections from a web app's that only enqueues. Every connection waits at most
     lock_timeout_seconds for a lock (a session default, so RESET returns to it).
+    prepare_threshold is psycopg's: None never prepares a statement, which a
+    transaction pooler that hands each transaction another server connection needs.
     """
     check_dsn(dsn)
-    kwargs = {"autocommit": True, **_application_name(dsn, application_name),
+    kwargs = {"autocommit": True, "prepare_threshold": prepare_threshold,
+              **_application_name(dsn, application_name),
               **_session_options(dsn, lock_timeout_seconds)}
     # One plain connection first: an unreachable server or a refused login fails now with
     # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.

@@ -179,6 +179,10 @@ BAD_VALUES = [
     ("database", "pool_size", "1", "1", "must be an integer >= 2"),
     ("database", "pool_size", "4.0", "4.0", "must be an integer >= 2"),
     ("database", "pool_size", "true", "true", "must be an integer >= 2"),
+    ("database", "prepare_threshold", "-1", "-1", 'must be an integer >= 0'),
+    ("database", "prepare_threshold", '"never"', '"never"', 'or "none" (never prepare'),
+    ("database", "prepare_threshold", "false", "false", "must be an integer >= 0"),
+    ("database", "listen_dsn", '""', '""', "must be a PostgreSQL connection string"),
     ("worker", "tasks", '""', '""', "must be a dotted module name"),
     ("worker", "tasks", '"my-app.tasks"', '"my-app.tasks"', "must be a dotted module name"),
     ("worker", "tasks", '"src/tasks.txt"', '"src/tasks.txt"', "path to a .py file"),
@@ -535,6 +539,24 @@ level = "DEBUG"
     assert again.database == dataclasses.replace(original.database, dsn=mask_dsn(PASSWORD_DSN))
     for name in ("worker", "jobs", "vacuum", "log"):
         assert getattr(again, name) == getattr(original, name)
+
+
+def test_pooler_settings_round_trip_with_the_listen_password_masked(tmp_path):
+    path = write(tmp_path, f"""
+[database]
+dsn = "host=pgbouncer port=6432 dbname=app"
+prepare_threshold = "none"
+listen_dsn = "{PASSWORD_DSN}"
+""")
+    os.chmod(path, 0o644)
+    original = load(path)
+    assert original.database.prepare_threshold is None
+    assert original.warnings and "s3cret" not in original.warnings[0]
+    text = settings_to_toml(original)
+    assert "s3cret" not in text and 'prepare_threshold = "none"' in text
+    again = load(write(tmp_path, text, name="again.toml")).database
+    assert again.prepare_threshold is None
+    assert again.listen_dsn == mask_dsn(PASSWORD_DSN)
 
 
 def test_settings_to_toml_leaves_out_unset_values(tmp_path, monkeypatch):

@@ -110,13 +110,18 @@ async def test_every_enqueue_path_wakes_workers_once_with_the_earliest_due_time(
 
 
 async def _lease_mismatches(sched) -> list[tuple[str, str]]:
+    """Jobs whose lease or running-index predicate (migration 0009) disagrees with their
+    status."""
     return [(j["id"], j["status"]) for j in (await jobs_by_id(sched)).values()
-            if (j["lease_until"] is not None) != (j["status"] == "running")]
+            if {j["lease_until"] is not None,
+                j["worker_id"] is not None and j["finished_at"] is None}
+            != {j["status"] == "running"}]
 
 
 async def test_lease_until_is_set_exactly_while_a_job_runs(sched):
-    """jobs_leased_idx (migration 0004) stands for the running jobs: every way into and
-    out of running must set or clear lease_until with the status."""
+    """jobs_running_idx (migration 0009) stands for the running jobs: every way into and
+    out of running must set or clear lease_until, worker_id or finished_at with the
+    status."""
     past = datetime.now(UTC) - timedelta(minutes=10)
     await sched.schedule("noop", job_id="completed")
     await sched.schedule("fail", job_id="failed")
@@ -192,7 +197,7 @@ async def test_fenced_writes_probe_the_primary_key_whatever_the_statistics(
             psycopg.sql.SQL("EXPLAIN EXECUTE fenced({})").format(arguments))
         plan = "\n".join(row[0] for row in await cur.fetchall())
     assert "jobs_pkey" in plan, plan
-    assert "jobs_leased_idx" not in plan and "Seq Scan on jobs" not in plan, plan
+    assert "jobs_running_idx" not in plan and "Seq Scan on jobs" not in plan, plan
 
 
 async def test_fetcher_holds_back_while_the_completer_lags(sched):

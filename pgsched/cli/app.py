@@ -363,7 +363,7 @@ async def open_scheduler(settings: Settings, *, pool_size: int = 2):
     misfire = settings.jobs.misfire_grace_seconds
     async with Scheduler(
         resolve_dsn(settings), schema=settings.database.schema, misfire_grace_time=misfire,
-        pool_size=pool_size,
+        pool_size=pool_size, prepare_threshold=settings.database.prepare_threshold,
     ) as sched:
         yield sched
 

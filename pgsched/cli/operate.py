@@ -125,11 +125,19 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
     from ..scheduler import Scheduler
 
     pool_size = max(2, settings.database.pool_size)
+    db = settings.database
+    if db.prepare_threshold is None and db.listen_dsn is None:
+        # prepare_threshold = "none" is how a pgsched behind a transaction pooler is set
+        # up, and there a LISTEN hears nothing: say why wake-ups take poll_seconds.
+        log.warning("listen_through_pooler", poll_seconds=options.poll_seconds,
+                    note="prepare_threshold is none but no [database] listen_dsn is set: "
+                         "behind PgBouncer in transaction mode this worker hears no "
+                         "wake-ups and polls; set listen_dsn to a direct connection")
     sched = Scheduler(
-        resolve_dsn(settings, start_embedded=True), schema=settings.database.schema,
+        resolve_dsn(settings, start_embedded=True), schema=db.schema,
         options=options, misfire_grace_time=settings.jobs.misfire_grace_seconds,
-        pool_size=pool_size,
-        application_name="pgsched-worker",
+        pool_size=pool_size, application_name="pgsched-worker",
+        prepare_threshold=db.prepare_threshold, listen_dsn=db.listen_dsn,
     )
     await sched.open()
     try:

@@ -6,8 +6,9 @@
 -- read statements once a second, so each is shaped to touch the rows it reports on and
 -- never the whole job history: pending and running rows through their partial indexes,
 -- finished rows through jobs_finished_idx (status, finished_at). Running rows are found
--- with `lease_until IS NOT NULL AND status = 'running'`: the first term is the predicate
--- of jobs_leased_idx (migration 0004), the second keeps the meaning exact.
+-- with `worker_id IS NOT NULL AND finished_at IS NULL AND status = 'running'`: the first
+-- two terms are the predicate of jobs_running_idx (migration 0009), the last keeps the
+-- meaning exact.
 
 -- name: ops_job_counts
 -- Jobs per queue and status (one pass over the table: `pgsched status` only). For pending
@@ -30,7 +31,8 @@ FROM {schema}.jobs WHERE status = 'pending'
 GROUP BY queue
 UNION ALL
 SELECT queue, 'running', count(*), 0, NULL
-FROM {schema}.jobs WHERE lease_until IS NOT NULL AND status = 'running'
+FROM {schema}.jobs WHERE worker_id IS NOT NULL AND finished_at IS NULL
+      AND status = 'running'
 GROUP BY queue
 ORDER BY 1, 2;
 
@@ -58,7 +60,8 @@ SELECT w.id, w.host, w.pid, w.version, w.concurrency, w.queues, w.started_at,
 FROM {schema}.workers w
 LEFT JOIN (
     SELECT worker_id, count(*) AS running FROM {schema}.jobs
-    WHERE lease_until IS NOT NULL AND status = 'running' GROUP BY worker_id
+    WHERE worker_id IS NOT NULL AND finished_at IS NULL
+      AND status = 'running' GROUP BY worker_id
 ) r ON r.worker_id = w.id
 ORDER BY w.started_at, w.id;
 
@@ -66,23 +69,34 @@ ORDER BY w.started_at, w.id;
 -- Running jobs, longest running first, with their elapsed time.
 SELECT id, task, queue, worker_id, attempts, started_at, lease_until,
        extract(epoch FROM now() - started_at)::float8 AS elapsed
-FROM {schema}.jobs WHERE lease_until IS NOT NULL AND status = 'running'
+FROM {schema}.jobs WHERE worker_id IS NOT NULL AND finished_at IS NULL
+      AND status = 'running'
 ORDER BY started_at, id
 LIMIT %(limit)s;
 
 -- name: ops_next_jobs
 -- The pending jobs that run next: due ones in claim order (priority, then due time), then
--- future ones by due time. Like claim_jobs it walks the pending index once per priority,
--- so a backlog of millions is never sorted.
+-- future ones by due time. Like claim_jobs it walks the pending index (queue, priority,
+-- execution_time, id) once per (queue, priority) pair, the queues found by a loose index
+-- scan, so a backlog of millions is never sorted: at most %(limit)s rows per pair are.
+WITH RECURSIVE pending_queues AS (
+    (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM {schema}.jobs j
+            WHERE j.status = 'pending' AND j.queue > q.queue ORDER BY j.queue LIMIT 1)
+    FROM pending_queues q WHERE q.queue IS NOT NULL
+)
 SELECT n.*, extract(epoch FROM n.execution_time - now())::float8 AS due_in
-FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+FROM pending_queues q
+CROSS JOIN unnest(%(priorities)s::smallint[]) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT id, task, queue, priority, execution_time, attempts, last_error
     FROM {schema}.jobs
-    WHERE status = 'pending' AND priority = p.priority
+    WHERE status = 'pending' AND queue = q.queue AND priority = p.priority
     ORDER BY execution_time, id
     LIMIT %(limit)s
 ) n
+WHERE q.queue IS NOT NULL
 ORDER BY n.execution_time > now(),
          CASE WHEN n.execution_time <= now() THEN n.priority END,
          n.execution_time, n.id

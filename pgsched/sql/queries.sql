@@ -247,7 +247,8 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- that waited for a lock judges leases at the time it runs.
 WITH expired AS (
     SELECT j.id, j.worker_id, j.started_at FROM {schema}.jobs j
-    WHERE j.status = 'running' AND j.lease_until < clock_timestamp()
+    WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
+      AND j.status = 'running' AND j.lease_until < clock_timestamp()
       AND NOT EXISTS (
           SELECT 1 FROM {schema}.workers w
           WHERE w.id = j.worker_id
@@ -312,12 +313,17 @@ SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 
 -- name: list_jobs
--- Jobs filtered by status, task, queue and creation time, newest first.
+-- Jobs filtered by status, task, queue and creation time, newest first; with %(before_created)s
+-- and %(before_id)s (the last row of the previous page) the page after it (keyset
+-- paging). Walks jobs_created_idx or jobs_task_created_idx (migration 0008) backwards,
+-- so a page costs its rows, however deep and however big the table.
 SELECT * FROM {schema}.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(before_created)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_created)s, %(before_id)s::text))
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 

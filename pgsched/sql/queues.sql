@@ -10,13 +10,29 @@
 -- 'cancel:<worker id>' (enqueue wake-ups carry a bare epoch number instead). Returns each
 -- id with its status afterwards: 'cancelled', or 'running' (cancel requested).
 -- Rows are locked in id order so that two bulk cancels cannot deadlock each other.
-WITH target AS (
+-- Candidates come from two walks, each over an index that holds only what it reads:
+-- pending rows by task or queue in id order (jobs_pending_task_idx and
+-- jobs_pending_queue_id_idx, migration 0008), running rows through jobs_running_idx
+-- (0009); neither reads the finished history.
+WITH candidates AS (
+    (SELECT id FROM {schema}.jobs
+     WHERE status = 'pending'
+       AND (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))
+       AND (%(task)s::text IS NULL OR task = %(task)s)
+       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+     ORDER BY id
+     LIMIT %(limit)s)
+    UNION ALL
     SELECT id FROM {schema}.jobs
-    WHERE status IN ('pending', 'running')
+    WHERE worker_id IS NOT NULL AND finished_at IS NULL AND status = 'running'
       AND (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))
       AND (%(task)s::text IS NULL OR task = %(task)s)
       AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND (%(ids)s::text[] IS NOT NULL OR status = 'pending' OR cancel_requested_at IS NULL)
+      AND (%(ids)s::text[] IS NOT NULL OR cancel_requested_at IS NULL)
+),
+target AS (
+    SELECT id FROM {schema}.jobs
+    WHERE id IN (SELECT id FROM candidates) AND status IN ('pending', 'running')
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE
@@ -85,7 +101,8 @@ WITH pending AS (
     FROM {schema}.jobs WHERE status = 'pending' GROUP BY queue
 ),
 running AS (
-    SELECT queue, count(*) AS running FROM {schema}.jobs WHERE status = 'running'
+    SELECT queue, count(*) AS running FROM {schema}.jobs
+    WHERE worker_id IS NOT NULL AND finished_at IS NULL AND status = 'running'
     GROUP BY queue
 ),
 queues AS (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
@@ -11,6 +11,7 @@ from pgsched import Scheduler
 
 from .cluster import Cluster
 from .kit import fault_options
+from .pgbouncer import PgBouncer, PgBouncerUnavailable
 
 
 @pytest.fixture
@@ -23,3 +24,14 @@ async def cluster_sched(cluster: Cluster, schema: str) -> AsyncIterator[Schedule
     cluster.start()
     with psycopg.connect(cluster.superuser_dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(cluster: Cluster) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the throwaway cluster (pgbouncer.py)."""
+    try:
+        bouncer = PgBouncer(cluster)
+    except PgBouncerUnavailable as exc:
+        pytest.skip(f"cannot run PgBouncer: {exc}")
+    yield bouncer
+    bouncer.destroy()

@@ -1,0 +1,105 @@
+"""Every operator query (CLI, `top`, queues) has an index path: none reads jobs whole.
+
+Plans are taken on a small table with `enable_seqscan = off`, which leaves a sequential
+scan only where no index can serve the statement, so a missing or unusable index (a
+predicate the query no longer implies, a cast that hides a column) shows up as
+`Seq Scan on jobs`. The figures at 5M rows come from bench/ops_at_size.py
+(docs/pgbouncer.md); `pgsched status`'s full count (ops_job_counts) is a deliberate pass
+over the table and is left out.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from pgsched import JobPriority
+
+PRIORITIES = sorted(int(p) for p in JobPriority)
+NOW = datetime.now(UTC)
+BATCH = {"ids": None, "channel": "c", "limit": 5000}
+LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
+        "before_id": None}
+
+# (what the operator runs, named query, its parameters)
+STATEMENTS = [
+    ("ls", "list_jobs", LIST),
+    ("ls --task", "list_jobs", {**LIST, "task": "task_3"}),
+    ("ls --since", "list_jobs", {**LIST, "since": NOW - timedelta(hours=1)}),
+    ("ls, next page", "list_jobs", {**LIST, "before_created": NOW, "before_id": "j5"}),
+    ("cancel --task", "request_cancel", {**BATCH, "task": "task_3", "queue": None}),
+    ("cancel --queue", "request_cancel", {**BATCH, "task": None, "queue": "q3"}),
+    ("cancel ID", "request_cancel", {**BATCH, "ids": ["a", "b"], "task": None, "queue": None}),
+    ("retry --task", "ops_retry_jobs", {**BATCH, "statuses": ["failed"], "cutoff": NOW,
+                                        "task": "task_3", "queue": None}),
+    ("top: counts", "ops_active_counts", {}),
+    ("top: throughput", "ops_throughput", {}),
+    ("top: workers", "ops_workers", {}),
+    ("top: running", "ops_running_jobs", {"limit": 20}),
+    ("top: next jobs", "ops_next_jobs", {"limit": 20, "priorities": PRIORITIES}),
+    ("top: failures", "ops_recent_failures", {"limit": 10}),
+    ("queues", "queue_stats", {}),
+    ("recovery", "recover_orphans", {"limit": 100, "max_recoveries": 3, "channel": "c",
+                                     "errors_first": 5, "errors_last": 5}),
+]
+
+FILL = """
+INSERT INTO {schema}.jobs (id, task, queue, status, execution_time, started_at,
+                           finished_at, worker_id, lease_until, heartbeat_at)
+SELECT 'j' || g, 'task_' || (g % 20), 'q' || (g % 5), s.status, now(),
+       CASE WHEN s.status <> 'pending' THEN now() END,
+       CASE WHEN s.status NOT IN ('pending', 'running') THEN now() END,
+       CASE WHEN s.status <> 'pending' THEN 'w' END,
+       CASE WHEN s.status = 'running' THEN now() + interval '1 min' END,
+       CASE WHEN s.status = 'running' THEN now() END
+FROM generate_series(1, 3000) g
+CROSS JOIN LATERAL (SELECT (CASE WHEN g % 10 = 0 THEN 'pending'
+                                 WHEN g % 100 = 1 THEN 'running'
+                                 WHEN g % 10 = 2 THEN 'failed'
+                                 ELSE 'completed' END)::{schema}.job_status AS status) s
+"""
+
+
+def seq_scans(plan: dict) -> list[str]:
+    here = [plan["Relation Name"]] if plan.get("Node Type") == "Seq Scan" else []
+    return here + [name for child in plan.get("Plans", ()) for name in seq_scans(child)]
+
+
+@pytest.fixture
+async def planner(sched, pg_dsn):
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        schema = psycopg.sql.Identifier(sched.schema)
+        await conn.execute(psycopg.sql.SQL(FILL).format(schema=schema))
+        await conn.execute(psycopg.sql.SQL("ANALYZE {}.jobs").format(schema))
+        await conn.execute("SET enable_seqscan = off")
+        yield conn
+
+
+@pytest.mark.parametrize(("command", "name", "params"), STATEMENTS,
+                         ids=[s[0] for s in STATEMENTS])
+async def test_operator_query_reads_jobs_through_an_index(sched, planner, command, name,
+                                                          params):
+    text = sched.store._q[name]
+    cur = await planner.execute("EXPLAIN (FORMAT JSON) " + text, params)
+    plan = (await cur.fetchone())[0][0]["Plan"]
+    assert "jobs" not in seq_scans(plan), f"{command}: {json.dumps(plan)[:2000]}"
+
+
+async def test_the_full_count_is_the_one_sequential_scan(sched, planner):
+    """The check above can fail: a statement that must read every row shows its scan."""
+    cur = await planner.execute("EXPLAIN (FORMAT JSON) " + sched.store._q["ops_job_counts"])
+    assert "jobs" in seq_scans((await cur.fetchone())[0][0]["Plan"])
+
+
+async def test_keyset_pages_list_every_job_once_newest_first(sched, planner):
+    pages, before = [], None
+    while page := await sched.store.list_jobs(limit=700, before=before):
+        pages.append([job["id"] for job in page])
+        before = (page[-1]["created_at"], page[-1]["id"])
+    seen = [job_id for page in pages for job_id in page]
+    assert len(pages) == 5 and len(seen) == len(set(seen)) == 3000
+    everything = await sched.store.list_jobs(limit=5000)
+    assert seen == [job["id"] for job in everything]
