@@ -3,8 +3,6 @@
 The public API, nothing else: see README.md for usage.
 """
 
-__version__ = "0.1.0"
-
 from .errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -18,6 +16,7 @@ from .errors import (
 from .recurring import periodic
 from .scheduler import ConflictResolution, JobSpec, Scheduler
 from .tasks import JobPriority, task
+from .version import __version__
 from .worker import Worker, WorkerOptions
 
 __all__ = [

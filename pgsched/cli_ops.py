@@ -54,7 +54,7 @@ from .ops import (
 )
 from .scheduler import ConflictResolution, JobSpec
 from .store import Store
-from .worker.daemon import DB_ERRORS
+from .worker.context import DB_ERRORS
 from .worker.maintenance import vacuum
 
 BULK_CHUNK = 1000
