@@ -174,7 +174,7 @@ class Worker:
 
     @property
     def running_jobs(self) -> int:
-        return self.ctx.executing
+        return self.ctx.running_jobs
 
     @property
     def stopping(self) -> bool:
@@ -188,12 +188,12 @@ class Worker:
     @property
     def hung_threads(self) -> int:
         """Threads running a sync task whose job has moved on (timed out, cancelled)."""
-        return self.ctx.threads.abandoned
+        return self.ctx.hung_threads
 
     @property
     def threads_over_cap(self) -> bool:
         """Too many hung threads to replace: they take slots from new sync jobs."""
-        return self.ctx.threads.over_cap
+        return self.ctx.threads_over_cap
 
     @property
     def abandoned_tasks(self) -> int:
