@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -42,6 +43,7 @@ from ..store import Store, migrations
 from .completer import Completer
 from .context import (
     DB_ERRORS,
+    Stats,
     WorkerContext,
     WorkerOptions,
     backoff_sleep,
@@ -137,7 +139,7 @@ class Worker:
         return self.ctx.id
 
     @property
-    def stats(self):
+    def stats(self) -> Stats:
         return self.ctx.stats
 
     @property
@@ -154,7 +156,7 @@ class Worker:
         return self.ctx.ready
 
     @property
-    def on_ready(self) -> list:
+    def on_ready(self) -> list[Callable[[], Awaitable[None] | None]]:
         return self.ctx.on_ready
 
     @property
