@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import InvalidInput, ScheduleConflict, ScheduleNotFound
+from .payload import encode_arguments
 from .store import NewSchedule, Store
 from .tasks import JobPriority, Task, check_task_options, get_task, task, validate_task_name
 from .timing import (
@@ -138,8 +139,6 @@ def define_schedule(
     enabled: bool = True,
 ) -> ScheduleDefinition:
     """Validate everything about a schedule; raises InvalidInput for the first problem."""
-    from .scheduler import encode_arguments  # scheduler imports the worker, which imports us
-
     validate_task_name(task_name)
     validate_schedule_id(schedule_id)
     if (cron is None) == (every is None):

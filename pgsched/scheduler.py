@@ -31,6 +31,7 @@ import psycopg_pool
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .payload import encode_arguments
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .recurring import is_schedule_job_id
 from .store import (
@@ -47,7 +48,6 @@ from .tasks import JobPriority, check_max_retries, get_task, task_name_of
 if TYPE_CHECKING:
     from .worker import Worker, WorkerOptions
 
-MAX_PAYLOAD_BYTES = 1 << 20
 MAX_JOB_ID_LENGTH = 255
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
 
@@ -112,25 +112,6 @@ def new_job_id() -> str:
     cost, which shows when schedule_bulk() writes 100,000 jobs a second."""
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
-
-
-def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
-    """Validate a job's (or schedule's) arguments; returns them as JSON text."""
-    if not isinstance(args, list | tuple):
-        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
-    kwargs = kwargs or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise InvalidInput("kwargs must be a dict with string keys")
-    args_json = encode_json(list(args), "args")
-    kwargs_json = encode_json(kwargs, "kwargs")
-    check_json_depth(args_json, "args")
-    check_json_depth(kwargs_json, "kwargs")
-    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
-        raise InvalidInput(
-            f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
-            f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
-        )
-    return args_json, kwargs_json
 
 
 def _seconds(value: Any, what: str) -> float:

@@ -205,10 +205,11 @@ async def test_fetcher_holds_back_while_the_completer_lags(sched):
     the fetcher waits for the completer instead of taking ever more leases."""
     worker = Worker(Store(sched.store.pool, sched.schema), sched._dsn,
                     fast_options(concurrency=4))
-    assert worker._free_slots() == 4
-    worker._held = {str(i): None for i in range(4)}  # four finished, not yet written
-    assert worker._free_slots() == 4
-    worker._executing, worker._held = 2, {str(i): None for i in range(6)}
-    assert worker._free_slots() == 2
-    worker._executing, worker._held = 0, {str(i): None for i in range(8)}
-    assert worker._free_slots() == 0
+    ctx = worker.ctx
+    assert worker.fetcher.free_slots() == 4
+    ctx.held = {str(i): None for i in range(4)}  # four finished, not yet written
+    assert worker.fetcher.free_slots() == 4
+    ctx.executing, ctx.held = 2, {str(i): None for i in range(6)}
+    assert worker.fetcher.free_slots() == 2
+    ctx.executing, ctx.held = 0, {str(i): None for i in range(8)}
+    assert worker.fetcher.free_slots() == 0

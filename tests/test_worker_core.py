@@ -24,7 +24,7 @@ from conftest import fast_options, wait_until
 
 from pgsched import Scheduler, Worker
 from pgsched.store import TRACEBACK_MAX_CHARS, Store
-from pgsched.worker.daemon import NOTIFY_WAKE_BURST, NOTIFY_WAKE_RATE
+from pgsched.worker.context import NOTIFY_WAKE_BURST, NOTIFY_WAKE_RATE
 from pgsched.worker.executor import ERROR_MAX_CHARS
 from pgsched.worker.metrics import MetricsServer
 
@@ -183,9 +183,9 @@ async def during_a_held_claim(sched: Scheduler) -> AsyncIterator[tuple[Worker, O
 
 async def test_job_notified_during_a_claim_starts_without_waiting_for_the_poll(sched):
     async with during_a_held_claim(sched) as (worker, store):
-        worker._wake.clear()  # so that only the next NOTIFY can set it
+        worker.ctx.wake.clear()  # so that only the next NOTIFY can set it
         later = await sched.schedule("add", args=(2, 2))  # NOTIFY during the claim
-        await wait_until(lambda: worker._wake.is_set(), what="notification received")
+        await wait_until(lambda: worker.ctx.wake.is_set(), what="notification received")
         store.release_claim()
         row = await wait_until(lambda: ended(sched, later), timeout=10, what="second job")
         assert row["result"] == 4

@@ -163,7 +163,7 @@ async def _serve(settings: Settings, options: WorkerOptions, migrate_schema: boo
 
 def _on_signal(worker: Any, signum: int) -> None:
     log.info("signal_received", signal=signal.Signals(signum).name,
-             action="stopping now" if worker._stopping.is_set() else "graceful shutdown")
+             action="stopping now" if worker.stopping else "graceful shutdown")
     worker.stop()
 
 

@@ -44,7 +44,7 @@ def top(
     """Live dashboard: workers, running jobs, next due jobs, recent failures, throughput.
     q or Ctrl-C quits. When stdout is not a terminal it prints one snapshot and exits."""
     from ..ops import gather
-    from ..worker.daemon import DB_ERRORS
+    from ..worker.context import DB_ERRORS
     from .views import dashboard_view
 
     settings = settings_of(ctx)

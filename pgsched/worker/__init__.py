@@ -1,4 +1,4 @@
-"""The worker daemon; see daemon.py for its services and lifecycle."""
+"""The worker daemon: daemon.py wires and supervises the services, one module each."""
 
 from .daemon import Worker, WorkerOptions
 

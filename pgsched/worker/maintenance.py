@@ -18,13 +18,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..logs import get_logger
 from ..store import FINISHED_STATUSES, Store
-
-if TYPE_CHECKING:
-    from .daemon import Worker
+from .context import DB_ERRORS, WorkerContext, raise_if_cancelling
 
 log = get_logger("pgsched.maintenance")
 
@@ -61,15 +58,13 @@ def retention_by_status(retention_days: float, failed_retention_days: float) -> 
 
 
 class Maintenance:
-    def __init__(self, worker: Worker):
-        self.worker = worker
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
         self._last_prune = 0.0
         self._last_vacuum: float | None = None
 
     async def run(self) -> None:
-        from .daemon import DB_ERRORS, raise_if_cancelling
-
-        opts = self.worker.options
+        opts = self.ctx.options
         loop = asyncio.get_running_loop()
         self._last_vacuum = loop.time()
         while True:
@@ -78,12 +73,12 @@ class Maintenance:
             except DB_ERRORS as exc:
                 raise_if_cancelling()
                 log.warning("maintenance_db_error", error=str(exc).strip()[:200])
-            if await self.worker.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
+            if await self.ctx.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
                 return
 
     async def run_once(self) -> dict[str, object]:
-        opts = self.worker.options
-        store = self.worker.store
+        opts = self.ctx.options
+        store = self.ctx.store
         loop = asyncio.get_running_loop()
         did: dict[str, object] = {}
         recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
@@ -99,10 +94,10 @@ class Maintenance:
                             **fields)
             else:
                 log.warning("job_poisoned", **fields)
-            self.worker.metrics.job_recovered(row["task"], row["queue"], status)
+            self.ctx.metrics.job_recovered(row["task"], row["queue"], status)
         if recovered:
             did["recovered"] = len(recovered)
-            self.worker._wake.set()  # recovered jobs are due now
+            self.ctx.wake.set()  # recovered jobs are due now
         if loop.time() - self._last_prune >= PRUNE_EVERY_SECONDS:
             self._last_prune = loop.time()
             pruned = await store.prune_workers(older_than_seconds=opts.lease_seconds * 10)

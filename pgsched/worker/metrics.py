@@ -35,20 +35,20 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from .. import __version__
 from ..config import parse_listen
 from ..errors import PgschedError
 from ..logs import get_logger
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from .daemon import Worker
+    from ..store import Store
 
 log = get_logger("pgsched.metrics")
 
@@ -125,6 +125,34 @@ class WorkerMetrics:
         self._reconnects.inc()
 
 
+class Observed(Protocol):
+    """What the scrape and /healthz read of a worker (its context, or the Worker): this
+    module imports neither, so that the context can hold a WorkerMetrics."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def metrics(self) -> WorkerMetrics: ...
+    @property
+    def ready(self) -> asyncio.Event: ...
+    @property
+    def listening(self) -> bool: ...
+    @property
+    def last_db_ok(self) -> float | None: ...
+    @property
+    def options(self) -> Any: ...  # context.WorkerOptions
+    @property
+    def stopping(self) -> bool: ...
+    @property
+    def running_jobs(self) -> int: ...
+    @property
+    def hung_threads(self) -> int: ...
+    @property
+    def threads_over_cap(self) -> bool: ...
+
+
 def _bounded(seen: set[str], value: str) -> str:
     """`value`, or OTHER_LABEL once MAX_LABEL_VALUES others have been seen."""
     if value in seen:
@@ -135,7 +163,7 @@ def _bounded(seen: set[str], value: str) -> str:
     return OTHER_LABEL
 
 
-def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
+def health(worker: Observed) -> tuple[bool, dict[str, bool]]:
     """(healthy, checks): connected, serving, and talking to the database recently.
 
     "database" fails once nothing reached the database for a whole lease: by then this
@@ -158,7 +186,7 @@ def health(worker: Worker) -> tuple[bool, dict[str, bool]]:
 class _ScrapeCollector(Collector):
     """Gauges computed when scraped: this worker's slots and the queues' backlog."""
 
-    def __init__(self, worker: Worker):
+    def __init__(self, worker: Observed):
         self.worker = worker
         self.queue_rows: list[dict[str, Any]] = []
 
@@ -198,7 +226,7 @@ class _ScrapeCollector(Collector):
 class MetricsServer:
     """GET /metrics (Prometheus text or OpenMetrics) and GET /healthz (JSON, 200 or 503)."""
 
-    def __init__(self, worker: Worker, listen: str):
+    def __init__(self, worker: Observed, listen: str):
         self.worker = worker
         self.listen = listen
         self._scrape = _ScrapeCollector(worker)

@@ -38,16 +38,14 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InvalidInput
 from ..logs import get_logger
 from ..recurring import format_instant, sync_code_schedules, timing_of, window_job_id
 from ..store import MAX_JSON_DEPTH, ScheduleAdvance
 from ..timing import due_windows
-
-if TYPE_CHECKING:
-    from .daemon import Worker
+from .context import DB_ERRORS, WorkerContext, backoff_sleep
 
 log = get_logger("pgsched.planner")
 
@@ -80,24 +78,21 @@ class PlanResult:
 
 
 class Planner:
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.store = worker.store
-        self._wake = asyncio.Event()
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.store = ctx.store
 
     def wake(self) -> None:
         """Look at the schedules again now (one was added or changed elsewhere)."""
-        self._wake.set()
+        self.ctx.plan_now.set()
 
     async def run(self) -> None:
-        from .daemon import DB_ERRORS, backoff_sleep
-
-        if self.worker.options.burst:
+        if self.ctx.options.burst:
             return
         failures = 0
         synced = False
         while True:
-            self._wake.clear()
+            self.ctx.plan_now.clear()
             try:
                 if not synced:
                     await self.sync()
@@ -105,7 +100,7 @@ class Planner:
                 delay = (await self.run_once()).delay_seconds()
                 failures = 0
             except DB_ERRORS as exc:
-                self.worker._db_error("planner", exc, failures)
+                self.ctx.db_error("planner", exc, failures)
                 failures += 1
                 await backoff_sleep(failures)
                 continue
@@ -114,7 +109,7 @@ class Planner:
 
     async def sync(self) -> None:
         """Upsert this process's @periodic schedules; disable those gone from the code."""
-        changes = await sync_code_schedules(self.store, self.worker.options.timezone)
+        changes = await sync_code_schedules(self.store, self.ctx.options.timezone)
         by_change: dict[str, list[str]] = {}
         for row in changes:
             by_change.setdefault(row["change"], []).append(row["id"])
@@ -176,8 +171,8 @@ class Planner:
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep until woken or `seconds` pass; True once the worker is closing."""
-        waiters = [asyncio.ensure_future(self._wake.wait()),
-                   asyncio.ensure_future(self.worker.closing.wait())]
+        waiters = [asyncio.ensure_future(self.ctx.plan_now.wait()),
+                   asyncio.ensure_future(self.ctx.closing.wait())]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -185,4 +180,4 @@ class Planner:
                 waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await waiter
-        return self.worker.closing.is_set()
+        return self.ctx.closing.is_set()

@@ -1,0 +1,42 @@
+"""Job and schedule arguments: validation and their JSON encoding, below every layer.
+
+Owns: turning `args`/`kwargs` into the JSON text stored with a job or a schedule. The
+Python API (scheduler.py), schedules (recurring.py) and through them the CLI and the
+planner use it, so it imports nothing of theirs (it sat in scheduler.py, and recurring.py
+had to import it lazily to dodge the cycle scheduler -> worker -> planner -> recurring).
+
+Invariants: arguments are JSON (never pickle): NaN, Infinity and non-JSON types are
+refused, so are payloads nested deeper than the store can decode and payloads over
+MAX_PAYLOAD_BYTES. Nothing is written here.
+
+Failure: InvalidInput naming what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InvalidInput
+from .store import check_json_depth, encode_json
+
+MAX_PAYLOAD_BYTES = 1 << 20
+
+
+def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
+    """Validate a job's (or schedule's) arguments; returns them as JSON text."""
+    if not isinstance(args, list | tuple):
+        raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
+    kwargs = kwargs or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InvalidInput("kwargs must be a dict with string keys")
+    args_json = encode_json(list(args), "args")
+    kwargs_json = encode_json(kwargs, "kwargs")
+    check_json_depth(args_json, "args")
+    check_json_depth(kwargs_json, "kwargs")
+    if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(
+            f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "
+            f"{MAX_PAYLOAD_BYTES} (1 MiB): store large data elsewhere and pass a reference"
+        )
+    return args_json, kwargs_json

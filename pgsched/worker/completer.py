@@ -1,0 +1,179 @@
+"""The completer: writes the outcomes of finished jobs, one statement per batch.
+
+Owns: the queue of outcomes (context.completions) from the moment a job finishes until
+its row says so, and the held attempt's removal once it is written.
+
+Invariants:
+- A batch forms naturally while the previous write is in flight: it takes everything
+  waiting, and every write is fenced by (worker id, id, attempt), so an outcome whose
+  lease was lost is rejected (`job_completion_rejected`) instead of overwriting newer work.
+- A batch the database refuses because of a value in it is written job by job, and the
+  job whose outcome cannot be stored fails (`job_result_not_storable`).
+- A job whose task is unknown here is put back for a worker that knows it (defer_job):
+  due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
+  has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
+- A written batch frees slots the fetcher may be waiting for (its backlog cap).
+
+Failure: a job whose outcome cannot be written keeps its slot here until it can, with
+backoff (or its lease expires and it is recovered: at-least-once). After kill(), it gives
+up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from ..logs import get_logger
+from .context import DB_ERRORS, Completion, WorkerContext, backoff_sleep
+from .executor import failed, retry_delay
+
+log = get_logger("pgsched.worker")
+
+# Writes a batch cannot survive because of what is in it (a value PostgreSQL refuses):
+# the batch is written job by job, and the job that cannot be written fails.
+DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError)
+# A job whose task this worker does not know (rolling deploy): due again after 60 s,
+# doubling up to an hour, and failed once it has been deferred for a day.
+UNKNOWN_TASK_DELAY_SECONDS = 60.0
+UNKNOWN_TASK_MAX_DELAY_SECONDS = 3600.0
+UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
+
+
+class Completer:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self.ctx.completions.get()]
+            while not self.ctx.completions.empty():
+                batch.append(self.ctx.completions.get_nowait())
+            try:
+                await self._record(batch)
+            finally:
+                for _ in batch:
+                    self.ctx.completions.task_done()
+            self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
+
+    async def _record(self, batch: list[Completion]) -> None:
+        attempt = 0
+        pending = batch
+        while pending:
+            try:
+                pending = await self._record_once(pending)
+            except DB_ERRORS as exc:
+                self.ctx.db_error("complete", exc, attempt)
+                attempt += 1
+                if self.ctx.killed.is_set() and attempt > 5:
+                    log.error("completion_not_recorded", jobs=len(pending),
+                              hint="their leases expire and another worker runs them again")
+                    for c in pending:
+                        self.ctx.held.pop(c.held.key, None)
+                    return
+                await backoff_sleep(attempt)
+            except DATA_ERRORS:
+                pending = await self._record_apart(pending)
+
+    async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
+        """A batch PostgreSQL refused because of a value in it: write each job on its own,
+        and fail the one whose result cannot be stored. Returns what is left to write
+        after a connection error."""
+        for i, c in enumerate(batch):
+            try:
+                try:
+                    await self._record_once([c])
+                except DATA_ERRORS as exc:
+                    if not c.outcome.ok:
+                        raise
+                    log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
+                    c = batch[i] = Completion(
+                        c.held, failed(f"the task's return value could not be stored: {exc}"),
+                        c.failures, c.duration_s, c.lateness_ms)
+                    await self._record_once([c])
+            except DATA_ERRORS as exc:
+                log.error("completion_not_recorded", **c.held.log_fields(), error=str(exc),
+                          hint="its lease expires and another worker runs it again")
+                self.ctx.held.pop(c.held.key, None)
+            except DB_ERRORS:
+                return batch[i:]
+        return []
+
+    async def _record_once(self, batch: list[Completion]) -> list[Completion]:
+        """Write a batch; returns what is left to write (failures are written one by one)."""
+        successes = [c for c in batch if c.outcome.ok]
+        if successes:
+            written = await self.ctx.store.complete_jobs(
+                worker_id=self.ctx.id,
+                done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
+            )
+            for c in successes:
+                self.ctx.held.pop(c.held.key, None)
+                if c.held.key in written:
+                    self.ctx.stats.completed += 1
+                    self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
+                    self.ctx.job_log.info("job_completed", **c.held.log_fields(),
+                                       duration_s=c.duration_s, lateness_ms=c.lateness_ms)
+                else:
+                    self.ctx.stats.lease_lost += 1
+                    log.warning("job_completion_rejected", **c.held.log_fields(),
+                                reason="lease lost before the result was recorded")
+        await self._record_cancelled([c for c in batch if c.outcome.cancelled])
+        for c in batch:
+            if not c.outcome.ok and not c.outcome.cancelled:
+                await self._record_failure(c)
+        return []
+
+    async def _record_failure(self, c: Completion) -> None:
+        """A failed attempt (retried while the budget lasts), or a job whose task this
+        worker does not know (put back for one that does, without counting a failure)."""
+        if c.outcome.unknown_task:
+            row = await self.ctx.store.defer_job(
+                worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, base_delay_seconds=UNKNOWN_TASK_DELAY_SECONDS,
+                max_delay_seconds=UNKNOWN_TASK_MAX_DELAY_SECONDS,
+                give_up_seconds=UNKNOWN_TASK_GIVE_UP_SECONDS)
+        else:
+            row = await self.ctx.store.fail_job(
+                worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, traceback=c.outcome.traceback,
+                retry_delay_seconds=retry_delay(c.failures + 1, self.ctx.options.retry_base_seconds,
+                                                self.ctx.options.retry_max_seconds))
+        self.ctx.held.pop(c.held.key, None)
+        if row is None:
+            self.ctx.stats.lease_lost += 1
+            log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
+        elif row["status"] == "pending" and c.outcome.unknown_task:
+            self.ctx.stats.deferred += 1
+            log.warning("task_unknown", **c.held.log_fields(),
+                        retry_at=row["execution_time"].isoformat(),
+                        hint="deploy the code that defines it to this worker, or let a "
+                             "worker that has it run the job")
+        elif row["status"] == "pending":
+            self.ctx.stats.retried += 1
+            self.ctx.metrics.job("retried", c.held.task_name, c.held.queue)
+            log.info("job_retry_scheduled", **c.held.log_fields(), error=c.outcome.error,
+                     retry_at=row["execution_time"].isoformat())
+            self.ctx.note_due(row["execution_time"].timestamp())
+        elif row["status"] == "cancelled":  # a cancel was requested while it failed
+            self.ctx.stats.cancelled += 1
+            self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
+            log.info("job_cancelled", **c.held.log_fields(), error=c.outcome.error)
+        else:
+            self.ctx.stats.failed += 1
+            self.ctx.metrics.job("failed", c.held.task_name, c.held.queue)
+            log.error("job_failed", **c.held.log_fields(), error=c.outcome.error)
+
+    async def _record_cancelled(self, cancelled: list[Completion]) -> None:
+        if not cancelled:
+            return
+        written = await self.ctx.store.finish_cancelled_jobs(
+            worker_id=self.ctx.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
+        for c in cancelled:
+            self.ctx.held.pop(c.held.key, None)
+            if c.held.id in written:
+                self.ctx.stats.cancelled += 1
+                self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
+                log.info("job_cancelled", **c.held.log_fields())
+            else:
+                self.ctx.stats.lease_lost += 1
+                log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")

@@ -1,0 +1,288 @@
+"""What the worker's services share: the narrow context each of them gets.
+
+Owns: the store and options, the worker id, the held attempts (`held`, keyed by (id,
+attempt)), the outcomes waiting for the completer, the wake-up events (`wake` for the
+fetcher, `beat_now` for the heartbeater, `plan_now` for the planner), the fetcher's
+due-time timer and notification token bucket, the shutdown flags (`stop_requested`,
+`killed`, `closing`), stats, metrics, and the helpers every service uses to report database errors
+and back off. Services get this object, never `daemon.Worker`; daemon.py builds one per
+worker and wires the services to it.
+
+Invariants:
+- Held jobs are keyed by (id, attempt), never the id alone: after this worker's own
+  recovery took a job back and claimed it again, the older attempt is cancelled and its
+  late outcome touches nothing of the newer one.
+- Everything here runs on the worker's event loop (no locks): a method's check and its
+  update are never interleaved with another service.
+- Wake-ups are events that stay set until their service clears them (before its unit of
+  work), so one that arrives during the work is not lost.
+
+Failure: db_error() logs `db_unavailable` once per outage (the first attempt) and counts
+every failure; it re-raises a cancellation psycopg turned into a connection error, so a
+service being stopped still stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import psycopg
+import psycopg_pool
+
+from ..logs import get_logger
+from ..store import Store
+from ..version import __version__
+from .executor import Outcome, TaskThreads
+from .metrics import WorkerMetrics
+from .systemd import SystemdNotifier
+
+log = get_logger("pgsched.worker")
+
+DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
+# NOTIFY payloads are untrusted (any role that can connect may send them). Notifications
+# of jobs due now wake the fetcher from a token bucket: NOTIFY_WAKE_BURST at once, then
+# NOTIFY_WAKE_RATE a second; a claim that finds jobs gives its token back, so only
+# wake-ups that find nothing (a flood, or jobs another worker took first) are slowed, and
+# those past the budget are folded into one timer instead of being dropped.
+NOTIFY_WAKE_BURST = 20
+NOTIFY_WAKE_RATE = 50.0
+_EPOCH_RE = re.compile(r"^-?[0-9]{1,11}(\.[0-9]{1,9})?$")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    concurrency: int = 25
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    shutdown_grace_seconds: float = 30.0
+    poll_seconds: float = 5.0
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    max_recoveries: int = 3
+    burst: bool = False
+    vacuum_enabled: bool = True
+    vacuum_interval_seconds: float = 3600.0
+    retention_days: float = 7.0
+    failed_retention_days: float = 30.0
+    vacuum_batch_size: int = 1000
+    timezone: str = "UTC"  # of @periodic cron schedules that name none ([jobs] timezone)
+    queues: tuple[str, ...] | None = None  # None: every queue
+    queue_concurrency: tuple[tuple[str, int], ...] = ()  # (queue, limit) within this worker
+    metrics_listen: str | None = None  # "host:port" for /metrics and /healthz
+    systemd_notify: bool = False  # speak sd_notify when NOTIFY_SOCKET is set
+
+
+@dataclass
+class Held:
+    """A claimed job this worker owns: running, or finished and waiting to be recorded."""
+
+    id: str
+    attempt: int
+    task: asyncio.Task[None] | None = None
+    lease_lost: bool = False
+    finished: bool = False
+    task_name: str = ""
+    queue: str = ""
+    cancel_requested: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        # (id, attempt), never the id alone: an older attempt of the same job may still be
+        # running here after this worker's own recovery took it back and claimed it again.
+        return self.id, self.attempt
+
+    def log_fields(self) -> dict[str, Any]:
+        """What every job event carries (the README's promise): job_id, task, attempt."""
+        return {"job_id": self.id, "task": self.task_name, "attempt": self.attempt}
+
+
+@dataclass
+class Completion:
+    held: Held
+    outcome: Outcome
+    failures: int
+    duration_s: float = 0.0
+    lateness_ms: float = 0.0  # how long after its due time the job started
+
+
+@dataclass
+class Stats:
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    released: int = 0
+    lease_lost: int = 0
+    deferred: int = 0  # unknown task: put back for a worker that knows it
+    claims: int = 0  # claim statements run
+    wakeups: int = 0  # turns of the fetcher's loop
+    notify_ignored: int = 0  # notification payloads that did not parse
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def new_worker_id() -> str:
+    # host and pid for people; the random part so that a restarted process that gets the
+    # same pid (containers) never inherits the leases of its previous life.
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def raise_if_cancelling() -> None:
+    """psycopg may turn a cancellation that lands mid-query into a connection error; a
+    service being stopped must still stop, so the cancellation is restored."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
+    await asyncio.sleep(min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0))
+
+
+def is_due_time(payload: str) -> bool:
+    """A NOTIFY payload that is a due time: plain decimal seconds since the epoch."""
+    return _EPOCH_RE.match(payload) is not None
+
+
+class WorkerContext:
+    """The state and helpers the services of one worker share (see the module docstring)."""
+
+    def __init__(self, store: Store, dsn: str, options: WorkerOptions, worker_id: str):
+        self.store = store
+        self.dsn = dsn
+        self.options = options
+        self.id = worker_id
+        self.application_name = "pgsched-worker"
+        self.stats = Stats()
+        self.metrics = WorkerMetrics()
+        self.systemd = SystemdNotifier.from_environment() if options.systemd_notify \
+            else SystemdNotifier()
+        self.held: dict[tuple[str, int], Held] = {}
+        self.executing = 0
+        self.threads = TaskThreads(options.concurrency)
+        self.completions: asyncio.Queue[Completion] = asyncio.Queue()
+        self.wake = asyncio.Event()  # the fetcher: claim (or recompute its sleep) now
+        self.beat_now = asyncio.Event()  # a cancel request: heartbeat without waiting
+        self.plan_now = asyncio.Event()  # a schedule changed: the planner looks again
+        self.stop_requested = asyncio.Event()  # stop() or kill(): the fetcher stops claiming
+        self.killed = asyncio.Event()
+        self.closing = asyncio.Event()  # set after draining: side services return
+        self.slot_freed_wakes = False  # the fetcher waits for a free slot
+        self.next_due_deadline: float | None = None  # loop.time() of the next known due job
+        self.noted_deadline: float | None = None  # the earliest note_due since the claim began
+        self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
+        self.wake_tokens_at = 0.0  # loop.time() the bucket was last filled
+        self.clock_offset = 0.0  # database clock minus local clock, from the last claim
+        self.ready = asyncio.Event()  # set once registered and the first claim ran
+        self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
+        self.listening = False  # the LISTEN connection is up
+        self.last_db_ok: float | None = None  # loop.time() of the last heartbeat that worked
+        self.job_log = log  # bound for real in Worker.run(), once logging is configured
+
+    # What /healthz and the scrape read (metrics.Observed).
+
+    @property
+    def running_jobs(self) -> int:
+        return self.executing
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_requested.is_set()
+
+    @property
+    def hung_threads(self) -> int:
+        return self.threads.abandoned
+
+    @property
+    def threads_over_cap(self) -> bool:
+        return self.threads.over_cap
+
+    # Helpers of several services.
+
+    def db_error(self, where: str, exc: BaseException, attempt: int) -> None:
+        raise_if_cancelling()
+        self.metrics.db_error(where)
+        if attempt == 0:
+            log.warning("db_unavailable", where=where, error=str(exc).strip().splitlines()[0]
+                        if str(exc).strip() else type(exc).__name__)
+
+    async def sleep_or_close(self, seconds: float) -> bool:
+        """Sleep; True (early) once the worker is closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closing.wait(), max(0.0, seconds))
+        return self.closing.is_set()
+
+    async def register(self) -> None:
+        """Enter the worker registry (at start, and when pruned while unreachable)."""
+        attempt = 0
+        while True:
+            try:
+                await self.store.register_worker(
+                    id=self.id, host=socket.gethostname(), pid=os.getpid(), version=__version__,
+                    concurrency=self.options.concurrency,
+                    queues=list(self.options.queues) if self.options.queues else None,
+                )
+                self.last_db_ok = asyncio.get_running_loop().time()
+                return
+            except DB_ERRORS as exc:
+                self.db_error("register", exc, attempt)
+                if self.stop_requested.is_set():
+                    return  # the fetcher stops at once; shutdown is bounded by its deadline
+                attempt += 1
+                await backoff_sleep(attempt)
+
+    def lease_lost(self, held: Held) -> None:
+        held.lease_lost = True
+        self.stats.lease_lost += 1
+        log.warning("lease_lost", **held.log_fields(),
+                    reason="recovered, cancelled or replaced by someone else")
+        if held.finished:
+            self.held.pop(held.key, None)  # its late write would be fenced out anyway
+        elif held.task is not None:
+            held.task.cancel()
+
+    def free_slot(self) -> None:
+        if self.slot_freed_wakes:
+            self.wake.set()
+
+    def note_due(self, due_epoch: float) -> None:
+        """A job was added for `due_epoch` (database clock): wake now, or move the timer
+        (to when the notification budget allows a claim, for a job due now)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        delay = due_epoch - (time.time() + self.clock_offset)
+        if not math.isfinite(delay):
+            return
+        if delay <= 0.001:
+            delay = self._wake_budget(now)
+            if delay == 0.0:
+                self.wake.set()
+                return
+        deadline = now + delay
+        if self.noted_deadline is None or deadline < self.noted_deadline:
+            self.noted_deadline = deadline
+        if self.next_due_deadline is None or deadline < self.next_due_deadline:
+            self.next_due_deadline = deadline
+            self.wake.set()  # the fetcher recomputes its sleep; it claims only if due
+
+    def _wake_budget(self, now: float) -> float:
+        """Take a token for a wake-up now: 0.0 if there was one, else how long until the
+        next one comes (the caller sets a timer; a timer already set earlier wins)."""
+        self.wake_tokens = min(float(NOTIFY_WAKE_BURST), self.wake_tokens
+                               + (now - self.wake_tokens_at) * NOTIFY_WAKE_RATE)
+        self.wake_tokens_at = now
+        if self.wake_tokens >= 1.0:
+            self.wake_tokens -= 1.0
+            return 0.0
+        return (1.0 - self.wake_tokens) / NOTIFY_WAKE_RATE

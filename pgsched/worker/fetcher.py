@@ -1,0 +1,198 @@
+"""The fetcher: the worker's only claimer, and the starter of the jobs it claims.
+
+Owns: the claim loop, the timer set to the next known due time, and running each claimed
+job (executor.run_job) up to handing its outcome to the completer.
+
+Invariants:
+- It claims at most its free slots (fewer while more than one batch of outcomes waits
+  for the completer), in one statement, then sleeps until the earliest of: a NOTIFY for
+  a job due now, a timer set to the next known due time, a freed slot while a backlog
+  remains, or the safety poll. With every slot busy it sleeps until a slot frees or a
+  wake-up arrives (never on a due time it cannot act on).
+- Wake-ups are cleared before the claim, so one that arrives during it is not lost, and
+  a timer set during the claim (note_due) is kept if it is earlier than the claim's.
+- Queues: it claims from `options.queues` (None: every queue) except paused ones, and
+  at most `queue_concurrency[q]` jobs of queue q at once.
+- Claiming attempt n of a job proves every earlier attempt lost its lease: those runs
+  are cancelled and their outcome is void.
+
+Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
+retried with backoff. It returns once stop() is called, or in burst mode when nothing
+is left to run; the worker then drains. A job that was cancelled (shutdown, lost lease,
+cancel request) records nothing here: shutdown releases what is still held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+import structlog
+
+from ..logs import get_logger
+from ..queues import capped_free_slots, saturated
+from ..tasks import JobPriority
+from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
+from .executor import CANCELLED, run_job
+
+log = get_logger("pgsched.worker")
+
+# Added to a due-time timer so that the claim reaches the server just after the job falls
+# due: one that arrives early claims nothing and costs another round trip.
+TIMER_MARGIN_SECONDS = 0.0005
+
+
+class Fetcher:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self._priorities = sorted(int(p) for p in JobPriority)
+        self._queue_limits = dict(ctx.options.queue_concurrency)
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while not ctx.stop_requested.is_set():
+            ctx.stats.wakeups += 1
+            # Cleared before the claim: a wake-up that arrives while it runs (a NOTIFY, a
+            # stop) must end the sleep that follows it.
+            ctx.wake.clear()
+            free = self.free_slots()
+            claimed_full = False
+            if free > 0:
+                try:
+                    claimed_full = await self.claim(free)
+                    failures = 0
+                except DB_ERRORS as exc:
+                    ctx.db_error("claim", exc, failures)
+                    failures += 1
+                    await backoff_sleep(failures)
+                    continue
+            if not ctx.ready.is_set():
+                ctx.ready.set()
+                served = ", ".join(ctx.options.queues or ["every queue"])
+                ctx.systemd.ready(f"claiming from {served}")
+                for callback in ctx.on_ready:
+                    result = callback()
+                    if result is not None:
+                        await result
+            if claimed_full:
+                continue  # more may be due right now
+            if ctx.options.burst and free > 0 and ctx.executing == 0:
+                log.info("burst_done")
+                return
+            # With every slot busy, a freed slot is the next reason to claim.
+            ctx.slot_freed_wakes = free <= 0 or ctx.options.burst or saturated(
+                self._queue_limits, self._running_by_queue(), ctx.options.queues)
+            timeout = ctx.options.poll_seconds
+            # A busy worker cannot claim, so a due time is no reason to wake: only a freed
+            # slot or a wake-up is (the due time may also be long past: not refreshed).
+            if free > 0 and ctx.next_due_deadline is not None:
+                timeout = min(timeout, max(0.0, ctx.next_due_deadline - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.wake.wait(), timeout)
+
+    def free_slots(self) -> int:
+        """Jobs to claim now: free execution slots, less whatever the completer's backlog
+        holds beyond one full batch. When the database records outcomes slower than jobs
+        finish, the fetcher waits for the completer instead of taking ever more leases
+        (a backlog of thousands made every completion statement slower still)."""
+        concurrency = self.ctx.options.concurrency
+        return min(concurrency - self.ctx.executing, 2 * concurrency - len(self.ctx.held))
+
+    async def claim(self, free: int) -> bool:
+        """Claim up to `free` jobs and start them; True if the claim was full."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        # db_now is read when the statement starts, right after it is sent: timing from the
+        # answer instead would set the timer late by the claim's own duration (1-3 ms).
+        sent, sent_wall = loop.time(), time.time()
+        ctx.noted_deadline = None
+        ctx.stats.claims += 1
+        jobs, next_due, db_now = await ctx.store.claim_jobs(
+            worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
+            priorities=self._priorities, queues=ctx.options.queues,
+            capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
+        )
+        ctx.clock_offset = db_now.timestamp() - sent_wall
+        claimed_due = (sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
+                       if next_due is not None else None)
+        # A job noted while the claim ran may be one the claim did not see: keep the earliest.
+        ctx.next_due_deadline = min(
+            (d for d in (claimed_due, ctx.noted_deadline) if d is not None), default=None)
+        if jobs:  # a useful wake-up: give its notification token back
+            ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
+        for job in jobs:
+            if job["expired"]:
+                ctx.stats.expired += 1
+                ctx.metrics.job("expired", job["task"], job["queue"])
+                log.warning("job_expired", job_id=job["id"], task=job["task"],
+                            execution_time=job["execution_time"].isoformat())
+                continue
+            ctx.stats.claimed += 1
+            ctx.metrics.job("started", job["task"], job["queue"])
+            held = Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"])
+            self._lose_older_attempts(held)
+            ctx.held[held.key] = held
+            ctx.executing += 1
+            held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
+        return len(jobs) >= free
+
+    def _lose_older_attempts(self, newer: Held) -> None:
+        """Claiming attempt n of a job proves every earlier attempt lost its lease (this
+        worker's own recovery took it back): stop those runs, their outcome is void."""
+        for held in list(self.ctx.held.values()):
+            if held.id == newer.id and held.attempt < newer.attempt:
+                self.ctx.lease_lost(held)
+
+    def _running_by_queue(self) -> Counter[str]:
+        """Running jobs per queue; only queues with a limit need counting."""
+        if not self._queue_limits:
+            return Counter()
+        return Counter(h.queue for h in self.ctx.held.values() if not h.finished)
+
+    async def _execute(self, job: dict[str, Any], held: Held) -> None:
+        ctx = self.ctx
+        structlog.contextvars.bind_contextvars(
+            job_id=job["id"], task=job["task"], attempt=job["attempts"]
+        )
+        started = time.monotonic()
+        lateness_ms = round(
+            (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+        # debug, not info: with job_completed (which repeats lateness_ms) that would be two
+        # lines per job, a third of the worker's CPU per no-op job, and journald's rate
+        # limit would drop the warnings that matter.
+        ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
+        try:
+            outcome = await run_job(job, ctx.threads)
+        except asyncio.CancelledError:
+            ctx.executing -= 1
+            held.finished = True
+            if held.lease_lost:
+                ctx.held.pop(held.key, None)
+                log.warning("job_abandoned", reason="lease lost")
+            elif held.cancel_requested:
+                ctx.metrics.job_ran(held.task_name, held.queue, "cancelled",
+                                    time.monotonic() - started)
+                ctx.completions.put_nowait(Completion(held, CANCELLED, job["failures"]))
+            else:
+                log.info("job_interrupted", reason="shutdown")
+            ctx.free_slot()
+            return  # shutdown releases what is still held
+        ctx.executing -= 1
+        held.finished = True
+        duration = round(time.monotonic() - started, 4)
+        ctx.metrics.job_ran(held.task_name, held.queue,
+                            "completed" if outcome.ok else "failed", duration)
+        if held.lease_lost:
+            ctx.held.pop(held.key, None)
+            log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
+        else:
+            ctx.completions.put_nowait(
+                Completion(held, outcome, job["failures"], duration, lateness_ms))
+            if not outcome.ok and not outcome.unknown_task:  # task_unknown follows
+                log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
+        ctx.free_slot()

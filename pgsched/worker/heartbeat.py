@@ -1,0 +1,93 @@
+"""The heartbeater: keeps this worker in the registry and the leases of its jobs alive.
+
+Owns: renewing, in one statement per beat, the lease of every held attempt (running, or
+finished and waiting for the completer or the shutdown's release), and acting on what
+the renewal says; the systemd watchdog ping.
+
+Invariants:
+- The registry row is written first, and never behind the job leases: orphan recovery
+  spares the jobs of a worker alive by this heartbeat, and the workers table is one that
+  job DDL does not lock. A worker pruned while unreachable registers again.
+- A job whose lease was lost is cancelled locally (its late writes would be fenced out
+  anyway), and so is a job whose cancel was requested (`pgsched cancel`; the NOTIFY
+  'cancel:<worker id>' sets beat_now so the beat comes at once, the heartbeat itself is
+  the fallback).
+- Beats come every heartbeat interval less up to 10% jitter, so replicas spread out.
+
+Failure: a beat that fails with a connection error is logged (`db_unavailable`) and the
+next beat tries again; last_db_ok (read by /healthz) is not moved on. A lease renewal
+stuck behind a table lock fails after the pool's lock_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from ..logs import get_logger
+from .context import DB_ERRORS, WorkerContext
+
+log = get_logger("pgsched.worker")
+
+
+class Heartbeater:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    async def run(self) -> None:
+        interval = self.ctx.options.heartbeat_seconds
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            planned = loop.time() + interval * random.uniform(0.9, 1.0)
+            if await self._until_next_beat(planned - loop.time()):
+                return
+            self.ctx.systemd.watchdog()
+            try:
+                await self.run_once()
+                self.ctx.last_db_ok = loop.time()
+                failures = 0
+            except DB_ERRORS as exc:
+                self.ctx.db_error("heartbeat", exc, failures)
+                failures += 1
+
+    async def _until_next_beat(self, seconds: float) -> bool:
+        """Sleep until the next heartbeat, or less when a cancel request arrives; True
+        once the worker is closing."""
+        waits = [asyncio.ensure_future(self.ctx.closing.wait()),
+                 asyncio.ensure_future(self.ctx.beat_now.wait())]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        self.ctx.beat_now.clear()
+        return self.ctx.closing.is_set()
+
+    async def run_once(self) -> None:
+        # The registry first, and never behind the job leases: orphan recovery spares the
+        # jobs of a worker alive by this heartbeat, and the workers table is one that job
+        # DDL does not lock. A lease renewal stuck behind a table lock fails after the
+        # pool's lock_timeout, and the next beat writes the registry again.
+        if not await self.ctx.store.heartbeat_worker(self.ctx.id):
+            await self.ctx.register()  # pruned while we were unreachable: come back
+        # Finished jobs too: until their outcome is written (the completer may be backing
+        # off) or they are released at shutdown, an expired lease would get them run again.
+        held = [h.key for h in self.ctx.held.values() if not h.lease_lost]
+        if held:
+            kept = await self.ctx.store.heartbeat_jobs(
+                worker_id=self.ctx.id, held=held, lease_seconds=self.ctx.options.lease_seconds
+            )
+            self.ctx.metrics.leases(renewed=len(kept), lost=len(held) - len(kept))
+            for key in held:
+                h = self.ctx.held.get(key)
+                if h is None or h.finished or h.lease_lost:
+                    continue
+                if kept.get(key) and not h.cancel_requested:
+                    h.cancel_requested = True
+                    log.info("job_cancel_requested", **h.log_fields())
+                    if h.task is not None:
+                        h.task.cancel()
+                elif key not in kept:
+                    self.ctx.lease_lost(h)

@@ -1,0 +1,78 @@
+"""The listener: holds the LISTEN connection and turns notifications into wake-ups.
+
+Owns: one connection of its own (outside the pool) listening on the schema's channel.
+
+Invariants:
+- Payloads are untrusted (any role that can connect may NOTIFY): only pgsched's own
+  forms are accepted: 'schedules' wakes the planner, 'cancel:<worker id>' this worker's
+  heartbeater, and a due time (plain decimal seconds since the epoch) the fetcher, through
+  context.note_due and its token bucket (NOTIFY_WAKE_BURST). Anything else is counted
+  (`stats.notify_ignored`) and ignored.
+- After a (re)connect it wakes the fetcher, the planner and the heartbeater, since
+  notifications sent meanwhile are lost. `listening` (read by /healthz) is True only
+  while the connection is up.
+
+Failure: a lost connection is logged (`db_unavailable`), counted, and reconnected with
+backoff; `listener_reconnected` when it is back. It returns once the worker is closing.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from ..logs import get_logger
+from ..store import connect
+from .context import DB_ERRORS, WorkerContext, backoff_sleep, is_due_time
+
+log = get_logger("pgsched.worker")
+
+SCHEDULES_CHANGED = "schedules"  # NOTIFY payload of sql/recurring.sql; others are epochs
+
+
+class Listener:
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+
+    async def run(self) -> None:
+        failures = 0
+        while not self.ctx.closing.is_set():
+            conn = None
+            try:
+                conn = await connect(self.ctx.dsn, application_name=self.ctx.application_name)
+                await conn.execute(psycopg.sql.SQL("LISTEN {}").format(
+                    psycopg.sql.Identifier(self.ctx.store.channel)))
+                if failures:
+                    log.info("listener_reconnected")
+                    self.ctx.metrics.db_reconnected()
+                failures = 0
+                self.ctx.listening = True
+                self.ctx.wake.set()  # anything added while we were away
+                self.ctx.plan_now.set()
+                self.ctx.beat_now.set()  # and any cancel request
+                async for notify in conn.notifies():
+                    self.on_notify(notify.payload)
+            except DB_ERRORS as exc:
+                self.ctx.db_error("listen", exc, failures)
+                failures += 1
+                await backoff_sleep(failures)
+            finally:
+                self.ctx.listening = False
+                if conn is not None:
+                    await conn.close()
+
+    def on_notify(self, payload: str) -> None:
+        """'cancel:<worker id>': a job of that worker is to be cancelled; 'schedules'; else
+        a due time. Anything else is ignored: any role that can connect may NOTIFY."""
+        if payload == SCHEDULES_CHANGED:
+            self.ctx.plan_now.set()
+            return
+        kind, _, target = payload.partition(":")
+        if kind == "cancel":
+            if target == self.ctx.id:
+                self.ctx.beat_now.set()
+            return
+        if is_due_time(payload):
+            self.ctx.note_due(float(payload))
+            return
+        self.ctx.stats.notify_ignored += 1
+        log.debug("notify_ignored", payload=payload[:80])
