@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .version import __version__
-
 from .errors import (
     ConfigError,
     DatabaseUnavailable,
@@ -22,6 +20,7 @@ from .errors import (
     ScheduleConflict,
     ScheduleNotFound,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from .recurring import periodic

@@ -38,8 +38,6 @@ from .store import (
     LOCK_TIMEOUT_SECONDS,
     NewJob,
     Store,
-    check_json_depth,
-    encode_json,
     lock_timeout_for,
     open_pool,
 )

@@ -154,14 +154,16 @@ def test_deep_arguments_are_refused_by_every_cli_entry_point(pg_dsn, schema, tmp
     assert run_cli("migrate", config=config).returncode == 0
     deep = json.dumps(nested(150))
     lines = tmp_path / "jobs.jsonl"
-    lines.write_text(json.dumps({"task": "noop", "args": nested(150)}) + "\n")
+    # `sleep(seconds)` takes one argument: the nested list fits its signature, so only
+    # the depth can refuse it.
+    lines.write_text(json.dumps({"task": "sleep", "args": nested(150)}) + "\n")
     runs = {
-        "add": run_cli("add", "noop", "--args", deep, config=config),
-        "add --kwargs": run_cli("add", "noop", "--kwargs", json.dumps({"k": nested(150)}),
+        "add": run_cli("add", "sleep", "--args", deep, config=config),
+        "add --kwargs": run_cli("add", "sleep", "--kwargs", json.dumps({"seconds": nested(150)}),
                                 config=config),
-        "add --every": run_cli("add", "noop", "--every", "1m", "--id", "deep-every",
+        "add --every": run_cli("add", "sleep", "--every", "1m", "--id", "deep-every",
                                "--args", deep, config=config),
-        "add --cron": run_cli("add", "noop", "--cron", "* * * * *", "--id", "deep-cron",
+        "add --cron": run_cli("add", "sleep", "--cron", "* * * * *", "--id", "deep-cron",
                               "--args", deep, config=config),
         "add --from --strict": run_cli("add", "--from", str(lines), "--strict", config=config),
     }
@@ -315,12 +317,14 @@ async def test_task_names_written_by_sql_cannot_grow_the_metric_labels(granted, 
     worker = workers(config)
     address = await address_of(worker)
 
-    def unfinished() -> int:
+    def untried() -> int:
+        # A task this worker does not know is put back for a worker that does (issue 9
+        # bug 8), so each job is started once and then waits, deferred.
         with psycopg.connect(roles.runtime_dsn) as conn:
             return conn.execute(f"SELECT count(*) FROM {roles.schema}.jobs "
-                                "WHERE status IN ('pending', 'running')").fetchone()[0]
+                                "WHERE attempts = 0 OR status = 'running'").fetchone()[0]
 
-    await wait_until(lambda: unfinished() == 0, timeout=60, what="every job to fail")
+    await wait_until(lambda: untried() == 0, timeout=60, what="every job to be tried once")
     started = {dict(labels)["task"]: value for (name, labels), value
                in samples(get(address, "/metrics")[2]).items()
                if name == "pgsched_jobs_started_total"}

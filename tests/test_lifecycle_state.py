@@ -300,8 +300,10 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(run=runs)
     def heartbeat(self, run: Run) -> None:
-        got = self.db.call(self.db.store.heartbeat_jobs(
-            worker_id=run.worker, held=run.held, lease_seconds=LEASE_SECONDS))
+        # Keyed by (id, attempt): the worker tells its attempts of one job apart.
+        got = {job_id: cancel for (job_id, _), cancel in self.db.call(
+            self.db.store.heartbeat_jobs(
+                worker_id=run.worker, held=run.held, lease_seconds=LEASE_SECONDS)).items()}
         if self._fenced(run, set(got)):
             requested = self.seen[run.job_id]["cancel_requested_at"] is not None
             assert got[run.job_id] == requested, f"heartbeat of {self.seen[run.job_id]}: {got}"
@@ -311,7 +313,8 @@ class JobLifecycle(RuleBasedStateMachine):
         result = json.dumps({"token": run.token})
         got = self.db.call(self.db.store.complete_jobs(
             worker_id=run.worker, done=[(run.job_id, run.attempt, result)]))
-        if self._fenced(run, got):
+        assert got <= {(run.job_id, run.attempt)}, got
+        if self._fenced(run, {job_id for job_id, _ in got}):
             del self.current[run.job_id]
             row = self.db.rows()[run.job_id]
             assert row["status"] == "completed" and row["result"] == {"token": run.token}
