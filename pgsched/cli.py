@@ -36,10 +36,11 @@ from .config import Settings, find_config_path, load_settings, mask_dsn
 from .dashboard import DataTable
 from .errors import InvalidInput, PgschedError
 from .logs import configure, get_logger
+from .ops import job_to_json, task_checker
 from .queues import parse_queue_list, validate_queue_name
 from .scheduler import UNSET, ConflictResolution, Scheduler
 from .store import FINISHED_STATUSES, STATUSES, decode_json, validate_identifier
-from .tasks import JobPriority, get_task, load_tasks, validate_task_name
+from .tasks import JobPriority, load_tasks
 from .timing import parse_duration, parse_time
 from .worker import WorkerOptions
 
@@ -403,44 +404,7 @@ def _check_task_known(settings: Settings, name: str) -> None:
     task_checker(settings)(name)
 
 
-def task_checker(settings: Settings) -> Callable[[str], None]:
-    """A check rejecting invalid task names, and unknown ones when the task module can be
-    imported here."""
-    module = settings.worker.tasks
-    if module is not None:
-        try:
-            load_tasks(module, settings.base_dir)
-        except InvalidInput as exc:
-            log.debug("task_module_unavailable", error=str(exc))
-            module = None
-
-    def check(name: str) -> None:
-        validate_task_name(name)  # first: a hostile name must not be echoed back in full
-        if module is not None and get_task(name) is None:
-            raise InvalidInput(
-                f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
-            )
-
-    return check
-
-
 # -- ls ----------------------------------------------------------------------------------
-
-LS_KEYS = ("id", "task", "status", "execution_time", "priority", "attempts", "max_retries",
-           "args", "kwargs", "result", "last_error", "created_at", "started_at", "finished_at",
-           "worker_id")
-
-
-def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
-    data = {key: row.get(key) for key in LS_KEYS}
-    for key, value in data.items():
-        if isinstance(value, datetime):
-            data[key] = value.isoformat()
-    data["priority"] = JobPriority(row["priority"]).name.lower() \
-        if row["priority"] in {p.value for p in JobPriority} else row["priority"]
-    data["status"] = str(row["status"])
-    return data
-
 
 def parse_statuses(statuses: list[str] | None, allowed: tuple[str, ...]) -> list[str] | None:
     if not statuses:

@@ -23,9 +23,9 @@ from .cli_queues import pause_queues_command, resume_queues_command
 from .config import Settings
 from .errors import InvalidInput
 from .logs import configure
+from .ops import schedule_to_json
 from .store import Store
-from .tasks import JobPriority, get_task
-from .timing import CronSchedule, format_duration, parse_time
+from .timing import CronSchedule, parse_time
 
 ID_ARGUMENT = typer.Argument(metavar="ID", help="Schedule id (see `pgsched schedules`).")
 
@@ -57,15 +57,10 @@ def add_schedule(
     if schedule_id is None:
         raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
     _check_task_known(settings, task_name)
-    known = get_task(task_name)  # its @task options are the defaults, when importable here
-    definition = recurring.define_schedule(
+    definition = recurring.define_for_task(
         task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest",
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
-        max_retries=retries if retries is not None else (known.max_retries if known else 0),
-        timeout=timeout if timeout is not None else (known.timeout if known else None),
-        queue=known.queue if known else "default",
-    )
+        kwargs=kwargs, catch_up=catch_up or "latest", priority=priority,
+        max_retries=retries, timeout=timeout)
 
     async def go() -> bool:
         async with open_scheduler(settings) as sched:
@@ -76,33 +71,6 @@ def add_schedule(
     if not _run(go()):
         err.print(f"schedule {schedule_id} exists; left as it was", markup=False)
     out.print(schedule_id, markup=False)
-
-
-def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
-    state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"
-    data = {
-        "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
-        "every": format_duration(row["every"]) if row["every"] is not None else None,
-        "anchor": row["anchor"] if row["every"] is not None else None,
-        "catch_up": row["catch_up"], "state": state, "origin": row["origin"],
-        # A paused or disabled schedule has no next fire time until it is active again.
-        "next_fire_at": row["next_fire_at"] if state == "active" else None,
-        "last_fire_at": row["last_fire_at"], "last_job_id": row["last_job_id"],
-        "last_run_at": row["last_run_at"], "last_status": row["last_status"],
-        "args": row["args"], "kwargs": row["kwargs"],
-        "priority": _priority_name(row["priority"]), "max_retries": row["max_retries"],
-        "timeout": row["timeout_seconds"], "queue": row["queue"],
-        "created_at": row["created_at"], "updated_at": row["updated_at"],
-    }
-    return {k: recurring.format_instant(v) if isinstance(v, datetime) else v
-            for k, v in data.items()}
-
-
-def _priority_name(value: int) -> str | int:
-    try:
-        return JobPriority(value).name.lower()
-    except ValueError:
-        return value
 
 
 def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
