@@ -508,6 +508,18 @@ def vacuum(
 
 
 @app.command()
+@command
+def web(ctx: typer.Context, listen: Annotated[str | None, typer.Option(
+        help="host:port (default: [web] listen, 127.0.0.1:8787).")] = None) -> None:
+    """Serve the HTTP API and the live dashboard (needs pgsched[web]); see docs/web.md."""
+    from .web.serve import run  # lazy: FastAPI is imported only by this command
+
+    settings = _ctx(ctx).settings(**{"web.listen": listen})
+    configure(settings.log.level, settings.log.format)
+    run(settings, resolve_dsn(settings, announce=True))
+
+
+@app.command()
 def version() -> None:
     """Print pgsched's version."""
     out.print(__version__)

@@ -349,6 +349,12 @@ def parse_job_line(text: str, *, tz: str, now: datetime) -> JobSpec:
     data = decode_json(text, "the line")
     if not isinstance(data, dict):
         raise InvalidInput('each line must be a JSON object like {"task": "name"}')
+    return job_spec_from_object(data, tz=tz, now=now)
+
+
+def job_spec_from_object(data: dict[str, Any], *, tz: str, now: datetime) -> JobSpec:
+    """A decoded job-file object (keys LINE_KEYS) as a JobSpec; the web API's POST
+    /api/jobs maps its body onto the same keys, so both accept exactly what `add` does."""
     unknown = sorted(set(data) - set(LINE_KEYS))
     if unknown:
         raise InvalidInput(f"unknown key {unknown[0]!r}: use {', '.join(LINE_KEYS)}")

@@ -440,12 +440,15 @@ class Store:
 
     async def list_jobs(
         self, *, statuses: Sequence[str] | None = None, task: str | None = None, limit: int = 50,
-        since: datetime | None = None,
+        since: datetime | None = None, queue: str | None = None,
+        before: tuple[datetime, str] | None = None,
     ) -> list[dict[str, Any]]:
+        """Newest first; `before` is the (created_at, id) of the last row already shown."""
+        before_at, before_id = before or (None, None)
         return await self._rows(
             "list_jobs",
             {"statuses": list(statuses) if statuses else None, "task": task, "limit": limit,
-             "since": since},
+             "since": since, "queue": queue, "before_at": before_at, "before_id": before_id},
         )
 
     async def vacuum_jobs(self, *, status: str, older_than_seconds: float, limit: int) -> int:
@@ -690,6 +693,34 @@ class Store:
             "channel": self.channel,
         })
         return [row["id"] for row in rows]
+
+
+    # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------
+    # The change feed runs its statements on its own LISTEN connection (`conn`), so one
+    # connection serves both; the request handlers use the pool.
+
+    async def listen(self, conn: psycopg.AsyncConnection) -> None:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+
+    async def job_changes(
+        self, conn: psycopg.AsyncConnection, *, since: datetime, watch: Sequence[str],
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Jobs created, started or finished after `since`, and the jobs in `watch`."""
+        cur = await conn.cursor(row_factory=dict_row).execute(
+            self._q["web_job_changes"], {"since": since, "watch": list(watch), "limit": limit})
+        return await cur.fetchall()
+
+    async def web_state(self, conn: psycopg.AsyncConnection) -> dict[str, Any]:
+        """db_now, paused_queues, workers (ids), schedules_changed, schedules (count)."""
+        cur = await conn.cursor(row_factory=dict_row).execute(self._q["web_state"], {})
+        return (await cur.fetchall())[0]
+
+    async def schedule_outcomes(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("web_schedule_outcomes", {"limit": limit})
+
+    async def throughput_series(self) -> list[dict[str, Any]]:
+        return await self._rows("web_throughput_series", {})
 
 
 # One encoder for every call: json.dumps builds a new one whenever options are given.

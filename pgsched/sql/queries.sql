@@ -220,11 +220,16 @@ SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 SELECT * FROM {schema}.jobs WHERE id = %(id)s;
 
 -- name: list_jobs
--- Jobs filtered by status, task and creation time, newest first.
+-- Jobs filtered by status, task, queue and creation time, newest first; a page starts
+-- after the (created_at, id) key of the last row of the previous one. Read backwards
+-- along jobs_created_idx, so a page costs its rows, not the table.
 SELECT * FROM {schema}.jobs
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)
+  AND (%(before_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::text))
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
