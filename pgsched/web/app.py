@@ -213,7 +213,8 @@ def create_app(
     """The pgsched web app for a DSN (it opens its own pool) or an open Scheduler (used as
     it is, never closed here). `token` allows everything, `read_token` GET only;
     `settings` gives the schema, time zone, task module and lease (default: pgsched's
-    defaults); `migrate` applies pending migrations on first use (DSN only). Mount it anywhere: every URL it makes is relative to where it is served."""
+    defaults); `migrate` applies pending migrations on first use (DSN only). Mount it
+    anywhere: every URL it makes is relative to where it is served."""
     if not token:
         raise InvalidInput("create_app needs a token: every request must authenticate")
     settings = settings or load_settings(None, env={})
