@@ -49,7 +49,9 @@ from .feed import ChangeFeed
 log = get_logger("pgsched.web")
 MAX_BODY = 1024 * 1024
 STATIC = importlib.resources.files("pgsched.web").joinpath("static")
-OPEN_PATHS = ("/login", "/healthz", "/static/")
+# Open to anyone: the login form, the health check, and files that hold no data.
+OPEN_PATHS = ("/login", "/healthz")
+OPEN_PREFIXES = ("/static/", "/api/docs-static/")
 
 
 class Service:
@@ -160,7 +162,7 @@ class Guard:
         request = Request(scope)
         path = scope["path"][len(scope.get("root_path", "")):] \
             if scope["path"].startswith(scope.get("root_path", "")) else scope["path"]
-        if not (path in OPEN_PATHS or path.startswith(OPEN_PATHS[-1])):
+        if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
             try:
                 scope.setdefault("state", {})["role"] = authorize(
                     self.tokens, method=scope["method"], headers=request.headers,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import secrets
+import signal
 import sys
 from typing import Any
 
@@ -57,8 +58,12 @@ def run(settings: Settings, dsn: str) -> None:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.pgsched.close_streams()  # else uvicorn waits for every SSE client
-            super().handle_exit(sig, frame)
+            # End the event streams (else uvicorn waits for every SSE client), from the
+            # loop: this runs in a signal handler. Not calling super(): uvicorn would
+            # raise the signal again at the end, and a clean stop should exit 0.
+            asyncio.get_event_loop().call_soon_threadsafe(app.state.pgsched.close_streams)
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
 
     config = uvicorn.Config(app, host=host, port=port, root_path=settings.web.root_path,
                             log_level="warning", access_log=False, lifespan="off",
