@@ -2,9 +2,7 @@
 
 import pytest
 
-pytest.importorskip("fastapi")
-
-from pgsched.web.auth import COOKIE, AuthError, Tokens, authorize, same_origin  # noqa: E402
+from pgsched.web.auth import COOKIE, AuthError, Tokens, authorize, same_origin
 
 TOKENS = Tokens("w" * 20, "r" * 20)
 
