@@ -17,6 +17,7 @@ request tries again; bad input 400/422; missing or wrong credentials 401/403.
 from __future__ import annotations
 
 import asyncio
+import html
 import importlib.resources
 from typing import Any
 
@@ -203,8 +204,9 @@ def _asset(name: str) -> str:
 
 
 def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLResponse:
-    html = _asset("login.html").replace("{{message}}", message)
-    return HTMLResponse(html, status_code=status)
+    root = html.escape(request.scope.get("root_path", ""), quote=True)
+    page = _asset("login.html").replace("{{message}}", message).replace("{{root}}", root)
+    return HTMLResponse(page, status_code=status)
 
 
 def create_app(
@@ -272,8 +274,9 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def dashboard(request: Request) -> HTMLResponse:
         role = request.scope.get("state", {}).get("role", "read")
-        return HTMLResponse(_asset("index.html").replace("{{role}}", role),
-                            headers={"Cache-Control": "no-store"})
+        root = html.escape(request.scope.get("root_path", ""), quote=True)
+        page = _asset("index.html").replace("{{role}}", role).replace("{{root}}", root)
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     app.add_middleware(Guard, tokens=tokens)
     return app
