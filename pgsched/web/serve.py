@@ -71,6 +71,7 @@ def run(settings: Settings, dsn: str) -> None:
     server = Server(config)
 
     async def serve() -> None:
+        await app.state.pgsched.ready()  # migrate and connect before saying "listening"
         announce = asyncio.create_task(_announce(server, settings, token))
         try:
             await server.serve()

@@ -20,7 +20,7 @@ function h(tag, attrs = {}, ...children) {
     else if (key === "class") el.className = value;
     else el.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     el.append(child instanceof Node ? child : String(child));
   }
@@ -109,9 +109,10 @@ async function refreshStats() {
     figure("completed, 1 h", hour.completed, "fig-completed"),
     figure("failed, 1 h", hour.failed + hour.expired, "fig-failed"),
     figure("success rate, 1 h", rate, "fig-rate"),
-    figure("per minute, now", status.throughput.last_minute.completed, "fig-minute"),
+    figure("completed, 1 min", status.throughput.last_minute.completed, "fig-minute"),
     h("div", { class: "figure chart" }, chart(series.minutes),
-      h("div", { class: "label" }, "jobs ended per minute, last hour (red: failed)")),
+      h("div", { class: "label axis" }, h("span", {}, "60 min ago"),
+        h("span", {}, "jobs ended per minute (red: failed)"), h("span", {}, "now"))),
   );
 }
 
@@ -157,7 +158,7 @@ function jobRow(job) {
     h("td", { class: "id mono", title: job.id }, link),
     h("td", {}, job.task), h("td", {}, job.queue), h("td", {}, badge(job.status)),
     h("td", {}, time(job.execution_time)),
-    h("td", { class: "num" }, `${job.attempts}/${job.max_retries + 1}`),
+    h("td", { class: "num", title: `max retries ${job.max_retries}` }, job.attempts),
     h("td", { class: "error", title: job.last_error || "" }, job.last_error || ""),
     h("td", { class: "actions" }, jobActions(job)));
 }
@@ -245,7 +246,7 @@ function jobView(id) {
     const fields = [["status", badge(job.status)], ["task", job.task], ["queue", job.queue],
       ["priority", job.priority], ["due", time(job.execution_time)], ["created", time(job.created_at)],
       ["started", time(job.started_at)], ["finished", time(job.finished_at)],
-      ["attempts", `${job.attempts} of ${job.max_retries + 1}`], ["timeout", job.timeout_seconds ? `${job.timeout_seconds}s` : "none"],
+      ["attempts", `${job.attempts} (max retries ${job.max_retries})`], ["timeout", job.timeout_seconds ? `${job.timeout_seconds}s` : "none"],
       ["worker", job.worker_id || "–"]];
     const attempts = h("tbody", {}, job.history.map((a) => h("tr", {},
       h("td", { class: "num" }, a.attempt), h("td", {}, badge(a.outcome)), h("td", {}, time(a.started_at)),
