@@ -211,7 +211,7 @@ def _login_page(request: Request, message: str = "", status: int = 401) -> HTMLR
 
 def create_app(
     target: str | Scheduler, *, token: str, read_token: str | None = None,
-    settings: Settings | None = None, feed_interval: float = 0.2, heartbeat: float = 15.0,
+    settings: Settings | None = None, feed_interval: float = 0.15, heartbeat: float = 15.0,
     migrate: bool = False,
 ) -> FastAPI:
     """The pgsched web app for a DSN (it opens its own pool) or an open Scheduler (used as

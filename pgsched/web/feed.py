@@ -67,7 +67,7 @@ def job_event(row: dict[str, Any]) -> dict[str, Any]:
 class ChangeFeed:
     store: Store
     dsn: str
-    interval: float = 0.2
+    interval: float = 0.15
     overlap: float = 1.0
     buffer: int = 1000
     queue_size: int = 1000
