@@ -67,6 +67,7 @@ ROWS = [
     Row("web: GET /api/jobs?limit=50 beside 1M done + 200k pending", "web_jobs", "ms", None,
         "p95 <= 20", met=lambda m: m["web_jobs_p95_ms"] <= 20),
     Row("web: GET /api/status, same table", "web_status", "ms"),
+    Row("web: GET /api/status?active=true (the dashboard's)", "web_status_active", "ms"),
     Row("web: job completion to its SSE event", "web_sse_latency", "ms", None, "p95 <= 200",
         met=lambda m: m["web_sse_latency_p95_ms"] <= 200),
     Row("web: 200 SSE clients on one process, CPU", "web_sse_clients_cpu_percent",

@@ -204,8 +204,8 @@ def _drain_scenario(name: str, processes: int, *, default_concurrency: bool = Fa
 
 
 async def build_backlog(h: Harness, name: str) -> str:
-    """A schema with a million finished jobs (a day old) and 200,000 due next week, created
-    over the previous day, as a long-lived installation has."""
+    """A schema with a million finished jobs (created, run and finished over the 14 hours
+    two days ago) and 200,000 due next week, as a long-lived installation has."""
     sizes = h.sizes
     schema = await h.fresh_schema(name)
     async with await h.connect() as conn:
@@ -214,7 +214,8 @@ async def build_backlog(h: Harness, name: str) -> str:
             " result, created_at, started_at, finished_at)"
             " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
             " 'null', now() - interval '2 days' + g * interval '50 ms',"
-            " now() - interval '1 day', now() - interval '1 day'"
+            " now() - interval '2 days' + g * interval '50 ms' + interval '1 second',"
+            " now() - interval '2 days' + g * interval '50 ms' + interval '2 seconds'"
             " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
         await conn.execute(_q(
             f"INSERT INTO {{s}}.jobs ({COLUMNS}, created_at) SELECT 'future-' || g, 'noop',"

@@ -118,6 +118,8 @@ async def measure(h: Harness, schema: str, *, requests: int, sse_jobs: int, clie
                 await _latency(client, "/api/jobs?limit=50", requests), "web_jobs"))
             metrics.update(percentiles(await _latency(client, "/api/status", requests),
                                        "web_status"))
+            metrics.update(percentiles(
+                await _latency(client, "/api/status?active=true", requests), "web_status_active"))
 
             # Completion to event: one job at a time, each run by the idle worker.
             listener = Listener(client)

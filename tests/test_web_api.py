@@ -358,27 +358,58 @@ async def test_sse_client_sees_a_cli_job_run_on_a_real_worker(api, web_env, work
         await wait_until(lambda: "pending" in states(), 20, what="the pending event")
         workers(web_env["config"])
         await wait_until(lambda: "completed" in states(), 30, what="the completed event")
+        assert reader.of("workers"), "a worker joined: the registry changed"
         assert states()[0] == "pending" and states()[-1] == "completed"
         assert len(states()) == len(set(states()))  # each change published once
-        ids = [int(e["id"]) for e in reader.events]
-        assert ids == sorted(ids)
+        numbers = [int(e["id"].rpartition(":")[2]) for e in reader.events]
+        assert numbers == sorted(numbers)
     finally:
         await reader.close()
 
     first = next(e for e in reader.of("job") if e["data"]["id"] == job_id)
-    replay = SseReader(api, "/api/events", AUTH | {"Last-Event-ID": str(int(first["id"]) - 1)})
+    boot, _, number = first["id"].rpartition(":")
+    replay = SseReader(api, "/api/events", AUTH | {"Last-Event-ID": f"{boot}:{int(number) - 1}"})
     try:
         await wait_until(lambda: any(e["data"].get("status") == "completed"
                                      for e in replay.of("job")), 20, what="the replay")
         assert replay.of("job")[0]["id"] == first["id"]
     finally:
         await replay.close()
-    lost = SseReader(api, "/api/events", AUTH | {"Last-Event-ID": "-5000"})
+    for stale in ("0:1", "garbage", f"{boot}:{10**9}"):  # another process's id, or none
+        lost = SseReader(api, "/api/events", AUTH | {"Last-Event-ID": stale})
+        try:
+            await wait_until(lambda lost=lost: lost.events, 20, what="resync")
+            assert lost.events[0]["event"] == "resync", stale
+        finally:
+            await lost.close()
+
+
+async def test_sse_reports_queue_schedule_and_dashboard_retry_changes(api, web_env):
+    reader = SseReader(api, "/api/events", AUTH)
     try:
-        await wait_until(lambda: lost.events, 20, what="resync")
-        assert lost.events[0]["event"] == "resync"
+        await wait_until(lambda: reader.events, 20, what="the hello event")
+        queue, sid = uid("evq"), uid("evs")
+        await api.post(f"/api/queues/{queue}/pause", headers=AUTH)
+        await wait_until(lambda: any(queue in e["data"]["paused"] for e in reader.of("queues")),
+                         20, what="the queues event")
+        await api.post("/api/schedules", json={"id": sid, "task": "noop", "every": "1h"},
+                       headers=AUTH)
+        await wait_until(lambda: reader.of("schedules"), 20, what="the schedules event")
+        job_id = uid("evj")
+        await api.post("/api/jobs", json={"task": "noop", "id": job_id, "delay": 600},
+                       headers=AUTH)
+        await api.post(f"/api/jobs/{job_id}/cancel", headers=AUTH)
+
+        def states() -> list[str]:
+            return [e["data"]["status"] for e in reader.of("job") if e["data"]["id"] == job_id]
+
+        await wait_until(lambda: "cancelled" in states(), 20, what="the cancelled event")
+        # The retry leaves no timestamp to find: the service publishes it itself.
+        await api.post(f"/api/jobs/{job_id}/retry", headers=AUTH)
+        await wait_until(lambda: states()[-1:] == ["pending"], 20, what="pending again")
+        await api.post(f"/api/queues/{queue}/resume", headers=AUTH)
     finally:
-        await lost.close()
+        await reader.close()
 
 
 async def test_sigterm_ends_open_event_streams_and_the_process(web_env, tmp_path: Path):

@@ -228,7 +228,9 @@ async def retry_job(request: Request, job_id: JobId) -> dict[str, Any]:
             raise JobNotFound(f"job {job_id}: not found")
         raise JobConflict(f"job {job_id} is {status}; only "
                           f"{', '.join(RETRYABLE_STATUSES)} jobs can be retried")
-    return job_object(await _job_row(svc, job_id))
+    row = await _job_row(svc, job_id)
+    svc.feed.observe([row])
+    return job_object(row)
 
 
 # -- schedules ---------------------------------------------------------------------------
@@ -352,9 +354,12 @@ async def resume_queue(request: Request, name: str) -> dict[str, Any]:
 
 
 @router.get("/status", summary="Counts, lag, throughput, workers (as `status --json`)")
-async def status(request: Request) -> dict[str, Any]:
+async def status(request: Request, active: Annotated[bool, Query(
+        description="Count only pending and running jobs (cheap on a big history; the "
+                    "dashboard's figures)")] = False) -> dict[str, Any]:
     svc = await service(request).ready()
-    return (await gather(svc.store, stale_after=svc.settings.worker.lease_seconds)).to_json()
+    return (await gather(svc.store, stale_after=svc.settings.worker.lease_seconds,
+                         dashboard=active, rows=1)).to_json()
 
 
 @router.get("/workers", summary="The worker registry (as `workers --json`)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -51,7 +52,7 @@ CLOSE = object()  # put on a client's queue to end its stream
 
 @dataclass(frozen=True)
 class Event:
-    id: int
+    id: str  # "<boot>:<n>": a restarted service never mistakes an old id for its own
     kind: str
     data: str  # JSON
 
@@ -59,8 +60,18 @@ class Event:
         return f"id: {self.id}\nevent: {self.kind}\ndata: {self.data}\n\n".encode()
 
 
+# What a `job` event carries: the columns web_job_changes reads (no args or result).
+SUMMARY_KEYS = ("id", "task", "queue", "status", "priority", "attempts", "max_retries",
+                "execution_time", "created_at", "started_at", "finished_at", "worker_id",
+                "last_error")
+
+
 def job_event(row: dict[str, Any]) -> dict[str, Any]:
-    return to_jsonable({**row, "priority": priority_name(row["priority"])})
+    data = {key: row[key] for key in SUMMARY_KEYS}
+    data["status"] = str(data["status"])
+    data["priority"] = priority_name(data["priority"])
+    data["last_error"] = (data["last_error"] or "")[:500] or None
+    return to_jsonable(data)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class ChangeFeed:
     queue_size: int = 1000
     batch: int = 2000
     _seq: int = 0
+    _boot: str = field(default_factory=lambda: secrets.token_hex(4))
     _events: deque[Event] = field(default_factory=deque)
     _clients: set[asyncio.Queue] = field(default_factory=set)
     _seen: dict[str, tuple[str, int, float]] = field(default_factory=dict)
@@ -85,8 +97,8 @@ class ChangeFeed:
     # -- clients -------------------------------------------------------------------------
 
     @property
-    def last_id(self) -> int:
-        return self._seq
+    def last_id(self) -> str:
+        return f"{self._boot}:{self._seq}"
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(self.queue_size)
@@ -100,17 +112,28 @@ class ChangeFeed:
     def clients(self) -> int:
         return len(self._clients)
 
-    def replay(self, last_id: int) -> list[Event] | None:
-        """Events after `last_id`, or None if some of them are no longer held."""
-        if last_id >= self._seq:
-            return []
-        if not self._events or self._events[0].id > last_id + 1:
+    def replay(self, last_id: str) -> list[Event] | None:
+        """Events after `last_id`, or None if some of them are no longer held (or the id
+        is not one of this process's)."""
+        boot, _, number = last_id.partition(":")
+        if boot != self._boot or not number.isdigit() or int(number) > self._seq:
             return None
-        return [e for e in self._events if e.id > last_id]
+        after = int(number)
+        if after == self._seq:
+            return []
+        first = self._seq - len(self._events) + 1  # the number of the oldest event held
+        if first > after + 1:
+            return None
+        return list(self._events)[after + 1 - first:]
+
+    def observe(self, rows: list[dict[str, Any]]) -> None:
+        """Publish changes the service made itself (a retry from the dashboard leaves no
+        timestamp the next look could find)."""
+        self._publish_jobs([{k: row[k] for k in SUMMARY_KEYS} for row in rows])
 
     def publish(self, kind: str, data: Any) -> None:
         self._seq += 1
-        event = Event(self._seq, kind, json.dumps(data, separators=(",", ":")))
+        event = Event(f"{self._boot}:{self._seq}", kind, json.dumps(data, separators=(",", ":")))
         self._events.append(event)
         if len(self._events) > self.buffer:
             self._events.popleft()
@@ -218,22 +241,23 @@ async def stream(feed: ChangeFeed, last_event_id: str | None, *,
                  heartbeat: float) -> AsyncIterator[bytes]:
     """One client's event stream: missed events (Last-Event-ID), then live ones, with a
     comment line every `heartbeat` seconds so proxies and clients know it is alive."""
-    queue = feed.subscribe()  # before the replay, so nothing falls between the two
+    # Subscribed and numbered in one step (no await between): events up to `sent` come
+    # from the replay, later ones from the queue, none from both.
+    queue = feed.subscribe()
+    now_id = feed.last_id
+    sent = _number(now_id)
     try:
         yield b"retry: 2000\n\n"
-        sent = feed.last_id
         if last_event_id is not None:
-            try:
-                missed = feed.replay(int(last_event_id))
-            except ValueError:
-                missed = None
+            missed = feed.replay(last_event_id)
             if missed is None:
-                yield Event(feed.last_id, "resync", "{}").encode()
+                yield Event(now_id, "resync", "{}").encode()
             else:
                 for event in missed:
-                    yield event.encode()
+                    if _number(event.id) <= sent:
+                        yield event.encode()
         else:
-            yield Event(feed.last_id, "hello", "{}").encode()
+            yield Event(now_id, "hello", "{}").encode()
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), heartbeat)
@@ -242,7 +266,11 @@ async def stream(feed: ChangeFeed, last_event_id: str | None, *,
                 continue
             if item is CLOSE:
                 return
-            if item.id > sent:
+            if _number(item.id) > sent:
                 yield item.encode()
     finally:
         feed.unsubscribe(queue)
+
+
+def _number(event_id: str) -> int:
+    return int(event_id.rpartition(":")[2])

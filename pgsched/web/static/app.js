@@ -96,7 +96,7 @@ function jobActions(job) {
 // -- figures and chart ------------------------------------------------------------------
 
 async function refreshStats() {
-  const [status, series] = await Promise.all([get("status"), get("throughput")]);
+  const [status, series] = await Promise.all([get("status?active=true"), get("throughput")]);
   const t = status.totals;
   const hour = status.throughput.last_hour;
   const ended = hour.completed + hour.failed + hour.expired;
