@@ -398,6 +398,9 @@ async def test_sse_reports_queue_schedule_and_dashboard_retry_changes(api, web_e
         job_id = uid("evj")
         await api.post("/api/jobs", json={"task": "noop", "id": job_id, "delay": 600},
                        headers=AUTH)
+        with psycopg.connect(web_env["dsn"], autocommit=True) as conn:  # an old job, beyond
+            conn.execute(f'UPDATE "{web_env["schema"]}".jobs SET created_at = '  # the overlap
+                         "created_at - interval '1 hour' WHERE id = %s", [job_id])
         await api.post(f"/api/jobs/{job_id}/cancel", headers=AUTH)
 
         def states() -> list[str]:

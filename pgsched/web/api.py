@@ -179,6 +179,8 @@ async def bulk_retry(request: Request, body: BulkRetry) -> dict[str, Any]:
     svc = await service(request).ready()
     ids = await retry_matching(svc.store, statuses=list(dict.fromkeys(body.status)),
                                task=body.task, queue=body.queue)
+    if ids:  # too many to publish one by one: every client reloads instead
+        svc.feed.publish("resync", {})
     return {"retried": len(ids), "ids": ids}
 
 
