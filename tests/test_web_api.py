@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -456,3 +457,16 @@ async def test_without_a_token_a_random_one_is_printed_and_works(web_env, tmp_pa
             assert (await client.get("/api/status", headers=AUTH)).status_code == 401
     finally:
         web.stop()
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(web_env, tmp_path: Path):
+    config = add_web_section(write_config(tmp_path, web_env["dsn"], web_env["schema"]),
+                             token=TOKEN)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("web", "--listen", f"127.0.0.1:{port}", config=config)
+    assert result.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -75,12 +75,14 @@ def run(settings: Settings, dsn: str) -> None:
         announce = asyncio.create_task(_announce(server, settings, token))
         try:
             await server.serve()
+        except SystemExit:  # uvicorn's way to fail at start-up; it logged the reason
+            server.started = False
         finally:
             announce.cancel()
             await app.state.pgsched.close()
         if not server.started:
-            raise PgschedError(f"cannot listen on {settings.web.listen} (in use, or not an "
-                               "address of this machine?)")
+            raise PgschedError(f"cannot listen on {settings.web.listen}: the port is in use, "
+                               "or the host is not an address of this machine")
 
     asyncio.run(serve())
 
