@@ -113,6 +113,14 @@ async def test_login_cookie_is_httponly_strict_and_cookie_writes_need_this_origi
     done = await api.post("/api/jobs", json=body,
                           headers={"Cookie": session, "Origin": f"http://{host}"})
     assert done.status_code == 201
+    page = await api.get("/", headers={"Cookie": session})
+    assert page.status_code == 200 and 'data-role="write"' in page.text
+    read_login = await api.get("/login", params={"token": READ_TOKEN})
+    read_session = read_login.headers["set-cookie"].split(";")[0]
+    page = await api.get("/", headers={"Cookie": read_session})
+    assert 'data-role="read"' in page.text  # the dashboard hides its buttons
+    logout = await api.post("/logout", headers={"Cookie": session, "Origin": f"http://{host}"})
+    assert logout.status_code == 200 and 'pgsched_session=""' in logout.headers["set-cookie"]
     forged = "write." + "0" * 64
     assert (await api.get("/api/jobs", headers={"Cookie": f"pgsched_session={forged}"})
             ).status_code == 401
