@@ -90,9 +90,7 @@ class ChangeFeed:
     _seen: dict[str, tuple[str, int, float]] = field(default_factory=dict)
     _state: dict[str, Any] | None = None
     _since: datetime | None = None
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task | None = None
-    looks: int = 0  # how many times the feed has read the database (for /healthz)
 
     # -- clients -------------------------------------------------------------------------
 
@@ -203,7 +201,6 @@ class ChangeFeed:
         rows = await self.store.job_changes(
             conn, since=self._since - timedelta(seconds=self.overlap), watch=watch,
             limit=self.batch)
-        self.looks += 1
         self._since = now
         self._publish_jobs(rows)
         self._publish_state(state)
