@@ -166,6 +166,7 @@ async def test_post_job_returns_the_ls_json_object_and_validates_like_add(api, w
         ({"task": "noop", "execution_time": "2030-01-01T00:00Z", "delay": 5}, 400,
          "either execution_time or delay"),
         ({"task": "noop", "delay": "-5m"}, 400, "negative"),
+        ({"task": "noop", "delay": -5}, 400, '"delay" must be a number of seconds'),
         ({"task": "noop", "queue": "bad queue"}, 400, "invalid queue name"),
         ({"task": "noop", "args": {"a": 1}}, 422, "args"),
         ({"task": "noop", "priority": "urgent"}, 422, "priority"),

@@ -157,8 +157,14 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
     line = {renames.get(k, k): v for k, v in given.items() if v is not None or k in nullable}
     if "at" in line and "in" in line:
         raise InvalidInput("use either execution_time or delay, not both")
-    spec = job_spec_from_object(line, tz=svc.settings.jobs.timezone,
-                                now=await svc.store.db_now())
+    try:
+        spec = job_spec_from_object(line, tz=svc.settings.jobs.timezone,
+                                    now=await svc.store.db_now())
+    except InvalidInput as exc:  # name the keys as this API spells them
+        message = str(exc)
+        for ours, theirs in renames.items():
+            message = message.replace(f'"{theirs}"', f'"{ours}"')
+        raise InvalidInput(message) from None
     svc.check_task(str(spec.func))
     svc.scheduler.validate(spec)
     mode = ConflictResolution.parse(body.on_conflict)
