@@ -153,11 +153,12 @@ def worker_json(row: dict[str, Any], stale_after: float) -> dict[str, Any]:
 
 
 async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
-                 rows: int = 10) -> Snapshot:
-    """A snapshot for `status` (every count) or the dashboard (active counts, job lists)."""
+                 rows: int = 10, active_only: bool = False) -> Snapshot:
+    """A snapshot for `status` (every count; `active_only`: pending and running only,
+    which never reads the history) or the dashboard (active counts, job lists)."""
     snapshot = Snapshot(
         db_now=await store.db_now(),
-        queues=queue_counts(await store.job_counts(active_only=dashboard)),
+        queues=queue_counts(await store.job_counts(active_only=dashboard or active_only)),
         throughput=await store.throughput(),
         workers=await store.list_workers(),
         stale_after=stale_after,

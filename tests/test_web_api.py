@@ -334,6 +334,9 @@ async def test_queues_pause_and_resume_like_the_cli(api, web_env):
 async def test_status_and_workers_have_the_shape_of_the_cli_json(api, web_env):
     status = (await api.get("/api/status", headers=AUTH)).json()
     assert set(status) == set(json.loads(cli(web_env, "status", "--json")))
+    active = (await api.get("/api/status", params={"active": "true"}, headers=AUTH)).json()
+    assert set(active) == set(status)
+    assert active["totals"]["pending"] == status["totals"]["pending"]
     assert (await api.get("/api/workers", headers=AUTH)).json() == \
         json.loads(cli(web_env, "workers", "--json") or "[]")
     series = (await api.get("/api/throughput", headers=AUTH)).json()

@@ -367,7 +367,7 @@ async def status(request: Request, active: Annotated[bool, Query(
                     "dashboard's figures)")] = False) -> dict[str, Any]:
     svc = await service(request).ready()
     return (await gather(svc.store, stale_after=svc.settings.worker.lease_seconds,
-                         dashboard=active, rows=1)).to_json()
+                         active_only=active)).to_json()
 
 
 @router.get("/workers", summary="The worker registry (as `workers --json`)")
