@@ -34,6 +34,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import (  # noqa: E402
     NoSuchElementException,
     StaleElementReferenceException,
+    TimeoutException,
 )
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ready  # noqa: E402
@@ -47,7 +48,7 @@ def site(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     config = add_web_section(write_config(directory, pg_dsn, schema), token=TOKEN)
     web = WebProcess(config, "--listen", "127.0.0.1:0")
     try:
-        yield {"config": config, "url": web.url, "schema": schema, "dsn": pg_dsn}
+        yield {"config": config, "url": web.url, "schema": schema, "dsn": pg_dsn, "web": web}
     finally:
         web.stop()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -85,8 +86,13 @@ def logged_in(browser: webdriver.Chrome, site: dict, hash_: str = "#/jobs") -> N
         browser.find_element(By.NAME, "token").send_keys(TOKEN)
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
         browser.get(f"{site['url']}/{hash_}")
-    WebDriverWait(browser, 20).until(
-        ready.presence_of_element_located((By.CSS_SELECTOR, "#live.on")))
+    try:
+        WebDriverWait(browser, 20).until(
+            ready.presence_of_element_located((By.CSS_SELECTOR, "#live.on")))
+    except TimeoutException:
+        raise AssertionError(
+            f"the dashboard did not go live at {browser.current_url}:\n"
+            f"{browser.page_source[:1500]}\nweb log:\n{site['web'].log()[-2000:]}") from None
 
 
 def test_login_then_a_job_added_from_the_cli_appears_within_two_seconds(browser, site):
