@@ -146,6 +146,15 @@ class Harness:
         self._procs.append(proc)
         return proc
 
+    def start_web(self, schema: str, token: str) -> WorkerProc:
+        """`pgsched web` on a free port (its log names it; see bench/web.py)."""
+        config = self.write_config(schema)
+        with config.open("a") as file:
+            file.write(tomli_w.dumps({"web": {"token": token}}))
+        proc = WorkerProc(config, ("--listen", "127.0.0.1:0"), command="web")
+        self._procs.append(proc)
+        return proc
+
     def cpu_meter(self) -> CpuMeter:
         return CpuMeter(self.server_pid)
 
@@ -272,12 +281,12 @@ class WorkerProc:
     """One `python -m pgsched worker` process; its output goes to a log file (a pipe to
     journald would cost the same: the daemon renders JSON lines either way)."""
 
-    def __init__(self, config: Path, args: tuple[str, ...]):
+    def __init__(self, config: Path, args: tuple[str, ...], command: str = "worker"):
         self.log_path = config.with_suffix(".log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgsched", "--config", str(config), "worker", *args],
+                [sys.executable, "-m", "pgsched", "--config", str(config), command, *args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.parent,
             )
         self.ps = psutil.Process(self.proc.pid)

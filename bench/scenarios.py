@@ -220,6 +220,29 @@ def _drain_scenario(name: str, processes: int, *, default_concurrency: bool = Fa
     return drain
 
 
+async def build_backlog(h: Harness, name: str) -> str:
+    """A schema with a million finished jobs (created, run and finished over the 14 hours
+    two days ago) and 200,000 due next week, as a long-lived installation has."""
+    sizes = h.sizes
+    schema = await h.fresh_schema(name)
+    async with await h.connect() as conn:
+        await conn.execute(q(
+            "INSERT INTO {s}.jobs (id, task, status, execution_time, attempts, worker_id,"
+            " result, created_at, started_at, finished_at)"
+            " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
+            " 'null', now() - interval '2 days' + g * interval '50 ms',"
+            " now() - interval '2 days' + g * interval '50 ms' + interval '1 second',"
+            " now() - interval '2 days' + g * interval '50 ms' + interval '2 seconds'"
+            " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
+        await conn.execute(q(
+            f"INSERT INTO {{s}}.jobs ({COLUMNS}, created_at) SELECT 'future-' || g, 'noop',"
+            " 'default', '[]', '{{}}', 5,"
+            " now() + interval '7 days' + (g %% 86400) * interval '1 second', 300, 0, NULL,"
+            " now() - interval '1 day' + g * interval '100 ms'"
+            " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_future})
+    return schema
+
+
 class Backlog:
     """drain-1 with a million finished jobs and 200,000 due next week in the same table.
 
@@ -238,21 +261,7 @@ class Backlog:
                             prefix=f"d{self.rounds}-")
 
     async def _build(self, h: Harness) -> str:
-        sizes = h.sizes
-        schema = await h.fresh_schema("backlog")
-        async with await h.connect() as conn:
-            await conn.execute(q(
-                "INSERT INTO {s}.jobs (id, task, status, execution_time, attempts, worker_id,"
-                " result, started_at, finished_at)"
-                " SELECT 'done-' || g, 'noop', 'completed', now() - interval '1 day', 1, 'old',"
-                " 'null', now() - interval '1 day', now() - interval '1 day'"
-                " FROM generate_series(1, %(n)s) g", schema), {"n": sizes.backlog_finished})
-            await conn.execute(q(
-                f"INSERT INTO {{s}}.jobs ({COLUMNS}) SELECT 'future-' || g, 'noop', 'default',"
-                " '[]', '{{}}', 5, now() + interval '7 days' + (g %% 86400) * interval '1 second',"
-                " 300, 0, NULL FROM generate_series(1, %(n)s) g", schema),
-                {"n": sizes.backlog_future})
-        return schema
+        return await build_backlog(h, "backlog")
 
     async def cleanup(self, h: Harness) -> None:
         if self.schema is not None:
@@ -529,11 +538,31 @@ async def cli_startup(h: Harness) -> Metrics:
     return metrics
 
 
+# -- the web service -------------------------------------------------------------------------
+
+
+async def web_service(h: Harness) -> Metrics:
+    """`pgsched web` beside the backlog: API latency, completion-to-event latency, and 200
+    event-stream clients on one process (bench/web.py)."""
+    from . import web  # needs the web extra (FastAPI, uvicorn, httpx): only when chosen
+
+    schema = await build_backlog(h, "web")
+    await h.analyze(schema)
+    quick = h.sizes.drain < 1000
+    try:
+        return await web.measure(h, schema, requests=20 if quick else 200,
+                                 sse_jobs=10 if quick else 100, clients=20 if quick else 200,
+                                 load_seconds=2 if quick else 20)
+    finally:
+        await h.drop_schema(schema)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
     run: Callable[[Harness], Awaitable[Metrics]]
     repeated: bool  # throughput: run in every round, alternating with the raw ceiling
+    default: bool = True  # False: only when named with --only (or in a --quick run)
 
 
 def scenarios() -> list[Scenario]:
@@ -557,6 +586,7 @@ def scenarios() -> list[Scenario]:
         Scenario("recurring", recurring_at_scale, False),
         Scenario("idle", idle_cost, False),
         Scenario("cli-startup", cli_startup, False),
+        Scenario("web", web_service, False, default=False),
     ]
 
 

@@ -106,6 +106,18 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """`pgsched web`: where it listens, its tokens (None: a random one per start for
+    `token`, no read-only access for `read_token`), and the path prefix a reverse proxy
+    serves it under."""
+
+    listen: str = "127.0.0.1:8787"
+    token: str | None = None
+    read_token: str | None = None
+    root_path: str = ""
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     """One `[queues.NAME]` table. The limit holds within each worker process."""
 
@@ -123,6 +135,7 @@ class Settings:
     base_dir: Path  # the file's directory (cwd if none), absolute
     warnings: tuple[str, ...]
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
     queues: Mapping[str, QueueSettings] = dataclasses.field(default_factory=dict)
 
 
@@ -133,6 +146,7 @@ _SECTIONS: dict[str, type] = {
     "vacuum": VacuumSettings,
     "log": LogSettings,
     "metrics": MetricsSettings,
+    "web": WebSettings,
 }
 # [queues.NAME] tables are named by the user, so they are read apart from the sections.
 QUEUES_TABLE = "queues"
@@ -581,6 +595,22 @@ def _listen(value: object, _base: Path) -> str:
     return value
 
 
+def _token(value: object, _base: Path) -> str:
+    # Tokens travel in headers and URLs: printable ASCII without spaces, and long enough
+    # that guessing is hopeless.
+    if not isinstance(value, str) or len(value) < 16 or \
+            not all(33 <= ord(c) < 127 for c in value):
+        raise _Bad("must be at least 16 printable ASCII characters without spaces, "
+                   "e.g. the output of `openssl rand -hex 24`")
+    return value
+
+
+def _root_path(value: object, _base: Path) -> str:
+    if not isinstance(value, str) or (value and not re.fullmatch(r"(/[\w.~-]+)+", value)):
+        raise _Bad('must be "" or a URL path like "/scheduler" (no trailing slash)')
+    return value
+
+
 def _absolute(path: Path, base: Path) -> Path:
     return Path(os.path.abspath(base / path.expanduser()))
 
@@ -624,6 +654,12 @@ _CHECKS: dict[str, dict[str, _Check]] = {
     },
     "metrics": {
         "listen": _listen,
+    },
+    "web": {
+        "listen": _listen,
+        "token": _token,
+        "read_token": _token,
+        "root_path": _root_path,
     },
 }
 
@@ -761,6 +797,8 @@ def settings_to_toml(settings: Settings) -> str:
                 value = list(value)
             elif name == "database" and key in _DSN_KEYS:
                 value = mask_dsn(value)
+            elif name == "web" and key in ("token", "read_token"):
+                value = "***"
             table[key] = value
         document[name] = table
     if settings.queues:

@@ -32,11 +32,16 @@ from typing import Any
 
 import tomli_w
 
+from . import recurring
+from .config import Settings
 from .errors import InvalidInput
+from .logs import get_logger
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
-from .tasks import JobPriority, validate_task_name
-from .timing import MAX_DURATION, parse_duration, parse_time
+from .tasks import JobPriority, get_task, load_tasks, validate_task_name
+from .timing import MAX_DURATION, format_duration, parse_duration, parse_time
+
+log = get_logger("pgsched.ops")
 
 RETRYABLE_STATUSES = ("failed", "expired", "cancelled")
 RETRY_BATCH = 1000
@@ -148,11 +153,12 @@ def worker_json(row: dict[str, Any], stale_after: float) -> dict[str, Any]:
 
 
 async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
-                 rows: int = 10) -> Snapshot:
-    """A snapshot for `status` (every count) or the dashboard (active counts, job lists)."""
+                 rows: int = 10, active_only: bool = False) -> Snapshot:
+    """A snapshot for `status` (every count; `active_only`: pending and running only,
+    which never reads the history) or the dashboard (active counts, job lists)."""
     snapshot = Snapshot(
         db_now=await store.db_now(),
-        queues=queue_counts(await store.job_counts(active_only=dashboard)),
+        queues=queue_counts(await store.job_counts(active_only=dashboard or active_only)),
         throughput=await store.throughput(),
         workers=await store.list_workers(),
         stale_after=stale_after,
@@ -223,6 +229,66 @@ JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "exec
             "lease_until", "heartbeat_at", "result", "last_error")
 
 
+# What `pgsched ls --json` prints for a job (and the web API's job objects).
+LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
+           "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
+           "created_at", "started_at", "finished_at", "worker_id")
+
+
+def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    data = {key: row.get(key) for key in LS_KEYS}
+    data["priority"] = priority_name(row["priority"])
+    data["status"] = str(row["status"])
+    return to_jsonable(data)
+
+
+def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A schedule as `pgsched schedules --json` prints it."""
+    state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"
+    data = {
+        "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
+        "every": format_duration(row["every"]) if row["every"] is not None else None,
+        "anchor": row["anchor"] if row["every"] is not None else None,
+        "catch_up": row["catch_up"], "state": state, "origin": row["origin"],
+        # A paused or disabled schedule has no next fire time until it is active again.
+        "next_fire_at": row["next_fire_at"] if state == "active" else None,
+        "last_fire_at": row["last_fire_at"], "last_job_id": row["last_job_id"],
+        "last_run_at": row["last_run_at"], "last_status": row["last_status"],
+        "args": row["args"], "kwargs": row["kwargs"],
+        "priority": priority_name(row["priority"]), "max_retries": row["max_retries"],
+        "timeout": row["timeout_seconds"], "queue": row["queue"],
+        "created_at": row["created_at"], "updated_at": row["updated_at"],
+    }
+    return {k: recurring.format_instant(v) if isinstance(v, datetime) else v
+            for k, v in data.items()}
+
+
+def task_checker(settings: Settings) -> Callable[..., None]:
+    """check(name, args=None, kwargs=None) rejecting invalid task names and, when the task
+    module can be imported here, unknown tasks and arguments that do not fit the function."""
+    module = settings.worker.tasks
+    if module is not None:
+        try:
+            load_tasks(module, settings.base_dir)
+        except InvalidInput as exc:
+            log.debug("task_module_unavailable", error=str(exc))
+            module = None
+
+    def check(name: str, args: Any = None, kwargs: Any = None) -> None:
+        validate_task_name(name)  # first: a hostile name must not be echoed back in full
+        if module is None:
+            return
+        task = get_task(name)
+        if task is None:
+            raise InvalidInput(
+                f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
+            )
+        if args is not None or kwargs is not None:
+            task.check_arguments(args or [], kwargs or {})
+
+    return check
+
+
 def job_json(job: dict[str, Any], now: datetime) -> dict[str, Any]:
     data = {key: job.get(key) for key in JOB_KEYS}
     data["status"] = str(job["status"])
@@ -289,6 +355,12 @@ def parse_job_line(text: str, *, tz: str, now: datetime) -> JobSpec:
     data = decode_json(text, "the line")
     if not isinstance(data, dict):
         raise InvalidInput('each line must be a JSON object like {"task": "name"}')
+    return job_spec_from_object(data, tz=tz, now=now)
+
+
+def job_spec_from_object(data: dict[str, Any], *, tz: str, now: datetime) -> JobSpec:
+    """A decoded job-file object (keys LINE_KEYS) as a JobSpec; the web API's POST
+    /api/jobs maps its body onto the same keys, so both accept exactly what `add` does."""
     unknown = sorted(set(data) - set(LINE_KEYS))
     if unknown:
         raise InvalidInput(f"unknown key {unknown[0]!r}: use {', '.join(LINE_KEYS)}")

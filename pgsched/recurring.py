@@ -182,6 +182,23 @@ def define_schedule(
 _SCHEDULES: dict[str, tuple[ScheduleDefinition, str]] = {}  # id -> (definition, defined by)
 
 
+def define_for_task(
+    task_name: str, *, priority: str | None, max_retries: int | None,
+    timeout: float | None, **definition: Any,
+) -> ScheduleDefinition:
+    """define_schedule for an operator's schedule (CLI, web): options not given come from
+    the task's @task options when its module is importable here, else the defaults."""
+    known = get_task(task_name)
+    return define_schedule(
+        task_name, **definition,
+        priority=priority or (known.priority if known else JobPriority.NORMAL),
+        max_retries=max_retries if max_retries is not None else (
+            known.max_retries if known else 0),
+        timeout=timeout if timeout is not None else (known.timeout if known else None),
+        queue=known.queue if known else "default",
+    )
+
+
 def periodic(
     *,
     every: timedelta | float | str | None = None,

@@ -195,6 +195,11 @@ class Scheduler:
         await self.close()
 
     @property
+    def dsn(self) -> str:
+        """The connection string (a dedicated connection, like LISTEN, needs it)."""
+        return self._dsn
+
+    @property
     def store(self) -> Store:
         if self._store is None:
             raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")

@@ -807,6 +807,34 @@ class Store:
         return [row["id"] for row in rows]
 
 
+    # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------
+    # The change feed runs its statements on its own LISTEN connection (`conn`), so one
+    # connection serves both; the request handlers use the pool.
+
+    async def listen(self, conn: psycopg.AsyncConnection) -> None:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+
+    async def job_changes(
+        self, conn: psycopg.AsyncConnection, *, since: datetime, watch: Sequence[str],
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Jobs created, started or finished after `since`, and the jobs in `watch`."""
+        cur = await conn.cursor(row_factory=dict_row).execute(
+            self._q["web_job_changes"], {"since": since, "watch": list(watch), "limit": limit})
+        return await cur.fetchall()
+
+    async def web_state(self, conn: psycopg.AsyncConnection) -> dict[str, Any]:
+        """db_now, paused_queues, workers (ids), schedules_changed, schedules (count)."""
+        cur = await conn.cursor(row_factory=dict_row).execute(self._q["web_state"], {})
+        return (await cur.fetchall())[0]
+
+    async def schedule_outcomes(self, *, limit: int) -> list[dict[str, Any]]:
+        return await self._rows("web_schedule_outcomes", {"limit": limit})
+
+    async def throughput_series(self) -> list[dict[str, Any]]:
+        return await self._rows("web_throughput_series", {})
+
+
 _ERRORS_KEPT = {"errors_first": ERRORS_KEPT_FIRST, "errors_last": ERRORS_KEPT_LAST}
 _CLIPPED = "[...]\n"
 

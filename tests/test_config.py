@@ -28,6 +28,7 @@ from pgsched.config import (
     QueueSettings,
     Settings,
     VacuumSettings,
+    WebSettings,
     WorkerSettings,
     find_config_path,
     load_settings,
@@ -45,6 +46,7 @@ SECTIONS = {
     "vacuum": VacuumSettings,
     "log": LogSettings,
     "metrics": MetricsSettings,
+    "web": WebSettings,
 }
 PASSWORD_DSN = "postgresql://app:s3cret@db.internal:5432/jobs"
 
@@ -89,7 +91,7 @@ def test_example_is_the_defaults_except_tasks(monkeypatch):
     example, defaults = load(EXAMPLE), load()
     assert example.database == defaults.database
     assert example.worker == dataclasses.replace(defaults.worker, tasks="examples.tasks")
-    for name in ("jobs", "vacuum", "log", "metrics", "queues"):
+    for name in ("jobs", "vacuum", "log", "metrics", "web", "queues"):
         assert getattr(example, name) == getattr(defaults, name)
     assert example.warnings == ()
 
@@ -239,6 +241,10 @@ BAD_VALUES = [
     ("metrics", "listen", '"localhost:http"', '"localhost:http"', 'must be "host:port"'),
     ("metrics", "listen", '"127.0.0.1:70000"', '"127.0.0.1:70000"', 'must be "host:port"'),
     ("metrics", "listen", "9464", "9464", 'must be "host:port"'),
+    ("web", "listen", '"8787"', '"8787"', 'must be "host:port"'),
+    ("web", "token", '"short"', '"short"', "at least 16 printable"),
+    ("web", "read_token", '"has spaces in it ok"', '"has spaces in it ok"', "without spaces"),
+    ("web", "root_path", '"scheduler"', '"scheduler"', 'URL path like "/scheduler"'),
 ]
 
 
@@ -317,7 +323,7 @@ def test_unknown_table_without_a_close_match_lists_the_tables(tmp_path):
     path = write(tmp_path, "[zzz]\n")
     assert error_for(path) == (
         f"{path}: unknown table [zzz]; the tables are [database], [worker], [jobs], [vacuum], "
-        "[log], [metrics], [queues.NAME]"
+        "[log], [metrics], [web], [queues.NAME]"
     )
 
 
@@ -683,3 +689,14 @@ def test_bad_queue_tables_name_the_table(tmp_path, text, expected):
     message = error_for(path)
     assert message.startswith(f"{path}: "), message
     assert expected in message
+
+
+def test_web_tokens_are_checked_and_masked(tmp_path):
+    path = write(tmp_path, '[web]\ntoken = "short"\n')
+    assert "[web] token" in error_for(path) and "at least 16" in error_for(path)
+    path = write(tmp_path, '[web]\nroot_path = "/scheduler/"\n')
+    assert "root_path" in error_for(path)
+    secret = "s3cret-" * 4
+    settings = load(write(tmp_path, f'[web]\ntoken = "{secret}"\nroot_path = "/s"\n'))
+    assert (settings.web.token, settings.web.root_path) == (secret, "/s")
+    assert secret not in settings_to_toml(settings)

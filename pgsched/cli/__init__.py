@@ -2,12 +2,12 @@
 codes and output; each command module registers one group of commands on it.
 
 Command modules import app.py (and views.py for rendering), never each other; importing
-this package registers them all. A `web` command goes in its own module, web.py, listed
-below like the others.
+this package registers them all. `web` (the HTTP service) has its own module
+like the others.
 """
 
 # The order is the order of `pgsched --help`.
-from . import operate, jobs, schedules, queues, top  # noqa: F401, I001  (register their commands)
+from . import operate, jobs, schedules, queues, top, web  # noqa: F401, I001  (register their commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -188,34 +188,10 @@ def _refuse_expired(at: str, when: datetime, grace: float | None) -> None:
 
 def _check_task_known(settings: Settings, name: str, args: Any = None,
                       kwargs: Any = None) -> None:
+    from ..ops import task_checker
+
     task_checker(settings)(name, args, kwargs)
 
-def task_checker(settings: Settings) -> Callable[..., None]:
-    """check(name, args=None, kwargs=None) rejecting invalid task names and, when the task
-    module can be imported here, unknown tasks and arguments that do not fit the function."""
-    from ..tasks import get_task, load_tasks, validate_task_name
-
-    module = settings.worker.tasks
-    if module is not None:
-        try:
-            load_tasks(module, settings.base_dir)
-        except InvalidInput as exc:
-            log.debug("task_module_unavailable", error=str(exc))
-            module = None
-
-    def check(name: str, args: Any = None, kwargs: Any = None) -> None:
-        validate_task_name(name)  # first: a hostile name must not be echoed back in full
-        if module is None:
-            return
-        task = get_task(name)
-        if task is None:
-            raise InvalidInput(
-                f"unknown task {name!r}: it is not registered in {settings.worker.tasks}"
-            )
-        if args is not None or kwargs is not None:
-            task.check_arguments(args or [], kwargs or {})
-
-    return check
 
 
 def add_schedule(
@@ -237,7 +213,6 @@ def add_schedule(
 ) -> None:
     """`pgsched add TASK --cron EXPR | --every DURATION --id ID`: prints the schedule id."""
     from .. import recurring
-    from ..tasks import JobPriority, get_task
 
     for option, value in job_options.items():
         if value is not None:
@@ -248,15 +223,10 @@ def add_schedule(
     if schedule_id is None:
         raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
     _check_task_known(settings, task_name, args, kwargs)
-    known = get_task(task_name)  # its @task options are the defaults, when importable here
-    definition = recurring.define_schedule(
+    definition = recurring.define_for_task(
         task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest",
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
-        max_retries=retries if retries is not None else (known.max_retries if known else 0),
-        timeout=timeout if timeout is not None else (known.timeout if known else None),
-        queue=known.queue if known else "default",
-    )
+        kwargs=kwargs, catch_up=catch_up or "latest", priority=priority,
+        max_retries=retries, timeout=timeout)
 
     async def go() -> bool:
         async with open_scheduler(settings) as sched:
@@ -288,7 +258,7 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
     added and each rejected line is reported with its number; with strict, one rejected
     line means nothing is added. Either way the exit code is 2 if any line was rejected.
     """
-    from ..ops import parse_job_lines
+    from ..ops import parse_job_lines, task_checker
     from ..scheduler import ConflictResolution
 
     lines = _read_lines(source)
@@ -338,26 +308,12 @@ def add_from_file(settings: Settings, source: str, *, on_conflict: str, strict: 
 # -- ls --------------------------------------------------------------------------------
 
 
-LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
-           "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
-           "created_at", "started_at", "finished_at", "worker_id")
 
 
 def _first_line(text: str | None, limit: int) -> str:
     line = (text or "").strip().split("\n", 1)[0]
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
-def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
-    from ..tasks import JobPriority
-
-    data = {key: row.get(key) for key in LS_KEYS}
-    for key, value in data.items():
-        if isinstance(value, datetime):
-            data[key] = value.isoformat()
-    data["priority"] = JobPriority(row["priority"]).name.lower() \
-        if row["priority"] in {p.value for p in JobPriority} else row["priority"]
-    data["status"] = str(row["status"])
-    return data
 
 @app.command("ls")
 @command
@@ -390,6 +346,8 @@ def ls(
         async with open_scheduler(settings) as sched:
             return await sched.store.list_jobs(statuses=statuses, task=task_name, queue=queue,
                                                limit=limit + 1, since=created_since)
+
+    from ..ops import job_to_json
 
     rows = [job_to_json(row) for row in _run(go())]
     more = len(rows) > limit
@@ -520,6 +478,8 @@ def cancel(
     if not ids and not (task_name or queue):
         raise InvalidInput("nothing to cancel: give job ids, --task NAME or --queue NAME")
     if task_name is not None:
+        from ..ops import task_checker
+
         task_checker(settings)(task_name)  # a typo is refused, not a silent "0 cancelled"
     if queue is not None:
         validate_queue_name(queue)

@@ -37,35 +37,7 @@ if TYPE_CHECKING:
 ID_ARGUMENT = typer.Argument(metavar="ID", help="Schedule id (see `pgsched schedules`).")
 
 
-def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
-    from .. import recurring
-    from ..timing import format_duration
 
-    state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"
-    data = {
-        "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
-        "every": format_duration(row["every"]) if row["every"] is not None else None,
-        "anchor": row["anchor"] if row["every"] is not None else None,
-        "catch_up": row["catch_up"], "state": state, "origin": row["origin"],
-        # A paused or disabled schedule has no next fire time until it is active again.
-        "next_fire_at": row["next_fire_at"] if state == "active" else None,
-        "last_fire_at": row["last_fire_at"], "last_job_id": row["last_job_id"],
-        "last_run_at": row["last_run_at"], "last_status": row["last_status"],
-        "args": row["args"], "kwargs": row["kwargs"],
-        "priority": _priority_name(row["priority"]), "max_retries": row["max_retries"],
-        "timeout": row["timeout_seconds"], "queue": row["queue"],
-        "created_at": row["created_at"], "updated_at": row["updated_at"],
-    }
-    return {k: recurring.format_instant(v) if isinstance(v, datetime) else v
-            for k, v in data.items()}
-
-def _priority_name(value: int) -> str | int:
-    from ..tasks import JobPriority
-
-    try:
-        return JobPriority(value).name.lower()
-    except ValueError:
-        return value
 
 def _store_call(settings: Settings, operation: Any, *args: Any) -> Any:
     async def go() -> Any:
@@ -82,6 +54,8 @@ def schedules(
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
     from ..store import Store
+
+    from ..ops import schedule_to_json
 
     rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:
