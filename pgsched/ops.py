@@ -242,6 +242,13 @@ def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return to_jsonable(data)
 
 
+def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A queue_stats row as `pgsched queues --json` prints it."""
+    return {**row, "paused_at": row["paused_at"].isoformat() if row["paused_at"] else None,
+            # Like `status`: no lag when nothing is due (a 0 would read as "on time").
+            "lag_seconds": round(row["lag_seconds"], 3) if row["due"] else None}
+
+
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
     """A schedule as `pgsched schedules --json` prints it."""
     state = "disabled" if not row["enabled"] else "paused" if row["paused"] else "active"

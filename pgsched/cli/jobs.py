@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -26,7 +25,6 @@ from .app import (
     app,
     command,
     for_option,
-    log,
     note,
     open_scheduler,
     parse_statuses,

@@ -27,12 +27,9 @@ def queues_(
         async with open_scheduler(settings) as sched:
             return await sched.store.queue_stats()
 
-    rows = _run(go())
-    for row in rows:
-        if row["paused_at"] is not None:
-            row["paused_at"] = row["paused_at"].isoformat()
-        # Like `status`: no lag when nothing is due (a 0 would read as "on time").
-        row["lag_seconds"] = round(row["lag_seconds"], 3) if row["due"] else None
+    from ..ops import queue_to_json
+
+    rows = [queue_to_json(row) for row in _run(go())]
     if as_json:
         print_json(rows)
         return

@@ -53,9 +53,8 @@ def schedules(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array.")] = False,
 ) -> None:
     """List recurring schedules: definition, next fire time, last run and its status."""
-    from ..store import Store
-
     from ..ops import schedule_to_json
+    from ..store import Store
 
     rows = [schedule_to_json(r) for r in _store_call(settings_of(ctx), Store.list_schedules)]
     if as_json:

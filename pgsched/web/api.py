@@ -33,6 +33,7 @@ from ..ops import (
     job_json,
     job_spec_from_object,
     job_to_json,
+    queue_to_json,
     retry_jobs,
     retry_matching,
     schedule_to_json,
@@ -119,10 +120,6 @@ def _parse_cursor(text: str) -> tuple[datetime, str]:
             from None
 
 
-def job_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {**job_to_json(row), "queue": row["queue"]}
-
-
 @router.get("/jobs", summary="List jobs, newest first (keyset-paged)")
 async def list_jobs(
     request: Request,
@@ -143,7 +140,7 @@ async def list_jobs(
         statuses=statuses or None, task=task, queue=queue, limit=limit + 1,
         before=_parse_cursor(before) if before else None)
     page = rows[:limit]
-    return {"jobs": [job_object(r) for r in page],
+    return {"jobs": [job_to_json(r) for r in page],
             "next": _cursor(page[-1]) if len(rows) > limit else None}
 
 
@@ -175,7 +172,7 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
                               "try again later")
         response.status_code = 200  # ignore: the existing job, unchanged
         job_id = spec.job_id
-    return job_object(await _job_row(svc, job_id))
+    return job_to_json(await _job_row(svc, job_id))
 
 
 @router.post("/jobs/retry", summary="Retry every failed (expired, cancelled) job matching")
@@ -214,7 +211,7 @@ async def _cancel(request: Request, response: Response, job_id: str) -> dict[str
         raise JobConflict(f"job {job_id}: already {status}")
     if done[job_id] == "running":
         response.status_code = 202  # its worker was told; it ends cancelled shortly
-    return job_object(await _job_row(svc, job_id))
+    return job_to_json(await _job_row(svc, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Cancel a pending or running job")
@@ -238,7 +235,7 @@ async def retry_job(request: Request, job_id: JobId) -> dict[str, Any]:
                           f"{', '.join(RETRYABLE_STATUSES)} jobs can be retried")
     row = await _job_row(svc, job_id)
     svc.feed.observe([row])
-    return job_object(row)
+    return job_to_json(row)
 
 
 # -- schedules ---------------------------------------------------------------------------
@@ -325,21 +322,16 @@ async def resume_schedule(request: Request, schedule_id: ScheduleId) -> dict[str
 async def trigger_schedule(request: Request, schedule_id: ScheduleId) -> dict[str, Any]:
     svc = await service(request).ready()
     job_id = await recurring.trigger_schedule(svc.store, schedule_id)
-    return job_object(await _job_row(svc, job_id))
+    return job_to_json(await _job_row(svc, job_id))
 
 
 # -- queues, status, workers -------------------------------------------------------------
 
 
-def _queue_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "paused_at": row["paused_at"].isoformat() if row["paused_at"] else None,
-            "lag_seconds": round(row["lag_seconds"], 3)}
-
-
 @router.get("/queues", summary="Queues (as `pgsched queues --json`)")
 async def list_queues(request: Request) -> dict[str, Any]:
     svc = await service(request).ready()
-    return {"queues": [_queue_json(r) for r in await svc.store.queue_stats()]}
+    return {"queues": [queue_to_json(r) for r in await svc.store.queue_stats()]}
 
 
 @router.post("/queues/{name}/pause", summary="Stop every worker claiming from a queue")

@@ -316,7 +316,7 @@ function workersView() {
     queues.replaceChildren(...rows.map((q) => h("tr", { "data-queue": q.queue },
       h("td", { class: "mono" }, q.queue), h("td", {}, badge(q.paused ? "paused" : "active")),
       h("td", { class: "num" }, q.due), h("td", { class: "num" }, q.scheduled), h("td", { class: "num" }, q.running),
-      h("td", { class: "num" }, `${q.lag_seconds.toFixed(1)}s`),
+      h("td", { class: "num" }, q.lag_seconds == null ? "-" : `${q.lag_seconds.toFixed(1)}s`),
       h("td", { class: "muted" }, q.paused ? `by ${q.paused_by || "?"}${q.reason ? `: ${q.reason}` : ""}` : ""),
       h("td", { class: "actions" }, actionButton(q.paused ? "Resume" : "Pause",
         () => post(`queues/${encodeURIComponent(q.queue)}/${q.paused ? "resume" : "pause"}`),
