@@ -18,6 +18,8 @@ does not allow, DatabaseUnavailable when the server cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -157,6 +159,25 @@ def _seconds(value: Any, what: str) -> float:
             or value <= 0:
         raise InvalidInput(f"invalid {what} {value!r}: use a number of seconds > 0, or None")
     return float(value)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a bulk call builds its rows.
+
+    A call of 100,000 jobs allocates enough tuples to set off several full collections,
+    each walking every object of the process (the caller's 100,000 JobSpecs included):
+    1.5 us of its 5.4 us per job. Reference counting still frees everything; cycles made
+    meanwhile (by this call or other tasks of the loop) wait until the call ends. If the
+    collector was already off, it stays off."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Scheduler:
@@ -380,6 +401,12 @@ class Scheduler:
         compatibility; the stream needs no batches.
         """
         mode = ConflictResolution.parse(conflict_resolution)
+        with _gc_paused():
+            return await self._schedule_bulk(jobs, mode)
+
+    async def _schedule_bulk(
+        self, jobs: Iterable[JobSpec], mode: ConflictResolution
+    ) -> list[str | None]:
         rows: list[NewJob] = []  # every job, in input order
         if mode is ConflictResolution.REPLACE:
             rows = list(self._new_jobs(jobs))
