@@ -342,7 +342,7 @@ class Store:
         params = {**jobs[0]._asdict(), "channel": self.channel}
         async with self.pool.connection() as conn:
             cur = await conn.execute(self._q["replace_job" if replace else "insert_job"], params)
-            return {row[0] for row in await cur.fetchall()}
+            return {jobs[0].id} if cur.rowcount == 1 else set()
 
     async def copy_jobs(
         self, jobs: Iterable[NewJob], *, replace: bool, require_all: bool
