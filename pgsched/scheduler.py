@@ -33,6 +33,7 @@ import psycopg_pool
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .logs import configure_unless_configured as configure_logging_unless_configured
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .recurring import is_schedule_job_id
 from .store import NewJob, Store, check_json_depth, encode_json, lock_timeout_for, open_pool
@@ -257,7 +258,12 @@ class Scheduler:
         return await self.store.migrate(grant=grant)
 
     async def start(self) -> Worker:
-        """Run a worker inside this event loop until shutdown() (tasks must be registered)."""
+        """Run a worker inside this event loop until shutdown() (tasks must be registered).
+
+        Logs as `pgsched worker` does (level info, JSON lines on stderr unless it is a
+        terminal) unless the application has configured structlog itself, whose set-up
+        is then left alone (docs/log-events.md)."""
+        configure_logging_unless_configured()
         await self.open()
         if self._worker is None:
             self._worker = Worker(self.store, self._dsn, self.options)
