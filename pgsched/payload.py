@@ -27,6 +27,8 @@ def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tupl
     """Validate a job's (or schedule's) arguments; returns them as JSON text."""
     if not isinstance(args, list | tuple):
         raise InvalidInput(f"args must be a list or tuple, not {type(args).__name__}")
+    if not args and not kwargs and (kwargs is None or isinstance(kwargs, dict)):
+        return "[]", "{}"  # most jobs
     kwargs = kwargs or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise InvalidInput("kwargs must be a dict with string keys")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -205,3 +207,27 @@ async def test_shutdown_past_grace_puts_job_back_to_pending_without_failure(sche
     await runner
     job = await sched.get_job(job_id)
     assert job["status"] == "pending" and job["failures"] == 0 and job["worker_id"] is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_retries": True}, {"args": (math.nan,)}, {"args": "not-a-list"},
+    {"execution_time": datetime(2030, 1, 1)}, {"queue": "no spaces"}, {"timeout": 0},
+])
+async def test_bulk_validates_each_spec_though_the_others_share_their_options(sched, bad):
+    # schedule_bulk validates options once for a run of specs holding the same objects:
+    # a spec with other objects (True equals 1 but is no whole number) is checked anew.
+    good = JobSpec("noop", max_retries=1, queue="q", timeout=5.0)
+    odd = JobSpec(**{"func": "noop", "max_retries": 1, "queue": "q", "timeout": 5.0, **bad})
+    with pytest.raises(InvalidInput):
+        await sched.schedule_bulk([good, good, odd, good], conflict_resolution="raise")
+    assert await sched.store.list_jobs() == []
+    assert gc.isenabled()  # the collector, paused during the call, is back
+
+
+async def test_bulk_ids_are_distinct_version_4_uuids_in_input_order(sched):
+    ids = await sched.schedule_bulk([JobSpec("noop", args=(i,)) for i in range(600)])
+    assert len(set(ids)) == 600
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4
+               and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    args = {job["id"]: job["args"] for job in await sched.store.list_jobs(limit=1000)}
+    assert [args[i] for i in ids] == [[i] for i in range(600)]

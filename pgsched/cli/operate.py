@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -100,7 +101,17 @@ def worker(
         )
     load_tasks(settings.worker.tasks, settings.base_dir)
     options = worker_options(settings, burst=burst)
-    _run(_serve(settings, options, migrate_schema))
+    _run_worker(_serve(settings, options, migrate_schema))
+
+
+def _run_worker(coro: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run(), on uvloop when it is installed (`pip install 'pgsched[uvloop]'`):
+    its event loop costs the worker less CPU per job (docs/performance.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return _run(coro)
+    return uvloop.run(coro)
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     from ..worker import WorkerOptions

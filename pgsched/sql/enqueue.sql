@@ -13,50 +13,40 @@
 -- misfire grace); the COPY paths fill it in from the transaction's now() first.
 
 -- name: insert_job
--- Insert one job unless its id exists. Returns the id when it was inserted.
-WITH new AS (
-    INSERT INTO {schema}.jobs
-        (id, task, queue, args, kwargs, priority, execution_time,
-         misfire_grace_seconds, max_retries, timeout_seconds)
-    VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
-            %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
-            %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id, execution_time
-),
-wake AS (
-    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
-)
-SELECT new.id FROM new LEFT JOIN wake ON true;
+-- Insert one job unless its id exists; one row when it was inserted, none otherwise
+-- (the caller reads the row count). The NOTIFY sits in RETURNING, which runs once per row
+-- written: no CTE to plan, no join, no id sent back.
+INSERT INTO {schema}.jobs
+    (id, task, queue, args, kwargs, priority, execution_time,
+     misfire_grace_seconds, max_retries, timeout_seconds)
+VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
+        %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
+        %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING pg_notify(%(channel)s, extract(epoch FROM execution_time)::text);
 
 -- name: replace_job
 -- Insert one job, or overwrite the existing one unless it is running (a finished job is
--- scheduled again from scratch). Returns the id when it was written.
-WITH new AS (
-    INSERT INTO {schema}.jobs AS j
-        (id, task, queue, args, kwargs, priority, execution_time,
-         misfire_grace_seconds, max_retries, timeout_seconds)
-    VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
-            %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
-            %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
-    ON CONFLICT (id) DO UPDATE SET
-        task = excluded.task, queue = excluded.queue, args = excluded.args,
-        kwargs = excluded.kwargs, priority = excluded.priority,
-        execution_time = excluded.execution_time,
-        misfire_grace_seconds = excluded.misfire_grace_seconds,
-        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-        -- attempts is kept: it fences every write of a claim, so a run of the job
-        -- before the replace can never record an outcome for the new one.
-        status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
-        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
-    WHERE j.status <> 'running'
-    RETURNING id, execution_time
-),
-wake AS (
-    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
-)
-SELECT new.id FROM new LEFT JOIN wake ON true;
+-- scheduled again from scratch). One row when it was written (as insert_job).
+INSERT INTO {schema}.jobs AS j
+    (id, task, queue, args, kwargs, priority, execution_time,
+     misfire_grace_seconds, max_retries, timeout_seconds)
+VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
+        %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
+        %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
+ON CONFLICT (id) DO UPDATE SET
+    task = excluded.task, queue = excluded.queue, args = excluded.args,
+    kwargs = excluded.kwargs, priority = excluded.priority,
+    execution_time = excluded.execution_time,
+    misfire_grace_seconds = excluded.misfire_grace_seconds,
+    max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
+    -- attempts is kept: it fences every write of a claim, so a run of the job
+    -- before the replace can never record an outcome for the new one.
+    status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
+    lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
+    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+WHERE j.status <> 'running'
+RETURNING pg_notify(%(channel)s, extract(epoch FROM j.execution_time)::text);
 
 -- name: copy_jobs
 -- Stream new jobs straight into the table: the fast path of schedule_bulk(). An id that
