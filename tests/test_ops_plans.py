@@ -22,12 +22,13 @@ PRIORITIES = sorted(int(p) for p in JobPriority)
 NOW = datetime.now(UTC)
 BATCH = {"ids": None, "channel": "c", "limit": 5000}
 LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
-        "before_id": None}
+        "before_id": None, "queue": None}
 
 # (what the operator runs, named query, its parameters)
 STATEMENTS = [
     ("ls", "list_jobs", LIST),
     ("ls --task", "list_jobs", {**LIST, "task": "task_3"}),
+    ("ls --queue", "list_jobs", {**LIST, "queue": "q3"}),
     ("ls --since", "list_jobs", {**LIST, "since": NOW - timedelta(hours=1)}),
     ("ls, next page", "list_jobs", {**LIST, "before_created": NOW, "before_id": "j5"}),
     ("cancel --task", "request_cancel", {**BATCH, "task": "task_3", "queue": None}),
