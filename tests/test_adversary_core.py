@@ -1,0 +1,113 @@
+"""An adversary's attacks on the worker core (issue 9's review) that broke it, against a
+real PostgreSQL and the real in-process Worker: what a task raises, and rows with values
+PostgreSQL accepts but the worker could not read."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
+from conftest import fast_options, wait_until
+
+from pgsched import Scheduler, Worker, task
+
+
+class StrRaises(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ of this exception raises")
+
+
+@task
+async def adv_raises_unprintable() -> None:
+    raise StrRaises()
+
+
+@task
+async def adv_raises_generator_exit() -> None:
+    raise GeneratorExit("a task raised GeneratorExit")
+
+
+@task
+def adv_sync_raises_generator_exit() -> None:
+    raise GeneratorExit("a sync task raised GeneratorExit")
+
+
+@task
+async def adv_raises_system_exit() -> None:
+    raise SystemExit(3)  # asyncio re-raises it out of the event loop: the worker exits
+
+
+@task
+async def adv_raises_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+async def start(sched: Scheduler, **options: Any) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(sched.store, sched._dsn, fast_options(**options))
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    return worker, runner
+
+
+async def stop(worker: Worker, runner: asyncio.Task[None]) -> None:
+    worker.stop()
+    await asyncio.wait_for(runner, 30)
+
+
+async def ended(sched: Scheduler, job_id: str) -> dict[str, Any] | None:
+    row = await sched.get_job(job_id)
+    return row if str(row["status"]) not in ("pending", "running") else None
+
+
+async def test_exception_whose_str_raises_fails_its_job_and_frees_the_slot(sched):
+    worker, runner = await start(sched, concurrency=1)
+    try:
+        bad = await sched.schedule("adv_raises_unprintable")
+        row = await wait_until(lambda: ended(sched, bad), what="unprintable error recorded")
+        assert str(row["status"]) == "failed", row
+        assert "StrRaises" in row["last_error"]
+        after = await sched.schedule("add", args=(1, 2))
+        assert (await wait_until(lambda: ended(sched, after), what="next job"))["result"] == 3
+        assert worker.running_jobs == 0
+    finally:
+        await stop(worker, runner)
+
+
+async def test_base_exceptions_raised_by_a_task_fail_its_job_and_free_the_slot(sched):
+    worker, runner = await start(sched, concurrency=1)
+    try:
+        for name, error in [("adv_raises_generator_exit", "GeneratorExit"),
+                            ("adv_sync_raises_generator_exit", "GeneratorExit"),
+                            ("adv_raises_system_exit", "SystemExit: 3"),
+                            ("adv_raises_keyboard_interrupt", "KeyboardInterrupt")]:
+            bad = await sched.schedule(name)
+            row = await wait_until(lambda bad=bad: ended(sched, bad), what=f"{name} recorded")
+            assert str(row["status"]) == "failed", row
+            assert error in row["last_error"], row["last_error"]
+        assert not runner.done()
+        assert worker.running_jobs == 0
+    finally:
+        await stop(worker, runner)
+
+
+class ItemsRaise(dict):
+    def items(self):  # the JSON encoder calls it for a dict subclass
+        raise RuntimeError("items() of this result raises")
+
+
+@task
+async def adv_returns_unencodable() -> dict:
+    return ItemsRaise(a=1)
+
+
+async def test_result_whose_encoding_raises_fails_its_job_and_frees_the_slot(sched):
+    worker, runner = await start(sched, concurrency=1)
+    try:
+        bad = await sched.schedule("adv_returns_unencodable")
+        row = await wait_until(lambda: ended(sched, bad), what="unencodable result recorded")
+        assert str(row["status"]) == "failed", row
+        assert "items() of this result raises" in row["last_error"], row["last_error"]
+        assert worker.running_jobs == 0
+    finally:
+        await stop(worker, runner)
