@@ -111,3 +111,66 @@ async def test_result_whose_encoding_raises_fails_its_job_and_frees_the_slot(sch
         assert worker.running_jobs == 0
     finally:
         await stop(worker, runner)
+
+
+async def sql(sched: Scheduler, text: str) -> list[tuple]:
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute(text.replace("{schema}", f'"{sched.schema}"'))
+        return await cur.fetchall() if cur.description else []
+
+
+async def completed(sched: Scheduler, job_id: str) -> bool:
+    """Without loading the row (psycopg cannot load an infinite timestamp)."""
+    rows = await sql(sched, f"SELECT status::text FROM {{schema}}.jobs WHERE id = '{job_id}'")
+    return rows[0][0] == "completed"
+
+
+async def test_job_rows_due_at_infinity_do_not_stop_the_worker(sched):
+    # PostgreSQL accepts 'infinity' and '-infinity' for timestamptz, and so does the
+    # column; psycopg cannot load them into a datetime.
+    await sql(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) VALUES "
+                     "('never', 'noop', 'infinity'), ('always', 'noop', '-infinity')")
+    worker, runner = await start(sched)
+    try:
+        after = await sched.schedule("add", args=(1, 2))
+        row = await wait_until(lambda: ended(sched, after) if not runner.done() else True,
+                               what="the next job")
+        assert not runner.done(), runner.exception()
+        assert row["result"] == 3
+        await wait_until(lambda: completed(sched, "always"), what="the -infinity job run")
+    finally:
+        if not runner.done():
+            await stop(worker, runner)
+
+
+async def test_schedule_row_firing_at_infinity_does_not_stop_the_worker(sched):
+    await sql(sched, "INSERT INTO {schema}.schedules (id, task, every, origin, next_fire_at) "
+                     "VALUES ('never', 'noop', '1 hour', 'cli', 'infinity')")
+    worker, runner = await start(sched)
+    try:
+        await asyncio.sleep(1.0)  # the planner's first pass reads the row
+        after = await sched.schedule("add", args=(1, 2))
+        row = await wait_until(lambda: ended(sched, after) if not runner.done() else True,
+                               what="the next job")
+        assert not runner.done(), runner.exception()
+        assert row["result"] == 3
+    finally:
+        if not runner.done():
+            await stop(worker, runner)
+
+
+async def test_schedule_rows_with_times_before_year_1_do_not_stop_the_worker(sched):
+    await sql(sched, "INSERT INTO {schema}.schedules (id, task, every, origin, next_fire_at, "
+                     "anchor) VALUES ('past', 'noop', '1 hour', 'cli', '-infinity', "
+                     "'-infinity')")
+    worker, runner = await start(sched)
+    try:
+        await asyncio.sleep(1.0)  # the planner's first pass reads the row
+        after = await sched.schedule("add", args=(1, 2))
+        row = await wait_until(lambda: ended(sched, after) if not runner.done() else True,
+                               what="the next job")
+        assert not runner.done(), runner.exception()
+        assert row["result"] == 3
+    finally:
+        if not runner.done():
+            await stop(worker, runner)

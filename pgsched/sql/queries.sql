@@ -104,11 +104,13 @@ claimed AS (
     WHERE j.id = c.id
     -- args and kwargs as text: the worker decodes them job by job, so one row it cannot
     -- decode (nested too deeply) fails that job instead of the whole claim.
+    -- Times clamped to what a Python datetime holds: a row due at '-infinity' (written by
+    -- SQL) runs like any due job instead of failing the claim that took it.
     RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
-              j.priority, j.execution_time,
+              j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
               j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
 )
-SELECT n.at AS next_due, now() AS db_now, claimed.*
+SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
