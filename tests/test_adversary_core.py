@@ -5,12 +5,16 @@ PostgreSQL accepts but the worker could not read."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import psycopg
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until
 
 from pgsched import Scheduler, Worker, task
+from pgsched.store import Store
+from pgsched.worker.daemon import CANCEL_BEAT_MIN_GAP_SECONDS
 
 
 class StrRaises(Exception):
@@ -174,3 +178,41 @@ async def test_schedule_rows_with_times_before_year_1_do_not_stop_the_worker(sch
     finally:
         if not runner.done():
             await stop(worker, runner)
+
+
+class CountedStore(Store):
+    """The real store; counts the registry heartbeats (one per turn of the heartbeater)."""
+
+    def __init__(self, store: Store):
+        super().__init__(store.pool, store.schema)
+        self.beats = 0
+
+    async def heartbeat_worker(self, worker_id: str) -> bool:
+        self.beats += 1
+        return await super().heartbeat_worker(worker_id)
+
+
+async def test_cancel_notify_flood_costs_a_bounded_number_of_heartbeats(sched, pg_dsn):
+    store = CountedStore(sched.store)
+    worker = Worker(store, sched._dsn, fast_options(heartbeat_seconds=30, lease_seconds=120))
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    try:
+        # Any role that can connect may send it; one transaction each, or PostgreSQL
+        # folds the duplicates into one.
+        with psycopg.connect(pg_dsn, autocommit=True) as intruder:
+            notify = psycopg.sql.SQL("NOTIFY {}, {}").format(
+                psycopg.sql.Identifier(sched.store.channel),
+                psycopg.sql.Literal(f"cancel:{worker.id}"))
+            before, started = store.beats, time.monotonic()
+            for _ in range(1000):
+                intruder.execute(notify)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.2)
+            elapsed = time.monotonic() - started
+        beats = store.beats - before
+        budget = 2 + elapsed / CANCEL_BEAT_MIN_GAP_SECONDS
+        assert beats <= budget, (beats, round(elapsed, 2), budget)
+        assert beats >= 1  # a cancel request is still served at once
+    finally:
+        await stop(worker, runner)

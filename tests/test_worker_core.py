@@ -23,9 +23,9 @@ import worker_tasks  # noqa: F401  (registers the tasks the in-process workers r
 from conftest import fast_options, wait_until
 
 from pgsched import Scheduler, Worker
-from pgsched.store import Store
+from pgsched.store import TRACEBACK_MAX_CHARS, Store
 from pgsched.worker.daemon import NOTIFY_WAKE_BURST, NOTIFY_WAKE_RATE
-from pgsched.worker.executor import ERROR_MAX_CHARS, TRACEBACK_MAX_CHARS
+from pgsched.worker.executor import ERROR_MAX_CHARS
 from pgsched.worker.metrics import MetricsServer
 
 

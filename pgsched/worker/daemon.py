@@ -113,6 +113,9 @@ UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
 _EPOCH_RE = re.compile(r"^-?[0-9]{1,11}(\.[0-9]{1,9})?$")
 NOTIFY_WAKE_BURST = 20
 NOTIFY_WAKE_RATE = 50.0
+# 'cancel:<worker id>' makes the heartbeat come at once, but at most once per this gap: a
+# flood of them (any role may send it) must not turn the heartbeater into a busy loop.
+CANCEL_BEAT_MIN_GAP_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -754,6 +757,8 @@ class Worker:
             except DB_ERRORS as exc:
                 self._db_error("heartbeat", exc, failures)
                 failures += 1
+            if await self.sleep_or_close(CANCEL_BEAT_MIN_GAP_SECONDS):
+                return
 
     async def _watch_loop(self) -> None:
         """Report a blocked event loop. Its own task, doing nothing but sleep, so that any
