@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until
 
@@ -216,3 +217,35 @@ async def test_cancel_notify_flood_costs_a_bounded_number_of_heartbeats(sched, p
         assert beats >= 1  # a cancel request is still served at once
     finally:
         await stop(worker, runner)
+
+
+POISONED_SCHEDULES = {
+    "huge_every": "every => '170000000 years'",
+    "bad_tz": "cron => '* * * * *', tz => 'Nowhere/Atlantis'",
+    "empty_cron": "cron => '', tz => 'UTC'",
+    "odd_cron": "cron => '99999999999 * * * *', tz => 'UTC'",
+    "cron_text": "cron => '@reboot', tz => 'UTC'",
+    "year_1_anchor": "every => '1 second', anchor => '0001-01-04Z', catch_up => 'all'",
+    "last_second": "every => '1 second', anchor => '9999-12-29Z'",
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISONED_SCHEDULES))
+async def test_poisoned_schedule_row_does_not_stop_the_worker_or_other_schedules(sched, poison):
+    columns = dict(part.split(" => ") for part in POISONED_SCHEDULES[poison].split(", "))
+    names = ", ".join(["id", "task", "origin", "next_fire_at", *columns])
+    values = ", ".join(["'bad'", "'noop'", "'cli'", "now() - interval '1 minute'",
+                        *columns.values()])
+    await sql(sched, f"INSERT INTO {{schema}}.schedules ({names}) VALUES ({values})")
+    await sql(sched, "INSERT INTO {schema}.schedules (id, task, every, origin, next_fire_at) "
+                     "VALUES ('good', 'noop', '1 second', 'cli', now())")
+    worker, runner = await start(sched)
+    try:
+        rows = await wait_until(
+            lambda: sql(sched, "SELECT 1 FROM {schema}.jobs WHERE schedule_id = 'good'")
+            if not runner.done() else [True], what="the good schedule's first window")
+        assert not runner.done(), runner.exception()
+        assert rows
+    finally:
+        if not runner.done():
+            await stop(worker, runner)
