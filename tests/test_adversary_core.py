@@ -249,3 +249,43 @@ async def test_poisoned_schedule_row_does_not_stop_the_worker_or_other_schedules
     finally:
         if not runner.done():
             await stop(worker, runner)
+
+
+POISONED_JOBS: dict[str, dict[str, str]] = {
+    "attempts_max": {"attempts": "2147483647"},
+    "failures_max": {"failures": "2147483647", "task": "'fail'"},
+    "timeout_nan": {"timeout_seconds": "'NaN'"},
+    "timeout_inf": {"timeout_seconds": "'Infinity'"},
+    "grace_nan": {"misfire_grace_seconds": "'NaN'"},
+    "grace_inf": {"misfire_grace_seconds": "'Infinity'"},
+    "grace_minus_inf": {"misfire_grace_seconds": "'-Infinity'"},
+    "grace_huge": {"misfire_grace_seconds": "1e300"},
+    "args_not_a_list": {"args": "'5'"},
+    "kwargs_a_list": {"kwargs": "'[1]'"},
+    "kwargs_odd_keys": {"kwargs": """'{"": 1, "a b": 2}'"""},
+    "long_task_name": {"task": "repeat('t', 100000)"},
+    "long_queue_name": {"queue": "repeat('q', 100000)"},
+    "recovered_recoveries_max": {
+        "status": "'running'", "worker_id": "'gone'", "recoveries": "2147483647",
+        "lease_until": "now() - interval '1 hour'",
+        "heartbeat_at": "now() - interval '2 hours'"},
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISONED_JOBS))
+async def test_poisoned_job_row_does_not_stop_the_worker(sched, poison):
+    columns = {"task": "'noop'", **POISONED_JOBS[poison]}
+    names = ", ".join(["id", "execution_time", *columns])
+    values = ", ".join(["'bad'", "now()", *columns.values()])
+    await sql(sched, f"INSERT INTO {{schema}}.jobs ({names}) VALUES ({values})")
+    worker, runner = await start(sched)
+    try:
+        after = await sched.schedule("add", args=(1, 2))
+        row = await wait_until(lambda: ended(sched, after) if not runner.done() else True,
+                               what="the next job")
+        await asyncio.sleep(1.5)  # maintenance and the completer get to the bad row
+        assert not runner.done(), runner.exception()
+        assert row["result"] == 3
+    finally:
+        if not runner.done():
+            await stop(worker, runner)
