@@ -289,3 +289,22 @@ async def test_poisoned_job_row_does_not_stop_the_worker(sched, poison):
     finally:
         if not runner.done():
             await stop(worker, runner)
+
+
+@task
+async def adv_returns_too_long_for_jsonb() -> str:
+    return "x" * 2**28  # one character more than a jsonb string holds (54000)
+
+
+async def test_result_over_postgres_size_limit_fails_that_job_and_others_are_recorded(sched):
+    # Encoding 256 MB blocks the loop for seconds: a lease long enough to outlast it.
+    worker, runner = await start(sched, lease_seconds=120, heartbeat_seconds=1)
+    try:
+        big = await sched.schedule("adv_returns_too_long_for_jsonb")
+        row = await wait_until(lambda: ended(sched, big), timeout=60, what="big result recorded")
+        assert str(row["status"]) == "failed", row["status"]
+        assert "could not be stored" in row["last_error"], row["last_error"][:200]
+        after = await sched.schedule("add", args=(1, 2))
+        assert (await wait_until(lambda: ended(sched, after), what="next job"))["result"] == 3
+    finally:
+        await stop(worker, runner)

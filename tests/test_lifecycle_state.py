@@ -311,7 +311,7 @@ class JobLifecycle(RuleBasedStateMachine):
         result = json.dumps({"token": run.token})
         got = self.db.call(self.db.store.complete_jobs(
             worker_id=run.worker, done=[(run.job_id, run.attempt, result)]))
-        if self._fenced(run, got):
+        if self._fenced(run, {job_id for job_id, _ in got}):
             del self.current[run.job_id]
             row = self.db.rows()[run.job_id]
             assert row["status"] == "completed" and row["result"] == {"token": run.token}

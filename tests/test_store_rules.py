@@ -43,7 +43,7 @@ async def test_replace_keeps_the_fence_so_a_recovered_runs_late_completion_is_re
     late = await sched.store.complete_jobs(worker_id=W, done=[("j", 1, '"stale"')])
     assert late == set(), "a completion of the replaced run passed the fence"
     assert await sched.store.complete_jobs(
-        worker_id=W, done=[("j", second["attempts"], '"fresh"')]) == {"j"}
+        worker_id=W, done=[("j", second["attempts"], '"fresh"')]) == {("j", second["attempts"])}
     assert (await sched.get_job("j"))["result"] == "fresh"
 
 

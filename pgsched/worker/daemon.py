@@ -91,8 +91,11 @@ LATEST_SCHEMA = migrations()[-1][0]
 TIMER_MARGIN_SECONDS = 0.0005
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.InterfaceError)
 # Writes a batch cannot survive because of what is in it (a value PostgreSQL refuses):
-# the batch is written job by job, and the job that cannot be written fails.
-DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError)
+# the batch is written job by job, and the job that cannot be written fails. A value over
+# one of PostgreSQL's size limits is an OperationalError: caught before DB_ERRORS, or it
+# would be retried for ever like an outage, holding up every later outcome.
+DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError, psycopg.errors.ProgramLimitExceeded,
+               psycopg.errors.StatementTooComplex)
 # After a second signal, how long cancelled jobs still get to run their cleanup.
 KILL_CLEANUP_SECONDS = 1.0
 # After the grace (and cleanup), how long shutdown may still spend writing outcomes and
@@ -622,6 +625,8 @@ class Worker:
         while pending:
             try:
                 pending = await self._record_once(pending)
+            except DATA_ERRORS:
+                pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
                 self._db_error("complete", exc, attempt)
                 attempt += 1
@@ -632,8 +637,6 @@ class Worker:
                         self._held.pop(c.held.key, None)
                     return
                 await backoff_sleep(attempt)
-            except DATA_ERRORS:
-                pending = await self._record_apart(pending)
 
     async def _record_apart(self, batch: list[_Completion]) -> list[_Completion]:
         """A batch PostgreSQL refused because of a value in it: write each job on its own,
