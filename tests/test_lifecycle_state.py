@@ -300,8 +300,9 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @rule(run=runs)
     def heartbeat(self, run: Run) -> None:
-        got = self.db.call(self.db.store.heartbeat_jobs(
-            worker_id=run.worker, held=run.held, lease_seconds=LEASE_SECONDS))
+        got = {job_id: requested for (job_id, _), requested in self.db.call(
+            self.db.store.heartbeat_jobs(
+                worker_id=run.worker, held=run.held, lease_seconds=LEASE_SECONDS)).items()}
         if self._fenced(run, set(got)):
             requested = self.seen[run.job_id]["cancel_requested_at"] is not None
             assert got[run.job_id] == requested, f"heartbeat of {self.seen[run.job_id]}: {got}"
