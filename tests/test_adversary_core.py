@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -308,3 +309,29 @@ async def test_result_over_postgres_size_limit_fails_that_job_and_others_are_rec
         assert (await wait_until(lambda: ended(sched, after), what="next job"))["result"] == 3
     finally:
         await stop(worker, runner)
+
+
+async def defer(sched: Scheduler, give_up_seconds: float) -> str:
+    claimed, _, _ = await sched.store.claim_jobs(
+        worker_id="old-code", limit=1, lease_seconds=60, priorities=[1, 5])
+    [job] = claimed
+    row = await sched.store.defer_job(
+        worker_id="old-code", job_id=job["id"], attempt=job["attempts"], error="unknown task",
+        base_delay_seconds=0, max_delay_seconds=0, give_up_seconds=give_up_seconds)
+    return str(row["status"])
+
+
+@pytest.mark.xfail(strict=True, reason="defer_job dates the give-up from the first "
+                   "task_unknown entry ever; `pgsched retry` keeps the errors history, so a "
+                   "retried job has no deferral budget left (fix: retry writes a 'retried' "
+                   "entry and defer_job counts only entries after the last one)")
+async def test_retried_job_gets_a_fresh_unknown_task_deferral_budget(sched):
+    await sched.schedule("only_in_new_code", job_id="j")
+    assert await defer(sched, give_up_seconds=3600) == "pending"
+    # Deferred until it gave up (the first deferral is now older than the give-up time).
+    await asyncio.sleep(0.3)
+    assert await defer(sched, give_up_seconds=0.2) == "failed"
+    await sched.store.retry_jobs(statuses=["failed"], ids=["j"], limit=10,
+                                 cutoff=datetime.now(UTC) + timedelta(minutes=1))
+    # The operator retried it: an old worker claiming it first must defer it again.
+    assert await defer(sched, give_up_seconds=0.2) == "pending"
