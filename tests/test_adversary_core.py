@@ -17,6 +17,7 @@ from conftest import fast_options, wait_until
 from pgsched import Scheduler, Worker, task
 from pgsched.store import Store
 from pgsched.worker.daemon import CANCEL_BEAT_MIN_GAP_SECONDS
+from pgsched.worker.planner import MIN_GAP_SECONDS as PLANNER_MIN_GAP_SECONDS
 
 
 class StrRaises(Exception):
@@ -335,3 +336,38 @@ async def test_retried_job_gets_a_fresh_unknown_task_deferral_budget(sched):
                                  cutoff=datetime.now(UTC) + timedelta(minutes=1))
     # The operator retried it: an old worker claiming it first must defer it again.
     assert await defer(sched, give_up_seconds=0.2) == "pending"
+
+
+class PassCountingStore(Store):
+    """The real store; counts the planner's passes (one next_schedule_fire each)."""
+
+    def __init__(self, store: Store):
+        super().__init__(store.pool, store.schema)
+        self.passes = 0
+
+    async def next_schedule_fire(self) -> Any:
+        self.passes += 1
+        return await super().next_schedule_fire()
+
+
+async def test_schedules_notify_flood_costs_a_bounded_number_of_planner_passes(sched, pg_dsn):
+    store = PassCountingStore(sched.store)
+    worker = Worker(store, sched._dsn, fast_options())
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as intruder:
+            notify = psycopg.sql.SQL("NOTIFY {}, 'schedules'").format(
+                psycopg.sql.Identifier(sched.store.channel))
+            before, started = store.passes, time.monotonic()
+            for _ in range(1000):
+                intruder.execute(notify)
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.2)
+            elapsed = time.monotonic() - started
+        passes = store.passes - before
+        budget = 2 + elapsed / PLANNER_MIN_GAP_SECONDS
+        assert passes <= budget, (passes, round(elapsed, 2), budget)
+        assert passes >= 1  # a changed schedule is still looked at once
+    finally:
+        await stop(worker, runner)
