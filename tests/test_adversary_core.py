@@ -1,6 +1,7 @@
-"""An adversary's attacks on the worker core (issue 9's review) that broke it, against a
-real PostgreSQL and the real in-process Worker: what a task raises, and rows with values
-PostgreSQL accepts but the worker could not read."""
+"""An adversary's attacks on the worker core (issue 9's review), against a real PostgreSQL
+and the real in-process Worker: what a task raises or returns, rows with values
+PostgreSQL accepts but the worker could not read (the parametrized cases include some
+that held; they guard), and NOTIFY floods any role can send."""
 
 from __future__ import annotations
 
