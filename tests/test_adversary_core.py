@@ -13,9 +13,10 @@ from typing import Any
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options, wait_until
+from conftest import wait_until
+from test_worker_core import ended, start, stop
 
-from pgsched import Scheduler, Worker, task
+from pgsched import Scheduler, task
 from pgsched.store import Store
 from pgsched.worker.daemon import CANCEL_BEAT_MIN_GAP_SECONDS
 from pgsched.worker.planner import MIN_GAP_SECONDS as PLANNER_MIN_GAP_SECONDS
@@ -49,23 +50,6 @@ async def adv_raises_system_exit() -> None:
 @task
 async def adv_raises_keyboard_interrupt() -> None:
     raise KeyboardInterrupt
-
-
-async def start(sched: Scheduler, **options: Any) -> tuple[Worker, asyncio.Task[None]]:
-    worker = Worker(sched.store, sched._dsn, fast_options(**options))
-    runner = asyncio.create_task(worker.run())
-    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
-    return worker, runner
-
-
-async def stop(worker: Worker, runner: asyncio.Task[None]) -> None:
-    worker.stop()
-    await asyncio.wait_for(runner, 30)
-
-
-async def ended(sched: Scheduler, job_id: str) -> dict[str, Any] | None:
-    row = await sched.get_job(job_id)
-    return row if str(row["status"]) not in ("pending", "running") else None
 
 
 async def test_exception_whose_str_raises_fails_its_job_and_frees_the_slot(sched):
@@ -198,9 +182,7 @@ class CountedStore(Store):
 
 async def test_cancel_notify_flood_costs_a_bounded_number_of_heartbeats(sched, pg_dsn):
     store = CountedStore(sched.store)
-    worker = Worker(store, sched._dsn, fast_options(heartbeat_seconds=30, lease_seconds=120))
-    runner = asyncio.create_task(worker.run())
-    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    worker, runner = await start(sched, store, heartbeat_seconds=30, lease_seconds=120)
     try:
         # Any role that can connect may send it; one transaction each, or PostgreSQL
         # folds the duplicates into one.
@@ -353,9 +335,7 @@ class PassCountingStore(Store):
 
 async def test_schedules_notify_flood_costs_a_bounded_number_of_planner_passes(sched, pg_dsn):
     store = PassCountingStore(sched.store)
-    worker = Worker(store, sched._dsn, fast_options())
-    runner = asyncio.create_task(worker.run())
-    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    worker, runner = await start(sched, store)
     try:
         with psycopg.connect(pg_dsn, autocommit=True) as intruder:
             notify = psycopg.sql.SQL("NOTIFY {}, 'schedules'").format(
