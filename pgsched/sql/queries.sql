@@ -68,14 +68,17 @@ candidates AS (
         -- replaced or `pgsched retry`-ed job has not started.
         SELECT w.* FROM unnest(%(priorities)s::smallint[]) AS p(priority)
         CROSS JOIN LATERAL (
+            -- Lateness is compared in seconds, not as an interval: a grace written with SQL
+            -- ('Infinity', 1e300) must not make interval arithmetic fail the whole claim.
+            -- A job whose attempts cannot count up any more (written with SQL) is left.
             SELECT id, priority, execution_time,
                    (misfire_grace_seconds IS NOT NULL
                     AND (started_at IS NULL OR started_at < execution_time)
-                    AND now() > execution_time
-                        + make_interval(secs => misfire_grace_seconds)) AS expired
+                    AND extract(epoch FROM now()) - extract(epoch FROM execution_time)
+                        > misfire_grace_seconds) AS expired
             FROM {schema}.jobs
             WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
-              AND execution_time <= now()
+              AND execution_time <= now() AND attempts < 2147483647
             ORDER BY execution_time, id
             LIMIT s.cap
             FOR UPDATE SKIP LOCKED
@@ -104,11 +107,13 @@ claimed AS (
     WHERE j.id = c.id
     -- args and kwargs as text: the worker decodes them job by job, so one row it cannot
     -- decode (nested too deeply) fails that job instead of the whole claim.
+    -- Times clamped to what a Python datetime holds: a row due at '-infinity' (written by
+    -- SQL) runs like any due job instead of failing the claim that took it.
     RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
-              j.priority, j.execution_time,
+              j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
               j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
 )
-SELECT n.at AS next_due, now() AS db_now, claimed.*
+SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
@@ -264,20 +269,21 @@ orphans AS (
 ),
 recovered AS (
     UPDATE {schema}.jobs AS j SET
-        recoveries = j.recoveries + o.blamed::int,
+        -- Counted without overflow: a count written with SQL must not fail every recovery.
+        recoveries = least(j.recoveries, 2147483646) + o.blamed::int,
         status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                      WHEN o.blamed AND j.recoveries + 1 >= %(max_recoveries)s THEN 'failed'
+                      WHEN o.blamed AND j.recoveries >= %(max_recoveries)s - 1 THEN 'failed'
                       ELSE 'pending' END::{schema}.job_status,
         finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                             OR (o.blamed AND j.recoveries + 1 >= %(max_recoveries)s)
+                             OR (o.blamed AND j.recoveries >= %(max_recoveries)s - 1)
                            THEN now() END,
         worker_id = NULL, lease_until = NULL,
         last_error = CASE
             WHEN j.cancel_requested_at IS NOT NULL
             THEN 'cancelled: the cancel was requested while worker ' || o.worker_id
                  || ' ran it, and its lease expired'
-            WHEN o.blamed AND j.recoveries + 1 >= %(max_recoveries)s
-            THEN 'poison pill: lease expired ' || (j.recoveries + 1) || ' times (worker '
+            WHEN o.blamed AND j.recoveries >= %(max_recoveries)s - 1
+            THEN 'poison pill: lease expired ' || (j.recoveries::bigint + 1) || ' times (worker '
                  || o.worker_id || ' last); the job may crash or hang its worker'
             ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
         errors = {schema}.append_error(j.errors, jsonb_build_object(

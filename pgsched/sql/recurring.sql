@@ -112,7 +112,10 @@ SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
 -- queueing on the same rows; a planner that dies mid-transaction releases its rows.
 -- args_unreadable: arguments the API would have refused and a worker could not decode
 -- (written with SQL): nested beyond %(too_deep)s, or an integer of thousands of digits.
--- The planner skips such a schedule instead of making a poisoned job every window.
+-- The planner skips such a schedule instead of making a poisoned job every window. A
+-- schedule whose times a Python datetime or timedelta cannot hold ('-infinity', an
+-- `every` of a hundred million years; written with SQL) is never due: loading it would
+-- fail every pass, and so every other schedule.
 SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
        coalesce(%(now)s::timestamptz, now()) AS db_now,
        jsonb_path_exists(args, %(too_deep)s::jsonpath)
@@ -121,6 +124,8 @@ SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
            OR jsonb_path_exists(kwargs, %(too_long)s::jsonpath) AS args_unreadable
 FROM {schema}.schedules
 WHERE enabled AND NOT paused AND next_fire_at <= coalesce(%(now)s::timestamptz, now())
+  AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
+  AND (every IS NULL OR every < interval '1000000 years')
 ORDER BY next_fire_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
@@ -175,9 +180,12 @@ SELECT new.id, new.schedule_id, new.fire_time FROM new LEFT JOIN wake ON true;
 
 -- name: next_schedule_fire
 -- When the planner must look again: the earliest next_fire_at of active schedules, and
--- the database clock to turn it into a delay.
-SELECT min(next_fire_at) AS next_fire_at, now() AS db_now
-FROM {schema}.schedules WHERE enabled AND NOT paused;
+-- the database clock to turn it into a delay. Times a Python datetime cannot hold (a row
+-- written by SQL may say 'infinity') are left out or cut, as in lock_due_schedules.
+SELECT least(min(next_fire_at), '9999-12-30Z') AS next_fire_at, now() AS db_now
+FROM {schema}.schedules WHERE enabled AND NOT paused
+  AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
+  AND (every IS NULL OR every < interval '1000000 years');
 
 -- name: list_schedules
 -- Schedules (one, when %(id)s is given) with the last job each made: when it was due

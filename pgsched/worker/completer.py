@@ -30,8 +30,11 @@ from .executor import failed, retry_delay
 log = get_logger("pgsched.worker")
 
 # Writes a batch cannot survive because of what is in it (a value PostgreSQL refuses):
-# the batch is written job by job, and the job that cannot be written fails.
-DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError)
+# the batch is written job by job, and the job that cannot be written fails. A value over
+# one of PostgreSQL's size limits is an OperationalError: caught before DB_ERRORS, or it
+# would be retried for ever like an outage, holding up every later outcome.
+DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError, psycopg.errors.ProgramLimitExceeded,
+               psycopg.errors.StatementTooComplex)
 # A job whose task this worker does not know (rolling deploy): due again after 60 s,
 # doubling up to an hour, and failed once it has been deferred for a day.
 UNKNOWN_TASK_DELAY_SECONDS = 60.0
@@ -61,6 +64,8 @@ class Completer:
         while pending:
             try:
                 pending = await self._record_once(pending)
+            except DATA_ERRORS:
+                pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
                 self.ctx.db_error("complete", exc, attempt)
                 attempt += 1
@@ -71,8 +76,6 @@ class Completer:
                         self.ctx.held.pop(c.held.key, None)
                     return
                 await backoff_sleep(attempt)
-            except DATA_ERRORS:
-                pending = await self._record_apart(pending)
 
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
         """A batch PostgreSQL refused because of a value in it: write each job on its own,

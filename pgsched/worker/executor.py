@@ -4,13 +4,15 @@ Owns: calling the task (async on the loop, sync in the worker's threads), the pe
 timeout, encoding the result as JSON, making error text storable, and the retry delay.
 It writes nothing: the daemon records the Outcome with fenced statements.
 
-Invariants: every exception a task raises, and every value it returns, becomes an
-Outcome (never escapes); only asyncio cancellation propagates, because it means the
-daemon itself cancelled the job (shutdown, lost lease) and must decide what to record; an
-exception a task raises while it is being cancelled that way (a failing cleanup) counts as
-that cancellation. Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which
-the store cuts) have NUL and unencodable characters escaped, so PostgreSQL can store
-them. A result PostgreSQL cannot store (a NUL in a string) fails the job.
+Invariants: every exception a task raises (BaseException included: a task's
+SystemExit or GeneratorExit, an exception whose __str__ raises), and every value it
+returns (one whose encoding raises included), becomes an Outcome (never escapes); only
+asyncio cancellation propagates, because it means the daemon itself cancelled the job
+(shutdown, lost lease) and must decide what to record; an exception a task raises
+while it is being cancelled that way (a failing cleanup) counts as that cancellation.
+Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which the store cuts)
+have NUL and unencodable characters escaped, so PostgreSQL can store them. A result
+PostgreSQL cannot store (a NUL in a string) fails the job.
 
 Threads: a sync task that times out or is cancelled cannot be interrupted: its thread
 runs on (abandoned) and its result is ignored. TaskThreads then gives the next jobs a
@@ -116,6 +118,10 @@ class TaskThreads:
             self.running += 1
         try:
             return fn(*args, **kwargs)
+        except GeneratorExit as exc:
+            # Re-raised by the awaiting coroutine, it would pass by every `except` on its
+            # way out (CPython treats it as that coroutine closing) and end the job's task.
+            raise RuntimeError(f"the task raised GeneratorExit: {exc}") from exc
         finally:
             with self._lock:
                 self.running -= 1
@@ -166,7 +172,7 @@ async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
         return _failed(exc)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit, GeneratorExit...: the task's failure too
         if _cancelling():
             # The task raised while handling the daemon's cancellation (shutdown, lost
             # lease): an interruption, not a failed attempt that would burn a retry.
@@ -182,6 +188,8 @@ def result_outcome(result: Any) -> Outcome:
         text = encode_json(result, "the task's return value")
     except InvalidInput as exc:
         return failed(str(exc))
+    except Exception as exc:  # a custom container whose items() or the like raises
+        return failed(f"the task's return value could not be encoded: {_describe(exc)}")
     if _JSON_NUL.search(text):
         return failed("the task's return value contains a NUL character (\\u0000), which "
                       "PostgreSQL cannot store in jsonb: remove it or encode the data "
@@ -206,7 +214,14 @@ def _cancelling() -> bool:
 
 
 def _failed(exc: BaseException) -> Outcome:
-    return failed(f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc)))
+    return failed(_describe(exc), "".join(traceback.format_exception(exc)))
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # its __str__ raises; the traceback module says the same
+        return f"{type(exc).__name__}: <exception str() failed>"
 
 
 def retry_delay(failures: int, base_seconds: float, max_seconds: float) -> float:

@@ -28,6 +28,9 @@ from ..logs import get_logger
 from .context import DB_ERRORS, WorkerContext
 
 log = get_logger("pgsched.worker")
+# 'cancel:<worker id>' makes the heartbeat come at once, but at most once per this gap: a
+# flood of them (any role may send it) must not turn the heartbeater into a busy loop.
+CANCEL_BEAT_MIN_GAP_SECONDS = 0.1
 
 
 class Heartbeater:
@@ -50,6 +53,8 @@ class Heartbeater:
             except DB_ERRORS as exc:
                 self.ctx.db_error("heartbeat", exc, failures)
                 failures += 1
+            if await self.ctx.sleep_or_close(CANCEL_BEAT_MIN_GAP_SECONDS):
+                return
 
     async def _until_next_beat(self, seconds: float) -> bool:
         """Sleep until the next heartbeat, or less when a cancel request arrives; True

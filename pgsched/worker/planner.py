@@ -53,6 +53,9 @@ CATCH_UP_LIMIT = 100
 SKIP_TOLERANCE = timedelta(seconds=60)
 BATCH_SIZE = 100
 MAX_SLEEP_SECONDS = 60.0
+# Passes come at most this often: a flood of NOTIFY 'schedules' (any role may send it)
+# costs a bounded number of planner transactions. A wake-up during the gap is kept.
+MIN_GAP_SECONDS = 0.1
 BUSY_RETRY_SECONDS = 0.5  # a due schedule is locked by another planner that is finishing
 BROKEN_RETRY = timedelta(minutes=5)
 IDLE_TIMEOUT_SECONDS = 10.0
@@ -104,7 +107,7 @@ class Planner:
                 failures += 1
                 await backoff_sleep(failures)
                 continue
-            if await self._sleep(delay):
+            if await self.ctx.sleep_or_close(MIN_GAP_SECONDS) or await self._sleep(delay):
                 return
 
     async def sync(self) -> None:
