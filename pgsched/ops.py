@@ -191,6 +191,8 @@ def attempt_history(job: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     """
     history: dict[int, dict[str, Any]] = {}
     for entry in job.get("errors") or []:
+        if entry.get("outcome") == "retried":
+            continue  # an operator's retry, recorded between attempts: not an attempt
         started, ended = _instant(entry.get("started_at")), _instant(entry.get("at"))
         history[entry["attempt"]] = {
             "attempt": entry["attempt"], "worker_id": entry.get("worker_id"),

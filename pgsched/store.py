@@ -806,10 +806,9 @@ class Store:
         rows = await self._rows("ops_retry_jobs", {
             "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
-            "channel": self.channel,
+            "channel": self.channel, **_ERRORS_KEPT,
         })
         return [row["id"] for row in rows]
-
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------
     # The change feed runs its statements on its own LISTEN connection (`conn`), so one

@@ -305,10 +305,6 @@ async def defer(sched: Scheduler, give_up_seconds: float) -> str:
     return str(row["status"])
 
 
-@pytest.mark.xfail(strict=True, reason="defer_job dates the give-up from the first "
-                   "task_unknown entry ever; `pgsched retry` keeps the errors history, so a "
-                   "retried job has no deferral budget left (fix: retry writes a 'retried' "
-                   "entry and defer_job counts only entries after the last one)")
 async def test_retried_job_gets_a_fresh_unknown_task_deferral_budget(sched):
     await sched.schedule("only_in_new_code", job_id="j")
     assert await defer(sched, give_up_seconds=3600) == "pending"

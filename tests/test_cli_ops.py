@@ -296,7 +296,8 @@ async def test_retry_by_id_keeps_history_and_restores_the_retry_budget(config, s
         assert (job["status"], job["failures"], job["finished_at"]) == ("pending", 0, None)
         assert job["execution_time"] > datetime.now(UTC) - timedelta(minutes=1)
     job = await sched.get_job(failed)
-    assert job["attempts"] == 2 and len(job["errors"]) == 2
+    assert job["attempts"] == 2 and [e["outcome"] for e in job["errors"]] == [
+        "failed", "failed", "retried"]
 
     again = await cli(config, "retry", failed, done, "ghost")
     assert again.exit_code == 1 and again.stdout == ""

@@ -113,7 +113,8 @@ LIMIT %(limit)s;
 -- name: ops_retry_jobs
 -- Put failed, expired or cancelled jobs back to pending, due now, with a fresh retry and
 -- recovery budget; the attempts counter and the errors history are kept (attempt numbers
--- stay unique and every write after a claim stays fenced). Selects either the given ids
+-- stay unique and every write after a claim stays fenced), and the history records the
+-- retry: budgets dated from the history (defer_job's) start again after it. Selects either the given ids
 -- or, with %(ids)s NULL, the jobs matching the filters that ended before %(cutoff)s: a
 -- bulk retry runs in batches, and the cut-off keeps a job it retried that failed again
 -- meanwhile from being picked up a second time. Wakes the workers like insert_job.
@@ -132,7 +133,10 @@ retried AS (
     UPDATE {schema}.jobs AS j SET
         status = 'pending', execution_time = now(), failures = 0, recoveries = 0,
         worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
-        started_at = NULL, finished_at = NULL
+        started_at = NULL, finished_at = NULL,
+        errors = {schema}.append_error(j.errors, jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'outcome', 'retried'),
+            %(errors_first)s, %(errors_last)s)
     FROM picked WHERE j.id = picked.id
     RETURNING j.id
 ),

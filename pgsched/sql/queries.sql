@@ -171,13 +171,19 @@ RETURNING j.status, j.execution_time;
 -- Put back a job whose task this worker does not know (a rolling deploy: only newer code
 -- has it): pending again after %(base_delay_seconds)s, doubling with each deferral up to
 -- %(max_delay_seconds)s, without counting a failure. Each deferral is an `errors` entry
--- with outcome 'task_unknown'; once the first one is %(give_up_seconds)s old the job
--- fails (cancelled instead, if a cancel was requested). Fenced like fail_job; returns the
--- new status, or no row when the lease was lost.
-WITH prior AS (
-    SELECT count(*) AS deferrals, min((e ->> 'at')::timestamptz) AS first_at
+-- with outcome 'task_unknown'; once the first one since the job was last retried by an
+-- operator (a 'retried' entry) is %(give_up_seconds)s old the job fails (cancelled
+-- instead, if a cancel was requested). Fenced like fail_job; returns the new status, or
+-- no row when the lease was lost.
+WITH history AS (
+    SELECT e ->> 'outcome' AS outcome, (e ->> 'at')::timestamptz AS at
     FROM {schema}.jobs AS d, jsonb_array_elements(d.errors) AS e
-    WHERE d.id = %(id)s AND e ->> 'outcome' = 'task_unknown'
+    WHERE d.id = %(id)s
+),
+prior AS (
+    SELECT count(*) AS deferrals, min(at) AS first_at FROM history
+    WHERE outcome = 'task_unknown' AND at > coalesce(
+        (SELECT max(at) FROM history WHERE outcome = 'retried'), '-infinity')
 ),
 decision AS (
     SELECT CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
