@@ -453,7 +453,7 @@ def command_line_dsn_warning(dsn: str) -> str | None:
 _Check = Callable[[object, Path], object]
 
 
-def _integer(low: int, high: int = _INT_MAX) -> _Check:
+def _integer(low: int, high: int = _INT_MAX) -> Callable[[object, Path], int]:
     def check(value: object, _base: Path) -> int:
         if type(value) is not int or value < low:
             raise _Bad(f"must be an integer >= {low}")
@@ -758,7 +758,7 @@ def _secrets(dsn: str) -> dict[str, str] | None:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
         return None
-    return {key: params[key] for key in _SECRET_KEYS if params.get(key)}
+    return {key: str(params[key]) for key in _SECRET_KEYS if params.get(key)}
 
 
 def _mask_by_pattern(dsn: str) -> str:

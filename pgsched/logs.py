@@ -146,4 +146,4 @@ class _Logger:
 
 
 def get_logger(name: str = "pgsched") -> structlog.typing.FilteringBoundLogger:
-    return _Logger(name)  # type: ignore[return-value]
+    return _Logger(name)

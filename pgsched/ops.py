@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal, overload
 
 import tomli_w
 
@@ -342,6 +342,14 @@ LINE_KEYS = ("task", "args", "kwargs", "at", "in", "id", "priority", "retries", 
 class Rejected:
     line: int
     error: str
+
+
+@overload
+def _seconds_or_none(value: Any, key: str, *, none_ok: Literal[False]) -> float: ...
+
+
+@overload
+def _seconds_or_none(value: Any, key: str, *, none_ok: bool) -> float | None: ...
 
 
 def _seconds_or_none(value: Any, key: str, *, none_ok: bool) -> float | None:

@@ -29,7 +29,6 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
-import psycopg_pool
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict
@@ -47,6 +46,8 @@ from .store import (
 from .tasks import JobPriority, check_max_retries, get_task, task_name_of
 
 if TYPE_CHECKING:
+    import psycopg_pool
+
     from .worker import Worker, WorkerOptions
 
 MAX_JOB_ID_LENGTH = 255
@@ -182,6 +183,21 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+def cannot_connect(exc: Exception) -> DatabaseUnavailable:
+    """The error for a failed connection attempt: libpq's first line says why (the rest is
+    a generic hint), any password in it masked."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DatabaseUnavailable(f"cannot connect to the database: {mask_dsn(reason)}")
+
+
+def _pool_conninfo(pool: psycopg_pool.AsyncConnectionPool) -> str:
+    """A borrowed pool's connection string (the worker's LISTEN connection needs one)."""
+    if not isinstance(pool.conninfo, str):
+        raise InvalidInput("the pool's conninfo is a function: give Scheduler a pool made "
+                           "with a connection string, or the string itself")
+    return pool.conninfo
+
+
 class Scheduler:
     """Schedule, cancel and inspect jobs; optionally run a worker in-process.
 
@@ -202,9 +218,12 @@ class Scheduler:
         prepare_threshold: int | None = 5,
         listen_dsn: str | None = None,
     ):
-        self._own_pool = isinstance(dsn_or_pool, str)
-        self._dsn = dsn_or_pool if isinstance(dsn_or_pool, str) else dsn_or_pool.conninfo
-        self._pool = None if self._own_pool else dsn_or_pool
+        self._pool: psycopg_pool.AsyncConnectionPool | None
+        if isinstance(dsn_or_pool, str):
+            self._dsn, self._pool = dsn_or_pool, None
+        else:
+            self._dsn, self._pool = _pool_conninfo(dsn_or_pool), dsn_or_pool
+        self._own_pool = self._pool is None
         self._pool_size = pool_size
         self._prepare_threshold = prepare_threshold
         # The worker's LISTEN connection goes here: behind a transaction pooler only a
@@ -226,6 +245,8 @@ class Scheduler:
     async def open(self) -> Scheduler:
         if self._store is None:
             if self._pool is None:
+                import psycopg_pool  # only here: a CLI read command never needs it
+
                 try:
                     self._pool = await open_pool(
                         self._dsn, max_size=self._pool_size,
@@ -234,11 +255,7 @@ class Scheduler:
                         else lock_timeout_for(self.options.lease_seconds),
                         prepare_threshold=self._prepare_threshold)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                    # libpq's first line says why; the rest is a generic hint.
-                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() \
-                        else type(exc).__name__
-                    raise DatabaseUnavailable(
-                        f"cannot connect to the database: {mask_dsn(reason)}") from exc
+                    raise cannot_connect(exc) from exc
             self._store = Store(self._pool, self.schema)
         return self
 
@@ -310,18 +327,17 @@ class Scheduler:
         same task, priority, queue... objects) in every spec: those are validated once for
         a run of specs that share them, compared by identity (the previous spec holds them,
         so an equal-looking `True` never passes for a validated `1`)."""
-        last: JobSpec | None = None
-        options: _Options | None = None
+        last: tuple[JobSpec, _Options] | None = None
         new_id = new_job_ids().__next__
         for spec in specs:
             if last is None or not (
-                    spec.func is last.func and spec.priority is last.priority
-                    and spec.max_retries is last.max_retries and spec.timeout is last.timeout
-                    and spec.misfire_grace_time is last.misfire_grace_time
-                    and spec.queue is last.queue):
-                options = self._options(spec)
-                last = spec
-            yield self._row(spec, options, new_id)
+                    spec.func is last[0].func and spec.priority is last[0].priority
+                    and spec.max_retries is last[0].max_retries
+                    and spec.timeout is last[0].timeout
+                    and spec.misfire_grace_time is last[0].misfire_grace_time
+                    and spec.queue is last[0].queue):
+                last = spec, self._options(spec)
+            yield self._row(spec, last[1], new_id)
 
     def _options(self, spec: JobSpec) -> _Options:
         """A spec's task name, queue and options, validated, the task's defaults applied."""

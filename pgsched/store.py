@@ -31,10 +31,10 @@ import hashlib
 import importlib.resources
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import psycopg
 from psycopg import sql
@@ -42,9 +42,12 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
-from psycopg_pool import AsyncConnectionPool
 
 from .errors import InvalidInput, JobConflict, PgschedError
+
+if TYPE_CHECKING:
+    # Imported by open_pool only: a CLI read command never loads psycopg_pool (~4 ms).
+    from psycopg_pool import AsyncConnectionPool
 
 # PostgreSQL truncates longer identifiers (and refuses longer NOTIFY channels).
 MAX_IDENTIFIER_BYTES = 63
@@ -125,7 +128,7 @@ _QUERIES = _load_queries()
 
 
 def _bind(text: str, schema: str) -> str:
-    return sql.SQL(text).format(schema=sql.Identifier(schema)).as_string(None)  # type: ignore[arg-type]
+    return sql.SQL(text).format(schema=sql.Identifier(schema)).as_string(None)
 
 
 def channel_name(schema: str) -> str:
@@ -193,7 +196,7 @@ class ScheduleAdvance:
 class Store:
     """Runs pgsched's named queries against one schema through a psycopg async pool."""
 
-    def __init__(self, pool: AsyncConnectionPool, schema: str = "pgsched"):
+    def __init__(self, pool: Connections, schema: str = "pgsched"):
         self.pool = pool
         self.schema = validate_identifier(schema)
         self.channel = channel_name(schema)
@@ -259,7 +262,7 @@ class Store:
             cur = await conn.execute(
                 "SELECT pg_try_advisory_lock(hashtext('pgsched.migrate.' || %s))",
                 [self.schema])
-            if (await cur.fetchone())[0]:
+            if (await _one(cur))[0]:
                 return
             await asyncio.sleep(pause)
             pause = min(1.0, pause * 2)
@@ -306,14 +309,14 @@ class Store:
             cur = await conn.execute(
                 "SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}".schema_migrations']
             )
-            if not (await cur.fetchone())[0]:
+            if not (await _one(cur))[0]:
                 return None
             cur = await conn.execute(
                 sql.SQL("SELECT max(version) FROM {}.schema_migrations").format(
                     sql.Identifier(self.schema)
                 )
             )
-            return (await cur.fetchone())[0]
+            return (await _one(cur))[0]
 
     # -- least privilege (security.sql) ---------------------------------------------------
 
@@ -361,14 +364,14 @@ class Store:
         async with self.pool.connection() as conn, conn.transaction():
             # A job without a due time is due now on the database clock, and now() is the
             # transaction's start: the value insert_job would give it, the same for all.
-            now = (await (await conn.execute(self._q["db_now"])).fetchone())[0]
+            now: datetime = (await _one(await conn.execute(self._q["db_now"])))[0]
             jobs = iter(jobs)
             if not replace:
                 try:
                     async with conn.transaction():
                         await self._copy(conn, "copy_jobs", jobs, now, copied)
                         if copied:
-                            earliest = min(job.execution_time for job in copied)
+                            earliest = min(job.execution_time or now for job in copied)
                             await conn.execute(self._q["notify_due"],
                                                {"channel": self.channel, "at": earliest})
                     return {job.id for job in copied}
@@ -379,7 +382,7 @@ class Store:
             await self._copy(conn, "copy_staging", copied, now)
             cur = await conn.execute(self._q["replace_staged" if replace else "insert_staged"],
                                      {"channel": self.channel})
-            skipped = set((await cur.fetchone())[1])
+            skipped = set((await _one(cur))[1])
             if require_all and skipped:
                 clash = next(job.id for job in copied if job.id in skipped)
                 raise JobConflict(
@@ -969,6 +972,39 @@ def lock_timeout_for(lease_seconds: float) -> float:
     return min(LOCK_TIMEOUT_SECONDS, lease_seconds / 4)
 
 
+class Connections(Protocol):
+    """Where a Store borrows its connections: an AsyncConnectionPool, or OneConnection."""
+
+    def connection(
+        self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
+
+
+class OneConnection:
+    """One open connection lent as a pool lends them, for a short command that makes one
+    query at a time (`pgsched ls`): it spares psycopg_pool's import, the probe and the pool's
+    own connection. Not for concurrent use; the caller closes `conn`."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]):
+        self.conn = conn
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        yield self.conn
+
+
+async def open_connection(
+    dsn: str, *, application_name: str = "pgsched",
+    lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
+) -> psycopg.AsyncConnection[Any]:
+    """One connection set up as open_pool sets up each of its own; it fails the same ways."""
+    check_dsn(dsn)
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, **_connection_options(dsn, application_name, lock_timeout_seconds,
+                                   prepare_threshold))
+    await _configure(conn)
+    return conn
+
+
 async def open_pool(
     dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched",
     lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
@@ -982,10 +1018,11 @@ async def open_pool(
     prepare_threshold is psycopg's: None never prepares a statement, which a
     transaction pooler that hands each transaction another server connection needs.
     """
+    from psycopg_pool import AsyncConnectionPool
+
     check_dsn(dsn)
-    kwargs = {"autocommit": True, "prepare_threshold": prepare_threshold,
-              **_application_name(dsn, application_name),
-              **_session_options(dsn, lock_timeout_seconds)}
+    kwargs = _connection_options(dsn, application_name, lock_timeout_seconds,
+                                 prepare_threshold)
     # One plain connection first: an unreachable server or a refused login fails now with
     # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
     probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
@@ -996,6 +1033,13 @@ async def open_pool(
     )
     await pool.open(wait=True, timeout=10)
     return pool
+
+
+def _connection_options(dsn: str, application_name: str, lock_timeout_seconds: float,
+                        prepare_threshold: int | None) -> dict[str, Any]:
+    return {"autocommit": True, "prepare_threshold": prepare_threshold,
+            **_application_name(dsn, application_name),
+            **_session_options(dsn, lock_timeout_seconds)}
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
@@ -1010,19 +1054,27 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     set_json_loads(_loads_json, conn)
 
 
-def _loads_json(data: bytes) -> Any:
+async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
+    """The row of a query that always returns one (an aggregate, a SELECT of values)."""
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("expected one row, the query returned none")
+    return row
+
+
+def _loads_json(data: str | bytes) -> Any:
+    # psycopg passes bytes; its signature allows text as well.
     if data == b"[]":
         return []
     if data == b"{}":
         return {}
-    return json.loads(data.decode())
+    return json.loads(data.decode() if isinstance(data, bytes) else data)
 
 
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    return await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, **_application_name(dsn, application_name)
-    )
+    options: dict[str, Any] = _application_name(dsn, application_name)
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **options)
 
 
 def _session_options(dsn: str, lock_timeout_seconds: float) -> dict[str, str]:

@@ -167,7 +167,7 @@ _ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*", re.ASCII)
 _ZONE_HINT = "use an IANA name like UTC, Europe/Paris or America/New_York"
 
 
-def parse_timezone(name: str) -> ZoneInfo:
+def parse_timezone(name: object) -> ZoneInfo:
     """Look up an IANA time zone by name; `utc` in any case means UTC."""
     cleaned = _text(name, "time zone", _ZONE_HINT)
     if cleaned.upper() == "UTC":
@@ -406,7 +406,7 @@ class CronSchedule:
         since, until = _aware_utc(since, "since"), _aware_utc(until, "until")
         if since > until:
             return []
-        start, distinct = since, []
+        start, distinct = since, list[datetime]()
         for first in self._first_instants_backwards(until):
             if first < since:
                 break

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import WORKER_TASKS, run_cli, write_config
+from conftest import WORKER_TASKS, cli_env, run_cli, write_config
 from typer.testing import CliRunner
 
 from pgsched.cli import app
@@ -178,6 +180,21 @@ def test_unreachable_database_exit_1_without_password(tmp_path):
     assert "--dsn carries a password" in warning and error.startswith("error: ")
     assert "s3cret-pw" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ls_reads_over_one_connection_without_the_pool_or_the_worker(config):
+    """`ls` (a read command) makes one plain connection: psycopg_pool and the worker, most
+    of what its start-up cost beyond psycopg, are never imported."""
+    job_id = cli(config, "add", "noop").stdout.strip()
+    report = ("import atexit, sys; atexit.register(lambda: print('loaded:', *sorted("
+              "m for m in ('psycopg_pool', 'pgsched.worker') if m in sys.modules), "
+              "file=sys.stderr)); from pgsched.cli import main; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", report, "--config", str(config), "ls", "--json"],
+        capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [row["id"] for row in json.loads(result.stdout)] == [job_id]
+    assert result.stderr.splitlines()[-1] == "loaded:"
 
 
 def test_python_dash_m_and_usage_errors_exit_2():

@@ -26,7 +26,7 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..config import Settings
+    from ..store import Store
 
 log = get_logger("pgsched.cli")
 
@@ -106,7 +107,7 @@ def width(text: str) -> int:
                2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def print_table(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> None:
+def print_table(columns: tuple[str, ...], rows: Sequence[tuple[object, ...]]) -> None:
     """A plain table on stdout: a header, one line per row, columns two spaces apart,
     every cell escaped, no trailing spaces; wide (CJK) characters keep columns aligned.
     Plain text on purpose: `grep`, `awk` and `cut` read it, and it needs no rich."""
@@ -169,9 +170,12 @@ def usage_error_line(exc: typer.TyperException) -> str:
 class _Group(TyperGroup):
     """Usage errors as one line on stderr with exit 2, instead of click's usage block."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                windows_expand_args=windows_expand_args, **extra)
         except typer.TyperException as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `pgsched` alone: the help
                 exc.show()  # type: ignore[attr-defined]
@@ -368,6 +372,26 @@ async def open_scheduler(settings: Settings, *, pool_size: int = 2):
         yield sched
 
 
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """A Store on one plain connection, for a command that makes one query at a time: no
+    Scheduler, no pool (psycopg_pool's import, a probe and a pool connection are most of
+    what `pgsched ls` would pay beyond psycopg). It connects as open_scheduler does and
+    fails the same way."""
+    import psycopg
+
+    from ..scheduler import cannot_connect
+    from ..store import OneConnection, Store, open_connection
+
+    try:
+        conn = await open_connection(resolve_dsn(settings),
+                                     prepare_threshold=settings.database.prepare_threshold)
+    except psycopg.OperationalError as exc:
+        raise cannot_connect(exc) from exc
+    async with conn:
+        yield Store(OneConnection(conn), settings.database.schema)
+
+
 def _print_version(value: bool) -> None:
     if value:
         sys.stdout.write(f"{__version__}\n")
@@ -456,7 +480,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
     else:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
+    with Progress(*columns, console=err.real(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -27,6 +27,7 @@ from .app import (
     for_option,
     note,
     open_scheduler,
+    open_store,
     parse_statuses,
     print_ids,
     print_json,
@@ -44,7 +45,11 @@ BULK_CHUNK = 1000
 MAX_REJECTS_SHOWN = 20
 WAIT_POLL_SECONDS = 0.2
 
-Retryable = StrEnum("Retryable", {s: s for s in ("failed", "expired", "cancelled")})
+
+class Retryable(StrEnum):
+    failed = "failed"
+    expired = "expired"
+    cancelled = "cancelled"
 
 
 # -- add -------------------------------------------------------------------------------
@@ -53,7 +58,7 @@ Retryable = StrEnum("Retryable", {s: s for s in ("failed", "expired", "cancelled
 class OnConflict(StrEnum):
     raise_ = "raise"
     ignore = "ignore"
-    replace = "replace"
+    replace_ = "replace"  # `replace` would hide str.replace
 
 class Priority(StrEnum):
     normal = "normal"
@@ -152,7 +157,7 @@ def add(
     elif in_ is not None:
         when = datetime.now(UTC) + for_option("--in", parse_duration, in_)
     grace = parse_misfire(misfire_grace)
-    if at is not None:
+    if at is not None and when is not None:
         _refuse_expired(at, when, settings.jobs.misfire_grace_seconds if grace is UNSET
                         else grace)
     if queue is not None:
@@ -341,9 +346,9 @@ def ls(
         created_since = parse_since(since, tz=settings.jobs.timezone, now=datetime.now(UTC))
 
     async def go() -> list[dict[str, Any]]:
-        async with open_scheduler(settings) as sched:
-            return await sched.store.list_jobs(statuses=statuses, task=task_name, queue=queue,
-                                               limit=limit + 1, since=created_since)
+        async with open_store(settings) as store:
+            return await store.list_jobs(statuses=statuses, task=task_name, queue=queue,
+                                         limit=limit + 1, since=created_since)
 
     from ..ops import job_to_json
 

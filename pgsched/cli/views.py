@@ -10,6 +10,7 @@ on a recording console; cells are data, never rich markup.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,7 @@ class DataTable(Table):
                         **options)
 
 
-def _table(*columns: str, right: tuple[str, ...] = (), ids: list[str] = ()) -> Table:
+def _table(*columns: str, right: tuple[str, ...] = (), ids: Sequence[str] = ()) -> Table:
     """A borderless table, one line per row: cells are cut with an ellipsis, except ids,
     which other cells give way to (up to UUID size) and which fold rather than lose
     characters."""
@@ -207,14 +208,15 @@ def job_view(job: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [fields]
     history = job["history"]
     if history:
-        attempts = _table("attempt", "worker", "started", "duration", "outcome", "error",
-                          right=("attempt", "duration"))
+        attempt_rows = _table("attempt", "worker", "started", "duration", "outcome", "error",
+                              right=("attempt", "duration"))
         for a in history:
             duration = a["duration_seconds"]
-            attempts.add_row(str(a["attempt"]), a["worker_id"] or "-", a["started_at"] or "-",
-                             "-" if duration is None else human_seconds(duration), a["outcome"],
-                             one_line(a["error"], 200) or "-")
-        parts += [Text(""), _heading("Attempts"), attempts]
+            attempt_rows.add_row(
+                str(a["attempt"]), a["worker_id"] or "-", a["started_at"] or "-",
+                "-" if duration is None else human_seconds(duration), a["outcome"],
+                one_line(a["error"], 200) or "-")
+        parts += [Text(""), _heading("Attempts"), attempt_rows]
     for a in history:
         if a["traceback"]:
             parts += [Text(""), _heading(f"Traceback of attempt {a['attempt']}"),

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -321,7 +322,7 @@ class Worker:
         the tasks still running."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        killed = asyncio.create_task(self.ctx.killed.wait())
+        killed: asyncio.Task[Any] = asyncio.create_task(self.ctx.killed.wait())
         try:
             while tasks and not killed.done():
                 left = None if deadline is None else deadline - loop.time()
