@@ -33,6 +33,7 @@ from psycopg import sql
 from pgsched import JobSpec, Scheduler
 
 from .harness import BenchError, Harness
+from .scale import churn, retention, scale
 
 Metrics = dict[str, Any]
 COLUMNS = ("id, task, queue, args, kwargs, priority, execution_time, misfire_grace_seconds, "
@@ -587,6 +588,9 @@ def scenarios() -> list[Scenario]:
         Scenario("idle", idle_cost, False),
         Scenario("cli-startup", cli_startup, False),
         Scenario("web", web_service, False, default=False),
+        Scenario("scale", scale, False, default=False),
+        Scenario("churn", churn, False, default=False),
+        Scenario("retention", retention, False, default=False),
     ]
 
 
