@@ -30,27 +30,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import statistics
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from pgsched import JobSpec, Scheduler
+from pgsched import Scheduler
 
 from .harness import BenchError, Harness, WorkerProc
+from .scenarios import _add_due, _feed, percentiles
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests/ is a directory of the checkout, like bench/
     sys.path.insert(0, str(ROOT))
 
 from tests.faults.cluster import APP_ROLE, Cluster  # noqa: E402
-from tests.faults.pgbouncer import PgBouncer  # noqa: E402
+from tests.faults.pgbouncer import PgBouncer, find_pgbouncer  # noqa: E402
 
 Metrics = dict[str, Any]
 # The claim (claim_jobs in pgsched/sql/queries.sql) is sent with its comment, so its text
@@ -86,6 +86,10 @@ class Server:
                 conn.execute("CREATE EXTENSION pg_stat_statements")
                 # options (and so pgsched's lock_timeout) do not pass PgBouncer
                 conn.execute(f"ALTER ROLE {APP_ROLE} SET lock_timeout = '5s'")
+                (version,) = conn.execute("SHOW server_version").fetchone()
+            self.description = (f"PostgreSQL {version} (own cluster, fsync off, "
+                                "shared_buffers 128MB)"
+                                + (f", {pgbouncer_version()}" if pgbouncer else ""))
             if pgbouncer:
                 self.bouncer = PgBouncer(self.cluster, pool_size=20)
         except BaseException:
@@ -113,6 +117,11 @@ class Server:
         if self.bouncer is not None:
             self.bouncer.destroy()
         self.cluster.destroy()
+
+
+def pgbouncer_version() -> str:
+    done = subprocess.run([find_pgbouncer(), "--version"], capture_output=True, text=True)
+    return done.stdout.splitlines()[0] if done.stdout else "PgBouncer"
 
 
 @contextlib.asynccontextmanager
@@ -175,7 +184,8 @@ class Window:
         with contextlib.suppress(asyncio.CancelledError):
             await self.sampler
         self.server_cpu = self.meter.server_used() or 0.0
-        self.calls, self.rows = await self.h.one(CLAIM_STATS)
+        calls, rows = await self.h.one(CLAIM_STATS)
+        self.calls, self.rows = int(calls), int(rows)
         await set_logging(self.h, False)
         with self.h.server_log.open("rb") as f:
             f.seek(self.offset)
@@ -192,35 +202,17 @@ class Window:
 
 
 def claim_percentiles(values: list[float], name: str) -> Metrics:
-    if not values:
+    if not values:  # nothing claimed in the window (a tiny --quick run)
         return {f"{name}_claim_p50_ms": None, f"{name}_claim_p95_ms": None}
-    ordered = sorted(values)
-    return {f"{name}_claim_p50_ms": statistics.median(ordered),
-            f"{name}_claim_p95_ms": ordered[round(0.95 * (len(ordered) - 1))]}
-
-
-async def add_due(h: Harness, schema: str, n: int, prefix: str) -> None:
-    due = datetime.now(UTC) - timedelta(seconds=1)
-    async with Scheduler(h.dsn, schema=schema) as sched:
-        await sched.schedule_bulk(
-            [JobSpec("noop", execution_time=due, job_id=f"{prefix}{i:07d}") for i in range(n)])
+    return percentiles(values, f"{name}_claim")
 
 
 async def feed(h: Harness, schema: str, rate: float, seconds: float, prefix: str,
                until: WorkerProc | None = None) -> int:
-    """Jobs for now at `rate` a second, one schedule_bulk() every 10 ms, for `seconds`
-    (or until the process `until` exits, if sooner); returns how many."""
+    """_feed() from the harness's own connection, stopping early when `until` exits."""
     async with Scheduler(h.dsn, schema=schema) as sched:
-        started, sent = time.monotonic(), 0
-        while (elapsed := time.monotonic() - started) < seconds:
-            if until is not None and until.proc.poll() is not None:
-                break
-            behind = int(rate * elapsed) - sent
-            if behind > 0:
-                await sched.schedule_bulk([JobSpec("noop", job_id=f"{prefix}{sent + i:07d}")
-                                           for i in range(behind)])
-                sent += behind
-            await asyncio.sleep(0.01)
+        sent, _ = await _feed(sched, rate, seconds, prefix,
+                              until=until and (lambda: until.proc.poll() is not None))
     return sent
 
 
@@ -244,6 +236,7 @@ async def scale(h: Harness) -> Metrics:
         async with own_server(h, pgbouncer=through == "pgbouncer") as (server, inner):
             for n in h.sizes.scale_workers:
                 metrics.update(await _scale_one(server, inner, n, f"scale_{through}_{n}"))
+            metrics["own_server"] = server.description
     return metrics
 
 
@@ -257,7 +250,7 @@ async def _scale_one(server: Server, h: Harness, n: int, name: str) -> Metrics:
     await h.wait_listening(schema, count=n, timeout=60 + 3 * n)
     await asyncio.sleep(1)  # start-up claims and registrations settle
     async with Window(h) as drain:
-        await add_due(h, schema, sizes.scale_backlog, "b-")
+        await _add_due(h, schema, sizes.scale_backlog, "b-")
         await h.wait_finished(schema, "b-", sizes.scale_backlog,
                               timeout=60 + sizes.scale_backlog / 50)
     async with Window(h) as steady:
@@ -299,6 +292,7 @@ async def churn(h: Harness) -> Metrics:
         name = "churn_vacuum" if retention else "churn_plain"
         async with own_server(h) as (server, inner):
             metrics.update(await _churn_pass(server, inner, name, retention))
+            metrics["own_server"] = server.description
     return metrics
 
 
@@ -317,12 +311,12 @@ async def _churn_pass(server: Server, h: Harness, name: str, retention: bool) ->
         if i == 0 or last:
             window = Window(h)
             async with window:
-                await add_due(h, schema, sizes.churn_batch, prefix)
+                await _add_due(h, schema, sizes.churn_batch, prefix)
                 await h.wait_finished(schema, prefix, sizes.churn_batch, timeout=600)
             label = "start" if i == 0 else "end"
             health.update(claim_percentiles(window.claim_ms, f"{name}_{label}"))
         else:
-            await add_due(h, schema, sizes.churn_batch, prefix)
+            await _add_due(h, schema, sizes.churn_batch, prefix)
             await h.wait_finished(schema, prefix, sizes.churn_batch, timeout=600)
         done += sizes.churn_batch
         if retention:
@@ -376,6 +370,7 @@ async def retention(h: Harness) -> Metrics:
             elapsed = time.monotonic() - started
             await inner.wait_finished(schema, "v-", fed_busy)
         await worker.stop()
+        described = server.description
         (left,) = await inner.one(sql.SQL("SELECT count(*) FROM {}.jobs WHERE id LIKE 'old-%%'")
                                   .format(sql.Identifier(schema)))
         await inner.drop_schema(schema)
@@ -383,6 +378,7 @@ async def retention(h: Harness) -> Metrics:
         raise BenchError(f"retention: vacuum left {left} of {sizes.retention_rows} old jobs")
     rate = sizes.retention_rows / elapsed
     return {
+        "own_server": described,
         **claim_percentiles(quiet.claim_ms, "retention_quiet"),
         **claim_percentiles(busy.claim_ms, "retention_busy"),
         "retention_rows": sizes.retention_rows,
@@ -410,7 +406,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 def tables(m: Metrics) -> str:
     """The scale, churn and retention tables, for the scenarios that ran."""
-    out: list[str] = []
+    out: list[str] = [f"server: {m['own_server']}", ""] if "own_server" in m else []
     rows = sorted({k.rsplit("_drain_jobs_per_s", 1)[0] for k in m
                    if k.startswith("scale_") and k.endswith("_drain_jobs_per_s")},
                   key=lambda k: (k.split("_")[1], int(k.split("_")[2])))
