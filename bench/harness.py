@@ -85,7 +85,7 @@ class Sizes:
     churn_batch: int = 100_000
     churn_seconds: float = 150.0
     # retention (opt-in): finished jobs to delete, and the stream claimed meanwhile.
-    retention_rows: int = 2_000_000
+    retention_rows: int = 5_000_000
     retention_rate: float = 200.0
     retention_quiet_s: float = 20.0
 
