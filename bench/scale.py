@@ -409,6 +409,9 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{value:,}"
 
 
+LABELS = {"direct": "direct", "pgbouncer": "PgBouncer"}
+
+
 def tables(m: Metrics) -> str:
     """The scale, churn and retention tables, for the scenarios that ran."""
     out: list[str] = [f"server: {m['own_server']}", ""] if "own_server" in m else []
@@ -424,7 +427,8 @@ def tables(m: Metrics) -> str:
             for phase in ("drain", "steady"):
                 p = f"{key}_{phase}"
                 out.append(
-                    f"| {n} workers, {through} | {phase} | {_fmt(m[p + '_jobs'])} | "
+                    f"| {n} worker{'' if n == '1' else 's'}, {LABELS[through]} | {phase} | "
+                    f"{_fmt(m[p + '_jobs'])} | "
                     f"{_fmt(m[p + '_jobs_per_s'], 0)} | {_fmt(m[p + '_claim_p50_ms'], 2)} / "
                     f"{_fmt(m[p + '_claim_p95_ms'], 2)} | "
                     f"{_fmt(m[p + '_empty_claims_per_job'], 2)} | "
@@ -435,9 +439,9 @@ def tables(m: Metrics) -> str:
         if f"{name}_jobs" in m:
             if not any(line.startswith("| churn") for line in out):
                 out += ["| churn | jobs | seconds | live / dead tuples | autovacuums | table MB"
-                        " | indexes MB | claim p95 start / end ms |",
+                        " | indexes MB | claim p95 first / last batch ms |",
                         "|---|---|---|---|---|---|---|---|"]
-            label = "vacuum after each batch" if name == "churn_vacuum" else "no vacuum"
+            label = "`pgsched vacuum` after each batch" if name == "churn_vacuum" else "no vacuum"
             out.append(
                 f"| {label} | {_fmt(m[name + '_jobs'])} | {_fmt(m[name + '_seconds'], 0)} | "
                 f"{_fmt(m[name + '_live_tuples'])} / {_fmt(m[name + '_dead_tuples'])} | "
@@ -456,7 +460,7 @@ def tables(m: Metrics) -> str:
                 f"{_fmt(m['retention_quiet_claim_p95_ms'], 2)} ms |",
                 f"| the same while vacuum runs | {_fmt(m['retention_busy_claim_p50_ms'], 2)} / "
                 f"{_fmt(m['retention_busy_claim_p95_ms'], 2)} ms |",
-                f"| then VACUUM ANALYZE of the table (reclaims the dead rows) | "
+                f"| then VACUUM ANALYZE of the table | "
                 f"{_fmt(m['retention_reclaim_seconds'])} s |",
                 f"| PostgreSQL CPU per deleted row (stream included) | "
                 f"{_fmt(m['retention_server_cpu_us_per_row'], 0)} us |",
