@@ -79,8 +79,8 @@ class Sizes:
     scale_backlog: int = 5_000
     scale_rate: float = 200.0
     scale_seconds: float = 20.0
-    # churn (opt-in): churn_jobs in batches of churn_batch, each pass stopping early
-    # after churn_seconds (the 2-core machine of docs/performance.md cannot do 1M in time).
+    # churn (opt-in): churn_jobs in batches of churn_batch; once churn_seconds have passed
+    # a pass runs one last batch and stops, so a slow machine still finishes in bounded time.
     churn_jobs: int = 1_000_000
     churn_batch: int = 100_000
     churn_seconds: float = 150.0
