@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated peers to measure beside pgsched: "
                              + ", ".join(PEERS) + " (installed on first use into "
                              "bench/.peer-venv, never into pgsched's environment)")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="the scale scenario also runs its workers through PgBouncer in "
+                             "transaction mode (needs the pgbouncer binary)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput scenarios run this many times, alternating with the "
                              "raw ceiling; the table shows medians (default 3)")
@@ -87,7 +90,8 @@ async def run(args: argparse.Namespace) -> dict:
             dsn, server_log, server_pid = start_embedded(workdir)
         else:
             dsn, server_log, server_pid = args.dsn, None, None
-        h = Harness(dsn, sizes, workdir, server_log=server_log, server_pid=server_pid)
+        h = Harness(dsn, sizes, workdir, server_log=server_log, server_pid=server_pid,
+                    pgbouncer=args.pgbouncer)
         machine = await h.machine()
         load_at_start = os.getloadavg()
         print(f"machine: {machine_line(machine)}", file=sys.stderr)

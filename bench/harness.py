@@ -72,12 +72,30 @@ class Sizes:
     recurring_windows: int = 3
     recurring_workers: int = 3
     cli_runs: int = 20  # runs of each command in cli-startup
+    # scale (opt-in): these worker counts at scale_concurrency each, draining
+    # scale_backlog jobs, then fed scale_rate jobs/s for scale_seconds.
+    scale_workers: tuple[int, ...] = (1, 10, 50)
+    scale_concurrency: int = 2
+    scale_backlog: int = 5_000
+    scale_rate: float = 200.0
+    scale_seconds: float = 20.0
+    # churn (opt-in): churn_jobs in batches of churn_batch; once churn_seconds have passed
+    # a pass runs one last batch and stops, so a slow machine still finishes in bounded time.
+    churn_jobs: int = 1_000_000
+    churn_batch: int = 100_000
+    churn_seconds: float = 150.0
+    # retention (opt-in): finished jobs to delete, and the stream claimed meanwhile.
+    retention_rows: int = 5_000_000
+    retention_rate: float = 200.0
+    retention_quiet_s: float = 20.0
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
               due_latency=10, enqueue_latency=10, backlog_finished=5_000, backlog_future=1_000,
               idle_seconds=2.0, raw_claim=500, recurring_schedules=50, recurring_every=2.0,
-              recurring_windows=2, cli_runs=3)
+              recurring_windows=2, cli_runs=3, scale_workers=(1, 2), scale_backlog=50,
+              scale_rate=20.0, scale_seconds=1.0, churn_jobs=200, churn_batch=100,
+              retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0)
 
 
 @dataclass
@@ -87,6 +105,7 @@ class Harness:
     workdir: Path
     server_log: Path | None = None  # set when we own the server and can read its log
     server_pid: int | None = None  # the postmaster, when we own the server
+    pgbouncer: bool = False  # --pgbouncer: the scale scenario also runs through PgBouncer
     # Every metric measured so far in this run (a scenario may size itself from another's).
     measured: dict[str, Any] = field(default_factory=dict)
     _procs: list[WorkerProc] = field(default_factory=list)
@@ -123,12 +142,13 @@ class Harness:
     # -- worker processes ----------------------------------------------------------------
 
     def write_config(self, schema: str, *, dsn: str | None = None,
-                     concurrency: int | None = None, log_level: str = "info") -> Path:
+                     concurrency: int | None = None, log_level: str = "info",
+                     database: dict[str, Any] | None = None) -> Path:
         worker: dict[str, Any] = {"tasks": str(TASKS)}
         if concurrency is not None:
             worker["concurrency"] = concurrency
         document = {
-            "database": {"dsn": dsn or self.dsn, "schema": schema},
+            "database": {"dsn": dsn or self.dsn, "schema": schema, **(database or {})},
             "worker": worker,
             # The daemon's default under systemd: JSON lines to a pipe (here a file).
             "log": {"format": "json", "level": log_level},
@@ -139,9 +159,10 @@ class Harness:
         return path
 
     def start_worker(self, schema: str, *args: str, dsn: str | None = None,
-                     concurrency: int | None = None, log_level: str = "info") -> WorkerProc:
+                     concurrency: int | None = None, log_level: str = "info",
+                     database: dict[str, Any] | None = None) -> WorkerProc:
         config = self.write_config(schema, dsn=dsn, concurrency=concurrency,
-                                   log_level=log_level)
+                                   log_level=log_level, database=database)
         proc = WorkerProc(config, args)
         self._procs.append(proc)
         return proc

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .scale import tables as scale_tables
+
 Metrics = dict[str, Any]
 
 
@@ -262,6 +264,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         cpu_table(result["metrics"]),
         "",
+        scale_tables(result["metrics"]),
     ])
 
 

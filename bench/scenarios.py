@@ -346,14 +346,16 @@ async def due_latency_load(h: Harness) -> Metrics:
     return metrics
 
 
-async def _feed(sched: Scheduler, rate: float, seconds: float) -> tuple[int, float]:
-    """Enqueue no-op jobs for now at `rate` a second for `seconds`, in one schedule_bulk()
-    every 10 ms (a stream, not a burst); returns how many and over how long."""
+async def _feed(sched: Scheduler, rate: float, seconds: float, prefix: str = "load-",
+                until: Callable[[], bool] | None = None) -> tuple[int, float]:
+    """Enqueue no-op jobs for now at `rate` a second for `seconds` (or until `until()` is
+    true), in one schedule_bulk() every 10 ms (a stream, not a burst); returns how many
+    and over how long."""
     started, sent = time.monotonic(), 0
-    while (elapsed := time.monotonic() - started) < seconds:
+    while (elapsed := time.monotonic() - started) < seconds and not (until and until()):
         behind = int(rate * elapsed) - sent
         if behind > 0:
-            await sched.schedule_bulk([JobSpec("noop", job_id=f"load-{sent + i:07d}")
+            await sched.schedule_bulk([JobSpec("noop", job_id=f"{prefix}{sent + i:07d}")
                                        for i in range(behind)])
             sent += behind
         await asyncio.sleep(0.01)
@@ -557,6 +559,17 @@ async def web_service(h: Harness) -> Metrics:
         await h.drop_schema(schema)
 
 
+def _scale(name: str) -> Callable[[Harness], Awaitable[Metrics]]:
+    """An opt-in scenario of bench/scale.py, imported when it runs (it imports this module)."""
+
+    async def run(h: Harness) -> Metrics:
+        from . import scale
+
+        return await getattr(scale, name)(h)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -587,6 +600,8 @@ def scenarios() -> list[Scenario]:
         Scenario("idle", idle_cost, False),
         Scenario("cli-startup", cli_startup, False),
         Scenario("web", web_service, False, default=False),
+        *(Scenario(name, _scale(name), False, default=False)
+          for name in ("scale", "churn", "retention")),
     ]
 
 

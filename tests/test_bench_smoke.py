@@ -33,6 +33,13 @@ def test_quick_benchmark_produces_every_metric(pg_dsn, tmp_path):
     assert "| scenario |" in done.stdout and result["machine"]["postgresql"]
     assert result["metrics"]["recurring_windows_lost"] == 0
     assert len(result["load_average_at_end"]) == 3
+    # The opt-in scale scenarios ran on their own server and read its statistics: claims
+    # found in pg_stat_statements (rows - jobs < 0 would mean the claim was not found).
+    metrics = result["metrics"]
+    assert metrics["scale_direct_2_steady_claims"] > 0
+    assert all(v >= 0 for k, v in metrics.items() if k.endswith("_empty_claims_per_job"))
+    assert metrics["churn_plain_jobs"] == metrics["churn_vacuum_jobs"] == 200
+    assert metrics["retention_rows"] == 2_000
     assert "load average" in out.with_suffix(".md").read_text()
     with psycopg.connect(pg_dsn) as conn:
         leftovers = conn.execute(

@@ -88,8 +88,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self) -> None:
-        self.bin = find_binaries()
+    def __init__(self, bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or find_binaries()
         self.user = _unprivileged_user(self.bin)
         self.root = Path(tempfile.mkdtemp(prefix="pgsched-cluster-"))
         self.root.chmod(0o755)
