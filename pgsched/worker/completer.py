@@ -60,10 +60,12 @@ class Completer:
 
     async def _record(self, batch: list[Completion]) -> None:
         attempt = 0
-        pending = batch
+        # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
+        # writes nothing: the fence cannot tell it from a newer claim of the same key.
+        pending = [c for c in batch if not c.held.lease_lost]
         while pending:
             try:
-                pending = await self._record_once(pending)
+                await self._record_once(pending)
             except DATA_ERRORS:
                 pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
@@ -73,7 +75,7 @@ class Completer:
                     log.error("completion_not_recorded", jobs=len(pending),
                               hint="their leases expire and another worker runs them again")
                     for c in pending:
-                        self.ctx.held.pop(c.held.key, None)
+                        self.ctx.forget(c.held)
                     return
                 await backoff_sleep(attempt)
 
@@ -96,21 +98,24 @@ class Completer:
             except DATA_ERRORS as exc:
                 log.error("completion_not_recorded", **c.held.log_fields(), error=str(exc),
                           hint="its lease expires and another worker runs it again")
-                self.ctx.held.pop(c.held.key, None)
+                self.ctx.forget(c.held)
             except DB_ERRORS:
                 return batch[i:]
         return []
 
-    async def _record_once(self, batch: list[Completion]) -> list[Completion]:
-        """Write a batch; returns what is left to write (failures are written one by one)."""
-        successes = [c for c in batch if c.outcome.ok]
+    async def _record_once(self, pending: list[Completion]) -> None:
+        """Write a batch (failures one by one). Each outcome leaves `pending` as soon as it
+        is written: after a connection error part-way, a retry writes only the rest (the
+        successes already committed would be fenced out and reported as lost leases)."""
+        successes = [c for c in pending if c.outcome.ok]
         if successes:
             written = await self.ctx.store.complete_jobs(
                 worker_id=self.ctx.id,
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
+            pending[:] = [c for c in pending if not c.outcome.ok]
             for c in successes:
-                self.ctx.held.pop(c.held.key, None)
+                self.ctx.forget(c.held)
                 if c.held.key in written:
                     self.ctx.stats.completed += 1
                     self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
@@ -120,11 +125,13 @@ class Completer:
                     self.ctx.stats.lease_lost += 1
                     log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
-        await self._record_cancelled([c for c in batch if c.outcome.cancelled])
-        for c in batch:
-            if not c.outcome.ok and not c.outcome.cancelled:
-                await self._record_failure(c)
-        return []
+        cancelled = [c for c in pending if c.outcome.cancelled]
+        if cancelled:
+            await self._record_cancelled(cancelled)
+            pending[:] = [c for c in pending if not c.outcome.cancelled]
+        while pending:
+            await self._record_failure(pending[0])
+            del pending[0]
 
     async def _record_failure(self, c: Completion) -> None:
         """A failed attempt (retried while the budget lasts), or a job whose task this
@@ -141,7 +148,7 @@ class Completer:
                 error=c.outcome.error, traceback=c.outcome.traceback,
                 retry_delay_seconds=retry_delay(c.failures + 1, self.ctx.options.retry_base_seconds,
                                                 self.ctx.options.retry_max_seconds))
-        self.ctx.held.pop(c.held.key, None)
+        self.ctx.forget(c.held)
         if row is None:
             self.ctx.stats.lease_lost += 1
             log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
@@ -172,7 +179,7 @@ class Completer:
         written = await self.ctx.store.finish_cancelled_jobs(
             worker_id=self.ctx.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
         for c in cancelled:
-            self.ctx.held.pop(c.held.key, None)
+            self.ctx.forget(c.held)
             if c.held.id in written:
                 self.ctx.stats.cancelled += 1
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)

@@ -11,7 +11,10 @@ worker and wires the services to it.
 Invariants:
 - Held jobs are keyed by (id, attempt), never the id alone: after this worker's own
   recovery took a job back and claimed it again, the older attempt is cancelled and its
-  late outcome touches nothing of the newer one.
+  late outcome touches nothing of the newer one. A claim of a key this worker already
+  holds (the job was deleted, by vacuum or by hand, and added again with the same id
+  while a stale run of it went on here) supersedes the old run the same way, and an
+  entry is removed only by its own run (`forget`, by identity).
 - Everything here runs on the worker's event loop (no locks): a method's check and its
   update are never interleaved with another service.
 - Wake-ups are events that stay set until their service clears them (before its unit of
@@ -249,9 +252,15 @@ class WorkerContext:
         log.warning("lease_lost", **held.log_fields(),
                     reason="recovered, cancelled or replaced by someone else")
         if held.finished:
-            self.held.pop(held.key, None)  # its late write would be fenced out anyway
+            self.forget(held)  # the completer drops its outcome (lease_lost)
         elif held.task is not None:
             held.task.cancel()
+
+    def forget(self, held: Held) -> None:
+        """Drop a held attempt, unless its key already belongs to a newer claim (see
+        `held`): the end of a superseded run must not take the newer run's entry."""
+        if self.held.get(held.key) is held:
+            del self.held[held.key]
 
     def free_slot(self) -> None:
         if self.slot_freed_wakes:
