@@ -77,7 +77,7 @@ class Completer:
                     for c in pending:
                         self.ctx.forget(c.held)
                     return
-                await backoff_sleep(attempt)
+                await backoff_sleep(attempt, stopping=self.ctx.stop_requested)
 
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
         """A batch PostgreSQL refused because of a value in it: write each job on its own,

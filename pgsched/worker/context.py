@@ -60,6 +60,8 @@ DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.Interfa
 # those past the budget are folded into one timer instead of being dropped.
 NOTIFY_WAKE_BURST = 20
 NOTIFY_WAKE_RATE = 50.0
+# The longest back-off between database retries once the worker is stopping.
+SHUTDOWN_BACKOFF_SECONDS = 1.0
 _EPOCH_RE = re.compile(r"^-?[0-9]{1,11}(\.[0-9]{1,9})?$")
 
 
@@ -150,8 +152,20 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
-    await asyncio.sleep(min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0))
+async def backoff_sleep(attempt: int, cap: float = 10.0,
+                        stopping: asyncio.Event | None = None) -> None:
+    """Back off before retrying a database call. With `stopping` (the worker's stop
+    flag), a stop ends the sleep, and later sleeps are at most SHUTDOWN_BACKOFF_SECONDS:
+    shutdown has a deadline, and a back-off grown during an outage or a table lock (up to
+    `cap`) must not use it up once the database answers again."""
+    if stopping is not None and stopping.is_set():
+        cap = min(cap, SHUTDOWN_BACKOFF_SECONDS)
+    delay = min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+    if stopping is None or stopping.is_set():
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), delay)
 
 
 def is_due_time(payload: str) -> bool:

@@ -70,7 +70,7 @@ class Fetcher:
                 except DB_ERRORS as exc:
                     ctx.db_error("claim", exc, failures)
                     failures += 1
-                    await backoff_sleep(failures)
+                    await backoff_sleep(failures, stopping=ctx.stop_requested)
                     continue
             if not ctx.ready.is_set():
                 ctx.ready.set()
