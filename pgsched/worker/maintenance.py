@@ -4,7 +4,9 @@ Every worker runs it; no leader is needed because each step is a single statemen
 is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes).
 
 - recovery, every heartbeat interval: running jobs whose lease expired go back to
-  pending; one orphaned `max_recoveries` times is failed as a poison pill.
+  pending; one orphaned `max_recoveries` times is failed as a poison pill. Skipped while
+  this worker's own heartbeat has not worked for a lease (an outage, a freeze): it
+  cannot tell silent workers from ones that are only reconnecting, itself included.
 - pruning, every few minutes: workers silent for ten leases leave the registry.
 - vacuum, every `vacuum_interval_seconds` (first run after one interval, so restarts do
   not stampede): finished jobs past their retention are deleted in small batches.
@@ -76,12 +78,22 @@ class Maintenance:
             if await self.ctx.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
                 return
 
+    def _in_touch(self, now: float) -> bool:
+        """Whether this worker's own heartbeat worked within a lease. After an outage (or
+        a freeze) every worker's registry heartbeat is stale, this one's included: until
+        its own beat has gone through, it would take its own running jobs back (and count a
+        crash against them) instead of letting its heartbeat renew them."""
+        last_ok = self.ctx.last_db_ok
+        return last_ok is not None and now - last_ok < self.ctx.options.lease_seconds
+
     async def run_once(self) -> dict[str, object]:
         opts = self.ctx.options
         store = self.ctx.store
         loop = asyncio.get_running_loop()
         did: dict[str, object] = {}
-        recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
+        recovered = []
+        if self._in_touch(loop.time()):
+            recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
         for row in recovered:
             status = str(row["status"])
             fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],

@@ -92,3 +92,65 @@ async def test_sigterm_after_claims_failed_behind_a_table_lock_releases_promptly
     bystander.signal(signal.SIGTERM)
     assert await bystander.wait() == 0
     await asyncio.sleep(0)
+
+
+async def test_sigterm_during_an_outage_that_ends_within_the_grace_releases_the_job(
+        cluster, cluster_sched, schema, workers, tmp_path):
+    """PostgreSQL goes away with a job in flight, SIGTERM arrives during the outage, and
+    the server is back a second later, well within the grace: the job goes back to pending
+    (no failure, no recovery) instead of being left running until its lease expires."""
+    sched = cluster_sched
+    grace = 4
+    worker = workers(fault_config(tmp_path, cluster.app_dsn(), schema,
+                                  shutdown_grace_seconds=grace))
+    await sched.schedule("sleep", args=(600,), job_id="long")
+    await wait_until(lambda: job_if(sched, "long", "running"), what="the job running")
+    cluster.stop("fast")
+    try:
+        await worker.wait_for_log('"db_unavailable"')
+        await asyncio.sleep(5)  # long enough for every loop's back-off to grow
+        signalled = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        await asyncio.sleep(1)
+    finally:
+        cluster.start()
+    assert await worker.wait(timeout=grace + 1 + 5 + 10) == 0
+    print(f"stopped {time.monotonic() - signalled:.1f} s after SIGTERM (grace {grace} s)")
+    assert not log_events(worker, "shutdown_timed_out")
+    row = await wait_until(lambda: job_if(sched, "long", "pending"), timeout=5,
+                           what="the job released")
+    assert (row["failures"], row["recoveries"], row["worker_id"]) == (0, 0, None), row
+
+
+async def test_second_sigterm_while_the_release_waits_for_a_row_lock(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """The shutdown's release is blocked by a row lock on the job (lock_timeout, retried),
+    and a second SIGTERM arrives meanwhile: once the lock goes the job is released, the
+    worker exits 0, and nothing is left running."""
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=0.2)
+    await sched.schedule("hold", args=("held", release), job_id="held")
+    worker = workers(config, env=env)
+    await wait_until(lambda: job_if(sched, "held", "running"), what="the job running")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                             ["held"])
+        signalled = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        await worker.wait_for_log('"job_interrupted"')
+        await asyncio.sleep(1.0)  # the release waits behind the row lock
+        worker.signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        await locker.commit()
+    assert await worker.wait(timeout=15) == 0
+    print(f"stopped {time.monotonic() - signalled:.1f} s after the first SIGTERM")
+    assert not log_events(worker, "shutdown_timed_out")
+    row = await sched.store.get_job("held")
+    assert (str(row["status"]), row["failures"], row["recoveries"]) == ("pending", 0, 0), row
+    successor = workers(config, env=env)
+    do_release()
+    await wait_until(lambda: job_if(sched, "held", "completed"), what="run again")
+    check_each_completed_once(await jobs(sched), await audit(sched))
+    successor.signal(signal.SIGTERM)
+    assert await successor.wait() == 0
