@@ -9,31 +9,44 @@ import asyncio
 import signal
 import time
 import uuid
+from datetime import timedelta
 
 import psycopg
+import pytest
 from conftest import wait_until
+
+from pgsched import JobSpec
 
 from .kit import (
     audit,
     audit_env,
     check_each_completed_once,
+    db_now,
     fault_config,
     job_if,
     jobs,
     log_events,
     query,
     release_file,
+    stop_all,
     with_params,
 )
 
-CLAIM_SQL = "-- Claim up to %"  # claim_jobs, as the server shows it (with its comment)
+# Statements as the server shows them (each starts with its comment in sql/queries.sql).
+CLAIM_SQL = "-- Claim up to %"
+COMPLETE_SQL = "-- Record successful attempts%"
 
 
-async def _claims_waiting(sched, app: str) -> set[tuple[int, object]]:
+async def _waiting(sched, app: str, statement: str) -> set[tuple[int, object]]:
+    """The worker's statements of this kind now waiting for a lock."""
     rows = await query(sched, "SELECT pid, query_start FROM pg_stat_activity "
                               "WHERE application_name = %s AND wait_event_type = 'Lock' "
-                              "AND query LIKE %s", [app, CLAIM_SQL])
+                              "AND query LIKE %s", [app, statement])
     return {(r["pid"], r["query_start"]) for r in rows}
+
+
+def _app() -> str:
+    return f"adv-{uuid.uuid4().hex[:6]}"
 
 
 async def test_sigterm_after_claims_failed_behind_a_table_lock_releases_promptly(
@@ -45,7 +58,7 @@ async def test_sigterm_after_claims_failed_behind_a_table_lock_releases_promptly
     lease: an idle bystander must not recover the live worker's job. A job that finished
     during the lock has its outcome written before the worker exits (the completer backed
     off too)."""
-    app = f"adv-{uuid.uuid4().hex[:6]}"
+    app = _app()
     grace = 0.5
     env = audit_env(pg_dsn, schema)
     release, do_release = release_file(tmp_path)
@@ -66,7 +79,7 @@ async def test_sigterm_after_claims_failed_behind_a_table_lock_releases_promptly
         do_finish()  # its outcome cannot be written until the lock is gone
 
         async def seventh_claim_failed() -> bool:
-            now = await _claims_waiting(sched, app)
+            now = await _waiting(sched, app, CLAIM_SQL)
             seen.update(now)
             return len(seen) >= 7 and not now
         # After its 7th failed claim the fetcher sleeps 5-10 s.
@@ -154,3 +167,72 @@ async def test_second_sigterm_while_the_release_waits_for_a_row_lock(
     check_each_completed_once(await jobs(sched), await audit(sched))
     successor.signal(signal.SIGTERM)
     assert await successor.wait() == 0
+
+
+async def test_sigterm_during_a_claim_that_then_succeeds(sched, pg_dsn, schema, workers,
+                                                        tmp_path):
+    """SIGTERM lands while a claim waits for a table lock; the lock goes and the claim
+    takes the jobs after stop() was called: they run within the grace and complete once."""
+    app = _app()
+    env = audit_env(pg_dsn, schema)
+    worker = workers(fault_config(tmp_path, with_params(pg_dsn, application_name=app),
+                                  schema, lease_seconds=8), env=env)  # lock_timeout 2 s
+    await worker.wait_for_log('"worker_starting"')
+    due = await db_now(sched) + timedelta(seconds=1.5)
+    await sched.schedule_bulk([JobSpec("record", args=(f"k{i}",), job_id=f"j{i}",
+                                       execution_time=due) for i in range(3)])
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'LOCK TABLE "{schema}".jobs IN SHARE MODE')
+        await wait_until(lambda: _waiting(sched, app, CLAIM_SQL), interval=0.01,
+                         what="the timed claim waiting for the lock")
+        worker.signal(signal.SIGTERM)
+        await worker.wait_for_log('"signal_received"')
+    assert await worker.wait(timeout=20) == 0
+    assert not log_events(worker, "shutdown_timed_out")
+    rows = await jobs(sched)
+    assert {str(r["status"]) for r in rows} <= {"completed", "pending"}, rows
+    done = [r for r in rows if str(r["status"]) == "completed"]
+    executions = await audit(sched)
+    check_each_completed_once(done, [e for e in executions
+                                     if e["job_id"] in {r["id"] for r in done}])
+    assert len(executions) == len(done), executions
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+async def test_signal_while_a_completion_waits_for_a_row_lock(sched, pg_dsn, schema, workers,
+                                                             tmp_path, sig):
+    """The completion of a finished job waits for a row lock when the signal comes.
+    SIGTERM: the outcome is written once the lock goes, before the exit. SIGKILL: the
+    statement the server already has still runs once the lock goes (else a bystander
+    would recover the job after its lease and run it again, an audited rerun).
+    """
+    app = _app()
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    worker = workers(fault_config(tmp_path, with_params(pg_dsn, application_name=app),
+                                  schema, lease_seconds=8), env=env)  # lock_timeout 2 s
+    await sched.schedule("hold", args=("held", release), job_id="held")
+    await wait_until(lambda: job_if(sched, "held", "running"), what="the job running")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                             ["held"])
+        do_release()
+        await wait_until(lambda: _waiting(sched, app, COMPLETE_SQL), interval=0.01,
+                         what="the completion waiting for the row lock")
+        worker.signal(sig)
+        if sig == signal.SIGTERM:
+            await worker.wait_for_log('"signal_received"')
+    code = await worker.wait(timeout=20)
+    if sig == signal.SIGTERM:
+        assert code == 0 and not log_events(worker, "shutdown_timed_out")
+        row = await sched.store.get_job("held")
+        assert (str(row["status"]), row["recoveries"]) == ("completed", 0), row
+    else:
+        bystander = workers(fault_config(tmp_path, pg_dsn, schema), env=env)
+        await wait_until(lambda: job_if(sched, "held", "completed"), timeout=40,
+                         what="the job completed")
+        assert await stop_all([bystander]) == [0]
+    result = check_each_completed_once(await jobs(sched), await audit(sched))
+    print(f"{signal.Signals(sig).name}: {result.executions} execution(s)")
+    if sig == signal.SIGTERM:
+        assert result.executions == 1
