@@ -18,9 +18,11 @@ from conftest import wait_until
 from pgsched import JobSpec
 
 from .kit import (
+    at_least,
     audit,
     audit_env,
     check_each_completed_once,
+    counts,
     db_now,
     fault_config,
     job_if,
@@ -236,3 +238,31 @@ async def test_signal_while_a_completion_waits_for_a_row_lock(sched, pg_dsn, sch
     print(f"{signal.Signals(sig).name}: {result.executions} execution(s)")
     if sig == signal.SIGTERM:
         assert result.executions == 1
+
+
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_postgres_crash_during_completion_batches(cluster, cluster_sched, schema,
+                                                        workers, tmp_path, mode):
+    """PostgreSQL crashes (or restarts) for longer than a lease while two busy workers
+    write completion batches: every job ends completed exactly once (reruns only after a
+    recovered lease), both workers live on, and both stop cleanly with nothing running."""
+    sched = cluster_sched
+    dsn = cluster.app_dsn()
+    env = audit_env(dsn, schema)
+    await sched.schedule_bulk([JobSpec("record", args=(f"k{i}", 0.01), job_id=f"j{i:04d}")
+                               for i in range(400)])
+    crew = [workers(fault_config(tmp_path, dsn, schema, max_recoveries=100), env=env)
+            for _ in range(2)]
+    await wait_until(lambda: at_least(sched, "completed", 100), what="batches under way")
+    cluster.stop(mode)
+    await asyncio.sleep(4)  # longer than the 3 s lease
+    cluster.start()
+    await wait_until(lambda: job_if(sched, "j0000", "completed"), what="reconnected")
+    await wait_until(lambda: at_least(sched, "completed", 400), timeout=90,
+                     what="all jobs completed")
+    assert all(w.proc.poll() is None for w in crew)
+    result = check_each_completed_once(await jobs(sched), await audit(sched))
+    rejected = sum(len(log_events(w, "job_completion_rejected")) for w in crew)
+    print(f"{mode}: {len(result.reruns)} reruns, {rejected} completions rejected")
+    assert await stop_all(crew) == [0, 0]
+    assert (await counts(sched))["running"] == 0
