@@ -27,6 +27,7 @@ from .kit import (
     fault_config,
     job_if,
     jobs,
+    lease_expiries,
     log_events,
     query,
     release_file,
@@ -266,3 +267,37 @@ async def test_postgres_crash_during_completion_batches(cluster, cluster_sched, 
     print(f"{mode}: {len(result.reruns)} reruns, {rejected} completions rejected")
     assert await stop_all(crew) == [0, 0]
     assert (await counts(sched))["running"] == 0
+
+
+async def test_smallest_pool_keeps_the_registry_heartbeat_through_an_exclusive_lock(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """pool_size = 2 (the least allowed) for five users (fetcher, completer, heartbeat,
+    maintenance, planner), and an ACCESS EXCLUSIVE lock on jobs for three leases while
+    outcomes wait to be written: every statement on jobs holds a connection for
+    lock_timeout, yet the registry heartbeat must get through often enough that an idle
+    bystander recovers nothing; afterwards every job completes exactly once."""
+    env = audit_env(pg_dsn, schema)
+    early, finish_early = release_file(tmp_path, "early")
+    late, finish_late = release_file(tmp_path, "late")
+    config = fault_config(tmp_path, pg_dsn, schema)
+    config.write_text(config.read_text().replace("[database]\n", "[database]\npool_size = 2\n"))
+    await sched.schedule_bulk(
+        [JobSpec("sync_hold", args=(f"early{i}", early), job_id=f"early{i}") for i in range(2)]
+        + [JobSpec("sync_hold", args=(f"late{i}", late), job_id=f"late{i}") for i in range(2)])
+    worker = workers(config, env=env)
+    await wait_until(lambda: at_least(sched, "running", 4), what="four jobs running")
+    (tmp_path / "bystander").mkdir()
+    bystander = workers(fault_config(tmp_path / "bystander", pg_dsn, schema), env=env)
+    await bystander.wait_for_log('"worker_starting"')
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'LOCK TABLE "{schema}".jobs IN ACCESS EXCLUSIVE MODE')
+        finish_early()  # two outcomes the completer retries during the lock
+        await asyncio.sleep(9)  # three 3 s leases
+        await locker.commit()
+    finish_late()
+    await wait_until(lambda: at_least(sched, "completed", 4), timeout=40, what="all completed")
+    rows = await jobs(sched)
+    assert [lease_expiries(r) for r in rows] == [0] * 4, [r["errors"] for r in rows]
+    result = check_each_completed_once(rows, await audit(sched))
+    assert result.executions == 4 and not log_events(bystander, "job_recovered")
+    assert await stop_all([worker, bystander]) == [0, 0]
