@@ -301,3 +301,33 @@ async def test_smallest_pool_keeps_the_registry_heartbeat_through_an_exclusive_l
     result = check_each_completed_once(rows, await audit(sched))
     assert result.executions == 4 and not log_events(bystander, "job_recovered")
     assert await stop_all([worker, bystander]) == [0, 0]
+
+
+async def test_two_sigterms_back_to_back_while_jobs_finish(sched, pg_dsn, schema, workers,
+                                                           tmp_path):
+    """Two SIGTERMs a few milliseconds apart, as jobs finish and outcomes are being
+    written: the worker exits 0 within the kill's bound, nothing is left running, what
+    finished is recorded once, the rest is back to pending without a failure."""
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    await sched.schedule_bulk(
+        [JobSpec("hold", args=(f"h{i}", release), job_id=f"h{i}") for i in range(4)]
+        + [JobSpec("record", args=(f"r{i}", 0.05), job_id=f"r{i:02d}") for i in range(40)])
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=600,
+                                  concurrency=8), env=env)
+    await wait_until(lambda: at_least(sched, "completed", 5), what="jobs under way")
+    do_release()
+    signalled = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    await asyncio.sleep(0.005)
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(timeout=20) == 0  # the grace is 600 s
+    print(f"stopped {time.monotonic() - signalled:.1f} s after two SIGTERMs")
+    assert not log_events(worker, "shutdown_timed_out")
+    rows = await jobs(sched)
+    assert {str(r["status"]) for r in rows} <= {"completed", "pending"}
+    assert all(r["failures"] == 0 and r["recoveries"] == 0 for r in rows)
+    done = [r for r in rows if str(r["status"]) == "completed"]
+    executions = await audit(sched)
+    check_each_completed_once(done, [e for e in executions
+                                     if e["job_id"] in {r["id"] for r in done}])
