@@ -7,6 +7,9 @@ Invariants:
 - A batch forms naturally while the previous write is in flight: it takes everything
   waiting, and every write is fenced by (worker id, id, attempt), so an outcome whose
   lease was lost is rejected (`job_completion_rejected`) instead of overwriting newer work.
+  An outcome whose run was superseded here (context.held) is not written at all.
+- Each outcome is written once: after a connection error part-way through a batch, the
+  retry writes only what the failed write left.
 - A batch the database refuses because of a value in it is written job by job, and the
   job whose outcome cannot be stored fails (`job_result_not_storable`).
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
@@ -15,8 +18,9 @@ Invariants:
 - A written batch frees slots the fetcher may be waiting for (its backlog cap).
 
 Failure: a job whose outcome cannot be written keeps its slot here until it can, with
-backoff (or its lease expires and it is recovered: at-least-once). After kill(), it gives
-up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
+backoff (or its lease expires and it is recovered: at-least-once); a stop ends the
+back-off and later ones are short, so shutdown's deadline is not spent sleeping. After
+kill(), it gives up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ Invariants:
   cancelled and their outcome is void.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
-retried with backoff. It returns once stop() is called, or in burst mode when nothing
-is left to run; the worker then drains. A job that was cancelled (shutdown, lost lease,
-cancel request) records nothing here: shutdown releases what is still held.
+retried with backoff, which a stop ends (the drain must not wait for it). It returns
+once stop() is called, or in burst mode when nothing is left to run; the worker then
+drains. A job that was cancelled (shutdown, lost lease, cancel request) records nothing
+here: shutdown releases what is still held.
 """
 
 from __future__ import annotations
