@@ -18,8 +18,10 @@ Connection errors are logged and retried on the next tick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
+from typing import Any
 
 from ..logs import get_logger
 from ..store import FINISHED_STATUSES, Store
@@ -78,22 +80,33 @@ class Maintenance:
             if await self.ctx.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
                 return
 
-    def _in_touch(self, now: float) -> bool:
-        """Whether this worker's own heartbeat worked within a lease. After an outage (or
-        a freeze) every worker's registry heartbeat is stale, this one's included: until
-        its own beat has gone through, it would take its own running jobs back (and count a
-        crash against them) instead of letting its heartbeat renew them."""
+    def _in_touch_for(self, now: float) -> float:
+        """How much longer this worker's own heartbeat counts as recent (within a lease).
+        After an outage (or a freeze) every worker's registry heartbeat is stale, this
+        one's included: until its own beat has gone through it cannot tell silent workers
+        from ones that are only reconnecting, and would take its own running jobs back
+        (counting a crash against them) instead of letting its heartbeat renew them."""
         last_ok = self.ctx.last_db_ok
-        return last_ok is not None and now - last_ok < self.ctx.options.lease_seconds
+        return 0.0 if last_ok is None else last_ok + self.ctx.options.lease_seconds - now
+
+    async def _recover(self, now: float) -> list[dict[str, Any]]:
+        """Recover orphans while in touch; a recovery that cannot run before that ends
+        (waiting for a connection through an outage) is given up, not run late."""
+        in_touch = self._in_touch_for(now)
+        if in_touch <= 0:
+            return []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(in_touch):
+                return await self.ctx.store.recover_orphans(
+                    max_recoveries=self.ctx.options.max_recoveries)
+        return []
 
     async def run_once(self) -> dict[str, object]:
         opts = self.ctx.options
         store = self.ctx.store
         loop = asyncio.get_running_loop()
         did: dict[str, object] = {}
-        recovered = []
-        if self._in_touch(loop.time()):
-            recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
+        recovered = await self._recover(loop.time())
         for row in recovered:
             status = str(row["status"])
             fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],
