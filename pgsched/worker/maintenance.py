@@ -87,7 +87,9 @@ class Maintenance:
         from ones that are only reconnecting, and would take its own running jobs back
         (counting a crash against them) instead of letting its heartbeat renew them."""
         last_ok = self.ctx.last_db_ok
-        return 0.0 if last_ok is None else last_ok + self.ctx.options.lease_seconds - now
+        if last_ok is None:  # run_once() driven before run() registered: nothing missed
+            return self.ctx.options.lease_seconds
+        return last_ok + self.ctx.options.lease_seconds - now
 
     async def _recover(self, now: float) -> list[dict[str, Any]]:
         """Recover orphans while in touch; a recovery that cannot run before that ends
