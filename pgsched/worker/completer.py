@@ -7,6 +7,9 @@ Invariants:
 - A batch forms naturally while the previous write is in flight: it takes everything
   waiting, and every write is fenced by (worker id, id, attempt), so an outcome whose
   lease was lost is rejected (`job_completion_rejected`) instead of overwriting newer work.
+  An outcome whose run was superseded here (context.held) is not written at all.
+- Each outcome is written once: after a connection error part-way through a batch, the
+  retry writes only what the failed write left.
 - A batch the database refuses because of a value in it is written job by job, and the
   job whose outcome cannot be stored fails (`job_result_not_storable`).
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
@@ -15,8 +18,9 @@ Invariants:
 - A written batch frees slots the fetcher may be waiting for (its backlog cap).
 
 Failure: a job whose outcome cannot be written keeps its slot here until it can, with
-backoff (or its lease expires and it is recovered: at-least-once). After kill(), it gives
-up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
+backoff (or its lease expires and it is recovered: at-least-once); a stop ends the
+back-off and later ones are short, so shutdown's deadline is not spent sleeping. After
+kill(), it gives up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
 """
 
 from __future__ import annotations
@@ -60,10 +64,12 @@ class Completer:
 
     async def _record(self, batch: list[Completion]) -> None:
         attempt = 0
-        pending = batch
+        # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
+        # writes nothing: the fence cannot tell it from a newer claim of the same key.
+        pending = [c for c in batch if not c.held.lease_lost]
         while pending:
             try:
-                pending = await self._record_once(pending)
+                await self._record_once(pending)
             except DATA_ERRORS:
                 pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
@@ -73,9 +79,9 @@ class Completer:
                     log.error("completion_not_recorded", jobs=len(pending),
                               hint="their leases expire and another worker runs them again")
                     for c in pending:
-                        self.ctx.held.pop(c.held.key, None)
+                        self.ctx.forget(c.held)
                     return
-                await backoff_sleep(attempt)
+                await backoff_sleep(attempt, stopping=self.ctx.stop_requested)
 
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
         """A batch PostgreSQL refused because of a value in it: write each job on its own,
@@ -96,21 +102,24 @@ class Completer:
             except DATA_ERRORS as exc:
                 log.error("completion_not_recorded", **c.held.log_fields(), error=str(exc),
                           hint="its lease expires and another worker runs it again")
-                self.ctx.held.pop(c.held.key, None)
+                self.ctx.forget(c.held)
             except DB_ERRORS:
                 return batch[i:]
         return []
 
-    async def _record_once(self, batch: list[Completion]) -> list[Completion]:
-        """Write a batch; returns what is left to write (failures are written one by one)."""
-        successes = [c for c in batch if c.outcome.ok]
+    async def _record_once(self, pending: list[Completion]) -> None:
+        """Write a batch (failures one by one). Each outcome leaves `pending` as soon as it
+        is written: after a connection error part-way, a retry writes only the rest (the
+        successes already committed would be fenced out and reported as lost leases)."""
+        successes = [c for c in pending if c.outcome.ok]
         if successes:
             written = await self.ctx.store.complete_jobs(
                 worker_id=self.ctx.id,
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
+            pending[:] = [c for c in pending if not c.outcome.ok]
             for c in successes:
-                self.ctx.held.pop(c.held.key, None)
+                self.ctx.forget(c.held)
                 if c.held.key in written:
                     self.ctx.stats.completed += 1
                     self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
@@ -120,11 +129,13 @@ class Completer:
                     self.ctx.stats.lease_lost += 1
                     log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
-        await self._record_cancelled([c for c in batch if c.outcome.cancelled])
-        for c in batch:
-            if not c.outcome.ok and not c.outcome.cancelled:
-                await self._record_failure(c)
-        return []
+        cancelled = [c for c in pending if c.outcome.cancelled]
+        if cancelled:
+            await self._record_cancelled(cancelled)
+            pending[:] = [c for c in pending if not c.outcome.cancelled]
+        while pending:
+            await self._record_failure(pending[0])
+            del pending[0]
 
     async def _record_failure(self, c: Completion) -> None:
         """A failed attempt (retried while the budget lasts), or a job whose task this
@@ -141,7 +152,7 @@ class Completer:
                 error=c.outcome.error, traceback=c.outcome.traceback,
                 retry_delay_seconds=retry_delay(c.failures + 1, self.ctx.options.retry_base_seconds,
                                                 self.ctx.options.retry_max_seconds))
-        self.ctx.held.pop(c.held.key, None)
+        self.ctx.forget(c.held)
         if row is None:
             self.ctx.stats.lease_lost += 1
             log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
@@ -172,7 +183,7 @@ class Completer:
         written = await self.ctx.store.finish_cancelled_jobs(
             worker_id=self.ctx.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
         for c in cancelled:
-            self.ctx.held.pop(c.held.key, None)
+            self.ctx.forget(c.held)
             if c.held.id in written:
                 self.ctx.stats.cancelled += 1
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)

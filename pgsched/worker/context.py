@@ -11,7 +11,10 @@ worker and wires the services to it.
 Invariants:
 - Held jobs are keyed by (id, attempt), never the id alone: after this worker's own
   recovery took a job back and claimed it again, the older attempt is cancelled and its
-  late outcome touches nothing of the newer one.
+  late outcome touches nothing of the newer one. A claim of a key this worker already
+  holds (the job was deleted, by vacuum or by hand, and added again with the same id
+  while a stale run of it went on here) supersedes the old run the same way, and an
+  entry is removed only by its own run (`forget`, by identity).
 - Everything here runs on the worker's event loop (no locks): a method's check and its
   update are never interleaved with another service.
 - Wake-ups are events that stay set until their service clears them (before its unit of
@@ -57,6 +60,8 @@ DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.Interfa
 # those past the budget are folded into one timer instead of being dropped.
 NOTIFY_WAKE_BURST = 20
 NOTIFY_WAKE_RATE = 50.0
+# The longest back-off between database retries once the worker is stopping.
+SHUTDOWN_BACKOFF_SECONDS = 1.0
 _EPOCH_RE = re.compile(r"^-?[0-9]{1,11}(\.[0-9]{1,9})?$")
 
 
@@ -147,8 +152,20 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-async def backoff_sleep(attempt: int, cap: float = 10.0) -> None:
-    await asyncio.sleep(min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0))
+async def backoff_sleep(attempt: int, cap: float = 10.0,
+                        stopping: asyncio.Event | None = None) -> None:
+    """Back off before retrying a database call. With `stopping` (the worker's stop
+    flag), a stop ends the sleep, and later sleeps are at most SHUTDOWN_BACKOFF_SECONDS:
+    shutdown has a deadline, and a back-off grown during an outage or a table lock (up to
+    `cap`) must not use it up once the database answers again."""
+    if stopping is not None and stopping.is_set():
+        cap = min(cap, SHUTDOWN_BACKOFF_SECONDS)
+    delay = min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+    if stopping is None or stopping.is_set():
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), delay)
 
 
 def is_due_time(payload: str) -> bool:
@@ -249,9 +266,15 @@ class WorkerContext:
         log.warning("lease_lost", **held.log_fields(),
                     reason="recovered, cancelled or replaced by someone else")
         if held.finished:
-            self.held.pop(held.key, None)  # its late write would be fenced out anyway
+            self.forget(held)  # the completer drops its outcome (lease_lost)
         elif held.task is not None:
             held.task.cancel()
+
+    def forget(self, held: Held) -> None:
+        """Drop a held attempt, unless its key already belongs to a newer claim (see
+        `held`): the end of a superseded run must not take the newer run's entry."""
+        if self.held.get(held.key) is held:
+            del self.held[held.key]
 
     def free_slot(self) -> None:
         if self.slot_freed_wakes:

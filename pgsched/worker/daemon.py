@@ -310,7 +310,7 @@ class Worker:
                         log.error("release_failed", jobs=len(unfinished),
                                   hint="their leases expire and another worker recovers them")
                         return
-                    await backoff_sleep(attempt)
+                    await backoff_sleep(attempt, stopping=self.ctx.stop_requested)
             self.ctx.stats.released += len(released)
             log.info("jobs_released", count=len(released))
         self.ctx.held.clear()

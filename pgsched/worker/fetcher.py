@@ -14,12 +14,14 @@ Invariants:
 - Queues: it claims from `options.queues` (None: every queue) except paused ones, and
   at most `queue_concurrency[q]` jobs of queue q at once.
 - Claiming attempt n of a job proves every earlier attempt lost its lease: those runs
-  are cancelled and their outcome is void.
+  (and a held run of attempt n itself: the job was deleted and added again) are
+  cancelled and their outcome is void.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
-retried with backoff. It returns once stop() is called, or in burst mode when nothing
-is left to run; the worker then drains. A job that was cancelled (shutdown, lost lease,
-cancel request) records nothing here: shutdown releases what is still held.
+retried with backoff, which a stop ends (the drain must not wait for it). It returns
+once stop() is called, or in burst mode when nothing is left to run; the worker then
+drains. A job that was cancelled (shutdown, lost lease, cancel request) records nothing
+here: shutdown releases what is still held.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Fetcher:
                 except DB_ERRORS as exc:
                     ctx.db_error("claim", exc, failures)
                     failures += 1
-                    await backoff_sleep(failures)
+                    await backoff_sleep(failures, stopping=ctx.stop_requested)
                     continue
             if not ctx.ready.is_set():
                 ctx.ready.set()
@@ -143,9 +145,11 @@ class Fetcher:
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this
-        worker's own recovery took it back): stop those runs, their outcome is void."""
+        worker's own recovery took it back): stop those runs, their outcome is void. A
+        held run of the same attempt is older too: its row was deleted and the job added
+        again with the same id (attempts start over), so it goes the same way."""
         for held in list(self.ctx.held.values()):
-            if held.id == newer.id and held.attempt < newer.attempt:
+            if held.id == newer.id and held.attempt <= newer.attempt:
                 self.ctx.lease_lost(held)
 
     def _running_by_queue(self) -> Counter[str]:
@@ -172,7 +176,7 @@ class Fetcher:
             ctx.executing -= 1
             held.finished = True
             if held.lease_lost:
-                ctx.held.pop(held.key, None)
+                ctx.forget(held)
                 log.warning("job_abandoned", reason="lease lost")
             elif held.cancel_requested:
                 ctx.metrics.job_ran(held.task_name, held.queue, "cancelled",
@@ -188,7 +192,7 @@ class Fetcher:
         ctx.metrics.job_ran(held.task_name, held.queue,
                             "completed" if outcome.ok else "failed", duration)
         if held.lease_lost:
-            ctx.held.pop(held.key, None)
+            ctx.forget(held)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
         else:
             ctx.completions.put_nowait(

@@ -4,7 +4,9 @@ Every worker runs it; no leader is needed because each step is a single statemen
 is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes).
 
 - recovery, every heartbeat interval: running jobs whose lease expired go back to
-  pending; one orphaned `max_recoveries` times is failed as a poison pill.
+  pending; one orphaned `max_recoveries` times is failed as a poison pill. Skipped while
+  this worker's own heartbeat has not worked for a lease (an outage, a freeze): it
+  cannot tell silent workers from ones that are only reconnecting, itself included.
 - pruning, every few minutes: workers silent for ten leases leave the registry.
 - vacuum, every `vacuum_interval_seconds` (first run after one interval, so restarts do
   not stampede): finished jobs past their retention are deleted in small batches.
@@ -16,8 +18,10 @@ Connection errors are logged and retried on the next tick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
+from typing import Any
 
 from ..logs import get_logger
 from ..store import FINISHED_STATUSES, Store
@@ -76,12 +80,35 @@ class Maintenance:
             if await self.ctx.sleep_or_close(opts.heartbeat_seconds * random.uniform(0.8, 1.0)):
                 return
 
+    def _in_touch_for(self, now: float) -> float:
+        """How much longer this worker's own heartbeat counts as recent (within a lease).
+        After an outage (or a freeze) every worker's registry heartbeat is stale, this
+        one's included: until its own beat has gone through it cannot tell silent workers
+        from ones that are only reconnecting, and would take its own running jobs back
+        (counting a crash against them) instead of letting its heartbeat renew them."""
+        last_ok = self.ctx.last_db_ok
+        if last_ok is None:  # run_once() driven before run() registered: nothing missed
+            return self.ctx.options.lease_seconds
+        return last_ok + self.ctx.options.lease_seconds - now
+
+    async def _recover(self, now: float) -> list[dict[str, Any]]:
+        """Recover orphans while in touch; a recovery that cannot run before that ends
+        (waiting for a connection through an outage) is given up, not run late."""
+        in_touch = self._in_touch_for(now)
+        if in_touch <= 0:
+            return []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(in_touch):
+                return await self.ctx.store.recover_orphans(
+                    max_recoveries=self.ctx.options.max_recoveries)
+        return []
+
     async def run_once(self) -> dict[str, object]:
         opts = self.ctx.options
         store = self.ctx.store
         loop = asyncio.get_running_loop()
         did: dict[str, object] = {}
-        recovered = await store.recover_orphans(max_recoveries=opts.max_recoveries)
+        recovered = await self._recover(loop.time())
         for row in recovered:
             status = str(row["status"])
             fields = dict(job_id=row["id"], task=row["task"], attempt=row["attempts"],
