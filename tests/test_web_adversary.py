@@ -6,6 +6,7 @@ gives. What the browser does with those rows is in test_web_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from conftest import run_cli, wait_until, write_config
@@ -283,3 +285,55 @@ async def test_hostile_rows_from_a_granted_role_come_back_verbatim_as_json(api, 
         response = await api.get(path, headers=AUTH)
         assert response.status_code == 200, (path, response.text)
     assert "web_request_failed" not in web_env["web"].log()
+
+
+# -- resources ---------------------------------------------------------------------------
+
+
+def server_holds_connection(web: WebProcess, client_port: int) -> bool:
+    return any(c.raddr and c.raddr.port == client_port and c.status == "ESTABLISHED"
+               for c in psutil.Process(web.proc.pid).net_connections("tcp"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a dropped client's stream stays blocked in uvicorn's send (flow control) while the "
+    "client does not read: it never sees the CLOSE the feed queued. Bounding the send "
+    "(asyncio.wait_for) ends the generator, but uvicorn then calls transport.close(), "
+    "which waits to flush a buffer the client never takes; only transport.abort() would "
+    "end it, and an ASGI app cannot reach the transport. Events are shared, so a held "
+    "client costs a task and a socket, not copies of events."))
+async def test_an_event_client_that_never_reads_is_disconnected(api, web_env):
+    """A client that stops reading is dropped from the feed when its queue is full; its
+    connection must end too, not stay blocked in a write for as long as it lives."""
+    clients = (await api.get("/healthz")).json()["clients"]
+    host, port = web_env["url"].removeprefix("http://").rsplit(":", 1)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stuck.connect((host, int(port)))
+        stuck.sendall(f"GET /api/events HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        await wait_until(lambda: stuck.recv(1, socket.MSG_PEEK), 10, what="the stream")
+        await wait_until(async_healthz_clients(api, clients + 1), 10, what="subscribed")
+        # Batches smaller than its queue: the stream takes each while the socket buffers
+        # fill (~4 MB), then blocks, and the next batches overflow its queue.
+        for batch in range(30):
+            with psycopg.connect(web_env["dsn"], autocommit=True) as conn:
+                conn.execute(f'INSERT INTO "{web_env["schema"]}".jobs (id, task, execution_time) '
+                             "SELECT %s || n, 'noop', now() + interval '1 day' "
+                             "FROM generate_series(1, 900) n", [f"flood-{batch}-{uuid.uuid4()}-"])
+            await asyncio.sleep(0.3)  # pacing: one look of the feed per batch
+        await wait_until(async_healthz_clients(api, clients), 30, what="dropped from the feed")
+        local = stuck.getsockname()[1]
+        await wait_until(lambda: not server_holds_connection(web_env["web"], local), 15,
+                         what="the server to close the stalled connection")
+    finally:
+        stuck.close()
+        with psycopg.connect(web_env["dsn"], autocommit=True) as conn:
+            conn.execute(f'DELETE FROM "{web_env["schema"]}".jobs WHERE id LIKE %s', ["flood-%"])
+
+
+def async_healthz_clients(api: httpx.AsyncClient, expected: int):
+    async def check() -> bool:
+        return (await api.get("/healthz")).json()["clients"] == expected
+    return check
