@@ -136,6 +136,26 @@ async def test_writes_with_a_cookie_and_only_a_referer_or_a_form_body_are_refuse
     assert (await api.get(f"/api/jobs/{job_id}", headers=AUTH)).status_code == 404
 
 
+async def test_head_options_and_method_overrides_with_the_read_token_write_nothing(api):
+    job_id = f"ro-{uuid.uuid4().hex[:8]}"
+    assert (await api.post("/api/jobs", json={"task": "noop", "id": job_id, "delay": 3600},
+                           headers=AUTH)).status_code == 201
+    read = {"Authorization": f"Bearer {READ_TOKEN}"}
+    for method in ("HEAD", "OPTIONS"):
+        response = await api.request(method, f"/api/jobs/{job_id}/cancel", headers=read)
+        assert response.status_code in (401, 403, 405), method
+    override = await api.get(f"/api/jobs/{job_id}/cancel", headers=read | {
+        "X-HTTP-Method-Override": "POST", "X-Method-Override": "POST"})
+    assert override.status_code == 404  # GET reads a job named "<id>/cancel"
+    assert (await api.get(f"/api/jobs/{job_id}", headers=AUTH)).json()["status"] == "pending"
+
+
+async def test_many_concurrent_requests_are_all_answered(api):
+    responses = await asyncio.gather(*(api.get("/api/jobs", params={"limit": 5}, headers=AUTH)
+                                       for _ in range(100)))
+    assert {r.status_code for r in responses} == {200}
+
+
 # -- crafted input -----------------------------------------------------------------------
 
 
