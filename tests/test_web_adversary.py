@@ -117,6 +117,17 @@ async def test_a_read_only_session_can_log_out_but_not_from_another_site(api, we
     assert 'pgsched_session=""' in logout.headers["set-cookie"]
 
 
+async def test_the_login_form_posts_the_token_so_it_stays_out_of_urls(api):
+    form = await api.get("/login")
+    assert 'method="post"' in form.text
+    wrong = await api.post("/login", data={"token": "wrong-wrong-wrong-wrong"})
+    assert wrong.status_code == 401 and "not valid" in wrong.text
+    login = await api.post("/login", data={"token": TOKEN})
+    assert login.status_code == 303 and login.headers["location"] == "/"
+    session = login.headers["set-cookie"].split(";")[0]
+    assert (await api.get("/api/jobs", headers={"Cookie": session})).status_code == 200
+
+
 async def test_writes_with_a_cookie_and_only_a_referer_or_a_form_body_are_refused(api, web_env):
     host = web_env["url"].removeprefix("http://")
     session = (await api.get("/login", params={"token": TOKEN})).headers["set-cookie"]

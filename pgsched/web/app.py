@@ -22,6 +22,7 @@ import hashlib
 import html
 import importlib.resources
 import re
+import urllib.parse
 from typing import Any
 
 import psycopg
@@ -297,10 +298,7 @@ def create_app(
             return _error(503, "database unreachable")
         return JSONResponse({"ok": True, "clients": svc.feed.clients})
 
-    @app.get("/login", include_in_schema=False)
-    async def login(request: Request, token: str | None = None) -> Response:
-        if token is None:
-            return _login_page(request, status=200)
+    def log_in(request: Request, token: str) -> Response:
         role = tokens.role_of_token(token)
         if role is None:
             return _login_page(request, "That token is not valid.")
@@ -309,6 +307,18 @@ def create_app(
         response.set_cookie(COOKIE, tokens.cookie_for(role), httponly=True, samesite="strict",
                             path=f"{root}/", secure=request.url.scheme == "https")
         return response
+
+    @app.get("/login", include_in_schema=False)
+    async def login(request: Request, token: str | None = None) -> Response:
+        if token is None:
+            return _login_page(request, status=200)
+        return log_in(request, token)  # the URL `pgsched web` prints
+
+    @app.post("/login", include_in_schema=False)
+    async def login_form(request: Request) -> Response:
+        # The form posts: a typed token stays out of URLs (history, a proxy's access log).
+        fields = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
+        return log_in(request, (fields.get("token") or [""])[0])
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
