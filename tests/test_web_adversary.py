@@ -326,7 +326,9 @@ def server_holds_connection(web: WebProcess, client_port: int) -> bool:
                for c in psutil.Process(web.proc.pid).net_connections("tcp"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
+# Not strict: on a loaded machine the stream may lag and be dropped before the socket
+# buffers fill; it then reads its CLOSE and ends, and the test passes by luck.
+@pytest.mark.xfail(strict=False, reason=(
     "a dropped client's stream stays blocked in uvicorn's send (flow control) while the "
     "client does not read: it never sees the CLOSE the feed queued. Bounding the send "
     "(asyncio.wait_for) ends the generator, but uvicorn then calls transport.close(), "
