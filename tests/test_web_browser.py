@@ -10,12 +10,14 @@ PGSCHED_SCREENSHOTS=docs/img to write the screenshots there.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -206,3 +208,61 @@ def test_screenshots_of_the_main_views_in_light_and_dark(browser, site, workers,
                 assert path.stat().st_size > 10_000, path
     finally:
         worker.kill()
+
+
+HOSTILE = ('<img src=x onerror="window.pwned=1"></script><script>window.pwned=2</script>'
+           "javascript:window.pwned=3")
+
+
+def write(site: dict, statement: str, *params: object) -> None:
+    with psycopg.connect(site["dsn"], autocommit=True) as conn:
+        conn.execute(statement.replace("{s}", f'"{site["schema"]}"'), params)
+
+
+def test_hostile_rows_render_as_text_and_run_no_script(browser, site):
+    """Task names, ids, errors, tracebacks, results, queue names, schedule ids and worker
+    hosts holding HTML, written straight into the tables (as a role with the rights
+    `migrate --grant` gives could), show as text in every view and run nothing."""
+    job_id, schedule_id = f"x{HOSTILE}"[:200], f"s{HOSTILE}"[:150]
+    logged_in(browser, site, "#/jobs")
+    try:
+        # While the jobs view is open: the row also arrives by the live event stream.
+        write(site, """INSERT INTO {s}.jobs (id, task, queue, status, execution_time, last_error,
+                    result, args, errors, attempts, worker_id)
+                    VALUES (%s, %s, %s, 'failed', now(), %s, %s, %s, %s, 1, %s)""",
+           job_id, HOSTILE, HOSTILE, HOSTILE, json.dumps(HOSTILE), json.dumps([HOSTILE]),
+           json.dumps([{"attempt": 1, "worker_id": HOSTILE, "at": "2026-01-01T00:00:00Z",
+                        "error": HOSTILE, "traceback": HOSTILE}]), HOSTILE)
+        write(site, """INSERT INTO {s}.jobs (id, task, status, execution_time)
+                    VALUES (%s, %s, 'completed', now())""", f"{schedule_id}@trigger-1", HOSTILE)
+        write(site, """INSERT INTO {s}.schedules (id, task, cron, tz, origin, queue,
+                                                  next_fire_at)
+                    VALUES (%s, %s, %s, %s, 'cli', %s, now() + interval '1 hour')""",
+           schedule_id, HOSTILE, HOSTILE, HOSTILE, HOSTILE)
+        write(site, """INSERT INTO {s}.workers (id, host, pid, version, concurrency, queues)
+                    VALUES (%s, %s, 1, %s, 1, %s)""", HOSTILE, HOSTILE, HOSTILE, [HOSTILE])
+        WebDriverWait(browser, 10).until(lambda b: b.find_elements(
+            By.CSS_SELECTOR, "#jobs-table tr.fresh"))
+        for hash_ in ("#/jobs", "#/failed", f"#/job/{quote(job_id, safe='')}", "#/schedules",
+                      "#/workers"):
+            logged_in(browser, site, hash_)
+            WebDriverWait(browser, 10).until(
+                lambda b: HOSTILE in b.find_element(By.TAG_NAME, "main").text, hash_)
+            assert browser.execute_script("return window.pwned") is None, hash_
+            assert not browser.find_elements(By.CSS_SELECTOR, "main img, main script"), hash_
+            hrefs = browser.execute_script(
+                "return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+            assert all(h.startswith(site["url"]) for h in hrefs), (hash_, hrefs)
+    finally:
+        write(site, "DELETE FROM {s}.jobs WHERE task = %s", HOSTILE)
+        write(site, "DELETE FROM {s}.schedules WHERE id = %s", schedule_id)
+        write(site, "DELETE FROM {s}.workers WHERE host = %s", HOSTILE)
+
+
+def test_api_docs_run_under_the_content_security_policy(browser, site):
+    """Swagger UI's inline start-up script is allowed by its hash: the docs render."""
+    logged_in(browser, site)
+    open_page(browser, f"{site['url']}/api/docs")
+    WebDriverWait(browser, 20).until(ready.text_to_be_present_in_element(
+        (By.CSS_SELECTOR, ".swagger-ui .info .title"), "pgsched"))
+    assert browser.find_elements(By.CSS_SELECTOR, ".opblock-tag")

@@ -48,6 +48,8 @@ router = APIRouter(prefix="/api")
 HEARTBEAT_SECONDS = 15.0
 OUTCOMES = 5
 
+# `:path` in the routes: a job id may hold "/" (a client sends it as %2F, which the
+# server decodes before routing).
 JobId = Annotated[str, Path(min_length=1, max_length=255)]
 ScheduleId = Annotated[str, Path(min_length=1, max_length=200)]
 
@@ -194,7 +196,7 @@ async def _job_row(svc: Any, job_id: str) -> dict[str, Any]:
     return row
 
 
-@router.get("/jobs/{job_id}", summary="One job with every attempt (as `pgsched show --json`)")
+@router.get("/jobs/{job_id:path}", summary="One job with every attempt (as `pgsched show --json`)")
 async def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
     svc = await service(request).ready()
     row = await _job_row(svc, job_id)
@@ -214,17 +216,17 @@ async def _cancel(request: Request, response: Response, job_id: str) -> dict[str
     return job_to_json(await _job_row(svc, job_id))
 
 
-@router.post("/jobs/{job_id}/cancel", summary="Cancel a pending or running job")
+@router.post("/jobs/{job_id:path}/cancel", summary="Cancel a pending or running job")
 async def cancel_job(request: Request, response: Response, job_id: JobId) -> dict[str, Any]:
     return await _cancel(request, response, job_id)
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job (the same as POST .../cancel)")
+@router.delete("/jobs/{job_id:path}", summary="Cancel a job (the same as POST .../cancel)")
 async def delete_job(request: Request, response: Response, job_id: JobId) -> dict[str, Any]:
     return await _cancel(request, response, job_id)
 
 
-@router.post("/jobs/{job_id}/retry", summary="Retry a failed, expired or cancelled job")
+@router.post("/jobs/{job_id:path}/retry", summary="Retry a failed, expired or cancelled job")
 async def retry_job(request: Request, job_id: JobId) -> dict[str, Any]:
     svc = await service(request).ready()
     if not await retry_jobs(svc.store, [job_id]):

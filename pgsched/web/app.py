@@ -17,10 +17,15 @@ request tries again; bad input 400/422; missing or wrong credentials 401/403.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import html
 import importlib.resources
+import re
+import urllib.parse
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -53,6 +58,16 @@ STATIC = importlib.resources.files("pgsched.web").joinpath("static")
 # Open to anyone: the login form, the health check, and files that hold no data.
 OPEN_PATHS = ("/login", "/healthz")
 OPEN_PREFIXES = ("/static/", "/api/docs-static/")
+# On every response: no framing (clickjacking), no MIME sniffing, no Referer (a login
+# URL carries the token), and script only from this service's own files, so that text
+# from a row that ever reached the page as HTML still could not run.
+POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+          "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+          "frame-ancestors 'none'")
+SECURITY_HEADERS = ((b"content-security-policy", POLICY.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"))
 
 
 class Service:
@@ -140,6 +155,19 @@ def _install_errors(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _error(exc.status, str(exc), headers)
 
+    # Registered by class, not in `unexpected`: Starlette closes the connection after an
+    # error answered there, and these are the client's or a row's doing, not bugs.
+    @app.exception_handler(psycopg.DataError)
+    async def unstorable(_request: Request, exc: psycopg.DataError) -> JSONResponse:
+        # A value PostgreSQL cannot hold: a NUL character in an id, a filter or JSON.
+        return _error(400, f"invalid value: {str(exc).strip().splitlines()[0][:200]}")
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
+        # Only a row written around pgsched's depth check (by SQL) nests this deep.
+        return _error(409, "a stored value nests too deeply to decode: it was written "
+                           "around pgsched's checks; inspect it with SQL")
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, DB_ERRORS):
@@ -152,14 +180,23 @@ def _install_errors(app: FastAPI) -> None:
 
 
 class Guard:
-    """ASGI middleware: the body limit and authentication, before any route runs."""
+    """ASGI middleware: security headers, the body limit and authentication, before any
+    route runs."""
 
     def __init__(self, app: Any, tokens: Tokens):
         self.app, self.tokens = app, tokens
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict, receive: Any, plain_send: Any) -> None:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, plain_send)
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                given = {name.lower() for name, _ in message.get("headers", ())}
+                message["headers"] = [*message.get("headers", ()), *(
+                    header for header in SECURITY_HEADERS if header[0] not in given)]
+            await plain_send(message)
+
         request = Request(scope)
         path = scope["path"][len(scope.get("root_path", "")):] \
             if scope["path"].startswith(scope.get("root_path", "")) else scope["path"]
@@ -167,7 +204,7 @@ class Guard:
             try:
                 scope.setdefault("state", {})["role"] = authorize(
                     self.tokens, method=scope["method"], headers=request.headers,
-                    cookies=request.cookies)
+                    cookies=request.cookies, any_role=path == "/logout")
             except AuthError as exc:
                 if path == "/" and exc.status == 401:
                     return await _login_page(request)(scope, receive, send)
@@ -237,11 +274,20 @@ def create_app(
     @app.get("/api/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{root}/api/openapi.json", title="pgsched API",
             swagger_js_url=f"{root}/api/docs-static/swagger-ui-bundle.js",
             swagger_css_url=f"{root}/api/docs-static/swagger-ui.css",
             swagger_favicon_url=f"{root}/static/favicon.svg")
+        # Swagger UI starts from one inline script: allow exactly it, by its hash; its
+        # widgets set inline styles.
+        digests = (hashlib.sha256(code).digest()
+                   for code in re.findall(rb"<script>(.*?)</script>", page.body, re.S))
+        hashes = " ".join(f"'sha256-{base64.b64encode(d).decode()}'" for d in digests)
+        page.headers["content-security-policy"] = POLICY.replace(
+            "script-src 'self'", f"script-src 'self' {hashes}").replace(
+            "style-src 'self'", "style-src 'self' 'unsafe-inline'")
+        return page
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> Response:
@@ -252,10 +298,7 @@ def create_app(
             return _error(503, "database unreachable")
         return JSONResponse({"ok": True, "clients": svc.feed.clients})
 
-    @app.get("/login", include_in_schema=False)
-    async def login(request: Request, token: str | None = None) -> Response:
-        if token is None:
-            return _login_page(request, status=200)
+    def log_in(request: Request, token: str) -> Response:
         role = tokens.role_of_token(token)
         if role is None:
             return _login_page(request, "That token is not valid.")
@@ -264,6 +307,18 @@ def create_app(
         response.set_cookie(COOKIE, tokens.cookie_for(role), httponly=True, samesite="strict",
                             path=f"{root}/", secure=request.url.scheme == "https")
         return response
+
+    @app.get("/login", include_in_schema=False)
+    async def login(request: Request, token: str | None = None) -> Response:
+        if token is None:
+            return _login_page(request, status=200)
+        return log_in(request, token)  # the URL `pgsched web` prints
+
+    @app.post("/login", include_in_schema=False)
+    async def login_form(request: Request) -> Response:
+        # The form posts: a typed token stays out of URLs (history, a proxy's access log).
+        fields = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
+        return log_in(request, (fields.get("token") or [""])[0])
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:

@@ -66,8 +66,9 @@ class Tokens:
 
 
 def authorize(tokens: Tokens, *, method: str, headers: Mapping[str, str],
-              cookies: Mapping[str, str]) -> str:
-    """The caller's role, or AuthError. `headers` are lower-case names."""
+              cookies: Mapping[str, str], any_role: bool = False) -> str:
+    """The caller's role, or AuthError. `headers` are lower-case names. `any_role`: a
+    write that either role may make (logging out), still only from this origin."""
     by_cookie = False
     auth = headers.get("authorization", "")
     if auth:
@@ -84,7 +85,7 @@ def authorize(tokens: Tokens, *, method: str, headers: Mapping[str, str],
                              "or log in at /login?token=...")
     if method.upper() in SAFE_METHODS:
         return role
-    if role != "write":
+    if role != "write" and not any_role:
         raise AuthError(403, "the read token allows GET only")
     if by_cookie and not same_origin(headers):
         raise AuthError(403, "cross-origin request refused: the Origin header must name "

@@ -114,7 +114,9 @@ class ChangeFeed:
         """Events after `last_id`, or None if some of them are no longer held (or the id
         is not one of this process's)."""
         boot, _, number = last_id.partition(":")
-        if boot != self._boot or not number.isdigit() or int(number) > self._seq:
+        # isdigit() alone takes "²", which int() refuses; a client writes this header.
+        if boot != self._boot or not (number.isascii() and number.isdigit()) \
+                or len(number) > 18 or int(number) > self._seq:
             return None
         after = int(number)
         if after == self._seq:
