@@ -1062,13 +1062,24 @@ async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
     return row
 
 
+# What a read shows for a stored JSON value Python cannot decode.
+UNREADABLE_JSON = "<unreadable: nested too deeply, or a number too long, to decode>"
+
+
 def _loads_json(data: str | bytes) -> Any:
+    """Every jsonb value read through a pgsched connection. A value written by SQL around
+    pgsched's checks (nesting past the recursion limit, an integer past int()'s digit
+    limit) reads as UNREADABLE_JSON: one poisoned row must not break `ls`, `show` or the
+    web API's lists. (Claimed jobs decode their arguments apart: claim_jobs.)"""
     # psycopg passes bytes; its signature allows text as well.
     if data == b"[]":
         return []
     if data == b"{}":
         return {}
-    return json.loads(data.decode() if isinstance(data, bytes) else data)
+    try:
+        return json.loads(data.decode() if isinstance(data, bytes) else data)
+    except (RecursionError, ValueError):
+        return UNREADABLE_JSON
 
 
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:

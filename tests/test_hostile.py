@@ -22,6 +22,7 @@ from test_security import roles as roles  # the hostile roles, as a fixture
 from pgsched import JobSpec
 from pgsched.errors import InvalidInput
 from pgsched.recurring import define_schedule
+from pgsched.store import UNREADABLE_JSON
 from pgsched.worker.metrics import MAX_CONNECTIONS, MAX_LABEL_VALUES
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -174,6 +175,22 @@ def test_deep_arguments_are_refused_by_every_cli_entry_point(pg_dsn, schema, tmp
         counts = conn.execute(f'SELECT (SELECT count(*) FROM "{schema}".jobs), '
                               f'(SELECT count(*) FROM "{schema}".schedules)').fetchone()
     assert counts == (0, 0)
+
+
+def test_a_row_nested_too_deeply_by_sql_reads_as_unreadable_in_ls_and_show(granted):
+    # One poisoned row (written by the granted role, around the depth check) must not
+    # break the operator's listing: every read shows it with a marker instead.
+    roles, config = granted
+    deep = "[" * 3000 + "]" * 3000
+    with psycopg.connect(roles.runtime_dsn, autocommit=True) as conn:
+        conn.execute(f"INSERT INTO {roles.schema}.jobs (id, task, execution_time, args, result) "
+                     "VALUES ('deep-row', 'noop', now(), %s, %s)", [deep, deep])
+    listed = run_cli("ls", "--json", config=config)
+    assert listed.returncode == 0 and TRACEBACK not in listed.stderr, listed.stderr
+    [row] = [job for job in json.loads(listed.stdout) if job["id"] == "deep-row"]
+    assert row["args"] == row["result"] == UNREADABLE_JSON
+    shown = run_cli("show", "deep-row", config=config)
+    assert shown.returncode == 0 and TRACEBACK not in shown.stderr, shown.stderr
 
 
 async def test_a_schedule_poisoned_by_sql_is_skipped_and_the_others_fire(granted, workers):

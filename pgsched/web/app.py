@@ -23,6 +23,7 @@ import html
 import importlib.resources
 import re
 import urllib.parse
+from collections.abc import MutableMapping
 from typing import Any
 
 import psycopg
@@ -162,12 +163,6 @@ def _install_errors(app: FastAPI) -> None:
         # A value PostgreSQL cannot hold: a NUL character in an id, a filter or JSON.
         return _error(400, f"invalid value: {str(exc).strip().splitlines()[0][:200]}")
 
-    @app.exception_handler(RecursionError)
-    async def too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
-        # Only a row written around pgsched's depth check (by SQL) nests this deep.
-        return _error(409, "a stored value nests too deeply to decode: it was written "
-                           "around pgsched's checks; inspect it with SQL")
-
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, DB_ERRORS):
@@ -190,7 +185,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, plain_send)
 
-        async def send(message: dict) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 given = {name.lower() for name, _ in message.get("headers", ())}
                 message["headers"] = [*message.get("headers", ()), *(
