@@ -37,6 +37,7 @@ from ..ops import (
     retry_jobs,
     retry_matching,
     schedule_to_json,
+    to_jsonable,
     worker_json,
 )
 from ..queues import validate_queue_name
@@ -255,8 +256,7 @@ async def list_schedules(request: Request) -> dict[str, Any]:
     svc = await service(request).ready()
     outcomes: dict[str, list[dict[str, Any]]] = {}
     for row in await svc.store.schedule_outcomes(limit=OUTCOMES):
-        outcomes.setdefault(row.pop("schedule_id"), []).append(
-            {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()})
+        outcomes.setdefault(row.pop("schedule_id"), []).append(to_jsonable(row))
     return {"schedules": [{**schedule_to_json(r), "outcomes": outcomes.get(r["id"], [])}
                           for r in await svc.store.list_schedules()]}
 
