@@ -14,6 +14,8 @@ import pytest
 from conftest import WorkerProcess, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgsched.scheduler import JobSpec
+
 
 def metrics_config(tmp_path: Path, dsn: str, schema: str, **worker) -> Path:
     path = write_config(tmp_path, dsn, schema, **worker)
@@ -143,3 +145,23 @@ async def test_metrics_port_in_use_is_one_clear_line(tmp_path, pg_dsn, schema, s
     assert errors == [f"error: cannot serve metrics on 127.0.0.1:{port}: Address already in "
                       "use; change [metrics] listen or stop what uses that port"]
     assert "Traceback" not in result.stderr
+
+
+async def test_lease_losses_count_only_leases_really_lost(tmp_path, pg_dsn, schema, sched, workers):
+    """A heartbeat in flight while a finished attempt's outcome commits does not renew
+    that attempt (its row is no longer running): that is not a lost lease. Counted as one,
+    the metric alerted on healthy workers (CI saw 1 in the scrape test)."""
+    config = metrics_config(tmp_path, pg_dsn, schema, heartbeat_seconds=0.02)
+    worker = workers(config)
+    address = await address_of(worker)
+    await sched.schedule_bulk([JobSpec("sleep", args=(0.01,)) for _ in range(600)])
+
+    def scraped() -> dict | None:
+        parsed = samples(get(address, "/metrics")[2])
+        done = value(parsed, "pgsched_jobs_completed_total", task="sleep", queue="default")
+        return parsed if done == 600 else None
+
+    parsed = await wait_until(scraped, what="600 jobs completed", timeout=120)
+    assert value(parsed, "pgsched_lease_renewals_total") > 0  # the heartbeat did run
+    assert value(parsed, "pgsched_lease_losses_total") == 0
+    assert '"lease_lost"' not in worker.log()

@@ -126,7 +126,7 @@ class Completer:
                     self.ctx.job_log.info("job_completed", **c.held.log_fields(),
                                        duration_s=c.duration_s, lateness_ms=c.lateness_ms)
                 else:
-                    self.ctx.stats.lease_lost += 1
+                    self.ctx.count_lease_lost()
                     log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
         cancelled = [c for c in pending if c.outcome.cancelled]
@@ -154,7 +154,7 @@ class Completer:
                                                 self.ctx.options.retry_max_seconds))
         self.ctx.forget(c.held)
         if row is None:
-            self.ctx.stats.lease_lost += 1
+            self.ctx.count_lease_lost()
             log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
         elif row["status"] == "pending" and c.outcome.unknown_task:
             self.ctx.stats.deferred += 1
@@ -189,5 +189,5 @@ class Completer:
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", **c.held.log_fields())
             else:
-                self.ctx.stats.lease_lost += 1
+                self.ctx.count_lease_lost()
                 log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")

@@ -260,9 +260,13 @@ class WorkerContext:
                 attempt += 1
                 await backoff_sleep(attempt)
 
+    def count_lease_lost(self) -> None:
+        self.stats.lease_lost += 1
+        self.metrics.lease_lost()
+
     def lease_lost(self, held: Held) -> None:
         held.lease_lost = True
-        self.stats.lease_lost += 1
+        self.count_lease_lost()
         log.warning("lease_lost", **held.log_fields(),
                     reason="recovered, cancelled or replaced by someone else")
         if held.finished:

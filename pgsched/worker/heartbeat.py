@@ -84,7 +84,10 @@ class Heartbeater:
             kept = await self.ctx.store.heartbeat_jobs(
                 worker_id=self.ctx.id, held=held, lease_seconds=self.ctx.options.lease_seconds
             )
-            self.ctx.metrics.leases(renewed=len(kept), lost=len(held) - len(kept))
+            # Losses are counted where a held attempt is found lost, not as held minus
+            # kept: an attempt whose outcome committed while this renewal ran is missing
+            # from `kept` too, and it lost nothing.
+            self.ctx.metrics.leases_renewed(len(kept))
             for key in held:
                 h = self.ctx.held.get(key)
                 if h is None or h.finished or h.lease_lost:

@@ -114,9 +114,11 @@ class WorkerMetrics:
     def _labels(self, task: str, queue: str) -> tuple[str, str]:
         return _bounded(self._tasks, task), _bounded(self._queues, queue)
 
-    def leases(self, renewed: int, lost: int) -> None:
-        self._renewals.inc(renewed)
-        self._losses.inc(lost)
+    def leases_renewed(self, count: int) -> None:
+        self._renewals.inc(count)
+
+    def lease_lost(self) -> None:
+        self._losses.inc()
 
     def db_error(self, operation: str) -> None:
         self._db_errors.labels(operation).inc()
