@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import json
 import re
@@ -486,5 +487,12 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Interpreter shutdown runs the cyclic garbage collector over every object still
+        # alive: with psycopg loaded that is ~25 ms, a sixth of `pgsched ls`. Frozen objects
+        # are skipped; modules are still torn down, and atexit handlers and finalizers of
+        # objects that die by reference count still run.
+        gc.freeze()
 
