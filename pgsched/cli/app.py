@@ -313,9 +313,13 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     signature = inspect.signature(fn, eval_str=True)
     own = _flags(signature)  # `config --dsn` is the command's own flag: the global one yields
-    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+    signature = signature.replace(
         parameters=[*signature.parameters.values(),
                     *(p for p in _GLOBAL_PARAMETERS if not _flags(p) & own)])
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    # Evaluated once here: typer reads the annotations again when it builds the commands,
+    # and would evaluate every string annotation anew at each start-up.
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
     return wrapper
 
 
