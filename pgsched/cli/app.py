@@ -385,8 +385,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
     fails the same way."""
     import psycopg
 
-    from ..scheduler import cannot_connect
-    from ..store import OneConnection, Store, open_connection
+    from ..store import OneConnection, Store, cannot_connect, open_connection
 
     try:
         conn = await open_connection(resolve_dsn(settings),
