@@ -23,16 +23,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import inspect
 import json
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.main
 from typer.core import TyperGroup
 
 from .. import __version__
@@ -168,8 +177,62 @@ def usage_error_line(exc: typer.TyperException) -> str:
     return f"error: {safe(message)}{where}"
 
 
+# Every command and the module of pgsched/cli/ that defines it, in `pgsched --help` order.
+# A module is imported when one of its commands runs or is listed, so `pgsched ls` neither
+# imports nor builds the other twenty commands (~8 ms of its start-up). A test checks this
+# table against what the modules register.
+COMMAND_MODULES = {
+    **dict.fromkeys(("migrate", "worker", "vacuum", "status", "workers", "init", "config",
+                     "version"), "operate"),
+    **dict.fromkeys(("add", "ls", "show", "retry", "cancel"), "jobs"),
+    **dict.fromkeys(("schedules", "pause", "resume", "trigger", "remove", "cron"),
+                    "schedules"),
+    "queues": "queues",
+    "top": "top",
+    "web": "web",
+}
+
+
+class _Commands(MutableMapping[str, Any]):
+    """The group's commands by name: every name of COMMAND_MODULES, each command built
+    from its module's registration on first use (the dict click and typer read)."""
+
+    def __init__(self, built: MutableMapping[str, Any]):
+        self._built = dict(built)  # what typer built: commands registered before it ran
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            importlib.import_module(f"{__package__}.{COMMAND_MODULES[name]}")
+            registered = {info.name or typer.main.get_command_name(info.callback.__name__): info
+                          for info in app.registered_commands if info.callback is not None}
+            if name not in registered:
+                raise RuntimeError(f"pgsched/cli/{COMMAND_MODULES[name]}.py has no command {name}")
+            self._built[name] = typer.main.get_command_from_info(
+                registered[name],
+                pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode)
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(COMMAND_MODULES), **self._built})
+
+    def __len__(self) -> int:
+        return len({**dict.fromkeys(COMMAND_MODULES), **self._built})
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._built[name]
+
+
 class _Group(TyperGroup):
-    """Usage errors as one line on stderr with exit 2, instead of click's usage block."""
+    """Commands built when used (see COMMAND_MODULES); usage errors as one line on stderr
+    with exit 2, instead of click's usage block."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.commands = _Commands(self.commands)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
