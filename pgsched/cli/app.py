@@ -15,7 +15,8 @@ Invariants:
 - Everything printed that came from the database or the user goes through `safe()` (or a
   renderer that uses it), so control characters can never drive the terminal.
 - Start-up is cheap: this module and the command modules import the library, psycopg and
-  rich inside the commands that need them, so `--version` and `--help` load none of them.
+  rich inside the commands that need them, so `--version` and `--help` load none of them;
+  a command module is imported only when one of its commands is used (COMMAND_MODULES).
 """
 
 from __future__ import annotations
@@ -213,11 +214,14 @@ class _Commands(MutableMapping[str, Any]):
                 rich_markup_mode=app.rich_markup_mode)
         return self._built[name]
 
+    def _names(self) -> dict[str, None]:
+        return {**dict.fromkeys(COMMAND_MODULES), **dict.fromkeys(self._built)}
+
     def __iter__(self) -> Iterator[str]:
-        return iter({**dict.fromkeys(COMMAND_MODULES), **self._built})
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len({**dict.fromkeys(COMMAND_MODULES), **self._built})
+        return len(self._names())
 
     def __setitem__(self, name: str, command: Any) -> None:
         self._built[name] = command
