@@ -35,6 +35,7 @@ import tomli_w
 from . import recurring
 from .config import Settings
 from .errors import InvalidInput
+from .jobjson import priority_name, to_jsonable
 from .logs import get_logger
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
@@ -60,23 +61,6 @@ def human_seconds(seconds: float) -> str:
     if whole < 86400:
         return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    return value
-
-
-def priority_name(value: int) -> str | int:
-    try:
-        return JobPriority(value).name.lower()
-    except ValueError:
-        return value
 
 
 # -- snapshots ---------------------------------------------------------------------------
@@ -229,19 +213,6 @@ JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "exec
             "created_at", "started_at", "finished_at", "attempts", "failures", "recoveries",
             "max_retries", "timeout_seconds", "misfire_grace_seconds", "worker_id",
             "lease_until", "heartbeat_at", "result", "last_error")
-
-
-# What `pgsched ls --json` prints for a job (and the web API's job objects).
-LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
-           "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
-           "created_at", "started_at", "finished_at", "worker_id")
-
-
-def job_to_json(row: dict[str, Any]) -> dict[str, Any]:
-    data = {key: row.get(key) for key in LS_KEYS}
-    data["priority"] = priority_name(row["priority"])
-    data["status"] = str(row["status"])
-    return to_jsonable(data)
 
 
 def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:

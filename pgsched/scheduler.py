@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
-from .config import mask_dsn
-from .errors import DatabaseUnavailable, InvalidInput, JobConflict
+from .errors import InvalidInput, JobConflict
 from .logs import configure_unless_configured as configure_logging_unless_configured
 from .payload import encode_arguments
 from .queues import DEFAULT_QUEUE, validate_queue_name
@@ -40,6 +39,7 @@ from .store import (
     LOCK_TIMEOUT_SECONDS,
     NewJob,
     Store,
+    cannot_connect,
     lock_timeout_for,
     open_pool,
 )
@@ -181,13 +181,6 @@ def _gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-def cannot_connect(exc: Exception) -> DatabaseUnavailable:
-    """The error for a failed connection attempt: libpq's first line says why (the rest is
-    a generic hint), any password in it masked."""
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DatabaseUnavailable(f"cannot connect to the database: {mask_dsn(reason)}")
 
 
 def _pool_conninfo(pool: psycopg_pool.AsyncConnectionPool) -> str:

@@ -19,7 +19,8 @@ Invariants:
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
-back off and retry; constraint problems become pgsched errors.
+back off and retry; constraint problems become pgsched errors. A caller that cannot
+open a connection at all turns the error into DatabaseUnavailable with `cannot_connect`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from psycopg.rows import dict_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
 
-from .errors import InvalidInput, JobConflict, PgschedError
+from .config import mask_dsn
+from .errors import DatabaseUnavailable, InvalidInput, JobConflict, PgschedError
 
 if TYPE_CHECKING:
     # Imported by open_pool only: a CLI read command never loads psycopg_pool (~4 ms).
@@ -990,6 +992,13 @@ class OneConnection:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         yield self.conn
+
+
+def cannot_connect(exc: Exception) -> DatabaseUnavailable:
+    """The error for a failed connection attempt: libpq's first line says why (the rest is
+    a generic hint), any password in it masked."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DatabaseUnavailable(f"cannot connect to the database: {mask_dsn(reason)}")
 
 
 async def open_connection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import typer.main
 from conftest import WORKER_TASKS, cli_env, run_cli, write_config
 from typer.testing import CliRunner
 
 from pgsched.cli import app
+from pgsched.cli.app import COMMAND_MODULES
 from pgsched.store import migrations
 
 LATEST = migrations()[-1][0]
@@ -182,12 +185,20 @@ def test_unreachable_database_exit_1_without_password(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_ls_reads_over_one_connection_without_the_pool_or_the_worker(config):
-    """`ls` (a read command) makes one plain connection: psycopg_pool and the worker, most
-    of what its start-up cost beyond psycopg, are never imported."""
+# What `pgsched ls` has no use for: the pool and the worker, the scheduler and the operator
+# read models with what they import, and every other command's module.
+NOT_FOR_LS = ("psycopg_pool", "pgsched.worker", "pgsched.scheduler", "pgsched.ops",
+              "pgsched.recurring", "pgsched.timing", "pgsched.cli.operate",
+              "pgsched.cli.schedules", "pgsched.cli.queues", "pgsched.cli.top",
+              "pgsched.cli.web", "pgsched.cli.views", "rich")
+
+
+def test_ls_reads_over_one_connection_and_loads_nothing_else(config):
+    """`ls` (a read command) makes one plain connection and imports only its own command:
+    what it does not use (NOT_FOR_LS) is never imported, so it never costs start-up time."""
     job_id = cli(config, "add", "noop").stdout.strip()
     report = ("import atexit, sys; atexit.register(lambda: print('loaded:', *sorted("
-              "m for m in ('psycopg_pool', 'pgsched.worker') if m in sys.modules), "
+              f"m for m in {NOT_FOR_LS!r} if m in sys.modules), "
               "file=sys.stderr)); from pgsched.cli import main; main()")
     result = subprocess.run(
         [sys.executable, "-c", report, "--config", str(config), "ls", "--json"],
@@ -195,6 +206,17 @@ def test_ls_reads_over_one_connection_without_the_pool_or_the_worker(config):
     assert result.returncode == 0, result.stderr
     assert [row["id"] for row in json.loads(result.stdout)] == [job_id]
     assert result.stderr.splitlines()[-1] == "loaded:"
+
+
+def test_every_command_is_in_the_table_of_lazily_loaded_commands():
+    """app.py imports a command's module when the command is used, by COMMAND_MODULES: a
+    command missing there, or listed under the wrong module, would vanish from pgsched."""
+    for module in set(COMMAND_MODULES.values()):
+        importlib.import_module(f"pgsched.cli.{module}")
+    registered = {info.name or typer.main.get_command_name(info.callback.__name__):
+                  info.callback.__module__ for info in app.registered_commands}
+    assert registered == {name: f"pgsched.cli.{module}"
+                          for name, module in COMMAND_MODULES.items()}
 
 
 def test_python_dash_m_and_usage_errors_exit_2():

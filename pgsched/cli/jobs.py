@@ -350,7 +350,7 @@ def ls(
             return await store.list_jobs(statuses=statuses, task=task_name, queue=queue,
                                          limit=limit + 1, since=created_since)
 
-    from ..ops import job_to_json
+    from ..jobjson import job_to_json
 
     rows = [job_to_json(row) for row in _run(go())]
     more = len(rows) > limit

@@ -19,7 +19,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..ops import Snapshot, human_seconds, priority_name, worker_is_live
+from ..jobjson import priority_name
+from ..ops import Snapshot, human_seconds, worker_is_live
 from .app import safe
 
 ERROR_WIDTH = 70

@@ -27,17 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import recurring
 from ..errors import InvalidInput, JobConflict, JobNotFound, PgschedError, ScheduleNotFound
+from ..jobjson import job_to_json, to_jsonable
 from ..ops import (
     RETRYABLE_STATUSES,
     gather,
     job_json,
     job_spec_from_object,
-    job_to_json,
     queue_to_json,
     retry_jobs,
     retry_matching,
     schedule_to_json,
-    to_jsonable,
     worker_json,
 )
 from ..queues import validate_queue_name

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..jobjson import priority_name, to_jsonable
 from ..logs import get_logger
-from ..ops import priority_name, to_jsonable
 from ..store import Store, connect
 from ..worker.daemon import DB_ERRORS
 
