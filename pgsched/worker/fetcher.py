@@ -38,7 +38,7 @@ from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
 from ..tasks import JobPriority
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
-from .executor import CANCELLED, run_job
+from .executor import CANCELLED, make_running_job, run_job
 
 log = get_logger("pgsched.worker")
 
@@ -136,7 +136,8 @@ class Fetcher:
                 continue
             ctx.stats.claimed += 1
             ctx.metrics.job("started", job["task"], job["queue"])
-            held = Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"])
+            held = Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"],
+                        running=make_running_job(job, ctx.store, ctx.id))
             self._lose_older_attempts(held)
             ctx.held[held.key] = held
             ctx.executing += 1
@@ -171,7 +172,7 @@ class Fetcher:
         # limit would drop the warnings that matter.
         ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
         try:
-            outcome = await run_job(job, ctx.threads)
+            outcome = await run_job(job, ctx.threads, running=held.running)
         except asyncio.CancelledError:
             ctx.executing -= 1
             held.finished = True
