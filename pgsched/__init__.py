@@ -19,6 +19,7 @@ from .errors import (
     PgschedError,
     ScheduleConflict,
     ScheduleNotFound,
+    WaitTimedOut,
 )
 from .version import __version__
 
@@ -79,6 +80,7 @@ __all__ = [
     "ScheduleConflict",
     "ScheduleNotFound",
     "Scheduler",
+    "WaitTimedOut",
     "Worker",
     "WorkerOptions",
     "__version__",
