@@ -172,3 +172,14 @@ def complete_misuse(kind: str) -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "passed"
+
+
+@task(max_retries=0)
+def complete_when_released(key: str, release: str) -> None:
+    """Waits for the test (which takes the job away meanwhile), then writes and completes
+    in one transaction: the refused complete() rolls the write back."""
+    while not Path(release).exists():
+        time.sleep(0.02)
+    with _side_connection() as conn, conn.transaction():
+        _side_insert(conn, key)
+        current_job().complete(conn, "late")

@@ -293,3 +293,27 @@ async def test_sigkill_between_the_tasks_write_and_commit_reruns_the_job_without
     assert str(row["status"]) == "completed" and row["result"] == {"attempt": 2}
     assert row["errors"][0]["outcome"] == "lease_expired"
     assert await side_rows(sched) == [("k", job_id, 2)]
+
+
+async def test_complete_after_the_lease_was_lost_is_refused_and_the_write_rolls_back(
+        sched, side, tmp_path):
+    worker, runner = await start(sched)
+    try:
+        release = tmp_path / "release"
+        job_id = await sched.schedule("complete_when_released", args=("x", str(release)))
+        await wait_until(lambda: _status(sched, job_id, "running"), what="running")
+        # Another worker's recovery took it back (what recover_orphans writes).
+        await sql(sched, "UPDATE {schema}.jobs SET status = 'pending', worker_id = NULL, "
+                         "execution_time = now() + interval '1 day' WHERE id = %s", [job_id])
+        release.touch()
+        await wait_until(lambda: worker.stats.lease_lost >= 1, what="the loss noticed")
+        await wait_until(lambda: worker.abandoned_threads == 0, what="its thread ended")
+        row = await sched.get_job(job_id)
+        assert str(row["status"]) == "pending" and row["result"] is None
+        assert await side_rows(sched) == []
+    finally:
+        await stop(worker, runner)
+
+
+async def _status(sched, job_id, status):
+    return str((await sched.get_job(job_id))["status"]) == status
