@@ -508,10 +508,11 @@ class Scheduler:
         transaction (docs/job-control.md), exists only if that commits, and wakes workers
         only then. The Scheduler need not be open. schedule_sync() takes a sync one.
         """
-        job, mode = self._prepared(
-            func, execution_time=execution_time, args=args, kwargs=kwargs, priority=priority,
-            max_retries=max_retries, job_id=job_id, conflict_resolution=conflict_resolution,
-            misfire_grace_time=misfire_grace_time, timeout=timeout, queue=queue)
+        job = self._new_job(JobSpec(
+            func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
+            misfire_grace_time, queue,
+        ))
+        mode = ConflictResolution.parse(conflict_resolution)
         replace = mode is ConflictResolution.REPLACE
         if connection is not None:
             written = await self._statements.insert_jobs_in(
@@ -521,39 +522,22 @@ class Scheduler:
             written = await self.store.insert_jobs([job], replace=replace)
         return self._scheduled_id(job, mode, written)
 
-    def schedule_sync(self, func: Callable[..., Any] | str, *,
-                      connection: psycopg.Connection[Any], **options: Any) -> str:
+    def schedule_sync(
+        self, func: Callable[..., Any] | str, *, connection: psycopg.Connection[Any],
+        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
+        **options: Any,
+    ) -> str:
         """schedule() through the caller's synchronous psycopg Connection (Django's
         `connection.connection`, a SQLAlchemy session's driver connection), in its
-        transaction; the same keyword options as schedule(). Needs no open Scheduler and
-        no event loop: a Django view calls it inside `transaction.atomic()`."""
-        job, mode = self._prepared(func, **options)
+        transaction; the same keyword options as schedule() (JobSpec's fields). Needs no
+        open Scheduler and no event loop: a Django view calls it inside
+        `transaction.atomic()`."""
+        job = self._new_job(JobSpec(func, **options))
+        mode = ConflictResolution.parse(conflict_resolution)
         written = self._statements.insert_jobs_in_sync(
             _caller_connection(connection, sync=True), [job],
             replace=mode is ConflictResolution.REPLACE, require_all=False)
         return self._scheduled_id(job, mode, written)
-
-    def _prepared(
-        self,
-        func: Callable[..., Any] | str,
-        *,
-        execution_time: datetime | None = None,
-        args: Sequence[Any] = (),
-        kwargs: dict[str, Any] | None = None,
-        priority: JobPriority | int | str | None = None,
-        max_retries: int | None = None,
-        job_id: str | None = None,
-        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
-        misfire_grace_time: float | _Unset | None = UNSET,
-        timeout: float | _Unset | None = UNSET,
-        queue: str | None = None,
-    ) -> tuple[NewJob, ConflictResolution]:
-        """schedule()'s job, validated, and its conflict mode."""
-        job = self._new_job(JobSpec(
-            func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
-            misfire_grace_time, queue,
-        ))
-        return job, ConflictResolution.parse(conflict_resolution)
 
     @property
     def _statements(self) -> Store:

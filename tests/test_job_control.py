@@ -35,6 +35,14 @@ def side(pg_dsn: str, schema: str, sched, monkeypatch) -> Iterator[dict[str, str
     yield env
 
 
+@pytest.fixture
+async def worker(sched):
+    """The real Worker, in-process, for the test's schema."""
+    running, runner = await start(sched)
+    yield running
+    await stop(running, runner)
+
+
 async def side_rows(sched) -> list[tuple]:
     return await sql(sched, "SELECT key, job_id, attempt FROM {schema}.side ORDER BY attempt")
 
@@ -92,103 +100,73 @@ def test_fail_keeps_its_reason():
 # -- in-process worker ------------------------------------------------------------------
 
 
-async def test_current_job_describes_the_run_for_async_and_sync_tasks(sched):
-    worker, runner = await start(sched)
-    try:
-        due = datetime.now(UTC) - timedelta(seconds=1)
-        ids = [await sched.schedule(name, execution_time=due) for name in
-               ("whoami", "whoami_sync")]
-        for job_id, name in zip(ids, ("whoami", "whoami_sync"), strict=True):
-            row = await wait_until(lambda job_id=job_id: ended(sched, job_id), what=name)
-            assert str(row["status"]) == "completed", row["last_error"]
-            assert row["result"] == {
-                "id": job_id, "attempt": 1, "queue": "control", "task": name,
-                "scheduled_at": row["execution_time"].isoformat(),
-                "schedule_id": None, "fire_time": None}
-    finally:
-        await stop(worker, runner)
+async def test_current_job_describes_the_run_for_async_and_sync_tasks(sched, worker):
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    ids = [await sched.schedule(name, execution_time=due) for name in
+           ("whoami", "whoami_sync")]
+    for job_id, name in zip(ids, ("whoami", "whoami_sync"), strict=True):
+        row = await wait_until(lambda job_id=job_id: ended(sched, job_id), what=name)
+        assert str(row["status"]) == "completed", row["last_error"]
+        assert row["result"] == {
+            "id": job_id, "attempt": 1, "queue": "control", "task": name,
+            "scheduled_at": row["execution_time"].isoformat(),
+            "schedule_id": None, "fire_time": None}
 
 
-async def test_retry_snoozes_without_counting_a_failure(sched):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("snooze_until", args=(3, 0.05), max_retries=0)
-        row = await wait_until(lambda: ended(sched, job_id), what="snoozed job")
-        assert str(row["status"]) == "completed" and row["result"] == 3
-        assert (row["failures"], row["snoozes"]) == (0, 2)
-        assert [e["outcome"] for e in row["errors"]] == ["snoozed", "snoozed"]
-        assert worker.stats.snoozed == 2 and worker.stats.failed == 0
-    finally:
-        await stop(worker, runner)
+async def test_retry_snoozes_without_counting_a_failure(sched, worker):
+    job_id = await sched.schedule("snooze_until", args=(3, 0.05), max_retries=0)
+    row = await wait_until(lambda: ended(sched, job_id), what="snoozed job")
+    assert str(row["status"]) == "completed" and row["result"] == 3
+    assert (row["failures"], row["snoozes"]) == (0, 2)
+    assert [e["outcome"] for e in row["errors"]] == ["snoozed", "snoozed"]
+    assert worker.stats.snoozed == 2 and worker.stats.failed == 0
 
 
-async def test_a_job_that_snoozes_past_max_snoozes_fails_saying_so(sched):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("snooze_forever")
-        row = await wait_until(lambda: ended(sched, job_id), what="capped job")
-        assert str(row["status"]) == "failed"
-        assert row["snoozes"] == 3 and row["attempts"] == 4
-        assert "snoozed 3 times, the task's max_snoozes" in row["last_error"]
-    finally:
-        await stop(worker, runner)
+async def test_a_job_that_snoozes_past_max_snoozes_fails_saying_so(sched, worker):
+    job_id = await sched.schedule("snooze_forever")
+    row = await wait_until(lambda: ended(sched, job_id), what="capped job")
+    assert str(row["status"]) == "failed"
+    assert row["snoozes"] == 3 and row["attempts"] == 4
+    assert "snoozed 3 times, the task's max_snoozes" in row["last_error"]
 
 
-async def test_retry_with_a_bad_delay_fails_the_attempt_and_the_worker_goes_on(sched):
-    worker, runner = await start(sched)
-    try:
-        jobs = [await sched.schedule(name, args=(kind,), max_retries=0)
-                for name in ("bad_retry", "retry_constructed_badly")
-                for kind in ("nan", "negative", "huge", "text")]
-        for job_id in jobs:
-            row = await wait_until(lambda job_id=job_id: ended(sched, job_id), what="bad retry")
-            assert str(row["status"]) == "failed", row
-            assert "invalid Retry delay" in row["last_error"] and row["snoozes"] == 0
-        after = await sched.schedule("whoami")
-        assert str((await wait_until(lambda: ended(sched, after)))["status"]) == "completed"
-        assert not runner.done()
-    finally:
-        await stop(worker, runner)
+async def test_retry_with_a_bad_delay_fails_the_attempt_and_the_worker_goes_on(sched, worker):
+    jobs = [await sched.schedule(name, args=(kind,), max_retries=0)
+            for name in ("bad_retry", "retry_constructed_badly")
+            for kind in ("nan", "negative", "huge", "text")]
+    for job_id in jobs:
+        row = await wait_until(lambda job_id=job_id: ended(sched, job_id), what="bad retry")
+        assert str(row["status"]) == "failed", row
+        assert "invalid Retry delay" in row["last_error"] and row["snoozes"] == 0
+    after = await sched.schedule("whoami")
+    assert str((await wait_until(lambda: ended(sched, after)))["status"]) == "completed"
 
 
-async def test_fail_fails_at_once_with_its_reason_even_with_retries_left(sched):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("fail_with", args=("card declined<NUL>!",))
-        row = await wait_until(lambda: ended(sched, job_id), what="failed job")
-        assert str(row["status"]) == "failed" and row["attempts"] == 1
-        assert row["last_error"] == "card declined\\x00!"
-    finally:
-        await stop(worker, runner)
+async def test_fail_fails_at_once_with_its_reason_even_with_retries_left(sched, worker):
+    job_id = await sched.schedule("fail_with", args=("card declined<NUL>!",))
+    row = await wait_until(lambda: ended(sched, job_id), what="failed job")
+    assert str(row["status"]) == "failed" and row["attempts"] == 1
+    assert row["last_error"] == "card declined\\x00!"
 
 
-async def test_retry_on_retries_only_the_exceptions_it_names(sched):
-    worker, runner = await start(sched)
-    try:
-        retried = await sched.schedule("picky", args=("connection",))
-        final = await sched.schedule("picky", args=("value",))
-        row = await wait_until(lambda: ended(sched, retried), what="retried job")
-        assert str(row["status"]) == "failed" and row["attempts"] == 4  # 1 + max_retries
-        row = await wait_until(lambda: ended(sched, final), what="final job")
-        assert str(row["status"]) == "failed" and row["attempts"] == 1
-        assert row["last_error"] == "ValueError: bad input"
-    finally:
-        await stop(worker, runner)
+async def test_retry_on_retries_only_the_exceptions_it_names(sched, worker):
+    retried = await sched.schedule("picky", args=("connection",))
+    final = await sched.schedule("picky", args=("value",))
+    row = await wait_until(lambda: ended(sched, retried), what="retried job")
+    assert str(row["status"]) == "failed" and row["attempts"] == 4  # 1 + max_retries
+    row = await wait_until(lambda: ended(sched, final), what="final job")
+    assert str(row["status"]) == "failed" and row["attempts"] == 1
+    assert row["last_error"] == "ValueError: bad input"
 
 
-async def test_backoff_sets_the_retry_time_and_a_broken_one_falls_back(sched):
-    worker, runner = await start(sched)
-    try:
-        hour = await sched.schedule("backoff_hour")
-        broken = await sched.schedule("backoff_raises")
-        row = await wait_until(lambda: ended(sched, broken), what="broken backoff's job")
-        assert str(row["status"]) == "failed" and row["attempts"] == 3
-        row = await wait_until(lambda: _failed_once(sched, hour), what="first failure")
-        failed_at = datetime.fromisoformat(row["errors"][0]["at"])
-        assert 3590 < (row["execution_time"] - failed_at).total_seconds() < 3610
-        assert not runner.done()
-    finally:
-        await stop(worker, runner)
+async def test_backoff_sets_the_retry_time_and_a_broken_one_falls_back(sched, worker):
+    hour = await sched.schedule("backoff_hour")
+    broken = await sched.schedule("backoff_raises")
+    row = await wait_until(lambda: ended(sched, broken), what="broken backoff's job")
+    assert str(row["status"]) == "failed" and row["attempts"] == 3
+    row = await wait_until(lambda: _failed_once(sched, hour), what="first failure")
+    failed_at = datetime.fromisoformat(row["errors"][0]["at"])
+    assert 3590 < (row["execution_time"] - failed_at).total_seconds() < 3610
 
 
 async def _failed_once(sched, job_id):
@@ -199,45 +177,33 @@ async def _failed_once(sched, job_id):
 # -- a task's own transaction -----------------------------------------------------------
 
 
-async def test_complete_commits_with_the_tasks_writes(sched, side):
-    worker, runner = await start(sched)
-    try:
-        sync_id = await sched.schedule("complete_in_tx", args=("s",))
-        async_id = await sched.schedule("complete_in_tx_async", args=("a",))
-        row = await wait_until(lambda: ended(sched, sync_id), what="sync completion")
-        assert str(row["status"]) == "completed" and row["result"] == {"key": "s"}
-        row = await wait_until(lambda: ended(sched, async_id), what="async completion")
-        assert str(row["status"]) == "completed" and row["result"] == {"async": "a"}
-        assert sorted(r[0] for r in await side_rows(sched)) == ["a", "s"]
-        await wait_until(lambda: worker.stats.completed == 2, what="both counted")
-        assert worker.stats.lease_lost == 0
-    finally:
-        await stop(worker, runner)
+async def test_complete_commits_with_the_tasks_writes(sched, worker, side):
+    sync_id = await sched.schedule("complete_in_tx", args=("s",))
+    async_id = await sched.schedule("complete_in_tx_async", args=("a",))
+    row = await wait_until(lambda: ended(sched, sync_id), what="sync completion")
+    assert str(row["status"]) == "completed" and row["result"] == {"key": "s"}
+    row = await wait_until(lambda: ended(sched, async_id), what="async completion")
+    assert str(row["status"]) == "completed" and row["result"] == {"async": "a"}
+    assert sorted(r[0] for r in await side_rows(sched)) == ["a", "s"]
+    await wait_until(lambda: worker.stats.completed == 2, what="both counted")
+    assert worker.stats.lease_lost == 0
 
 
-async def test_complete_rolled_back_fails_the_job_and_leaves_no_writes(sched, side):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("complete_and_roll_back", args=("r",))
-        row = await wait_until(lambda: ended(sched, job_id), what="rolled back")
-        assert str(row["status"]) == "failed"
-        assert "did not commit" in row["last_error"]
-        assert await side_rows(sched) == []
-        assert worker.stats.lease_lost == 0
-    finally:
-        await stop(worker, runner)
+async def test_complete_rolled_back_fails_the_job_and_leaves_no_writes(sched, worker, side):
+    job_id = await sched.schedule("complete_and_roll_back", args=("r",))
+    row = await wait_until(lambda: ended(sched, job_id), what="rolled back")
+    assert str(row["status"]) == "failed"
+    assert "did not commit" in row["last_error"]
+    assert await side_rows(sched) == []
+    assert worker.stats.lease_lost == 0
 
 
-async def test_complete_twice_is_refused_and_the_first_stands(sched, side):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("complete_twice")
-        row = await wait_until(lambda: ended(sched, job_id), what="twice")
-        assert str(row["status"]) == "completed" and row["result"] == 1
-        [(said, _, _)] = await side_rows(sched)
-        assert said.startswith("LeaseLost: ") and "no longer running" in said
-    finally:
-        await stop(worker, runner)
+async def test_complete_twice_is_refused_and_the_first_stands(sched, worker, side):
+    job_id = await sched.schedule("complete_twice")
+    row = await wait_until(lambda: ended(sched, job_id), what="twice")
+    assert str(row["status"]) == "completed" and row["result"] == 1
+    [(said, _, _)] = await side_rows(sched)
+    assert said.startswith("LeaseLost: ") and "no longer running" in said
 
 
 @pytest.mark.parametrize("kind, said", [
@@ -246,28 +212,21 @@ async def test_complete_twice_is_refused_and_the_first_stands(sched, side):
     ("not_a_connection", "InvalidInput: complete() needs a psycopg Connection"),
     ("nul", "InvalidInput: the task's return value contains a NUL"),
 ])
-async def test_complete_misused_raises_in_the_task_and_writes_nothing(sched, side, kind, said):
-    worker, runner = await start(sched)
-    try:
-        job_id = await sched.schedule("complete_misuse", args=(kind,))
-        row = await wait_until(lambda: ended(sched, job_id), what="misuse")
-        assert str(row["status"]) == "completed" and row["result"].startswith(said), row
-    finally:
-        await stop(worker, runner)
+async def test_complete_misused_raises_in_the_task_and_writes_nothing(sched, worker, side, kind,
+                                                                     said):
+    job_id = await sched.schedule("complete_misuse", args=(kind,))
+    row = await wait_until(lambda: ended(sched, job_id), what="misuse")
+    assert str(row["status"]) == "completed" and row["result"].startswith(said), row
 
 
-async def test_current_job_names_the_schedule_window_a_job_came_from(sched):
+async def test_current_job_names_the_schedule_window_a_job_came_from(sched, worker):
     fire = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     job_id = await sched.schedule("whoami", execution_time=datetime.now(UTC) + timedelta(days=1))
     await sql(sched, "UPDATE {schema}.jobs SET schedule_id = 'nightly', fire_time = %s, "
                      "execution_time = now() WHERE id = %s", [fire, job_id])
-    worker, runner = await start(sched)
-    try:
-        row = await wait_until(lambda: ended(sched, job_id), what="window job")
-        assert (row["result"]["schedule_id"], row["result"]["fire_time"]) == (
-            "nightly", fire.isoformat())
-    finally:
-        await stop(worker, runner)
+    row = await wait_until(lambda: ended(sched, job_id), what="window job")
+    assert (row["result"]["schedule_id"], row["result"]["fire_time"]) == (
+        "nightly", fire.isoformat())
 
 
 # -- worker processes -------------------------------------------------------------------
@@ -296,23 +255,19 @@ async def test_sigkill_between_the_tasks_write_and_commit_reruns_the_job_without
 
 
 async def test_complete_after_the_lease_was_lost_is_refused_and_the_write_rolls_back(
-        sched, side, tmp_path):
-    worker, runner = await start(sched)
-    try:
-        release = tmp_path / "release"
-        job_id = await sched.schedule("complete_when_released", args=("x", str(release)))
-        await wait_until(lambda: _status(sched, job_id, "running"), what="running")
-        # Another worker's recovery took it back (what recover_orphans writes).
-        await sql(sched, "UPDATE {schema}.jobs SET status = 'pending', worker_id = NULL, "
-                         "execution_time = now() + interval '1 day' WHERE id = %s", [job_id])
-        release.touch()
-        await wait_until(lambda: worker.stats.lease_lost >= 1, what="the loss noticed")
-        await wait_until(lambda: worker.abandoned_threads == 0, what="its thread ended")
-        row = await sched.get_job(job_id)
-        assert str(row["status"]) == "pending" and row["result"] is None
-        assert await side_rows(sched) == []
-    finally:
-        await stop(worker, runner)
+        sched, worker, side, tmp_path):
+    release = tmp_path / "release"
+    job_id = await sched.schedule("complete_when_released", args=("x", str(release)))
+    await wait_until(lambda: _status(sched, job_id, "running"), what="running")
+    # Another worker's recovery took it back (what recover_orphans writes).
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'pending', worker_id = NULL, "
+                     "execution_time = now() + interval '1 day' WHERE id = %s", [job_id])
+    release.touch()
+    await wait_until(lambda: worker.stats.lease_lost >= 1, what="the loss noticed")
+    await wait_until(lambda: worker.abandoned_threads == 0, what="its thread ended")
+    row = await sched.get_job(job_id)
+    assert str(row["status"]) == "pending" and row["result"] is None
+    assert await side_rows(sched) == []
 
 
 async def _status(sched, job_id, status):
