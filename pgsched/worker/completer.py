@@ -118,7 +118,10 @@ class Completer:
         """Write a batch (failures one by one). Each outcome leaves `pending` as soon as it
         is written: after a connection error part-way, a retry writes only the rest (the
         successes already committed would be fenced out and reported as lost leases)."""
-        for own in [c for c in pending if c.outcome.completed_in_task]:
+        # The live flag too: a complete() made after the task returned (from a thread it
+        # left behind) must not be taken for a lost lease either.
+        for own in [c for c in pending
+                    if c.outcome.completed_in_task or c.held.completed_in_task]:
             await self._record_task_completion(own)
             pending[:] = [c for c in pending if c is not own]
         successes = [c for c in pending if c.outcome.ok]
@@ -162,6 +165,7 @@ class Completer:
                                   duration_s=c.duration_s, lateness_ms=c.lateness_ms)
             return
         outcome = dataclasses.replace(c.outcome, completed_in_task=False)
+        c.held.running = None  # settled: the outcome below is written as any other
         if outcome.ok:
             outcome = failed("the task called current_job().complete() but its transaction "
                              "did not commit: commit it before the task returns")

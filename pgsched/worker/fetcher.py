@@ -38,7 +38,7 @@ from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
 from ..tasks import JobPriority
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
-from .executor import CANCELLED, make_running_job, run_job
+from .executor import CANCELLED, Outcome, make_running_job, run_job
 
 log = get_logger("pgsched.worker")
 
@@ -190,14 +190,20 @@ class Fetcher:
         ctx.executing -= 1
         held.finished = True
         duration = round(time.monotonic() - started, 4)
-        ctx.metrics.job_ran(held.task_name, held.queue,
-                            "completed" if outcome.ok else "failed", duration)
+        ctx.metrics.job_ran(held.task_name, held.queue, _ran(outcome), duration)
         if held.lease_lost:
             ctx.forget(held)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
         else:
             ctx.completions.put_nowait(
                 Completion(held, outcome, job["failures"], duration, lateness_ms))
-            if not outcome.ok and not outcome.unknown_task:  # task_unknown follows
+            if _ran(outcome) == "failed" and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         ctx.free_slot()
+
+
+def _ran(outcome: Outcome) -> str:
+    """How a run ended, for the duration histogram and the attempt log."""
+    if outcome.snooze_seconds is not None:
+        return "snoozed"  # job_snoozed follows, from the completer
+    return "completed" if outcome.ok else "failed"
