@@ -253,6 +253,8 @@ def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
             delay = snooze_seconds(getattr(exc, "delay", None))
         except InvalidInput as bad:
             return failed(str(bad))
+        except Exception as bad:  # a subclass whose `delay` property raises
+            return failed(f"invalid Retry delay: reading it raised {_describe(bad)}")
         return Outcome(ok=False, snooze_seconds=delay, error=f"snoozed for {delay:g}s",
                        max_snoozes=task.max_snoozes if task else DEFAULT_MAX_SNOOZES)
     tb = "".join(traceback.format_exception(exc))
