@@ -143,15 +143,17 @@ class RunningJob:
         longer this run's (lease lost, cancelled, completed already): roll back."""
         text = self._result_json(result)
         self._check_transaction(conn)
-        fence = {"worker_id": self._worker_id, "job_id": self.id, "attempt": self.attempt,
-                 "result_json": text}
         if _is_async(conn):
-            return self._complete_async(conn, fence)
-        self._settle(self._store.complete_in_transaction_sync(conn, **fence))
+            return self._complete_async(conn, text)
+        self._settle(self._store.complete_in_transaction_sync(
+            conn, worker_id=self._worker_id, job_id=self.id, attempt=self.attempt,
+            result_json=text))
         return None
 
-    async def _complete_async(self, conn: Any, fence: dict[str, Any]) -> None:
-        self._settle(await self._store.complete_in_transaction(conn, **fence))
+    async def _complete_async(self, conn: Any, text: str) -> None:
+        self._settle(await self._store.complete_in_transaction(
+            conn, worker_id=self._worker_id, job_id=self.id, attempt=self.attempt,
+            result_json=text))
 
     def _settle(self, written: bool) -> None:
         if not written:
