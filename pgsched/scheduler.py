@@ -5,14 +5,20 @@ that nothing invalid is ever written (a bulk call validates while it streams its
 in a transaction that a bad job rolls back), and the pg-scheduler-compatible calls
 `schedule`, `schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web
 app opens a Scheduler, schedules, and closes it. `start()` runs the same worker as
-`pgsched worker` inside the caller's event loop.
+`pgsched worker` inside the caller's event loop. Given `connection=` (or through
+`schedule_sync`/`schedule_bulk_sync`), jobs are written in the caller's own transaction
+on the caller's connection, with no pool and no open() needed. `wait(job_id)` waits for
+a job's end on a LISTEN connection of its own.
 
 Invariants: arguments, keyword arguments and results are JSON (never pickle); NaN,
 Infinity and non-JSON types are refused at schedule time. A bulk call with
-ConflictResolution.RAISE writes all of its jobs or none of them.
+ConflictResolution.RAISE writes all of its jobs or none of them. pgsched never commits
+or rolls back a caller's transaction (a savepoint undoes a RAISE clash).
 
-Failure: InvalidInput for bad arguments, JobConflict for an id clash the conflict mode
-does not allow, DatabaseUnavailable when the server cannot be reached.
+Failure: InvalidInput for bad arguments (and for a caller's connection of the wrong
+kind, closed, or in a failed transaction), JobConflict for an id clash the conflict mode
+does not allow, DatabaseUnavailable when the server cannot be reached, JobNotFound and
+WaitTimedOut from wait().
 """
 
 from __future__ import annotations

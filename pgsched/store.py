@@ -18,6 +18,10 @@ Invariants:
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
+Callers' connections: the job-control methods ending in `_in`/`_in_transaction` (and
+their `_sync` twins) run on a connection the caller owns, inside the caller's
+transaction; they never commit or roll it back (savepoints only).
+
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
 back off and retry; constraint problems become pgsched errors.
 """

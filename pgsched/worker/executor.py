@@ -14,7 +14,11 @@ asyncio cancellation propagates, because it means the daemon itself cancelled th
 while it is being cancelled that way (a failing cleanup) counts as that cancellation.
 Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which the store cuts)
 have NUL and unencodable characters escaped, so PostgreSQL can store them. A result
-PostgreSQL cannot store (a NUL in a string) fails the job.
+PostgreSQL cannot store (a NUL in a string) fails the job. What a task puts in a Retry
+or a Fail is distrusted the same way: a delay that is not 0 to a year of seconds (NaN,
+-1, 10**30, text, a property that raises) makes the attempt a plain failure; a reason is
+escaped and cut like any error; a backoff function that raises or returns nonsense gives
+the worker's default delay (`backoff_invalid`).
 
 Threads: a sync task that times out or is cancelled cannot be interrupted: its thread
 runs on (abandoned) and its result is ignored. TaskThreads then gives the next jobs a
