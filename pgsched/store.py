@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
 
@@ -898,7 +898,8 @@ class Store:
         if _must_begin(conn):
             await conn.execute(self._q["db_now"])  # starts the caller's transaction
         async with conn.transaction():
-            cur = await conn.execute(query, params)
+            # The caller's row factory may make dicts (dict_row): ours reads a tuple.
+            cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
             return _all_written(jobs, set((await _one(cur))[0]), require_all)
 
     def insert_jobs_in_sync(
@@ -912,7 +913,7 @@ class Store:
         if _must_begin(conn):
             conn.execute(self._q["db_now"])
         with conn.transaction():
-            row = conn.execute(query, params).fetchone()
+            row = conn.cursor(row_factory=tuple_row).execute(query, params).fetchone()
             assert row is not None
             return _all_written(jobs, set(row[0]), require_all)
 

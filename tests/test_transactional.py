@@ -128,7 +128,8 @@ async def test_a_clash_under_raise_undoes_only_this_call_and_the_transaction_goe
 
 async def test_an_autocommit_connection_outside_a_transaction_writes_at_once(pg_dsn, schema,
                                                                               sched):
-    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(
+            pg_dsn, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
         await sched.schedule_bulk([JobSpec("noop", job_id="a"), JobSpec("noop", job_id="b")],
                                   connection=conn)
     assert await job_ids(pg_dsn, schema) == ["a", "b"]
