@@ -272,3 +272,19 @@ async def test_complete_after_the_lease_was_lost_is_refused_and_the_write_rolls_
 
 async def _status(sched, job_id, status):
     return str((await sched.get_job(job_id))["status"]) == status
+
+
+async def test_snoozes_fails_and_retry_on_hold_across_three_worker_processes(
+        sched, side, tmp_path, pg_dsn, schema, workers):
+    config = write_config(tmp_path, pg_dsn, schema, tasks=str(CONTROL_TASKS))
+    for _ in range(3):
+        workers(config, env=cli_env(**side))
+    snoozers = [await sched.schedule("snooze_until", args=(3, 0.05)) for _ in range(30)]
+    failing = [await sched.schedule("fail_with", args=(f"no {i}",)) for i in range(10)]
+    picky = [await sched.schedule("picky", args=("value",)) for _ in range(10)]
+    rows = [await sched.wait(job_id, timeout=60) for job_id in snoozers + failing + picky]
+    done = rows[:30]
+    assert {(str(r["status"]), r["result"], r["snoozes"], r["failures"]) for r in done} == {
+        ("completed", 3, 2, 0)}
+    assert all((str(r["status"]), r["attempts"]) == ("failed", 1) for r in rows[30:])
+    assert [r["last_error"] for r in rows[30:40]] == [f"no {i}" for i in range(10)]
