@@ -19,16 +19,25 @@ from .errors import (
     PgschedError,
     ScheduleConflict,
     ScheduleNotFound,
+    WaitTimedOut,
 )
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .control import Backoff, Fail, LeaseLost, NoCurrentJob, Retry, RunningJob, current_job
     from .recurring import periodic
     from .scheduler import ConflictResolution, JobSpec, Scheduler
     from .tasks import JobPriority, task
     from .worker import Worker, WorkerOptions
 
 _LAZY = {
+    "Backoff": ".control",
+    "Fail": ".control",
+    "LeaseLost": ".control",
+    "NoCurrentJob": ".control",
+    "Retry": ".control",
+    "RunningJob": ".control",
+    "current_job": ".control",
     "periodic": ".recurring",
     "ConflictResolution": ".scheduler",
     "JobSpec": ".scheduler",
@@ -53,21 +62,29 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Backoff",
     "ConfigError",
     "ConflictResolution",
     "DatabaseUnavailable",
+    "Fail",
     "InvalidInput",
     "JobConflict",
     "JobNotFound",
     "JobPriority",
     "JobSpec",
+    "LeaseLost",
+    "NoCurrentJob",
     "PgschedError",
+    "Retry",
+    "RunningJob",
     "ScheduleConflict",
     "ScheduleNotFound",
     "Scheduler",
+    "WaitTimedOut",
     "Worker",
     "WorkerOptions",
     "__version__",
+    "current_job",
     "periodic",
     "task",
 ]

@@ -44,3 +44,10 @@ class ScheduleConflict(PgschedError, ValueError):
 
 class ScheduleNotFound(PgschedError, LookupError):
     """No schedule has the given id."""
+
+
+class WaitTimedOut(PgschedError, TimeoutError):
+    """A job waited for (Scheduler.wait, `pgsched add --wait`) did not end in time; it may
+    still run. Exit code 124, as timeout(1)."""
+
+    exit_code = 124

@@ -14,6 +14,7 @@ Failure: InvalidInput naming what was wrong and how to fix it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,27 @@ from .errors import InvalidInput
 from .store import check_json_depth, encode_json
 
 MAX_PAYLOAD_BYTES = 1 << 20
+# A NUL escaped by the JSON encoder: \u0000 after an even number of backslashes (an odd
+# number means the backslash itself was escaped and this is plain text).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def encode_result(result: Any) -> str:
+    """A task's result as the JSON text a job stores (the worker's, and complete()'s):
+    InvalidInput for what JSON or PostgreSQL's jsonb cannot hold (a NUL in a string)."""
+    try:
+        text = encode_json(result, "the task's return value")
+    except InvalidInput:
+        raise
+    except Exception as exc:  # a custom container whose items() or the like raises
+        raise InvalidInput(  # (a str() that raises too is left to the caller)
+            f"the task's return value could not be encoded: {type(exc).__name__}: {exc}"
+        ) from exc
+    if _JSON_NUL.search(text):
+        raise InvalidInput(
+            "the task's return value contains a NUL character (\\u0000), which PostgreSQL "
+            "cannot store in jsonb: remove it or encode the data (for example as base64)")
+    return text
 
 
 def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:

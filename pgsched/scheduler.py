@@ -5,14 +5,20 @@ that nothing invalid is ever written (a bulk call validates while it streams its
 in a transaction that a bad job rolls back), and the pg-scheduler-compatible calls
 `schedule`, `schedule_bulk` and `cancel_job`. Enqueueing needs no running worker: a web
 app opens a Scheduler, schedules, and closes it. `start()` runs the same worker as
-`pgsched worker` inside the caller's event loop.
+`pgsched worker` inside the caller's event loop. Given `connection=` (or through
+`schedule_sync`/`schedule_bulk_sync`), jobs are written in the caller's own transaction
+on the caller's connection, with no pool and no open() needed. `wait(job_id)` waits for
+a job's end on a LISTEN connection of its own.
 
 Invariants: arguments, keyword arguments and results are JSON (never pickle); NaN,
 Infinity and non-JSON types are refused at schedule time. A bulk call with
-ConflictResolution.RAISE writes all of its jobs or none of them.
+ConflictResolution.RAISE writes all of its jobs or none of them. pgsched never commits
+or rolls back a caller's transaction (a savepoint undoes a RAISE clash).
 
-Failure: InvalidInput for bad arguments, JobConflict for an id clash the conflict mode
-does not allow, DatabaseUnavailable when the server cannot be reached.
+Failure: InvalidInput for bad arguments (and for a caller's connection of the wrong
+kind, closed, or in a failed transaction), JobConflict for an id clash the conflict mode
+does not allow, DatabaseUnavailable when the server cannot be reached, JobNotFound and
+WaitTimedOut from wait().
 """
 
 from __future__ import annotations
@@ -30,16 +36,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
-from .errors import InvalidInput, JobConflict
+from .errors import InvalidInput, JobConflict, JobNotFound, WaitTimedOut
 from .logs import configure_unless_configured as configure_logging_unless_configured
 from .payload import encode_arguments
 from .queues import DEFAULT_QUEUE, validate_queue_name
 from .recurring import is_schedule_job_id
 from .store import (
+    FINISHED_STATUSES,
     LOCK_TIMEOUT_SECONDS,
     NewJob,
     Store,
     cannot_connect,
+    connect,
     lock_timeout_for,
     open_pool,
 )
@@ -52,6 +60,8 @@ if TYPE_CHECKING:
 
 MAX_JOB_ID_LENGTH = 255
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
+# wait(job_id): how often the job is read while no NOTIFY came (a safety net only).
+WAIT_POLL_SECONDS = 5.0
 
 
 class _Options(NamedTuple):
@@ -191,6 +201,41 @@ def _pool_conninfo(pool: psycopg_pool.AsyncConnectionPool) -> str:
     return pool.conninfo
 
 
+def _bulk_result(rows: list[NewJob], written: set[str]) -> list[str | None]:
+    """schedule_bulk()'s answer: each job's id in input order, None where it was not
+    written (skipped by IGNORE, or a repeat of an earlier id)."""
+    if len(written) == len(rows):  # every job written: no id repeated, none skipped
+        return [row.id for row in rows]
+    result: list[str | None] = []
+    seen: set[str] = set()
+    for row in rows:
+        result.append(row.id if row.id in written and row.id not in seen else None)
+        seen.add(row.id)
+    return result
+
+
+def _caller_connection(conn: Any, *, sync: bool) -> Any:
+    """The connection= of a transactional enqueue, checked: the kind the call needs, open."""
+    kind = psycopg.Connection if sync else psycopg.AsyncConnection
+    if not isinstance(conn, kind):
+        other = "schedule()/schedule_bulk()" if sync else "schedule_sync()/schedule_bulk_sync()"
+        raise InvalidInput(
+            f"connection= must be a psycopg {kind.__name__}, not {type(conn).__name__}"
+            f" (for the other kind use {other}; for Django pass connection.connection, for "
+            "SQLAlchemy session.connection().connection.driver_connection)")
+    if conn.closed:
+        raise InvalidInput("connection= is closed: pass the open connection of your transaction")
+    return conn
+
+
+class _NoPool:
+    """The pool of a Scheduler that was never opened: it only writes through callers'
+    connections, and anything else says how to open it."""
+
+    def connection(self) -> Any:
+        raise RuntimeError("Scheduler is not open: use `async with Scheduler(...)` or open()")
+
+
 class Scheduler:
     """Schedule, cancel and inspect jobs; optionally run a worker in-process.
 
@@ -230,6 +275,7 @@ class Scheduler:
         )
         self.options = options  # None: WorkerOptions() when start() needs them
         self._store: Store | None = None
+        self._unpooled: Store | None = None  # _statements before open()
         self._worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
 
@@ -297,10 +343,60 @@ class Scheduler:
             self._worker_task = asyncio.create_task(self._worker.run(), name="pgsched-worker")
         return self._worker
 
-    async def wait(self) -> None:
-        """Wait until the in-process worker exits (after stop(), a signal, or --burst)."""
-        if self._worker_task is not None:
-            await self._worker_task
+    async def wait(
+        self, job_id: str | None = None, *, timeout: float | timedelta | None = None,
+    ) -> dict[str, Any] | None:
+        """Wait until job `job_id` ends (completed, failed, cancelled or expired) and
+        return its row: `status`, `result`, `last_error`... Raises JobNotFound for an
+        unknown id and WaitTimedOut (a TimeoutError) after `timeout` seconds; the job may
+        still run then. The end wakes the wait with a NOTIFY (migration 0010's trigger);
+        a read every WAIT_POLL_SECONDS is only a safety net. Each wait holds one
+        connection of its own while it waits (the listen_dsn, as the worker's LISTEN).
+
+        Without a job id: wait until the in-process worker exits (after stop(), a
+        signal, or --burst)."""
+        if job_id is None:
+            if self._worker_task is not None:
+                await self._worker_task
+            return None
+        seconds = None if timeout is None else _seconds(timeout, "timeout")
+        try:
+            async with asyncio.timeout(seconds):
+                row = await self._wait_for_end(job_id)
+        except TimeoutError:
+            raise WaitTimedOut(
+                f"job {job_id!r} did not end within {seconds:g}s; it may still run "
+                f"(see `pgsched show {job_id}`)") from None
+        if row is None:
+            raise JobNotFound(f"job {job_id!r}: not found (never added, or vacuumed)")
+        return row
+
+    async def _wait_for_end(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            conn = await connect(self._listen_dsn, application_name=self.application_name)
+        except psycopg.OperationalError as exc:
+            raise cannot_connect(exc) from exc
+        try:
+            await self.store.listen_done(conn)  # before the mark: no end can fall between
+            row, marked = await self._mark_awaited(job_id)
+            while row is not None and str(row["status"]) not in FINISHED_STATUSES:
+                async for notice in conn.notifies(timeout=WAIT_POLL_SECONDS):
+                    if notice.payload == job_id:
+                        break
+                row, marked = (await self._mark_awaited(job_id) if not marked
+                               else (await self.store.get_job(job_id), True))
+            return row
+        finally:
+            await conn.close()
+
+    async def _mark_awaited(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
+        """(the job, whether it is marked to notify). A row held by a long transaction (a
+        task between its complete() and its commit) cannot be marked within the
+        lock_timeout: it is read instead, and marked on a later round."""
+        try:
+            return await self.store.mark_awaited(job_id), True
+        except psycopg.errors.LockNotAvailable:
+            return await self.store.get_job(job_id), False
 
     async def shutdown(self) -> None:
         """Stop the in-process worker gracefully (running jobs get the grace period)."""
@@ -399,19 +495,60 @@ class Scheduler:
         misfire_grace_time: float | _Unset | None = UNSET,
         timeout: float | _Unset | None = UNSET,
         queue: str | None = None,
+        connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
         Defaults: due now (on the database clock, whatever this machine's clock says);
         priority, max_retries, timeout and queue from the task's @task options;
         misfire_grace_time from the Scheduler (300 s; None = never expire).
+
+        connection: the caller's open psycopg AsyncConnection: the job is written in its
+        transaction (docs/job-control.md), exists only if that commits, and wakes workers
+        only then. The Scheduler need not be open. schedule_sync() takes a sync one.
         """
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
             misfire_grace_time, queue,
         ))
         mode = ConflictResolution.parse(conflict_resolution)
-        written = await self.store.insert_jobs([job], replace=mode is ConflictResolution.REPLACE)
+        replace = mode is ConflictResolution.REPLACE
+        if connection is not None:
+            written = await self._statements.insert_jobs_in(
+                _caller_connection(connection, sync=False), [job], replace=replace,
+                require_all=False)
+        else:
+            written = await self.store.insert_jobs([job], replace=replace)
+        return self._scheduled_id(job, mode, written)
+
+    def schedule_sync(
+        self, func: Callable[..., Any] | str, *, connection: psycopg.Connection[Any],
+        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
+        **options: Any,
+    ) -> str:
+        """schedule() through the caller's synchronous psycopg Connection (Django's
+        `connection.connection`, a SQLAlchemy session's driver connection), in its
+        transaction; the same keyword options as schedule() (JobSpec's fields). Needs no
+        open Scheduler and no event loop: a Django view calls it inside
+        `transaction.atomic()`."""
+        job = self._new_job(JobSpec(func, **options))
+        mode = ConflictResolution.parse(conflict_resolution)
+        written = self._statements.insert_jobs_in_sync(
+            _caller_connection(connection, sync=True), [job],
+            replace=mode is ConflictResolution.REPLACE, require_all=False)
+        return self._scheduled_id(job, mode, written)
+
+    @property
+    def _statements(self) -> Store:
+        """The store's statements for a caller's connection: no pool, no open() needed."""
+        if self._store is not None:
+            return self._store
+        if self._unpooled is None:
+            self._unpooled = Store(_NoPool(), self.schema)
+        return self._unpooled
+
+    @staticmethod
+    def _scheduled_id(job: NewJob, mode: ConflictResolution, written: set[str]) -> str:
         if job.id in written or mode is ConflictResolution.IGNORE:
             return job.id
         if mode is ConflictResolution.REPLACE:
@@ -427,6 +564,7 @@ class Scheduler:
         *,
         conflict_resolution: ConflictResolution | str = ConflictResolution.IGNORE,
         batch_size: int = 5000,
+        connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[str | None]:
         """Schedule many jobs; returns their ids in input order, None where IGNORE skipped one.
 
@@ -434,33 +572,57 @@ class Scheduler:
         the jobs are validated while they stream to the server (COPY), inside one
         transaction that a bad job or a clash rolls back. `batch_size` is accepted for
         compatibility; the stream needs no batches.
+
+        connection: the caller's open AsyncConnection, as for schedule(): the jobs are
+        validated first, then written in one statement inside the caller's transaction
+        (a clash under RAISE undoes only this call, through a savepoint).
         """
         mode = ConflictResolution.parse(conflict_resolution)
+        if connection is not None:
+            rows, unique = self._bulk_rows(jobs, mode)
+            written = await self._statements.insert_jobs_in(
+                _caller_connection(connection, sync=False), list(unique),
+                replace=mode is ConflictResolution.REPLACE,
+                require_all=mode is ConflictResolution.RAISE)
+            return _bulk_result(rows, written)
         with _gc_paused():
             return await self._schedule_bulk(jobs, mode)
+
+    def schedule_bulk_sync(
+        self, jobs: Iterable[JobSpec], *, connection: psycopg.Connection[Any],
+        conflict_resolution: ConflictResolution | str = ConflictResolution.IGNORE,
+    ) -> list[str | None]:
+        """schedule_bulk() through the caller's synchronous Connection, in its
+        transaction (see schedule_sync())."""
+        mode = ConflictResolution.parse(conflict_resolution)
+        rows, unique = self._bulk_rows(jobs, mode)
+        written = self._statements.insert_jobs_in_sync(
+            _caller_connection(connection, sync=True), list(unique),
+            replace=mode is ConflictResolution.REPLACE,
+            require_all=mode is ConflictResolution.RAISE)
+        return _bulk_result(rows, written)
+
+    def _bulk_rows(self, jobs: Iterable[JobSpec],
+                   mode: ConflictResolution) -> tuple[list[NewJob], Iterable[NewJob]]:
+        """(rows, unique): every job in input order, and the ones to write, one per id
+        (RAISE refuses a repeated id). Without REPLACE, `unique` validates the specs as it
+        is consumed and fills `rows` meanwhile."""
+        rows: list[NewJob] = []
+        if mode is ConflictResolution.REPLACE:
+            rows = list(self._new_jobs(jobs))
+            # A repeated id keeps the first one's position and the last one's contents.
+            return rows, {row.id: row for row in rows}.values()
+        return rows, self._first_of_each_id(jobs, rows, strict=mode is ConflictResolution.RAISE)
 
     async def _schedule_bulk(
         self, jobs: Iterable[JobSpec], mode: ConflictResolution
     ) -> list[str | None]:
-        rows: list[NewJob] = []  # every job, in input order
-        if mode is ConflictResolution.REPLACE:
-            rows = list(self._new_jobs(jobs))
-            # A repeated id keeps the first one's position and the last one's contents.
-            unique: Iterable[NewJob] = {row.id: row for row in rows}.values()
-        else:
-            unique = self._first_of_each_id(jobs, rows, strict=mode is ConflictResolution.RAISE)
+        rows, unique = self._bulk_rows(jobs, mode)  # validated as COPY streams them
         written = await self.store.copy_jobs(
             unique, replace=mode is ConflictResolution.REPLACE,
             require_all=mode is ConflictResolution.RAISE,
         )
-        if len(written) == len(rows):  # every job written: no id repeated, none skipped
-            return [row.id for row in rows]
-        result: list[str | None] = []
-        seen: set[str] = set()
-        for row in rows:
-            result.append(row.id if row.id in written and row.id not in seen else None)
-            seen.add(row.id)
-        return result
+        return _bulk_result(rows, written)
 
     def _first_of_each_id(
         self, specs: Iterable[JobSpec], rows: list[NewJob], *, strict: bool

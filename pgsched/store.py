@@ -18,6 +18,10 @@ Invariants:
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
+Callers' connections: the job-control methods ending in `_in`/`_in_transaction` (and
+their `_sync` twins) run on a connection the caller owns, inside the caller's
+transaction; they never commit or roll it back (savepoints only).
+
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
 back off and retry; constraint problems become pgsched errors. A caller that cannot
 open a connection at all turns the error into DatabaseUnavailable with `cannot_connect`.
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
 
@@ -145,6 +149,35 @@ def channel_name(schema: str) -> str:
         return channel
     digest = hashlib.sha256(schema.encode()).hexdigest()[:8]
     return f"{channel[:MAX_IDENTIFIER_BYTES - len(digest) - 1]}_{digest}"
+
+
+def done_channel_name(schema: str) -> str:
+    """The channel of a schema's finished awaited jobs; computed the same way by the
+    trigger of migration 0010 (the schema name is ASCII: bytes are characters)."""
+    channel = f"pgsched_done_{schema}"
+    if len(channel) <= MAX_IDENTIFIER_BYTES:
+        return channel
+    return f"{channel[:54]}_{hashlib.sha256(schema.encode()).hexdigest()[:8]}"
+
+
+def _must_begin(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a statement must open the caller's transaction before a savepoint can be
+    taken: psycopg's transaction() on an idle connection would BEGIN and COMMIT on its
+    own, committing (Django's) transaction that has not run a statement yet. A caller's
+    aborted transaction is refused in one line instead of a confusing server error."""
+    status = conn.info.transaction_status
+    if status == psycopg.pq.TransactionStatus.INERROR:
+        raise InvalidInput("the connection's transaction has failed: roll it back before "
+                           "scheduling through it")
+    return status == psycopg.pq.TransactionStatus.IDLE and not conn.autocommit
+
+
+def _all_written(jobs: Sequence[NewJob], written: set[str], require_all: bool) -> set[str]:
+    if require_all and len(written) < len(jobs):
+        clash = next(job.id for job in jobs if job.id not in written)
+        raise JobConflict(f"job {clash!r} already exists: nothing was scheduled; use "
+                          "conflict_resolution IGNORE or REPLACE")
+    return written
 
 
 class NewJob(NamedTuple):
@@ -780,6 +813,111 @@ class Store:
     async def prune_workers(self, older_than_seconds: float) -> list[str]:
         rows = await self._rows("prune_workers", {"older_than_seconds": older_than_seconds})
         return [row["id"] for row in rows]
+
+    # -- job control (sql/job_control.sql: snoozes, Fail, a task's own completion,
+    # waiting for an outcome, enqueueing through the caller's connection) --------------
+
+    async def snooze_job(self, *, worker_id: str, job_id: str, attempt: int,
+                         delay_seconds: float, max_snoozes: int) -> dict[str, Any] | None:
+        """Run a job again after delay_seconds without counting a failure (failed once it
+        snoozed max_snoozes times); returns {status, execution_time} or None if fenced out."""
+        rows = await self._rows("snooze_job", {
+            "worker_id": worker_id, "id": job_id, "attempt": attempt,
+            "delay_seconds": delay_seconds, "max_snoozes": max_snoozes, **_ERRORS_KEPT})
+        return rows[0] if rows else None
+
+    async def fail_job_now(self, *, worker_id: str, job_id: str, attempt: int, error: str,
+                           traceback: str | None) -> dict[str, Any] | None:
+        """Fail a job without retries; returns {status, execution_time} or None if fenced out."""
+        rows = await self._rows("fail_job_now", {
+            "worker_id": worker_id, "id": job_id, "attempt": attempt, "error": error,
+            "traceback": clip_traceback(traceback), **_ERRORS_KEPT})
+        return rows[0] if rows else None
+
+    async def completed_by(self, *, worker_id: str, job_id: str, attempt: int) -> bool:
+        """Whether this attempt's own completion (complete_in_transaction) committed."""
+        rows = await self._rows("completed_by",
+                                {"worker_id": worker_id, "id": job_id, "attempt": attempt})
+        return bool(rows[0]["committed"])
+
+    def _completion_params(self, worker_id: str, job_id: str, attempt: int,
+                           result_json: str) -> dict[str, Any]:
+        return {"worker_id": worker_id, "id": job_id, "attempt": attempt,
+                "result": result_json}
+
+    async def complete_in_transaction(
+        self, conn: psycopg.AsyncConnection[Any], *, worker_id: str, job_id: str,
+        attempt: int, result_json: str,
+    ) -> bool:
+        """Complete a running job on the task's own connection, in its transaction
+        (fenced); True if written (it commits with that transaction)."""
+        cur = await conn.execute(self._q["complete_in_transaction"],
+                                 self._completion_params(worker_id, job_id, attempt, result_json))
+        return cur.rowcount == 1
+
+    def complete_in_transaction_sync(
+        self, conn: psycopg.Connection[Any], *, worker_id: str, job_id: str, attempt: int,
+        result_json: str,
+    ) -> bool:
+        """complete_in_transaction for a task's synchronous connection."""
+        cur = conn.execute(self._q["complete_in_transaction"],
+                           self._completion_params(worker_id, job_id, attempt, result_json))
+        return cur.rowcount == 1
+
+    async def mark_awaited(self, job_id: str) -> dict[str, Any] | None:
+        """Ask for a NOTIFY on done_channel when the job ends; returns the job as it is
+        (None: no such job). LISTEN first, or a job ending in between is missed."""
+        rows = await self._rows("mark_awaited", {"id": job_id})
+        return rows[0] if rows else None
+
+    @property
+    def done_channel(self) -> str:
+        """Where jobs marked awaited announce their end (migration 0010's trigger)."""
+        return done_channel_name(self.schema)
+
+    async def listen_done(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.done_channel)))
+
+    def _given_jobs(self, jobs: Sequence[NewJob], replace: bool) -> tuple[str, dict[str, Any]]:
+        columns = list(zip(*jobs, strict=True))
+        params = dict(zip(("ids", "tasks", "queues", "args", "kwargs", "priorities",
+                           "execution_times", "graces", "max_retries", "timeouts"),
+                          map(list, columns), strict=True))
+        return self._q["replace_jobs_given" if replace else "insert_jobs_given"], {
+            **params, "channel": self.channel}
+
+    async def insert_jobs_in(
+        self, conn: psycopg.AsyncConnection[Any], jobs: Sequence[NewJob], *,
+        replace: bool, require_all: bool,
+    ) -> set[str]:
+        """Write jobs through the caller's connection, inside the caller's transaction
+        (in one of its own when none is open on an autocommit connection); returns the ids
+        written. With require_all a clash raises JobConflict and writes nothing (a
+        savepoint), leaving the caller's transaction usable."""
+        if not jobs:
+            return set()
+        query, params = self._given_jobs(jobs, replace)
+        if _must_begin(conn):
+            await conn.execute(self._q["db_now"])  # starts the caller's transaction
+        async with conn.transaction():
+            # The caller's row factory may make dicts (dict_row): ours reads a tuple.
+            cur = await conn.cursor(row_factory=tuple_row).execute(query, params)
+            return _all_written(jobs, set((await _one(cur))[0]), require_all)
+
+    def insert_jobs_in_sync(
+        self, conn: psycopg.Connection[Any], jobs: Sequence[NewJob], *,
+        replace: bool, require_all: bool,
+    ) -> set[str]:
+        """insert_jobs_in for a synchronous connection (Django, SQLAlchemy sessions)."""
+        if not jobs:
+            return set()
+        query, params = self._given_jobs(jobs, replace)
+        if _must_begin(conn):
+            conn.execute(self._q["db_now"])
+        with conn.transaction():
+            row = conn.cursor(row_factory=tuple_row).execute(query, params).fetchone()
+            assert row is not None
+            return _all_written(jobs, set(row[0]), require_all)
 
     # -- operator views and retry (sql/ops.sql; used by pgsched status/top/workers/retry) --
 

@@ -28,6 +28,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from .control import DEFAULT_MAX_SNOOZES, Backoff, BackoffPolicy
 from .errors import InvalidInput
 from .queues import validate_queue_name
 
@@ -64,6 +65,10 @@ class Task:
     timeout: float | None = None
     priority: JobPriority = JobPriority.NORMAL
     queue: str = "default"
+    # Exceptions worth a retry; any other fails the job at once. None: every exception.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    backoff: BackoffPolicy | None = None  # None: the worker's retry_base/max_seconds
+    max_snoozes: int = DEFAULT_MAX_SNOOZES
 
     @functools.cached_property
     def is_async(self) -> bool:  # asked for every job run; inspect costs ~1 us a time
@@ -116,6 +121,30 @@ def check_task_options(max_retries: int, timeout: float | None) -> None:
         raise InvalidInput(f"invalid timeout {timeout!r}: use a number of seconds > 0, or None")
 
 
+def check_retry_policy(
+    retry_on: Any, backoff: Any, max_snoozes: Any,
+) -> tuple[type[BaseException], ...] | None:
+    """@task's retry_on (one exception class or a tuple of them), backoff (a Backoff or a
+    callable of the failure number) and max_snoozes, checked; returns retry_on as a tuple."""
+    if retry_on is not None:
+        classes = retry_on if isinstance(retry_on, tuple | list) else (retry_on,)
+        if not classes or not all(
+                isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+            raise InvalidInput(
+                f"invalid retry_on {retry_on!r}: use an exception class or a tuple of them, "
+                "e.g. retry_on=(ConnectionError, TimeoutError)")
+        retry_on = tuple(classes)
+    if backoff is not None and not isinstance(backoff, Backoff) and not callable(backoff):
+        raise InvalidInput(
+            f"invalid backoff {backoff!r}: use pgsched.Backoff(base=, cap=, jitter=) or a "
+            "function of the failure number returning seconds")
+    if (isinstance(max_snoozes, bool) or not isinstance(max_snoozes, int)
+            or not 0 <= max_snoozes <= MAX_RETRIES):
+        raise InvalidInput(
+            f"invalid max_snoozes {max_snoozes!r}: use a whole number from 0 to {MAX_RETRIES}")
+    return retry_on
+
+
 def _origin(func: Callable[..., Any]) -> tuple[str, str]:
     """Where a function was defined. Importing one file twice (by module name and by
     path) creates new function objects for the same task: not a clash."""
@@ -143,15 +172,23 @@ def task(
     timeout: float | None = None,
     priority: JobPriority | int | str = JobPriority.NORMAL,
     queue: str = "default",
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    backoff: BackoffPolicy | None = None,
+    max_snoozes: int = DEFAULT_MAX_SNOOZES,
 ) -> Any:
     """Register a function as a task; usable as `@task` or `@task(name=..., ...)`.
 
     Plain `def` functions run in a thread pool so they never block the event loop;
-    `async def` functions run on the worker's loop.
+    `async def` functions run on the worker's loop. retry_on: the exceptions that are
+    retried (within max_retries); any other fails the job at once (default: all are).
+    backoff: a Backoff, or a function of the failure number (1 for the first) returning
+    the seconds to wait; default the worker's retry_base/max_seconds. max_snoozes: how
+    often the job may `raise Retry(...)` before it fails.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         check_task_options(max_retries, timeout)
+        retry_classes = check_retry_policy(retry_on, backoff, max_snoozes)
         register(
             Task(
                 name=validate_task_name(name or fn.__name__),
@@ -160,6 +197,9 @@ def task(
                 timeout=timeout,
                 priority=JobPriority.parse(priority),
                 queue=validate_queue_name(queue),
+                retry_on=retry_classes,
+                backoff=backoff,
+                max_snoozes=max_snoozes,
             )
         )
         return fn

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pgsched.store import TRACEBACK_MAX_CHARS, clip_traceback
 from pgsched.worker.executor import (
     ERROR_MAX_CHARS,
+    _failed,
     failed,
     result_outcome,
     storable,
@@ -36,3 +37,32 @@ def test_result_with_a_nul_fails_and_an_escaped_backslash_does_not():
     ok = result_outcome("\\u0000")  # a backslash and the text u0000: storable
     assert ok.ok and ok.result_json == '"\\\\u0000"'
     assert "NUL" in result_outcome("\x00").error
+
+
+def test_a_retry_or_fail_that_misbehaves_is_a_plain_failure():
+    import pgsched
+
+    class Sneaky(pgsched.Retry):
+        def __init__(self):
+            Exception.__init__(self, "sneaky")
+
+        @property
+        def delay(self):
+            raise ValueError("no delay for you")
+
+    class Mute(pgsched.Fail):
+        def __init__(self):
+            Exception.__init__(self, "mute")
+
+        def __str__(self):
+            raise RuntimeError("no str")
+
+        @property
+        def reason(self):
+            raise RuntimeError("no reason")
+
+    outcome = _failed(Sneaky())
+    assert not outcome.ok and outcome.snooze_seconds is None
+    assert "reading it raised ValueError: no delay for you" in outcome.error
+    outcome = _failed(Mute())
+    assert outcome.final and outcome.error == "Fail: <reason str() failed>"

@@ -120,14 +120,25 @@ def add(
         help="Schedules: latest (default), skip or all missed windows.")] = None,
     queue: Annotated[str | None, typer.Option(
         help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Wait until the job ends and print it as JSON; exit 0 if it "
+        "completed, 1 if it failed, was cancelled or expired, 124 on --wait-timeout.")] = False,
+    wait_timeout: Annotated[str | None, typer.Option(
+        help="With --wait: give up after this long (e.g. 30s, 5m); the job runs on.")] = None,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
-    prints only the id, so JOB=$(pgsched add ...) works."""
+    prints only the id, so JOB=$(pgsched add ...) works (with --wait: the ended job)."""
     from ..scheduler import UNSET, ConflictResolution
     from ..tasks import JobPriority
     from ..timing import parse_duration, parse_time
 
     settings = settings_of(ctx)
+    if wait_timeout is not None and not wait:
+        raise InvalidInput("--wait-timeout needs --wait")
+    if wait and (from_file is not None or cron is not None or every is not None):
+        raise InvalidInput("--wait waits for one job: leave out --from, --cron and --every")
+    wait_seconds = (for_option("--wait-timeout", parse_duration, wait_timeout).total_seconds()
+                    if wait_timeout is not None else None)
     if from_file is not None:
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
                    "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
@@ -164,9 +175,9 @@ def add(
         validate_queue_name(queue)
     _check_task_known(settings, task_name, arg_list, kwarg_map)
 
-    async def go() -> str:
+    async def go() -> str | tuple[dict[str, Any], datetime]:
         async with open_scheduler(settings) as sched:
-            return await sched.schedule(
+            added = await sched.schedule(
                 task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
                 priority=JobPriority.parse(priority.value) if priority else None,
                 max_retries=retries, job_id=job_id,
@@ -175,8 +186,26 @@ def add(
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
                 queue=queue,
             )
+            if not wait:
+                return added
+            ended = await sched.wait(added, timeout=wait_seconds)
+            assert ended is not None
+            return ended, await sched.store.db_now()
 
-    say(_run(go()))
+    result = _run(go())
+    if isinstance(result, str):
+        say(result)
+        return
+    print_ended(*result)
+
+
+def print_ended(job: dict[str, Any], now: datetime) -> None:
+    """A job waited for, as `show --json` prints it; exit 1 unless it completed."""
+    from ..ops import job_json
+
+    print_json(job_json(job, now))
+    if str(job["status"]) != "completed":
+        raise typer.Exit(1)
 
 def _refuse_expired(at: str, when: datetime, grace: float | None) -> None:
     """A job due longer ago than its misfire grace would expire without running: say so

@@ -131,7 +131,7 @@ WITH picked AS (
 ),
 retried AS (
     UPDATE {schema}.jobs AS j SET
-        status = 'pending', execution_time = now(), failures = 0, recoveries = 0,
+        status = 'pending', execution_time = now(), failures = 0, recoveries = 0, snoozes = 0,
         worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
         started_at = NULL, finished_at = NULL,
         errors = {schema}.append_error(j.errors, jsonb_build_object(

@@ -111,7 +111,10 @@ claimed AS (
     -- SQL) runs like any due job instead of failing the claim that took it.
     RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
               j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
-              j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
+              j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired,
+              -- current_job()'s schedule window (None for one-off jobs), clamped likewise
+              j.schedule_id, CASE WHEN j.fire_time IS NOT NULL
+                  THEN least(greatest(j.fire_time, '0001-01-03Z'), '9999-12-30Z') END AS fire_time
 )
 SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;

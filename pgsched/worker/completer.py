@@ -16,6 +16,11 @@ Invariants:
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
 - A written batch frees slots the fetcher may be waiting for (its backlog cap).
+- A task that completed its own job (current_job().complete()) gets nothing written
+  when its transaction committed, and is not counted as a lost lease; when it rolled
+  back, its outcome is written as any other (a normal return becomes a failure, since
+  its work did not commit). A snooze (Retry) and a failure without retries (Fail,
+  retry_on) have statements of their own, fenced the same way.
 
 Failure: a job whose outcome cannot be written keeps its slot here until it can, with
 backoff (or its lease expires and it is recovered: at-least-once); a stop ends the
@@ -25,11 +30,13 @@ kill(), it gives up after a few attempts (`completion_not_recorded`) so that shu
 
 from __future__ import annotations
 
+import dataclasses
+
 import psycopg
 
 from ..logs import get_logger
 from .context import DB_ERRORS, Completion, WorkerContext, backoff_sleep
-from .executor import failed, retry_delay
+from .executor import failed, task_retry_delay
 
 log = get_logger("pgsched.worker")
 
@@ -111,6 +118,12 @@ class Completer:
         """Write a batch (failures one by one). Each outcome leaves `pending` as soon as it
         is written: after a connection error part-way, a retry writes only the rest (the
         successes already committed would be fenced out and reported as lost leases)."""
+        # The live flag too: a complete() made after the task returned (from a thread it
+        # left behind) must not be taken for a lost lease either.
+        for own in [c for c in pending
+                    if c.outcome.completed_in_task or c.held.completed_in_task]:
+            await self._record_task_completion(own)
+            pending[:] = [c for c in pending if c is not own]
         successes = [c for c in pending if c.outcome.ok]
         if successes:
             written = await self.ctx.store.complete_jobs(
@@ -137,10 +150,40 @@ class Completer:
             await self._record_failure(pending[0])
             del pending[0]
 
+    async def _record_task_completion(self, c: Completion) -> None:
+        """A task that called current_job().complete(): its own transaction completed the
+        job, unless that transaction rolled back. Committed: nothing to write (and no lost
+        lease). Not: the job is still this run's, and its outcome is recorded as any other;
+        a run that returned normally did not commit its work, which is a failure."""
+        committed = await self.ctx.store.completed_by(
+            worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt)
+        if committed:
+            self.ctx.forget(c.held)
+            self.ctx.stats.completed += 1
+            self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
+            self.ctx.job_log.info("job_completed", **c.held.log_fields(), in_task=True,
+                                  duration_s=c.duration_s, lateness_ms=c.lateness_ms)
+            return
+        outcome = dataclasses.replace(c.outcome, completed_in_task=False)
+        c.held.running = None  # settled: the outcome below is written as any other
+        if outcome.ok:
+            outcome = failed("the task called current_job().complete() but its transaction "
+                             "did not commit: commit it before the task returns")
+        await self._record_once([dataclasses.replace(c, outcome=outcome)])
+
     async def _record_failure(self, c: Completion) -> None:
-        """A failed attempt (retried while the budget lasts), or a job whose task this
-        worker does not know (put back for one that does, without counting a failure)."""
-        if c.outcome.unknown_task:
+        """A failed attempt (retried while the budget lasts, failed at once when final),
+        a snooze (Retry), or a job whose task this worker does not know (put back for one
+        that does, without counting a failure)."""
+        if c.outcome.snooze_seconds is not None:
+            row = await self.ctx.store.snooze_job(
+                worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
+                delay_seconds=c.outcome.snooze_seconds, max_snoozes=c.outcome.max_snoozes)
+        elif c.outcome.final:
+            row = await self.ctx.store.fail_job_now(
+                worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
+                error=c.outcome.error, traceback=c.outcome.traceback)
+        elif c.outcome.unknown_task:
             row = await self.ctx.store.defer_job(
                 worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
                 error=c.outcome.error, base_delay_seconds=UNKNOWN_TASK_DELAY_SECONDS,
@@ -150,8 +193,9 @@ class Completer:
             row = await self.ctx.store.fail_job(
                 worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
                 error=c.outcome.error, traceback=c.outcome.traceback,
-                retry_delay_seconds=retry_delay(c.failures + 1, self.ctx.options.retry_base_seconds,
-                                                self.ctx.options.retry_max_seconds))
+                retry_delay_seconds=task_retry_delay(
+                    c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
+                    self.ctx.options.retry_max_seconds))
         self.ctx.forget(c.held)
         if row is None:
             self.ctx.count_lease_lost()
@@ -162,6 +206,11 @@ class Completer:
                         retry_at=row["execution_time"].isoformat(),
                         hint="deploy the code that defines it to this worker, or let a "
                              "worker that has it run the job")
+        elif row["status"] == "pending" and c.outcome.snooze_seconds is not None:
+            self.ctx.stats.snoozed += 1
+            log.info("job_snoozed", **c.held.log_fields(),
+                     retry_at=row["execution_time"].isoformat())
+            self.ctx.note_due(row["execution_time"].timestamp())
         elif row["status"] == "pending":
             self.ctx.stats.retried += 1
             self.ctx.metrics.job("retried", c.held.task_name, c.held.queue)

@@ -43,6 +43,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
+from ..control import RunningJob
 from ..logs import get_logger
 from ..store import Store
 from ..version import __version__
@@ -100,6 +101,13 @@ class Held:
     task_name: str = ""
     queue: str = ""
     cancel_requested: bool = False
+    running: RunningJob | None = None  # what current_job() returned to the task
+
+    @property
+    def completed_in_task(self) -> bool:
+        """The task wrote its own completion (current_job().complete()): a heartbeat
+        that finds the row no longer running is no lost lease."""
+        return self.running is not None and self.running.completed
 
     @property
     def key(self) -> tuple[str, int]:
@@ -132,6 +140,7 @@ class Stats:
     released: int = 0
     lease_lost: int = 0
     deferred: int = 0  # unknown task: put back for a worker that knows it
+    snoozed: int = 0  # the task raised Retry: due again later, not a failure
     claims: int = 0  # claim statements run
     wakeups: int = 0  # turns of the fetcher's loop
     notify_ignored: int = 0  # notification payloads that did not parse

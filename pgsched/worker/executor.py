@@ -1,8 +1,10 @@
 """Running one claimed job's function and turning what happened into an Outcome.
 
-Owns: calling the task (async on the loop, sync in the worker's threads), the per-job
-timeout, encoding the result as JSON, making error text storable, and the retry delay.
-It writes nothing: the daemon records the Outcome with fenced statements.
+Owns: calling the task (async on the loop, sync in the worker's threads) with
+current_job() set, the per-job timeout, encoding the result as JSON, making error text
+storable, what a task's Retry/Fail/retry_on mean (a snooze, a failure without retries),
+and the retry delay (the task's backoff, or the worker's). It writes nothing: the
+completer records the Outcome with fenced statements (a task's own complete() included).
 
 Invariants: every exception a task raises (BaseException included: a task's
 SystemExit or GeneratorExit, an exception whose __str__ raises), and every value it
@@ -12,7 +14,11 @@ asyncio cancellation propagates, because it means the daemon itself cancelled th
 while it is being cancelled that way (a failing cleanup) counts as that cancellation.
 Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which the store cuts)
 have NUL and unencodable characters escaped, so PostgreSQL can store them. A result
-PostgreSQL cannot store (a NUL in a string) fails the job.
+PostgreSQL cannot store (a NUL in a string) fails the job. What a task puts in a Retry
+or a Fail is distrusted the same way: a delay that is not 0 to a year of seconds (NaN,
+-1, 10**30, text, a property that raises) makes the attempt a plain failure; a reason is
+escaped and cut like any error; a backoff function that raises or returns nonsense gives
+the worker's default delay (`backoff_invalid`).
 
 Threads: a sync task that times out or is cancelled cannot be interrupted: its thread
 runs on (abandoned) and its result is ignored. TaskThreads then gives the next jobs a
@@ -25,26 +31,33 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import random
-import re
 import threading
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..control import (
+    DEFAULT_MAX_SNOOZES,
+    Fail,
+    Retry,
+    RunningJob,
+    reset_current_job,
+    set_current_job,
+    snooze_seconds,
+)
 from ..errors import InvalidInput
 from ..logs import get_logger
-from ..store import encode_json
-from ..tasks import get_task
+from ..payload import encode_result
+from ..store import Store
+from ..tasks import Task, get_task
 
 log = get_logger("pgsched.worker")
 
 ERROR_MAX_CHARS = 2000  # tracebacks are cut by the store (store.TRACEBACK_MAX_CHARS)
-# A NUL escaped by the JSON encoder: \u0000 after an even number of backslashes (an odd
-# number means the backslash itself was escaped and this is plain text).
-_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,10 @@ class Outcome:
     traceback: str | None = None
     cancelled: bool = False  # stopped because a cancel was requested
     unknown_task: bool = False  # this worker does not know the task: defer, not a failure
+    snooze_seconds: float | None = None  # Retry(delay): run again then, not a failure
+    max_snoozes: int = DEFAULT_MAX_SNOOZES
+    final: bool = False  # Fail, or an exception outside retry_on: no retries left
+    completed_in_task: bool = False  # current_job().complete() wrote (commit unknown)
 
 
 CANCELLED = Outcome(ok=False, error="cancelled on request", cancelled=True)
@@ -148,7 +165,9 @@ class TaskThreads:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
+async def run_job(job: dict[str, Any], threads: TaskThreads, *,
+                  running: RunningJob | None = None) -> Outcome:
+    """Run a claimed job's task; `running` is what current_job() returns inside it."""
     if job.get("undecodable"):
         return failed(job["undecodable"])
     task = get_task(job["task"])
@@ -158,6 +177,18 @@ async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
             error=f"unknown task {job['task']!r}: it is not registered in this worker's task "
             "module (check [worker] tasks and deploy the code that defines it)",
         )
+    token = set_current_job(running) if running is not None else None
+    try:
+        outcome = await _run(job, task, threads)
+    finally:
+        if token is not None:
+            reset_current_job(token)
+    if running is not None and running.completed:
+        outcome = dataclasses.replace(outcome, completed_in_task=True)
+    return outcome
+
+
+async def _run(job: dict[str, Any], task: Task, threads: TaskThreads) -> Outcome:
     timeout = job["timeout_seconds"]
     args, kwargs = job["args"], job["kwargs"]
     try:
@@ -168,8 +199,9 @@ async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
                 result = await _call(task, args, kwargs, threads)
     except TimeoutError as exc:
         if timeout is not None and deadline.expired():
-            return Outcome(ok=False, error=f"timed out after {timeout:g}s")
-        return _failed(exc)
+            return Outcome(ok=False, error=f"timed out after {timeout:g}s",
+                           final=not _retried(task, TimeoutError()))
+        return _failed(exc, task)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:  # SystemExit, GeneratorExit...: the task's failure too
@@ -177,24 +209,27 @@ async def run_job(job: dict[str, Any], threads: TaskThreads) -> Outcome:
             # The task raised while handling the daemon's cancellation (shutdown, lost
             # lease): an interruption, not a failed attempt that would burn a retry.
             raise asyncio.CancelledError from exc
-        return _failed(exc)
+        return _failed(exc, task)
     if result is None:
         return _NONE
     return result_outcome(result)
 
 
+def make_running_job(job: dict[str, Any], store: Store, worker_id: str) -> RunningJob:
+    """What current_job() returns for a claimed job (claim_jobs' row)."""
+    return RunningJob(
+        id=job["id"], attempt=job["attempts"], queue=job["queue"], task=job["task"],
+        scheduled_at=job["execution_time"], schedule_id=job.get("schedule_id"),
+        fire_time=job.get("fire_time"), _store=store, _worker_id=worker_id)
+
+
 def result_outcome(result: Any) -> Outcome:
     try:
-        text = encode_json(result, "the task's return value")
+        return Outcome(ok=True, result_json=encode_result(result))
     except InvalidInput as exc:
         return failed(str(exc))
-    except Exception as exc:  # a custom container whose items() or the like raises
+    except Exception as exc:  # an exception whose str() raises, from a custom container
         return failed(f"the task's return value could not be encoded: {_describe(exc)}")
-    if _JSON_NUL.search(text):
-        return failed("the task's return value contains a NUL character (\\u0000), which "
-                      "PostgreSQL cannot store in jsonb: remove it or encode the data "
-                      "(for example as base64)")
-    return Outcome(ok=True, result_json=text)
 
 
 _NONE = Outcome(ok=True)  # most tasks return nothing: skip encoding null every time
@@ -213,8 +248,38 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _failed(exc: BaseException) -> Outcome:
-    return failed(_describe(exc), "".join(traceback.format_exception(exc)))
+def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
+    """The outcome of an exception: a snooze (Retry), a failure without retries (Fail, or
+    an exception outside the task's retry_on) or a failure. Nothing a task put in a Retry
+    or Fail (a NaN delay, a reason whose str() raises) may escape."""
+    if isinstance(exc, Retry):
+        try:
+            delay = snooze_seconds(getattr(exc, "delay", None))
+        except InvalidInput as bad:
+            return failed(str(bad))
+        except Exception as bad:  # a subclass whose `delay` property raises
+            return failed(f"invalid Retry delay: reading it raised {_describe(bad)}")
+        return Outcome(ok=False, snooze_seconds=delay, error=f"snoozed for {delay:g}s",
+                       max_snoozes=task.max_snoozes if task else DEFAULT_MAX_SNOOZES)
+    tb = "".join(traceback.format_exception(exc))
+    if isinstance(exc, Fail):
+        return dataclasses.replace(failed(_reason(exc), tb), final=True)
+    outcome = failed(_describe(exc), tb)
+    if task is not None and not _retried(task, exc):
+        return dataclasses.replace(outcome, final=True)
+    return outcome
+
+
+def _retried(task: Task, exc: BaseException) -> bool:
+    return task.retry_on is None or isinstance(exc, task.retry_on)
+
+
+def _reason(exc: Fail) -> str:
+    try:
+        reason = getattr(exc, "reason", None)
+        return reason if isinstance(reason, str) and reason else _describe(exc)
+    except Exception:
+        return "Fail: <reason str() failed>"
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,6 +287,25 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     except Exception:  # its __str__ raises; the traceback module says the same
         return f"{type(exc).__name__}: <exception str() failed>"
+
+
+def task_retry_delay(task_name: str, failures: int, base_seconds: float,
+                     max_seconds: float) -> float:
+    """The delay before retry number `failures` (1-based): the task's backoff when it has
+    one, else retry_delay(). A backoff function that raises or returns anything but a
+    number of seconds from 0 to MAX_SNOOZE_SECONDS logs `backoff_invalid` and the default
+    is used: a task's policy never stops the worker."""
+    task = get_task(task_name)
+    if task is None or task.backoff is None:
+        return retry_delay(failures, base_seconds, max_seconds)
+    try:
+        delay = task.backoff(failures)
+        return snooze_seconds(delay)
+    except BaseException as exc:
+        log.warning("backoff_invalid", task=task_name, failures=failures, error=_describe(exc),
+                    hint="the task's backoff must return seconds (0 to a year); the "
+                         "worker's retry_base/max_seconds were used")
+        return retry_delay(failures, base_seconds, max_seconds)
 
 
 def retry_delay(failures: int, base_seconds: float, max_seconds: float) -> float:

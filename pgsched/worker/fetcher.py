@@ -38,7 +38,7 @@ from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
 from ..tasks import JobPriority
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
-from .executor import CANCELLED, run_job
+from .executor import CANCELLED, Outcome, make_running_job, run_job
 
 log = get_logger("pgsched.worker")
 
@@ -136,7 +136,8 @@ class Fetcher:
                 continue
             ctx.stats.claimed += 1
             ctx.metrics.job("started", job["task"], job["queue"])
-            held = Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"])
+            held = Held(job["id"], job["attempts"], task_name=job["task"], queue=job["queue"],
+                        running=make_running_job(job, ctx.store, ctx.id))
             self._lose_older_attempts(held)
             ctx.held[held.key] = held
             ctx.executing += 1
@@ -171,7 +172,7 @@ class Fetcher:
         # limit would drop the warnings that matter.
         ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
         try:
-            outcome = await run_job(job, ctx.threads)
+            outcome = await run_job(job, ctx.threads, running=held.running)
         except asyncio.CancelledError:
             ctx.executing -= 1
             held.finished = True
@@ -189,14 +190,20 @@ class Fetcher:
         ctx.executing -= 1
         held.finished = True
         duration = round(time.monotonic() - started, 4)
-        ctx.metrics.job_ran(held.task_name, held.queue,
-                            "completed" if outcome.ok else "failed", duration)
+        ctx.metrics.job_ran(held.task_name, held.queue, _ran(outcome), duration)
         if held.lease_lost:
             ctx.forget(held)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
         else:
             ctx.completions.put_nowait(
                 Completion(held, outcome, job["failures"], duration, lateness_ms))
-            if not outcome.ok and not outcome.unknown_task:  # task_unknown follows
+            if _ran(outcome) == "failed" and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         ctx.free_slot()
+
+
+def _ran(outcome: Outcome) -> str:
+    """How a run ended, for the duration histogram and the attempt log."""
+    if outcome.snooze_seconds is not None:
+        return "snoozed"  # job_snoozed follows, from the completer
+    return "completed" if outcome.ok else "failed"

@@ -97,5 +97,5 @@ class Heartbeater:
                     log.info("job_cancel_requested", **h.log_fields())
                     if h.task is not None:
                         h.task.cancel()
-                elif key not in kept:
+                elif key not in kept and not h.completed_in_task:
                     self.ctx.lease_lost(h)
