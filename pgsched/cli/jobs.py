@@ -207,6 +207,7 @@ def print_ended(job: dict[str, Any], now: datetime) -> None:
     if str(job["status"]) != "completed":
         raise typer.Exit(1)
 
+
 def _refuse_expired(at: str, when: datetime, grace: float | None) -> None:
     """A job due longer ago than its misfire grace would expire without running: say so
     instead of exiting 0."""
