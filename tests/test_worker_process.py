@@ -151,3 +151,18 @@ async def test_burst_runs_due_jobs_then_exits(sched, pg_dsn, schema, tmp_path, w
         assert (await sched.get_job(job_id))["status"] == "completed"
     assert (await sched.get_job(later))["status"] == "pending"
     assert os.path.exists(w.log_path)
+
+
+async def test_a_failed_tasks_traceback_names_only_the_task(sched, pg_dsn, schema, tmp_path,
+                                                             workers):
+    """The worker used to start its loop inside `except ImportError` (uvloop missing), so
+    every exception a task raised carried "No module named 'uvloop'" as its context, and
+    each stored traceback told the operator about a module the task never used."""
+    job_id = await sched.schedule("async_fail", args=("plain failure",))
+    w = workers(write_config(tmp_path, pg_dsn, schema), "--burst")
+    assert await w.wait() == 0
+    job = await sched.get_job(job_id)
+    traceback = job["errors"][-1]["traceback"]
+    assert job["status"] == "failed" and "plain failure" in traceback
+    assert "During handling of the above exception" not in traceback
+    assert "uvloop" not in traceback

@@ -172,6 +172,11 @@ def fail(message: str = "boom") -> None:
     raise RuntimeError(message)
 
 
+@task
+async def async_fail(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
 @task(priority=JobPriority.CRITICAL)
 async def urgent() -> str:
     return "urgent"

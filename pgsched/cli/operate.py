@@ -107,11 +107,15 @@ def worker(
 def _run_worker(coro: Coroutine[Any, Any, Any]) -> Any:
     """asyncio.run(), on uvloop when it is installed (`pip install 'pgsched[uvloop]'`):
     its event loop costs the worker less CPU per job (docs/performance.md)."""
+    # Never start the loop inside the `except`: every exception raised while it runs
+    # (a task's included) would carry the ImportError as its context, and each stored
+    # traceback would mention uvloop.
     try:
         import uvloop
     except ImportError:
-        return _run(coro)
-    return uvloop.run(coro)
+        uvloop = None
+    return _run(coro) if uvloop is None else uvloop.run(coro)
+
 
 def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
     from ..worker import WorkerOptions
