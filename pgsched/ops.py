@@ -38,7 +38,7 @@ from .errors import InvalidInput
 from .logs import get_logger
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
-from .tasks import JobPriority, get_task, load_tasks, validate_task_name
+from .tasks import PRIORITIES, JobPriority, get_task, load_tasks, validate_task_name
 from .timing import MAX_DURATION, format_duration, parse_duration, parse_time
 
 log = get_logger("pgsched.ops")
@@ -166,7 +166,7 @@ async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
     if dashboard:
         snapshot.running = await store.running_jobs(limit=rows)
         snapshot.upcoming = await store.next_jobs(
-            limit=rows, priorities=sorted(int(p) for p in JobPriority))
+            limit=rows, priorities=PRIORITIES)
         snapshot.failures = await store.recent_failures(limit=max(3, rows // 2))
     return snapshot
 

@@ -183,7 +183,7 @@ _SCHEDULES: dict[str, tuple[ScheduleDefinition, str]] = {}  # id -> (definition,
 
 
 def define_for_task(
-    task_name: str, *, priority: str | None, max_retries: int | None,
+    task_name: str, *, priority: str | int | None, max_retries: int | None,
     timeout: float | None, **definition: Any,
 ) -> ScheduleDefinition:
     """define_schedule for an operator's schedule (CLI, web): options not given come from
@@ -191,7 +191,8 @@ def define_for_task(
     known = get_task(task_name)
     return define_schedule(
         task_name, **definition,
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
+        priority=priority if priority is not None else (
+            known.priority if known else JobPriority.NORMAL),
         max_retries=max_retries if max_retries is not None else (
             known.max_retries if known else 0),
         timeout=timeout if timeout is not None else (known.timeout if known else None),

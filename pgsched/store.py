@@ -411,7 +411,6 @@ class Store:
         worker_id: str,
         limit: int,
         lease_seconds: float,
-        priorities: Sequence[int],
         queues: Sequence[str] | None = None,
         capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
@@ -426,7 +425,6 @@ class Store:
                 "worker_id": worker_id,
                 "limit": limit,
                 "lease_seconds": lease_seconds,
-                "priorities": list(priorities),
                 "queues": list(queues) if queues is not None else None,
                 "capped_queues": list(capped[0]),
                 "capped_free": list(capped[1]),

@@ -60,10 +60,6 @@ class OnConflict(StrEnum):
     ignore = "ignore"
     replace_ = "replace"  # `replace` would hide str.replace
 
-class Priority(StrEnum):
-    normal = "normal"
-    critical = "critical"
-
 def parse_json_arg(text: str, option: str, kind: type) -> Any:
     from ..store import decode_json
 
@@ -101,7 +97,8 @@ def add(
     job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a UUID).")] = None,
     on_conflict: Annotated[OnConflict | None, typer.Option(
         help="When the id exists [default: raise; with --from: ignore].")] = None,
-    priority: Annotated[Priority | None, typer.Option(help="normal or critical.")] = None,
+    priority: Annotated[str | None, typer.Option(
+        help="0 (claimed first) to 9, or a name: critical (1), normal (5).")] = None,
     retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
     misfire_grace: Annotated[str | None, typer.Option(
@@ -147,7 +144,7 @@ def add(
             settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
             args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
             on_conflict=(on_conflict or OnConflict.raise_).value,
-            priority=priority.value if priority else None, retries=retries, timeout=timeout,
+            priority=priority, retries=retries, timeout=timeout,
             job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
@@ -162,13 +159,14 @@ def add(
                         else grace)
     if queue is not None:
         validate_queue_name(queue)
+    priority_value = JobPriority.parse(priority) if priority is not None else None
     _check_task_known(settings, task_name, arg_list, kwarg_map)
 
     async def go() -> str:
         async with open_scheduler(settings) as sched:
             return await sched.schedule(
                 task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
-                priority=JobPriority.parse(priority.value) if priority else None,
+                priority=priority_value,
                 max_retries=retries, job_id=job_id,
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),

@@ -55,6 +55,10 @@ JobId = Annotated[str, Path(min_length=1, max_length=255)]
 ScheduleId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
+# 0 (claimed first) to 9, or the name of one of them.
+Priority = Literal["normal", "critical"] | Annotated[int, Field(ge=0, le=9)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,7 +70,7 @@ class JobIn(Strict):
     execution_time: str | None = Field(None, description="Aware ISO 8601 time.")
     delay: float | str | None = Field(None, description='Seconds, or a duration like "5m".')
     id: str | None = None
-    priority: Literal["normal", "critical"] | None = None
+    priority: Priority | None = None
     max_retries: int | None = Field(None, ge=0)
     timeout: float | str | None = Field(None, description="Seconds or a duration.")
     misfire_grace: float | str | None = Field(None, description='Seconds, a duration, "none".')
@@ -82,7 +86,7 @@ class ScheduleBody(Strict):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     catch_up: Literal["latest", "skip", "all"] = "latest"
-    priority: Literal["normal", "critical"] | None = None
+    priority: Priority | None = None
     max_retries: int | None = Field(None, ge=0)
     timeout: float | None = Field(None, gt=0)
 
