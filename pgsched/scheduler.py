@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from .worker import Worker, WorkerOptions
 
 MAX_JOB_ID_LENGTH = 255
+MAX_UNIQUE_KEY_LENGTH = 255
+MAX_UNIQUE_SECONDS = 10 * 366 * 86400.0
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
 
 
@@ -101,6 +103,9 @@ class JobSpec:
     timeout: float | _Unset | None = UNSET
     misfire_grace_time: float | _Unset | None = UNSET
     queue: str | None = None
+    # schedule() only (one job, one statement): schedule_bulk refuses them.
+    unique_for: timedelta | float | None = None
+    unique_key: str | None = None
 
 
 def validate_job_id(job_id: str) -> str:
@@ -116,6 +121,23 @@ def validate_job_id(job_id: str) -> str:
             f"invalid job id {job_id!r}: ids like SCHEDULE@<time> and SCHEDULE@trigger-... "
             "are reserved for schedule windows; choose another id (e.g. without '@')")
     return job_id
+
+
+def unique_seconds(unique_for: object, unique_key: object) -> float | None:
+    """The unique period in seconds (None: not a unique job), and the key checked."""
+    if unique_for is None:
+        if unique_key is not None:
+            raise InvalidInput("unique_key applies to unique jobs: give unique_for too "
+                               "(CLI: --unique-for)")
+        return None
+    seconds = _seconds(unique_for, "unique_for")
+    if seconds > MAX_UNIQUE_SECONDS:
+        raise InvalidInput(f"invalid unique_for {unique_for!r}: use at most 10 years")
+    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key
+                                   or len(unique_key) > MAX_UNIQUE_KEY_LENGTH):
+        raise InvalidInput(f"invalid unique_key {unique_key!r}: use text of 1 to "
+                           f"{MAX_UNIQUE_KEY_LENGTH} characters")
+    return seconds
 
 
 def new_job_id() -> str:
@@ -330,6 +352,9 @@ class Scheduler:
         last: tuple[JobSpec, _Options] | None = None
         new_id = new_job_ids().__next__
         for spec in specs:
+            if spec.unique_for is not None or spec.unique_key is not None:
+                raise InvalidInput("unique_for and unique_key are for schedule(), one job at a "
+                                   "time; schedule_bulk does not deduplicate")
             if last is None or not (
                     spec.func is last[0].func and spec.priority is last[0].priority
                     and spec.max_retries is last[0].max_retries
@@ -406,18 +431,27 @@ class Scheduler:
         misfire_grace_time: float | _Unset | None = UNSET,
         timeout: float | _Unset | None = UNSET,
         queue: str | None = None,
+        unique_for: timedelta | float | None = None,
+        unique_key: str | None = None,
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
         Defaults: due now (on the database clock, whatever this machine's clock says);
         priority, max_retries, timeout and queue from the task's @task options;
         misfire_grace_time from the Scheduler (300 s; None = never expire).
+
+        unique_for (a timedelta or seconds): enqueue nothing if a pending or running job
+        has the same unique_key (default: this task and these arguments) and was enqueued
+        in the same period bucket; return that job's id instead (docs/job-control.md).
         """
+        period = unique_seconds(unique_for, unique_key)
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
             misfire_grace_time, queue,
         ))
         mode = ConflictResolution.parse(conflict_resolution)
+        if period is not None:
+            return await self._schedule_unique(job, period, unique_key, mode)
         written = await self.store.insert_jobs([job], replace=mode is ConflictResolution.REPLACE)
         if job.id in written or mode is ConflictResolution.IGNORE:
             return job.id
@@ -427,6 +461,19 @@ class Scheduler:
             f"job {job.id!r} already exists: use conflict_resolution IGNORE or REPLACE "
             "(CLI: --on-conflict ignore|replace)"
         )
+
+    async def _schedule_unique(self, job: NewJob, period: float, unique_key: str | None,
+                               mode: ConflictResolution) -> str:
+        if mode is ConflictResolution.REPLACE:
+            raise InvalidInput("a unique job cannot replace another: use conflict_resolution "
+                               "RAISE or IGNORE with unique_for")
+        outcome, job_id = await self.store.insert_unique_job(
+            job, unique_seconds=period, unique_key=unique_key)
+        if outcome == "id_taken" and mode is ConflictResolution.RAISE:
+            raise JobConflict(
+                f"job {job.id!r} already exists: use conflict_resolution IGNORE "
+                "(CLI: --on-conflict ignore)")
+        return job_id
 
     async def schedule_bulk(
         self,

@@ -69,6 +69,8 @@ ERRORS_KEPT_LAST = 10
 TRACEBACK_MAX_CHARS = 4000
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
+# How often insert_unique_job tries before giving up on a key that keeps changing hands.
+UNIQUE_INSERT_ROUNDS = 20
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -346,6 +348,26 @@ class Store:
         async with self.pool.connection() as conn:
             cur = await conn.execute(self._q["replace_job" if replace else "insert_job"], params)
             return {jobs[0].id} if cur.rowcount == 1 else set()
+
+    async def insert_unique_job(
+        self, job: NewJob, *, unique_seconds: float, unique_key: str | None
+    ) -> tuple[str, str]:
+        """Insert a unique job (sql/enqueue.sql, insert_unique_job); returns (outcome, id):
+        ('inserted', its id), ('duplicate', the id of the pending or running job holding
+        the key in this period) or ('id_taken', its id). The unique index decides; a
+        statement that lost to a holder committed after its snapshot saw no row of it and
+        runs again (each round means another client changed that key meanwhile)."""
+        params = {**job._asdict(), "channel": self.channel, "unique_seconds": unique_seconds,
+                  "unique_key": unique_key}
+        for _ in range(UNIQUE_INSERT_ROUNDS):
+            outcomes = dict((row["outcome"], row["id"])
+                            for row in await self._rows("insert_unique_job", params))
+            for outcome in ("inserted", "duplicate", "id_taken"):
+                if outcome in outcomes:
+                    return outcome, outcomes[outcome]
+        raise PgschedError(
+            f"job {job.id!r}: its unique key changed hands {UNIQUE_INSERT_ROUNDS} times while "
+            "it was being enqueued; try again")
 
     async def copy_jobs(
         self, jobs: Iterable[NewJob], *, replace: bool, require_all: bool

@@ -117,10 +117,15 @@ def add(
         help="Schedules: latest (default), skip or all missed windows.")] = None,
     queue: Annotated[str | None, typer.Option(
         help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
+    unique_for: Annotated[str | None, typer.Option(
+        help="Add nothing if a pending or running job with the same key was added in the "
+             "same period of this length (like 5m); print that job's id.")] = None,
+    unique_key: Annotated[str | None, typer.Option(
+        help="With --unique-for: the key (default: the task and its arguments).")] = None,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works."""
-    from ..scheduler import UNSET, ConflictResolution
+    from ..scheduler import UNSET, ConflictResolution, unique_seconds
     from ..tasks import JobPriority
     from ..timing import parse_duration, parse_time
 
@@ -128,7 +133,8 @@ def add(
     if from_file is not None:
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
                    "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
-                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace}
+                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace,
+                   "--unique-for": unique_for, "--unique-key": unique_key}
         given = next((name for name, value in per_job.items() if value), None)
         if given:
             raise InvalidInput(f"{given} describes one job; with --from put it in each line")
@@ -145,7 +151,8 @@ def add(
             args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
             on_conflict=(on_conflict or OnConflict.raise_).value,
             priority=priority, retries=retries, timeout=timeout,
-            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
+            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace,
+                         "--unique-for": unique_for, "--unique-key": unique_key})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
     when = None  # due now, on the database clock
@@ -160,6 +167,9 @@ def add(
     if queue is not None:
         validate_queue_name(queue)
     priority_value = JobPriority.parse(priority) if priority is not None else None
+    unique_period = None if unique_for is None else for_option(
+        "--unique-for", parse_duration, unique_for)
+    unique_seconds(unique_period, unique_key)
     _check_task_known(settings, task_name, arg_list, kwarg_map)
 
     async def go() -> str:
@@ -171,7 +181,7 @@ def add(
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
-                queue=queue,
+                queue=queue, unique_for=unique_period, unique_key=unique_key,
             )
 
     say(_run(go()))
