@@ -258,7 +258,8 @@ def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
         "every": format_duration(row["every"]) if row["every"] is not None else None,
         "anchor": row["anchor"] if row["every"] is not None else None,
-        "catch_up": row["catch_up"], "state": state, "origin": row["origin"],
+        "catch_up": row["catch_up"], "overlap": row["overlap"], "state": state,
+        "origin": row["origin"],
         # A paused or disabled schedule has no next fire time until it is active again.
         "next_fire_at": row["next_fire_at"] if state == "active" else None,
         "last_fire_at": row["last_fire_at"], "last_job_id": row["last_job_id"],

@@ -182,6 +182,7 @@ class NewSchedule:
     catch_up: str
     enabled: bool
     next_fire_at: datetime
+    overlap: bool = True  # False: a window skips while a run of the schedule is active
 
 
 @dataclass(frozen=True)
@@ -624,6 +625,7 @@ class Store:
             "catch_ups": [s.catch_up for s in schedules],
             "enableds": [s.enabled for s in schedules],
             "next_fire_ats": [s.next_fire_at for s in schedules],
+            "overlaps": [s.overlap for s in schedules],
             "channel": self.channel,
         })
 
@@ -646,7 +648,8 @@ class Store:
 
         One transaction: a planner that dies before it commits moves nothing and inserts
         nothing, and its row locks go with its session. Returns (schedules locked, jobs
-        inserted as {id, schedule_id, fire_time}).
+        inserted as {id, schedule_id, fire_time, status}: 'pending', or 'cancelled' for a
+        window skipped because it would overlap its schedule's active run).
         """
         try:
             async with self.pool.connection() as conn, conn.transaction():

@@ -122,6 +122,9 @@ def add(
              "same period of this length (like 5m); print that job's id.")] = None,
     unique_key: Annotated[str | None, typer.Option(
         help="With --unique-for: the key (default: the task and its arguments).")] = None,
+    no_overlap: Annotated[bool, typer.Option(
+        "--no-overlap", help="Schedules: skip a window while the previous run is still "
+                             "pending or running.")] = False,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works."""
@@ -145,9 +148,11 @@ def add(
         raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
-    if cron is not None or every is not None or tz is not None or catch_up is not None:
+    if (cron is not None or every is not None or tz is not None or catch_up is not None
+            or no_overlap):
         return add_schedule(
             settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
+            overlap=not no_overlap,
             args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
             on_conflict=(on_conflict or OnConflict.raise_).value,
             priority=priority, retries=retries, timeout=timeout,
@@ -213,6 +218,7 @@ def add_schedule(
     every: str | None,
     tz: str | None,
     catch_up: str | None,
+    overlap: bool,
     args: list[Any],
     kwargs: dict[str, Any],
     schedule_id: str | None,
@@ -230,13 +236,14 @@ def add_schedule(
             raise InvalidInput(f"{option} applies to one-off jobs; a schedule's jobs run at "
                                "its fire times")
     if cron is None and every is None:
-        raise InvalidInput("--tz and --catch-up describe a schedule: add --cron or --every")
+        raise InvalidInput("--tz, --catch-up and --no-overlap describe a schedule: add --cron "
+                           "or --every")
     if schedule_id is None:
         raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
     _check_task_known(settings, task_name, args, kwargs)
     definition = recurring.define_for_task(
         task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest", priority=priority,
+        kwargs=kwargs, catch_up=catch_up or "latest", overlap=overlap, priority=priority,
         max_retries=retries, timeout=timeout)
 
     async def go() -> bool:

@@ -86,6 +86,7 @@ class ScheduleBody(Strict):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     catch_up: Literal["latest", "skip", "all"] = "latest"
+    overlap: bool = Field(True, description="False: skip a window while a run is active.")
     priority: Priority | None = None
     max_retries: int | None = Field(None, ge=0)
     timeout: float | None = Field(None, gt=0)
@@ -269,8 +270,8 @@ async def _define(svc: Any, schedule_id: str, body: ScheduleBody, on_conflict: s
     svc.check_task(body.task)
     definition = recurring.define_for_task(
         body.task, schedule_id=schedule_id, cron=body.cron, every=body.every, tz=body.tz,
-        args=body.args, kwargs=body.kwargs, catch_up=body.catch_up, priority=body.priority,
-        max_retries=body.max_retries, timeout=body.timeout)
+        args=body.args, kwargs=body.kwargs, catch_up=body.catch_up, overlap=body.overlap,
+        priority=body.priority, max_retries=body.max_retries, timeout=body.timeout)
     return await recurring.add_schedule(svc.store, definition,
                                         default_tz=svc.settings.jobs.timezone,
                                         on_conflict=on_conflict)
