@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 MAX_JOB_ID_LENGTH = 255
 MAX_UNIQUE_KEY_LENGTH = 255
+MIN_UNIQUE_SECONDS = 0.001
 MAX_UNIQUE_SECONDS = 10 * 366 * 86400.0
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
 
@@ -131,12 +132,13 @@ def unique_seconds(unique_for: object, unique_key: object) -> float | None:
                                "(CLI: --unique-for)")
         return None
     seconds = _seconds(unique_for, "unique_for")
-    if seconds > MAX_UNIQUE_SECONDS:
-        raise InvalidInput(f"invalid unique_for {unique_for!r}: use at most 10 years")
+    if not MIN_UNIQUE_SECONDS <= seconds <= MAX_UNIQUE_SECONDS:
+        raise InvalidInput(f"invalid unique_for {unique_for!r}: use 1 ms to 10 years")
     if unique_key is not None and (not isinstance(unique_key, str) or not unique_key
-                                   or len(unique_key) > MAX_UNIQUE_KEY_LENGTH):
+                                   or len(unique_key) > MAX_UNIQUE_KEY_LENGTH
+                                   or "\x00" in unique_key):
         raise InvalidInput(f"invalid unique_key {unique_key!r}: use text of 1 to "
-                           f"{MAX_UNIQUE_KEY_LENGTH} characters")
+                           f"{MAX_UNIQUE_KEY_LENGTH} characters, without NUL")
     return seconds
 
 

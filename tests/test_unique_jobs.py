@@ -104,6 +104,12 @@ async def test_unique_options_are_checked(sched):
         await sched.schedule("noop", unique_key="k")
     with pytest.raises(InvalidInput, match="unique_for"):
         await sched.schedule("noop", unique_for=0)
+    for bad_key in ("", "x" * 256, "a\x00b", 7):
+        with pytest.raises(InvalidInput, match="unique_key"):
+            await sched.schedule("noop", unique_for=5, unique_key=bad_key)
+    for bad_period in (1e-6, timedelta(days=4000), float("nan"), -1, True):
+        with pytest.raises(InvalidInput, match="unique_for"):
+            await sched.schedule("noop", unique_for=bad_period)
     with pytest.raises(InvalidInput, match="replace"):
         await sched.schedule("noop", unique_for=5, conflict_resolution="replace")
     from pgsched import JobSpec
