@@ -9,42 +9,20 @@ import itertools
 import signal
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
-from conftest import fast_options, run_cli, wait_until, write_config
-from psycopg.rows import dict_row
+from conftest import run_cli, wait_until, write_config
+from test_recurring import add, planner
 
-from pgsched import InvalidInput, Scheduler, Worker, recurring
+from pgsched import InvalidInput, Scheduler, recurring
 from pgsched.recurring import define_schedule
 
 T = datetime(2030, 1, 1, 12, 5, tzinfo=UTC)
-
-
-@pytest.fixture
-def db(pg_dsn, schema):
-    with psycopg.connect(pg_dsn, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute(f'SET search_path TO "{schema}"')
-
-        def run(query, *params):
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-        yield run
 
 
 def windows(db, schedule_id):
     return db("SELECT id, fire_time, status::text AS status, last_error, started_at, "
               "finished_at FROM jobs WHERE schedule_id = %s AND fire_time IS NOT NULL "
               "ORDER BY fire_time", schedule_id)
-
-
-async def add(sched, schedule_id, **definition):
-    d = define_schedule(definition.pop("task", "noop"), schedule_id=schedule_id, **definition)
-    assert await recurring.add_schedule(sched.store, d, default_tz="UTC", on_conflict="raise")
-
-
-def planner(sched):
-    return Worker(sched.store, sched._dsn, fast_options()).planner
 
 
 async def test_a_window_skips_while_the_previous_run_is_pending_and_runs_after_it(sched, db):
