@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import run_cli, wait_until, write_config
-from test_recurring import add, planner
+from conftest import cli_env, run_cli, wait_until, write_config
+from test_recurring import PLANNER_CRASH, PLANNER_CRASH_EXIT_CODE, add, planner, stop_all
 
 from pgsched import InvalidInput, Scheduler, recurring
 from pgsched.recurring import define_schedule
@@ -131,3 +132,52 @@ async def test_three_workers_never_run_two_windows_at_once_and_lose_none(
         assert after["started_at"] >= before["finished_at"], (before, after)
     # Only the last run may still be unfinished (the stop released it to pending).
     assert all(w["finished_at"] is not None for w in runs[:-1])
+
+
+async def test_planners_killed_mid_pass_neither_lose_nor_double_a_skipped_window(
+        sched, db, tmp_path, pg_dsn, schema, workers):
+    """Adversarial: each planner may exit after deciding a window, before writing it; the
+    window must still be decided once, run or skipped, by another planner."""
+    await add(sched, "slow", task="sleep", args=[1.5], every="1s", catch_up="all",
+              overlap=False)
+    config = write_config(tmp_path, pg_dsn, schema)
+    crashy = cli_env(PYTHONPATH=str(PLANNER_CRASH), PGSCHED_TEST_PLANNER_CRASH_RATE="0.3")
+    procs = [workers(config, env=crashy) for _ in range(3)]
+    crashes: list[list[str]] = []
+
+    def restart_the_dead() -> bool:
+        for i, proc in enumerate(procs):
+            if proc.proc.poll() is not None:
+                assert proc.proc.returncode == PLANNER_CRASH_EXIT_CODE, proc.log()[-2000:]
+                crashes.extend(event["windows"] for event in map(json.loads, (
+                    line for line in proc.log().splitlines() if "planner_crash_injected" in line)))
+                procs[i] = workers(config, env=crashy)
+        rows = windows(db, "slow")
+        return (len(crashes) >= 3 and sum(w["status"] == "completed" for w in rows) >= 3
+                and any(w["status"] == "cancelled" for w in rows))
+
+    await wait_until(restart_the_dead, timeout=120, interval=0.1,
+                     what="three injected crashes, three runs and a skipped window")
+    procs.append(workers(config))  # a clean planner catches up what the crashed ones left
+    await stop_all(procs[:-1])
+    stopped_at = await sched.store.db_now()
+    await wait_until(lambda: all(w["fire_time"] > stopped_at or w["status"] in (
+        "completed", "cancelled") for w in windows(db, "slow"))
+        and sched_next_fire(db, "slow") > stopped_at, timeout=60,
+        what="the clean worker to decide and finish every window up to the stop")
+    db("UPDATE schedules SET paused = true")
+    await stop_all(procs[-1:])
+    rows = [w for w in windows(db, "slow") if w["fire_time"] <= stopped_at]
+    times = [w["fire_time"] for w in rows]
+    assert times == [times[0] + timedelta(seconds=i) for i in range(len(times))], \
+        "a window was lost or doubled"
+    in_flight = {datetime.fromisoformat(w) for batch in crashes for w in batch}
+    assert in_flight and in_flight <= set(times), "a window in flight at a crash was lost"
+    runs = sorted((w for w in rows if w["status"] == "completed"),
+                  key=lambda w: w["started_at"])
+    for before, after in itertools.pairwise(runs):
+        assert after["started_at"] >= before["finished_at"], (before, after)
+
+
+def sched_next_fire(db, schedule_id):
+    return db("SELECT next_fire_at FROM schedules WHERE id = %s", schedule_id)[0]["next_fire_at"]
