@@ -453,7 +453,7 @@ class Scheduler:
         ))
         mode = ConflictResolution.parse(conflict_resolution)
         if period is not None:
-            return await self._schedule_unique(job, period, unique_key, mode)
+            return (await self._schedule_unique(job, period, unique_key, mode))[0]
         written = await self.store.insert_jobs([job], replace=mode is ConflictResolution.REPLACE)
         if job.id in written or mode is ConflictResolution.IGNORE:
             return job.id
@@ -464,8 +464,22 @@ class Scheduler:
             "(CLI: --on-conflict ignore|replace)"
         )
 
+    async def schedule_unique(
+        self, spec: JobSpec, *,
+        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
+    ) -> tuple[str, bool]:
+        """schedule() for a spec with unique_for: (the job's id, whether it was added);
+        False with the id of the pending or running job that holds the key (or, with
+        IGNORE, of the job that has the spec's id)."""
+        period = unique_seconds(spec.unique_for, spec.unique_key)
+        if period is None:
+            raise InvalidInput("schedule_unique needs a spec with unique_for")
+        return await self._schedule_unique(
+            self._new_job(spec), period, spec.unique_key,
+            ConflictResolution.parse(conflict_resolution))
+
     async def _schedule_unique(self, job: NewJob, period: float, unique_key: str | None,
-                               mode: ConflictResolution) -> str:
+                               mode: ConflictResolution) -> tuple[str, bool]:
         if mode is ConflictResolution.REPLACE:
             raise InvalidInput("a unique job cannot replace another: use conflict_resolution "
                                "RAISE or IGNORE with unique_for")
@@ -475,7 +489,7 @@ class Scheduler:
             raise JobConflict(
                 f"job {job.id!r} already exists: use conflict_resolution IGNORE "
                 "(CLI: --on-conflict ignore)")
-        return job_id
+        return job_id, outcome == "inserted"
 
     async def schedule_bulk(
         self,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,7 @@ from ..ops import (
 from ..queues import validate_queue_name
 from ..scheduler import ConflictResolution
 from ..store import STATUSES
+from ..timing import parse_duration
 from .feed import stream
 
 router = APIRouter(prefix="/api")
@@ -76,6 +78,9 @@ class JobIn(Strict):
     misfire_grace: float | str | None = Field(None, description='Seconds, a duration, "none".')
     queue: str | None = None
     on_conflict: Literal["raise", "ignore", "replace"] = "raise"
+    unique_for: float | str | None = Field(
+        None, description='Seconds or a duration like "5m": see docs/job-control.md.')
+    unique_key: str | None = None
 
 
 class ScheduleBody(Strict):
@@ -155,7 +160,8 @@ async def list_jobs(
 @router.post("/jobs", status_code=201, summary="Schedule a job (as `pgsched add`)")
 async def add_job(request: Request, response: Response, body: JobIn) -> dict[str, Any]:
     svc = await service(request).ready()
-    given = body.model_dump(exclude_unset=True, exclude={"on_conflict"})
+    given = body.model_dump(exclude_unset=True,
+                            exclude={"on_conflict", "unique_for", "unique_key"})
     # The job-file keys `pgsched add --from` reads: one validator for both.
     renames = {"execution_time": "at", "delay": "in", "max_retries": "retries"}
     nullable = ("timeout", "misfire_grace")  # null there means "no limit"
@@ -173,6 +179,15 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
     svc.check_task(str(spec.func))
     svc.scheduler.validate(spec)
     mode = ConflictResolution.parse(body.on_conflict)
+    if body.unique_for is not None or body.unique_key is not None:
+        unique_for = (body.unique_for if not isinstance(body.unique_for, str)
+                      else parse_duration(body.unique_for))
+        job_id, added = await svc.scheduler.schedule_unique(
+            replace(spec, unique_for=unique_for, unique_key=body.unique_key),
+            conflict_resolution=mode)
+        if not added:
+            response.status_code = 200  # the pending or running job holding the key
+        return job_to_json(await _job_row(svc, job_id))
     [job_id] = await svc.scheduler.schedule_bulk([spec], conflict_resolution=mode)
     if job_id is None:
         if mode is ConflictResolution.REPLACE:
