@@ -80,7 +80,7 @@ def test_cli_priority_takes_a_number_or_a_name(tmp_path, pg_dsn, schema):
     for bad in ("10", "urgent"):
         result = run_cli("add", "noop", "--priority", bad, config=config)
         assert result.returncode == 2
-        assert "invalid priority" in result.stderr and "Traceback" not in result.stderr
+        assert "is not a priority" in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute(f'SELECT count(*) FROM "{schema}".jobs').fetchone()[0] == 4

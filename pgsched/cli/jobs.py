@@ -60,6 +60,19 @@ class OnConflict(StrEnum):
     ignore = "ignore"
     replace_ = "replace"  # `replace` would hide str.replace
 
+def check_priority(value: str | None) -> str | None:
+    """--priority is a usage error when it is no priority, like a bad choice."""
+    from ..tasks import JobPriority
+
+    if value is not None:
+        try:
+            JobPriority.parse(value)
+        except InvalidInput:
+            raise typer.BadParameter(
+                f"{value!r} is not a priority: use 0 (first) to 9, critical or normal"
+            ) from None
+    return value
+
 def parse_json_arg(text: str, option: str, kind: type) -> Any:
     from ..store import decode_json
 
@@ -98,6 +111,7 @@ def add(
     on_conflict: Annotated[OnConflict | None, typer.Option(
         help="When the id exists [default: raise; with --from: ignore].")] = None,
     priority: Annotated[str | None, typer.Option(
+        callback=check_priority,
         help="0 (claimed first) to 9, or a name: critical (1), normal (5).")] = None,
     retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
