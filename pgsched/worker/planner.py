@@ -138,9 +138,12 @@ class Planner:
             if locked < BATCH_SIZE:
                 break
         for job in result.jobs:
-            log.info("schedule_window_enqueued" if job["status"] == "pending"
-                     else "schedule_window_skipped", schedule_id=job["schedule_id"],
-                     job_id=job["id"], fire_time=format_instant(job["fire_time"]))
+            window = {"schedule_id": job["schedule_id"], "job_id": job["id"],
+                      "fire_time": format_instant(job["fire_time"])}
+            if job["status"] == "pending":
+                log.info("schedule_window_enqueued", **window)
+            else:  # overlap = false and a run of the schedule was still active
+                log.info("schedule_window_skipped", **window)
         result.next_fire_at, result.db_now = await self.store.next_schedule_fire()
         if now is not None:
             result.db_now = now
