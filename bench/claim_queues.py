@@ -20,7 +20,6 @@ import uuid
 
 from psycopg import sql
 
-from pgsched import JobPriority
 from pgsched.store import Store, open_pool
 
 FILL = """
@@ -36,7 +35,6 @@ async def one(dsn: str, queues: int, args: argparse.Namespace) -> dict:
     pool = await open_pool(dsn, max_size=2)
     store = Store(pool, schema)
     ident = sql.Identifier(schema)
-    prios = sorted(int(p) for p in JobPriority)
     result: dict = {"queues": queues}
     try:
         await store.migrate()
@@ -50,7 +48,7 @@ async def one(dsn: str, queues: int, args: argparse.Namespace) -> dict:
             for _ in range(args.claims):
                 started = time.perf_counter()
                 claimed, _, _ = await store.claim_jobs(
-                    worker_id="w", limit=args.limit, lease_seconds=60, priorities=prios,
+                    worker_id="w", limit=args.limit, lease_seconds=60,
                     queues=served)
                 times.append((time.perf_counter() - started) * 1000)
                 assert len(claimed) == args.limit

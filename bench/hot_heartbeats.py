@@ -20,7 +20,6 @@ import uuid
 import psycopg
 from psycopg import sql
 
-from pgsched import JobPriority
 from pgsched.store import Store, open_pool
 
 FILL = """
@@ -51,8 +50,7 @@ async def run(args: argparse.Namespace) -> dict:
                     ident, sql.Literal(args.fillfactor)))
             await conn.execute(sql.SQL(FILL).format(schema=ident), (args.rows,))
         claimed, _, _ = await store.claim_jobs(
-            worker_id="w", limit=args.held, lease_seconds=60,
-            priorities=sorted(int(p) for p in JobPriority))
+            worker_id="w", limit=args.held, lease_seconds=60)
         held = [(job["id"], job["attempts"]) for job in claimed]
         async with pool.connection() as conn:
             await conn.execute("SELECT pg_stat_force_next_flush()")

@@ -23,7 +23,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg import sql
 
-from pgsched import JobPriority, Scheduler
+from pgsched import Scheduler
+from pgsched.tasks import PRIORITIES
 
 FILL = """
 INSERT INTO {schema}.jobs (id, task, queue, status, priority, execution_time, created_at,
@@ -57,7 +58,7 @@ LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_crea
 
 
 def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
-    prios = sorted(int(p) for p in JobPriority)
+    prios = list(PRIORITIES)
     since = datetime.now(UTC) - timedelta(hours=1)
     cancel = {"ids": None, "channel": "x", "limit": 5000}
     retry = {"ids": None, "statuses": ["failed"], "cutoff": cutoff, "limit": 1000,

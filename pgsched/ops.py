@@ -39,7 +39,7 @@ from .jobjson import priority_name, to_jsonable
 from .logs import get_logger
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
-from .tasks import JobPriority, get_task, load_tasks, validate_task_name
+from .tasks import PRIORITIES, JobPriority, get_task, load_tasks, validate_task_name
 from .timing import MAX_DURATION, format_duration, parse_duration, parse_time
 
 log = get_logger("pgsched.ops")
@@ -150,7 +150,7 @@ async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
     if dashboard:
         snapshot.running = await store.running_jobs(limit=rows)
         snapshot.upcoming = await store.next_jobs(
-            limit=rows, priorities=sorted(int(p) for p in JobPriority))
+            limit=rows, priorities=PRIORITIES)
         snapshot.failures = await store.recent_failures(limit=max(3, rows // 2))
     return snapshot
 
@@ -229,7 +229,8 @@ def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:
         "id": row["id"], "task": row["task"], "cron": row["cron"], "tz": row["tz"],
         "every": format_duration(row["every"]) if row["every"] is not None else None,
         "anchor": row["anchor"] if row["every"] is not None else None,
-        "catch_up": row["catch_up"], "state": state, "origin": row["origin"],
+        "catch_up": row["catch_up"], "overlap": row["overlap"], "state": state,
+        "origin": row["origin"],
         # A paused or disabled schedule has no next fire time until it is active again.
         "next_fire_at": row["next_fire_at"] if state == "active" else None,
         "last_fire_at": row["last_fire_at"], "last_job_id": row["last_job_id"],

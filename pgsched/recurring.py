@@ -69,6 +69,7 @@ class ScheduleDefinition:
     queue: str
     catch_up: str
     enabled: bool = True
+    overlap: bool = True  # False: skip a window while the previous run is active
 
     def timing(self, default_tz: str) -> Schedule:
         if self.cron is not None:
@@ -85,6 +86,7 @@ class ScheduleDefinition:
             kwargs=self.kwargs_json, priority=self.priority, max_retries=self.max_retries,
             timeout_seconds=self.timeout, queue=self.queue, catch_up=self.catch_up,
             enabled=self.enabled, next_fire_at=self.timing(default_tz).next_after(now),
+            overlap=self.overlap,
         )
 
 
@@ -137,6 +139,7 @@ def define_schedule(
     queue: str = "default",
     catch_up: str = "latest",
     enabled: bool = True,
+    overlap: bool = True,
 ) -> ScheduleDefinition:
     """Validate everything about a schedule; raises InvalidInput for the first problem."""
     validate_task_name(task_name)
@@ -164,6 +167,8 @@ def define_schedule(
         raise InvalidInput(f"invalid catch_up {catch_up!r}: use one of {', '.join(CATCH_UP_MODES)}")
     if not isinstance(enabled, bool):
         raise InvalidInput(f"invalid enabled {enabled!r}: use True or False")
+    if not isinstance(overlap, bool):
+        raise InvalidInput(f"invalid overlap {overlap!r}: use True or False")
     check_task_options(max_retries, timeout)
     args_json, kwargs_json = encode_arguments(args, kwargs)
     if not isinstance(queue, str) or not queue:
@@ -173,7 +178,7 @@ def define_schedule(
         args_json=args_json, kwargs_json=kwargs_json,
         priority=int(JobPriority.parse(priority)), max_retries=max_retries,
         timeout=None if timeout is None else float(timeout), queue=queue,
-        catch_up=catch_up, enabled=enabled,
+        catch_up=catch_up, enabled=enabled, overlap=overlap,
     )
 
 
@@ -183,7 +188,7 @@ _SCHEDULES: dict[str, tuple[ScheduleDefinition, str]] = {}  # id -> (definition,
 
 
 def define_for_task(
-    task_name: str, *, priority: str | None, max_retries: int | None,
+    task_name: str, *, priority: str | int | None, max_retries: int | None,
     timeout: float | None, **definition: Any,
 ) -> ScheduleDefinition:
     """define_schedule for an operator's schedule (CLI, web): options not given come from
@@ -191,7 +196,8 @@ def define_for_task(
     known = get_task(task_name)
     return define_schedule(
         task_name, **definition,
-        priority=priority or (known.priority if known else JobPriority.NORMAL),
+        priority=priority if priority is not None else (
+            known.priority if known else JobPriority.NORMAL),
         max_retries=max_retries if max_retries is not None else (
             known.max_retries if known else 0),
         timeout=timeout if timeout is not None else (known.timeout if known else None),
@@ -215,6 +221,7 @@ def periodic(
     catch_up: str = "latest",
     enabled: bool = True,
     anchor: datetime | None = None,
+    overlap: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Run the decorated function on a schedule; it is also registered as a task.
 
@@ -224,7 +231,9 @@ def periodic(
     function has several. `priority`, `max_retries`, `timeout` and `queue` default to the
     task's options; when this decorator registers the task they become its options too.
     `catch_up` is latest, skip or all (see README.md, Recurring jobs). `enabled=False`
-    keeps the schedule in the database but stops it firing.
+    keeps the schedule in the database but stops it firing. `overlap=False`: a window
+    whose previous run is still pending or running is skipped (recorded as a cancelled
+    job with a 'skipped: ...' error), never queued behind it (docs/job-control.md).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -242,7 +251,7 @@ def periodic(
             max_retries=defaults.max_retries if max_retries is None else max_retries,
             timeout=defaults.timeout if timeout is None else timeout,
             queue=defaults.queue if queue is None else queue,
-            catch_up=catch_up, enabled=enabled,
+            catch_up=catch_up, enabled=enabled, overlap=overlap,
         )
         owner = f"{fn.__module__}.{fn.__qualname__}"
         previous = _SCHEDULES.get(definition.id)

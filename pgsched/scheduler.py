@@ -59,7 +59,15 @@ if TYPE_CHECKING:
     from .worker import Worker, WorkerOptions
 
 MAX_JOB_ID_LENGTH = 255
+MAX_UNIQUE_KEY_LENGTH = 255
+MIN_UNIQUE_SECONDS = 0.001
+MAX_UNIQUE_SECONDS = 10 * 366 * 86400.0
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
+# A unique insert may run again when it races another (store.insert_unique_job): not
+# inside a caller's transaction, which one failed round would abort.
+_UNIQUE_IN_TRANSACTION = ("unique_for cannot be combined with connection= (a unique insert "
+                          "may need a second round, which would abort the caller's "
+                          "transaction): schedule the unique job without connection=")
 # wait(job_id): how often the job is read while no NOTIFY came (a safety net only).
 WAIT_POLL_SECONDS = 5.0
 
@@ -111,6 +119,9 @@ class JobSpec:
     timeout: float | _Unset | None = UNSET
     misfire_grace_time: float | _Unset | None = UNSET
     queue: str | None = None
+    # schedule() only (one job, one statement): schedule_bulk refuses them.
+    unique_for: timedelta | float | None = None
+    unique_key: str | None = None
 
 
 def validate_job_id(job_id: str) -> str:
@@ -126,6 +137,24 @@ def validate_job_id(job_id: str) -> str:
             f"invalid job id {job_id!r}: ids like SCHEDULE@<time> and SCHEDULE@trigger-... "
             "are reserved for schedule windows; choose another id (e.g. without '@')")
     return job_id
+
+
+def unique_seconds(unique_for: object, unique_key: object) -> float | None:
+    """The unique period in seconds (None: not a unique job), and the key checked."""
+    if unique_for is None:
+        if unique_key is not None:
+            raise InvalidInput("unique_key applies to unique jobs: give unique_for too "
+                               "(CLI: --unique-for)")
+        return None
+    seconds = _seconds(unique_for, "unique_for")
+    if not MIN_UNIQUE_SECONDS <= seconds <= MAX_UNIQUE_SECONDS:
+        raise InvalidInput(f"invalid unique_for {unique_for!r}: use 1 ms to 10 years")
+    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key
+                                   or len(unique_key) > MAX_UNIQUE_KEY_LENGTH
+                                   or "\x00" in unique_key):
+        raise InvalidInput(f"invalid unique_key {unique_key!r}: use text of 1 to "
+                           f"{MAX_UNIQUE_KEY_LENGTH} characters, without NUL")
+    return seconds
 
 
 def new_job_id() -> str:
@@ -419,6 +448,9 @@ class Scheduler:
         last: tuple[JobSpec, _Options] | None = None
         new_id = new_job_ids().__next__
         for spec in specs:
+            if spec.unique_for is not None or spec.unique_key is not None:
+                raise InvalidInput("unique_for and unique_key are for schedule(), one job at a "
+                                   "time; schedule_bulk does not deduplicate")
             if last is None or not (
                     spec.func is last[0].func and spec.priority is last[0].priority
                     and spec.max_retries is last[0].max_retries
@@ -496,6 +528,8 @@ class Scheduler:
         timeout: float | _Unset | None = UNSET,
         queue: str | None = None,
         connection: psycopg.AsyncConnection[Any] | None = None,
+        unique_for: timedelta | float | None = None,
+        unique_key: str | None = None,
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
@@ -506,12 +540,21 @@ class Scheduler:
         connection: the caller's open psycopg AsyncConnection: the job is written in its
         transaction (docs/job-control.md), exists only if that commits, and wakes workers
         only then. The Scheduler need not be open. schedule_sync() takes a sync one.
+
+        unique_for (a timedelta or seconds): enqueue nothing if a pending or running job
+        has the same unique_key (default: this task and these arguments) and was enqueued
+        in the same period bucket; return that job's id instead (docs/job-control.md).
         """
+        period = unique_seconds(unique_for, unique_key)
+        if period is not None and connection is not None:
+            raise InvalidInput(_UNIQUE_IN_TRANSACTION)
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
             misfire_grace_time, queue,
         ))
         mode = ConflictResolution.parse(conflict_resolution)
+        if period is not None:
+            return (await self._schedule_unique(job, period, unique_key, mode))[0]
         replace = mode is ConflictResolution.REPLACE
         if connection is not None:
             written = await self._statements.insert_jobs_in(
@@ -531,6 +574,8 @@ class Scheduler:
         transaction; the same keyword options as schedule() (JobSpec's fields). Needs no
         open Scheduler and no event loop: a Django view calls it inside
         `transaction.atomic()`."""
+        if options.get("unique_for") is not None or options.get("unique_key") is not None:
+            raise InvalidInput(_UNIQUE_IN_TRANSACTION)
         job = self._new_job(JobSpec(func, **options))
         mode = ConflictResolution.parse(conflict_resolution)
         written = self._statements.insert_jobs_in_sync(
@@ -557,6 +602,33 @@ class Scheduler:
             f"job {job.id!r} already exists: use conflict_resolution IGNORE or REPLACE "
             "(CLI: --on-conflict ignore|replace)"
         )
+
+    async def schedule_unique(
+        self, spec: JobSpec, *,
+        conflict_resolution: ConflictResolution | str = ConflictResolution.RAISE,
+    ) -> tuple[str, bool]:
+        """schedule() for a spec with unique_for: (the job's id, whether it was added);
+        False with the id of the pending or running job that holds the key (or, with
+        IGNORE, of the job that has the spec's id)."""
+        period = unique_seconds(spec.unique_for, spec.unique_key)
+        if period is None:
+            raise InvalidInput("schedule_unique needs a spec with unique_for")
+        return await self._schedule_unique(
+            self._new_job(spec), period, spec.unique_key,
+            ConflictResolution.parse(conflict_resolution))
+
+    async def _schedule_unique(self, job: NewJob, period: float, unique_key: str | None,
+                               mode: ConflictResolution) -> tuple[str, bool]:
+        if mode is ConflictResolution.REPLACE:
+            raise InvalidInput("a unique job cannot replace another: use conflict_resolution "
+                               "RAISE or IGNORE with unique_for")
+        outcome, job_id = await self.store.insert_unique_job(
+            job, unique_seconds=period, unique_key=unique_key)
+        if outcome == "id_taken" and mode is ConflictResolution.RAISE:
+            raise JobConflict(
+                f"job {job.id!r} already exists: use conflict_resolution IGNORE "
+                "(CLI: --on-conflict ignore)")
+        return job_id, outcome == "inserted"
 
     async def schedule_bulk(
         self,

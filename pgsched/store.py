@@ -75,6 +75,8 @@ ERRORS_KEPT_LAST = 10
 TRACEBACK_MAX_CHARS = 4000
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
+# How often insert_unique_job tries before giving up on a key that keeps changing hands.
+UNIQUE_INSERT_ROUNDS = 20
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -215,6 +217,7 @@ class NewSchedule:
     catch_up: str
     enabled: bool
     next_fire_at: datetime
+    overlap: bool = True  # False: a window skips while a run of the schedule is active
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,26 @@ class Store:
             cur = await conn.execute(self._q["replace_job" if replace else "insert_job"], params)
             return {jobs[0].id} if cur.rowcount == 1 else set()
 
+    async def insert_unique_job(
+        self, job: NewJob, *, unique_seconds: float, unique_key: str | None
+    ) -> tuple[str, str]:
+        """Insert a unique job (sql/enqueue.sql, insert_unique_job); returns (outcome, id):
+        ('inserted', its id), ('duplicate', the id of the pending or running job holding
+        the key in this period) or ('id_taken', its id). The unique index decides; a
+        statement that lost to a holder committed after its snapshot saw no row of it and
+        runs again (each round means another client changed that key meanwhile)."""
+        params = {**job._asdict(), "channel": self.channel, "unique_seconds": unique_seconds,
+                  "unique_key": unique_key}
+        for _ in range(UNIQUE_INSERT_ROUNDS):
+            outcomes = dict((row["outcome"], row["id"])
+                            for row in await self._rows("insert_unique_job", params))
+            for outcome in ("inserted", "duplicate", "id_taken"):
+                if outcome in outcomes:
+                    return outcome, outcomes[outcome]
+        raise PgschedError(
+            f"job {job.id!r}: its unique key changed hands {UNIQUE_INSERT_ROUNDS} times while "
+            "it was being enqueued; try again")
+
     async def copy_jobs(
         self, jobs: Iterable[NewJob], *, replace: bool, require_all: bool
     ) -> set[str]:
@@ -446,7 +469,6 @@ class Store:
         worker_id: str,
         limit: int,
         lease_seconds: float,
-        priorities: Sequence[int],
         queues: Sequence[str] | None = None,
         capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
@@ -461,7 +483,6 @@ class Store:
                 "worker_id": worker_id,
                 "limit": limit,
                 "lease_seconds": lease_seconds,
-                "priorities": list(priorities),
                 "queues": list(queues) if queues is not None else None,
                 "capped_queues": list(capped[0]),
                 "capped_free": list(capped[1]),
@@ -639,6 +660,7 @@ class Store:
             "catch_ups": [s.catch_up for s in schedules],
             "enableds": [s.enabled for s in schedules],
             "next_fire_ats": [s.next_fire_at for s in schedules],
+            "overlaps": [s.overlap for s in schedules],
             "channel": self.channel,
         })
 
@@ -661,7 +683,8 @@ class Store:
 
         One transaction: a planner that dies before it commits moves nothing and inserts
         nothing, and its row locks go with its session. Returns (schedules locked, jobs
-        inserted as {id, schedule_id, fire_time}).
+        inserted as {id, schedule_id, fire_time, status}: 'pending', or 'cancelled' for a
+        window skipped because it would overlap its schedule's active run).
         """
         try:
             async with self.pool.connection() as conn, conn.transaction():

@@ -36,25 +36,31 @@ _TASK_NAME_RE = re.compile(r"^[A-Za-z_][\w.:-]{0,199}$")
 
 
 class JobPriority(IntEnum):
-    """Lower values are claimed first. NORMAL keeps pg-scheduler's stored value (5)."""
+    """Names for two of the priorities 0-9 (lower values are claimed first). NORMAL keeps
+    pg-scheduler's stored value (5); any other number of PRIORITIES is a priority too."""
 
     CRITICAL = 1
     NORMAL = 5
 
     @classmethod
-    def parse(cls, value: JobPriority | int | str) -> JobPriority:
+    def parse(cls, value: JobPriority | int | str) -> int:
+        """A priority from a name (critical, normal) or a number 0-9, given as an int or
+        as text; the named values come back as members, so they print by name."""
+        number: object = value
         if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
-        else:
-            try:
-                return cls(value)
-            except ValueError:
-                pass
+            text = value.strip()
+            if text.upper() in cls.__members__:
+                return cls[text.upper()]
+            number = int(text) if text.isascii() and text.isdigit() else None
+        if isinstance(number, int) and not isinstance(number, bool) and number in PRIORITIES:
+            return cls(number) if number in cls._value2member_map_ else number
         names = ", ".join(p.name.lower() for p in cls)
-        raise InvalidInput(f"invalid priority {value!r}: use one of {names}")
+        raise InvalidInput(f"invalid priority {value!r}: use a number from "
+                           f"{PRIORITIES[0]} (first) to {PRIORITIES[-1]} (last), or {names}")
+
+
+# Every priority a job may have; the table's CHECK constraints (migration 0011) say the same.
+PRIORITIES = range(10)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Task:
     func: Callable[..., Any]
     max_retries: int = 0
     timeout: float | None = None
-    priority: JobPriority = JobPriority.NORMAL
+    priority: int = JobPriority.NORMAL
     queue: str = "default"
     # Exceptions worth a retry; any other fails the job at once. None: every exception.
     retry_on: tuple[type[BaseException], ...] | None = None

@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgsched import Scheduler, WorkerOptions
 
@@ -72,6 +73,19 @@ def schema(pg_dsn: str) -> Iterator[str]:
     yield name
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def db(pg_dsn, schema):
+    """Run SQL in the test's schema: db(query, *params) -> list of dict rows."""
+    with psycopg.connect(pg_dsn, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+
+        def run(query, *params):
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+        yield run
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ async def test_result_over_postgres_size_limit_fails_that_job_and_others_are_rec
 
 async def defer(sched: Scheduler, give_up_seconds: float) -> str:
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id="old-code", limit=1, lease_seconds=60, priorities=[1, 5])
+        worker_id="old-code", limit=1, lease_seconds=60)
     [job] = claimed
     row = await sched.store.defer_job(
         worker_id="old-code", job_id=job["id"], attempt=job["attempts"], error="unknown task",

@@ -33,7 +33,7 @@ async def ended(sched: Scheduler, job_id: str) -> dict[str, Any] | None:
 async def claim_as_ghost(sched: Scheduler, lease_seconds: float = 60.0) -> list[dict[str, Any]]:
     """Claim due jobs for a worker that will never heartbeat (a crashed process)."""
     jobs, _, _ = await sched.store.claim_jobs(worker_id="ghost", limit=100,
-                                              lease_seconds=lease_seconds, priorities=[1, 5])
+                                              lease_seconds=lease_seconds)
     return jobs
 
 

@@ -267,8 +267,7 @@ async def test_show_marks_an_attempt_interrupted_by_shutdown(config, sched):
 
 async def test_recovered_attempt_is_recorded_with_its_start(sched):
     job_id = await sched.schedule("noop")
-    claimed, _, _ = await sched.store.claim_jobs(worker_id="gone", limit=1, lease_seconds=0.05,
-                                                priorities=[1, 5])
+    claimed, _, _ = await sched.store.claim_jobs(worker_id="gone", limit=1, lease_seconds=0.05)
     assert [j["id"] for j in claimed] == [job_id]
     await wait_until(lambda: sched.store.recover_orphans(max_recoveries=3), what="recovery")
     job = await sched.get_job(job_id)

@@ -51,8 +51,7 @@ async def test_cancel_reports_each_id_it_could_not_cancel(sched, config):
 
 async def test_cancel_waiting_on_a_running_job_nobody_runs_fails_after_the_wait(sched, config):
     job_id = await sched.schedule("noop")
-    await sched.store.claim_jobs(worker_id="ghost", limit=1, lease_seconds=600,
-                                 priorities=[1, 5])
+    await sched.store.claim_jobs(worker_id="ghost", limit=1, lease_seconds=600)
     result = run_cli("cancel", job_id, "--wait", "0.5s", config=config)
     assert result.returncode == 1
     assert result.stdout.split() == [job_id]

@@ -48,7 +48,8 @@ def test_global_options_work_after_the_command_too(config, tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["add", "noop", "--priority", "high"], "--priority: 'high' is not one of"),
+    (["add", "noop", "--priority", "high"], "--priority: 'high' is not a priority"),
+    (["add", "noop", "--priority", "10"], "--priority: '10' is not a priority"),
     (["add", "noop", "--retries", "-1"], "--retries: -1 is not in the range"),
     (["ls", "--limit", "0"], "--limit: 0 is not in the range"),
     (["ls", "--nope"], "no such option: --nope"),

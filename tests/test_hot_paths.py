@@ -75,7 +75,7 @@ async def test_an_invalid_job_deep_in_a_bulk_call_writes_nothing(sched):
 async def test_bulk_replace_overwrites_all_but_the_running_job(sched):
     await sched.schedule_bulk([JobSpec("add", job_id=k, args=(0, 0)) for k in ("a", "b")])
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id="w", limit=1, lease_seconds=60, priorities=[1, 5])
+        worker_id="w", limit=1, lease_seconds=60)
     running = claimed[0]["id"]
     specs = [JobSpec("add", job_id=k, args=(1, 1)) for k in ("a", "b", "c")]
     result = await sched.schedule_bulk(specs, conflict_resolution=ConflictResolution.REPLACE)
@@ -142,7 +142,7 @@ async def test_lease_until_is_set_exactly_while_a_job_runs(sched):
     worker.stop()
     await runner  # the sleeper goes back to pending
     claimed, _, _ = await sched.store.claim_jobs(  # a worker that then vanishes
-        worker_id="gone", limit=1, lease_seconds=0.05, priorities=[1, 5])
+        worker_id="gone", limit=1, lease_seconds=0.05)
     assert [j["id"] for j in claimed] == ["released"]
     await wait_until(lambda: sched.store.recover_orphans(max_recoveries=3), what="recovery")
     await sched.schedule("noop", job_id="completed", conflict_resolution="replace")
@@ -183,7 +183,7 @@ async def test_fenced_writes_probe_the_primary_key_whatever_the_statistics(
             "SELECT 'j' || g, 'noop', now() FROM generate_series(1, 20000) g")
         await conn.execute(f'ANALYZE "{schema}".jobs')
         claimed, _, _ = await sched.store.claim_jobs(
-            worker_id="w", limit=500, lease_seconds=60, priorities=[1, 5])
+            worker_id="w", limit=500, lease_seconds=60)
         statement, params = _prepare(_bind(_QUERIES[query], schema), "fenced")
         await conn.execute(statement)
         await conn.execute("SET plan_cache_mode = force_generic_plan")

@@ -57,7 +57,6 @@ from hypothesis.stateful import (
 from psycopg import sql
 
 from pgsched.store import FINISHED_STATUSES, NewJob, Store, open_pool
-from pgsched.tasks import JobPriority
 
 PROFILES = {
     "ci": settings(max_examples=120, stateful_step_count=40, deadline=None,
@@ -75,7 +74,6 @@ LATE = timedelta(hours=1)  # how long before its scheduling a late job was due
 GRACE_SECONDS = 600.0  # a late job's misfire grace: longer than any example
 MAX_RECOVERIES = 2
 RETRYABLE = ("failed", "cancelled", "expired")  # what an operator's retry may pick
-PRIORITIES = [p.value for p in JobPriority]
 FAR_FUTURE = datetime(2999, 1, 1, tzinfo=UTC)
 
 
@@ -280,7 +278,7 @@ class JobLifecycle(RuleBasedStateMachine):
         pending = {job_id for job_id, row in self.seen.items() if row["status"] == "pending"}
         now = self.db.call(self.db.store.db_now())
         claimed, _, _ = self.db.call(self.db.store.claim_jobs(
-            worker_id=worker, limit=limit, lease_seconds=LEASE_SECONDS, priorities=PRIORITIES))
+            worker_id=worker, limit=limit, lease_seconds=LEASE_SECONDS))
         ids = {row["id"] for row in claimed}
         # Every pending job is due: jobs are due now, retries and releases too.
         assert ids <= pending and len(ids) == min(limit, len(pending)), (ids, pending)
@@ -444,13 +442,12 @@ def test_replace_keeps_attempts(database: Database) -> None:
     number fences the lost run's late completion out."""
     store = database.store
     database.call(store.insert_jobs([new_job("j", 0)]))
-    database.call(store.claim_jobs(worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS,
-                                   priorities=PRIORITIES))
+    database.call(store.claim_jobs(worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS))
     database.execute("UPDATE {jobs} SET lease_until = now() - interval '1 second'")
     database.call(store.recover_orphans(max_recoveries=MAX_RECOVERIES))
     database.call(store.insert_jobs([new_job("j", 0)], replace=True))
     claimed, _, _ = database.call(store.claim_jobs(
-        worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS, priorities=PRIORITIES))
+        worker_id="w1", limit=1, lease_seconds=LEASE_SECONDS))
     late = database.call(store.complete_jobs(worker_id="w1", done=[("j", 1, '"stale"')]))
     row = database.rows()["j"]
     assert (late, row["status"], claimed[0]["attempts"]) == (set(), "running", 2), (

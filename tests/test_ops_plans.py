@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from pgsched import JobPriority
+from pgsched.tasks import PRIORITIES as PRIORITY_VALUES
 
-PRIORITIES = sorted(int(p) for p in JobPriority)
+PRIORITIES = list(PRIORITY_VALUES)
 NOW = datetime.now(UTC)
 BATCH = {"ids": None, "channel": "c", "limit": 5000}
 LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,

@@ -132,7 +132,7 @@ async def explain_claim(sched: Scheduler, **params: Any) -> int:
     async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
         cur = await conn.execute(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q["claim_jobs"],
-            {"worker_id": "w", "limit": 10, "lease_seconds": 60, "priorities": [1, 5],
+            {"worker_id": "w", "limit": 10, "lease_seconds": 60,
              "capped_queues": [], "capped_free": [], **params})
         plan = (await cur.fetchone())[0][0]["Plan"]
     return rows_read_from_jobs(plan)

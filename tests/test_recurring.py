@@ -20,7 +20,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import cli_env, fast_options, wait_until, write_config
-from psycopg.rows import dict_row
 
 from pgsched import (
     InvalidInput,
@@ -54,19 +53,6 @@ def registry(monkeypatch):
     monkeypatch.setattr(recurring, "_SCHEDULES", {})
     monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
     return recurring._SCHEDULES
-
-
-@pytest.fixture
-def db(pg_dsn, schema):
-    """Run SQL in the test's schema: db(query, *params) -> list of dict rows."""
-    with psycopg.connect(pg_dsn, autocommit=True, row_factory=dict_row) as conn:
-        conn.execute(f'SET search_path TO "{schema}"')
-
-        def run(query, *params):
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-        yield run
 
 
 def planner(sched):

@@ -1,6 +1,6 @@
 """Rules the store enforces for every caller, against a real PostgreSQL: the fence survives
-a replace, recovery and release wake idle workers, stored priorities are ones the claim
-walks, and a job's error history stays bounded."""
+a replace, recovery and release wake idle workers, stored priorities are 0-9, and a job's
+error history stays bounded."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ W = "worker-a"
 
 async def claim_one(sched, worker_id: str = W, lease_seconds: float = 60.0) -> dict:
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id=worker_id, limit=1, lease_seconds=lease_seconds, priorities=[1, 5])
+        worker_id=worker_id, limit=1, lease_seconds=lease_seconds)
     [row] = claimed
     return row
 
@@ -55,7 +55,7 @@ async def test_replaced_job_that_ran_before_still_expires_past_its_grace(sched):
     await sched.schedule("noop", job_id="j", conflict_resolution="replace",
                          execution_time=past, misfire_grace_time=1)
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id=W, limit=1, lease_seconds=60, priorities=[1, 5])
+        worker_id=W, limit=1, lease_seconds=60)
     assert [row["expired"] for row in claimed] == [True]
 
 
@@ -68,7 +68,7 @@ async def test_retried_job_that_was_recovered_before_expires_past_its_grace(sche
                                traceback=None, retry_delay_seconds=0)
     await asyncio.sleep(1.2)
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id=W, limit=1, lease_seconds=60, priorities=[1, 5])
+        worker_id=W, limit=1, lease_seconds=60)
     assert [row["expired"] for row in claimed] == [True]
 
 
@@ -116,12 +116,18 @@ async def test_orphan_recovery_wakes_idle_workers_with_a_due_epoch(sched, listen
     assert float(payload) <= datetime.now(UTC).timestamp() + 1
 
 
-async def test_priority_outside_the_claimed_values_is_refused_by_the_table(sched):
+@pytest.mark.parametrize("priority", [-1, 10])
+async def test_priority_outside_0_to_9_is_refused_by_the_table(sched, priority):
     async with sched.store.pool.connection() as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
             await conn.execute(
                 f'INSERT INTO "{sched.schema}".jobs (id, task, priority, execution_time)'
-                " VALUES ('x', 'noop', 3, now())")
+                " VALUES ('x', 'noop', %s, now())", [priority])
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".schedules (id, task, every, origin,'
+                " next_fire_at, priority) VALUES ('s', 'noop', '1 minute', 'cli', now(), %s)",
+                [priority])
 
 
 async def test_error_history_keeps_the_first_and_last_attempts_with_short_tracebacks(sched):

@@ -146,6 +146,22 @@ async def test_a_body_over_one_mib_is_413_and_writes_nothing(api, web_env):
 # -- jobs --------------------------------------------------------------------------------
 
 
+async def test_post_job_with_unique_for_returns_the_holder_with_200(api, web_env):
+    key = uid("unique")
+    body = {"task": "noop", "unique_for": "10m", "unique_key": key}
+    first = await api.post("/api/jobs", headers=AUTH, json=body)
+    again = await api.post("/api/jobs", headers=AUTH, json=body | {"unique_for": 600})
+    assert (first.status_code, again.status_code) == (201, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    before = job_count(web_env)
+    for bad, message in (({"unique_key": key}, "unique_for"),
+                         ({"unique_for": "soon"}, "invalid duration"),
+                         ({"unique_for": 5, "on_conflict": "replace"}, "replace")):
+        refused = await api.post("/api/jobs", headers=AUTH, json={"task": "noop"} | bad)
+        assert refused.status_code == 400 and message in refused.text, refused.text
+    assert job_count(web_env) == before
+
+
 async def test_post_job_returns_the_ls_json_object_and_validates_like_add(api, web_env):
     job_id = uid("add")
     created = await api.post("/api/jobs", headers=AUTH, json={

@@ -60,9 +60,18 @@ class OnConflict(StrEnum):
     ignore = "ignore"
     replace_ = "replace"  # `replace` would hide str.replace
 
-class Priority(StrEnum):
-    normal = "normal"
-    critical = "critical"
+def check_priority(value: str | None) -> str | None:
+    """--priority is a usage error when it is no priority, like a bad choice."""
+    from ..tasks import JobPriority
+
+    if value is not None:
+        try:
+            JobPriority.parse(value)
+        except InvalidInput:
+            raise typer.BadParameter(
+                f"{value!r} is not a priority: use 0 (first) to 9, critical or normal"
+            ) from None
+    return value
 
 def parse_json_arg(text: str, option: str, kind: type) -> Any:
     from ..store import decode_json
@@ -101,7 +110,9 @@ def add(
     job_id: Annotated[str | None, typer.Option("--id", help="Job id (default: a UUID).")] = None,
     on_conflict: Annotated[OnConflict | None, typer.Option(
         help="When the id exists [default: raise; with --from: ignore].")] = None,
-    priority: Annotated[Priority | None, typer.Option(help="normal or critical.")] = None,
+    priority: Annotated[str | None, typer.Option(
+        callback=check_priority,
+        help="0 (claimed first) to 9, or a name: critical (1), normal (5).")] = None,
     retries: Annotated[int | None, typer.Option(min=0, help="Max retries.")] = None,
     timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds.")] = None,
     misfire_grace: Annotated[str | None, typer.Option(
@@ -125,10 +136,18 @@ def add(
         "completed, 1 if it failed, was cancelled or expired, 124 on --wait-timeout.")] = False,
     wait_timeout: Annotated[str | None, typer.Option(
         help="With --wait: give up after this long (e.g. 30s, 5m); the job runs on.")] = None,
+    unique_for: Annotated[str | None, typer.Option(
+        help="Add nothing if a pending or running job with the same key was added in the "
+             "same period of this length (like 5m); print that job's id.")] = None,
+    unique_key: Annotated[str | None, typer.Option(
+        help="With --unique-for: the key (default: the task and its arguments).")] = None,
+    no_overlap: Annotated[bool, typer.Option(
+        "--no-overlap", help="Schedules: skip a window while the previous run is still "
+                             "pending or running.")] = False,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works (with --wait: the ended job)."""
-    from ..scheduler import UNSET, ConflictResolution
+    from ..scheduler import UNSET, ConflictResolution, unique_seconds
     from ..tasks import JobPriority
     from ..timing import parse_duration, parse_time
 
@@ -142,7 +161,8 @@ def add(
     if from_file is not None:
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
                    "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
-                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace}
+                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace,
+                   "--unique-for": unique_for, "--unique-key": unique_key}
         given = next((name for name, value in per_job.items() if value), None)
         if given:
             raise InvalidInput(f"{given} describes one job; with --from put it in each line")
@@ -153,13 +173,16 @@ def add(
         raise InvalidInput("give a TASK to schedule, or --from FILE to add many jobs")
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
-    if cron is not None or every is not None or tz is not None or catch_up is not None:
+    if (cron is not None or every is not None or tz is not None or catch_up is not None
+            or no_overlap):
         return add_schedule(
             settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
+            overlap=not no_overlap,
             args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
             on_conflict=(on_conflict or OnConflict.raise_).value,
-            priority=priority.value if priority else None, retries=retries, timeout=timeout,
-            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace})
+            priority=priority, retries=retries, timeout=timeout,
+            job_options={"--at": at, "--in": in_, "--misfire-grace": misfire_grace,
+                         "--unique-for": unique_for, "--unique-key": unique_key})
     if at is not None and in_ is not None:
         raise InvalidInput("use either --at or --in, not both")
     when = None  # due now, on the database clock
@@ -173,18 +196,22 @@ def add(
                         else grace)
     if queue is not None:
         validate_queue_name(queue)
+    priority_value = JobPriority.parse(priority) if priority is not None else None
+    unique_period = None if unique_for is None else for_option(
+        "--unique-for", parse_duration, unique_for)
+    unique_seconds(unique_period, unique_key)
     _check_task_known(settings, task_name, arg_list, kwarg_map)
 
     async def go() -> str | tuple[dict[str, Any], datetime]:
         async with open_scheduler(settings) as sched:
             added = await sched.schedule(
                 task_name, execution_time=when, args=arg_list, kwargs=kwarg_map,
-                priority=JobPriority.parse(priority.value) if priority else None,
+                priority=priority_value,
                 max_retries=retries, job_id=job_id,
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
-                queue=queue,
+                queue=queue, unique_for=unique_period, unique_key=unique_key,
             )
             if not wait:
                 return added
@@ -235,6 +262,7 @@ def add_schedule(
     every: str | None,
     tz: str | None,
     catch_up: str | None,
+    overlap: bool,
     args: list[Any],
     kwargs: dict[str, Any],
     schedule_id: str | None,
@@ -252,13 +280,14 @@ def add_schedule(
             raise InvalidInput(f"{option} applies to one-off jobs; a schedule's jobs run at "
                                "its fire times")
     if cron is None and every is None:
-        raise InvalidInput("--tz and --catch-up describe a schedule: add --cron or --every")
+        raise InvalidInput("--tz, --catch-up and --no-overlap describe a schedule: add --cron "
+                           "or --every")
     if schedule_id is None:
         raise InvalidInput("name the schedule with --id; pause, trigger and remove use it")
     _check_task_known(settings, task_name, args, kwargs)
     definition = recurring.define_for_task(
         task_name, schedule_id=schedule_id, cron=cron, every=every, tz=tz, args=args,
-        kwargs=kwargs, catch_up=catch_up or "latest", priority=priority,
+        kwargs=kwargs, catch_up=catch_up or "latest", overlap=overlap, priority=priority,
         max_retries=retries, timeout=timeout)
 
     async def go() -> bool:

@@ -44,7 +44,9 @@ ON CONFLICT (id) DO UPDATE SET
     -- before the replace can never record an outcome for the new one.
     status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
     lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
+    -- The new job is not a unique one (insert_unique_job), whatever the old one was.
+    unique_key = NULL, unique_until = NULL
 WHERE j.status <> 'running'
 RETURNING pg_notify(%(channel)s, extract(epoch FROM j.execution_time)::text);
 
@@ -113,7 +115,8 @@ WITH new AS (
         -- before the replace can never record an outcome for the new one.
         status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
+        unique_key = NULL, unique_until = NULL
     WHERE j.status <> 'running'
     RETURNING id, execution_time
 ),
@@ -124,3 +127,46 @@ wake AS (
 SELECT (SELECT count(*) FROM wake) AS notified,
        ARRAY(SELECT s.id FROM pg_temp.pgsched_new_jobs s
              WHERE NOT EXISTS (SELECT 1 FROM new WHERE new.id = s.id)) AS skipped;
+
+-- name: insert_unique_job
+-- Insert one unique job (schedule(..., unique_for=...)) unless a pending or running job
+-- has its key in the same period bucket, or its id exists. Returns one row per outcome
+-- found: ('inserted', id) with a NOTIFY like insert_job; ('duplicate', id of the job
+-- holding the key); ('id_taken', id) when only the id clashed. No row at all when the
+-- holder committed after this statement's snapshot was taken (ON CONFLICT waited for it,
+-- but the SELECTs cannot see it): the caller runs the statement again.
+--
+-- The key is the caller's %(unique_key)s, else the task and a hash of the canonical text
+-- of the arguments (jsonb's: keys sorted, duplicates and whitespace gone), so equal
+-- arguments written differently are the same key. The bucket is the period-long slice
+-- of the database clock since the epoch that now() falls in, named by its end:
+-- concurrent callers with one period agree on it without talking to each other, and the
+-- unique index jobs_unique_active_idx (migration 0011) does the rest.
+WITH wanted AS (
+    SELECT coalesce(%(unique_key)s::text,
+                    %(task)s || ':' || encode(sha256(convert_to(
+                        %(args)s::jsonb::text || ' ' || %(kwargs)s::jsonb::text, 'UTF8')),
+                        'hex')) AS unique_key,
+           to_timestamp((floor(extract(epoch FROM now()) / %(unique_seconds)s::numeric) + 1)
+                        * %(unique_seconds)s::numeric) AS unique_until
+),
+new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds, unique_key, unique_until)
+    SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
+           %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
+           %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s,
+           w.unique_key, w.unique_until
+    FROM wanted w
+    ON CONFLICT DO NOTHING
+    RETURNING id, pg_notify(%(channel)s, extract(epoch FROM execution_time)::text)
+)
+SELECT 'inserted' AS outcome, id FROM new
+UNION ALL
+SELECT 'duplicate', j.id FROM {schema}.jobs j, wanted w
+WHERE j.unique_key = w.unique_key AND j.unique_until = w.unique_until
+  AND j.status IN ('pending', 'running') AND NOT EXISTS (SELECT FROM new)
+UNION ALL
+SELECT 'id_taken', j.id FROM {schema}.jobs j
+WHERE j.id = %(id)s AND NOT EXISTS (SELECT FROM new);

@@ -134,6 +134,9 @@ retried AS (
         status = 'pending', execution_time = now(), failures = 0, recoveries = 0, snoozes = 0,
         worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
         started_at = NULL, finished_at = NULL,
+        -- An operator's re-run is no longer deduplicated: it must not fail on (or take the
+        -- place of) a job enqueued with the same unique key since (insert_unique_job).
+        unique_key = NULL, unique_until = NULL,
         errors = {schema}.append_error(j.errors, jsonb_build_object(
             'attempt', j.attempts, 'at', now(), 'outcome', 'retried'),
             %(errors_first)s, %(errors_last)s)

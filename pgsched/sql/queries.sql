@@ -19,9 +19,10 @@
 -- future job of a priority when few are due (200,000 jobs due next week cost
 -- milliseconds per claim). The queues come from the worker's list, or, for a worker that
 -- serves every queue, from a loose index scan (one index probe per distinct queue with
--- pending jobs); the priorities are the handful of JobPriority values. Within a queue
--- the walks run in priority order and the LIMIT stops them at the queue's cap (a nested
--- loop preserves the order of the priorities array). Across queues the candidates are
+-- pending jobs); the priorities are those of 0-9 the queue has pending rows of
+-- (served_priorities). Within a queue the walks run in priority order and the LIMIT stops
+-- them at the queue's cap (a nested loop preserves the order in which the loose scan
+-- found the priorities). Across queues the candidates are
 -- sorted by priority and due time and cut to %(limit)s: when several queues have jobs due
 -- at once a claim locks up to its limit in each of them and lets the surplus go at
 -- commit, milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and
@@ -46,13 +47,33 @@ served AS (
         ON c.queue = s.queue
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
 ),
+-- The priorities each served queue has pending rows of, lowest first: a loose index scan,
+-- one probe per priority present plus one that finds none. With the jobs of a queue at
+-- one or two priorities this costs what walking the two JobPriority values did, however
+-- many of 0-9 exist. Materialised once, for next_due and candidates.
+served_priorities AS (
+    SELECT s.queue, p.priority
+    FROM served s
+    CROSS JOIN LATERAL (
+        WITH RECURSIVE present AS (
+            (SELECT priority FROM {schema}.jobs
+             WHERE status = 'pending' AND queue = s.queue ORDER BY priority LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.priority FROM {schema}.jobs j
+                    WHERE j.status = 'pending' AND j.queue = s.queue
+                      AND j.priority > present.priority
+                    ORDER BY j.priority LIMIT 1)
+            FROM present WHERE present.priority IS NOT NULL
+        )
+        SELECT priority FROM present WHERE priority IS NOT NULL
+    ) p
+),
 next_due AS (
     SELECT min(f.execution_time) AS at
-    FROM served s
-    CROSS JOIN unnest(%(priorities)s::smallint[]) AS p(priority)
+    FROM served_priorities sp
     CROSS JOIN LATERAL (
         SELECT execution_time FROM {schema}.jobs
-        WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
+        WHERE status = 'pending' AND queue = sp.queue AND priority = sp.priority
           AND execution_time > now()
         ORDER BY execution_time LIMIT 1
     ) f
@@ -66,7 +87,7 @@ candidates AS (
         -- time, which neither changes) and must run again, however late; a retry (due
         -- again later than its last start) keeps its grace from the retry time; a new,
         -- replaced or `pgsched retry`-ed job has not started.
-        SELECT w.* FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+        SELECT w.* FROM served_priorities p
         CROSS JOIN LATERAL (
             -- Lateness is compared in seconds, not as an interval: a grace written with SQL
             -- ('Infinity', 1e300) must not make interval arithmetic fail the whole claim.
@@ -83,6 +104,7 @@ candidates AS (
             LIMIT s.cap
             FOR UPDATE SKIP LOCKED
         ) w
+        WHERE p.queue = s.queue
         LIMIT s.cap
     ) c
     ORDER BY c.priority, c.execution_time, c.id

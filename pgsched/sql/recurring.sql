@@ -24,14 +24,14 @@ WITH given AS (
         %(everys)s::interval[], %(anchors)s::timestamptz[], %(args)s::jsonb[],
         %(kwargs)s::jsonb[], %(priorities)s::smallint[], %(max_retries)s::int[],
         %(timeouts)s::float8[], %(queues)s::text[], %(catch_ups)s::text[],
-        %(enableds)s::bool[], %(next_fire_ats)s::timestamptz[])
+        %(enableds)s::bool[], %(next_fire_ats)s::timestamptz[], %(overlaps)s::bool[])
     AS g(id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
-         timeout_seconds, queue, catch_up, enabled, next_fire_at)
+         timeout_seconds, queue, catch_up, enabled, next_fire_at, overlap)
 ),
 upserted AS (
     INSERT INTO {schema}.schedules AS s
         (id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
-         timeout_seconds, queue, catch_up, enabled, next_fire_at, origin)
+         timeout_seconds, queue, catch_up, enabled, next_fire_at, overlap, origin)
     -- Sorted, so replicas starting together lock rows in the same order.
     SELECT g.*, 'code' FROM given g ORDER BY g.id
     ON CONFLICT (id) DO UPDATE SET
@@ -39,7 +39,7 @@ upserted AS (
         anchor = excluded.anchor, args = excluded.args, kwargs = excluded.kwargs,
         priority = excluded.priority, max_retries = excluded.max_retries,
         timeout_seconds = excluded.timeout_seconds, queue = excluded.queue,
-        catch_up = excluded.catch_up, enabled = excluded.enabled,
+        catch_up = excluded.catch_up, enabled = excluded.enabled, overlap = excluded.overlap,
         next_fire_at = CASE
             WHEN NOT s.enabled OR (s.cron, s.tz, s.every, s.anchor)
                 IS DISTINCT FROM (excluded.cron, excluded.tz, excluded.every, excluded.anchor)
@@ -47,11 +47,12 @@ upserted AS (
         updated_at = now()
     WHERE s.origin = 'code'
       AND (s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
-           s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled)
+           s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled, s.overlap)
           IS DISTINCT FROM
           (excluded.task, excluded.cron, excluded.tz, excluded.every, excluded.anchor,
            excluded.args, excluded.kwargs, excluded.priority, excluded.max_retries,
-           excluded.timeout_seconds, excluded.queue, excluded.catch_up, excluded.enabled)
+           excluded.timeout_seconds, excluded.queue, excluded.catch_up, excluded.enabled,
+           excluded.overlap)
     RETURNING s.id, CASE WHEN s.xmax = 0 THEN 'created' ELSE 'updated' END AS change
 ),
 disabled AS (
@@ -80,16 +81,16 @@ SELECT changes.* FROM changes LEFT JOIN wake ON true ORDER BY changes.id;
 WITH written AS (
     INSERT INTO {schema}.schedules AS s
         (id, task, cron, tz, every, anchor, args, kwargs, priority, max_retries,
-         timeout_seconds, queue, catch_up, next_fire_at, origin)
+         timeout_seconds, queue, catch_up, next_fire_at, overlap, origin)
     VALUES (%(id)s, %(task)s, %(cron)s, %(tz)s, %(every)s, %(anchor)s, %(args)s, %(kwargs)s,
             %(priority)s, %(max_retries)s, %(timeout)s, %(queue)s, %(catch_up)s,
-            %(next_fire_at)s, 'cli')
+            %(next_fire_at)s, %(overlap)s, 'cli')
     ON CONFLICT (id) DO UPDATE SET
         task = excluded.task, cron = excluded.cron, tz = excluded.tz, every = excluded.every,
         anchor = excluded.anchor, args = excluded.args, kwargs = excluded.kwargs,
         priority = excluded.priority, max_retries = excluded.max_retries,
         timeout_seconds = excluded.timeout_seconds, queue = excluded.queue,
-        catch_up = excluded.catch_up,
+        catch_up = excluded.catch_up, overlap = excluded.overlap,
         next_fire_at = CASE
             WHEN (s.cron, s.tz, s.every, s.anchor)
                 IS DISTINCT FROM (excluded.cron, excluded.tz, excluded.every, excluded.anchor)
@@ -136,7 +137,16 @@ FOR UPDATE SKIP LOCKED;
 -- next_fire_at the planner read, and jobs are inserted only for schedules it moved, so
 -- the move and the jobs commit together or not at all. The unique index on
 -- (schedule_id, fire_time) makes a second job for a window impossible even if two
--- planners ever computed it. Returns the jobs inserted.
+-- planners ever computed it.
+--
+-- A schedule with overlap = false runs a window only if no job of that schedule is
+-- pending or running (as this statement sees them, holding the schedule's row lock, so
+-- no other planner decides for it meanwhile) and it is the first window of this pass
+-- (the later ones would queue behind it). Any other window of it is recorded, not run:
+-- its job is written as cancelled with a 'skipped: ...' error naming the run it would
+-- have overlapped, under the same unique (schedule_id, fire_time) key as a run, so a
+-- window is either run or skipped, once, and commits with the move of next_fire_at.
+-- Returns the jobs inserted, each with its status (pending, or cancelled when skipped).
 WITH plan AS (
     SELECT * FROM unnest(
         %(ids)s::text[], %(expected)s::timestamptz[], %(next_fire_ats)s::timestamptz[],
@@ -151,7 +161,7 @@ advanced AS (
     FROM plan p
     WHERE s.id = p.id AND s.next_fire_at = p.expected AND s.enabled AND NOT s.paused
     RETURNING s.id, s.task, s.queue, s.args, s.kwargs, s.priority, s.max_retries,
-              s.timeout_seconds, s.catch_up
+              s.timeout_seconds, s.catch_up, s.overlap
 ),
 windows AS (
     SELECT * FROM unnest(
@@ -159,24 +169,44 @@ windows AS (
         %(window_fire_times)s::timestamptz[])
     AS w(job_id, schedule_id, fire_time)
 ),
+decided AS (
+    SELECT w.job_id, w.fire_time, a.*,
+           CASE WHEN NOT a.overlap THEN coalesce(
+               (SELECT r.id FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
+                WHERE r.schedule_id = a.id AND r.status IN ('pending', 'running')
+                ORDER BY r.created_at, r.id LIMIT 1),
+               (SELECT f.job_id FROM windows f
+                WHERE f.schedule_id = a.id AND f.fire_time < w.fire_time
+                ORDER BY f.fire_time LIMIT 1)) END AS overlaps
+    FROM windows w JOIN advanced a ON a.id = w.schedule_id
+),
 new AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, args, kwargs, priority, execution_time, misfire_grace_seconds,
-         max_retries, timeout_seconds, schedule_id, fire_time)
+         max_retries, timeout_seconds, schedule_id, fire_time, status, finished_at,
+         last_error, errors)
     -- execution_time is the window's fire time, so lateness shows. Only `skip` windows
     -- expire: the catch-up mode, not the misfire grace, decides which late windows run.
-    SELECT w.job_id, a.task, a.queue, a.args, a.kwargs, a.priority, w.fire_time,
-           CASE WHEN a.catch_up = 'skip' THEN %(skip_grace_seconds)s::float8 END,
-           a.max_retries, a.timeout_seconds, a.id, w.fire_time
-    FROM windows w JOIN advanced a ON a.id = w.schedule_id
+    SELECT d.job_id, d.task, d.queue, d.args, d.kwargs, d.priority, d.fire_time,
+           CASE WHEN d.catch_up = 'skip' THEN %(skip_grace_seconds)s::float8 END,
+           d.max_retries, d.timeout_seconds, d.id, d.fire_time,
+           CASE WHEN d.overlaps IS NULL THEN 'pending' ELSE 'cancelled' END
+               ::{schema}.job_status,
+           CASE WHEN d.overlaps IS NOT NULL THEN now() END,
+           'skipped: ' || d.overlaps || ' was still pending or running (overlap is off)',
+           CASE WHEN d.overlaps IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(
+               jsonb_build_object('attempt', 0, 'at', now(), 'outcome', 'skipped',
+                                  'error', 'overlaps ' || d.overlaps)) END
+    FROM decided d
     ON CONFLICT DO NOTHING
-    RETURNING id, schedule_id, fire_time, execution_time
+    RETURNING id, schedule_id, fire_time, execution_time, status
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
-    FROM new HAVING count(*) > 0
+    FROM new WHERE status = 'pending' HAVING count(*) > 0
 )
-SELECT new.id, new.schedule_id, new.fire_time FROM new LEFT JOIN wake ON true;
+SELECT new.id, new.schedule_id, new.fire_time, new.status::text AS status
+FROM new LEFT JOIN wake ON true;
 
 -- name: next_schedule_fire
 -- When the planner must look again: the earliest next_fire_at of active schedules, and
@@ -189,8 +219,13 @@ FROM {schema}.schedules WHERE enabled AND NOT paused
 
 -- name: list_schedules
 -- Schedules (one, when %(id)s is given) with the last job each made: when it was due
--- (a window's fire time, or a trigger's time) and its status.
-SELECT s.*, j.execution_time AS last_run_at, j.status::text AS last_status
+-- (a window's fire time, or a trigger's time) and its status ('skipped' for a window
+-- that overlap = false skipped).
+SELECT s.*, j.execution_time AS last_run_at,
+       -- a window skipped because its previous run was still active (advance_schedules)
+       CASE WHEN j.status = 'cancelled' AND j.fire_time IS NOT NULL
+                 AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
+            ELSE j.status::text END AS last_status
 FROM {schema}.schedules s LEFT JOIN {schema}.jobs j ON j.id = s.last_job_id
 WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,7 @@ from ..ops import (
 from ..queues import validate_queue_name
 from ..scheduler import ConflictResolution
 from ..store import STATUSES
+from ..timing import parse_duration
 from .feed import stream
 
 router = APIRouter(prefix="/api")
@@ -52,6 +54,10 @@ OUTCOMES = 5
 # server decodes before routing).
 JobId = Annotated[str, Path(min_length=1, max_length=255)]
 ScheduleId = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+# 0 (claimed first) to 9, or the name of one of them.
+Priority = Literal["normal", "critical"] | Annotated[int, Field(ge=0, le=9)]
 
 
 class Strict(BaseModel):
@@ -65,12 +71,15 @@ class JobIn(Strict):
     execution_time: str | None = Field(None, description="Aware ISO 8601 time.")
     delay: float | str | None = Field(None, description='Seconds, or a duration like "5m".')
     id: str | None = None
-    priority: Literal["normal", "critical"] | None = None
+    priority: Priority | None = None
     max_retries: int | None = Field(None, ge=0)
     timeout: float | str | None = Field(None, description="Seconds or a duration.")
     misfire_grace: float | str | None = Field(None, description='Seconds, a duration, "none".')
     queue: str | None = None
     on_conflict: Literal["raise", "ignore", "replace"] = "raise"
+    unique_for: float | str | None = Field(
+        None, description='Seconds or a duration like "5m": see docs/job-control.md.')
+    unique_key: str | None = None
 
 
 class ScheduleBody(Strict):
@@ -81,7 +90,8 @@ class ScheduleBody(Strict):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     catch_up: Literal["latest", "skip", "all"] = "latest"
-    priority: Literal["normal", "critical"] | None = None
+    overlap: bool = Field(True, description="False: skip a window while a run is active.")
+    priority: Priority | None = None
     max_retries: int | None = Field(None, ge=0)
     timeout: float | None = Field(None, gt=0)
 
@@ -149,7 +159,8 @@ async def list_jobs(
 @router.post("/jobs", status_code=201, summary="Schedule a job (as `pgsched add`)")
 async def add_job(request: Request, response: Response, body: JobIn) -> dict[str, Any]:
     svc = await service(request).ready()
-    given = body.model_dump(exclude_unset=True, exclude={"on_conflict"})
+    given = body.model_dump(exclude_unset=True,
+                            exclude={"on_conflict", "unique_for", "unique_key"})
     # The job-file keys `pgsched add --from` reads: one validator for both.
     renames = {"execution_time": "at", "delay": "in", "max_retries": "retries"}
     nullable = ("timeout", "misfire_grace")  # null there means "no limit"
@@ -167,6 +178,15 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
     svc.check_task(str(spec.func))
     svc.scheduler.validate(spec)
     mode = ConflictResolution.parse(body.on_conflict)
+    if body.unique_for is not None or body.unique_key is not None:
+        unique_for = (body.unique_for if not isinstance(body.unique_for, str)
+                      else parse_duration(body.unique_for))
+        job_id, added = await svc.scheduler.schedule_unique(
+            replace(spec, unique_for=unique_for, unique_key=body.unique_key),
+            conflict_resolution=mode)
+        if not added:
+            response.status_code = 200  # the pending or running job holding the key
+        return job_to_json(await _job_row(svc, job_id))
     [job_id] = await svc.scheduler.schedule_bulk([spec], conflict_resolution=mode)
     if job_id is None:
         if mode is ConflictResolution.REPLACE:
@@ -264,8 +284,8 @@ async def _define(svc: Any, schedule_id: str, body: ScheduleBody, on_conflict: s
     svc.check_task(body.task)
     definition = recurring.define_for_task(
         body.task, schedule_id=schedule_id, cron=body.cron, every=body.every, tz=body.tz,
-        args=body.args, kwargs=body.kwargs, catch_up=body.catch_up, priority=body.priority,
-        max_retries=body.max_retries, timeout=body.timeout)
+        args=body.args, kwargs=body.kwargs, catch_up=body.catch_up, overlap=body.overlap,
+        priority=body.priority, max_retries=body.max_retries, timeout=body.timeout)
     return await recurring.add_schedule(svc.store, definition,
                                         default_tz=svc.settings.jobs.timezone,
                                         on_conflict=on_conflict)

@@ -36,7 +36,6 @@ import structlog
 
 from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
-from ..tasks import JobPriority
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
 
@@ -50,7 +49,6 @@ TIMER_MARGIN_SECONDS = 0.0005
 class Fetcher:
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
-        self._priorities = sorted(int(p) for p in JobPriority)
         self._queue_limits = dict(ctx.options.queue_concurrency)
 
     async def run(self) -> None:
@@ -116,7 +114,7 @@ class Fetcher:
         ctx.stats.claims += 1
         jobs, next_due, db_now = await ctx.store.claim_jobs(
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
-            priorities=self._priorities, queues=ctx.options.queues,
+            queues=ctx.options.queues,
             capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
         )
         ctx.clock_offset = db_now.timestamp() - sent_wall

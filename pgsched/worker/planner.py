@@ -6,7 +6,9 @@ No leader. Each pass is one transaction (Store.fire_due_schedules):
 2. decide each schedule's windows with pgsched.timing.due_windows (pure; the catch-up
    mode picks which missed windows run);
 3. in one statement, move each next_fire_at on (compare-and-set on the value read) and
-   insert one job per window with execution_time = the window's fire time.
+   insert one job per window with execution_time = the window's fire time; for a
+   schedule with overlap = false that statement writes a window as skipped (a cancelled
+   job) while a run of the schedule is pending or running (sql/recurring.sql).
 A planner that dies anywhere before its commit moves nothing and inserts nothing; its
 locks go with its session, and the next planner to look does the work. A planner frozen
 mid-transaction is cut off by the server after IDLE_TIMEOUT_SECONDS. The unique index on
@@ -136,8 +138,12 @@ class Planner:
             if locked < BATCH_SIZE:
                 break
         for job in result.jobs:
-            log.info("schedule_window_enqueued", schedule_id=job["schedule_id"],
-                     job_id=job["id"], fire_time=format_instant(job["fire_time"]))
+            window = {"schedule_id": job["schedule_id"], "job_id": job["id"],
+                      "fire_time": format_instant(job["fire_time"])}
+            if job["status"] == "pending":
+                log.info("schedule_window_enqueued", **window)
+            else:  # overlap = false and a run of the schedule was still active
+                log.info("schedule_window_skipped", **window)
         result.next_fire_at, result.db_now = await self.store.next_schedule_fire()
         if now is not None:
             result.db_now = now

@@ -21,12 +21,11 @@ from pgsched.store import ERRORS_KEPT_FIRST, ERRORS_KEPT_LAST
 from .kit import lease_expiries, query
 
 W = "host:1:stale1"
-PRIORITIES = [1, 5]
 
 
 async def claim_all(sched, worker_id=W, lease_seconds=60.0):
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id=worker_id, limit=1000, lease_seconds=lease_seconds, priorities=PRIORITIES)
+        worker_id=worker_id, limit=1000, lease_seconds=lease_seconds)
     return claimed
 
 
