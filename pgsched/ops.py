@@ -36,6 +36,7 @@ from . import recurring
 from .config import Settings
 from .errors import InvalidInput
 from .logs import get_logger
+from .queues import Rate
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
 from .tasks import JobPriority, get_task, load_tasks, validate_task_name
@@ -249,6 +250,16 @@ def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "paused_at": row["paused_at"].isoformat() if row["paused_at"] else None,
             # Like `status`: no lag when nothing is due (a 0 would read as "on time").
             "lag_seconds": round(row["lag_seconds"], 3) if row["due"] else None}
+
+
+def queue_limits_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A queue's global limits as `pgsched queue limit --json` prints them."""
+    rate = (str(Rate(row["rate_jobs"], row["rate_period_seconds"]))
+            if row["rate_jobs"] is not None else None)
+    return {"queue": row["queue"], "global_concurrency": row["global_concurrency"],
+            "rate": rate, "running": row["running"],
+            "started_in_window": row["started_in_window"],
+            "set_at": row["set_at"].isoformat(), "set_by": row["set_by"]}
 
 
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:

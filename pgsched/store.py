@@ -69,6 +69,9 @@ ERRORS_KEPT_LAST = 10
 TRACEBACK_MAX_CHARS = 4000
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
+# How soon a worker claims again from a queue its global concurrency held back (nothing
+# tells it that another worker's job of the queue finished; claim_room in 0012).
+LIMIT_RECHECK_SECONDS = 0.5
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -430,6 +433,7 @@ class Store:
                 "queues": list(queues) if queues is not None else None,
                 "capped_queues": list(capped[0]),
                 "capped_free": list(capped[1]),
+                "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
             },
         )
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
@@ -759,6 +763,32 @@ class Store:
         """Allow claims again and wake idle workers; returns those that were paused."""
         rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
         return {row["queue"] for row in rows}
+
+    async def set_queue_limits(
+        self, queue: str, *, global_concurrency: int | None = None,
+        rate: tuple[int, float] | None = None, set_concurrency: bool = False,
+        set_rate: bool = False, set_by: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Set (or with None, remove) a queue's global concurrency and/or rate (jobs,
+        period in seconds), each only when its set_ flag is true; wakes idle workers.
+        Returns the queue's limits afterwards, None when it has none left."""
+        params = {
+            "queue": queue, "global_concurrency": global_concurrency,
+            "rate_jobs": rate[0] if rate else None,
+            "rate_period_seconds": rate[1] if rate else None,
+            "set_concurrency": set_concurrency, "set_rate": set_rate, "set_by": set_by,
+            "channel": self.channel,
+        }
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(self._q["upsert_queue_limits"], params)
+            await conn.execute(self._q["drop_empty_queue_limits"], params)
+        rows = await self.queue_limits(queue)
+        return rows[0] if rows else None
+
+    async def queue_limits(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Global limits of every limited queue (or of `queue`), with running jobs and the
+        starts in the rate window."""
+        return await self._rows("list_queue_limits", {"queue": queue})
 
     async def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: due, scheduled and running jobs, lag, and the pause if any."""

@@ -8,9 +8,11 @@
 -- name: claim_jobs
 -- Claim up to %(limit)s due jobs for one worker from the queues it serves (%(queues)s, or
 -- every queue when NULL) that are not paused, taking at most %(capped_free)s from each
--- queue in %(capped_queues)s (per-queue concurrency); expire jobs past their misfire
--- grace; report when the next pending job of those queues falls due. Always returns at
--- least one row: the job columns are NULL when nothing was claimed.
+-- queue in %(capped_queues)s (per-queue concurrency) and no more than a queue's global
+-- limits allow (queue_limits); expire jobs past their misfire grace; report when the next
+-- pending job of those queues falls due, or when a global limit that held jobs back may
+-- let them go. Always returns at least one row: the job columns are NULL when nothing
+-- was claimed.
 --
 -- Why this shape: the pending index is (queue, priority, execution_time, id), and each
 -- (queue, priority) pair is walked on its own, over its due rows only. A single
@@ -34,7 +36,7 @@ WITH RECURSIVE pending_queues AS (
             WHERE j.status = 'pending' AND j.queue > q.queue ORDER BY j.queue LIMIT 1)
     FROM pending_queues q WHERE q.queue IS NOT NULL
 ),
-served AS (
+listed AS (
     SELECT s.queue, least(%(limit)s, coalesce(c.free, %(limit)s)) AS cap
     FROM (
         SELECT queue FROM pending_queues
@@ -45,6 +47,40 @@ served AS (
     LEFT JOIN unnest(%(capped_queues)s::text[], %(capped_free)s::int[]) AS c(queue, free)
         ON c.queue = s.queue
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
+),
+-- Global limits (migration 0012): claim_room locks the limited queues' rows until this
+-- claim commits, so claims of a limited queue run one after another and each counts
+-- what the previous one started. It is called only when a served queue has a row in
+-- queue_limits (STRICT, and array_agg of nothing is NULL): a claim without limits pays
+-- one probe of that table per queue. A limit set after this statement began applies
+-- from the next claim.
+limited AS (
+    SELECT r.queue, r.room, r.recheck_at
+    FROM {schema}.claim_room(
+        (SELECT array_agg(l.queue) FROM listed l
+         WHERE EXISTS (SELECT 1 FROM {schema}.queue_limits g WHERE g.queue = l.queue)),
+        %(limit_recheck_seconds)s) r
+),
+served AS (
+    SELECT s.queue, least(s.cap, coalesce(r.room, s.cap)) AS cap
+    FROM listed s LEFT JOIN limited r ON r.queue = s.queue
+),
+-- A queue held back by its global limit with more jobs due than it may start: no NOTIFY
+-- says when room comes back, so the worker claims again at recheck_at.
+recheck AS (
+    SELECT min(r.recheck_at) AS at
+    FROM limited r JOIN listed s ON s.queue = r.queue
+    WHERE r.room < s.cap AND r.room < (
+        SELECT count(*) FROM (
+            SELECT 1 FROM unnest(%(priorities)s::smallint[]) AS p(priority)
+            CROSS JOIN LATERAL (
+                SELECT 1 FROM {schema}.jobs
+                WHERE status = 'pending' AND queue = r.queue AND priority = p.priority
+                  AND execution_time <= now()
+                LIMIT r.room::bigint + 1
+            ) d
+            LIMIT r.room::bigint + 1
+        ) due)
 ),
 next_due AS (
     SELECT min(f.execution_time) AS at
@@ -112,8 +148,21 @@ claimed AS (
     RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
               j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
               j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
+),
+-- The starts of this claim counted in the rate window of each rate-limited queue it
+-- took from (only rows claim_room locked: room is NULL for the others).
+counted AS (
+    UPDATE {schema}.queue_limits AS l
+    SET (window_at, window_jobs) = (
+        SELECT w.new_at, w.new_jobs FROM {schema}.rate_window_add(
+            l.window_at, l.window_jobs, now(), c.jobs, l.rate_period_seconds) w)
+    FROM (SELECT queue, count(*)::integer AS jobs FROM claimed
+          WHERE NOT expired GROUP BY queue) c
+    WHERE l.queue = c.queue AND l.rate_jobs IS NOT NULL
+      AND c.queue IN (SELECT queue FROM limited WHERE room IS NOT NULL)
 )
-SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, claimed.*
+SELECT least(n.at, (SELECT at FROM recheck), '9999-12-30Z') AS next_due, now() AS db_now,
+       claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
