@@ -229,13 +229,14 @@ def attempt_history(job: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
 JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "execution_time",
             "created_at", "started_at", "finished_at", "attempts", "failures", "recoveries",
             "max_retries", "timeout_seconds", "misfire_grace_seconds", "worker_id",
-            "lease_until", "heartbeat_at", "result", "last_error")
+            "lease_until", "heartbeat_at", "result", "last_error", "depends_on",
+            "waiting_for", "due_after_dependencies")
 
 
 # What `pgsched ls --json` prints for a job (and the web API's job objects).
 LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
            "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
-           "created_at", "started_at", "finished_at", "worker_id")
+           "created_at", "started_at", "finished_at", "worker_id", "waiting_for")
 
 
 def job_to_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from .worker import Worker, WorkerOptions
 
 MAX_JOB_ID_LENGTH = 255
+# How many jobs one job may wait for (depends_on): a bound on the locks one insert takes.
+MAX_DEPENDENCIES = 1000
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
 
 
@@ -406,19 +408,27 @@ class Scheduler:
         misfire_grace_time: float | _Unset | None = UNSET,
         timeout: float | _Unset | None = UNSET,
         queue: str | None = None,
+        depends_on: Sequence[str] = (),
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
         Defaults: due now (on the database clock, whatever this machine's clock says);
         priority, max_retries, timeout and queue from the task's @task options;
         misfire_grace_time from the Scheduler (300 s; None = never expire).
+        depends_on: ids of jobs that must all complete first; the job waits (and is
+        due at execution_time or when the last completes, whichever is later), and is
+        cancelled if one fails, is cancelled or expires (docs/job-control.md).
         """
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
             misfire_grace_time, queue,
         ))
         mode = ConflictResolution.parse(conflict_resolution)
-        written = await self.store.insert_jobs([job], replace=mode is ConflictResolution.REPLACE)
+        if depends_on:
+            written = await self._schedule_waiting(job, mode, depends_on)
+        else:
+            written = await self.store.insert_jobs(
+                [job], replace=mode is ConflictResolution.REPLACE)
         if job.id in written or mode is ConflictResolution.IGNORE:
             return job.id
         if mode is ConflictResolution.REPLACE:
@@ -427,6 +437,21 @@ class Scheduler:
             f"job {job.id!r} already exists: use conflict_resolution IGNORE or REPLACE "
             "(CLI: --on-conflict ignore|replace)"
         )
+
+    async def _schedule_waiting(
+        self, job: NewJob, mode: ConflictResolution, depends_on: Sequence[str]
+    ) -> set[str]:
+        if isinstance(depends_on, str):
+            raise InvalidInput("depends_on must be a list of job ids, not one string")
+        deps = list(dict.fromkeys(validate_job_id(d) for d in depends_on))
+        if len(deps) > MAX_DEPENDENCIES:
+            raise InvalidInput(f"depends_on: at most {MAX_DEPENDENCIES} jobs, not {len(deps)}")
+        if job.id in deps:
+            raise InvalidInput(f"depends_on: job {job.id!r} cannot wait for itself")
+        if mode is ConflictResolution.REPLACE:
+            raise InvalidInput("depends_on cannot be combined with conflict_resolution "
+                               "REPLACE: cancel the job and schedule it again")
+        return {job.id} if await self.store.insert_waiting_job(job, deps) else set()
 
     async def schedule_bulk(
         self,

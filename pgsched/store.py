@@ -406,6 +406,30 @@ class Store:
                     copied.append(job)
                 await copy.write_row(job)
 
+    async def insert_waiting_job(self, job: NewJob, depends_on: Sequence[str]) -> bool:
+        """Insert a job that waits until every job in `depends_on` completed (it may be
+        released or cancelled at once, if they already ended). True if it was written,
+        False if its id exists. Raises InvalidInput, writing nothing, for a dependency
+        that does not exist or that waits (transitively) for this job."""
+        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel}
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            row = await _one(await cur.execute(self._q["insert_waiting_job"], params))
+            missing = [d for d in depends_on if d not in set(row["found"])]
+            if missing:
+                raise InvalidInput(
+                    f"depends_on: no job {missing[0]!r}"
+                    + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + ": give ids of jobs that exist (a vacuumed job is gone); nothing was "
+                    "scheduled")
+            if row["cycle"]:
+                raise InvalidInput(
+                    f"depends_on: job {job.id!r} would wait for itself: one of its "
+                    "dependencies waits for it (a cycle); nothing was scheduled")
+            if row["inserted"]:
+                await conn.execute(self._q["settle_waiting"], {"ids": [job.id], **params})
+            return bool(row["inserted"])
+
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
@@ -835,13 +859,24 @@ class Store:
         self, *, statuses: Sequence[str], cutoff: datetime, limit: int,
         ids: Sequence[str] | None = None, task: str | None = None, queue: str | None = None,
     ) -> list[str]:
-        """Put up to `limit` matching finished jobs back to pending; returns their ids."""
-        rows = await self._rows("ops_retry_jobs", {
+        """Put up to `limit` matching finished jobs back to pending; returns their ids.
+        A job scheduled with depends_on waits again for its dependencies (released at
+        once if they all completed, cancelled again if one did not)."""
+        params = {
             "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
             "channel": self.channel, **_ERRORS_KEPT,
-        })
-        return [row["id"] for row in rows]
+        }
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            retried = [row["id"] for row in
+                       await (await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
+            waiting = {"ids": retried, "channel": self.channel}
+            # In this transaction: a retried job must never be left waiting for
+            # dependencies that completed meanwhile.
+            await cur.execute(self._q["lock_dependencies"], waiting)
+            await cur.execute(self._q["settle_waiting"], waiting)
+        return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------
     # The change feed runs its statements on its own LISTEN connection (`conn`), so one

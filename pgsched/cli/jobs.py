@@ -120,6 +120,9 @@ def add(
         help="Schedules: latest (default), skip or all missed windows.")] = None,
     queue: Annotated[str | None, typer.Option(
         help="Queue (default: the task's @task(queue=...), else 'default').")] = None,
+    depends_on: Annotated[list[str] | None, typer.Option(
+        "--depends-on", metavar="ID",
+        help="Wait until this job completed (repeatable); cancelled if it does not.")] = None,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works."""
@@ -131,7 +134,8 @@ def add(
     if from_file is not None:
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
                    "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
-                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace}
+                   "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace,
+                   "--depends-on": depends_on}
         given = next((name for name, value in per_job.items() if value), None)
         if given:
             raise InvalidInput(f"{given} describes one job; with --from put it in each line")
@@ -143,6 +147,8 @@ def add(
     arg_list = parse_json_arg(args, "--args", list)
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
     if cron is not None or every is not None or tz is not None or catch_up is not None:
+        if depends_on:
+            raise InvalidInput("--depends-on applies to one job, not to a recurring schedule")
         return add_schedule(
             settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
             args=arg_list, kwargs=kwarg_map, schedule_id=job_id,
@@ -173,7 +179,7 @@ def add(
                 conflict_resolution=ConflictResolution.parse(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
-                queue=queue,
+                queue=queue, depends_on=depends_on or (),
             )
 
     say(_run(go()))
@@ -361,7 +367,9 @@ def ls(
     print_table(
         ("id", "task", "queue", "status", "execution_time", "priority", "attempts", "failures",
          "last_error"),
-        [(row["id"], row["task"], row["queue"], row["status"], row["execution_time"],
+        [(row["id"], row["task"], row["queue"], row["status"],
+          row["execution_time"] if row["waiting_for"] is None
+          else "waits for " + ", ".join(row["waiting_for"]),
           row["priority"], row["attempts"], f"{row['failures']}/{row['max_retries'] + 1}",
           _first_line(row["last_error"], 60)) for row in rows])
     if more:

@@ -131,7 +131,13 @@ WITH picked AS (
 ),
 retried AS (
     UPDATE {schema}.jobs AS j SET
-        status = 'pending', execution_time = now(), failures = 0, recoveries = 0,
+        -- one scheduled with depends_on waits again (dependencies.sql; settled next)
+        status = 'pending', failures = 0, recoveries = 0,
+        execution_time = CASE WHEN EXISTS (SELECT 1 FROM {schema}.job_dependencies e
+                                           WHERE e.job_id = j.id)
+                              THEN '9999-12-31Z' ELSE now() END,
+        due_after_dependencies = CASE WHEN EXISTS (SELECT 1 FROM {schema}.job_dependencies e
+                                                   WHERE e.job_id = j.id) THEN now() END,
         worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
         started_at = NULL, finished_at = NULL,
         errors = {schema}.append_error(j.errors, jsonb_build_object(

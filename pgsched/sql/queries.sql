@@ -370,15 +370,33 @@ RETURNING id;
 SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 
 -- name: get_job
--- One job, every column.
-SELECT * FROM {schema}.jobs WHERE id = %(id)s;
+-- One job, every column, with its dependencies (each id and status, NULL when gone) and,
+-- while it waits for them, those not completed yet (dependencies.sql).
+SELECT j.*,
+       (SELECT jsonb_agg(jsonb_build_object('id', e.dependency_id, 'status', d.status)
+                         ORDER BY e.dependency_id)
+        FROM {schema}.job_dependencies e LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+        WHERE e.job_id = j.id) AS depends_on,
+       CASE WHEN j.due_after_dependencies IS NOT NULL AND j.status = 'pending'
+            THEN ARRAY(SELECT e.dependency_id FROM {schema}.job_dependencies e
+                       LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+                       WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed'
+                       ORDER BY 1) END AS waiting_for
+FROM {schema}.jobs j WHERE j.id = %(id)s;
 
 -- name: list_jobs
 -- Jobs filtered by status, task, queue and creation time, newest first; with %(before_created)s
 -- and %(before_id)s (the last row of the previous page) the page after it (keyset
 -- paging). Walks jobs_created_idx or jobs_task_created_idx (migration 0008) backwards,
 -- so a page costs its rows, however deep and however big the table.
-SELECT * FROM {schema}.jobs
+-- waiting_for as in get_job, read only for the waiting rows of the page.
+SELECT j.*,
+       CASE WHEN j.due_after_dependencies IS NOT NULL AND j.status = 'pending'
+            THEN ARRAY(SELECT e.dependency_id FROM {schema}.job_dependencies e
+                       LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+                       WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed'
+                       ORDER BY 1) END AS waiting_for
+FROM {schema}.jobs j
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -389,14 +407,18 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: vacuum_jobs
--- Delete up to %(limit)s finished jobs of one status older than the retention; called in a
--- loop so no statement holds locks on many rows.
+-- Delete up to %(limit)s finished jobs of one status older than the retention, with what
+-- they depended on (job_dependencies); called in a loop so no statement holds locks on
+-- many rows.
 WITH doomed AS (
     SELECT id FROM {schema}.jobs
     WHERE status = %(status)s::{schema}.job_status
       AND finished_at < now() - make_interval(secs => %(older_than_seconds)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+),
+edges AS (
+    DELETE FROM {schema}.job_dependencies AS e USING doomed WHERE e.job_id = doomed.id
 )
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id;
 

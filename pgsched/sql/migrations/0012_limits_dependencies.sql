@@ -129,10 +129,12 @@ CREATE TABLE {schema}.job_dependencies (
 -- left waiting. Each job is locked first and then judged in a second statement, on a
 -- snapshot taken after the lock: two dependencies completing at once in two
 -- transactions each lock the dependent in turn, and the second sees the first's
--- completion (judged in the first's snapshot it would wait for ever). Returns the ids
--- released (the caller wakes workers).
+-- completion (judged in the first's snapshot it would wait for ever). Callers that did
+-- not end a dependency themselves lock the dependencies first (lock_dependencies), so
+-- that a completion in flight is seen. Returns the jobs released and their due times
+-- (the caller wakes workers).
 CREATE FUNCTION {schema}.settle_waiting(ids text[])
-RETURNS SETOF text LANGUAGE plpgsql VOLATILE STRICT AS $$
+RETURNS TABLE (released text, due timestamptz) LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     locked text[];
 BEGIN
@@ -168,7 +170,7 @@ BEGIN
           SELECT 1 FROM {schema}.job_dependencies e
           LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
           WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed')
-    RETURNING j.id;
+    RETURNING j.id, j.execution_time;
 END
 $$;
 
@@ -182,11 +184,10 @@ DECLARE
     earliest timestamptz;
     channel text := 'pgsched_' || TG_TABLE_SCHEMA;
 BEGIN
-    SELECT min(j.execution_time) INTO earliest
+    SELECT min(s.due) INTO earliest
     FROM {schema}.settle_waiting(ARRAY(
         SELECT e.job_id FROM {schema}.job_dependencies e WHERE e.dependency_id = NEW.id
-    )) AS s(id)
-    JOIN {schema}.jobs j ON j.id = s.id;
+    )) AS s;
     IF earliest IS NOT NULL THEN
         IF octet_length(channel) > 63 THEN
             channel := left(channel, 54) || '_' || left(encode(
