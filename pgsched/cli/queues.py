@@ -77,6 +77,7 @@ _NONE = "none"
 def queue_limit(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(
+        metavar="NAME",
         help="The queue; without one, every queue's global limits are listed.")] = None,
     global_concurrency: Annotated[str | None, typer.Option(
         "--global-concurrency", metavar="N|none",
@@ -85,7 +86,7 @@ def queue_limit(
     rate: Annotated[str | None, typer.Option(
         metavar="JOBS/PERIOD|none",
         help="At most JOBS started in any PERIOD, like 100/1m; none removes it.")] = None,
-    clear: Annotated[bool, typer.Option(help="Remove both global limits.")] = False,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove both global limits.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Set, remove or show a queue's global limits (every worker's claims obey them at
