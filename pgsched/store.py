@@ -460,6 +460,8 @@ class Store:
                 "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
             },
         )
+        for row in rows:
+            del row["rate_counted"]  # read only so that the claim counts its starts
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 

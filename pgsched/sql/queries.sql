@@ -53,34 +53,18 @@ listed AS (
 -- what the previous one started. It is called only when a served queue has a row in
 -- queue_limits (STRICT, and array_agg of nothing is NULL): a claim without limits pays
 -- one probe of that table per queue. A limit set after this statement began applies
--- from the next claim.
+-- from the next claim. The limit logic sits in functions so that this statement, planned
+-- at every claim, stays as cheap to plan as it was without it.
 limited AS (
     SELECT r.queue, r.room, r.recheck_at
-    FROM {schema}.claim_room(
-        (SELECT array_agg(l.queue) FROM listed l
-         WHERE EXISTS (SELECT 1 FROM {schema}.queue_limits g WHERE g.queue = l.queue)),
-        %(limit_recheck_seconds)s) r
+    FROM (SELECT array_agg(l.queue) AS queues, array_agg(l.cap) AS caps FROM listed l
+          WHERE EXISTS (SELECT 1 FROM {schema}.queue_limits g WHERE g.queue = l.queue)) a
+    CROSS JOIN LATERAL {schema}.claim_room(
+        a.queues, a.caps, %(priorities)s::smallint[], %(limit_recheck_seconds)s) r
 ),
 served AS (
     SELECT s.queue, least(s.cap, coalesce(r.room, s.cap)) AS cap
     FROM listed s LEFT JOIN limited r ON r.queue = s.queue
-),
--- A queue held back by its global limit with more jobs due than it may start: no NOTIFY
--- says when room comes back, so the worker claims again at recheck_at.
-recheck AS (
-    SELECT min(r.recheck_at) AS at
-    FROM limited r JOIN listed s ON s.queue = r.queue
-    WHERE r.room < s.cap AND r.room < (
-        SELECT count(*) FROM (
-            SELECT 1 FROM unnest(%(priorities)s::smallint[]) AS p(priority)
-            CROSS JOIN LATERAL (
-                SELECT 1 FROM {schema}.jobs
-                WHERE status = 'pending' AND queue = r.queue AND priority = p.priority
-                  AND execution_time <= now()
-                LIMIT r.room::bigint + 1
-            ) d
-            LIMIT r.room::bigint + 1
-        ) due)
 ),
 next_due AS (
     SELECT min(f.execution_time) AS at
@@ -149,20 +133,18 @@ claimed AS (
               j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
               j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired
 ),
--- The starts of this claim counted in the rate window of each rate-limited queue it
--- took from (only rows claim_room locked: room is NULL for the others).
+-- The starts of this claim in the rate windows of the limited queues it took from
+-- (count_starts; only rows claim_room locked, whose room is not NULL). With no limited
+-- queue the array is NULL and the STRICT function is not called.
 counted AS (
-    UPDATE {schema}.queue_limits AS l
-    SET (window_at, window_jobs) = (
-        SELECT w.new_at, w.new_jobs FROM {schema}.rate_window_add(
-            l.window_at, l.window_jobs, now(), c.jobs, l.rate_period_seconds) w)
-    FROM (SELECT queue, count(*)::integer AS jobs FROM claimed
-          WHERE NOT expired GROUP BY queue) c
-    WHERE l.queue = c.queue AND l.rate_jobs IS NOT NULL
-      AND c.queue IN (SELECT queue FROM limited WHERE room IS NOT NULL)
+    SELECT {schema}.count_starts(array_agg(c.queue)) AS jobs
+    FROM claimed c JOIN limited r ON r.queue = c.queue AND r.room IS NOT NULL
+    WHERE NOT c.expired
 )
-SELECT least(n.at, (SELECT at FROM recheck), '9999-12-30Z') AS next_due, now() AS db_now,
-       claimed.*
+-- A queue a global limit held back wakes the worker again at recheck_at: no NOTIFY says
+-- when room comes back.
+SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next_due,
+       now() AS db_now, (SELECT jobs FROM counted) AS rate_counted, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs

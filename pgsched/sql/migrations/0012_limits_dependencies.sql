@@ -37,11 +37,14 @@ CREATE TABLE {schema}.queue_limits (
 --
 -- room: NULL when the queue has no row any more (no limit), else the smaller of
 -- global_concurrency less the running jobs of the queue and rate_jobs less the starts
--- in the window, never below 0. recheck_at: when room may come back: for the rate, when
--- the oldest counted bucket leaves the window; otherwise after `recheck` seconds
--- (nothing tells a worker that another worker's job finished).
-CREATE FUNCTION {schema}.claim_room(queues text[], recheck double precision)
-RETURNS TABLE (queue text, room integer, recheck_at timestamptz)
+-- in the window, never below 0. recheck_at: set when the limit holds back jobs due now
+-- (room below the claim's cap for the queue, `caps`, and more jobs due than room): when
+-- room may come back. For the rate, when the oldest counted bucket leaves the window;
+-- otherwise after `recheck` seconds (nothing tells a worker that another worker's job
+-- finished). A queue at its limit with nothing more due wakes nobody.
+CREATE FUNCTION {schema}.claim_room(
+    queues text[], caps integer[], priorities smallint[], recheck double precision
+) RETURNS TABLE (queue text, room integer, recheck_at timestamptz)
 LANGUAGE plpgsql VOLATILE STRICT AS $$
 DECLARE
     locked text[];
@@ -51,31 +54,60 @@ BEGIN
         WHERE ql.queue = ANY(queues) ORDER BY ql.queue
         FOR UPDATE SKIP LOCKED) l;
     RETURN QUERY
-    SELECT q.name,
-           CASE WHEN l.queue IS NULL THEN NULL
-                WHEN NOT (l.queue = ANY(locked)) THEN 0
-                ELSE greatest(0, least(
-                    coalesce(l.global_concurrency - r.running, 2147483647),
-                    coalesce(l.rate_jobs - w.started, 2147483647)))::integer END,
-           CASE WHEN l.queue IS NULL THEN NULL
-                WHEN l.queue = ANY(locked) AND l.rate_jobs - w.started
-                         < coalesce(l.global_concurrency - r.running, 2147483647)
-                THEN greatest(w.oldest + make_interval(secs => l.rate_period_seconds),
-                              clock_timestamp())
-                ELSE clock_timestamp() + make_interval(secs => recheck) END
-    FROM unnest(queues) AS q(name)
-    LEFT JOIN {schema}.queue_limits l ON l.queue = q.name
-    LEFT JOIN LATERAL (
-        -- jobs_running_idx (0009): the running rows, then those of this queue
-        SELECT count(*) AS running FROM {schema}.jobs j
-        WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL AND j.status = 'running'
-          AND j.queue = l.queue AND l.global_concurrency IS NOT NULL
-    ) r ON true
-    LEFT JOIN LATERAL (
-        SELECT coalesce(sum(b.jobs), 0) AS started, min(b.at) AS oldest
-        FROM unnest(l.window_at, l.window_jobs) AS b(at, jobs)
-        WHERE b.at > now() - make_interval(secs => l.rate_period_seconds)
-    ) w ON true;
+    SELECT x.name, x.room,
+           CASE WHEN x.room < x.cap AND x.room < (
+                    SELECT count(*) FROM (
+                        SELECT 1 FROM unnest(priorities) AS p(priority)
+                        CROSS JOIN LATERAL (
+                            SELECT 1 FROM {schema}.jobs j
+                            WHERE j.status = 'pending' AND j.queue = x.name
+                              AND j.priority = p.priority AND j.execution_time <= now()
+                            LIMIT x.room::bigint + 1) d
+                        LIMIT x.room::bigint + 1) due)
+                THEN x.recheck_at END
+    FROM (
+        SELECT q.name, q.cap,
+               CASE WHEN l.queue IS NULL THEN NULL
+                    WHEN NOT (l.queue = ANY(locked)) THEN 0
+                    ELSE greatest(0, least(
+                        coalesce(l.global_concurrency - r.running, 2147483647),
+                        coalesce(l.rate_jobs - w.started, 2147483647)))::integer END AS room,
+               CASE WHEN l.queue = ANY(locked) AND l.rate_jobs - w.started
+                             < coalesce(l.global_concurrency - r.running, 2147483647)
+                    THEN greatest(w.oldest + make_interval(secs => l.rate_period_seconds),
+                                  clock_timestamp())
+                    ELSE clock_timestamp() + make_interval(secs => recheck) END AS recheck_at
+        FROM unnest(queues, caps) AS q(name, cap)
+        LEFT JOIN {schema}.queue_limits l ON l.queue = q.name
+        LEFT JOIN LATERAL (
+            -- jobs_running_idx (0009): the running rows, then those of this queue
+            SELECT count(*) AS running FROM {schema}.jobs j
+            WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL AND j.status = 'running'
+              AND j.queue = l.queue AND l.global_concurrency IS NOT NULL
+        ) r ON true
+        LEFT JOIN LATERAL (
+            SELECT coalesce(sum(b.jobs), 0) AS started, min(b.at) AS oldest
+            FROM unnest(l.window_at, l.window_jobs) AS b(at, jobs)
+            WHERE b.at > now() - make_interval(secs => l.rate_period_seconds)
+        ) w ON true
+    ) x;
+END
+$$;
+
+-- Count the starts of a claim in the rate windows of its queues: `queues` holds the
+-- queue of each job it started, in the rate-limited queues whose rows it locked
+-- (claim_room). Called by claim_jobs after its UPDATE; returns how many were counted.
+CREATE FUNCTION {schema}.count_starts(queues text[])
+RETURNS integer LANGUAGE plpgsql VOLATILE STRICT AS $$
+BEGIN
+    UPDATE {schema}.queue_limits AS l
+    SET (window_at, window_jobs) = (
+        SELECT w.new_at, w.new_jobs FROM {schema}.rate_window_add(
+            l.window_at, l.window_jobs, now(), c.jobs, l.rate_period_seconds) w)
+    FROM (SELECT q.name, count(*)::integer AS jobs FROM unnest(queues) AS q(name)
+          GROUP BY q.name) c
+    WHERE l.queue = c.name AND l.rate_jobs IS NOT NULL;
+    RETURN cardinality(queues);
 END
 $$;
 
