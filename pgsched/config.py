@@ -35,6 +35,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
@@ -328,7 +329,7 @@ def _queue_tables(path: Path, tables: object) -> dict[str, QueueSettings]:
     return queues
 
 
-def _queue_value(where: str, key: str, value: object, path: Path) -> object:
+def _queue_value(where: str, key: str, value: object, path: Path) -> Any:
     try:
         if key == "concurrency":
             return _integer(1, 10_000)(value, path)
