@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from conftest import audit_env, run_cli, wait_until, write_config
 
-from pgsched import InvalidInput, JobPriority
+from pgsched import InvalidInput, JobPriority, JobSpec
 from pgsched.store import Store
 
 PRIORITIES = sorted(int(p) for p in JobPriority)
@@ -216,3 +216,17 @@ async def test_add_show_and_ls_show_what_a_job_waits_for(sched, pg_dsn, schema, 
     bad = run_cli("add", "noop", "--depends-on", "ghost", config=config)
     assert bad.returncode != 0 and "depends_on: no job 'ghost'" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+async def test_a_waiting_job_replaced_without_dependencies_is_an_ordinary_job(sched):
+    a = await sched.schedule("noop", job_id="a")
+    await sched.schedule("noop", job_id="c", depends_on=[a])
+    await sched.schedule("noop", job_id="c", conflict_resolution="replace")
+    for job_id in ("c", "c2"):  # one statement, then the bulk (staging) path
+        if job_id == "c2":
+            await sched.schedule("noop", job_id="c2", depends_on=[a])
+            await sched.schedule_bulk([JobSpec("noop", job_id="c2")],
+                                      conflict_resolution="replace")
+        job = await sched.get_job(job_id)
+        assert job["waiting_for"] is None and job["due_after_dependencies"] is None
+    assert {j["id"] for j in await claim(sched.store)} == {"a", "c", "c2"}

@@ -44,7 +44,8 @@ ON CONFLICT (id) DO UPDATE SET
     -- before the replace can never record an outcome for the new one.
     status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
     lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
+    due_after_dependencies = NULL  -- a replaced job waits for nothing (dependencies.sql)
 WHERE j.status <> 'running'
 RETURNING pg_notify(%(channel)s, extract(epoch FROM j.execution_time)::text);
 
@@ -113,7 +114,8 @@ WITH new AS (
         -- before the replace can never record an outcome for the new one.
         status = 'pending', failures = 0, recoveries = 0, worker_id = NULL,
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
+        due_after_dependencies = NULL  -- a replaced job waits for nothing
     WHERE j.status <> 'running'
     RETURNING id, execution_time
 ),
