@@ -35,6 +35,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
@@ -42,7 +43,7 @@ import tomli_w
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsched.errors import ConfigError, InvalidInput
-from pgsched.queues import validate_queue_name
+from pgsched.queues import check_global_concurrency, parse_rate, validate_queue_name
 
 CONFIG_FILENAME = "pgsched.toml"
 _DSN_KEYS = ("dsn", "listen_dsn")  # [database] keys that may carry a password
@@ -119,9 +120,13 @@ class WebSettings:
 
 @dataclass(frozen=True)
 class QueueSettings:
-    """One `[queues.NAME]` table. The limit holds within each worker process."""
+    """One `[queues.NAME]` table. `concurrency` holds within each worker process;
+    `global_concurrency` and `rate` hold across every worker (they are written to the
+    database when a worker starts, see docs/job-control.md)."""
 
-    concurrency: int
+    concurrency: int | None = None
+    global_concurrency: int | None = None
+    rate: str | None = None  # "JOBS/PERIOD", checked by queues.parse_rate
 
 
 @dataclass(frozen=True)
@@ -316,15 +321,26 @@ def _queue_tables(path: Path, tables: object) -> dict[str, QueueSettings]:
             if key not in fields:
                 raise ConfigError(f"{where} {_show_key(key)} = {_show(value)}: unknown key; "
                                   f"[queues.NAME] accepts {', '.join(fields)}")
-        if "concurrency" not in table:
-            raise ConfigError(f"{where}: concurrency is missing; add concurrency = N")
-        try:
-            limit = _integer(1, 10_000)(table["concurrency"], path)
-        except _Bad as bad:
-            raise ConfigError(
-                f"{where} concurrency = {_show(table['concurrency'])}: {bad}") from None
-        queues[name] = QueueSettings(concurrency=limit)
+        if not table:
+            raise ConfigError(f"{where}: no limit given; add concurrency = N (per worker), "
+                              "global_concurrency = N or rate = \"100/1m\" (every worker)")
+        queues[name] = QueueSettings(**{
+            key: _queue_value(where, key, value, path) for key, value in table.items()})
     return queues
+
+
+def _queue_value(where: str, key: str, value: object, path: Path) -> Any:
+    try:
+        if key == "concurrency":
+            return _integer(1, 10_000)(value, path)
+        if key == "global_concurrency":
+            return check_global_concurrency(value)
+        parse_rate(value)
+        return value
+    except _Bad as bad:
+        raise ConfigError(f"{where} {key} = {_show(value)}: {bad}") from None
+    except InvalidInput as exc:
+        raise ConfigError(f"{where} {key} = {_show(value)}: {exc}") from None
 
 
 def _file_entries(path: Path, document: dict) -> Iterator[tuple[str, str, object]]:
@@ -803,7 +819,8 @@ def settings_to_toml(settings: Settings) -> str:
         document[name] = table
     if settings.queues:
         document[QUEUES_TABLE] = {
-            name: dataclasses.asdict(queue) for name, queue in settings.queues.items()
+            name: {k: v for k, v in dataclasses.asdict(queue).items() if v is not None}
+            for name, queue in settings.queues.items()
         }
     source = f"from {settings.path}" if settings.path else "no config file; defaults"
     return f"# effective pgsched configuration ({_printable(source)})\n\n" + tomli_w.dumps(document)

@@ -19,7 +19,7 @@ from .tasks import JobPriority
 # What `pgsched ls --json` prints for a job (and the web API's job objects).
 LS_KEYS = ("id", "task", "queue", "status", "execution_time", "priority", "attempts",
            "failures", "recoveries", "max_retries", "args", "kwargs", "result", "last_error",
-           "created_at", "started_at", "finished_at", "worker_id")
+           "created_at", "started_at", "finished_at", "worker_id", "waiting_for")
 
 
 def to_jsonable(value: Any) -> Any:

@@ -37,6 +37,7 @@ from .config import Settings
 from .errors import InvalidInput
 from .jobjson import priority_name, to_jsonable
 from .logs import get_logger
+from .queues import Rate
 from .scheduler import UNSET, JobSpec
 from .store import STATUSES, Store, decode_json
 from .tasks import PRIORITIES, JobPriority, get_task, load_tasks, validate_task_name
@@ -212,7 +213,8 @@ def attempt_history(job: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
 JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "execution_time",
             "created_at", "started_at", "finished_at", "attempts", "failures", "recoveries",
             "max_retries", "timeout_seconds", "misfire_grace_seconds", "worker_id",
-            "lease_until", "heartbeat_at", "result", "last_error")
+            "lease_until", "heartbeat_at", "result", "last_error", "depends_on",
+            "waiting_for", "due_after_dependencies")
 
 
 def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +222,16 @@ def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "paused_at": row["paused_at"].isoformat() if row["paused_at"] else None,
             # Like `status`: no lag when nothing is due (a 0 would read as "on time").
             "lag_seconds": round(row["lag_seconds"], 3) if row["due"] else None}
+
+
+def queue_limits_to_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A queue's global limits as `pgsched queue limit --json` prints them."""
+    rate = (str(Rate(row["rate_jobs"], row["rate_period_seconds"]))
+            if row["rate_jobs"] is not None else None)
+    return {"queue": row["queue"], "global_concurrency": row["global_concurrency"],
+            "rate": rate, "running": row["running"],
+            "started_in_window": row["started_in_window"],
+            "set_at": row["set_at"].isoformat(), "set_by": row["set_by"]}
 
 
 def schedule_to_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -62,6 +62,8 @@ MAX_JOB_ID_LENGTH = 255
 MAX_UNIQUE_KEY_LENGTH = 255
 MIN_UNIQUE_SECONDS = 0.001
 MAX_UNIQUE_SECONDS = 10 * 366 * 86400.0
+# How many jobs one job may wait for (depends_on): a bound on the locks one insert takes.
+MAX_DEPENDENCIES = 1000
 DEFAULT_MISFIRE_GRACE_SECONDS = 300.0
 # A unique insert may run again when it races another (store.insert_unique_job): not
 # inside a caller's transaction, which one failed round would abort.
@@ -530,6 +532,7 @@ class Scheduler:
         connection: psycopg.AsyncConnection[Any] | None = None,
         unique_for: timedelta | float | None = None,
         unique_key: str | None = None,
+        depends_on: Sequence[str] = (),
     ) -> str:
         """Schedule one job; returns its id (the existing id when IGNORE found one).
 
@@ -544,10 +547,17 @@ class Scheduler:
         unique_for (a timedelta or seconds): enqueue nothing if a pending or running job
         has the same unique_key (default: this task and these arguments) and was enqueued
         in the same period bucket; return that job's id instead (docs/job-control.md).
+
+        depends_on: ids of jobs that must all complete first; the job waits (and is
+        due at execution_time or when the last completes, whichever is later), and is
+        cancelled if one fails, is cancelled or expires (docs/job-control.md).
         """
         period = unique_seconds(unique_for, unique_key)
         if period is not None and connection is not None:
             raise InvalidInput(_UNIQUE_IN_TRANSACTION)
+        if depends_on and (period is not None or connection is not None):
+            raise InvalidInput("depends_on cannot be combined with unique_for or connection=: "
+                               "schedule the job that waits on its own")
         job = self._new_job(JobSpec(
             func, execution_time, args, kwargs, priority, max_retries, job_id, timeout,
             misfire_grace_time, queue,
@@ -556,7 +566,9 @@ class Scheduler:
         if period is not None:
             return (await self._schedule_unique(job, period, unique_key, mode))[0]
         replace = mode is ConflictResolution.REPLACE
-        if connection is not None:
+        if depends_on:
+            written = await self._schedule_waiting(job, mode, depends_on)
+        elif connection is not None:
             written = await self._statements.insert_jobs_in(
                 _caller_connection(connection, sync=False), [job], replace=replace,
                 require_all=False)
@@ -629,6 +641,21 @@ class Scheduler:
                 f"job {job.id!r} already exists: use conflict_resolution IGNORE "
                 "(CLI: --on-conflict ignore)")
         return job_id, outcome == "inserted"
+
+    async def _schedule_waiting(
+        self, job: NewJob, mode: ConflictResolution, depends_on: Sequence[str]
+    ) -> set[str]:
+        if isinstance(depends_on, str):
+            raise InvalidInput("depends_on must be a list of job ids, not one string")
+        deps = list(dict.fromkeys(validate_job_id(d) for d in depends_on))
+        if len(deps) > MAX_DEPENDENCIES:
+            raise InvalidInput(f"depends_on: at most {MAX_DEPENDENCIES} jobs, not {len(deps)}")
+        if job.id in deps:
+            raise InvalidInput(f"depends_on: job {job.id!r} cannot wait for itself")
+        if mode is ConflictResolution.REPLACE:
+            raise InvalidInput("depends_on cannot be combined with conflict_resolution "
+                               "REPLACE: cancel the job and schedule it again")
+        return {job.id} if await self.store.insert_waiting_job(job, deps) else set()
 
     async def schedule_bulk(
         self,

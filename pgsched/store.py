@@ -77,6 +77,9 @@ TRACEBACK_MAX_CHARS = 4000
 LOCK_TIMEOUT_SECONDS = 5.0
 # How often insert_unique_job tries before giving up on a key that keeps changing hands.
 UNIQUE_INSERT_ROUNDS = 20
+# How soon a worker claims again from a queue its global concurrency held back (nothing
+# tells it that another worker's job of the queue finished; claim_room in 0012).
+LIMIT_RECHECK_SECONDS = 0.5
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -461,6 +464,30 @@ class Store:
                     copied.append(job)
                 await copy.write_row(job)
 
+    async def insert_waiting_job(self, job: NewJob, depends_on: Sequence[str]) -> bool:
+        """Insert a job that waits until every job in `depends_on` completed (it may be
+        released or cancelled at once, if they already ended). True if it was written,
+        False if its id exists. Raises InvalidInput, writing nothing, for a dependency
+        that does not exist or that waits (transitively) for this job."""
+        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel}
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            row = await _one(await cur.execute(self._q["insert_waiting_job"], params))
+            missing = [d for d in depends_on if d not in set(row["found"])]
+            if missing:
+                raise InvalidInput(
+                    f"depends_on: no job {missing[0]!r}"
+                    + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + ": give ids of jobs that exist (a vacuumed job is gone); nothing was "
+                    "scheduled")
+            if row["cycle"]:
+                raise InvalidInput(
+                    f"depends_on: job {job.id!r} would wait for itself: one of its "
+                    "dependencies waits for it (a cycle); nothing was scheduled")
+            if row["inserted"]:
+                await conn.execute(self._q["settle_waiting"], {"ids": [job.id], **params})
+            return bool(row["inserted"])
+
     # -- the worker's path ---------------------------------------------------------------
 
     async def claim_jobs(
@@ -486,8 +513,11 @@ class Store:
                 "queues": list(queues) if queues is not None else None,
                 "capped_queues": list(capped[0]),
                 "capped_free": list(capped[1]),
+                "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
             },
         )
+        for row in rows:
+            del row["rate_counted"]  # read only so that the claim counts its starts
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 
@@ -818,6 +848,32 @@ class Store:
         rows = await self._rows("resume_queues", {"queues": list(queues), "channel": self.channel})
         return {row["queue"] for row in rows}
 
+    async def set_queue_limits(
+        self, queue: str, *, global_concurrency: int | None = None,
+        rate: tuple[int, float] | None = None, set_concurrency: bool = False,
+        set_rate: bool = False, set_by: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Set (or with None, remove) a queue's global concurrency and/or rate (jobs,
+        period in seconds), each only when its set_ flag is true; wakes idle workers.
+        Returns the queue's limits afterwards, None when it has none left."""
+        params = {
+            "queue": queue, "global_concurrency": global_concurrency,
+            "rate_jobs": rate[0] if rate else None,
+            "rate_period_seconds": rate[1] if rate else None,
+            "set_concurrency": set_concurrency, "set_rate": set_rate, "set_by": set_by,
+            "channel": self.channel,
+        }
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(self._q["upsert_queue_limits"], params)
+            await conn.execute(self._q["drop_empty_queue_limits"], params)
+        rows = await self.queue_limits(queue)
+        return rows[0] if rows else None
+
+    async def queue_limits(self, queue: str | None = None) -> list[dict[str, Any]]:
+        """Global limits of every limited queue (or of `queue`), with running jobs and the
+        starts in the rate window."""
+        return await self._rows("list_queue_limits", {"queue": queue})
+
     async def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
         return await self._rows("queue_stats", {})
@@ -968,13 +1024,24 @@ class Store:
         self, *, statuses: Sequence[str], cutoff: datetime, limit: int,
         ids: Sequence[str] | None = None, task: str | None = None, queue: str | None = None,
     ) -> list[str]:
-        """Put up to `limit` matching finished jobs back to pending; returns their ids."""
-        rows = await self._rows("ops_retry_jobs", {
+        """Put up to `limit` matching finished jobs back to pending; returns their ids.
+        A job scheduled with depends_on waits again for its dependencies (released at
+        once if they all completed, cancelled again if one did not)."""
+        params = {
             "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
             "channel": self.channel, **_ERRORS_KEPT,
-        })
-        return [row["id"] for row in rows]
+        }
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            retried = [row["id"] for row in
+                       await (await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
+            waiting = {"ids": retried, "channel": self.channel}
+            # In this transaction: a retried job must never be left waiting for
+            # dependencies that completed meanwhile.
+            await cur.execute(self._q["lock_dependencies"], waiting)
+            await cur.execute(self._q["settle_waiting"], waiting)
+        return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------
     # The change feed runs its statements on its own LISTEN connection (`conn`), so one

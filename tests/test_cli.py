@@ -130,7 +130,7 @@ def test_ls_json_has_the_documented_keys_and_filters(config):
     assert list(rows[0]) == ["id", "task", "queue", "status", "execution_time", "priority",
                              "attempts", "failures", "recoveries", "max_retries", "args",
                              "kwargs", "result", "last_error", "created_at", "started_at",
-                             "finished_at", "worker_id"]
+                             "finished_at", "worker_id", "waiting_for"]
     assert datetime.fromisoformat(rows[1]["execution_time"]).tzinfo is not None
     only = json.loads(cli(config, "ls", "--json", "--status", "pending", "--task", "add").stdout)
     assert [r["id"] for r in only] == [a]

@@ -666,11 +666,15 @@ def test_queue_tables_and_metrics_are_read(tmp_path):
         concurrency = 5
         [queues."billing.eu"]
         concurrency = 1
+        [queues.api]
+        global_concurrency = 3
+        rate = "100/1m"
     """))
     got = load(path)
     assert got.worker.queues == ("emails", "reports")
     assert got.metrics == MetricsSettings("[::1]:0")
-    assert got.queues == {"emails": QueueSettings(5), "billing.eu": QueueSettings(1)}
+    assert got.queues == {"emails": QueueSettings(5), "billing.eu": QueueSettings(1),
+                          "api": QueueSettings(global_concurrency=3, rate="100/1m")}
     again = load(write(tmp_path, settings_to_toml(got), name="again.toml"))
     assert (again.worker, again.metrics, again.queues) == (got.worker, got.metrics, got.queues)
 
@@ -679,7 +683,11 @@ def test_queue_tables_and_metrics_are_read(tmp_path):
     ("[queues.emails]\nconcurrency = 0\n", "[queues.emails] concurrency = 0: must be an integer"),
     ("[queues.emails]\nlimit = 3\n",
      "[queues.emails] limit = 3: unknown key; [queues.NAME] accepts concurrency"),
-    ("[queues.emails]\n", "[queues.emails]: concurrency is missing"),
+    ("[queues.emails]\n", "[queues.emails]: no limit given; add concurrency = N"),
+    ("[queues.emails]\nglobal_concurrency = 0\n",
+     "[queues.emails] global_concurrency = 0: invalid global concurrency 0"),
+    ('[queues.emails]\nrate = "100"\n', "[queues.emails] rate = \"100\": invalid rate"),
+    ("[queues.emails]\nrate = 100\n", "[queues.emails] rate = 100: invalid rate"),
     ("[queues]\nconcurrency = 5\n", "[queues] concurrency = 5: each queue is a table"),
     ('[queues."a b"]\nconcurrency = 1\n', "[queues.\"a b\"]: invalid queue name 'a b'"),
     ("queues = 3\n", "queues = 3: must be a table of queues"),

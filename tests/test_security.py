@@ -95,7 +95,8 @@ def test_runtime_role_runs_worker_add_and_ls_with_only_the_grants_it_needs(roles
             "SELECT table_name, privilege_type FROM information_schema.role_table_grants "
             "WHERE grantee = %s AND table_schema = %s", [roles.runtime, roles.schema]))
     dml = {"SELECT", "INSERT", "UPDATE", "DELETE"}
-    assert granted == {(t, p) for t in ("jobs", "workers", "schedules", "paused_queues")
+    assert granted == {(t, p) for t in ("jobs", "workers", "schedules", "paused_queues",
+                                        "queue_limits", "job_dependencies")
                        for p in dml} | \
         {("schema_migrations", "SELECT")}
 

@@ -199,6 +199,16 @@ async def track(key: str, seconds: float) -> str:
 
 
 @task
+def span(key: str, seconds: float) -> str:
+    """Audit `key:start`, run `seconds`, audit `key:end`: the audit rows bracket the body,
+    so tests can count how many bodies overlapped at any instant, across processes."""
+    _audit(f"{key}:start")
+    time.sleep(seconds)
+    _audit(f"{key}:end")
+    return key
+
+
+@task
 async def stubborn(release: str) -> str:
     """Ignores cancellation until `release` exists: a task only a second signal stops."""
     while not Path(release).exists():

@@ -24,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import getpass
 import importlib
 import inspect
 import json
+import os
 import re
+import socket
 import sys
 from collections.abc import (
     AsyncIterator,
@@ -495,6 +498,15 @@ def settings_of(ctx: typer.Context) -> Settings:
     settings = _ctx(ctx).settings()
     configure(settings.log.level, settings.log.format)
     return settings
+
+
+def who() -> str:
+    """user@host of whoever runs the command (recorded by pause and queue limit)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no passwd entry (containers)
+        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def for_option(option: str, parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -144,6 +144,9 @@ def add(
     no_overlap: Annotated[bool, typer.Option(
         "--no-overlap", help="Schedules: skip a window while the previous run is still "
                              "pending or running.")] = False,
+    depends_on: Annotated[list[str] | None, typer.Option(
+        "--depends-on", metavar="ID",
+        help="Wait until this job completed (repeatable); cancelled if it does not.")] = None,
 ) -> None:
     """Schedule a job, or with --cron/--every a recurring schedule (then --id names it);
     prints only the id, so JOB=$(pgsched add ...) works (with --wait: the ended job)."""
@@ -162,7 +165,8 @@ def add(
         per_job = {"TASK": task_name, "--args": args != "[]", "--kwargs": kwargs != "{}",
                    "--at": at, "--in": in_, "--id": job_id, "--priority": priority,
                    "--retries": retries, "--timeout": timeout, "--misfire-grace": misfire_grace,
-                   "--unique-for": unique_for, "--unique-key": unique_key}
+                   "--unique-for": unique_for, "--unique-key": unique_key,
+                   "--depends-on": depends_on}
         given = next((name for name, value in per_job.items() if value), None)
         if given:
             raise InvalidInput(f"{given} describes one job; with --from put it in each line")
@@ -175,6 +179,8 @@ def add(
     kwarg_map = parse_json_arg(kwargs, "--kwargs", dict)
     if (cron is not None or every is not None or tz is not None or catch_up is not None
             or no_overlap):
+        if depends_on:
+            raise InvalidInput("--depends-on applies to one job, not to a recurring schedule")
         return add_schedule(
             settings, task_name, cron=cron, every=every, tz=tz, catch_up=catch_up,
             overlap=not no_overlap,
@@ -212,6 +218,7 @@ def add(
                     (on_conflict or OnConflict.raise_).value),
                 misfire_grace_time=grace, timeout=UNSET if timeout is None else timeout,
                 queue=queue, unique_for=unique_period, unique_key=unique_key,
+                depends_on=depends_on or (),
             )
             if not wait:
                 return added
@@ -420,7 +427,9 @@ def ls(
     print_table(
         ("id", "task", "queue", "status", "execution_time", "priority", "attempts", "failures",
          "last_error"),
-        [(row["id"], row["task"], row["queue"], row["status"], row["execution_time"],
+        [(row["id"], row["task"], row["queue"], row["status"],
+          row["execution_time"] if row["waiting_for"] is None
+          else "waits for " + ", ".join(row["waiting_for"]),
           row["priority"], row["attempts"], f"{row['failures']}/{row['max_retries'] + 1}",
           _first_line(row["last_error"], 60)) for row in rows])
     if more:

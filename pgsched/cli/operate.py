@@ -130,7 +130,10 @@ def worker_options(settings: Settings, *, burst: bool = False) -> WorkerOptions:
         retention_days=v.retention_days, failed_retention_days=v.failed_retention_days,
         vacuum_batch_size=v.batch_size, timezone=settings.jobs.timezone,
         queues=w.queues or None,
-        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()),
+        queue_concurrency=tuple((q, s.concurrency) for q, s in settings.queues.items()
+                                if s.concurrency is not None),
+        global_limits=tuple((q, s.global_concurrency, s.rate) for q, s in settings.queues.items()
+                            if s.global_concurrency is not None or s.rate is not None),
         metrics_listen=settings.metrics.listen, systemd_notify=True,
     )
 

@@ -8,9 +8,6 @@ opened, so bad input exits 2 and writes nothing; an unknown schedule id exits 1.
 
 from __future__ import annotations
 
-import getpass
-import os
-import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +26,7 @@ from .app import (
     print_table,
     say,
     settings_of,
+    who,
 )
 
 if TYPE_CHECKING:
@@ -124,12 +122,6 @@ def _note_disabled(row: dict[str, Any]) -> None:
              "@periodic was removed); it fires only once the code enables it")
 
 
-def _who() -> str:
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):  # no passwd entry (containers)
-        user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str) -> None:
     """Validate the names, run `act(store, names)` (returns the names it changed), print
@@ -150,7 +142,7 @@ def _each_queue(ctx: typer.Context, queues: list[str], act: Any, unchanged: str)
 def pause_queues_command(ctx: typer.Context, queues: list[str], reason: str | None) -> None:
     """Stop every worker from claiming from `queues` until they are resumed."""
     _each_queue(ctx, queues, lambda store, names: store.pause_queues(
-        names, paused_by=_who(), reason=reason), "was already paused")
+        names, paused_by=who(), reason=reason), "was already paused")
 
 def resume_queues_command(ctx: typer.Context, queues: list[str]) -> None:
     """Let workers claim from `queues` again (idle workers are woken at once)."""

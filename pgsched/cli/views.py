@@ -179,6 +179,20 @@ def dashboard_view(snap: Snapshot, *, title: str, height: int | None = None) -> 
     )
 
 
+def _dependency_rows(job: dict[str, Any]) -> dict[str, str]:
+    """`show`'s lines on dependencies: what the job depends on, and while it waits, for
+    which and when it is due then (instead of the never-due execution time)."""
+    rows = {}
+    if job.get("depends_on"):
+        rows["depends on"] = ", ".join(f"{d['id']} ({d['status'] or 'gone'})"
+                                       for d in job["depends_on"])
+    if job.get("waiting_for") is not None:
+        rows["execution_time"] = (f"when {', '.join(job['waiting_for'])} completed, not "
+                                  f"before {job['due_after_dependencies']}")
+        rows["waits for"] = ", ".join(job["waiting_for"])
+    return rows
+
+
 def job_view(job: dict[str, Any]) -> RenderableType:
     """`pgsched show`: the job's fields, then its attempts, then their tracebacks."""
     fields = DataTable(box=None, pad_edge=False, show_header=False)
@@ -196,6 +210,7 @@ def job_view(job: dict[str, Any]) -> RenderableType:
         **{k: job[k] for k in ("id", "task", "queue", "status", "priority")},
         "args": _json(job["args"]), "kwargs": _json(job["kwargs"]),
         **{k: job[k] for k in ("execution_time", "created_at", "started_at", "finished_at")},
+        **_dependency_rows(job),
         "attempts": attempts, "failures": budget,
         "timeout": _seconds_or(job["timeout_seconds"], "none"),
         "misfire grace": _seconds_or(job["misfire_grace_seconds"], "none (never expires)"),

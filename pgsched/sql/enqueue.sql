@@ -46,7 +46,8 @@ ON CONFLICT (id) DO UPDATE SET
     lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
     errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
     -- The new job is not a unique one (insert_unique_job), whatever the old one was.
-    unique_key = NULL, unique_until = NULL
+    unique_key = NULL, unique_until = NULL,
+    due_after_dependencies = NULL  -- a replaced job waits for nothing (dependencies.sql)
 WHERE j.status <> 'running'
 RETURNING pg_notify(%(channel)s, extract(epoch FROM j.execution_time)::text);
 
@@ -116,7 +117,8 @@ WITH new AS (
         status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
         errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
-        unique_key = NULL, unique_until = NULL
+        unique_key = NULL, unique_until = NULL,
+        due_after_dependencies = NULL  -- a replaced job waits for nothing
     WHERE j.status <> 'running'
     RETURNING id, execution_time
 ),

@@ -131,7 +131,13 @@ WITH picked AS (
 ),
 retried AS (
     UPDATE {schema}.jobs AS j SET
-        status = 'pending', execution_time = now(), failures = 0, recoveries = 0, snoozes = 0,
+        -- one scheduled with depends_on waits again (dependencies.sql; settled next)
+        status = 'pending', failures = 0, recoveries = 0, snoozes = 0,
+        execution_time = CASE WHEN EXISTS (SELECT 1 FROM {schema}.job_dependencies e
+                                           WHERE e.job_id = j.id)
+                              THEN '9999-12-31Z' ELSE now() END,
+        due_after_dependencies = CASE WHEN EXISTS (SELECT 1 FROM {schema}.job_dependencies e
+                                                   WHERE e.job_id = j.id) THEN now() END,
         worker_id = NULL, lease_until = NULL, heartbeat_at = NULL, result = NULL,
         started_at = NULL, finished_at = NULL,
         -- An operator's re-run is no longer deduplicated: it must not fail on (or take the

@@ -8,9 +8,11 @@
 -- name: claim_jobs
 -- Claim up to %(limit)s due jobs for one worker from the queues it serves (%(queues)s, or
 -- every queue when NULL) that are not paused, taking at most %(capped_free)s from each
--- queue in %(capped_queues)s (per-queue concurrency); expire jobs past their misfire
--- grace; report when the next pending job of those queues falls due. Always returns at
--- least one row: the job columns are NULL when nothing was claimed.
+-- queue in %(capped_queues)s (per-queue concurrency) and no more than a queue's global
+-- limits allow (queue_limits); expire jobs past their misfire grace; report when the next
+-- pending job of those queues falls due, or when a global limit that held jobs back may
+-- let them go. Always returns at least one row: the job columns are NULL when nothing
+-- was claimed.
 --
 -- Why this shape: the pending index is (queue, priority, execution_time, id), and each
 -- (queue, priority) pair is walked on its own, over its due rows only. A single
@@ -35,7 +37,7 @@ WITH RECURSIVE pending_queues AS (
             WHERE j.status = 'pending' AND j.queue > q.queue ORDER BY j.queue LIMIT 1)
     FROM pending_queues q WHERE q.queue IS NOT NULL
 ),
-served AS (
+listed AS (
     SELECT s.queue, least(%(limit)s, coalesce(c.free, %(limit)s)) AS cap
     FROM (
         SELECT queue FROM pending_queues
@@ -46,6 +48,25 @@ served AS (
     LEFT JOIN unnest(%(capped_queues)s::text[], %(capped_free)s::int[]) AS c(queue, free)
         ON c.queue = s.queue
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
+),
+-- Global limits (migration 0012): claim_room locks the limited queues' rows until this
+-- claim commits, so claims of a limited queue run one after another and each counts
+-- what the previous one started. It is called only when a served queue has a row in
+-- queue_limits (STRICT, and array_agg of nothing is NULL): a claim without limits pays
+-- one probe of that table per queue. A limit set after this statement began applies
+-- from the next claim. The limit logic sits in functions so that this statement, planned
+-- at every claim, stays as cheap to plan as it was without it. claim_room looks for due
+-- jobs at every priority (0-9) of a limited queue, to know whether the limit held any back.
+limited AS (
+    SELECT r.queue, r.room, r.recheck_at
+    FROM (SELECT array_agg(l.queue) AS queues, array_agg(l.cap) AS caps FROM listed l
+          WHERE EXISTS (SELECT 1 FROM {schema}.queue_limits g WHERE g.queue = l.queue)) a
+    CROSS JOIN LATERAL {schema}.claim_room(
+        a.queues, a.caps, ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[], %(limit_recheck_seconds)s) r
+),
+served AS (
+    SELECT s.queue, least(s.cap, coalesce(r.room, s.cap)) AS cap
+    FROM listed s LEFT JOIN limited r ON r.queue = s.queue
 ),
 -- The priorities each served queue has pending rows of, lowest first: a loose index scan,
 -- one probe per priority present plus one that finds none. With the jobs of a queue at
@@ -137,8 +158,19 @@ claimed AS (
               -- current_job()'s schedule window (None for one-off jobs), clamped likewise
               j.schedule_id, CASE WHEN j.fire_time IS NOT NULL
                   THEN least(greatest(j.fire_time, '0001-01-03Z'), '9999-12-30Z') END AS fire_time
+),
+-- The starts of this claim in the rate windows of the limited queues it took from
+-- (count_starts; only rows claim_room locked, whose room is not NULL). With no limited
+-- queue the array is NULL and the STRICT function is not called.
+counted AS (
+    SELECT {schema}.count_starts(array_agg(c.queue)) AS jobs
+    FROM claimed c JOIN limited r ON r.queue = c.queue AND r.room IS NOT NULL
+    WHERE NOT c.expired
 )
-SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, claimed.*
+-- A queue a global limit held back wakes the worker again at recheck_at: no NOTIFY says
+-- when room comes back.
+SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next_due,
+       now() AS db_now, (SELECT jobs FROM counted) AS rate_counted, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
@@ -346,15 +378,33 @@ RETURNING id;
 SELECT id, status::text FROM {schema}.jobs WHERE id = ANY(%(ids)s);
 
 -- name: get_job
--- One job, every column.
-SELECT * FROM {schema}.jobs WHERE id = %(id)s;
+-- One job, every column, with its dependencies (each id and status, NULL when gone) and,
+-- while it waits for them, those not completed yet (dependencies.sql).
+SELECT j.*,
+       (SELECT jsonb_agg(jsonb_build_object('id', e.dependency_id, 'status', d.status)
+                         ORDER BY e.dependency_id)
+        FROM {schema}.job_dependencies e LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+        WHERE e.job_id = j.id) AS depends_on,
+       CASE WHEN j.due_after_dependencies IS NOT NULL AND j.status = 'pending'
+            THEN ARRAY(SELECT e.dependency_id FROM {schema}.job_dependencies e
+                       LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+                       WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed'
+                       ORDER BY 1) END AS waiting_for
+FROM {schema}.jobs j WHERE j.id = %(id)s;
 
 -- name: list_jobs
 -- Jobs filtered by status, task, queue and creation time, newest first; with %(before_created)s
 -- and %(before_id)s (the last row of the previous page) the page after it (keyset
 -- paging). Walks jobs_created_idx or jobs_task_created_idx (migration 0008) backwards,
 -- so a page costs its rows, however deep and however big the table.
-SELECT * FROM {schema}.jobs
+-- waiting_for as in get_job, read only for the waiting rows of the page.
+SELECT j.*,
+       CASE WHEN j.due_after_dependencies IS NOT NULL AND j.status = 'pending'
+            THEN ARRAY(SELECT e.dependency_id FROM {schema}.job_dependencies e
+                       LEFT JOIN {schema}.jobs d ON d.id = e.dependency_id
+                       WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed'
+                       ORDER BY 1) END AS waiting_for
+FROM {schema}.jobs j
 WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
   AND (%(task)s::text IS NULL OR task = %(task)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -365,14 +415,18 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
 -- name: vacuum_jobs
--- Delete up to %(limit)s finished jobs of one status older than the retention; called in a
--- loop so no statement holds locks on many rows.
+-- Delete up to %(limit)s finished jobs of one status older than the retention, with what
+-- they depended on (job_dependencies); called in a loop so no statement holds locks on
+-- many rows.
 WITH doomed AS (
     SELECT id FROM {schema}.jobs
     WHERE status = %(status)s::{schema}.job_status
       AND finished_at < now() - make_interval(secs => %(older_than_seconds)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+),
+edges AS (
+    DELETE FROM {schema}.job_dependencies AS e USING doomed WHERE e.job_id = doomed.id
 )
 DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id;
 

@@ -85,6 +85,9 @@ class WorkerOptions:
     timezone: str = "UTC"  # of @periodic cron schedules that name none ([jobs] timezone)
     queues: tuple[str, ...] | None = None  # None: every queue
     queue_concurrency: tuple[tuple[str, int], ...] = ()  # (queue, limit) within this worker
+    # (queue, global_concurrency, rate "JOBS/PERIOD"), None for one not given: written to
+    # the database at start, where every worker's claim reads them
+    global_limits: tuple[tuple[str, int | None, str | None], ...] = ()
     metrics_listen: str | None = None  # "host:port" for /metrics and /healthz
     systemd_notify: bool = False  # speak sd_notify when NOTIFY_SOCKET is set
 

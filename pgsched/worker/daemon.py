@@ -40,6 +40,7 @@ from typing import Any
 import structlog
 
 from ..logs import get_logger
+from ..queues import describe_limits, parse_rate
 from ..store import Store, migrations
 from .completer import Completer
 from .context import (
@@ -213,6 +214,7 @@ class Worker:
         self.systemd.check_watchdog(self.options.heartbeat_seconds)
         if not await self._schema_ready():
             return
+        await self._write_global_limits()
         server = None
         if self.options.metrics_listen:
             server = MetricsServer(self.ctx, self.options.metrics_listen)
@@ -271,6 +273,26 @@ class Worker:
             log.error("schema_outdated", version=version, needed=LATEST_SCHEMA,
                       hint="run `pgsched migrate`, then start the worker again")
         return not self.schema_outdated
+
+    async def _write_global_limits(self) -> None:
+        """The [queues.NAME] global limits of this worker's configuration go to the
+        database, where every claim reads them: a changed file takes effect when a worker
+        starts with it. A limit the file does not give is left as it is. If the write
+        fails (the row locked past lock_timeout, an outage) the worker says so and runs
+        under the limits the database holds."""
+        for queue, concurrency, rate in self.options.global_limits:
+            try:
+                limits = await self.ctx.store.set_queue_limits(
+                    queue, global_concurrency=concurrency,
+                    set_concurrency=concurrency is not None,
+                    rate=parse_rate(rate) if rate is not None else None,
+                    set_rate=rate is not None, set_by=f"config of worker {self.id}")
+            except DB_ERRORS as exc:
+                log.error("queue_limits_not_set", queue=queue, error=str(exc).strip(),
+                          hint="set them with `pgsched queue limit`")
+                continue
+            log.info("queue_limits_set", queue=queue, global_concurrency=concurrency,
+                     rate=rate, now=describe_limits(limits))
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+-- Dependencies between jobs (migration 0012): scheduling a job that waits for others,
+-- settling waiting jobs, and what a job waits for. Named blocks loaded by
+-- pgsched/store.py (see queries.sql for the conventions).
+--
+-- A waiting job is pending with execution_time 9999-12-31 and due_after_dependencies
+-- set; the claim never reaches it. It is released (due again) or cancelled by
+-- settle_waiting, which the trigger jobs_dependents_settle runs in the transaction that
+-- ends one of its dependencies, and which the statements here run after writing one.
+
+-- name: insert_waiting_job
+-- Insert one job that waits for %(depends_on)s, unless its id exists, one of them does
+-- not, or one of them waits (transitively) for it. The dependencies are locked first (in
+-- id order, so that two such inserts cannot deadlock), which waits for a completion in
+-- flight: settle_waiting, run next in the same transaction, then sees their last word.
+-- Marks them has_dependents, so their end fires the trigger. Returns the dependencies
+-- found, whether a cycle was found, and whether the job was inserted; writes nothing
+-- unless all were found and there is no cycle.
+WITH RECURSIVE deps AS (
+    SELECT id FROM {schema}.jobs WHERE id = ANY(%(depends_on)s::text[])
+    ORDER BY id FOR UPDATE
+),
+upstream AS (
+    -- what the dependencies wait for, and so on up: only waiting jobs can close a cycle
+    SELECT e.dependency_id AS id FROM {schema}.job_dependencies e
+    JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+    WHERE e.job_id = ANY(%(depends_on)s::text[])
+    UNION
+    SELECT e.dependency_id FROM upstream u
+    JOIN {schema}.job_dependencies e ON e.job_id = u.id
+    JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+),
+verdict AS (
+    SELECT (SELECT count(*) FROM deps) = cardinality(%(depends_on)s::text[]) AS known,
+           EXISTS (SELECT 1 FROM upstream WHERE id = %(id)s) AS cycle
+),
+marked AS (
+    UPDATE {schema}.jobs AS j SET has_dependents = true
+    FROM deps, verdict
+    WHERE j.id = deps.id AND verdict.known AND NOT verdict.cycle
+      AND j.has_dependents IS NOT TRUE
+),
+new AS (
+    INSERT INTO {schema}.jobs
+        (id, task, queue, args, kwargs, priority, execution_time,
+         misfire_grace_seconds, max_retries, timeout_seconds, due_after_dependencies)
+    SELECT %(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(priority)s,
+           '9999-12-31Z', %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s,
+           coalesce(%(execution_time)s::timestamptz, now())
+    FROM verdict WHERE verdict.known AND NOT verdict.cycle
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+),
+edges AS (
+    INSERT INTO {schema}.job_dependencies (job_id, dependency_id)
+    SELECT new.id, d.id FROM new CROSS JOIN deps d
+    ON CONFLICT DO NOTHING
+)
+SELECT ARRAY(SELECT id FROM deps) AS found, verdict.cycle,
+       (SELECT count(*) FROM new) > 0 AS inserted
+FROM verdict;
+
+-- name: lock_dependencies
+-- Lock the dependencies of the given waiting jobs against being ended (a completion in
+-- flight is waited for), before settle_waiting judges them: `pgsched retry` of a
+-- dependent, which does not end a dependency itself. Id order, like insert_waiting_job.
+SELECT d.id FROM {schema}.jobs d
+WHERE d.id IN (SELECT dependency_id FROM {schema}.job_dependencies
+               WHERE job_id = ANY(%(ids)s::text[]))
+ORDER BY d.id
+FOR SHARE;
+
+-- name: settle_waiting
+-- Release or cancel the given waiting jobs as their dependencies say (settle_waiting in
+-- 0012), and wake idle workers for those released.
+WITH released AS (
+    SELECT s.released, s.due FROM {schema}.settle_waiting(%(ids)s::text[]) s
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(due))::text)
+    FROM released HAVING count(*) > 0
+)
+SELECT released.released AS id FROM released LEFT JOIN wake ON true;
