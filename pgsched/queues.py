@@ -24,7 +24,6 @@ from datetime import timedelta
 from typing import NamedTuple
 
 from .errors import InvalidInput
-from .timing import format_duration, parse_duration
 
 DEFAULT_QUEUE = "default"
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_][\w.:-]{0,99}$")
@@ -86,6 +85,8 @@ class Rate(NamedTuple):
     period_seconds: float
 
     def __str__(self) -> str:
+        from .timing import format_duration  # not at import: `pgsched ls` loads this module
+
         return f"{self.jobs}/{format_duration(timedelta(seconds=self.period_seconds))}"
 
 
@@ -100,6 +101,8 @@ def parse_rate(text: object) -> Rate:
     if period_text.isalpha():  # "10/s", "100/m": one of the unit
         period_text = f"1{period_text}"
     try:
+        from .timing import parse_duration
+
         period = parse_duration(period_text).total_seconds()
     except InvalidInput as exc:
         raise InvalidInput(f"invalid rate {_shown(text)}: {exc}") from None

@@ -215,6 +215,10 @@ def test_every_command_is_in_the_table_of_lazily_loaded_commands():
         importlib.import_module(f"pgsched.cli.{module}")
     registered = {info.name or typer.main.get_command_name(info.callback.__name__):
                   info.callback.__module__ for info in app.registered_commands}
+    for group in app.registered_groups:  # `pgsched queue limit`: the group's commands' module
+        modules = {info.callback.__module__ for info in group.typer_instance.registered_commands}
+        assert len(modules) == 1, (group.name, modules)
+        registered[group.name] = modules.pop()
     assert registered == {name: f"pgsched.cli.{module}"
                           for name, module in COMMAND_MODULES.items()}
 

@@ -13,10 +13,8 @@ import psycopg
 import pytest
 from conftest import audit_env, run_cli, wait_until, write_config
 
-from pgsched import InvalidInput, JobPriority, JobSpec
+from pgsched import InvalidInput, JobSpec
 from pgsched.store import Store
-
-PRIORITIES = sorted(int(p) for p in JobPriority)
 
 
 async def status(sched, job_id: str) -> str:
@@ -24,8 +22,7 @@ async def status(sched, job_id: str) -> str:
 
 
 async def claim(store: Store, worker: str = "w") -> list[dict]:
-    jobs, _, _ = await store.claim_jobs(worker_id=worker, limit=100, lease_seconds=30,
-                                        priorities=PRIORITIES)
+    jobs, _, _ = await store.claim_jobs(worker_id=worker, limit=100, lease_seconds=30)
     return jobs
 
 

@@ -12,12 +12,9 @@ import psycopg
 import pytest
 from conftest import audit_env, run_cli, wait_until, write_config
 
-from pgsched import InvalidInput, JobPriority, JobSpec
+from pgsched import InvalidInput, JobSpec
 from pgsched.queues import check_global_concurrency, parse_rate
 from pgsched.store import Store, open_pool
-
-PRIORITIES = sorted(int(p) for p in JobPriority)
-
 
 # -- values --------------------------------------------------------------------------
 
@@ -48,7 +45,7 @@ def test_bad_global_concurrency_is_refused(value):
 
 async def claim(store: Store, worker: str, limit: int = 10, queues=None) -> list[str]:
     jobs, _, _ = await store.claim_jobs(worker_id=worker, limit=limit, lease_seconds=30,
-                                        priorities=PRIORITIES, queues=queues)
+                                        queues=queues)
     return [job["id"] for job in jobs]
 
 
@@ -103,7 +100,7 @@ async def test_a_locked_limit_row_holds_back_only_its_queue(sched, pg_dsn, schem
         # An operator's open transaction holds the limit row (or a claim that hangs).
         await holder.execute(f'SELECT * FROM "{schema}".queue_limits FOR UPDATE')
         jobs, next_due, db_now = await sched.store.claim_jobs(
-            worker_id="w", limit=10, lease_seconds=30, priorities=PRIORITIES)
+            worker_id="w", limit=10, lease_seconds=30)
         assert [j["id"] for j in jobs] == [free]
         # ... and the worker is told to look again soon, not at the next poll.
         assert next_due - db_now < timedelta(seconds=1)

@@ -191,7 +191,7 @@ COMMAND_MODULES = {
     **dict.fromkeys(("add", "ls", "show", "retry", "cancel"), "jobs"),
     **dict.fromkeys(("schedules", "pause", "resume", "trigger", "remove", "cron"),
                     "schedules"),
-    "queues": "queues",
+    **dict.fromkeys(("queues", "queue"), "queues"),
     "top": "top",
     "web": "web",
 }
@@ -209,12 +209,18 @@ class _Commands(MutableMapping[str, Any]):
             importlib.import_module(f"{__package__}.{COMMAND_MODULES[name]}")
             registered = {info.name or typer.main.get_command_name(info.callback.__name__): info
                           for info in app.registered_commands if info.callback is not None}
-            if name not in registered:
+            groups = {info.name: info for info in app.registered_groups}  # `queue limit`
+            if name in registered:
+                self._built[name] = typer.main.get_command_from_info(
+                    registered[name],
+                    pretty_exceptions_short=app.pretty_exceptions_short,
+                    rich_markup_mode=app.rich_markup_mode)
+            elif name in groups:
+                self._built[name] = typer.main.get_group_from_info(
+                    groups[name], pretty_exceptions_short=app.pretty_exceptions_short,
+                    suggest_commands=True, rich_markup_mode=app.rich_markup_mode)
+            else:
                 raise RuntimeError(f"pgsched/cli/{COMMAND_MODULES[name]}.py has no command {name}")
-            self._built[name] = typer.main.get_command_from_info(
-                registered[name],
-                pretty_exceptions_short=app.pretty_exceptions_short,
-                rich_markup_mode=app.rich_markup_mode)
         return self._built[name]
 
     def _names(self) -> dict[str, None]:
