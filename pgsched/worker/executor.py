@@ -228,8 +228,9 @@ def result_outcome(result: Any) -> Outcome:
         return Outcome(ok=True, result_json=encode_result(result))
     except InvalidInput as exc:
         return failed(str(exc))
-    except Exception as exc:  # an exception whose str() raises, from a custom container
-        return failed(f"the task's return value could not be encoded: {_describe(exc)}")
+    except BaseException as exc:  # a custom container's items() raising, SystemExit too
+        return failed("the task's return value could not be encoded: "
+                      f"{type(exc).__name__} raised while reading it")
 
 
 _NONE = Outcome(ok=True)  # most tasks return nothing: skip encoding null every time
@@ -251,7 +252,17 @@ def _cancelling() -> bool:
 def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
     """The outcome of an exception: a snooze (Retry), a failure without retries (Fail, or
     an exception outside the task's retry_on) or a failure. Nothing a task put in a Retry
-    or Fail (a NaN delay, a reason whose str() raises) may escape."""
+    or Fail may escape: a delay or reason whose methods raise, even SystemExit or
+    KeyboardInterrupt (escaping the job's asyncio task, those would stop the worker's
+    loop), makes the attempt a plain failure."""
+    try:
+        return _judged(exc, task)
+    except BaseException as bad:
+        return failed(f"{type(exc).__name__} raised by the task could not be read: reading "
+                      f"it raised {type(bad).__name__}")
+
+
+def _judged(exc: BaseException, task: Task | None) -> Outcome:
     if isinstance(exc, Retry):
         try:
             delay = snooze_seconds(getattr(exc, "delay", None))
@@ -271,13 +282,17 @@ def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
 
 
 def _retried(task: Task, exc: BaseException) -> bool:
-    return task.retry_on is None or isinstance(exc, task.retry_on)
+    try:
+        return task.retry_on is None or isinstance(exc, task.retry_on)
+    except BaseException:  # a retry_on class whose __instancecheck__ raises: as if unset
+        return True
 
 
 def _reason(exc: Fail) -> str:
     try:
         reason = getattr(exc, "reason", None)
-        return reason if isinstance(reason, str) and reason else _describe(exc)
+        # A str subclass may override what escaping calls (encode, replace): a plain copy.
+        return str.__str__(reason) if isinstance(reason, str) and reason else _describe(exc)
     except Exception:
         return "Fail: <reason str() failed>"
 
