@@ -127,6 +127,8 @@ class RunningJob:
     _store: Store = field(repr=False)
     _worker_id: str = field(repr=False)
     completed: bool = field(default=False, repr=False)  # complete() wrote (maybe uncommitted)
+    # The worker is done with this attempt (see end()): complete() refuses from then on.
+    ended: bool = field(default=False, repr=False)
 
     @overload
     def complete(self, conn: psycopg.AsyncConnection[Any],
@@ -143,6 +145,8 @@ class RunningJob:
         longer this run's (lease lost, cancelled, completed already): roll back."""
         text = self._result_json(result)
         self._check_transaction(conn)
+        if self.ended:
+            self._settle(False)
         if _is_async(conn):
             return self._complete_async(conn, text)
         self._settle(self._store.complete_in_transaction_sync(
@@ -154,6 +158,13 @@ class RunningJob:
         self._settle(await self._store.complete_in_transaction(
             conn, worker_id=self._worker_id, job_id=self.id, attempt=self.attempt,
             result_json=text))
+
+    def end(self) -> None:
+        """The worker recorded this attempt's end, or gave it up: a complete() from a
+        thread the task left behind is refused here. The database's fence cannot see it
+        once the job was deleted and added again with the same id: attempts start over,
+        and this worker may claim the new job as the same attempt number."""
+        self.ended = True
 
     def _settle(self, written: bool) -> None:
         if not written:

@@ -102,7 +102,7 @@ async def picky_meta() -> None:
 
 
 @task
-async def fine() -> str:
+async def hostile_fine() -> str:
     return "fine"
 
 
@@ -121,7 +121,7 @@ def complete_late(release: str) -> None:
 
 
 @task(max_retries=0)
-def hold(release: str) -> str:
+def held_until(release: str) -> str:
     """Runs until the test releases it."""
     while not Path(release).exists():
         time.sleep(0.02)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import wait_until, write_config
-from test_worker_core import ended
+from test_worker_core import ended, sql, start, stop
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
 KINDS = ["delay_systemexit", "delay_keyboard", "delay_property", "reason_str_subclass",
@@ -37,7 +38,48 @@ async def test_hostile_retry_and_fail_objects_fail_their_job_and_the_worker_live
     finally:
         print(await statuses(), worker.proc.poll())
     assert set((await statuses()).values()) == {"failed"}
-    after = await sched.schedule("fine")
+    after = await sched.schedule("hostile_fine")
     row = await wait_until(lambda: ended(sched, after), what="a job after them")
     assert str(row["status"]) == "completed"
     assert worker.proc.poll() is None, worker.log()[-2000:]
+
+
+@pytest.fixture
+async def worker(sched, pg_dsn, monkeypatch):
+    """The real Worker, in-process, running hostile_tasks (imported here)."""
+    import hostile_tasks  # noqa: F401
+
+    monkeypatch.setenv("PGSCHED_TEST_DSN_FOR_TASKS", pg_dsn)
+    running, runner = await start(sched)
+    yield running
+    await stop(running, runner)
+
+
+async def test_complete_from_a_thread_left_behind_cannot_touch_a_job_added_again_with_its_id(
+        sched, worker, tmp_path):
+    release, hold = tmp_path / "release", tmp_path / "hold"
+    await sched.schedule("complete_late", args=(str(release),), job_id="same", timeout=0.5,
+                         max_retries=0)
+    row = await wait_until(lambda: ended(sched, "same"), what="timed out")
+    assert str(row["status"]) == "failed" and "timed out" in row["last_error"]
+    # vacuum deletes the ended job; the same id is added again and this worker claims it
+    # as attempt 1, as the thread's run was.
+    await sql(sched, "DELETE FROM {schema}.jobs WHERE id = 'same'")
+    await sched.schedule("held_until", args=(str(hold),), job_id="same")
+    try:
+        await wait_until(lambda: _running(sched, "same"), what="the new job running")
+        release.touch()
+        said = Path(f"{release}.said")
+        await wait_until(said.exists, what="the old thread's complete()")
+        assert said.read_text().startswith("LeaseLost"), said.read_text()
+        row = await sched.get_job("same")
+        assert (str(row["status"]), row["result"]) == ("running", None)
+    finally:
+        release.touch()
+        hold.touch()  # a thread still running would hold pytest's exit
+    row = await wait_until(lambda: ended(sched, "same"), what="the new job's own end")
+    assert (str(row["status"]), row["result"]) == ("completed", "held")
+
+
+async def _running(sched, job_id):
+    return str((await sched.get_job(job_id))["status"]) == "running"

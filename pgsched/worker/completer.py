@@ -165,6 +165,8 @@ class Completer:
                                   duration_s=c.duration_s, lateness_ms=c.lateness_ms)
             return
         outcome = dataclasses.replace(c.outcome, completed_in_task=False)
+        if c.held.running is not None:  # a thread the task left cannot complete it now
+            c.held.running.end()
         c.held.running = None  # settled: the outcome below is written as any other
         if outcome.ok:
             outcome = failed("the task called current_job().complete() but its transaction "
