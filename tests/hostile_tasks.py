@@ -149,3 +149,26 @@ async def picky_meta_timeout() -> None:
     import asyncio
 
     await asyncio.sleep(10)
+
+
+def _side_write(key: str) -> None:
+    schema = os.environ["PGSCHED_TEST_SCHEMA_FOR_TASKS"]
+    with psycopg.connect(os.environ["PGSCHED_TEST_DSN_FOR_TASKS"], autocommit=True) as conn:
+        conn.execute(f'INSERT INTO "{schema}".side (key) VALUES (%s)', [key])
+
+
+@task(queue="mine")
+def slow_write(key: str, seconds: float) -> None:
+    """Writes `key` once per run, after `seconds`: a run counted twice ran twice."""
+    time.sleep(seconds)
+    _side_write(key)
+
+
+def _sleepy(failures: int) -> float:
+    time.sleep(6)  # three leases of the tests' workers
+    return 0.1
+
+
+@task(max_retries=1, backoff=_sleepy, queue="mine")
+async def sleepy_backoff() -> None:
+    raise ConnectionError("again")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import wait_until, write_config
+from conftest import cli_env, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
@@ -83,3 +83,20 @@ async def test_complete_from_a_thread_left_behind_cannot_touch_a_job_added_again
 
 async def _running(sched, job_id):
     return str((await sched.get_job(job_id))["status"]) == "running"
+
+
+async def test_a_backoff_function_that_sleeps_stalls_no_other_job_of_its_worker(
+        sched, tmp_path, pg_dsn, schema, workers):
+    await sql(sched, "CREATE TABLE {schema}.side (key text)")
+    config = write_config(tmp_path, pg_dsn, schema, tasks=str(HOSTILE_TASKS))
+    env = cli_env(PGSCHED_TEST_DSN_FOR_TASKS=pg_dsn, PGSCHED_TEST_SCHEMA_FOR_TASKS=schema)
+    workers(config, "--queues", "mine", env=env)
+    workers(config, "--queues", "other", env=env)  # recovers what looks orphaned
+    slow = await sched.schedule("slow_write", args=("b", 10), queue="mine")
+    await wait_until(lambda: _running(sched, slow), what="the bystander running")
+    sleepy = await sched.schedule("sleepy_backoff", queue="mine", max_retries=1)
+    row = await wait_until(lambda: ended(sched, slow), timeout=60, what="the bystander's end")
+    assert str(row["status"]) == "completed" and row["attempts"] == 1, row["errors"]
+    assert await sql(sched, "SELECT key FROM {schema}.side") == [("b",)]
+    row = await wait_until(lambda: ended(sched, sleepy), timeout=60, what="the sleepy job")
+    assert str(row["status"]) == "failed" and row["attempts"] == 2

@@ -36,7 +36,7 @@ import psycopg
 
 from ..logs import get_logger
 from .context import DB_ERRORS, Completion, WorkerContext, backoff_sleep
-from .executor import failed, task_retry_delay
+from .executor import failed, task_retry_delay_off_loop
 
 log = get_logger("pgsched.worker")
 
@@ -195,9 +195,9 @@ class Completer:
             row = await self.ctx.store.fail_job(
                 worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
                 error=c.outcome.error, traceback=c.outcome.traceback,
-                retry_delay_seconds=task_retry_delay(
-                    c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
-                    self.ctx.options.retry_max_seconds))
+                retry_delay_seconds=await task_retry_delay_off_loop(
+                    self.ctx.threads, c.held.task_name, c.failures + 1,
+                    self.ctx.options.retry_base_seconds, self.ctx.options.retry_max_seconds))
         self.ctx.forget(c.held)
         if row is None:
             self.ctx.count_lease_lost()

@@ -58,6 +58,8 @@ from ..tasks import Task, get_task
 log = get_logger("pgsched.worker")
 
 ERROR_MAX_CHARS = 2000  # tracebacks are cut by the store (store.TRACEBACK_MAX_CHARS)
+# A task's backoff function is arithmetic: one still running after this is broken.
+BACKOFF_LIMIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -315,11 +317,34 @@ def task_retry_delay(task_name: str, failures: int, base_seconds: float,
         return retry_delay(failures, base_seconds, max_seconds)
     try:
         delay = task.backoff(failures)
+        if asyncio.iscoroutine(delay):
+            delay.close()  # an async backoff: refused below, without a never-awaited warning
         return snooze_seconds(delay)
     except BaseException as exc:
         log.warning("backoff_invalid", task=task_name, failures=failures, error=_describe(exc),
                     hint="the task's backoff must return seconds (0 to a year); the "
                          "worker's retry_base/max_seconds were used")
+        return retry_delay(failures, base_seconds, max_seconds)
+
+
+async def task_retry_delay_off_loop(threads: TaskThreads, task_name: str, failures: int,
+                                    base_seconds: float, max_seconds: float) -> float:
+    """task_retry_delay() with the task's backoff function run in the tasks' threads for
+    at most BACKOFF_LIMIT_SECONDS: a backoff is the task's code, and one that sleeps or
+    hangs on the loop would stop every heartbeat of the worker (its other jobs would be
+    recovered as orphans, run twice, and blamed). Past the limit: the default delay."""
+    task = get_task(task_name)
+    if task is None or task.backoff is None:
+        return retry_delay(failures, base_seconds, max_seconds)
+    try:
+        async with asyncio.timeout(BACKOFF_LIMIT_SECONDS):
+            return await threads.call(task_retry_delay, task_name, failures, base_seconds,
+                                      max_seconds)
+    except TimeoutError:
+        log.warning("backoff_invalid", task=task_name, failures=failures,
+                    error=f"the backoff took longer than {BACKOFF_LIMIT_SECONDS:g}s",
+                    hint="the task's backoff must return seconds at once; the worker's "
+                         "retry_base/max_seconds were used")
         return retry_delay(failures, base_seconds, max_seconds)
 
 
