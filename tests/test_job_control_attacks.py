@@ -4,6 +4,8 @@ real `pgsched worker` processes. Each test names the promise it holds the code t
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,17 @@ async def test_a_backoff_function_that_sleeps_stalls_no_other_job_of_its_worker(
     assert await sql(sched, "SELECT key FROM {schema}.side") == [("b",)]
     row = await wait_until(lambda: ended(sched, sleepy), timeout=60, what="the sleepy job")
     assert str(row["status"]) == "failed" and row["attempts"] == 2
+
+
+async def test_wait_outlives_a_dropped_connection_and_sees_the_end(sched):
+    job_id = await sched.schedule("hostile_fine", execution_time=datetime.now(UTC)
+                                  + timedelta(days=1))
+    waiting = asyncio.create_task(sched.wait(job_id, timeout=30))
+    listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %%pgsched_done%%'"
+    [(pid,)] = await wait_until(lambda: sql(sched, listening), what="the wait's LISTEN")
+    await sql(sched, "SELECT pg_terminate_backend(%s)", [pid])
+    await wait_until(lambda: sql(sched, listening), what="a new LISTEN")
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'completed', result = '7', "
+                     "finished_at = now() WHERE id = %s", [job_id])
+    row = await waiting
+    assert (str(row["status"]), row["result"]) == ("completed", 7)
