@@ -8,6 +8,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import cli_env, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
@@ -116,3 +117,16 @@ async def test_wait_outlives_a_dropped_connection_and_sees_the_end(sched):
                      "finished_at = now() WHERE id = %s", [job_id])
     row = await waiting
     assert (str(row["status"]), row["result"]) == ("completed", 7)
+
+
+@pytest.mark.xfail(strict=True, reason="open finding: a job enqueued in a transaction is due at "
+                   "the transaction's start (now()); one that commits later than the misfire "
+                   "grace expires without running")
+async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
+        sched, worker, pg_dsn):
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        job_id = await sched.schedule("hostile_fine", connection=conn, misfire_grace_time=1)
+        await asyncio.sleep(2)  # the rest of the caller's transaction
+        await conn.commit()
+    row = await wait_until(lambda: ended(sched, job_id), what="the committed job")
+    assert str(row["status"]) == "completed", row["last_error"]
