@@ -172,3 +172,9 @@ def _sleepy(failures: int) -> float:
 @task(max_retries=1, backoff=_sleepy, queue="mine")
 async def sleepy_backoff() -> None:
     raise ConnectionError("again")
+
+
+@task
+async def window() -> list:
+    job = current_job()
+    return [job.schedule_id, job.fire_time.isoformat() if job.fire_time else None]

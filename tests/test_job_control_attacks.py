@@ -130,3 +130,39 @@ async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
         await conn.commit()
     row = await wait_until(lambda: ended(sched, job_id), what="the committed job")
     assert str(row["status"]) == "completed", row["last_error"]
+
+
+@pytest.mark.parametrize("schedule_id, fire_time, seen", [
+    ("s", "infinity", ["s", "9999-12-30T00:00:00+00:00"]),
+    ("s", "-infinity", ["s", "0001-01-03T00:00:00+00:00"]),
+    (None, "2026-01-01Z", [None, "2026-01-01T00:00:00+00:00"]),
+    ("x" * 5000, None, ["x" * 5000, None]),
+])
+async def test_current_job_survives_schedule_columns_written_with_sql(
+        sched, worker, schedule_id, fire_time, seen):
+    job_id = await sched.schedule("window", execution_time=datetime.now(UTC) + timedelta(days=1))
+    await sql(sched, "UPDATE {schema}.jobs SET schedule_id = %s, fire_time = %s, "
+                     "execution_time = now() WHERE id = %s", [schedule_id, fire_time, job_id])
+    ended_row = ("SELECT status::text, result, last_error FROM {schema}.jobs "
+                 "WHERE id = %s AND status NOT IN ('pending', 'running')")
+    # read with SQL: get_job() cannot load an infinite timestamp (a separate matter)
+    [(status, result, error)] = await wait_until(lambda: sql(sched, ended_row, [job_id]),
+                                                 what="the job")
+    assert (status, result) == ("completed", seen), error
+
+
+async def test_many_waiters_on_jobs_ending_at_once_each_see_their_end(sched):
+    later = datetime.now(UTC) + timedelta(days=1)
+    ids = [await sched.schedule("hostile_fine", execution_time=later) for _ in range(5)]
+    waiting = [asyncio.create_task(sched.wait(job_id, timeout=60))
+               for job_id in ids for _ in range(6)]
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%pgsched_done%%'"
+    await wait_until(lambda: _count_is(sched, listening, len(waiting)), what="every LISTEN")
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'completed', result = to_jsonb(id), "
+                     "finished_at = now()")
+    rows = await asyncio.gather(*waiting)
+    assert [row["result"] for row in rows] == [job_id for job_id in ids for _ in range(6)]
+
+
+async def _count_is(sched, query, n):
+    return (await sql(sched, query))[0][0] == n
