@@ -178,3 +178,15 @@ async def sleepy_backoff() -> None:
 async def window() -> list:
     job = current_job()
     return [job.schedule_id, job.fire_time.isoformat() if job.fire_time else None]
+
+
+@task(max_retries=2)
+def complete_then_wait(key: str, ready: str, release: str) -> None:
+    """Writes, completes, tells the test (`ready`), and commits once released."""
+    schema = os.environ["PGSCHED_TEST_SCHEMA_FOR_TASKS"]
+    with psycopg.connect(os.environ["PGSCHED_TEST_DSN_FOR_TASKS"]) as conn:
+        conn.execute(f'INSERT INTO "{schema}".side (key) VALUES (%s)', [key])
+        current_job().complete(conn, current_job().attempt)
+        Path(ready).touch()
+        while not Path(release).exists():
+            time.sleep(0.02)

@@ -5,6 +5,7 @@ real `pgsched worker` processes. Each test names the promise it holds the code t
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import psycopg
 import pytest
 from conftest import cli_env, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
+
+from pgsched import Backoff, Retry
+from pgsched.errors import InvalidInput
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
 KINDS = ["delay_systemexit", "delay_keyboard", "delay_property", "reason_str_subclass",
@@ -166,3 +170,30 @@ async def test_many_waiters_on_jobs_ending_at_once_each_see_their_end(sched):
 
 async def _count_is(sched, query, n):
     return (await sql(sched, query))[0][0] == n
+
+
+async def test_sigterm_between_complete_and_commit_records_the_job_once(
+        sched, tmp_path, pg_dsn, schema, workers):
+    await sql(sched, "CREATE TABLE {schema}.side (key text)")
+    config = write_config(tmp_path, pg_dsn, schema, tasks=str(HOSTILE_TASKS),
+                          shutdown_grace_seconds=1)
+    env = cli_env(PGSCHED_TEST_DSN_FOR_TASKS=pg_dsn, PGSCHED_TEST_SCHEMA_FOR_TASKS=schema)
+    first = workers(config, env=env)
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    job_id = await sched.schedule("complete_then_wait", args=("k", str(ready), str(release)))
+    await wait_until(ready.exists, what="complete() written, not committed")
+    first.signal(signal.SIGTERM)
+    await first.wait_for_log("job_interrupted")  # the grace ran out; the thread runs on
+    release.touch()  # the task commits its writes and the completion
+    assert await first.wait() == 0, first.log()[-2000:]
+    workers(config, env=env)  # would run it again if it were left pending or orphaned
+    row = await wait_until(lambda: ended(sched, job_id), what="the job's end")
+    assert (str(row["status"]), row["result"], row["attempts"]) == ("completed", 1, 1)
+    assert await sql(sched, "SELECT key FROM {schema}.side") == [("k",)]
+
+
+def test_a_retry_delay_or_backoff_too_large_for_a_float_is_refused_in_one_line():
+    with pytest.raises(InvalidInput, match="invalid Retry delay"):
+        Retry(10**400)
+    with pytest.raises(InvalidInput, match="invalid Backoff base"):
+        Backoff(base=10**400)
