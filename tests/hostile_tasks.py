@@ -190,3 +190,17 @@ def complete_then_wait(key: str, ready: str, release: str) -> None:
         Path(ready).touch()
         while not Path(release).exists():
             time.sleep(0.02)
+
+
+@task(max_retries=0)
+async def cancels_itself() -> None:
+    import asyncio
+
+    raise asyncio.CancelledError("the task's own")
+
+
+@task(max_retries=0)
+def cancels_itself_sync() -> None:
+    import asyncio
+
+    raise asyncio.CancelledError("the task's own, in a thread")

@@ -197,3 +197,12 @@ def test_a_retry_delay_or_backoff_too_large_for_a_float_is_refused_in_one_line()
         Retry(10**400)
     with pytest.raises(InvalidInput, match="invalid Backoff base"):
         Backoff(base=10**400)
+
+
+async def test_a_task_raising_cancelled_error_itself_fails_its_job(sched, worker):
+    ids = [await sched.schedule(name) for name in ("cancels_itself", "cancels_itself_sync")]
+    for job_id in ids:
+        row = await wait_until(lambda job_id=job_id: ended(sched, job_id), timeout=10,
+                               what="the job's end")
+        assert str(row["status"]) == "failed" and "CancelledError" in row["last_error"], row
+    assert not worker.ctx.held

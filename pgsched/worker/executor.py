@@ -9,8 +9,8 @@ completer records the Outcome with fenced statements (a task's own complete() in
 Invariants: every exception a task raises (BaseException included: a task's
 SystemExit or GeneratorExit, an exception whose __str__ raises), and every value it
 returns (one whose encoding raises included), becomes an Outcome (never escapes); only
-asyncio cancellation propagates, because it means the daemon itself cancelled the job
-(shutdown, lost lease) and must decide what to record; an exception a task raises
+the daemon's asyncio cancellation propagates (shutdown, lost lease: the daemon decides
+what to record); a CancelledError the task raises itself is its failure; an exception a task raises
 while it is being cancelled that way (a failing cleanup) counts as that cancellation.
 Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which the store cuts)
 have NUL and unencodable characters escaped, so PostgreSQL can store them. A result
@@ -204,8 +204,12 @@ async def _run(job: dict[str, Any], task: Task, threads: TaskThreads) -> Outcome
             return Outcome(ok=False, error=f"timed out after {timeout:g}s",
                            final=not _retried(task, TimeoutError()))
         return _failed(exc, task)
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        if _cancelling():
+            raise
+        # Nobody cancelled the job's task: the task raised it itself. Passed on, it would
+        # read as a shutdown, and the job would stay held (and running) for good.
+        return _failed(exc, task)
     except BaseException as exc:  # SystemExit, GeneratorExit...: the task's failure too
         if _cancelling():
             # The task raised while handling the daemon's cancellation (shutdown, lost
