@@ -14,7 +14,7 @@ from pgsched import Fail, Retry, current_job, task
 
 
 class _Raising(float):
-    """A float that passes isinstance() but whose comparison raises `exc`."""
+    """A float that passes isinstance() but whose conversion and comparison raise `exc`."""
 
     exc: BaseException = SystemExit(3)
 
@@ -22,6 +22,9 @@ class _Raising(float):
         raise self.exc
 
     __le__ = __ge__
+
+    def __float__(self):
+        raise self.exc
 
 
 class _KeyboardFloat(_Raising):
@@ -204,3 +207,25 @@ def cancels_itself_sync() -> None:
     import asyncio
 
     raise asyncio.CancelledError("the task's own, in a thread")
+
+
+_LEAKED: list = []
+
+
+@task(max_retries=0)
+def complete_and_leak(release: str) -> None:
+    """Completes in a transaction it leaves open (the connection kept, never committed)
+    until the test releases it, then rolls back."""
+    conn = psycopg.connect(os.environ["PGSCHED_TEST_DSN_FOR_TASKS"])
+    current_job().complete(conn, "leaked")
+    _LEAKED.append(conn)
+
+    def roll_back_later() -> None:
+        while not Path(release).exists():
+            time.sleep(0.02)
+        conn.rollback()
+        conn.close()
+
+    import threading
+
+    threading.Thread(target=roll_back_later, daemon=True).start()

@@ -206,3 +206,20 @@ async def test_a_task_raising_cancelled_error_itself_fails_its_job(sched, worker
                                what="the job's end")
         assert str(row["status"]) == "failed" and "CancelledError" in row["last_error"], row
     assert not worker.ctx.held
+
+
+async def test_a_task_leaving_its_completion_uncommitted_stalls_no_other_job(
+        sched, worker, pg_dsn, tmp_path):
+    release = tmp_path / "release"
+    leaked = await sched.schedule("complete_and_leak", args=(str(release),))
+    try:
+        await wait_until(lambda: worker.stats.claimed >= 1, what="the leaking job claimed")
+        others = [await sched.schedule("hostile_fine") for _ in range(3)]
+        for job_id in others:
+            row = await wait_until(lambda job_id=job_id: ended(sched, job_id), timeout=15,
+                                   what="a bystander's end")
+            assert str(row["status"]) == "completed"
+    finally:
+        release.touch()
+    row = await wait_until(lambda: ended(sched, leaked), what="the leaking job's end")
+    assert str(row["status"]) == "failed" and "did not commit" in row["last_error"]
