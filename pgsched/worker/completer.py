@@ -214,8 +214,8 @@ class Completer:
                 worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
                 error=c.outcome.error, traceback=c.outcome.traceback,
                 retry_delay_seconds=await task_retry_delay_off_loop(
-                    self.ctx.threads, c.held.task_name, c.failures + 1,
-                    self.ctx.options.retry_base_seconds, self.ctx.options.retry_max_seconds))
+                    c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
+                    self.ctx.options.retry_max_seconds))
         self.ctx.forget(c.held)
         if row is None:
             self.ctx.count_lease_lost()

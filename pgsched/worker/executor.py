@@ -30,6 +30,7 @@ unhealthy, because a process full of hung threads needs a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -331,19 +332,28 @@ def task_retry_delay(task_name: str, failures: int, base_seconds: float,
         return retry_delay(failures, base_seconds, max_seconds)
 
 
-async def task_retry_delay_off_loop(threads: TaskThreads, task_name: str, failures: int,
-                                    base_seconds: float, max_seconds: float) -> float:
-    """task_retry_delay() with the task's backoff function run in the tasks' threads for
-    at most BACKOFF_LIMIT_SECONDS: a backoff is the task's code, and one that sleeps or
-    hangs on the loop would stop every heartbeat of the worker (its other jobs would be
-    recovered as orphans, run twice, and blamed). Past the limit: the default delay."""
+async def task_retry_delay_off_loop(task_name: str, failures: int, base_seconds: float,
+                                    max_seconds: float) -> float:
+    """task_retry_delay() with the task's backoff function run in a thread of its own for
+    at most BACKOFF_LIMIT_SECONDS: on the loop, one that sleeps or hangs would stop every
+    heartbeat of the worker (its other jobs would be recovered as orphans, run twice and
+    blamed). Not in the tasks' threads, which busy sync tasks may all hold; a daemon
+    thread, so one that never returns holds up no exit. Past the limit: the default."""
     task = get_task(task_name)
     if task is None or task.backoff is None:
         return retry_delay(failures, base_seconds, max_seconds)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[float] = loop.create_future()
+
+    def compute() -> None:
+        delay = task_retry_delay(task_name, failures, base_seconds, max_seconds)
+        with contextlib.suppress(RuntimeError):  # the loop closed while the backoff ran
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(delay))
+
+    threading.Thread(target=compute, name="pgsched-backoff", daemon=True).start()
     try:
         async with asyncio.timeout(BACKOFF_LIMIT_SECONDS):
-            return await threads.call(task_retry_delay, task_name, failures, base_seconds,
-                                      max_seconds)
+            return await answer
     except TimeoutError:
         log.warning("backoff_invalid", task=task_name, failures=failures,
                     error=f"the backoff took longer than {BACKOFF_LIMIT_SECONDS:g}s",
