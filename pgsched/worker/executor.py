@@ -345,10 +345,14 @@ async def task_retry_delay_off_loop(task_name: str, failures: int, base_seconds:
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[float] = loop.create_future()
 
+    def answered(delay: float) -> None:
+        if not answer.done():  # not given up on (timed out) meanwhile
+            answer.set_result(delay)
+
     def compute() -> None:
         delay = task_retry_delay(task_name, failures, base_seconds, max_seconds)
         with contextlib.suppress(RuntimeError):  # the loop closed while the backoff ran
-            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(delay))
+            loop.call_soon_threadsafe(answered, delay)
 
     threading.Thread(target=compute, name="pgsched-backoff", daemon=True).start()
     try:
