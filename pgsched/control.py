@@ -46,17 +46,29 @@ class LeaseLost(PgschedError):
     """A write of a running task was refused: its job is no longer this run's."""
 
 
+def _finite(value: object) -> float | None:
+    """`value` as a plain finite float; None unless it is a number (not a bool) that fits
+    one (10**400 does not: float() raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def snooze_seconds(delay: object) -> float:
     """A Retry delay as seconds; InvalidInput unless it is 0 to MAX_SNOOZE_SECONDS."""
     if isinstance(delay, timedelta):
         delay = delay.total_seconds()
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not (
-            math.isfinite(delay) and 0 <= delay <= MAX_SNOOZE_SECONDS):
+    seconds = _finite(delay)
+    if seconds is None or not 0 <= seconds <= MAX_SNOOZE_SECONDS:
         shown = repr(delay)[:60]
         raise InvalidInput(
             f"invalid Retry delay {shown}: use a number of seconds (or a timedelta) from 0 "
             f"to {MAX_SNOOZE_SECONDS:.0f}")
-    return float(delay)
+    return seconds
 
 
 class Retry(Exception):
@@ -91,9 +103,10 @@ class Backoff:
     def __post_init__(self) -> None:
         for name in ("base", "cap", "jitter"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value) or value < 0:
-                raise InvalidInput(f"invalid Backoff {name} {value!r}: use a number >= 0")
+            number = _finite(value)
+            if number is None or number < 0:
+                shown = repr(value)[:60]
+                raise InvalidInput(f"invalid Backoff {name} {shown}: use a number >= 0")
         if self.jitter > 1:
             raise InvalidInput(f"invalid Backoff jitter {self.jitter!r}: use 0 to 1")
         if self.cap < self.base:
@@ -127,6 +140,8 @@ class RunningJob:
     _store: Store = field(repr=False)
     _worker_id: str = field(repr=False)
     completed: bool = field(default=False, repr=False)  # complete() wrote (maybe uncommitted)
+    # The worker is done with this attempt (see end()): complete() refuses from then on.
+    ended: bool = field(default=False, repr=False)
 
     @overload
     def complete(self, conn: psycopg.AsyncConnection[Any],
@@ -143,6 +158,8 @@ class RunningJob:
         longer this run's (lease lost, cancelled, completed already): roll back."""
         text = self._result_json(result)
         self._check_transaction(conn)
+        if self.ended:
+            self._settle(False)
         if _is_async(conn):
             return self._complete_async(conn, text)
         self._settle(self._store.complete_in_transaction_sync(
@@ -154,6 +171,13 @@ class RunningJob:
         self._settle(await self._store.complete_in_transaction(
             conn, worker_id=self._worker_id, job_id=self.id, attempt=self.attempt,
             result_json=text))
+
+    def end(self) -> None:
+        """The worker recorded this attempt's end, or gave it up: a complete() from a
+        thread the task left behind is refused here. The database's fence cannot see it
+        once the job was deleted and added again with the same id: attempts start over,
+        and this worker may claim the new job as the same attempt number."""
+        self.ended = True
 
     def _settle(self, written: bool) -> None:
         if not written:

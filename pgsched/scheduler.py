@@ -72,6 +72,8 @@ _UNIQUE_IN_TRANSACTION = ("unique_for cannot be combined with connection= (a uni
                           "transaction): schedule the unique job without connection=")
 # wait(job_id): how often the job is read while no NOTIFY came (a safety net only).
 WAIT_POLL_SECONDS = 5.0
+# wait(job_id): the pause before a dropped LISTEN connection is opened again.
+WAIT_RECONNECT_SECONDS = 0.5
 
 
 class _Options(NamedTuple):
@@ -259,6 +261,10 @@ def _caller_connection(conn: Any, *, sync: bool) -> Any:
     return conn
 
 
+class WaitConnectionLost(Exception):
+    """wait()'s LISTEN connection dropped: it is opened again (never seen by callers)."""
+
+
 class _NoPool:
     """The pool of a Scheduler that was never opened: it only writes through callers'
     connections, and anything else says how to open it."""
@@ -403,22 +409,41 @@ class Scheduler:
         return row
 
     async def _wait_for_end(self, job_id: str) -> dict[str, Any] | None:
+        """The job's row once it ended. A LISTEN connection that drops (a server restart,
+        a terminated backend, a proxy's idle cut) is opened again, LISTENing before it
+        reads, so no end falls in the gap; one that cannot be opened again raises
+        DatabaseUnavailable."""
+        while True:
+            try:
+                return await self._wait_on_one_connection(job_id)
+            except WaitConnectionLost:
+                await asyncio.sleep(WAIT_RECONNECT_SECONDS)
+
+    async def _wait_on_one_connection(self, job_id: str) -> dict[str, Any] | None:
         try:
             conn = await connect(self._listen_dsn, application_name=self.application_name)
         except psycopg.OperationalError as exc:
             raise cannot_connect(exc) from exc
         try:
-            await self.store.listen_done(conn)  # before the mark: no end can fall between
-            row, marked = await self._mark_awaited(job_id)
-            while row is not None and str(row["status"]) not in FINISHED_STATUSES:
-                async for notice in conn.notifies(timeout=WAIT_POLL_SECONDS):
-                    if notice.payload == job_id:
-                        break
-                row, marked = (await self._mark_awaited(job_id) if not marked
-                               else (await self.store.get_job(job_id), True))
-            return row
+            return await self._wait_listening(conn, job_id)
+        except psycopg.OperationalError as exc:
+            if not conn.closed:
+                raise  # the pool's statement failed, not this connection
+            raise WaitConnectionLost from exc
         finally:
             await conn.close()
+
+    async def _wait_listening(self, conn: psycopg.AsyncConnection[Any],
+                              job_id: str) -> dict[str, Any] | None:
+        await self.store.listen_done(conn)  # before the mark: no end can fall between
+        row, marked = await self._mark_awaited(job_id)
+        while row is not None and str(row["status"]) not in FINISHED_STATUSES:
+            async for notice in conn.notifies(timeout=WAIT_POLL_SECONDS):
+                if notice.payload == job_id:
+                    break
+            row, marked = (await self._mark_awaited(job_id) if not marked
+                           else (await self.store.get_job(job_id), True))
+        return row
 
     async def _mark_awaited(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
         """(the job, whether it is marked to notify). A row held by a long transaction (a

@@ -30,13 +30,14 @@ kill(), it gives up after a few attempts (`completion_not_recorded`) so that shu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import psycopg
 
 from ..logs import get_logger
 from .context import DB_ERRORS, Completion, WorkerContext, backoff_sleep
-from .executor import failed, task_retry_delay
+from .executor import failed, task_retry_delay_off_loop
 
 log = get_logger("pgsched.worker")
 
@@ -49,6 +50,9 @@ DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError, psycopg.errors.ProgramLimi
 # A job whose task this worker does not know (rolling deploy): due again after 60 s,
 # doubling up to an hour, and failed once it has been deferred for a day.
 UNKNOWN_TASK_DELAY_SECONDS = 60.0
+# A task's own completion whose row its still-open transaction locks is looked at again
+# after this, instead of holding up the completer.
+OWN_COMPLETION_RECHECK_SECONDS = 1.0
 UNKNOWN_TASK_MAX_DELAY_SECONDS = 3600.0
 UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
 
@@ -119,18 +123,18 @@ class Completer:
         is written: after a connection error part-way, a retry writes only the rest (the
         successes already committed would be fenced out and reported as lost leases)."""
         # The live flag too: a complete() made after the task returned (from a thread it
-        # left behind) must not be taken for a lost lease either.
-        for own in [c for c in pending
-                    if c.outcome.completed_in_task or c.held.completed_in_task]:
-            await self._record_task_completion(own)
-            pending[:] = [c for c in pending if c is not own]
-        successes = [c for c in pending if c.outcome.ok]
+        # left behind) must not be taken for a lost lease either. Written last, each on its
+        # own: its row may still be locked by the task's open transaction, and waiting for
+        # it must not hold up the other outcomes.
+        own = [c for c in pending if c.outcome.completed_in_task or c.held.completed_in_task]
+        others = [c for c in pending if not any(c is o for o in own)]
+        successes = [c for c in others if c.outcome.ok]
         if successes:
             written = await self.ctx.store.complete_jobs(
                 worker_id=self.ctx.id,
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
-            pending[:] = [c for c in pending if not c.outcome.ok]
+            pending[:] = [c for c in pending if not any(c is w for w in successes)]
             for c in successes:
                 self.ctx.forget(c.held)
                 if c.held.key in written:
@@ -142,13 +146,21 @@ class Completer:
                     self.ctx.count_lease_lost()
                     log.warning("job_completion_rejected", **c.held.log_fields(),
                                 reason="lease lost before the result was recorded")
-        cancelled = [c for c in pending if c.outcome.cancelled]
+        cancelled = [c for c in others if c.outcome.cancelled]
         if cancelled:
             await self._record_cancelled(cancelled)
-            pending[:] = [c for c in pending if not c.outcome.cancelled]
-        while pending:
-            await self._record_failure(pending[0])
-            del pending[0]
+            pending[:] = [c for c in pending if not any(c is x for x in cancelled)]
+        for c in [c for c in others if not c.outcome.ok and not c.outcome.cancelled]:
+            await self._record_failure(c)
+            pending.remove(c)
+        for c in own:
+            try:
+                await self._record_task_completion(c)
+            except psycopg.errors.LockNotAvailable:
+                # The task's transaction is still open: judge it again in a moment.
+                asyncio.get_running_loop().call_later(
+                    OWN_COMPLETION_RECHECK_SECONDS, self.ctx.completions.put_nowait, c)
+            pending.remove(c)
 
     async def _record_task_completion(self, c: Completion) -> None:
         """A task that called current_job().complete(): its own transaction completed the
@@ -165,11 +177,19 @@ class Completer:
                                   duration_s=c.duration_s, lateness_ms=c.lateness_ms)
             return
         outcome = dataclasses.replace(c.outcome, completed_in_task=False)
-        c.held.running = None  # settled: the outcome below is written as any other
         if outcome.ok:
             outcome = failed("the task called current_job().complete() but its transaction "
                              "did not commit: commit it before the task returns")
-        await self._record_once([dataclasses.replace(c, outcome=outcome)])
+        # Settled: the outcome below is written as any other, and a thread the task left
+        # behind cannot complete the job any more.
+        running, c.held.running = c.held.running, None
+        if running is not None:
+            running.end()
+        try:
+            await self._record_once([dataclasses.replace(c, outcome=outcome)])
+        except psycopg.errors.LockNotAvailable:
+            c.held.running = running  # still its task's transaction's: judged again later
+            raise
 
     async def _record_failure(self, c: Completion) -> None:
         """A failed attempt (retried while the budget lasts, failed at once when final),
@@ -193,7 +213,7 @@ class Completer:
             row = await self.ctx.store.fail_job(
                 worker_id=self.ctx.id, job_id=c.held.id, attempt=c.held.attempt,
                 error=c.outcome.error, traceback=c.outcome.traceback,
-                retry_delay_seconds=task_retry_delay(
+                retry_delay_seconds=await task_retry_delay_off_loop(
                     c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
                     self.ctx.options.retry_max_seconds))
         self.ctx.forget(c.held)

@@ -289,6 +289,8 @@ class WorkerContext:
     def forget(self, held: Held) -> None:
         """Drop a held attempt, unless its key already belongs to a newer claim (see
         `held`): the end of a superseded run must not take the newer run's entry."""
+        if held.running is not None:
+            held.running.end()
         if self.held.get(held.key) is held:
             del self.held[held.key]
 

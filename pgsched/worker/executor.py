@@ -9,8 +9,8 @@ completer records the Outcome with fenced statements (a task's own complete() in
 Invariants: every exception a task raises (BaseException included: a task's
 SystemExit or GeneratorExit, an exception whose __str__ raises), and every value it
 returns (one whose encoding raises included), becomes an Outcome (never escapes); only
-asyncio cancellation propagates, because it means the daemon itself cancelled the job
-(shutdown, lost lease) and must decide what to record; an exception a task raises
+the daemon's asyncio cancellation propagates (shutdown, lost lease: the daemon decides
+what to record); a CancelledError the task raises itself is its failure; an exception a task raises
 while it is being cancelled that way (a failing cleanup) counts as that cancellation.
 Error text is at most ERROR_MAX_CHARS, and it and tracebacks (which the store cuts)
 have NUL and unencodable characters escaped, so PostgreSQL can store them. A result
@@ -30,6 +30,7 @@ unhealthy, because a process full of hung threads needs a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -58,6 +59,8 @@ from ..tasks import Task, get_task
 log = get_logger("pgsched.worker")
 
 ERROR_MAX_CHARS = 2000  # tracebacks are cut by the store (store.TRACEBACK_MAX_CHARS)
+# A task's backoff function is arithmetic: one still running after this is broken.
+BACKOFF_LIMIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -202,8 +205,12 @@ async def _run(job: dict[str, Any], task: Task, threads: TaskThreads) -> Outcome
             return Outcome(ok=False, error=f"timed out after {timeout:g}s",
                            final=not _retried(task, TimeoutError()))
         return _failed(exc, task)
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        if _cancelling():
+            raise
+        # Nobody cancelled the job's task: the task raised it itself. Passed on, it would
+        # read as a shutdown, and the job would stay held (and running) for good.
+        return _failed(exc, task)
     except BaseException as exc:  # SystemExit, GeneratorExit...: the task's failure too
         if _cancelling():
             # The task raised while handling the daemon's cancellation (shutdown, lost
@@ -228,8 +235,9 @@ def result_outcome(result: Any) -> Outcome:
         return Outcome(ok=True, result_json=encode_result(result))
     except InvalidInput as exc:
         return failed(str(exc))
-    except Exception as exc:  # an exception whose str() raises, from a custom container
-        return failed(f"the task's return value could not be encoded: {_describe(exc)}")
+    except BaseException as exc:  # a custom container's items() raising, SystemExit too
+        return failed("the task's return value could not be encoded: "
+                      f"{type(exc).__name__} raised while reading it")
 
 
 _NONE = Outcome(ok=True)  # most tasks return nothing: skip encoding null every time
@@ -251,7 +259,17 @@ def _cancelling() -> bool:
 def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
     """The outcome of an exception: a snooze (Retry), a failure without retries (Fail, or
     an exception outside the task's retry_on) or a failure. Nothing a task put in a Retry
-    or Fail (a NaN delay, a reason whose str() raises) may escape."""
+    or Fail may escape: a delay or reason whose methods raise, even SystemExit or
+    KeyboardInterrupt (escaping the job's asyncio task, those would stop the worker's
+    loop), makes the attempt a plain failure."""
+    try:
+        return _judged(exc, task)
+    except BaseException as bad:
+        return failed(f"{type(exc).__name__} raised by the task could not be read: reading "
+                      f"it raised {type(bad).__name__}")
+
+
+def _judged(exc: BaseException, task: Task | None) -> Outcome:
     if isinstance(exc, Retry):
         try:
             delay = snooze_seconds(getattr(exc, "delay", None))
@@ -271,13 +289,17 @@ def _failed(exc: BaseException, task: Task | None = None) -> Outcome:
 
 
 def _retried(task: Task, exc: BaseException) -> bool:
-    return task.retry_on is None or isinstance(exc, task.retry_on)
+    try:
+        return task.retry_on is None or isinstance(exc, task.retry_on)
+    except BaseException:  # a retry_on class whose __instancecheck__ raises: as if unset
+        return True
 
 
 def _reason(exc: Fail) -> str:
     try:
         reason = getattr(exc, "reason", None)
-        return reason if isinstance(reason, str) and reason else _describe(exc)
+        # A str subclass may override what escaping calls (encode, replace): a plain copy.
+        return str.__str__(reason) if isinstance(reason, str) and reason else _describe(exc)
     except Exception:
         return "Fail: <reason str() failed>"
 
@@ -300,11 +322,47 @@ def task_retry_delay(task_name: str, failures: int, base_seconds: float,
         return retry_delay(failures, base_seconds, max_seconds)
     try:
         delay = task.backoff(failures)
+        if asyncio.iscoroutine(delay):
+            delay.close()  # an async backoff: refused below, without a never-awaited warning
         return snooze_seconds(delay)
     except BaseException as exc:
         log.warning("backoff_invalid", task=task_name, failures=failures, error=_describe(exc),
                     hint="the task's backoff must return seconds (0 to a year); the "
                          "worker's retry_base/max_seconds were used")
+        return retry_delay(failures, base_seconds, max_seconds)
+
+
+async def task_retry_delay_off_loop(task_name: str, failures: int, base_seconds: float,
+                                    max_seconds: float) -> float:
+    """task_retry_delay() with the task's backoff function run in a thread of its own for
+    at most BACKOFF_LIMIT_SECONDS: on the loop, one that sleeps or hangs would stop every
+    heartbeat of the worker (its other jobs would be recovered as orphans, run twice and
+    blamed). Not in the tasks' threads, which busy sync tasks may all hold; a daemon
+    thread, so one that never returns holds up no exit. Past the limit: the default."""
+    task = get_task(task_name)
+    if task is None or task.backoff is None:
+        return retry_delay(failures, base_seconds, max_seconds)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[float] = loop.create_future()
+
+    def answered(delay: float) -> None:
+        if not answer.done():  # not given up on (timed out) meanwhile
+            answer.set_result(delay)
+
+    def compute() -> None:
+        delay = task_retry_delay(task_name, failures, base_seconds, max_seconds)
+        with contextlib.suppress(RuntimeError):  # the loop closed while the backoff ran
+            loop.call_soon_threadsafe(answered, delay)
+
+    threading.Thread(target=compute, name="pgsched-backoff", daemon=True).start()
+    try:
+        async with asyncio.timeout(BACKOFF_LIMIT_SECONDS):
+            return await answer
+    except TimeoutError:
+        log.warning("backoff_invalid", task=task_name, failures=failures,
+                    error=f"the backoff took longer than {BACKOFF_LIMIT_SECONDS:g}s",
+                    hint="the task's backoff must return seconds at once; the worker's "
+                         "retry_base/max_seconds were used")
         return retry_delay(failures, base_seconds, max_seconds)
 
 

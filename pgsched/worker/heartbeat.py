@@ -79,7 +79,11 @@ class Heartbeater:
             await self.ctx.register()  # pruned while we were unreachable: come back
         # Finished jobs too: until their outcome is written (the completer may be backing
         # off) or they are released at shutdown, an expired lease would get them run again.
-        held = [h.key for h in self.ctx.held.values() if not h.lease_lost]
+        # Not a job its task completed itself: the task's open transaction may hold its row
+        # lock (renewing it would wait, and fail the renewal of every other job), and
+        # orphan recovery skips a locked row anyway.
+        held = [h.key for h in self.ctx.held.values()
+                if not h.lease_lost and not h.completed_in_task]
         if held:
             kept = await self.ctx.store.heartbeat_jobs(
                 worker_id=self.ctx.id, held=held, lease_seconds=self.ctx.options.lease_seconds
