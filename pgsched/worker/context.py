@@ -152,6 +152,11 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
+def backoff_delay(attempt: int, cap: float = 10.0) -> float:
+    """How long to wait before retry `attempt` of a database call: doubling, jittered."""
+    return min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+
+
 async def backoff_sleep(attempt: int, cap: float = 10.0,
                         stopping: asyncio.Event | None = None) -> None:
     """Back off before retrying a database call. With `stopping` (the worker's stop
@@ -160,7 +165,7 @@ async def backoff_sleep(attempt: int, cap: float = 10.0,
     `cap`) must not use it up once the database answers again."""
     if stopping is not None and stopping.is_set():
         cap = min(cap, SHUTDOWN_BACKOFF_SECONDS)
-    delay = min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+    delay = backoff_delay(attempt, cap)
     if stopping is None or stopping.is_set():
         await asyncio.sleep(delay)
         return
