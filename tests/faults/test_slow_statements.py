@@ -4,6 +4,8 @@ planner or metrics query at size, a completion stuck on a busy server).
 - Every pooled connection of a worker busy for longer than a lease: heartbeats have a
   connection of their own, so the worker keeps renewing its running job's lease and no
   other worker recovers it.
+- The heartbeat connection killed (pg_terminate_backend) again and again, or the
+  worker's registry row locked: the heartbeater reconnects, renews, and keeps its job.
 - A claim slower than the worker pool's statement_timeout (half a lease) is cancelled
   by the server; the worker logs it, backs off, claims again and carries on.
 """
@@ -150,6 +152,42 @@ async def test_leases_are_renewed_while_the_registry_row_is_locked(
             [locked, LEASE_SECONDS + 1]),
             timeout=BLOCK_SECONDS, what="the lease renewed while the registry row is locked")
         await locker.rollback()
+    do_release()
+    done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
+                            what="the held job completed")
+    assert (done["attempts"], done["recoveries"]) == (1, 0), done["errors"]
+    assert busy.proc.poll() is None and idle.proc.poll() is None
+
+
+async def _heartbeat_backend(sched, killed: set[int]) -> int | None:
+    """The pid of the worker's heartbeat connection (the only one that writes the
+    registry heartbeat or renews leases), once it is not one of those killed."""
+    rows = await query(sched, "SELECT pid FROM pg_stat_activity WHERE application_name = "
+                              "'pgsched-worker' AND (query LIKE '-- Mark this worker alive%%' "
+                              "OR query LIKE '%%Renew the leases%%') AND pid <> ALL(%s)",
+                       [list(killed)])
+    return rows[0]["pid"] if len(rows) == 1 else None
+
+
+async def test_heartbeat_connection_killed_again_and_again_comes_back(
+        sched, pg_dsn, schema, workers, tmp_path):
+    config = _small_pool_config(tmp_path, pg_dsn, schema)
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    await sched.schedule("hold", args=("held", release), job_id="held")
+    busy = workers(config, env=env)
+    await wait_until(lambda: job_if(sched, "held", "running", 1), what="claim")
+    killed: set[int] = set()
+    for _ in range(3):
+        pid = await wait_until(lambda: _heartbeat_backend(sched, killed),
+                               what="a new heartbeat connection")
+        await query(sched, "SELECT pg_terminate_backend(%s)", [pid])
+        killed.add(pid)
+    idle = workers(config, env=env)  # recovers the job if its lease lapses from now on
+    after = (await query(sched, "SELECT clock_timestamp() AS at"))[0]["at"]
+    await wait_until(lambda: query(
+        sched, "SELECT 1 FROM {schema}.jobs WHERE id = 'held' AND attempts = 1 "
+               "AND heartbeat_at > %s", [after]), what="the lease renewed after the kills")
     do_release()
     done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
                             what="the held job completed")
