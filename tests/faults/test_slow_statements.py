@@ -12,8 +12,13 @@ planner or metrics query at size, a completion stuck on a busy server).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import psycopg
-from conftest import wait_until
+from conftest import WorkerProcess, wait_until
 
 from .kit import (
     audit,
@@ -71,14 +76,40 @@ def _small_pool_config(tmp_path, pg_dsn, schema):
     return config
 
 
-async def test_lease_is_renewed_while_every_pool_connection_is_busy(
-        sched, pg_dsn, schema, workers, tmp_path):
+@dataclass
+class HeldJob:
+    """Job `held`, running in the worker `busy` (pool_size = 2) until release()."""
+
+    config: Path
+    env: dict[str, str]
+    busy: WorkerProcess
+    claimed: dict[str, Any]
+    release: Callable[[], None]
+
+    async def completes_once(self, sched, *others: WorkerProcess) -> None:
+        """Released, it completes on its first attempt, never recovered, and no worker
+        died meanwhile."""
+        self.release()
+        done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
+                                what="the held job completed")
+        assert (done["attempts"], done["recoveries"], done["worker_id"]) == \
+            (1, 0, self.claimed["worker_id"]), done["errors"]
+        assert all(w.proc.poll() is None for w in (self.busy, *others))
+
+
+async def hold_a_job(sched, pg_dsn, schema, workers, tmp_path) -> HeldJob:
     config = _small_pool_config(tmp_path, pg_dsn, schema)
     env = audit_env(pg_dsn, schema)
     release, do_release = release_file(tmp_path)
     await sched.schedule("hold", args=("held", release), job_id="held")
     busy = workers(config, env=env)
-    first = await wait_until(lambda: job_if(sched, "held", "running", 1), what="claim")
+    claimed = await wait_until(lambda: job_if(sched, "held", "running", 1), what="claim")
+    return HeldJob(config, env, busy, claimed, do_release)
+
+
+async def test_lease_is_renewed_while_every_pool_connection_is_busy(
+        sched, pg_dsn, schema, workers, tmp_path):
+    held = await hold_a_job(sched, pg_dsn, schema, workers, tmp_path)
     await make_status_changes_slow(sched)
 
     # pool_size = 2: a stuck completion and a stuck claim hold the whole pool.
@@ -88,7 +119,7 @@ async def test_lease_is_renewed_while_every_pool_connection_is_busy(
     await wait_until(lambda: _sleeping_backends(sched, 2), what="the claim stuck too")
     blocked = (await query(sched, "SELECT clock_timestamp() AS at"))[0]["at"]
     # Free to recover the held job the moment its lease lapses.
-    idle = workers(config, env=env)
+    idle = workers(held.config, env=held.env)
 
     await wait_until(lambda: query(
         sched, "SELECT 1 FROM {schema}.jobs WHERE id = 'held' AND status = 'running' "
@@ -99,15 +130,10 @@ async def test_lease_is_renewed_while_every_pool_connection_is_busy(
     await wait_until(lambda: _sleeping_backends(sched), what="the pool still busy")
 
     await stop_slowing(sched)
-    do_release()
-    done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
-                            what="the held job completed")
-    assert (done["attempts"], done["recoveries"], done["worker_id"]) == \
-        (1, 0, first["worker_id"]), done["errors"]
+    await held.completes_once(sched, idle)
     assert check_each_completed_once(
         [j for j in await jobs(sched) if j["id"] == "held"],
         [a for a in await audit(sched) if a["key"] == "held"]).executions == 1
-    assert busy.proc.poll() is None and idle.proc.poll() is None
 
 
 async def test_slow_claim_is_cut_by_the_statement_timeout_and_the_worker_carries_on(
@@ -135,16 +161,11 @@ async def test_leases_are_renewed_while_the_registry_row_is_locked(
     """Someone holds the worker's registry row locked for longer than a lease: the
     registry beat fails after lock_timeout each time, and the job leases are renewed
     anyway, so the job is not recovered."""
-    config = _small_pool_config(tmp_path, pg_dsn, schema)
-    env = audit_env(pg_dsn, schema)
-    release, do_release = release_file(tmp_path)
-    await sched.schedule("hold", args=("held", release), job_id="held")
-    busy = workers(config, env=env)
-    first = await wait_until(lambda: job_if(sched, "held", "running", 1), what="claim")
-    idle = workers(config, env=env)
+    held = await hold_a_job(sched, pg_dsn, schema, workers, tmp_path)
+    idle = workers(held.config, env=held.env)
     async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
         await locker.execute(f'SELECT 1 FROM "{schema}".workers WHERE id = %s FOR UPDATE',
-                             [first["worker_id"]])
+                             [held.claimed["worker_id"]])
         locked = (await query(sched, "SELECT clock_timestamp() AS at"))[0]["at"]
         await wait_until(lambda: query(
             sched, "SELECT 1 FROM {schema}.jobs WHERE id = 'held' AND attempts = 1 "
@@ -152,11 +173,7 @@ async def test_leases_are_renewed_while_the_registry_row_is_locked(
             [locked, LEASE_SECONDS + 1]),
             timeout=BLOCK_SECONDS, what="the lease renewed while the registry row is locked")
         await locker.rollback()
-    do_release()
-    done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
-                            what="the held job completed")
-    assert (done["attempts"], done["recoveries"]) == (1, 0), done["errors"]
-    assert busy.proc.poll() is None and idle.proc.poll() is None
+    await held.completes_once(sched, idle)
 
 
 async def _heartbeat_backend(sched, killed: set[int]) -> int | None:
@@ -171,25 +188,16 @@ async def _heartbeat_backend(sched, killed: set[int]) -> int | None:
 
 async def test_heartbeat_connection_killed_again_and_again_comes_back(
         sched, pg_dsn, schema, workers, tmp_path):
-    config = _small_pool_config(tmp_path, pg_dsn, schema)
-    env = audit_env(pg_dsn, schema)
-    release, do_release = release_file(tmp_path)
-    await sched.schedule("hold", args=("held", release), job_id="held")
-    busy = workers(config, env=env)
-    await wait_until(lambda: job_if(sched, "held", "running", 1), what="claim")
+    held = await hold_a_job(sched, pg_dsn, schema, workers, tmp_path)
     killed: set[int] = set()
     for _ in range(3):
         pid = await wait_until(lambda: _heartbeat_backend(sched, killed),
                                what="a new heartbeat connection")
         await query(sched, "SELECT pg_terminate_backend(%s)", [pid])
         killed.add(pid)
-    idle = workers(config, env=env)  # recovers the job if its lease lapses from now on
+    idle = workers(held.config, env=held.env)  # recovers the job if its lease lapses from now on
     after = (await query(sched, "SELECT clock_timestamp() AS at"))[0]["at"]
     await wait_until(lambda: query(
         sched, "SELECT 1 FROM {schema}.jobs WHERE id = 'held' AND attempts = 1 "
                "AND heartbeat_at > %s", [after]), what="the lease renewed after the kills")
-    do_release()
-    done = await wait_until(lambda: job_if(sched, "held", "completed"), timeout=60,
-                            what="the held job completed")
-    assert (done["attempts"], done["recoveries"]) == (1, 0), done["errors"]
-    assert busy.proc.poll() is None and idle.proc.poll() is None
+    await held.completes_once(sched, idle)
