@@ -1157,9 +1157,19 @@ def _loads_json(data: str | bytes) -> Any:
         return UNREADABLE_JSON
 
 
+# TCP keepalives of the LISTEN connection, which only ever reads: without them a server
+# or network gone silent (no reset sent: a host power loss, a dropped route) would leave
+# it waiting for ever, deaf to wake-ups; with them the read fails within about a minute
+# and the listener reconnects. Settings in the DSN win.
+LISTEN_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3"}
+
+
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    options: dict[str, Any] = _application_name(dsn, application_name)
+    given = conninfo_to_dict(dsn)
+    options: dict[str, Any] = {**_application_name(dsn, application_name),
+                               **{k: v for k, v in LISTEN_KEEPALIVES.items() if k not in given}}
     return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **options)
 
 

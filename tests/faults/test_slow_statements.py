@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 from conftest import WorkerProcess, wait_until
 
+from pgsched.store import connect
+
 from .kit import (
     audit,
     audit_env,
@@ -201,3 +203,15 @@ async def test_heartbeat_connection_killed_again_and_again_comes_back(
         sched, "SELECT 1 FROM {schema}.jobs WHERE id = 'held' AND attempts = 1 "
                "AND heartbeat_at > %s", [after]), what="the lease renewed after the kills")
     await held.completes_once(sched, idle)
+
+
+async def test_listen_connection_has_tcp_keepalives_unless_the_dsn_sets_them(pg_dsn):
+    """A LISTEN connection only reads: keepalives make a silent peer fail the read."""
+    given = psycopg.conninfo.make_conninfo(pg_dsn, keepalives_idle="7")
+    for dsn, idle in ((pg_dsn, "30"), (given, "7")):
+        conn = await connect(dsn)
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(conn.info.dsn)
+        finally:
+            await conn.close()
+        assert (params.get("keepalives"), params.get("keepalives_idle")) == ("1", idle), params
