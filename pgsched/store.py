@@ -1031,38 +1031,6 @@ class OneConnection:
         yield self.conn
 
 
-class DedicatedConnection:
-    """One connection lent as a pool lends them, opened on first use and opened again
-    after it is lost: the heartbeater's (Store.own_connection). A connection given back
-    broken, or not idle (a statement cancelled by a client-side timeout may still run on
-    the server), is closed, so the next use starts on a clean session. Not for
-    concurrent use: one service owns it; close() when done."""
-
-    def __init__(self, conninfo: str, kwargs: dict[str, Any]):
-        self._conninfo = conninfo
-        # Autocommit whatever a borrowed pool says: nothing here may hold a transaction.
-        self._kwargs = {**kwargs, "autocommit": True}
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self._conn is None:
-            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
-            await _configure(conn)
-            self._conn = conn
-        conn = self._conn
-        try:
-            yield conn
-        finally:
-            if conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                await self.close()
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
-
-
 async def open_connection(
     dsn: str, *, application_name: str = "pgsched",
     lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
@@ -1127,6 +1095,38 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     """
     conn.adapters.register_dumper(list, ListBinaryDumper)
     set_json_loads(_loads_json, conn)
+
+
+class DedicatedConnection:
+    """One connection lent as a pool lends them, opened on first use and opened again
+    after it is lost: the heartbeater's (Store.own_connection). A connection given back
+    broken, or not idle (a statement cancelled by a client-side timeout may still run on
+    the server), is closed, so the next use starts on a clean session. Not for
+    concurrent use: one service owns it; close() when done."""
+
+    def __init__(self, conninfo: str, kwargs: dict[str, Any]):
+        self._conninfo = conninfo
+        # Autocommit whatever a borrowed pool says: nothing here may hold a transaction.
+        self._kwargs = {**kwargs, "autocommit": True}
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._conn is None:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+            await _configure(conn)
+            self._conn = conn
+        conn = self._conn
+        try:
+            yield conn
+        finally:
+            if conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
 
 async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
