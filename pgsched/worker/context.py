@@ -195,7 +195,8 @@ class WorkerContext:
         self.executing = 0
         self.threads = TaskThreads(options.concurrency)
         self.completions: asyncio.Queue[Completion] = asyncio.Queue()
-        self.wake = asyncio.Event()  # the fetcher: claim (or recompute its sleep) now
+        self.wake = asyncio.Event()  # the fetcher: claim now
+        self.retime = asyncio.Event()  # the fetcher: the timer moved, recompute the sleep
         self.beat_now = asyncio.Event()  # a cancel request: heartbeat without waiting
         self.plan_now = asyncio.Event()  # a schedule changed: the planner looks again
         self.stop_requested = asyncio.Event()  # stop() or kill(): the fetcher stops claiming
@@ -307,7 +308,9 @@ class WorkerContext:
             self.noted_deadline = deadline
         if self.next_due_deadline is None or deadline < self.next_due_deadline:
             self.next_due_deadline = deadline
-            self.wake.set()  # the fetcher recomputes its sleep; it claims only if due
+            # Not a wake-up: the fetcher recomputes its sleep and claims when the timer
+            # ends. Every worker hears every NOTIFY; a claim now would find nothing due.
+            self.retime.set()
 
     def _wake_budget(self, now: float) -> float:
         """Take a token for a wake-up now: 0.0 if there was one, else how long until the
