@@ -50,6 +50,7 @@ from .store import (
     connect,
     lock_timeout_for,
     open_pool,
+    statement_timeout_for,
 )
 from .tasks import JobPriority, check_max_retries, get_task, task_name_of
 
@@ -329,6 +330,8 @@ class Scheduler:
                         application_name=self.application_name,
                         lock_timeout_seconds=LOCK_TIMEOUT_SECONDS if self.options is None
                         else lock_timeout_for(self.options.lease_seconds),
+                        statement_timeout_seconds=None if self.options is None
+                        else statement_timeout_for(self.options.lease_seconds),
                         prepare_threshold=self._prepare_threshold)
                 except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
                     raise cannot_connect(exc) from exc

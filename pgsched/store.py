@@ -14,7 +14,9 @@ Invariants:
 - attempts, the fencing token, never goes down for a job id (replace and retry keep it).
 - Every pool connection waits at most LOCK_TIMEOUT_SECONDS (or a quarter of the lease)
   for a lock, so a table lock turns into errors the loops retry, never into hung
-  connections that starve the worker's registry heartbeat (docs/delivery.md).
+  connections that starve the worker's registry heartbeat (docs/delivery.md). A worker's
+  pool also cuts any statement at half a lease (statement_timeout_for): claims,
+  completions and renewals are retried in time to keep the leases they serve.
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
@@ -31,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib.resources
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -246,14 +249,37 @@ class Store:
     # -- helpers -------------------------------------------------------------------------
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
+        async with (_USING.get() or self.pool).connection() as conn:
             cur = await conn.cursor(row_factory=dict_row).execute(self._q[name], params)
             return await cur.fetchall()
 
     async def _rowcount(self, name: str, params: dict[str, Any]) -> int:
-        async with self.pool.connection() as conn:
+        async with (_USING.get() or self.pool).connection() as conn:
             cur = await conn.execute(self._q[name], params)
             return cur.rowcount
+
+    @staticmethod
+    @contextlib.contextmanager
+    def using(connections: Connections | None) -> Iterator[None]:
+        """Within this block, and in the calling task only, queries borrow from
+        `connections` (None: the pool) instead of the pool: the heartbeater's own
+        connection, without a second Store (so a subclass's methods stay in the path)."""
+        token = _USING.set(connections)
+        try:
+            yield
+        finally:
+            _USING.reset(token)
+
+    def own_connection(self) -> DedicatedConnection | None:
+        """A connection of its own, set up as the pool's (same server, session options
+        and adapters), for a service that must never wait behind the pool's slow work.
+        None when the pool cannot say how it connects (OneConnection, a conninfo
+        function): that service then shares the pool."""
+        conninfo = getattr(self.pool, "conninfo", None)
+        kwargs = getattr(self.pool, "kwargs", None)
+        if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
+            return None
+        return DedicatedConnection(conninfo, kwargs)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -280,8 +306,10 @@ class Store:
         async with self.pool.connection() as conn:
             try:
                 # Migrations wait for their locks as long as it takes (another run's index
-                # build, a long transaction): the pool's lock_timeout is for the hot paths.
+                # build, a long transaction), and an index build runs as long as it takes:
+                # the pool's lock_timeout and statement_timeout are for the hot paths.
                 await conn.execute("SET lock_timeout = 0")
+                await conn.execute("SET statement_timeout = 0")
                 await self._lock_migrations(conn)
                 return await self._migrate_locked(conn, target, roles)
             finally:
@@ -292,6 +320,7 @@ class Store:
                         "SELECT pg_advisory_unlock(hashtext('pgsched.migrate.' || %s))",
                         [self.schema])
                     await conn.execute("RESET lock_timeout")
+                    await conn.execute("RESET statement_timeout")
 
     async def _lock_migrations(self, conn: psycopg.AsyncConnection) -> None:
         """Take the schema's migration lock (hashtext of its name: migrations of different
@@ -524,7 +553,9 @@ class Store:
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float
     ) -> dict[tuple[str, int], bool]:
-        """Renew leases; returns {(id, attempt) still held: whether a cancel was requested}."""
+        """Renew leases; returns {(id, attempt) still held: whether a cancel was requested}.
+        A row locked by another write is left unrenewed for the next beat and counts as
+        held (sql/queries.sql)."""
         if not held:
             return {}
         rows = await self._rows(
@@ -1202,6 +1233,14 @@ def lock_timeout_for(lease_seconds: float) -> float:
     return min(LOCK_TIMEOUT_SECONDS, lease_seconds / 4)
 
 
+def statement_timeout_for(lease_seconds: float) -> float:
+    """The statement_timeout of a worker's pool: half its lease. A claim, completion or
+    lease renewal that has run that long is cancelled (an error its loop backs off from
+    and retries) while the leases it serves still have time left; maintenance batches are
+    bounded the same way, migrations are not (Store.migrate). docs/operations.md."""
+    return lease_seconds / 2
+
+
 class Connections(Protocol):
     """Where a Store borrows its connections: an AsyncConnectionPool, or OneConnection."""
 
@@ -1232,12 +1271,13 @@ def cannot_connect(exc: Exception) -> DatabaseUnavailable:
 async def open_connection(
     dsn: str, *, application_name: str = "pgsched",
     lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
+    statement_timeout_seconds: float | None = None,
 ) -> psycopg.AsyncConnection[Any]:
     """One connection set up as open_pool sets up each of its own; it fails the same ways."""
     check_dsn(dsn)
     conn = await psycopg.AsyncConnection.connect(
         dsn, **_connection_options(dsn, application_name, lock_timeout_seconds,
-                                   prepare_threshold))
+                                   prepare_threshold, statement_timeout_seconds))
     await _configure(conn)
     return conn
 
@@ -1245,13 +1285,15 @@ async def open_connection(
 async def open_pool(
     dsn: str, *, max_size: int = 4, min_size: int = 1, application_name: str = "pgsched",
     lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS, prepare_threshold: int | None = 5,
+    statement_timeout_seconds: float | None = None,
 ) -> AsyncConnectionPool:
     """An opened pool. Raises InvalidInput for a DSN that cannot be parsed, and
     psycopg.OperationalError with the server's reason if it cannot be reached.
 
     application_name shows in pg_stat_activity, so an operator can tell a worker's
     connections from a web app's that only enqueues. Every connection waits at most
-    lock_timeout_seconds for a lock (a session default, so RESET returns to it).
+    lock_timeout_seconds for a lock (a session default, so RESET returns to it), and
+    with statement_timeout_seconds (a worker's pool) any statement is cut after it.
     prepare_threshold is psycopg's: None never prepares a statement, which a
     transaction pooler that hands each transaction another server connection needs.
     """
@@ -1259,7 +1301,7 @@ async def open_pool(
 
     check_dsn(dsn)
     kwargs = _connection_options(dsn, application_name, lock_timeout_seconds,
-                                 prepare_threshold)
+                                 prepare_threshold, statement_timeout_seconds)
     # One plain connection first: an unreachable server or a refused login fails now with
     # libpq's reason, not after the pool's ten seconds of retries ending in a timeout.
     probe = await psycopg.AsyncConnection.connect(dsn, **kwargs)
@@ -1273,10 +1315,11 @@ async def open_pool(
 
 
 def _connection_options(dsn: str, application_name: str, lock_timeout_seconds: float,
-                        prepare_threshold: int | None) -> dict[str, Any]:
+                        prepare_threshold: int | None,
+                        statement_timeout_seconds: float | None = None) -> dict[str, Any]:
     return {"autocommit": True, "prepare_threshold": prepare_threshold,
             **_application_name(dsn, application_name),
-            **_session_options(dsn, lock_timeout_seconds)}
+            **_session_options(dsn, lock_timeout_seconds, statement_timeout_seconds)}
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
@@ -1289,6 +1332,38 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     """
     conn.adapters.register_dumper(list, ListBinaryDumper)
     set_json_loads(_loads_json, conn)
+
+
+class DedicatedConnection:
+    """One connection lent as a pool lends them, opened on first use and opened again
+    after it is lost: the heartbeater's (Store.own_connection). A connection given back
+    broken, or not idle (a statement cancelled by a client-side timeout may still run on
+    the server), is closed, so the next use starts on a clean session. Not for
+    concurrent use: one service owns it; close() when done."""
+
+    def __init__(self, conninfo: str, kwargs: dict[str, Any]):
+        self._conninfo = conninfo
+        # Autocommit whatever a borrowed pool says: nothing here may hold a transaction.
+        self._kwargs = {**kwargs, "autocommit": True}
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self._conn is None:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+            await _configure(conn)
+            self._conn = conn
+        conn = self._conn
+        try:
+            yield conn
+        finally:
+            if conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
 
 
 async def _one(cur: psycopg.AsyncCursor[Any]) -> Any:
@@ -1319,17 +1394,39 @@ def _loads_json(data: str | bytes) -> Any:
         return UNREADABLE_JSON
 
 
+# TCP keepalives of the LISTEN connection, which only ever reads: without them a server
+# or network gone silent (no reset sent: a host power loss, a dropped route) would leave
+# it waiting for ever, deaf to wake-ups; with them the read fails within about a minute
+# and the listener reconnects. Settings in the DSN win.
+LISTEN_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3"}
+
+
 async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncConnection:
     """A dedicated autocommit connection (the LISTEN connection)."""
-    options: dict[str, Any] = _application_name(dsn, application_name)
+    given = conninfo_to_dict(dsn)
+    options: dict[str, Any] = {**_application_name(dsn, application_name),
+                               **{k: v for k, v in LISTEN_KEEPALIVES.items() if k not in given}}
     return await psycopg.AsyncConnection.connect(dsn, autocommit=True, **options)
 
 
-def _session_options(dsn: str, lock_timeout_seconds: float) -> dict[str, str]:
-    """libpq `options` with our lock_timeout after the DSN's own options (those stay)."""
+# The connections that Store.using lends to the queries of one task.
+_USING: contextvars.ContextVar[Connections | None] = contextvars.ContextVar(
+    "pgsched_store_using", default=None)
+
+
+def _session_options(dsn: str, lock_timeout_seconds: float,
+                     statement_timeout_seconds: float | None = None) -> dict[str, str]:
+    """libpq `options` with our timeouts after the DSN's own options (those stay)."""
     given = conninfo_to_dict(dsn).get("options") or ""
-    ours = f"-c lock_timeout={max(1, round(lock_timeout_seconds * 1000))}"
+    ours = f"-c lock_timeout={_milliseconds(lock_timeout_seconds)}"
+    if statement_timeout_seconds is not None:
+        ours += f" -c statement_timeout={_milliseconds(statement_timeout_seconds)}"
     return {"options": f"{given} {ours}".strip()}
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _application_name(dsn: str, default: str) -> dict[str, str]:

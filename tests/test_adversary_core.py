@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import wait_until
+from conftest import fast_options, wait_until
 from test_worker_core import ended, start, stop
 
 from pgsched import Scheduler, task
@@ -281,9 +281,19 @@ async def adv_returns_too_long_for_jsonb() -> str:
     return "x" * 2**28  # one character more than a jsonb string holds (54000)
 
 
-async def test_result_over_postgres_size_limit_fails_that_job_and_others_are_recorded(sched):
-    # Encoding 256 MB blocks the loop for seconds: a lease long enough to outlast it.
-    worker, runner = await start(sched, lease_seconds=120, heartbeat_seconds=1)
+async def test_result_over_postgres_size_limit_fails_that_job_and_others_are_recorded(
+        pg_dsn, schema):
+    # Encoding 256 MB blocks the loop for seconds: a lease long enough to outlast it, and
+    # a pool made for that lease (its statement_timeout is half of it: the server takes
+    # seconds to refuse the value).
+    options = dict(lease_seconds=120, heartbeat_seconds=1)
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options(**options)) as sched:
+        await sched.migrate()
+        await _result_over_size_limit(sched, options)
+
+
+async def _result_over_size_limit(sched: Scheduler, options: dict[str, Any]) -> None:
+    worker, runner = await start(sched, **options)
     try:
         big = await sched.schedule("adv_returns_too_long_for_jsonb")
         row = await wait_until(lambda: ended(sched, big), timeout=60, what="big result recorded")

@@ -14,7 +14,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -348,5 +348,24 @@ async def test_notify_flood_costs_a_bounded_number_of_claims(sched, pg_dsn):
         budget = NOTIFY_WAKE_BURST + elapsed * NOTIFY_WAKE_RATE + 2
         assert claims <= budget, (claims, round(elapsed, 2), budget)
         assert claims >= 1  # the first notification is still served at once
+    finally:
+        await stop(worker, runner)
+
+
+async def test_notification_of_a_job_due_later_sets_the_timer_without_a_claim(sched):
+    """Every enqueue's NOTIFY reaches every worker: one for a job due later must only
+    move the timer. A claim on it finds nothing (the herd's empty claims), on each worker."""
+    store = ObservedStore(sched.store)
+    worker, runner = await start(sched, store, poll_seconds=30)
+    try:
+        await wait_until(lambda: worker.ready.is_set(), what="worker ready")
+        before = store.claims
+        due = datetime.now(UTC) + timedelta(seconds=1.5)
+        job = await sched.schedule("add", args=(1, 2), execution_time=due)
+        await asyncio.sleep(0.5)
+        assert store.claims == before, "a claim before the job was due"
+        row = await wait_until(lambda: ended(sched, job), what="the job run when due")
+        assert row["result"] == 3
+        assert store.claims - before <= 2  # the timer's claim (one more if it came early)
     finally:
         await stop(worker, runner)

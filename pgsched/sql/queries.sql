@@ -179,13 +179,32 @@ FROM next_due n LEFT JOIN claimed ON true;
 -- missed): any pair missing from the result was lost (recovered or replaced) and must
 -- stop. The lease ends a lease after the write, not after the transaction began: a
 -- heartbeat that waited behind a table lock must not commit a lease that is already over.
-UPDATE {schema}.jobs AS j SET
-    lease_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
-    heartbeat_at = clock_timestamp()
-FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
-WHERE j.id = h.id AND j.attempts = h.attempt
-  AND j.worker_id = %(worker_id)s AND j.status = 'running'
-RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL AS cancel_requested;
+-- A row another transaction holds locked (its outcome or release being written, a cancel
+-- request) is skipped, not waited for: one slow write must not hold up the renewal of
+-- every other lease. It comes back unrenewed, as still held by what this statement saw
+-- (cancel_requested false); the next beat tries it again and tells if it was lost.
+WITH renewable AS (
+    SELECT j.id FROM {schema}.jobs AS j
+    JOIN unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
+        ON j.id = h.id AND j.attempts = h.attempt
+    WHERE j.worker_id = %(worker_id)s AND j.status = 'running'
+    FOR UPDATE OF j SKIP LOCKED
+),
+renewed AS (
+    UPDATE {schema}.jobs AS j SET
+        lease_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+        heartbeat_at = clock_timestamp()
+    FROM renewable r
+    WHERE j.id = r.id
+    RETURNING j.id, j.attempts, j.cancel_requested_at IS NOT NULL AS cancel_requested
+)
+SELECT id, attempts, cancel_requested FROM renewed
+UNION ALL
+SELECT j.id, j.attempts, false FROM {schema}.jobs AS j
+JOIN unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
+    ON j.id = h.id AND j.attempts = h.attempt
+WHERE j.worker_id = %(worker_id)s AND j.status = 'running'
+  AND j.id NOT IN (SELECT id FROM renewed);
 
 -- name: complete_jobs
 -- Record successful attempts in one statement. Fenced on owner, attempt and status, so a

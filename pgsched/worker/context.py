@@ -164,6 +164,11 @@ def raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
+def backoff_delay(attempt: int, cap: float = 10.0) -> float:
+    """How long to wait before retry `attempt` of a database call: doubling, jittered."""
+    return min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+
+
 async def backoff_sleep(attempt: int, cap: float = 10.0,
                         stopping: asyncio.Event | None = None) -> None:
     """Back off before retrying a database call. With `stopping` (the worker's stop
@@ -172,7 +177,7 @@ async def backoff_sleep(attempt: int, cap: float = 10.0,
     `cap`) must not use it up once the database answers again."""
     if stopping is not None and stopping.is_set():
         cap = min(cap, SHUTDOWN_BACKOFF_SECONDS)
-    delay = min(cap, 0.1 * 2**min(attempt, 10)) * random.uniform(0.5, 1.0)
+    delay = backoff_delay(attempt, cap)
     if stopping is None or stopping.is_set():
         await asyncio.sleep(delay)
         return
@@ -202,7 +207,8 @@ class WorkerContext:
         self.executing = 0
         self.threads = TaskThreads(options.concurrency)
         self.completions: asyncio.Queue[Completion] = asyncio.Queue()
-        self.wake = asyncio.Event()  # the fetcher: claim (or recompute its sleep) now
+        self.wake = asyncio.Event()  # the fetcher: claim now
+        self.retime = asyncio.Event()  # the fetcher: the timer moved, recompute the sleep
         self.beat_now = asyncio.Event()  # a cancel request: heartbeat without waiting
         self.plan_now = asyncio.Event()  # a schedule changed: the planner looks again
         self.stop_requested = asyncio.Event()  # stop() or kill(): the fetcher stops claiming
@@ -316,7 +322,9 @@ class WorkerContext:
             self.noted_deadline = deadline
         if self.next_due_deadline is None or deadline < self.next_due_deadline:
             self.next_due_deadline = deadline
-            self.wake.set()  # the fetcher recomputes its sleep; it claims only if due
+            # Not a wake-up: the fetcher recomputes its sleep and claims when the timer
+            # ends. Every worker hears every NOTIFY; a claim now would find nothing due.
+            self.retime.set()
 
     def _wake_budget(self, now: float) -> float:
         """Take a token for a wake-up now: 0.0 if there was one, else how long until the

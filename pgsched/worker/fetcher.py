@@ -11,6 +11,9 @@ Invariants:
   wake-up arrives (never on a due time it cannot act on).
 - Wake-ups are cleared before the claim, so one that arrives during it is not lost, and
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
+- A timer moved by note_due (`retime`: a notification of a job due later, or of one due
+  now past the notification budget) only shortens the sleep: no claim before its time.
+  Every worker hears every enqueue's NOTIFY, so such a claim was an empty one on each.
 - Queues: it claims from `options.queues` (None: every queue) except paused ones, and
   at most `queue_concurrency[q]` jobs of queue q at once.
 - Claiming attempt n of a job proves every earlier attempt lost its lease: those runs
@@ -27,7 +30,6 @@ here: shutdown releases what is still held.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from typing import Any
@@ -87,13 +89,30 @@ class Fetcher:
             # With every slot busy, a freed slot is the next reason to claim.
             ctx.slot_freed_wakes = free <= 0 or ctx.options.burst or saturated(
                 self._queue_limits, self._running_by_queue(), ctx.options.queues)
-            timeout = ctx.options.poll_seconds
+            await self._sleep(free, loop.time() + ctx.options.poll_seconds)
+
+    async def _sleep(self, free: int, poll_at: float) -> None:
+        """Until a wake-up, the timer or the safety poll; a moved timer (`retime`) only
+        recomputes how long."""
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        while True:
+            ctx.retime.clear()
+            until = poll_at
             # A busy worker cannot claim, so a due time is no reason to wake: only a freed
             # slot or a wake-up is (the due time may also be long past: not refreshed).
             if free > 0 and ctx.next_due_deadline is not None:
-                timeout = min(timeout, max(0.0, ctx.next_due_deadline - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.wake.wait(), timeout)
+                until = min(until, ctx.next_due_deadline)
+            waits = [asyncio.ensure_future(ctx.wake.wait()),
+                     asyncio.ensure_future(ctx.retime.wait())]
+            try:
+                await asyncio.wait(waits, timeout=max(0.0, until - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if ctx.wake.is_set() or not ctx.retime.is_set():
+                return
 
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog

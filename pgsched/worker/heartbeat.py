@@ -14,23 +14,36 @@ Invariants:
   the fallback).
 - Beats come every heartbeat interval less up to 10% jitter, so replicas spread out.
 
-Failure: a beat that fails with a connection error is logged (`db_unavailable`) and the
-next beat tries again; last_db_ok (read by /healthz) is not moved on. A lease renewal
-stuck behind a table lock fails after the pool's lock_timeout.
+- Beats never wait behind the pool's slow work (claims, completions, vacuum, planner and
+  metrics queries): they run on a connection of their own (store.DedicatedConnection),
+  set up as the pool's, so one more server connection per worker.
+
+Failure: a beat that fails with a connection error, or takes longer than a third of the
+lease (BEAT_TIMEOUT_LEASES: a server that stopped answering, a network black hole), is
+logged (`db_unavailable`); its connection is dropped if it was left broken or busy, and
+the next beat reconnects after the usual backoff (at most a heartbeat interval).
+last_db_ok (read by /healthz) is not moved on. A lease renewal stuck behind a table lock
+fails after the session's lock_timeout, which is shorter still.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from ..logs import get_logger
-from .context import DB_ERRORS, WorkerContext
+from .context import DB_ERRORS, WorkerContext, backoff_delay
 
 log = get_logger("pgsched.worker")
 # 'cancel:<worker id>' makes the heartbeat come at once, but at most once per this gap: a
 # flood of them (any role may send it) must not turn the heartbeater into a busy loop.
 CANCEL_BEAT_MIN_GAP_SECONDS = 0.1
+# A beat still unanswered after this fraction of the lease is abandoned and retried on a
+# new connection: two more tries still fit in the lease it is renewing. Longer than the
+# session's lock_timeout (a quarter of the lease at most), so a lock wait fails first,
+# on the server, and the connection is kept.
+BEAT_TIMEOUT_LEASES = 1 / 3
 
 
 class Heartbeater:
@@ -38,19 +51,32 @@ class Heartbeater:
         self.ctx = ctx
 
     async def run(self) -> None:
+        own = self.ctx.store.own_connection()
+        try:
+            with self.ctx.store.using(own):
+                await self._beat()
+        finally:
+            if own is not None:
+                with contextlib.suppress(*DB_ERRORS):
+                    await own.close()
+
+    async def _beat(self) -> None:
         interval = self.ctx.options.heartbeat_seconds
+        timeout = self.ctx.options.lease_seconds * BEAT_TIMEOUT_LEASES
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            planned = loop.time() + interval * random.uniform(0.9, 1.0)
-            if await self._until_next_beat(planned - loop.time()):
+            pause = (interval * random.uniform(0.9, 1.0) if failures == 0
+                     else backoff_delay(failures, cap=interval))
+            if await self._until_next_beat(pause):
                 return
             self.ctx.systemd.watchdog()
             try:
-                await self.run_once()
+                async with asyncio.timeout(timeout):
+                    await self.run_once()
                 self.ctx.last_db_ok = loop.time()
                 failures = 0
-            except DB_ERRORS as exc:
+            except (*DB_ERRORS, TimeoutError) as exc:
                 self.ctx.db_error("heartbeat", exc, failures)
                 failures += 1
             if await self.ctx.sleep_or_close(CANCEL_BEAT_MIN_GAP_SECONDS):
@@ -74,9 +100,15 @@ class Heartbeater:
         # The registry first, and never behind the job leases: orphan recovery spares the
         # jobs of a worker alive by this heartbeat, and the workers table is one that job
         # DDL does not lock. A lease renewal stuck behind a table lock fails after the
-        # pool's lock_timeout, and the next beat writes the registry again.
-        if not await self.ctx.store.heartbeat_worker(self.ctx.id):
-            await self.ctx.register()  # pruned while we were unreachable: come back
+        # pool's lock_timeout, and the next beat writes the registry again. A registry
+        # write that fails (its row locked by someone, a lost connection) does not stop
+        # the renewal, which skips locked rows and reconnects: kept leases keep the jobs.
+        registry_failed: BaseException | None = None
+        try:
+            if not await self.ctx.store.heartbeat_worker(self.ctx.id):
+                await self.ctx.register()  # pruned while we were unreachable: come back
+        except DB_ERRORS as exc:
+            registry_failed = exc
         # Finished jobs too: until their outcome is written (the completer may be backing
         # off) or they are released at shutdown, an expired lease would get them run again.
         # Not a job its task completed itself: the task's open transaction may hold its row
@@ -103,3 +135,5 @@ class Heartbeater:
                         h.task.cancel()
                 elif key not in kept and not h.completed_in_task:
                     self.ctx.lease_lost(h)
+        if registry_failed is not None:
+            raise registry_failed

@@ -13,7 +13,10 @@ Invariants:
   while the connection is up.
 
 Failure: a lost connection is logged (`db_unavailable`), counted, and reconnected with
-backoff; `listener_reconnected` when it is back. It returns once the worker is closing.
+backoff; `listener_reconnected` when it is back. The connection has TCP keepalives
+(store.LISTEN_KEEPALIVES): a server or network gone silent fails the read within about a
+minute instead of leaving the listener deaf (the fetcher's safety poll covers the gap).
+It returns once the worker is closing.
 """
 
 from __future__ import annotations
