@@ -1,0 +1,78 @@
+"""Adversarial tests of issue 13's claim and planner features (dependencies, global
+limits, unique jobs) against a real PostgreSQL: the cases the feature tests did not try.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+from test_dependencies import claim, complete, status
+
+from pgsched.store import Store, open_pool
+
+
+async def test_a_completed_dependency_vacuumed_while_its_dependent_waits_still_counts(sched):
+    """c waits for a (completed long ago) and b (still to run). Vacuuming a must not turn
+    "a completed" into "a no longer exists": c is released when b completes."""
+    a = await sched.schedule("noop", job_id="a")
+    await complete(sched.store, (await claim(sched.store))[0])
+    b = await sched.schedule("noop", job_id="b")
+    c = await sched.schedule("noop", job_id="c", depends_on=[a, b])
+    assert await sched.store.count_vacuumable(status="completed", older_than_seconds=-1) == 0
+    assert await sched.store.vacuum_jobs(status="completed", older_than_seconds=-1,
+                                         limit=10) == 0
+    await complete(sched.store, (await claim(sched.store))[0])
+    assert (await sched.get_job(b))["status"] == "completed"
+    assert await status(sched, c) == "pending", (await sched.get_job(c))["last_error"]
+    assert [j["id"] for j in await claim(sched.store)] == [c]
+    assert await sched.store.vacuum_jobs(status="completed", older_than_seconds=-1,
+                                         limit=10) == 2  # a and b, once c no longer waits
+
+
+@pytest.mark.parametrize("x_deps", [("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")])
+async def test_completion_batches_settling_shared_dependents_in_opposite_orders(
+        sched, pg_dsn, schema, x_deps):
+    """Worker one completes [a, b] in one batch, worker two [c, d]. The xs wait for one
+    job of each batch, the ys for the other two: when the first batch's triggers lock the
+    xs then the ys and the second's the ys then the xs, both batches must still be
+    recorded; PostgreSQL's deadlock detector aborted one of them (DeadlockDetected, which
+    the worker took for the database being unavailable and retried after a back-off).
+    The trigger order within a batch follows the rows' physical order, so each of the
+    four ways of sharing the dependents is tried. A third connection holding x0 lines
+    the two batches up."""
+    width = 10
+    for dep in "abcd":
+        await sched.schedule("noop", job_id=dep)
+    claimed = {j["id"]: j for j in await claim(sched.store, worker="w")}
+    assert claimed.keys() == set("abcd")
+    # Marked as awaited in this order, the rows of a and d move behind b and c.
+    await sched.schedule("noop", job_id="z1", depends_on=["a"])
+    await sched.schedule("noop", job_id="z2", depends_on=["d"])
+    y_deps = [d for d in "abcd" if d not in x_deps]
+    for i in range(width):
+        await sched.schedule("noop", job_id=f"x{i}", depends_on=list(x_deps))
+        await sched.schedule("noop", job_id=f"y{i}", depends_on=y_deps)
+    stores = [Store(await open_pool(pg_dsn), schema=schema) for _ in range(2)]
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as gate:
+            await gate.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                               ["x0"])
+            first = asyncio.create_task(stores[0].complete_jobs(worker_id="w", done=[
+                (i, claimed[i]["attempts"], "null") for i in "ab"]))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(stores[1].complete_jobs(worker_id="w", done=[
+                (i, claimed[i]["attempts"], "null") for i in "cd"]))
+            await asyncio.sleep(0.3)
+            await gate.rollback()
+            results = await asyncio.gather(first, second, return_exceptions=True)
+    finally:
+        for store in stores:
+            await store.pool.close()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        cur = await conn.execute(
+            f'SELECT count(*) FROM "{schema}".jobs WHERE due_after_dependencies IS NULL '
+            "AND status = 'pending'")
+        assert (await cur.fetchone())[0] == 2 * width + 2
