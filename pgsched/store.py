@@ -250,6 +250,23 @@ class Store:
             cur = await conn.cursor(row_factory=dict_row).execute(self._q[name], params)
             return await cur.fetchall()
 
+    async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
+                                   attempts: int = 5) -> list[dict[str, Any]]:
+        """_rows for a statement that locks rows in an order it does not choose, on the
+        pool's autocommit connections: the rows of a batch of jobs from many workers, or
+        the dependents its trigger settles for each job it ends (two completion batches
+        can settle shared dependents in opposite orders). PostgreSQL breaks a deadlock by
+        aborting one statement, which then wrote nothing: running it again is running it
+        once. Raises DeadlockDetected after `attempts` aborts."""
+        failed = 0
+        while True:
+            try:
+                return await self._rows(name, params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
+
     async def _rowcount(self, name: str, params: dict[str, Any]) -> int:
         async with self.pool.connection() as conn:
             cur = await conn.execute(self._q[name], params)
@@ -545,7 +562,7 @@ class Store:
         actually completed."""
         if not done:
             return set()
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "complete_jobs",
             {
                 "worker_id": worker_id,
@@ -567,7 +584,7 @@ class Store:
         retry_delay_seconds: float,
     ) -> dict[str, Any] | None:
         """Record a failed attempt; returns {status, execution_time} or None if fenced out."""
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "fail_job",
             {
                 "worker_id": worker_id,
@@ -808,19 +825,11 @@ class Store:
             result.update((row["id"], row["status"]) for row in rows)
         return result
 
-    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+    async def _cancel_batch(self, params: dict[str, Any]) -> list[dict]:
         # The batch locks running rows of many workers in id order while a worker's
-        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
-        # rare deadlock by aborting either side. The statement is idempotent, so retry it
-        # (the worker retries its side too).
-        failed = 0
-        while True:
-            try:
-                return await self._rows("request_cancel", params)
-            except psycopg.errors.DeadlockDetected:
-                failed += 1
-                if failed >= attempts:
-                    raise
+        # heartbeat or completion locks its own rows in its order (the worker retries
+        # its side too).
+        return await self._rows_past_deadlocks("request_cancel", params)
 
     async def finish_cancelled_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]]
@@ -908,7 +917,7 @@ class Store:
     async def fail_job_now(self, *, worker_id: str, job_id: str, attempt: int, error: str,
                            traceback: str | None) -> dict[str, Any] | None:
         """Fail a job without retries; returns {status, execution_time} or None if fenced out."""
-        rows = await self._rows("fail_job_now", {
+        rows = await self._rows_past_deadlocks("fail_job_now", {
             "worker_id": worker_id, "id": job_id, "attempt": attempt, "error": error,
             "traceback": clip_traceback(traceback), **_ERRORS_KEPT})
         return rows[0] if rows else None
