@@ -75,6 +75,10 @@ ERRORS_KEPT_LAST = 10
 TRACEBACK_MAX_CHARS = 4000
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
+# The longest chain of waiting jobs (each waiting for the one before): the end of its
+# first job settles them in nested triggers, and PostgreSQL's stack (max_stack_depth,
+# 2 MB by default) ran out at about 400 levels, failing the statement that ended it.
+MAX_DEPENDENCY_CHAIN = 100
 # How often insert_unique_job tries before giving up on a key that keeps changing hands.
 UNIQUE_INSERT_ROUNDS = 20
 # How soon a worker claims again from a queue its global concurrency held back (nothing
@@ -485,8 +489,10 @@ class Store:
         """Insert a job that waits until every job in `depends_on` completed (it may be
         released or cancelled at once, if they already ended). True if it was written,
         False if its id exists. Raises InvalidInput, writing nothing, for a dependency
-        that does not exist or that waits (transitively) for this job."""
-        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel}
+        that does not exist or that waits (transitively) for this job, and for a job that
+        would end a chain of more than MAX_DEPENDENCY_CHAIN waiting jobs."""
+        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel,
+                  "max_chain": MAX_DEPENDENCY_CHAIN}
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = await _one(await cur.execute(self._q["insert_waiting_job"], params))
@@ -501,6 +507,11 @@ class Store:
                 raise InvalidInput(
                     f"depends_on: job {job.id!r} would wait for itself: one of its "
                     "dependencies waits for it (a cycle); nothing was scheduled")
+            if row["too_deep"]:
+                raise InvalidInput(
+                    f"depends_on: job {job.id!r} would end a chain of more than "
+                    f"{MAX_DEPENDENCY_CHAIN} waiting jobs; make it wait for a job nearer the "
+                    "start of the chain; nothing was scheduled")
             if row["inserted"]:
                 await conn.execute(self._q["settle_waiting"], {"ids": [job.id], **params})
             return bool(row["inserted"])

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 from test_dependencies import claim, complete, status
 
-from pgsched.store import Store, open_pool
+from pgsched import InvalidInput
+from pgsched.store import MAX_DEPENDENCY_CHAIN, Store, open_pool
 
 
 async def test_a_completed_dependency_vacuumed_while_its_dependent_waits_still_counts(sched):
@@ -76,3 +77,23 @@ async def test_completion_batches_settling_shared_dependents_in_opposite_orders(
             f'SELECT count(*) FROM "{schema}".jobs WHERE due_after_dependencies IS NULL '
             "AND status = 'pending'")
         assert (await cur.fetchone())[0] == 2 * width + 2
+
+
+async def test_the_end_of_the_first_job_of_the_longest_chain_allowed_settles_it(sched):
+    """Each cancel fires the trigger for the next job in the chain, nested inside the
+    statement that ended the first: with a thousand waiting jobs PostgreSQL's stack ran
+    out and the cancel (or a worker's failure, or orphan recovery's verdict) failed. A
+    chain is now refused past MAX_DEPENDENCY_CHAIN waiting jobs, before it is written."""
+    await sched.schedule("noop", job_id="j0000")
+    last = 0
+    for i in range(1, 1000):
+        try:
+            await sched.schedule("noop", job_id=f"j{i:04}", depends_on=[f"j{i - 1:04}"])
+        except InvalidInput as exc:
+            assert f"more than {MAX_DEPENDENCY_CHAIN} waiting jobs" in str(exc)
+            assert await sched.get_job(f"j{i:04}") is None
+            break
+        last = i
+    assert await sched.cancel_job("j0000")
+    assert await status(sched, f"j{last:04}") == "cancelled"
+    assert last == MAX_DEPENDENCY_CHAIN
