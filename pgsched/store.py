@@ -848,7 +848,7 @@ class Store:
         """Record running jobs stopped on request as cancelled; returns the ids written."""
         if not held:
             return set()
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "finish_cancelled_jobs",
             {"worker_id": worker_id, "ids": [i for i, _ in held],
              "attempts": [a for _, a in held]},
