@@ -1046,7 +1046,8 @@ class Store:
     ) -> list[str]:
         """Put up to `limit` matching finished jobs back to pending; returns their ids.
         A job scheduled with depends_on waits again for its dependencies (released at
-        once if they all completed, cancelled again if one did not)."""
+        once if they all completed, cancelled again if one did not, or if it would wait
+        for itself)."""
         params = {
             "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
@@ -1061,6 +1062,7 @@ class Store:
             # dependencies that completed meanwhile.
             await cur.execute(self._q["lock_dependencies"], waiting)
             await cur.execute(self._q["settle_waiting"], waiting)
+            await cur.execute(self._q["cancel_waiting_cycles"], waiting)
         return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------

@@ -5,12 +5,13 @@ limits, unique jobs) against a real PostgreSQL: the cases the feature tests did 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
 from test_dependencies import claim, complete, status
 
-from pgsched import InvalidInput
+from pgsched import ConflictResolution, InvalidInput
 from pgsched.store import MAX_DEPENDENCY_CHAIN, Store, open_pool
 
 
@@ -97,3 +98,28 @@ async def test_the_end_of_the_first_job_of_the_longest_chain_allowed_settles_it(
     assert await sched.cancel_job("j0000")
     assert await status(sched, f"j{last:04}") == "cancelled"
     assert last == MAX_DEPENDENCY_CHAIN
+
+
+async def test_retried_jobs_never_wait_for_each_other(sched):
+    """a waited for b, then was replaced (it waits for nothing, its record stays as
+    history); b, vacuumed, is scheduled again under its id to wait for a. a fails, b is
+    cancelled, and `pgsched retry` of both made each wait for the other, for ever: now
+    the cycle is cancelled, with the reason."""
+    await sched.schedule("noop", job_id="b")
+    await sched.schedule("noop", job_id="a", depends_on=["b"])
+    await sched.schedule("noop", job_id="a", conflict_resolution=ConflictResolution.REPLACE)
+    claimed = {j["id"]: j for j in await claim(sched.store)}
+    await complete(sched.store, claimed["b"])
+    assert await sched.store.vacuum_jobs(status="completed", older_than_seconds=-1,
+                                         limit=10) == 1
+    await sched.schedule("noop", job_id="b", depends_on=["a"])
+    await sched.store.fail_job_now(worker_id="w", job_id="a", attempt=claimed["a"]["attempts"],
+                                   error="boom", traceback=None)
+    assert await status(sched, "b") == "cancelled"
+    await sched.store.retry_jobs(statuses=["failed", "cancelled"], ids=["a", "b"],
+                                 cutoff=datetime.now(UTC), limit=10)
+    waiting = [(await sched.get_job(j))["due_after_dependencies"] is not None for j in "ab"]
+    assert waiting == [False, False]
+    assert [await status(sched, j) for j in "ab"] == ["cancelled", "cancelled"]
+    assert "waits for itself" in (await sched.get_job("a"))["last_error"] + str(
+        (await sched.get_job("b"))["last_error"])

@@ -88,3 +88,26 @@ wake AS (
     FROM released HAVING count(*) > 0
 )
 SELECT released.released AS id FROM released LEFT JOIN wake ON true;
+
+-- name: cancel_waiting_cycles
+-- Cancel those of the given waiting jobs that wait (transitively) for themselves: a cycle
+-- that scheduling refuses can still close when `pgsched retry` puts back a job whose
+-- dependency records point at an id that was vacuumed and scheduled again since (to wait
+-- for it), and then every job on it would wait for ever. The cancel fires the trigger,
+-- which cancels the jobs waiting for it, the rest of the cycle among them.
+WITH RECURSIVE reach AS (
+    SELECT e.job_id AS start, e.dependency_id AS id FROM {schema}.job_dependencies e
+    JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+    WHERE e.job_id = ANY(%(ids)s::text[])
+    UNION
+    SELECT r.start, e.dependency_id FROM reach r
+    JOIN {schema}.job_dependencies e ON e.job_id = r.id
+    JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+)
+UPDATE {schema}.jobs AS j SET
+    status = 'cancelled', finished_at = now(), due_after_dependencies = NULL,
+    last_error = 'cancelled: it waits for itself (a dependency cycle closed when it was '
+                 'retried)'
+WHERE j.id IN (SELECT start FROM reach WHERE id = start)
+  AND j.status = 'pending' AND j.due_after_dependencies IS NOT NULL
+RETURNING j.id;
