@@ -79,6 +79,9 @@ LOCK_TIMEOUT_SECONDS = 5.0
 # first job settles them in nested triggers, and PostgreSQL's stack (max_stack_depth,
 # 2 MB by default) ran out at about 400 levels, failing the statement that ended it.
 MAX_DEPENDENCY_CHAIN = 100
+# How many times a statement (or transaction) PostgreSQL aborted to break a deadlock is
+# run again before the error is raised.
+DEADLOCK_ATTEMPTS = 5
 # How often insert_unique_job tries before giving up on a key that keeps changing hands.
 UNIQUE_INSERT_ROUNDS = 20
 # How soon a worker claims again from a queue its global concurrency held back (nothing
@@ -255,7 +258,7 @@ class Store:
             return await cur.fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
-                                   attempts: int = 5) -> list[dict[str, Any]]:
+                                   attempts: int = DEADLOCK_ATTEMPTS) -> list[dict[str, Any]]:
         """_rows for a statement that locks rows in an order it does not choose, on the
         pool's autocommit connections: the rows of a batch of jobs from many workers, or
         the dependents its trigger settles for each job it ends (two completion batches
@@ -493,6 +496,19 @@ class Store:
         would end a chain of more than MAX_DEPENDENCY_CHAIN waiting jobs."""
         params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel,
                   "max_chain": MAX_DEPENDENCY_CHAIN}
+        # The dependencies are locked in id order, but a completion locks the job it ends
+        # and then (its trigger) that job's waiting dependents: with a dependency that
+        # waits for another, the two can deadlock. The aborted transaction wrote nothing.
+        for attempt in range(DEADLOCK_ATTEMPTS):
+            try:
+                return await self._insert_waiting_job(job, depends_on, params)
+            except psycopg.errors.DeadlockDetected:
+                if attempt + 1 == DEADLOCK_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
+                                  params: dict[str, Any]) -> bool:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = await _one(await cur.execute(self._q["insert_waiting_job"], params))

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from test_dependencies import claim, complete, status
 
-from pgsched import ConflictResolution, InvalidInput
+from pgsched import ConflictResolution, InvalidInput, Scheduler
 from pgsched.store import MAX_DEPENDENCY_CHAIN, Store, open_pool
 
 
@@ -123,3 +123,40 @@ async def test_retried_jobs_never_wait_for_each_other(sched):
     assert [await status(sched, j) for j in "ab"] == ["cancelled", "cancelled"]
     assert "waits for itself" in (await sched.get_job("a"))["last_error"] + str(
         (await sched.get_job("b"))["last_error"])
+
+
+@pytest.mark.parametrize("batch", [["y", "z"], ["z", "y"]])
+async def test_a_dependent_scheduled_while_a_batch_completes_its_dependency(
+        sched, pg_dsn, schema, batch):
+    """The new job waits for a (itself waiting for z) and z. Scheduling locks a, then z;
+    the completion batch [y, z] locks z (and y), then z's trigger locks a to settle it.
+    Both must succeed: PostgreSQL aborted one of them as a deadlock. A third connection
+    holding y lines them up (the batch visits its rows in physical order, z's first here;
+    both orders of the batch's list are tried)."""
+    for dep in ("y", "z"):
+        await sched.schedule("noop", job_id=dep)
+    claimed = {j["id"]: j for j in await claim(sched.store, worker="w")}
+    await sched.schedule("noop", job_id="a", depends_on=["z"])
+    await sched.schedule("noop", job_id="b", depends_on=["y"])  # y's row moves behind z's
+    store = Store(await open_pool(pg_dsn), schema=schema)
+    # An application's Scheduler: its lock_timeout (5 s) outlasts deadlock_timeout (1 s)
+    app = Scheduler(pg_dsn, schema=schema)
+    await app.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as gate:
+            await gate.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                               ["y"])
+            completing = asyncio.create_task(store.complete_jobs(worker_id="w", done=[
+                (i, claimed[i]["attempts"], "null") for i in batch]))
+            await asyncio.sleep(0.3)
+            scheduling = asyncio.create_task(
+                app.schedule("noop", job_id="n", depends_on=["a", "z"]))
+            await asyncio.sleep(0.3)
+            await gate.rollback()
+            results = await asyncio.gather(completing, scheduling, return_exceptions=True)
+    finally:
+        await store.pool.close()
+        await app.close()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert await status(sched, "z") == "completed"
+    assert sorted(j["id"] for j in await claim(sched.store)) == ["a", "b"]
