@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from conftest import audit_env, run_cli, wait_until, write_config
 from test_dependencies import claim, complete, status
+from test_limits import audited_spans, max_overlap, running
 
 from pgsched import ConflictResolution, InvalidInput, Scheduler
 from pgsched.store import MAX_DEPENDENCY_CHAIN, Store, open_pool
@@ -160,3 +162,35 @@ async def test_a_dependent_scheduled_while_a_batch_completes_its_dependency(
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert await status(sched, "z") == "completed"
     assert sorted(j["id"] for j in await claim(sched.store)) == ["a", "b"]
+
+
+async def test_global_concurrency_holds_while_the_limit_changes_and_jobs_are_cancelled(
+        sched, pg_dsn, schema, tmp_path, workers):
+    """Three workers on a queue limited to 2; meanwhile the limit is lowered to 1 and
+    raised again, and running jobs are cancelled (a sync task cannot be stopped, so its
+    job keeps running until it returns): never more than 2 run at once, from the audit."""
+    config = write_config(tmp_path, pg_dsn, schema, concurrency=8)
+    config.write_text(config.read_text() + "\n[queues.lim]\nglobal_concurrency = 2\n")
+    env = audit_env(pg_dsn, schema)
+    ids = [await sched.schedule("span", args=(f"k{i}", 0.2), queue="lim") for i in range(24)]
+    for _ in range(3):
+        workers(config, env=env)
+    await wait_until(lambda: running(pg_dsn, schema, "lim"), what="a limited job running")
+    for concurrency in ("1", "2"):
+        result = run_cli("queue", "limit", "lim", "--global-concurrency", concurrency,
+                         config=config)
+        assert result.returncode == 0, result.stderr
+        for job_id in ids:
+            if (await sched.get_job(job_id))["status"] == "running":
+                await sched.cancel_job(job_id)
+                break
+        await asyncio.sleep(0.5)
+    await wait_until(lambda: jobs_over(sched, ids), timeout=90, what="24 limited jobs over")
+    spans = audited_spans(pg_dsn, schema)
+    assert len(spans) >= 20 and all(end is not None for _, end in spans)
+    assert max_overlap(spans) <= 2
+
+
+async def jobs_over(sched, ids) -> bool:
+    return all(ended in ("completed", "cancelled")
+               for ended in [(await sched.get_job(i))["status"] for i in ids])
