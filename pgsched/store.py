@@ -78,6 +78,13 @@ ERRORS_KEPT_LAST = 10
 TRACEBACK_MAX_CHARS = 4000
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
+# The longest chain of waiting jobs (each waiting for the one before): the end of its
+# first job settles them in nested triggers, and PostgreSQL's stack (max_stack_depth,
+# 2 MB by default) ran out at about 400 levels, failing the statement that ended it.
+MAX_DEPENDENCY_CHAIN = 100
+# How many times a statement (or transaction) PostgreSQL aborted to break a deadlock is
+# run again before the error is raised.
+DEADLOCK_ATTEMPTS = 5
 # How often insert_unique_job tries before giving up on a key that keeps changing hands.
 UNIQUE_INSERT_ROUNDS = 20
 # How soon a worker claims again from a queue its global concurrency held back (nothing
@@ -252,6 +259,23 @@ class Store:
         async with (_USING.get() or self.pool).connection() as conn:
             cur = await conn.cursor(row_factory=dict_row).execute(self._q[name], params)
             return await cur.fetchall()
+
+    async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
+                                   attempts: int = DEADLOCK_ATTEMPTS) -> list[dict[str, Any]]:
+        """_rows for a statement that locks rows in an order it does not choose, on the
+        pool's autocommit connections: the rows of a batch of jobs from many workers, or
+        the dependents its trigger settles for each job it ends (two completion batches
+        can settle shared dependents in opposite orders). PostgreSQL breaks a deadlock by
+        aborting one statement, which then wrote nothing: running it again is running it
+        once. Raises DeadlockDetected after `attempts` aborts."""
+        failed = 0
+        while True:
+            try:
+                return await self._rows(name, params)
+            except psycopg.errors.DeadlockDetected:
+                failed += 1
+                if failed >= attempts:
+                    raise
 
     async def _rowcount(self, name: str, params: dict[str, Any]) -> int:
         async with (_USING.get() or self.pool).connection() as conn:
@@ -497,8 +521,23 @@ class Store:
         """Insert a job that waits until every job in `depends_on` completed (it may be
         released or cancelled at once, if they already ended). True if it was written,
         False if its id exists. Raises InvalidInput, writing nothing, for a dependency
-        that does not exist or that waits (transitively) for this job."""
-        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel}
+        that does not exist or that waits (transitively) for this job, and for a job that
+        would end a chain of more than MAX_DEPENDENCY_CHAIN waiting jobs."""
+        params = {**job._asdict(), "depends_on": list(depends_on), "channel": self.channel,
+                  "max_chain": MAX_DEPENDENCY_CHAIN}
+        # The dependencies are locked in id order, but a completion locks the job it ends
+        # and then (its trigger) that job's waiting dependents: with a dependency that
+        # waits for another, the two can deadlock. The aborted transaction wrote nothing.
+        for attempt in range(DEADLOCK_ATTEMPTS):
+            try:
+                return await self._insert_waiting_job(job, depends_on, params)
+            except psycopg.errors.DeadlockDetected:
+                if attempt + 1 == DEADLOCK_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
+                                  params: dict[str, Any]) -> bool:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = await _one(await cur.execute(self._q["insert_waiting_job"], params))
@@ -513,6 +552,11 @@ class Store:
                 raise InvalidInput(
                     f"depends_on: job {job.id!r} would wait for itself: one of its "
                     "dependencies waits for it (a cycle); nothing was scheduled")
+            if row["too_deep"]:
+                raise InvalidInput(
+                    f"depends_on: job {job.id!r} would end a chain of more than "
+                    f"{MAX_DEPENDENCY_CHAIN} waiting jobs; make it wait for a job nearer the "
+                    "start of the chain; nothing was scheduled")
             if row["inserted"]:
                 await conn.execute(self._q["settle_waiting"], {"ids": [job.id], **params})
             return bool(row["inserted"])
@@ -576,7 +620,7 @@ class Store:
         actually completed."""
         if not done:
             return set()
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "complete_jobs",
             {
                 "worker_id": worker_id,
@@ -598,7 +642,7 @@ class Store:
         retry_delay_seconds: float,
     ) -> dict[str, Any] | None:
         """Record a failed attempt; returns {status, execution_time} or None if fenced out."""
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "fail_job",
             {
                 "worker_id": worker_id,
@@ -839,19 +883,11 @@ class Store:
             result.update((row["id"], row["status"]) for row in rows)
         return result
 
-    async def _cancel_batch(self, params: dict[str, Any], attempts: int = 5) -> list[dict]:
+    async def _cancel_batch(self, params: dict[str, Any]) -> list[dict]:
         # The batch locks running rows of many workers in id order while a worker's
-        # heartbeat or completion locks its own rows in its order: PostgreSQL may break a
-        # rare deadlock by aborting either side. The statement is idempotent, so retry it
-        # (the worker retries its side too).
-        failed = 0
-        while True:
-            try:
-                return await self._rows("request_cancel", params)
-            except psycopg.errors.DeadlockDetected:
-                failed += 1
-                if failed >= attempts:
-                    raise
+        # heartbeat or completion locks its own rows in its order (the worker retries
+        # its side too).
+        return await self._rows_past_deadlocks("request_cancel", params)
 
     async def finish_cancelled_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]]
@@ -859,7 +895,7 @@ class Store:
         """Record running jobs stopped on request as cancelled; returns the ids written."""
         if not held:
             return set()
-        rows = await self._rows(
+        rows = await self._rows_past_deadlocks(
             "finish_cancelled_jobs",
             {"worker_id": worker_id, "ids": [i for i, _ in held],
              "attempts": [a for _, a in held]},
@@ -939,7 +975,7 @@ class Store:
     async def fail_job_now(self, *, worker_id: str, job_id: str, attempt: int, error: str,
                            traceback: str | None) -> dict[str, Any] | None:
         """Fail a job without retries; returns {status, execution_time} or None if fenced out."""
-        rows = await self._rows("fail_job_now", {
+        rows = await self._rows_past_deadlocks("fail_job_now", {
             "worker_id": worker_id, "id": job_id, "attempt": attempt, "error": error,
             "traceback": clip_traceback(traceback), **_ERRORS_KEPT})
         return rows[0] if rows else None
@@ -1057,7 +1093,8 @@ class Store:
     ) -> list[str]:
         """Put up to `limit` matching finished jobs back to pending; returns their ids.
         A job scheduled with depends_on waits again for its dependencies (released at
-        once if they all completed, cancelled again if one did not)."""
+        once if they all completed, cancelled again if one did not, or if it would wait
+        for itself)."""
         params = {
             "statuses": list(statuses), "ids": list(ids) if ids is not None else None,
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
@@ -1072,6 +1109,7 @@ class Store:
             # dependencies that completed meanwhile.
             await cur.execute(self._q["lock_dependencies"], waiting)
             await cur.execute(self._q["settle_waiting"], waiting)
+            await cur.execute(self._q["cancel_waiting_cycles"], waiting)
         return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------

@@ -436,11 +436,17 @@ LIMIT %(limit)s;
 -- name: vacuum_jobs
 -- Delete up to %(limit)s finished jobs of one status older than the retention, with what
 -- they depended on (job_dependencies); called in a loop so no statement holds locks on
--- many rows.
+-- many rows. A completed job that a waiting job still waits on is kept: settle_waiting
+-- reads a dependency that is gone as one that did not complete, and would cancel the
+-- waiting job when its last other dependency completes.
 WITH doomed AS (
-    SELECT id FROM {schema}.jobs
+    SELECT id FROM {schema}.jobs d
     WHERE status = %(status)s::{schema}.job_status
       AND finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+      AND NOT (d.has_dependents AND EXISTS (
+          SELECT 1 FROM {schema}.job_dependencies e
+          JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+          WHERE e.dependency_id = d.id))
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ),
@@ -451,9 +457,13 @@ DELETE FROM {schema}.jobs AS j USING doomed WHERE j.id = doomed.id;
 
 -- name: count_vacuumable
 -- What vacuum_jobs would delete for one status (for --dry-run).
-SELECT count(*) FROM {schema}.jobs
+SELECT count(*) FROM {schema}.jobs d
 WHERE status = %(status)s::{schema}.job_status
-  AND finished_at < now() - make_interval(secs => %(older_than_seconds)s);
+  AND finished_at < now() - make_interval(secs => %(older_than_seconds)s)
+  AND NOT (d.has_dependents AND EXISTS (
+      SELECT 1 FROM {schema}.job_dependencies e
+      JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+      WHERE e.dependency_id = d.id));
 
 -- name: register_worker
 -- Add this worker process to the registry (or refresh it after a reconnect).
