@@ -138,11 +138,33 @@ def _load_queries() -> dict[str, str]:
     queries: dict[str, str] = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".sql"):
-            for name, text in parse_named_blocks(entry.read_text("utf-8")).items():
-                if name in queries:
-                    raise RuntimeError(f"query {name} is defined twice in pgsched/sql")
-                queries[name] = text
+            for block, text in parse_named_blocks(entry.read_text("utf-8")).items():
+                for name, variant in _variants(block, text):
+                    if name in queries:
+                        raise RuntimeError(f"query {name} is defined twice in pgsched/sql")
+                    queries[name] = variant
     return queries
+
+
+def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:
+    """A block with `-- if limits` / `-- else` / `-- end` lines (claim_jobs) is two
+    statements: NAME keeps the `if` parts, NAME_unlimited the `else` parts. One text
+    for both, so that the claim's shared parts cannot drift apart."""
+    if "-- if limits\n" not in text:
+        yield name, text
+        return
+    kept: dict[str, list[str]] = {name: [], f"{name}_unlimited": []}
+    part = None
+    for line in text.splitlines(keepends=True):
+        marker = line.strip()
+        if marker in ("-- if limits", "-- else", "-- end"):
+            part = {"-- if limits": name, "-- else": f"{name}_unlimited", "-- end": None}[marker]
+            continue
+        for variant, lines in kept.items():
+            if part is None or part == variant:
+                lines.append(line)
+    for variant, lines in kept.items():
+        yield variant, "".join(lines)
 
 
 _QUERIES = _load_queries()
@@ -252,6 +274,9 @@ class Store:
         self.schema = validate_identifier(schema)
         self.channel = channel_name(schema)
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
+        # Which claim statement runs: claim_jobs once a queue has a global limit, else the
+        # cheaper claim_jobs_unlimited; each reports which one the next claim needs.
+        self._claim_limits = False
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -578,7 +603,7 @@ class Store:
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
         """
         rows = await self._rows(
-            "claim_jobs",
+            "claim_jobs" if self._claim_limits else "claim_jobs_unlimited",
             {
                 "worker_id": worker_id,
                 "limit": limit,
@@ -589,8 +614,18 @@ class Store:
                 "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
             },
         )
+        limits_exist = rows[0]["limits_exist"]
+        if limits_exist != self._claim_limits:
+            # A global limit appeared (the cheaper claim took nothing) or the last one
+            # went: the next claim, at once, runs the statement that fits.
+            self._claim_limits = limits_exist
+            if limits_exist:
+                return await self.claim_jobs(worker_id=worker_id, limit=limit,
+                                             lease_seconds=lease_seconds, queues=queues,
+                                             capped=capped)
         for row in rows:
             del row["rate_counted"]  # read only so that the claim counts its starts
+            del row["limits_exist"]
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 

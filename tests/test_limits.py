@@ -57,6 +57,38 @@ async def running(pg_dsn: str, schema: str, queue: str) -> int:
         return (await cur.fetchone())[0]
 
 
+def test_the_claim_block_makes_a_statement_with_limits_and_a_cheaper_one_without():
+    from pgsched.store import _QUERIES
+
+    limited, unlimited = _QUERIES["claim_jobs"], _QUERIES["claim_jobs_unlimited"]
+    assert "{schema}.claim_room(" in limited and "count_starts(" in limited
+    assert "{schema}.claim_room(" not in unlimited and "count_starts(" not in unlimited
+    assert "-- if limits" not in limited + unlimited and "-- else" not in limited + unlimited
+    # What both share is one text: everything up to the limits part is the same.
+    shared = limited.index("-- Global limits (migration 0012)")
+    assert shared == unlimited.index("-- No queue has a global limit")
+    assert limited[:shared] == unlimited[:shared]
+    assert limited.endswith(unlimited[unlimited.rindex("EXISTS (SELECT 1"):])
+
+
+async def test_a_worker_on_the_cheaper_claim_obeys_a_limit_set_meanwhile(sched):
+    """A store starts on claim_jobs_unlimited; the first claim after a limit appears takes
+    nothing with it and claims again, at once, with the limit; once the limit is gone
+    the store goes back to the cheaper statement."""
+    store = sched.store
+    for _ in range(6):
+        await sched.schedule("noop", queue="lim")
+    assert await claim(store, "w0", limit=1, queues=["lim"])  # no limit yet: the cheap one
+    assert store._claim_limits is False
+    await store.set_queue_limits("lim", global_concurrency=2, set_concurrency=True)
+    assert len(await claim(store, "w1", queues=["lim"])) == 1  # 1 running + 1 = the limit
+    assert store._claim_limits is True
+    assert await claim(store, "w2", queues=["lim"]) == []
+    await store.set_queue_limits("lim", global_concurrency=None, set_concurrency=True)
+    assert len(await claim(store, "w3", queues=["lim"])) == 4  # no limit: the rest
+    assert store._claim_limits is False
+
+
 async def test_concurrent_claims_never_exceed_global_concurrency(sched, pg_dsn, schema):
     await sched.schedule_bulk([JobSpec("noop", queue="q") for _ in range(200)])
     await sched.store.set_queue_limits("q", global_concurrency=7, set_concurrency=True)

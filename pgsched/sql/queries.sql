@@ -12,7 +12,8 @@
 -- limits allow (queue_limits); expire jobs past their misfire grace; report when the next
 -- pending job of those queues falls due, or when a global limit that held jobs back may
 -- let them go. Always returns at least one row: the job columns are NULL when nothing
--- was claimed.
+-- was claimed. Two statements come from this block (store._variants): claim_jobs, with
+-- the `if limits` parts, and claim_jobs_unlimited, with the `else` parts.
 --
 -- Why this shape: the pending index is (queue, priority, execution_time, id), and each
 -- (queue, priority) pair is walked on its own, over its due rows only. A single
@@ -21,10 +22,9 @@
 -- future job of a priority when few are due (200,000 jobs due next week cost
 -- milliseconds per claim). The queues come from the worker's list, or, for a worker that
 -- serves every queue, from a loose index scan (one index probe per distinct queue with
--- pending jobs); the priorities are those of 0-9 the queue has pending rows of
--- (served_priorities). Within a queue the walks run in priority order and the LIMIT stops
--- them at the queue's cap (a nested loop preserves the order in which the loose scan
--- found the priorities). Across queues the candidates are
+-- pending jobs); the priorities are 0-9 (served_priorities). Within a queue the walks
+-- run in priority order and the LIMIT stops them at the queue's cap (a nested loop
+-- preserves the order of the priorities array). Across queues the candidates are
 -- sorted by priority and due time and cut to %(limit)s: when several queues have jobs due
 -- at once a claim locks up to its limit in each of them and lets the surplus go at
 -- commit, milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and
@@ -49,6 +49,7 @@ listed AS (
         ON c.queue = s.queue
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
 ),
+-- if limits
 -- Global limits (migration 0012): claim_room locks the limited queues' rows until this
 -- claim commits, so claims of a limited queue run one after another and each counts
 -- what the previous one started. It is called only when a served queue has a row in
@@ -68,26 +69,24 @@ served AS (
     SELECT s.queue, least(s.cap, coalesce(r.room, s.cap)) AS cap
     FROM listed s LEFT JOIN limited r ON r.queue = s.queue
 ),
--- The priorities each served queue has pending rows of, lowest first: a loose index scan,
--- one probe per priority present plus one that finds none. With the jobs of a queue at
--- one or two priorities this costs what walking the two JobPriority values did, however
--- many of 0-9 exist. Materialised once, for next_due and candidates.
+-- else
+-- No queue has a global limit (queue_limits is empty in this statement's snapshot, the
+-- same one a claim_room call would read): claim_jobs_unlimited, the statement a worker
+-- runs until a limit appears, is this much cheaper to plan (0.15 ms a claim, a sixth of
+-- the server's CPU per job at the default concurrency). When a limit exists it serves
+-- nothing and says so (limits_exist): the worker claims again at once with claim_jobs.
+served AS (
+    SELECT queue, cap FROM listed
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
+),
+-- end
+-- Every (queue, priority) pair: priorities are 0-9 (CHECK jobs_priority_range), ten index
+-- probes per queue that cost less to plan and run than finding the priorities present
+-- with a loose index scan (measured on 20k due, 100k future jobs: 0.46 against 0.55 ms
+-- of planning and 0.35 against 0.41 ms of execution).
 served_priorities AS (
     SELECT s.queue, p.priority
-    FROM served s
-    CROSS JOIN LATERAL (
-        WITH RECURSIVE present AS (
-            (SELECT priority FROM {schema}.jobs
-             WHERE status = 'pending' AND queue = s.queue ORDER BY priority LIMIT 1)
-            UNION ALL
-            SELECT (SELECT j.priority FROM {schema}.jobs j
-                    WHERE j.status = 'pending' AND j.queue = s.queue
-                      AND j.priority > present.priority
-                    ORDER BY j.priority LIMIT 1)
-            FROM present WHERE present.priority IS NOT NULL
-        )
-        SELECT priority FROM present WHERE priority IS NOT NULL
-    ) p
+    FROM served s CROSS JOIN unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS p(priority)
 ),
 next_due AS (
     SELECT min(f.execution_time) AS at
@@ -158,11 +157,12 @@ claimed AS (
               -- current_job()'s schedule window (None for one-off jobs), clamped likewise
               j.schedule_id, CASE WHEN j.fire_time IS NOT NULL
                   THEN least(greatest(j.fire_time, '0001-01-03Z'), '9999-12-30Z') END AS fire_time
-),
+)
+-- if limits
 -- The starts of this claim in the rate windows of the limited queues it took from
 -- (count_starts; only rows claim_room locked, whose room is not NULL). With no limited
 -- queue the array is NULL and the STRICT function is not called.
-counted AS (
+, counted AS (
     SELECT {schema}.count_starts(array_agg(c.queue)) AS jobs
     FROM claimed c JOIN limited r ON r.queue = c.queue AND r.room IS NOT NULL
     WHERE NOT c.expired
@@ -170,7 +170,11 @@ counted AS (
 -- A queue a global limit held back wakes the worker again at recheck_at: no NOTIFY says
 -- when room comes back.
 SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next_due,
-       now() AS db_now, (SELECT jobs FROM counted) AS rate_counted, claimed.*
+       now() AS db_now, (SELECT jobs FROM counted) AS rate_counted,
+-- else
+SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS rate_counted,
+-- end
+       EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
