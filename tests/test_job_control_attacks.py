@@ -223,3 +223,25 @@ async def test_a_task_leaving_its_completion_uncommitted_stalls_no_other_job(
         release.touch()
     row = await wait_until(lambda: ended(sched, leaked), what="the leaking job's end")
     assert str(row["status"]) == "failed" and "did not commit" in row["last_error"]
+
+
+async def test_a_cancel_committed_while_the_snooze_waits_on_the_row_cancels_the_job(
+        sched, pg_dsn, schema):
+    job_id = await sched.schedule("hostile_fine", execution_time=datetime.now(UTC)
+                                  + timedelta(days=1))
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'running', worker_id = 'w', "
+                     "attempts = 1 WHERE id = %s", [job_id])
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as canceller:
+        await canceller.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                [job_id])
+        snoozing = asyncio.create_task(sched.store.snooze_job(
+            worker_id="w", job_id=job_id, attempt=1, delay_seconds=60, max_snoozes=5))
+        waiting = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%%snoozed%%'")
+        await wait_until(lambda: sql(sched, waiting), what="the snooze waiting on the row")
+        await canceller.execute(f'UPDATE "{schema}".jobs SET cancel_requested_at = now() '
+                                "WHERE id = %s", [job_id])
+        await canceller.commit()
+    row = await snoozing
+    assert str(row["status"]) == "cancelled"
+    assert str((await sched.get_job(job_id))["status"]) == "cancelled"

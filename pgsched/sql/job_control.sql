@@ -9,13 +9,16 @@
 -- a failure, unless the job has snoozed %(max_snoozes)s times already (then it fails, with
 -- the cap in its error) or a cancel was requested (cancelled). Each snooze is an `errors`
 -- entry with outcome 'snoozed', so `show` tells it from an interrupted attempt. Returns
--- the new status and due time, or no row when the lease was lost.
+-- the new status and due time, or no row when the lease was lost. The decision locks the
+-- row (FOR UPDATE), so it reads the row's latest version: a cancel committed while this
+-- statement waited on the lock is seen, not the statement's older snapshot.
 WITH decision AS (
     SELECT CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
                 WHEN j.snoozes >= %(max_snoozes)s THEN 'failed'
                 ELSE 'pending' END AS status
     FROM {schema}.jobs AS j
     WHERE j.id = %(id)s
+    FOR UPDATE
 )
 UPDATE {schema}.jobs AS j SET
     status = d.status::{schema}.job_status,
