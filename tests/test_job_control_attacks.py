@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cli_env, wait_until, write_config
+from conftest import cli_env, run_cli, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
 
 from pgsched import Backoff, Retry
@@ -149,7 +149,6 @@ async def test_current_job_survives_schedule_columns_written_with_sql(
                      "execution_time = now() WHERE id = %s", [schedule_id, fire_time, job_id])
     ended_row = ("SELECT status::text, result, last_error FROM {schema}.jobs "
                  "WHERE id = %s AND status NOT IN ('pending', 'running')")
-    # read with SQL: get_job() cannot load an infinite timestamp (a separate matter)
     [(status, result, error)] = await wait_until(lambda: sql(sched, ended_row, [job_id]),
                                                  what="the job")
     assert (status, result) == ("completed", seen), error
@@ -245,3 +244,23 @@ async def test_a_cancel_committed_while_the_snooze_waits_on_the_row_cancels_the_
     row = await snoozing
     assert str(row["status"]) == "cancelled"
     assert str((await sched.get_job(job_id))["status"]) == "cancelled"
+
+
+async def test_a_job_with_times_python_cannot_hold_reads_in_show_ls_and_wait(
+        sched, tmp_path, pg_dsn, schema):
+    job_id = await sched.schedule("hostile_fine", execution_time=datetime.now(UTC)
+                                  + timedelta(days=1))
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'completed', result = '1', "
+                     "fire_time = 'infinity', started_at = '-infinity', "
+                     "finished_at = '20000-01-01Z', execution_time = '0044-03-15Z BC' "
+                     "WHERE id = %s", [job_id])
+    row = await sched.wait(job_id, timeout=10)
+    assert (row["fire_time"], row["started_at"]) == (datetime(9999, 12, 30, tzinfo=UTC),
+                                                     datetime(1, 1, 3, tzinfo=UTC))
+    assert (row["finished_at"], row["execution_time"]) == (datetime(9999, 12, 30, tzinfo=UTC),
+                                                           datetime(1, 1, 3, tzinfo=UTC))
+    assert (await sched.get_job(job_id))["fire_time"] == datetime(9999, 12, 30, tzinfo=UTC)
+    config = write_config(tmp_path, pg_dsn, schema)
+    for args in (("show", job_id), ("ls",), ("ls", "--json"), ("show", job_id, "--json")):
+        done = run_cli(*args, config=config)
+        assert done.returncode == 0 and job_id in done.stdout, (args, done.stderr[-500:])
