@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from conftest import cli_env, run_cli, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
 
-from pgsched import Backoff, Retry
+from pgsched import Backoff, JobSpec, Retry
 from pgsched.errors import InvalidInput
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
@@ -123,9 +124,6 @@ async def test_wait_outlives_a_dropped_connection_and_sees_the_end(sched):
     assert (str(row["status"]), row["result"]) == ("completed", 7)
 
 
-@pytest.mark.xfail(strict=True, reason="open finding: a job enqueued in a transaction is due at "
-                   "the transaction's start (now()); one that commits later than the misfire "
-                   "grace expires without running")
 async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
         sched, worker, pg_dsn):
     async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
@@ -134,6 +132,33 @@ async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
         await conn.commit()
     row = await wait_until(lambda: ended(sched, job_id), what="the committed job")
     assert str(row["status"]) == "completed", row["last_error"]
+
+
+
+async def test_jobs_given_no_time_through_the_callers_connection_are_due_at_its_commit(
+        sched, pg_dsn):
+    later = datetime.now(UTC) + timedelta(days=1)
+    await sched.schedule("hostile_fine", job_id="old", execution_time=later)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        await sched.schedule_bulk([JobSpec("hostile_fine", job_id="bulk"),
+                                   JobSpec("hostile_fine", job_id="timed", execution_time=later),
+                                   JobSpec("hostile_fine", job_id="old")],
+                                  connection=conn, conflict_resolution="replace")
+        [(started,)] = await (await conn.execute("SELECT now()")).fetchall()
+        await asyncio.sleep(1)
+        [(committing,)] = await (await conn.execute("SELECT clock_timestamp()")).fetchall()
+        await conn.commit()
+    with psycopg.connect(pg_dsn) as conn:
+        sched.schedule_sync("hostile_fine", job_id="sync", connection=conn)
+        time.sleep(1)
+        [(sync_committing,)] = conn.execute("SELECT clock_timestamp()").fetchall()
+    rows = {job_id: (due, flagged) for job_id, due, flagged in await sql(
+        sched, "SELECT id, execution_time, due_at_commit FROM {schema}.jobs")}
+    assert rows["timed"] == (later, False)
+    for job_id in ("bulk", "old"):
+        due, flagged = rows[job_id]
+        assert due > committing > started + timedelta(seconds=1) and not flagged, job_id
+    assert rows["sync"][0] > sync_committing and not rows["sync"][1]
 
 
 @pytest.mark.parametrize("schedule_id, fire_time, seen", [
