@@ -253,10 +253,15 @@ class Store:
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _rows(self, name: str, params: dict[str, Any], *,
+                    times_clamped: bool = False) -> list[dict[str, Any]]:
+        """times_clamped: the query clamps every time it returns to what Python holds, so
+        psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader."""
         async with (_USING.get() or self.pool).connection() as conn:
-            cur = await conn.cursor(row_factory=dict_row).execute(self._q[name], params)
-            return await cur.fetchall()
+            cur = conn.cursor(row_factory=dict_row)
+            if times_clamped:
+                cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
+            return await (await cur.execute(self._q[name], params)).fetchall()
 
     async def _rowcount(self, name: str, params: dict[str, Any]) -> int:
         async with (_USING.get() or self.pool).connection() as conn:
@@ -538,21 +543,21 @@ class Store:
         queues: the queues served (None: all); capped: (queues, free slots of each) for
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
         """
-        params = {
-            "worker_id": worker_id,
-            "limit": limit,
-            "lease_seconds": lease_seconds,
-            "queues": list(queues) if queues is not None else None,
-            "capped_queues": list(capped[0]),
-            "capped_free": list(capped[1]),
-            "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
-        }
-        async with (_USING.get() or self.pool).connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
+        rows = await self._rows(
+            "claim_jobs",
+            {
+                "worker_id": worker_id,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+                "queues": list(queues) if queues is not None else None,
+                "capped_queues": list(capped[0]),
+                "capped_free": list(capped[1]),
+                "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
+            },
             # The claim clamps its times in SQL: psycopg's own loader decodes them, not
             # the clamping one, a Python call per value on the worker's hot path.
-            cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
-            rows = await (await cur.execute(self._q["claim_jobs"], params)).fetchall()
+            times_clamped=True,
+        )
         for row in rows:
             del row["rate_counted"]  # read only so that the claim counts its starts
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
