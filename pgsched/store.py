@@ -17,6 +17,9 @@ Invariants:
   connections that starve the worker's registry heartbeat (docs/delivery.md). A worker's
   pool also cuts any statement at half a lease (statement_timeout_for): claims,
   completions and renewals are retried in time to keep the leases they serve.
+- A stored time Python cannot hold (infinity, before year 1 or after 9999, written by
+  SQL) reads as CLAMPED_LATEST or CLAMPED_EARLIEST on every pgsched connection, so one
+  poisoned row never fails `show`, `ls`, wait() or the web API (_configure).
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
@@ -41,12 +44,14 @@ import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Format
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.array import ListBinaryDumper
 from psycopg.types.json import set_json_loads
@@ -280,10 +285,15 @@ class Store:
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _rows(self, name: str, params: dict[str, Any], *,
+                    times_clamped: bool = False) -> list[dict[str, Any]]:
+        """times_clamped: the query clamps every time it returns to what Python holds, so
+        psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader."""
         async with (_USING.get() or self.pool).connection() as conn:
-            cur = await conn.cursor(row_factory=dict_row).execute(self._q[name], params)
-            return await cur.fetchall()
+            cur = conn.cursor(row_factory=dict_row)
+            if times_clamped:
+                cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
+            return await (await cur.execute(self._q[name], params)).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS) -> list[dict[str, Any]]:
@@ -613,6 +623,9 @@ class Store:
                 "capped_free": list(capped[1]),
                 "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
             },
+            # The claim clamps its times in SQL: psycopg's own loader decodes them, not
+            # the clamping one, a Python call per value on the worker's hot path.
+            times_clamped=True,
         )
         limits_exist = rows[0]["limits_exist"]
         if limits_exist != self._claim_limits:
@@ -1405,6 +1418,7 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     """
     conn.adapters.register_dumper(list, ListBinaryDumper)
     set_json_loads(_loads_json, conn)
+    conn.adapters.register_loader(_TIMESTAMPTZ_OID, ClampingTimestamptzLoader)
 
 
 class DedicatedConnection:
@@ -1465,6 +1479,50 @@ def _loads_json(data: str | bytes) -> Any:
         return json.loads(data.decode() if isinstance(data, bytes) else data)
     except (RecursionError, ValueError):
         return UNREADABLE_JSON
+
+
+# What a read shows for a stored time Python cannot hold: the bounds the claim clamps to
+# (claim_jobs), a day inside datetime's range so that a shift to any time zone still fits.
+CLAMPED_LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+CLAMPED_EARLIEST = datetime(1, 1, 3, tzinfo=UTC)
+
+_TIMESTAMPTZ_OID = psycopg.adapters.types["timestamptz"].oid
+
+
+def _psycopg_loader(oid: int) -> type[psycopg.abc.Loader]:
+    """psycopg's own text loader of a type (its C one when installed, which cannot be
+    subclassed)."""
+    loader = psycopg.adapters.get_loader(oid, Format.TEXT)
+    if loader is None:
+        raise RuntimeError(f"psycopg has no text loader for type {oid}")
+    return loader
+
+
+_TimestamptzLoader = _psycopg_loader(_TIMESTAMPTZ_OID)
+# An ISO (DateStyle) time past year 9999: five digits or more before the first dash.
+_FAR_FUTURE = re.compile(rb"\d{5,}-")
+
+
+class ClampingTimestamptzLoader(Loader):
+    """Every timestamptz read through a pgsched connection: psycopg's own value, except
+    that infinity and years past 9999 read as CLAMPED_LATEST, -infinity and BC years as
+    CLAMPED_EARLIEST, instead of failing the whole read with DataError. Anything else
+    psycopg refuses (a DateStyle it cannot parse) still raises."""
+
+    def __init__(self, oid: int, context: psycopg.abc.AdaptContext | None = None):
+        super().__init__(oid, context)
+        self._load = _TimestamptzLoader(oid, context).load
+
+    def load(self, data: psycopg.abc.Buffer) -> datetime:
+        try:
+            return self._load(data)
+        except psycopg.DataError:
+            text = bytes(data)
+            if text == b"-infinity" or text.endswith(b" BC"):
+                return CLAMPED_EARLIEST
+            if text == b"infinity" or _FAR_FUTURE.match(text):
+                return CLAMPED_LATEST
+            raise
 
 
 # TCP keepalives of the LISTEN connection, which only ever reads: without them a server

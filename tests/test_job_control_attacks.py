@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cli_env, wait_until, write_config
+from conftest import cli_env, run_cli, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
 
-from pgsched import Backoff, Retry
+from pgsched import Backoff, JobSpec, Retry
 from pgsched.errors import InvalidInput
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
@@ -123,9 +124,6 @@ async def test_wait_outlives_a_dropped_connection_and_sees_the_end(sched):
     assert (str(row["status"]), row["result"]) == ("completed", 7)
 
 
-@pytest.mark.xfail(strict=True, reason="open finding: a job enqueued in a transaction is due at "
-                   "the transaction's start (now()); one that commits later than the misfire "
-                   "grace expires without running")
 async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
         sched, worker, pg_dsn):
     async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
@@ -134,6 +132,33 @@ async def test_a_transaction_longer_than_the_misfire_grace_still_runs_its_job(
         await conn.commit()
     row = await wait_until(lambda: ended(sched, job_id), what="the committed job")
     assert str(row["status"]) == "completed", row["last_error"]
+
+
+
+async def test_jobs_given_no_time_through_the_callers_connection_are_due_at_its_commit(
+        sched, pg_dsn):
+    later = datetime.now(UTC) + timedelta(days=1)
+    await sched.schedule("hostile_fine", job_id="old", execution_time=later)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        await sched.schedule_bulk([JobSpec("hostile_fine", job_id="bulk"),
+                                   JobSpec("hostile_fine", job_id="timed", execution_time=later),
+                                   JobSpec("hostile_fine", job_id="old")],
+                                  connection=conn, conflict_resolution="replace")
+        [(started,)] = await (await conn.execute("SELECT now()")).fetchall()
+        await asyncio.sleep(1)
+        [(committing,)] = await (await conn.execute("SELECT clock_timestamp()")).fetchall()
+        await conn.commit()
+    with psycopg.connect(pg_dsn) as conn:
+        sched.schedule_sync("hostile_fine", job_id="sync", connection=conn)
+        time.sleep(1)
+        [(sync_committing,)] = conn.execute("SELECT clock_timestamp()").fetchall()
+    rows = {job_id: (due, flagged) for job_id, due, flagged in await sql(
+        sched, "SELECT id, execution_time, due_at_commit FROM {schema}.jobs")}
+    assert rows["timed"] == (later, False)
+    for job_id in ("bulk", "old"):
+        due, flagged = rows[job_id]
+        assert due > committing > started + timedelta(seconds=1) and not flagged, job_id
+    assert rows["sync"][0] > sync_committing and not rows["sync"][1]
 
 
 @pytest.mark.parametrize("schedule_id, fire_time, seen", [
@@ -149,7 +174,6 @@ async def test_current_job_survives_schedule_columns_written_with_sql(
                      "execution_time = now() WHERE id = %s", [schedule_id, fire_time, job_id])
     ended_row = ("SELECT status::text, result, last_error FROM {schema}.jobs "
                  "WHERE id = %s AND status NOT IN ('pending', 'running')")
-    # read with SQL: get_job() cannot load an infinite timestamp (a separate matter)
     [(status, result, error)] = await wait_until(lambda: sql(sched, ended_row, [job_id]),
                                                  what="the job")
     assert (status, result) == ("completed", seen), error
@@ -223,3 +247,45 @@ async def test_a_task_leaving_its_completion_uncommitted_stalls_no_other_job(
         release.touch()
     row = await wait_until(lambda: ended(sched, leaked), what="the leaking job's end")
     assert str(row["status"]) == "failed" and "did not commit" in row["last_error"]
+
+
+async def test_a_cancel_committed_while_the_snooze_waits_on_the_row_cancels_the_job(
+        sched, pg_dsn, schema):
+    job_id = await sched.schedule("hostile_fine", execution_time=datetime.now(UTC)
+                                  + timedelta(days=1))
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'running', worker_id = 'w', "
+                     "attempts = 1 WHERE id = %s", [job_id])
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as canceller:
+        await canceller.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                [job_id])
+        snoozing = asyncio.create_task(sched.store.snooze_job(
+            worker_id="w", job_id=job_id, attempt=1, delay_seconds=60, max_snoozes=5))
+        waiting = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%%snoozed%%'")
+        await wait_until(lambda: sql(sched, waiting), what="the snooze waiting on the row")
+        await canceller.execute(f'UPDATE "{schema}".jobs SET cancel_requested_at = now() '
+                                "WHERE id = %s", [job_id])
+        await canceller.commit()
+    row = await snoozing
+    assert str(row["status"]) == "cancelled"
+    assert str((await sched.get_job(job_id))["status"]) == "cancelled"
+
+
+async def test_a_job_with_times_python_cannot_hold_reads_in_show_ls_and_wait(
+        sched, tmp_path, pg_dsn, schema):
+    job_id = await sched.schedule("hostile_fine", execution_time=datetime.now(UTC)
+                                  + timedelta(days=1))
+    await sql(sched, "UPDATE {schema}.jobs SET status = 'completed', result = '1', "
+                     "fire_time = 'infinity', started_at = '-infinity', "
+                     "finished_at = '20000-01-01Z', execution_time = '0044-03-15Z BC' "
+                     "WHERE id = %s", [job_id])
+    row = await sched.wait(job_id, timeout=10)
+    assert (row["fire_time"], row["started_at"]) == (datetime(9999, 12, 30, tzinfo=UTC),
+                                                     datetime(1, 1, 3, tzinfo=UTC))
+    assert (row["finished_at"], row["execution_time"]) == (datetime(9999, 12, 30, tzinfo=UTC),
+                                                           datetime(1, 1, 3, tzinfo=UTC))
+    assert (await sched.get_job(job_id))["fire_time"] == datetime(9999, 12, 30, tzinfo=UTC)
+    config = write_config(tmp_path, pg_dsn, schema)
+    for args in (("show", job_id), ("ls",), ("ls", "--json"), ("show", job_id, "--json")):
+        done = run_cli(*args, config=config)
+        assert done.returncode == 0 and job_id in done.stdout, (args, done.stderr[-500:])

@@ -9,13 +9,16 @@
 -- a failure, unless the job has snoozed %(max_snoozes)s times already (then it fails, with
 -- the cap in its error) or a cancel was requested (cancelled). Each snooze is an `errors`
 -- entry with outcome 'snoozed', so `show` tells it from an interrupted attempt. Returns
--- the new status and due time, or no row when the lease was lost.
+-- the new status and due time, or no row when the lease was lost. The decision locks the
+-- row (FOR UPDATE), so it reads the row's latest version: a cancel committed while this
+-- statement waited on the lock is seen, not the statement's older snapshot.
 WITH decision AS (
     SELECT CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
                 WHEN j.snoozes >= %(max_snoozes)s THEN 'failed'
                 ELSE 'pending' END AS status
     FROM {schema}.jobs AS j
     WHERE j.id = %(id)s
+    FOR UPDATE
 )
 UPDATE {schema}.jobs AS j SET
     status = d.status::{schema}.job_status,
@@ -91,7 +94,10 @@ RETURNING *;
 -- ids are free; a clash is skipped without a lock (the caller's transaction may be long).
 -- With require_all the caller's savepoint undoes what was written. Returns the ids
 -- written. The NOTIFY is delivered when the caller commits, and never when it rolls
--- back: no worker wakes for a job that does not exist.
+-- back: no worker wakes for a job that does not exist. A job given no execution_time is
+-- due at the commit (due_at_commit: migration 0013's deferred trigger), not at now(), the
+-- transaction's start; the NOTIFY's due time, now(), is no later, so it wakes workers
+-- at once.
 WITH given AS (
     SELECT * FROM unnest(%(ids)s::text[], %(tasks)s::text[], %(queues)s::text[],
                          %(args)s::jsonb[], %(kwargs)s::jsonb[], %(priorities)s::smallint[],
@@ -102,10 +108,10 @@ WITH given AS (
 ),
 new AS (
     INSERT INTO {schema}.jobs
-        (id, task, queue, args, kwargs, priority, execution_time,
+        (id, task, queue, args, kwargs, priority, execution_time, due_at_commit,
          misfire_grace_seconds, max_retries, timeout_seconds)
     SELECT id, task, queue, args, kwargs, priority, coalesce(execution_time, now()),
-           misfire_grace_seconds, max_retries, timeout_seconds
+           execution_time IS NULL, misfire_grace_seconds, max_retries, timeout_seconds
     FROM given
     ON CONFLICT (id) DO NOTHING
     RETURNING id, execution_time
@@ -129,15 +135,15 @@ WITH given AS (
 ),
 new AS (
     INSERT INTO {schema}.jobs AS j
-        (id, task, queue, args, kwargs, priority, execution_time,
+        (id, task, queue, args, kwargs, priority, execution_time, due_at_commit,
          misfire_grace_seconds, max_retries, timeout_seconds)
     SELECT id, task, queue, args, kwargs, priority, coalesce(execution_time, now()),
-           misfire_grace_seconds, max_retries, timeout_seconds
+           execution_time IS NULL, misfire_grace_seconds, max_retries, timeout_seconds
     FROM given
     ON CONFLICT (id) DO UPDATE SET
         task = excluded.task, queue = excluded.queue, args = excluded.args,
         kwargs = excluded.kwargs, priority = excluded.priority,
-        execution_time = excluded.execution_time,
+        execution_time = excluded.execution_time, due_at_commit = excluded.due_at_commit,
         misfire_grace_seconds = excluded.misfire_grace_seconds,
         max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
         -- attempts is kept, as in replace_job: it fences every write of a claim.
