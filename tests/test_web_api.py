@@ -162,6 +162,21 @@ async def test_post_job_with_unique_for_returns_the_holder_with_200(api, web_env
     assert job_count(web_env) == before
 
 
+async def test_post_job_with_depends_on_waits_and_refuses_unknown_ids(api, web_env):
+    first = await api.post("/api/jobs", headers=AUTH, json={"task": "noop", "delay": "1h"})
+    dep = first.json()["id"]
+    waiting = await api.post("/api/jobs", headers=AUTH,
+                             json={"task": "noop", "depends_on": [dep]})
+    assert waiting.status_code == 201, waiting.text
+    assert waiting.json()["waiting_for"] == [dep]
+    before = job_count(web_env)
+    for bad, message in (({"depends_on": ["no-such-job"]}, "no job"),
+                         ({"depends_on": [dep], "unique_for": 60}, "depends_on")):
+        refused = await api.post("/api/jobs", headers=AUTH, json={"task": "noop"} | bad)
+        assert refused.status_code == 400 and message in refused.text, refused.text
+    assert job_count(web_env) == before
+
+
 async def test_post_job_returns_the_ls_json_object_and_validates_like_add(api, web_env):
     job_id = uid("add")
     created = await api.post("/api/jobs", headers=AUTH, json={

@@ -80,6 +80,8 @@ class JobIn(Strict):
     unique_for: float | str | None = Field(
         None, description='Seconds or a duration like "5m": see docs/job-control.md.')
     unique_key: str | None = None
+    depends_on: list[str] = Field(
+        [], description="Ids of jobs that must complete first: see docs/job-control.md.")
 
 
 class ScheduleBody(Strict):
@@ -160,7 +162,7 @@ async def list_jobs(
 async def add_job(request: Request, response: Response, body: JobIn) -> dict[str, Any]:
     svc = await service(request).ready()
     given = body.model_dump(exclude_unset=True,
-                            exclude={"on_conflict", "unique_for", "unique_key"})
+                            exclude={"on_conflict", "unique_for", "unique_key", "depends_on"})
     # The job-file keys `pgsched add --from` reads: one validator for both.
     renames = {"execution_time": "at", "delay": "in", "max_retries": "retries"}
     nullable = ("timeout", "misfire_grace")  # null there means "no limit"
@@ -178,7 +180,11 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
     svc.check_task(str(spec.func))
     svc.scheduler.validate(spec)
     mode = ConflictResolution.parse(body.on_conflict)
-    if body.unique_for is not None or body.unique_key is not None:
+    unique = body.unique_for is not None or body.unique_key is not None
+    if body.depends_on and unique:
+        raise InvalidInput("depends_on cannot be combined with unique_for: schedule the job "
+                           "that waits on its own")
+    if unique:
         unique_for = (body.unique_for if not isinstance(body.unique_for, str)
                       else parse_duration(body.unique_for))
         job_id, added = await svc.scheduler.schedule_unique(
@@ -186,6 +192,14 @@ async def add_job(request: Request, response: Response, body: JobIn) -> dict[str
             conflict_resolution=mode)
         if not added:
             response.status_code = 200  # the pending or running job holding the key
+        return job_to_json(await _job_row(svc, job_id))
+    if body.depends_on:  # as schedule(depends_on=...): checked and written by the store
+        job_id = await svc.scheduler.schedule(
+            spec.func, execution_time=spec.execution_time, args=spec.args,
+            kwargs=spec.kwargs, priority=spec.priority, max_retries=spec.max_retries,
+            job_id=spec.job_id, timeout=spec.timeout,
+            misfire_grace_time=spec.misfire_grace_time, queue=spec.queue,
+            conflict_resolution=mode, depends_on=body.depends_on)
         return job_to_json(await _job_row(svc, job_id))
     [job_id] = await svc.scheduler.schedule_bulk([spec], conflict_resolution=mode)
     if job_id is None:
