@@ -279,8 +279,9 @@ class Store:
         self.schema = validate_identifier(schema)
         self.channel = channel_name(schema)
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
-        # Which claim statement runs: claim_jobs once a queue has a global limit, else the
-        # cheaper claim_jobs_unlimited; each reports which one the next claim needs.
+        # Which claim statement the next claim starts with: claim_jobs once a queue has a
+        # global limit, else the cheaper claim_jobs_unlimited; each claim reports which one
+        # fits. Only a guess shared by the store's claimers: each claim checks its own.
         self._claim_limits = False
 
     # -- helpers -------------------------------------------------------------------------
@@ -612,30 +613,26 @@ class Store:
         queues: the queues served (None: all); capped: (queues, free slots of each) for
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
         """
-        rows = await self._rows(
-            "claim_jobs" if self._claim_limits else "claim_jobs_unlimited",
-            {
-                "worker_id": worker_id,
-                "limit": limit,
-                "lease_seconds": lease_seconds,
-                "queues": list(queues) if queues is not None else None,
-                "capped_queues": list(capped[0]),
-                "capped_free": list(capped[1]),
-                "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
-            },
-            # The claim clamps its times in SQL: psycopg's own loader decodes them, not
-            # the clamping one, a Python call per value on the worker's hot path.
-            times_clamped=True,
-        )
-        limits_exist = rows[0]["limits_exist"]
-        if limits_exist != self._claim_limits:
-            # A global limit appeared (the cheaper claim took nothing) or the last one
-            # went: the next claim, at once, runs the statement that fits.
-            self._claim_limits = limits_exist
-            if limits_exist:
-                return await self.claim_jobs(worker_id=worker_id, limit=limit,
-                                             lease_seconds=lease_seconds, queues=queues,
-                                             capped=capped)
+        params = {
+            "worker_id": worker_id,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+            "queues": list(queues) if queues is not None else None,
+            "capped_queues": list(capped[0]),
+            "capped_free": list(capped[1]),
+            "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
+        }
+        # Decided by what this claim ran, never by _claim_limits afterwards: claimers that
+        # share the store change it while this one runs.
+        cheaper = not self._claim_limits
+        # The claim clamps its times in SQL: psycopg's own loader decodes them, not the
+        # clamping one, a Python call per value on the worker's hot path.
+        rows = await self._rows("claim_jobs_unlimited" if cheaper else "claim_jobs", params,
+                                times_clamped=True)
+        if cheaper and rows[0]["limits_exist"]:
+            # A global limit appeared and the cheaper claim took nothing: claim with it.
+            rows = await self._rows("claim_jobs", params, times_clamped=True)
+        self._claim_limits = rows[0]["limits_exist"]
         for row in rows:
             del row["rate_counted"]  # read only so that the claim counts its starts
             del row["limits_exist"]

@@ -89,6 +89,63 @@ async def test_a_worker_on_the_cheaper_claim_obeys_a_limit_set_meanwhile(sched):
     assert store._claim_limits is False
 
 
+async def test_claims_sharing_a_store_each_claim_when_a_limit_appears(sched, pg_dsn, schema):
+    """Two claimers share one store (two Workers on Scheduler.store): both start on the
+    cheaper statement and both find the limit that appeared. Each must claim again with
+    it, not only the first to flip the store's choice."""
+    await sched.schedule_bulk([JobSpec("noop", queue="q") for _ in range(4)])
+    # On another queue: claims of q itself would skip each other's hold of its limit row.
+    await sched.store.set_queue_limits("other", global_concurrency=5, set_concurrency=True)
+    pool = await open_pool(pg_dsn, max_size=2)
+    try:
+        store = Store(pool, schema)
+        got = await asyncio.gather(*(
+            store.claim_jobs(worker_id=f"w{i}", limit=1, lease_seconds=30, queues=["q"])
+            for i in range(2)))
+        assert [len(jobs) for jobs, _, _ in got] == [1, 1]
+    finally:
+        await pool.close()
+
+
+async def test_a_claim_returns_every_job_it_took_while_another_saw_the_limit_go(
+        sched, pg_dsn, schema):
+    """A claim on the limited statement whose snapshot still holds a limit ends after
+    another claim of the same store saw the last limit go. What it claimed is the worker's:
+    it must come back, not be dropped by a claim run again (the jobs would stay running,
+    leased to a worker that never runs them)."""
+    gated = await sched.schedule("noop", queue="gated")
+    await sched.store.set_queue_limits("other", global_concurrency=5, set_concurrency=True)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as holder:
+        # Holds the claim of queue `gated` after its snapshot, inside its UPDATE.
+        await holder.execute(f"""
+            CREATE FUNCTION "{schema}".gate() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+            CREATE TRIGGER gate BEFORE UPDATE ON "{schema}".jobs FOR EACH ROW
+                WHEN (NEW.queue = 'gated') EXECUTE FUNCTION "{schema}".gate()""")
+        await holder.execute("SELECT pg_advisory_lock(4242)")
+        pool = await open_pool(pg_dsn, max_size=2)
+        try:
+            store = Store(pool, schema)
+            assert await claim(store, "w0", queues=["free"]) == []  # now on claim_jobs
+            held = asyncio.create_task(claim(store, "wa", queues=["gated"]))
+
+            async def gate_waits() -> bool:
+                cur = await holder.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND objid = 4242 AND NOT granted")
+                return (await cur.fetchone())[0] == 1
+
+            await wait_until(gate_waits, what="the gated claim to wait")
+            await sched.store.set_queue_limits("other", global_concurrency=None,
+                                               set_concurrency=True)
+            assert await claim(store, "wb", queues=["free"]) == []  # saw no limit
+            await holder.execute("SELECT pg_advisory_unlock(4242)")
+            assert await held == [gated]
+        finally:
+            await pool.close()
+    assert (await sched.get_job(gated))["worker_id"] == "wa"
+
+
 async def test_concurrent_claims_never_exceed_global_concurrency(sched, pg_dsn, schema):
     await sched.schedule_bulk([JobSpec("noop", queue="q") for _ in range(200)])
     await sched.store.set_queue_limits("q", global_concurrency=7, set_concurrency=True)
