@@ -152,18 +152,25 @@ def _load_queries() -> dict[str, str]:
 
 
 def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:
-    """A block with `-- if limits` / `-- else` / `-- end` lines (claim_jobs) is two
-    statements: NAME keeps the `if` parts, NAME_unlimited the `else` parts. One text
-    for both, so that the claim's shared parts cannot drift apart."""
-    if "-- if limits\n" not in text:
+    """A block with `-- if WHAT` / `-- else: OTHER` / `-- end` lines is two statements:
+    NAME keeps the `if` parts, OTHER the `else` parts (claim_jobs and
+    claim_jobs_unlimited, replace_jobs_given and insert_jobs_given). One text for both,
+    so that their shared parts cannot drift apart."""
+    others = {line.strip()[len("-- else:"):].strip() for line in text.splitlines()
+              if line.strip().startswith("-- else:")}
+    if not others:
         yield name, text
         return
-    kept: dict[str, list[str]] = {name: [], f"{name}_unlimited": []}
+    if len(others) != 1:
+        raise RuntimeError(f"query {name}: its `-- else:` lines name {sorted(others)}")
+    other = others.pop()
+    kept: dict[str, list[str]] = {name: [], other: []}
     part = None
     for line in text.splitlines(keepends=True):
         marker = line.strip()
-        if marker in ("-- if limits", "-- else", "-- end"):
-            part = {"-- if limits": name, "-- else": f"{name}_unlimited", "-- end": None}[marker]
+        if marker.startswith("-- if ") or marker.startswith("-- else:") or marker == "-- end":
+            part = (name if marker.startswith("-- if ")
+                    else other if marker.startswith("-- else:") else None)
             continue
         for variant, lines in kept.items():
             if part is None or part == variant:

@@ -88,7 +88,7 @@ WHERE id = %(id)s AND attempts = %(attempt)s AND worker_id = %(worker_id)s
 UPDATE {schema}.jobs SET awaited = true WHERE id = %(id)s
 RETURNING *;
 
--- name: insert_jobs_given
+-- name: replace_jobs_given
 -- schedule()/schedule_bulk() through the caller's connection (connection=...), in the
 -- caller's transaction: one statement for both, the jobs as arrays. Inserts those whose
 -- ids are free; a clash is skipped without a lock (the caller's transaction may be long).
@@ -98,33 +98,9 @@ RETURNING *;
 -- due at the commit (due_at_commit: migration 0013's deferred trigger), not at now(), the
 -- transaction's start; the NOTIFY's due time, now(), is no later, so it wakes workers
 -- at once.
-WITH given AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(tasks)s::text[], %(queues)s::text[],
-                         %(args)s::jsonb[], %(kwargs)s::jsonb[], %(priorities)s::smallint[],
-                         %(execution_times)s::timestamptz[], %(graces)s::float8[],
-                         %(max_retries)s::int[], %(timeouts)s::float8[])
-        AS g(id, task, queue, args, kwargs, priority, execution_time, misfire_grace_seconds,
-             max_retries, timeout_seconds)
-),
-new AS (
-    INSERT INTO {schema}.jobs
-        (id, task, queue, args, kwargs, priority, execution_time, due_at_commit,
-         misfire_grace_seconds, max_retries, timeout_seconds)
-    SELECT id, task, queue, args, kwargs, priority, coalesce(execution_time, now()),
-           execution_time IS NULL, misfire_grace_seconds, max_retries, timeout_seconds
-    FROM given
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id, execution_time
-),
-wake AS (
-    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
-    FROM new HAVING count(*) > 0
-)
-SELECT ARRAY(SELECT id FROM new) AS written, (SELECT count(*) FROM wake) AS notified;
-
--- name: replace_jobs_given
--- insert_jobs_given with conflict_resolution REPLACE: an existing job that is not running
--- is overwritten as replace_job does (it stays locked until the caller commits).
+-- With conflict_resolution REPLACE (replace_jobs_given; insert_jobs_given is the same
+-- statement without it: store._variants), an existing job that is not running is
+-- overwritten as replace_job does (it stays locked until the caller commits).
 WITH given AS (
     SELECT * FROM unnest(%(ids)s::text[], %(tasks)s::text[], %(queues)s::text[],
                          %(args)s::jsonb[], %(kwargs)s::jsonb[], %(priorities)s::smallint[],
@@ -140,6 +116,7 @@ new AS (
     SELECT id, task, queue, args, kwargs, priority, coalesce(execution_time, now()),
            execution_time IS NULL, misfire_grace_seconds, max_retries, timeout_seconds
     FROM given
+-- if replace
     ON CONFLICT (id) DO UPDATE SET
         task = excluded.task, queue = excluded.queue, args = excluded.args,
         kwargs = excluded.kwargs, priority = excluded.priority,
@@ -151,6 +128,9 @@ new AS (
         lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
         errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
     WHERE j.status <> 'running'
+-- else: insert_jobs_given
+    ON CONFLICT (id) DO NOTHING
+-- end
     RETURNING id, execution_time
 ),
 wake AS (

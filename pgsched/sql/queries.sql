@@ -70,7 +70,7 @@ served AS (
     SELECT s.queue, least(s.cap, coalesce(r.room, s.cap)) AS cap
     FROM listed s LEFT JOIN limited r ON r.queue = s.queue
 ),
--- else
+-- else: claim_jobs_unlimited
 -- No queue has a global limit (queue_limits is empty in this statement's snapshot, the
 -- same one a claim_room call would read): claim_jobs_unlimited, the statement a worker
 -- runs until a limit appears, is this much cheaper to plan (0.15 ms a claim, a sixth of
@@ -186,7 +186,7 @@ claimed AS (
 -- when room comes back.
 SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next_due,
        now() AS db_now, (SELECT jobs FROM counted) AS rate_counted,
--- else
+-- else: claim_jobs_unlimited
 SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS rate_counted,
 -- end
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
