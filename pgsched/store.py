@@ -69,6 +69,7 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_INCLUDE_RE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
 NO_TRANSACTION = "-- pgsched: no-transaction\n"
@@ -138,7 +139,9 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def _load_queries() -> dict[str, str]:
-    """Named blocks of every sql/*.sql file (each area of pgsched owns one file)."""
+    """Named blocks of every sql/*.sql file (each area of pgsched owns one file), with
+    their `-- include: NAME` lines replaced by block NAME (a fragment several statements
+    share, such as the columns a REPLACE resets); an included block is not a statement."""
     folder = importlib.resources.files("pgsched").joinpath("sql")
     queries: dict[str, str] = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
@@ -148,7 +151,20 @@ def _load_queries() -> dict[str, str]:
                     if name in queries:
                         raise RuntimeError(f"query {name} is defined twice in pgsched/sql")
                     queries[name] = variant
-    return queries
+    included = set(_INCLUDE_RE.findall("\n".join(queries.values())))
+    missing = included - queries.keys()
+    if missing:
+        raise RuntimeError(f"pgsched/sql includes {sorted(missing)}, which no block defines")
+    fragments = {name: _without_leading_comment(queries.pop(name)) for name in included}
+    return {name: _INCLUDE_RE.sub(lambda m: fragments[m.group(1)], text)
+            for name, text in queries.items()}
+
+
+def _without_leading_comment(text: str) -> str:
+    lines = text.splitlines()
+    while lines and lines[0].lstrip().startswith("--"):
+        lines.pop(0)
+    return "\n".join(lines)
 
 
 def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:

@@ -213,3 +213,33 @@ async def test_wait_outlives_a_worker_pool(pg_dsn, schema):
                                    result = '7' WHERE id = %s""", [job_id])
         assert (await waiting)["result"] == 7
         assert await one.schedule("noop")  # the pool's one connection is free
+
+
+
+REPLACE_PATHS = {
+    "schedule": lambda sched, conn, job_id: sched.schedule(
+        "noop", job_id=job_id, conflict_resolution="replace"),
+    "schedule_bulk": lambda sched, conn, job_id: sched.schedule_bulk(
+        [JobSpec("noop", job_id=job_id)], conflict_resolution="replace"),
+    "connection": lambda sched, conn, job_id: sched.schedule(
+        "noop", job_id=job_id, conflict_resolution="replace", connection=conn),
+}
+
+
+@pytest.mark.parametrize("path", REPLACE_PATHS)
+async def test_every_replace_path_makes_a_plain_job_of_a_unique_or_waiting_one(
+        pg_dsn, schema, sched, path):
+    """REPLACE overwrites a job with a new, plain one, whichever way it is written: the old
+    job's unique key is freed and it no longer waits for its dependencies."""
+    await sched.schedule("noop", job_id="unique", unique_for=600, unique_key="k")
+    await sched.schedule("noop", job_id="a")
+    await sched.schedule("noop", job_id="waiting", depends_on=["a"])
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        for job_id in ("unique", "waiting"):
+            await REPLACE_PATHS[path](sched, conn, job_id)
+        cur = await conn.execute(
+            f'SELECT id, unique_key, due_after_dependencies, execution_time <= now() '
+            f'FROM "{schema}".jobs WHERE id <> %s ORDER BY id', ["a"])
+        assert await cur.fetchall() == [("unique", None, None, True),
+                                        ("waiting", None, None, True)]
+    assert await sched.schedule("noop", unique_for=600, unique_key="k") != "unique"

@@ -25,6 +25,26 @@ VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
 ON CONFLICT (id) DO NOTHING
 RETURNING pg_notify(%(channel)s, extract(epoch FROM execution_time)::text);
 
+-- name: replaced_job
+-- The SET list of every REPLACE (replace_job, replace_staged, and replace_jobs_given in
+-- job_control.sql), included where each says `-- include: replaced_job` (store.py), so
+-- that the three cannot drift apart: the new job's own values, and everything else as a
+-- new job has it.
+task = excluded.task, queue = excluded.queue, args = excluded.args,
+kwargs = excluded.kwargs, priority = excluded.priority,
+execution_time = excluded.execution_time, due_at_commit = excluded.due_at_commit,
+misfire_grace_seconds = excluded.misfire_grace_seconds,
+max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
+-- attempts is kept: it fences every write of a claim, so a run of the job
+-- before the replace can never record an outcome for the new one.
+status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
+lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
+errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
+-- The new job is not a unique one (insert_unique_job), whatever the old one was,
+unique_key = NULL, unique_until = NULL,
+-- and waits for nothing (dependencies.sql).
+due_after_dependencies = NULL
+
 -- name: replace_job
 -- Insert one job, or overwrite the existing one unless it is running (a finished job is
 -- scheduled again from scratch). One row when it was written (as insert_job).
@@ -35,19 +55,7 @@ VALUES (%(id)s, %(task)s, %(queue)s, %(args)s::jsonb, %(kwargs)s::jsonb,
         %(priority)s, coalesce(%(execution_time)s::timestamptz, now()),
         %(misfire_grace_seconds)s, %(max_retries)s, %(timeout_seconds)s)
 ON CONFLICT (id) DO UPDATE SET
-    task = excluded.task, queue = excluded.queue, args = excluded.args,
-    kwargs = excluded.kwargs, priority = excluded.priority,
-    execution_time = excluded.execution_time,
-    misfire_grace_seconds = excluded.misfire_grace_seconds,
-    max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-    -- attempts is kept: it fences every write of a claim, so a run of the job
-    -- before the replace can never record an outcome for the new one.
-    status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
-    lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-    errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
-    -- The new job is not a unique one (insert_unique_job), whatever the old one was.
-    unique_key = NULL, unique_until = NULL,
-    due_after_dependencies = NULL  -- a replaced job waits for nothing (dependencies.sql)
+    -- include: replaced_job
 WHERE j.status <> 'running'
 RETURNING pg_notify(%(channel)s, extract(epoch FROM j.execution_time)::text);
 
@@ -107,18 +115,7 @@ WITH new AS (
          misfire_grace_seconds, max_retries, timeout_seconds)
     SELECT * FROM pg_temp.pgsched_new_jobs
     ON CONFLICT (id) DO UPDATE SET
-        task = excluded.task, queue = excluded.queue, args = excluded.args,
-        kwargs = excluded.kwargs, priority = excluded.priority,
-        execution_time = excluded.execution_time,
-        misfire_grace_seconds = excluded.misfire_grace_seconds,
-        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-        -- attempts is kept: it fences every write of a claim, so a run of the job
-        -- before the replace can never record an outcome for the new one.
-        status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
-        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
-        unique_key = NULL, unique_until = NULL,
-        due_after_dependencies = NULL  -- a replaced job waits for nothing
+        -- include: replaced_job
     WHERE j.status <> 'running'
     RETURNING id, execution_time
 ),

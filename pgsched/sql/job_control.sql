@@ -118,15 +118,7 @@ new AS (
     FROM given
 -- if replace
     ON CONFLICT (id) DO UPDATE SET
-        task = excluded.task, queue = excluded.queue, args = excluded.args,
-        kwargs = excluded.kwargs, priority = excluded.priority,
-        execution_time = excluded.execution_time, due_at_commit = excluded.due_at_commit,
-        misfire_grace_seconds = excluded.misfire_grace_seconds,
-        max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
-        -- attempts is kept, as in replace_job: it fences every write of a claim.
-        status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
-        lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
-        errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL
+        -- include: replaced_job
     WHERE j.status <> 'running'
 -- else: insert_jobs_given
     ON CONFLICT (id) DO NOTHING
