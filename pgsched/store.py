@@ -42,6 +42,7 @@ import hashlib
 import importlib.resources
 import json
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -356,13 +357,13 @@ class Store:
     def own_connection(self) -> DedicatedConnection | None:
         """A connection of its own, set up as the pool's (same server, session options
         and adapters), for a service that must never wait behind the pool's slow work.
-        None when the pool cannot say how it connects (OneConnection, a conninfo
-        function): that service then shares the pool."""
-        conninfo = getattr(self.pool, "conninfo", None)
-        kwargs = getattr(self.pool, "kwargs", None)
-        if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
+        Only for a pool open_pool made: one the application built may set its
+        connections up in ways that cannot be copied (a configure callback that runs SET
+        ROLE, a conninfo function), so with it (and with OneConnection) None is returned
+        and that service shares the pool."""
+        if self.pool not in _OPENED_POOLS:
             return None
-        return DedicatedConnection(conninfo, kwargs)
+        return DedicatedConnection(self.pool.conninfo, self.pool.kwargs)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -1417,7 +1418,12 @@ async def open_pool(
         configure=_configure,
     )
     await pool.open(wait=True, timeout=10)
+    _OPENED_POOLS.add(pool)
     return pool
+
+
+# The pools open_pool made, whose connections Store.own_connection knows how to copy.
+_OPENED_POOLS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _connection_options(dsn: str, application_name: str, lock_timeout_seconds: float,

@@ -231,3 +231,24 @@ async def test_bulk_ids_are_distinct_version_4_uuids_in_input_order(sched):
                and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     args = {job["id"]: job["args"] for job in await sched.store.list_jobs(limit=1000)}
     assert [args[i] for i in ids] == [[i] for i in range(600)]
+
+
+async def test_heartbeat_shares_a_pool_the_application_built(pg_dsn, schema):
+    """A pool the application built may set its connections up in a configure callback
+    (SET ROLE, search_path) that a copied connection would lack: the heartbeater then
+    uses that pool, and gets a connection of its own only from a pool pgsched opened."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from pgsched.store import DedicatedConnection, Store, open_pool
+
+    async def configure(conn):
+        await conn.execute("SET application_name = 'the-apps-own'")
+
+    async with AsyncConnectionPool(pg_dsn, kwargs={"autocommit": True}, configure=configure,
+                                   open=False) as apps:
+        assert Store(apps, schema).own_connection() is None
+    ours = await open_pool(pg_dsn)
+    try:
+        assert isinstance(Store(ours, schema).own_connection(), DedicatedConnection)
+    finally:
+        await ours.close()
