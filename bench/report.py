@@ -1,6 +1,6 @@
 """Turning a run's metrics into the printed table and the list of targets met or missed.
 
-Owns: the targets of issue 11 (each a ratio to the raw ceiling of the same run, a
+Owns: the targets of issues 11 and 14 (each a ratio to the raw ceiling of the same run, a
 multiple of a peer measured in the same run, or an absolute bound) and the Markdown report
 the benchmark prints and writes, whose tables are also the ones pasted into the docs.
 Values are medians over the rounds; ratios are medians of the per-round ratios, with their
@@ -118,6 +118,26 @@ ROWS = [
     Row("web: 200 SSE clients on one process, RSS", "web_sse_clients_rss_mb", "MB"),
     Row("web: share of job events every SSE client got", "web_sse_clients_min_delivered",
         "of 1"),
+    # Issue 14's figures (the opt-in scenarios scale, churn and retention: bench/scale.py).
+    *(Row(f"scale: empty claims per job, {n} worker{'s' * (n > 1)}, steady 200 jobs/s, direct",
+          f"scale_direct_{n}_steady_empty_claims_per_job", "per job", None, "<= 1",
+          met=_at_most(f"scale_direct_{n}_steady_empty_claims_per_job", 1.0))
+      for n in (1, 10, 50)),
+    Row("scale: server connections, 50 workers through PgBouncer",
+        "scale_pgbouncer_50_steady_connections_peak", "connections", None,
+        "<= 97 (max_connections 100)",
+        met=_at_most("scale_pgbouncer_50_steady_connections_peak", 97)),
+    Row("churn: claim p95 in the last of 1M jobs, vacuum after each batch",
+        "churn_vacuum_end_claim_p95_ms", "ms p95", "churn_vacuum_start_claim_p95_ms",
+        "<= 2x the first batch's", met=lambda m: m["churn_vacuum_end_claim_p95_ms"]
+        <= 2 * m["churn_vacuum_start_claim_p95_ms"]),
+    Row("retention: jobs/day `pgsched vacuum` sustains at 7 days",
+        "retention_sustained_jobs_per_day", "jobs/day", None, ">= 10M",
+        met=lambda m: m["retention_sustained_jobs_per_day"] >= 10_000_000),
+    Row("retention: claim p95 while vacuum deletes", "retention_busy_claim_p95_ms", "ms p95",
+        "retention_quiet_claim_p95_ms", "<= 2x without it",
+        met=lambda m: m["retention_busy_claim_p95_ms"]
+        <= 2 * m["retention_quiet_claim_p95_ms"]),
     Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
     Row("raw: COPY 10k rows", "raw_copy_10k_rows_per_s", "rows/s"),
     Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
@@ -141,7 +161,7 @@ def _value(key: str, unit: str, m: Metrics) -> str | None:
     if unit == "windows":
         return (f"{value} / {m['recurring_windows_doubled']} of "
                 f"{m['recurring_windows_expected']:,}")
-    if unit in ("jobs/s", "rows/s"):
+    if unit in ("jobs/s", "rows/s", "jobs/day", "connections"):
         return f"{value:,.0f} {unit}"
     if unit == "us/job":
         return f"{value:.0f} us"
@@ -275,6 +295,8 @@ def _short(reference: str | None) -> str:
         "raw_copy_10k_rows_per_s": "raw COPY",
         "raw_claim_jobs_per_s": "raw claim",
         "drain_1_jobs_per_s": "drain-1 at 100",
+        "churn_vacuum_start_claim_p95_ms": "the first batch",
+        "retention_quiet_claim_p95_ms": "without vacuum",
     }.get(reference or "", reference or "")
 
 
