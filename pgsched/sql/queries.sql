@@ -335,12 +335,26 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- them as poison pills; or cancel them when a cancel was requested, since their worker
 -- can no longer do it), and wake idle workers for them.
 --
--- Silent: the worker's registry heartbeat (the workers table, which no job DDL locks) is
--- older than one of its leases, or the worker is gone from the registry. A live worker
--- whose job heartbeats are only delayed (a table lock on jobs) keeps its jobs: its
--- lease comes back with its next heartbeat. The lease length is the job's own
--- (lease_until - heartbeat_at, both written together), so workers with different
--- settings are judged by theirs.
+-- Silent: the worker is gone from the registry, or its registry heartbeat (the workers
+-- table, which no job DDL locks) is older than one of its leases AND its registry row is
+-- not locked. A live worker whose job heartbeats are only delayed (a table lock on jobs)
+-- keeps its jobs: its lease comes back with its next heartbeat. The lease length is the
+-- job's own (lease_until - heartbeat_at, both written together), so workers with
+-- different settings are judged by theirs.
+--
+-- Why a locked registry row counts as alive: someone holding the row (a long
+-- SELECT ... FOR UPDATE) keeps the worker from writing its heartbeat however alive it
+-- is, and when they let go the heartbeat and, if its job rows were held too, the leases
+-- are all stale at once: the worker and this statement race, and only the database can
+-- tell who is first. Invariant: while a worker is alive and connected, its heartbeater
+-- is queued for its registry row whenever that row is locked (after a beat that gave up
+-- on lock_timeout it queues again at once: heartbeat.py), and a queued UPDATE holds the
+-- row's tuple lock, which FOR SHARE SKIP LOCKED below sees. So the row stays "locked"
+-- from the lock's start through the worker's own heartbeat write, which then commits
+-- before any recovery can lock the row, and recovery finds a fresh heartbeat. A dead
+-- worker queues nothing: its row is free, and its jobs go a lease after its last beat,
+-- as before. FOR SHARE, not KEY SHARE: it must conflict with the heartbeat's UPDATE.
+-- Held only for this statement; a registry beat waits for it at most that long.
 --
 -- Blame: a crash orphans every job its worker held, but it takes one recovery from only
 -- one of them, the one that had been running longest (then the lowest id), which is the
@@ -355,10 +369,12 @@ WITH expired AS (
     SELECT j.id, j.worker_id, j.started_at FROM {schema}.jobs j
     WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
       AND j.status = 'running' AND j.lease_until < clock_timestamp()
-      AND NOT EXISTS (
-          SELECT 1 FROM {schema}.workers w
-          WHERE w.id = j.worker_id
-            AND w.heartbeat_at + (j.lease_until - j.heartbeat_at) > clock_timestamp())
+      AND (NOT EXISTS (SELECT 1 FROM {schema}.workers w WHERE w.id = j.worker_id)
+           OR EXISTS (
+               SELECT 1 FROM {schema}.workers w
+               WHERE w.id = j.worker_id
+                 AND w.heartbeat_at + (j.lease_until - j.heartbeat_at) <= clock_timestamp()
+               FOR SHARE SKIP LOCKED))
     ORDER BY j.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
