@@ -6,6 +6,9 @@ planner or metrics query at size, a completion stuck on a busy server).
   other worker recovers it.
 - The heartbeat connection killed (pg_terminate_backend) again and again, or the
   worker's registry row locked: the heartbeater reconnects, renews, and keeps its job.
+- The registry row and the job's row both locked for longer than a lease, then let go
+  at once: an idle worker could recover the job at the unlock, before the live worker's
+  next beat (issue seen in review); the worker keeps it.
 - A claim slower than the worker pool's statement_timeout (half a lease) is cancelled
   by the server; the worker logs it, backs off, claims again and carries on.
 """
