@@ -358,13 +358,15 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 --
 -- Seen twice: the queue has two gaps: the few milliseconds between a registry beat that
 -- gave up on lock_timeout and the next (the lease renewal runs in between), and the
--- wake-up of the queued beat once the holder lets go (a lock whose holder has ended is
--- taken by whoever asks first, the queued UPDATE's tuple lock notwithstanding). So the
+-- wake-up of the queued beat once the holder lets go (a row whose locker has ended can
+-- be locked by whoever asks before the woken UPDATE gets to it). So the
 -- worker's own loop (maintenance.py) recovers a registered worker's jobs only when it
 -- has found that worker silent with the same registry heartbeat on its previous pass too
 -- (%(sighted_workers)s / %(sighted_beats)s, with %(seen_twice)s): a live worker found
 -- silent in a gap writes its heartbeat within milliseconds, long before the next pass,
--- which then finds another heartbeat (or a locked row) and starts over. A worker gone
+-- which then finds another heartbeat (or a locked row) and starts over. (Relied on: a
+-- live worker not queued when the row is let go writes within one pass; not so if its
+-- beat connection had just been dropped, see heartbeat.py's Failure.) A worker gone
 -- from the registry has nothing to write and is not waited for. Every statement returns
 -- the silent workers it saw (rows with silent_worker set, id NULL) for the next pass.
 -- Without %(seen_twice)s (an operator's or a test's one-off pass) the first sight is
