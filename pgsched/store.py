@@ -295,6 +295,18 @@ class ScheduleAdvance:
     windows: Sequence[tuple[str, datetime]] = ()
 
 
+class Recovery(NamedTuple):
+    """One orphan recovery pass: the jobs it recovered, and the registered workers it
+    found silent, each with the registry heartbeat it judged by (the next pass's
+    `sighted`)."""
+
+    recovered: list[dict[str, Any]]
+    silent: dict[str, datetime]
+
+
+_SIGHTING_COLUMNS = frozenset({"silent_worker", "registry_beat"})
+
+
 class Store:
     """Runs pgsched's named queries against one schema through a psycopg async pool."""
 
@@ -764,12 +776,31 @@ class Store:
     async def recover_orphans(
         self, *, max_recoveries: int, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        """Recover expired leases of silent workers (sql/queries.sql says which, and which
-        job a crash counts against) and wake idle workers for them."""
-        return await self._rows("recover_orphans", {
+        """Recover expired leases of silent workers at first sight (sql/queries.sql says
+        which, and which job a crash counts against) and wake idle workers for them: an
+        operator's or a test's one-off pass. The worker's loop uses recover_seen_twice."""
+        return (await self._recover(max_recoveries, limit, None)).recovered
+
+    async def recover_seen_twice(
+        self, *, max_recoveries: int, sighted: dict[str, datetime], limit: int = 1000
+    ) -> Recovery:
+        """Like recover_orphans, taking jobs only from workers gone from the registry or
+        found silent with the same registry heartbeat by the previous pass (`sighted`,
+        that pass's Recovery.silent)."""
+        return await self._recover(max_recoveries, limit, sighted)
+
+    async def _recover(self, max_recoveries: int, limit: int,
+                       sighted: dict[str, datetime] | None) -> Recovery:
+        rows = await self._rows("recover_orphans", {
             "max_recoveries": max_recoveries, "limit": limit, "channel": self.channel,
-            **_ERRORS_KEPT,
+            "seen_twice": sighted is not None, "sighted_workers": list(sighted or {}),
+            "sighted_beats": list((sighted or {}).values()), **_ERRORS_KEPT,
         })
+        return Recovery(
+            recovered=[{k: v for k, v in row.items() if k not in _SIGHTING_COLUMNS}
+                       for row in rows if row["silent_worker"] is None],
+            silent={row["silent_worker"]: row["registry_beat"]
+                    for row in rows if row["silent_worker"] is not None})
 
     # -- inspection and operations -------------------------------------------------------
 

@@ -45,7 +45,9 @@ STATEMENTS = [
     ("top: failures", "ops_recent_failures", {"limit": 10}),
     ("queues", "queue_stats", {}),
     ("recovery", "recover_orphans", {"limit": 100, "max_recoveries": 3, "channel": "c",
-                                     "errors_first": 5, "errors_last": 5}),
+                                     "errors_first": 5, "errors_last": 5,
+                                     "seen_twice": True, "sighted_workers": [],
+                                     "sighted_beats": []}),
 ]
 
 FILL = """

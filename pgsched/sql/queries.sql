@@ -335,12 +335,42 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- them as poison pills; or cancel them when a cancel was requested, since their worker
 -- can no longer do it), and wake idle workers for them.
 --
--- Silent: the worker's registry heartbeat (the workers table, which no job DDL locks) is
--- older than one of its leases, or the worker is gone from the registry. A live worker
--- whose job heartbeats are only delayed (a table lock on jobs) keeps its jobs: its
--- lease comes back with its next heartbeat. The lease length is the job's own
--- (lease_until - heartbeat_at, both written together), so workers with different
--- settings are judged by theirs.
+-- Silent: the worker is gone from the registry, or its registry heartbeat (the workers
+-- table, which no job DDL locks) is older than one of its leases AND its registry row is
+-- not locked. A live worker whose job heartbeats are only delayed (a table lock on jobs)
+-- keeps its jobs: its lease comes back with its next heartbeat. The lease length is the
+-- job's own (lease_until - heartbeat_at, both written together), so workers with
+-- different settings are judged by theirs.
+--
+-- Why a locked registry row counts as alive: someone holding the row (a long
+-- SELECT ... FOR UPDATE) keeps the worker from writing its heartbeat however alive it
+-- is, and when they let go the heartbeat and, if its job rows were held too, the leases
+-- are all stale at once: the worker and this statement race, and only the database can
+-- tell who is first. Invariant: while a worker is alive and connected, its heartbeater
+-- is queued for its registry row whenever that row is locked (after a beat that gave up
+-- on lock_timeout it queues again at once: heartbeat.py), and a queued UPDATE holds the
+-- row's tuple lock, which FOR SHARE SKIP LOCKED below sees. So the row stays "locked"
+-- from the lock's start through the worker's own heartbeat write, which then commits
+-- before any recovery can lock the row, and recovery finds a fresh heartbeat. A dead
+-- worker queues nothing: its row is free, and its jobs go a lease after its last beat,
+-- as before. FOR SHARE, not KEY SHARE: it must conflict with the heartbeat's UPDATE.
+-- Held only for this statement; a registry beat waits for it at most that long.
+--
+-- Seen twice: the queue has two gaps: the few milliseconds between a registry beat that
+-- gave up on lock_timeout and the next (the lease renewal runs in between), and the
+-- wake-up of the queued beat once the holder lets go (a row whose locker has ended can
+-- be locked by whoever asks before the woken UPDATE gets to it). So the
+-- worker's own loop (maintenance.py) recovers a registered worker's jobs only when it
+-- has found that worker silent with the same registry heartbeat on its previous pass too
+-- (%(sighted_workers)s / %(sighted_beats)s, with %(seen_twice)s): a live worker found
+-- silent in a gap writes its heartbeat within milliseconds, long before the next pass,
+-- which then finds another heartbeat (or a locked row) and starts over. (Relied on: a
+-- live worker not queued when the row is let go writes within one pass; not so if its
+-- beat connection had just been dropped, see heartbeat.py's Failure.) A worker gone
+-- from the registry has nothing to write and is not waited for. Every statement returns
+-- the silent workers it saw (rows with silent_worker set, id NULL) for the next pass.
+-- Without %(seen_twice)s (an operator's or a test's one-off pass) the first sight is
+-- enough, as it was before.
 --
 -- Blame: a crash orphans every job its worker held, but it takes one recovery from only
 -- one of them, the one that had been running longest (then the lowest id), which is the
@@ -351,15 +381,26 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- The lease test is repeated in the UPDATE itself, so a completion that commits after
 -- the scan wins: the row no longer matches. clock_timestamp(), not now(): a statement
 -- that waited for a lock judges leases at the time it runs.
-WITH expired AS (
-    SELECT j.id, j.worker_id, j.started_at FROM {schema}.jobs j
+WITH silent AS (
+    -- Expired jobs of silent workers, with the registry heartbeat each worker was judged
+    -- by (NULL: gone from the registry).
+    SELECT j.id, j.worker_id, j.started_at, j.lease_until, w.heartbeat_at AS registry_beat
+    FROM {schema}.jobs j LEFT JOIN {schema}.workers w ON w.id = j.worker_id
     WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
       AND j.status = 'running' AND j.lease_until < clock_timestamp()
-      AND NOT EXISTS (
-          SELECT 1 FROM {schema}.workers w
-          WHERE w.id = j.worker_id
-            AND w.heartbeat_at + (j.lease_until - j.heartbeat_at) > clock_timestamp())
-    ORDER BY j.lease_until
+      AND (w.id IS NULL OR EXISTS (
+               SELECT 1 FROM {schema}.workers l
+               WHERE l.id = w.id
+                 AND l.heartbeat_at + (j.lease_until - j.heartbeat_at) <= clock_timestamp()
+               FOR SHARE SKIP LOCKED))
+),
+expired AS (
+    SELECT j.id, s.worker_id, s.started_at FROM silent s JOIN {schema}.jobs j ON j.id = s.id
+    WHERE NOT %(seen_twice)s OR s.registry_beat IS NULL
+       OR (s.worker_id, s.registry_beat) IN (
+              SELECT * FROM unnest(%(sighted_workers)s::text[],
+                                   %(sighted_beats)s::timestamptz[]))
+    ORDER BY s.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
 ),
@@ -402,8 +443,13 @@ wake AS (
     FROM recovered WHERE status = 'pending' HAVING count(*) > 0
 )
 SELECT recovered.id, recovered.task, recovered.queue, recovered.status, recovered.attempts,
-       recovered.previous_worker
-FROM recovered LEFT JOIN wake ON true;
+       recovered.previous_worker, NULL::text AS silent_worker,
+       NULL::timestamptz AS registry_beat
+FROM recovered LEFT JOIN wake ON true
+UNION ALL
+SELECT DISTINCT NULL::text, NULL::text, NULL::text, NULL::{schema}.job_status, NULL::int,
+       NULL::text, s.worker_id, s.registry_beat
+FROM silent s WHERE s.registry_beat IS NOT NULL;
 
 -- name: cancel_jobs
 -- Cancel pending jobs. Returns the ids cancelled.

@@ -12,7 +12,12 @@ Invariants:
   anyway), and so is a job whose cancel was requested (`pgsched cancel`; the NOTIFY
   'cancel:<worker id>' sets beat_now so the beat comes at once, the heartbeat itself is
   the fallback).
-- Beats come every heartbeat interval less up to 10% jitter, so replicas spread out.
+- Beats come every heartbeat interval less up to 10% jitter, so replicas spread out,
+  except after a beat that gave up waiting for a row lock (lock_timeout): the next comes
+  at once, so that while someone holds the registry row locked this worker is nearly
+  always queued for it. Orphan recovery counts a locked registry row as alive, and a
+  queued UPDATE keeps it locked until the worker's own heartbeat commits, so the worker
+  is first when the row is let go, however long it was held (recover_orphans).
 
 - Beats never wait behind the pool's slow work (claims, completions, vacuum, planner and
   metrics queries): they run on a connection of their own (store.DedicatedConnection),
@@ -31,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+
+import psycopg
 
 from ..logs import get_logger
 from .context import DB_ERRORS, WorkerContext, backoff_delay
@@ -65,9 +72,14 @@ class Heartbeater:
         timeout = self.ctx.options.lease_seconds * BEAT_TIMEOUT_LEASES
         loop = asyncio.get_running_loop()
         failures = 0
+        blocked = False
         while True:
-            pause = (interval * random.uniform(0.9, 1.0) if failures == 0
-                     else backoff_delay(failures, cap=interval))
+            if blocked:
+                pause = 0.0  # queue for the locked row again: the lock wait was the pause
+            elif failures == 0:
+                pause = interval * random.uniform(0.9, 1.0)
+            else:
+                pause = backoff_delay(failures, cap=interval)
             if await self._until_next_beat(pause):
                 return
             self.ctx.systemd.watchdog()
@@ -76,10 +88,12 @@ class Heartbeater:
                     await self.run_once()
                 self.ctx.last_db_ok = loop.time()
                 failures = 0
+                blocked = False
             except (*DB_ERRORS, TimeoutError) as exc:
                 self.ctx.db_error("heartbeat", exc, failures)
                 failures += 1
-            if await self.ctx.sleep_or_close(CANCEL_BEAT_MIN_GAP_SECONDS):
+                blocked = isinstance(exc, psycopg.errors.LockNotAvailable)
+            if not blocked and await self.ctx.sleep_or_close(CANCEL_BEAT_MIN_GAP_SECONDS):
                 return
 
     async def _until_next_beat(self, seconds: float) -> bool:

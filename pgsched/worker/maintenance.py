@@ -4,7 +4,10 @@ Every worker runs it; no leader is needed because each step is a single statemen
 is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes).
 
 - recovery, every heartbeat interval: running jobs whose lease expired go back to
-  pending; one orphaned `max_recoveries` times is failed as a poison pill. Skipped while
+  pending; one orphaned `max_recoveries` times is failed as a poison pill. A registered
+  worker's jobs are taken only once two passes in a row found it silent with the same
+  registry heartbeat, so one that is alive but was kept from writing by a lock wins the
+  race at the unlock (recover_orphans in sql/queries.sql). Skipped while
   this worker's own heartbeat has not worked for a lease (an outage, a freeze): it
   cannot tell silent workers from ones that are only reconnecting, itself included.
 - pruning, every few minutes: workers silent for ten leases leave the registry.
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from ..logs import get_logger
@@ -66,6 +70,10 @@ class Maintenance:
         self.ctx = ctx
         self._last_prune = 0.0
         self._last_vacuum: float | None = None
+        # The registered workers the last recovery pass found silent, with the registry
+        # heartbeat each was judged by: a pass takes jobs only from a worker the previous
+        # one saw silent with the same heartbeat (recover_orphans in sql/queries.sql).
+        self._sighted: dict[str, datetime] = {}
 
     async def run(self) -> None:
         opts = self.ctx.options
@@ -96,11 +104,14 @@ class Maintenance:
         (waiting for a connection through an outage) is given up, not run late."""
         in_touch = self._in_touch_for(now)
         if in_touch <= 0:
+            self._sighted = {}  # what this worker saw before it lost touch is not judged on
             return []
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(in_touch):
-                return await self.ctx.store.recover_orphans(
-                    max_recoveries=self.ctx.options.max_recoveries)
+                recovery = await self.ctx.store.recover_seen_twice(
+                    max_recoveries=self.ctx.options.max_recoveries, sighted=self._sighted)
+                self._sighted = recovery.silent
+                return recovery.recovered
         return []
 
     async def run_once(self) -> dict[str, object]:

@@ -56,6 +56,7 @@ async def test_recovery_holding_the_row_wins_and_the_late_completion_writes_noth
     async with await psycopg.AsyncConnection.connect(pg_dsn) as recovering:
         cur = await recovering.execute(sched.store._q["recover_orphans"], {
             "max_recoveries": 3, "limit": 1000, "channel": sched.store.channel,
+            "seen_twice": False, "sighted_workers": [], "sighted_beats": [],
             "errors_first": ERRORS_KEPT_FIRST, "errors_last": ERRORS_KEPT_LAST})
         assert [r[0] for r in await cur.fetchall()] == [job_id]
         late = asyncio.create_task(sched.store.complete_jobs(
@@ -165,3 +166,53 @@ async def test_a_job_never_started_within_its_grace_still_expires(sched):
     job_id = await sched.schedule("noop", misfire_grace_time=0.5)
     await _wait_past_grace(sched, job_id, 0.5)
     assert [(j["id"], j["expired"]) for j in await claim_all(sched)] == [(job_id, True)]
+
+
+async def _silent_registered_worker_with_a_job(sched, worker_id: str = "host:2:live2"):
+    """A registered worker whose heartbeat and job lease are both over a lease old: as
+    after someone held its registry and job rows locked for longer than a lease."""
+    job_id = await sched.schedule("noop")
+    await query(sched, "INSERT INTO {schema}.workers (id, host, pid, version, concurrency, "
+                       "heartbeat_at) VALUES (%s, 'host', 2, 'test', 1, "
+                       "now() - interval '1 hour') RETURNING id", [worker_id])
+    await claim_all(sched, worker_id=worker_id)
+    await expire_leases(sched)
+    return job_id
+
+
+async def test_a_locked_registry_row_is_not_silent(sched, pg_dsn):
+    """Whoever holds a worker's registry row (its own queued heartbeat, or someone
+    keeping it from writing) keeps its jobs; recovered once the row is free."""
+    job_id = await _silent_registered_worker_with_a_job(sched)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{sched.schema}".workers FOR UPDATE')
+        assert await sched.store.recover_orphans(max_recoveries=3) == []
+        recovery = await sched.store.recover_seen_twice(max_recoveries=3, sighted={})
+        assert recovery == ([], {})
+    assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == [job_id]
+
+
+async def test_the_worker_loop_takes_a_registered_workers_jobs_when_seen_silent_twice(sched):
+    worker_id = "host:2:live2"
+    job_id = await _silent_registered_worker_with_a_job(sched, worker_id)
+    store = sched.store
+    first = await store.recover_seen_twice(max_recoveries=3, sighted={})
+    assert first.recovered == [] and list(first.silent) == [worker_id]
+    # It wrote a heartbeat between the passes (then was kept from writing again): the
+    # second pass has not seen the same silence twice, and waits for a third.
+    await query(sched, "UPDATE {schema}.workers SET heartbeat_at = heartbeat_at + "
+                       "interval '1 minute' RETURNING id")
+    second = await store.recover_seen_twice(max_recoveries=3, sighted=first.silent)
+    assert second.recovered == [] and second.silent != first.silent
+    third = await store.recover_seen_twice(max_recoveries=3, sighted=second.silent)
+    assert [r["id"] for r in third.recovered] == [job_id]
+    assert third.recovered[0].keys() == {
+        "id", "task", "queue", "status", "attempts", "previous_worker"}
+
+
+async def test_the_worker_loop_takes_an_unregistered_workers_jobs_at_first_sight(sched):
+    job_id = await sched.schedule("noop")
+    await claim_all(sched)  # W never registered: gone, nothing left to write
+    await expire_leases(sched)
+    recovery = await sched.store.recover_seen_twice(max_recoveries=3, sighted={})
+    assert [r["id"] for r in recovery.recovered] == [job_id] and recovery.silent == {}

@@ -6,18 +6,23 @@ planner or metrics query at size, a completion stuck on a busy server).
   other worker recovers it.
 - The heartbeat connection killed (pg_terminate_backend) again and again, or the
   worker's registry row locked: the heartbeater reconnects, renews, and keeps its job.
+- The registry row and the job's row both locked for longer than a lease, then let go
+  at once: an idle worker could recover the job at the unlock, before the live worker's
+  next beat (issue seen in review); the worker keeps it.
 - A claim slower than the worker pool's statement_timeout (half a lease) is cancelled
   by the server; the worker logs it, backs off, claims again and carries on.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from conftest import WorkerProcess, wait_until
 
 from pgsched.store import connect
@@ -176,6 +181,53 @@ async def test_leases_are_renewed_while_the_registry_row_is_locked(
             timeout=BLOCK_SECONDS, what="the lease renewed while the registry row is locked")
         await locker.rollback()
     await held.completes_once(sched, idle)
+
+
+async def _registry_beat_waits(sched, waits: bool = True) -> bool:
+    """Whether a worker's registry beat is waiting for a row lock (or, waits=False,
+    none is)."""
+    return waits == bool(await query(
+        sched, "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgsched-worker' "
+               "AND query LIKE '-- Mark this worker alive%%' AND wait_event_type = 'Lock'"))
+
+
+@pytest.mark.parametrize("unlock", ["after_a_beat_gave_up", "while_a_beat_waits"])
+async def test_job_and_registry_rows_locked_longer_than_a_lease(
+        sched, pg_dsn, schema, workers, tmp_path, unlock):
+    """Someone holds the worker's registry row and its job's row locked for longer than
+    a lease, so neither its registry heartbeat nor the job's lease can be written, then
+    lets go of both at once. The worker is alive all along: it keeps its job, however the
+    unlock falls against its beats (just after a beat gave up on lock_timeout, leaving
+    the worker asleep until the next; or while a beat waits for the lock), and the idle
+    worker beside it never recovers it."""
+    held = await hold_a_job(sched, pg_dsn, schema, workers, tmp_path)
+    idle = workers(held.config, env=held.env)
+    await wait_until(lambda: query(sched, "SELECT 1 FROM {schema}.workers "
+                                          "WHERE id <> %s", [held.claimed["worker_id"]]),
+                     what="the idle worker registered")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{schema}".workers WHERE id = %s FOR UPDATE',
+                             [held.claimed["worker_id"]])
+        await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                             ["held"])
+        # Both the lease and the registry heartbeat are over a lease old.
+        await wait_until(lambda: query(
+            sched, "SELECT 1 FROM {schema}.jobs j JOIN {schema}.workers w "
+                   "ON w.id = j.worker_id WHERE j.id = 'held' "
+                   "AND j.lease_until < clock_timestamp() AND w.heartbeat_at < "
+                   "clock_timestamp() - make_interval(secs => %s)", [LEASE_SECONDS + 0.5]),
+            timeout=BLOCK_SECONDS, what="lease and registry heartbeat stale")
+        await wait_until(lambda: _registry_beat_waits(sched), what="a registry beat waiting")
+        if unlock == "after_a_beat_gave_up":
+            await wait_until(lambda: _registry_beat_waits(sched, waits=False),
+                             interval=0.01, what="the registry beat gave up")
+        await locker.rollback()
+    # Long enough for the idle worker's recovery to come round several times.
+    await asyncio.sleep(LEASE_SECONDS)
+    await held.completes_once(sched, idle)
+    assert check_each_completed_once(
+        [j for j in await jobs(sched) if j["id"] == "held"],
+        [a for a in await audit(sched) if a["key"] == "held"]).executions == 1
 
 
 async def _heartbeat_backend(sched, killed: set[int]) -> int | None:
