@@ -54,7 +54,7 @@ CROSS JOIN LATERAL (SELECT (CASE
 
 
 LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
-        "before_id": None}
+        "before_id": None, "queue": None}
 
 
 def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
@@ -62,12 +62,14 @@ def statements(cutoff: datetime) -> list[tuple[str, str, dict]]:
     since = datetime.now(UTC) - timedelta(hours=1)
     cancel = {"ids": None, "channel": "x", "limit": 5000}
     retry = {"ids": None, "statuses": ["failed"], "cutoff": cutoff, "limit": 1000,
-             "channel": "x"}
+             "channel": "x", "errors_first": 5, "errors_last": 5}
     return [
         ("ls", "list_jobs", LIST),
         ("ls --task", "list_jobs", {**LIST, "task": "task_7"}),
         ("ls --status failed", "list_jobs", {**LIST, "statuses": ["failed"]}),
         ("ls --status running", "list_jobs", {**LIST, "statuses": ["running"]}),
+        ("ls --status pending", "list_jobs", {**LIST, "statuses": ["pending"]}),
+        ("ls --status expired", "list_jobs", {**LIST, "statuses": ["expired"]}),
         ("ls --since 1h", "list_jobs", {**LIST, "since": since}),
         ("ls, a page 3 days back", "list_jobs", {**LIST, "before_id": "",
                                                  "before_created": cutoff - timedelta(days=3)}),

@@ -58,6 +58,7 @@ from psycopg.types.json import set_json_loads
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict, PgschedError
+from .tasks import PRIORITIES
 
 if TYPE_CHECKING:
     # Imported by open_pool only: a CLI read command never loads psycopg_pool (~4 ms).
@@ -68,6 +69,10 @@ MAX_IDENTIFIER_BYTES = 63
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
+# The operator views count at most this many pending jobs per queue (pending_counts,
+# migration 0015): a refresh then reads a bounded number of index entries, under 20 ms at
+# 5M jobs (bench/ops_at_size.py), and shows a bigger backlog as "10000+".
+COUNT_LIMIT = 10_000
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
@@ -993,9 +998,13 @@ class Store:
         starts in the rate window."""
         return await self._rows("list_queue_limits", {"queue": queue})
 
-    async def queue_stats(self) -> list[dict[str, Any]]:
-        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
-        return await self._rows("queue_stats", {})
+    async def queue_stats(self, *, count_limit: int | None = COUNT_LIMIT
+                          ) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any. Pending
+        rows are counted up to `count_limit` per queue (`capped`: due and scheduled are
+        lower bounds); None counts them all."""
+        return await self._rows("queue_stats", {"count_limit": count_limit,
+                                                "priorities": list(PRIORITIES)})
 
     # -- worker registry -----------------------------------------------------------------
 
@@ -1121,8 +1130,20 @@ class Store:
 
 
     async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
-        """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
-        return await self._rows("ops_active_counts" if active_only else "ops_job_counts", {})
+        """Rows of (queue, status, jobs, due, oldest_due, capped). active_only: pending and
+        running only, pending counted up to COUNT_LIMIT per queue (`capped`: jobs and due
+        are lower bounds); otherwise every row of the table, exactly."""
+        if active_only:
+            return await self._rows("ops_active_counts", {"count_limit": COUNT_LIMIT,
+                                                          "priorities": list(PRIORITIES)})
+        return await self._rows("ops_job_counts", {})
+
+    async def finished_estimates(self) -> dict[str, int]:
+        """Finished jobs per status as the planner estimates them (table size times the
+        status's share in the statistics ANALYZE keeps), and under "rows" the estimated
+        size of the table; reads no row of jobs."""
+        rows = await self._rows("ops_finished_estimates", {})
+        return {"rows": rows[0]["rows"], **{row["status"]: row["jobs"] for row in rows}}
 
     async def throughput(self) -> dict[str, int]:
         return (await self._rows("ops_throughput", {}))[0]
