@@ -39,14 +39,14 @@ from .jobjson import priority_name, to_jsonable
 from .logs import get_logger
 from .queues import Rate
 from .scheduler import UNSET, JobSpec
-from .store import FINISHED_STATUSES, STATUSES, Store, decode_json
+from .store import BULK_BATCH, FINISHED_STATUSES, STATUSES, Store, decode_json
 from .tasks import PRIORITIES, JobPriority, get_task, load_tasks, validate_task_name
 from .timing import MAX_DURATION, format_duration, parse_duration, parse_time
 
 log = get_logger("pgsched.ops")
 
 RETRYABLE_STATUSES = ("failed", "expired", "cancelled")
-RETRY_BATCH = 1000
+RETRY_BATCH = BULK_BATCH
 # `status` counts every job exactly up to this table size (planner's estimate): about
 # 20 ms of counting on the 2-core test machine. Above it, finished jobs are estimated.
 EXACT_COUNT_ROWS = 100_000

@@ -73,6 +73,10 @@ STATUSES = ("pending", "running", *FINISHED_STATUSES)
 # migration 0015): a refresh then reads a bounded number of index entries, under 20 ms at
 # 5M jobs (bench/ops_at_size.py), and shows a bigger backlog as "10000+".
 COUNT_LIMIT = 10_000
+# Rows a bulk cancel or retry (ops.RETRY_BATCH) writes per statement: each row costs
+# 30-60 us to write at 5M jobs, so a batch holds its row locks about 10-15 ms, short
+# enough for a worker's heartbeat or completion of one of them to wait unnoticed.
+BULK_BATCH = 250
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
@@ -925,7 +929,7 @@ class Store:
         ids: Sequence[str] | None = None,
         task: str | None = None,
         queue: str | None = None,
-        batch_size: int = 5000,
+        batch_size: int = BULK_BATCH,
     ) -> dict[str, str]:
         """Cancel pending jobs and mark running ones for their worker to stop: the given
         ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
