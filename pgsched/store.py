@@ -1002,12 +1002,11 @@ class Store:
         starts in the rate window."""
         return await self._rows("list_queue_limits", {"queue": queue})
 
-    async def queue_stats(self, *, count_limit: int | None = COUNT_LIMIT
-                          ) -> list[dict[str, Any]]:
+    async def queue_stats(self, *, exact: bool = False) -> list[dict[str, Any]]:
         """Per queue: due, scheduled and running jobs, lag, and the pause if any. Pending
-        rows are counted up to `count_limit` per queue (`capped`: due and scheduled are
-        lower bounds); None counts them all."""
-        return await self._rows("queue_stats", {"count_limit": count_limit,
+        rows are counted up to COUNT_LIMIT per queue (`capped`: due and scheduled are
+        lower bounds), or all of them when `exact`."""
+        return await self._rows("queue_stats", {"count_limit": None if exact else COUNT_LIMIT,
                                                 "priorities": list(PRIORITIES)})
 
     # -- worker registry -----------------------------------------------------------------

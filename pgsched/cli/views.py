@@ -124,7 +124,8 @@ def status_view(snap: Snapshot) -> RenderableType:
     totals = snap.totals
     lag = snap.lag(totals["oldest_due"])
     lag_line = ("Oldest due job: none waiting" if lag is None
-                else f"Oldest due job: waiting {human_seconds(lag)} ({totals['due']} due now)")
+                else f"Oldest due job: waiting {human_seconds(lag)} ({totals['due']}"
+                      f"{'+' if totals['capped'] else ''} due now)")
     counted = ("completed", "failed", "cancelled", "expired") if snap.estimated is None else ()
     parts: list[RenderableType] = [
         _heading("Jobs"),
