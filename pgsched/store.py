@@ -70,13 +70,15 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
 # The operator views count at most this many pending jobs per queue (pending_counts,
-# migration 0015): a refresh then reads a bounded number of index entries, under 20 ms at
-# 5M jobs (bench/ops_at_size.py), and shows a bigger backlog as "10000+".
-COUNT_LIMIT = 10_000
-# Rows a bulk cancel or retry (ops.RETRY_BATCH) writes per statement: each row costs
-# 30-60 us to write at 5M jobs, so a batch holds its row locks about 10-15 ms, short
-# enough for a worker's heartbeat or completion of one of them to wait unnoticed.
-BULK_BATCH = 250
+# migration 0015) and show a bigger backlog as "1000+". Pending rows sit on pages that
+# recent writes left not all-visible, so their count fetches heap pages too: 10,000
+# per queue took 30-160 ms for 4 queues at 5M jobs (bench/ops_at_size.py), 1,000 5 ms.
+COUNT_LIMIT = 1_000
+# Rows a bulk cancel or retry (ops.RETRY_BATCH) writes per statement, holding their row
+# locks until it commits: a row costs 40-100 us to write at 5M jobs on the 2-core test
+# machine (bench/ops_at_size.py), so a batch takes 4-10 ms (p95 under 20 ms at a load
+# of 13) and a worker's heartbeat or completion of one of its jobs waits no longer.
+BULK_BATCH = 100
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).

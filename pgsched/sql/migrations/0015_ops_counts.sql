@@ -9,7 +9,7 @@
 -- every entry of jobs_pending_queue_idx, 35-100 ms on the 2-core test machine; this reads
 -- at most count_limit + 1 entries per queue (queues found by a loose index scan) and
 -- says when it stopped: `capped` rows carry lower bounds for jobs and due (at most
--- count_limit each), shown as "10000+". The oldest due job is exact in every case: one
+-- count_limit each), shown as "1000+". The oldest due job is exact in every case: one
 -- probe per (queue, priority) pair, the first entry in execution_time order.
 -- count_limit NULL counts everything (metrics scrapes, which want the exact depth).
 --
