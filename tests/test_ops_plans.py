@@ -3,9 +3,11 @@
 Plans are taken on a small table with `enable_seqscan = off`, which leaves a sequential
 scan only where no index can serve the statement, so a missing or unusable index (a
 predicate the query no longer implies, a cast that hides a column) shows up as
-`Seq Scan on jobs`. The figures at 5M rows come from bench/ops_at_size.py
-(docs/pgbouncer.md); `pgsched status`'s full count (ops_job_counts) is a deliberate pass
-over the table and is left out.
+`Seq Scan on jobs`. An index can still be the wrong one (walking the whole history in
+order for a few rows): the statements changed for issue 14 are also checked for the
+index they must use, or for how many pending entries they may read. The figures at 5M
+rows come from `python -m bench --only ops` (bench/ops_at_size.py); `pgsched status
+--exact` (ops_job_counts) is a deliberate pass over the table and is left out.
 """
 
 from __future__ import annotations
