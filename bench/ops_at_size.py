@@ -70,7 +70,7 @@ LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_crea
 def statements(cutoff: datetime) -> list[tuple[str, str, str, dict]]:
     """(metric key, what the operator runs, named query, parameters) for each statement."""
     prios = list(PRIORITIES)
-    counts = {"count_limit": COUNT_LIMIT, "priorities": prios}
+    counts = {"count_limit": COUNT_LIMIT}
     since = datetime.now(UTC) - timedelta(hours=1)
     cancel = {"ids": None, "channel": "x", "limit": BULK_BATCH}
     retry = {"ids": None, "statuses": ["failed"], "cutoff": cutoff, "limit": BULK_BATCH,

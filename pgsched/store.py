@@ -58,7 +58,6 @@ from psycopg.types.json import set_json_loads
 
 from .config import mask_dsn
 from .errors import DatabaseUnavailable, InvalidInput, JobConflict, PgschedError
-from .tasks import PRIORITIES
 
 if TYPE_CHECKING:
     # Imported by open_pool only: a CLI read command never loads psycopg_pool (~4 ms).
@@ -1008,8 +1007,7 @@ class Store:
         """Per queue: due, scheduled and running jobs, lag, and the pause if any. Pending
         rows are counted up to COUNT_LIMIT per queue (`capped`: due and scheduled are
         lower bounds), or all of them when `exact`."""
-        return await self._rows("queue_stats", {"count_limit": None if exact else COUNT_LIMIT,
-                                                "priorities": list(PRIORITIES)})
+        return await self._rows("queue_stats", {"count_limit": None if exact else COUNT_LIMIT})
 
     # -- worker registry -----------------------------------------------------------------
 
@@ -1139,8 +1137,7 @@ class Store:
         running only, pending counted up to COUNT_LIMIT per queue (`capped`: jobs and due
         are lower bounds); otherwise every row of the table, exactly."""
         if active_only:
-            return await self._rows("ops_active_counts", {"count_limit": COUNT_LIMIT,
-                                                          "priorities": list(PRIORITIES)})
+            return await self._rows("ops_active_counts", {"count_limit": COUNT_LIMIT})
         return await self._rows("ops_job_counts", {})
 
     async def finished_estimates(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ from pgsched.tasks import PRIORITIES as PRIORITY_VALUES
 PRIORITIES = list(PRIORITY_VALUES)
 NOW = datetime.now(UTC)
 BATCH = {"ids": None, "channel": "c", "limit": 5000}
-COUNTS = {"count_limit": 10, "priorities": PRIORITIES}
+COUNTS = {"count_limit": 10}
 LIST = {"statuses": None, "task": None, "since": None, "limit": 50, "before_created": None,
         "before_id": None, "queue": None}
 

@@ -49,7 +49,7 @@ LEFT JOIN shares ON shares.status = f.status;
 -- `capped` marks lower bounds; the oldest due time is exact), running rows through
 -- jobs_running_idx (they are at most the workers' concurrency).
 SELECT queue, 'pending' AS status, jobs, due, oldest_due, capped
-FROM {schema}.pending_counts(%(count_limit)s, %(priorities)s::smallint[])
+FROM {schema}.pending_counts(%(count_limit)s)
 UNION ALL
 SELECT queue, 'running', count(*), 0, NULL, false
 FROM {schema}.jobs WHERE worker_id IS NOT NULL AND finished_at IS NULL

@@ -97,7 +97,7 @@ SELECT resumed.queue FROM resumed LEFT JOIN wake ON true;
 -- through jobs_running_idx. Neither reads the finished history.
 WITH pending AS (
     SELECT queue, due, jobs - due AS scheduled, oldest_due AS oldest, capped
-    FROM {schema}.pending_counts(%(count_limit)s, %(priorities)s::smallint[])
+    FROM {schema}.pending_counts(%(count_limit)s)
 ),
 running AS (
     SELECT queue, count(*) AS running FROM {schema}.jobs

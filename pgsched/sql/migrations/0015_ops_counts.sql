@@ -10,7 +10,8 @@
 -- at most count_limit + 1 entries per queue (queues found by a loose index scan) and
 -- says when it stopped: `capped` rows carry lower bounds for jobs and due (at most
 -- count_limit each), shown as "1000+". The oldest due job is exact in every case: one
--- probe per (queue, priority) pair, the first entry in execution_time order.
+-- probe per (queue, priority) pair, the first entry in execution_time order (priorities
+-- 0-9: jobs_priority_range, migration 0011).
 -- count_limit NULL counts everything (metrics scrapes, which want the exact depth).
 --
 -- jobs_retry_task_idx, jobs_retry_queue_idx: `retry --task/--queue` take their batches
@@ -23,7 +24,7 @@
 -- Outside a transaction (README.md in this folder) for the CONCURRENTLY builds; the
 -- function's body keeps its statement on lines that do not end in `;`, so the split at
 -- line-ending `;` leaves it whole, and CREATE OR REPLACE runs again safely.
-CREATE OR REPLACE FUNCTION {schema}.pending_counts(count_limit integer, priorities smallint[])
+CREATE OR REPLACE FUNCTION {schema}.pending_counts(count_limit integer)
 RETURNS TABLE (queue text, jobs bigint, due bigint, oldest_due timestamptz, capped boolean)
 LANGUAGE sql STABLE AS $$
     WITH RECURSIVE pending_queues AS (
@@ -45,7 +46,7 @@ LANGUAGE sql STABLE AS $$
     ) c
     CROSS JOIN LATERAL (
         SELECT min(f.execution_time) AS oldest_due
-        FROM unnest(priorities) AS p(priority)
+        FROM generate_series(0, 9) AS p(priority)
         CROSS JOIN LATERAL (
             SELECT j.execution_time FROM {schema}.jobs j
             WHERE j.status = 'pending' AND j.queue = q.queue AND j.priority = p.priority
