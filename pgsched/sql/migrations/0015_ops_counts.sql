@@ -8,8 +8,9 @@
 -- `status` and the web queue list. Counting 200,000 pending rows is an index-only scan of
 -- every entry of jobs_pending_queue_idx, 35-100 ms on the 2-core test machine; this reads
 -- at most count_limit + 1 entries per queue (queues found by a loose index scan) and
--- says when it stopped: `capped` rows carry lower bounds for jobs and due (at most
--- count_limit each), shown as "1000+". The oldest due job is exact in every case: one
+-- says when it stopped (the ORDER BY is the index's: without it the planner may read
+-- the queue's whole range into a bitmap first): `capped` rows carry lower bounds for
+-- jobs and due (at most count_limit each), shown as "1000+". The oldest due job is exact in every case: one
 -- probe per (queue, priority) pair, the first entry in execution_time order (priorities
 -- 0-9: jobs_priority_range, migration 0011).
 -- count_limit NULL counts everything (metrics scrapes, which want the exact depth).
@@ -42,6 +43,7 @@ LANGUAGE sql STABLE AS $$
         SELECT count(*) AS jobs, count(*) FILTER (WHERE s.execution_time <= now()) AS due
         FROM (SELECT j.execution_time FROM {schema}.jobs j
               WHERE j.status = 'pending' AND j.queue = q.queue
+              ORDER BY j.priority, j.execution_time
               LIMIT count_limit + 1) s
     ) c
     CROSS JOIN LATERAL (
