@@ -69,10 +69,11 @@ IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
 # The operator views count at most this many pending jobs per queue (pending_counts,
-# migration 0015) and show a bigger backlog as "1000+". Pending rows sit on pages that
-# recent writes left not all-visible, so their count fetches heap pages too: 10,000
-# per queue took 30-160 ms for 4 queues at 5M jobs (bench/ops_at_size.py), 1,000 5 ms.
-COUNT_LIMIT = 1_000
+# migration 0015) and show a bigger backlog as "500+". Pending rows sit on pages that
+# recent writes left not all-visible, so counting them fetches a heap page per entry
+# (about 1.4 us each at 5M jobs, bench/ops_at_size.py): 10,000 per queue took 30-160 ms
+# for 4 queues, 1,000 took 10-44 ms depending on the machine's load.
+COUNT_LIMIT = 500
 # Rows a bulk cancel or retry (ops.RETRY_BATCH) writes per statement, holding their row
 # locks until it commits: a row costs 40-100 us to write at 5M jobs on the 2-core test
 # machine (bench/ops_at_size.py), so a batch takes 4-10 ms (p95 under 20 ms at a load

@@ -10,7 +10,7 @@
 -- at most count_limit + 1 entries per queue (queues found by a loose index scan) and
 -- says when it stopped (the ORDER BY is the index's: without it the planner may read
 -- the queue's whole range into a bitmap first): `capped` rows carry lower bounds for
--- jobs and due (at most count_limit each), shown as "1000+". The oldest due job is exact in every case: one
+-- jobs and due (at most count_limit each), shown as "500+". The oldest due job is exact in every case: one
 -- probe per (queue, priority) pair, the first entry in execution_time order (priorities
 -- 0-9: jobs_priority_range, migration 0011).
 -- count_limit NULL counts everything (metrics scrapes, which want the exact depth).
