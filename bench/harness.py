@@ -88,6 +88,8 @@ class Sizes:
     retention_rows: int = 5_000_000
     retention_rate: float = 200.0
     retention_quiet_s: float = 20.0
+    # ops (opt-in): the jobs table the operator statements are timed on.
+    ops_rows: int = 5_000_000
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
@@ -95,7 +97,8 @@ QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drai
               idle_seconds=2.0, raw_claim=500, recurring_schedules=50, recurring_every=2.0,
               recurring_windows=2, cli_runs=3, scale_workers=(1, 2), scale_backlog=50,
               scale_rate=20.0, scale_seconds=1.0, churn_jobs=200, churn_batch=100,
-              retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0)
+              retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0,
+              ops_rows=20_000)
 
 
 @dataclass

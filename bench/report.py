@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .ops_at_size import table as ops_table
 from .scale import tables as scale_tables
 
 Metrics = dict[str, Any]
@@ -285,6 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
         cpu_table(result["metrics"]),
         "",
         scale_tables(result["metrics"]),
+        ops_table(result["metrics"]),
     ])
 
 

@@ -39,14 +39,17 @@ from .jobjson import priority_name, to_jsonable
 from .logs import get_logger
 from .queues import Rate
 from .scheduler import UNSET, JobSpec
-from .store import STATUSES, Store, decode_json
+from .store import BULK_BATCH, FINISHED_STATUSES, STATUSES, Store, decode_json
 from .tasks import PRIORITIES, JobPriority, get_task, load_tasks, validate_task_name
 from .timing import MAX_DURATION, format_duration, parse_duration, parse_time
 
 log = get_logger("pgsched.ops")
 
 RETRYABLE_STATUSES = ("failed", "expired", "cancelled")
-RETRY_BATCH = 1000
+RETRY_BATCH = BULK_BATCH
+# `status` counts every job exactly up to this table size (planner's estimate): about
+# 20 ms of counting on the 2-core test machine. Above it, finished jobs are estimated.
+EXACT_COUNT_ROWS = 100_000
 
 
 def human_seconds(seconds: float) -> str:
@@ -68,14 +71,16 @@ def human_seconds(seconds: float) -> str:
 
 
 def queue_counts(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Rows of (queue, status, jobs, due, oldest_due) as {queue: {status: n, due, oldest_due}}."""
+    """Rows of (queue, status, jobs, due, oldest_due[, capped]) as {queue: {status: n, due,
+    oldest_due, capped}}; `capped`: pending and due are lower bounds (Store.COUNT_LIMIT)."""
     queues: dict[str, dict[str, Any]] = {}
     for row in rows:
-        counts = queues.setdefault(
-            row["queue"], {**dict.fromkeys(STATUSES, 0), "due": 0, "oldest_due": None})
+        counts = queues.setdefault(row["queue"], {**dict.fromkeys(STATUSES, 0), "due": 0,
+                                                  "oldest_due": None, "capped": False})
         counts[row["status"]] = row["jobs"]
         if row["status"] == "pending":
             counts["due"], counts["oldest_due"] = row["due"], row["oldest_due"]
+            counts["capped"] = row.get("capped", False)
     return queues
 
 
@@ -90,13 +95,18 @@ class Snapshot:
     upcoming: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # set by the dashboard when a refresh failed
+    # `status` on a big table: finished jobs per status as the planner estimates them,
+    # instead of per-queue counts (which are then left out)
+    estimated: dict[str, int] | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
-        totals: dict[str, Any] = {**dict.fromkeys(STATUSES, 0), "due": 0, "oldest_due": None}
+        totals: dict[str, Any] = {**dict.fromkeys(STATUSES, 0), "due": 0, "oldest_due": None,
+                                  "capped": False}
         for counts in self.queues.values():
             for key in (*STATUSES, "due"):
                 totals[key] += counts[key]
+            totals["capped"] |= counts["capped"]
             due = counts["oldest_due"]
             if due is not None and (totals["oldest_due"] is None or due < totals["oldest_due"]):
                 totals["oldest_due"] = due
@@ -109,6 +119,8 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         def with_lag(counts: dict[str, Any]) -> dict[str, Any]:
+            if self.estimated is not None:  # not counted: null, not a misleading 0
+                counts = {**counts, **dict.fromkeys(FINISHED_STATUSES)}
             return {**counts, "lag_seconds": self.lag(counts["oldest_due"])}
 
         t = self.throughput
@@ -122,6 +134,8 @@ class Snapshot:
             },
             "workers": [worker_json(w, self.stale_after) for w in self.workers],
         }
+        if self.estimated is not None:
+            data["finished_estimated"] = self.estimated
         return to_jsonable(data)
 
 
@@ -138,15 +152,26 @@ def worker_json(row: dict[str, Any], stale_after: float) -> dict[str, Any]:
 
 
 async def gather(store: Store, *, stale_after: float, dashboard: bool = False,
-                 rows: int = 10, active_only: bool = False) -> Snapshot:
-    """A snapshot for `status` (every count; `active_only`: pending and running only,
-    which never reads the history) or the dashboard (active counts, job lists)."""
+                 rows: int = 10, active_only: bool = False, exact: bool = False) -> Snapshot:
+    """A snapshot for `status` or the dashboard (active counts, job lists).
+
+    `status` counts every row exactly when the table is small (up to EXACT_COUNT_ROWS by
+    the planner's estimate) or `exact` is set; on a bigger table it counts pending and
+    running jobs (as `top` does) and takes finished jobs per status from the planner's
+    estimate (Snapshot.estimated). `active_only`: pending and running only."""
+    estimated = None
+    active = dashboard or active_only
+    if not active and not exact:
+        estimates = await store.finished_estimates()
+        if estimates["rows"] > EXACT_COUNT_ROWS:
+            active, estimated = True, {s: estimates[s] for s in FINISHED_STATUSES}
     snapshot = Snapshot(
         db_now=await store.db_now(),
-        queues=queue_counts(await store.job_counts(active_only=dashboard or active_only)),
+        queues=queue_counts(await store.job_counts(active_only=active)),
         throughput=await store.throughput(),
         workers=await store.list_workers(),
         stale_after=stale_after,
+        estimated=estimated,
     )
     if dashboard:
         snapshot.running = await store.running_jobs(limit=rows)

@@ -69,6 +69,17 @@ MAX_IDENTIFIER_BYTES = 63
 IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 FINISHED_STATUSES = ("completed", "failed", "cancelled", "expired")
 STATUSES = ("pending", "running", *FINISHED_STATUSES)
+# The operator views count at most this many pending jobs per queue (pending_counts,
+# migration 0015) and show a bigger backlog as "500+". Pending rows sit on pages that
+# recent writes left not all-visible, so counting them fetches a heap page per entry
+# (about 1.4 us each at 5M jobs, bench/ops_at_size.py): 10,000 per queue took 30-160 ms
+# for 4 queues, 1,000 took 10-44 ms depending on the machine's load.
+COUNT_LIMIT = 500
+# Rows a bulk cancel or retry (ops.RETRY_BATCH) writes per statement, holding their row
+# locks until it commits: a row costs 40-100 us to write at 5M jobs on the 2-core test
+# machine (bench/ops_at_size.py), so a batch takes 4-10 ms (p95 under 20 ms at a load
+# of 13) and a worker's heartbeat or completion of one of its jobs waits no longer.
+BULK_BATCH = 100
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _INCLUDE_RE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
@@ -968,7 +979,7 @@ class Store:
         ids: Sequence[str] | None = None,
         task: str | None = None,
         queue: str | None = None,
-        batch_size: int = 5000,
+        batch_size: int = BULK_BATCH,
     ) -> dict[str, str]:
         """Cancel pending jobs and mark running ones for their worker to stop: the given
         ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
@@ -1041,9 +1052,11 @@ class Store:
         starts in the rate window."""
         return await self._rows("list_queue_limits", {"queue": queue})
 
-    async def queue_stats(self) -> list[dict[str, Any]]:
-        """Per queue: due, scheduled and running jobs, lag, and the pause if any."""
-        return await self._rows("queue_stats", {})
+    async def queue_stats(self, *, exact: bool = False) -> list[dict[str, Any]]:
+        """Per queue: due, scheduled and running jobs, lag, and the pause if any. Pending
+        rows are counted up to COUNT_LIMIT per queue (`capped`: due and scheduled are
+        lower bounds), or all of them when `exact`."""
+        return await self._rows("queue_stats", {"count_limit": None if exact else COUNT_LIMIT})
 
     # -- worker registry -----------------------------------------------------------------
 
@@ -1169,8 +1182,19 @@ class Store:
 
 
     async def job_counts(self, *, active_only: bool = False) -> list[dict[str, Any]]:
-        """Rows of (queue, status, jobs, due, oldest_due); active_only: pending and running."""
-        return await self._rows("ops_active_counts" if active_only else "ops_job_counts", {})
+        """Rows of (queue, status, jobs, due, oldest_due, capped). active_only: pending and
+        running only, pending counted up to COUNT_LIMIT per queue (`capped`: jobs and due
+        are lower bounds); otherwise every row of the table, exactly."""
+        if active_only:
+            return await self._rows("ops_active_counts", {"count_limit": COUNT_LIMIT})
+        return await self._rows("ops_job_counts", {})
+
+    async def finished_estimates(self) -> dict[str, int]:
+        """Finished jobs per status as the planner estimates them (table size times the
+        status's share in the statistics ANALYZE keeps), and under "rows" the estimated
+        size of the table; reads no row of jobs."""
+        rows = await self._rows("ops_finished_estimates", {})
+        return {"rows": rows[0]["rows"], **{row["status"]: row["jobs"] for row in rows}}
 
     async def throughput(self) -> dict[str, int]:
         return (await self._rows("ops_throughput", {}))[0]

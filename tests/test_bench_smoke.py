@@ -45,6 +45,9 @@ def test_quick_benchmark_produces_every_metric(pg_dsn, tmp_path):
     assert all(v >= 0 for k, v in metrics.items() if k.endswith("_empty_claims_per_job"))
     assert metrics["churn_plain_jobs"] == metrics["churn_vacuum_jobs"] == 200
     assert metrics["retention_rows"] == 2_000
+    # ops: every operator statement timed on its own server's table, judged in the report
+    assert metrics["ops_rows"] == 20_000 and metrics["ops_top_counts_p95_ms"] > 0
+    assert "| ops statement at 20,000 jobs |" in done.stdout
     assert "load average" in out.with_suffix(".md").read_text()
     with psycopg.connect(pg_dsn) as conn:
         leftovers = conn.execute(

@@ -376,6 +376,36 @@ async def _status_is(sched: Scheduler, job_id: str, status: str) -> bool:
 # -- status, workers, top with real workers ----------------------------------------------
 
 
+async def test_status_and_queues_mark_capped_and_estimated_counts(config, sched, pg_dsn,
+                                                                  schema, monkeypatch):
+    """On a big table (here: made to look big) pending counts stop at the limit and say
+    so with "+", and status estimates finished jobs ("~") unless --exact."""
+    from pgsched import ops, store
+
+    monkeypatch.setattr(store, "COUNT_LIMIT", 3)
+    monkeypatch.setattr(ops, "EXACT_COUNT_ROWS", 0)
+    for _ in range(5):
+        await sched.schedule("noop", queue="bulk")
+    for _ in range(4):
+        job_id = await sched.schedule("noop", queue="bulk")
+        await sched.store.request_cancel(ids=[job_id])
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(f'ANALYZE "{schema}".jobs')
+
+    text = (await cli(config, "status")).stdout
+    assert re.search(r"^bulk\s+3\+\s+3\+\s+0\s+\S+$", text, re.M), text
+    assert "~4 cancelled" in text and "(3+ due now)" in text
+    data = json.loads((await cli(config, "status", "--json")).stdout)
+    assert data["queues"]["bulk"]["capped"] and data["queues"]["bulk"]["cancelled"] is None
+    assert data["finished_estimated"]["cancelled"] == 4
+    exact = (await cli(config, "status", "--exact")).stdout
+    assert re.search(r"^bulk\s+5\s+5\s+0\s+0\s+0\s+4\s+0\s", exact, re.M), exact
+    [row] = json.loads((await cli(config, "queues", "--json")).stdout)
+    assert (row["due"], row["capped"]) == (3, True)
+    assert re.search(r"^bulk\s+active\s+3\+\s+0\+", (await cli(config, "queues")).stdout,
+                     re.M)
+
+
 async def test_status_workers_and_top_show_a_running_system(
         tmp_path, pg_dsn, schema, sched, config, workers):
     (tmp_path / "w").mkdir()

@@ -53,8 +53,10 @@ def queues_(
         if row["paused"]:
             paused = f"since {row['paused_at'][:19]} by {row['paused_by'] or '?'}"
             paused += f": {row['reason']}" if row["reason"] else ""
-        lines.append((row["queue"], "paused" if row["paused"] else "active", row["due"],
-                      row["scheduled"], row["running"], _lag(row), paused))
+        more = "+" if row["capped"] else ""  # counted up to Store.COUNT_LIMIT
+        lines.append((row["queue"], "paused" if row["paused"] else "active",
+                      f"{row['due']}{more}", f"{row['scheduled']}{more}", row["running"],
+                      _lag(row), paused))
     print_table(("queue", "state", "due", "scheduled", "running", "lag", "paused"), lines)
 
 

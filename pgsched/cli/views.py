@@ -79,7 +79,8 @@ def queues_table(snap: Snapshot, *, statuses: tuple[str, ...]) -> Table:
     if len(rows) != 1:
         rows.append(("(all)", snap.totals))
     for name, counts in rows:
-        table.add_row(name, str(counts[statuses[0]]), str(counts["due"]),
+        more = "+" if counts["capped"] else ""  # counted up to Store.COUNT_LIMIT
+        table.add_row(name, f"{counts[statuses[0]]}{more}", f"{counts['due']}{more}",
                       *(str(counts[s]) for s in statuses[1:]), _lag(snap, counts["oldest_due"]))
     return table
 
@@ -123,12 +124,19 @@ def status_view(snap: Snapshot) -> RenderableType:
     totals = snap.totals
     lag = snap.lag(totals["oldest_due"])
     lag_line = ("Oldest due job: none waiting" if lag is None
-                else f"Oldest due job: waiting {human_seconds(lag)} ({totals['due']} due now)")
+                else f"Oldest due job: waiting {human_seconds(lag)} ({totals['due']}"
+                      f"{'+' if totals['capped'] else ''} due now)")
+    counted = ("completed", "failed", "cancelled", "expired") if snap.estimated is None else ()
     parts: list[RenderableType] = [
         _heading("Jobs"),
-        queues_table(snap, statuses=("pending", "running", "completed", "failed", "cancelled",
-                                     "expired")),
-        Text(lag_line), Text(""),
+        queues_table(snap, statuses=("pending", "running", *counted)),
+        Text(lag_line),
+    ]
+    if snap.estimated is not None:
+        parts.append(Text("Finished (estimated, `status --exact` counts them per queue): "
+                          + ", ".join(f"~{n} {s}" for s, n in snap.estimated.items())))
+    parts += [
+        Text(""),
         throughput_table(snap), Text(""),
         *_workers(snap),
     ]

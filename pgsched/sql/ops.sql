@@ -21,16 +21,37 @@ FROM {schema}.jobs
 GROUP BY queue, status
 ORDER BY queue, status;
 
+-- name: ops_finished_estimates
+-- Finished jobs per status as the planner estimates them: the table's row count
+-- (pg_class.reltuples) times the status's share among the most common values that
+-- ANALYZE sampled (autovacuum analyzes jobs once a hundredth of it changed, migration 0009). No
+-- row of jobs is read. `rows` is the estimated size of the whole table (0 before the
+-- first ANALYZE); a status too rare to be sampled estimates as 0.
+WITH t AS (
+    SELECT greatest(c.reltuples, 0) AS rows, n.nspname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = '{schema}.jobs'::regclass
+),
+shares AS (
+    SELECT v.status, v.share
+    FROM t, pg_stats s,
+         unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS v(status, share)
+    WHERE s.schemaname = t.nspname AND s.tablename = 'jobs' AND s.attname = 'status'
+)
+SELECT f.status, round(t.rows * coalesce(shares.share, 0))::bigint AS jobs,
+       t.rows::bigint AS rows
+FROM t CROSS JOIN unnest(ARRAY['completed', 'failed', 'cancelled', 'expired']) AS f(status)
+LEFT JOIN shares ON shares.status = f.status;
+
 -- name: ops_active_counts
--- Like ops_job_counts for pending and running jobs only. Two branches rather than
--- `status IN (...)`, so each can use its partial index and the history is never read.
-SELECT queue, 'pending' AS status, count(*) AS jobs,
-       count(*) FILTER (WHERE execution_time <= now()) AS due,
-       min(execution_time) FILTER (WHERE execution_time <= now()) AS oldest_due
-FROM {schema}.jobs WHERE status = 'pending'
-GROUP BY queue
+-- Like ops_job_counts for pending and running jobs only, never reading the history:
+-- pending rows per queue counted up to %(count_limit)s (pending_counts, migration 0015:
+-- `capped` marks lower bounds; the oldest due time is exact), running rows through
+-- jobs_running_idx (they are at most the workers' concurrency).
+SELECT queue, 'pending' AS status, jobs, due, oldest_due, capped
+FROM {schema}.pending_counts(%(count_limit)s)
 UNION ALL
-SELECT queue, 'running', count(*), 0, NULL
+SELECT queue, 'running', count(*), 0, NULL, false
 FROM {schema}.jobs WHERE worker_id IS NOT NULL AND finished_at IS NULL
       AND status = 'running'
 GROUP BY queue

@@ -482,6 +482,13 @@ FROM {schema}.jobs j WHERE j.id = %(id)s;
 -- paging). Walks jobs_created_idx or jobs_task_created_idx (migration 0008) backwards,
 -- so a page costs its rows, however deep and however big the table.
 -- waiting_for as in get_job, read only for the waiting rows of the page.
+-- A status filter is one term per status, `status = 'x' AND 'x' = ANY(%(statuses)s)`:
+-- with the values known each term folds to `status = 'x'` or to nothing, so the planner
+-- knows how many rows match and can read a rare status from its partial index and sort
+-- it (running rows through jobs_running_idx, whose predicate the running term repeats:
+-- true of every running row, migration 0009), where walking jobs_created_idx backwards
+-- for 50 of 500 running rows in 5M read half a million rows (`status::text = ANY(...)`,
+-- before, hid the column from every index and from the statistics).
 SELECT j.*,
        CASE WHEN j.due_after_dependencies IS NOT NULL AND j.status = 'pending'
             THEN ARRAY(SELECT e.dependency_id FROM {schema}.job_dependencies e
@@ -489,7 +496,14 @@ SELECT j.*,
                        WHERE e.job_id = j.id AND d.status IS DISTINCT FROM 'completed'
                        ORDER BY 1) END AS waiting_for
 FROM {schema}.jobs j
-WHERE (%(statuses)s::text[] IS NULL OR status::text = ANY(%(statuses)s))
+WHERE (%(statuses)s::text[] IS NULL
+       OR (status = 'pending' AND 'pending' = ANY(%(statuses)s::text[]))
+       OR (status = 'running' AND 'running' = ANY(%(statuses)s::text[])
+           AND worker_id IS NOT NULL AND finished_at IS NULL)
+       OR (status = 'completed' AND 'completed' = ANY(%(statuses)s::text[]))
+       OR (status = 'failed' AND 'failed' = ANY(%(statuses)s::text[]))
+       OR (status = 'cancelled' AND 'cancelled' = ANY(%(statuses)s::text[]))
+       OR (status = 'expired' AND 'expired' = ANY(%(statuses)s::text[])))
   AND (%(task)s::text IS NULL OR task = %(task)s)
   AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s)

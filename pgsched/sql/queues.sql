@@ -91,14 +91,13 @@ SELECT resumed.queue FROM resumed LEFT JOIN wake ON true;
 
 -- name: queue_stats
 -- Per queue: due, scheduled (future) and running jobs, the lag of the oldest due job, and
--- whether it is paused; paused queues without jobs are listed too. Each aggregate reads
--- one partial index (pending, running) rather than the finished history.
+-- whether it is paused; paused queues without jobs are listed too. Pending rows are
+-- counted up to %(count_limit)s per queue (pending_counts, migration 0015: `capped`
+-- marks due and scheduled as lower bounds; NULL counts all, for metrics); running rows
+-- through jobs_running_idx. Neither reads the finished history.
 WITH pending AS (
-    SELECT queue,
-           count(*) FILTER (WHERE execution_time <= now()) AS due,
-           count(*) FILTER (WHERE execution_time > now()) AS scheduled,
-           min(execution_time) AS oldest
-    FROM {schema}.jobs WHERE status = 'pending' GROUP BY queue
+    SELECT queue, due, jobs - due AS scheduled, oldest_due AS oldest, capped
+    FROM {schema}.pending_counts(%(count_limit)s)
 ),
 running AS (
     SELECT queue, count(*) AS running FROM {schema}.jobs
@@ -113,6 +112,7 @@ SELECT q.queue,
        coalesce(p.due, 0) AS due,
        coalesce(p.scheduled, 0) AS scheduled,
        coalesce(r.running, 0) AS running,
+       coalesce(p.capped, false) AS capped,
        greatest(0, extract(epoch FROM now() - p.oldest))::float8 AS lag_seconds,
        z.queue IS NOT NULL AS paused, z.paused_at, z.paused_by, z.reason
 FROM queues q

@@ -277,7 +277,7 @@ class MetricsServer:
             if self._stats_at is not None and now - self._stats_at < QUEUE_STATS_TTL_SECONDS:
                 return
             try:
-                rows = await asyncio.wait_for(self.worker.store.queue_stats(),
+                rows = await asyncio.wait_for(self.worker.store.queue_stats(exact=True),
                                               QUEUE_STATS_TIMEOUT_SECONDS)
             except Exception as exc:  # a scrape must never take the worker down
                 self._queue_stat_errors.inc()

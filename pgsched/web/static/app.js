@@ -104,7 +104,7 @@ async function refreshStats() {
   const figure = (label, value, id) => h("div", { class: "figure", id },
     h("div", { class: "value" }, value), h("div", { class: "label" }, label));
   document.getElementById("stats").replaceChildren(
-    figure("pending", t.pending, "fig-pending"),
+    figure("pending", t.pending + (t.capped ? "+" : ""), "fig-pending"),
     figure("running", t.running, "fig-running"),
     figure("completed, 1 h", hour.completed, "fig-completed"),
     figure("failed, 1 h", hour.failed + hour.expired, "fig-failed"),
@@ -315,7 +315,7 @@ function workersView() {
     if (!list.length) workers.append(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No worker registered. Start one with pgsched worker.")));
     queues.replaceChildren(...rows.map((q) => h("tr", { "data-queue": q.queue },
       h("td", { class: "mono" }, q.queue), h("td", {}, badge(q.paused ? "paused" : "active")),
-      h("td", { class: "num" }, q.due), h("td", { class: "num" }, q.scheduled), h("td", { class: "num" }, q.running),
+      h("td", { class: "num" }, q.due + (q.capped ? "+" : "")), h("td", { class: "num" }, q.scheduled + (q.capped ? "+" : "")), h("td", { class: "num" }, q.running),
       h("td", { class: "num" }, q.lag_seconds == null ? "-" : `${q.lag_seconds.toFixed(1)}s`),
       h("td", { class: "muted" }, q.paused ? `by ${q.paused_by || "?"}${q.reason ? `: ${q.reason}` : ""}` : ""),
       h("td", { class: "actions" }, actionButton(q.paused ? "Resume" : "Pause",
