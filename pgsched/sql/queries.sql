@@ -169,16 +169,14 @@ flat AS (
                       LIMIT 1) IS NOT NULL)
            AS chosen
 ),
--- The priorities with pending rows, lowest first (none when the walk is refused): a
--- loose scan of jobs_pending_due_idx, one probe per priority present plus one.
+-- The priorities to walk, lowest first: all of 0-9, or none when the walk is refused. A
+-- priority without due jobs costs one index probe. A fixed list rather than a loose scan
+-- of the priorities present: with it the planner estimates this statement well enough to
+-- keep one generic plan for every claim, where the loose scan had it planned anew at each
+-- (0.4 ms a claim).
 flat_priorities AS (
-    (SELECT priority FROM {schema}.jobs
-     WHERE status = 'pending' AND (SELECT chosen FROM flat) ORDER BY priority LIMIT 1)
-    UNION ALL
-    SELECT (SELECT j.priority FROM {schema}.jobs j
-            WHERE j.status = 'pending' AND j.priority > f.priority
-            ORDER BY j.priority LIMIT 1)
-    FROM flat_priorities f WHERE f.priority IS NOT NULL
+    SELECT priority FROM unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS p(priority)
+    WHERE (SELECT chosen FROM flat)
 ),
 -- The first future job of each priority, paused queues' included: one of those can make
 -- the worker wake early and claim nothing, never late; once it is due, the claims take
@@ -192,8 +190,8 @@ next_due AS (
         ORDER BY execution_time LIMIT 1
     ) f
 ),
--- Priorities in the order the loose scan found them (a nested loop keeps it), due rows in
--- index order within each; the outer LIMIT stops pulling, and so locking, at the claim's
+-- Priorities in order (a nested loop keeps the list's order), due rows in index order
+-- within each; the outer LIMIT stops pulling, and so locking, at the claim's
 -- limit. The paused test repeats flat's for a row whose newer version, read when it is
 -- locked, has become due since the snapshot.
 walked AS (
