@@ -88,6 +88,11 @@ class Sizes:
     retention_rows: int = 5_000_000
     retention_rate: float = 200.0
     retention_quiet_s: float = 20.0
+    # queues (opt-in): claim_queues_claims claims of 10 with claim_queues_jobs due jobs
+    # spread over each of these queue counts.
+    claim_queues: tuple[int, ...] = (1, 10, 100, 1000)
+    claim_queues_jobs: int = 20_000
+    claim_queues_claims: int = 100
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
@@ -95,7 +100,8 @@ QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drai
               idle_seconds=2.0, raw_claim=500, recurring_schedules=50, recurring_every=2.0,
               recurring_windows=2, cli_runs=3, scale_workers=(1, 2), scale_backlog=50,
               scale_rate=20.0, scale_seconds=1.0, churn_jobs=200, churn_batch=100,
-              retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0)
+              retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0,
+              claim_queues=(1, 10), claim_queues_jobs=200, claim_queues_claims=5)
 
 
 @dataclass

@@ -14,6 +14,7 @@ pgsched figure is printed as a fraction of it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import random
 import re
@@ -565,13 +566,12 @@ async def web_service(h: Harness) -> Metrics:
         await h.drop_schema(schema)
 
 
-def _scale(name: str) -> Callable[[Harness], Awaitable[Metrics]]:
-    """An opt-in scenario of bench/scale.py, imported when it runs (it imports this module)."""
+def _opt_in(module: str, name: str) -> Callable[[Harness], Awaitable[Metrics]]:
+    """An opt-in scenario of another bench module (scale.py, claim_queues.py), imported
+    when it runs: it imports this module."""
 
     async def run(h: Harness) -> Metrics:
-        from . import scale
-
-        return await getattr(scale, name)(h)
+        return await getattr(importlib.import_module(f".{module}", __package__), name)(h)
 
     return run
 
@@ -606,8 +606,9 @@ def scenarios() -> list[Scenario]:
         Scenario("idle", idle_cost, False),
         Scenario("cli-startup", cli_startup, False),
         Scenario("web", web_service, False, default=False),
-        *(Scenario(name, _scale(name), False, default=False)
+        *(Scenario(name, _opt_in("scale", name), False, default=False)
           for name in ("scale", "churn", "retention")),
+        Scenario("queues", _opt_in("claim_queues", "claim_queues"), False, default=False),
     ]
 
 
