@@ -101,7 +101,7 @@ QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drai
               recurring_windows=2, cli_runs=3, scale_workers=(1, 2), scale_backlog=50,
               scale_rate=20.0, scale_seconds=1.0, churn_jobs=200, churn_batch=100,
               retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0,
-              claim_queues=(1, 10), claim_queues_jobs=200, claim_queues_claims=5)
+              claim_queues_jobs=2_000, claim_queues_claims=3)
 
 
 @dataclass
