@@ -37,11 +37,22 @@
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
 -- per-queue caps (the store sends it only then), serving nothing when a global limit
 -- exists or a paused queue has jobs due. It walks jobs_pending_due_idx (priority,
--- execution_time, id, migration 0014) once per priority present (a loose index scan: at
--- most 11 probes), over due rows only, locks as it goes and stops at `limit`: it locks
--- only what it takes, and costs the same with 1 or 1,000 queues. Nothing is waded through:
--- no queue is left to other workers, no cap stops a queue, and no paused queue has a
--- due row in the walk's path (its future rows lie beyond now() and are never read).
+-- execution_time, id, migration 0014) once per priority 0-9, over due rows only, locks as
+-- it goes and stops at `limit`: it locks only what it takes, and costs the same with 1 or
+-- 1,000 queues (a priority without due jobs costs one index probe). What it relies on:
+-- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
+--   and (flat, same snapshot) no paused queue has a due row in the walk's path; paused
+--   queues' future rows lie beyond now() and are never read.
+-- - It takes nothing it must not: each row it locks passes, in its locked version, the
+--   walk's own tests (pending, due, not of a paused queue; a queue paused after this
+--   snapshot began is missed, as by the per-queue walks).
+-- - It skips no due job it should take: every due pending row of a queue that is not
+--   paused is in the index, and the walk reads each priority's due rows in order until
+--   `limit` rows are locked; only rows another claim holds are skipped (SKIP LOCKED).
+-- - next_due is never late: it is the earliest future pending job of any queue, paused
+--   ones included (early is harmless: the worker claims, finds nothing, and sleeps on).
+-- - Order: priorities in ascending order from a nested loop over a fixed list, due rows
+--   in index order within each; the limit cuts that sequence, as the per-queue walks' sort.
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
@@ -193,10 +204,11 @@ next_due AS (
 -- Priorities in order (a nested loop keeps the list's order), due rows in index order
 -- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit. The
 -- paused test repeats flat's for a row whose newer version, read when it is locked, has
--- become due since the snapshot. It is written NOT IN (a hashed subplan, estimated to
--- keep half the rows) on purpose: a correlated subquery is estimated to keep one in 200 of
--- them, and with that estimate the planner sorts every due row of a priority instead of
--- walking the index (tests/test_claim_flat.py reads the plan).
+-- become due since the snapshot. It is written NOT IN (a hashed subplan, estimated to keep
+-- half the rows; paused_queues.queue is the primary key, never NULL) on purpose: a
+-- correlated subquery is estimated to keep one row in 200, and with that estimate the
+-- planner sorts every due row of a priority instead of walking the index
+-- (tests/test_claim_flat.py reads the plan).
 walked AS (
     SELECT w.* FROM flat_priorities p
     CROSS JOIN LATERAL (
