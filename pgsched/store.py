@@ -301,10 +301,13 @@ class Store:
         self.channel = channel_name(schema)
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
         # Which claim statement the next claim starts with: claim_jobs once a queue has a
-        # global limit, else the flat claim for a worker of every queue (until it is
-        # refused), else the cheaper claim_jobs_unlimited; each claim reports which one
-        # fits. Only a guess shared by the store's claimers: each claim checks its own.
+        # global limit, else, for a worker of every queue without caps, the flat claim
+        # while more than one queue has pending jobs (and it was not refused within
+        # FLAT_RETRY_SECONDS), else the cheaper claim_jobs_unlimited; each claim reports
+        # which one fits. Only a guess shared by the store's claimers: each claim checks
+        # its own, so a wrong guess costs a second statement or speed, never a wrong claim.
         self._claim_limits = False
+        self._claim_one_queue = False
         self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
@@ -636,7 +639,8 @@ class Store:
         queues: the queues served (None: all); capped: (queues, free slots of each) for
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
         A worker of every queue without caps claims by the flat walk (claim_jobs_flat)
-        unless it was refused within the last FLAT_RETRY_SECONDS (sql/queries.sql).
+        while more than one queue has pending jobs, unless it was refused within the
+        last FLAT_RETRY_SECONDS (sql/queries.sql).
         """
         params = {
             "worker_id": worker_id,
@@ -653,6 +657,7 @@ class Store:
         loop = asyncio.get_running_loop()
         name = ("claim_jobs" if self._claim_limits
                 else "claim_jobs_flat" if (queues is None and not capped[0]
+                                           and not self._claim_one_queue
                                            and loop.time() >= self._flat_refused_until)
                 else "claim_jobs_unlimited")
         # The claim clamps its times in SQL: psycopg's own loader decodes them, not the
@@ -668,9 +673,10 @@ class Store:
             name = "claim_jobs"
             rows = await self._rows(name, params, times_clamped=True)
         self._claim_limits = rows[0]["limits_exist"]
+        self._claim_one_queue = bool(rows[0].get("one_queue"))
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
-            for column in ("rate_counted", "limits_exist", "flat_refused"):
+            for column in ("rate_counted", "limits_exist", "flat_refused", "one_queue"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]

@@ -154,3 +154,28 @@ async def test_flat_claim_at_1000_queues_walks_no_queue(sched):
     per_queue = await plan("claim_jobs_unlimited", {
         "queues": None, "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5})
     assert max(loops for loops, _ in per_queue) >= 1000  # what the flat walk spares
+
+
+class RecordingStore(Store):
+    """A store that notes which claim statements it ran (the real ones, on the database)."""
+
+    ran: list[str]
+
+    async def _rows(self, name: str, params: dict[str, Any], **kw: Any) -> list[dict[str, Any]]:
+        self.ran.append(name)
+        return await super()._rows(name, params, **kw)
+
+
+async def test_the_store_walks_flat_only_while_several_queues_have_jobs(sched):
+    store = RecordingStore(sched.store.pool, sched.schema)
+    store.ran = []
+    await fill(sched, [(f"a-{i}", "a", 5, ago(10)) for i in range(20)])
+    for _ in range(3):
+        await claim_ids(store, 2)
+    # One queue: one per-queue walk locks only what it takes and keeps a generic plan.
+    assert store.ran == ["claim_jobs_flat", "claim_jobs_unlimited", "claim_jobs_unlimited"]
+    await fill(sched, [("b-0", "b", 0, ago(1))])
+    store.ran.clear()
+    assert await claim_ids(store, 1) == ["b-0"]  # the per-queue walk sees b, and says so
+    assert await claim_ids(store, 1) == ["a-6"]
+    assert store.ran == ["claim_jobs_unlimited", "claim_jobs_flat"]
