@@ -35,11 +35,12 @@
 -- so one may come back short. This costs about 20 us per queue with pending jobs.
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
--- per-queue caps (the store sends it only then), serving nothing when a global limit
--- exists or a paused queue has jobs due. It walks jobs_pending_due_idx (priority,
--- execution_time, id, migration 0014) once per priority 0-9, over due rows only, locks as
--- it goes and stops at `limit`: it locks only what it takes, and costs the same with 1 or
--- 1,000 queues (a priority without due jobs costs one index probe). What it relies on:
+-- per-queue caps (the store sends it only then, and only while more than one queue has
+-- pending jobs: one_queue below), serving nothing when a global limit exists or a paused
+-- queue has jobs due. It walks jobs_pending_due_idx (priority, execution_time, id,
+-- migration 0014) once per priority 0-9, over due rows only, locks as it goes and stops
+-- at `limit`: it locks only what it takes, and costs the same with 1 or 1,000 queues (a
+-- priority without due jobs costs one index probe). What it relies on:
 -- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
 --   and (flat, same snapshot) no paused queue has a due row in the walk's path; paused
 --   queues' future rows lie beyond now() and are never read.
