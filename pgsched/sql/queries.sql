@@ -283,13 +283,13 @@ SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next
        now() AS db_now, (SELECT jobs FROM counted) AS rate_counted,
 -- for: claim_jobs_unlimited, claim_jobs_flat
 SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS rate_counted,
-       -- Whether at most one queue has pending jobs (two index probes): the store then
-       -- claims with claim_jobs_unlimited, whose one walk locks only what it takes too
-       -- and keeps one generic plan, where claim_jobs_flat is planned at every claim.
-       NOT EXISTS (SELECT 1 FROM {schema}.jobs
-                   WHERE status = 'pending'
-                     AND queue > (SELECT min(queue) FROM {schema}.jobs
-                                  WHERE status = 'pending')) AS one_queue,
+       -- Whether at most one queue has pending jobs: the store then claims with
+       -- claim_jobs_unlimited, whose one walk locks only what it takes too and keeps one
+       -- generic plan, where claim_jobs_flat is planned at every claim. min and max: two
+       -- index probes (an EXISTS of `queue > min` was planned as a scan of the table).
+       (SELECT min(queue) FROM {schema}.jobs WHERE status = 'pending')
+           IS NOT DISTINCT FROM (SELECT max(queue) FROM {schema}.jobs
+                                 WHERE status = 'pending') AS one_queue,
 -- for: claim_jobs_flat
        NOT (SELECT chosen FROM flat) AS flat_refused,
 -- end
