@@ -15,8 +15,6 @@ from psycopg import sql
 
 from pgsched.store import OneConnection, Store, open_connection
 
-Params = dict[str, Any]
-
 
 def ago(seconds: float) -> datetime:
     return datetime.now(UTC) - timedelta(seconds=seconds)
@@ -142,18 +140,32 @@ async def test_flat_claim_at_1000_queues_walks_no_queue(sched):
             "FROM generate_series(1, 5000) g").format(sql.Identifier(sched.schema)))
         await conn.execute(sql.SQL("ANALYZE {}.jobs").format(sql.Identifier(sched.schema)))
 
-    async def plan(name: str, params: Params) -> list[tuple[int, int]]:
-        async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
-            cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sched.store._q[name],
-                                     {"worker_id": "w", "limit": 10, "lease_seconds": 60,
-                                      **params})
-            return scans_of_jobs((await cur.fetchone())[0][0]["Plan"])
-
-    flat = await plan("claim_jobs_flat", {})
+    flat = await plan(sched, "claim_jobs_flat")
     assert max(loops for loops, _ in flat) <= 10 and sum(rows for _, rows in flat) < 100
-    per_queue = await plan("claim_jobs_unlimited", {
-        "queues": None, "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5})
+    per_queue = await plan(sched, "claim_jobs_unlimited")
     assert max(loops for loops, _ in per_queue) >= 1000  # what the flat walk spares
+
+
+async def test_a_claim_at_one_queue_reads_only_what_it_takes(sched):
+    """The store's choice (one_queue) must not cost a scan of the table at one queue."""
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(sql.SQL(
+            "INSERT INTO {}.jobs (id, task, queue, execution_time) "
+            "SELECT 'j' || g, 'noop', 'default', now() - make_interval(secs => g) "
+            "FROM generate_series(1, 20000) g").format(sql.Identifier(sched.schema)))
+        await conn.execute(sql.SQL("ANALYZE {}.jobs").format(sql.Identifier(sched.schema)))
+    for name in ("claim_jobs_unlimited", "claim_jobs_flat"):
+        assert sum(rows for _, rows in await plan(sched, name)) < 100, name
+
+
+async def plan(sched, name: str) -> list[tuple[int, int]]:
+    """(loops, rows read) of each scan of jobs in one claim of 10, rolled back."""
+    params = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
+              "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
+    async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
+        cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sched.store._q[name],
+                                 params)
+        return scans_of_jobs((await cur.fetchone())[0][0]["Plan"])
 
 
 class RecordingStore(Store):
