@@ -120,6 +120,18 @@ async def test_a_capped_listed_or_limited_claim_keeps_its_bounds(sched):
     assert await claim_ids(sched.store, 10) == []  # c's one running job holds its limit
 
 
+async def fill_series(sched, count: int, *, queue: str, priority: str) -> None:
+    """count jobs due 1..count seconds ago, queue and priority SQL expressions of g."""
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(sql.SQL(
+            "INSERT INTO {schema}.jobs (id, task, queue, priority, execution_time) "
+            "SELECT 'j' || g, 'noop', {queue}, {priority}, now() - make_interval(secs => g) "
+            "FROM generate_series(1, %s) g").format(
+                schema=sql.Identifier(sched.schema), queue=sql.SQL(queue),
+                priority=sql.SQL(priority)), [count])
+        await conn.execute(sql.SQL("ANALYZE {}.jobs").format(sql.Identifier(sched.schema)))
+
+
 def scans_of_jobs(plan: dict[str, Any]) -> list[tuple[int, int]]:
     """(loops, rows read) of every executed scan of the jobs table in the plan."""
     here = []
@@ -133,13 +145,7 @@ def scans_of_jobs(plan: dict[str, Any]) -> list[tuple[int, int]]:
 async def test_flat_claim_at_1000_queues_walks_no_queue(sched):
     """Structural, not timed: the per-queue walks probe each of the 1,000 queues; a walk
     that sorts the due rows of a priority instead of following the index reads 1,666."""
-    async with sched.store.pool.connection() as conn:
-        await conn.execute(sql.SQL(
-            "INSERT INTO {}.jobs (id, task, queue, priority, execution_time) "
-            "SELECT 'j' || g, 'noop', 'q' || (g % 1000), g % 3, now() - make_interval(secs => g) "
-            "FROM generate_series(1, 5000) g").format(sql.Identifier(sched.schema)))
-        await conn.execute(sql.SQL("ANALYZE {}.jobs").format(sql.Identifier(sched.schema)))
-
+    await fill_series(sched, 5000, queue="'q' || (g %% 1000)", priority="g %% 3")
     flat = await plan(sched, "claim_jobs_flat")
     assert max(loops for loops, _ in flat) <= 10 and sum(rows for _, rows in flat) < 100
     per_queue = await plan(sched, "claim_jobs_unlimited")
@@ -148,12 +154,7 @@ async def test_flat_claim_at_1000_queues_walks_no_queue(sched):
 
 async def test_a_claim_at_one_queue_reads_only_what_it_takes(sched):
     """The store's choice (one_queue) must not cost a scan of the table at one queue."""
-    async with sched.store.pool.connection() as conn:
-        await conn.execute(sql.SQL(
-            "INSERT INTO {}.jobs (id, task, queue, execution_time) "
-            "SELECT 'j' || g, 'noop', 'default', now() - make_interval(secs => g) "
-            "FROM generate_series(1, 20000) g").format(sql.Identifier(sched.schema)))
-        await conn.execute(sql.SQL("ANALYZE {}.jobs").format(sql.Identifier(sched.schema)))
+    await fill_series(sched, 20000, queue="'default'", priority="5")
     for name in ("claim_jobs_unlimited", "claim_jobs_flat"):
         assert sum(rows for _, rows in await plan(sched, name)) < 100, name
 
