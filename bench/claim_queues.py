@@ -1,26 +1,31 @@
-"""Claim cost against the number of queues with pending jobs (issue 14, per-tenant queues).
+"""The `queues` scenario (opt-in, issue 14's per-tenant queues): claim cost against the
+number of queues with jobs due.
 
-Usage: python -m bench.claim_queues --dsn DSN [--queues 1,10,100,1000] [--jobs 20000]
-       [--claims 50] [--limit 10]
+For each count in Sizes.claim_queues, a fresh schema holds Sizes.claim_queues_jobs due
+jobs spread evenly over that many queues (a fifth at priority 1, the rest at 5); one
+store then claims 10 jobs Sizes.claim_queues_claims times, first as a worker of every
+queue (the flat walk, claim_jobs_flat, from 2 queues on; at 1 the one per-queue walk),
+then with every queue listed by name (the per-queue walks), each claim timed from the
+client around Store.claim_jobs.
 
-For each queue count, a fresh schema holds --jobs due jobs spread evenly over that many
-queues; one worker then claims --limit jobs --claims times, first serving every queue
-(queues found by the loose index scan), then with every queue listed by name, and the
-p50/p95 of Store.claim_jobs are printed in ms. Measures only; nothing asserts.
+Metrics: queues_<n>_all_p50_ms/_p95_ms/_max_ms and queues_<n>_listed_..., in ms. The
+target (report.py): a worker of every queue claims as fast at 1,000 queues as at 1, within
+2x (p50). Failure: BenchError if a claim comes back short of its 10 jobs.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
-import statistics
 import time
-import uuid
+from typing import Any
 
 from psycopg import sql
 
 from pgsched.store import Store, open_pool
+
+from .harness import BenchError, Harness
+from .scenarios import percentiles
+
+Metrics = dict[str, Any]
 
 FILL = """
 INSERT INTO {schema}.jobs (id, task, queue, priority, execution_time)
@@ -28,54 +33,39 @@ SELECT md5(g::text), 'noop', 'q' || (g %% %(queues)s), CASE WHEN g %% 5 = 0 THEN
        now() - interval '1 s'
 FROM generate_series(1, %(jobs)s) g
 """
+LIMIT = 10
 
 
-async def one(dsn: str, queues: int, args: argparse.Namespace) -> dict:
-    schema = f"claimq_{uuid.uuid4().hex[:8]}"
-    pool = await open_pool(dsn, max_size=2)
-    store = Store(pool, schema)
-    ident = sql.Identifier(schema)
-    result: dict = {"queues": queues}
+async def claim_queues(h: Harness) -> Metrics:
+    metrics: Metrics = {}
+    for queues in h.sizes.claim_queues:
+        metrics.update(await _one(h, queues))
+    return metrics
+
+
+async def _one(h: Harness, queues: int) -> Metrics:
+    schema = await h.fresh_schema(f"queues_{queues}")
+    pool = await open_pool(h.dsn, max_size=1)
+    metrics: Metrics = {}
     try:
-        await store.migrate()
+        store = Store(pool, schema)
         async with pool.connection() as conn:
-            await conn.execute(sql.SQL(FILL).format(schema=ident),
-                               {"queues": queues, "jobs": args.jobs})
-            await conn.execute(sql.SQL("VACUUM ANALYZE {}.jobs").format(ident))
+            await conn.execute(sql.SQL(FILL).format(schema=sql.Identifier(schema)),
+                               {"queues": queues, "jobs": h.sizes.claim_queues_jobs})
+        await h.analyze(schema)
         names = [f"q{n}" for n in range(queues)]
-        for label, served in (("all_queues", None), ("listed_queues", names)):
+        for label, served in (("all", None), ("listed", names)):
             times = []
-            for _ in range(args.claims):
+            for _ in range(h.sizes.claim_queues_claims):
                 started = time.perf_counter()
                 claimed, _, _ = await store.claim_jobs(
-                    worker_id="w", limit=args.limit, lease_seconds=60,
-                    queues=served)
+                    worker_id="bench", limit=LIMIT, lease_seconds=60, queues=served)
                 times.append((time.perf_counter() - started) * 1000)
-                assert len(claimed) == args.limit
-            times.sort()
-            result[label] = {"p50_ms": round(statistics.median(times), 2),
-                             "p95_ms": round(times[round(0.95 * (len(times) - 1))], 2)}
-        return result
+                if len(claimed) != LIMIT:
+                    raise BenchError(f"queues: a claim at {queues} queues took "
+                                     f"{len(claimed)} of {LIMIT} due jobs")
+            metrics.update(percentiles(times, f"queues_{queues}_{label}"))
+        return metrics
     finally:
-        async with pool.connection() as conn:
-            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident))
         await pool.close()
-
-
-async def run(args: argparse.Namespace) -> None:
-    for queues in (int(q) for q in args.queues.split(",")):
-        print(json.dumps(await one(args.dsn, queues, args)), flush=True)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dsn", required=True)
-    parser.add_argument("--queues", default="1,10,100,1000")
-    parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--claims", type=int, default=50)
-    parser.add_argument("--limit", type=int, default=10)
-    asyncio.run(run(parser.parse_args()))
-
-
-if __name__ == "__main__":
-    main()
+        await h.drop_schema(schema)

@@ -90,6 +90,11 @@ class Sizes:
     retention_quiet_s: float = 20.0
     # ops (opt-in): the jobs table the operator statements are timed on.
     ops_rows: int = 5_000_000
+    # queues (opt-in): claim_queues_claims claims of 10 with claim_queues_jobs due jobs
+    # spread over each of these queue counts.
+    claim_queues: tuple[int, ...] = (1, 10, 100, 1000)
+    claim_queues_jobs: int = 20_000
+    claim_queues_claims: int = 100
 
 
 QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drain=500,
@@ -98,7 +103,7 @@ QUICK = Sizes(enqueue_loop=200, enqueue_bulk=2_000, enqueue_bulk_small=200, drai
               recurring_windows=2, cli_runs=3, scale_workers=(1, 2), scale_backlog=50,
               scale_rate=20.0, scale_seconds=1.0, churn_jobs=200, churn_batch=100,
               retention_rows=2_000, retention_rate=20.0, retention_quiet_s=1.0,
-              ops_rows=20_000)
+              ops_rows=20_000, claim_queues_jobs=2_000, claim_queues_claims=3)
 
 
 @dataclass

@@ -139,6 +139,13 @@ ROWS = [
         "retention_quiet_claim_p95_ms", "<= 2x without it",
         met=lambda m: m["retention_busy_claim_p95_ms"]
         <= 2 * m["retention_quiet_claim_p95_ms"]),
+    *(Row(f"queues: claim of 10, worker of every queue, {n:,} queue{'s' * (n > 1)} with jobs due",
+          f"queues_{n}_all", "ms") for n in (1, 10, 100, 1000)),
+    Row("queues: worker of every queue, 1,000 queues against 1 (claim p50)",
+        "queues_1000_all_p50_ms", "x 1 queue", None, "<= 2x (flat)",
+        met=lambda m: m["queues_1000_all_p50_ms"] <= 2 * m["queues_1_all_p50_ms"]),
+    *(Row(f"queues: claim of 10, all {n:,} queue{'s' * (n > 1)} listed by name",
+          f"queues_{n}_listed", "ms") for n in (1, 10, 100, 1000)),
     Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
     Row("raw: COPY 10k rows", "raw_copy_10k_rows_per_s", "rows/s"),
     Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
@@ -157,6 +164,8 @@ def _value(key: str, unit: str, m: Metrics) -> str | None:
     if key not in m:
         return None
     value = m[key]
+    if unit == "x 1 queue":
+        return f"{value / m['queues_1_all_p50_ms']:.2f}x ({value:.2f} ms)"
     if unit == "ms cpu":
         return f"{value:.0f} ms"
     if unit == "windows":

@@ -567,11 +567,12 @@ async def web_service(h: Harness) -> Metrics:
 
 
 def _opt_in(module: str, name: str) -> Callable[[Harness], Awaitable[Metrics]]:
-    """An opt-in scenario of bench/scale.py or bench/ops_at_size.py, imported when it runs
-    (they import this module)."""
+    """An opt-in scenario of another bench module (scale.py, ops_at_size.py,
+    claim_queues.py), imported
+    when it runs: it imports this module."""
 
     async def run(h: Harness) -> Metrics:
-        return await getattr(importlib.import_module(f"bench.{module}"), name)(h)
+        return await getattr(importlib.import_module(f".{module}", __package__), name)(h)
 
     return run
 
@@ -609,6 +610,7 @@ def scenarios() -> list[Scenario]:
         *(Scenario(name, _opt_in("scale", name), False, default=False)
           for name in ("scale", "churn", "retention")),
         Scenario("ops", _opt_in("ops_at_size", "ops"), False, default=False),
+        Scenario("queues", _opt_in("claim_queues", "claim_queues"), False, default=False),
     ]
 
 

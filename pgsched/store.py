@@ -80,6 +80,7 @@ COUNT_LIMIT = 500
 # machine (bench/ops_at_size.py), so a batch takes 4-10 ms (p95 under 20 ms at a load
 # of 13) and a worker's heartbeat or completion of one of its jobs waits no longer.
 BULK_BATCH = 100
+_FOR_RE = re.compile(r"\w+")
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _INCLUDE_RE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
@@ -108,6 +109,11 @@ UNIQUE_INSERT_ROUNDS = 20
 # How soon a worker claims again from a queue its global concurrency held back (nothing
 # tells it that another worker's job of the queue finished; claim_room in 0012).
 LIMIT_RECHECK_SECONDS = 0.5
+# After the flat claim was refused (a paused queue had jobs due, or a global limit
+# exists), this store's claims take the per-queue walks for this long before trying it
+# again: the refusal costs a second statement, the wait at most this much of the flat
+# walk's saving.
+FLAT_RETRY_SECONDS = 1.0
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -180,29 +186,37 @@ def _without_leading_comment(text: str) -> str:
 
 
 def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:
-    """A block with `-- if WHAT` / `-- else: OTHER` / `-- end` lines is two statements:
-    NAME keeps the `if` parts, OTHER the `else` parts (claim_jobs and
-    claim_jobs_unlimited, replace_jobs_given and insert_jobs_given). One text for both,
-    so that their shared parts cannot drift apart."""
+    """A block with marked parts is several statements: one text for all, so that their
+    shared parts cannot drift apart. `-- if WHAT` / `-- else: OTHER` / `-- end`: NAME keeps
+    the `if` parts, OTHER the `else` parts (replace_jobs_given and insert_jobs_given);
+    `-- for: A, B` parts belong to the statements named (claim_jobs, claim_jobs_unlimited
+    and claim_jobs_flat). Lines outside marked parts belong to every statement."""
     others = {line.strip()[len("-- else:"):].strip() for line in text.splitlines()
               if line.strip().startswith("-- else:")}
-    if not others:
+    if len(others) > 1:
+        raise RuntimeError(f"query {name}: its `-- else:` lines name {sorted(others)}")
+    named = [_FOR_RE.findall(line.strip()[len("-- for:"):]) for line in text.splitlines()
+             if line.strip().startswith("-- for:")]
+    kept: dict[str, list[str]] = {
+        variant: [] for variant in [name, *others, *(n for names in named for n in names)]}
+    if len(kept) == 1:
         yield name, text
         return
-    if len(others) != 1:
-        raise RuntimeError(f"query {name}: its `-- else:` lines name {sorted(others)}")
-    other = others.pop()
-    kept: dict[str, list[str]] = {name: [], other: []}
-    part = None
+    part: set[str] | None = None
     for line in text.splitlines(keepends=True):
         marker = line.strip()
-        if marker.startswith("-- if ") or marker.startswith("-- else:") or marker == "-- end":
-            part = (name if marker.startswith("-- if ")
-                    else other if marker.startswith("-- else:") else None)
-            continue
-        for variant, lines in kept.items():
-            if part is None or part == variant:
-                lines.append(line)
+        if marker.startswith("-- if "):
+            part = {name}
+        elif marker.startswith("-- else:"):
+            part = others
+        elif marker.startswith("-- for:"):
+            part = set(_FOR_RE.findall(marker[len("-- for:"):]))
+        elif marker == "-- end":
+            part = None
+        else:
+            for variant, lines in kept.items():
+                if part is None or variant in part:
+                    lines.append(line)
     for variant, lines in kept.items():
         yield variant, "".join(lines)
 
@@ -327,9 +341,14 @@ class Store:
         self.channel = channel_name(schema)
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
         # Which claim statement the next claim starts with: claim_jobs once a queue has a
-        # global limit, else the cheaper claim_jobs_unlimited; each claim reports which one
-        # fits. Only a guess shared by the store's claimers: each claim checks its own.
+        # global limit, else, for a worker of every queue without caps, the flat claim
+        # while more than one queue has pending jobs (and it was not refused within
+        # FLAT_RETRY_SECONDS), else the cheaper claim_jobs_unlimited; each claim reports
+        # which one fits. Only a guess shared by the store's claimers: each claim checks
+        # its own, so a wrong guess costs a second statement or speed, never a wrong claim.
         self._claim_limits = False
+        self._claim_one_queue = False
+        self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -659,6 +678,9 @@ class Store:
 
         queues: the queues served (None: all); capped: (queues, free slots of each) for
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
+        A worker of every queue without caps claims by the flat walk (claim_jobs_flat)
+        while more than one queue has pending jobs, unless it was refused within the
+        last FLAT_RETRY_SECONDS (sql/queries.sql).
         """
         params = {
             "worker_id": worker_id,
@@ -669,20 +691,33 @@ class Store:
             "capped_free": list(capped[1]),
             "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
         }
-        # Decided by what this claim ran, never by _claim_limits afterwards: claimers that
-        # share the store change it while this one runs.
-        cheaper = not self._claim_limits
+        # Decided by what each statement ran and reported, never by the flags afterwards:
+        # claimers that share the store change them while this one runs. A statement that
+        # could not serve this claim took nothing and said why; the next one serves it.
+        loop = asyncio.get_running_loop()
+        name = ("claim_jobs" if self._claim_limits
+                else "claim_jobs_flat" if (queues is None and not capped[0]
+                                           and not self._claim_one_queue
+                                           and loop.time() >= self._flat_refused_until)
+                else "claim_jobs_unlimited")
         # The claim clamps its times in SQL: psycopg's own loader decodes them, not the
         # clamping one, a Python call per value on the worker's hot path.
-        rows = await self._rows("claim_jobs_unlimited" if cheaper else "claim_jobs", params,
-                                times_clamped=True)
-        if cheaper and rows[0]["limits_exist"]:
+        rows = await self._rows(name, params, times_clamped=True)
+        if name == "claim_jobs_flat" and rows[0]["flat_refused"]:
+            self._flat_refused_until = loop.time() + FLAT_RETRY_SECONDS
+            if not rows[0]["limits_exist"]:  # a paused queue has jobs due
+                name = "claim_jobs_unlimited"
+                rows = await self._rows(name, params, times_clamped=True)
+        if name != "claim_jobs" and rows[0]["limits_exist"]:
             # A global limit appeared and the cheaper claim took nothing: claim with it.
-            rows = await self._rows("claim_jobs", params, times_clamped=True)
+            name = "claim_jobs"
+            rows = await self._rows(name, params, times_clamped=True)
         self._claim_limits = rows[0]["limits_exist"]
+        self._claim_one_queue = bool(rows[0].get("one_queue"))
         for row in rows:
-            del row["rate_counted"]  # read only so that the claim counts its starts
-            del row["limits_exist"]
+            # read only so that the claim counts its starts, or to choose the statement
+            for column in ("rate_counted", "limits_exist", "flat_refused", "one_queue"):
+                row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 

@@ -6,32 +6,60 @@
 -- workers with skewed clocks agree on leases and due times.
 
 -- name: claim_jobs
--- Claim up to %(limit)s due jobs for one worker from the queues it serves (%(queues)s, or
--- every queue when NULL) that are not paused, taking at most %(capped_free)s from each
--- queue in %(capped_queues)s (per-queue concurrency) and no more than a queue's global
+-- Claim up to `limit` due jobs for one worker from the queues it serves (`queues`, or
+-- every queue when NULL) that are not paused, taking at most `capped_free` from each
+-- queue in `capped_queues` (per-queue concurrency) and no more than a queue's global
 -- limits allow (queue_limits); expire jobs past their misfire grace; report when the next
 -- pending job of those queues falls due, or when a global limit that held jobs back may
 -- let them go. Always returns at least one row: the job columns are NULL when nothing
--- was claimed. Two statements come from this block (store._variants): claim_jobs, with
--- the `if limits` parts, and claim_jobs_unlimited, with the `else` parts.
+-- was claimed. Three statements come from this block (store._variants): claim_jobs, with
+-- the `if limits` parts, claim_jobs_unlimited, with the `else` parts, and claim_jobs_flat.
+-- Each serves only what it can serve correctly and says when it served nothing for that
+-- reason (limits_exist, flat_refused), in the snapshot it ran in, so the store's choice
+-- among them (Store.claim_jobs) can only cost a second statement, never a wrong claim.
 --
--- Why this shape: the pending index is (queue, priority, execution_time, id), and each
--- (queue, priority) pair is walked on its own, over its due rows only. A single
--- `ORDER BY priority, execution_time` scan filtered by queue would wade through the due
--- backlog of every paused queue and of queues left to other workers, and through every
--- future job of a priority when few are due (200,000 jobs due next week cost
--- milliseconds per claim). The queues come from the worker's list, or, for a worker that
--- serves every queue, from a loose index scan (one index probe per distinct queue with
--- pending jobs); the priorities are those of 0-9 the queue has pending rows of
--- (served_priorities). Within a queue the walks run in priority order and the LIMIT stops
--- them at the queue's cap (a nested loop preserves the order in which the loose scan
--- found the priorities). Across queues the candidates are
--- sorted by priority and due time and cut to %(limit)s: when several queues have jobs due
--- at once a claim locks up to its limit in each of them and lets the surplus go at
--- commit, milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and
--- never wait. Rows are locked inside the walks so that a claimer skips what another is
--- taking and walks on, instead of ending up with the same candidates.
-WITH RECURSIVE pending_queues AS (
+-- The per-queue walks (claim_jobs, claim_jobs_unlimited). The pending index is (queue,
+-- priority, execution_time, id), and each (queue, priority) pair is walked on its own,
+-- over its due rows only. A single `ORDER BY priority, execution_time` scan filtered by
+-- queue would wade through the due backlog of every paused queue and of queues left to
+-- other workers, and through every future job of a priority when few are due (200,000
+-- jobs due next week cost milliseconds per claim). The queues come from the worker's
+-- list, or, for a worker that serves every queue, from a loose index scan (one index
+-- probe per distinct queue with pending jobs); the priorities are those of 0-9 the queue
+-- has pending rows of (served_priorities). Within a queue the walks run in priority order
+-- and the LIMIT stops them at the queue's cap (a nested loop preserves the order in which
+-- the loose scan found the priorities). Across queues the candidates are sorted by
+-- priority and due time and cut to `limit`: when several queues have jobs due at once
+-- a claim locks up to its limit in each of them and lets the surplus go at commit,
+-- milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and never wait,
+-- so one may come back short. This costs about 20 us per queue with pending jobs.
+--
+-- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
+-- per-queue caps (the store sends it only then, and only while more than one queue has
+-- pending jobs: one_queue below), serving nothing when a global limit exists or a paused
+-- queue has jobs due. It walks jobs_pending_due_idx (priority, execution_time, id,
+-- migration 0014) once per priority 0-9, over due rows only, locks as it goes and stops
+-- at `limit`: it locks only what it takes, and costs the same with 1 or 1,000 queues (a
+-- priority without due jobs costs one index probe). What it relies on:
+-- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
+--   and (flat, same snapshot) no paused queue has a due row in the walk's path; paused
+--   queues' future rows lie beyond now() and are never read.
+-- - It takes nothing it must not: each row it locks passes, in its locked version, the
+--   walk's own tests (pending, due, not of a paused queue; a queue paused after this
+--   snapshot began is missed, as by the per-queue walks).
+-- - It skips no due job it should take: every due pending row of a queue that is not
+--   paused is in the index, and the walk reads each priority's due rows in order until
+--   `limit` rows are locked; only rows another claim holds are skipped (SKIP LOCKED).
+-- - next_due is never late: it is the earliest future pending job of any queue, paused
+--   ones included (early is harmless: the worker claims, finds nothing, and sleeps on).
+-- - Order: priorities in ascending order from a nested loop over a fixed list, due rows
+--   in index order within each; the limit cuts that sequence, as the per-queue walks' sort.
+--
+-- Rows are locked inside the walks so that a claimer skips what another is taking and
+-- walks on, instead of ending up with the same candidates.
+WITH RECURSIVE
+-- for: claim_jobs, claim_jobs_unlimited
+pending_queues AS (
     (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM {schema}.jobs j
@@ -80,7 +108,7 @@ served AS (
     SELECT queue, cap FROM listed
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
 ),
--- end
+-- for: claim_jobs, claim_jobs_unlimited
 -- The priorities each served queue has pending rows of, lowest first: a loose index scan,
 -- one probe per priority present plus one that finds none. With the jobs of a queue at
 -- one or two priorities this costs what walking the two JobPriority values did, however
@@ -113,25 +141,13 @@ next_due AS (
         ORDER BY execution_time LIMIT 1
     ) f
 ),
-candidates AS (
-    SELECT c.id, c.expired
+walked AS (
+    SELECT c.*
     FROM served s
     CROSS JOIN LATERAL (
-        -- Only a job that could not start in time expires. One put back by orphan recovery
-        -- or a shutdown started in time (its last attempt started at or after its due
-        -- time, which neither changes) and must run again, however late; a retry (due
-        -- again later than its last start) keeps its grace from the retry time; a new,
-        -- replaced or `pgsched retry`-ed job has not started.
         SELECT w.* FROM served_priorities p
         CROSS JOIN LATERAL (
-            -- Lateness is compared in seconds, not as an interval: a grace written with SQL
-            -- ('Infinity', 1e300) must not make interval arithmetic fail the whole claim.
-            -- A job whose attempts cannot count up any more (written with SQL) is left.
-            SELECT id, priority, execution_time,
-                   (misfire_grace_seconds IS NOT NULL
-                    AND (started_at IS NULL OR started_at < execution_time)
-                    AND extract(epoch FROM now()) - extract(epoch FROM execution_time)
-                        > misfire_grace_seconds) AS expired
+            SELECT id, priority, execution_time, misfire_grace_seconds, started_at
             FROM {schema}.jobs
             WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
               AND execution_time <= now() AND attempts < 2147483647
@@ -144,6 +160,85 @@ candidates AS (
     ) c
     ORDER BY c.priority, c.execution_time, c.id
     LIMIT %(limit)s
+),
+-- for: claim_jobs_flat
+-- Whether the flat walk may serve this claim: no global limit (as in claim_jobs_unlimited)
+-- and no paused queue with a job due, whose rows would lie in the walk's path (the index
+-- has no queue column to skip them by). One probe per paused queue, and ten (one per
+-- priority) for each paused queue that has pending jobs: cheap while few queues are paused.
+flat AS (
+    SELECT NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
+           AND NOT EXISTS (
+               SELECT 1
+               FROM (SELECT queue FROM {schema}.paused_queues p
+                     WHERE (SELECT 1 FROM {schema}.jobs j
+                            WHERE j.status = 'pending' AND j.queue = p.queue LIMIT 1) IS NOT NULL
+                    ) p
+               CROSS JOIN unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS pr(priority)
+               WHERE (SELECT 1 FROM {schema}.jobs j
+                      WHERE j.status = 'pending' AND j.queue = p.queue
+                        AND j.priority = pr.priority AND j.execution_time <= now()
+                      LIMIT 1) IS NOT NULL)
+           AS chosen
+),
+-- The priorities to walk, lowest first: all of 0-9, or none when the walk is refused. A
+-- priority without due jobs costs one index probe; a fixed list plans faster than a loose
+-- scan of the priorities present. This statement is planned at every claim (psycopg
+-- prepares it, but the generic plan, which cannot know `limit`, costs more than the
+-- custom one, so PostgreSQL keeps planning it): about 0.2-0.4 ms.
+flat_priorities AS (
+    SELECT priority FROM unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS p(priority)
+    WHERE (SELECT chosen FROM flat)
+),
+-- The first future job of each priority, paused queues' included: one of those can make
+-- the worker wake early and claim nothing, never late; once it is due, the claims take
+-- the per-queue walks (flat refuses), which leave paused queues out of next_due.
+next_due AS (
+    SELECT min(f.execution_time) AS at
+    FROM flat_priorities p
+    CROSS JOIN LATERAL (
+        SELECT execution_time FROM {schema}.jobs
+        WHERE status = 'pending' AND priority = p.priority AND execution_time > now()
+        ORDER BY execution_time LIMIT 1
+    ) f
+),
+-- Priorities in order (a nested loop keeps the list's order), due rows in index order
+-- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit. The
+-- paused test repeats flat's for a row whose newer version, read when it is locked, has
+-- become due since the snapshot. It is written NOT IN (a hashed subplan, estimated to keep
+-- half the rows; paused_queues.queue is the primary key, never NULL) on purpose: a
+-- correlated subquery is estimated to keep one row in 200, and with that estimate the
+-- planner sorts every due row of a priority instead of walking the index
+-- (tests/test_claim_flat.py reads the plan).
+walked AS (
+    SELECT w.* FROM flat_priorities p
+    CROSS JOIN LATERAL (
+        SELECT id, priority, execution_time, misfire_grace_seconds, started_at
+        FROM {schema}.jobs j
+        WHERE status = 'pending' AND priority = p.priority
+          AND execution_time <= now() AND attempts < 2147483647
+          AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
+        ORDER BY execution_time, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) w
+    LIMIT %(limit)s
+),
+-- end
+-- Only a job that could not start in time expires. One put back by orphan recovery or a
+-- shutdown started in time (its last attempt started at or after its due time, which
+-- neither changes) and must run again, however late; a retry (due again later than its
+-- last start) keeps its grace from the retry time; a new, replaced or `pgsched retry`-ed
+-- job has not started. Read from the walks, which return each row as it was locked.
+-- Lateness is compared in seconds, not as an interval: a grace written with SQL
+-- ('Infinity', 1e300) must not make interval arithmetic fail the whole claim. A job
+-- whose attempts cannot count up any more (written with SQL) is left by the walks.
+candidates AS (
+    SELECT id, (misfire_grace_seconds IS NOT NULL
+                AND (started_at IS NULL OR started_at < execution_time)
+                AND extract(epoch FROM now()) - extract(epoch FROM execution_time)
+                    > misfire_grace_seconds) AS expired
+    FROM walked
 ),
 claimed AS (
     UPDATE {schema}.jobs AS j SET
@@ -186,8 +281,17 @@ claimed AS (
 -- when room comes back.
 SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next_due,
        now() AS db_now, (SELECT jobs FROM counted) AS rate_counted,
--- else: claim_jobs_unlimited
+-- for: claim_jobs_unlimited, claim_jobs_flat
 SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS rate_counted,
+       -- Whether at most one queue has pending jobs: the store then claims with
+       -- claim_jobs_unlimited, whose one walk locks only what it takes too and keeps one
+       -- generic plan, where claim_jobs_flat is planned at every claim. min and max: two
+       -- index probes (an EXISTS of `queue > min` was planned as a scan of the table).
+       (SELECT min(queue) FROM {schema}.jobs WHERE status = 'pending')
+           IS NOT DISTINCT FROM (SELECT max(queue) FROM {schema}.jobs
+                                 WHERE status = 'pending') AS one_queue,
+-- for: claim_jobs_flat
+       NOT (SELECT chosen FROM flat) AS flat_refused,
 -- end
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
