@@ -568,8 +568,7 @@ async def web_service(h: Harness) -> Metrics:
 
 def _opt_in(module: str, name: str) -> Callable[[Harness], Awaitable[Metrics]]:
     """An opt-in scenario of another bench module (scale.py, ops_at_size.py,
-    claim_queues.py), imported
-    when it runs: it imports this module."""
+    claim_queues.py), imported when it runs: it imports this module."""
 
     async def run(h: Harness) -> Metrics:
         return await getattr(importlib.import_module(f".{module}", __package__), name)(h)
