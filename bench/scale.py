@@ -259,11 +259,23 @@ async def _scale_one(server: Server, h: Harness, n: int, name: str) -> Metrics:
     await asyncio.gather(*(proc.stop(timeout=60) for proc in procs))
     metrics = {**drain.metrics(f"{name}_drain", sizes.scale_backlog),
                **steady.metrics(f"{name}_steady", fed),
+               **await start_delay(h, schema, "s-", f"{name}_steady"),
                f"{name}_drain_jobs_per_s": sizes.scale_backlog / await drain_span(
                    h, schema, "b-"),
                f"{name}_steady_jobs_per_s": fed / await drain_span(h, schema, "s-")}
     await h.drop_schema(schema)
     return metrics
+
+
+async def start_delay(h: Harness, schema: str, prefix: str, name: str) -> Metrics:
+    """p50/p95 of started_at - execution_time of the jobs with this prefix: how long a job
+    due now waited for a claim (both on the database clock; the claim's start)."""
+    p50, p95 = await h.one(sql.SQL(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.95)"
+        " WITHIN GROUP (ORDER BY d) FROM (SELECT extract(epoch FROM started_at"
+        " - execution_time) * 1000)::float8 AS d FROM {}.jobs WHERE id LIKE %s) s")
+        .format(sql.Identifier(schema)), [prefix + "%"])
+    return {f"{name}_start_delay_p50_ms": p50, f"{name}_start_delay_p95_ms": p95}
 
 
 # -- churn ---------------------------------------------------------------------------------
@@ -420,8 +432,8 @@ def tables(m: Metrics) -> str:
                   key=lambda k: (k.split("_")[1], int(k.split("_")[2])))
     if rows:
         out += ["| scale | phase | jobs | jobs/s | claim p50 / p95 ms | empty claims per job"
-                " | connections (peak) | PostgreSQL CPU per job |",
-                "|---|---|---|---|---|---|---|---|"]
+                " | connections (peak) | PostgreSQL CPU per job | start delay p50 / p95 ms |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for key in rows:
             _, through, n = key.split("_")
             for phase in ("drain", "steady"):
@@ -433,7 +445,9 @@ def tables(m: Metrics) -> str:
                     f"{_fmt(m[p + '_claim_p95_ms'], 2)} | "
                     f"{_fmt(m[p + '_empty_claims_per_job'], 2)} | "
                     f"{_fmt(m[p + '_connections_peak'])} | "
-                    f"{_fmt(m[p + '_server_cpu_us_per_job'], 0)} us |")
+                    f"{_fmt(m[p + '_server_cpu_us_per_job'], 0)} us | "
+                    f"{_fmt(m.get(p + '_start_delay_p50_ms'), 1)} / "
+                    f"{_fmt(m.get(p + '_start_delay_p95_ms'), 1)} |")
         out.append("")
     for name in ("churn_plain", "churn_vacuum"):
         if f"{name}_jobs" in m:
