@@ -272,7 +272,7 @@ async def start_delay(h: Harness, schema: str, prefix: str, name: str) -> Metric
     due now waited for a claim (both on the database clock; the claim's start)."""
     p50, p95 = await h.one(sql.SQL(
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.95)"
-        " WITHIN GROUP (ORDER BY d) FROM (SELECT extract(epoch FROM started_at"
+        " WITHIN GROUP (ORDER BY d) FROM (SELECT (extract(epoch FROM started_at"
         " - execution_time) * 1000)::float8 AS d FROM {}.jobs WHERE id LIKE %s) s")
         .format(sql.Identifier(schema)), [prefix + "%"])
     return {f"{name}_start_delay_p50_ms": p50, f"{name}_start_delay_p95_ms": p95}
