@@ -42,6 +42,8 @@ def test_quick_benchmark_produces_every_metric(pg_dsn, tmp_path):
     # found in pg_stat_statements (rows - jobs < 0 would mean the claim was not found).
     metrics = result["metrics"]
     assert metrics["scale_direct_2_steady_claims"] > 0
+    assert 0 <= metrics["scale_direct_2_steady_start_delay_p50_ms"] \
+        <= metrics["scale_direct_2_steady_start_delay_p95_ms"]
     assert all(v >= 0 for k, v in metrics.items() if k.endswith("_empty_claims_per_job"))
     assert metrics["churn_plain_jobs"] == metrics["churn_vacuum_jobs"] == 200
     assert metrics["retention_rows"] == 2_000
