@@ -239,15 +239,14 @@ def vacuum(
                             if skipped else "jobs table vacuumed and analyzed")
 
     counts, reclaimed = _run(go())
-    if reclaimed:
-        note(reclaimed)
     if as_json:
         print_json(counts, indent=None)
-        return
-    verb = "would delete" if dry_run else "deleted"
-    for s, n in counts.items():
-        say(f"{s}: {n}")
-    note(f"{verb} {sum(counts.values())} jobs")
+    else:
+        for s, n in counts.items():
+            say(f"{s}: {n}")
+        note(f"{'would delete' if dry_run else 'deleted'} {sum(counts.values())} jobs")
+    if reclaimed:
+        note(reclaimed)
 
 
 async def vacuum_with_progress(store: Store, *, retention_seconds: dict[str, float],
