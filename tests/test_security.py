@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cli_env, run_cli, write_config
+from conftest import cli_env, finished_jobs, run_cli, write_config
 from typer.testing import CliRunner
 
 from pgsched.cli import app
@@ -272,15 +272,6 @@ def test_a_10_mb_payload_is_refused_and_nothing_is_written(pg_dsn, schema):
 # -- pgsched vacuum reclaims the table ----------------------------------------------------
 
 
-def _finished_jobs(dsn: str, schema: str, n: int, prefix: str) -> None:
-    """n completed jobs, finished a day ago (past any --older-than of the tests)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            f"INSERT INTO {schema}.jobs (id, task, status, execution_time, finished_at) "
-            f"SELECT %s || i, 'noop', 'completed', now(), now() - interval '1 day' "
-            f"FROM generate_series(1, %s) i", [prefix, n])
-
-
 def _vacuum_stats(dsn: str, schema: str) -> tuple[int, bool]:
     """The jobs table's dead tuples and whether a manual VACUUM ever ran on it (autovacuum
     sets last_autovacuum instead, so it cannot pass for ours)."""
@@ -300,7 +291,7 @@ def test_vacuum_cli_vacuums_the_table_as_owner_and_says_so_as_a_runtime_role(rol
     n = RECLAIM_AFTER_ROWS + 500
 
     # A runtime role deletes, cannot VACUUM a table it does not own: one line, exit 0.
-    _finished_jobs(roles.superuser_dsn, roles.schema, n, "r-")
+    finished_jobs(roles.superuser_dsn, roles.schema, n, "r-")
     done = run_cli("vacuum", "--older-than", "1h", config=runtime_config, timeout=120)
     assert done.returncode == 0 and TRACEBACK not in done.stderr, done.stderr
     assert done.stdout.splitlines()[0] == f"completed: {n}"
@@ -310,7 +301,7 @@ def test_vacuum_cli_vacuums_the_table_as_owner_and_says_so_as_a_runtime_role(rol
     assert not vacuumed and dead >= n
 
     # The owner's run leaves no dead versions behind for autovacuum.
-    _finished_jobs(roles.superuser_dsn, roles.schema, n, "o-")
+    finished_jobs(roles.superuser_dsn, roles.schema, n, "o-")
     done = run_cli("vacuum", "--older-than", "1h", config=owner_config, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "jobs table vacuumed and analyzed" in done.stderr.splitlines()
@@ -318,6 +309,6 @@ def test_vacuum_cli_vacuums_the_table_as_owner_and_says_so_as_a_runtime_role(rol
     assert vacuumed and dead < 100, dead
 
     # A small run leaves the table to autovacuum: no VACUUM of a big table per few rows.
-    _finished_jobs(roles.superuser_dsn, roles.schema, 10, "s-")
+    finished_jobs(roles.superuser_dsn, roles.schema, 10, "s-")
     done = run_cli("vacuum", "--older-than", "1h", config=owner_config)
     assert done.returncode == 0 and "vacuumed" not in done.stderr, done.stderr
