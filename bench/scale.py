@@ -319,7 +319,7 @@ async def _churn_pass(server: Server, h: Harness, name: str, retention: bool) ->
             await _add_due(h, schema, sizes.churn_batch, prefix)
             await h.wait_finished(schema, prefix, sizes.churn_batch, timeout=600)
         done += sizes.churn_batch
-        if retention:  # deletes the batch, then VACUUM (ANALYZE) of the table
+        if retention:  # deletes the batch, then (100,000 jobs) VACUUM (ANALYZE) of the table
             began = time.monotonic()
             await run_vacuum(h, schema, dsn, "0s").wait(timeout=600)
             vacuuming += time.monotonic() - began
@@ -457,7 +457,7 @@ def tables(m: Metrics) -> str:
     if any(k.startswith("churn_") for k in m):
         naptime = next(m[k] for k in m if k.endswith("_autovacuum_naptime"))
         out += ["", f"(server default autovacuum_naptime = {naptime}; `pgsched vacuum` runs "
-                "VACUUM (ANALYZE) after each batch's delete)", ""]
+                "VACUUM (ANALYZE) after deleting 10,000 jobs or more)", ""]
     if "retention_rows" in m:
         out += ["| retention | figure |", "|---|---|",
                 f"| finished jobs deleted by `pgsched vacuum` | {_fmt(m['retention_rows'])} in "
