@@ -888,6 +888,31 @@ class Store:
         )
         return rows[0]["count"]
 
+    async def reclaim_jobs(self) -> str | None:
+        """VACUUM (ANALYZE) the jobs table (reclaim_jobs in sql/queries.sql), on one of the
+        pool's connections, which must be in autocommit (those open_pool makes are); give
+        it the connection that deleted (a pool of one) for n_dead_tup to come out right.
+        Returns None when the table was vacuumed, or why it was not: the server's warning
+        when the role does not own the table (a runtime role; PostgreSQL skips it with a
+        WARNING, not an error), or the lock timeout when another VACUUM or a migration
+        held the table longer than the pool's lock_timeout."""
+        skipped: list[str] = []
+
+        def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
+            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+                skipped.append(diag.message_primary)
+
+        async with self.pool.connection() as conn:
+            conn.add_notice_handler(keep_warning)
+            try:
+                await conn.execute(self._q["flush_statistics"])
+                await conn.execute(self._q["reclaim_jobs"])
+            except psycopg.errors.LockNotAvailable as exc:
+                skipped.append(str(exc).strip())
+            finally:
+                conn.remove_notice_handler(keep_warning)
+        return skipped[0] if skipped else None
+
     # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
 
     async def db_now(self) -> datetime:

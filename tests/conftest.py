@@ -140,6 +140,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def finished_jobs(dsn: str, schema: str, n: int, prefix: str) -> None:
+    """n completed jobs, finished a day ago (past any --older-than of the tests)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, status, execution_time, finished_at) '
+            "SELECT %s || i, 'noop', 'completed', now(), now() - interval '1 day' "
+            "FROM generate_series(1, %s) i", [prefix, n])
+
+
 def run_cli(*args: str, config: Path | None = None, input: str | None = None,
             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `python -m pgsched ...` as a real process."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import typer.main
-from conftest import WORKER_TASKS, cli_env, run_cli, write_config
+from conftest import WORKER_TASKS, cli_env, finished_jobs, run_cli, write_config
 from typer.testing import CliRunner
 
 from pgsched.cli import app
@@ -155,6 +155,21 @@ def test_vacuum_deletes_old_finished_jobs_only(config, pg_dsn, schema):
     assert {j["id"] for j in jobs(pg_dsn, schema)} == {keep}
     assert "unknown status 'pending'" in cli(config, "vacuum", "--status", "pending",
                                                code=2).stderr
+
+
+def test_vacuum_leaves_a_table_another_vacuum_holds_to_autovacuum_in_one_line(
+        config, pg_dsn, schema):
+    from pgsched.cli.operate import RECLAIM_AFTER_ROWS
+
+    finished_jobs(pg_dsn, schema, RECLAIM_AFTER_ROWS, "held-")
+    with psycopg.connect(pg_dsn) as holder:  # what a running VACUUM or migration holds
+        holder.execute(f'LOCK TABLE "{schema}".jobs IN SHARE UPDATE EXCLUSIVE MODE')
+        done = cli(config, "vacuum", "--older-than", "1h")
+    assert done.stdout.splitlines()[0] == f"completed: {RECLAIM_AFTER_ROWS}"
+    said = done.stderr.strip().splitlines()
+    assert said[-1].startswith("jobs table not vacuumed (canceling statement due to lock "
+                               "timeout)"), said
+    assert jobs(pg_dsn, schema) == []
 
 
 def test_config_errors_are_one_line_exit_2(tmp_path):

@@ -648,6 +648,23 @@ WHERE status = %(status)s::{schema}.job_status
       JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
       WHERE e.dependency_id = d.id));
 
+-- name: flush_statistics
+-- This session's table statistics go to the shared ones as soon as it is idle, instead of
+-- within a second or at its end: reclaim_jobs runs it first, or the dead versions its
+-- deletes counted would land after VACUUM's count and show rows VACUUM already removed.
+SELECT pg_stat_force_next_flush();
+
+-- name: reclaim_jobs
+-- After vacuum_jobs deleted many rows: remove their dead versions and the index entries
+-- that point at them now, and refresh the statistics, instead of leaving both to
+-- autovacuum. Until a vacuum removes them, every claim steps over the pending index's
+-- entries of jobs long finished (measured: claim p50 1.5 -> 22 ms over 400,000 jobs
+-- deleted in batches, docs/pgbouncer.md's "Table health"); autovacuum visits a database
+-- once per autovacuum_naptime (a minute) at most. Needs an autocommit connection (VACUUM
+-- runs outside a transaction) and a role that owns the table: any other gets a WARNING
+-- and the table is skipped.
+VACUUM (ANALYZE) {schema}.jobs;
+
 -- name: register_worker
 -- Add this worker process to the registry (or refresh it after a reconnect).
 INSERT INTO {schema}.workers (id, host, pid, version, concurrency, queues)
