@@ -166,13 +166,17 @@ walked AS (
 -- and no paused queue with a job due, whose rows would lie in the walk's path (the index
 -- has no queue column to skip them by). One probe per paused queue, and ten (one per
 -- priority) for each paused queue that has pending jobs: cheap while few queues are paused.
+-- The first probe is ordered by priority so that only jobs_pending_queue_idx serves it:
+-- unordered, it was planned as a scan of jobs that stops at the queue's first pending
+-- row, and so read the whole table (history too) for a paused queue without any.
 flat AS (
     SELECT NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
            AND NOT EXISTS (
                SELECT 1
                FROM (SELECT queue FROM {schema}.paused_queues p
                      WHERE (SELECT 1 FROM {schema}.jobs j
-                            WHERE j.status = 'pending' AND j.queue = p.queue LIMIT 1) IS NOT NULL
+                            WHERE j.status = 'pending' AND j.queue = p.queue
+                            ORDER BY j.priority LIMIT 1) IS NOT NULL
                     ) p
                CROSS JOIN unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS pr(priority)
                WHERE (SELECT 1 FROM {schema}.jobs j
