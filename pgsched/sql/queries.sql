@@ -166,9 +166,11 @@ walked AS (
 -- and no paused queue with a job due, whose rows would lie in the walk's path (the index
 -- has no queue column to skip them by). One probe per paused queue, and ten (one per
 -- priority) for each paused queue that has pending jobs: cheap while few queues are paused.
--- The first probe is ordered by priority so that only jobs_pending_queue_idx serves it:
--- unordered, it was planned as a scan of jobs that stops at the queue's first pending
--- row, and so read the whole table (history too) for a paused queue without any.
+-- Each probe is ordered along jobs_pending_queue_idx so that only that index serves it:
+-- unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of jobs expected to stop
+-- at an early match (with few queues and priorities in its statistics it expects many),
+-- so a paused queue without pending or due jobs read the whole table, history too, once
+-- per probe and claim.
 flat AS (
     SELECT NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
            AND NOT EXISTS (
@@ -182,7 +184,7 @@ flat AS (
                WHERE (SELECT 1 FROM {schema}.jobs j
                       WHERE j.status = 'pending' AND j.queue = p.queue
                         AND j.priority = pr.priority AND j.execution_time <= now()
-                      LIMIT 1) IS NOT NULL)
+                      ORDER BY j.execution_time LIMIT 1) IS NOT NULL)
            AS chosen
 ),
 -- The priorities to walk, lowest first: all of 0-9, or none when the walk is refused. A
