@@ -4,6 +4,7 @@ store choice would get wrong. Each test names the promise it holds the claim to.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import pytest
 from conftest import audit_counts, audit_env, wait_until, write_config
 from psycopg import sql
-from test_claim_flat import fill_series, run_flat, scans_of_jobs
+from test_claim_flat import ago, claim_ids, fill, fill_series, run_flat, scans_of_jobs
 
 from pgsched import JobSpec
+from pgsched.store import Store
 
 CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
                "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
@@ -132,3 +134,98 @@ async def test_many_paused_tenants_never_make_the_flat_claim_dearer_than_the_per
     refused = (await run_flat(sched.store, 10))[0]["flat_refused"]
     assert refused or probes(flat) <= probes(per_queue), (
         f"flat: {probes(flat)} probes of jobs, per-queue walk: {probes(per_queue)}")
+
+
+async def test_the_flat_claim_takes_rows_written_by_sql_without_failing(sched):
+    """Rows no API writes: due at -infinity (claimed), at infinity and in the year
+    200000 (next_due clamped to what Python holds), a grace of NaN (never expires) or
+    -Infinity (expires), attempts that cannot count up (left pending). One bad row must
+    not fail the claim that meets it."""
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(sql.SQL(
+            "INSERT INTO {}.jobs (id, task, queue, priority, execution_time, "
+            "misfire_grace_seconds, attempts) VALUES "
+            "('minus-inf', 'noop', 'a', 0, '-infinity', NULL, 0),"
+            "('plus-inf', 'noop', 'b', 0, 'infinity', NULL, 0),"
+            "('far', 'noop', 'c', 9, '200000-01-01', NULL, 0),"
+            "('nan-grace', 'noop', 'd', 4, now() - interval '1 hour', 'NaN', 0),"
+            "('neg-grace', 'noop', 'd', 4, now() - interval '1 hour', '-Infinity', 0),"
+            "('spent', 'noop', 'e', 2, now() - interval '1 hour', NULL, 2147483647)"
+        ).format(sql.Identifier(sched.schema)))
+    rows = await run_flat(sched.store, 10)
+    assert not rows[0]["flat_refused"]
+    assert {r["id"]: r["expired"] for r in rows} == {
+        "minus-inf": False, "nan-grace": False, "neg-grace": True}
+    assert rows[0]["next_due"] == datetime(9999, 12, 30, tzinfo=UTC)
+    assert await claim_ids(sched.store, 10) == []
+
+
+async def db_clock(conn) -> datetime:
+    return (await (await conn.execute("SELECT clock_timestamp()")).fetchone())[0]
+
+
+async def test_concurrent_claims_under_pause_and_limit_changes_take_each_job_once(
+        sched, pg_dsn):
+    """Six claimers on three stores (flags shared and not), while one queue is paused and
+    resumed over and over and a global limit appears: each job is taken once, the queue
+    paused throughout never, the toggled queue by no claim that began while it was
+    paused, and the limited queue by at most its limit of claims begun after the limit;
+    at the end every due job of a served queue was taken."""
+    rng = random.Random(14)
+    rows = [(f"j{i}", f"q{rng.randrange(40)}", rng.randrange(10), ago(rng.uniform(-2, 30)))
+            for i in range(2500)]
+    rows += [(f"{q}{i}", q, rng.randrange(10), ago(rng.uniform(-2, 30)))
+             for q, n in (("held", 200), ("tog", 300), ("lim", 300)) for i in range(n)]
+    await sched.store.pause_queues(["held"])
+    await fill(sched, rows)
+    stores = [sched.store, Store(sched.store.pool, sched.schema),
+              Store(sched.store.pool, sched.schema)]
+    claimed: list[dict[str, Any]] = []
+    paused_windows: list[tuple[datetime, datetime]] = []
+    limit_set: list[datetime] = []
+    claiming = asyncio.Event()
+
+    async def claimer(k: int) -> None:
+        for _ in range(60):
+            got, _, _ = await stores[k % 3].claim_jobs(
+                worker_id=f"w{k}", limit=rng.randrange(1, 20), lease_seconds=60)
+            claimed.extend(got)
+            claiming.set()
+
+    async def toggler(conn) -> None:
+        while not done.is_set():
+            await sched.store.pause_queues(["tog"])
+            paused_at = await db_clock(conn)
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            paused_windows.append((paused_at, await db_clock(conn)))
+            await sched.store.resume_queues(["tog"])
+            await asyncio.sleep(rng.uniform(0, 0.03))
+
+    async def limiter(conn) -> None:
+        await claiming.wait()
+        await sched.store.set_queue_limits("lim", global_concurrency=2, set_concurrency=True)
+        limit_set.append(await db_clock(conn))
+
+    done = asyncio.Event()
+    async with sched.store.pool.connection() as conn:
+        side = [asyncio.create_task(toggler(conn)), asyncio.create_task(limiter(conn))]
+        await asyncio.gather(*(claimer(k) for k in range(6)))
+        done.set()
+        await asyncio.gather(*side)
+        await sched.store.resume_queues(["tog"])
+        while got := (await sched.store.claim_jobs(worker_id="drain", limit=50,
+                                                   lease_seconds=60))[0]:
+            claimed.extend(got)
+        cur = await conn.execute(sql.SQL(
+            "SELECT id, queue, started_at, status::text FROM {} WHERE status <> 'pending' "
+            "OR (execution_time <= now() AND queue NOT IN ('held', 'lim'))").format(
+                sql.Identifier(sched.schema, "jobs")))
+        taken = await cur.fetchall()
+    ids = [job["id"] for job in claimed]
+    assert len(ids) == len(set(ids)), "a job was claimed twice"
+    assert all(status in ("running", "expired") for _, _, _, status in taken)
+    assert len(taken) == len(ids)  # every due job of a served queue, and no more
+    assert not [i for i, q, _, _ in taken if q == "held"]
+    assert not [i for i, q, at, _ in taken
+                if q == "tog" and any(a < at < b for a, b in paused_windows)]
+    assert sum(q == "lim" and at > limit_set[0] for _, q, at, _ in taken) <= 2
