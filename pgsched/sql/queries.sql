@@ -166,26 +166,33 @@ walked AS (
 -- and no paused queue with a job due, whose rows would lie in the walk's path (the index
 -- has no queue column to skip them by). One probe per paused queue, and ten (one per
 -- priority) for each paused queue that has pending jobs: cheap while few queues are paused.
+-- Each probe is ordered along jobs_pending_queue_idx so that only that index serves it:
+-- unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of jobs expected to stop
+-- at an early match (with few queues and priorities in its statistics it expects many),
+-- so a paused queue without pending or due jobs read the whole table, history too, once
+-- per probe and claim.
 flat AS (
     SELECT NOT EXISTS (SELECT 1 FROM {schema}.queue_limits)
            AND NOT EXISTS (
                SELECT 1
                FROM (SELECT queue FROM {schema}.paused_queues p
                      WHERE (SELECT 1 FROM {schema}.jobs j
-                            WHERE j.status = 'pending' AND j.queue = p.queue LIMIT 1) IS NOT NULL
+                            WHERE j.status = 'pending' AND j.queue = p.queue
+                            ORDER BY j.priority LIMIT 1) IS NOT NULL
                     ) p
                CROSS JOIN unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS pr(priority)
                WHERE (SELECT 1 FROM {schema}.jobs j
                       WHERE j.status = 'pending' AND j.queue = p.queue
                         AND j.priority = pr.priority AND j.execution_time <= now()
-                      LIMIT 1) IS NOT NULL)
+                      ORDER BY j.execution_time LIMIT 1) IS NOT NULL)
            AS chosen
 ),
 -- The priorities to walk, lowest first: all of 0-9, or none when the walk is refused. A
 -- priority without due jobs costs one index probe; a fixed list plans faster than a loose
--- scan of the priorities present. This statement is planned at every claim (psycopg
--- prepares it, but the generic plan, which cannot know `limit`, costs more than the
--- custom one, so PostgreSQL keeps planning it): about 0.2-0.4 ms.
+-- scan of the priorities present. This statement is planned at every claim, never
+-- prepared (store._UNPREPARED): its generic plan, which cannot know `limit`, joins the
+-- claimed rows to a scan of jobs, and one chosen while the table was small stayed cached
+-- as it grew. About 0.2-0.4 ms.
 flat_priorities AS (
     SELECT priority FROM unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS p(priority)
     WHERE (SELECT chosen FROM flat)
