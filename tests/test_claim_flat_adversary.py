@@ -113,10 +113,6 @@ def probes(plan: dict[str, Any]) -> int:
     return sum(loops for loops, _ in scans_of_jobs(plan))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the flat check probes jobs 11 times per paused queue with pending jobs (one 'has "
-    "pending' probe, ten per-priority due probes) and never refuses for their number: "
-    "with 1,000 paused tenants it costs ten times the per-queue walk it replaces"))
 async def test_many_paused_tenants_never_make_the_flat_claim_dearer_than_the_per_queue_walk(
         sched):
     """Per-tenant queues: 1,000 paused tenants, each with a job due in an hour, and two
