@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from pgsched import Scheduler
-from pgsched.store import BULK_BATCH, COUNT_LIMIT
+from pgsched.store import BULK_BATCH, COUNT_LIMIT, LOCK_TIMEOUT_SECONDS, _session_options
 from pgsched.tasks import PRIORITIES
 
 from .harness import Harness
@@ -135,7 +135,9 @@ async def measure(dsn: str, schema: str, runs: int, *, echo: bool = True) -> lis
     out = []
     async with Scheduler(dsn, schema=schema) as sched:
         store = sched.store
-        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        # Set up as pgsched's own connections are (JIT off, timeouts: store.py).
+        options = _session_options(dsn, LOCK_TIMEOUT_SECONDS)
+        async with await psycopg.AsyncConnection.connect(dsn, **options) as conn:
             cutoff = (await (await conn.execute("SELECT now()")).fetchone())[0]
             for key, label, name, params in statements(cutoff):
                 text = store._q[name]

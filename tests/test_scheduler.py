@@ -252,3 +252,20 @@ async def test_heartbeat_shares_a_pool_the_application_built(pg_dsn, schema):
         assert isinstance(Store(ours, schema).own_connection(), DedicatedConnection)
     finally:
         await ours.close()
+
+
+async def test_pgsched_connections_run_without_jit_unless_the_dsn_turns_it_on(pg_dsn):
+    """JIT compiles a plan that is only estimated to be dear, which costs pgsched's short
+    statements milliseconds each: its connections turn it off, and a DSN's own
+    `options` still win."""
+    from psycopg.conninfo import make_conninfo
+
+    from pgsched.store import open_pool
+
+    for dsn, expected in ((pg_dsn, "off"), (make_conninfo(pg_dsn, options="-c jit=on"), "on")):
+        pool = await open_pool(dsn)
+        try:
+            async with pool.connection() as conn:
+                assert (await (await conn.execute("SHOW jit")).fetchone())[0] == expected
+        finally:
+            await pool.close()
