@@ -467,11 +467,15 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- tell who is first. Invariant: while a worker is alive and connected, its heartbeater
 -- is queued for its registry row whenever that row is locked (after a beat that gave up
 -- on lock_timeout it queues again at once: heartbeat.py), and a queued UPDATE holds the
--- row's tuple lock, which FOR SHARE SKIP LOCKED below sees. So the row stays "locked"
+-- row's tuple lock, which FOR NO KEY UPDATE SKIP LOCKED below sees. So the row stays "locked"
 -- from the lock's start through the worker's own heartbeat write, which then commits
 -- before any recovery can lock the row, and recovery finds a fresh heartbeat. A dead
 -- worker queues nothing: its row is free, and its jobs go a lease after its last beat,
--- as before. FOR SHARE, not KEY SHARE: it must conflict with the heartbeat's UPDATE.
+-- as before. FOR NO KEY UPDATE: it conflicts with exactly the locks that keep the
+-- heartbeat's UPDATE (a NO KEY UPDATE) waiting, FOR SHARE included. FOR SHARE here would
+-- not: a share request beside a share holder is granted without looking at the queued
+-- UPDATE, so a live worker queued behind someone's FOR SHARE was found silent. A FOR KEY
+-- SHARE holder (a foreign key check) keeps nobody waiting, and is not taken for a beat.
 -- Held only for this statement; a registry beat waits for it at most that long.
 --
 -- Seen twice: the queue has two gaps: the few milliseconds between a registry beat that
@@ -510,7 +514,7 @@ WITH silent AS (
                SELECT 1 FROM {schema}.workers l
                WHERE l.id = w.id
                  AND l.heartbeat_at + (j.lease_until - j.heartbeat_at) <= clock_timestamp()
-               FOR SHARE SKIP LOCKED))
+               FOR NO KEY UPDATE SKIP LOCKED))
 ),
 expired AS (
     SELECT j.id, s.worker_id, s.started_at FROM silent s JOIN {schema}.jobs j ON j.id = s.id
