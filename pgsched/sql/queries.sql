@@ -513,7 +513,12 @@ WITH silent AS (
       AND (w.id IS NULL OR EXISTS (
                SELECT 1 FROM {schema}.workers l
                WHERE l.id = w.id
-                 AND l.heartbeat_at + (j.lease_until - j.heartbeat_at) <= clock_timestamp()
+                 AND (l.heartbeat_at + (j.lease_until - j.heartbeat_at) <= clock_timestamp()
+                      -- A beat more than a lease ahead of the clock that wrote it is no
+                      -- proof of life (a poisoned row): a live worker would have written
+                      -- over it. A clock stepped back moves the job's lease too, so a live
+                      -- worker's jobs are not expired here.
+                      OR l.heartbeat_at - (j.lease_until - j.heartbeat_at) > clock_timestamp())
                FOR NO KEY UPDATE SKIP LOCKED))
 ),
 expired AS (
