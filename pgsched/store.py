@@ -410,9 +410,8 @@ class Store:
         connections up in ways that cannot be copied (a configure callback that runs SET
         ROLE, a conninfo function), so with it (and with OneConnection) None is returned
         and that service shares the pool."""
-        if self.pool not in _OPENED_POOLS:
-            return None
-        return DedicatedConnection(self.pool.conninfo, self.pool.kwargs)
+        how = _OPENED_POOLS.get(self.pool)
+        return None if how is None else DedicatedConnection(*how)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -1540,12 +1539,13 @@ async def open_pool(
         configure=_configure,
     )
     await pool.open(wait=True, timeout=10)
-    _OPENED_POOLS.add(pool)
+    _OPENED_POOLS[pool] = (dsn, kwargs)
     return pool
 
 
-# The pools open_pool made, whose connections Store.own_connection knows how to copy.
-_OPENED_POOLS: weakref.WeakSet[Any] = weakref.WeakSet()
+# The pools open_pool made, with how they connect: Store.own_connection copies that.
+_OPENED_POOLS: weakref.WeakKeyDictionary[Any, tuple[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def _connection_options(dsn: str, application_name: str, lock_timeout_seconds: float,
@@ -1704,7 +1704,7 @@ def _session_options(dsn: str, lock_timeout_seconds: float,
     inside a per-queue probe is costed as the whole index range): with a server built
     with LLVM (Debian's PostgreSQL 15) `queues` spent 13.7 of its 16 ms at 5M jobs
     compiling, and ran in 2 ms without it."""
-    given = conninfo_to_dict(dsn).get("options") or ""
+    given = str(conninfo_to_dict(dsn).get("options") or "")
     ours = f"-c lock_timeout={_milliseconds(lock_timeout_seconds)}"
     if statement_timeout_seconds is not None:
         ours += f" -c statement_timeout={_milliseconds(statement_timeout_seconds)}"
