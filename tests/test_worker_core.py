@@ -366,6 +366,11 @@ async def test_notification_of_a_job_due_later_sets_the_timer_without_a_claim(sc
         assert store.claims == before, "a claim before the job was due"
         row = await wait_until(lambda: ended(sched, job), what="the job run when due")
         assert row["result"] == 3
-        assert store.claims - before <= 2  # the timer's claim (one more if it came early)
+        # The timer's claim, and one or two more if it came early: the timer converts the
+        # database's due time with a clock offset measured from the last claim's round
+        # trip, so on a loaded machine it can fire a few ms early, and so can the next one
+        # (seen once in CI against PostgreSQL 15: 3). A claim on the notification itself
+        # is caught above, before the job is due.
+        assert store.claims - before <= 3
     finally:
         await stop(worker, runner)
