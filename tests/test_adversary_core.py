@@ -277,6 +277,28 @@ async def test_poisoned_job_row_does_not_stop_the_worker(sched, poison):
 
 
 @task
+async def adv_notes_nan_timers() -> bool:
+    """Sleeps past a moment, then says whether the loop holds a NaN timer: asyncio's timer
+    heap orders by `when`, and NaN compares false with everything, so one such timer
+    corrupts the heap and other timers (a sleep, a wait_for) may never fire."""
+    await asyncio.sleep(0.3)
+    return any(h.when() != h.when() for h in asyncio.get_running_loop()._scheduled)
+
+
+async def test_a_nan_timeout_read_from_a_row_is_no_timeout(sched):
+    # CI hung on the timeout_nan case above: asyncio.timeout(NaN) put a NaN timer on
+    # the loop. NaN is no length of time: the job runs without a timeout.
+    await sql(sched, "INSERT INTO {schema}.jobs (id, execution_time, task, timeout_seconds) "
+                     "VALUES ('nan', now(), 'adv_notes_nan_timers', 'NaN')")
+    worker, runner = await start(sched)
+    try:
+        row = await wait_until(lambda: ended(sched, "nan"), what="the NaN-timeout job")
+        assert (str(row["status"]), row["result"]) == ("completed", False), row
+    finally:
+        await stop(worker, runner)
+
+
+@task
 async def adv_returns_too_long_for_jsonb() -> str:
     return "x" * 2**28  # one character more than a jsonb string holds (54000)
 
