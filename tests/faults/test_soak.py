@@ -37,10 +37,10 @@ from .kit import (
     stop_all,
 )
 
-pytestmark = pytest.mark.soak
-
 WORKERS = 6
 SECONDS = float(os.environ.get("PGSCHED_SOAK_SECONDS", "150"))
+# It runs SECONDS by design: the suite-wide per-test timeout (300 s) must not cut it.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(SECONDS + 300)]
 DB_ERRORS = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 
