@@ -213,3 +213,57 @@ async def test_fetcher_holds_back_while_the_completer_lags(sched):
     assert worker.fetcher.free_slots() == 2
     ctx.executing, ctx.held = 0, {str(i): None for i in range(8)}
     assert worker.fetcher.free_slots() == 0
+
+
+WHEN = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad, refusal", [
+    (JobSpec("noop", execution_time=datetime(2030, 1, 1)), "timezone-aware"),
+    (JobSpec("noop", execution_time="2030-01-01T00:00:00Z"), "timezone-aware"),
+    (JobSpec("no op", execution_time=WHEN), "invalid task name"),
+    (JobSpec("noop", execution_time=WHEN, args=(float("nan"),)), "NaN"),
+    (JobSpec("noop", execution_time=WHEN, kwargs={"x": float("inf")}), "NaN/Infinity"),
+    (JobSpec("noop", execution_time=WHEN, args=("x" * (1 << 20),)), "limit is"),
+    (JobSpec("noop", execution_time=WHEN, args=("a\x00b",)), "NUL"),
+    (JobSpec("noop", execution_time=WHEN, kwargs={"k": ["\x00"]}), "NUL"),
+    (JobSpec("noop", execution_time=WHEN, args=object()), "list or tuple"),
+    (JobSpec("noop", execution_time=WHEN, timeout=float("nan")), "timeout"),
+    (JobSpec("noop", execution_time=WHEN, queue="bad queue"), "queue name"),
+    (JobSpec("noop", execution_time=WHEN, job_id="a\nb"), "control characters"),
+])
+async def test_the_plain_spec_fast_path_refuses_what_the_full_check_refuses(sched, bad, refusal):
+    # Thousands of plain specs (same task, same time object, no args) go through the fast
+    # path before and after the bad one, which shares as much with them as it can.
+    plain = [JobSpec("noop", execution_time=WHEN) for _ in range(3000)]
+    with pytest.raises(InvalidInput, match=refusal):
+        await sched.schedule_bulk([*plain, bad, *plain[:10]])
+    assert await sched.store.list_jobs() == []
+
+
+async def test_plain_specs_keep_their_own_times_and_options(sched):
+    later = WHEN + timedelta(hours=1)
+    shapes = [JobSpec("noop", execution_time=WHEN), JobSpec("noop", execution_time=later),
+              JobSpec("noop"), JobSpec("noop", execution_time=WHEN, priority="critical"),
+              JobSpec("noop", execution_time=WHEN, kwargs={})]
+    specs = [shapes[i % len(shapes)] for i in range(2000)]
+    ids = await sched.schedule_bulk(specs)
+    rows = await jobs_by_id(sched)
+    now = datetime.now(UTC)
+    for job_id, spec in zip(ids, specs, strict=True):
+        row = rows[job_id]
+        if spec.execution_time is None:
+            assert abs(row["execution_time"] - now) < timedelta(minutes=1)
+        else:
+            assert row["execution_time"] == spec.execution_time
+        assert row["priority"] == (1 if spec.priority == "critical" else 5)
+        assert (row["args"], row["kwargs"]) == ([], {})
+
+
+async def test_a_nul_in_arguments_is_refused_in_one_line_not_by_the_server(sched):
+    # Before: psycopg.errors.UntranslatableCharacter from the server (jsonb has no NUL).
+    with pytest.raises(InvalidInput, match="args contain a NUL"):
+        await sched.schedule("noop", args=["a\x00b"])
+    with pytest.raises(InvalidInput, match="kwargs contain a NUL"):
+        await sched.schedule("noop", kwargs={"k": "\\\x00"})  # a backslash, then a NUL
+    assert await sched.schedule("noop", args=["\\u0000"])  # the text \u0000 is no NUL
