@@ -9,6 +9,7 @@ exactly while a job runs, and the fetcher waits for a lagging completer.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -16,9 +17,11 @@ import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
 from conftest import fast_options, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgsched import ConflictResolution, InvalidInput, JobConflict, JobSpec, Worker
-from pgsched.store import _QUERIES, Store, _bind
+from pgsched.store import _QUERIES, Store, _bind, encode_json
 
 # What COPY's text format escapes (tab, newline, CR, backslash, \N) and then some.
 AWKWARD = "tab\there, new\nline, cr\r, back\\slash, \\N, quote' \"dq\", ünï 🚀, {braces}"
@@ -267,3 +270,35 @@ async def test_a_nul_in_arguments_is_refused_in_one_line_not_by_the_server(sched
     with pytest.raises(InvalidInput, match="kwargs contain a NUL"):
         await sched.schedule("noop", kwargs={"k": "\\\x00"})  # a backslash, then a NUL
     assert await sched.schedule("noop", args=["\\u0000"])  # the text \u0000 is no NUL
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_the_reused_json_encoder_writes_what_json_dumps_writes(value):
+    assert encode_json(value, "args") == json.dumps(value, allow_nan=False,
+                                                    separators=(",", ":"))
+    assert json.loads(encode_json(value, "args")) == value  # exactly, floats included
+
+
+@pytest.mark.parametrize("value, refusal", [
+    ([float("nan")], "NaN"), ({"x": [float("-inf")]}, "NaN"), ([object()], "custom objects"),
+    ([datetime(2030, 1, 1, tzinfo=UTC)], "custom objects"), ({(1, 2): 3}, "custom objects"),
+])
+def test_the_reused_json_encoder_refuses_what_json_refuses(value, refusal):
+    with pytest.raises(InvalidInput, match=refusal):
+        encode_json(value, "args")
+
+
+def test_a_value_that_contains_itself_is_refused_in_one_line():
+    looped: list = [1]
+    looped.append({"again": looped})
+    with pytest.raises(InvalidInput, match="refers to itself"):
+        encode_json(looped, "args")
+    assert encode_json([[1]], "args") == "[[1]]"  # nothing left over from the failed call
