@@ -509,7 +509,8 @@ class Scheduler:
         Within such a run, a spec with nothing but options (no id, args or kwargs) and the
         same execution_time object as the last such spec validated gets that job's row
         with a new id: everything _row() checks and computes for it depends only on what
-        they share, so it would come out the same (0.3 us a job instead of 1.5)."""
+        they share, so it would come out the same (a 100,000-job call: 1.6 us of client CPU
+        a job instead of 1.9)."""
         last: tuple[JobSpec, _Options] | None = None
         plain: tuple[Any, tuple[Any, ...]] | None = None  # (execution_time, the row's rest)
         new_id = new_job_ids().__next__
