@@ -6,8 +6,8 @@ planner use it, so it imports nothing of theirs (it sat in scheduler.py, and rec
 had to import it lazily to dodge the cycle scheduler -> worker -> planner -> recurring).
 
 Invariants: arguments are JSON (never pickle): NaN, Infinity and non-JSON types are
-refused, so are payloads nested deeper than the store can decode and payloads over
-MAX_PAYLOAD_BYTES. Nothing is written here.
+refused, so are payloads nested deeper than the store can decode, payloads over
+MAX_PAYLOAD_BYTES and NUL characters (which jsonb cannot hold). Nothing is written here.
 
 Failure: InvalidInput naming what was wrong and how to fix it.
 """
@@ -30,19 +30,26 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 def encode_result(result: Any) -> str:
     """A task's result as the JSON text a job stores (the worker's, and complete()'s):
     InvalidInput for what JSON or PostgreSQL's jsonb cannot hold (a NUL in a string)."""
+    what = "the task's return value"
     try:
-        text = encode_json(result, "the task's return value")
+        text = encode_json(result, what)
     except InvalidInput:
         raise
     except Exception as exc:  # a custom container whose items() or the like raises
         raise InvalidInput(  # (a str() that raises too is left to the caller)
-            f"the task's return value could not be encoded: {type(exc).__name__}: {exc}"
+            f"{what} could not be encoded: {type(exc).__name__}: {exc}"
         ) from exc
-    if _JSON_NUL.search(text):
-        raise InvalidInput(
-            "the task's return value contains a NUL character (\\u0000), which PostgreSQL "
-            "cannot store in jsonb: remove it or encode the data (for example as base64)")
+    _refuse_nul(text, what, "contains")
     return text
+
+
+def _refuse_nul(text: str, what: str, verb: str) -> None:
+    """jsonb cannot hold a NUL: refused here in one line, not by the server (whose error
+    would abort a whole bulk call with a psycopg exception)."""
+    if "\\u0000" in text and _JSON_NUL.search(text):  # the C-level scan first
+        raise InvalidInput(
+            f"{what} {verb} a NUL character (\\u0000), which PostgreSQL cannot store in "
+            "jsonb: remove it or encode the data (for example as base64)")
 
 
 def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tuple[str, str]:
@@ -58,6 +65,8 @@ def encode_arguments(args: Sequence[Any], kwargs: dict[str, Any] | None) -> tupl
     kwargs_json = encode_json(kwargs, "kwargs")
     check_json_depth(args_json, "args")
     check_json_depth(kwargs_json, "kwargs")
+    _refuse_nul(args_json, "args", "contain")
+    _refuse_nul(kwargs_json, "kwargs", "contain")
     if len(args_json) + len(kwargs_json) > MAX_PAYLOAD_BYTES:
         raise InvalidInput(
             f"job payload is {len(args_json) + len(kwargs_json)} bytes; the limit is "

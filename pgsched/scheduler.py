@@ -23,11 +23,14 @@ WaitTimedOut from wait().
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import gc
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -163,38 +166,54 @@ def unique_seconds(unique_for: object, unique_key: object) -> float | None:
 
 
 def new_job_id() -> str:
-    """A random (version 4) UUID as text, like str(uuid.uuid4()) at less than half the
-    cost, which shows when schedule_bulk() writes 100,000 jobs a second."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
-
-
-# The version (4) and variant (10xx) bits of a random UUID, set in many bytes at once.
-_UUID_VERSION = bytes((b & 0x0F) | 0x40 for b in range(256))
-_UUID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))
+    """A time-ordered (version 7) UUID as text: the Unix time in milliseconds, then 74
+    random bits. Ids made later sort later, so new rows land at the right edge of the
+    primary key index (and of every index ending in the id) instead of on random pages."""
+    h = os.urandom(10).hex()
+    t = f"{time.time_ns() // 1_000_000:012x}"
+    return f"{t[:8]}-{t[8:]}-7{h[:3]}-{'89ab'[int(h[3], 16) & 3]}{h[4:7]}-{h[7:19]}"
 
 
 # Where the 32 hex digits go in "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx".
 _UUID_DIGIT_AT = [at for at in range(36) if at not in (8, 13, 18, 23)]
+# new_job_ids(): the digits of its 32-bit counter (after the version digit 7, around the
+# variant digit 8) and of its 40 random bits.
+_COUNTER_DIGITS = (13, 14, 15, 17, 18, 19, 20, 21)
+_RANDOM_DIGITS = range(22, 32)
 
 
 def new_job_ids() -> Iterator[str]:
-    """new_job_id() without end, for schedule_bulk(): 0.1 us an id against 1.3.
+    """Version 7 UUIDs without end, for schedule_bulk(): 0.1 us an id against 1.
 
-    Ids are made in chunks (64 first, so a small call pays little, then 1,024) with C-level
-    operations on whole buffers only: one os.urandom(), the version and variant bits set
-    with two translate()s, one hex(), and each of the 32 digit positions copied into a
-    dashed template with one extended-slice assignment for the whole chunk.
+    Every id of one generator has the same millisecond and a counter that starts at a
+    random 31-bit value, so the ids of a bulk call are strictly increasing: COPY then
+    appends to the indexes instead of writing to random pages, which made the server
+    ingest random ids two to three times slower than ordered ones (100,000 rows). Two
+    calls in the same millisecond differ by their counters and 40 random bits.
+
+    Ids are made in chunks (64 first, so a small call pays little, then 1,024) with
+    C-level operations on whole buffers only: the counters as one array, one os.urandom(),
+    two hex()es, and each varying digit copied into a template holding the time with one
+    extended-slice assignment for the whole chunk.
     """
+    t = f"{time.time_ns() // 1_000_000:012x}"
+    template = f"{t[:8]}-{t[8:]}-7000-8000-000000000000 ".encode()
+    counter = int.from_bytes(os.urandom(4)) >> 1
     count = 64
     while True:
-        raw = bytearray(os.urandom(16 * count))
-        raw[6::16] = raw[6::16].translate(_UUID_VERSION)
-        raw[8::16] = raw[8::16].translate(_UUID_VARIANT)
-        digits = raw.hex().encode()
-        text = bytearray(b"-" * 36 + b" ") * count
-        for digit, at in enumerate(_UUID_DIGIT_AT):
-            text[at::37] = digits[digit::32]
+        counters = array.array("L", range(counter, counter + count))
+        counter += count
+        # Big-endian words of 8 bytes, of which the last 4 hold the 32-bit counter.
+        if sys.byteorder == "little":
+            counters.byteswap()
+        counter_digits = counters.tobytes().hex().encode()
+        random_digits = os.urandom(5 * count).hex().encode()
+        text = bytearray(template) * count
+        width = 2 * counters.itemsize
+        for k, digit in enumerate(_COUNTER_DIGITS):
+            text[_UUID_DIGIT_AT[digit]::37] = counter_digits[width - 8 + k::width]
+        for k, digit in enumerate(_RANDOM_DIGITS):
+            text[_UUID_DIGIT_AT[digit]::37] = random_digits[k::10]
         yield from text.decode().split()
         count = 1024
 
@@ -225,6 +244,17 @@ def _gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def _only_options(spec: JobSpec) -> bool:
+    """Whether a spec has no job id, no args (an empty list or tuple) and no kwargs (None):
+    its row is then made of its options and execution_time alone."""
+    return (spec.job_id is None and spec.kwargs is None
+            and type(spec.args) in (tuple, list) and not spec.args)
+
+
+# NewJob from a tuple in its field order without NewJob.__new__'s Python-level call.
+_new_tuple = tuple.__new__
 
 
 def _pool_conninfo(pool: psycopg_pool.AsyncConnectionPool) -> str:
@@ -474,8 +504,15 @@ class Scheduler:
         """Validate specs one by one. A bulk call usually repeats the same options (the
         same task, priority, queue... objects) in every spec: those are validated once for
         a run of specs that share them, compared by identity (the previous spec holds them,
-        so an equal-looking `True` never passes for a validated `1`)."""
+        so an equal-looking `True` never passes for a validated `1`).
+
+        Within such a run, a spec with nothing but options (no id, args or kwargs) and the
+        same execution_time object as the last such spec validated gets that job's row
+        with a new id: everything _row() checks and computes for it depends only on what
+        they share, so it would come out the same (a 100,000-job call: 1.6 us of client CPU
+        a job instead of 1.9)."""
         last: tuple[JobSpec, _Options] | None = None
+        plain: tuple[Any, tuple[Any, ...]] | None = None  # (execution_time, the row's rest)
         new_id = new_job_ids().__next__
         for spec in specs:
             if spec.unique_for is not None or spec.unique_key is not None:
@@ -487,8 +524,15 @@ class Scheduler:
                     and spec.timeout is last[0].timeout
                     and spec.misfire_grace_time is last[0].misfire_grace_time
                     and spec.queue is last[0].queue):
-                last = spec, self._options(spec)
-            yield self._row(spec, last[1], new_id)
+                last, plain = (spec, self._options(spec)), None
+            is_plain = _only_options(spec)
+            if is_plain and plain is not None and spec.execution_time is plain[0]:
+                yield _new_tuple(NewJob, (new_id(), *plain[1]))
+                continue
+            row = self._row(spec, last[1], new_id)
+            if is_plain:
+                plain = spec.execution_time, row[1:]
+            yield row
 
     def _options(self, spec: JobSpec) -> _Options:
         """A spec's task name, queue and options, validated, the task's defaults applied."""

@@ -9,6 +9,7 @@ exactly while a job runs, and the fetcher waits for a lagging completer.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -16,9 +17,11 @@ import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
 from conftest import fast_options, wait_until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgsched import ConflictResolution, InvalidInput, JobConflict, JobSpec, Worker
-from pgsched.store import _QUERIES, Store, _bind
+from pgsched.store import _QUERIES, Store, _bind, encode_json
 
 # What COPY's text format escapes (tab, newline, CR, backslash, \N) and then some.
 AWKWARD = "tab\there, new\nline, cr\r, back\\slash, \\N, quote' \"dq\", ünï 🚀, {braces}"
@@ -213,3 +216,89 @@ async def test_fetcher_holds_back_while_the_completer_lags(sched):
     assert worker.fetcher.free_slots() == 2
     ctx.executing, ctx.held = 0, {str(i): None for i in range(8)}
     assert worker.fetcher.free_slots() == 0
+
+
+WHEN = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad, refusal", [
+    (JobSpec("noop", execution_time=datetime(2030, 1, 1)), "timezone-aware"),
+    (JobSpec("noop", execution_time="2030-01-01T00:00:00Z"), "timezone-aware"),
+    (JobSpec("no op", execution_time=WHEN), "invalid task name"),
+    (JobSpec("noop", execution_time=WHEN, args=(float("nan"),)), "NaN"),
+    (JobSpec("noop", execution_time=WHEN, kwargs={"x": float("inf")}), "NaN/Infinity"),
+    (JobSpec("noop", execution_time=WHEN, args=("x" * (1 << 20),)), "limit is"),
+    (JobSpec("noop", execution_time=WHEN, args=("a\x00b",)), "NUL"),
+    (JobSpec("noop", execution_time=WHEN, kwargs={"k": ["\x00"]}), "NUL"),
+    (JobSpec("noop", execution_time=WHEN, args=object()), "list or tuple"),
+    (JobSpec("noop", execution_time=WHEN, timeout=float("nan")), "timeout"),
+    (JobSpec("noop", execution_time=WHEN, queue="bad queue"), "queue name"),
+    (JobSpec("noop", execution_time=WHEN, job_id="a\nb"), "control characters"),
+])
+async def test_the_plain_spec_fast_path_refuses_what_the_full_check_refuses(sched, bad, refusal):
+    # Thousands of plain specs (same task, same time object, no args) go through the fast
+    # path before and after the bad one, which shares as much with them as it can.
+    plain = [JobSpec("noop", execution_time=WHEN) for _ in range(3000)]
+    with pytest.raises(InvalidInput, match=refusal):
+        await sched.schedule_bulk([*plain, bad, *plain[:10]])
+    assert await sched.store.list_jobs() == []
+
+
+async def test_plain_specs_keep_their_own_times_and_options(sched):
+    later = WHEN + timedelta(hours=1)
+    shapes = [JobSpec("noop", execution_time=WHEN), JobSpec("noop", execution_time=later),
+              JobSpec("noop"), JobSpec("noop", execution_time=WHEN, priority="critical"),
+              JobSpec("noop", execution_time=WHEN, kwargs={})]
+    specs = [shapes[i % len(shapes)] for i in range(2000)]
+    ids = await sched.schedule_bulk(specs)
+    rows = await jobs_by_id(sched)
+    now = datetime.now(UTC)
+    for job_id, spec in zip(ids, specs, strict=True):
+        row = rows[job_id]
+        if spec.execution_time is None:
+            assert abs(row["execution_time"] - now) < timedelta(minutes=1)
+        else:
+            assert row["execution_time"] == spec.execution_time
+        assert row["priority"] == (1 if spec.priority == "critical" else 5)
+        assert (row["args"], row["kwargs"]) == ([], {})
+
+
+async def test_a_nul_in_arguments_is_refused_in_one_line_not_by_the_server(sched):
+    # Before: psycopg.errors.UntranslatableCharacter from the server (jsonb has no NUL).
+    with pytest.raises(InvalidInput, match="args contain a NUL"):
+        await sched.schedule("noop", args=["a\x00b"])
+    with pytest.raises(InvalidInput, match="kwargs contain a NUL"):
+        await sched.schedule("noop", kwargs={"k": "\\\x00"})  # a backslash, then a NUL
+    assert await sched.schedule("noop", args=["\\u0000"])  # the text \u0000 is no NUL
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_the_reused_json_encoder_writes_what_json_dumps_writes(value):
+    assert encode_json(value, "args") == json.dumps(value, allow_nan=False,
+                                                    separators=(",", ":"))
+    assert json.loads(encode_json(value, "args")) == value  # exactly, floats included
+
+
+@pytest.mark.parametrize("value, refusal", [
+    ([float("nan")], "NaN"), ({"x": [float("-inf")]}, "NaN"), ([object()], "custom objects"),
+    ([datetime(2030, 1, 1, tzinfo=UTC)], "custom objects"), ({(1, 2): 3}, "custom objects"),
+])
+def test_the_reused_json_encoder_refuses_what_json_refuses(value, refusal):
+    with pytest.raises(InvalidInput, match=refusal):
+        encode_json(value, "args")
+
+
+def test_a_value_that_contains_itself_is_refused_in_one_line():
+    looped: list = [1]
+    looped.append({"again": looped})
+    with pytest.raises(InvalidInput, match="refers to itself"):
+        encode_json(looped, "args")
+    assert encode_json([[1]], "args") == "[[1]]"  # nothing left over from the failed call

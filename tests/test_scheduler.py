@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +22,7 @@ from pgsched import (
     Scheduler,
     Worker,
 )
+from pgsched.scheduler import new_job_id
 
 
 async def status(sched: Scheduler, job_id: str) -> str:
@@ -224,13 +226,28 @@ async def test_bulk_validates_each_spec_though_the_others_share_their_options(sc
     assert gc.isenabled()  # the collector, paused during the call, is back
 
 
-async def test_bulk_ids_are_distinct_version_4_uuids_in_input_order(sched):
-    ids = await sched.schedule_bulk([JobSpec("noop", args=(i,)) for i in range(600)])
-    assert len(set(ids)) == 600
-    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4
+async def test_bulk_ids_are_distinct_increasing_version_7_uuids_in_input_order(sched):
+    # 1,500 jobs: the id generator's first chunk (64) and two more; plain specs (the fast
+    # path) between specs with args.
+    specs = [JobSpec("noop", args=(i,)) if i % 7 else JobSpec("noop") for i in range(1500)]
+    before = time.time()
+    ids = await sched.schedule_bulk(specs)
+    assert len(set(ids)) == 1500
+    assert ids == sorted(ids)  # each later than the last: COPY appends to the indexes
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7
                and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
-    args = {job["id"]: job["args"] for job in await sched.store.list_jobs(limit=1000)}
-    assert [args[i] for i in ids] == [[i] for i in range(600)]
+    millis = int(ids[0].replace("-", "")[:12], 16)
+    assert before - 1 <= millis / 1000 <= time.time() + 1
+    args = {job["id"]: job["args"] for job in await sched.store.list_jobs(limit=2000)}
+    assert [args[i] for i in ids] == [[i] if i % 7 else [] for i in range(1500)]
+
+
+def test_single_job_ids_are_version_7_uuids_that_sort_by_time():
+    first = new_job_id()
+    time.sleep(0.002)
+    later = [new_job_id() for _ in range(100)]
+    assert all(uuid.UUID(i).version == 7 and str(uuid.UUID(i)) == i for i in later)
+    assert len(set(later)) == 100 and all(first < i for i in later)
 
 
 async def test_heartbeat_shares_a_pool_the_application_built(pg_dsn, schema):
