@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,10 +46,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     """Route logs to stderr at `level` ("auto" format: console on a TTY, else JSON). Takes
     effect at once if structlog is loaded, otherwise when a logger is first used.
 
-    Built for the worker's one line per job: every processor is one that structlog
-    specialises at configuration time, the JSON encoder is built once (structlog's
-    JSONRenderer builds a new one per event through json.dumps's keyword arguments), and
-    a line is one write() and flush() rather than print()'s several. Loggers are not
+    Built for the worker's one line per job: three processors (the context variables;
+    level, time and traceback in one call, the time's text built once a second; the
+    renderer), the JSON encoder built once (structlog's JSONRenderer builds a new one per
+    event through json.dumps's keyword arguments), and a line is one write() and flush()
+    rather than print()'s several. Loggers are not
     cached on first use: the worker binds its per-job logger once per run, which is the
     same saving, and module-level loggers keep following a later configure().
     """
@@ -77,13 +80,7 @@ def _apply(structlog: Any, level: str, fmt: str) -> None:
         _render_json if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, _add_level_and_time, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
@@ -101,6 +98,26 @@ def configure_unless_configured() -> bool:
         return False
     configure()
     return True
+
+
+_LEVEL_OF_METHOD = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level
+_second_text: list[Any] = [None, ""]  # [whole second since the epoch, its ISO text]
+
+
+def _add_level_and_time(logger: Any, method: str, event_dict: Any) -> Any:
+    """structlog's add_log_level, TimeStamper(fmt="iso", utc=True) and format_exc_info in
+    one call: level, an ISO UTC timestamp with microseconds, and a traceback's text."""
+    event_dict["level"] = _LEVEL_OF_METHOD.get(method, method)
+    second, ns = divmod(time.time_ns(), 1_000_000_000)
+    if second != _second_text[0]:
+        _second_text[:] = second, datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S.")
+    event_dict["timestamp"] = f"{_second_text[1]}{ns // 1000:06d}Z"
+    if "exc_info" in event_dict:
+        import structlog
+
+        return structlog.processors.format_exc_info(logger, method, event_dict)
+    return event_dict
 
 
 def _json_default(value: object) -> str:

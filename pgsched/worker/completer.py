@@ -126,33 +126,45 @@ class Completer:
         # left behind) must not be taken for a lost lease either. Written last, each on its
         # own: its row may still be locked by the task's open transaction, and waiting for
         # it must not hold up the other outcomes.
-        own = [c for c in pending if c.outcome.completed_in_task or c.held.completed_in_task]
-        others = [c for c in pending if not any(c is o for o in own)]
-        successes = [c for c in others if c.outcome.ok]
+        own: list[Completion] = []
+        successes: list[Completion] = []
+        cancelled: list[Completion] = []
+        failures: list[Completion] = []
+        for c in pending:
+            if c.outcome.completed_in_task or c.held.completed_in_task:
+                own.append(c)
+            elif c.outcome.ok:
+                successes.append(c)
+            elif c.outcome.cancelled:
+                cancelled.append(c)
+            else:
+                failures.append(c)
         if successes:
             written = await self.ctx.store.complete_jobs(
                 worker_id=self.ctx.id,
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
-            pending[:] = [c for c in pending if not any(c is w for w in successes)]
+            _remove(pending, successes)
+            job_log, stats, metrics = self.ctx.job_log, self.ctx.stats, self.ctx.metrics
             for c in successes:
-                self.ctx.forget(c.held)
-                if c.held.key in written:
-                    self.ctx.stats.completed += 1
-                    self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
-                    self.ctx.job_log.info("job_completed", **c.held.log_fields(),
-                                       duration_s=c.duration_s, lateness_ms=c.lateness_ms)
+                held = c.held
+                self.ctx.forget(held)
+                if (held.id, held.attempt) in written:
+                    stats.completed += 1
+                    metrics.job("completed", held.task_name, held.queue)
+                    job_log.info("job_completed", job_id=held.id, task=held.task_name,
+                                 attempt=held.attempt, duration_s=c.duration_s,
+                                 lateness_ms=c.lateness_ms)
                 else:
                     self.ctx.count_lease_lost()
-                    log.warning("job_completion_rejected", **c.held.log_fields(),
+                    log.warning("job_completion_rejected", **held.log_fields(),
                                 reason="lease lost before the result was recorded")
-        cancelled = [c for c in others if c.outcome.cancelled]
         if cancelled:
             await self._record_cancelled(cancelled)
-            pending[:] = [c for c in pending if not any(c is x for x in cancelled)]
-        for c in [c for c in others if not c.outcome.ok and not c.outcome.cancelled]:
+            _remove(pending, cancelled)
+        for c in failures:
             await self._record_failure(c)
-            pending.remove(c)
+            _remove(pending, [c])
         for c in own:
             try:
                 await self._record_task_completion(c)
@@ -160,7 +172,7 @@ class Completer:
                 # The task's transaction is still open: judge it again in a moment.
                 asyncio.get_running_loop().call_later(
                     OWN_COMPLETION_RECHECK_SECONDS, self.ctx.completions.put_nowait, c)
-            pending.remove(c)
+            _remove(pending, [c])
 
     async def _record_task_completion(self, c: Completion) -> None:
         """A task that called current_job().complete(): its own transaction completed the
@@ -260,3 +272,10 @@ class Completer:
             else:
                 self.ctx.count_lease_lost()
                 log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
+
+
+def _remove(pending: list[Completion], written: list[Completion]) -> None:
+    """Take `written` out of `pending`, by identity: two outcomes may compare equal (a
+    dataclass compares its fields)."""
+    gone = {id(c) for c in written}
+    pending[:] = [c for c in pending if id(c) not in gone]

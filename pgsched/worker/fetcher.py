@@ -52,6 +52,7 @@ class Fetcher:
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
         self._queue_limits = dict(ctx.options.queue_concurrency)
+        self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -166,9 +167,19 @@ class Fetcher:
         worker's own recovery took it back): stop those runs, their outcome is void. A
         held run of the same attempt is older too: its row was deleted and the job added
         again with the same id (attempts start over), so it goes the same way."""
-        for held in list(self.ctx.held.values()):
-            if held.id == newer.id and held.attempt <= newer.attempt:
-                self.ctx.lease_lost(held)
+        held = self.ctx.held
+        self._lowest_attempt = min(self._lowest_attempt, newer.attempt)
+        if newer.attempt - self._lowest_attempt < len(held):
+            # Looking up the keys it could have beats a walk over every held job, per job
+            # claimed. Every held key was claimed here, so none has an attempt below
+            # _lowest_attempt (1, unless a row's count was set below 0 by hand).
+            older = [h for a in range(self._lowest_attempt, newer.attempt + 1)
+                     if (h := held.get((newer.id, a))) is not None]
+        else:
+            older = [h for h in held.values()
+                     if h.id == newer.id and h.attempt <= newer.attempt]
+        for h in older:
+            self.ctx.lease_lost(h)
 
     def _running_by_queue(self) -> Counter[str]:
         """Running jobs per queue; only queues with a limit need counting."""
