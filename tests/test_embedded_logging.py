@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ def test_embedded_worker_logs_one_json_line_per_job_on_stderr_by_default(pg_dsn,
     assert sorted(e["job_id"] for e in completed) == out[0].split()[1:]
     assert all(e["level"] == "info" and e["worker_id"]
                and e["timestamp"].endswith("Z") for e in completed)
+    # Every job's line carries what the README promises, and a time that parses.
+    assert all(e["task"] == "noop" and e["attempt"] == 1 and isinstance(e["duration_s"], float)
+               for e in completed)
+    times = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")) for e in completed]
+    assert all(abs(datetime.now(UTC) - t) < timedelta(minutes=5) for t in times)
 
 
 @pytest.mark.parametrize("setup", ["""
