@@ -165,3 +165,23 @@ async def test_lease_losses_count_only_leases_really_lost(tmp_path, pg_dsn, sche
     assert value(parsed, "pgsched_lease_renewals_total") > 0  # the heartbeat did run
     assert value(parsed, "pgsched_lease_losses_total") == 0
     assert '"lease_lost"' not in worker.log()
+
+
+def test_hostile_long_task_names_are_not_kept_by_the_per_job_series_cache():
+    """Task and queue names come from job rows (a poisoned row can hold a name of 100,000
+    characters): the per-job hooks' series cache must not keep such names, or 800 of them
+    per cache would hold hundreds of MB. Counting still works (beyond MAX_LABEL_VALUES
+    names, under OTHER_LABEL)."""
+    from pgsched.worker.metrics import WorkerMetrics
+    metrics = WorkerMetrics()
+    for n in range(2_000):
+        name = f"{n:05d}" + "t" * 10_000
+        metrics.job("started", name, "default")
+        metrics.job_ran(name, "default", "completed", 0.01)
+    kept = sum(len(task) + len(queue) for cache in (metrics._counted, metrics._timed)
+               for _, task, queue in cache)
+    assert kept <= 1_000_000, f"{kept:,} characters of names kept"
+    total = sum(sample.value for family in metrics.registry.collect()
+                if family.name == "pgsched_jobs_started" for sample in family.samples
+                if sample.name.endswith("_total"))
+    assert total == 2_000

@@ -20,7 +20,8 @@ Invariants:
   write: each worker keeps at most MAX_LABEL_VALUES distinct task names and queue names
   as labels; rows beyond that count under OTHER_LABEL, so memory stays bounded. The
   labelled series the per-job hooks use are looked up once and kept (at most
-  MAX_CACHED_SERIES): prometheus_client's labels() costs microseconds per job.
+  MAX_CACHED_SERIES, names of at most MAX_CACHED_NAME_CHARS): prometheus_client's
+  labels() costs microseconds per job.
 - The queue query runs at most once per QUEUE_STATS_TTL_SECONDS however many scrapers
   there are; when it fails the last values are served and the failure is counted.
 
@@ -63,6 +64,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                     300, 600, 1800, 3600)
 MAX_LABEL_VALUES = 200  # distinct task (and queue) names; far beyond real applications
 MAX_CACHED_SERIES = 4 * MAX_LABEL_VALUES  # (event, task, queue) keys the per-job hooks keep
+# Only names this short are cache keys: a row can hold a name of 100,000 characters, and
+# MAX_CACHED_SERIES such keys would hold hundreds of MB (longer ones take labels() each time).
+MAX_CACHED_NAME_CHARS = 200
 OTHER_LABEL = "other"
 JOB_EVENTS = {
     "started": "Jobs claimed and started by this worker.",
@@ -145,8 +149,10 @@ class WorkerMetrics:
 
 def _kept(cache: dict[tuple[str, str, str], Any], key: tuple[str, str, str],
           series: Any) -> Any:
-    """`series`, kept in `cache` under `key` while the cache has room."""
-    if len(cache) < MAX_CACHED_SERIES:
+    """`series`, kept in `cache` under `key` while the cache has room and the key's names
+    are short."""
+    if (len(cache) < MAX_CACHED_SERIES
+            and len(key[1]) + len(key[2]) <= MAX_CACHED_NAME_CHARS):
         cache[key] = series
     return series
 
