@@ -15,6 +15,7 @@ from conftest import WorkerProcess, wait_until, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgsched.scheduler import JobSpec
+from pgsched.worker.metrics import WorkerMetrics
 
 
 def metrics_config(tmp_path: Path, dsn: str, schema: str, **worker) -> Path:
@@ -172,7 +173,6 @@ def test_hostile_long_task_names_are_not_kept_by_the_per_job_series_cache():
     characters): the per-job hooks' series cache must not keep such names, or 800 of them
     per cache would hold hundreds of MB. Counting still works (beyond MAX_LABEL_VALUES
     names, under OTHER_LABEL)."""
-    from pgsched.worker.metrics import WorkerMetrics
     metrics = WorkerMetrics()
     for n in range(2_000):
         name = f"{n:05d}" + "t" * 10_000

@@ -274,10 +274,13 @@ claimed AS (
     -- args and kwargs as text: the worker decodes them job by job, so one row it cannot
     -- decode (nested too deeply) fails that job instead of the whole claim.
     -- Times clamped to what a Python datetime holds: a row due at '-infinity' (written by
-    -- SQL) runs like any due job instead of failing the claim that took it.
+    -- SQL) runs like any due job instead of failing the claim that took it. A NaN timeout
+    -- (written by SQL) is no length of time: none. Given to asyncio it would put a NaN
+    -- timer on the worker's loop, whose timer heap NaN breaks (other timers stop firing).
     RETURNING j.id, j.task, j.queue, j.args::text AS args, j.kwargs::text AS kwargs,
               j.priority, greatest(j.execution_time, '0001-01-03Z') AS execution_time,
-              j.attempts, j.failures, j.max_retries, j.timeout_seconds, c.expired,
+              j.attempts, j.failures, j.max_retries,
+              nullif(j.timeout_seconds, 'NaN') AS timeout_seconds, c.expired,
               -- current_job()'s schedule window (None for one-off jobs), clamped likewise
               j.schedule_id, CASE WHEN j.fire_time IS NOT NULL
                   THEN least(greatest(j.fire_time, '0001-01-03Z'), '9999-12-30Z') END AS fire_time

@@ -18,8 +18,8 @@ PostgreSQL cannot store (a NUL in a string) fails the job. What a task puts in a
 or a Fail is distrusted the same way: a delay that is not 0 to a year of seconds (NaN,
 -1, 10**30, text, a property that raises) makes the attempt a plain failure; a reason is
 escaped and cut like any error; a backoff function that raises or returns nonsense gives
-the worker's default delay (`backoff_invalid`). A row's NaN timeout is no timeout (a NaN
-timer would break the loop's timer heap).
+the worker's default delay (`backoff_invalid`). A row's NaN timeout reaches it as none
+(the claim's doing: a NaN timer would break the loop's timer heap).
 
 Threads: a sync task that times out or is cancelled cannot be interrupted: its thread
 runs on (abandoned) and its result is ignored. TaskThreads then gives the next jobs a
@@ -193,13 +193,7 @@ async def run_job(job: dict[str, Any], threads: TaskThreads, *,
 
 
 async def _run(job: dict[str, Any], task: Task, threads: TaskThreads) -> Outcome:
-    timeout = job["timeout_seconds"]
-    if timeout is not None and timeout != timeout:
-        # NaN (a row written around the API): no length of time, so no timeout. Given to
-        # asyncio.timeout it would put a NaN timer on the loop, and NaN compares false
-        # with everything: the timer heap's order breaks, and other timers (the worker's
-        # sleeps and waits) may never fire again.
-        timeout = None
+    timeout = job["timeout_seconds"]  # never NaN: the claim returns none for it
     args, kwargs = job["args"], job["kwargs"]
     try:
         if timeout is None:  # no timeout scope: a measurable share of a no-op job
