@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -22,8 +23,10 @@ import structlog
 
 from pgsched import JobPriority, task
 
+# `execution` names one run of a task body, so writing its row again after a lost reply
+# cannot count that run twice.
 AUDIT_COLUMNS = ("key text, job_id text, attempt int, worker_id text, pid int, "
-                 "at timestamptz DEFAULT now()")
+                 "at timestamptz DEFAULT now(), execution uuid UNIQUE")
 
 _local = threading.local()
 
@@ -57,14 +60,17 @@ def _audit_connection() -> psycopg.Connection:
 def _audit(key: str) -> None:
     claim = structlog.contextvars.get_contextvars()
     schema = os.environ["PGSCHED_TEST_AUDIT_SCHEMA"]
-    row = [key, claim.get("job_id"), claim.get("attempt"), claim.get("worker_id"), os.getpid()]
-    sql = (f'INSERT INTO "{schema}".audit (key, job_id, attempt, worker_id, pid) '
-           "VALUES (%s, %s, %s, %s, %s)")
+    row = [key, claim.get("job_id"), claim.get("attempt"), claim.get("worker_id"), os.getpid(),
+           uuid.uuid4()]
+    sql = (f'INSERT INTO "{schema}".audit (key, job_id, attempt, worker_id, pid, execution) '
+           "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (execution) DO NOTHING")
     try:
         _audit_connection().execute(sql, row)
     except psycopg.OperationalError:
-        # The connection died while idle (server restart, pg_terminate_backend): a
-        # statement cut off that way did not commit, so running it again counts once.
+        # The connection died (server crash or restart, pg_terminate_backend). The insert
+        # may have committed with its reply lost (seen after an immediate shutdown: one
+        # run audited twice, 4 s apart), so it is written again under the same execution
+        # id, which the conflict clause makes count once.
         _local.conn = None
         _audit_connection().execute(sql, row)
 
