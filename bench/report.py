@@ -52,6 +52,8 @@ def _at_most(key: str, bound: float) -> Callable[[Metrics], bool]:
 ROWS = [
     Row("enqueue-loop: 10k schedule() calls", "enqueue_loop_jobs_per_s", "jobs/s",
         "raw_insert_loop_rows_per_s", ">= 90% of raw insert loop", at_least=0.9),
+    Row("enqueue-loop against the raw insert loop with a NOTIFY each",
+        "enqueue_loop_jobs_per_s", "jobs/s", "raw_notify_loop_rows_per_s", ""),
     Row("enqueue-bulk: 10k via schedule_bulk()", "enqueue_bulk_10k_jobs_per_s", "jobs/s",
         "raw_copy_10k_rows_per_s", ">= 80% of raw COPY, >= 3x peer", at_least=0.8,
         peer="pgqueuer_enqueue_bulk_10k_jobs_per_s", peer_at_least=3.0),
@@ -149,6 +151,7 @@ ROWS = [
     Row("raw: COPY 100k rows", "raw_copy_rows_per_s", "rows/s"),
     Row("raw: COPY 10k rows", "raw_copy_10k_rows_per_s", "rows/s"),
     Row("raw: single-row INSERT loop", "raw_insert_loop_rows_per_s", "rows/s"),
+    Row("raw: single-row INSERT + NOTIFY loop", "raw_notify_loop_rows_per_s", "rows/s"),
     Row("raw: claim 100 SKIP LOCKED + complete", "raw_claim_jobs_per_s", "jobs/s"),
 ]
 
@@ -302,6 +305,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _short(reference: str | None) -> str:
     return {
         "raw_insert_loop_rows_per_s": "raw insert",
+        "raw_notify_loop_rows_per_s": "raw insert + NOTIFY",
         "raw_copy_rows_per_s": "raw COPY",
         "raw_copy_10k_rows_per_s": "raw COPY",
         "raw_claim_jobs_per_s": "raw claim",

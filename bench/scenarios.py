@@ -112,6 +112,15 @@ async def raw_ceiling(h: Harness) -> Metrics:
         for row in rows:
             await conn.execute(insert, row)
         metrics["raw_insert_loop_rows_per_s"] = len(rows) / (time.perf_counter() - started)
+        # The same loop with the wake-up every enqueue sends (pgsched's insert_job): what
+        # a NOTIFY a commit costs the server is part of any enqueue that wakes workers.
+        notify = q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})"
+                   " RETURNING pg_notify(%s, extract(epoch FROM execution_time)::text)", schema)
+        rows = [[*_job_row(f"n-{i}", now), f"pgsched_{schema}"] for i in range(sizes.enqueue_loop)]
+        started = time.perf_counter()
+        for row in rows:
+            await conn.execute(notify, row)
+        metrics["raw_notify_loop_rows_per_s"] = len(rows) / (time.perf_counter() - started)
 
         await conn.execute(q("TRUNCATE {s}.jobs", schema))
         await conn.execute(q(
