@@ -122,10 +122,11 @@ FLAT_RETRY_SECONDS = 1.0
 # is planned for the table as it is. PostgreSQL keeps a prepared statement's generic plan
 # until jobs is analysed again, and one made for a few hundred rows (or none) scans the
 # table to find the rows a claim takes: 2.2M rows read per claim once 200,000 had come
-# (tests/test_claim_flat_adversary.py). Plans made from 1,000 to 2,000 rows on walked the
-# indexes in every test of the three claim statements (plans made at 1,000 rows or fewer
-# scanned the table, and a plan made at 2,000 rows did not, after 220,000 rows came
-# without an ANALYZE); this is five times that.
+# (tests/test_claim_flat_adversary.py). Generic plans of the three claim statements made
+# at 10,000 rows kept to the indexes after 220,000 rows more came without an ANALYZE, in
+# every case tried (3, 100 or 1,000 queues; all pending, or 99 in 100 finished); made at
+# 1,000 rows the flat claim's read the table (220,000 rows a claim), and at 2,000 to 5,000
+# rows some read 20,000 index entries, or took 17 ms where planning at each claim took 3.
 # Planned at every claim, the flat claim cost 0.6 ms to plan and 0.35 ms to run.
 PREPARED_CLAIM_ROWS = 10_000
 
@@ -246,11 +247,10 @@ def _bind(text: str, schema: str, walk_bound: int | None = None) -> str:
 
 
 def walk_bound(limit: int) -> int:
-    """claim_jobs_flat's LIMIT per priority for a claim of `limit`: a constant, so that a
-    generic plan knows it, and at least `limit` (sql/queries.sql). Powers of two from 8: a
+    """claim_jobs_flat's walk bound for a claim of `limit`: a constant, so that a generic
+    plan knows it, and at least `limit` (sql/queries.sql). Powers of two from 8: a
     connection prepares one statement per bound it meets, about 0.35 MB of plan each (3
-    at the default concurrency of 25), and PostgreSQL still prefers the generic plan of
-    bound 8 for a claim of 1."""
+    at the default concurrency of 25)."""
     return max(8, 1 << max(limit - 1, 0).bit_length())
 
 

@@ -238,19 +238,27 @@ async def rows_read(conn, schema: str) -> int:
     return int((await cur.fetchone())[0])
 
 
-async def rows_read_after_growth(sched, start: int = 60, **claim: Any) -> tuple[int, dict]:
+async def rows_read_after_growth(sched, start: int = 60, *, tenants: bool = False,
+                                 **claim: Any) -> tuple[int, dict]:
     """Rows of jobs (and index entries) read by one claim of 2 on a connection that claimed
     twelve times while the table held `start` rows (PostgreSQL makes a prepared statement's
     generic plan at its sixth run), after 200,000 rows of history came, not yet analysed
     (autovacuum is off here, as it is between two of its passes); and the plans of the
-    claim statements that connection prepared (claim_plans)."""
+    claim statements that connection prepared (claim_plans). The rows are pending in 3
+    queues, or with `tenants` spread over 1,000 queues with 99 in 100 finished."""
     jobs = sql.Identifier(sched.schema, "jobs")
     async with sched.store.pool.connection() as conn:
         await conn.execute(sql.SQL("TRUNCATE {} CASCADE").format(jobs))
         await conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)")
                            .format(jobs))
-    await fill_series(sched, start, queue="'a' || (g %% 3)", priority="g %% 3")
+    await fill_series(sched, start, queue="'t' || (g %% 1000)" if tenants else "'a' || (g %% 3)",
+                      priority="g %% 3")
     async with sched.store.pool.connection() as conn:
+        if tenants:
+            await conn.execute(sql.SQL("UPDATE {} SET status = 'completed', finished_at = now() "
+                                       "WHERE id NOT LIKE '%%00'").format(jobs))
+            # their index entries too, or each claim steps over them
+            await conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(jobs))
         with Store.using(OneConnection(conn)):
             for _ in range(12):  # not rolled back: psycopg forgets what it prepared then
                 await sched.store.claim_jobs(worker_id="w", limit=2, lease_seconds=60, **claim)
@@ -307,13 +315,14 @@ async def test_the_flat_claim_is_planned_once_per_connection_while_jobs_is_large
     assert generic >= 5 and custom <= 6, f"{generic} generic, {custom} custom plans"
 
 
-@pytest.mark.parametrize("claim", [{}, {"queues": ["a0", "a1", "a2"]}],
-                         ids=["flat", "per_queue"])
+@pytest.mark.parametrize("claim", [{}, {"tenants": True}, {"queues": ["a0", "a1", "a2"]}],
+                         ids=["flat", "flat_tenants", "per_queue"])
 async def test_a_generic_plan_made_at_the_smallest_prepared_size_stays_on_the_indexes(
         sched, claim):
     """The store prepares claims from PREPARED_CLAIM_ROWS rows of jobs on (as analysed);
     the generic plan PostgreSQL makes there is kept until jobs is analysed again, however
-    much it grows meanwhile."""
+    much it grows meanwhile. (Measured: made at 2,000 rows of 1,000 tenants, 99 in 100
+    finished, the flat claim's plan read 20,000 rows for 10 after 220,000 more came.)"""
     read, plans = await rows_read_after_growth(sched, start=PREPARED_CLAIM_ROWS, **claim)
-    assert plans.get("flat" if not claim else "per_queue", (0, 0))[0] >= 1, plans
+    assert plans.get("per_queue" if "queues" in claim else "flat", (0, 0))[0] >= 1, plans
     assert read < 100

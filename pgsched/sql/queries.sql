@@ -228,11 +228,14 @@ next_due AS (
     ) f
 ),
 -- Priorities in order (a nested loop keeps the list's order), due rows in index order
--- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit. The
--- inner one is a constant, the walk bound, not `limit`: a generic plan cannot know `limit`
--- and takes it for a tenth of the rows it limits, 500 of each priority's 5,000 due
--- jobs, which made PostgreSQL price the generic plan above planning each claim (0.6 ms)
--- and plan every claim. With a constant the generic plan expects at most the bound. The
+-- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit (a
+-- LIMIT reads no row ahead). The two inner ones are a constant, the walk bound, not
+-- `limit`: a generic plan cannot know `limit` and takes it for a tenth of the rows it
+-- limits: with `limit` in their place that was 500 of each priority's 5,000 due jobs,
+-- which made PostgreSQL price the generic plan above planning each claim (0.6 ms), and
+-- plan every claim. Now the generic plan expects a tenth of the bound, no more than a
+-- claim takes, however far apart the claim and its bound are (a bound twice a claim of 2
+-- priced it above planning where finished jobs outnumber pending ones 99 to 1). The
 -- paused test repeats flat's for a row whose newer version, read when it is locked, has
 -- become due since the snapshot. It is written NOT IN (a hashed subplan, estimated to keep
 -- half the rows; paused_queues.queue is the primary key, never NULL) on purpose: a
@@ -240,17 +243,20 @@ next_due AS (
 -- planner sorts every due row of a priority instead of walking the index
 -- (tests/test_claim_flat.py reads the plan).
 walked AS (
-    SELECT w.* FROM flat_priorities p
-    CROSS JOIN LATERAL (
-        SELECT id, priority, execution_time, misfire_grace_seconds, started_at
-        FROM {schema}.jobs j
-        WHERE status = 'pending' AND priority = p.priority
-          AND execution_time <= now() AND attempts < 2147483647
-          AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
-        ORDER BY execution_time, id
+    SELECT * FROM (
+        SELECT w.* FROM flat_priorities p
+        CROSS JOIN LATERAL (
+            SELECT id, priority, execution_time, misfire_grace_seconds, started_at
+            FROM {schema}.jobs j
+            WHERE status = 'pending' AND priority = p.priority
+              AND execution_time <= now() AND attempts < 2147483647
+              AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
+            ORDER BY execution_time, id
+            LIMIT {walk_bound}
+            FOR UPDATE SKIP LOCKED
+        ) w
         LIMIT {walk_bound}
-        FOR UPDATE SKIP LOCKED
-    ) w
+    ) bounded
     LIMIT %(limit)s
 ),
 -- end
