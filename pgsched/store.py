@@ -777,7 +777,13 @@ class Store:
     async def _claim_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """One claim statement, prepared while jobs is large (PREPARED_CLAIM_ROWS); notes
         what this one found for the next. It clamps its times in SQL: psycopg's own loader
-        decodes them, not the clamping one, a Python call per value on the hot path."""
+        decodes them, not the clamping one, a Python call per value on the hot path.
+
+        The count comes from an earlier claim, so after an ANALYZE that found jobs small a
+        claim may still run prepared, and PostgreSQL plans it for the table that ANALYZE
+        just measured; once the claims under way across that ANALYZE have ended, none runs
+        prepared until the count is large again, after the ANALYZE that also makes
+        PostgreSQL plan again."""
         rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
         self._claim_prepared = rows[0]["jobs_rows"] >= PREPARED_CLAIM_ROWS
         return rows

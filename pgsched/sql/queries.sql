@@ -36,8 +36,9 @@
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
 -- per-queue caps (the store sends it only then, however many queues have pending jobs),
--- serving nothing when a global limit exists or a paused queue has jobs due. It walks jobs_pending_due_idx (priority, execution_time, id,
--- migration 0014) once per priority 0-9, over due rows only, locks as it goes and stops
+-- serving nothing when a global limit exists or a paused queue has jobs due. It walks
+-- jobs_pending_due_idx (priority, execution_time, id, migration 0014) once per priority
+-- 0-9, over due rows only, locks as it goes and stops
 -- at `limit`: it locks only what it takes, and costs the same with 1 or 1,000 queues (a
 -- priority without due jobs costs one index probe). What it relies on:
 -- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
@@ -53,9 +54,10 @@
 --   ones included (early is harmless: the worker claims, finds nothing, and sleeps on).
 -- - Order: priorities in ascending order from a nested loop over a fixed list, due rows
 --   in index order within each; the limit cuts that sequence, as the per-queue walks' sort.
--- - The walk bound, each priority's own LIMIT, is at least `limit` (store.walk_bound), so
---   only the outer LIMIT stops the walk: with the bound below `limit`, a priority with
---   more due rows than the bound would give way to the next one too early.
+-- - The walk bound, the LIMIT of each priority's walk and of the walk as a whole, is at
+--   least `limit` (store.walk_bound), so only the outer LIMIT stops the walk: with the
+--   bound below `limit`, a priority with more due rows than the bound would give way to
+--   the next one too early.
 --
 -- Prepared or planned at each claim (store.PREPARED_CLAIM_ROWS): PostgreSQL keeps the
 -- generic plan of a prepared statement until jobs is analysed again, and the plan it
@@ -66,7 +68,7 @@
 -- prepares its claims only while the planner's statistics (pg_class.reltuples, jobs_rows
 -- below) count at least PREPARED_CLAIM_ROWS rows: every claim statement then finds its
 -- due rows, and the claimed ones, by walking an index, and stays so however the table
--- grows; the statistics change only with the ANALYZE or VACUUM that also makes
+-- grows; the statistics change only with the ANALYZE, VACUUM or TRUNCATE that also makes
 -- PostgreSQL plan again. Below that, each claim is planned for the table as it is.
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
