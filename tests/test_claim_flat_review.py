@@ -4,14 +4,19 @@ PostgreSQL and real concurrent claimers. Each test names what a broken change ge
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections import Counter
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg import sql
-from test_claim_flat import claim_ids
+from test_claim_flat import claim_ids, fill_series
 from test_claim_flat_adversary import claim_plans, rows_read
 
-from pgsched.store import OneConnection, Store
+from pgsched import Scheduler
+from pgsched.store import PREPARED_CLAIM_ROWS, OneConnection, Store, open_connection, walk_bound
 
 # Seeds analysed before the claims that make the generic plans, and the growth that comes
 # after them, unanalysed. SQL with {jobs} for the table; g numbers the rows.
@@ -20,7 +25,7 @@ INSERT = ("INSERT INTO {jobs} (id, task, queue, priority, execution_time, status
           "'{status}', {finished} FROM generate_series(1, {count}) g")
 
 
-def rows(tag: str, count: int, *, queue: str = "'t' || (g % 1000)",
+def rows(tag: str, count: int, *, queue: str = "'t' || (g %% 1000)",
          priority: str = "g % 3", due: str = "now() - make_interval(secs => g)",
          status: str = "pending") -> str:
     return INSERT.format(jobs="{jobs}", tag=tag, queue=queue, priority=priority, due=due,
@@ -62,8 +67,8 @@ SCENARIOS = {
     "all_future": ([rows("f", 20000, due=FUTURE)], [rows("n", 200000)]),
     # analysed at one priority, the growth at others
     "one_priority_then_many": ([rows("o", 20000, priority="5")],
-                               [rows("n", 200000, priority="g % 10")]),
-    "many_priorities_then_one": ([rows("m", 20000, priority="g % 10")],
+                               [rows("n", 200000, priority="g %% 10")]),
+    "many_priorities_then_one": ([rows("m", 20000, priority="g %% 10")],
                                  [rows("n", 200000, priority="0")]),
     # analysed large, then emptied by a mass delete (reltuples keeps its count), then grown
     "mass_delete": ([rows("d", 20000)], ["DELETE FROM {jobs}", rows("n", 200000)]),
@@ -99,6 +104,120 @@ async def test_a_claim_after_a_burst_into_a_drained_table_reads_only_what_it_tak
     then a burst of jobs is enqueued. The claims must follow the due index, not sort."""
     read, plans, taken = await read_after_growth(
         sched, [rows("h", 20000, status="completed")],
-        [rows("n", 50000, queue="'t' || (g % 10)")])
+        [rows("n", 50000, queue="'t' || (g %% 10)")])
     assert taken == 10
     assert read < 300, f"one claim of 10 read {read} rows ({plans})"
+
+
+async def claim_order(sched, conn) -> list[str]:
+    """Pending due jobs in claim order (priority, due time, id), as `conn` sees them."""
+    cur = await conn.execute(sql.SQL(
+        "SELECT id FROM {} WHERE status = 'pending' AND execution_time <= now() "
+        "ORDER BY priority, execution_time, id").format(sql.Identifier(sched.schema, "jobs")))
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def test_a_prepared_claim_past_rows_another_claim_holds_takes_its_whole_limit(
+        sched, pg_dsn):
+    """The walk bound limits what each priority's walk returns: rows skipped because
+    another claim holds them must not count against it, or a claim of N behind a held
+    block comes back short (or takes the next priority too early)."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS + 2000, queue="'t' || (g %% 1000)",
+                      priority="(g / 4000)::int")  # long runs of one priority
+    holder = await open_connection(pg_dsn)
+    claimer = await open_connection(pg_dsn)
+    try:
+        with Store.using(OneConnection(claimer)):
+            for _ in range(8):  # prepared, generic plans made
+                assert len(await claim_ids(sched.store, 3)) == 3
+        async with holder.transaction():
+            with Store.using(OneConnection(holder)):
+                held = set(await claim_ids(sched.store, 600))
+            assert len(held) == 600
+            for limit in (1, 8, 9, 16, 17, 100):
+                expected = [i for i in await claim_order(sched, claimer) if i not in held]
+                with Store.using(OneConnection(claimer)):
+                    taken = await claim_ids(sched.store, limit)
+                assert sorted(taken) == sorted(expected[:limit]), (
+                    limit, sorted(set(taken) - set(expected[:limit])),
+                    sorted(set(expected[:limit]) - set(taken)))
+        plans = await claim_plans(claimer)
+        assert plans.get("flat", (0, 0))[0] >= 1, plans  # the generic plan was the one run
+    finally:
+        await holder.close()
+        await claimer.close()
+
+
+async def test_concurrent_prepared_claimers_take_every_due_job_exactly_once(sched, pg_dsn):
+    """Six connections claim at once, each a random limit from 1 to 40 (so every walk
+    bound from 8 to 64), until nothing is due: no job twice, none left behind."""
+    total = PREPARED_CLAIM_ROWS + 500
+    await fill_series(sched, total, queue="'t' || (g %% 300)", priority="g %% 10")
+    taken: Counter[str] = Counter()
+    generic = []
+
+    async def claimer(seed: int) -> None:
+        rng = random.Random(seed)
+        conn = await open_connection(pg_dsn)
+        try:
+            with Store.using(OneConnection(conn)):
+                empty = 0
+                while empty < 3:
+                    got = await claim_ids(sched.store, rng.randint(1, 40))
+                    taken.update(got)
+                    empty = 0 if got else empty + 1
+            generic.append((await claim_plans(conn)).get("flat", (0, 0))[0])
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(claimer(n) for n in range(6)))
+    assert [job for job, count in taken.items() if count > 1] == []
+    assert len(taken) == total
+    assert sum(generic) >= 6  # the prepared statements ran their generic plans
+
+
+async def test_a_connection_prepares_one_flat_claim_per_walk_bound(sched, pg_dsn):
+    """Memory per connection: claims of every limit from 1 to 300 prepare one flat claim
+    per power of two (8 to 512), not one per limit."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS, queue="'t' || (g %% 10)", priority="g %% 3")
+    conn = await open_connection(pg_dsn)
+    try:
+        with Store.using(OneConnection(conn)):
+            for limit in range(1, 301):
+                await claim_ids(sched.store, limit)  # committed: a rollback deallocates
+        cur = await conn.execute("SELECT count(*) FROM pg_prepared_statements "
+                                 "WHERE statement LIKE '%%flat_priorities AS%%'")
+        assert (await cur.fetchone())[0] == len({walk_bound(n) for n in range(1, 301)}) == 7
+    finally:
+        await conn.close()
+
+
+async def test_prepared_sized_claims_run_unprepared_through_pgbouncer(cluster, schema):
+    """prepare_threshold None (PgBouncer in transaction mode): however large jobs is, no
+    claim statement is prepared, or the next transaction on another server connection
+    fails with 'prepared statement ... does not exist'."""
+    from faults.pgbouncer import PgBouncer
+
+    cluster.start()
+    bouncer = PgBouncer(cluster)
+    try:
+        async with Scheduler(cluster.app_dsn(), schema=schema) as direct:
+            await direct.migrate()
+            await fill_series(direct, PREPARED_CLAIM_ROWS + 1000, queue="'t' || (g %% 50)",
+                              priority="g %% 3")
+        async with Scheduler(bouncer.dsn(), schema=schema, prepare_threshold=None,
+                             pool_size=6) as pooled:
+            taken: Counter[str] = Counter()
+
+            async def claims(limit: int) -> None:
+                for _ in range(10):
+                    taken.update(await claim_ids(pooled.store, limit))
+
+            await asyncio.gather(*(claims(limit) for limit in (1, 7, 9, 20, 33, 64)))
+        assert sum(taken.values()) == 10 * (1 + 7 + 9 + 20 + 33 + 64)
+        assert max(taken.values()) == 1
+        assert "prepared statement" not in bouncer.log
+    finally:
+        bouncer.destroy()
+        with psycopg.connect(cluster.superuser_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
