@@ -221,3 +221,73 @@ async def test_prepared_sized_claims_run_unprepared_through_pgbouncer(cluster, s
         bouncer.destroy()
         with psycopg.connect(cluster.superuser_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+async def warmed(sched, pg_dsn, limit: int) -> psycopg.AsyncConnection[Any]:
+    """A connection whose flat claim for `limit` runs its generic plan (jobs must count at
+    least PREPARED_CLAIM_ROWS rows, analysed): eight committed claims of `limit` on it."""
+    conn = await open_connection(pg_dsn)
+    with Store.using(OneConnection(conn)):
+        for _ in range(8):
+            await claim_ids(sched.store, limit)
+    assert (await claim_plans(conn)).get("flat", (0, 0))[0] >= 1
+    return conn
+
+
+async def lockable_due(sched, conn) -> int:
+    cur = await conn.execute(sql.SQL(
+        "SELECT count(*) FROM (SELECT 1 FROM {} WHERE status = 'pending' "
+        "AND execution_time <= now() FOR UPDATE SKIP LOCKED) s").format(
+            sql.Identifier(sched.schema, "jobs")))
+    return (await cur.fetchone())[0]
+
+
+async def test_a_generic_plan_claim_locks_only_what_it_takes(sched, pg_dsn):
+    """Issue 14: the walk bound is above the claim's limit (8 for 5, 64 for 33); the
+    generic plan must still stop locking at the limit, not at the bound."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS + 2000, queue="'t' || (g %% 1000)",
+                      priority="g %% 3")
+    other = await open_connection(pg_dsn)
+    try:
+        for limit in (5, 33):
+            conn = await warmed(sched, pg_dsn, limit)
+            try:
+                before = await lockable_due(sched, other)
+                async with conn.transaction(force_rollback=True):
+                    with Store.using(OneConnection(conn)):
+                        assert len(await claim_ids(sched.store, limit)) == limit
+                    assert await lockable_due(sched, other) == before - limit
+            finally:
+                await conn.close()
+    finally:
+        await other.close()
+
+
+async def test_a_generic_plan_claim_fills_its_limit_past_future_and_paused_rows(
+        sched, pg_dsn):
+    """Rows the walk passes over must not count against its bound: a claim of 8 takes
+    the 5 due jobs of priority 0 behind 3,000 future ones and the 3 oldest of priority
+    1; a paused queue's job is never taken, before or after it falls due."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS, queue="'bulk'", priority="2")
+    conn = await warmed(sched, pg_dsn, 3)
+    try:
+        async with sched.store.pool.connection() as writer:  # not analysed
+            for statement in (
+                    rows("fut", 3000, queue="'t' || (g % 50)", priority="0", due=FUTURE),
+                    rows("due0-", 5, queue="'t' || g", priority="0"),
+                    rows("due1-", 100, queue="'u' || (g % 7)", priority="1"),
+                    rows("held", 1, queue="'held'", priority="0",
+                         due="now() + interval '1 second'")):
+                await run(writer, sched.schema, statement)
+        await sched.store.pause_queues(["held"])
+        with Store.using(OneConnection(conn)):
+            taken = await claim_ids(sched.store, 8)
+            assert sorted(taken) == sorted([f"due0-{g}" for g in range(1, 6)]
+                                           + ["due1-100", "due1-99", "due1-98"])
+            await asyncio.sleep(1.1)  # held falls due: the flat walk is refused
+            taken = await claim_ids(sched.store, 100)
+            assert "held1" not in taken and len(taken) == 100
+            assert {f"due1-{g}" for g in range(1, 98)} <= set(taken)
+        assert (await claim_plans(conn))["flat"][0] >= 2
+    finally:
+        await conn.close()
