@@ -291,3 +291,16 @@ async def test_a_generic_plan_claim_fills_its_limit_past_future_and_paused_rows(
         assert (await claim_plans(conn))["flat"][0] >= 2
     finally:
         await conn.close()
+
+
+async def test_a_generic_plan_made_while_few_jobs_were_pending_never_sorts_a_burst(sched):
+    """jobs held 20,000 rows of history and 60 pending ones when analysed: the table is
+    large, but the generic plan PostgreSQL makes then expects two due rows a priority and
+    fetches them by a bitmap scan and a sort; after a burst of 50,000 jobs that sorts
+    every due row of the priority at every claim. (Planned at each claim, the walk
+    follows the due index and reads ten.)"""
+    read, plans, taken = await read_after_growth(
+        sched, [rows("h", 20000, status="completed"), rows("p", 60)],
+        [rows("n", 50000, queue="'t' || (g % 10)")])
+    assert taken == 10
+    assert read < 300, f"one claim of 10 read {read} rows ({plans})"
