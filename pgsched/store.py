@@ -118,16 +118,19 @@ LIMIT_RECHECK_SECONDS = 0.5
 # walk's saving.
 FLAT_RETRY_SECONDS = 1.0
 # A claim statement is prepared only while the planner's statistics count at least this
-# many rows in jobs (pg_class.reltuples, as the claim itself reports it); below, each claim
-# is planned for the table as it is. PostgreSQL keeps a prepared statement's generic plan
-# until jobs is analysed again, and one made for a few hundred rows (or none) scans the
-# table to find the rows a claim takes: 2.2M rows read per claim once 200,000 had come
-# (tests/test_claim_flat_adversary.py). Generic plans of the three claim statements made
-# at 10,000 rows kept to the indexes after 220,000 rows more came without an ANALYZE, in
-# every case tried (3, 100 or 1,000 queues; all pending, or 99 in 100 finished); made at
-# 1,000 rows the flat claim's read the table (220,000 rows a claim), and at 2,000 to 5,000
-# rows some read 20,000 index entries, or took 17 ms where planning at each claim took 3.
-# Planned at every claim, the flat claim cost 0.6 ms to plan and 0.35 ms to run.
+# many pending rows in jobs (pg_class.reltuples of jobs_pending_due_idx, as the claim
+# itself reports it); below, each claim is planned for the table as it is. PostgreSQL
+# keeps a prepared statement's generic plan until jobs is analysed again, and one made for
+# a few hundred rows (or none) scans the table to find the rows a claim takes: 2.2M rows
+# read per claim once 200,000 had come (tests/test_claim_flat_adversary.py). Pending rows,
+# not the table's: made with 60 pending among 20,000 finished, the flat claim's plan
+# sorted every due row of a priority after a burst (tests/test_claim_flat_review.py).
+# Generic plans of the three claim statements made at 10,000 rows kept to the indexes
+# after 220,000 rows more came without an ANALYZE, in every case tried (3, 100 or 1,000
+# queues; all pending); made at 1,000 rows the flat claim's read the table (220,000 rows a
+# claim), and at 2,000 to 5,000 rows some read 20,000 index entries, or took 17 ms where
+# planning at each claim took 3. Planned at every claim, the flat claim cost 0.6 ms to
+# plan and 0.35 ms to run.
 PREPARED_CLAIM_ROWS = 10_000
 
 
@@ -769,15 +772,16 @@ class Store:
         self._claim_limits = rows[0]["limits_exist"]
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
-            for column in ("rate_counted", "limits_exist", "flat_refused", "jobs_rows"):
+            for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 
     async def _claim_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """One claim statement, prepared while jobs is large (PREPARED_CLAIM_ROWS); notes
-        what this one found for the next. It clamps its times in SQL: psycopg's own loader
-        decodes them, not the clamping one, a Python call per value on the hot path.
+        """One claim statement, prepared while jobs has many pending rows
+        (PREPARED_CLAIM_ROWS); notes what this one found for the next. It clamps its times
+        in SQL: psycopg's own loader decodes them, not the clamping one, a Python call per
+        value on the hot path.
 
         The count comes from an earlier claim, so after an ANALYZE that found jobs small a
         claim may still run prepared, and PostgreSQL plans it for the table that ANALYZE
@@ -785,7 +789,7 @@ class Store:
         prepared until the count is large again, after the ANALYZE that also makes
         PostgreSQL plan again."""
         rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
-        self._claim_prepared = rows[0]["jobs_rows"] >= PREPARED_CLAIM_ROWS
+        self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         return rows
 
     def _flat_claim(self, limit: int) -> str:

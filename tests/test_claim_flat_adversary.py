@@ -319,10 +319,13 @@ async def test_the_flat_claim_is_planned_once_per_connection_while_jobs_is_large
                          ids=["flat", "flat_tenants", "per_queue"])
 async def test_a_generic_plan_made_at_the_smallest_prepared_size_stays_on_the_indexes(
         sched, claim):
-    """The store prepares claims from PREPARED_CLAIM_ROWS rows of jobs on (as analysed);
+    """The store prepares claims from PREPARED_CLAIM_ROWS pending rows on (as analysed);
     the generic plan PostgreSQL makes there is kept until jobs is analysed again, however
     much it grows meanwhile. (Measured: made at 2,000 rows of 1,000 tenants, 99 in 100
     finished, the flat claim's plan read 20,000 rows for 10 after 220,000 more came.)"""
     read, plans = await rows_read_after_growth(sched, start=PREPARED_CLAIM_ROWS, **claim)
-    assert plans.get("per_queue" if "queues" in claim else "flat", (0, 0))[0] >= 1, plans
+    if claim.get("tenants"):  # 100 of those rows pending: planned at each claim
+        assert plans == {}, plans
+    else:
+        assert plans.get("per_queue" if "queues" in claim else "flat", (0, 0))[0] >= 1, plans
     assert read < 100

@@ -106,7 +106,7 @@ async def test_a_claim_after_a_burst_into_a_drained_table_reads_only_what_it_tak
         sched, [rows("h", 20000, status="completed")],
         [rows("n", 50000, queue="'t' || (g % 10)")])
     assert taken == 10
-    assert read < 300, f"one claim of 10 read {read} rows ({plans})"
+    assert read < 2000, f"one claim of 10 read {read} rows ({plans})"
 
 
 async def claim_order(sched, conn) -> list[str]:
@@ -297,10 +297,11 @@ async def test_a_generic_plan_made_while_few_jobs_were_pending_never_sorts_a_bur
     """jobs held 20,000 rows of history and 60 pending ones when analysed: the table is
     large, but the generic plan PostgreSQL makes then expects two due rows a priority and
     fetches them by a bitmap scan and a sort; after a burst of 50,000 jobs that sorts
-    every due row of the priority at every claim. (Planned at each claim, the walk
-    follows the due index and reads ten.)"""
+    every due row of the priority at every claim: 17,356 rows read for 10. (Planned at
+    that claim, it follows the due index: 680 rows read, then 20 to 40 a claim.)"""
     read, plans, taken = await read_after_growth(
         sched, [rows("h", 20000, status="completed"), rows("p", 60)],
         [rows("n", 50000, queue="'t' || (g % 10)")])
     assert taken == 10
-    assert read < 300, f"one claim of 10 read {read} rows ({plans})"
+    assert read < 2000, f"one claim of 10 read {read} rows ({plans})"
+
