@@ -11,11 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from conftest import audit_counts, audit_env, wait_until, write_config
 from psycopg import sql
 from test_claim_flat import claim_ids, fill_series
 from test_claim_flat_adversary import claim_plans, rows_read
 
-from pgsched import Scheduler
+from pgsched import JobSpec, Scheduler
 from pgsched.store import PREPARED_CLAIM_ROWS, OneConnection, Store, open_connection, walk_bound
 
 # Seeds analysed before the claims that make the generic plans, and the growth that comes
@@ -305,3 +306,40 @@ async def test_a_generic_plan_made_while_few_jobs_were_pending_never_sorts_a_bur
     assert taken == 10
     assert read < 2000, f"one claim of 10 read {read} rows ({plans})"
 
+
+
+async def test_worker_processes_claiming_prepared_run_every_job_once(
+        sched, pg_dsn, schema, tmp_path, workers):
+    """Real workers, two of every queue (the flat claim, prepared: more than
+    PREPARED_CLAIM_ROWS pending rows analysed) and one of two listed queues, over 10,400
+    jobs at ten priorities: every job runs once and none is left pending."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS + 200, queue="'t' || (g %% 40)",
+                      priority="g %% 10")
+    async with sched.store.pool.connection() as conn:  # the filler runs the noop task
+        await run(conn, schema, "UPDATE {jobs} SET task = 'noop'")
+    specs = [JobSpec("record", args=(f"r-{i}",), queue=f"t{i % 40}", priority=i % 10)
+             for i in range(200)]
+    await sched.schedule_bulk(specs)
+    config = write_config(tmp_path, pg_dsn, schema, concurrency=8, poll_seconds=60)
+    env = audit_env(pg_dsn, schema)
+    for args in ((), (), ("--queues", "t0,t1")):
+        workers(config, *args, env=env)
+
+    async def left() -> int:
+        async with sched.store.pool.connection() as conn:
+            cur = await conn.execute(sql.SQL(
+                "SELECT count(*) FROM {} WHERE status <> 'completed'").format(
+                    sql.Identifier(schema, "jobs")))
+            return (await cur.fetchone())[0]
+
+    await wait_until(lambda: _is_zero(left()), timeout=120, what="every job completed")
+    counts = audit_counts(pg_dsn, schema)
+    assert set(counts) == {spec.args[0] for spec in specs} and set(counts.values()) == {1}
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE attempts <> 1").format(
+            sql.Identifier(schema, "jobs")))
+        assert (await cur.fetchone())[0] == 0  # none claimed twice
+
+
+async def _is_zero(count) -> bool:
+    return await count == 0
