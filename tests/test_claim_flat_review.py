@@ -349,3 +349,33 @@ async def _is_zero(count) -> bool:
     return await count == 0
 
 
+
+
+async def test_prepared_claims_keep_global_limits_rates_caps_and_lists(sched, pg_dsn):
+    """At a prepared size every claim statement still keeps the bounds it did when
+    planned at each claim: a global concurrency of 3, a rate of 4 a minute, a per-worker
+    cap of 2, and a worker's queue list, over twenty claims of 10 each."""
+    await fill_series(sched, PREPARED_CLAIM_ROWS + 500, queue="'t' || (g %% 20)",
+                      priority="g %% 10")
+    async with sched.store.pool.connection() as conn:
+        for queue in ("conc", "rated", "capped"):
+            await run(conn, sched.schema, rows(queue, 50, queue=f"'{queue}'", priority="0",
+                                               due="now() - interval '1 day'"))
+    await sched.store.set_queue_limits("conc", global_concurrency=3, set_concurrency=True)
+    await sched.store.set_queue_limits("rated", rate=(4, 60.0), set_rate=True)
+    conn = await open_connection(pg_dsn)
+    try:
+        taken: list[str] = []
+        with Store.using(OneConnection(conn)):
+            for _ in range(20):
+                taken += await claim_ids(sched.store, 10, capped=(["capped"], [2 - min(
+                    2, sum(j.startswith("capped") for j in taken))]))
+                listed = await claim_ids(sched.store, 10, queues=["t3"])
+                assert listed and all(int(j[1:]) % 20 == 3 for j in listed), listed
+        plans = await claim_plans(conn)
+    finally:
+        await conn.close()
+    assert sum(j.startswith("conc") for j in taken) == 3
+    assert sum(j.startswith("rated") for j in taken) == 4
+    assert sum(j.startswith("capped") for j in taken) == 2
+    assert plans.get("per_queue", (0, 0))[0] >= 1, plans  # generic plans did the work
