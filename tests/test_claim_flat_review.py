@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import test_claim_flat_adversary as adversary
 from conftest import audit_counts, audit_env, wait_until, write_config
 from psycopg import sql
 from test_claim_flat import claim_ids, fill_series
@@ -379,3 +380,18 @@ async def test_prepared_claims_keep_global_limits_rates_caps_and_lists(sched, pg
     assert sum(j.startswith("rated") for j in taken) == 4
     assert sum(j.startswith("capped") for j in taken) == 2
     assert plans.get("per_queue", (0, 0))[0] >= 1, plans  # generic plans did the work
+
+
+async def test_concurrent_prepared_claims_under_pause_and_limit_changes_take_each_job_once(
+        sched, pg_dsn):
+    """The adversary's race (six claimers, a queue paused and resumed over and over, a
+    global limit appearing) at a prepared size: 10,500 jobs due next week, analysed,
+    make every claim statement run prepared."""
+    async with sched.store.pool.connection() as conn:
+        await run(conn, sched.schema, rows("later", PREPARED_CLAIM_ROWS + 500,
+                                           queue="'later'", due=FUTURE))
+        await run(conn, sched.schema, "ANALYZE {jobs}")
+    await adversary.test_concurrent_claims_under_pause_and_limit_changes_take_each_job_once(
+        sched, pg_dsn)
+    async with sched.store.pool.connection() as conn:
+        assert sum(generic for generic, _ in (await claim_plans(conn)).values()) >= 1
