@@ -335,9 +335,10 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
 -- end
        -- How many pending rows the planner's statistics count (those of the pending index
        -- the flat walk reads): whether the store may prepare its next claim
-       -- (store.PREPARED_CLAIM_ROWS).
-       (SELECT reltuples FROM pg_class
-        WHERE oid = '{schema}.jobs_pending_due_idx'::regclass) AS pending_rows,
+       -- (store.PREPARED_CLAIM_ROWS). to_regclass: without the index (dropped by hand, or
+       -- between the DROP and the CREATE of its migration run again) -1, planned claims.
+       coalesce((SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS pending_rows,
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
