@@ -4,7 +4,7 @@ number of queues with jobs due.
 For each count in Sizes.claim_queues, a fresh schema holds Sizes.claim_queues_jobs due
 jobs spread evenly over that many queues (a fifth at priority 1, the rest at 5); one
 store then claims 10 jobs Sizes.claim_queues_claims times, first as a worker of every
-queue (the flat walk, claim_jobs_flat, from 2 queues on; at 1 the one per-queue walk),
+queue (the flat walk, claim_jobs_flat, prepared from PREPARED_CLAIM_ROWS rows on),
 then with every queue listed by name (the per-queue walks), each claim timed from the
 client around Store.claim_jobs.
 

@@ -117,12 +117,21 @@ LIMIT_RECHECK_SECONDS = 0.5
 # again: the refusal costs a second statement, the wait at most this much of the flat
 # walk's saving.
 FLAT_RETRY_SECONDS = 1.0
-# Statements never prepared: planned at every run for their parameters. claim_jobs_flat
-# is only fast with a plan made for its `limit`; PostgreSQL keeps custom-planning it once
-# the table is large, but a generic plan it chose while jobs was small (a join to a scan
-# of jobs) stayed cached as the table grew, until an ANALYZE: 2.2M rows read per claim
-# at 200,000 rows (tests/test_claim_flat_adversary.py).
-_UNPREPARED = frozenset({"claim_jobs_flat"})
+# A claim statement is prepared only while the planner's statistics count at least this
+# many pending rows in jobs (pg_class.reltuples of jobs_pending_due_idx, as the claim
+# itself reports it); below, each claim is planned for the table as it is. PostgreSQL
+# keeps a prepared statement's generic plan until jobs is analysed again, and one made for
+# a few hundred rows (or none) scans the table to find the rows a claim takes: 2.2M rows
+# read per claim once 200,000 had come (tests/test_claim_flat_adversary.py). Pending rows,
+# not the table's: made with 60 pending among 20,000 finished, the flat claim's plan
+# sorted every due row of a priority after a burst (tests/test_claim_flat_review.py).
+# Generic plans of the three claim statements made at 10,000 rows kept to the indexes
+# after 220,000 rows more came without an ANALYZE, in every case tried (3, 100 or 1,000
+# queues; all pending); made at 1,000 rows the flat claim's read the table (220,000 rows a
+# claim), and at 2,000 to 5,000 rows some read 20,000 index entries, or took 17 ms where
+# planning at each claim took 3. Planned at every claim, the flat claim cost 0.6 ms to
+# plan and 0.35 ms to run.
+PREPARED_CLAIM_ROWS = 10_000
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -233,8 +242,19 @@ def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:
 _QUERIES = _load_queries()
 
 
-def _bind(text: str, schema: str) -> str:
-    return sql.SQL(text).format(schema=sql.Identifier(schema)).as_string(None)
+def _bind(text: str, schema: str, walk_bound: int | None = None) -> str:
+    """{schema} as an identifier; {walk_bound} (claim_jobs_flat's) as a number, or, without
+    one, as the claim's `limit` parameter."""
+    bound = sql.SQL("%(limit)s") if walk_bound is None else sql.Literal(walk_bound)
+    return sql.SQL(text).format(schema=sql.Identifier(schema), walk_bound=bound).as_string(None)
+
+
+def walk_bound(limit: int) -> int:
+    """claim_jobs_flat's walk bound for a claim of `limit`: a constant, so that a generic
+    plan knows it, and at least `limit` (sql/queries.sql). Powers of two from 8: a
+    connection prepares one statement per bound it meets, about 0.35 MB of plan each (3
+    at the default concurrency of 25)."""
+    return max(8, 1 << max(limit - 1, 0).bit_length())
 
 
 def channel_name(schema: str) -> str:
@@ -351,26 +371,28 @@ class Store:
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
         # Which claim statement the next claim starts with: claim_jobs once a queue has a
         # global limit, else, for a worker of every queue without caps, the flat claim
-        # while more than one queue has pending jobs (and it was not refused within
-        # FLAT_RETRY_SECONDS), else the cheaper claim_jobs_unlimited; each claim reports
-        # which one fits. Only a guess shared by the store's claimers: each claim checks
-        # its own, so a wrong guess costs a second statement or speed, never a wrong claim.
+        # (unless it was refused within FLAT_RETRY_SECONDS), else the cheaper
+        # claim_jobs_unlimited; each claim reports which one fits, and whether jobs is
+        # large enough for the next to be prepared (PREPARED_CLAIM_ROWS). Only a guess
+        # shared by the store's claimers: each claim checks its own, so a wrong guess costs
+        # a second statement or speed, never a wrong claim.
         self._claim_limits = False
-        self._claim_one_queue = False
+        self._claim_prepared = False
         self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _rows(self, name: str, params: dict[str, Any], *,
-                    times_clamped: bool = False) -> list[dict[str, Any]]:
+    async def _rows(self, name: str, params: dict[str, Any], *, times_clamped: bool = False,
+                    prepare: bool = True) -> list[dict[str, Any]]:
         """times_clamped: the query clamps every time it returns to what Python holds, so
-        psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader."""
+        psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader.
+        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS)."""
         async with (_USING.get() or self.pool).connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
             return await (await cur.execute(self._q[name], params,
-                                            prepare=name not in _UNPREPARED)).fetchall()
+                                            prepare=prepare)).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS) -> list[dict[str, Any]]:
@@ -717,9 +739,8 @@ class Store:
 
         queues: the queues served (None: all); capped: (queues, free slots of each) for
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
-        A worker of every queue without caps claims by the flat walk (claim_jobs_flat)
-        while more than one queue has pending jobs, unless it was refused within the
-        last FLAT_RETRY_SECONDS (sql/queries.sql).
+        A worker of every queue without caps claims by the flat walk (claim_jobs_flat),
+        unless it was refused within the last FLAT_RETRY_SECONDS (sql/queries.sql).
         """
         params = {
             "worker_id": worker_id,
@@ -734,31 +755,51 @@ class Store:
         # claimers that share the store change them while this one runs. A statement that
         # could not serve this claim took nothing and said why; the next one serves it.
         loop = asyncio.get_running_loop()
+        flat = (not self._claim_limits and queues is None and not capped[0]
+                and loop.time() >= self._flat_refused_until)
         name = ("claim_jobs" if self._claim_limits
-                else "claim_jobs_flat" if (queues is None and not capped[0]
-                                           and not self._claim_one_queue
-                                           and loop.time() >= self._flat_refused_until)
-                else "claim_jobs_unlimited")
-        # The claim clamps its times in SQL: psycopg's own loader decodes them, not the
-        # clamping one, a Python call per value on the worker's hot path.
-        rows = await self._rows(name, params, times_clamped=True)
-        if name == "claim_jobs_flat" and rows[0]["flat_refused"]:
+                else self._flat_claim(limit) if flat else "claim_jobs_unlimited")
+        rows = await self._claim_rows(name, params)
+        if flat and rows[0]["flat_refused"]:
             self._flat_refused_until = loop.time() + FLAT_RETRY_SECONDS
             if not rows[0]["limits_exist"]:  # a paused queue has jobs due
                 name = "claim_jobs_unlimited"
-                rows = await self._rows(name, params, times_clamped=True)
+                rows = await self._claim_rows(name, params)
         if name != "claim_jobs" and rows[0]["limits_exist"]:
             # A global limit appeared and the cheaper claim took nothing: claim with it.
             name = "claim_jobs"
-            rows = await self._rows(name, params, times_clamped=True)
+            rows = await self._claim_rows(name, params)
         self._claim_limits = rows[0]["limits_exist"]
-        self._claim_one_queue = bool(rows[0].get("one_queue"))
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
-            for column in ("rate_counted", "limits_exist", "flat_refused", "one_queue"):
+            for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
+
+    async def _claim_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One claim statement, prepared while jobs has many pending rows
+        (PREPARED_CLAIM_ROWS); notes what this one found for the next. It clamps its times
+        in SQL: psycopg's own loader decodes them, not the clamping one, a Python call per
+        value on the hot path.
+
+        The count comes from an earlier claim, so after an ANALYZE that found jobs small a
+        claim may still run prepared, and PostgreSQL plans it for the table that ANALYZE
+        just measured; once the claims under way across that ANALYZE have ended, none runs
+        prepared until the count is large again, after the ANALYZE that also makes
+        PostgreSQL plan again."""
+        rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
+        self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
+        return rows
+
+    def _flat_claim(self, limit: int) -> str:
+        """The name of claim_jobs_flat with the walk bound of a claim of `limit`, its text
+        bound on first use."""
+        bound = walk_bound(limit)
+        name = f"claim_jobs_flat/{bound}"
+        if name not in self._q:
+            self._q[name] = _bind(_QUERIES["claim_jobs_flat"], self.schema, bound)
+        return name
 
     async def heartbeat_jobs(
         self, *, worker_id: str, held: Sequence[tuple[str, int]], lease_seconds: float

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsched.store import OneConnection, Store, open_connection
+from pgsched.store import OneConnection, Store, open_connection, walk_bound
 
 
 def ago(seconds: float) -> datetime:
@@ -179,16 +179,34 @@ class RecordingStore(Store):
         return await super()._rows(name, params, **kw)
 
 
-async def test_the_store_walks_flat_only_while_several_queues_have_jobs(sched):
+async def test_the_store_walks_flat_at_one_queue_as_at_many(sched):
+    """One statement for a worker of every queue, however many queues have jobs: the flat
+    walk, with its walk bound for the claim's limit."""
     store = RecordingStore(sched.store.pool, sched.schema)
     store.ran = []
-    await fill(sched, [(f"a-{i}", "a", 5, ago(10)) for i in range(20)])
+    await fill(sched, [(f"a-{i}", "a", 5, ago(10 + i)) for i in range(20)])
     for _ in range(3):
         await claim_ids(store, 2)
-    # One queue: one per-queue walk locks only what it takes and keeps a generic plan.
-    assert store.ran == ["claim_jobs_flat", "claim_jobs_unlimited", "claim_jobs_unlimited"]
     await fill(sched, [("b-0", "b", 0, ago(1))])
-    store.ran.clear()
-    assert await claim_ids(store, 1) == ["b-0"]  # the per-queue walk sees b, and says so
-    assert await claim_ids(store, 1) == ["a-6"]
-    assert store.ran == ["claim_jobs_unlimited", "claim_jobs_flat"]
+    assert await claim_ids(store, 1) == ["b-0"]
+    assert sorted(await claim_ids(store, 3)) == ["a-11", "a-12", "a-13"]  # the oldest left
+    assert store.ran == ["claim_jobs_flat/8"] * 5
+
+
+async def test_a_claim_larger_than_a_smaller_walk_bound_keeps_priority_order(sched):
+    """Each priority's walk stops at the walk bound: below the claim's limit, a priority
+    with more due jobs than the bound would give way to the next one too early."""
+    await fill(sched, [(f"p0-{i:03}", "a", 0, ago(1000 - i)) for i in range(100)]
+               + [(f"p1-{i:03}", "b", 1, ago(2000)) for i in range(100)])
+    for limit in (3, 9, 33, 70):
+        async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
+            with Store.using(OneConnection(conn)):
+                taken = await claim_ids(sched.store, limit)
+        assert taken and sorted(taken) == [f"p0-{i:03}" for i in range(limit)], limit
+
+
+def test_the_walk_bound_is_the_power_of_two_at_or_above_the_limit():
+    for limit in range(1, 3000):
+        bound = walk_bound(limit)
+        assert limit <= bound < 2 * limit or bound == 8 > limit
+        assert bound & (bound - 1) == 0

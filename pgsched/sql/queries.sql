@@ -35,10 +35,10 @@
 -- so one may come back short. This costs about 20 us per queue with pending jobs.
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
--- per-queue caps (the store sends it only then, and only while more than one queue has
--- pending jobs: one_queue below), serving nothing when a global limit exists or a paused
--- queue has jobs due. It walks jobs_pending_due_idx (priority, execution_time, id,
--- migration 0014) once per priority 0-9, over due rows only, locks as it goes and stops
+-- per-queue caps (the store sends it only then, however many queues have pending jobs),
+-- serving nothing when a global limit exists or a paused queue has jobs due. It walks
+-- jobs_pending_due_idx (priority, execution_time, id, migration 0014) once per priority
+-- 0-9, over due rows only, locks as it goes and stops
 -- at `limit`: it locks only what it takes, and costs the same with 1 or 1,000 queues (a
 -- priority without due jobs costs one index probe). What it relies on:
 -- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
@@ -54,6 +54,26 @@
 --   ones included (early is harmless: the worker claims, finds nothing, and sleeps on).
 -- - Order: priorities in ascending order from a nested loop over a fixed list, due rows
 --   in index order within each; the limit cuts that sequence, as the per-queue walks' sort.
+-- - The walk bound, the LIMIT of each priority's walk and of the walk as a whole, is at
+--   least `limit` (store.walk_bound), so only the outer LIMIT stops the walk: with the
+--   bound below `limit`, a priority with more due rows than the bound would give way to
+--   the next one too early.
+--
+-- Prepared or planned at each claim (store.PREPARED_CLAIM_ROWS): PostgreSQL keeps the
+-- generic plan of a prepared statement until jobs is analysed again, and the plan it
+-- makes for a table of a few hundred rows (or none) scans the table, or an index by a
+-- column it does not lead with, to find the claimed rows and the due ones (a claim read
+-- 2.2M rows at 200,000 rows, tests/test_claim_flat_adversary.py). No shape of statement
+-- prevents that: for a table of one page every path costs about the same. So the store
+-- prepares its claims only while the planner's statistics (pg_class.reltuples of
+-- jobs_pending_due_idx, pending_rows below) count at least PREPARED_CLAIM_ROWS pending
+-- rows, the rows the walks read, not the table's: with 60 pending among 20,000 finished
+-- the generic plan expected two due rows a priority, fetched them by a bitmap scan and a
+-- sort, and sorted 16,666 a claim after a burst (tests/test_claim_flat_review.py). With
+-- enough pending rows in the statistics every claim statement finds its
+-- due rows, and the claimed ones, by walking an index, and stays so however the table
+-- grows; the statistics change only with the ANALYZE, VACUUM or TRUNCATE that also makes
+-- PostgreSQL plan again. Below that, each claim is planned for the table as it is.
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
@@ -196,10 +216,7 @@ flat AS (
 ),
 -- The priorities to walk, lowest first: all of 0-9, or none when the walk is refused. A
 -- priority without due jobs costs one index probe; a fixed list plans faster than a loose
--- scan of the priorities present. This statement is planned at every claim, never
--- prepared (store._UNPREPARED): its generic plan, which cannot know `limit`, joins the
--- claimed rows to a scan of jobs, and one chosen while the table was small stayed cached
--- as it grew. About 0.2-0.4 ms.
+-- scan of the priorities present.
 flat_priorities AS (
     SELECT priority FROM unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS p(priority)
     WHERE (SELECT chosen FROM flat)
@@ -217,7 +234,14 @@ next_due AS (
     ) f
 ),
 -- Priorities in order (a nested loop keeps the list's order), due rows in index order
--- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit. The
+-- within each; the outer LIMIT stops pulling, and so locking, at the claim's limit (a
+-- LIMIT reads no row ahead). The two inner ones are a constant, the walk bound, not
+-- `limit`: a generic plan cannot know `limit` and takes it for a tenth of the rows it
+-- limits: with `limit` in their place that was 500 of each priority's 5,000 due jobs,
+-- which made PostgreSQL price the generic plan above planning each claim (0.6 ms), and
+-- plan every claim. Now the generic plan expects a tenth of the bound, no more than a
+-- claim takes, however far apart the claim and its bound are (a bound twice a claim of 2
+-- priced it above planning where finished jobs outnumber pending ones 99 to 1). The
 -- paused test repeats flat's for a row whose newer version, read when it is locked, has
 -- become due since the snapshot. It is written NOT IN (a hashed subplan, estimated to keep
 -- half the rows; paused_queues.queue is the primary key, never NULL) on purpose: a
@@ -225,17 +249,20 @@ next_due AS (
 -- planner sorts every due row of a priority instead of walking the index
 -- (tests/test_claim_flat.py reads the plan).
 walked AS (
-    SELECT w.* FROM flat_priorities p
-    CROSS JOIN LATERAL (
-        SELECT id, priority, execution_time, misfire_grace_seconds, started_at
-        FROM {schema}.jobs j
-        WHERE status = 'pending' AND priority = p.priority
-          AND execution_time <= now() AND attempts < 2147483647
-          AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
-        ORDER BY execution_time, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) w
+    SELECT * FROM (
+        SELECT w.* FROM flat_priorities p
+        CROSS JOIN LATERAL (
+            SELECT id, priority, execution_time, misfire_grace_seconds, started_at
+            FROM {schema}.jobs j
+            WHERE status = 'pending' AND priority = p.priority
+              AND execution_time <= now() AND attempts < 2147483647
+              AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
+            ORDER BY execution_time, id
+            LIMIT {walk_bound}
+            FOR UPDATE SKIP LOCKED
+        ) w
+        LIMIT {walk_bound}
+    ) bounded
     LIMIT %(limit)s
 ),
 -- end
@@ -270,7 +297,10 @@ claimed AS (
                  || j.misfire_grace_seconds || 's after ' || j.execution_time
             ELSE j.last_error END
     FROM candidates c
-    WHERE j.id = c.id
+    -- = ANY: the rows to update are found by the primary key at any estimate of how many
+    -- the walks return (a generic plan's can be a tenth of the table; joined by the id
+    -- alone, such a plan hashed a scan of jobs).
+    WHERE j.id = c.id AND j.id = ANY(ARRAY(SELECT id FROM candidates))
     -- args and kwargs as text: the worker decodes them job by job, so one row it cannot
     -- decode (nested too deeply) fails that job instead of the whole claim.
     -- Times clamped to what a Python datetime holds: a row due at '-infinity' (written by
@@ -300,16 +330,15 @@ SELECT least(n.at, (SELECT min(recheck_at) FROM limited), '9999-12-30Z') AS next
        now() AS db_now, (SELECT jobs FROM counted) AS rate_counted,
 -- for: claim_jobs_unlimited, claim_jobs_flat
 SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS rate_counted,
-       -- Whether at most one queue has pending jobs: the store then claims with
-       -- claim_jobs_unlimited, whose one walk locks only what it takes too and keeps one
-       -- generic plan, where claim_jobs_flat is planned at every claim. min and max: two
-       -- index probes (an EXISTS of `queue > min` was planned as a scan of the table).
-       (SELECT min(queue) FROM {schema}.jobs WHERE status = 'pending')
-           IS NOT DISTINCT FROM (SELECT max(queue) FROM {schema}.jobs
-                                 WHERE status = 'pending') AS one_queue,
 -- for: claim_jobs_flat
        NOT (SELECT chosen FROM flat) AS flat_refused,
 -- end
+       -- How many pending rows the planner's statistics count (those of the pending index
+       -- the flat walk reads): whether the store may prepare its next claim
+       -- (store.PREPARED_CLAIM_ROWS). to_regclass: without the index (dropped by hand, or
+       -- between the DROP and the CREATE of its migration run again) -1, planned claims.
+       coalesce((SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS pending_rows,
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
