@@ -111,6 +111,11 @@ SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
 -- The planner's first step: lock up to %(limit)s due, active schedules for the rest of its
 -- transaction. SKIP LOCKED lets replicas split the due schedules between them instead of
 -- queueing on the same rows; a planner that dies mid-transaction releases its rows.
+-- Due: next_fire_at has come, or it comes within %(lookahead)s seconds and the window may
+-- be planned ahead (plannable_ahead below): the schedule's previous window has come, so
+-- at most one window of a schedule is ever planned ahead, and for overlap = false no run
+-- of it is pending or running (whether that run ends in time is known only at the fire
+-- time, so the window waits for it and is decided then, as it always was).
 -- args_unreadable: arguments the API would have refused and a worker could not decode
 -- (written with SQL): nested beyond %(too_deep)s, or an integer of thousands of digits.
 -- The planner skips such a schedule instead of making a poisoned job every window. A
@@ -124,8 +129,14 @@ SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
            OR jsonb_path_exists(args, %(too_long)s::jsonpath)
            OR jsonb_path_exists(kwargs, %(too_long)s::jsonpath) AS args_unreadable
 FROM {schema}.schedules
-WHERE enabled AND NOT paused AND next_fire_at <= coalesce(%(now)s::timestamptz, now())
-  AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
+WHERE enabled AND NOT paused AND next_fire_at > '0001-01-03Z'
+  AND (next_fire_at <= coalesce(%(now)s::timestamptz, now())
+       OR next_fire_at <= coalesce(%(now)s::timestamptz, now())
+                          + make_interval(secs => %(lookahead)s)
+          AND coalesce(last_fire_at <= coalesce(%(now)s::timestamptz, now()), true)
+          AND (overlap OR NOT EXISTS (
+              SELECT FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
+              WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running')))) AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
   AND (every IS NULL OR every < interval '1000000 years')
 ORDER BY next_fire_at
 LIMIT %(limit)s
@@ -146,6 +157,10 @@ FOR UPDATE SKIP LOCKED;
 -- its job is written as cancelled with a 'skipped: ...' error naming the run it would
 -- have overlapped, under the same unique (schedule_id, fire_time) key as a run, so a
 -- window is either run or skipped, once, and commits with the move of next_fire_at.
+-- A window planned ahead (its fire time after now) of an overlap = false schedule is
+-- planned only if still no run of it is pending or running; otherwise the schedule is
+-- left as it was, to be decided at the fire time (lock_due_schedules then passes it over
+-- until then). Runs of the schedule's own later windows never count as runs in progress.
 -- Returns the jobs inserted, each with its status (pending, or cancelled when skipped).
 WITH plan AS (
     SELECT * FROM unnest(
@@ -160,6 +175,9 @@ advanced AS (
         last_job_id = coalesce(p.last_job_id, s.last_job_id)
     FROM plan p
     WHERE s.id = p.id AND s.next_fire_at = p.expected AND s.enabled AND NOT s.paused
+      AND (s.overlap OR p.expected <= coalesce(%(now)s::timestamptz, now()) OR NOT EXISTS (
+          SELECT FROM {schema}.jobs r
+          WHERE r.schedule_id = s.id AND r.status IN ('pending', 'running')))
     RETURNING s.id, s.task, s.queue, s.args, s.kwargs, s.priority, s.max_retries,
               s.timeout_seconds, s.catch_up, s.overlap
 ),
@@ -174,6 +192,7 @@ decided AS (
            CASE WHEN NOT a.overlap THEN coalesce(
                (SELECT r.id FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
                 WHERE r.schedule_id = a.id AND r.status IN ('pending', 'running')
+                  AND (r.fire_time IS NULL OR r.fire_time < w.fire_time)
                 ORDER BY r.created_at, r.id LIMIT 1),
                (SELECT f.job_id FROM windows f
                 WHERE f.schedule_id = a.id AND f.fire_time < w.fire_time
@@ -209,10 +228,19 @@ SELECT new.id, new.schedule_id, new.fire_time, new.status::text AS status
 FROM new LEFT JOIN wake ON true;
 
 -- name: next_schedule_fire
--- When the planner must look again: the earliest next_fire_at of active schedules, and
--- the database clock to turn it into a delay. Times a Python datetime cannot hold (a row
+-- When the planner must look again: the earliest moment an active schedule becomes due
+-- in lock_due_schedules' sense (%(lookahead)s seconds before next_fire_at, but not before
+-- its previous window, when it may be planned ahead; else next_fire_at), and the
+-- database clock to turn it into a delay. Times a Python datetime cannot hold (a row
 -- written by SQL may say 'infinity') are left out or cut, as in lock_due_schedules.
-SELECT least(min(next_fire_at), '9999-12-30Z') AS next_fire_at, now() AS db_now
+SELECT least(min(CASE
+           WHEN overlap OR NOT EXISTS (
+               SELECT FROM {schema}.jobs r
+               WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))
+           THEN least(next_fire_at, greatest(next_fire_at - make_interval(secs => %(lookahead)s),
+                                             last_fire_at))
+           ELSE next_fire_at END), '9999-12-30Z') AS next_fire_at,
+       now() AS db_now
 FROM {schema}.schedules WHERE enabled AND NOT paused
   AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
   AND (every IS NULL OR every < interval '1000000 years');
