@@ -496,6 +496,8 @@ async def test_three_workers_one_job_per_window_through_a_restart(
     await stop_all(procs)
     times = assert_one_job_per_window(db, "tick")
     assert len(times) >= 8
+    # The windows raced for were planned ahead of their fire time (planner lookahead).
+    assert any(j["created_at"] < j["fire_time"] for j in window_jobs(db, "tick"))
     # No planner believes it inserted a window another one inserted (a planner logs only
     # the rows its statement returned; the killed one may have died before logging).
     enqueued = [p.log().count("schedule_window_enqueued") for p in [killed, *procs]]
