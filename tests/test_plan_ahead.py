@@ -48,6 +48,7 @@ async def plan_ahead(sched, db, schedule_id):
 
 async def test_a_window_is_planned_once_within_the_lookahead_and_due_at_its_fire_time(
         sched, db):
+    assert LOOKAHEAD_SECONDS >= 2  # what lets the window exist before T
     await add(sched, "ten", every="10m", catch_up="skip")
     db("UPDATE schedules SET next_fire_at = %s", T)
     p = planner(sched)
@@ -212,13 +213,15 @@ async def test_planned_windows_run_once_and_never_before_their_fire_time(sched, 
 @pytest.mark.parametrize("lookahead", [LOOKAHEAD_SECONDS, 1.5])
 async def test_overlap_off_is_not_blocked_by_its_own_planned_window(
         sched, db, registry, monkeypatch, lookahead):
-    # 5 s: the next window is within the lookahead as soon as the last one comes, while
-    # its run is due: the window must wait for its fire time, not be skipped ahead of it.
-    # 1.5 s: the last run has ended when the next window comes within the lookahead.
+    # Each run takes 0.3 s of its 2 s. 5 s: the next window is within the lookahead as
+    # soon as the last one comes, while its run is active: the next window must wait for
+    # its fire time (the run has ended by then), not be skipped ahead of it. 1.5 s: the
+    # last run has ended when the next window comes within the lookahead.
     monkeypatch.setattr(planner_module, "LOOKAHEAD_SECONDS", lookahead)
 
     @periodic(every=2, id="solo", overlap=False)
-    async def solo(): ...
+    async def solo():
+        await asyncio.sleep(0.3)
 
     await run_worker_until(sched, lambda: len(settled(db, "solo")) >= 4, "four windows decided")
     statuses = [(j["status"], j["last_error"]) for j in settled(db, "solo")]
@@ -248,3 +251,16 @@ async def test_pausing_a_running_worker_s_planned_window_never_runs_it(sched, db
         worker.stop()
         await runner
     assert [j for j in window_jobs(db, "slow") if j["fire_time"] > paused_at] == []
+
+
+async def test_a_window_planned_ahead_never_counts_as_a_run_before_it(sched, db):
+    # next_fire_at moved back with SQL (no definition change, so nothing is withdrawn):
+    # the earlier window is decided while the later one is planned; only runs of earlier
+    # windows (and triggered runs) can overlap it.
+    await add(sched, "solo", every="10m", overlap=False)
+    later = await plan_ahead(sched, db, "solo")
+    db("UPDATE schedules SET next_fire_at = %s", T - timedelta(minutes=10))
+    await planner(sched).run_once(now=T - timedelta(minutes=10))
+    earlier, planned = window_jobs(db, "solo")
+    assert (earlier["status"], earlier["last_error"]) == ("pending", None)
+    assert planned["id"] == later["id"] and planned["status"] == "pending"
