@@ -264,3 +264,18 @@ async def test_a_window_planned_ahead_never_counts_as_a_run_before_it(sched, db)
     earlier, planned = window_jobs(db, "solo")
     assert (earlier["status"], earlier["last_error"]) == ("pending", None)
     assert planned["id"] == later["id"] and planned["status"] == "pending"
+
+
+async def test_schedules_listing_shows_a_planned_window_as_the_next_not_the_last(sched, db):
+    await add(sched, "s", every="10m")
+    db("UPDATE schedules SET next_fire_at = %s", T - timedelta(minutes=10))
+    await planner(sched).run_once(now=T - timedelta(minutes=10))  # the previous window
+    (previous,) = window_jobs(db, "s")
+    await planner(sched).run_once(now=AHEAD)
+    assert fire_times(db, "s") == [T - timedelta(minutes=10), T]
+    (listed,) = await sched.store.list_schedules("s")
+    assert listed["next_fire_at"] == T
+    assert (listed["last_job_id"], listed["last_fire_at"], listed["last_run_at"],
+            listed["last_status"]) == (previous["id"], previous["fire_time"],
+                                       previous["execution_time"], "pending")
+    assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)  # as stored

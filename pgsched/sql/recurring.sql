@@ -136,7 +136,8 @@ WHERE enabled AND NOT paused AND next_fire_at > '0001-01-03Z'
           AND coalesce(last_fire_at <= coalesce(%(now)s::timestamptz, now()), true)
           AND (overlap OR NOT EXISTS (
               SELECT FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
-              WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running')))) AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
+              WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))))
+  AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
   AND (every IS NULL OR every < interval '1000000 years')
 ORDER BY next_fire_at
 LIMIT %(limit)s
@@ -237,8 +238,8 @@ SELECT least(min(CASE
            WHEN overlap OR NOT EXISTS (
                SELECT FROM {schema}.jobs r
                WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))
-           THEN least(next_fire_at, greatest(next_fire_at - make_interval(secs => %(lookahead)s),
-                                             last_fire_at))
+           THEN least(next_fire_at, greatest(
+               next_fire_at - make_interval(secs => %(lookahead)s), last_fire_at))
            ELSE next_fire_at END), '9999-12-30Z') AS next_fire_at,
        now() AS db_now
 FROM {schema}.schedules WHERE enabled AND NOT paused
@@ -248,13 +249,33 @@ FROM {schema}.schedules WHERE enabled AND NOT paused
 -- name: list_schedules
 -- Schedules (one, when %(id)s is given) with the last job each made: when it was due
 -- (a window's fire time, or a trigger's time) and its status ('skipped' for a window
--- that overlap = false skipped).
-SELECT s.*, j.execution_time AS last_run_at,
+-- that overlap = false skipped). A window planned ahead of its fire time (the planner's
+-- lookahead: its job is pending and its fire time still to come) is shown as the next
+-- window, not as the last run: next_fire_at is its fire time, and last_* describe the
+-- latest window before it (a triggered run made in between is not shown as the last).
+SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
+       s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled, s.paused, s.origin,
+       s.overlap, s.created_at, s.updated_at,
+       CASE WHEN a.ahead THEN s.last_fire_at ELSE s.next_fire_at END AS next_fire_at,
+       CASE WHEN a.ahead THEN j.fire_time ELSE s.last_fire_at END AS last_fire_at,
+       CASE WHEN a.ahead THEN j.id ELSE s.last_job_id END AS last_job_id,
+       j.execution_time AS last_run_at,
        -- a window skipped because its previous run was still active (advance_schedules)
        CASE WHEN j.status = 'cancelled' AND j.fire_time IS NOT NULL
                  AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
             ELSE j.status::text END AS last_status
-FROM {schema}.schedules s LEFT JOIN {schema}.jobs j ON j.id = s.last_job_id
+FROM {schema}.schedules s
+LEFT JOIN {schema}.jobs last ON last.id = s.last_job_id
+CROSS JOIN LATERAL (SELECT coalesce(last.status = 'pending' AND last.fire_time > now(), false)
+                        AS ahead) a
+LEFT JOIN LATERAL (
+    SELECT last.id, last.fire_time, last.execution_time, last.status, last.last_error
+    WHERE NOT a.ahead AND last.id IS NOT NULL
+    UNION ALL
+    (SELECT id, fire_time, execution_time, status, last_error FROM {schema}.jobs
+     WHERE a.ahead AND schedule_id = s.id AND fire_time < last.fire_time
+     ORDER BY fire_time DESC LIMIT 1)
+) j ON true
 WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
 
