@@ -280,8 +280,8 @@ WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
 
 -- name: pause_schedule
--- Stop a schedule firing until it is resumed. Returns the row and whether it was paused
--- already, or nothing if unknown.
+-- Stop a schedule firing until it is resumed (a window planned ahead is withdrawn: 0016).
+-- Returns the row and whether it was paused already, or nothing if unknown.
 UPDATE {schema}.schedules AS s SET paused = true, updated_at = now()
 FROM (SELECT id, paused FROM {schema}.schedules WHERE id = %(id)s FOR UPDATE) AS before
 WHERE s.id = before.id
@@ -326,6 +326,7 @@ wake AS (
 SELECT new.id FROM new LEFT JOIN wake ON true;
 
 -- name: remove_schedule
--- Delete a schedule. Jobs it already enqueued stay (cancel them with `pgsched cancel`).
+-- Delete a schedule. Jobs of windows that came stay (cancel them with `pgsched cancel`); a
+-- window planned ahead is withdrawn by the trigger of migration 0016.
 -- Returns the row, or nothing if unknown.
 DELETE FROM {schema}.schedules WHERE id = %(id)s RETURNING id, origin;
