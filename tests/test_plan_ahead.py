@@ -279,3 +279,19 @@ async def test_schedules_listing_shows_a_planned_window_as_the_next_not_the_last
             listed["last_status"]) == (previous["id"], previous["fire_time"],
                                        previous["execution_time"], "pending")
     assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)  # as stored
+
+
+async def test_a_triggered_run_sends_an_overlap_off_planned_window_back_to_its_fire_time(
+        sched, db):
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    triggered = await recurring.trigger_schedule(sched.store, "solo")
+    assert window_jobs(db, "solo") == []  # decided before the triggered run existed
+    assert schedule(db, "solo")["next_fire_at"] == T
+    p = planner(sched)
+    await p.run_once(now=AHEAD)
+    assert window_jobs(db, "solo") == []  # not planned ahead again
+    await p.run_once(now=T)  # the triggered run is still pending at the fire time
+    (window,) = window_jobs(db, "solo")
+    assert window["id"] == planned["id"] and window["status"] == "cancelled"
+    assert triggered in window["last_error"]

@@ -307,7 +307,11 @@ SELECT resumed.* FROM resumed LEFT JOIN wake ON true;
 -- name: trigger_schedule
 -- Run a schedule's task now as one extra job, with the schedule's arguments and options.
 -- Its windows do not change (the job has no fire_time); it becomes the "last run".
--- Returns the job id, or nothing if the schedule is unknown.
+-- With overlap = false, a window planned ahead (its job pending, its fire time to come)
+-- was decided before this run existed: it is withdrawn and decided again at its fire
+-- time (next_fire_at goes back to it; last_fire_at stays, so it is not planned ahead
+-- again), when this run may still be active. Returns the job id, or nothing if the
+-- schedule is unknown.
 WITH new AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, args, kwargs, priority, execution_time, max_retries,
@@ -317,8 +321,16 @@ WITH new AS (
     FROM {schema}.schedules WHERE id = %(id)s
     RETURNING id, schedule_id, execution_time
 ),
+withdrawn AS (
+    DELETE FROM {schema}.jobs j USING {schema}.schedules s, new
+    WHERE s.id = new.schedule_id AND NOT s.overlap AND j.schedule_id = s.id
+      AND j.fire_time > now() AND j.status = 'pending' AND j.has_dependents IS NOT TRUE
+    RETURNING j.fire_time
+),
 touched AS (
-    UPDATE {schema}.schedules s SET last_job_id = new.id FROM new WHERE s.id = new.schedule_id
+    UPDATE {schema}.schedules s SET last_job_id = new.id,
+        next_fire_at = least(s.next_fire_at, (SELECT min(fire_time) FROM withdrawn))
+    FROM new WHERE s.id = new.schedule_id
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
