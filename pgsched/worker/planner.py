@@ -25,7 +25,8 @@ changes nothing a user can rely on:
   previous window has come (last_fire_at <= now);
 - overlap = false: only while no run of the schedule is pending or running (whether such
   a run ends before the fire time is unknown until then; if one is active, the window is
-  decided at its fire time, as before). Runs of later windows never count as overlapping;
+  decided at its fire time, as before; a triggered run made after the window was planned
+  sends it back to its fire time). Runs of later windows never count as overlapping;
 - a schedule changed, paused, disabled or removed before the window comes must not run
   the old plan: a trigger on schedules (migration 0016) withdraws the unclaimed job,
   whichever path made the change, and a window withdrawn under an unchanged timing is
