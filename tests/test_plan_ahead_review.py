@@ -1,0 +1,168 @@
+"""Adversarial review of planning windows ahead (planner LOOKAHEAD_SECONDS, migration 0016).
+
+Each test is an attack on a promise of docs/recurring.md: a window yields one job, a
+changed, paused or removed schedule never runs its old plan, overlap=False never runs two
+at once, `pgsched schedules` is truthful, a database upgraded to 0016 keeps its windows.
+Planner passes are given a `now` in 2030 (test_plan_ahead's T), so every window they plan
+is still to come for the withdrawal trigger, which reads the real clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import psycopg
+import pytest
+from conftest import fast_options, wait_until
+from test_plan_ahead import AHEAD, T, plan_ahead
+from test_recurring import add, planner, schedule, window_jobs
+
+from pgsched import Scheduler, Worker, ops, periodic, recurring, tasks
+from pgsched.recurring import define_schedule
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    monkeypatch.setattr(recurring, "_SCHEDULES", {})
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    return recurring._SCHEDULES
+
+
+def active(db, schedule_id):
+    return db("SELECT id FROM jobs WHERE schedule_id = %s AND status IN ('pending', 'running') "
+              "ORDER BY id", schedule_id)
+
+
+# -- overlap = false ---------------------------------------------------------------------
+
+
+async def test_overlap_off_a_run_retried_after_planning_ahead_does_not_run_beside_the_window(
+        sched, db):
+    # The window at T is planned while no run is active; then an operator retries the
+    # schedule's failed earlier run. Without planning ahead the planner would have seen
+    # that run at T and skipped the window; now both are pending at T.
+    await add(sched, "solo", every="10m", overlap=False)
+    earlier = await recurring.trigger_schedule(sched.store, "solo")
+    db("UPDATE jobs SET status = 'failed', finished_at = now() WHERE id = %s", earlier)
+    await plan_ahead(sched, db, "solo")
+    assert await ops.retry_jobs(sched.store, [earlier]) == [earlier]
+    await planner(sched).run_once(now=T)
+    assert len(active(db, "solo")) == 1, active(db, "solo")
+
+
+# -- the listing -------------------------------------------------------------------------
+
+
+async def test_listing_shows_the_planned_window_as_next_after_a_triggered_run(sched, db):
+    await add(sched, "s", every="10m")  # overlap on: the planned window stays
+    await plan_ahead(sched, db, "s")
+    await recurring.trigger_schedule(sched.store, "s")
+    (listed,) = await sched.store.list_schedules("s")
+    assert listed["next_fire_at"] == T, "the planned window at T is the next one"
+
+
+# -- every way a schedule changes --------------------------------------------------------
+
+
+async def test_renaming_a_schedule_with_sql_then_removing_it_leaves_no_planned_window(
+        sched, db):
+    await add(sched, "s", every="10m")
+    await plan_ahead(sched, db, "s")
+    db("UPDATE schedules SET id = 'renamed' WHERE id = 's'")
+    await recurring.remove_schedule(sched.store, "renamed")
+    assert active(db, "s") + active(db, "renamed") == []
+
+
+async def test_bulk_pause_with_sql_withdraws_every_planned_window(sched, db):
+    for i in range(20):
+        await add(sched, f"s{i:02}", every="10m", args=[i])
+    db("UPDATE schedules SET next_fire_at = %s", T)
+    await planner(sched).run_once(now=AHEAD)
+    assert len(db("SELECT id FROM jobs WHERE status = 'pending'")) == 20
+    db("UPDATE schedules SET paused = true")
+    assert db("SELECT id FROM jobs") == []
+    assert {r["next_fire_at"] for r in db("SELECT next_fire_at FROM schedules")} == {T}
+
+
+async def test_args_changed_while_a_planner_holds_the_row_runs_the_new_args(sched, db, pg_dsn,
+                                                                             schema):
+    # A planner holds the schedule's row (planning the window ahead) while a replace waits
+    # on it: the replace, once through, must see the job the planner committed.
+    await add(sched, "s", every="10m", args=[1])
+    db("UPDATE schedules SET next_fire_at = %s", T)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as holder, \
+            Scheduler(pg_dsn, schema=schema) as patient:  # the default lock_timeout
+        await holder.execute(f'SET search_path TO "{schema}"')
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM schedules WHERE id = 's' FOR UPDATE")
+            change = asyncio.create_task(recurring.add_schedule(
+                patient.store, define_schedule("noop", schedule_id="s", every="10m", args=[2]),
+                default_tz="UTC", on_conflict="replace"))
+            await asyncio.sleep(0.3)
+            assert not change.done()
+            # what advance_schedules would have written for the window at T
+            await holder.execute(
+                "INSERT INTO jobs (id, task, queue, args, kwargs, priority, execution_time, "
+                "max_retries, schedule_id, fire_time) VALUES (%s, 'noop', 'default', '[1]', "
+                "'{}', 0, %s, 0, 's', %s)", ("s@planned", T, T))
+            await holder.execute("UPDATE schedules SET next_fire_at = %s, last_fire_at = %s "
+                                 "WHERE id = 's'", (T + timedelta(minutes=10), T))
+        await change
+    assert [j["args"] for j in window_jobs(db, "s")] == []
+    await planner(sched).run_once(now=AHEAD)
+    assert [j["args"] for j in window_jobs(db, "s")] == [[2]]
+
+
+async def test_a_schedule_changed_under_running_workers_never_runs_old_args_later(
+        sched, db, registry):
+    # Two workers plan a 1 s schedule ahead while its args change every 0.7 s: a window
+    # whose fire time comes after a change committed must run with the new args.
+    @periodic(every=1, id="tick", args=[0])
+    async def tick(n): ...
+
+    workers = [Worker(sched.store, sched._dsn, fast_options(poll_seconds=30))
+               for _ in range(2)]
+    runners = [asyncio.create_task(w.run()) for w in workers]
+    changes = []  # (committed no earlier than, committed no later than, args)
+    try:
+        await wait_until(lambda: window_jobs(db, "tick"), timeout=20, what="a first window")
+        for n in range(1, 10):
+            before = await sched.store.db_now()
+            db("UPDATE schedules SET args = %s::jsonb WHERE id = 'tick'", f"[{n}]")
+            changes.append((before, await sched.store.db_now(), [n]))
+            await asyncio.sleep(0.7)
+        await asyncio.sleep(1.5)
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*runners)
+    wrong = []
+    for job in window_jobs(db, "tick"):
+        if any(lo <= job["fire_time"] <= hi for lo, hi, _ in changes):
+            continue  # the change and the window came together: either is right
+        in_force = [args for _, hi, args in changes if hi < job["fire_time"]]
+        if in_force and job["args"] != in_force[-1]:
+            wrong.append((job["id"], job["args"], in_force[-1]))
+    assert wrong == []
+
+
+# -- upgrade path ------------------------------------------------------------------------
+
+
+async def test_migrating_a_database_with_schedules_and_windows_to_0016(pg_dsn, schema, db):
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
+        await s.store.migrate(target=15)
+        await add(s, "s", every="10m", args=[1])
+        db("UPDATE schedules SET next_fire_at = now() - interval '1 minute'")
+        await planner(s).run_once()  # a window that came, on the real clock
+        (came,) = window_jobs(db, "s")
+        await s.store.migrate()
+        await s.store.migrate()  # idempotent
+        assert [j["id"] for j in window_jobs(db, "s")] == [came["id"]]
+        db("UPDATE schedules SET next_fire_at = %s", T)
+        await planner(s).run_once(now=AHEAD)  # now planned ahead
+        assert len(window_jobs(db, "s")) == 2
+        await recurring.pause_schedule(s.store, "s")
+        assert [j["id"] for j in window_jobs(db, "s")] == [came["id"]]
+        assert schedule(db, "s")["last_job_id"] == came["id"]
