@@ -52,15 +52,16 @@ $$;
 
 -- Only a change to what a window's job is made of, or to whether the schedule fires,
 -- runs the function: the planner's own updates (next_fire_at, last_*) pay for the WHEN
--- test alone.
+-- test alone. A new id (SQL only) counts: the window planned under the old id would
+-- otherwise run as an orphan, even after the renamed schedule is removed.
 CREATE TRIGGER schedules_withdraw_on_change
     BEFORE UPDATE ON {schema}.schedules
     FOR EACH ROW
-    WHEN ((OLD.task, OLD.cron, OLD.tz, OLD.every, OLD.anchor, OLD.args, OLD.kwargs,
+    WHEN ((OLD.id, OLD.task, OLD.cron, OLD.tz, OLD.every, OLD.anchor, OLD.args, OLD.kwargs,
            OLD.priority, OLD.max_retries, OLD.timeout_seconds, OLD.queue, OLD.catch_up,
            OLD.overlap, OLD.enabled, OLD.paused)
           IS DISTINCT FROM
-          (NEW.task, NEW.cron, NEW.tz, NEW.every, NEW.anchor, NEW.args, NEW.kwargs,
+          (NEW.id, NEW.task, NEW.cron, NEW.tz, NEW.every, NEW.anchor, NEW.args, NEW.kwargs,
            NEW.priority, NEW.max_retries, NEW.timeout_seconds, NEW.queue, NEW.catch_up,
            NEW.overlap, NEW.enabled, NEW.paused))
     EXECUTE FUNCTION {schema}.withdraw_planned_windows();
