@@ -54,12 +54,17 @@ async def test_overlap_off_a_run_retried_after_planning_ahead_does_not_run_besid
 # -- the listing -------------------------------------------------------------------------
 
 
-async def test_listing_shows_the_planned_window_as_next_after_a_triggered_run(sched, db):
-    await add(sched, "s", every="10m")  # overlap on: the planned window stays
+@pytest.mark.parametrize("overlap", [True, False])
+async def test_listing_shows_the_planned_window_as_next_after_a_triggered_run(
+        sched, db, overlap):
+    # overlap on: the planned window stays; off: it goes back to be decided at T. Either
+    # way T is the next window, no window has come yet, and the triggered run is the last.
+    await add(sched, "s", every="10m", overlap=overlap)
     await plan_ahead(sched, db, "s")
-    await recurring.trigger_schedule(sched.store, "s")
+    triggered = await recurring.trigger_schedule(sched.store, "s")
     (listed,) = await sched.store.list_schedules("s")
-    assert listed["next_fire_at"] == T, "the planned window at T is the next one"
+    assert (listed["next_fire_at"], listed["last_fire_at"], listed["last_job_id"]) == (
+        T, None, triggered)
 
 
 # -- every way a schedule changes --------------------------------------------------------
