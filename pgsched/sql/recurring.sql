@@ -250,32 +250,34 @@ FROM {schema}.schedules WHERE enabled AND NOT paused
 -- Schedules (one, when %(id)s is given) with the last job each made: when it was due
 -- (a window's fire time, or a trigger's time) and its status ('skipped' for a window
 -- that overlap = false skipped). A window planned ahead of its fire time (the planner's
--- lookahead: its job is pending and its fire time still to come) is shown as the next
--- window, not as the last run: next_fire_at is its fire time, and last_* describe the
--- latest window before it (a triggered run made in between is not shown as the last).
+-- lookahead: last_fire_at is still to come) is shown as the next window, not as the last
+-- run: next_fire_at is its fire time, and last_* describe the latest window before it, or
+-- a triggered run made since it was planned (last_job_id then names that run, and the
+-- window stays the next one). The same holds once a triggered run sent the window back
+-- to be decided at its fire time (trigger_schedule).
 SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
        s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled, s.paused, s.origin,
        s.overlap, s.created_at, s.updated_at,
        CASE WHEN a.ahead THEN s.last_fire_at ELSE s.next_fire_at END AS next_fire_at,
-       CASE WHEN a.ahead THEN j.fire_time ELSE s.last_fire_at END AS last_fire_at,
-       CASE WHEN a.ahead THEN j.id ELSE s.last_job_id END AS last_job_id,
+       CASE WHEN a.ahead THEN before.fire_time ELSE s.last_fire_at END AS last_fire_at,
+       shown.id AS last_job_id,
        j.execution_time AS last_run_at,
        -- a window skipped because its previous run was still active (advance_schedules)
        CASE WHEN j.status = 'cancelled' AND j.fire_time IS NOT NULL
                  AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
             ELSE j.status::text END AS last_status
 FROM {schema}.schedules s
+CROSS JOIN LATERAL (SELECT coalesce(s.last_fire_at > now(), false) AS ahead) a
 LEFT JOIN {schema}.jobs last ON last.id = s.last_job_id
-CROSS JOIN LATERAL (SELECT coalesce(last.status = 'pending' AND last.fire_time > now(), false)
-                        AS ahead) a
 LEFT JOIN LATERAL (
-    SELECT last.id, last.fire_time, last.execution_time, last.status, last.last_error
-    WHERE NOT a.ahead AND last.id IS NOT NULL
-    UNION ALL
-    (SELECT id, fire_time, execution_time, status, last_error FROM {schema}.jobs
-     WHERE a.ahead AND schedule_id = s.id AND fire_time < last.fire_time
-     ORDER BY fire_time DESC LIMIT 1)
-) j ON true
+    SELECT b.id, b.fire_time FROM {schema}.jobs b  -- jobs_schedule_window_idx (0002)
+    WHERE a.ahead AND b.schedule_id = s.id AND b.fire_time < s.last_fire_at
+    ORDER BY b.fire_time DESC LIMIT 1
+) before ON true
+-- a window job as the last while one is ahead is that window: show the one before it
+CROSS JOIN LATERAL (SELECT CASE WHEN a.ahead AND last.fire_time IS NOT NULL THEN before.id
+                                ELSE s.last_job_id END AS id) shown
+LEFT JOIN {schema}.jobs j ON j.id = shown.id
 WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
 
