@@ -159,7 +159,8 @@ async def test_migrating_a_database_with_schedules_and_windows_to_0016(pg_dsn, s
     async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
         await s.store.migrate(target=15)
         await add(s, "s", every="10m", args=[1])
-        db("UPDATE schedules SET next_fire_at = now() - interval '1 minute'")
+        db("UPDATE schedules SET anchor = '2026-01-01Z', "  # T and the last hour are windows
+           "next_fire_at = date_trunc('hour', now()) - interval '1 hour'")
         await planner(s).run_once()  # a window that came, on the real clock
         (came,) = window_jobs(db, "s")
         await s.store.migrate()
@@ -171,3 +172,47 @@ async def test_migrating_a_database_with_schedules_and_windows_to_0016(pg_dsn, s
         await recurring.pause_schedule(s.store, "s")
         assert [j["id"] for j in window_jobs(db, "s")] == [came["id"]]
         assert schedule(db, "s")["last_job_id"] == came["id"]
+
+
+# -- a withdrawn window that is to be decided again at its fire time ----------------------
+
+
+async def sql_args_change(sched, db):
+    db("UPDATE schedules SET args = '[2]' WHERE id = 'solo'")
+
+
+async def triggered_run(sched, db):
+    triggered = await recurring.trigger_schedule(sched.store, "solo")
+    await wait_until(lambda: db("SELECT 1 FROM jobs WHERE id = %s AND status = 'completed'",
+                                triggered), timeout=10, what="the triggered run done")
+
+
+@pytest.mark.parametrize("change", [sql_args_change, triggered_run])
+async def test_a_window_withdrawn_before_its_fire_time_is_still_decided_at_it(
+        sched, db, registry, change):
+    # A triggered run (overlap=False) or a definition changed with SQL withdraws the window
+    # planned ahead and moves next_fire_at back to it. A sleeping planner must look at it
+    # then, not when it planned to wake for the window after (up to 60 s later).
+    @periodic(every=20, id="solo", overlap=False, args=[1])
+    async def solo(n): ...
+
+    def planned():
+        return db("SELECT id, fire_time FROM jobs WHERE schedule_id = 'solo' AND "
+                  "status = 'pending' AND fire_time > now() + interval '1 second'")
+
+    def window_started(fire_time):
+        return db("SELECT args FROM jobs WHERE schedule_id = 'solo' AND fire_time = %s "
+                  "AND status IN ('running', 'completed')", fire_time)
+
+    worker = Worker(sched.store, sched._dsn, fast_options(poll_seconds=30))
+    runner = asyncio.create_task(worker.run())
+    try:
+        (job,) = await wait_until(planned, timeout=30, what="a window planned ahead")
+        await change(sched, db)
+        late = (job["fire_time"] - await sched.store.db_now()).total_seconds() + 3
+        (started,) = await wait_until(lambda: window_started(job["fire_time"]), timeout=late,
+                                      what="the window decided and run at its fire time")
+    finally:
+        worker.stop()
+        await runner
+    assert started["args"] == ([2] if change is sql_args_change else [1])
