@@ -336,8 +336,12 @@ touched AS (
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+),
+-- planners sleep until the window after the withdrawn one: they must decide it at its time
+replan AS (
+    SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
 )
-SELECT new.id FROM new LEFT JOIN wake ON true;
+SELECT new.id FROM new LEFT JOIN wake ON true LEFT JOIN replan ON true;
 
 -- name: remove_schedule
 -- Delete a schedule. Jobs of windows that came stay (cancel them with `pgsched cancel`); a

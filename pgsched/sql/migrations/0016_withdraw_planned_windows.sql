@@ -18,6 +18,8 @@ CREATE FUNCTION {schema}.withdraw_planned_windows() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     first_withdrawn timestamptz;
+    -- store.channel_name, computed as migration 0010 computes the done channel
+    channel text := 'pgsched_' || TG_TABLE_SCHEMA;
 BEGIN
     WITH gone AS (
         DELETE FROM {schema}.jobs
@@ -39,6 +41,13 @@ BEGIN
     IF (NEW.cron, NEW.tz, NEW.every, NEW.anchor)
         IS NOT DISTINCT FROM (OLD.cron, OLD.tz, OLD.every, OLD.anchor) THEN
         NEW.next_fire_at := least(NEW.next_fire_at, first_withdrawn);
+        -- Planners sleep until the window after the withdrawn one; wake them to plan it
+        -- again (a change made with SQL sends no NOTIFY of its own).
+        IF octet_length(channel) > 63 THEN
+            channel := left(channel, 54) || '_'
+                || left(encode(sha256(convert_to(TG_TABLE_SCHEMA, 'UTF8')), 'hex'), 8);
+        END IF;
+        PERFORM pg_notify(channel, 'schedules');
     END IF;
     IF NEW.last_fire_at >= first_withdrawn THEN
         SELECT id, fire_time INTO NEW.last_job_id, NEW.last_fire_at
