@@ -188,7 +188,8 @@ rewound AS (
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)
     FROM retried HAVING count(*) > 0
-    UNION ALL
+),
+replan AS (
     SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
 )
-SELECT retried.id FROM retried LEFT JOIN (SELECT count(*) FROM wake) w ON true;
+SELECT retried.id FROM retried LEFT JOIN wake ON true LEFT JOIN replan ON true;
