@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import fast_options, wait_until
 from test_plan_ahead import AHEAD, T, plan_ahead
-from test_recurring import add, planner, schedule, window_jobs
+from test_recurring import add, fire_times, planner, schedule, utc, window_jobs
 
 from pgsched import Scheduler, Worker, ops, periodic, recurring, tasks
 from pgsched.recurring import define_schedule
@@ -49,6 +49,50 @@ async def test_overlap_off_a_run_retried_after_planning_ahead_does_not_run_besid
     assert await ops.retry_jobs(sched.store, [earlier]) == [earlier]
     await planner(sched).run_once(now=T)
     assert len(active(db, "solo")) == 1, active(db, "solo")
+
+
+# -- DST: planned ahead, as at the fire time -------------------------------------------
+
+
+@pytest.mark.parametrize("expr, tz, start, expected", [
+    ("30 1 * * *", "America/New_York", utc(2026, 10, 31, 4),  # 01:30 twice: runs once
+     [utc(2026, 10, 31, 5, 30), utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)]),
+    ("*/30 * * * *", "America/New_York", utc(2026, 11, 1, 4, 50),  # elapsed time
+     [utc(2026, 11, 1, 5, 0) + timedelta(minutes=30 * i) for i in range(5)]),
+    ("30 2 * * *", "America/New_York", utc(2026, 3, 7, 0),  # 02:30 missing: at 03:00
+     [utc(2026, 3, 7, 7, 30), utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)]),
+    ("0 2 * * *", "Australia/Lord_Howe", utc(2026, 10, 2, 12),
+     [utc(2026, 10, 2, 15, 30), utc(2026, 10, 3, 15, 30), utc(2026, 10, 4, 15, 0)]),
+])
+async def test_cron_across_dst_planned_ahead_fires_as_the_policy_says(sched, db, expr, tz,
+                                                                      start, expected):
+    # The planner wakes only 3 s before each window: every window is planned ahead.
+    await add(sched, "dst", cron=expr, tz=tz, catch_up="all")
+    db("UPDATE schedules SET next_fire_at = %s", start)
+    p = planner(sched)
+    await p.run_once(now=start)
+    for i, window in enumerate(expected):
+        await p.run_once(now=window - timedelta(seconds=3))
+        assert fire_times(db, "dst") == expected[:i + 1]
+    assert all(j["execution_time"] == j["fire_time"] for j in window_jobs(db, "dst"))
+
+
+@pytest.mark.xfail(strict=True, reason="0016 cancels an awaited planned window and moves "
+                   "next_fire_at back to it; the re-plan hits the cancelled job's id and key "
+                   "(ON CONFLICT DO NOTHING) and moves on: the window never runs. Needs a "
+                   "design choice (rewrite the job in place under an unchanged timing)")
+async def test_a_window_planned_by_sql_withdrawn_with_a_job_awaiting_it_is_not_lost(
+        sched, db):
+    # A job waits for the planned window (depends_on refuses window ids: SQL only). A new
+    # args value under the same timing cancels the window instead of deleting it; the
+    # window must still run once, with the new args, not be lost behind its own key.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    db("UPDATE jobs SET has_dependents = true WHERE id = %s", planned["id"])
+    db("UPDATE schedules SET args = '[2]' WHERE id = 's'")
+    await planner(sched).run_once(now=AHEAD)
+    runs = [j for j in window_jobs(db, "s") if j["status"] == "pending"]
+    assert [j["args"] for j in runs] == [[2]]
 
 
 # -- the listing -------------------------------------------------------------------------
