@@ -123,6 +123,48 @@ async def test_renaming_a_schedule_with_sql_then_removing_it_leaves_no_planned_w
     assert active(db, "s") + active(db, "renamed") == []
 
 
+def replace(**definition):
+    async def change(sched):
+        d = define_schedule(definition.pop("task", "noop"), schedule_id="s", **definition)
+        assert await recurring.add_schedule(sched.store, d, default_tz="UTC",
+                                            on_conflict="replace")
+    return change
+
+
+@pytest.mark.parametrize("change, field, value", [
+    (replace(cron="0 12 * * *", tz="Europe/Paris"), "fire_time", T + timedelta(hours=23)),
+    (replace(task="add", cron="0 12 * * *", tz="UTC"), "task", "add"),
+    (replace(cron="0 12 * * *", tz="UTC", queue="other"), "queue", "other"),
+    (replace(cron="0 12 * * *", tz="UTC", priority=7), "priority", 7),
+    (replace(cron="0 12 * * *", tz="UTC", kwargs={"k": 1}), "kwargs", {"k": 1}),
+])
+async def test_a_replace_of_any_field_runs_the_new_definition_not_the_planned_one(
+        sched, db, change, field, value):
+    await add(sched, "s", cron="0 12 * * *", tz="UTC")
+    await plan_ahead(sched, db, "s")
+    await change(sched)
+    if field == "fire_time":  # a new timezone: the new timing's own next window
+        db("UPDATE schedules SET next_fire_at = %s", value)
+        await planner(sched).run_once(now=value - timedelta(seconds=3))
+    else:
+        await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert job[field] == value
+
+
+async def test_overlap_turned_off_with_a_run_active_withdraws_the_planned_window(sched, db):
+    await add(sched, "s", every="10m", overlap=True)
+    run = await recurring.trigger_schedule(sched.store, "s")  # pending
+    planned = await plan_ahead(sched, db, "s")  # overlap on: planned beside the run
+    await replace(every="10m", overlap=False)(sched)
+    await planner(sched).run_once(now=AHEAD)
+    assert window_jobs(db, "s") == []  # to be decided at T
+    await planner(sched).run_once(now=T)
+    (window,) = window_jobs(db, "s")
+    assert (window["id"], window["status"]) == (planned["id"], "cancelled")
+    assert run in window["last_error"]
+
+
 async def test_bulk_pause_with_sql_withdraws_every_planned_window(sched, db):
     for i in range(20):
         await add(sched, f"s{i:02}", every="10m", args=[i])
