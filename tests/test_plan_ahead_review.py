@@ -302,3 +302,49 @@ async def test_a_window_withdrawn_before_its_fire_time_is_still_decided_at_it(
         worker.stop()
         await runner
     assert started["args"] == ([2] if change is sql_args_change else [1])
+
+
+# -- a PostgreSQL crash between planning a window and its fire time ----------------------
+
+
+async def test_a_window_planned_before_a_postgres_crash_runs_once_at_its_fire_time(
+        cluster, schema, workers, tmp_path):
+    from faults.kit import fault_config, fault_options
+
+    cluster.start()
+    dsn = cluster.app_dsn()
+    async with Scheduler(dsn, schema=schema, options=fault_options()) as s:
+        await s.migrate()
+        crew = [workers(fault_config(tmp_path, dsn, schema, poll_seconds=30)) for _ in range(2)]
+        await add(s, "ten", every=10, catch_up="all")
+
+        async def rows(query, *params):
+            async with s.store.pool.connection() as conn:
+                await conn.execute(f'SET search_path TO "{schema}"')
+                cur = await conn.execute(query, params)
+                return [dict(zip([c.name for c in cur.description], r, strict=True))
+                        for r in await cur.fetchall()]
+
+        async def planned():
+            return await rows("SELECT id, fire_time FROM jobs WHERE schedule_id = 'ten' AND "
+                              "status = 'pending' AND fire_time > now() + interval '2 s'")
+
+        (job,) = await wait_until(planned, timeout=40, what="a window planned ahead")
+        cluster.stop("immediate")
+        cluster.start()
+        await s.store.pool.check()
+        fire = job["fire_time"]
+        await wait_until(lambda: rows("SELECT 1 FROM jobs WHERE schedule_id = 'ten' AND "
+                                      "fire_time > %s AND status = 'completed'", fire),
+                         timeout=40, what="the window after the crash and the next one run")
+        done = await rows("SELECT id, fire_time, started_at, status FROM jobs "
+                          "WHERE schedule_id = 'ten' ORDER BY fire_time")
+        alive = [w.proc.poll() is None for w in crew]
+        for w in crew:
+            w.kill()
+        await rows(f'DROP SCHEMA "{schema}" CASCADE')
+    times = [j["fire_time"] for j in done]
+    assert times == [times[0] + timedelta(seconds=10 * i) for i in range(len(times))]
+    assert job["id"] in [j["id"] for j in done]
+    assert all(j["started_at"] >= j["fire_time"] for j in done if j["started_at"]), done
+    assert alive == [True, True]
