@@ -342,7 +342,8 @@ async def test_a_window_planned_before_a_postgres_crash_runs_once_at_its_fire_ti
         alive = [w.proc.poll() is None for w in crew]
         for w in crew:
             w.kill()
-        await rows(f'DROP SCHEMA "{schema}" CASCADE')
+        async with s.store.pool.connection() as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     times = [j["fire_time"] for j in done]
     assert times == [times[0] + timedelta(seconds=10 * i) for i in range(len(times))]
     assert job["id"] in [j["id"] for j in done]
