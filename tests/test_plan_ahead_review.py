@@ -165,9 +165,6 @@ async def test_overlap_turned_off_with_a_run_active_withdraws_the_planned_window
     assert run in window["last_error"]
 
 
-@pytest.mark.xfail(strict=True, reason="0016 has row triggers only: TRUNCATE schedules fires "
-                   "none, and the planned windows run as orphans (a statement-level AFTER "
-                   "TRUNCATE trigger would withdraw them)")
 async def test_truncating_schedules_withdraws_the_planned_windows(sched, db):
     await add(sched, "s", every="10m")
     await plan_ahead(sched, db, "s")

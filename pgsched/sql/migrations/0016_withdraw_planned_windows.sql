@@ -4,7 +4,7 @@
 -- the window's job, whichever statement made the change (the CLI, the Python API, the
 -- web API, a worker's @periodic sync, or plain SQL).
 -- {schema} is replaced by the quoted schema identifier; literal braces are doubled.
--- In one transaction: a function and two triggers on schedules; nothing is built on jobs.
+-- In one transaction: two functions and three triggers on schedules; nothing is built on jobs.
 
 -- Withdraw the schedule's windows planned ahead: its jobs with a fire time still to come
 -- that no worker has claimed (a claimed one is running: its window has come, and a change
@@ -79,3 +79,22 @@ CREATE TRIGGER schedules_withdraw_on_delete
     AFTER DELETE ON {schema}.schedules
     FOR EACH ROW
     EXECUTE FUNCTION {schema}.withdraw_planned_windows();
+
+-- TRUNCATE fires no row trigger: without this, the windows planned ahead of every schedule
+-- would run as orphans. Statement-level, so it reads jobs once; TRUNCATE is rare.
+CREATE FUNCTION {schema}.withdraw_all_planned_windows() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM {schema}.jobs
+    WHERE fire_time > now() AND status = 'pending' AND has_dependents IS NOT TRUE;
+    UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now(),
+        last_error = 'cancelled: its schedule changed before the window came'
+    WHERE fire_time > now() AND status = 'pending' AND has_dependents;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER schedules_withdraw_on_truncate
+    AFTER TRUNCATE ON {schema}.schedules
+    FOR EACH STATEMENT
+    EXECUTE FUNCTION {schema}.withdraw_all_planned_windows();
