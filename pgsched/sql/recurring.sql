@@ -267,7 +267,16 @@ SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priori
                  AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
             ELSE j.status::text END AS last_status
 FROM {schema}.schedules s
-CROSS JOIN LATERAL (SELECT coalesce(s.last_fire_at > now(), false) AS ahead) a
+-- the job of the latest window: pending, or withdrawn (gone) by a triggered run, while
+-- that window is still to come, it is ahead (a window skipped or cancelled has been decided)
+LEFT JOIN LATERAL (
+    SELECT w.status FROM {schema}.jobs w  -- jobs_schedule_window_idx (0002)
+    WHERE w.schedule_id = s.id AND w.fire_time = s.last_fire_at
+) latest ON true
+CROSS JOIN LATERAL (
+    SELECT coalesce(s.last_fire_at > now() AND (latest.status IS NULL
+                                                OR latest.status = 'pending'), false) AS ahead
+) a
 LEFT JOIN {schema}.jobs last ON last.id = s.last_job_id
 LEFT JOIN LATERAL (
     SELECT b.id, b.fire_time FROM {schema}.jobs b  -- jobs_schedule_window_idx (0002)
