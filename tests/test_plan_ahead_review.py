@@ -47,6 +47,8 @@ async def test_overlap_off_a_run_retried_after_planning_ahead_does_not_run_besid
     db("UPDATE jobs SET status = 'failed', finished_at = now() WHERE id = %s", earlier)
     await plan_ahead(sched, db, "solo")
     assert await ops.retry_jobs(sched.store, [earlier]) == [earlier]
+    (listed,) = await sched.store.list_schedules("solo")
+    assert (listed["next_fire_at"], listed["last_job_id"]) == (T, None)  # none has come
     await planner(sched).run_once(now=T)
     assert len(active(db, "solo")) == 1, active(db, "solo")
 
