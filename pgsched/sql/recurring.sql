@@ -283,9 +283,10 @@ LEFT JOIN LATERAL (
     WHERE a.ahead AND b.schedule_id = s.id AND b.fire_time < s.last_fire_at
     ORDER BY b.fire_time DESC LIMIT 1
 ) before ON true
--- a window job as the last while one is ahead is that window: show the one before it
-CROSS JOIN LATERAL (SELECT CASE WHEN a.ahead AND last.fire_time IS NOT NULL THEN before.id
-                                ELSE s.last_job_id END AS id) shown
+-- a window job as the last while one is ahead is that window (or was: withdrawn by a
+-- retry): show the one before it
+CROSS JOIN LATERAL (SELECT CASE WHEN a.ahead AND (last.id IS NULL OR last.fire_time IS NOT NULL)
+                                THEN before.id ELSE s.last_job_id END AS id) shown
 LEFT JOIN {schema}.jobs j ON j.id = shown.id
 WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
