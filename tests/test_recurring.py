@@ -540,4 +540,7 @@ async def test_planners_killed_between_computing_and_inserting_lose_and_double_n
     await stop_all(procs[-1:])
     times = assert_one_job_per_window(db, "tick")
     in_flight = {datetime.fromisoformat(w) for windows in crashes for w in windows}
-    assert in_flight and in_flight <= set(times), "a window in flight at a crash was lost"
+    # A window planned ahead may have been in flight with its fire time after the stop,
+    # beyond what the clean worker had to catch up.
+    assert in_flight and {t for t in in_flight if t <= stopped_at} <= set(times), \
+        "a window in flight at a crash was lost"
