@@ -1033,9 +1033,13 @@ class Store:
         limit: int,
         skip_grace_seconds: float,
         idle_timeout_seconds: float,
+        lookahead_seconds: float = 0.0,
         now: datetime | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         """Lock up to `limit` due schedules, let `plan` decide each, apply the decisions.
+
+        Due: next_fire_at has come, or comes within `lookahead_seconds` and the window may
+        be planned ahead (sql/recurring.sql, lock_due_schedules).
 
         One transaction: a planner that dies before it commits moves nothing and inserts
         nothing, and its row locks go with its session. Returns (schedules locked, jobs
@@ -1045,7 +1049,8 @@ class Store:
         try:
             async with self.pool.connection() as conn, conn.transaction():
                 return await self._fire_due_schedules(
-                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds, now)
+                    conn, plan, limit, skip_grace_seconds, idle_timeout_seconds,
+                    lookahead_seconds, now)
         except psycopg.errors.IdleInTransactionSessionTimeout as exc:
             # The server ended the session of a planner that stalled mid-transaction (and
             # rolled it back): a lost connection, as far as the caller is concerned.
@@ -1058,6 +1063,7 @@ class Store:
         limit: int,
         skip_grace_seconds: float,
         idle_timeout_seconds: float,
+        lookahead_seconds: float,
         now: datetime | None,
     ) -> tuple[int, list[dict[str, Any]]]:
         # A planner frozen mid-transaction (SIGSTOP, a stalled VM) would hold its rows for
@@ -1067,7 +1073,8 @@ class Store:
         cur = conn.cursor(row_factory=dict_row)
         due = await (await cur.execute(
             self._q["lock_due_schedules"],
-            {"limit": limit, "now": now, **_UNREADABLE_JSON})).fetchall()
+            {"limit": limit, "now": now, "lookahead": lookahead_seconds,
+             **_UNREADABLE_JSON})).fetchall()
         if not due:
             return 0, []
         advances = [plan(row) for row in due]
@@ -1082,13 +1089,17 @@ class Store:
             "window_schedule_ids": [w[0] for w in windows],
             "window_fire_times": [w[2] for w in windows],
             "skip_grace_seconds": skip_grace_seconds,
+            "now": now,
             "channel": self.channel,
         })
         return len(due), await cur.fetchall()
 
-    async def next_schedule_fire(self) -> tuple[datetime | None, datetime]:
-        """(earliest next_fire_at of active schedules, database now)."""
-        row = (await self._rows("next_schedule_fire", {}))[0]
+    async def next_schedule_fire(
+        self, lookahead_seconds: float = 0.0
+    ) -> tuple[datetime | None, datetime]:
+        """(when the earliest active schedule becomes due, planned ahead by up to
+        `lookahead_seconds`; database now)."""
+        row = (await self._rows("next_schedule_fire", {"lookahead": lookahead_seconds}))[0]
         return row["next_fire_at"], row["db_now"]
 
     async def list_schedules(self, schedule_id: str | None = None) -> list[dict[str, Any]]:

@@ -356,9 +356,9 @@ class PassCountingStore(Store):
         super().__init__(store.pool, store.schema)
         self.passes = 0
 
-    async def next_schedule_fire(self) -> Any:
+    async def next_schedule_fire(self, *args: Any, **kwargs: Any) -> Any:
         self.passes += 1
-        return await super().next_schedule_fire()
+        return await super().next_schedule_fire(*args, **kwargs)
 
 
 async def test_schedules_notify_flood_costs_a_bounded_number_of_planner_passes(sched, pg_dsn):

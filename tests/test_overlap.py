@@ -174,7 +174,10 @@ async def test_planners_killed_mid_pass_neither_lose_nor_double_a_skipped_window
     assert times == [times[0] + timedelta(seconds=i) for i in range(len(times))], \
         "a window was lost or doubled"
     in_flight = {datetime.fromisoformat(w) for batch in crashes for w in batch}
-    assert in_flight and in_flight <= set(times), "a window in flight at a crash was lost"
+    # A window planned ahead may have been in flight with its fire time after the stop:
+    # the pause above withdrew it, as it should.
+    assert in_flight and {t for t in in_flight if t <= stopped_at} <= set(times), \
+        "a window in flight at a crash was lost"
     runs = sorted((w for w in rows if w["status"] == "completed"),
                   key=lambda w: w["started_at"])
     for before, after in itertools.pairwise(runs):

@@ -496,6 +496,8 @@ async def test_three_workers_one_job_per_window_through_a_restart(
     await stop_all(procs)
     times = assert_one_job_per_window(db, "tick")
     assert len(times) >= 8
+    # The windows raced for were planned ahead of their fire time (planner lookahead).
+    assert any(j["created_at"] < j["fire_time"] for j in window_jobs(db, "tick"))
     # No planner believes it inserted a window another one inserted (a planner logs only
     # the rows its statement returned; the killed one may have died before logging).
     enqueued = [p.log().count("schedule_window_enqueued") for p in [killed, *procs]]
@@ -538,4 +540,7 @@ async def test_planners_killed_between_computing_and_inserting_lose_and_double_n
     await stop_all(procs[-1:])
     times = assert_one_job_per_window(db, "tick")
     in_flight = {datetime.fromisoformat(w) for windows in crashes for w in windows}
-    assert in_flight and in_flight <= set(times), "a window in flight at a crash was lost"
+    # A window planned ahead may have been in flight with its fire time after the stop,
+    # beyond what the clean worker had to catch up.
+    assert in_flight and {t for t in in_flight if t <= stopped_at} <= set(times), \
+        "a window in flight at a crash was lost"

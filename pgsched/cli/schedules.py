@@ -161,7 +161,7 @@ def trigger(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> Non
 @app.command()
 @command
 def remove(ctx: typer.Context, schedule_id: Annotated[str, ID_ARGUMENT]) -> None:
-    """Delete a schedule; jobs it already enqueued stay."""
+    """Delete a schedule; jobs of windows that came stay (one planned ahead is withdrawn)."""
     from .. import recurring
 
     row = _store_call(settings_of(ctx), recurring.remove_schedule, schedule_id)

@@ -168,10 +168,28 @@ retried AS (
             'attempt', j.attempts, 'at', now(), 'outcome', 'retried'),
             %(errors_first)s, %(errors_last)s)
     FROM picked WHERE j.id = picked.id
-    RETURNING j.id
+    RETURNING j.id, j.schedule_id
+),
+-- A retried run of an overlap = false schedule is a run in progress for its next window:
+-- one planned ahead before it existed is withdrawn and decided again at its fire time,
+-- as trigger_schedule does (recurring.sql), and the planners are woken to do so.
+withdrawn AS (
+    DELETE FROM {schema}.jobs w USING {schema}.schedules s
+    WHERE s.id IN (SELECT schedule_id FROM retried) AND NOT s.overlap
+      AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
+      AND w.has_dependents IS NOT TRUE
+    RETURNING w.schedule_id, w.fire_time
+),
+rewound AS (
+    UPDATE {schema}.schedules s SET next_fire_at = least(s.next_fire_at, w.first)
+    FROM (SELECT schedule_id, min(fire_time) AS first FROM withdrawn GROUP BY schedule_id) w
+    WHERE s.id = w.schedule_id
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)
     FROM retried HAVING count(*) > 0
+),
+replan AS (
+    SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
 )
-SELECT retried.id FROM retried LEFT JOIN wake ON true;
+SELECT retried.id FROM retried LEFT JOIN wake ON true LEFT JOIN replan ON true;

@@ -111,6 +111,11 @@ SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
 -- The planner's first step: lock up to %(limit)s due, active schedules for the rest of its
 -- transaction. SKIP LOCKED lets replicas split the due schedules between them instead of
 -- queueing on the same rows; a planner that dies mid-transaction releases its rows.
+-- Due: next_fire_at has come, or it comes within %(lookahead)s seconds and the window may
+-- be planned ahead (plannable_ahead below): the schedule's previous window has come, so
+-- at most one window of a schedule is ever planned ahead, and for overlap = false no run
+-- of it is pending or running (whether that run ends in time is known only at the fire
+-- time, so the window waits for it and is decided then, as it always was).
 -- args_unreadable: arguments the API would have refused and a worker could not decode
 -- (written with SQL): nested beyond %(too_deep)s, or an integer of thousands of digits.
 -- The planner skips such a schedule instead of making a poisoned job every window. A
@@ -124,8 +129,15 @@ SELECT id, cron, tz, every, anchor, catch_up, next_fire_at,
            OR jsonb_path_exists(args, %(too_long)s::jsonpath)
            OR jsonb_path_exists(kwargs, %(too_long)s::jsonpath) AS args_unreadable
 FROM {schema}.schedules
-WHERE enabled AND NOT paused AND next_fire_at <= coalesce(%(now)s::timestamptz, now())
-  AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
+WHERE enabled AND NOT paused AND next_fire_at > '0001-01-03Z'
+  AND (next_fire_at <= coalesce(%(now)s::timestamptz, now())
+       OR next_fire_at <= coalesce(%(now)s::timestamptz, now())
+                          + make_interval(secs => %(lookahead)s)
+          AND coalesce(last_fire_at <= coalesce(%(now)s::timestamptz, now()), true)
+          AND (overlap OR NOT EXISTS (
+              SELECT FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
+              WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))))
+  AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
   AND (every IS NULL OR every < interval '1000000 years')
 ORDER BY next_fire_at
 LIMIT %(limit)s
@@ -146,6 +158,10 @@ FOR UPDATE SKIP LOCKED;
 -- its job is written as cancelled with a 'skipped: ...' error naming the run it would
 -- have overlapped, under the same unique (schedule_id, fire_time) key as a run, so a
 -- window is either run or skipped, once, and commits with the move of next_fire_at.
+-- A window planned ahead (its fire time after now) of an overlap = false schedule is
+-- planned only if still no run of it is pending or running; otherwise the schedule is
+-- left as it was, to be decided at the fire time (lock_due_schedules then passes it over
+-- until then). Runs of the schedule's own later windows never count as runs in progress.
 -- Returns the jobs inserted, each with its status (pending, or cancelled when skipped).
 WITH plan AS (
     SELECT * FROM unnest(
@@ -160,6 +176,9 @@ advanced AS (
         last_job_id = coalesce(p.last_job_id, s.last_job_id)
     FROM plan p
     WHERE s.id = p.id AND s.next_fire_at = p.expected AND s.enabled AND NOT s.paused
+      AND (s.overlap OR p.expected <= coalesce(%(now)s::timestamptz, now()) OR NOT EXISTS (
+          SELECT FROM {schema}.jobs r
+          WHERE r.schedule_id = s.id AND r.status IN ('pending', 'running')))
     RETURNING s.id, s.task, s.queue, s.args, s.kwargs, s.priority, s.max_retries,
               s.timeout_seconds, s.catch_up, s.overlap
 ),
@@ -174,6 +193,7 @@ decided AS (
            CASE WHEN NOT a.overlap THEN coalesce(
                (SELECT r.id FROM {schema}.jobs r  -- jobs_schedule_active_idx (0011)
                 WHERE r.schedule_id = a.id AND r.status IN ('pending', 'running')
+                  AND (r.fire_time IS NULL OR r.fire_time < w.fire_time)
                 ORDER BY r.created_at, r.id LIMIT 1),
                (SELECT f.job_id FROM windows f
                 WHERE f.schedule_id = a.id AND f.fire_time < w.fire_time
@@ -209,10 +229,19 @@ SELECT new.id, new.schedule_id, new.fire_time, new.status::text AS status
 FROM new LEFT JOIN wake ON true;
 
 -- name: next_schedule_fire
--- When the planner must look again: the earliest next_fire_at of active schedules, and
--- the database clock to turn it into a delay. Times a Python datetime cannot hold (a row
+-- When the planner must look again: the earliest moment an active schedule becomes due
+-- in lock_due_schedules' sense (%(lookahead)s seconds before next_fire_at, but not before
+-- its previous window, when it may be planned ahead; else next_fire_at), and the
+-- database clock to turn it into a delay. Times a Python datetime cannot hold (a row
 -- written by SQL may say 'infinity') are left out or cut, as in lock_due_schedules.
-SELECT least(min(next_fire_at), '9999-12-30Z') AS next_fire_at, now() AS db_now
+SELECT least(min(CASE
+           WHEN overlap OR NOT EXISTS (
+               SELECT FROM {schema}.jobs r
+               WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))
+           THEN least(next_fire_at, greatest(
+               next_fire_at - make_interval(secs => %(lookahead)s), last_fire_at))
+           ELSE next_fire_at END), '9999-12-30Z') AS next_fire_at,
+       now() AS db_now
 FROM {schema}.schedules WHERE enabled AND NOT paused
   AND next_fire_at > '0001-01-03Z' AND anchor BETWEEN '0001-01-03Z' AND '9999-12-30Z'
   AND (every IS NULL OR every < interval '1000000 years');
@@ -220,19 +249,51 @@ FROM {schema}.schedules WHERE enabled AND NOT paused
 -- name: list_schedules
 -- Schedules (one, when %(id)s is given) with the last job each made: when it was due
 -- (a window's fire time, or a trigger's time) and its status ('skipped' for a window
--- that overlap = false skipped).
-SELECT s.*, j.execution_time AS last_run_at,
+-- that overlap = false skipped). A window planned ahead of its fire time (the planner's
+-- lookahead: last_fire_at is still to come) is shown as the next window, not as the last
+-- run: next_fire_at is its fire time, and last_* describe the latest window before it, or
+-- a triggered run made since it was planned (last_job_id then names that run, and the
+-- window stays the next one). The same holds once a triggered run sent the window back
+-- to be decided at its fire time (trigger_schedule).
+SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
+       s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled, s.paused, s.origin,
+       s.overlap, s.created_at, s.updated_at,
+       CASE WHEN a.ahead THEN s.last_fire_at ELSE s.next_fire_at END AS next_fire_at,
+       CASE WHEN a.ahead THEN before.fire_time ELSE s.last_fire_at END AS last_fire_at,
+       shown.id AS last_job_id,
+       j.execution_time AS last_run_at,
        -- a window skipped because its previous run was still active (advance_schedules)
        CASE WHEN j.status = 'cancelled' AND j.fire_time IS NOT NULL
                  AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
             ELSE j.status::text END AS last_status
-FROM {schema}.schedules s LEFT JOIN {schema}.jobs j ON j.id = s.last_job_id
+FROM {schema}.schedules s
+-- the job of the latest window: pending, or withdrawn (gone) by a triggered run, while
+-- that window is still to come, it is ahead (a window skipped or cancelled has been decided)
+LEFT JOIN LATERAL (
+    SELECT w.status FROM {schema}.jobs w  -- jobs_schedule_window_idx (0002)
+    WHERE w.schedule_id = s.id AND w.fire_time = s.last_fire_at
+) latest ON true
+CROSS JOIN LATERAL (
+    SELECT coalesce(s.last_fire_at > now() AND (latest.status IS NULL
+                                                OR latest.status = 'pending'), false) AS ahead
+) a
+LEFT JOIN {schema}.jobs last ON last.id = s.last_job_id
+LEFT JOIN LATERAL (
+    SELECT b.id, b.fire_time FROM {schema}.jobs b  -- jobs_schedule_window_idx (0002)
+    WHERE a.ahead AND b.schedule_id = s.id AND b.fire_time < s.last_fire_at
+    ORDER BY b.fire_time DESC LIMIT 1
+) before ON true
+-- a window job as the last while one is ahead is that window (or was: withdrawn by a
+-- retry): show the one before it
+CROSS JOIN LATERAL (SELECT CASE WHEN a.ahead AND (last.id IS NULL OR last.fire_time IS NOT NULL)
+                                THEN before.id ELSE s.last_job_id END AS id) shown
+LEFT JOIN {schema}.jobs j ON j.id = shown.id
 WHERE %(id)s::text IS NULL OR s.id = %(id)s
 ORDER BY s.id;
 
 -- name: pause_schedule
--- Stop a schedule firing until it is resumed. Returns the row and whether it was paused
--- already, or nothing if unknown.
+-- Stop a schedule firing until it is resumed (a window planned ahead is withdrawn: 0016).
+-- Returns the row and whether it was paused already, or nothing if unknown.
 UPDATE {schema}.schedules AS s SET paused = true, updated_at = now()
 FROM (SELECT id, paused FROM {schema}.schedules WHERE id = %(id)s FOR UPDATE) AS before
 WHERE s.id = before.id
@@ -258,7 +319,11 @@ SELECT resumed.* FROM resumed LEFT JOIN wake ON true;
 -- name: trigger_schedule
 -- Run a schedule's task now as one extra job, with the schedule's arguments and options.
 -- Its windows do not change (the job has no fire_time); it becomes the "last run".
--- Returns the job id, or nothing if the schedule is unknown.
+-- With overlap = false, a window planned ahead (its job pending, its fire time to come)
+-- was decided before this run existed: it is withdrawn and decided again at its fire
+-- time (next_fire_at goes back to it; last_fire_at stays, so it is not planned ahead
+-- again), when this run may still be active. Returns the job id, or nothing if the
+-- schedule is unknown.
 WITH new AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, args, kwargs, priority, execution_time, max_retries,
@@ -268,15 +333,28 @@ WITH new AS (
     FROM {schema}.schedules WHERE id = %(id)s
     RETURNING id, schedule_id, execution_time
 ),
+withdrawn AS (
+    DELETE FROM {schema}.jobs j USING {schema}.schedules s, new
+    WHERE s.id = new.schedule_id AND NOT s.overlap AND j.schedule_id = s.id
+      AND j.fire_time > now() AND j.status = 'pending' AND j.has_dependents IS NOT TRUE
+    RETURNING j.fire_time
+),
 touched AS (
-    UPDATE {schema}.schedules s SET last_job_id = new.id FROM new WHERE s.id = new.schedule_id
+    UPDATE {schema}.schedules s SET last_job_id = new.id,
+        next_fire_at = least(s.next_fire_at, (SELECT min(fire_time) FROM withdrawn))
+    FROM new WHERE s.id = new.schedule_id
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+),
+-- planners sleep until the window after the withdrawn one: they must decide it at its time
+replan AS (
+    SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
 )
-SELECT new.id FROM new LEFT JOIN wake ON true;
+SELECT new.id FROM new LEFT JOIN wake ON true LEFT JOIN replan ON true;
 
 -- name: remove_schedule
--- Delete a schedule. Jobs it already enqueued stay (cancel them with `pgsched cancel`).
+-- Delete a schedule. Jobs of windows that came stay (cancel them with `pgsched cancel`); a
+-- window planned ahead is withdrawn by the trigger of migration 0016.
 -- Returns the row, or nothing if unknown.
 DELETE FROM {schema}.schedules WHERE id = %(id)s RETURNING id, origin;

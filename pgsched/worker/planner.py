@@ -2,9 +2,11 @@
 
 No leader. Each pass is one transaction (Store.fire_due_schedules):
 1. lock the due, active schedules with FOR UPDATE SKIP LOCKED, reading the database
-   clock; replicas waking together split the due rows instead of queueing on them;
+   clock; replicas waking together split the due rows instead of queueing on them (due:
+   see "Planning ahead" below);
 2. decide each schedule's windows with pgsched.timing.due_windows (pure; the catch-up
-   mode picks which missed windows run);
+   mode picks which missed windows run; a window planned ahead is decided as at its
+   fire time, so it is on time and runs in every mode);
 3. in one statement, move each next_fire_at on (compare-and-set on the value read) and
    insert one job per window with execution_time = the window's fire time; for a
    schedule with overlap = false that statement writes a window as skipped (a cancelled
@@ -14,9 +16,30 @@ locks go with its session, and the next planner to look does the work. A planner
 mid-transaction is cut off by the server after IDLE_TIMEOUT_SECONDS. The unique index on
 jobs (schedule_id, fire_time) makes a second job for a window impossible regardless.
 
-Timing: after a pass the planner sleeps until the earliest next_fire_at (database clock),
-at most MAX_SLEEP_SECONDS; a NOTIFY 'schedules' (a schedule added, resumed or changed
-elsewhere) or a listener reconnect wakes it early. It does not poll.
+Planning ahead: a window is planned up to LOOKAHEAD_SECONDS before its fire time, as a
+pending job with execution_time = the fire time, so at the fire time the jobs exist and
+the workers' due-time timers start them: 10,000 windows falling due together no longer
+wait for planner passes that take seconds (issue 11). Bounds, so that planning ahead
+changes nothing a user can rely on:
+- at most one window per schedule is planned ahead, and only once the schedule's
+  previous window has come (last_fire_at <= now);
+- overlap = false: only while no run of the schedule is pending or running (whether such
+  a run ends before the fire time is unknown until then; if one is active, the window is
+  decided at its fire time, as before; a triggered run made after the window was planned
+  sends it back to its fire time). Runs of later windows never count as overlapping;
+- a schedule changed, paused, disabled or removed before the window comes must not run
+  the old plan: a trigger on schedules (migration 0016) withdraws the unclaimed job,
+  whichever path made the change, and a window withdrawn under an unchanged timing is
+  planned again with the new definition.
+LOOKAHEAD_SECONDS is small: a few times the pass time of 10,000 schedules on a loaded
+2-core machine (1.4 s across 3 workers), and short enough that a window planned ahead
+shows in `pgsched ls` as an ordinary scheduled job for a few seconds at most. Schedules
+beyond what a planner can plan within it are planned late, as before, never lost.
+
+Timing: after a pass the planner sleeps until the earliest moment a schedule becomes
+due (database clock; LOOKAHEAD_SECONDS before its next_fire_at, or at it), at most
+MAX_SLEEP_SECONDS; a NOTIFY 'schedules' (a schedule added, resumed or changed elsewhere)
+or a listener reconnect wakes it early. It does not poll.
 
 At start it upserts the process's @periodic schedules and disables the code schedules it
 no longer defines (recurring.sync_code_schedules). Burst workers do neither.
@@ -54,6 +77,8 @@ log = get_logger("pgsched.planner")
 CATCH_UP_LIMIT = 100
 SKIP_TOLERANCE = timedelta(seconds=60)
 BATCH_SIZE = 100
+# Windows are planned up to this long before their fire time (see "Planning ahead" above).
+LOOKAHEAD_SECONDS = 5.0
 MAX_SLEEP_SECONDS = 60.0
 # Passes come at most this often: a flood of NOTIFY 'schedules' (any role may send it)
 # costs a bounded number of planner transactions. A wake-up during the gap is kept.
@@ -68,13 +93,13 @@ class PlanResult:
     """What one pass did: the jobs it inserted, and when to look again."""
 
     jobs: list[dict[str, Any]] = field(default_factory=list)
-    next_fire_at: datetime | None = None
+    wake_at: datetime | None = None  # the earliest moment a schedule becomes due
     db_now: datetime | None = None
 
     def delay_seconds(self) -> float:
-        if self.next_fire_at is None or self.db_now is None:
+        if self.wake_at is None or self.db_now is None:
             return MAX_SLEEP_SECONDS
-        delay = (self.next_fire_at - self.db_now).total_seconds()
+        delay = (self.wake_at - self.db_now).total_seconds()
         if delay <= 0:
             # Due but not ours: another planner holds it (and is about to commit).
             return BUSY_RETRY_SECONDS * random.uniform(0.8, 1.2)
@@ -133,6 +158,7 @@ class Planner:
                 plan=self._plan, limit=BATCH_SIZE, now=now,
                 skip_grace_seconds=SKIP_TOLERANCE.total_seconds(),
                 idle_timeout_seconds=IDLE_TIMEOUT_SECONDS,
+                lookahead_seconds=LOOKAHEAD_SECONDS,
             )
             result.jobs += jobs
             if locked < BATCH_SIZE:
@@ -144,7 +170,8 @@ class Planner:
                 log.info("schedule_window_enqueued", **window)
             else:  # overlap = false and a run of the schedule was still active
                 log.info("schedule_window_skipped", **window)
-        result.next_fire_at, result.db_now = await self.store.next_schedule_fire()
+        result.wake_at, result.db_now = await self.store.next_schedule_fire(
+            LOOKAHEAD_SECONDS)
         if now is not None:
             result.db_now = now
         return result
@@ -161,8 +188,10 @@ class Planner:
                       retry_in_s=BROKEN_RETRY.total_seconds())
             return ScheduleAdvance(row["id"], expected, now + BROKEN_RETRY)
         try:
+            # A window planned ahead is decided as at its fire time: on time, so it runs
+            # whatever the catch-up mode, and it is the only one.
             windows, next_fire = due_windows(
-                timing_of(row), expected, now, catch_up=row["catch_up"],
+                timing_of(row), expected, max(now, expected), catch_up=row["catch_up"],
                 tolerance=SKIP_TOLERANCE, limit=CATCH_UP_LIMIT,
             )
         except InvalidInput as exc:
