@@ -209,13 +209,20 @@ async def test_concurrent_claims_under_pause_and_limit_changes_take_each_job_onc
         done.set()
         await asyncio.gather(*side)
         await sched.store.resume_queues(["tog"])
-        while got := (await sched.store.claim_jobs(worker_id="drain", limit=50,
-                                                   lease_seconds=60))[0]:
+        while True:
+            # Jobs fall due up to 2 s after the fill: "every due job" means due by the
+            # start of the last, empty, claim (a run under 2 s saw one fall due between
+            # that claim and the check below).
+            drained_at = await db_clock(conn)
+            got = (await sched.store.claim_jobs(worker_id="drain", limit=50,
+                                                lease_seconds=60))[0]
+            if not got:
+                break
             claimed.extend(got)
         cur = await conn.execute(sql.SQL(
             "SELECT id, queue, started_at, status::text FROM {} WHERE status <> 'pending' "
-            "OR (execution_time <= now() AND queue NOT IN ('held', 'lim'))").format(
-                sql.Identifier(sched.schema, "jobs")))
+            "OR (execution_time <= %s AND queue NOT IN ('held', 'lim'))").format(
+                sql.Identifier(sched.schema, "jobs")), [drained_at])
         taken = await cur.fetchall()
     ids = [job["id"] for job in claimed]
     assert len(ids) == len(set(ids)), "a job was claimed twice"
