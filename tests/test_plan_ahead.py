@@ -170,10 +170,29 @@ async def test_overlap_off_plans_ahead_only_without_an_active_run(sched, db):
     p = planner(sched)
     result = await p.run_once(now=AHEAD)
     assert window_jobs(db, "solo") == []  # whether it overlaps is decided at T
-    assert result.wake_at == T
+    # On the database clock T - LOOKAHEAD is still to come: the planner looks again then,
+    # when the run may be over (test_overlap_off_looks_again_when_it_could_plan_ahead).
+    assert result.wake_at == T - LOOKAHEAD
     db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", triggered)
     job = await plan_ahead(sched, db, "solo")
     assert job["status"] == "pending"
+
+
+async def test_overlap_off_looks_again_when_it_could_plan_ahead(sched, db):
+    """A pass that finds an overlap=False schedule's run active wakes the planner when the
+    next window could first be planned ahead (nothing else does when the run ends), and at
+    the window itself once that moment has passed. Seen in the full suite: a window planned
+    less than a second ahead was still pending at the pass, the planner slept until the
+    next window's fire time, and that window was never planned ahead."""
+    await add(sched, "solo", every="10m", overlap=False)
+    await recurring.trigger_schedule(sched.store, "solo")  # pending, due now: an active run
+    now = await sched.store.db_now()
+    for ahead in (30, 3):  # the lookahead begins in 25 s; it has begun
+        db("UPDATE schedules SET next_fire_at = %s, last_fire_at = %s",
+           now + timedelta(seconds=ahead), now - timedelta(seconds=10))
+        wake_at, _ = await sched.store.next_schedule_fire(LOOKAHEAD_SECONDS)
+        assert wake_at == now + timedelta(seconds=ahead) - (LOOKAHEAD if ahead > 5 else
+                                                            timedelta(0)), ahead
 
 
 # -- a real worker ----------------------------------------------------------------------

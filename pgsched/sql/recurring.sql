@@ -232,12 +232,18 @@ FROM new LEFT JOIN wake ON true;
 -- When the planner must look again: the earliest moment an active schedule becomes due
 -- in lock_due_schedules' sense (%(lookahead)s seconds before next_fire_at, but not before
 -- its previous window, when it may be planned ahead; else next_fire_at), and the
--- database clock to turn it into a delay. Times a Python datetime cannot hold (a row
--- written by SQL may say 'infinity') are left out or cut, as in lock_due_schedules.
+-- database clock to turn it into a delay. An overlap = false schedule with a run still
+-- active is looked at when it could first be planned ahead all the same, if that is
+-- still to come (the run may be over by then: nothing else wakes the planner when it
+-- ends), and at next_fire_at once it has passed (no pass before then could plan it, so
+-- the planner does not spin). Times a Python datetime cannot hold (a row written by SQL
+-- may say 'infinity') are left out or cut, as in lock_due_schedules.
 SELECT least(min(CASE
            WHEN overlap OR NOT EXISTS (
                SELECT FROM {schema}.jobs r
                WHERE r.schedule_id = schedules.id AND r.status IN ('pending', 'running'))
+               OR greatest(next_fire_at - make_interval(secs => %(lookahead)s),
+                           last_fire_at) > now()
            THEN least(next_fire_at, greatest(
                next_fire_at - make_interval(secs => %(lookahead)s), last_fire_at))
            ELSE next_fire_at END), '9999-12-30Z') AS next_fire_at,
