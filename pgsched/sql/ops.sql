@@ -150,7 +150,7 @@ WITH picked AS (
     LIMIT %(limit)s
     FOR UPDATE
 ),
-retried AS (
+runs AS (
     UPDATE {schema}.jobs AS j SET
         -- one scheduled with depends_on waits again (dependencies.sql; settled next)
         status = 'pending', failures = 0, recoveries = 0, snoozes = 0,
@@ -170,16 +170,8 @@ retried AS (
     FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.schedule_id
 ),
--- A retried run of an overlap = false schedule is a run in progress for its next window:
--- one planned ahead before it existed is withdrawn and decided again at its fire time,
--- as trigger_schedule does (recurring.sql), and the planners are woken to do so.
-withdrawn AS (
-    DELETE FROM {schema}.jobs w USING {schema}.schedules s
-    WHERE s.id IN (SELECT schedule_id FROM retried) AND NOT s.overlap
-      AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.has_dependents IS NOT TRUE
-    RETURNING w.schedule_id, w.fire_time
-),
+-- A retried run of an overlap = false schedule is a run in progress for its next window.
+-- include: withdrawn_overlap_window
 rewound AS (
     UPDATE {schema}.schedules s SET next_fire_at = least(s.next_fire_at, w.first)
     FROM (SELECT schedule_id, min(fire_time) AS first FROM withdrawn GROUP BY schedule_id) w
@@ -187,9 +179,6 @@ rewound AS (
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)
-    FROM retried HAVING count(*) > 0
-),
-replan AS (
-    SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
+    FROM runs HAVING count(*) > 0
 )
-SELECT retried.id FROM retried LEFT JOIN wake ON true LEFT JOIN replan ON true;
+SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;

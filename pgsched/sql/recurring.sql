@@ -330,7 +330,7 @@ SELECT resumed.* FROM resumed LEFT JOIN wake ON true;
 -- time (next_fire_at goes back to it; last_fire_at stays, so it is not planned ahead
 -- again), when this run may still be active. Returns the job id, or nothing if the
 -- schedule is unknown.
-WITH new AS (
+WITH runs AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, args, kwargs, priority, execution_time, max_retries,
          timeout_seconds, schedule_id)
@@ -339,25 +339,34 @@ WITH new AS (
     FROM {schema}.schedules WHERE id = %(id)s
     RETURNING id, schedule_id, execution_time
 ),
-withdrawn AS (
-    DELETE FROM {schema}.jobs j USING {schema}.schedules s, new
-    WHERE s.id = new.schedule_id AND NOT s.overlap AND j.schedule_id = s.id
-      AND j.fire_time > now() AND j.status = 'pending' AND j.has_dependents IS NOT TRUE
-    RETURNING j.fire_time
-),
+-- include: withdrawn_overlap_window
 touched AS (
-    UPDATE {schema}.schedules s SET last_job_id = new.id,
+    UPDATE {schema}.schedules s SET last_job_id = runs.id,
         next_fire_at = least(s.next_fire_at, (SELECT min(fire_time) FROM withdrawn))
-    FROM new WHERE s.id = new.schedule_id
+    FROM runs WHERE s.id = runs.schedule_id
 ),
 wake AS (
-    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM new
+    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text) FROM runs
+)
+SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
+
+-- name: withdrawn_overlap_window
+-- Part of a statement that made new runs (a CTE `runs` with their schedule_id): the
+-- window planned ahead of each overlap = false schedule among them (pending, its fire
+-- time to come) was decided before the run existed, so it is withdrawn (`withdrawn`:
+-- schedule_id, fire_time) for the statement to send next_fire_at back to it, and the
+-- planners, asleep until the window after it, are woken to decide it at its time
+-- (trigger_schedule, ops_retry_jobs).
+withdrawn AS (
+    DELETE FROM {schema}.jobs w USING {schema}.schedules s
+    WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
+      AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
+      AND w.has_dependents IS NOT TRUE
+    RETURNING w.schedule_id, w.fire_time
 ),
--- planners sleep until the window after the withdrawn one: they must decide it at its time
 replan AS (
     SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
-)
-SELECT new.id FROM new LEFT JOIN wake ON true LEFT JOIN replan ON true;
+),
 
 -- name: remove_schedule
 -- Delete a schedule. Jobs of windows that came stay (cancel them with `pgsched cancel`); a
