@@ -308,9 +308,11 @@ async def test_1100_idle_metrics_connections_cannot_exhaust_the_workers_files(
     finally:
         for sock in held:
             sock.close()
-    # The held connections, plus accept batches (of up to MAX_CONNECTIONS) not closed
-    # yet: far from the 1024 the flood reached before.
-    assert peak < baseline + 4 * MAX_CONNECTIONS, (baseline, peak)
+    # The held connections, the one being refused and a few database connections the pool
+    # may open meanwhile: a connection beyond the limit is closed as it is accepted (the
+    # flood reached 1024 once, then 252 and 268 while whole accept batches waited for their
+    # handlers to refuse them).
+    assert peak <= baseline + MAX_CONNECTIONS + 8, (baseline, peak)
     await wait_until(lambda: get(address, "/healthz")[0] == 200, timeout=20,
                      what="/healthz to answer again")
     assert "Too many open files" not in worker.log()

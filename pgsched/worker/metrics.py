@@ -265,7 +265,9 @@ class MetricsServer:
         worker.metrics.registry.register(self._scrape)
         self._stats_at: float | None = None
         self._stats_lock = asyncio.Lock()
-        self._server: asyncio.Server | None = None
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()  # strong references while serving
         self._connections = 0
         self._refused = Counter(
             "pgsched_metrics_connections_refused", "Connections to this endpoint closed "
@@ -278,28 +280,54 @@ class MetricsServer:
     async def start(self) -> str:
         """Bind and serve; returns the address bound (the real port when 0 was asked)."""
         host, port = parse_listen(self.listen)
+        loop = asyncio.get_running_loop()
         try:
-            # The backlog bounds how many connections one accept batch takes at once.
-            self._server = await asyncio.start_server(self._handle, host, port,
-                                                      backlog=MAX_CONNECTIONS)
+            # The first address the host resolves to: the one reported is the one served.
+            family, _, _, _, address = (await loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
+            sock = socket.create_server(address[:2], family=family, backlog=MAX_CONNECTIONS)
         except OSError as exc:
-            # asyncio rewraps the bind error; errno still says what went wrong.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise PgschedError(
                 f"cannot serve metrics on {self.listen}: {reason}; change "
                 "[metrics] listen or stop what uses that port") from None
-        sockname = self._server.sockets[0].getsockname()
-        bound_host = f"[{sockname[0]}]" if self._server.sockets[0].family == socket.AF_INET6 \
-            else sockname[0]
-        address = f"{bound_host}:{sockname[1]}"
-        log.info("metrics_listening", address=address, paths="/metrics /healthz")
-        return address
+        sock.setblocking(False)
+        self._socket = sock
+        self._accepting = asyncio.create_task(self._accept(sock), name="metrics-accept")
+        sockname = sock.getsockname()
+        bound_host = f"[{sockname[0]}]" if family == socket.AF_INET6 else sockname[0]
+        address_text = f"{bound_host}:{sockname[1]}"
+        log.info("metrics_listening", address=address_text, paths="/metrics /healthz")
+        return address_text
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1)
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._accepting
+        if self._socket is not None:
+            self._socket.close()
+
+    async def _accept(self, sock: socket.socket) -> None:
+        # Our own accept loop rather than asyncio's server: asyncio accepts a whole batch
+        # and builds a transport and a task for each before any handler can refuse one, so
+        # a flood held several batches of file descriptors at once. Here a connection
+        # beyond the limit is closed the moment it is accepted.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError:  # out of file descriptors, or the client reset: try again soon
+                await asyncio.sleep(0.1)
+                continue
+            if self._connections >= MAX_CONNECTIONS:
+                self._refused.inc()
+                conn.close()
+                continue
+            self._connections += 1
+            task = asyncio.create_task(self._serve(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     async def _refresh_queue_stats(self) -> None:
         async with self._stats_lock:
@@ -316,13 +344,10 @@ class MetricsServer:
             self._scrape.queue_rows = rows
             self._stats_at = now
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._connections >= MAX_CONNECTIONS:
-            self._refused.inc()
-            writer.transport.abort()
-            return
-        self._connections += 1
+    async def _serve(self, conn: socket.socket) -> None:
+        writer = None
         try:
+            reader, writer = await asyncio.open_connection(sock=conn)
             async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
                 head = await reader.readuntil(b"\r\n\r\n")
             status, content_type, body = await self._respond(head)
@@ -333,13 +358,17 @@ class MetricsServer:
             async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):  # a client that never reads
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            writer.transport.abort()
+                OSError):
+            if writer is not None:
+                writer.transport.abort()
         finally:
             self._connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is None:
+                conn.close()
+            else:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
 
     async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
         lines = head.decode("latin-1").split("\r\n")
