@@ -15,7 +15,8 @@ Invariants:
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
-- A written batch frees slots the fetcher may be waiting for (its backlog cap).
+- A written batch frees slots the fetcher may be waiting for (its backlog cap);
+  `recording` counts the outcomes of the write in flight, which the fetcher waits for.
 - A task that completed its own job (current_job().complete()) gets nothing written
   when its transaction committed, and is not counted as a lost lease; when it rolled
   back, its outcome is written as any other (a normal return becomes a failure, since
@@ -66,9 +67,11 @@ class Completer:
             batch = [await self.ctx.completions.get()]
             while not self.ctx.completions.empty():
                 batch.append(self.ctx.completions.get_nowait())
+            self.ctx.recording = len(batch)
             try:
                 await self._record(batch)
             finally:
+                self.ctx.recording = 0
                 for _ in batch:
                     self.ctx.completions.task_done()
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
