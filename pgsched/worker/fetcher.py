@@ -126,8 +126,9 @@ class Fetcher:
         fetcher then). Claiming only what the backlog allowed split the slots into
         claims whose sizes followed the completer's batches and never merged again: a
         worker of 25 claimed 19 and 6 in turn, two claims per 25 jobs, and fell behind a
-        stream it otherwise kept up with (the due-latency-load benchmark). It waits for
-        one write at most, and only while outcomes wait beyond a full batch."""
+        stream it otherwise kept up with (the due-latency-load benchmark). It waits only
+        while the completer is behind by more than a batch and writing: each write shrinks
+        that backlog, and the fetcher adds nothing to it meanwhile."""
         concurrency = self.ctx.options.concurrency
         idle = concurrency - self.ctx.executing
         room = 2 * concurrency - len(self.ctx.held)
