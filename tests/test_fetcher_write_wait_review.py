@@ -1,0 +1,84 @@
+"""Review of the fetcher's wait for a completion write in flight (branch `load`): what
+happens to claims when that write does not come back soon (a row lock held by another
+session, a failed write being retried), against a real PostgreSQL and the real in-process
+Worker.
+
+Every worker here polls once a minute, so a due job that waits for the safety poll shows
+as a deadline missed, not as a slow test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
+from conftest import fast_options, wait_until
+
+from pgsched import Scheduler, Worker
+
+POLL_SECONDS = 60.0  # longer than every deadline below: no claim comes from the poll
+
+
+async def start(sched: Scheduler, **options: Any) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(sched.store, sched._dsn,
+                    fast_options(poll_seconds=POLL_SECONDS, **options))
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    return worker, runner
+
+
+async def stop(worker: Worker, runner: asyncio.Task[None]) -> None:
+    worker.stop()
+    await asyncio.wait_for(runner, 30)
+
+
+async def status(sched: Scheduler, job_id: str) -> str:
+    return str((await sched.get_job(job_id))["status"])
+
+
+async def test_a_completion_retried_behind_a_row_lock_does_not_stop_the_claims_the_cap_allows(
+        sched, pg_dsn):
+    """Another session holds one finished job's row locked (an application's SELECT ...
+    FOR UPDATE in a long transaction): its completion fails on lock_timeout and is
+    retried for as long as the lock is held, and the outcomes behind it wait. On main the
+    fetcher kept claiming what its backlog cap allowed (2 x concurrency held); a due job
+    on a worker with free slots and room under the cap must start, not wait for a write
+    that keeps failing."""
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    ctx = worker.ctx
+    try:
+        await sched.schedule("sleep", args=(0.5,), job_id="locked")
+        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                 "FOR UPDATE", ["locked"])
+            await wait_until(lambda: _waiting_for_a_lock(sched),
+                             what="its completion waiting for the row lock")
+            for job_id in ("a", "b"):
+                await sched.schedule("noop", job_id=job_id)
+            # Both ran; their outcomes wait behind the locked one: 3 held, none running.
+            await wait_until(lambda: len(ctx.held) == 3 and ctx.executing == 0,
+                             what="a and b finished, unrecorded")
+            await sched.schedule("noop", job_id="due")
+            # 3 held of a cap of 4, both slots free: main claimed it at once.
+            await wait_until(lambda: any(k[0] == "due" for k in ctx.held), timeout=10,
+                             what="the due job claimed while the locked write is retried")
+            await locker.rollback()
+        for job_id in ("locked", "a", "b", "due"):
+            await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
+    finally:
+        await stop(worker, runner)
+
+
+async def _is(sched: Scheduler, job_id: str, wanted: str) -> bool:
+    return await status(sched, job_id) == wanted
+
+
+async def _waiting_for_a_lock(sched: Scheduler) -> bool:
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%Record successful attempts%%'")
+        return await cur.fetchone() is not None
