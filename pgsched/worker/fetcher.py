@@ -128,7 +128,9 @@ class Fetcher:
         worker of 25 claimed 19 and 6 in turn, two claims per 25 jobs, and fell behind a
         stream it otherwise kept up with (the due-latency-load benchmark). It waits only
         while the completer is behind by more than a batch and writing: each write shrinks
-        that backlog, and the fetcher adds nothing to it meanwhile."""
+        that backlog, and the fetcher adds nothing to it meanwhile. A write that failed
+        (a row lock past lock_timeout, a lost connection) and is retried is not waited
+        for (completer.py)."""
         concurrency = self.ctx.options.concurrency
         idle = concurrency - self.ctx.executing
         room = 2 * concurrency - len(self.ctx.held)
