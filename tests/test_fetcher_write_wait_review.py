@@ -10,6 +10,8 @@ as a deadline missed, not as a slow test.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import psycopg
@@ -82,3 +84,47 @@ async def _waiting_for_a_lock(sched: Scheduler) -> bool:
             "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
             "AND query LIKE '%%Record successful attempts%%'")
         return await cur.fetchone() is not None
+
+
+async def _completion_backend(sched: Scheduler) -> int | None:
+    """The server process of a completion that waits for a row lock."""
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%Record successful attempts%%'")
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+
+async def test_a_completion_whose_server_stopped_answering_does_not_stop_the_claims_the_cap_allows(
+        sched, pg_dsn):
+    """The server process of the completion in flight stops answering (SIGSTOP: a frozen
+    backend, or a network black hole, where statement_timeout cannot fire): the write
+    neither returns nor fails. On main the fetcher kept claiming what the backlog cap
+    allowed; here too a due job on free slots under the cap must start."""
+    worker, runner = await start(sched, concurrency=2)
+    ctx = worker.ctx
+    frozen = None
+    try:
+        await sched.schedule("sleep", args=(0.5,), job_id="locked")
+        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                 "FOR UPDATE", ["locked"])
+            frozen = await wait_until(lambda: _completion_backend(sched),
+                                      what="its completion waiting for the row lock")
+            os.kill(frozen, signal.SIGSTOP)
+            await locker.rollback()
+        for job_id in ("a", "b"):
+            await sched.schedule("noop", job_id=job_id)
+        await wait_until(lambda: len(ctx.held) == 3 and ctx.executing == 0,
+                         what="a and b finished, unrecorded")
+        await sched.schedule("noop", job_id="due")
+        await wait_until(lambda: any(k[0] == "due" for k in ctx.held), timeout=10,
+                         what="the due job claimed while the write hangs")
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        await stop(worker, runner)
+    for job_id in ("locked", "a", "b", "due"):
+        assert await _is(sched, job_id, "completed"), job_id
