@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from pgsched import ConflictResolution, InvalidInput, JobConflict, JobSpec, Worker
 from pgsched.store import _QUERIES, Store, _bind, encode_json
+from pgsched.worker.fetcher import WRITE_WAIT_SECONDS
 
 # What COPY's text format escapes (tab, newline, CR, backslash, \N) and then some.
 AWKWARD = "tab\there, new\nline, cr\r, back\\slash, \\N, quote' \"dq\", ünï 🚀, {braces}"
@@ -231,7 +232,11 @@ async def test_fetcher_waits_for_a_write_in_flight_instead_of_claiming_a_fragmen
     ctx = worker.ctx
     ctx.executing, ctx.held = 0, {str(i): None for i in range(31)}  # 6 over one batch
     ctx.recording = 6  # being written: the backlog shrinks to one batch when it returns
+    ctx.recording_since = asyncio.get_running_loop().time()
     assert worker.fetcher.free_slots() == 0
+    ctx.recording_since -= WRITE_WAIT_SECONDS  # a write that stopped answering: not waited for
+    assert worker.fetcher.free_slots() == 19
+    ctx.recording_since += WRITE_WAIT_SECONDS
     ctx.recording = 0  # the completer idle: nothing to wait for, claim what is allowed
     assert worker.fetcher.free_slots() == 19
     ctx.executing, ctx.held, ctx.recording = 0, {str(i): None for i in range(25)}, 25

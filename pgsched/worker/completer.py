@@ -69,6 +69,7 @@ class Completer:
             while not self.ctx.completions.empty():
                 batch.append(self.ctx.completions.get_nowait())
             self.ctx.recording = len(batch)
+            self.ctx.recording_since = asyncio.get_running_loop().time()
             try:
                 await self._record(batch)
             finally:

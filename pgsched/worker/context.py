@@ -207,6 +207,7 @@ class WorkerContext:
         self.held: dict[tuple[str, int], Held] = {}
         self.executing = 0
         self.recording = 0  # outcomes in the completer's write in flight (0: none)
+        self.recording_since = 0.0  # loop.time() that write began
         self.threads = TaskThreads(options.concurrency)
         self.completions: asyncio.Queue[Completion] = asyncio.Queue()
         self.wake = asyncio.Event()  # the fetcher: claim now
