@@ -17,9 +17,9 @@ from typing import Any
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
-from conftest import fast_options, wait_until
+from conftest import fast_options, wait_until, write_config
 
-from pgsched import Scheduler, Worker
+from pgsched import JobSpec, Scheduler, Worker
 
 POLL_SECONDS = 60.0  # longer than every deadline below: no claim comes from the poll
 
@@ -190,3 +190,27 @@ async def test_stop_during_a_write_whose_server_stopped_answering_ends_in_time(
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
     finally:
         await stop(successor, runner)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_burst_worker_whose_completion_waits_for_a_row_lock_ends_with_all_done(
+        sched, pg_dsn, schema, tmp_path, workers, concurrency):
+    """`pgsched worker --burst` (a real process, polling once a minute) while one
+    completion waits behind a row lock for two seconds and a backlog of quick jobs
+    forms behind it: it runs everything, exits 0 once nothing is left, and every job is
+    completed."""
+    config = write_config(tmp_path, pg_dsn, schema, concurrency=concurrency,
+                          poll_seconds=60, lease_seconds=8)  # lock_timeout 2 s
+    await sched.schedule("sleep", args=(1.0,), job_id="locked")
+    await sched.schedule_bulk([JobSpec("noop", job_id=f"q{i}") for i in range(200)])
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        worker = workers(config, "--burst")
+        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
+        await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                             ["locked"])
+        await asyncio.sleep(2.0)
+    assert await worker.wait(timeout=60) == 0, worker.log()[-2000:]
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute(
+            f'SELECT status::text, count(*) FROM "{schema}".jobs GROUP BY 1')
+        assert dict(await cur.fetchall()) == {"completed": 201}
