@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -214,3 +215,26 @@ async def test_a_burst_worker_whose_completion_waits_for_a_row_lock_ends_with_al
         cur = await conn.execute(
             f'SELECT status::text, count(*) FROM "{schema}".jobs GROUP BY 1')
         assert dict(await cur.fetchall()) == {"completed": 201}
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 25])
+async def test_a_stream_with_the_backlog_over_a_batch_loses_no_wake_up(sched, concurrency):
+    """Jobs due now in bulk (the completer's backlog passes a batch, so the fetcher waits
+    for writes) and jobs due a moment later (only the fetcher's timer claims them, the
+    poll is a minute away): all complete, none waits for the poll."""
+    worker, runner = await start(sched, concurrency=concurrency)
+    try:
+        now = datetime.now(UTC)
+        later = [await sched.schedule("noop", job_id=f"later{i}",
+                                      execution_time=now + timedelta(seconds=0.5 + i / 10))
+                 for i in range(10)]
+        await sched.schedule_bulk([JobSpec("noop", job_id=f"now{i}") for i in range(500)])
+        for job_id in [*later, "now499"]:
+            await wait_until(lambda j=job_id: _is(sched, j, "completed"), timeout=30,
+                             what=f"{job_id} completed")
+        async with sched.store.pool.connection() as conn:
+            cur = await conn.execute(f'SELECT count(*) FROM "{sched.schema}".jobs '
+                                     "WHERE status <> 'completed'")
+            assert (await cur.fetchone())[0] == 0
+    finally:
+        await stop(worker, runner)
