@@ -10,15 +10,19 @@ as a deadline missed, not as a slow test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
-from conftest import fast_options, wait_until, write_config
+from conftest import wait_until, write_config
+from test_worker_core import start as start_worker
+from test_worker_core import stop
 
 from pgsched import JobSpec, Scheduler, Worker, task
 
@@ -26,16 +30,7 @@ POLL_SECONDS = 60.0  # longer than every deadline below: no claim comes from the
 
 
 async def start(sched: Scheduler, **options: Any) -> tuple[Worker, asyncio.Task[None]]:
-    worker = Worker(sched.store, sched._dsn,
-                    fast_options(poll_seconds=POLL_SECONDS, **options))
-    runner = asyncio.create_task(worker.run())
-    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
-    return worker, runner
-
-
-async def stop(worker: Worker, runner: asyncio.Task[None]) -> None:
-    worker.stop()
-    await asyncio.wait_for(runner, 30)
+    return await start_worker(sched, poll_seconds=POLL_SECONDS, **options)
 
 
 async def status(sched: Scheduler, job_id: str) -> str:
@@ -51,41 +46,32 @@ async def test_a_completion_retried_behind_a_row_lock_does_not_stop_the_claims_t
     on a worker with free slots and room under the cap must start, not wait for a write
     that keeps failing."""
     worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
-    ctx = worker.ctx
     try:
-        await sched.schedule("sleep", args=(0.5,), job_id="locked")
-        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
-        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
-                                 "FOR UPDATE", ["locked"])
-            await wait_until(lambda: _waiting_for_a_lock(sched),
-                             what="its completion waiting for the row lock")
-            for job_id in ("a", "b"):
-                await sched.schedule("noop", job_id=job_id)
-            # Both ran; their outcomes wait behind the locked one: 3 held, none running.
-            await wait_until(lambda: len(ctx.held) == 3 and ctx.executing == 0,
-                             what="a and b finished, unrecorded")
-            await sched.schedule("noop", job_id="due")
-            # 3 held of a cap of 4, both slots free: main claimed it at once.
-            await wait_until(lambda: any(k[0] == "due" for k in ctx.held), timeout=10,
-                             what="the due job claimed while the locked write is retried")
-            await locker.rollback()
+        async with completion_behind_a_row_lock(sched, pg_dsn):
+            await due_job_claimed_behind_the_write(sched, worker, "is retried")
         for job_id in ("locked", "a", "b", "due"):
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
     finally:
         await stop(worker, runner)
 
 
+async def due_job_claimed_behind_the_write(sched: Scheduler, worker: Worker,
+                                           state: str) -> None:
+    """With job `locked`'s write in flight, two jobs run and their outcomes wait behind
+    it (3 held, none running: past a batch); then a job falls due, which a worker of 2
+    slots must claim (3 held of a cap of 4, both slots free: main claimed it at once)."""
+    ctx = worker.ctx
+    for job_id in ("a", "b"):
+        await sched.schedule("noop", job_id=job_id)
+    await wait_until(lambda: len(ctx.held) == 3 and ctx.executing == 0,
+                     what="a and b finished, unrecorded")
+    await sched.schedule("noop", job_id="due")
+    await wait_until(lambda: any(k[0] == "due" for k in ctx.held), timeout=10,
+                     what=f"the due job claimed while the write {state}")
+
+
 async def _is(sched: Scheduler, job_id: str, wanted: str) -> bool:
     return await status(sched, job_id) == wanted
-
-
-async def _waiting_for_a_lock(sched: Scheduler) -> bool:
-    async with sched.store.pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%%Record successful attempts%%'")
-        return await cur.fetchone() is not None
 
 
 async def _completion_backend(sched: Scheduler) -> int | None:
@@ -105,45 +91,36 @@ async def test_a_completion_whose_server_stopped_answering_does_not_stop_the_cla
     neither returns nor fails. On main the fetcher kept claiming what the backlog cap
     allowed; here too a due job on free slots under the cap must start."""
     worker, runner = await start(sched, concurrency=2)
-    ctx = worker.ctx
-    frozen = None
+    frozen = await _freeze_a_completion(sched, pg_dsn)
     try:
-        await sched.schedule("sleep", args=(0.5,), job_id="locked")
-        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
-        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
-                                 "FOR UPDATE", ["locked"])
-            frozen = await wait_until(lambda: _completion_backend(sched),
-                                      what="its completion waiting for the row lock")
-            os.kill(frozen, signal.SIGSTOP)
-            await locker.rollback()
-        for job_id in ("a", "b"):
-            await sched.schedule("noop", job_id=job_id)
-        await wait_until(lambda: len(ctx.held) == 3 and ctx.executing == 0,
-                         what="a and b finished, unrecorded")
-        await sched.schedule("noop", job_id="due")
-        await wait_until(lambda: any(k[0] == "due" for k in ctx.held), timeout=10,
-                         what="the due job claimed while the write hangs")
+        await due_job_claimed_behind_the_write(sched, worker, "hangs")
     finally:
-        if frozen is not None:
-            os.kill(frozen, signal.SIGCONT)
+        os.kill(frozen, signal.SIGCONT)
         await stop(worker, runner)
     for job_id in ("locked", "a", "b", "due"):
         assert await _is(sched, job_id, "completed"), job_id
 
 
-async def _freeze_a_completion(sched: Scheduler, pg_dsn: str) -> int:
-    """Run a job whose completion's server process is then frozen (SIGSTOP) mid-write;
-    returns that process's id (the caller sends SIGCONT)."""
+@contextlib.asynccontextmanager
+async def completion_behind_a_row_lock(sched: Scheduler, pg_dsn: str) -> AsyncIterator[int]:
+    """Run job `locked` and hold its row locked from another session until the block
+    ends: its completion waits for the lock (failing on lock_timeout, retried). Yields
+    the server process of that completion."""
     await sched.schedule("sleep", args=(0.5,), job_id="locked")
     await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
     async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
         await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                              "FOR UPDATE", ["locked"])
-        frozen = await wait_until(lambda: _completion_backend(sched),
-                                  what="its completion waiting for the row lock")
-        os.kill(frozen, signal.SIGSTOP)
+        yield await wait_until(lambda: _completion_backend(sched),
+                               what="its completion waiting for the row lock")
         await locker.rollback()
+
+
+async def _freeze_a_completion(sched: Scheduler, pg_dsn: str) -> int:
+    """Run job `locked`, whose completion's server process is then frozen (SIGSTOP)
+    mid-write; returns that process's id (the caller sends SIGCONT)."""
+    async with completion_behind_a_row_lock(sched, pg_dsn) as frozen:
+        os.kill(frozen, signal.SIGSTOP)
     return frozen
 
 
