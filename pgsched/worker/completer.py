@@ -16,8 +16,8 @@ Invariants:
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
 - A written batch frees slots the fetcher may be waiting for (its backlog cap);
-  `recording` counts the outcomes of the write in flight, which the fetcher waits for,
-  until it returns or first fails (a retried write is not waited for).
+  `recording` counts the outcomes of the write in flight (begun at `recording_since`),
+  which the fetcher waits for, briefly (fetcher.WRITE_WAIT_SECONDS).
 - A task that completed its own job (current_job().complete()) gets nothing written
   when its transaction committed, and is not counted as a lost lease; when it rolled
   back, its outcome is written as any other (a normal return becomes a failure, since
@@ -91,11 +91,6 @@ class Completer:
             except DB_ERRORS as exc:
                 self.ctx.db_error("complete", exc, attempt)
                 attempt += 1
-                # A write that failed is no longer about to free slots: the fetcher claims
-                # what the backlog cap allows meanwhile (a row locked for minutes would
-                # otherwise stop its claims for as long), and is told so now.
-                self.ctx.recording = 0
-                self.ctx.free_slot()
                 if self.ctx.killed.is_set() and attempt > 5:
                     log.error("completion_not_recorded", jobs=len(pending),
                               hint="their leases expire and another worker runs them again")

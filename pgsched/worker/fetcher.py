@@ -136,9 +136,9 @@ class Fetcher:
         worker of 25 claimed 19 and 6 in turn, two claims per 25 jobs, and fell behind a
         stream it otherwise kept up with (the due-latency-load benchmark). It waits only
         while the completer is behind by more than a batch and writing: each write shrinks
-        that backlog, and the fetcher adds nothing to it meanwhile. A write that failed
-        (a row lock past lock_timeout, a lost connection) and is retried is not waited
-        for (completer.py), nor one that has not answered in WRITE_WAIT_SECONDS."""
+        that backlog, and the fetcher adds nothing to it meanwhile. A write that has not
+        returned in WRITE_WAIT_SECONDS (a row locked by another session, a lost
+        connection being retried, a server that stopped answering) is not waited for."""
         concurrency = self.ctx.options.concurrency
         idle = concurrency - self.ctx.executing
         room = 2 * concurrency - len(self.ctx.held)
@@ -148,8 +148,8 @@ class Fetcher:
 
     def _write_wait_ends(self) -> float | None:
         """The loop time the wait for the completer's write in flight ends, or None when
-        there is nothing to wait for: no write, a write that failed (completer.py), or one
-        that has run WRITE_WAIT_SECONDS already."""
+        there is nothing to wait for: no write, or one that has run WRITE_WAIT_SECONDS
+        already."""
         if not self.ctx.recording:
             return None
         ends = self.ctx.recording_since + WRITE_WAIT_SECONDS
