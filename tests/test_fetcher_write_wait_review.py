@@ -228,11 +228,12 @@ async def big_result(megabytes: int) -> str:
     "too large to write within it are never split or failed, so those jobs stay running "
     "under renewed leases and are never recorded"))
 async def test_results_too_large_to_write_within_statement_timeout_end_their_jobs(sched):
-    # lease 1 s: statement_timeout 0.5 s, which writing 2 x 60 MB of jsonb passes here
+    # lease 1 s: statement_timeout 0.5 s, which writing 2 x 100 MB of jsonb passes here
+    # (2 x 60 MB took longer already at a load of 5)
     worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
                                  heartbeat_seconds=0.2)
     try:
-        big = [await sched.schedule("big_result", args=(60,)) for _ in range(2)]
+        big = [await sched.schedule("big_result", args=(100,)) for _ in range(2)]
         for job_id in big:
             await wait_until(lambda j=job_id: _ended(sched, j), timeout=20,
                              what="the big results' jobs ended")
