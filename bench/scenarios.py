@@ -343,25 +343,74 @@ async def due_latency_load(h: Harness) -> Metrics:
     """due-latency while the same worker (default configuration) drains a steady stream of
     no-op jobs enqueued for now at half its peak: the drain-1-default rate of this run's
     first round (measured here first when --only left that scenario out)."""
-    n = h.sizes.due_latency
     schema = await h.fresh_schema("due_load")
-    peak = h.measured.get("drain_1_default_jobs_per_s")
-    if peak is None:
-        peak = (await _drain(h, schema, "peak", prefix="peak-"))["peak_jobs_per_s"]
+    peak = await _drain_peak(h, schema)
     async with Scheduler(h.dsn, schema=schema) as sched:
         worker = await _idle_worker(h, schema, sched)
-        stamps = _due_stamps(n, lead=1.5)  # the stream is steady before the first falls due
-        await sched.schedule_bulk(stamps)
-        seconds = (stamps[-1].execution_time - datetime.now(UTC)).total_seconds() + 0.2
-        fed, elapsed = await _feed(sched, peak / 2, seconds)
-        await h.wait_finished(schema, "due-", n, timeout=30 + n * 0.1)
-        await h.wait_finished(schema, "load-", fed, timeout=30 + fed / 100)
+        metrics = await _due_under_stream(h, schema, sched, peak / 2, "due_latency_load")
         await worker.stop()
-    timed = await _stamps(h, schema, "due-")
     await h.drop_schema(schema)
+    return metrics
+
+
+async def due_latency_fed(h: Harness) -> Metrics:
+    """due-latency-load at half the rate the worker reaches while it is fed, not while it
+    drains a prepared backlog: drain-1-default's rate is reached without a feeder on the
+    machine (its schedule_bulk() calls, their COPY on the server) and on a table analysed
+    beforehand. First the feeder offers that rate for FED_PEAK_SECONDS to the worker, which
+    takes what it can: its completions per second over the last FED_PEAK_WINDOW seconds
+    of that are its fed peak; once it has caught up, the timed jobs run while the stream
+    comes at half the fed peak (the same worker, in the same schema)."""
+    schema = await h.fresh_schema("due_fed")
+    offered = await _drain_peak(h, schema)
+    async with Scheduler(h.dsn, schema=schema) as sched:
+        worker = await _idle_worker(h, schema, sched)
+        fed, elapsed = await _feed(sched, offered, FED_PEAK_SECONDS, prefix="peak-")
+        ended = datetime.now(UTC)  # worker, benchmark and server share one clock
+        (done,) = await h.one(q("SELECT count(*) FROM {s}.jobs WHERE id LIKE 'peak-%%'"
+                                " AND finished_at BETWEEN %s AND %s", schema),
+                              [ended - timedelta(seconds=FED_PEAK_WINDOW), ended])
+        peak = done / FED_PEAK_WINDOW
+        await h.wait_finished(schema, "peak-", fed, timeout=30 + fed / 100)
+        metrics = await _due_under_stream(h, schema, sched, peak / 2, "due_latency_fed")
+        await worker.stop()
+    await h.drop_schema(schema)
+    metrics["due_latency_fed_peak_jobs_per_s"] = peak
+    metrics["due_latency_fed_offered_jobs_per_s"] = fed / elapsed
+    return metrics
+
+
+# The fed peak of due_latency_fed: how long the feeder offers drain-1-default's rate, and
+# the last part of that in which the worker's completions are counted (the first second
+# is its start from idle).
+FED_PEAK_SECONDS = 3.0
+FED_PEAK_WINDOW = 2.0
+
+
+async def _drain_peak(h: Harness, schema: str) -> float:
+    """drain-1-default's rate in this run's first round; measured in `schema` first when
+    --only left that scenario out."""
+    peak = h.measured.get("drain_1_default_jobs_per_s")
+    if peak is None:
+        peak = (await _drain(h, schema, "peak", prefix="drained-"))["peak_jobs_per_s"]
+    return peak
+
+
+async def _due_under_stream(h: Harness, schema: str, sched: Scheduler, rate: float,
+                            name: str) -> Metrics:
+    """The timed jobs of due-latency, due while a stream of `rate` no-op jobs a second
+    comes for the listening worker; their latencies and the stream's rate."""
+    n = h.sizes.due_latency
+    stamps = _due_stamps(n, lead=1.5)  # the stream is steady before the first falls due
+    await sched.schedule_bulk(stamps)
+    seconds = (stamps[-1].execution_time - datetime.now(UTC)).total_seconds() + 0.2
+    fed, elapsed = await _feed(sched, rate, seconds)
+    await h.wait_finished(schema, "due-", n, timeout=30 + n * 0.1)
+    await h.wait_finished(schema, "load-", fed, timeout=30 + fed / 100)
+    timed = await _stamps(h, schema, "due-")
     metrics = percentiles([(started - due.timestamp()) * 1000 for due, started in timed.values()],
-                          "due_latency_load")
-    metrics["due_latency_load_stream_jobs_per_s"] = fed / elapsed
+                          name)
+    metrics[f"{name}_stream_jobs_per_s"] = fed / elapsed
     return metrics
 
 
@@ -621,6 +670,7 @@ def scenarios() -> list[Scenario]:
         Scenario("backlog", Backlog(), True),
         Scenario("due-latency", due_latency, False),
         Scenario("due-latency-load", due_latency_load, False),
+        Scenario("due-latency-fed", due_latency_fed, False),
         Scenario("enqueue-latency", enqueue_latency, False),
         Scenario("recurring", recurring_at_scale, False),
         Scenario("idle", idle_cost, False),

@@ -132,6 +132,18 @@ FLAT_RETRY_SECONDS = 1.0
 # planning at each claim took 3. Planned at every claim, the flat claim cost 0.6 ms to
 # plan and 0.35 ms to run.
 PREPARED_CLAIM_ROWS = 10_000
+# complete_jobs is prepared only while the planner's statistics count at least this many
+# rows in jobs (pg_class.reltuples, as each claim reports it); below, each completion is
+# planned for the table as it is. Same cause as PREPARED_CLAIM_ROWS: a generic plan made
+# for a table of a few pages scans it, and is kept until jobs is analysed again, so a
+# worker started on a new table read the whole table per completion once a stream had
+# filled it (38M rows read in 1,811 completions in the due-latency-load benchmark, where
+# the worker fell to half its rate; tests/test_hot_paths.py). Generic plans of
+# complete_jobs made at 3,000 analysed rows or more look ids up by primary key (seq scans
+# at 1,000), and a plan that probes the key only gets cheaper beside a scan as the table
+# grows. Rows of any status: the lookups are by id. Planned at every completion, a batch
+# costs about 0.2 ms more of the server.
+PREPARED_COMPLETE_ROWS = 10_000
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -378,6 +390,7 @@ class Store:
         # a second statement or speed, never a wrong claim.
         self._claim_limits = False
         self._claim_prepared = False
+        self._complete_prepared = False  # as _claim_prepared, for PREPARED_COMPLETE_ROWS
         self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
@@ -395,7 +408,8 @@ class Store:
                                             prepare=prepare)).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
-                                   attempts: int = DEADLOCK_ATTEMPTS) -> list[dict[str, Any]]:
+                                   attempts: int = DEADLOCK_ATTEMPTS, *,
+                                   prepare: bool = True) -> list[dict[str, Any]]:
         """_rows for a statement that locks rows in an order it does not choose, on the
         pool's autocommit connections: the rows of a batch of jobs from many workers, or
         the dependents its trigger settles for each job it ends (two completion batches
@@ -405,7 +419,7 @@ class Store:
         failed = 0
         while True:
             try:
-                return await self._rows(name, params)
+                return await self._rows(name, params, prepare=prepare)
             except psycopg.errors.DeadlockDetected:
                 failed += 1
                 if failed >= attempts:
@@ -772,16 +786,18 @@ class Store:
         self._claim_limits = rows[0]["limits_exist"]
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
-            for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows"):
+            for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows",
+                           "job_rows"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 
     async def _claim_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """One claim statement, prepared while jobs has many pending rows
-        (PREPARED_CLAIM_ROWS); notes what this one found for the next. It clamps its times
-        in SQL: psycopg's own loader decodes them, not the clamping one, a Python call per
-        value on the hot path.
+        (PREPARED_CLAIM_ROWS); notes what this one found for the next claim, and for the
+        completions (PREPARED_COMPLETE_ROWS). It clamps its times in SQL: psycopg's own
+        loader decodes them, not the clamping one, a Python call per value on the hot
+        path.
 
         The count comes from an earlier claim, so after an ANALYZE that found jobs small a
         claim may still run prepared, and PostgreSQL plans it for the table that ANALYZE
@@ -790,6 +806,7 @@ class Store:
         PostgreSQL plan again."""
         rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
+        self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
         return rows
 
     def _flat_claim(self, limit: int) -> str:
@@ -835,6 +852,7 @@ class Store:
                 "attempts": [d[1] for d in done],
                 "results": [d[2] for d in done],
             },
+            prepare=self._complete_prepared,
         )
         return {(row["id"], row["attempts"]) for row in rows}
 

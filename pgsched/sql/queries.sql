@@ -339,6 +339,11 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- between the DROP and the CREATE of its migration run again) -1, planned claims.
        coalesce((SELECT reltuples FROM pg_class
                  WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS pending_rows,
+       -- And how many rows of any status (the table complete_jobs looks ids up in): whether
+       -- the store may prepare its completions (store.PREPARED_COMPLETE_ROWS). -1 before
+       -- the table's first ANALYZE or VACUUM.
+       coalesce((SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('{schema}.jobs')), -1) AS job_rows,
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 

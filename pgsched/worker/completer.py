@@ -15,7 +15,9 @@ Invariants:
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
-- A written batch frees slots the fetcher may be waiting for (its backlog cap).
+- A written batch frees slots the fetcher may be waiting for (its backlog cap);
+  `recording` counts the outcomes of the write in flight (begun at `recording_since`),
+  which the fetcher waits for, briefly (fetcher.WRITE_WAIT_SECONDS).
 - A task that completed its own job (current_job().complete()) gets nothing written
   when its transaction committed, and is not counted as a lost lease; when it rolled
   back, its outcome is written as any other (a normal return becomes a failure, since
@@ -66,9 +68,12 @@ class Completer:
             batch = [await self.ctx.completions.get()]
             while not self.ctx.completions.empty():
                 batch.append(self.ctx.completions.get_nowait())
+            self.ctx.recording = len(batch)
+            self.ctx.recording_since = asyncio.get_running_loop().time()
             try:
                 await self._record(batch)
             finally:
+                self.ctx.recording = 0
                 for _ in batch:
                     self.ctx.completions.task_done()
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink

@@ -1,7 +1,8 @@
 """What the worker's services share: the narrow context each of them gets.
 
 Owns: the store and options, the worker id, the held attempts (`held`, keyed by (id,
-attempt)), the outcomes waiting for the completer, the wake-up events (`wake` for the
+attempt)), the outcomes waiting for the completer (and the count its write in flight
+holds, `recording`), the wake-up events (`wake` for the
 fetcher, `beat_now` for the heartbeater, `plan_now` for the planner), the fetcher's
 due-time timer and notification token bucket, the shutdown flags (`stop_requested`,
 `killed`, `closing`), stats, metrics, and the helpers every service uses to report database errors
@@ -205,6 +206,8 @@ class WorkerContext:
             else SystemdNotifier()
         self.held: dict[tuple[str, int], Held] = {}
         self.executing = 0
+        self.recording = 0  # outcomes in the completer's write in flight (0: none)
+        self.recording_since = 0.0  # loop.time() that write began
         self.threads = TaskThreads(options.concurrency)
         self.completions: asyncio.Queue[Completion] = asyncio.Queue()
         self.wake = asyncio.Event()  # the fetcher: claim now

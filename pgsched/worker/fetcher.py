@@ -46,6 +46,11 @@ log = get_logger("pgsched.worker")
 # Added to a due-time timer so that the claim reaches the server just after the job falls
 # due: one that arrives early claims nothing and costs another round trip.
 TIMER_MARGIN_SECONDS = 0.0005
+# The longest the fetcher waits for a completion write in flight before it claims what the
+# backlog cap allows anyway (free_slots): a write takes milliseconds, and one whose server
+# stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
+# it) must not stop the worker's claims until the cap itself does.
+WRITE_WAIT_SECONDS = 0.25
 
 
 class Fetcher:
@@ -90,7 +95,10 @@ class Fetcher:
             # With every slot busy, a freed slot is the next reason to claim.
             ctx.slot_freed_wakes = free <= 0 or ctx.options.burst or saturated(
                 self._queue_limits, self._running_by_queue(), ctx.options.queues)
-            await self._sleep(free, loop.time() + ctx.options.poll_seconds)
+            poll_at = loop.time() + ctx.options.poll_seconds
+            write_wait_ends = self._write_wait_ends() if free <= 0 else None
+            await self._sleep(free, poll_at if write_wait_ends is None
+                              else min(poll_at, write_wait_ends))
 
     async def _sleep(self, free: int, poll_at: float) -> None:
         """Until a wake-up, the timer or the safety poll; a moved timer (`retime`) only
@@ -119,9 +127,33 @@ class Fetcher:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
         holds beyond one full batch. When the database records outcomes slower than jobs
         finish, the fetcher waits for the completer instead of taking ever more leases
-        (a backlog of thousands made every completion statement slower still)."""
+        (a backlog of thousands made every completion statement slower still).
+
+        While that backlog holds slots back and a write is in flight, none: the slots the
+        write frees are claimed with the others once it returns (the completer wakes the
+        fetcher then). Claiming only what the backlog allowed split the slots into
+        claims whose sizes followed the completer's batches and never merged again: a
+        worker of 25 claimed 19 and 6 in turn, two claims per 25 jobs, and fell behind a
+        stream it otherwise kept up with (the due-latency-load benchmark). It waits only
+        while the completer is behind by more than a batch and writing: each write shrinks
+        that backlog, and the fetcher adds nothing to it meanwhile. A write that has not
+        returned in WRITE_WAIT_SECONDS (a row locked by another session, a lost
+        connection being retried, a server that stopped answering) is not waited for."""
         concurrency = self.ctx.options.concurrency
-        return min(concurrency - self.ctx.executing, 2 * concurrency - len(self.ctx.held))
+        idle = concurrency - self.ctx.executing
+        room = 2 * concurrency - len(self.ctx.held)
+        if room < idle and self._write_wait_ends() is not None:
+            return 0
+        return min(idle, room)
+
+    def _write_wait_ends(self) -> float | None:
+        """The loop time the wait for the completer's write in flight ends, or None when
+        there is nothing to wait for: no write, or one that has run WRITE_WAIT_SECONDS
+        already."""
+        if not self.ctx.recording:
+            return None
+        ends = self.ctx.recording_since + WRITE_WAIT_SECONDS
+        return ends if asyncio.get_running_loop().time() < ends else None
 
     async def claim(self, free: int) -> bool:
         """Claim up to `free` jobs and start them; True if the claim was full."""
