@@ -132,6 +132,22 @@ FLAT_RETRY_SECONDS = 1.0
 # planning at each claim took 3. Planned at every claim, the flat claim cost 0.6 ms to
 # plan and 0.35 ms to run.
 PREPARED_CLAIM_ROWS = 10_000
+# The statistics are behind (statistics_behind) when at least this many jobs are pending
+# while the statistics count under half as many: a burst into a table analysed while it
+# held none. Fewer pending rows cost little even when a claim sorts them all; counting up to
+# PREPARED_CLAIM_ROWS bounds what the check reads (above that, claims are prepared and their
+# plans keep to the indexes however far the table grows).
+ANALYZE_PENDING_ROWS = 1_000
+
+
+def statistics_behind(pending: int, counted: float, changed: int) -> bool:
+    """Whether an ANALYZE of jobs would change how claims are planned (pending_statistics
+    in sql/queries.sql): `pending` live pending rows (counted up to PREPARED_CLAIM_ROWS),
+    at least ANALYZE_PENDING_ROWS and twice what the statistics count (`counted`), and the
+    table changed by at least as many rows since it was last analysed (`changed`): else
+    that ANALYZE sampled this table as it is, and one now would find what it found (a few
+    thousand pending among tens of millions can escape its sample of 30,000 rows)."""
+    return pending >= max(ANALYZE_PENDING_ROWS, 2 * counted) and changed >= pending
 
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
@@ -378,6 +394,10 @@ class Store:
         # a second statement or speed, never a wrong claim.
         self._claim_limits = False
         self._claim_prepared = False
+        # Set by a claim that came back full while the statistics counted fewer than
+        # PREPARED_CLAIM_ROWS pending rows: a hint that they may have fallen behind a burst,
+        # which the worker's maintenance checks (refresh_pending_statistics) and clears.
+        self.statistics_suspect = False
         self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
@@ -790,6 +810,8 @@ class Store:
         PostgreSQL plan again."""
         rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
+        if not self._claim_prepared and len(rows) >= params["limit"] and rows[0]["id"]:
+            self.statistics_suspect = True
         return rows
 
     def _flat_claim(self, limit: int) -> str:
@@ -992,6 +1014,33 @@ class Store:
             finally:
                 conn.remove_notice_handler(keep_warning)
         return skipped[0] if skipped else None
+
+    async def refresh_pending_statistics(self) -> tuple[str, str]:
+        """ANALYZE jobs when its statistics have fallen behind the pending rows
+        (statistics_behind; pending_statistics and analyze_jobs in sql/queries.sql), on an
+        autocommit connection. Returns what happened and the server's WARNING when it
+        skipped the table: ("current", ""), nothing was needed; ("analyzed", "");
+        ("busy", warning), another ANALYZE, a VACUUM or a migration held the table (SQLSTATE
+        55P03), try again later; ("refused", warning), the role may not analyse it (a
+        runtime role that does not own the table)."""
+        self.statistics_suspect = False
+        (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
+        if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
+            return "current", ""
+        skipped: list[tuple[str, str]] = []
+
+        def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
+            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+                skipped.append(("busy" if diag.sqlstate == "55P03" else "refused",
+                                diag.message_primary))
+
+        async with (_USING.get() or self.pool).connection() as conn:
+            conn.add_notice_handler(keep_warning)
+            try:
+                await conn.execute(self._q["analyze_jobs"])
+            finally:
+                conn.remove_notice_handler(keep_warning)
+        return skipped[0] if skipped else ("analyzed", "")
 
     # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
 

@@ -720,6 +720,32 @@ SELECT pg_stat_force_next_flush();
 -- and the table is skipped.
 VACUUM (ANALYZE) {schema}.jobs;
 
+-- name: pending_statistics
+-- Whether the planner's statistics have fallen behind the pending rows (store.
+-- statistics_behind decides): analysed while no job was pending (a drained table that
+-- keeps its history), PostgreSQL expects about one pending row, and after a burst every
+-- claim, planned or prepared, reads a pending index whole and sorts it (550,010 rows for
+-- a claim of 10 at 50,000 pending, tests/test_claim_flat_review.py) until the next
+-- ANALYZE. pending counts live pending rows up to %(limit)s (an index scan that stops
+-- there, whatever the statistics say); counted is what the statistics hold (as the claim
+-- reports it, -1 before any ANALYZE); changed is the rows written since the last ANALYZE,
+-- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
+-- second or so after each goes idle).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pending'
+                              LIMIT %(limit)s) p) AS pending,
+       coalesce((SELECT reltuples FROM pg_class
+                 WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS counted,
+       pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
+
+-- name: analyze_jobs
+-- Refresh the statistics of jobs (Store.refresh_pending_statistics). SKIP_LOCKED: when
+-- autovacuum, another worker's ANALYZE or a migration holds the table, PostgreSQL skips
+-- it with a WARNING (55P03) at once instead of waiting; claims, inserts and updates never
+-- wait for it (ANALYZE's SHARE UPDATE EXCLUSIVE lock does not conflict with their ROW
+-- EXCLUSIVE). A role that does not own the table (and has no MAINTAIN, PostgreSQL 17)
+-- gets a WARNING and the table is skipped, not an error.
+ANALYZE (SKIP_LOCKED) {schema}.jobs;
+
 -- name: register_worker
 -- Add this worker process to the registry (or refresh it after a reconnect).
 INSERT INTO {schema}.workers (id, host, pid, version, concurrency, queues)
