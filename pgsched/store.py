@@ -1021,8 +1021,8 @@ class Store:
         autocommit connection. Returns what happened and the server's WARNING when it
         skipped the table: ("current", ""), nothing was needed; ("analyzed", "");
         ("busy", warning), another ANALYZE, a VACUUM or a migration held the table (SQLSTATE
-        55P03), try again later; ("refused", warning), the role may not analyse it (a
-        runtime role that does not own the table)."""
+        55P03), try again later; ("refused", why), the role may not run analyze_jobs()
+        (migration 0017; one granted before it) or its owner may not analyse jobs."""
         self.statistics_suspect = False
         (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
         if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
@@ -1038,6 +1038,9 @@ class Store:
             conn.add_notice_handler(keep_warning)
             try:
                 await conn.execute(self._q["analyze_jobs"])
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # a role granted before migration 0017 (re-run `migrate --grant ROLE`)
+                return "refused", str(exc).strip()
             finally:
                 conn.remove_notice_handler(keep_warning)
         return skipped[0] if skipped else ("analyzed", "")

@@ -738,13 +738,12 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pendin
        pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
 
 -- name: analyze_jobs
--- Refresh the statistics of jobs (Store.refresh_pending_statistics). SKIP_LOCKED: when
--- autovacuum, another worker's ANALYZE or a migration holds the table, PostgreSQL skips
--- it with a WARNING (55P03) at once instead of waiting; claims, inserts and updates never
--- wait for it (ANALYZE's SHARE UPDATE EXCLUSIVE lock does not conflict with their ROW
--- EXCLUSIVE). A role that does not own the table (and has no MAINTAIN, PostgreSQL 17)
--- gets a WARNING and the table is skipped, not an error.
-ANALYZE (SKIP_LOCKED) {schema}.jobs;
+-- Refresh the statistics of jobs (Store.refresh_pending_statistics) through the function
+-- of migration 0017, which runs ANALYZE (SKIP_LOCKED) as the table's owner: while
+-- another ANALYZE, a VACUUM or a migration holds the table PostgreSQL skips it with a
+-- WARNING (55P03) at once instead of waiting. Claims, inserts and updates never wait for
+-- it (ANALYZE's SHARE UPDATE EXCLUSIVE lock does not conflict with their ROW EXCLUSIVE).
+SELECT {schema}.analyze_jobs();
 
 -- name: register_worker
 -- Add this worker process to the registry (or refresh it after a reconnect).
