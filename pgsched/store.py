@@ -1038,8 +1038,9 @@ class Store:
             conn.add_notice_handler(keep_warning)
             try:
                 await conn.execute(self._q["analyze_jobs"])
-            except psycopg.errors.InsufficientPrivilege as exc:
-                # a role granted before migration 0017 (re-run `migrate --grant ROLE`)
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
+                # a role granted before migration 0017 (re-run `migrate --grant ROLE`), or
+                # the function dropped by hand
                 return "refused", str(exc).strip()
             finally:
                 conn.remove_notice_handler(keep_warning)
