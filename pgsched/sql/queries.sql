@@ -731,6 +731,13 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- reports it, -1 before any ANALYZE); changed is the rows written since the last ANALYZE,
 -- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
 -- second or so after each goes idle).
+-- Tried instead: per-table autovacuum settings (0009 already analyses after 1% changed;
+-- the wait is autovacuum_naptime, a server setting); a claim shape the planner cannot
+-- misjudge (with one pending row expected every path costs about the same, see
+-- claim_jobs); enable_sort = off on the worker's connections, which kept these claims on
+-- the indexes (20 and 1,130 rows read) but would bend the plan of every other statement
+-- on them, and PgBouncer drops session settings. Statistics counting 600 pending rows
+-- or more kept both claims on the indexes after 200,000 more came (20 and 140 rows).
 SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pending'
                               LIMIT %(limit)s) p) AS pending,
        coalesce((SELECT reltuples FROM pg_class
