@@ -731,7 +731,7 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- reports it, -1 before any ANALYZE); changed is the rows written since the last ANALYZE,
 -- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
 -- second or so after each goes idle).
--- Tried instead: per-table autovacuum settings (0009 already analyses after 1% changed;
+-- Tried instead: per-table autovacuum settings (0009 already analyses after a hundredth;
 -- the wait is autovacuum_naptime, a server setting); a claim shape the planner cannot
 -- misjudge (with one pending row expected every path costs about the same, see
 -- claim_jobs); enable_sort = off on the worker's connections, which kept these claims on
