@@ -97,7 +97,6 @@ async def test_a_prepared_claim_stays_on_the_indexes_after_the_table_grows(sched
     assert read < 300, f"{scenario}: one claim of 10 read {read} rows ({plans})"
 
 
-
 @pytest.mark.parametrize("claim", [{}, {"queues": [f"t{i}" for i in range(10)]}],
                          ids=["flat", "per_queue"])
 async def test_a_claim_after_a_burst_into_a_drained_table_reads_only_what_it_takes(
@@ -129,7 +128,6 @@ async def test_a_claim_after_a_burst_into_a_drained_table_reads_only_what_it_tak
         sched, [rows("h", 20000, status="completed")],
         [rows("n", 50000, queue="'t' || (g % 10)")], settle=maintenance_pass, **claim)
     assert taken == 10
-    print("READ", read)
     assert read < 2000, f"one claim of 10 read {read} rows ({plans})"
 
 
@@ -327,7 +325,6 @@ async def test_a_generic_plan_made_while_few_jobs_were_pending_never_sorts_a_bur
         sched, [rows("h", 20000, status="completed"), rows("p", 60)],
         [rows("n", 50000, queue="'t' || (g % 10)")])
     assert taken == 10
-    print("READ", read)
     assert read < 2000, f"one claim of 10 read {read} rows ({plans})"
 
 
