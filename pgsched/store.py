@@ -1020,9 +1020,11 @@ class Store:
         (statistics_behind; pending_statistics and analyze_jobs in sql/queries.sql), on an
         autocommit connection. Returns what happened and the server's WARNING when it
         skipped the table: ("current", ""), nothing was needed; ("analyzed", "");
-        ("busy", warning), another ANALYZE, a VACUUM or a migration held the table (SQLSTATE
-        55P03), try again later; ("refused", why), the role may not run analyze_jobs()
-        (migration 0017; one granted before it) or its owner may not analyse jobs."""
+        ("busy", warning), another ANALYZE, a VACUUM or a migration held the table, or an
+        open transaction jobs' catalog row (a GRANT) past the function's lock_timeout
+        (SQLSTATE 55P03 either way), try again later; ("refused", why), the role may not
+        run analyze_jobs() (migration 0017; one granted before it) or its owner may not
+        analyse jobs."""
         self.statistics_suspect = False
         (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
         if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
@@ -1038,6 +1040,9 @@ class Store:
             conn.add_notice_handler(keep_warning)
             try:
                 await conn.execute(self._q["analyze_jobs"])
+            except psycopg.errors.LockNotAvailable as exc:
+                # a lock SKIP_LOCKED does not cover, held past the function's lock_timeout
+                return "busy", str(exc).strip().splitlines()[0]
             except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
                 # a role granted before migration 0017 (re-run `migrate --grant ROLE`), or
                 # the function dropped by hand

@@ -748,7 +748,9 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pendin
 -- Refresh the statistics of jobs (Store.refresh_pending_statistics) through the function
 -- of migration 0017, which runs ANALYZE (SKIP_LOCKED) as the table's owner: while
 -- another ANALYZE, a VACUUM or a migration holds the table PostgreSQL skips it with a
--- WARNING (55P03) at once instead of waiting. Claims, inserts and updates never wait for
+-- WARNING (55P03) at once instead of waiting; a lock SKIP_LOCKED does not cover (jobs'
+-- pg_class row, updated by a GRANT not yet committed) fails it with 55P03 after the
+-- function's lock_timeout of 100 ms. Claims, inserts and updates never wait for
 -- it (ANALYZE's SHARE UPDATE EXCLUSIVE lock does not conflict with their ROW EXCLUSIVE).
 SELECT {schema}.analyze_jobs();
 

@@ -14,9 +14,13 @@
 -- roles `--grant` names (sql/security.sql), not to PUBLIC.
 -- SKIP_LOCKED: while autovacuum, another worker's ANALYZE, a VACUUM or a migration holds
 -- the table, it is skipped at once with a WARNING (SQLSTATE 55P03), instead of waiting
--- (or making autovacuum cancel itself for a conflicting lock).
+-- (or making autovacuum cancel itself for a conflicting lock). lock_timeout bounds the
+-- waits SKIP_LOCKED does not cover: from PostgreSQL 15.9 (16.5, 17.1) ANALYZE's in-place
+-- update of jobs' pg_class row waits for a transaction that updated that row and has
+-- not ended (a GRANT on jobs, `migrate --grant`), which takes no conflicting table lock.
 CREATE FUNCTION {schema}.analyze_jobs() RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms' AS $$
 BEGIN
     ANALYZE (SKIP_LOCKED) {schema}.jobs;
 END
