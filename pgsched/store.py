@@ -140,13 +140,16 @@ PREPARED_CLAIM_ROWS = 10_000
 ANALYZE_PENDING_ROWS = 1_000
 
 
-def statistics_behind(pending: int, counted: float, changed: int) -> bool:
+def statistics_behind(pending: int, counted: float | None, changed: int) -> bool:
     """Whether an ANALYZE of jobs would change how claims are planned (pending_statistics
     in sql/queries.sql): `pending` live pending rows (counted up to PREPARED_CLAIM_ROWS),
     at least ANALYZE_PENDING_ROWS and twice what the statistics count (`counted`), and the
     table changed by at least as many rows since it was last analysed (`changed`): else
     that ANALYZE sampled this table as it is, and one now would find what it found (a few
-    thousand pending among tens of millions can escape its sample of 30,000 rows)."""
+    thousand pending among tens of millions can escape its sample of 30,000 rows).
+    `counted` is None without the pending index it is read from: nothing to judge by."""
+    if counted is None:
+        return False
     return pending >= max(ANALYZE_PENDING_ROWS, 2 * counted) and changed >= pending
 
 

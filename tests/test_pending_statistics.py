@@ -37,6 +37,7 @@ BURST = ("INSERT INTO {jobs} (id, task, execution_time) "
     (3_000, 2_000, 50_000, False),                 # the statistics count most of them
     (4_000, 2_000, 50_000, True),
     (2_000, 0, 1_999, False),  # analysed since they came: its sample missed them
+    (PREPARED_CLAIM_ROWS, None, 50_000, False),    # no pending index to read them from
 ])
 def test_statistics_are_behind_only_when_an_analyze_would_count_many_more_pending_jobs(
         pending, counted, changed, behind):

@@ -182,3 +182,39 @@ async def test_the_check_reads_at_most_its_limit_when_the_statistics_overcount_p
     read, scans = explain_check(pg_dsn, sched.schema, sched.store)
     print("check read", read, scans)
     assert read <= 10_000 + 10, f"one check read {read} rows ({scans})"
+
+
+async def test_an_upgrade_from_0016_with_jobs_adds_the_function_and_runs_twice(pg_dsn, schema):
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
+        assert await s.store.migrate(target=16) == 16
+        fill(pg_dsn, schema, history=5_000, burst=3_000)
+        assert await s.store.migrate() == 17
+        assert await s.store.migrate() == 17
+        assert await s.store.refresh_pending_statistics() == ("analyzed", "")
+    with psycopg.connect(pg_dsn) as conn:
+        counts = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE status = 'pending'), "
+                                      "count(*) FROM {}").format(sql.Identifier(schema, "jobs"))
+                              ).fetchone()
+    assert counts == (3_000, 8_000)
+
+
+async def test_without_the_pending_index_the_check_does_not_analyse_after_every_change(
+        sched, pg_dsn):
+    """The statistics are read from jobs_pending_due_idx's reltuples; with the index
+    dropped (by hand) the check read -1, as for a table never analysed, which no ANALYZE
+    changes: every time as many rows changed as are pending (heartbeats and claims, about
+    every pass under load), the worker analysed the table again, to no effect."""
+    fill(pg_dsn, sched.schema, history=5_000, burst=3_000)
+    jobs = sql.Identifier(sched.schema, "jobs")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP INDEX {}").format(
+            sql.Identifier(sched.schema, "jobs_pending_due_idx")))
+    outcomes = []
+    for _ in range(3):
+        outcomes.append((await sched.store.refresh_pending_statistics())[0])
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as heartbeats, claims do
+            conn.execute(sql.SQL("UPDATE {} SET attempts = attempts WHERE status = 'pending'")
+                         .format(jobs))
+            conn.execute("SELECT pg_stat_force_next_flush()")  # its counts reach the check
+            conn.execute("SELECT 1")
+    assert outcomes.count("analyzed") <= 1, outcomes

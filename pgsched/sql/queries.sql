@@ -728,7 +728,8 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- a claim of 10 at 50,000 pending, tests/test_claim_flat_review.py) until the next
 -- ANALYZE. pending counts live pending rows up to %(limit)s (an index scan that stops
 -- there, whatever the statistics say); counted is what the statistics hold (as the claim
--- reports it, -1 before any ANALYZE); changed is the rows written since the last ANALYZE,
+-- reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
+-- would then change, so that the check would analyse after every change); changed is the rows written since the last ANALYZE,
 -- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
 -- second or so after each goes idle).
 -- Tried instead: per-table autovacuum settings (0009 already analyses after a hundredth;
@@ -740,8 +741,8 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- or more kept both claims on the indexes after 200,000 more came (20 and 140 rows).
 SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pending'
                               LIMIT %(limit)s) p) AS pending,
-       coalesce((SELECT reltuples FROM pg_class
-                 WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS counted,
+       (SELECT reltuples FROM pg_class
+        WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')) AS counted,
        pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
 
 -- name: analyze_jobs
