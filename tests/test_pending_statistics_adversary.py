@@ -91,8 +91,8 @@ def test_the_function_is_owned_by_the_schema_owner_with_a_pinned_path(granted):
             "       has_function_privilege('public', p.oid, 'EXECUTE') "
             "FROM pg_proc p WHERE p.oid = %s::regprocedure",
             [f"{roles.schema}.analyze_jobs()"]).fetchone()
-    assert row == (roles.owner, True, ["search_path=pg_catalog, pg_temp", "lock_timeout=100ms"],
-                   False), row
+    assert row == (roles.owner, True, ["search_path=pg_catalog, pg_temp", "lock_timeout=100ms",
+                                        "client_min_messages=warning"], False), row
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,18 @@ async def test_without_the_pending_index_the_check_does_not_analyse_after_every_
             conn.execute("SELECT pg_stat_force_next_flush()")  # its counts reach the check
             conn.execute("SELECT 1")
     assert outcomes.count("analyzed") <= 1, outcomes
+
+
+async def test_a_skipped_analyze_is_not_reported_as_done_when_warnings_are_not_sent(
+        sched, pg_dsn):
+    """SKIP_LOCKED says it skipped the table with a WARNING, and the store reads that
+    WARNING; a role or database with client_min_messages = error (set to quieten the
+    logs) is not sent it, and a skipped ANALYZE read as done (statistics_refreshed)."""
+    fill(pg_dsn, sched.schema, history=5_000, burst=3_000)
+    quiet = pg_dsn + ("&" if "?" in pg_dsn else "?") + "options=-c%20client_min_messages%3Derror"
+    async with Scheduler(quiet, schema=sched.schema, options=fast_options()) as s:
+        with psycopg.connect(pg_dsn) as holder:
+            holder.execute(sql.SQL("LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE")
+                           .format(sql.Identifier(sched.schema, "jobs")))
+            outcome, warning = await s.store.refresh_pending_statistics()
+    assert outcome == "busy", (outcome, warning)

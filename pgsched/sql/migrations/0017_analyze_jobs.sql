@@ -18,9 +18,12 @@
 -- waits SKIP_LOCKED does not cover: from PostgreSQL 15.9 (16.5, 17.1) ANALYZE's in-place
 -- update of jobs' pg_class row waits for a transaction that updated that row and has
 -- not ended (a GRANT on jobs, `migrate --grant`), which takes no conflicting table lock.
+-- client_min_messages: the caller learns that the table was skipped only from that
+-- WARNING, which a role or database set to send errors only would not be sent.
 CREATE FUNCTION {schema}.analyze_jobs() RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms' AS $$
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms'
+SET client_min_messages = warning AS $$
 BEGIN
     ANALYZE (SKIP_LOCKED) {schema}.jobs;
 END
