@@ -26,7 +26,8 @@ from pgsched import Scheduler
 from pgsched.store import lock_timeout_for
 
 
-async def test_ten_workers_that_detect_one_burst_analyse_jobs_once(sched, pg_dsn):
+@pytest.mark.parametrize("stagger", [0.0, 0.002, 0.01])
+async def test_ten_workers_that_detect_one_burst_analyse_jobs_once(sched, pg_dsn, stagger):
     """Ten workers' maintenance passes check the same burst at about the same moment
     (staggered by a few milliseconds, as their jittered passes are): SKIP_LOCKED keeps the
     ANALYZEs from queueing, and a check made while another ANALYZE runs must not start a
@@ -38,7 +39,7 @@ async def test_ten_workers_that_detect_one_burst_analyse_jobs_once(sched, pg_dsn
         await other.__aenter__()
     try:
         async def one(n: int) -> str:
-            await asyncio.sleep(n * 0.01)
+            await asyncio.sleep(n * stagger)
             return (await others[n].store.refresh_pending_statistics())[0]
 
         outcomes = await asyncio.gather(*(one(n) for n in range(10)))
