@@ -145,6 +145,26 @@ PREPARED_CLAIM_ROWS = 10_000
 # costs about 0.2 ms more of the server.
 PREPARED_COMPLETE_ROWS = 10_000
 
+# The statistics are behind (statistics_behind) when at least this many jobs are pending
+# while the statistics count under half as many: a burst into a table analysed while it
+# held none. Fewer pending rows cost little even when a claim sorts them all; counting up to
+# PREPARED_CLAIM_ROWS bounds what the check reads (above that, claims are prepared and their
+# plans keep to the indexes however far the table grows).
+ANALYZE_PENDING_ROWS = 1_000
+
+
+def statistics_behind(pending: int, counted: float | None, changed: int) -> bool:
+    """Whether an ANALYZE of jobs would change how claims are planned (pending_statistics
+    in sql/queries.sql): `pending` live pending rows (counted up to PREPARED_CLAIM_ROWS),
+    at least ANALYZE_PENDING_ROWS and twice what the statistics count (`counted`), and the
+    table changed by at least as many rows since it was last analysed (`changed`): else
+    that ANALYZE sampled this table as it is, and one now would find what it found (a few
+    thousand pending among tens of millions can escape its sample of 30,000 rows).
+    `counted` is None without the pending index it is read from: nothing to judge by."""
+    if counted is None:
+        return False
+    return pending >= max(ANALYZE_PENDING_ROWS, 2 * counted) and changed >= pending
+
 
 def validate_identifier(name: str, what: str = "schema name") -> str:
     if not isinstance(name, str) or not IDENTIFIER_RE.match(name):
@@ -391,6 +411,10 @@ class Store:
         self._claim_limits = False
         self._claim_prepared = False
         self._complete_prepared = False  # as _claim_prepared, for PREPARED_COMPLETE_ROWS
+        # Set by a claim that came back full while the statistics counted fewer than
+        # PREPARED_CLAIM_ROWS pending rows: a hint that they may have fallen behind a burst,
+        # which the worker's maintenance checks (refresh_pending_statistics) and clears.
+        self.statistics_suspect = False
         self._flat_refused_until = float("-inf")
 
     # -- helpers -------------------------------------------------------------------------
@@ -807,6 +831,8 @@ class Store:
         rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
+        if not self._claim_prepared and len(rows) >= params["limit"] and rows[0]["id"]:
+            self.statistics_suspect = True
         return rows
 
     def _flat_claim(self, limit: int) -> str:
@@ -1010,6 +1036,42 @@ class Store:
             finally:
                 conn.remove_notice_handler(keep_warning)
         return skipped[0] if skipped else None
+
+    async def refresh_pending_statistics(self) -> tuple[str, str]:
+        """ANALYZE jobs when its statistics have fallen behind the pending rows
+        (statistics_behind; pending_statistics and analyze_jobs in sql/queries.sql), on an
+        autocommit connection. Returns what happened and the server's WARNING when it
+        skipped the table: ("current", ""), nothing was needed; ("analyzed", "");
+        ("busy", warning), another ANALYZE, a VACUUM or a migration held the table, or an
+        open transaction jobs' catalog row (a GRANT) past the function's lock_timeout
+        (SQLSTATE 55P03 either way), try again later; ("refused", why), the role may not
+        run analyze_jobs() (migration 0017; one granted before it) or its owner may not
+        analyse jobs."""
+        self.statistics_suspect = False
+        (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
+        if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
+            return "current", ""
+        skipped: list[tuple[str, str]] = []
+
+        def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
+            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+                skipped.append(("busy" if diag.sqlstate == "55P03" else "refused",
+                                diag.message_primary))
+
+        async with (_USING.get() or self.pool).connection() as conn:
+            conn.add_notice_handler(keep_warning)
+            try:
+                await conn.execute(self._q["analyze_jobs"])
+            except psycopg.errors.LockNotAvailable as exc:
+                # a lock SKIP_LOCKED does not cover, held past the function's lock_timeout
+                return "busy", str(exc).strip().splitlines()[0]
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
+                # a role granted before migration 0017 (re-run `migrate --grant ROLE`), or
+                # the function dropped by hand
+                return "refused", str(exc).strip()
+            finally:
+                conn.remove_notice_handler(keep_warning)
+        return skipped[0] if skipped else ("analyzed", "")
 
     # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
 

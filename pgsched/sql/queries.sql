@@ -725,6 +725,41 @@ SELECT pg_stat_force_next_flush();
 -- and the table is skipped.
 VACUUM (ANALYZE) {schema}.jobs;
 
+-- name: pending_statistics
+-- Whether the planner's statistics have fallen behind the pending rows (store.
+-- statistics_behind decides): analysed while no job was pending (a drained table that
+-- keeps its history), PostgreSQL expects about one pending row, and after a burst every
+-- claim, planned or prepared, reads a pending index whole and sorts it (550,010 rows for
+-- a claim of 10 at 50,000 pending, tests/test_claim_flat_review.py) until the next
+-- ANALYZE. pending counts live pending rows up to %(limit)s (an index scan that stops
+-- there, whatever the statistics say); counted is what the statistics hold (as the claim
+-- reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
+-- would then change, so that the check would analyse after every change); changed is the rows written since the last ANALYZE,
+-- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
+-- second or so after each goes idle).
+-- Tried instead: per-table autovacuum settings (0009 already analyses after a hundredth;
+-- the wait is autovacuum_naptime, a server setting); a claim shape the planner cannot
+-- misjudge (with one pending row expected every path costs about the same, see
+-- claim_jobs); enable_sort = off on the worker's connections, which kept these claims on
+-- the indexes (20 and 1,130 rows read) but would bend the plan of every other statement
+-- on them, and PgBouncer drops session settings. Statistics counting 600 pending rows
+-- or more kept both claims on the indexes after 200,000 more came (20 and 140 rows).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pending'
+                              LIMIT %(limit)s) p) AS pending,
+       (SELECT reltuples FROM pg_class
+        WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')) AS counted,
+       pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
+
+-- name: analyze_jobs
+-- Refresh the statistics of jobs (Store.refresh_pending_statistics) through the function
+-- of migration 0017, which runs ANALYZE (SKIP_LOCKED) as the table's owner: while
+-- another ANALYZE, a VACUUM or a migration holds the table PostgreSQL skips it with a
+-- WARNING (55P03) at once instead of waiting; a lock SKIP_LOCKED does not cover (jobs'
+-- pg_class row, updated by a GRANT not yet committed) fails it with 55P03 after the
+-- function's lock_timeout of 100 ms. Claims, inserts and updates never wait for
+-- it (ANALYZE's SHARE UPDATE EXCLUSIVE lock does not conflict with their ROW EXCLUSIVE).
+SELECT {schema}.analyze_jobs();
+
 -- name: register_worker
 -- Add this worker process to the registry (or refresh it after a reconnect).
 INSERT INTO {schema}.workers (id, host, pid, version, concurrency, queues)

@@ -15,6 +15,9 @@ GRANT USAGE ON SCHEMA {schema} TO {{role}};
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {{role}};
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {schema}.schema_migrations FROM {{role}};
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {{role}};
+-- The one function that runs as the schema's owner (migration 0017): the worker's ANALYZE
+-- of jobs after a burst.
+GRANT EXECUTE ON FUNCTION {schema}.analyze_jobs() TO {{role}};
 
 -- name: missing_roles
 -- Which of the roles %(roles)s do not exist: checked before any migration runs, so that a

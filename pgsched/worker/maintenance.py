@@ -11,6 +11,13 @@ is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes
   this worker's own heartbeat has not worked for a lease (an outage, a freeze): it
   cannot tell silent workers from ones that are only reconnecting, itself included.
 - pruning, every few minutes: workers silent for ten leases leave the registry.
+- statistics, at the next pass after a claim came back full while the planner's
+  statistics counted few pending jobs (Store.statistics_suspect): when the live pending
+  jobs have outgrown them (a burst into a drained table that keeps its history), ANALYZE
+  jobs, or every claim reads a pending index whole and sorts until autovacuum gets to it.
+  A check costs one statement (an idle worker's claims never come back full, so it sends
+  none); the ANALYZE skips the table when another holds it. A role that may not analyse
+  the table is told so once (statistics_not_refreshed), and this worker stops trying.
 - vacuum, every `vacuum_interval_seconds` (first run after one interval, so restarts do
   not stampede): finished jobs past their retention are deleted in small batches.
 
@@ -74,6 +81,7 @@ class Maintenance:
         # heartbeat each was judged by: a pass takes jobs only from a worker the previous
         # one saw silent with the same heartbeat (recover_orphans in sql/queries.sql).
         self._sighted: dict[str, datetime] = {}
+        self._may_analyze = True
 
     async def run(self) -> None:
         opts = self.ctx.options
@@ -142,6 +150,17 @@ class Maintenance:
             if pruned:
                 did["pruned_workers"] = pruned
                 log.info("workers_pruned", workers=pruned)
+        if store.statistics_suspect and self._may_analyze:
+            outcome, warning = await store.refresh_pending_statistics()
+            if outcome == "analyzed":
+                did["analyzed"] = True
+                log.info("statistics_refreshed")
+            elif outcome == "refused":
+                self._may_analyze = False
+                log.warning("statistics_not_refreshed", error=warning,
+                            hint="claims after a burst into a drained table may read every "
+                                 "pending job until autovacuum analyses jobs; see "
+                                 "docs/operations.md")
         if (
             opts.vacuum_enabled
             and self._last_vacuum is not None
