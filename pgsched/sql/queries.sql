@@ -532,6 +532,32 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- job moves towards %(max_recoveries)s and the poison-pill verdict; its innocent
 -- neighbours run again with their count unchanged, and every recovery is in `errors`.
 --
+-- Invariant: one crash of one worker is counted once, on one job, however its jobs are
+-- split between passes: a job claimed after the last heartbeat expires a pass later, a
+-- job another recovery holds is skipped (SKIP LOCKED), jobs past %(limit)s wait for the
+-- next batch, and a registered worker's jobs wait while another recovery holds its
+-- registry row. Two rules give it:
+-- - The culprit is chosen among ALL the jobs the worker still runs (`culprits`), not
+--   only those this pass recovers, so every pass names the same one; a pass counts the
+--   crash only if it recovers the culprit itself (a pass that finds it held, unexpired
+--   or past the limit leaves the count to the pass that takes it). Only the recovery
+--   that locked the culprit's row can count: two cannot lock it both, and one that
+--   locks it after the other committed finds it no longer running and writes nothing.
+-- - The pass that counts a crash records it in worker_crashes (migration 0018), in the
+--   same statement; the worker's jobs recovered later are the same crash and are not
+--   counted, unless the worker has shown life since: a job heartbeat (every claim writes
+--   one) after counted_at, or a registry heartbeat other than the one it was judged by
+--   (NULL, gone from the registry, is no sign: pruning is not a heartbeat). A worker
+--   judged dead that came back (a frozen loop that thawed) and falls silent again has
+--   crashed again and is counted again, so a job that keeps freezing the same worker
+--   still ends as a poison pill. A pass's culprit is read in its snapshot, so a record
+--   committed after it started is not seen; that takes two passes recovering jobs of
+--   one crash at once, which the culprit's row lock above already keeps to one count.
+--   counted_at is clock_timestamp(), after every claim this statement sees committed.
+-- A worker that kept running jobs after it was judged silent is counted again only if
+-- it writes; one that was frozen and never wrote again is one crash. A database clock
+-- stepped back after a job's heartbeat can make the next pass count that crash again.
+--
 -- The lease test is repeated in the UPDATE itself, so a completion that commits after
 -- the scan wins: the row no longer matches. clock_timestamp(), not now(): a statement
 -- that waited for a lock judges leases at the time it runs.
@@ -554,7 +580,8 @@ WITH silent AS (
                FOR NO KEY UPDATE SKIP LOCKED))
 ),
 expired AS (
-    SELECT j.id, s.worker_id, s.started_at FROM silent s JOIN {schema}.jobs j ON j.id = s.id
+    SELECT j.id, s.worker_id, s.registry_beat
+    FROM silent s JOIN {schema}.jobs j ON j.id = s.id
     WHERE NOT %(seen_twice)s OR s.registry_beat IS NULL
        OR (s.worker_id, s.registry_beat) IN (
               SELECT * FROM unnest(%(sighted_workers)s::text[],
@@ -563,10 +590,27 @@ expired AS (
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
 ),
+culprits AS (
+    -- Per worker of this pass whose crash is still to be counted: the job it started
+    -- first among all it runs (jobs_running_idx).
+    SELECT e.worker_id, first.id
+    FROM (SELECT DISTINCT worker_id, registry_beat FROM expired) e
+    CROSS JOIN LATERAL (
+        SELECT r.id FROM {schema}.jobs r
+        WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL AND r.status = 'running'
+        ORDER BY r.started_at, r.id LIMIT 1) first
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {schema}.worker_crashes c
+        WHERE c.worker_id = e.worker_id
+          AND (e.registry_beat IS NULL OR e.registry_beat = c.registry_beat)
+          AND NOT EXISTS (
+                  SELECT 1 FROM {schema}.jobs r
+                  WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL
+                    AND r.status = 'running' AND r.heartbeat_at > c.counted_at))
+),
 orphans AS (
-    SELECT id, worker_id,
-           row_number() OVER (PARTITION BY worker_id ORDER BY started_at, id) = 1 AS blamed
-    FROM expired
+    SELECT e.id, e.worker_id, e.registry_beat, c.id IS NOT NULL AS blamed
+    FROM expired e LEFT JOIN culprits c ON c.id = e.id
 ),
 recovered AS (
     UPDATE {schema}.jobs AS j SET
@@ -595,7 +639,13 @@ recovered AS (
     FROM orphans o
     WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < clock_timestamp()
     RETURNING j.id, j.task, j.queue, j.status, j.attempts, j.execution_time,
-              o.worker_id AS previous_worker
+              o.worker_id AS previous_worker, o.blamed, o.registry_beat
+),
+counted AS (
+    INSERT INTO {schema}.worker_crashes AS c (worker_id, job_id, registry_beat, counted_at)
+    SELECT previous_worker, id, registry_beat, clock_timestamp() FROM recovered WHERE blamed
+    ON CONFLICT (worker_id) DO UPDATE SET job_id = excluded.job_id,
+        registry_beat = excluded.registry_beat, counted_at = excluded.counted_at
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
@@ -736,7 +786,16 @@ UPDATE {schema}.workers SET heartbeat_at = clock_timestamp() WHERE id = %(id)s R
 DELETE FROM {schema}.workers WHERE id = %(id)s;
 
 -- name: prune_workers
--- Forget workers that have not heartbeated for %(older_than_seconds)s.
+-- Forget workers that have not heartbeated for %(older_than_seconds)s, and the crashes
+-- counted for workers that hold no running job any more (recover_orphans): any job such a
+-- worker runs later it claims after the count, which makes its next silence a new crash
+-- anyway.
+WITH settled AS (
+    DELETE FROM {schema}.worker_crashes c
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.jobs r
+                      WHERE r.worker_id = c.worker_id AND r.finished_at IS NULL
+                        AND r.status = 'running')
+)
 DELETE FROM {schema}.workers
 WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s)
 RETURNING id;
