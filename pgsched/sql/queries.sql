@@ -789,10 +789,13 @@ DELETE FROM {schema}.workers WHERE id = %(id)s;
 -- Forget workers that have not heartbeated for %(older_than_seconds)s, and the crashes
 -- counted for workers that hold no running job any more (recover_orphans): any job such a
 -- worker runs later it claims after the count, which makes its next silence a new crash
--- anyway.
+-- anyway. Only crashes counted as long ago: one counted by a recovery this DELETE waited
+-- for is judged by this statement's older snapshot of jobs, which may not show the
+-- worker's jobs of that crash yet.
 WITH settled AS (
     DELETE FROM {schema}.worker_crashes c
-    WHERE NOT EXISTS (SELECT 1 FROM {schema}.jobs r
+    WHERE c.counted_at < now() - make_interval(secs => %(older_than_seconds)s)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.jobs r
                       WHERE r.worker_id = c.worker_id AND r.finished_at IS NULL
                         AND r.status = 'running')
 )

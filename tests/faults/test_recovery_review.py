@@ -189,17 +189,19 @@ async def test_concurrent_recoveries_in_small_batches_count_each_crash_once(sche
 
 async def test_a_registry_row_pruned_between_passes_starts_no_new_crash(sched):
     """The worker leaves the registry (pruned, ten leases silent) while one of its jobs
-    is still running: the rest, recovered from a worker now gone, is the same crash. Once
-    it holds nothing, the record of its crash goes with the next prune."""
+    is still running: the rest, recovered from a worker now gone, is the same crash, and
+    the prune kept the record of it. Once it holds nothing, the record goes too."""
     await _dead_worker_holding(sched, LIVE, True, {"old": (60, 1), "late": (10, -10)})
     assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["old"]
-    assert await sched.store.prune_workers(older_than_seconds=60) == [LIVE]
+    assert await sched.store.prune_workers(older_than_seconds=0) == [LIVE]
     await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
                        "WHERE id = 'late' RETURNING id")
     assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["late"]
     assert await _recoveries(sched) == {"old": 1, "late": 0}
-    assert await sched.store.prune_workers(older_than_seconds=60) == []
-    assert await query(sched, "SELECT * FROM {schema}.worker_crashes") == []
+    crashes = "SELECT worker_id, job_id FROM {schema}.worker_crashes"
+    assert await query(sched, crashes) == [{"worker_id": LIVE, "job_id": "old"}]
+    assert await sched.store.prune_workers(older_than_seconds=0) == []
+    assert await query(sched, crashes) == []
 
 
 async def test_a_worker_seen_alive_after_its_crash_was_counted_crashes_again(sched):
