@@ -1,0 +1,149 @@
+"""Review of crash blame (blame): a poison pill that kills real worker processes, run
+beside innocent jobs; rows of worker_crashes written by hand; a worker id reused.
+
+- A job that kills its worker every time must end as a poison pill after
+  max_recoveries crashes, and an innocent job that ran beside it in every one of those
+  crashes must not.
+- worker_crashes is read by every recovery: what a runtime-role user writes into it
+  must not stop a poison pill from being failed, nor grow the table for ever, nor stall
+  the recovery of other workers' jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+from conftest import wait_until
+
+from .kit import audit_env, counts, fault_config, query, release_file
+from .test_recovery_race import claim_all
+from .test_recovery_review import LIVE, _dead_worker_holding, _recoveries
+
+MAX_RECOVERIES = 2
+
+
+async def _status(sched, job_id: str) -> str:
+    return str((await sched.store.get_job(job_id))["status"])
+
+
+# On main too (the same blame rule, before worker_crashes): seen failing with
+# {'innocent': ('failed', 2)} after 4 crashes, on this branch and on main.
+@pytest.mark.xfail(strict=True, reason=(
+    "blame goes to the job its worker started first (started_at, id): the long innocent "
+    "job is claimed ahead of the pill in every worker's claim batch, so every crash the "
+    "pill causes is counted on the innocent, which is failed as a poison pill after "
+    "max_recoveries crashes (the pill only after twice as many); with both in every "
+    "crash no order tells them apart: the suspect has to be run alone before a verdict, "
+    "a change to claim and recovery, not a small fix"))
+async def test_a_poison_pill_beside_an_older_innocent_job_is_failed_and_the_innocent_is_not(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Each worker claims the long innocent job and the pill together (concurrency 2);
+    the pill SIGKILLs its worker a second later, and the next worker recovers both."""
+    config = fault_config(tmp_path, pg_dsn, schema, max_recoveries=MAX_RECOVERIES,
+                          concurrency=2)
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    await sched.schedule("hold", args=("innocent", release), job_id="innocent")
+    await sched.schedule("kill_own_worker", args=(1.0,), job_id="pill")
+    crashes = 0
+    # Enough crashes for the pill to be failed even if the innocent took the first counts.
+    while crashes < 2 * MAX_RECOVERIES + 1:
+        worker = workers(config, env=env)
+
+        async def died_or_pill_failed(w=worker) -> bool:
+            return w.proc.poll() is not None or await _status(sched, "pill") == "failed"
+
+        await wait_until(died_or_pill_failed, timeout=60, what="the pill to kill its worker")
+        if worker.proc.poll() is None:
+            break  # this worker failed the pill as a poison pill and lives on
+        crashes += 1
+    do_release()
+    await wait_until(lambda: _settled(sched), timeout=60, what="every job finished")
+    rows = await query(sched, "SELECT id, status::text, recoveries FROM {schema}.jobs")
+    assert {r["id"]: (r["status"], r["recoveries"]) for r in rows} == {
+        "pill": ("failed", MAX_RECOVERIES), "innocent": ("completed", 0)}, crashes
+
+
+async def _settled(sched) -> bool:
+    active = await counts(sched)
+    return active["pending"] == 0 and active["running"] == 0
+
+
+async def _crash_again_and_again(sched, crashes: int) -> list[str]:
+    """The job `hang` freezes the (unregistered) worker LIVE each time it claims it: each
+    claim after a counted crash shows the worker alive, so each silence is a new crash."""
+    await sched.schedule("noop", job_id="hang")
+    statuses = []
+    for _ in range(crashes):
+        await claim_all(sched, worker_id=LIVE)
+        await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
+                           "WHERE status = 'running' RETURNING id")
+        statuses += [str(r["status"]) for r in
+                     await sched.store.recover_orphans(max_recoveries=3)]
+    return statuses
+
+
+# 'infinity': written by SQL; a day ahead: counted while the database clock was a day
+# fast, then the clock was put right.
+@pytest.mark.parametrize("counted_at", ["'infinity'", "now() + interval '1 day'"],
+                         ids=["infinity", "a-day-ahead"])
+async def test_a_crash_record_dated_in_the_future_keeps_no_poison_pill_from_failing(
+        sched, counted_at):
+    await query(sched, "INSERT INTO {schema}.worker_crashes VALUES "
+                       f"(%s, 'junk', NULL, {counted_at}) RETURNING worker_id", [LIVE])
+    assert await _crash_again_and_again(sched, 3) == ["pending", "pending", "failed"]
+
+
+async def test_a_crash_record_dated_in_the_future_is_pruned(sched):
+    """Records are pruned once counted ten leases ago; one dated ahead of the clock never
+    gets there, and worker_crashes would keep every such row for ever."""
+    await query(sched, "INSERT INTO {schema}.worker_crashes VALUES "
+                       "(%s, 'junk', NULL, 'infinity'), ('other', 'junk', NULL, "
+                       "now() + interval '1 year') RETURNING worker_id", [LIVE])
+    await sched.store.prune_workers(older_than_seconds=20)
+    assert await query(sched, "SELECT worker_id FROM {schema}.worker_crashes") == []
+
+
+async def test_a_crash_record_locked_by_another_session_stalls_no_recovery(sched, pg_dsn):
+    """A session holds LIVE's crash record (FOR UPDATE: a report, an operator in psql)
+    while LIVE crashes again and a second dead worker's job waits in the same batch. The
+    recovery must not wait on the record (nor fail on lock_timeout, again every pass):
+    the other worker's job comes back; LIVE's may wait for the lock to go, as a worker
+    whose registry row is locked does."""
+    await _dead_worker_holding(sched, LIVE, False, {"old": (60, 2)})
+    assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["old"]
+    await claim_all(sched, worker_id=LIVE)  # alive again: it takes `old` back
+    await _dead_worker_holding(sched, "host:3:dead3", False, {"other": (30, 1)})
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '3 minutes' "
+                       "WHERE id = 'old' RETURNING id")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{sched.schema}".worker_crashes '
+                             "WHERE worker_id = %s FOR UPDATE", [LIVE])
+        async with asyncio.timeout(15):
+            recovered = await sched.store.recover_orphans(max_recoveries=3)
+        assert "other" in [r["id"] for r in recovered]
+        await sched.store.prune_workers(older_than_seconds=0)  # nor does pruning wait
+    recovered += await sched.store.recover_orphans(max_recoveries=3)
+    assert sorted(r["id"] for r in recovered) == ["old", "other"]
+    assert await _recoveries(sched) == {"old": 2, "other": 1}
+
+
+async def test_a_worker_restarted_under_the_same_id_crashes_anew(sched):
+    """Worker(worker_id=...) lets a deployment reuse an id (a pod name). Restarted after a
+    crash, it registers again and runs the pill again: that is a second crash."""
+    await _dead_worker_holding(sched, LIVE, True, {"pill": (60, 1), "kept": (50, 2)})
+    recovered = await sched.store.recover_orphans(max_recoveries=3)
+    assert sorted(r["id"] for r in recovered) == ["kept", "pill"]
+    await sched.store.register_worker(id=LIVE, host="host", pid=2, version="test",
+                                      concurrency=8, queues=None)
+    await claim_all(sched, worker_id=LIVE)
+    await query(sched, "UPDATE {schema}.workers SET heartbeat_at = now() - interval '1 hour' "
+                       "RETURNING id")
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second', "
+                       "started_at = CASE id WHEN 'pill' THEN started_at - interval '1 minute' "
+                       "ELSE started_at END WHERE status = 'running' RETURNING id")
+    recovered = await sched.store.recover_orphans(max_recoveries=3)
+    assert sorted(r["id"] for r in recovered) == ["kept", "pill"]
+    assert await _recoveries(sched) == {"pill": 2, "kept": 0}
