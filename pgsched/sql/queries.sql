@@ -579,13 +579,25 @@ WITH silent AS (
                       OR l.heartbeat_at - (j.lease_until - j.heartbeat_at) > clock_timestamp())
                FOR NO KEY UPDATE SKIP LOCKED))
 ),
+records AS (
+    -- The crash records of the silent workers, locked for the count's upsert below. A
+    -- record someone else holds (a session's FOR UPDATE) would keep that upsert waiting
+    -- until lock_timeout failed the whole pass, every pass: its worker's jobs wait
+    -- instead, as those of a worker whose registry row is locked do.
+    SELECT c.worker_id FROM {schema}.worker_crashes c
+    WHERE c.worker_id IN (SELECT worker_id FROM silent)
+    FOR NO KEY UPDATE SKIP LOCKED
+),
 expired AS (
     SELECT j.id, s.worker_id, s.registry_beat
     FROM silent s JOIN {schema}.jobs j ON j.id = s.id
-    WHERE NOT %(seen_twice)s OR s.registry_beat IS NULL
-       OR (s.worker_id, s.registry_beat) IN (
-              SELECT * FROM unnest(%(sighted_workers)s::text[],
-                                   %(sighted_beats)s::timestamptz[]))
+    WHERE (NOT %(seen_twice)s OR s.registry_beat IS NULL
+           OR (s.worker_id, s.registry_beat) IN (
+                  SELECT * FROM unnest(%(sighted_workers)s::text[],
+                                       %(sighted_beats)s::timestamptz[])))
+      AND (s.worker_id IN (SELECT worker_id FROM records)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.worker_crashes c
+                          WHERE c.worker_id = s.worker_id))
     ORDER BY s.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
@@ -603,6 +615,9 @@ culprits AS (
         SELECT 1 FROM {schema}.worker_crashes c
         WHERE c.worker_id = e.worker_id
           AND (e.registry_beat IS NULL OR e.registry_beat = c.registry_beat)
+          -- A record dated ahead of the clock (written by SQL, or counted while the
+          -- clock was fast) would outdate every heartbeat: it is no record.
+          AND c.counted_at <= clock_timestamp()
           AND NOT EXISTS (
                   SELECT 1 FROM {schema}.jobs r
                   WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL
@@ -794,10 +809,16 @@ DELETE FROM {schema}.workers WHERE id = %(id)s;
 -- worker's jobs of that crash yet.
 WITH settled AS (
     DELETE FROM {schema}.worker_crashes c
-    WHERE c.counted_at < now() - make_interval(secs => %(older_than_seconds)s)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.jobs r
-                      WHERE r.worker_id = c.worker_id AND r.finished_at IS NULL
-                        AND r.status = 'running')
+    WHERE c.worker_id IN (
+        SELECT l.worker_id FROM {schema}.worker_crashes l
+        WHERE (l.counted_at < now() - make_interval(secs => %(older_than_seconds)s)
+               AND NOT EXISTS (SELECT 1 FROM {schema}.jobs r
+                               WHERE r.worker_id = l.worker_id AND r.finished_at IS NULL
+                                 AND r.status = 'running'))
+           -- Dated that far ahead, recovery ignores it and nothing would ever prune it.
+           OR l.counted_at > now() + make_interval(secs => %(older_than_seconds)s)
+        -- A record someone holds is left for the next prune, which then does not wait.
+        FOR UPDATE SKIP LOCKED)
 )
 DELETE FROM {schema}.workers
 WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s)

@@ -147,3 +147,24 @@ async def test_a_worker_restarted_under_the_same_id_crashes_anew(sched):
     recovered = await sched.store.recover_orphans(max_recoveries=3)
     assert sorted(r["id"] for r in recovered) == ["kept", "pill"]
     assert await _recoveries(sched) == {"pill": 2, "kept": 0}
+
+
+async def test_a_crash_record_locked_by_another_session_stalls_no_prune(sched, pg_dsn):
+    """A settled record (counted long ago, its worker runs nothing) that a session holds:
+    the prune leaves it for a later one instead of failing on lock_timeout, which would
+    keep the registry from being pruned as well."""
+    await query(sched, "INSERT INTO {schema}.workers (id, host, pid, version, concurrency, "
+                       "heartbeat_at) VALUES ('gone', 'host', 3, 'test', 1, "
+                       "now() - interval '1 hour') RETURNING id")
+    await query(sched, "INSERT INTO {schema}.worker_crashes VALUES (%s, 'j', NULL, "
+                       "now() - interval '1 hour'), ('gone', 'j', NULL, "
+                       "now() - interval '1 hour') RETURNING worker_id", [LIVE])
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'SELECT 1 FROM "{sched.schema}".worker_crashes '
+                             "WHERE worker_id = %s FOR UPDATE", [LIVE])
+        async with asyncio.timeout(15):
+            assert await sched.store.prune_workers(older_than_seconds=60) == ["gone"]
+        left = await query(sched, "SELECT worker_id FROM {schema}.worker_crashes")
+        assert left == [{"worker_id": LIVE}]
+    await sched.store.prune_workers(older_than_seconds=60)
+    assert await query(sched, "SELECT worker_id FROM {schema}.worker_crashes") == []
