@@ -15,11 +15,18 @@ import asyncio
 
 import psycopg
 import pytest
-from conftest import wait_until
+from conftest import fast_options, wait_until
+
+from pgsched import Scheduler
 
 from .kit import audit_env, counts, fault_config, query, release_file
 from .test_recovery_race import claim_all
-from .test_recovery_review import LIVE, _dead_worker_holding, _recoveries
+from .test_recovery_review import (
+    LIVE,
+    STARTED_FIRST_LEASE_LAST,
+    _dead_worker_holding,
+    _recoveries,
+)
 
 MAX_RECOVERIES = 2
 
@@ -168,3 +175,16 @@ async def test_a_crash_record_locked_by_another_session_stalls_no_prune(sched, p
         assert left == [{"worker_id": LIVE}]
     await sched.store.prune_workers(older_than_seconds=60)
     assert await query(sched, "SELECT worker_id FROM {schema}.worker_crashes") == []
+
+
+async def test_a_crash_left_running_across_the_upgrade_to_worker_crashes_is_counted_once(
+        pg_dsn, schema):
+    """Jobs of a dead worker still running when 0018 is applied: recovered afterwards in
+    batches, the crash counts once, on the job started first."""
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as sched:
+        await sched.store.migrate(target=16)
+        await _dead_worker_holding(sched, LIVE, True, STARTED_FIRST_LEASE_LAST)
+        await sched.store.migrate()
+        for _ in range(3):
+            await sched.store.recover_orphans(max_recoveries=3, limit=1)
+        assert await _recoveries(sched) == {"first": 1, "second": 0, "third": 0}
