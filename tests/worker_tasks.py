@@ -255,3 +255,10 @@ async def kill_own_worker(seconds: float) -> None:
     """A poison pill: SIGKILL the worker process that runs it, `seconds` after it starts."""
     await asyncio.sleep(seconds)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task
+async def freeze_loop(seconds: float) -> None:
+    """A poison pill that hangs rather than kills: it blocks its worker's event loop (no
+    heartbeat, no lease renewal) for `seconds`, then returns as if nothing happened."""
+    time.sleep(seconds)
