@@ -25,6 +25,7 @@ from .test_recovery_review import (
     LIVE,
     STARTED_FIRST_LEASE_LAST,
     _dead_worker_holding,
+    _recover_params,
     _recoveries,
 )
 
@@ -223,3 +224,45 @@ async def test_a_job_that_freezes_live_workers_is_a_poison_pill_and_its_neighbou
     assert {r["id"]: (r["status"], r["recoveries"]) for r in rows} == {
         "pill": ("failed", MAX_RECOVERIES), "innocent": ("completed", 0)}
     assert all(w.proc.poll() is None for w in pool)
+
+
+# Which of the three held batches (LIMIT 1 each, taken in lease order) holds `first`,
+# the job to blame; and the order the three recoveries commit in.
+@pytest.mark.parametrize("culprit_lease", [3, 2, 1], ids=["r1-holds-it", "r2-holds-it",
+                                                          "r3-holds-it"])
+@pytest.mark.parametrize("commits", [(0, 1, 2), (2, 1, 0), (1, 2, 0)],
+                         ids=["in-order", "reversed", "middle-first"])
+@pytest.mark.parametrize("counted_before", [False, True], ids=["first-crash", "second-crash"])
+async def test_three_recoveries_holding_parts_of_one_crash_count_it_once(
+        sched, pg_dsn, culprit_lease, commits, counted_before):
+    """Three recoveries on their own connections each recover one job of a dead worker
+    (gone from the registry) and hold it uncommitted; a fourth runs meanwhile; they
+    commit in some order and later passes take the rest. On a second crash (the worker
+    showed life after the first was counted) the record is there to be upserted."""
+    leases = {"first": (30, culprit_lease),
+              **{j: (20 - n, lease) for n, (j, lease) in enumerate(
+                  zip(["second", "third", "fourth"],
+                      [x for x in (3, 2, 1, 0) if x != culprit_lease], strict=True))}}
+    await _dead_worker_holding(sched, LIVE, False, leases)
+    if counted_before:
+        await query(sched, "INSERT INTO {schema}.worker_crashes VALUES (%s, 'x', NULL, "
+                           "now() - interval '1 hour') RETURNING worker_id", [LIVE])
+    holders = [await psycopg.AsyncConnection.connect(pg_dsn) for _ in range(3)]
+    held = []
+    try:
+        for conn in holders:
+            cur = await conn.execute(sched.store._q["recover_orphans"],
+                                     _recover_params(sched, 1))
+            held += [row[0] for row in await cur.fetchall() if row[0] is not None]
+        meanwhile = await sched.store.recover_orphans(max_recoveries=3)
+        for n in commits:
+            await holders[n].commit()
+    finally:
+        for conn in holders:
+            await conn.close()
+    later = []
+    for _ in range(4):
+        later += await sched.store.recover_orphans(max_recoveries=3)
+    recovered = held + [r["id"] for r in meanwhile + later]
+    assert sorted(recovered) == ["first", "fourth", "second", "third"], held
+    assert await _recoveries(sched) == {"first": 1, "second": 0, "third": 0, "fourth": 0}
