@@ -616,8 +616,10 @@ culprits AS (
         WHERE c.worker_id = e.worker_id
           AND (e.registry_beat IS NULL OR e.registry_beat = c.registry_beat)
           -- A record dated ahead of the clock (written by SQL, or counted while the
-          -- clock was fast) would outdate every heartbeat: it is no record.
-          AND c.counted_at <= clock_timestamp()
+          -- clock was fast) would outdate every heartbeat of a worker gone from the
+          -- registry, for ever: for one it is no record. A registered worker's crash is
+          -- told by its registry heartbeat, which the date does not outweigh.
+          AND (c.counted_at <= clock_timestamp() OR e.registry_beat IS NOT NULL)
           AND NOT EXISTS (
                   SELECT 1 FROM {schema}.jobs r
                   WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL

@@ -266,3 +266,17 @@ async def test_three_recoveries_holding_parts_of_one_crash_count_it_once(
     recovered = held + [r["id"] for r in meanwhile + later]
     assert sorted(recovered) == ["first", "fourth", "second", "third"], held
     assert await _recoveries(sched) == {"first": 1, "second": 0, "third": 0, "fourth": 0}
+
+
+async def test_a_crash_counted_before_the_clock_was_stepped_back_is_not_counted_again(sched):
+    """A registered worker's crash, split over two passes, counted while the database
+    clock was an hour fast: the rest, recovered after the clock was put right, is the
+    same crash (same registry heartbeat) and is not counted again."""
+    await _dead_worker_holding(sched, LIVE, True, {"old": (60, 1), "late": (10, -10)})
+    assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["old"]
+    await query(sched, "UPDATE {schema}.worker_crashes SET counted_at = counted_at + "
+                       "interval '1 hour' RETURNING worker_id")
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
+                       "WHERE id = 'late' RETURNING id")
+    assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["late"]
+    assert await _recoveries(sched) == {"old": 1, "late": 0}
