@@ -91,6 +91,11 @@ async def _settled(sched) -> bool:
     return active["pending"] == 0 and active["running"] == 0
 
 
+async def _expire_lease(sched, where: str) -> None:
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
+                       f"WHERE {where} RETURNING id")
+
+
 async def _crash_again_and_again(sched, crashes: int) -> list[str]:
     """The job `hang` freezes the (unregistered) worker LIVE each time it claims it: each
     claim after a counted crash shows the worker alive, so each silence is a new crash."""
@@ -98,8 +103,7 @@ async def _crash_again_and_again(sched, crashes: int) -> list[str]:
     statuses = []
     for _ in range(crashes):
         await claim_all(sched, worker_id=LIVE)
-        await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
-                           "WHERE status = 'running' RETURNING id")
+        await _expire_lease(sched, "status = 'running'")
         statuses += [str(r["status"]) for r in
                      await sched.store.recover_orphans(max_recoveries=3)]
     return statuses
@@ -288,7 +292,6 @@ async def test_a_crash_counted_before_the_clock_was_stepped_back_is_not_counted_
     assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["old"]
     await query(sched, "UPDATE {schema}.worker_crashes SET counted_at = counted_at + "
                        "interval '1 hour' RETURNING worker_id")
-    await query(sched, "UPDATE {schema}.jobs SET lease_until = now() - interval '1 second' "
-                       "WHERE id = 'late' RETURNING id")
+    await _expire_lease(sched, "id = 'late'")
     assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["late"]
     assert await _recoveries(sched) == {"old": 1, "late": 0}
