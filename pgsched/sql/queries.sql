@@ -563,8 +563,11 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- that waited for a lock judges leases at the time it runs.
 WITH silent AS (
     -- Expired jobs of silent workers, with the registry heartbeat each worker was judged
-    -- by (NULL: gone from the registry).
-    SELECT j.id, j.worker_id, j.started_at, j.lease_until, w.heartbeat_at AS registry_beat
+    -- by (NULL: gone from the registry), and that heartbeat as the next pass gets it back
+    -- (sighted_beat): clamped to what a Python datetime holds, or a beat written as
+    -- 'infinity' would come back as another time and never be seen twice.
+    SELECT j.id, j.worker_id, j.started_at, j.lease_until, w.heartbeat_at AS registry_beat,
+           least(greatest(w.heartbeat_at, '0001-01-03Z'), '9999-12-30Z') AS sighted_beat
     FROM {schema}.jobs j LEFT JOIN {schema}.workers w ON w.id = j.worker_id
     WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
       AND j.status = 'running' AND j.lease_until < clock_timestamp()
@@ -592,7 +595,7 @@ expired AS (
     SELECT j.id, s.worker_id, s.registry_beat
     FROM silent s JOIN {schema}.jobs j ON j.id = s.id
     WHERE (NOT %(seen_twice)s OR s.registry_beat IS NULL
-           OR (s.worker_id, s.registry_beat) IN (
+           OR (s.worker_id, s.sighted_beat) IN (
                   SELECT * FROM unnest(%(sighted_workers)s::text[],
                                        %(sighted_beats)s::timestamptz[])))
       AND (s.worker_id IN (SELECT worker_id FROM records)
@@ -674,7 +677,7 @@ SELECT recovered.id, recovered.task, recovered.queue, recovered.status, recovere
 FROM recovered LEFT JOIN wake ON true
 UNION ALL
 SELECT DISTINCT NULL::text, NULL::text, NULL::text, NULL::{schema}.job_status, NULL::int,
-       NULL::text, s.worker_id, s.registry_beat
+       NULL::text, s.worker_id, s.sighted_beat
 FROM silent s WHERE s.registry_beat IS NOT NULL;
 
 -- name: cancel_jobs

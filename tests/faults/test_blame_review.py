@@ -20,7 +20,7 @@ from conftest import fast_options, wait_until
 from pgsched import Scheduler
 
 from .kit import audit_env, counts, fault_config, query, release_file
-from .test_recovery_race import claim_all
+from .test_recovery_race import _silent_registered_worker_with_a_job, claim_all
 from .test_recovery_review import (
     LIVE,
     STARTED_FIRST_LEASE_LAST,
@@ -295,3 +295,20 @@ async def test_a_crash_counted_before_the_clock_was_stepped_back_is_not_counted_
     await _expire_lease(sched, "id = 'late'")
     assert [r["id"] for r in await sched.store.recover_orphans(max_recoveries=3)] == ["late"]
     assert await _recoveries(sched) == {"old": 1, "late": 0}
+
+
+# Beyond what Python reads back as it is: the worker loop's next pass must still match.
+@pytest.mark.parametrize("beat", ["'infinity'", "'10000-01-01'", "'-infinity'"])
+async def test_a_registry_heartbeat_python_cannot_hold_strands_no_job(sched, beat):
+    """The worker loop takes a registered worker's jobs once two passes saw it silent
+    with the same registry heartbeat, handing the first pass's reading back to the
+    second: a heartbeat read back clamped must still be the same one."""
+    job_id = await _silent_registered_worker_with_a_job(sched, LIVE)
+    await query(sched, f"UPDATE {{schema}}.workers SET heartbeat_at = {beat} RETURNING id")
+    sighted: dict = {}
+    recovered = []
+    for _ in range(3):
+        recovery = await sched.store.recover_seen_twice(max_recoveries=3, sighted=sighted)
+        sighted = recovery.silent
+        recovered += [r["id"] for r in recovery.recovered]
+    assert recovered == [job_id]
