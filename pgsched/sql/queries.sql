@@ -570,7 +570,8 @@ WITH silent AS (
            least(greatest(w.heartbeat_at, '0001-01-03Z'), '9999-12-30Z') AS sighted_beat
     FROM {schema}.jobs j LEFT JOIN {schema}.workers w ON w.id = j.worker_id
     WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
-      AND j.status = 'running' AND j.lease_until < clock_timestamp()
+      -- A running row without a lease (written by SQL) has none left.
+      AND j.status = 'running' AND coalesce(j.lease_until, '-infinity') < clock_timestamp()
       AND (w.id IS NULL OR EXISTS (
                SELECT 1 FROM {schema}.workers l
                WHERE l.id = w.id
@@ -657,7 +658,8 @@ recovered AS (
             'error', 'lease expired (worker crashed, hung or lost its connection)'),
             %(errors_first)s, %(errors_last)s)
     FROM orphans o
-    WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < clock_timestamp()
+    WHERE j.id = o.id AND j.status = 'running'
+      AND coalesce(j.lease_until, '-infinity') < clock_timestamp()
     RETURNING j.id, j.task, j.queue, j.status, j.attempts, j.execution_time,
               o.worker_id AS previous_worker, o.blamed, o.registry_beat
 ),

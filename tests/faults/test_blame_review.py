@@ -312,3 +312,12 @@ async def test_a_registry_heartbeat_python_cannot_hold_strands_no_job(sched, bea
         sighted = recovery.silent
         recovered += [r["id"] for r in recovery.recovered]
     assert recovered == [job_id]
+
+
+async def test_a_running_job_without_a_lease_is_recovered(sched):
+    """A running row whose lease_until is NULL (written by SQL: every claim and renewal
+    writes one) never expires: its dead worker's job would run never again."""
+    await _dead_worker_holding(sched, "host:3:dead3", False, {"leaseless": (10, 1)})
+    await query(sched, "UPDATE {schema}.jobs SET lease_until = NULL RETURNING id")
+    recovered = await sched.store.recover_orphans(max_recoveries=3)
+    assert [(r["id"], str(r["status"])) for r in recovered] == [("leaseless", "pending")]
