@@ -555,8 +555,10 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 --   one crash at once, which the culprit's row lock above already keeps to one count.
 --   counted_at is clock_timestamp(), after every claim this statement sees committed.
 -- A worker that kept running jobs after it was judged silent is counted again only if
--- it writes; one that was frozen and never wrote again is one crash. A database clock
--- stepped back after a job's heartbeat can make the next pass count that crash again.
+-- it writes; one that was frozen and never wrote again is one crash. A job heartbeat
+-- dated ahead of the database clock is no write since, and a record dated ahead is no
+-- record for a worker gone from the registry (SQL wrote them, or the clock was stepped
+-- back): neither counts a crash twice nor keeps one from being counted for ever.
 --
 -- The lease test is repeated in the UPDATE itself, so a completion that commits after
 -- the scan wins: the row no longer matches. clock_timestamp(), not now(): a statement
@@ -627,7 +629,10 @@ culprits AS (
           AND NOT EXISTS (
                   SELECT 1 FROM {schema}.jobs r
                   WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL
-                    AND r.status = 'running' AND r.heartbeat_at > c.counted_at))
+                    AND r.status = 'running' AND r.heartbeat_at > c.counted_at
+                    -- One dated ahead of the clock is no write since (SQL wrote it, or a
+                    -- clock since stepped back): each batch would blame another job.
+                    AND r.heartbeat_at <= clock_timestamp()))
 ),
 orphans AS (
     SELECT e.id, e.worker_id, e.registry_beat, c.id IS NOT NULL AS blamed

@@ -321,3 +321,21 @@ async def test_a_running_job_without_a_lease_is_recovered(sched):
     await query(sched, "UPDATE {schema}.jobs SET lease_until = NULL RETURNING id")
     recovered = await sched.store.recover_orphans(max_recoveries=3)
     assert [(r["id"], str(r["status"])) for r in recovered] == [("leaseless", "pending")]
+
+
+# 'infinity': written by SQL; an hour ahead: renewed while the database clock was an
+# hour fast, the crash counted after it was put right.
+@pytest.mark.parametrize("beat", ["'infinity'", "now() + interval '1 hour'"],
+                         ids=["infinity", "an-hour-ahead"])
+async def test_a_job_heartbeat_dated_ahead_is_no_sign_of_life_after_a_crash(sched, beat):
+    """A dead worker's crash recovered in LIMIT 1 batches: the rest of it is counted
+    again only if the worker wrote after the count; a job heartbeat dated ahead of the
+    clock is no such write, or each batch would blame another innocent job."""
+    await _dead_worker_holding(sched, LIVE, False, {"first": (30, 3), "second": (20, 2),
+                                                    "third": (10, 1)})
+    await query(sched, f"UPDATE {{schema}}.jobs SET heartbeat_at = {beat} "
+                       "WHERE id = 'third' RETURNING id")
+    batches = [[r["id"] for r in await sched.store.recover_orphans(max_recoveries=3, limit=1)]
+               for _ in range(3)]
+    assert batches == [["first"], ["second"], ["third"]]
+    assert await _recoveries(sched) == {"first": 1, "second": 0, "third": 0}
