@@ -339,3 +339,42 @@ async def test_a_job_heartbeat_dated_ahead_is_no_sign_of_life_after_a_crash(sche
                for _ in range(3)]
     assert batches == [["first"], ["second"], ["third"]]
     assert await _recoveries(sched) == {"first": 1, "second": 0, "third": 0}
+
+
+async def test_three_live_workers_recovering_one_killed_worker_count_its_crash_once(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A worker holding 30 jobs is SIGKILLed while three others run: their maintenance
+    loops recover its jobs concurrently, in whatever passes and splits the race gives.
+    One crash: one count, on the job the killed worker started first; every job then
+    completes."""
+    env = audit_env(pg_dsn, schema)
+    release, do_release = release_file(tmp_path)
+    for n in range(30):
+        await sched.schedule("hold", args=(f"j{n:02}", release), job_id=f"j{n:02}")
+    (tmp_path / "victim").mkdir()
+    victim = workers(fault_config(tmp_path / "victim", pg_dsn, schema, concurrency=30),
+                     env=env)
+
+    async def all_held() -> list:
+        rows = await query(sched, "SELECT id, worker_id, started_at FROM {schema}.jobs "
+                                  "WHERE status = 'running' ORDER BY started_at, id")
+        return rows if len(rows) == 30 else []
+
+    held = await wait_until(all_held, timeout=30, what="the victim to claim every job")
+    victim.kill()
+    config = fault_config(tmp_path, pg_dsn, schema, concurrency=2)
+    recoverers = [workers(config, env=env) for _ in range(3)]
+
+    async def none_left_with_the_victim() -> bool:
+        rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                                  "WHERE worker_id = %s AND status = 'running'",
+                           [held[0]["worker_id"]])
+        return rows[0]["n"] == 0
+
+    await wait_until(none_left_with_the_victim, timeout=60, what="every orphan recovered")
+    do_release()
+    await wait_until(lambda: _settled(sched), timeout=90, what="every job finished")
+    rows = await query(sched, "SELECT id, status::text, recoveries FROM {schema}.jobs")
+    assert {r["status"] for r in rows} == {"completed"}
+    assert {r["id"]: r["recoveries"] for r in rows if r["recoveries"]} == {held[0]["id"]: 1}
+    assert all(w.proc.poll() is None for w in recoverers)
