@@ -827,7 +827,8 @@ WITH settled AS (
                AND NOT EXISTS (SELECT 1 FROM {schema}.jobs r
                                WHERE r.worker_id = l.worker_id AND r.finished_at IS NULL
                                  AND r.status = 'running'))
-           -- Dated that far ahead, recovery ignores it and nothing would ever prune it.
+           -- Dated that far ahead (SQL wrote it, or a clock that far off) nothing else
+           -- would ever prune it; recovery trusts no such date for a worker gone.
            OR l.counted_at > now() + make_interval(secs => %(older_than_seconds)s)
         -- A record someone holds is left for the next prune, which then does not wait.
         FOR UPDATE SKIP LOCKED)
