@@ -96,7 +96,7 @@ def test_runtime_role_runs_worker_add_and_ls_with_only_the_grants_it_needs(roles
             "WHERE grantee = %s AND table_schema = %s", [roles.runtime, roles.schema]))
     dml = {"SELECT", "INSERT", "UPDATE", "DELETE"}
     assert granted == {(t, p) for t in ("jobs", "workers", "schedules", "paused_queues",
-                                        "queue_limits", "job_dependencies")
+                                        "queue_limits", "job_dependencies", "worker_crashes")
                        for p in dml} | \
         {("schema_migrations", "SELECT")}
 

@@ -13,6 +13,7 @@ tests release them on an event instead of guessing durations.
 import asyncio
 import contextlib
 import os
+import signal
 import threading
 import time
 import uuid
@@ -247,3 +248,17 @@ async def returns_lone_surrogate() -> str:
 @task
 async def raises_nul(repeat: int = 1) -> None:
     raise ValueError("x\x00y" * repeat)
+
+
+@task
+async def kill_own_worker(seconds: float) -> None:
+    """A poison pill: SIGKILL the worker process that runs it, `seconds` after it starts."""
+    await asyncio.sleep(seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task
+async def freeze_loop(seconds: float) -> None:
+    """A poison pill that hangs rather than kills: it blocks its worker's event loop (no
+    heartbeat, no lease renewal) for `seconds`, then returns as if nothing happened."""
+    time.sleep(seconds)

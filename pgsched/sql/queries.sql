@@ -537,16 +537,48 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- job moves towards %(max_recoveries)s and the poison-pill verdict; its innocent
 -- neighbours run again with their count unchanged, and every recovery is in `errors`.
 --
+-- Invariant: one crash of one worker is counted once, on one job, however its jobs are
+-- split between passes: a job claimed after the last heartbeat expires a pass later, a
+-- job another recovery holds is skipped (SKIP LOCKED), jobs past %(limit)s wait for the
+-- next batch, and a registered worker's jobs wait while another recovery holds its
+-- registry row. Two rules give it:
+-- - The culprit is chosen among ALL the jobs the worker still runs (`culprits`), not
+--   only those this pass recovers, so every pass names the same one; a pass counts the
+--   crash only if it recovers the culprit itself (a pass that finds it held, unexpired
+--   or past the limit leaves the count to the pass that takes it). Only the recovery
+--   that locked the culprit's row can count: two cannot lock it both, and one that
+--   locks it after the other committed finds it no longer running and writes nothing.
+-- - The pass that counts a crash records it in worker_crashes (migration 0018), in the
+--   same statement; the worker's jobs recovered later are the same crash and are not
+--   counted, unless the worker has shown life since: a job heartbeat (every claim writes
+--   one) after counted_at, or a registry heartbeat other than the one it was judged by
+--   (NULL, gone from the registry, is no sign: pruning is not a heartbeat). A worker
+--   judged dead that came back (a frozen loop that thawed) and falls silent again has
+--   crashed again and is counted again, so a job that keeps freezing the same worker
+--   still ends as a poison pill. A pass's culprit is read in its snapshot, so a record
+--   committed after it started is not seen; that takes two passes recovering jobs of
+--   one crash at once, which the culprit's row lock above already keeps to one count.
+--   counted_at is clock_timestamp(), after every claim this statement sees committed.
+-- A worker that kept running jobs after it was judged silent is counted again only if
+-- it writes; one that was frozen and never wrote again is one crash. A job heartbeat
+-- dated ahead of the database clock is no write since, and a record dated ahead is no
+-- record for a worker gone from the registry (SQL wrote them, or the clock was stepped
+-- back): neither counts a crash twice nor keeps one from being counted for ever.
+--
 -- The lease test is repeated in the UPDATE itself, so a completion that commits after
 -- the scan wins: the row no longer matches. clock_timestamp(), not now(): a statement
 -- that waited for a lock judges leases at the time it runs.
 WITH silent AS (
     -- Expired jobs of silent workers, with the registry heartbeat each worker was judged
-    -- by (NULL: gone from the registry).
-    SELECT j.id, j.worker_id, j.started_at, j.lease_until, w.heartbeat_at AS registry_beat
+    -- by (NULL: gone from the registry), and that heartbeat as the next pass gets it back
+    -- (sighted_beat): clamped to what a Python datetime holds, or a beat written as
+    -- 'infinity' would come back as another time and never be seen twice.
+    SELECT j.id, j.worker_id, j.started_at, j.lease_until, w.heartbeat_at AS registry_beat,
+           least(greatest(w.heartbeat_at, '0001-01-03Z'), '9999-12-30Z') AS sighted_beat
     FROM {schema}.jobs j LEFT JOIN {schema}.workers w ON w.id = j.worker_id
     WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL  -- jobs_running_idx (0009)
-      AND j.status = 'running' AND j.lease_until < clock_timestamp()
+      -- A running row without a lease (written by SQL) has none left.
+      AND j.status = 'running' AND coalesce(j.lease_until, '-infinity') < clock_timestamp()
       AND (w.id IS NULL OR EXISTS (
                SELECT 1 FROM {schema}.workers l
                WHERE l.id = w.id
@@ -558,20 +590,58 @@ WITH silent AS (
                       OR l.heartbeat_at - (j.lease_until - j.heartbeat_at) > clock_timestamp())
                FOR NO KEY UPDATE SKIP LOCKED))
 ),
+records AS (
+    -- The crash records of the silent workers, locked for the count's upsert below. A
+    -- record someone else holds (a session's FOR UPDATE) would keep that upsert waiting
+    -- until lock_timeout failed the whole pass, every pass: its worker's jobs wait
+    -- instead, as those of a worker whose registry row is locked do.
+    SELECT c.worker_id FROM {schema}.worker_crashes c
+    WHERE c.worker_id IN (SELECT worker_id FROM silent)
+    FOR NO KEY UPDATE SKIP LOCKED
+),
 expired AS (
-    SELECT j.id, s.worker_id, s.started_at FROM silent s JOIN {schema}.jobs j ON j.id = s.id
-    WHERE NOT %(seen_twice)s OR s.registry_beat IS NULL
-       OR (s.worker_id, s.registry_beat) IN (
-              SELECT * FROM unnest(%(sighted_workers)s::text[],
-                                   %(sighted_beats)s::timestamptz[]))
+    SELECT j.id, s.worker_id, s.registry_beat
+    FROM silent s JOIN {schema}.jobs j ON j.id = s.id
+    WHERE (NOT %(seen_twice)s OR s.registry_beat IS NULL
+           OR (s.worker_id, s.sighted_beat) IN (
+                  SELECT * FROM unnest(%(sighted_workers)s::text[],
+                                       %(sighted_beats)s::timestamptz[])))
+      AND (s.worker_id IN (SELECT worker_id FROM records)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.worker_crashes c
+                          WHERE c.worker_id = s.worker_id))
     ORDER BY s.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
 ),
+culprits AS (
+    -- Per worker of this pass whose crash is still to be counted: the job it started
+    -- first among all it runs (jobs_running_idx).
+    SELECT e.worker_id, first.id
+    FROM (SELECT DISTINCT worker_id, registry_beat FROM expired) e
+    CROSS JOIN LATERAL (
+        SELECT r.id FROM {schema}.jobs r
+        WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL AND r.status = 'running'
+        ORDER BY r.started_at, r.id LIMIT 1) first
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {schema}.worker_crashes c
+        WHERE c.worker_id = e.worker_id
+          AND (e.registry_beat IS NULL OR e.registry_beat = c.registry_beat)
+          -- A record dated ahead of the clock (written by SQL, or counted while the
+          -- clock was fast) would outdate every heartbeat of a worker gone from the
+          -- registry, for ever: for one it is no record. A registered worker's crash is
+          -- told by its registry heartbeat, which the date does not outweigh.
+          AND (c.counted_at <= clock_timestamp() OR e.registry_beat IS NOT NULL)
+          AND NOT EXISTS (
+                  SELECT 1 FROM {schema}.jobs r
+                  WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL
+                    AND r.status = 'running' AND r.heartbeat_at > c.counted_at
+                    -- One dated ahead of the clock is no write since (SQL wrote it, or a
+                    -- clock since stepped back): each batch would blame another job.
+                    AND r.heartbeat_at <= clock_timestamp()))
+),
 orphans AS (
-    SELECT id, worker_id,
-           row_number() OVER (PARTITION BY worker_id ORDER BY started_at, id) = 1 AS blamed
-    FROM expired
+    SELECT e.id, e.worker_id, e.registry_beat, c.id IS NOT NULL AS blamed
+    FROM expired e LEFT JOIN culprits c ON c.id = e.id
 ),
 recovered AS (
     UPDATE {schema}.jobs AS j SET
@@ -598,9 +668,16 @@ recovered AS (
             'error', 'lease expired (worker crashed, hung or lost its connection)'),
             %(errors_first)s, %(errors_last)s)
     FROM orphans o
-    WHERE j.id = o.id AND j.status = 'running' AND j.lease_until < clock_timestamp()
+    WHERE j.id = o.id AND j.status = 'running'
+      AND coalesce(j.lease_until, '-infinity') < clock_timestamp()
     RETURNING j.id, j.task, j.queue, j.status, j.attempts, j.execution_time,
-              o.worker_id AS previous_worker
+              o.worker_id AS previous_worker, o.blamed, o.registry_beat
+),
+counted AS (
+    INSERT INTO {schema}.worker_crashes AS c (worker_id, job_id, registry_beat, counted_at)
+    SELECT previous_worker, id, registry_beat, clock_timestamp() FROM recovered WHERE blamed
+    ON CONFLICT (worker_id) DO UPDATE SET job_id = excluded.job_id,
+        registry_beat = excluded.registry_beat, counted_at = excluded.counted_at
 ),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
@@ -612,7 +689,7 @@ SELECT recovered.id, recovered.task, recovered.queue, recovered.status, recovere
 FROM recovered LEFT JOIN wake ON true
 UNION ALL
 SELECT DISTINCT NULL::text, NULL::text, NULL::text, NULL::{schema}.job_status, NULL::int,
-       NULL::text, s.worker_id, s.registry_beat
+       NULL::text, s.worker_id, s.sighted_beat
 FROM silent s WHERE s.registry_beat IS NOT NULL;
 
 -- name: cancel_jobs
@@ -776,7 +853,26 @@ UPDATE {schema}.workers SET heartbeat_at = clock_timestamp() WHERE id = %(id)s R
 DELETE FROM {schema}.workers WHERE id = %(id)s;
 
 -- name: prune_workers
--- Forget workers that have not heartbeated for %(older_than_seconds)s.
+-- Forget workers that have not heartbeated for %(older_than_seconds)s, and the crashes
+-- counted for workers that hold no running job any more (recover_orphans): any job such a
+-- worker runs later it claims after the count, which makes its next silence a new crash
+-- anyway. Only crashes counted as long ago: one counted by a recovery this DELETE waited
+-- for is judged by this statement's older snapshot of jobs, which may not show the
+-- worker's jobs of that crash yet.
+WITH settled AS (
+    DELETE FROM {schema}.worker_crashes c
+    WHERE c.worker_id IN (
+        SELECT l.worker_id FROM {schema}.worker_crashes l
+        WHERE (l.counted_at < now() - make_interval(secs => %(older_than_seconds)s)
+               AND NOT EXISTS (SELECT 1 FROM {schema}.jobs r
+                               WHERE r.worker_id = l.worker_id AND r.finished_at IS NULL
+                                 AND r.status = 'running'))
+           -- Dated that far ahead (SQL wrote it, or a clock that far off) nothing else
+           -- would ever prune it; recovery trusts no such date for a worker gone.
+           OR l.counted_at > now() + make_interval(secs => %(older_than_seconds)s)
+        -- A record someone holds is left for the next prune, which then does not wait.
+        FOR UPDATE SKIP LOCKED)
+)
 DELETE FROM {schema}.workers
 WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s)
 RETURNING id;
