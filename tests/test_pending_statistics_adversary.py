@@ -23,7 +23,7 @@ from test_hostile import roles as roles
 from test_pending_statistics import analyses, fill
 
 from pgsched import Scheduler
-from pgsched.store import lock_timeout_for
+from pgsched.store import lock_timeout_for, migrations
 
 
 @pytest.mark.parametrize("stagger", [0.0, 0.002, 0.01])
@@ -189,8 +189,9 @@ async def test_an_upgrade_from_0016_with_jobs_adds_the_function_and_runs_twice(p
     async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
         assert await s.store.migrate(target=16) == 16
         fill(pg_dsn, schema, history=5_000, burst=3_000)
-        assert await s.store.migrate() == 17
-        assert await s.store.migrate() == 17
+        latest = migrations()[-1][0]
+        assert await s.store.migrate() == latest
+        assert await s.store.migrate() == latest
         assert await s.store.refresh_pending_statistics() == ("analyzed", "")
     with psycopg.connect(pg_dsn) as conn:
         counts = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE status = 'pending'), "
