@@ -281,6 +281,23 @@ def _bind(text: str, schema: str, walk_bound: int | None = None) -> str:
     return sql.SQL(text).format(schema=sql.Identifier(schema), walk_bound=bound).as_string(None)
 
 
+@contextlib.contextmanager
+def _warnings(conn: Any) -> Iterator[list[tuple[str | None, str]]]:
+    """(SQLSTATE, message) of each WARNING the server sends on `conn` meanwhile: VACUUM and
+    ANALYZE say with one, not with an error, that they skipped a table."""
+    warned: list[tuple[str | None, str]] = []
+
+    def keep(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+            warned.append((diag.sqlstate, diag.message_primary))
+
+    conn.add_notice_handler(keep)
+    try:
+        yield warned
+    finally:
+        conn.remove_notice_handler(keep)
+
+
 def walk_bound(limit: int) -> int:
     """claim_jobs_flat's walk bound for a claim of `limit`: a constant, so that a generic
     plan knows it, and at least `limit` (sql/queries.sql). Powers of two from 8: a
@@ -1020,22 +1037,14 @@ class Store:
         when the role does not own the table (a runtime role; PostgreSQL skips it with a
         WARNING, not an error), or the lock timeout when another VACUUM or a migration
         held the table longer than the pool's lock_timeout."""
-        skipped: list[str] = []
-
-        def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
-            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
-                skipped.append(diag.message_primary)
-
         async with self.pool.connection() as conn:
-            conn.add_notice_handler(keep_warning)
-            try:
-                await conn.execute(self._q["flush_statistics"])
-                await conn.execute(self._q["reclaim_jobs"])
-            except psycopg.errors.LockNotAvailable as exc:
-                skipped.append(str(exc).strip())
-            finally:
-                conn.remove_notice_handler(keep_warning)
-        return skipped[0] if skipped else None
+            with _warnings(conn) as warned:
+                try:
+                    await conn.execute(self._q["flush_statistics"])
+                    await conn.execute(self._q["reclaim_jobs"])
+                except psycopg.errors.LockNotAvailable as exc:
+                    warned.append((exc.sqlstate, str(exc).strip()))
+        return warned[0][1] if warned else None
 
     async def refresh_pending_statistics(self) -> tuple[str, str]:
         """ANALYZE jobs when its statistics have fallen behind the pending rows
@@ -1051,27 +1060,22 @@ class Store:
         (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
         if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
             return "current", ""
-        skipped: list[tuple[str, str]] = []
-
-        def keep_warning(diag: psycopg.errors.Diagnostic) -> None:
-            if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
-                skipped.append(("busy" if diag.sqlstate == "55P03" else "refused",
-                                diag.message_primary))
-
         async with (_USING.get() or self.pool).connection() as conn:
-            conn.add_notice_handler(keep_warning)
-            try:
-                await conn.execute(self._q["analyze_jobs"])
-            except psycopg.errors.LockNotAvailable as exc:
-                # a lock SKIP_LOCKED does not cover, held past the function's lock_timeout
-                return "busy", str(exc).strip().splitlines()[0]
-            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction) as exc:
-                # a role granted before migration 0017 (re-run `migrate --grant ROLE`), or
-                # the function dropped by hand
-                return "refused", str(exc).strip()
-            finally:
-                conn.remove_notice_handler(keep_warning)
-        return skipped[0] if skipped else ("analyzed", "")
+            with _warnings(conn) as warned:
+                try:
+                    await conn.execute(self._q["analyze_jobs"])
+                except psycopg.errors.LockNotAvailable as exc:
+                    # a lock SKIP_LOCKED does not cover, held past the function's lock_timeout
+                    return "busy", str(exc).strip().splitlines()[0]
+                except (psycopg.errors.InsufficientPrivilege,
+                        psycopg.errors.UndefinedFunction) as exc:
+                    # a role granted before migration 0017 (re-run `migrate --grant ROLE`),
+                    # or the function dropped by hand
+                    return "refused", str(exc).strip()
+        if not warned:
+            return "analyzed", ""
+        sqlstate, message = warned[0]
+        return ("busy" if sqlstate == "55P03" else "refused"), message
 
     # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
 
