@@ -124,12 +124,6 @@ async def _freeze_a_completion(sched: Scheduler, pg_dsn: str) -> int:
     return frozen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing (main too): the completer has no client-side bound on a write; one "
-    "whose server process stopped answering (SIGSTOP, a network black hole) is never "
-    "abandoned, so every later outcome of the worker waits behind it for ever while the "
-    "heartbeat keeps their leases alive (statement_timeout is enforced by the frozen "
-    "process itself)"))
 async def test_outcomes_behind_a_write_whose_server_stopped_answering_are_recorded(
         sched, pg_dsn):
     worker, runner = await start(sched, concurrency=2)
@@ -222,11 +216,6 @@ async def big_result(megabytes: int) -> str:
     return "x" * (megabytes << 20)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing (main too): a completion the server cancels on statement_timeout (half "
-    "a lease) is an OperationalError, retried whole for ever like an outage; results "
-    "too large to write within it are never split or failed, so those jobs stay running "
-    "under renewed leases and are never recorded"))
 async def test_results_too_large_to_write_within_statement_timeout_end_their_jobs(sched):
     # lease 1 s: statement_timeout 0.5 s, which writing 2 x 100 MB of jsonb passes here
     # (2 x 60 MB took longer already at a load of 5)
@@ -245,11 +234,6 @@ async def _ended(sched: Scheduler, job_id: str) -> bool:
     return await status(sched, job_id) not in ("pending", "running")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing (main too): the completer writes one batch at a time and retries a "
-    "batch that failed on lock_timeout whole, so while another session holds one job's "
-    "row locked no later outcome of the worker is recorded, and once 2 x concurrency "
-    "are held the worker claims nothing either"))
 async def test_outcomes_of_other_jobs_are_recorded_while_one_row_is_locked(sched, pg_dsn):
     worker, runner = await start(sched, concurrency=2)
     try:
