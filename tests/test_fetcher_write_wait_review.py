@@ -243,3 +243,46 @@ async def test_outcomes_of_other_jobs_are_recorded_while_one_row_is_locked(sched
                              what="a later outcome recorded")
     finally:
         await stop(worker, runner)
+
+
+@task(max_retries=0)
+async def ordinary_result(kilobytes: int) -> dict[str, str]:
+    return {"text": "y" * (kilobytes << 10)}
+
+
+SLOW_WRITES = 6  # more than completer.TOO_SLOW_CUTS
+
+
+async def test_an_ordinary_result_survives_a_database_too_slow_to_write_it_for_a_while(
+        sched, pg_dsn):
+    """A database slow for a while (a trigger that sleeps past statement_timeout on the
+    first completion writes; heartbeats still answer, so the database is not down): an
+    ordinary result (100 KB, under completer.TOO_SLOW_RESULT_BYTES) is cut on
+    statement_timeout more times than the verdict for a result too large counts, and is
+    still recorded as completed with its result, not failed."""
+    schema = sched.schema
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(f'CREATE SEQUENCE "{schema}".slow_writes')
+        await conn.execute(f"""
+            CREATE FUNCTION "{schema}".slow_completion() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.status = 'completed'
+                   AND nextval('"{schema}".slow_writes') <= {SLOW_WRITES} THEN
+                    PERFORM pg_sleep(5);
+                END IF;
+                RETURN NEW;
+            END $$""")
+        await conn.execute(f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".jobs FOR EACH '
+                           f'ROW EXECUTE FUNCTION "{schema}".slow_completion()')
+        # lease 1 s: statement_timeout 0.5 s, which each slow write passes
+        worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
+                                     heartbeat_seconds=0.2)
+        try:
+            job_id = await sched.schedule("ordinary_result", args=(100,))
+            await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
+            job = await sched.get_job(job_id)
+            assert (job["status"], job["result"]) == ("completed", {"text": "y" * 102400})
+            cur = await conn.execute(f'SELECT last_value FROM "{schema}".slow_writes')
+            assert (await cur.fetchone())[0] > SLOW_WRITES, "every slow write was tried"
+        finally:
+            await stop(worker, runner)
