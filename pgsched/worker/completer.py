@@ -12,6 +12,16 @@ Invariants:
   retry writes only what the failed write left.
 - A batch the database refuses because of a value in it is written job by job, and the
   job whose outcome cannot be stored fails (`job_result_not_storable`).
+- One write that cannot finish never holds up the outcomes behind it. A write that met a
+  row lock past lock_timeout looks at its outcomes without waiting on a lock
+  (Store.outcome_states): the free ones are written at once, the locked ones are parked
+  (_park: looked at again the same way after a backoff, still counted unfinished in
+  ctx.completions, so shutdown waits for them). Every write is abandoned with its
+  connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
+  statement_timeout; a batch cut either way is written job by job, and an outcome cut
+  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS.
+- An unwritten success whose row shows this worker's attempt completed (an abandoned
+  write that committed after all) is counted completed, not as a lost lease.
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
@@ -25,9 +35,14 @@ Invariants:
   retry_on) have statements of their own, fenced the same way.
 
 Failure: a job whose outcome cannot be written keeps its slot here until it can, with
-backoff (or its lease expires and it is recovered: at-least-once); a stop ends the
-back-off and later ones are short, so shutdown's deadline is not spent sleeping. After
-kill(), it gives up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
+backoff (or its lease expires and it is recovered: at-least-once): a database outage
+holds up the batch (every write would fail alike), a locked row or a write cut on
+statement_timeout holds up only its own outcome (parked), a server that stopped
+answering holds one write for `_write_bound`. A slow database never fails an ordinary
+result: only a result of TOO_SLOW_RESULT_BYTES or more is failed for being slow to write.
+A stop ends the back-off and later ones are short, so shutdown's deadline is not spent
+sleeping. After kill(), it gives up after a few attempts (`completion_not_recorded`) so
+that shutdown stays bounded.
 """
 
 from __future__ import annotations
@@ -70,7 +85,8 @@ UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
 # (Store.bounded). A live server cuts the statement first; the margin covers sending a
 # large result, which comes before the server's clock starts.
 WRITE_MARGIN_SECONDS = 1.0
-# A result whose write the server cut on statement_timeout (QueryCanceled) fails its job
+# A result whose write was cut on statement_timeout (QueryCanceled) or by the write bound
+# (NoAnswer: a batch of two 100 MB results, in tests) fails its job
 # (job_result_not_storable) only on this evidence: the result is at least
 # TOO_SLOW_RESULT_BYTES of JSON, and its write alone was cut TOO_SLOW_CUTS times, each
 # counted only when the database answered another write of this worker (a heartbeat
