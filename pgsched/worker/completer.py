@@ -146,9 +146,10 @@ class Completer:
         while pending:
             try:
                 await self._record_once(pending)
-            except psycopg.errors.LockNotAvailable:
+            except psycopg.errors.LockNotAvailable as exc:
                 # Another transaction held a row past lock_timeout (a short hold, such as
                 # a heartbeat's, ends well within it): the rest goes on without it.
+                self.ctx.db_error("complete", exc, 0)
                 pending = await self._sort_out(pending)
             except SPLIT_ERRORS:
                 pending = await self._record_apart(pending)
@@ -171,7 +172,8 @@ class Completer:
             states = await self.ctx.store.outcome_states(
                 worker_id=self.ctx.id, held=[c.held.key for c in cs])
         except DB_ERRORS as exc:
-            self.ctx.db_error("complete", exc, 0)
+            # Logged once per outcome's first look: parked ones come back here in an outage.
+            self.ctx.db_error("complete", exc, min(self._waiting.get(c.held.key, 0) for c in cs))
             for c in cs:
                 self._park(c)
             return []
@@ -245,6 +247,7 @@ class Completer:
                 except psycopg.errors.LockNotAvailable:
                     self._park(c)
                 except psycopg.errors.QueryCanceled as exc:
+                    self.ctx.db_error("complete", exc, self._waiting.get(c.held.key, 0))
                     if not self._cut_too_often(c):
                         self._park(c)
                         continue
