@@ -25,6 +25,7 @@ from test_worker_core import start as start_worker
 from test_worker_core import stop
 
 from pgsched import JobSpec, Scheduler, Worker, task
+from pgsched.store import NoAnswer, OneConnection, open_connection
 
 POLL_SECONDS = 60.0  # longer than every deadline below: no claim comes from the poll
 
@@ -286,3 +287,22 @@ async def test_an_ordinary_result_survives_a_database_too_slow_to_write_it_for_a
             assert (await cur.fetchone())[0] > SLOW_WRITES, "every slow write was tried"
         finally:
             await stop(worker, runner)
+
+
+async def test_a_bounded_query_whose_server_stopped_answering_fails_and_drops_its_connection(
+        sched, pg_dsn):
+    """Store.bounded on a connection whose server process is frozen: the query fails with
+    NoAnswer soon after the bound (psycopg's own handling of a cancelled query would wait
+    5 s more on the frozen socket), and the connection is left closed, never reusable."""
+    conn = await open_connection(pg_dsn)
+    frozen = conn.info.backend_pid
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with (sched.store.using(OneConnection(conn)), sched.store.bounded(0.5),
+              pytest.raises(NoAnswer, match=r"no answer from the server within 0\.5s")):
+            async with asyncio.timeout(4):  # under psycopg's 5 s: the bound ended it
+                await sched.store.completed_by(worker_id="w", job_id="j", attempt=1)
+        assert conn.broken or conn.closed
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        await conn.close()
