@@ -306,3 +306,28 @@ async def test_a_bounded_query_whose_server_stopped_answering_fails_and_drops_it
     finally:
         os.kill(frozen, signal.SIGCONT)
         await conn.close()
+
+
+async def test_outcome_states_tell_a_locked_row_from_a_lost_lease_without_waiting(
+        sched, pg_dsn):
+    """What the completer asks about unwritten outcomes: 'free' for this worker's running
+    attempt, 'running' while another session holds its row locked (answered at once, not
+    after lock_timeout), the status this worker's attempt ended in ('completed': an
+    abandoned write that committed after all), None for another worker's attempt or an
+    older attempt (a lost lease)."""
+    schema = sched.schema
+    for job_id in ("free", "locked", "done", "theirs"):
+        await sched.schedule("noop", job_id=job_id)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'running', attempts = 1,
+            worker_id = CASE id WHEN 'theirs' THEN 'other' ELSE 'w' END""")
+        await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'completed'
+            WHERE id = 'done'""")
+        async with conn.transaction():
+            await conn.execute(f"""SELECT 1 FROM "{schema}".jobs WHERE id = 'locked'
+                FOR UPDATE""")
+            async with asyncio.timeout(0.4):  # under the pool's lock_timeout (0.5 s)
+                states = await sched.store.outcome_states(worker_id="w", held=[
+                    ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2)])
+    assert states == {("free", 1): "free", ("locked", 1): "running",
+                      ("done", 1): "completed", ("theirs", 1): None, ("free", 2): None}

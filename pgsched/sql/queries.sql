@@ -401,14 +401,15 @@ RETURNING j.id, j.attempts;
 -- row lock is tried without waiting (SKIP LOCKED) and let go when the statement ends
 -- (autocommit): this tells a locked row from a lost lease without waiting on the lock.
 WITH free AS (
-    SELECT j.id FROM {schema}.jobs AS j
+    SELECT j.id, j.attempts FROM {schema}.jobs AS j
     JOIN unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
         ON j.id = h.id AND j.attempts = h.attempt
     WHERE j.worker_id = %(worker_id)s AND j.status = 'running'
     FOR NO KEY UPDATE OF j SKIP LOCKED
 )
 SELECT h.id, h.attempt,
-       CASE WHEN h.id IN (SELECT id FROM free) THEN 'free' ELSE j.status::text END AS state
+       CASE WHEN (h.id, h.attempt) IN (SELECT id, attempts FROM free) THEN 'free'
+            ELSE j.status::text END AS state
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
 LEFT JOIN {schema}.jobs AS j
     ON j.id = h.id AND j.attempts = h.attempt AND j.worker_id = %(worker_id)s;
