@@ -331,3 +331,35 @@ async def test_outcome_states_tell_a_locked_row_from_a_lost_lease_without_waitin
                     ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2)])
     assert states == {("free", 1): "free", ("locked", 1): "running",
                       ("done", 1): "completed", ("theirs", 1): None, ("free", 2): None}
+
+
+@task(max_retries=0)
+async def sleep_then_fail(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    raise RuntimeError("failed on purpose")
+
+
+async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg_dsn):
+    """A failure (a single-row statement) meets the row lock another session holds: later
+    outcomes are recorded while the lock is held, and the failure is recorded once it
+    goes, as the job's last error."""
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    try:
+        job_id = await sched.schedule("sleep_then_fail", args=(0.5,))
+        await wait_until(lambda: _is(sched, job_id, "running"), what="the job running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                 "FOR UPDATE", [job_id])
+            await wait_until(lambda: not any(h.task and not h.task.done()
+                                             for h in worker.ctx.held.values()),
+                             what="the task ended, its failure unwritten")
+            for i in range(3):
+                await sched.schedule("noop", job_id=f"after{i}")
+                await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
+                                 what="a later outcome recorded")
+            assert await _is(sched, job_id, "running")
+            await locker.rollback()
+        await wait_until(lambda: _is(sched, job_id, "failed"), what="the failure recorded")
+        assert "failed on purpose" in (await sched.get_job(job_id))["last_error"]
+    finally:
+        await stop(worker, runner)
