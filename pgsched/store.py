@@ -28,8 +28,10 @@ their `_sync` twins) run on a connection the caller owns, inside the caller's
 transaction; they never commit or roll it back (savepoints only).
 
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
-back off and retry; constraint problems become pgsched errors. A caller that cannot
-open a connection at all turns the error into DatabaseUnavailable with `cannot_connect`.
+back off and retry; within Store.bounded (the completer's writes) a query unanswered past
+its bound fails with NoAnswer, its connection shut down and dropped from the pool;
+constraint problems become pgsched errors. A caller that cannot open a connection at all
+turns the error into DatabaseUnavailable with `cannot_connect`.
 """
 
 from __future__ import annotations
@@ -491,11 +493,12 @@ class Store:
     def bounded(seconds: float | None) -> Iterator[None]:
         """Within this block, and in the calling task only, a query still unanswered after
         `seconds` is abandoned: its connection is shut down (so the pool discards it, never
-        lending it again in a bad state) and the query fails with an OperationalError at
-        once (NoAnswer). For a server that stopped answering (a frozen backend, a network black
-        hole), which no statement_timeout ends: the frozen process enforces it. Not task
-        cancellation: psycopg meets a cancelled query with a server-side cancel and then
-        waits on the same socket for up to 5 s more (AsyncConnection.wait)."""
+        lending it again in a bad state) and the query fails at once with NoAnswer. For a
+        server that stopped answering (a frozen backend, a network black hole), which no
+        statement_timeout ends: the frozen process enforces it. Not task cancellation:
+        psycopg meets a cancelled query with a server-side cancel and then waits on the
+        same socket for 5 s more (AsyncConnection.wait; 5.5 s in all for a 0.5 s
+        asyncio.timeout on a frozen backend)."""
         token = _BOUND.set(seconds)
         try:
             yield
