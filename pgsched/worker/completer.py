@@ -220,9 +220,12 @@ class Completer:
 
     def _lost(self, c: Completion) -> None:
         self.ctx.count_lease_lost()
-        event = ("job_completion_rejected" if c.outcome.ok else
-                 "job_cancel_rejected" if c.outcome.cancelled else "job_failure_rejected")
-        log.warning(event, **c.held.log_fields(), reason="lease lost")
+        if c.outcome.ok:
+            log.warning("job_completion_rejected", **c.held.log_fields(), reason="lease lost")
+        elif c.outcome.cancelled:
+            log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
+        else:
+            log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
 
     def _cut_too_often(self, c: Completion) -> bool:
         """Whether c's write, cut on statement_timeout once more, shows its result cannot
