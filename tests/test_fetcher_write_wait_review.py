@@ -363,3 +363,33 @@ async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg
         assert "failed on purpose" in (await sched.get_job(job_id))["last_error"]
     finally:
         await stop(worker, runner)
+
+
+async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_locked(
+        sched, pg_dsn):
+    """Completing a job settles its waiting dependents in the same statement
+    (jobs_dependents_settle locks each FOR UPDATE): another session holding a dependent's
+    row locked makes the completion fail on lock_timeout although the job's own row is
+    free. That outcome must be put aside like one whose own row is locked, not retried
+    at once for ever ahead of every later outcome; it is recorded once the lock goes."""
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    try:
+        parent = await sched.schedule("sleep", args=(0.5,), job_id="parent")
+        child = await sched.schedule("noop", job_id="child", depends_on=[parent])
+        await wait_until(lambda: _is(sched, parent, "running"), what="parent running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                 "FOR UPDATE", [child])
+            await wait_until(lambda: not any(h.task and not h.task.done()
+                                             for h in worker.ctx.held.values()),
+                             what="the parent's task ended, its outcome unwritten")
+            for i in range(3):
+                await sched.schedule("noop", job_id=f"after{i}")
+                await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
+                                 what="a later outcome recorded")
+            assert await _is(sched, parent, "running")
+            await locker.rollback()
+        for job_id in (parent, child):
+            await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
+    finally:
+        await stop(worker, runner)

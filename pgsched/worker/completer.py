@@ -148,9 +148,12 @@ class Completer:
                 await self._record_once(pending)
             except psycopg.errors.LockNotAvailable as exc:
                 # Another transaction held a row past lock_timeout (a short hold, such as
-                # a heartbeat's, ends well within it): the rest goes on without it.
+                # a heartbeat's, ends well within it): the rest goes on without it. The
+                # row may be a job's own (parked here) or a waiting dependent's that the
+                # write settles (jobs_dependents_settle), whose job looks free: the free
+                # ones are written apart, and one that meets the lock alone is parked.
                 self.ctx.db_error("complete", exc, 0)
-                pending = await self._sort_out(pending)
+                pending = await self._record_apart(await self._sort_out(pending))
             except SPLIT_ERRORS:
                 pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
