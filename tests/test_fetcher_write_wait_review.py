@@ -374,9 +374,11 @@ async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_lock
     at once for ever ahead of every later outcome; it is recorded once the lock goes."""
     worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
     try:
-        parent = await sched.schedule("sleep", args=(0.5,), job_id="parent")
-        child = await sched.schedule("noop", job_id="child", depends_on=[parent])
+        # The child is added once the parent runs: its insert locks the parent FOR SHARE
+        # for a moment, which a claim racing it skips (then waits for the 60 s poll).
+        parent = await sched.schedule("sleep", args=(1.0,), job_id="parent")
         await wait_until(lambda: _is(sched, parent, "running"), what="parent running")
+        child = await sched.schedule("noop", job_id="child", depends_on=[parent])
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                  "FOR UPDATE", [child])
@@ -390,6 +392,33 @@ async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_lock
             assert await _is(sched, parent, "running")
             await locker.rollback()
         for job_id in (parent, child):
+            await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
+    finally:
+        await stop(worker, runner)
+
+
+async def test_a_worker_whose_finished_jobs_rows_are_all_locked_keeps_running_others(
+        sched, pg_dsn):
+    """Other sessions hold the rows of as many finished jobs as the backlog cap allows
+    (2 x concurrency) locked for a long time: their outcomes are parked, each waiting on
+    a lock of its own, not on the database. The worker must still run other due jobs."""
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    locked = [f"locked{i}" for i in range(4)]
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            for job_id in locked:
+                await sched.schedule("sleep", args=(0.3,), job_id=job_id)
+                await wait_until(lambda j=job_id: _is(sched, j, "running"),
+                                 what=f"{job_id} running")
+                await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                     "FOR UPDATE", [job_id])
+            await wait_until(lambda: len(worker.ctx.held) == 4 and worker.ctx.executing == 0,
+                             what="every locked job finished, its outcome parked")
+            await sched.schedule("noop", job_id="other")
+            await wait_until(lambda: _is(sched, "other", "completed"), timeout=10,
+                             what="another job run while the rows stay locked")
+            await locker.rollback()
+        for job_id in locked:
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
     finally:
         await stop(worker, runner)

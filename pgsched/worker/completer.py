@@ -197,11 +197,13 @@ class Completer:
             self.ctx.forget(c.held)
             return
         self._parked.add(id(c))
+        self.ctx.parked += 1
         cap = (SHUTDOWN_BACKOFF_SECONDS if self.ctx.stop_requested.is_set()
                else self.ctx.options.lease_seconds / 4)
         asyncio.get_running_loop().call_later(backoff_delay(tries, cap), self._unpark, c)
 
     def _unpark(self, c: Completion) -> None:
+        self.ctx.parked -= 1
         self.ctx.completions.put_nowait(c)
         self.ctx.completions.task_done()  # the put stands for the parked outcome's own
 

@@ -51,6 +51,8 @@ TIMER_MARGIN_SECONDS = 0.0005
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
 # it) must not stop the worker's claims until the cap itself does.
 WRITE_WAIT_SECONDS = 0.25
+# How many outcomes parked behind row locks (per slot) the backlog cap leaves aside.
+PARKED_ROOM_FACTOR = 2
 
 
 class Fetcher:
@@ -141,7 +143,11 @@ class Fetcher:
         connection being retried, a server that stopped answering) is not waited for."""
         concurrency = self.ctx.options.concurrency
         idle = concurrency - self.ctx.executing
-        room = 2 * concurrency - len(self.ctx.held)
+        # Parked outcomes (behind rows other sessions hold locked, maybe for minutes) do
+        # not count against the cap, up to a cap of their own: a few locked rows must not
+        # stop the worker, and locks on everything it finishes must not grow held unbounded.
+        room = (2 * concurrency - len(self.ctx.held)
+                + min(self.ctx.parked, PARKED_ROOM_FACTOR * concurrency))
         if room < idle and self._write_wait_ends() is not None:
             return 0
         return min(idle, room)
