@@ -5,10 +5,12 @@ job (executor.run_job) up to handing its outcome to the completer.
 
 Invariants:
 - It claims at most its free slots (fewer while more than one batch of outcomes waits
-  for the completer), in one statement, then sleeps until the earliest of: a NOTIFY for
-  a job due now, a timer set to the next known due time, a freed slot while a backlog
-  remains, or the safety poll. With every slot busy it sleeps until a slot frees or a
-  wake-up arrives (never on a due time it cannot act on).
+  for the completer; outcomes parked behind row locks other sessions hold count for
+  nothing, up to PARKED_ROOM_FACTOR x concurrency of them), in one statement, then
+  sleeps until the earliest of: a NOTIFY for a job due now, a timer set to the next
+  known due time, a freed slot while a backlog remains, or the safety poll. With every
+  slot busy it sleeps until a slot frees or a wake-up arrives (never on a due time it
+  cannot act on).
 - Wake-ups are cleared before the claim, so one that arrives during it is not lost, and
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
