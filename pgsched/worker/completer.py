@@ -141,8 +141,10 @@ class Completer:
         pending = [c for c in batch if not c.held.lease_lost]
         parked = [c for c in pending if c.held.key in self._waiting]
         if parked:
+            # Written apart from the batch: a parked outcome whose own row is free may
+            # still meet a lock (a waiting dependent's), which must not fail the batch.
             pending = [c for c in pending if c.held.key not in self._waiting]
-            pending += await self._sort_out(parked)
+            pending += await self._record_apart(await self._sort_out(parked))
         while pending:
             try:
                 await self._record_once(pending)
