@@ -7,6 +7,7 @@ goes) and exit 0; a second signal gives the parked outcome up (`completion_not_r
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,3 +81,54 @@ async def test_a_second_signal_gives_a_parked_outcome_up(
     fresh.signal(signal.SIGTERM)
     assert await fresh.wait() == 0
     check_each_completed_once(await jobs(sched), await audit(sched))
+
+
+async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_once(
+        cluster, cluster_sched, schema, pgbouncer, workers, tmp_path):
+    """Through PgBouncer in transaction mode: the server process of a completion waiting
+    for a row lock is frozen (SIGSTOP), then the lock goes. The worker abandons the write
+    (its socket to PgBouncer shut down at the bound: NoAnswer, not logged when the
+    write on its own then succeeds), records later outcomes
+    meanwhile, and writes the outcome again; the job is completed once, by the one run,
+    and the frozen process, resumed, changes nothing (no lost lease is reported)."""
+    sched = cluster_sched
+    env = audit_env(cluster.app_dsn(), schema)
+    config = fault_config(tmp_path, pgbouncer.dsn(), schema)
+    config.write_text(config.read_text().replace(
+        "[database]\n", '[database]\nprepare_threshold = "none"\n', 1))
+    worker = workers(config, "--no-migrate", env=env)
+    await sched.schedule("sleep_then_record", args=("locked", 0.5), job_id="locked")
+    await wait_until(lambda: _is(sched, "locked", "running"), timeout=30, what="locked running")
+    frozen = None
+    try:
+        async with (await psycopg.AsyncConnection.connect(cluster.app_dsn()) as locker,
+                    await psycopg.AsyncConnection.connect(cluster.app_dsn(),
+                                                          autocommit=True) as watcher):
+            await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                 ["locked"])
+            frozen = await wait_until(lambda: _completion_backend(watcher),
+                                      what="the completion waiting for the row lock")
+            os.kill(frozen, signal.SIGSTOP)
+            await locker.rollback()
+            await sched.schedule("sleep_then_record", args=("after", 0.0), job_id="after")
+            await wait_until(lambda: _is(sched, "after", "completed"), timeout=20,
+                             what="a later outcome recorded behind the frozen write")
+        # The rewrite takes the row once the lock went (the frozen write holds no lock of
+        # its own yet): the frozen write, resumed, finds the job no longer running.
+        await wait_until(lambda: _is(sched, "locked", "completed"), timeout=30,
+                         what="the abandoned write's outcome written again")
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait() == 0
+    assert "job_completion_rejected" not in worker.log()
+    check_each_completed_once(await jobs(sched), await audit(sched))
+
+
+async def _completion_backend(conn: psycopg.AsyncConnection) -> int | None:
+    cur = await conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%%Record successful attempts%%'")
+    row = await cur.fetchone()
+    return row[0] if row else None
