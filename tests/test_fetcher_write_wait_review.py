@@ -339,6 +339,20 @@ async def sleep_then_fail(seconds: float) -> None:
     raise RuntimeError("failed on purpose")
 
 
+async def _later_outcomes_recorded_while_unwritten(sched: Scheduler, worker: Worker,
+                                                   job_id: str) -> None:
+    """Once job_id's task ended (its outcome held up by a lock), three later jobs are
+    each recorded in turn while job_id stays running."""
+    await wait_until(lambda: not any(h.task and not h.task.done()
+                                     for h in worker.ctx.held.values()),
+                     what="the task ended, its outcome unwritten")
+    for i in range(3):
+        await sched.schedule("noop", job_id=f"after{i}")
+        await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
+                         what="a later outcome recorded")
+    assert await _is(sched, job_id, "running")
+
+
 async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg_dsn):
     """A failure (a single-row statement) meets the row lock another session holds: later
     outcomes are recorded while the lock is held, and the failure is recorded once it
@@ -350,14 +364,7 @@ async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                  "FOR UPDATE", [job_id])
-            await wait_until(lambda: not any(h.task and not h.task.done()
-                                             for h in worker.ctx.held.values()),
-                             what="the task ended, its failure unwritten")
-            for i in range(3):
-                await sched.schedule("noop", job_id=f"after{i}")
-                await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
-                                 what="a later outcome recorded")
-            assert await _is(sched, job_id, "running")
+            await _later_outcomes_recorded_while_unwritten(sched, worker, job_id)
             await locker.rollback()
         await wait_until(lambda: _is(sched, job_id, "failed"), what="the failure recorded")
         assert "failed on purpose" in (await sched.get_job(job_id))["last_error"]
@@ -382,14 +389,7 @@ async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_lock
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                  "FOR UPDATE", [child])
-            await wait_until(lambda: not any(h.task and not h.task.done()
-                                             for h in worker.ctx.held.values()),
-                             what="the parent's task ended, its outcome unwritten")
-            for i in range(3):
-                await sched.schedule("noop", job_id=f"after{i}")
-                await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
-                                 what="a later outcome recorded")
-            assert await _is(sched, parent, "running")
+            await _later_outcomes_recorded_while_unwritten(sched, worker, parent)
             await locker.rollback()
         for job_id in (parent, child):
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")

@@ -46,6 +46,17 @@ async def _parked_behind_a_lock(sched, pg_dsn, worker) -> AsyncIterator[psycopg.
         yield locker
 
 
+async def _completed_once_by_a_fresh_worker(sched, workers, config, env) -> None:
+    """The job left running by the stopped worker is completed by a fresh one (once its
+    lease expired), and every job was completed once."""
+    fresh = workers(config, env=env)
+    await wait_until(lambda: _is(sched, "locked", "completed"), timeout=30,
+                     what="the stranded job completed by a fresh worker")
+    fresh.signal(signal.SIGTERM)
+    assert await fresh.wait() == 0
+    check_each_completed_once(await jobs(sched), await audit(sched))
+
+
 async def test_sigterm_with_an_outcome_parked_behind_a_lock_never_let_go(
         sched, pg_dsn, schema, workers, tmp_path):
     env = audit_env(pg_dsn, schema)
@@ -56,12 +67,7 @@ async def test_sigterm_with_an_outcome_parked_behind_a_lock_never_let_go(
         # grace 1 s + KILL_CLEANUP_SECONDS + SHUTDOWN_DB_SECONDS, with room for the load
         assert await worker.wait(timeout=30) == 0
         assert await _status(sched, "locked") == "running"
-    fresh = workers(config, env=env)
-    await wait_until(lambda: _is(sched, "locked", "completed"), timeout=30,
-                     what="the stranded job completed by a fresh worker")
-    fresh.signal(signal.SIGTERM)
-    assert await fresh.wait() == 0
-    check_each_completed_once(await jobs(sched), await audit(sched))
+    await _completed_once_by_a_fresh_worker(sched, workers, config, env)
 
 
 async def test_a_second_signal_gives_a_parked_outcome_up(
@@ -75,12 +81,7 @@ async def test_a_second_signal_gives_a_parked_outcome_up(
         worker.signal(signal.SIGINT)
         assert await worker.wait(timeout=30) == 0
         assert '"completion_not_recorded"' in worker.log(), worker.log()[-3000:]
-    fresh = workers(config, env=env)
-    await wait_until(lambda: _is(sched, "locked", "completed"), timeout=30,
-                     what="the given-up job completed by a fresh worker")
-    fresh.signal(signal.SIGTERM)
-    assert await fresh.wait() == 0
-    check_each_completed_once(await jobs(sched), await audit(sched))
+    await _completed_once_by_a_fresh_worker(sched, workers, config, env)
 
 
 async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_once(
