@@ -26,6 +26,7 @@ from test_worker_core import stop
 
 from pgsched import JobSpec, Scheduler, Worker, task
 from pgsched.store import NoAnswer, OneConnection, open_connection
+from pgsched.worker.completer import TOO_SLOW_CUTS
 
 POLL_SECONDS = 60.0  # longer than every deadline below: no claim comes from the poll
 
@@ -261,6 +262,27 @@ async def test_an_ordinary_result_survives_a_database_too_slow_to_write_it_for_a
     ordinary result (100 KB, under completer.TOO_SLOW_RESULT_BYTES) is cut on
     statement_timeout more times than the verdict for a result too large counts, and is
     still recorded as completed with its result, not failed."""
+    job = await _written_through_slow_writes(sched, pg_dsn, 100)
+    assert (job["status"], job["result"]) == ("completed", {"text": "y" * 102400})
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "by design (docs/delivery.md): the too-slow verdict counts a heartbeat answered "
+    "between cuts as evidence that the database answers, so a result of 1 MiB or more "
+    "whose completion writes alone are slow for a while (here 6 writes past "
+    "statement_timeout, then fast again) fails its job after TOO_SLOW_CUTS cuts with "
+    "'could not be recorded within statement_timeout', though it would have been "
+    "written once the database recovered"))
+async def test_a_large_result_survives_a_database_too_slow_to_write_it_for_a_while(
+        sched, pg_dsn):
+    job = await _written_through_slow_writes(sched, pg_dsn, 1536)
+    assert job["status"] == "completed", job["last_error"][:200]
+
+
+async def _written_through_slow_writes(sched: Scheduler, pg_dsn: str,
+                                       kilobytes: int) -> dict[str, Any]:
+    """The job of ordinary_result(kilobytes) once ended, run while a trigger sleeps past
+    statement_timeout on the first SLOW_WRITES completion writes."""
     schema = sched.schema
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await conn.execute(f'CREATE SEQUENCE "{schema}".slow_writes')
@@ -279,12 +301,11 @@ async def test_an_ordinary_result_survives_a_database_too_slow_to_write_it_for_a
         worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
                                      heartbeat_seconds=0.2)
         try:
-            job_id = await sched.schedule("ordinary_result", args=(100,))
+            job_id = await sched.schedule("ordinary_result", args=(kilobytes,))
             await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
-            job = await sched.get_job(job_id)
-            assert (job["status"], job["result"]) == ("completed", {"text": "y" * 102400})
             cur = await conn.execute(f'SELECT last_value FROM "{schema}".slow_writes')
-            assert (await cur.fetchone())[0] > SLOW_WRITES, "every slow write was tried"
+            assert (await cur.fetchone())[0] >= TOO_SLOW_CUTS, "the slow writes were tried"
+            return await sched.get_job(job_id)
         finally:
             await stop(worker, runner)
 
