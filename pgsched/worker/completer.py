@@ -156,7 +156,11 @@ class Completer:
                 # ones are written apart, and one that meets the lock alone is parked.
                 self.ctx.db_error("complete", exc, 0)
                 pending = await self._record_apart(await self._sort_out(pending))
-            except SPLIT_ERRORS:
+            except SPLIT_ERRORS as exc:
+                if isinstance(exc, psycopg.errors.QueryCanceled):
+                    # Cut, or abandoned (NoAnswer: a server that stopped answering): said
+                    # here, since the writes on their own that follow may all succeed.
+                    self.ctx.db_error("complete", exc, 0)
                 pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
                 self.ctx.db_error("complete", exc, attempt)

@@ -88,8 +88,8 @@ async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_o
         cluster, cluster_sched, schema, pgbouncer, workers, tmp_path):
     """Through PgBouncer in transaction mode: the server process of a completion waiting
     for a row lock is frozen (SIGSTOP), then the lock goes. The worker abandons the write
-    (its socket to PgBouncer shut down at the bound: NoAnswer, not logged when the
-    write on its own then succeeds), records later outcomes
+    (its socket to PgBouncer shut down at the bound: NoAnswer, logged as
+    db_unavailable), records later outcomes
     meanwhile, and writes the outcome again; the job is completed once, by the one run,
     and the frozen process, resumed, changes nothing (no lost lease is reported)."""
     sched = cluster_sched
@@ -118,6 +118,7 @@ async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_o
         # its own yet): the frozen write, resumed, finds the job no longer running.
         await wait_until(lambda: _is(sched, "locked", "completed"), timeout=30,
                          what="the abandoned write's outcome written again")
+        assert "no answer from the server" in worker.log(), "the abandoned write is logged"
     finally:
         if frozen is not None:
             os.kill(frozen, signal.SIGCONT)
