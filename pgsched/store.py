@@ -28,8 +28,10 @@ their `_sync` twins) run on a connection the caller owns, inside the caller's
 transaction; they never commit or roll it back (savepoints only).
 
 Failure: psycopg's OperationalError (connection lost) propagates so the worker loops can
-back off and retry; constraint problems become pgsched errors. A caller that cannot
-open a connection at all turns the error into DatabaseUnavailable with `cannot_connect`.
+back off and retry; within Store.bounded (the completer's writes) a query unanswered past
+its bound fails with NoAnswer, its connection shut down and dropped from the pool;
+constraint problems become pgsched errors. A caller that cannot open a connection at all
+turns the error into DatabaseUnavailable with `cannot_connect`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import os
 import re
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -445,8 +449,9 @@ class Store:
             cur = conn.cursor(row_factory=dict_row)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
-            return await (await cur.execute(self._q[name], params,
-                                            prepare=prepare)).fetchall()
+            with _abandoned_after(conn, _BOUND.get()):
+                return await (await cur.execute(self._q[name], params,
+                                                prepare=prepare)).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS, *,
@@ -482,6 +487,23 @@ class Store:
             yield
         finally:
             _USING.reset(token)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def bounded(seconds: float | None) -> Iterator[None]:
+        """Within this block, and in the calling task only, a query still unanswered after
+        `seconds` is abandoned: its connection is shut down (so the pool discards it, never
+        lending it again in a bad state) and the query fails at once with NoAnswer. For a
+        server that stopped answering (a frozen backend, a network black hole), which no
+        statement_timeout ends: the frozen process enforces it. Not task cancellation:
+        psycopg meets a cancelled query with a server-side cancel and then waits on the
+        same socket for 5 s more (AsyncConnection.wait; 5.5 s in all for a 0.5 s
+        asyncio.timeout on a frozen backend)."""
+        token = _BOUND.set(seconds)
+        try:
+            yield
+        finally:
+            _BOUND.reset(token)
 
     def own_connection(self) -> DedicatedConnection | None:
         """A connection of its own, set up as the pool's (same server, session options
@@ -898,6 +920,17 @@ class Store:
             prepare=self._complete_prepared,
         )
         return {(row["id"], row["attempts"]) for row in rows}
+
+    async def outcome_states(
+        self, *, worker_id: str, held: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], str | None]:
+        """Where unwritten outcomes stand, without waiting on a row lock (outcome_states in
+        sql/queries.sql): per (id, attempt), 'free', 'running' (its row is locked), the
+        status this worker's attempt ended in, or None (the lease was lost)."""
+        rows = await self._rows("outcome_states", {
+            "worker_id": worker_id, "ids": [i for i, _ in held],
+            "attempts": [a for _, a in held]})
+        return {(row["id"], row["attempt"]): row["state"] for row in rows}
 
     async def fail_job(
         self,
@@ -1911,6 +1944,43 @@ async def connect(dsn: str, application_name: str = "pgsched") -> psycopg.AsyncC
 # The connections that Store.using lends to the queries of one task.
 _USING: contextvars.ContextVar[Connections | None] = contextvars.ContextVar(
     "pgsched_store_using", default=None)
+_BOUND: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "pgsched_store_bound", default=None)
+
+
+class NoAnswer(psycopg.errors.QueryCanceled):
+    """A query abandoned by Store.bounded: cut as statement_timeout cuts one, by the
+    client. Either the server stopped answering or the query (a large value sent and
+    parsed before the server's own clock can cut it) needed longer."""
+
+
+@contextlib.contextmanager
+def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float | None) -> Iterator[None]:
+    """Store.bounded for one query on `conn`."""
+    if seconds is None:
+        yield
+        return
+    timer = asyncio.get_running_loop().call_later(seconds, _shut_down, conn)
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if timer.when() > asyncio.get_running_loop().time():
+            raise
+        raise NoAnswer(
+            f"no answer from the server within {seconds:g}s: the connection was abandoned "
+            f"({str(exc).strip() or type(exc).__name__})") from exc
+    finally:
+        timer.cancel()
+
+
+def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
+    """End a connection whose server stopped answering, from outside the query waiting on
+    it: the socket is shut down (through a duplicate of its descriptor, which libpq still
+    owns), so that query reads end-of-file and fails at once, and the connection is
+    broken, which the pool discards."""
+    with (contextlib.suppress(OSError, psycopg.Error),
+          socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _session_options(dsn: str, lock_timeout_seconds: float,

@@ -391,6 +391,29 @@ WHERE j.id = c.id AND j.attempts = c.attempt
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.id, j.attempts;
 
+-- name: outcome_states
+-- Where the outcomes a write left unwritten stand, each (id, attempt) with a state:
+-- 'free' (still this worker's running attempt, its row locked by no one: write it now),
+-- 'running' (still this worker's, but another transaction holds its row locked: an
+-- application's SELECT ... FOR UPDATE, or an abandoned write of ours whose server stopped
+-- answering; try later), another status (this worker's attempt ended: 'completed' after
+-- an abandoned completion that committed after all), or NULL (the lease was lost). The
+-- row lock is tried without waiting (SKIP LOCKED) and let go when the statement ends
+-- (autocommit): this tells a locked row from a lost lease without waiting on the lock.
+WITH free AS (
+    SELECT j.id, j.attempts FROM {schema}.jobs AS j
+    JOIN unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
+        ON j.id = h.id AND j.attempts = h.attempt
+    WHERE j.worker_id = %(worker_id)s AND j.status = 'running'
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+)
+SELECT h.id, h.attempt,
+       CASE WHEN (h.id, h.attempt) IN (SELECT id, attempts FROM free) THEN 'free'
+            ELSE j.status::text END AS state
+FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
+LEFT JOIN {schema}.jobs AS j
+    ON j.id = h.id AND j.attempts = h.attempt AND j.worker_id = %(worker_id)s;
+
 -- name: fail_job
 -- Record a failed attempt (an exception or a timeout): back to pending at
 -- now() + %(retry_delay_seconds)s while the retry budget lasts, else failed; cancelled,

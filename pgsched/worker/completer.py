@@ -12,6 +12,16 @@ Invariants:
   retry writes only what the failed write left.
 - A batch the database refuses because of a value in it is written job by job, and the
   job whose outcome cannot be stored fails (`job_result_not_storable`).
+- One write that cannot finish never holds up the outcomes behind it. A write that met a
+  row lock past lock_timeout looks at its outcomes without waiting on a lock
+  (Store.outcome_states): the free ones are written at once, the locked ones are parked
+  (_park: looked at again the same way after a backoff, still counted unfinished in
+  ctx.completions, so shutdown waits for them). Every write is abandoned with its
+  connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
+  statement_timeout; a batch cut either way is written job by job, and an outcome cut
+  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS.
+- An unwritten success whose row shows this worker's attempt completed (an abandoned
+  write that committed after all) is counted completed, not as a lost lease.
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
@@ -25,9 +35,14 @@ Invariants:
   retry_on) have statements of their own, fenced the same way.
 
 Failure: a job whose outcome cannot be written keeps its slot here until it can, with
-backoff (or its lease expires and it is recovered: at-least-once); a stop ends the
-back-off and later ones are short, so shutdown's deadline is not spent sleeping. After
-kill(), it gives up after a few attempts (`completion_not_recorded`) so that shutdown stays bounded.
+backoff (or its lease expires and it is recovered: at-least-once): a database outage
+holds up the batch (every write would fail alike), a locked row or a write cut on
+statement_timeout holds up only its own outcome (parked), a server that stopped
+answering holds one write for `_write_bound`. A slow database never fails an ordinary
+result: only a result of TOO_SLOW_RESULT_BYTES or more is failed for being slow to write.
+A stop ends the back-off and later ones are short, so shutdown's deadline is not spent
+sleeping. After kill(), it gives up after a few attempts (`completion_not_recorded`) so
+that shutdown stays bounded.
 """
 
 from __future__ import annotations
@@ -38,7 +53,15 @@ import dataclasses
 import psycopg
 
 from ..logs import get_logger
-from .context import DB_ERRORS, Completion, WorkerContext, backoff_sleep
+from ..store import statement_timeout_for
+from .context import (
+    DB_ERRORS,
+    SHUTDOWN_BACKOFF_SECONDS,
+    Completion,
+    WorkerContext,
+    backoff_delay,
+    backoff_sleep,
+)
 from .executor import failed, task_retry_delay_off_loop
 
 log = get_logger("pgsched.worker")
@@ -57,11 +80,39 @@ UNKNOWN_TASK_DELAY_SECONDS = 60.0
 OWN_COMPLETION_RECHECK_SECONDS = 1.0
 UNKNOWN_TASK_MAX_DELAY_SECONDS = 3600.0
 UNKNOWN_TASK_GIVE_UP_SECONDS = 86400.0
+# An outcome write still unanswered this long after the statement_timeout of the worker's
+# pool (half a lease), or half that timeout if longer, is abandoned with its connection
+# (Store.bounded). A live server cuts the statement first; the margin covers sending a
+# large result, which comes before the server's clock starts.
+WRITE_MARGIN_SECONDS = 1.0
+# A result whose write was cut on statement_timeout (QueryCanceled) or by the write bound
+# (NoAnswer: a batch of two 100 MB results, in tests) fails its job
+# (job_result_not_storable) only on this evidence: the result is at least
+# TOO_SLOW_RESULT_BYTES of JSON, and its write alone was cut TOO_SLOW_CUTS times, each
+# counted only when the database answered another write of this worker (a heartbeat
+# renewing the leases, or an outcome) since the cut before. The database answers; this
+# value does not fit in the time. A smaller result is never failed for being slow to
+# write, however slow the database: it waits and is written again.
+TOO_SLOW_RESULT_BYTES = 1 << 20
+TOO_SLOW_CUTS = 3
+# What a write the server cut or that met a row lock left unwritten: tried again on its
+# own (QueryCanceled, DATA_ERRORS), or looked at without waiting on its row (the lock).
+SPLIT_ERRORS = (*DATA_ERRORS, psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
 class Completer:
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
+        timeout = statement_timeout_for(ctx.options.lease_seconds)
+        self._write_bound = timeout + max(WRITE_MARGIN_SECONDS, timeout / 2)
+        # Outcomes put back to be written later (_park), by held key: how many times. They
+        # still count as unfinished in ctx.completions, so shutdown waits for them.
+        self._waiting: dict[tuple[str, int], int] = {}
+        self._parked: set[int] = set()  # id() of the outcomes parked from the batch in hand
+        # statement_timeout cuts of an outcome written alone: counted cuts, and when the
+        # last one was (TOO_SLOW_CUTS).
+        self._cuts: dict[tuple[str, int], tuple[int, float]] = {}
+        self._written_at = float("-inf")  # when an outcome write last succeeded
 
     async def run(self) -> None:
         while True:
@@ -71,11 +122,16 @@ class Completer:
             self.ctx.recording = len(batch)
             self.ctx.recording_since = asyncio.get_running_loop().time()
             try:
-                await self._record(batch)
+                with self.ctx.store.bounded(self._write_bound):
+                    await self._record(batch)
             finally:
                 self.ctx.recording = 0
-                for _ in batch:
-                    self.ctx.completions.task_done()
+                for c in batch:
+                    if id(c) not in self._parked:
+                        self._waiting.pop(c.held.key, None)
+                        self._cuts.pop(c.held.key, None)
+                        self.ctx.completions.task_done()
+                self._parked.clear()
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[Completion]) -> None:
@@ -83,10 +139,28 @@ class Completer:
         # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
         # writes nothing: the fence cannot tell it from a newer claim of the same key.
         pending = [c for c in batch if not c.held.lease_lost]
+        parked = [c for c in pending if c.held.key in self._waiting]
+        if parked:
+            # Written apart from the batch: a parked outcome whose own row is free may
+            # still meet a lock (a waiting dependent's), which must not fail the batch.
+            pending = [c for c in pending if c.held.key not in self._waiting]
+            pending += await self._record_apart(await self._sort_out(parked))
         while pending:
             try:
                 await self._record_once(pending)
-            except DATA_ERRORS:
+            except psycopg.errors.LockNotAvailable as exc:
+                # Another transaction held a row past lock_timeout (a short hold, such as
+                # a heartbeat's, ends well within it): the rest goes on without it. The
+                # row may be a job's own (parked here) or a waiting dependent's that the
+                # write settles (jobs_dependents_settle), whose job looks free: the free
+                # ones are written apart, and one that meets the lock alone is parked.
+                self.ctx.db_error("complete", exc, 0)
+                pending = await self._record_apart(await self._sort_out(pending))
+            except SPLIT_ERRORS as exc:
+                if isinstance(exc, psycopg.errors.QueryCanceled):
+                    # Cut, or abandoned (NoAnswer: a server that stopped answering): said
+                    # here, since the writes on their own that follow may all succeed.
+                    self.ctx.db_error("complete", exc, 0)
                 pending = await self._record_apart(pending)
             except DB_ERRORS as exc:
                 self.ctx.db_error("complete", exc, attempt)
@@ -99,21 +173,104 @@ class Completer:
                     return
                 await backoff_sleep(attempt, stopping=self.ctx.stop_requested)
 
+    async def _sort_out(self, cs: list[Completion]) -> list[Completion]:
+        """Outcomes whose rows may be locked (a write failed on lock_timeout, or they were
+        parked): where each stands, without waiting on a lock (Store.outcome_states).
+        Returns those free to write now; parks those still locked, settles the ended."""
+        try:
+            states = await self.ctx.store.outcome_states(
+                worker_id=self.ctx.id, held=[c.held.key for c in cs])
+        except DB_ERRORS as exc:
+            # Logged once per outcome's first look: parked ones come back here in an outage.
+            self.ctx.db_error("complete", exc, min(self._waiting.get(c.held.key, 0) for c in cs))
+            for c in cs:
+                self._park(c)
+            return []
+        free = [c for c in cs if states.get(c.held.key) == "free"]
+        for c in cs:
+            if states.get(c.held.key) != "free":
+                self._unwritten(c, states.get(c.held.key))
+        return free
+
+    def _park(self, c: Completion) -> None:
+        """Write c again after a backoff, without holding up the outcomes behind it. Its
+        slot stays taken and its lease renewed meanwhile; after kill(), it is given up
+        after a few tries (`completion_not_recorded`) so that shutdown stays bounded."""
+        tries = self._waiting[c.held.key] = self._waiting.get(c.held.key, 0) + 1
+        if self.ctx.killed.is_set() and tries > 5:
+            log.error("completion_not_recorded", **c.held.log_fields(),
+                      hint="its lease expires and another worker runs it again")
+            self.ctx.forget(c.held)
+            return
+        self._parked.add(id(c))
+        self.ctx.parked += 1
+        cap = (SHUTDOWN_BACKOFF_SECONDS if self.ctx.stop_requested.is_set()
+               else self.ctx.options.lease_seconds / 4)
+        asyncio.get_running_loop().call_later(backoff_delay(tries, cap), self._unpark, c)
+
+    def _unpark(self, c: Completion) -> None:
+        self.ctx.parked -= 1
+        self.ctx.completions.put_nowait(c)
+        self.ctx.completions.task_done()  # the put stands for the parked outcome's own
+
+    def _unwritten(self, c: Completion, state: str | None) -> None:
+        """An outcome a write left unwritten, by where its row stands (outcome_states):
+        still this worker's running attempt (parked), completed by an earlier write of it
+        (abandoned when its server stopped answering, it committed after all), or lost."""
+        if state in ("free", "running"):
+            self._park(c)
+            return
+        self.ctx.forget(c.held)
+        if state == "completed" and c.outcome.ok:
+            self.ctx.stats.completed += 1
+            self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
+            self.ctx.job_log.info("job_completed", **c.held.log_fields(), earlier_write=True,
+                                  duration_s=c.duration_s, lateness_ms=c.lateness_ms)
+        else:
+            self._lost(c)
+
+    def _lost(self, c: Completion) -> None:
+        self.ctx.count_lease_lost()
+        if c.outcome.ok:
+            log.warning("job_completion_rejected", **c.held.log_fields(), reason="lease lost")
+        elif c.outcome.cancelled:
+            log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
+        else:
+            log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
+
+    def _cut_too_often(self, c: Completion) -> bool:
+        """Whether c's write, cut on statement_timeout once more, shows its result cannot
+        be written in time (the evidence at TOO_SLOW_CUTS)."""
+        cuts, last = self._cuts.get(c.held.key, (0, float("-inf")))
+        if max(self.ctx.last_db_ok or float("-inf"), self._written_at) > last:
+            cuts += 1
+        self._cuts[c.held.key] = (cuts, asyncio.get_running_loop().time())
+        return (c.outcome.ok and cuts >= TOO_SLOW_CUTS
+                and len(c.outcome.result_json) >= TOO_SLOW_RESULT_BYTES)
+
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
-        """A batch PostgreSQL refused because of a value in it: write each job on its own,
-        and fail the one whose result cannot be stored. Returns what is left to write
-        after a connection error."""
+        """A batch PostgreSQL refused because of a value in it, or cut on
+        statement_timeout: write each job on its own. A result that cannot be stored, or
+        that the evidence says cannot be written in time, fails its job; an outcome cut
+        or locked otherwise is parked. Returns what is left to write after a connection
+        error."""
         for i, c in enumerate(batch):
             try:
                 try:
                     await self._record_once([c])
+                except psycopg.errors.LockNotAvailable:
+                    self._park(c)
+                except psycopg.errors.QueryCanceled as exc:
+                    self.ctx.db_error("complete", exc, self._waiting.get(c.held.key, 0))
+                    if not self._cut_too_often(c):
+                        self._park(c)
+                        continue
+                    c = batch[i] = _unstorable(c, "recorded within statement_timeout", exc)
+                    await self._record_once([c])
                 except DATA_ERRORS as exc:
                     if not c.outcome.ok:
                         raise
-                    log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
-                    c = batch[i] = Completion(
-                        c.held, failed(f"the task's return value could not be stored: {exc}"),
-                        c.failures, c.duration_s, c.lateness_ms)
+                    c = batch[i] = _unstorable(c, "stored", exc)
                     await self._record_once([c])
             except DATA_ERRORS as exc:
                 log.error("completion_not_recorded", **c.held.log_fields(), error=str(exc),
@@ -149,12 +306,18 @@ class Completer:
                 worker_id=self.ctx.id,
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
+            self._written_at = asyncio.get_running_loop().time()
+            # Rare (a lost lease, or a retry after an abandoned write): one more statement.
+            unwritten = [c.held.key for c in successes if c.held.key not in written]
+            states = (await self.ctx.store.outcome_states(worker_id=self.ctx.id,
+                                                          held=unwritten)
+                      if unwritten else {})
             _remove(pending, successes)
             job_log, stats, metrics = self.ctx.job_log, self.ctx.stats, self.ctx.metrics
             for c in successes:
                 held = c.held
-                self.ctx.forget(held)
                 if (held.id, held.attempt) in written:
+                    self.ctx.forget(held)
                     stats.completed += 1
                     metrics.job("completed", held.task_name, held.queue)
                     # held.log_fields() spelt out: no dict built and unpacked per job
@@ -162,9 +325,7 @@ class Completer:
                                  attempt=held.attempt, duration_s=c.duration_s,
                                  lateness_ms=c.lateness_ms)
                 else:
-                    self.ctx.count_lease_lost()
-                    log.warning("job_completion_rejected", **held.log_fields(),
-                                reason="lease lost before the result was recorded")
+                    self._unwritten(c, states.get(held.key))
         if cancelled:
             await self._record_cancelled(cancelled)
             _remove(pending, cancelled)
@@ -234,10 +395,10 @@ class Completer:
                 retry_delay_seconds=await task_retry_delay_off_loop(
                     c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
                     self.ctx.options.retry_max_seconds))
+        self._written_at = asyncio.get_running_loop().time()
         self.ctx.forget(c.held)
         if row is None:
-            self.ctx.count_lease_lost()
-            log.warning("job_failure_rejected", **c.held.log_fields(), reason="lease lost")
+            self._lost(c)
         elif row["status"] == "pending" and c.outcome.unknown_task:
             self.ctx.stats.deferred += 1
             log.warning("task_unknown", **c.held.log_fields(),
@@ -276,8 +437,14 @@ class Completer:
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", **c.held.log_fields())
             else:
-                self.ctx.count_lease_lost()
-                log.warning("job_cancel_rejected", **c.held.log_fields(), reason="lease lost")
+                self._lost(c)
+
+
+def _unstorable(c: Completion, could_not_be: str, exc: Exception) -> Completion:
+    """c with its result replaced by the failure that says why it could not be written."""
+    log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
+    return Completion(c.held, failed(f"the task's return value could not be {could_not_be}: "
+                                     f"{exc}"), c.failures, c.duration_s, c.lateness_ms)
 
 
 def _remove(pending: list[Completion], written: list[Completion]) -> None:

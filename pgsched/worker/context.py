@@ -208,6 +208,9 @@ class WorkerContext:
         self.executing = 0
         self.recording = 0  # outcomes in the completer's write in flight (0: none)
         self.recording_since = 0.0  # loop.time() that write began
+        # Outcomes the completer put aside behind a row lock (completer._park): held, but
+        # waiting on another session, not on the database (fetcher.free_slots).
+        self.parked = 0
         self.threads = TaskThreads(options.concurrency)
         self.completions: asyncio.Queue[Completion] = asyncio.Queue()
         self.wake = asyncio.Event()  # the fetcher: claim now

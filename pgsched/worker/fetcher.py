@@ -5,10 +5,12 @@ job (executor.run_job) up to handing its outcome to the completer.
 
 Invariants:
 - It claims at most its free slots (fewer while more than one batch of outcomes waits
-  for the completer), in one statement, then sleeps until the earliest of: a NOTIFY for
-  a job due now, a timer set to the next known due time, a freed slot while a backlog
-  remains, or the safety poll. With every slot busy it sleeps until a slot frees or a
-  wake-up arrives (never on a due time it cannot act on).
+  for the completer; outcomes parked behind row locks other sessions hold count for
+  nothing, up to PARKED_ROOM_FACTOR x concurrency of them), in one statement, then
+  sleeps until the earliest of: a NOTIFY for a job due now, a timer set to the next
+  known due time, a freed slot while a backlog remains, or the safety poll. With every
+  slot busy it sleeps until a slot frees or a wake-up arrives (never on a due time it
+  cannot act on).
 - Wake-ups are cleared before the claim, so one that arrives during it is not lost, and
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
@@ -51,6 +53,8 @@ TIMER_MARGIN_SECONDS = 0.0005
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
 # it) must not stop the worker's claims until the cap itself does.
 WRITE_WAIT_SECONDS = 0.25
+# How many outcomes parked behind row locks (per slot) the backlog cap leaves aside.
+PARKED_ROOM_FACTOR = 2
 
 
 class Fetcher:
@@ -141,7 +145,11 @@ class Fetcher:
         connection being retried, a server that stopped answering) is not waited for."""
         concurrency = self.ctx.options.concurrency
         idle = concurrency - self.ctx.executing
-        room = 2 * concurrency - len(self.ctx.held)
+        # Parked outcomes (behind rows other sessions hold locked, maybe for minutes) do
+        # not count against the cap, up to a cap of their own: a few locked rows must not
+        # stop the worker, and locks on everything it finishes must not grow held unbounded.
+        room = (2 * concurrency - len(self.ctx.held)
+                + min(self.ctx.parked, PARKED_ROOM_FACTOR * concurrency))
         if room < idle and self._write_wait_ends() is not None:
             return 0
         return min(idle, room)
