@@ -19,6 +19,16 @@ Invariants:
 - Claiming attempt n of a job proves every earlier attempt lost its lease: those runs
   (and a held run of attempt n itself: the job was deleted and added again) are
   cancelled and their outcome is void.
+- Suspects (jobs of a crash shared by several jobs, recover_orphans) run alone: the
+  ordinary claims leave them, and a claim that finds one due says so (suspect_due). A
+  worker that holds no job (none running, none waiting for the completer: those rows
+  are still running in the database, and a crash would be shared with them) then claims
+  one suspect alone, and claims nothing else until it has ended. A busy worker that has
+  seen one due for SUSPECT_DRAIN_SECONDS (a random share more: not every worker at
+  once) stops claiming until it holds nothing and then claims it, so that a steady
+  stream, which keeps every worker busy, cannot starve a suspect. A suspect claim that
+  finds nothing (another worker took it, or a cap or a global limit holds it back) is
+  not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
 retried with backoff, which a stop ends (the drain must not wait for it). It returns
@@ -30,6 +40,7 @@ here: shutdown releases what is still held.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -51,6 +62,11 @@ TIMER_MARGIN_SECONDS = 0.0005
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
 # it) must not stop the worker's claims until the cap itself does.
 WRITE_WAIT_SECONDS = 0.25
+# How long a busy worker goes on claiming while a suspect is due, before it stops to run
+# the suspect alone (times 1 to 2, drawn per worker): an idle worker takes a suspect at
+# once, so a busy one drains only when none is idle, and workers that saw it due at the
+# same moment do not all drain for it at once.
+SUSPECT_DRAIN_SECONDS = 5.0
 
 
 class Fetcher:
@@ -58,6 +74,9 @@ class Fetcher:
         self.ctx = ctx
         self._queue_limits = dict(ctx.options.queue_concurrency)
         self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
+        self._alone: Held | None = None  # the suspect this worker runs, alone
+        self._suspect_drain_at: float | None = None  # loop time to drain for a suspect due
+        self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -69,10 +88,13 @@ class Fetcher:
             # stop) must end the sleep that follows it.
             ctx.wake.clear()
             free = self.free_slots()
+            suspect = self._suspect_turn()
+            if suspect is not None:
+                free = 1 if suspect else 0
             claimed_full = False
             if free > 0:
                 try:
-                    claimed_full = await self.claim(free)
+                    claimed_full = await self.claim(free, suspects=bool(suspect))
                     failures = 0
                 except DB_ERRORS as exc:
                     ctx.db_error("claim", exc, failures)
@@ -123,6 +145,37 @@ class Fetcher:
             if ctx.wake.is_set() or not ctx.retime.is_set():
                 return
 
+    def _suspect_turn(self) -> bool | None:
+        """None: claim as usual; True: claim one suspect, alone; False: claim nothing
+        (a suspect runs here, or this worker drains to run one)."""
+        if self._alone is not None:
+            if not self._alone.finished:
+                return False
+            self._alone = None
+        now = asyncio.get_running_loop().time()
+        if self._suspect_drain_at is None or now < self._suspect_retry_at:
+            return None
+        if not self.ctx.held:
+            return True
+        return False if now >= self._suspect_drain_at else None
+
+    def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
+        """After a claim: remember whether a suspect is due (and since when) and which
+        runs here. True when this worker should claim again at once: a suspect, as it
+        holds nothing and one is due, or, after a suspect claim that found none, the
+        ordinary jobs it left."""
+        now = asyncio.get_running_loop().time()
+        if claimed is not None:
+            self._alone, self._suspect_drain_at = claimed, None
+            return False
+        if tried:
+            self._suspect_retry_at = now + SUSPECT_DRAIN_SECONDS
+        if not due:
+            self._suspect_drain_at = None
+        elif self._suspect_drain_at is None:
+            self._suspect_drain_at = now + SUSPECT_DRAIN_SECONDS * (1 + random.random())
+        return tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
+
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
         holds beyond one full batch. When the database records outcomes slower than jobs
@@ -155,8 +208,9 @@ class Fetcher:
         ends = self.ctx.recording_since + WRITE_WAIT_SECONDS
         return ends if asyncio.get_running_loop().time() < ends else None
 
-    async def claim(self, free: int) -> bool:
-        """Claim up to `free` jobs and start them; True if the claim was full."""
+    async def claim(self, free: int, suspects: bool = False) -> bool:
+        """Claim up to `free` jobs and start them (one suspect alone, with `suspects`);
+        True if the claim was full, or if this worker should claim a suspect now."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
@@ -168,7 +222,9 @@ class Fetcher:
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
             queues=ctx.options.queues,
             capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
+            suspects=suspects,
         )
+        suspect_due = ctx.store.suspect_due
         ctx.clock_offset = db_now.timestamp() - sent_wall
         claimed_due = (sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
                        if next_due is not None else None)
@@ -177,6 +233,7 @@ class Fetcher:
             (d for d in (claimed_due, ctx.noted_deadline) if d is not None), default=None)
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
+        alone = None
         for job in jobs:
             if job["expired"]:
                 ctx.stats.expired += 1
@@ -192,7 +249,11 @@ class Fetcher:
             ctx.held[held.key] = held
             ctx.executing += 1
             held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
-        return len(jobs) >= free
+            if suspects:
+                alone = held
+                log.info("suspect_claimed", job_id=held.id, task=held.task_name)
+        again = self._note_suspects(suspect_due, alone, suspects)
+        return again or (len(jobs) >= free and alone is None)
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this
