@@ -345,14 +345,19 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        coalesce((SELECT reltuples FROM pg_class
                  WHERE oid = to_regclass('{schema}.jobs')), -1) AS job_rows,
        EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist,
-       -- Whether a suspect of a queue this worker may claim from is due (one probe of
-       -- jobs_pending_suspect_idx, migration 0019, which is almost always empty): the
-       -- worker then claims it alone (Fetcher, fetcher.py). Caps and global limits are
-       -- left to the suspect claim itself, which may then find nothing.
+       -- Whether a suspect of a queue this worker may claim from (served, not paused) is
+       -- due: a read of jobs_pending_suspect_idx (migration 0019), which is almost always
+       -- empty. The worker then claims it alone (fetcher.py). Caps and global limits are
+       -- left to that suspect claim, which may then find nothing.
+-- for: claim_jobs, claim_jobs_unlimited
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
-                 AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
+                 AND s.queue IN (SELECT queue FROM listed)) AS suspect_due,
+-- for: claim_jobs_flat
+       EXISTS (SELECT 1 FROM {schema}.jobs s
+               WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
                  AND s.queue NOT IN (SELECT queue FROM {schema}.paused_queues)) AS suspect_due,
+-- end
        claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 

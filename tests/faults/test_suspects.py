@@ -1,0 +1,153 @@
+"""Suspects: the jobs of a crash shared by several jobs (recover_orphans, migration 0019).
+
+- A crash with several jobs running counts against none of them: each becomes a
+  suspect; a crash split over passes is still one shared crash.
+- A suspect runs alone: ordinary claims leave it, a suspect claim takes it and nothing
+  else, under the same queue rules (served queues, paused queues, per-queue caps).
+- A steady stream of ordinary jobs, which keeps a real worker always busy, does not
+  starve a due suspect: the worker drains, runs it alone, and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from conftest import wait_until
+
+from .kit import audit, audit_env, db_now, fault_config, query
+from .test_recovery_review import LIVE, _dead_worker_holding, _recoveries
+
+
+async def _suspects(sched) -> dict[str, bool]:
+    rows = await query(sched, "SELECT id, suspect FROM {schema}.jobs")
+    return {r["id"]: r["suspect"] for r in rows}
+
+
+async def _claim(sched, *, suspects: bool, **kwargs) -> list[str]:
+    claimed, _, _ = await sched.store.claim_jobs(
+        worker_id="host:9:claimer9", limit=10, lease_seconds=60, suspects=suspects,
+        **kwargs)
+    return sorted(j["id"] for j in claimed)
+
+
+async def test_a_shared_crash_counts_against_none_of_its_jobs_and_marks_each_suspect(sched):
+    await _dead_worker_holding(sched, LIVE, False, {"a": (30, 1), "b": (30, 2), "c": (10, 3)})
+    recovered = [r["id"] for r in await sched.store.recover_orphans(max_recoveries=1)]
+    assert sorted(recovered) == ["a", "b", "c"]
+    assert await _recoveries(sched) == {"a": 0, "b": 0, "c": 0}
+    assert await _suspects(sched) == {"a": True, "b": True, "c": True}
+    rows = await query(sched, "SELECT status::text, last_error, errors -> -1 ->> 'counted' "
+                              "AS counted FROM {schema}.jobs")
+    assert {(r["status"], r["counted"]) for r in rows} == {("pending", "false")}
+    assert all("not counted" in r["last_error"] for r in rows)
+
+
+async def test_a_shared_crash_split_over_passes_counts_against_none(sched):
+    """The last job recovered is the only one its dead worker still runs by then: it is
+    the same shared crash (worker_crashes), not one of its own."""
+    await _dead_worker_holding(sched, LIVE, False, {"a": (30, 1), "b": (20, 2)})
+    for _ in range(2):
+        await sched.store.recover_orphans(max_recoveries=1, limit=1)
+    assert await _recoveries(sched) == {"a": 0, "b": 0}
+    assert await _suspects(sched) == {"a": True, "b": True}
+
+
+async def test_a_crash_of_one_job_counts_against_it(sched):
+    await _dead_worker_holding(sched, LIVE, False, {"alone": (30, 1)})
+    await sched.store.recover_orphans(max_recoveries=3)
+    assert await _recoveries(sched) == {"alone": 1}
+    assert await _suspects(sched) == {"alone": True}
+
+
+async def _one_suspect_beside(sched, *others: str, queue: str = "default") -> None:
+    await _dead_worker_holding(sched, LIVE, False, {"s": (30, 1), "t": (30, 1)})
+    await sched.store.recover_orphans(max_recoveries=3)
+    await query(sched, "UPDATE {schema}.jobs SET queue = %s WHERE id = 's' RETURNING id",
+                [queue])
+    await query(sched, "DELETE FROM {schema}.jobs WHERE id = 't' RETURNING id")
+    for job_id in others:
+        await sched.schedule("noop", job_id=job_id)
+
+
+async def test_a_suspect_is_claimed_alone_and_ordinary_claims_leave_it(sched):
+    await _one_suspect_beside(sched, "x", "y")
+    assert await _claim(sched, suspects=False) == ["x", "y"]
+    assert sched.store.suspect_due
+    await query(sched, "UPDATE {schema}.jobs SET status = 'pending', worker_id = NULL "
+                       "WHERE id IN ('x', 'y') RETURNING id")
+    assert await _claim(sched, suspects=True) == ["s"]
+    # Claimed, it is no longer a suspect: a retry after a failure runs as any job.
+    assert await _suspects(sched) == {"s": False, "x": False, "y": False}
+    assert await _claim(sched, suspects=True) == []
+    assert not sched.store.suspect_due
+
+
+async def test_a_suspect_keeps_to_the_queue_rules(sched):
+    await _one_suspect_beside(sched, queue="tenant")
+    # A worker of other queues neither hears of it nor takes it.
+    assert await _claim(sched, suspects=True, queues=["default"]) == []
+    assert not sched.store.suspect_due
+    # Its queue's per-queue cap is full.
+    assert await _claim(sched, suspects=True, queues=["tenant"],
+                        capped=(["tenant"], [0])) == []
+    await sched.store.pause_queues(["tenant"])
+    for queues in (None, ["tenant"]):
+        assert await _claim(sched, suspects=True, queues=queues) == []
+        assert not sched.store.suspect_due
+    await sched.store.resume_queues(["tenant"])
+    assert await _claim(sched, suspects=False, queues=["tenant"]) == []
+    assert sched.store.suspect_due
+    assert await _claim(sched, suspects=True, queues=["tenant"]) == ["s"]
+
+
+async def test_a_steady_stream_does_not_starve_a_due_suspect(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """One worker of two slots, fed jobs of 0.3 s every 0.1 s: always busy, with a
+    backlog. A suspect that falls due meanwhile runs, and nothing runs beside it."""
+    env = audit_env(pg_dsn, schema)
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        n = 0
+        while not stop.is_set():
+            await sched.schedule("sleep_then_record", args=(f"o{n:04}", 0.3),
+                                 job_id=f"o{n:04}")
+            n += 1
+            await asyncio.sleep(0.1)
+
+    feeding = asyncio.create_task(stream())
+    try:
+        await wait_until(lambda: _running(sched, 2), timeout=30, what="a busy worker")
+        await sched.schedule("sleep_then_record", args=("suspect", 1.0), job_id="suspect",
+                             execution_time=await db_now(sched) + timedelta(hours=1))
+        await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                           "WHERE id = 'suspect' RETURNING id")
+
+        async def suspect_ran() -> bool:
+            return any(a["key"] == "suspect" for a in await audit(sched))
+
+        await wait_until(suspect_ran, timeout=60, what="the suspect to run")
+        await asyncio.sleep(1.0)  # the stream goes on after it
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+    assert worker.proc.poll() is None
+    ran = {a["key"]: a["at"] for a in await audit(sched)}
+    rows = await query(sched, "SELECT id, started_at FROM {schema}.jobs "
+                              "WHERE started_at IS NOT NULL")
+    started = {r["id"]: r["started_at"] for r in rows}
+    alone = (started["suspect"], ran["suspect"])
+    beside = [key for key, at in ran.items() if key != "suspect"
+              and started[key] < alone[1] and at > alone[0]]
+    assert beside == []
+    assert any(started[key] > alone[1] for key in ran if key != "suspect")
+
+
+async def _running(sched, n: int) -> bool:
+    rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                              "WHERE status = 'running'")
+    return rows[0]["n"] >= n
