@@ -629,6 +629,14 @@ expired AS (
       AND (s.worker_id IN (SELECT worker_id FROM records)
            OR NOT EXISTS (SELECT 1 FROM {schema}.worker_crashes c
                           WHERE c.worker_id = s.worker_id))
+      -- One pass at a time takes a worker's jobs: every pass that judges a crash writes
+      -- its record, and a second one would wait on the first's uncommitted insert (the
+      -- key of worker_crashes) until lock_timeout failed the whole pass. The others
+      -- leave that worker's jobs to a later pass, as they do those of a worker whose
+      -- registry row or crash record is held. (Taken for rows the LIMIT may then drop:
+      -- that only defers those workers by a pass.)
+      AND pg_try_advisory_xact_lock(hashtext('pgsched.recover_orphans'),
+                                    hashtext(s.worker_id))
     ORDER BY s.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED

@@ -251,7 +251,7 @@ async def test_a_job_that_freezes_live_workers_is_a_poison_pill_and_its_neighbou
 @pytest.mark.parametrize("commits", [(0, 1, 2), (2, 1, 0), (1, 2, 0)],
                          ids=["in-order", "reversed", "middle-first"])
 @pytest.mark.parametrize("counted_before", [False, True], ids=["first-crash", "second-crash"])
-async def test_three_recoveries_holding_parts_of_one_crash_count_it_once(
+async def test_three_recoveries_holding_parts_of_one_shared_crash_count_it_against_none(
         sched, pg_dsn, culprit_lease, commits, counted_before):
     """Three recoveries on their own connections each recover one job of a dead worker
     (gone from the registry) and hold it uncommitted; a fourth runs meanwhile; they
@@ -346,7 +346,7 @@ async def test_a_job_heartbeat_dated_ahead_is_no_sign_of_life_after_a_crash(sche
     assert await _recoveries(sched) == {"first": 0, "second": 0, "third": 0}
 
 
-async def test_three_live_workers_recovering_one_killed_worker_count_its_crash_once(
+async def test_three_live_workers_recovering_one_killed_worker_count_its_shared_crash_against_none(
         sched, pg_dsn, schema, workers, tmp_path):
     """A worker holding 30 jobs is SIGKILLed while three others run: their maintenance
     loops recover its jobs concurrently, in whatever passes and splits the race gives.

@@ -143,7 +143,7 @@ def _recover_params(sched, limit: int) -> dict:
     {"first": (30, 1), "second": (20, 2), "third": (10, 3)},
 ], ids=["holder-takes-first", "other-takes-first"])
 @pytest.mark.parametrize("registered", [True, False], ids=["registered", "gone"])
-async def test_a_crash_split_between_two_concurrent_recoveries_is_counted_once(
+async def test_a_crash_split_between_two_concurrent_recoveries_is_judged_once(
         sched, pg_dsn, registered, leases):
     """One recovery holds one of the dead worker's jobs (recovered, not committed) while
     another runs: the second skips the held row (SKIP LOCKED), or, for a registered
