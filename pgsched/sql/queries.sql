@@ -77,6 +77,16 @@
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
+--
+-- Suspects (jobs of a crash shared by several jobs, recover_orphans; migration 0019) run
+-- alone: the walks' {suspect} is `NOT suspect` in the three statements, so they step over
+-- suspects (few, and near the front of each walk: their due time is that of their first
+-- attempt). A suspect claim (Store.claim_jobs(suspects=True), a worker that holds no job,
+-- with limit 1) is claim_jobs or claim_jobs_unlimited with `suspect` in its place, which
+-- PostgreSQL serves from jobs_pending_suspect_idx, so it keeps every rule of those walks
+-- (served, paused, capped and limited queues); never the flat walk, which would wade
+-- through every due job to find one. A claim clears the mark: a suspect that fails is
+-- retried as any job. suspect_due tells the worker when one is due.
 WITH RECURSIVE
 -- for: claim_jobs, claim_jobs_unlimited
 pending_queues AS (
