@@ -15,6 +15,7 @@ import contextlib
 from datetime import timedelta
 
 from conftest import wait_until
+from test_queues import rows_read_from_jobs
 
 from .kit import audit, audit_env, db_now, fault_config, query
 from .test_recovery_review import LIVE, _dead_worker_holding, _recoveries
@@ -151,3 +152,30 @@ async def _running(sched, n: int) -> bool:
     rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
                               "WHERE status = 'running'")
     return rows[0]["n"] >= n
+
+
+async def test_a_suspect_claim_and_the_claims_beside_it_read_no_due_backlog(sched):
+    """Structural, not timed: 3,000 ordinary jobs due before the suspect in its queue and
+    priority. The suspect claim reads the suspect index, not the backlog; an ordinary
+    claim reads what it takes, and suspect_due one probe."""
+    await _one_suspect_beside(sched)
+    await query(sched, "UPDATE {schema}.jobs SET execution_time = now() WHERE id = 's' "
+                       "RETURNING id")
+    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) "
+                       "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
+                       "FROM generate_series(1, 3000) g RETURNING id")
+    store = sched.store
+    async with store.pool.connection() as conn:
+        await conn.execute(f'ANALYZE "{sched.schema}".jobs')
+    reads = {}
+    for name in ("claim_jobs", "claim_jobs_unlimited", store._suspect_claim("claim_jobs"),
+                 store._suspect_claim("claim_jobs_unlimited")):
+        async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
+            cur = await conn.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
+                {"worker_id": "w", "limit": 10 if "suspects" not in name else 1,
+                 "lease_seconds": 60, "queues": None, "capped_queues": [],
+                 "capped_free": [], "limit_recheck_seconds": 0.5})
+            reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
+    print(reads)
+    assert all(n < 100 for n in reads.values()), reads
