@@ -114,9 +114,13 @@ class Fetcher:
             if ctx.options.burst and free > 0 and ctx.executing == 0:
                 log.info("burst_done")
                 return
-            # With every slot busy, a freed slot is the next reason to claim.
-            ctx.slot_freed_wakes = free <= 0 or ctx.options.burst or saturated(
-                self._queue_limits, self._running_by_queue(), ctx.options.queues)
+            # With every slot busy, a freed slot is the next reason to claim; with a
+            # suspect running here or due, so is each job that ends or is recorded.
+            ctx.slot_freed_wakes = (
+                free <= 0 or ctx.options.burst or self._alone is not None
+                or self._suspect_drain_at is not None
+                or saturated(self._queue_limits, self._running_by_queue(),
+                             ctx.options.queues))
             poll_at = loop.time() + ctx.options.poll_seconds
             write_wait_ends = self._write_wait_ends() if free <= 0 else None
             await self._sleep(free, poll_at if write_wait_ends is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from datetime import timedelta
 
 from conftest import wait_until
@@ -179,3 +180,26 @@ async def test_a_suspect_claim_and_the_claims_beside_it_read_no_due_backlog(sche
             reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
     print(reads)
     assert all(n < 100 for n in reads.values()), reads
+
+
+async def test_suspects_run_one_after_another_without_waiting_for_the_poll(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A worker that polls once a minute: each suspect that ends (and is recorded) must
+    wake it for the next one; no NOTIFY does. (Seen failing: each waited for the poll.)"""
+    for n in range(3):
+        await sched.schedule("sleep_then_record", args=(f"s{n}", 0.2), job_id=f"s{n}",
+                             execution_time=await db_now(sched) + timedelta(hours=1))
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                       "RETURNING id")
+    env = audit_env(pg_dsn, schema)
+    workers(fault_config(tmp_path, pg_dsn, schema, concurrency=4, poll_seconds=60), env=env)
+
+    async def all_ran() -> bool:
+        return len(await audit(sched)) == 3
+
+    await wait_until(all_ran, timeout=20, what="the three suspects to run")
+    ran = sorted((a["at"], a["key"]) for a in await audit(sched))
+    rows = await query(sched, "SELECT id, started_at FROM {schema}.jobs")
+    started = {r["id"]: r["started_at"] for r in rows}
+    # One at a time: each started after the one before it ran.
+    assert all(started[key] >= before for (before, _), (_, key) in itertools.pairwise(ran))
