@@ -807,13 +807,13 @@ class Store:
         A worker of every queue without caps claims by the flat walk (claim_jobs_flat),
         unless it was refused within the last FLAT_RETRY_SECONDS (sql/queries.sql).
         Suspects (migration 0019) are left out, and taken only by a claim with
-        `suspects`, which takes nothing else (by the per-queue walks, which read only
+        `suspects`, which takes one and nothing else (by the per-queue walks, which read only
         jobs_pending_suspect_idx for them; the flat walk would wade through every due
         job); whether one is due is in `self.suspect_due` afterwards.
         """
         params = {
             "worker_id": worker_id,
-            "limit": limit,
+            "limit": 1 if suspects else limit,
             "lease_seconds": lease_seconds,
             "queues": list(queues) if queues is not None else None,
             "capped_queues": list(capped[0]),

@@ -15,8 +15,12 @@ import contextlib
 import itertools
 from datetime import timedelta
 
-from conftest import wait_until
+import psycopg
+from conftest import fast_options, wait_until
 from test_queues import rows_read_from_jobs
+
+from pgsched import Scheduler
+from pgsched.store import migrations, split_statements
 
 from .kit import audit, audit_env, db_now, fault_config, query
 from .test_recovery_review import LIVE, _dead_worker_holding, _recoveries
@@ -203,3 +207,28 @@ async def test_suspects_run_one_after_another_without_waiting_for_the_poll(
     started = {r["id"]: r["started_at"] for r in rows}
     # One at a time: each started after the one before it ran.
     assert all(started[key] >= before for (before, _), (_, key) in itertools.pairwise(ran))
+
+
+async def test_an_upgrade_to_0019_with_a_crash_running_makes_its_jobs_suspects(pg_dsn, schema):
+    """Jobs of a dead worker still running when 0019 is applied (the claim of this code
+    needs 0019: claimed by SQL): recovered afterwards, they are suspects and counted
+    against none. 0019 runs outside a transaction, so each statement must be safe to run
+    again after a failure half-way."""
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as sched:
+        assert await sched.store.migrate(target=18) == 18
+        for job_id in ("a", "b"):
+            await sched.schedule("noop", job_id=job_id)
+        await query(sched, "UPDATE {schema}.jobs SET status = 'running', attempts = 1, "
+                           "worker_id = %s, heartbeat_at = now() - interval '1 hour', "
+                           "started_at = now() - interval '1 hour', "
+                           "lease_until = now() - interval '1 minute' RETURNING id", [LIVE])
+        assert await sched.store.migrate() == migrations()[-1][0]
+        [(_, _, text)] = [m for m in migrations() if m[0] == 19]
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            for statement in split_statements(text):
+                await conn.execute(statement.replace("{schema}", f'"{schema}"'))
+        recovered = await sched.store.recover_orphans(max_recoveries=1)
+        assert sorted(r["id"] for r in recovered) == ["a", "b"]
+        assert await _recoveries(sched) == {"a": 0, "b": 0}
+        assert await _suspects(sched) == {"a": True, "b": True}
+        assert await _claim(sched, suspects=True) == ["a"]
