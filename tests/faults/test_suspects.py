@@ -17,9 +17,12 @@ from datetime import timedelta
 
 import psycopg
 from conftest import fast_options, wait_until
+from rich.console import Console
 from test_queues import rows_read_from_jobs
 
 from pgsched import Scheduler
+from pgsched.cli.views import job_view
+from pgsched.ops import job_json
 from pgsched.store import migrations, split_statements
 
 from .kit import audit, audit_env, db_now, fault_config, query
@@ -232,3 +235,12 @@ async def test_an_upgrade_to_0019_with_a_crash_running_makes_its_jobs_suspects(p
         assert await _recoveries(sched) == {"a": 0, "b": 0}
         assert await _suspects(sched) == {"a": True, "b": True}
         assert await _claim(sched, suspects=True) == ["a"]
+
+
+async def test_show_marks_a_waiting_suspect(sched):
+    await _one_suspect_beside(sched)
+    data = job_json(await sched.store.get_job("s"), await sched.store.db_now())
+    console = Console(width=120, record=True)
+    console.print(job_view(data))
+    assert data["suspect"] is True
+    assert "yes: runs alone" in console.export_text()
