@@ -1085,13 +1085,22 @@ class Store:
         run analyze_jobs() (migration 0017; one granted before it) or its owner may not
         analyse jobs."""
         self.statistics_suspect = False
-        (found,) = await self._rows("pending_statistics", {"limit": PREPARED_CLAIM_ROWS})
-        if not statistics_behind(found["pending"], found["counted"], found["changed"] or 0):
+        if not await self._statistics_behind():
             return "current", ""
         async with (_USING.get() or self.pool).connection() as conn:
             with _warnings(conn) as warned:
                 try:
-                    await conn.execute(self._q["analyze_jobs"])
+                    async with conn.transaction():
+                        # One worker at a time checks again and analyses: a check made
+                        # while another ANALYZE ran reads, once that one has committed,
+                        # the statistics it left, instead of running a second.
+                        turn = await conn.execute(self._q["analyze_turn"],
+                                                  {"schema": self.schema})
+                        if not (await turn.fetchone() or [False])[0]:
+                            return "busy", "another worker is analysing jobs"
+                        if not await self._statistics_behind(conn):
+                            return "current", ""
+                        await conn.execute(self._q["analyze_jobs"])
                 except psycopg.errors.LockNotAvailable as exc:
                     # a lock SKIP_LOCKED does not cover, held past the function's lock_timeout
                     return "busy", str(exc).strip().splitlines()[0]
@@ -1104,6 +1113,16 @@ class Store:
             return "analyzed", ""
         sqlstate, message = warned[0]
         return ("busy" if sqlstate == "55P03" else "refused"), message
+
+    async def _statistics_behind(self, conn: Any = None) -> bool:
+        """statistics_behind for jobs as it is now, on `conn` or a pooled connection."""
+        params = {"limit": PREPARED_CLAIM_ROWS}
+        if conn is None:
+            (found,) = await self._rows("pending_statistics", params)
+        else:
+            cur = conn.cursor(row_factory=dict_row)
+            found = await (await cur.execute(self._q["pending_statistics"], params)).fetchone()
+        return statistics_behind(found["pending"], found["counted"], found["changed"] or 0)
 
     # -- recurring schedules (sql/recurring.sql; used by recurring.py and the planner) -----
 

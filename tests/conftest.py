@@ -1,7 +1,9 @@
 """Test fixtures: a real PostgreSQL and an isolated, migrated schema per test.
 
-The server is PGSCHED_TEST_DSN when set; otherwise an embedded PostgreSQL (pgserver)
-started once for the session in a temporary directory and deleted at the end. Each test
+The server is PGSCHED_TEST_DSN when set (one pytest process only: some tests watch the
+whole server); a throwaway cluster of the binaries in PGSCHED_TEST_PGBIN; otherwise an
+embedded PostgreSQL (pgserver). The last two are started for each pytest process (-n 2
+runs two) in a temporary directory and deleted at the end. Each test
 gets its own schema (`t_<random>`), migrated, and dropped afterwards, which costs a few
 milliseconds and lets tests run against one server without seeing each other.
 
@@ -35,11 +37,33 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER_TASKS = Path(__file__).resolve().parent / "worker_tasks.py"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("PGSCHED_TEST_DSN") and workers not in (None, 0, 1):
+        # Some tests watch or end the whole server's sessions (pg_stat_activity): two
+        # pytest processes on one server would see each other's workers.
+        raise pytest.UsageError(
+            "PGSCHED_TEST_DSN is one server for every pytest process: run without -n, or "
+            "use PGSCHED_TEST_PGBIN (a throwaway cluster per process) instead")
+
+
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     dsn = os.environ.get("PGSCHED_TEST_DSN")
     if dsn:
         yield dsn
+        return
+    if os.environ.get("PGSCHED_TEST_PGBIN"):
+        # A server of those binaries for this session alone (one per xdist worker), so
+        # that tests which look at the whole server (pg_stat_activity) never see another
+        # session's workers.
+        from faults.cluster import Cluster
+
+        own = Cluster(Path(os.environ["PGSCHED_TEST_PGBIN"]))
+        try:
+            yield own.superuser_dsn
+        finally:
+            own.destroy()
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -59,13 +83,9 @@ def cluster() -> Iterator[Any]:
     (tests/faults/cluster.py); started on first use, shared by the session."""
     from faults.cluster import Cluster, ClusterUnavailable
 
-    if os.environ.get("PGSCHED_TEST_SKIP_OWN_CLUSTER"):
-        # .ci/run's second suite: this cluster runs the same binaries in both suites
-        # (faults/cluster.py: pgserver's first), whatever PGSCHED_TEST_DSN names, so tests
-        # on it ran already in the first (it keeps CI under 30 minutes).
-        pytest.skip("ran in CI's first suite: its own PostgreSQL, the same in both runs")
     try:
-        owned = Cluster()
+        pgbin = os.environ.get("PGSCHED_TEST_PGBIN")
+        owned = Cluster(Path(pgbin) if pgbin else None)
     except ClusterUnavailable as exc:
         pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
     yield owned

@@ -661,8 +661,11 @@ def test_shell_completion_knows_the_operator_commands_and_their_choices():
     env.update(COMP_WORDS="pgsched retry --status ", COMP_CWORD="3")
     choices = subprocess.run([script], env=env, capture_output=True, text=True, timeout=30)
     assert choices.stdout.split() == ["failed", "expired", "cancelled"]
-    shown = subprocess.run([script, "--show-completion", "bash"], env=cli_env(),
-                           capture_output=True, text=True, timeout=30)
+    # --show-completion is a flag: typer names the shell it finds among the process's
+    # ancestors (shellingham), so it runs from bash as a user's would; pytest itself may
+    # have no shell above it (started detached).
+    shown = subprocess.run(["bash", "-c", f'"{script}" --show-completion; exit $?'],
+                           env=cli_env(), capture_output=True, text=True, timeout=30)
     assert "_PGSCHED_COMPLETE=complete_bash" in shown.stdout
 
 

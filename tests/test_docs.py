@@ -24,7 +24,7 @@ DOCS = ROOT / "docs"
 DAEMON_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[embedded]' && "
                   ".venv/bin/pgsched --config pgsched.toml.example worker")
 TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && "
-                ".venv/bin/pytest -q")
+                ".venv/bin/pytest -q -n 2 --dist worksteal")
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 

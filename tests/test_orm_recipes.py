@@ -52,7 +52,8 @@ def test_django_atomic_commits_the_job_with_its_writes(pg_dsn, schema, orders):
         settings.configure(DATABASES={"default": {
             "ENGINE": "django.db.backends.postgresql", "NAME": url.path.lstrip("/"),
             "USER": url.username or "", "PASSWORD": url.password or "",
-            "HOST": query.get("host", url.hostname or ""), "PORT": str(url.port or ""),
+            "HOST": query.get("host", url.hostname or ""),
+            "PORT": str(url.port or query.get("port", "")),
         }})
         django.setup()
     from django.db import connection, transaction

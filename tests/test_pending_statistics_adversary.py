@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,7 +24,7 @@ from test_hostile import roles as roles
 from test_pending_statistics import analyses, fill
 
 from pgsched import Scheduler
-from pgsched.store import lock_timeout_for, migrations
+from pgsched.store import Store, lock_timeout_for, migrations, open_pool
 
 
 @pytest.mark.parametrize("stagger", [0.0, 0.002, 0.01])
@@ -48,6 +49,38 @@ async def test_ten_workers_that_detect_one_burst_analyse_jobs_once(sched, pg_dsn
             await other.__aexit__(None, None, None)
     assert outcomes.count("analyzed") == 1, outcomes
     assert analyses(pg_dsn, sched.schema) == before + 1, outcomes
+
+
+class _CheckThenWait(Store):
+    """A store whose first look at the statistics is followed, before it goes on, by
+    `meanwhile` (another worker's whole refresh): the worst moment, as a CI run under
+    load met it (['analyzed', 'busy', ..., 'analyzed'] above, stagger 0.01)."""
+
+    meanwhile: Any = None
+
+    async def _rows(self, name: str, params: dict[str, Any], **kw: Any) -> list[Any]:
+        rows = await super()._rows(name, params, **kw)
+        if name == "pending_statistics" and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            await meanwhile()
+        return rows
+
+
+async def test_a_check_made_before_another_analyze_committed_runs_no_second(sched, pg_dsn):
+    fill(pg_dsn, sched.schema, history=20_000, burst=5_000)
+    before = analyses(pg_dsn, sched.schema)
+    other = Scheduler(pg_dsn, schema=sched.schema, options=fast_options())
+    async with other, await open_pool(pg_dsn) as pool:
+        late = _CheckThenWait(pool, sched.schema)
+        outcomes: list[str] = []
+
+        async def other_refreshes() -> None:
+            outcomes.append((await other.store.refresh_pending_statistics())[0])
+
+        late.meanwhile = other_refreshes
+        outcomes.append((await late.refresh_pending_statistics())[0])
+    assert outcomes == ["analyzed", "current"]
+    assert analyses(pg_dsn, sched.schema) == before + 1
 
 
 async def test_a_schema_name_that_needs_quoting_is_analysed(pg_dsn):

@@ -875,6 +875,14 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pendin
         WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')) AS counted,
        pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
 
+-- name: analyze_turn
+-- Whether this transaction may check the statistics again and analyse jobs
+-- (Store.refresh_pending_statistics): a transaction-level advisory lock on the schema's
+-- name, let go at commit, so one worker at a time does, and the next one to get it sees
+-- the statistics the last ANALYZE committed. Never waits: a worker that does not get it
+-- tries at its next maintenance pass.
+SELECT pg_try_advisory_xact_lock(hashtext('pgsched.analyze.' || %(schema)s));
+
 -- name: analyze_jobs
 -- Refresh the statistics of jobs (Store.refresh_pending_statistics) through the function
 -- of migration 0017, which runs ANALYZE (SKIP_LOCKED) as the table's owner: while
