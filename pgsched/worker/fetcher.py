@@ -26,7 +26,9 @@ Invariants:
   one suspect alone, and claims nothing else until it has ended. A busy worker that has
   seen one due for SUSPECT_DRAIN_SECONDS (a random share more: not every worker at
   once) stops claiming until it holds nothing and then claims it, so that a steady
-  stream, which keeps every worker busy, cannot starve a suspect. A suspect claim that
+  stream, which keeps every worker busy, cannot starve a suspect; while it drains it
+  claims none at each wake-up, to learn when the suspect is no longer due (taken by
+  another worker, cancelled, paused) and claim again. A suspect claim that
   finds nothing (another worker took it, or a cap or a global limit holds it back) is
   not tried again for SUSPECT_DRAIN_SECONDS.
 
@@ -91,8 +93,12 @@ class Fetcher:
             suspect = self._suspect_turn()
             if suspect is not None:
                 free = 1 if suspect else 0
+            # A worker that drains for a suspect still claims none, to learn whether it is
+            # still due: another worker may have taken it, or it was cancelled or paused,
+            # and a drain nobody ends idles the worker until its longest job ends.
+            draining = suspect is False and self._alone is None
             claimed_full = False
-            if free > 0:
+            if free > 0 or draining:
                 try:
                     claimed_full = await self.claim(free, suspects=bool(suspect))
                     failures = 0
@@ -166,19 +172,21 @@ class Fetcher:
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
         runs here. True when this worker should claim again at once: a suspect, as it
-        holds nothing and one is due, or, after a suspect claim that found none, the
-        ordinary jobs it left."""
+        holds nothing and one is due, or, after a suspect claim that found none or a
+        drain for a suspect no longer due, the ordinary jobs it left."""
         now = asyncio.get_running_loop().time()
         if claimed is not None:
             self._alone, self._suspect_drain_at = claimed, None
             return False
         if tried:
             self._suspect_retry_at = now + SUSPECT_DRAIN_SECONDS
+        drained = self._suspect_drain_at is not None and now >= self._suspect_drain_at
         if not due:
             self._suspect_drain_at = None
         elif self._suspect_drain_at is None:
             self._suspect_drain_at = now + SUSPECT_DRAIN_SECONDS * (1 + random.random())
-        return tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
+        return (tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
+                or (drained and not due))
 
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
@@ -213,8 +221,10 @@ class Fetcher:
         return ends if asyncio.get_running_loop().time() < ends else None
 
     async def claim(self, free: int, suspects: bool = False) -> bool:
-        """Claim up to `free` jobs and start them (one suspect alone, with `suspects`);
-        True if the claim was full, or if this worker should claim a suspect now."""
+        """Claim up to `free` jobs and start them (one suspect alone, with `suspects`;
+        none with `free` 0, which only asks whether a suspect is still due); True if the
+        claim was full, or if this worker should claim again now (a suspect, or the
+        ordinary jobs a drain left)."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
@@ -257,7 +267,7 @@ class Fetcher:
                 alone = held
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
-        return again or (len(jobs) >= free and alone is None)
+        return again or (free > 0 and len(jobs) >= free and alone is None)
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this

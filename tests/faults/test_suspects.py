@@ -244,3 +244,46 @@ async def test_show_marks_a_waiting_suspect(sched):
     console.print(job_view(data))
     assert data["suspect"] is True
     assert "yes: runs alone" in console.export_text()
+
+
+async def _drained(sched, n: int) -> str:
+    """Schedule ordinary job `d{n}` and return its id once it has stayed pending for 3 s
+    beside a free slot: the worker has stopped claiming (it drains for a suspect)."""
+    job_id = f"d{n}"
+    await sched.schedule("sleep_then_record", args=(job_id, 0.0), job_id=job_id)
+    await asyncio.sleep(3.0)
+    rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = %s",
+                       [job_id])
+    return job_id if rows[0]["status"] == "pending" else ""
+
+
+async def test_a_worker_draining_for_a_suspect_that_is_gone_claims_again(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A worker busy with a long job drains for a due suspect; the suspect is cancelled
+    (or another worker takes it) meanwhile. The draining worker must notice and claim
+    ordinary jobs again, not sit idle until its long job ends: with every worker of a
+    fleet draining so, one suspect stalls the fleet for the length of its longest job.
+    (Seen failing: the drained worker claimed nothing until the long job ended.)"""
+    env = audit_env(pg_dsn, schema)
+    release = tmp_path / "release"
+    workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    await sched.schedule("hold", args=("long", str(release)), job_id="long")
+    await wait_until(lambda: _running(sched, 1), timeout=30, what="the long job")
+    await sched.schedule("sleep_then_record", args=("s", 0.0), job_id="s",
+                         execution_time=await db_now(sched) + timedelta(hours=1))
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                       "WHERE id = 's' RETURNING id")
+    n = itertools.count()
+    blocked = await wait_until(lambda: _drained(sched, next(n)), timeout=40,
+                               what="the worker to drain for the suspect")
+    assert await sched.cancel_job("s")
+
+    async def ran() -> bool:
+        return any(a["key"] == blocked for a in await audit(sched))
+
+    try:
+        await wait_until(ran, timeout=15, what=f"{blocked} to run beside the long job")
+        rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = 'long'")
+        assert rows[0]["status"] == "running"
+    finally:
+        release.touch()
