@@ -159,7 +159,9 @@ class Fetcher:
         """None: claim as usual; True: claim one suspect, alone; False: claim nothing
         (a suspect runs here, or this worker drains to run one)."""
         if self._alone is not None:
-            if not self._alone.finished:
+            # Until its outcome is recorded, not only until it returns: its row runs on
+            # in the database meanwhile, and a crash would be shared with what ran beside.
+            if self.ctx.held.get(self._alone.key) is self._alone:
                 return False
             self._alone = None
         now = asyncio.get_running_loop().time()

@@ -287,3 +287,46 @@ async def test_a_worker_draining_for_a_suspect_that_is_gone_claims_again(
         assert rows[0]["status"] == "running"
     finally:
         release.touch()
+
+
+async def test_a_suspect_whose_outcome_is_not_recorded_yet_still_runs_alone(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """The suspect's task has returned, but its completion waits (here on a row lock an
+    operator's session holds): its row is still running in the database, so a crash now
+    is shared with it and would count against none. The worker must claim nothing beside
+    it until the outcome is recorded, as it claimed the suspect only once it held nothing.
+    (Seen failing: the ordinary jobs were claimed as soon as the task returned.)"""
+    env = audit_env(pg_dsn, schema)
+    release = tmp_path / "release"
+    await sched.schedule("hold", args=("s", str(release)), job_id="s",
+                         execution_time=await db_now(sched) + timedelta(hours=1))
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                       "WHERE id = 's' RETURNING id")
+    workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    await wait_until(lambda: _running(sched, 1), timeout=30, what="the suspect to run")
+    for n in range(2):
+        await sched.schedule("sleep_then_record", args=(f"o{n}", 0.0), job_id=f"o{n}")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        async with conn.transaction():
+            await conn.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                               ["s"])
+            release.touch()
+
+            async def s_returned() -> bool:
+                return any(a["key"] == "s" for a in await audit(sched))
+
+            await wait_until(s_returned, timeout=20, what="the suspect's task to return")
+            await asyncio.sleep(1.5)  # the completion of s waits on the lock meanwhile
+            beside = await query(sched, "SELECT id, status::text FROM {schema}.jobs "
+                                        "WHERE id <> 's' AND status <> 'pending'")
+            recorded = await query(sched, "SELECT status::text FROM {schema}.jobs "
+                                          "WHERE id = 's'")
+    assert recorded[0]["status"] == "running"
+    assert beside == []
+
+    async def all_done() -> bool:
+        rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                                  "WHERE status = 'completed'")
+        return rows[0]["n"] == 3
+
+    await wait_until(all_done, timeout=20, what="every job to complete")
