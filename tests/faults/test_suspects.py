@@ -306,21 +306,20 @@ async def test_a_suspect_whose_outcome_is_not_recorded_yet_still_runs_alone(
     await wait_until(lambda: _running(sched, 1), timeout=30, what="the suspect to run")
     for n in range(2):
         await sched.schedule("sleep_then_record", args=(f"o{n}", 0.0), job_id=f"o{n}")
-    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
-        async with conn.transaction():
-            await conn.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
-                               ["s"])
-            release.touch()
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn, conn.transaction():
+        await conn.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                           ["s"])
+        release.touch()
 
-            async def s_returned() -> bool:
-                return any(a["key"] == "s" for a in await audit(sched))
+        async def s_returned() -> bool:
+            return any(a["key"] == "s" for a in await audit(sched))
 
-            await wait_until(s_returned, timeout=20, what="the suspect's task to return")
-            await asyncio.sleep(1.5)  # the completion of s waits on the lock meanwhile
-            beside = await query(sched, "SELECT id, status::text FROM {schema}.jobs "
-                                        "WHERE id <> 's' AND status <> 'pending'")
-            recorded = await query(sched, "SELECT status::text FROM {schema}.jobs "
-                                          "WHERE id = 's'")
+        await wait_until(s_returned, timeout=20, what="the suspect's task to return")
+        await asyncio.sleep(1.5)  # the completion of s waits on the lock meanwhile
+        beside = await query(sched, "SELECT id, status::text FROM {schema}.jobs "
+                                    "WHERE id <> 's' AND status <> 'pending'")
+        recorded = await query(sched, "SELECT status::text FROM {schema}.jobs "
+                                      "WHERE id = 's'")
     assert recorded[0]["status"] == "running"
     assert beside == []
 
