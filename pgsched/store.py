@@ -973,8 +973,10 @@ class Store:
         )
         return rows[0] if rows else None
 
-    async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]]) -> set[str]:
-        """Put held jobs back to pending (shutdown) and wake idle workers for them."""
+    async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]],
+                           suspects: Sequence[str] = ()) -> set[str]:
+        """Put held jobs back to pending (shutdown) and wake idle workers for them; those
+        in `suspects` (claimed as suspects) are suspects again."""
         if not held:
             return set()
         rows = await self._rows(
@@ -983,6 +985,7 @@ class Store:
                 "worker_id": worker_id,
                 "ids": [job_id for job_id, _ in held],
                 "attempts": [attempt for _, attempt in held],
+                "suspects": list(suspects),
                 "channel": self.channel,
             },
         )

@@ -491,13 +491,15 @@ RETURNING j.status, j.execution_time;
 -- Put jobs this worker gives up on at shutdown back to pending, due again at their due
 -- time (so already due), without counting a failure (cancelled instead, if a cancel was
 -- requested). Fenced like complete_jobs. Wakes idle workers elsewhere with the earliest
--- due time, as insert_job does.
+-- due time, as insert_job does. A job claimed as a suspect (%(suspects)s) is one again:
+-- its run alone was interrupted before it told a pill from an innocent job.
 WITH released AS (
     UPDATE {schema}.jobs AS j SET
         status = CASE WHEN j.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END
                  ::{schema}.job_status,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
+        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL,
+        suspect = j.id = ANY(%(suspects)s::text[])
     FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
     WHERE j.id = r.id AND j.attempts = r.attempt
       AND j.worker_id = %(worker_id)s AND j.status = 'running'

@@ -267,6 +267,7 @@ class Fetcher:
             held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
             if suspects:
                 alone = held
+                held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
         return again or (free > 0 and len(jobs) >= free and alone is None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 from datetime import timedelta
 
 import psycopg
@@ -363,3 +364,24 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
             reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
     print(reads)
     assert all(n < 100 for n in reads.values()), reads
+
+
+async def test_a_suspect_released_at_shutdown_is_still_a_suspect(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A worker stopped gracefully while it runs a suspect gives it back (release_jobs).
+    Nothing has told it apart from the jobs of its shared crash yet: it must run alone
+    again, or the next crash it causes is shared with innocent jobs once more and they
+    are all run again. (Seen failing: released, it was an ordinary job again.)"""
+    env = audit_env(pg_dsn, schema)
+    await _one_suspect_beside(sched)
+    await query(sched, "UPDATE {schema}.jobs SET task = 'hold', args = %s, "
+                       "execution_time = now() WHERE id = 's' RETURNING id",
+                [psycopg.types.json.Jsonb(["s", str(tmp_path / "never")])])
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2,
+                                  shutdown_grace_seconds=0.5), env=env)
+    await wait_until(lambda: _running(sched, 1), timeout=30, what="the suspect to run")
+    worker.signal(signal.SIGTERM)
+    await worker.wait()
+    rows = await query(sched, "SELECT status::text, suspect FROM {schema}.jobs "
+                              "WHERE id = 's'")
+    assert (rows[0]["status"], rows[0]["suspect"]) == ("pending", True)
