@@ -385,3 +385,43 @@ async def test_a_suspect_released_at_shutdown_is_still_a_suspect(
     rows = await query(sched, "SELECT status::text, suspect FROM {schema}.jobs "
                               "WHERE id = 's'")
     assert (rows[0]["status"], rows[0]["suspect"]) == ("pending", True)
+
+
+async def test_a_suspect_of_a_queue_with_a_global_limit_of_one_is_not_starved(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Two workers, one queue whose global limit lets one job run at a time, and a backlog
+    of it that never empties: whichever worker holds the queue's one slot has a job, and
+    the other's suspect claim finds no room. The suspect must still run, alone."""
+    env = audit_env(pg_dsn, schema)
+    await sched.store.set_queue_limits("q", global_concurrency=1, set_concurrency=True)
+    for _ in range(2):
+        workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    stop = asyncio.Event()
+
+    async def stream() -> None:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                                      "WHERE status = 'pending' AND NOT suspect")
+            if rows[0]["n"] < 4:
+                await sched.schedule("sleep_then_record", args=(f"o{n:04}", 0.4),
+                                     job_id=f"o{n:04}", queue="q")
+            await asyncio.sleep(0.1)
+
+    feeding = asyncio.create_task(stream())
+    try:
+        await wait_until(lambda: _running(sched, 1), timeout=30, what="a busy queue")
+        await sched.schedule("sleep_then_record", args=("suspect", 0.2), job_id="suspect",
+                             queue="q", execution_time=await db_now(sched) + timedelta(hours=1))
+        await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                           "WHERE id = 'suspect' RETURNING id")
+
+        async def suspect_ran() -> bool:
+            return any(a["key"] == "suspect" for a in await audit(sched))
+
+        await wait_until(suspect_ran, timeout=60, what="the suspect to run")
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
