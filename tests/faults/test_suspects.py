@@ -36,9 +36,9 @@ async def _suspects(sched) -> dict[str, bool]:
     return {r["id"]: r["suspect"] for r in rows}
 
 
-async def _claim(sched, *, suspects: bool, **kwargs) -> list[str]:
+async def _claim(sched, *, suspects: bool, limit: int = 10, **kwargs) -> list[str]:
     claimed, _, _ = await sched.store.claim_jobs(
-        worker_id="host:9:claimer9", limit=10, lease_seconds=60, suspects=suspects,
+        worker_id="host:9:claimer9", limit=limit, lease_seconds=60, suspects=suspects,
         **kwargs)
     return sorted(j["id"] for j in claimed)
 
@@ -452,3 +452,21 @@ async def test_one_suspect_does_not_make_every_busy_worker_drain(
         assert left == [""] * 5
     finally:
         release.touch()
+
+
+async def test_a_claim_of_none_takes_nothing_and_says_whether_a_suspect_is_due(sched):
+    """A draining worker's probe (Fetcher.run): by each claim statement, with or without a
+    global limit, for a worker of every queue (the flat walk) or of a list."""
+    await _one_suspect_beside(sched, "x", queue="q")
+    for limited in (1, None):
+        await sched.store.set_queue_limits("q", global_concurrency=limited,
+                                           set_concurrency=True)
+        for queues in (None, ["q", "default"]):
+            assert await _claim(sched, suspects=False, queues=queues, limit=0) == []
+            assert sched.store.suspect_due
+    await sched.cancel_job("s")
+    assert await _claim(sched, suspects=False, limit=0) == []
+    assert not sched.store.suspect_due
+    rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                              "WHERE status = 'running'")
+    assert rows[0]["n"] == 0
