@@ -164,6 +164,24 @@ async def _running(sched, n: int) -> bool:
     return rows[0]["n"] >= n
 
 
+async def _rows_read_by_claims(sched, names) -> dict[str, int]:
+    """Rows each named claim statement reads from jobs (EXPLAIN ANALYZE, rolled back),
+    after an ANALYZE: a suspect claim takes one, the others ten."""
+    store = sched.store
+    async with store.pool.connection() as conn:
+        await conn.execute(f'ANALYZE "{sched.schema}".jobs')
+    reads = {}
+    for name in names:
+        async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
+            cur = await conn.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
+                {"worker_id": "w", "limit": 1 if "suspects" in name else 10,
+                 "lease_seconds": 60, "queues": None, "capped_queues": [],
+                 "capped_free": [], "limit_recheck_seconds": 0.5})
+            reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
+    return reads
+
+
 async def test_a_suspect_claim_and_the_claims_beside_it_read_no_due_backlog(sched):
     """Structural, not timed: 3,000 ordinary jobs due before the suspect in its queue and
     priority. The suspect claim reads the suspect index, not the backlog; an ordinary
@@ -175,18 +193,9 @@ async def test_a_suspect_claim_and_the_claims_beside_it_read_no_due_backlog(sche
                        "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
                        "FROM generate_series(1, 3000) g RETURNING id")
     store = sched.store
-    async with store.pool.connection() as conn:
-        await conn.execute(f'ANALYZE "{sched.schema}".jobs')
-    reads = {}
-    for name in ("claim_jobs", "claim_jobs_unlimited", store._suspect_claim("claim_jobs"),
-                 store._suspect_claim("claim_jobs_unlimited")):
-        async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
-            cur = await conn.execute(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
-                {"worker_id": "w", "limit": 10 if "suspects" not in name else 1,
-                 "lease_seconds": 60, "queues": None, "capped_queues": [],
-                 "capped_free": [], "limit_recheck_seconds": 0.5})
-            reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
+    reads = await _rows_read_by_claims(sched, (
+        "claim_jobs", "claim_jobs_unlimited", store._suspect_claim("claim_jobs"),
+        store._suspect_claim("claim_jobs_unlimited")))
     print(reads)
     assert all(n < 100 for n in reads.values()), reads
 
@@ -351,17 +360,8 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
     await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) "
                        "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
                        "FROM generate_series(1, 3000) g RETURNING id")
-    store = sched.store
-    async with store.pool.connection() as conn:
-        await conn.execute(f'ANALYZE "{sched.schema}".jobs')
-    reads = {}
-    for name in ("claim_jobs", "claim_jobs_unlimited", store._flat_claim(10)):
-        async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
-            cur = await conn.execute(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
-                {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-                 "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5})
-            reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
+    reads = await _rows_read_by_claims(sched, (
+        "claim_jobs", "claim_jobs_unlimited", sched.store._flat_claim(10)))
     print(reads)
     assert all(n < 100 for n in reads.values()), reads
 
