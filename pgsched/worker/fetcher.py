@@ -23,14 +23,15 @@ Invariants:
   ordinary claims leave them, and a claim that finds one due says so (suspect_due). A
   worker that holds no job (none running, none waiting for the completer: those rows
   are still running in the database, and a crash would be shared with them) then claims
-  one suspect alone, and claims nothing else until it has ended. A busy worker that has
-  seen one due for SUSPECT_DRAIN_SECONDS (a random share more: not every worker at
-  once) stops claiming until it holds nothing and then claims it, so that a steady
-  stream, which keeps every worker busy, cannot starve a suspect; while it drains it
-  claims none at each wake-up, to learn when the suspect is no longer due (taken by
-  another worker, cancelled, paused) and claim again. A suspect claim that
-  finds nothing (another worker took it, or a cap or a global limit holds it back) is
-  not tried again for SUSPECT_DRAIN_SECONDS.
+  one suspect alone, and claims nothing else until its outcome is recorded; a shutdown
+  gives it back as a suspect. A busy worker that has seen one due for
+  SUSPECT_DRAIN_SECONDS (a random share more: not every worker at once) stops claiming
+  until it holds nothing and then claims it, so that a steady stream, which keeps every
+  worker busy, cannot starve a suspect; while it drains it claims none at each wake-up,
+  to learn when the suspect is no longer due (taken by another worker, cancelled,
+  paused) and claim again. A suspect claim that finds nothing (another worker took it,
+  or a cap or a global limit holds it back) is not tried again for
+  SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
 retried with backoff, which a stop ends (the drain must not wait for it). It returns
