@@ -50,3 +50,33 @@ async def test_a_crash_fails_no_innocent_neighbour_as_poison(sched, pg_dsn, sche
 async def settled(sched) -> bool:
     active = await counts(sched)
     return active["pending"] == 0 and active["running"] == 0
+
+
+async def test_two_pills_claimed_together_are_both_failed_and_their_neighbours_are_not(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Two poison pills always in one batch with innocent jobs: no crash of the batch
+    is counted, and each pill must still be told apart (alone, it kills its worker
+    again) and failed, while every neighbour completes with no crash counted."""
+    config = fault_config(tmp_path, pg_dsn, schema, max_recoveries=MAX_RECOVERIES)
+    env = audit_env(pg_dsn, schema)
+    for job_id in ("p1", "p2"):
+        await sched.schedule("kill_own_worker", args=(0.5,), job_id=job_id)
+    for job_id in ("i1", "i2"):
+        await sched.schedule("sleep_then_record", args=(job_id, 2.0), job_id=job_id)
+    worker = workers(config, env=env)
+    crashes = 0
+
+    async def settled_restarting() -> bool:
+        nonlocal worker, crashes
+        if worker.proc.poll() is not None:  # a supervisor starts it again
+            crashes += 1
+            worker = workers(config, env=env)
+        return await settled(sched)
+
+    await wait_until(settled_restarting, timeout=120, interval=0.2,
+                     what="every job finished")
+    rows = {r["id"]: r for r in await jobs(sched)}
+    assert {k: (str(r["status"]), r["recoveries"]) for k, r in rows.items()} == {
+        "p1": ("failed", MAX_RECOVERIES), "p2": ("failed", MAX_RECOVERIES),
+        "i1": ("completed", 0), "i2": ("completed", 0)}
+    assert crashes == 1 + 2 * MAX_RECOVERIES
