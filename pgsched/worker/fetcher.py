@@ -25,13 +25,14 @@ Invariants:
   are still running in the database, and a crash would be shared with them) then claims
   one suspect alone, and claims nothing else until its outcome is recorded; a shutdown
   gives it back as a suspect. A busy worker that has seen one due for
-  SUSPECT_DRAIN_SECONDS (a random share more: not every worker at once) stops claiming
-  until it holds nothing and then claims it, so that a steady stream, which keeps every
-  worker busy, cannot starve a suspect; while it drains it claims none at each wake-up,
-  to learn when the suspect is no longer due (taken by another worker, cancelled,
-  paused) and claim again. A suspect claim that finds nothing (another worker took it,
-  or a cap or a global limit holds it back) is not tried again for
-  SUSPECT_DRAIN_SECONDS.
+  SUSPECT_DRAIN_SECONDS (a random share more) claims it all the same, so that a steady
+  stream, which keeps every worker busy, cannot starve a suspect, and starts it only
+  once every other job it holds is recorded (_until_alone); meanwhile it claims nothing.
+  Claimed, the suspect is no longer due for any other worker: one worker waits for it,
+  not every busy one (which left a fleet of long jobs claiming nothing at all), and a
+  suspect that another worker takes, that is cancelled or paused, or that a cap or a
+  global limit holds back is simply not claimed: no worker waits for what it cannot
+  run. A suspect claim that finds nothing is not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
 retried with backoff, which a stop ends (the drain must not wait for it). It returns
@@ -65,11 +66,13 @@ TIMER_MARGIN_SECONDS = 0.0005
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
 # it) must not stop the worker's claims until the cap itself does.
 WRITE_WAIT_SECONDS = 0.25
-# How long a busy worker goes on claiming while a suspect is due, before it stops to run
-# the suspect alone (times 1 to 2, drawn per worker): an idle worker takes a suspect at
-# once, so a busy one drains only when none is idle, and workers that saw it due at the
-# same moment do not all drain for it at once.
+# How long a busy worker goes on claiming while a suspect is due, before it claims the
+# suspect and lets its other jobs finish to run it alone (times 1 to 2, drawn per
+# worker): an idle worker takes a suspect at once, so a busy one takes it only when none
+# is idle, and the first busy worker to take it spares the others.
 SUSPECT_DRAIN_SECONDS = 5.0
+# How often a suspect claimed beside running jobs looks whether they are all recorded.
+ALONE_CHECK_SECONDS = 0.1
 
 
 class Fetcher:
@@ -94,12 +97,8 @@ class Fetcher:
             suspect = self._suspect_turn()
             if suspect is not None:
                 free = 1 if suspect else 0
-            # A worker that drains for a suspect still claims none, to learn whether it is
-            # still due: another worker may have taken it, or it was cancelled or paused,
-            # and a drain nobody ends idles the worker until its longest job ends.
-            draining = suspect is False and self._alone is None
             claimed_full = False
-            if free > 0 or draining:
+            if free > 0:
                 try:
                     claimed_full = await self.claim(free, suspects=bool(suspect))
                     failures = 0
@@ -168,28 +167,24 @@ class Fetcher:
         now = asyncio.get_running_loop().time()
         if self._suspect_drain_at is None or now < self._suspect_retry_at:
             return None
-        if not self.ctx.held:
-            return True
-        return False if now >= self._suspect_drain_at else None
+        return True if not self.ctx.held or now >= self._suspect_drain_at else None
 
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
         runs here. True when this worker should claim again at once: a suspect, as it
-        holds nothing and one is due, or, after a suspect claim that found none or a
-        drain for a suspect no longer due, the ordinary jobs it left."""
+        holds nothing and one is due, or, after a suspect claim that found none, the
+        ordinary jobs it left."""
         now = asyncio.get_running_loop().time()
         if claimed is not None:
             self._alone, self._suspect_drain_at = claimed, None
             return False
         if tried:
             self._suspect_retry_at = now + SUSPECT_DRAIN_SECONDS
-        drained = self._suspect_drain_at is not None and now >= self._suspect_drain_at
         if not due:
             self._suspect_drain_at = None
         elif self._suspect_drain_at is None:
             self._suspect_drain_at = now + SUSPECT_DRAIN_SECONDS * (1 + random.random())
-        return (tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
-                or (drained and not due))
+        return tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
 
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
@@ -224,10 +219,9 @@ class Fetcher:
         return ends if asyncio.get_running_loop().time() < ends else None
 
     async def claim(self, free: int, suspects: bool = False) -> bool:
-        """Claim up to `free` jobs and start them (one suspect alone, with `suspects`;
-        none with `free` 0, which only asks whether a suspect is still due); True if the
-        claim was full, or if this worker should claim again now (a suspect, or the
-        ordinary jobs a drain left)."""
+        """Claim up to `free` jobs and start them (one suspect, with `suspects`, started
+        once it is alone here); True if the claim was full, or if this worker should
+        claim again now (a suspect, or the ordinary jobs a suspect claim left)."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
@@ -251,6 +245,7 @@ class Fetcher:
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None
+        beside = bool(ctx.held)  # a suspect claimed now waits for these to be recorded
         for job in jobs:
             if job["expired"]:
                 ctx.stats.expired += 1
@@ -265,13 +260,25 @@ class Fetcher:
             self._lose_older_attempts(held)
             ctx.held[held.key] = held
             ctx.executing += 1
-            held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
+            held.task = asyncio.create_task(self._execute(job, held, suspects and beside),
+                                            name=f"job:{job['id']}")
             if suspects:
                 alone = held
                 held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
         return again or (free > 0 and len(jobs) >= free and alone is None)
+
+    async def _until_alone(self, held: Held) -> None:
+        """Until `held`, a suspect claimed beside other jobs, is the only job this worker
+        holds: they ran before it and their outcomes are recorded, so a crash from here
+        on is the suspect's alone. Its lease is renewed meanwhile (it is held); a cancel,
+        a lost lease or a stop cancels it here as it would cancel its run."""
+        ctx = self.ctx
+        while any(h is not held for h in ctx.held.values()):
+            if ctx.stop_requested.is_set():
+                raise asyncio.CancelledError  # a stop starts nothing: it is given back
+            await asyncio.sleep(ALONE_CHECK_SECONDS)
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this
@@ -298,19 +305,22 @@ class Fetcher:
             return Counter()
         return Counter(h.queue for h in self.ctx.held.values() if not h.finished)
 
-    async def _execute(self, job: dict[str, Any], held: Held) -> None:
+    async def _execute(self, job: dict[str, Any], held: Held, wait_alone: bool = False) -> None:
         ctx = self.ctx
         structlog.contextvars.bind_contextvars(
             job_id=job["id"], task=job["task"], attempt=job["attempts"]
         )
         started = time.monotonic()
-        lateness_ms = round(
-            (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
-        # debug, not info: with job_completed (which repeats lateness_ms) that would be two
-        # lines per job, a third of the worker's CPU per no-op job, and journald's rate
-        # limit would drop the warnings that matter.
-        ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
         try:
+            if wait_alone:
+                await self._until_alone(held)
+                started = time.monotonic()
+            lateness_ms = round(
+                (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+            # debug, not info: with job_completed (which repeats lateness_ms) that would be
+            # two lines per job, a third of the worker's CPU per no-op job, and journald's
+            # rate limit would drop the warnings that matter.
+            ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
             outcome = await run_job(job, ctx.threads, running=held.running)
         except asyncio.CancelledError:
             ctx.executing -= 1
