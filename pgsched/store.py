@@ -278,11 +278,16 @@ def _variants(name: str, text: str) -> Iterator[tuple[str, str]]:
 _QUERIES = _load_queries()
 
 
-def _bind(text: str, schema: str, walk_bound: int | None = None) -> str:
+def _bind(text: str, schema: str, walk_bound: int | None = None,
+          suspects: bool = False) -> str:
     """{schema} as an identifier; {walk_bound} (claim_jobs_flat's) as a number, or, without
-    one, as the claim's `limit` parameter."""
+    one, as the claim's `limit` parameter; {suspect}, the claim walks' test of which jobs
+    they take, as `NOT suspect`, or `suspect` for a suspect claim: a constant, so that
+    every plan knows which index serves it (migration 0019)."""
     bound = sql.SQL("%(limit)s") if walk_bound is None else sql.Literal(walk_bound)
-    return sql.SQL(text).format(schema=sql.Identifier(schema), walk_bound=bound).as_string(None)
+    which = sql.SQL("suspect" if suspects else "NOT suspect")
+    return sql.SQL(text).format(schema=sql.Identifier(schema), walk_bound=bound,
+                                suspect=which).as_string(None)
 
 
 @contextlib.contextmanager
@@ -437,6 +442,10 @@ class Store:
         # which the worker's maintenance checks (refresh_pending_statistics) and clears.
         self.statistics_suspect = False
         self._flat_refused_until = float("-inf")
+        # Whether the last claim saw a suspect due in a queue its claimer may claim from
+        # (claim_jobs' suspect_due): read by the one claimer of a worker's store right
+        # after its claim (Fetcher), as the claim's fourth answer.
+        self.suspect_due = False
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -811,6 +820,7 @@ class Store:
         lease_seconds: float,
         queues: Sequence[str] | None = None,
         capped: tuple[Sequence[str], Sequence[int]] = ((), ()),
+        suspects: bool = False,
     ) -> tuple[list[dict[str, Any]], datetime | None, datetime]:
         """Claim due jobs: (claimed rows incl. expired ones, next future due time, db now).
 
@@ -818,10 +828,14 @@ class Store:
         queues with a per-queue concurrency limit. Paused queues are never claimed from.
         A worker of every queue without caps claims by the flat walk (claim_jobs_flat),
         unless it was refused within the last FLAT_RETRY_SECONDS (sql/queries.sql).
+        Suspects (migration 0019) are left out, and taken only by a claim with
+        `suspects`, which takes one and nothing else (by the per-queue walks, which read only
+        jobs_pending_suspect_idx for them; the flat walk would wade through every due
+        job); whether one is due is in `self.suspect_due` afterwards.
         """
         params = {
             "worker_id": worker_id,
-            "limit": limit,
+            "limit": 1 if suspects else limit,
             "lease_seconds": lease_seconds,
             "queues": list(queues) if queues is not None else None,
             "capped_queues": list(capped[0]),
@@ -832,30 +846,32 @@ class Store:
         # claimers that share the store change them while this one runs. A statement that
         # could not serve this claim took nothing and said why; the next one serves it.
         loop = asyncio.get_running_loop()
-        flat = (not self._claim_limits and queues is None and not capped[0]
-                and loop.time() >= self._flat_refused_until)
+        flat = (not suspects and not self._claim_limits and queues is None
+                and not capped[0] and loop.time() >= self._flat_refused_until)
         name = ("claim_jobs" if self._claim_limits
                 else self._flat_claim(limit) if flat else "claim_jobs_unlimited")
-        rows = await self._claim_rows(name, params)
+        rows = await self._claim_rows(name, params, suspects)
         if flat and rows[0]["flat_refused"]:
             self._flat_refused_until = loop.time() + FLAT_RETRY_SECONDS
             if not rows[0]["limits_exist"]:  # a paused queue has jobs due
                 name = "claim_jobs_unlimited"
-                rows = await self._claim_rows(name, params)
+                rows = await self._claim_rows(name, params, suspects)
         if name != "claim_jobs" and rows[0]["limits_exist"]:
             # A global limit appeared and the cheaper claim took nothing: claim with it.
             name = "claim_jobs"
-            rows = await self._claim_rows(name, params)
+            rows = await self._claim_rows(name, params, suspects)
         self._claim_limits = rows[0]["limits_exist"]
+        self.suspect_due = rows[0]["suspect_due"]
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
             for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows",
-                           "job_rows"):
+                           "job_rows", "suspect_due"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]
 
-    async def _claim_rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _claim_rows(self, name: str, params: dict[str, Any],
+                          suspects: bool = False) -> list[dict[str, Any]]:
         """One claim statement, prepared while jobs has many pending rows
         (PREPARED_CLAIM_ROWS); notes what this one found for the next claim, and for the
         completions (PREPARED_COMPLETE_ROWS). It clamps its times in SQL: psycopg's own
@@ -866,13 +882,25 @@ class Store:
         claim may still run prepared, and PostgreSQL plans it for the table that ANALYZE
         just measured; once the claims under way across that ANALYZE have ended, none runs
         prepared until the count is large again, after the ANALYZE that also makes
-        PostgreSQL plan again."""
-        rows = await self._rows(name, params, times_clamped=True, prepare=self._claim_prepared)
+        PostgreSQL plan again. A suspect claim (rare: one per job of a crash) is planned
+        each time, as it is."""
+        if suspects:
+            name = self._suspect_claim(name)
+        rows = await self._rows(name, params, times_clamped=True,
+                                prepare=self._claim_prepared and not suspects)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
-        if not self._claim_prepared and len(rows) >= params["limit"] and rows[0]["id"]:
+        if (not self._claim_prepared and not suspects and len(rows) >= params["limit"]
+                and rows[0]["id"]):
             self.statistics_suspect = True
         return rows
+
+    def _suspect_claim(self, name: str) -> str:
+        """The name of the suspect claim of claim statement `name`, its text bound on
+        first use."""
+        if f"{name}/suspects" not in self._q:
+            self._q[f"{name}/suspects"] = _bind(_QUERIES[name], self.schema, suspects=True)
+        return f"{name}/suspects"
 
     def _flat_claim(self, limit: int) -> str:
         """The name of claim_jobs_flat with the walk bound of a claim of `limit`, its text
@@ -978,8 +1006,10 @@ class Store:
         )
         return rows[0] if rows else None
 
-    async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]]) -> set[str]:
-        """Put held jobs back to pending (shutdown) and wake idle workers for them."""
+    async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]],
+                           suspects: Sequence[str] = ()) -> set[str]:
+        """Put held jobs back to pending (shutdown) and wake idle workers for them; those
+        in `suspects` (claimed as suspects) are suspects again."""
         if not held:
             return set()
         rows = await self._rows(
@@ -988,6 +1018,7 @@ class Store:
                 "worker_id": worker_id,
                 "ids": [job_id for job_id, _ in held],
                 "attempts": [attempt for _, attempt in held],
+                "suspects": list(suspects),
                 "channel": self.channel,
             },
         )

@@ -160,7 +160,8 @@ async def test_lease_until_is_set_exactly_while_a_job_runs(sched):
 
 
 PARAM_TYPES = {"worker_id": "text", "ids": "text[]", "attempts": "int[]",
-               "results": "jsonb[]", "lease_seconds": "float8", "channel": "text"}
+               "results": "jsonb[]", "lease_seconds": "float8", "channel": "text",
+               "suspects": "text[]"}
 
 
 def _prepare(text: str, name: str) -> tuple[str, list[str]]:
@@ -194,7 +195,8 @@ async def test_fenced_writes_probe_the_primary_key_whatever_the_statistics(
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         values = {"worker_id": "w", "ids": [j["id"] for j in claimed],
                   "attempts": [1] * len(claimed), "results": ["null"] * len(claimed),
-                  "lease_seconds": 60, "channel": sched.store.channel}
+                  "lease_seconds": 60, "channel": sched.store.channel,
+                  "suspects": [j["id"] for j in claimed[:1]]}
         arguments = psycopg.sql.SQL(", ").join(
             psycopg.sql.SQL("{}::{}").format(values[p], psycopg.sql.SQL(PARAM_TYPES[p]))
             for p in params)

@@ -25,8 +25,11 @@ Checked after every step, against the rows:
 - a finished row (completion included) never changes again, except through an explicit
   replace or retry.
 
-Recovery counts a crash once per worker, against its longest-running orphan (the
-`recover_orphans` block in sql/queries.sql); the model picks the same job.
+Recovery judges a crash once per worker (a recorded crash with no job heartbeat since is
+the same one): it counts against the job the worker ran when it ran only one, against
+none when it ran several, and every job it puts back is a suspect, which only a suspect
+claim takes (the `recover_orphans` and `claim_jobs` blocks in sql/queries.sql); the
+model does the same.
 
 Run longer: PGSCHED_LIFECYCLE_PROFILE=long (2,000 examples of up to 60 steps).
 """
@@ -106,7 +109,9 @@ class Database:
         async def run() -> list[dict[str, Any]]:
             async with self.store.pool.connection() as conn:
                 cur = conn.cursor(row_factory=psycopg.rows.dict_row)
-                await cur.execute(sql.SQL(query).format(jobs=self._jobs()), params)
+                await cur.execute(sql.SQL(query).format(
+                    jobs=self._jobs(),
+                    crashes=sql.Identifier(self.store.schema, "worker_crashes")), params)
                 return await cur.fetchall() if cur.description else []
 
         return self.call(run())
@@ -251,12 +256,20 @@ class JobLifecycle(RuleBasedStateMachine):
         now = self.db.call(self.db.store.db_now())
         lapsed = {job_id for job_id, row in rows.items()
                   if row["status"] == "running" and row["lease_until"] < now}
+        records = {r["worker_id"]: r["counted_at"] for r in self.db.execute(
+            "SELECT c.* FROM {crashes} c")}
         got = self.db.call(self.db.store.recover_orphans(max_recoveries=max_recoveries))
         assert {row["id"] for row in got} == lapsed, f"recovered {got}, lapsed {lapsed}"
-        # One crash of a worker is counted once: against its longest-running orphan.
-        blamed = {min((rows[j]["started_at"], j) for j in lapsed
-                      if rows[j]["worker_id"] == worker)[1]
-                  for worker in {rows[j]["worker_id"] for j in lapsed}}
+        # A crash is judged once per worker (a record, and no job heartbeat since, is the
+        # same crash), and counted only against a job its worker ran alone.
+        blamed = set()
+        for worker in {rows[j]["worker_id"] for j in lapsed}:
+            running = {j for j, row in rows.items()
+                       if row["status"] == "running" and row["worker_id"] == worker}
+            judged = worker not in records or any(
+                rows[j]["heartbeat_at"] > records[worker] for j in running)
+            if judged and len(running) == 1:
+                blamed |= running
         for row in got:
             before = rows[row["id"]]
             counted = row["id"] in blamed
@@ -273,15 +286,19 @@ class JobLifecycle(RuleBasedStateMachine):
 
     # -- workers --------------------------------------------------------------------------
 
-    @rule(target=runs, worker=st.sampled_from(WORKERS), limit=st.integers(1, 3))
-    def claim(self, worker: str, limit: int) -> Any:
-        pending = {job_id for job_id, row in self.seen.items() if row["status"] == "pending"}
+    @rule(target=runs, worker=st.sampled_from(WORKERS), limit=st.integers(1, 3),
+          suspects=st.booleans())
+    def claim(self, worker: str, limit: int, suspects: bool) -> Any:
+        pending = {job_id for job_id, row in self.seen.items()
+                   if row["status"] == "pending" and row["suspect"] == suspects}
         now = self.db.call(self.db.store.db_now())
         claimed, _, _ = self.db.call(self.db.store.claim_jobs(
-            worker_id=worker, limit=limit, lease_seconds=LEASE_SECONDS))
+            worker_id=worker, limit=limit, lease_seconds=LEASE_SECONDS, suspects=suspects))
         ids = {row["id"] for row in claimed}
-        # Every pending job is due: jobs are due now, retries and releases too.
-        assert ids <= pending and len(ids) == min(limit, len(pending)), (ids, pending)
+        # Every pending job is due: jobs are due now, retries and releases too. A suspect
+        # claim takes one.
+        assert ids <= pending and len(ids) == min(1 if suspects else limit, len(pending)), (
+            ids, pending)
         self.may_change = ids
         new_runs = []
         for row in claimed:

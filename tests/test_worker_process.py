@@ -80,7 +80,9 @@ async def test_late_completion_from_worker_that_lost_its_lease_is_rejected(sched
     assert [j["id"] for j in claimed] == [job_id]
     await asyncio.sleep(0.1)  # let the 50 ms lease lapse in the database clock
     assert [r["id"] for r in await store.recover_orphans(max_recoveries=3)] == [job_id]
-    fresh, _, _ = await store.claim_jobs(worker_id="fresh", limit=1, lease_seconds=60)
+    # Put back by recovery, it is a suspect: a worker claims it alone.
+    fresh, _, _ = await store.claim_jobs(worker_id="fresh", limit=1, lease_seconds=60,
+                                         suspects=True)
     assert fresh[0]["attempts"] == 2
     # The stale worker wakes up: its heartbeat, completion, failure and release all miss.
     assert await store.heartbeat_jobs(worker_id="stale", held=[(job_id, 1)],

@@ -225,6 +225,9 @@ def job_view(job: dict[str, Any]) -> RenderableType:
         "worker": job["worker_id"], "lease until": job["lease_until"],
         "result": _json(job["result"]) if job["status"] == "completed" else None,
         "last error": job["last_error"],
+        # A job of a crash shared with other jobs (migration 0019): it runs alone next.
+        "suspect": "yes: runs alone" if job.get("suspect") and job["status"] == "pending"
+                   else None,
     }
     for key, value in shown.items():
         if value is not None:

@@ -37,7 +37,7 @@ misfire_grace_seconds = excluded.misfire_grace_seconds,
 max_retries = excluded.max_retries, timeout_seconds = excluded.timeout_seconds,
 -- attempts is kept: it fences every write of a claim, so a run of the job
 -- before the replace can never record an outcome for the new one.
-status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL,
+status = 'pending', failures = 0, recoveries = 0, snoozes = 0, worker_id = NULL, suspect = false,
 lease_until = NULL, heartbeat_at = NULL, result = NULL, last_error = NULL,
 errors = '[]', created_at = now(), started_at = NULL, finished_at = NULL,
 -- The new job is not a unique one (insert_unique_job), whatever the old one was,

@@ -153,7 +153,8 @@ WITH picked AS (
 runs AS (
     UPDATE {schema}.jobs AS j SET
         -- one scheduled with depends_on waits again (dependencies.sql; settled next)
-        status = 'pending', failures = 0, recoveries = 0, snoozes = 0,
+        -- a fresh count of crashes (recover_orphans): no longer a suspect either
+        status = 'pending', failures = 0, recoveries = 0, snoozes = 0, suspect = false,
         execution_time = CASE WHEN EXISTS (SELECT 1 FROM {schema}.job_dependencies e
                                            WHERE e.job_id = j.id)
                               THEN '9999-12-31Z' ELSE now() END,

@@ -77,6 +77,16 @@
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
+--
+-- Suspects (jobs of a crash shared by several jobs, recover_orphans; migration 0019) run
+-- alone: the walks' {suspect} is `NOT suspect` in the three statements, so they step over
+-- suspects (few, and near the front of each walk: their due time is that of their first
+-- attempt). A suspect claim (Store.claim_jobs(suspects=True), a worker that holds no job,
+-- with limit 1) is claim_jobs or claim_jobs_unlimited with `suspect` in its place, which
+-- PostgreSQL serves from jobs_pending_suspect_idx, so it keeps every rule of those walks
+-- (served, paused, capped and limited queues); never the flat walk, which would wade
+-- through every due job to find one. A claim clears the mark: a suspect that fails is
+-- retried as any job. suspect_due tells the worker when one is due.
 WITH RECURSIVE
 -- for: claim_jobs, claim_jobs_unlimited
 pending_queues AS (
@@ -170,7 +180,7 @@ walked AS (
             SELECT id, priority, execution_time, misfire_grace_seconds, started_at
             FROM {schema}.jobs
             WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
-              AND execution_time <= now() AND attempts < 2147483647
+              AND execution_time <= now() AND attempts < 2147483647 AND {suspect}
             ORDER BY execution_time, id
             LIMIT s.cap
             FOR UPDATE SKIP LOCKED
@@ -255,7 +265,7 @@ walked AS (
             SELECT id, priority, execution_time, misfire_grace_seconds, started_at
             FROM {schema}.jobs j
             WHERE status = 'pending' AND priority = p.priority
-              AND execution_time <= now() AND attempts < 2147483647
+              AND execution_time <= now() AND attempts < 2147483647 AND {suspect}
               AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
             ORDER BY execution_time, id
             LIMIT {walk_bound}
@@ -291,7 +301,7 @@ claimed AS (
         heartbeat_at = CASE WHEN c.expired THEN NULL ELSE clock_timestamp() END,
         started_at = CASE WHEN c.expired THEN j.started_at ELSE now() END,
         finished_at = CASE WHEN c.expired THEN now() END,
-        cancel_requested_at = NULL,
+        cancel_requested_at = NULL, suspect = false,
         last_error = CASE WHEN c.expired
             THEN 'expired: not started within its misfire grace of '
                  || j.misfire_grace_seconds || 's after ' || j.execution_time
@@ -344,7 +354,21 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- the table's first ANALYZE or VACUUM.
        coalesce((SELECT reltuples FROM pg_class
                  WHERE oid = to_regclass('{schema}.jobs')), -1) AS job_rows,
-       EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist, claimed.*
+       EXISTS (SELECT 1 FROM {schema}.queue_limits) AS limits_exist,
+       -- Whether a suspect of a queue this worker may claim from (served, not paused) is
+       -- due: a read of jobs_pending_suspect_idx (migration 0019), which is almost always
+       -- empty. The worker then claims it alone (fetcher.py). Caps and global limits are
+       -- left to that suspect claim, which may then find nothing.
+-- for: claim_jobs, claim_jobs_unlimited
+       EXISTS (SELECT 1 FROM {schema}.jobs s
+               WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
+                 AND s.queue IN (SELECT queue FROM listed)) AS suspect_due,
+-- for: claim_jobs_flat
+       EXISTS (SELECT 1 FROM {schema}.jobs s
+               WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
+                 AND s.queue NOT IN (SELECT queue FROM {schema}.paused_queues)) AS suspect_due,
+-- end
+       claimed.*
 FROM next_due n LEFT JOIN claimed ON true;
 
 -- name: heartbeat_jobs
@@ -490,13 +514,15 @@ RETURNING j.status, j.execution_time;
 -- Put jobs this worker gives up on at shutdown back to pending, due again at their due
 -- time (so already due), without counting a failure (cancelled instead, if a cancel was
 -- requested). Fenced like complete_jobs. Wakes idle workers elsewhere with the earliest
--- due time, as insert_job does.
+-- due time, as insert_job does. A job claimed as a suspect (%(suspects)s) is one again:
+-- its run alone was interrupted before it told a pill from an innocent job.
 WITH released AS (
     UPDATE {schema}.jobs AS j SET
         status = CASE WHEN j.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END
                  ::{schema}.job_status,
         finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL
+        worker_id = NULL, lease_until = NULL, heartbeat_at = NULL,
+        suspect = j.id = ANY(%(suspects)s::text[])
     FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS r(id, attempt)
     WHERE j.id = r.id AND j.attempts = r.attempt
       AND j.worker_id = %(worker_id)s AND j.status = 'running'
@@ -554,33 +580,39 @@ SELECT released.id FROM released LEFT JOIN wake ON true;
 -- Without %(seen_twice)s (an operator's or a test's one-off pass) the first sight is
 -- enough, as it was before.
 --
--- Blame: a crash orphans every job its worker held, but it takes one recovery from only
--- one of them, the one that had been running longest (then the lowest id), which is the
--- likeliest to have brought the worker down (a leak, a hang, a slow crash). Only that
--- job moves towards %(max_recoveries)s and the poison-pill verdict; its innocent
--- neighbours run again with their count unchanged, and every recovery is in `errors`.
+-- Blame: a crash orphans every job its worker held. It is counted against a job only
+-- when that job was the only one its worker ran: then that job moves towards
+-- %(max_recoveries)s and the poison-pill verdict. A crash with several jobs running is
+-- shared and counts against none of them: no order tells a pill from the innocent jobs
+-- that were in every crash with it (jobs claimed in one batch even share started_at).
+-- Every recovered job becomes a suspect (jobs.suspect, migration 0019) and runs alone
+-- (claim_jobs leaves suspects to a suspect claim, which a worker with nothing running
+-- makes, and claims nothing beside it: fetcher.py), so a pill crashes alone next time
+-- and is counted, and an innocent one completes. Every recovery is in `errors`
+-- ('counted': whether it was counted).
 --
--- Invariant: one crash of one worker is counted once, on one job, however its jobs are
--- split between passes: a job claimed after the last heartbeat expires a pass later, a
--- job another recovery holds is skipped (SKIP LOCKED), jobs past %(limit)s wait for the
--- next batch, and a registered worker's jobs wait while another recovery holds its
--- registry row. Two rules give it:
--- - The culprit is chosen among ALL the jobs the worker still runs (`culprits`), not
---   only those this pass recovers, so every pass names the same one; a pass counts the
---   crash only if it recovers the culprit itself (a pass that finds it held, unexpired
---   or past the limit leaves the count to the pass that takes it). Only the recovery
---   that locked the culprit's row can count: two cannot lock it both, and one that
+-- Invariant: one crash of one worker is judged once, and counted at most once, however
+-- its jobs are split between passes: a job claimed after the last heartbeat expires a
+-- pass later, a job another recovery holds is skipped (SKIP LOCKED), jobs past
+-- %(limit)s wait for the next batch, and a registered worker's jobs wait while another
+-- recovery holds its registry row. Two rules give it:
+-- - Whether the crash is shared is judged among ALL the jobs the worker still runs
+--   (`judged`), not only those this pass recovers, so every pass judges it the same; a
+--   crash of one job is counted only by the pass that recovers that job. Only the
+--   recovery that locked the job's row can count: two cannot lock it both, and one that
 --   locks it after the other committed finds it no longer running and writes nothing.
--- - The pass that counts a crash records it in worker_crashes (migration 0018), in the
---   same statement; the worker's jobs recovered later are the same crash and are not
---   counted, unless the worker has shown life since: a job heartbeat (every claim writes
---   one) after counted_at, or a registry heartbeat other than the one it was judged by
---   (NULL, gone from the registry, is no sign: pruning is not a heartbeat). A worker
---   judged dead that came back (a frozen loop that thawed) and falls silent again has
---   crashed again and is counted again, so a job that keeps freezing the same worker
---   still ends as a poison pill. A pass's culprit is read in its snapshot, so a record
---   committed after it started is not seen; that takes two passes recovering jobs of
---   one crash at once, which the culprit's row lock above already keeps to one count.
+-- - The pass that judges a crash records it in worker_crashes (migration 0018; job_id
+--   NULL for a shared crash), in the same statement; the worker's jobs recovered later
+--   are the same crash, are not counted and are suspects, unless the worker has shown
+--   life since: a job heartbeat (every claim writes one) after counted_at, or a
+--   registry heartbeat other than the one it was judged by (NULL, gone from the
+--   registry, is no sign: pruning is not a heartbeat). A worker judged dead that came
+--   back (a frozen loop that thawed) and falls silent again has crashed again and is
+--   judged again, so a job that keeps freezing the workers it runs alone on still ends
+--   as a poison pill. A pass's judgment is read in its snapshot, so a record committed
+--   after it started is not seen; that takes two passes recovering jobs of one crash at
+--   once: a crash of one job is one row, which only one of them can lock, and a shared
+--   crash counts nothing however often it is judged.
 --   counted_at is clock_timestamp(), after every claim this statement sees committed.
 -- A worker that kept running jobs after it was judged silent is counted again only if
 -- it writes; one that was frozen and never wrote again is one crash. A job heartbeat
@@ -632,19 +664,28 @@ expired AS (
       AND (s.worker_id IN (SELECT worker_id FROM records)
            OR NOT EXISTS (SELECT 1 FROM {schema}.worker_crashes c
                           WHERE c.worker_id = s.worker_id))
+      -- One pass at a time takes a worker's jobs: every pass that judges a crash writes
+      -- its record, and a second one would wait on the first's uncommitted insert (the
+      -- key of worker_crashes) until lock_timeout failed the whole pass. The others
+      -- leave that worker's jobs to a later pass, as they do those of a worker whose
+      -- registry row or crash record is held. (Taken for rows the LIMIT may then drop:
+      -- that only defers those workers by a pass.)
+      AND pg_try_advisory_xact_lock(hashtext('pgsched.recover_orphans'),
+                                    hashtext(s.worker_id))
     ORDER BY s.lease_until
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
 ),
-culprits AS (
-    -- Per worker of this pass whose crash is still to be counted: the job it started
-    -- first among all it runs (jobs_running_idx).
-    SELECT e.worker_id, first.id
+judged AS (
+    -- Per worker of this pass whose crash is still to be judged: the job it ran, when it
+    -- ran only one among all it runs (jobs_running_idx); NULL for a shared crash.
+    SELECT e.worker_id,
+           (SELECT CASE WHEN count(*) = 1 THEN min(r.id) END
+            FROM (SELECT r.id FROM {schema}.jobs r
+                  WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL
+                    AND r.status = 'running'
+                  LIMIT 2) r) AS culprit
     FROM (SELECT DISTINCT worker_id, registry_beat FROM expired) e
-    CROSS JOIN LATERAL (
-        SELECT r.id FROM {schema}.jobs r
-        WHERE r.worker_id = e.worker_id AND r.finished_at IS NULL AND r.status = 'running'
-        ORDER BY r.started_at, r.id LIMIT 1) first
     WHERE NOT EXISTS (
         SELECT 1 FROM {schema}.worker_crashes c
         WHERE c.worker_id = e.worker_id
@@ -663,8 +704,9 @@ culprits AS (
                     AND r.heartbeat_at <= clock_timestamp()))
 ),
 orphans AS (
-    SELECT e.id, e.worker_id, e.registry_beat, c.id IS NOT NULL AS blamed
-    FROM expired e LEFT JOIN culprits c ON c.id = e.id
+    SELECT e.id, e.worker_id, e.registry_beat, coalesce(c.culprit = e.id, false) AS blamed,
+           c.worker_id IS NOT NULL AS judged
+    FROM expired e LEFT JOIN judged c ON c.worker_id = e.worker_id
 ),
 recovered AS (
     UPDATE {schema}.jobs AS j SET
@@ -676,7 +718,7 @@ recovered AS (
         finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
                              OR (o.blamed AND j.recoveries >= %(max_recoveries)s - 1)
                            THEN now() END,
-        worker_id = NULL, lease_until = NULL,
+        worker_id = NULL, lease_until = NULL, suspect = true,
         last_error = CASE
             WHEN j.cancel_requested_at IS NOT NULL
             THEN 'cancelled: the cancel was requested while worker ' || o.worker_id
@@ -684,7 +726,12 @@ recovered AS (
             WHEN o.blamed AND j.recoveries >= %(max_recoveries)s - 1
             THEN 'poison pill: lease expired ' || (j.recoveries::bigint + 1) || ' times (worker '
                  || o.worker_id || ' last); the job may crash or hang its worker'
-            ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating' END,
+            WHEN o.blamed
+            THEN 'lease expired: worker ' || o.worker_id || ' stopped heartbeating while it '
+                 || 'ran this job alone (' || (j.recoveries::bigint + 1) || ' of '
+                 || %(max_recoveries)s || ' before a poison-pill verdict); it runs alone'
+            ELSE 'lease expired: worker ' || o.worker_id || ' stopped heartbeating while it '
+                 || 'ran other jobs too (not counted); it runs alone before it is judged' END,
         errors = {schema}.append_error(j.errors, jsonb_build_object(
             'attempt', j.attempts, 'worker_id', o.worker_id, 'started_at', j.started_at,
             'at', now(), 'outcome', 'lease_expired', 'counted', o.blamed,
@@ -694,11 +741,14 @@ recovered AS (
     WHERE j.id = o.id AND j.status = 'running'
       AND coalesce(j.lease_until, '-infinity') < clock_timestamp()
     RETURNING j.id, j.task, j.queue, j.status, j.attempts, j.execution_time,
-              o.worker_id AS previous_worker, o.blamed, o.registry_beat
+              o.worker_id AS previous_worker, o.blamed, o.judged, o.registry_beat
 ),
 counted AS (
     INSERT INTO {schema}.worker_crashes AS c (worker_id, job_id, registry_beat, counted_at)
-    SELECT previous_worker, id, registry_beat, clock_timestamp() FROM recovered WHERE blamed
+    SELECT DISTINCT ON (previous_worker) previous_worker, CASE WHEN blamed THEN id END,
+           registry_beat, clock_timestamp()
+    FROM recovered WHERE judged
+    ORDER BY previous_worker, blamed DESC
     ON CONFLICT (worker_id) DO UPDATE SET job_id = excluded.job_id,
         registry_beat = excluded.registry_beat, counted_at = excluded.counted_at
 ),

@@ -106,6 +106,7 @@ class Held:
     queue: str = ""
     cancel_requested: bool = False
     running: RunningJob | None = None  # what current_job() returned to the task
+    suspect: bool = False  # claimed as a suspect: given back as one at shutdown
 
     @property
     def completed_in_task(self) -> bool:

@@ -318,12 +318,14 @@ class Worker:
         # Outcomes of finished jobs are recorded first; what is still held after that was
         # interrupted and goes back to pending.
         await self.ctx.completions.join()
-        unfinished = [h.key for h in self.ctx.held.values() if not h.lease_lost]
+        unfinished = [h for h in self.ctx.held.values() if not h.lease_lost]
         if unfinished:
             attempt = 0
             while True:
                 try:
-                    released = await self.ctx.store.release_jobs(worker_id=self.id, held=unfinished)
+                    released = await self.ctx.store.release_jobs(
+                        worker_id=self.id, held=[h.key for h in unfinished],
+                        suspects=[h.id for h in unfinished if h.suspect])
                     break
                 except DB_ERRORS as exc:
                     self.ctx.db_error("release", exc, attempt)

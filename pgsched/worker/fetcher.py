@@ -21,6 +21,20 @@ Invariants:
 - Claiming attempt n of a job proves every earlier attempt lost its lease: those runs
   (and a held run of attempt n itself: the job was deleted and added again) are
   cancelled and their outcome is void.
+- Suspects (jobs of a crash shared by several jobs, recover_orphans) run alone: the
+  ordinary claims leave them, and a claim that finds one due says so (suspect_due). A
+  worker that holds no job (none running, none waiting for the completer: those rows
+  are still running in the database, and a crash would be shared with them) then claims
+  one suspect alone, and claims nothing else until its outcome is recorded; a shutdown
+  gives it back as a suspect. A busy worker that has seen one due for
+  SUSPECT_DRAIN_SECONDS (a random share more) claims it all the same, so that a steady
+  stream, which keeps every worker busy, cannot starve a suspect, and starts it only
+  once every other job it holds is recorded (_until_alone); meanwhile it claims nothing.
+  Claimed, the suspect is no longer due for any other worker: one worker waits for it,
+  not every busy one (which left a fleet of long jobs claiming nothing at all), and a
+  suspect that another worker takes, that is cancelled or paused, or that a cap or a
+  global limit holds back is simply not claimed: no worker waits for what it cannot
+  run. A suspect claim that finds nothing is not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
 retried with backoff, which a stop ends (the drain must not wait for it). It returns
@@ -32,6 +46,7 @@ here: shutdown releases what is still held.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -55,6 +70,13 @@ TIMER_MARGIN_SECONDS = 0.0005
 WRITE_WAIT_SECONDS = 0.25
 # How many outcomes parked behind row locks (per slot) the backlog cap leaves aside.
 PARKED_ROOM_FACTOR = 2
+# How long a busy worker goes on claiming while a suspect is due, before it claims the
+# suspect and lets its other jobs finish to run it alone (times 1 to 2, drawn per
+# worker): an idle worker takes a suspect at once, so a busy one takes it only when none
+# is idle, and the first busy worker to take it spares the others.
+SUSPECT_DRAIN_SECONDS = 5.0
+# How often a suspect claimed beside running jobs looks whether they are all recorded.
+ALONE_CHECK_SECONDS = 0.1
 
 
 class Fetcher:
@@ -62,6 +84,9 @@ class Fetcher:
         self.ctx = ctx
         self._queue_limits = dict(ctx.options.queue_concurrency)
         self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
+        self._alone: Held | None = None  # the suspect this worker runs, alone
+        self._suspect_drain_at: float | None = None  # loop time to drain for a suspect due
+        self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -73,10 +98,13 @@ class Fetcher:
             # stop) must end the sleep that follows it.
             ctx.wake.clear()
             free = self.free_slots()
+            suspect = self._suspect_turn()
+            if suspect is not None:
+                free = 1 if suspect else 0
             claimed_full = False
             if free > 0:
                 try:
-                    claimed_full = await self.claim(free)
+                    claimed_full = await self.claim(free, suspects=bool(suspect))
                     failures = 0
                 except DB_ERRORS as exc:
                     ctx.db_error("claim", exc, failures)
@@ -96,9 +124,13 @@ class Fetcher:
             if ctx.options.burst and free > 0 and ctx.executing == 0:
                 log.info("burst_done")
                 return
-            # With every slot busy, a freed slot is the next reason to claim.
-            ctx.slot_freed_wakes = free <= 0 or ctx.options.burst or saturated(
-                self._queue_limits, self._running_by_queue(), ctx.options.queues)
+            # With every slot busy, a freed slot is the next reason to claim; with a
+            # suspect running here or due, so is each job that ends or is recorded.
+            ctx.slot_freed_wakes = (
+                free <= 0 or ctx.options.burst or self._alone is not None
+                or self._suspect_drain_at is not None
+                or saturated(self._queue_limits, self._running_by_queue(),
+                             ctx.options.queues))
             poll_at = loop.time() + ctx.options.poll_seconds
             write_wait_ends = self._write_wait_ends() if free <= 0 else None
             await self._sleep(free, poll_at if write_wait_ends is None
@@ -126,6 +158,37 @@ class Fetcher:
                     waiter.cancel()
             if ctx.wake.is_set() or not ctx.retime.is_set():
                 return
+
+    def _suspect_turn(self) -> bool | None:
+        """None: claim as usual; True: claim one suspect, alone; False: claim nothing
+        (a suspect runs here, or this worker drains to run one)."""
+        if self._alone is not None:
+            # Until its outcome is recorded, not only until it returns: its row runs on
+            # in the database meanwhile, and a crash would be shared with what ran beside.
+            if self.ctx.held.get(self._alone.key) is self._alone:
+                return False
+            self._alone = None
+        now = asyncio.get_running_loop().time()
+        if self._suspect_drain_at is None or now < self._suspect_retry_at:
+            return None
+        return True if not self.ctx.held or now >= self._suspect_drain_at else None
+
+    def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
+        """After a claim: remember whether a suspect is due (and since when) and which
+        runs here. True when this worker should claim again at once: a suspect, as it
+        holds nothing and one is due, or, after a suspect claim that found none, the
+        ordinary jobs it left."""
+        now = asyncio.get_running_loop().time()
+        if claimed is not None:
+            self._alone, self._suspect_drain_at = claimed, None
+            return False
+        if tried:
+            self._suspect_retry_at = now + SUSPECT_DRAIN_SECONDS
+        if not due:
+            self._suspect_drain_at = None
+        elif self._suspect_drain_at is None:
+            self._suspect_drain_at = now + SUSPECT_DRAIN_SECONDS * (1 + random.random())
+        return tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
 
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
@@ -163,8 +226,10 @@ class Fetcher:
         ends = self.ctx.recording_since + WRITE_WAIT_SECONDS
         return ends if asyncio.get_running_loop().time() < ends else None
 
-    async def claim(self, free: int) -> bool:
-        """Claim up to `free` jobs and start them; True if the claim was full."""
+    async def claim(self, free: int, suspects: bool = False) -> bool:
+        """Claim up to `free` jobs and start them (one suspect, with `suspects`, started
+        once it is alone here); True if the claim was full, or if this worker should
+        claim again now (a suspect, or the ordinary jobs a suspect claim left)."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
@@ -176,7 +241,9 @@ class Fetcher:
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
             queues=ctx.options.queues,
             capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
+            suspects=suspects,
         )
+        suspect_due = ctx.store.suspect_due
         ctx.clock_offset = db_now.timestamp() - sent_wall
         claimed_due = (sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
                        if next_due is not None else None)
@@ -185,6 +252,8 @@ class Fetcher:
             (d for d in (claimed_due, ctx.noted_deadline) if d is not None), default=None)
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
+        alone = None
+        beside = bool(ctx.held)  # a suspect claimed now waits for these to be recorded
         for job in jobs:
             if job["expired"]:
                 ctx.stats.expired += 1
@@ -199,8 +268,25 @@ class Fetcher:
             self._lose_older_attempts(held)
             ctx.held[held.key] = held
             ctx.executing += 1
-            held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
-        return len(jobs) >= free
+            held.task = asyncio.create_task(self._execute(job, held, suspects and beside),
+                                            name=f"job:{job['id']}")
+            if suspects:
+                alone = held
+                held.suspect = True
+                log.info("suspect_claimed", job_id=held.id, task=held.task_name)
+        again = self._note_suspects(suspect_due, alone, suspects)
+        return again or (free > 0 and len(jobs) >= free and alone is None)
+
+    async def _until_alone(self, held: Held) -> None:
+        """Until `held`, a suspect claimed beside other jobs, is the only job this worker
+        holds: they ran before it and their outcomes are recorded, so a crash from here
+        on is the suspect's alone. Its lease is renewed meanwhile (it is held); a cancel,
+        a lost lease or a stop cancels it here as it would cancel its run."""
+        ctx = self.ctx
+        while any(h is not held for h in ctx.held.values()):
+            if ctx.stop_requested.is_set():
+                raise asyncio.CancelledError  # a stop starts nothing: it is given back
+            await asyncio.sleep(ALONE_CHECK_SECONDS)
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this
@@ -227,19 +313,22 @@ class Fetcher:
             return Counter()
         return Counter(h.queue for h in self.ctx.held.values() if not h.finished)
 
-    async def _execute(self, job: dict[str, Any], held: Held) -> None:
+    async def _execute(self, job: dict[str, Any], held: Held, wait_alone: bool = False) -> None:
         ctx = self.ctx
         structlog.contextvars.bind_contextvars(
             job_id=job["id"], task=job["task"], attempt=job["attempts"]
         )
         started = time.monotonic()
-        lateness_ms = round(
-            (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
-        # debug, not info: with job_completed (which repeats lateness_ms) that would be two
-        # lines per job, a third of the worker's CPU per no-op job, and journald's rate
-        # limit would drop the warnings that matter.
-        ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
         try:
+            if wait_alone:
+                await self._until_alone(held)
+                started = time.monotonic()
+            lateness_ms = round(
+                (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+            # debug, not info: with job_completed (which repeats lateness_ms) that would be
+            # two lines per job, a third of the worker's CPU per no-op job, and journald's
+            # rate limit would drop the warnings that matter.
+            ctx.job_log.debug("job_started", lateness_ms=lateness_ms)
             outcome = await run_job(job, ctx.threads, running=held.running)
         except asyncio.CancelledError:
             ctx.executing -= 1

@@ -4,8 +4,9 @@ Every worker runs it; no leader is needed because each step is a single statemen
 is safe to run concurrently (SKIP LOCKED, or a delete of rows nobody else writes).
 
 - recovery, every heartbeat interval: running jobs whose lease expired go back to
-  pending; each crash counts once, against one of its jobs, and a job counted
-  `max_recoveries` times is failed as a poison pill. A registered
+  pending as suspects, which run alone (fetcher.py); a crash counts once, and only
+  against a job its worker ran alone (a crash shared by several jobs counts against
+  none), and a job counted `max_recoveries` times is failed as a poison pill. A registered
   worker's jobs are taken only once two passes in a row found it silent with the same
   registry heartbeat, so one that is alive but was kept from writing by a lock wins the
   race at the unlock (recover_orphans in sql/queries.sql). Skipped while

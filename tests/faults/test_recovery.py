@@ -102,15 +102,16 @@ async def test_a_worker_restarted_under_the_same_host_and_pid_inherits_nothing(
     assert pid_of(old_id) == pid_of(new_id) == 1
     assert old_id.rsplit(":", 1)[0] == new_id.rsplit(":", 1)[0]  # same host and pid
 
-    # The new life does not renew the old leases: they expire and are recovered.
-    after = await wait_until(lambda: _running_attempt(sched, ["h0", "h1"], 2), timeout=30,
-                             what="jobs recovered and claimed by the second life")
+    # The new life does not renew the old leases: they expire and are recovered, and it
+    # runs them one at a time (a shared crash: suspects).
+    after = await wait_until(lambda: _running_attempt(sched, ["h0", "h1"], 2, any_of=True),
+                             timeout=30, what="a job recovered and claimed by the second life")
     assert {r["worker_id"] for r in after} == {new_id}
     do_release()
     await wait_until(lambda: at_least(sched, "completed", 2), what="jobs completed")
     rows = await jobs(sched)
     assert all(lease_expiries(r) == 1 and r["worker_id"] == new_id for r in rows)
-    assert sum(r["recoveries"] for r in rows) == 1  # one crash, counted against one job
+    assert sum(r["recoveries"] for r in rows) == 0  # one crash of two jobs: counted none
     assert all(old_id in str(r["errors"]) for r in rows)
     check_each_completed_once(rows, await audit(sched))
     # unshare does not forward signals: stop the worker inside, which takes unshare along.
@@ -124,7 +125,7 @@ async def _other_worker(sched, old_id):
     return rows[0]["id"] if rows else None
 
 
-async def _running_attempt(sched, ids, attempt):
+async def _running_attempt(sched, ids, attempt, any_of=False):
     rows = await query(sched, "SELECT * FROM {schema}.jobs WHERE id = ANY(%s) "
                               "AND status = 'running' AND attempts = %s", [ids, attempt])
-    return rows if len(rows) == len(ids) else None
+    return rows if len(rows) == len(ids) or (any_of and rows) else None

@@ -24,8 +24,16 @@ W = "host:1:stale1"
 
 
 async def claim_all(sched, worker_id=W, lease_seconds=60.0):
+    """Every due job, suspects included (one suspect claim each: a worker would run each
+    alone, a test takes them all at once)."""
     claimed, _, _ = await sched.store.claim_jobs(
         worker_id=worker_id, limit=1000, lease_seconds=lease_seconds)
+    while sched.store.suspect_due:
+        suspect, _, _ = await sched.store.claim_jobs(
+            worker_id=worker_id, limit=1, lease_seconds=lease_seconds, suspects=True)
+        claimed += suspect
+        if not suspect:
+            break
     return claimed
 
 
@@ -96,8 +104,10 @@ async def test_raced_for_real_exactly_one_side_wins_each_job(sched):
             expected = "completed" if row["id"] in completed else "pending"
             assert str(row["status"]) == expected, row
             assert lease_expiries(row) == (row["id"] in recovered_ids), row
-        # One worker's orphans, recovered in one statement: one crash, counted once.
-        assert sum(row["recoveries"] for row in rows) == (1 if recovered_ids else 0)
+        # One worker's orphans, recovered in one statement: one crash of 50 jobs (the
+        # recovery's snapshot sees the completion's rows before it commits, or none of
+        # them recovered), counted against none.
+        assert sum(row["recoveries"] for row in rows) == 0
         wins["completion"] += len(completed)
         wins["recovery"] += len(recovered_ids)
         await query(sched, "DELETE FROM {schema}.jobs RETURNING id")
