@@ -1,0 +1,121 @@
+"""Review of the reserve change: a busy worker claims a due suspect and starts it once
+every other job it holds is recorded (Fetcher._until_alone). Real worker processes.
+
+- A kill while the suspect waits beside a running job is a crash shared by both: it
+  counts against neither and both are suspects again; a fresh worker runs each once.
+- A SIGTERM while it waits gives it back as a suspect, unrun; a fresh worker finishes all.
+- Once the suspect is recorded the worker claims again at once, not at its poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import timedelta
+
+from conftest import wait_until
+
+from .kit import audit, audit_env, db_now, fault_config, query
+
+
+async def _status(sched) -> dict[str, tuple[str, bool, int]]:
+    rows = await query(sched, "SELECT id, status::text, suspect, recoveries "
+                              "FROM {schema}.jobs")
+    return {r["id"]: (r["status"], r["suspect"], r["recoveries"]) for r in rows}
+
+
+async def _ran(sched) -> list[str]:
+    return sorted(a["key"] for a in await audit(sched))
+
+
+async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path, **cfg):
+    """One worker runs `long` (until `release` exists) and has claimed suspect `s`, which
+    waits for it: both running in the database, `s` not run. Returns (worker, release)."""
+    env = audit_env(pg_dsn, schema)
+    release = tmp_path / "release"
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2, **cfg), env=env)
+    await sched.schedule("hold", args=("long", str(release)), job_id="long")
+
+    async def long_running() -> bool:
+        return (await _status(sched)).get("long", ("",))[0] == "running"
+
+    await wait_until(long_running, timeout=30, what="the long job")
+    await sched.schedule("sleep_then_record", args=("s", 0.0), job_id="s",
+                         execution_time=await db_now(sched) + timedelta(hours=1))
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                       "WHERE id = 's' RETURNING id")
+
+    pokes = iter(range(1000))
+
+    async def s_claimed() -> bool:
+        # A NOTIFY wakes the worker to claim (its poll may be long): it sees s due.
+        await sched.schedule("noop", job_id=f"n{next(pokes)}")
+        await asyncio.sleep(0.5)
+        return (await _status(sched))["s"][0] == "running"
+
+    await wait_until(s_claimed, timeout=40, what="the busy worker to claim the suspect")
+    await asyncio.sleep(4.0)  # past the 3 s lease: its heartbeats keep it
+    assert await _ran(sched) == []  # s waits for long
+    status = await _status(sched)
+    assert (status["s"][0], status["long"][0]) == ("running", "running")
+    return worker, release, env
+
+
+async def test_a_kill_while_a_suspect_waits_beside_a_job_counts_against_neither(
+        sched, pg_dsn, schema, workers, tmp_path):
+    worker, release, env = await _suspect_waiting_beside_long(
+        sched, pg_dsn, schema, workers, tmp_path)
+    worker.kill()
+    await asyncio.sleep(4.0)  # past the 3 s lease
+    await sched.store.recover_orphans(max_recoveries=3)
+    status = {k: v for k, v in (await _status(sched)).items() if k in ("long", "s")}
+    assert status == {"long": ("pending", True, 0), "s": ("pending", True, 0)}
+    (tmp_path / "fresh").mkdir()
+    workers(fault_config(tmp_path / "fresh", pg_dsn, schema, concurrency=2), env=env)
+    release.touch()
+
+    async def done() -> bool:
+        return {v[0] for v in (await _status(sched)).values()} == {"completed"}
+
+    await wait_until(done, timeout=60, what="a fresh worker to finish both")
+    assert await _ran(sched) == ["long", "s"]
+
+
+async def test_a_sigterm_while_a_suspect_waits_gives_it_back_unrun_as_a_suspect(
+        sched, pg_dsn, schema, workers, tmp_path):
+    worker, release, env = await _suspect_waiting_beside_long(
+        sched, pg_dsn, schema, workers, tmp_path, shutdown_grace_seconds=2)
+    worker.signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    release.touch()  # long ends within the grace period: s must not start after it
+    assert await worker.wait() == 0
+    status = await _status(sched)
+    assert status["s"] == ("pending", True, 0)
+    assert status["long"][0] == "completed"
+    assert await _ran(sched) == ["long"]
+    (tmp_path / "fresh").mkdir()
+    workers(fault_config(tmp_path / "fresh", pg_dsn, schema, concurrency=2), env=env)
+
+    async def done() -> bool:
+        return {v[0] for v in (await _status(sched)).values()} == {"completed"}
+
+    await wait_until(done, timeout=60, what="a fresh worker to run the suspect")
+    assert await _ran(sched) == ["long", "s"]
+
+
+async def test_after_a_waiting_suspect_is_recorded_the_worker_claims_at_once(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """poll_seconds 60: only a wake-up can make the worker claim the ordinary job queued
+    while the suspect waited."""
+    _, release, _ = await _suspect_waiting_beside_long(
+        sched, pg_dsn, schema, workers, tmp_path, poll_seconds=60)
+    await sched.schedule("sleep_then_record", args=("o", 0.0), job_id="o")
+    await asyncio.sleep(1.5)
+    assert (await _status(sched))["o"][0] == "pending"  # nothing beside the suspect
+    release.touch()
+    await wait_until(lambda: _ran_all(sched), timeout=10,
+                     what="o to be claimed right after the suspect is recorded")
+
+
+async def _ran_all(sched) -> bool:
+    return await _ran(sched) == ["long", "o", "s"]
