@@ -171,3 +171,34 @@ async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_id
 
 async def _has_run(sched, key: str) -> bool:
     return key in await _ran(sched)
+
+
+async def test_a_suspect_waits_for_the_abandoned_thread_of_a_timed_out_job(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A sync job that timed out is recorded (failed) while its thread runs on in the
+    worker: a crash from that thread would be counted against the suspect started then."""
+    env = audit_env(pg_dsn, schema)
+    release = tmp_path / "release"
+    workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    await sched.schedule("sync_hold", args=("long", str(release)), job_id="long",
+                         timeout=3.0, max_retries=0)
+
+    async def long_running() -> bool:
+        return (await _status(sched)).get("long", ("",))[0] == "running"
+
+    await wait_until(long_running, timeout=30, what="the long job")
+    await sched.schedule("sleep_then_record", args=("s", 0.0), job_id="s",
+                         execution_time=await db_now(sched) + timedelta(hours=1))
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                       "WHERE id = 's' RETURNING id")
+
+    async def long_failed() -> bool:
+        return (await _status(sched))["long"][0] == "failed"
+
+    await wait_until(long_failed, timeout=30, what="the long job to time out")
+    await asyncio.sleep(12.0)  # past the 5-10 s before a busy worker claims s
+    release.touch()
+    await wait_until(lambda: _has_run(sched, "long"), timeout=20, what="the thread to end")
+    await wait_until(lambda: _has_run(sched, "s"), timeout=30, what="the suspect")
+    order = [a["key"] for a in await audit(sched)]
+    assert order == ["long", "s"]
