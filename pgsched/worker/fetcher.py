@@ -253,7 +253,10 @@ class Fetcher:
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None
-        beside = bool(ctx.held)  # a suspect claimed now waits for these to be recorded
+        # A suspect claimed now waits for these to be recorded, and for the threads of
+        # timed-out or cancelled sync jobs that run on (recorded, yet a crash they cause
+        # would be counted against the suspect).
+        beside = bool(ctx.held) or ctx.hung_threads > 0
         for job in jobs:
             if job["expired"]:
                 ctx.stats.expired += 1
@@ -279,11 +282,12 @@ class Fetcher:
 
     async def _until_alone(self, held: Held) -> None:
         """Until `held`, a suspect claimed beside other jobs, is the only job this worker
-        holds: they ran before it and their outcomes are recorded, so a crash from here
-        on is the suspect's alone. Its lease is renewed meanwhile (it is held); a cancel,
-        a lost lease or a stop cancels it here as it would cancel its run."""
+        holds and no abandoned thread of a sync job runs on: they ran before it and their
+        outcomes are recorded, so a crash from here on is the suspect's alone. Its lease
+        is renewed meanwhile (it is held); a cancel, a lost lease or a stop cancels it
+        here as it would cancel its run."""
         ctx = self.ctx
-        while any(h is not held for h in ctx.held.values()):
+        while ctx.hung_threads or any(h is not held for h in ctx.held.values()):
             if ctx.stop_requested.is_set():
                 raise asyncio.CancelledError  # a stop starts nothing: it is given back
             await asyncio.sleep(ALONE_CHECK_SECONDS)
