@@ -29,7 +29,8 @@ Invariants:
   gives it back as a suspect. A busy worker that has seen one due for
   SUSPECT_DRAIN_SECONDS (a random share more) claims it all the same, so that a steady
   stream, which keeps every worker busy, cannot starve a suspect, and starts it only
-  once every other job it holds is recorded (_until_alone); meanwhile it claims nothing.
+  once every other job it holds is recorded and the threads of timed-out sync jobs have
+  ended (_until_alone); meanwhile it claims nothing.
   Claimed, the suspect is no longer due for any other worker: one worker waits for it,
   not every busy one (which left a fleet of long jobs claiming nothing at all), and a
   suspect that another worker takes, that is cancelled or paused, or that a cap or a
@@ -85,7 +86,7 @@ class Fetcher:
         self._queue_limits = dict(ctx.options.queue_concurrency)
         self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
         self._alone: Held | None = None  # the suspect this worker runs, alone
-        self._suspect_drain_at: float | None = None  # loop time to drain for a suspect due
+        self._suspect_drain_at: float | None = None  # loop time to claim a due suspect, busy
         self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
 
     async def run(self) -> None:
@@ -160,8 +161,8 @@ class Fetcher:
                 return
 
     def _suspect_turn(self) -> bool | None:
-        """None: claim as usual; True: claim one suspect, alone; False: claim nothing
-        (a suspect runs here, or this worker drains to run one)."""
+        """None: claim as usual; True: claim one suspect; False: claim nothing (a
+        suspect runs here, or waits to run alone)."""
         if self._alone is not None:
             # Until its outcome is recorded, not only until it returns: its row runs on
             # in the database meanwhile, and a crash would be shared with what ran beside.
