@@ -458,7 +458,9 @@ class Store:
             cur = conn.cursor(row_factory=dict_row)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
-            with _abandoned_after(conn, _BOUND.get()):
+            bound = _BOUND.get()
+            # Unbounded (every statement but the completer's): no generator on this path.
+            with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare)).fetchall()
 
@@ -1977,6 +1979,7 @@ _USING: contextvars.ContextVar[Connections | None] = contextvars.ContextVar(
     "pgsched_store_using", default=None)
 _BOUND: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "pgsched_store_bound", default=None)
+_NOT_BOUNDED = contextlib.nullcontext()
 
 
 class NoAnswer(psycopg.errors.QueryCanceled):
@@ -1986,11 +1989,8 @@ class NoAnswer(psycopg.errors.QueryCanceled):
 
 
 @contextlib.contextmanager
-def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float | None) -> Iterator[None]:
+def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iterator[None]:
     """Store.bounded for one query on `conn`."""
-    if seconds is None:
-        yield
-        return
     timer = asyncio.get_running_loop().call_later(seconds, _shut_down, conn)
     try:
         yield

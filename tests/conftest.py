@@ -81,13 +81,10 @@ def pg_dsn() -> Iterator[str]:
 def cluster() -> Iterator[Any]:
     """A throwaway PostgreSQL that tests may stop, crash, start, and create roles in
     (tests/faults/cluster.py); started on first use, shared by the session."""
-    from faults.cluster import Cluster, ClusterUnavailable
+    from faults.cluster import cluster_or_skip
 
-    try:
-        pgbin = os.environ.get("PGSCHED_TEST_PGBIN")
-        owned = Cluster(Path(pgbin) if pgbin else None)
-    except ClusterUnavailable as exc:
-        pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
+    pgbin = os.environ.get("PGSCHED_TEST_PGBIN")
+    owned = cluster_or_skip(Path(pgbin) if pgbin else None)
     yield owned
     owned.destroy()
 

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import fast_options
-from faults.cluster import Cluster, ClusterUnavailable
+from faults.cluster import Cluster, cluster_or_skip
 from psycopg import sql
 from test_hostile import granted as granted  # the runtime role's config, as a fixture
 from test_hostile import roles as roles
@@ -137,10 +137,7 @@ def pg15() -> Iterator[Cluster]:
     bin_dir = Path("/usr/lib/postgresql/15/bin")
     if not (bin_dir / "initdb").exists():
         pytest.skip("no PostgreSQL 15 binaries in /usr/lib/postgresql/15/bin")
-    try:
-        cluster = Cluster(bin_dir)
-    except ClusterUnavailable as exc:
-        pytest.skip(f"cannot start PostgreSQL 15: {exc}")
+    cluster = cluster_or_skip(bin_dir)
     yield cluster
     cluster.destroy()
 

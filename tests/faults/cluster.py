@@ -87,6 +87,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_or_skip(bin_dir: Path | None = None) -> Cluster:
+    """A new Cluster (of `bin_dir`'s binaries, or find_binaries'), or the calling test
+    skipped, saying why none can start."""
+    import pytest
+
+    try:
+        return Cluster(bin_dir)
+    except ClusterUnavailable as exc:
+        pytest.skip(f"cannot start a throwaway PostgreSQL: {exc}")
+
+
 class Cluster:
     def __init__(self, bin_dir: Path | None = None) -> None:
         self.bin = bin_dir or find_binaries()
