@@ -17,7 +17,6 @@ import signal
 from datetime import timedelta
 
 import psycopg
-import pytest
 from conftest import fast_options, wait_until
 from rich.console import Console
 from test_queues import rows_read_from_jobs
@@ -344,12 +343,6 @@ async def test_a_suspect_whose_outcome_is_not_recorded_yet_still_runs_alone(
     await wait_until(all_done, timeout=20, what="every job to complete")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the walks' `NOT suspect` is a filter on jobs_pending_due_idx and jobs_pending_idx, "
-    "whose predicates do not exclude suspects: with 2,000 due suspects each ordinary "
-    "claim read 2,031-2,033 rows against 32 without (flat 0.51 ms against 0.29, "
-    "claim_jobs 1.19 against 0.40, EXPLAIN ANALYZE, one run); needs pending indexes "
-    "without suspects (a migration), or suspects kept out of the walks' due range"))
 async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
     """Structural, not timed: a whole fleet killed at once (a host rebooted, an OOM kill of
     every worker) leaves every job it ran a suspect, due before the backlog (their due
