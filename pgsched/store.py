@@ -122,8 +122,8 @@ LIMIT_RECHECK_SECONDS = 0.5
 # walk's saving.
 FLAT_RETRY_SECONDS = 1.0
 # A claim statement is prepared only while the planner's statistics count at least this
-# many pending rows in jobs (pg_class.reltuples of jobs_ordinary_due_idx, as the claim
-# itself reports it); below, each claim is planned for the table as it is. PostgreSQL
+# many pending rows in jobs (pg_class.reltuples of jobs_pending_ordinary_due_idx, as the
+# claim itself reports it); below, each claim is planned for the table as it is. PostgreSQL
 # keeps a prepared statement's generic plan until jobs is analysed again, and one made for
 # a few hundred rows (or none) scans the table to find the rows a claim takes: 2.2M rows
 # read per claim once 200,000 had come (tests/test_claim_flat_adversary.py). Pending rows,

@@ -101,8 +101,8 @@ LIMIT %(limit)s;
 -- execution_time, id) once per (queue, priority) pair, the queues found by a loose index
 -- scan, so a backlog of millions is never sorted: at most %(limit)s rows per pair are.
 -- Suspects are in an index of their own (jobs_pending_suspect_idx, same key as
--- jobs_ordinary_queue_idx, migration 0020): each pair is walked in both. The loose scan
--- reads jobs_pending_queue_id_idx, which holds every pending row.
+-- jobs_pending_ordinary_queue_idx, migration 0020): each pair is walked in both. The
+-- loose scan reads jobs_pending_queue_id_idx, which holds every pending row.
 WITH RECURSIVE pending_queues AS (
     (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
     UNION ALL

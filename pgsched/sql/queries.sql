@@ -19,29 +19,29 @@
 -- among them (Store.claim_jobs) can only cost a second statement, never a wrong claim.
 --
 -- The per-queue walks (claim_jobs, claim_jobs_unlimited). The pending index is (queue,
--- priority, execution_time, id) (jobs_ordinary_queue_idx), and each (queue, priority)
--- pair is walked on its own, over its due rows only. A single `ORDER BY priority,
--- execution_time` scan filtered by queue would wade through the due backlog of every
--- paused queue and of queues left to other workers, and through every future job of a
--- priority when few are due (200,000 jobs due next week cost milliseconds per claim). The
--- queues come from the worker's list, or, for a worker that serves every queue, from a
--- loose index scan (one index probe per distinct queue with pending jobs); the priorities
--- are those of 0-9 the queue has pending rows of (served_priorities). Within a queue the
--- walks run in priority order and the LIMIT stops them at the queue's cap (a nested loop
--- preserves the order in which the loose scan found the priorities). Across queues the
--- candidates are sorted by priority and due time and cut to `limit`: when several queues
--- have jobs due at once a claim locks up to its limit in each of them and lets the
--- surplus go at commit, milliseconds later; concurrent claimers skip those rows (SKIP
--- LOCKED) and never wait, so one may come back short. This costs about 20 us per queue
--- with pending jobs.
+-- priority, execution_time, id) (jobs_pending_ordinary_queue_idx), and each (queue,
+-- priority) pair is walked on its own, over its due rows only. A single `ORDER BY
+-- priority, execution_time` scan filtered by queue would wade through the due backlog of
+-- every paused queue and of queues left to other workers, and through every future job of
+-- a priority when few are due (200,000 jobs due next week cost milliseconds per claim).
+-- The queues come from the worker's list, or, for a worker that serves every queue, from
+-- a loose index scan (one index probe per distinct queue with pending jobs); the
+-- priorities are those of 0-9 the queue has pending rows of (served_priorities). Within a
+-- queue the walks run in priority order and the LIMIT stops them at the queue's cap (a
+-- nested loop preserves the order in which the loose scan found the priorities). Across
+-- queues the candidates are sorted by priority and due time and cut to `limit`: when
+-- several queues have jobs due at once a claim locks up to its limit in each of them and
+-- lets the surplus go at commit, milliseconds later; concurrent claimers skip those rows
+-- (SKIP LOCKED) and never wait, so one may come back short. This costs about 20 us per
+-- queue with pending jobs.
 --
--- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
--- per-queue caps (the store sends it only then, however many queues have pending jobs),
--- serving nothing when a global limit exists or a paused queue has jobs due. It walks
--- jobs_ordinary_due_idx (priority, execution_time, id; migrations 0014 and 0020) once per
--- priority 0-9, over due rows only, locks as it goes and stops at `limit`: it locks only
--- what it takes, and costs the same with 1 or 1,000 queues (a priority without due jobs
--- costs one index probe). What it relies on:
+-- The flat walk (claim_jobs_flat), for a worker that serves every queue with no per-queue
+-- caps (the store sends it only then, however many queues have pending jobs), serving
+-- nothing when a global limit exists or a paused queue has jobs due. It walks
+-- jobs_pending_ordinary_due_idx (priority, execution_time, id; migrations 0014 and 0020)
+-- once per priority 0-9, over due rows only, locks as it goes and stops at `limit`: it
+-- locks only what it takes, and costs the same with 1 or 1,000 queues (a priority without
+-- due jobs costs one index probe). What it relies on:
 -- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
 --   and (flat, same snapshot) no paused queue has a due row in the walk's path; paused
 --   queues' future rows lie beyond now() and are never read.
@@ -68,14 +68,15 @@
 -- 2.2M rows at 200,000 rows, tests/test_claim_flat_adversary.py). No shape of statement
 -- prevents that: for a table of one page every path costs about the same. So the store
 -- prepares its claims only while the planner's statistics (pg_class.reltuples of
--- jobs_ordinary_due_idx, pending_rows below) count at least PREPARED_CLAIM_ROWS pending
--- rows, the rows the walks read, not the table's: with 60 pending among 20,000 finished
--- the generic plan expected two due rows a priority, fetched them by a bitmap scan and a
--- sort, and sorted 16,666 a claim after a burst (tests/test_claim_flat_review.py). With
--- enough pending rows in the statistics every claim statement finds its
--- due rows, and the claimed ones, by walking an index, and stays so however the table
--- grows; the statistics change only with the ANALYZE, VACUUM or TRUNCATE that also makes
--- PostgreSQL plan again. Below that, each claim is planned for the table as it is.
+-- jobs_pending_ordinary_due_idx, pending_rows below) count at least PREPARED_CLAIM_ROWS
+-- pending rows, the rows the walks read, not the table's: with 60 pending among 20,000
+-- finished the generic plan expected two due rows a priority, fetched them by a bitmap
+-- scan and a sort, and sorted 16,666 a claim after a burst
+-- (tests/test_claim_flat_review.py). With enough pending rows in the statistics every
+-- claim statement finds its due rows, and the claimed ones, by walking an index, and
+-- stays so however the table grows; the statistics change only with the ANALYZE, VACUUM
+-- or TRUNCATE that also makes PostgreSQL plan again. Below that, each claim is planned
+-- for the table as it is.
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
@@ -84,17 +85,17 @@
 -- alone: {suspect} is `NOT suspect` in the three statements, next to every `status =
 -- 'pending'` of the walks, the loose scans and next_due, so that PostgreSQL proves the
 -- predicate of the pending indexes they walk, which leave suspects out (migration 0020:
--- jobs_ordinary_queue_idx, jobs_ordinary_due_idx). Suspects are near the front of every
--- walk (their due time is that of their first attempt): as a filter on indexes that held
--- them, 2,000 due suspects made every ordinary claim read 2,033 rows instead of 32
--- (tests/faults/test_suspects.py). A suspect is always due (it was running), so next_due
--- does not miss one; suspect_due reports it. A suspect claim (Store.claim_jobs(suspects=
--- True), a worker that holds no job, with limit 1) is claim_jobs or claim_jobs_unlimited
--- with `suspect` in its place, which PostgreSQL serves from jobs_pending_suspect_idx, so
--- it keeps every rule of those walks (served, paused, capped and limited queues); never
--- the flat walk, which would wade through every due job to find one. A claim clears the
--- mark: a suspect that fails is retried as any job. suspect_due tells the worker when one
--- is due.
+-- jobs_pending_ordinary_queue_idx, jobs_pending_ordinary_due_idx). Suspects are near the
+-- front of every walk (their due time is that of their first attempt): as a filter on
+-- indexes that held them, 2,000 due suspects made every ordinary claim read 2,033 rows
+-- instead of 32 (tests/faults/test_suspects.py). A suspect is always due (it was
+-- running), so next_due does not miss one; suspect_due reports it. A suspect claim
+-- (Store.claim_jobs(suspects=True), a worker that holds no job, with limit 1) is
+-- claim_jobs or claim_jobs_unlimited with `suspect` in its place, which PostgreSQL serves
+-- from jobs_pending_suspect_idx, so it keeps every rule of those walks (served, paused,
+-- capped and limited queues); never the flat walk, which would wade through every due job
+-- to find one. A claim clears the mark: a suspect that fails is retried as any job.
+-- suspect_due tells the worker when one is due.
 WITH RECURSIVE
 -- for: claim_jobs, claim_jobs_unlimited
 pending_queues AS (
@@ -212,11 +213,11 @@ walked AS (
 -- while few queues are paused. With more than 8 paused queues holding pending jobs the
 -- walk is refused outright (the probes would cost more than the per-queue walks they
 -- spare: 11,029 index probes against 1,024 with 1,000 paused tenants), so the check stops
--- at the 9th. Each probe is ordered along jobs_ordinary_queue_idx so that only that index
--- serves it: unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of jobs
--- expected to stop at an early match (with few queues and priorities in its statistics it
--- expects many), so a paused queue without pending or due jobs read the whole table,
--- history too, once per probe and claim.
+-- at the 9th. Each probe is ordered along jobs_pending_ordinary_queue_idx so that only
+-- that index serves it: unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of
+-- jobs expected to stop at an early match (with few queues and priorities in its
+-- statistics it expects many), so a paused queue without pending or due jobs read the
+-- whole table, history too, once per probe and claim.
 paused_pending AS (
     SELECT queue FROM {schema}.paused_queues p
     WHERE (SELECT 1 FROM {schema}.jobs j
@@ -362,7 +363,7 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- (store.PREPARED_CLAIM_ROWS). to_regclass: without the index (dropped by hand, or
        -- between the DROP and the CREATE of its migration run again) -1, planned claims.
        coalesce((SELECT reltuples FROM pg_class
-                 WHERE oid = to_regclass('{schema}.jobs_ordinary_due_idx')), -1)
+                 WHERE oid = to_regclass('{schema}.jobs_pending_ordinary_due_idx')), -1)
            AS pending_rows,
        -- And how many rows of any status (the table complete_jobs looks ids up in): whether
        -- the store may prepare its completions (store.PREPARED_COMPLETE_ROWS). -1 before
@@ -896,25 +897,25 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- keeps its history), PostgreSQL expects about one pending row, and after a burst every
 -- claim, planned or prepared, reads a pending index whole and sorts it (550,010 rows for
 -- a claim of 10 at 50,000 pending, tests/test_claim_flat_review.py) until the next
--- ANALYZE. pending counts live pending rows but suspects (those of jobs_ordinary_due_idx,
--- migration 0020) up to %(limit)s (an index scan that stops there, whatever the
--- statistics say); counted is what the statistics hold (as the claim
--- reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
--- would then change, so that the check would analyse after every change); changed is the rows written since the last ANALYZE,
--- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
--- second or so after each goes idle).
--- Tried instead: per-table autovacuum settings (0009 already analyses after a hundredth;
--- the wait is autovacuum_naptime, a server setting); a claim shape the planner cannot
--- misjudge (with one pending row expected every path costs about the same, see
--- claim_jobs); enable_sort = off on the worker's connections, which kept these claims on
--- the indexes (20 and 1,130 rows read) but would bend the plan of every other statement
--- on them, and PgBouncer drops session settings. Statistics counting 600 pending rows
--- or more kept both claims on the indexes after 200,000 more came (20 and 140 rows).
+-- ANALYZE. pending counts live pending rows but suspects (those of
+-- jobs_pending_ordinary_due_idx, migration 0020) up to %(limit)s (an index scan that
+-- stops there, whatever the statistics say); counted is what the statistics hold (as the
+-- claim reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
+-- would then change, so that the check would analyse after every change); changed is the
+-- rows written since the last ANALYZE, by anyone (autovacuum's included), as the sessions
+-- that wrote them have reported (a second or so after each goes idle). Tried instead:
+-- per-table autovacuum settings (0009 already analyses after a hundredth; the wait is
+-- autovacuum_naptime, a server setting); a claim shape the planner cannot misjudge (with
+-- one pending row expected every path costs about the same, see claim_jobs); enable_sort
+-- = off on the worker's connections, which kept these claims on the indexes (20 and 1,130
+-- rows read) but would bend the plan of every other statement on them, and PgBouncer
+-- drops session settings. Statistics counting 600 pending rows or more kept both claims
+-- on the indexes after 200,000 more came (20 and 140 rows).
 SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs
                               WHERE status = 'pending' AND NOT suspect
                               LIMIT %(limit)s) p) AS pending,
        (SELECT reltuples FROM pg_class
-        WHERE oid = to_regclass('{schema}.jobs_ordinary_due_idx')) AS counted,
+        WHERE oid = to_regclass('{schema}.jobs_pending_ordinary_due_idx')) AS counted,
        pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
 
 -- name: analyze_turn

@@ -6,14 +6,14 @@
 -- attempt's. The walks said `NOT suspect` as a filter on jobs_pending_queue_idx and
 -- jobs_pending_due_idx, so after a fleet-wide crash each ordinary claim read every due
 -- suspect of its path (2,033 rows against 32 with 2,000 suspects,
--- tests/faults/test_suspects.py). The two indexes are rebuilt under new names with
--- `AND NOT suspect` in their predicates, which the walks' `NOT suspect` proves; the
--- suspects have their own index (jobs_pending_suspect_idx, same key as the queue one), so
--- every pending row is in exactly one of jobs_ordinary_queue_idx and
+-- tests/faults/test_suspects.py). The two indexes are rebuilt under new names with `AND
+-- NOT suspect` in their predicates, which the walks' `NOT suspect` proves; the suspects
+-- have their own index (jobs_pending_suspect_idx, same key as the queue one), so every
+-- pending row is in exactly one of jobs_pending_ordinary_queue_idx and
 -- jobs_pending_suspect_idx. What reads every pending row of a queue in key order (`top`'s
--- next jobs, pending_counts below) walks both.
--- The claim's statistics gate (store.PREPARED_CLAIM_ROWS) reads jobs_ordinary_due_idx's
--- reltuples from now on: the ordinary pending rows, those its walks read.
+-- next jobs, pending_counts below) walks both. The claim's statistics gate
+-- (store.PREPARED_CLAIM_ROWS) reads jobs_pending_ordinary_due_idx's reltuples from now
+-- on: the ordinary pending rows, those its walks read.
 --
 -- Outside a transaction and CONCURRENTLY (README.md in this folder): claims, heartbeats
 -- and completions go on during the builds, as for 0005 and 0014. The new indexes are
@@ -21,12 +21,12 @@
 -- 0020 walk the old ones meanwhile, and those of this code find a new one as soon as it
 -- is valid (until then they plan against the old one and filter, as before). Each DROP
 -- before a CREATE removes what a cut-short build left; every statement can run again.
-DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_ordinary_queue_idx;
-CREATE INDEX CONCURRENTLY jobs_ordinary_queue_idx
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_ordinary_queue_idx;
+CREATE INDEX CONCURRENTLY jobs_pending_ordinary_queue_idx
     ON {schema}.jobs (queue, priority, execution_time, id)
     WHERE status = 'pending' AND NOT suspect;
-DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_ordinary_due_idx;
-CREATE INDEX CONCURRENTLY jobs_ordinary_due_idx
+DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_ordinary_due_idx;
+CREATE INDEX CONCURRENTLY jobs_pending_ordinary_due_idx
     ON {schema}.jobs (priority, execution_time, id)
     WHERE status = 'pending' AND NOT suspect;
 -- pending_counts (0015) counts every pending row, suspects too: each count and probe
