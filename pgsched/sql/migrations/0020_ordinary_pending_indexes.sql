@@ -74,5 +74,70 @@ LANGUAGE sql STABLE AS $$
     ) o
     WHERE q.queue IS NOT NULL
 $$;
+-- claim_room (0012) asks whether a global limit held back jobs due now: its probe of the
+-- due rows of each (queue, priority), suspects too, reads both indexes likewise. Without
+-- them it read the whole pending table for each probe (300,036 rows a claim of a queue at
+-- its limit with 50,000 jobs due later). Same body but the probe, whose ORDER BY is the
+-- indexes' (as for the flat claim's paused probes in queries.sql): unordered, PostgreSQL
+-- planned it as a scan of jobs expected to stop at an early match. The runner keeps a
+-- dollar-quoted body whole (README.md in this folder).
+CREATE OR REPLACE FUNCTION {schema}.claim_room(
+    queues text[], caps integer[], priorities smallint[], recheck double precision
+) RETURNS TABLE (queue text, room integer, recheck_at timestamptz)
+LANGUAGE plpgsql VOLATILE STRICT AS $$
+DECLARE
+    locked text[];
+BEGIN
+    SELECT coalesce(array_agg(l.queue), '{{}}') INTO locked FROM (
+        SELECT ql.queue FROM {schema}.queue_limits ql
+        WHERE ql.queue = ANY(queues) ORDER BY ql.queue
+        FOR UPDATE SKIP LOCKED) l;
+    RETURN QUERY
+    SELECT x.name, x.room,
+           CASE WHEN x.room < x.cap AND x.room < (
+                    SELECT count(*) FROM (
+                        SELECT 1 FROM unnest(priorities) AS p(priority)
+                        CROSS JOIN LATERAL (
+                            (SELECT 1 FROM {schema}.jobs j
+                             WHERE j.status = 'pending' AND NOT j.suspect
+                               AND j.queue = x.name AND j.priority = p.priority
+                               AND j.execution_time <= now()
+                             ORDER BY j.execution_time LIMIT x.room::bigint + 1)
+                            UNION ALL
+                            (SELECT 1 FROM {schema}.jobs j
+                             WHERE j.status = 'pending' AND j.suspect
+                               AND j.queue = x.name AND j.priority = p.priority
+                               AND j.execution_time <= now()
+                             ORDER BY j.execution_time LIMIT x.room::bigint + 1)) d
+                        LIMIT x.room::bigint + 1) due)
+                THEN x.recheck_at END
+    FROM (
+        SELECT q.name, q.cap,
+               CASE WHEN l.queue IS NULL THEN NULL
+                    WHEN NOT (l.queue = ANY(locked)) THEN 0
+                    ELSE greatest(0, least(
+                        coalesce(l.global_concurrency - r.running, 2147483647),
+                        coalesce(l.rate_jobs - w.started, 2147483647)))::integer END AS room,
+               CASE WHEN l.queue = ANY(locked) AND l.rate_jobs - w.started
+                             < coalesce(l.global_concurrency - r.running, 2147483647)
+                    THEN greatest(w.oldest + make_interval(secs => l.rate_period_seconds),
+                                  clock_timestamp())
+                    ELSE clock_timestamp() + make_interval(secs => recheck) END AS recheck_at
+        FROM unnest(queues, caps) AS q(name, cap)
+        LEFT JOIN {schema}.queue_limits l ON l.queue = q.name
+        LEFT JOIN LATERAL (
+            -- jobs_running_idx (0009): the running rows, then those of this queue
+            SELECT count(*) AS running FROM {schema}.jobs j
+            WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL AND j.status = 'running'
+              AND j.queue = l.queue AND l.global_concurrency IS NOT NULL
+        ) r ON true
+        LEFT JOIN LATERAL (
+            SELECT coalesce(sum(b.jobs), 0) AS started, min(b.at) AS oldest
+            FROM unnest(l.window_at, l.window_jobs) AS b(at, jobs)
+            WHERE b.at > now() - make_interval(secs => l.rate_period_seconds)
+        ) w ON true
+    ) x;
+END
+$$;
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_queue_idx;
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_due_idx;
