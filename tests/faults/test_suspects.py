@@ -17,8 +17,11 @@ import signal
 from datetime import timedelta
 
 import psycopg
+import pytest
 from conftest import fast_options, wait_until
 from rich.console import Console
+from test_limits import tuples_read
+from test_ops_plans import seq_scans
 from test_queues import rows_read_from_jobs
 
 from pgsched import Scheduler
@@ -359,6 +362,69 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
         "claim_jobs", "claim_jobs_unlimited", sched.store._flat_claim(10)))
     print(reads)
     assert all(n < 100 for n in reads.values()), reads
+
+
+CLAIM = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
+         "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
+# The claim forms beside the three above: served queues listed, a queue capped, and a
+# global limit that binds (claim_room probes the due rows of the limited queue).
+FORMS = {
+    "listed": ("claim_jobs_unlimited", {"queues": ["default"]}),
+    "capped": ("claim_jobs_unlimited", {"capped_queues": ["default"], "capped_free": [3]}),
+    "limited": ("claim_jobs", {"global_concurrency": 5}),
+    "limited, listed": ("claim_jobs", {"queues": ["default"], "global_concurrency": 5}),
+}
+
+
+async def _suspects_before_a_backlog(sched, global_concurrency: int | None = None) -> None:
+    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time, suspect) "
+                       "SELECT 's' || g, 'noop', now() - interval '1 hour' "
+                       "- make_interval(secs => g), true "
+                       "FROM generate_series(1, 2000) g RETURNING id")
+    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) "
+                       "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
+                       "FROM generate_series(1, 3000) g RETURNING id")
+    if global_concurrency:
+        await sched.store.set_queue_limits("default", global_concurrency=global_concurrency,
+                                           set_concurrency=True)
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(f'ANALYZE "{sched.schema}".jobs')
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_no_claim_form_wades_through_many_suspects(sched, form):
+    """As above for the other forms, counted by the session's statistics, so that what
+    claim_room reads (not in EXPLAIN) counts too."""
+    name, params = FORMS[form]
+    params = dict(params)
+    await _suspects_before_a_backlog(sched, params.pop("global_concurrency", None))
+    async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
+        before = await tuples_read(conn, sched.schema)
+        cur = await conn.execute(sched.store._q[name], {**CLAIM, **params})
+        ids = [c.name for c in cur.description].index("id")
+        claimed = [r[ids] for r in await cur.fetchall()]
+        read = await tuples_read(conn, sched.schema) - before
+    print(form, len(claimed), read)
+    assert all(job_id.startswith("n") for job_id in claimed) and claimed, claimed
+    assert read < 100, read
+
+
+async def test_no_claim_statement_needs_a_sequential_scan(sched):
+    """With sequential scans priced out, a scan of jobs is left only where no index
+    serves a statement: each claim, ordinary or suspect, must find one whose predicate
+    its WHERE implies."""
+    await _suspects_before_a_backlog(sched, global_concurrency=5)
+    store = sched.store
+    names = ["claim_jobs", "claim_jobs_unlimited", store._flat_claim(10),
+             store._suspect_claim("claim_jobs"), store._suspect_claim("claim_jobs_unlimited")]
+    async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        for name in names:
+            for queues in (None, ["default"]):
+                cur = await conn.execute("EXPLAIN (FORMAT JSON) " + store._q[name],
+                                         {**CLAIM, "queues": queues})
+                plan = (await cur.fetchone())[0][0]["Plan"]
+                assert "jobs" not in seq_scans(plan), (name, queues, plan)
 
 
 async def test_a_suspect_released_at_shutdown_is_still_a_suspect(
