@@ -374,11 +374,15 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- Whether a suspect of a queue this worker may claim from (served, not paused) is
        -- due: a read of jobs_pending_suspect_idx (migration 0019), which is almost always
        -- empty. The worker then claims it alone (fetcher.py). Caps and global limits are
-       -- left to that suspect claim, which may then find nothing.
+       -- left to that suspect claim, which may then find nothing. Not `listed`: for a
+       -- worker of every queue it holds the queues with ordinary jobs pending, which a
+       -- queue with only suspects pending is not.
 -- for: claim_jobs, claim_jobs_unlimited
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
-                 AND s.queue IN (SELECT queue FROM listed)) AS suspect_due,
+                 AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
+                 AND s.queue NOT IN (SELECT queue FROM {schema}.paused_queues))
+           AS suspect_due,
 -- for: claim_jobs_flat
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
