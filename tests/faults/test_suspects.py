@@ -427,6 +427,25 @@ async def test_no_claim_statement_needs_a_sequential_scan(sched):
                 assert "jobs" not in seq_scans(plan), (name, queues, plan)
 
 
+async def test_the_operator_views_still_count_and_list_suspects(sched):
+    """Suspects are in an index of their own (0020): `top`'s next jobs, its counts and
+    `pgsched queues` read it beside the ordinary one. A suspect due before the others
+    (its first attempt's due time) comes first, and counts, in a queue of its own too."""
+    await query(sched, "INSERT INTO {schema}.jobs (id, task, queue, execution_time, suspect) "
+                       "VALUES ('s', 'noop', 'default', now() - interval '1 hour', true), "
+                       "('t', 'noop', 'alone', now() - interval '2 hours', true) RETURNING id")
+    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) "
+                       "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
+                       "FROM generate_series(1, 3) g RETURNING id")
+    nexts = await sched.store.next_jobs(limit=10, priorities=range(10))
+    assert [j["id"] for j in nexts] == ["t", "s", "n3", "n2", "n1"]
+    stats = {q["queue"]: q for q in await sched.store.queue_stats()}
+    exact = {q["queue"]: q for q in await sched.store.queue_stats(exact=True)}
+    assert stats["default"]["due"] == exact["default"]["due"] == 4
+    assert stats["alone"]["due"] == exact["alone"]["due"] == 1
+    assert stats["alone"]["lag_seconds"] >= 7000
+
+
 async def test_a_suspect_released_at_shutdown_is_still_a_suspect(
         sched, pg_dsn, schema, workers, tmp_path):
     """A worker stopped gracefully while it runs a suspect gives it back (release_jobs).
