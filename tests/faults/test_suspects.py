@@ -351,13 +351,7 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
     every worker) leaves every job it ran a suspect, due before the backlog (their due
     time is their first attempt's). They are taken one per idle worker, so they stay for
     a while; meanwhile every ordinary claim walks the pending indexes past all of them."""
-    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time, suspect) "
-                       "SELECT 's' || g, 'noop', now() - interval '1 hour' "
-                       "- make_interval(secs => g), true "
-                       "FROM generate_series(1, 2000) g RETURNING id")
-    await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time) "
-                       "SELECT 'n' || g, 'noop', now() - make_interval(secs => g) "
-                       "FROM generate_series(1, 3000) g RETURNING id")
+    await _suspects_before_a_backlog(sched)
     reads = await _rows_read_by_claims(sched, (
         "claim_jobs", "claim_jobs_unlimited", sched.store._flat_claim(10)))
     print(reads)
@@ -377,6 +371,7 @@ FORMS = {
 
 
 async def _suspects_before_a_backlog(sched, global_concurrency: int | None = None) -> None:
+    """2,000 suspects due before 3,000 ordinary jobs, all due, in one queue."""
     await query(sched, "INSERT INTO {schema}.jobs (id, task, execution_time, suspect) "
                        "SELECT 's' || g, 'noop', now() - interval '1 hour' "
                        "- make_interval(secs => g), true "
