@@ -5,7 +5,7 @@
 -- Suspects (0019) wait near the front of every walk: their due time is their first
 -- attempt's. The walks said `NOT suspect` as a filter on jobs_pending_queue_idx and
 -- jobs_pending_due_idx, so after a fleet-wide crash each ordinary claim read every due
--- suspect of its path (2,033 rows against 32 with 2,000 suspects,
+-- suspect of its path (2,033 rows with 2,000 suspects, 33 after this migration,
 -- tests/faults/test_suspects.py). The two indexes are rebuilt under new names with `AND
 -- NOT suspect` in their predicates, which the walks' `NOT suspect` proves; the suspects
 -- have their own index (jobs_pending_suspect_idx, same key as the queue one), so every
@@ -75,9 +75,9 @@ LANGUAGE sql STABLE AS $$
     WHERE q.queue IS NOT NULL
 $$;
 -- claim_room (0012) asks whether a global limit held back jobs due now: its probe of the
--- due rows of each (queue, priority), suspects too, reads both indexes likewise. Without
--- them it read the whole pending table for each probe (300,036 rows a claim of a queue at
--- its limit with 50,000 jobs due later). Same body but the probe, whose ORDER BY is the
+-- due rows of each (queue, priority), suspects too, reads both indexes likewise. With no
+-- suspect term it could use neither: 6 sequential scans, 300,036 rows read by a claim of
+-- a queue at its limit with 50,000 jobs due later (tests/test_limits.py). Same body but the probe, whose ORDER BY is the
 -- indexes' (as for the flat claim's paused probes in queries.sql): unordered, PostgreSQL
 -- planned it as a scan of jobs expected to stop at an early match. The runner keeps a
 -- dollar-quoted body whole (README.md in this folder).
