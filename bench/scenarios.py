@@ -57,11 +57,13 @@ def q(text: str, schema: str) -> sql.Composed:
 # statement, since a queue has to commit the claim before the job runs. The claim walks
 # the pending index in its order, (queue, priority, execution_time, id) since migration
 # 0005: without the queue, every claim would sort all pending rows (a ceiling of 4,300
-# instead of ~27,000 jobs/s on the machine of docs/performance.md).
+# instead of ~27,000 jobs/s on the machine of docs/performance.md). `NOT suspect`: the
+# index holds no suspects since 0020, and a claim that does not say so cannot use it.
 RAW_CLAIM = """
 WITH c AS (
     SELECT id FROM {s}.jobs
-    WHERE status = 'pending' AND queue = 'default' AND execution_time <= now()
+    WHERE status = 'pending' AND NOT suspect AND queue = 'default'
+      AND execution_time <= now()
     ORDER BY priority, execution_time, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

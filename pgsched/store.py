@@ -93,7 +93,8 @@ _INCLUDE_RE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
 NO_TRANSACTION = "-- pgsched: no-transaction\n"
-_STATEMENT_END_RE = re.compile(r";[ \t]*$", re.MULTILINE)
+_STATEMENT_END_RE = re.compile(r";[ \t]*$")
+_DOLLAR_QUOTE_RE = re.compile(r"\$(?:[A-Za-z_]\w*)?\$")
 # A job's `errors` history keeps the entries of its first ERRORS_KEPT_FIRST attempts and
 # of its last ERRORS_KEPT_LAST (docs/delivery.md): the first failure often explains the
 # rest, the last ones say what happens now, and a job retried without end stays small.
@@ -122,8 +123,8 @@ LIMIT_RECHECK_SECONDS = 0.5
 # walk's saving.
 FLAT_RETRY_SECONDS = 1.0
 # A claim statement is prepared only while the planner's statistics count at least this
-# many pending rows in jobs (pg_class.reltuples of jobs_pending_due_idx, as the claim
-# itself reports it); below, each claim is planned for the table as it is. PostgreSQL
+# many pending rows in jobs (pg_class.reltuples of jobs_pending_ordinary_due_idx, as the
+# claim itself reports it); below, each claim is planned for the table as it is. PostgreSQL
 # keeps a prepared statement's generic plan until jobs is analysed again, and one made for
 # a few hundred rows (or none) scans the table to find the rows a claim takes: 2.2M rows
 # read per claim once 200,000 had come (tests/test_claim_flat_adversary.py). Pending rows,
@@ -191,9 +192,25 @@ def parse_named_blocks(text: str) -> dict[str, str]:
 
 
 def split_statements(text: str) -> list[str]:
-    """The statements of a no-transaction migration: split at each `;` ending a line,
-    without the chunks that hold only comments."""
-    chunks = (chunk.strip() for chunk in _STATEMENT_END_RE.split(text))
+    """The statements of a no-transaction migration: split at each `;` ending a line
+    outside a dollar-quoted body (a function's, kept whole), without the `;` and without
+    the chunks that hold only comments. Dollar quotes are looked for in code, not in the
+    `--` comments outside a body."""
+    chunks: list[str] = []
+    lines: list[str] = []
+    quote = None
+    for line in text.splitlines():
+        lines.append(line)
+        for match in _DOLLAR_QUOTE_RE.finditer(line if quote else line.split("--", 1)[0]):
+            if quote is None:
+                quote = match.group()
+            elif match.group() == quote:
+                quote = None
+        if quote is None and _STATEMENT_END_RE.search(line):
+            lines[-1] = _STATEMENT_END_RE.sub("", line)
+            chunks.append("\n".join(lines).strip())
+            lines = []
+    chunks.append("\n".join(lines).strip())
     return [chunk for chunk in chunks
             if any(line.strip() and not line.strip().startswith("--")
                    for line in chunk.splitlines())]

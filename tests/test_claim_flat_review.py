@@ -420,5 +420,5 @@ async def test_claims_go_on_without_the_due_index(sched):
     await fill_series(sched, 30, queue="'t' || (g %% 3)", priority="g %% 3")
     async with sched.store.pool.connection() as conn:
         await conn.execute(sql.SQL("DROP INDEX {}").format(
-            sql.Identifier(sched.schema, "jobs_pending_due_idx")))
+            sql.Identifier(sched.schema, "jobs_pending_ordinary_due_idx")))
     assert len(await claim_ids(sched.store, 10)) == 10

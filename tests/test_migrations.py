@@ -84,6 +84,19 @@ def test_no_transaction_migrations_split_into_statements_without_comment_chunks(
     ]
 
 
+def test_a_dollar_quoted_body_is_one_statement_of_a_no_transaction_migration():
+    text = ("-- pgsched: no-transaction\n-- a $$ in a comment is no quote\n"
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n"
+            "DECLARE\n    x int;\nBEGIN\n    x := length('$$');\n    RETURN x;\nEND\n"
+            "$body$;\nDROP INDEX CONCURRENTLY IF EXISTS b;\n")
+    assert split_statements(text) == [
+        "-- pgsched: no-transaction\n-- a $$ in a comment is no quote\n"
+        "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $body$\n"
+        "DECLARE\n    x int;\nBEGIN\n    x := length('$$');\n    RETURN x;\nEND\n$body$",
+        "DROP INDEX CONCURRENTLY IF EXISTS b",
+    ]
+
+
 def test_every_index_build_on_an_existing_table_is_concurrent():
     for number, name, text in migrations():
         if number >= 4:  # 0001/0002 build indexes on the tables they create

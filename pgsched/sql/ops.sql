@@ -100,6 +100,9 @@ LIMIT %(limit)s;
 -- future ones by due time. Like claim_jobs it walks the pending index (queue, priority,
 -- execution_time, id) once per (queue, priority) pair, the queues found by a loose index
 -- scan, so a backlog of millions is never sorted: at most %(limit)s rows per pair are.
+-- Suspects are in an index of their own (jobs_pending_suspect_idx, same key as
+-- jobs_pending_ordinary_queue_idx, migration 0020): each pair is walked in both. The
+-- loose scan reads jobs_pending_queue_id_idx, which holds every pending row.
 WITH RECURSIVE pending_queues AS (
     (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
     UNION ALL
@@ -111,11 +114,17 @@ SELECT n.*, extract(epoch FROM n.execution_time - now())::float8 AS due_in
 FROM pending_queues q
 CROSS JOIN unnest(%(priorities)s::smallint[]) AS p(priority)
 CROSS JOIN LATERAL (
-    SELECT id, task, queue, priority, execution_time, attempts, last_error
-    FROM {schema}.jobs
-    WHERE status = 'pending' AND queue = q.queue AND priority = p.priority
-    ORDER BY execution_time, id
-    LIMIT %(limit)s
+    (SELECT id, task, queue, priority, execution_time, attempts, last_error
+     FROM {schema}.jobs
+     WHERE status = 'pending' AND NOT suspect AND queue = q.queue AND priority = p.priority
+     ORDER BY execution_time, id
+     LIMIT %(limit)s)
+    UNION ALL
+    (SELECT id, task, queue, priority, execution_time, attempts, last_error
+     FROM {schema}.jobs
+     WHERE status = 'pending' AND suspect AND queue = q.queue AND priority = p.priority
+     ORDER BY execution_time, id
+     LIMIT %(limit)s)
 ) n
 WHERE q.queue IS NOT NULL
 ORDER BY n.execution_time > now(),

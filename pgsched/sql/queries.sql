@@ -19,28 +19,29 @@
 -- among them (Store.claim_jobs) can only cost a second statement, never a wrong claim.
 --
 -- The per-queue walks (claim_jobs, claim_jobs_unlimited). The pending index is (queue,
--- priority, execution_time, id), and each (queue, priority) pair is walked on its own,
--- over its due rows only. A single `ORDER BY priority, execution_time` scan filtered by
--- queue would wade through the due backlog of every paused queue and of queues left to
--- other workers, and through every future job of a priority when few are due (200,000
--- jobs due next week cost milliseconds per claim). The queues come from the worker's
--- list, or, for a worker that serves every queue, from a loose index scan (one index
--- probe per distinct queue with pending jobs); the priorities are those of 0-9 the queue
--- has pending rows of (served_priorities). Within a queue the walks run in priority order
--- and the LIMIT stops them at the queue's cap (a nested loop preserves the order in which
--- the loose scan found the priorities). Across queues the candidates are sorted by
--- priority and due time and cut to `limit`: when several queues have jobs due at once
--- a claim locks up to its limit in each of them and lets the surplus go at commit,
--- milliseconds later; concurrent claimers skip those rows (SKIP LOCKED) and never wait,
--- so one may come back short. This costs about 20 us per queue with pending jobs.
+-- priority, execution_time, id) (jobs_pending_ordinary_queue_idx), and each (queue,
+-- priority) pair is walked on its own, over its due rows only. A single `ORDER BY
+-- priority, execution_time` scan filtered by queue would wade through the due backlog of
+-- every paused queue and of queues left to other workers, and through every future job of
+-- a priority when few are due (200,000 jobs due next week cost milliseconds per claim).
+-- The queues come from the worker's list, or, for a worker that serves every queue, from
+-- a loose index scan (one index probe per distinct queue with pending jobs); the
+-- priorities are those of 0-9 the queue has pending rows of (served_priorities). Within a
+-- queue the walks run in priority order and the LIMIT stops them at the queue's cap (a
+-- nested loop preserves the order in which the loose scan found the priorities). Across
+-- queues the candidates are sorted by priority and due time and cut to `limit`: when
+-- several queues have jobs due at once a claim locks up to its limit in each of them and
+-- lets the surplus go at commit, milliseconds later; concurrent claimers skip those rows
+-- (SKIP LOCKED) and never wait, so one may come back short. This costs about 20 us per
+-- queue with pending jobs.
 --
--- The flat walk (claim_jobs_flat), for a worker that serves every queue with no
--- per-queue caps (the store sends it only then, however many queues have pending jobs),
--- serving nothing when a global limit exists or a paused queue has jobs due. It walks
--- jobs_pending_due_idx (priority, execution_time, id, migration 0014) once per priority
--- 0-9, over due rows only, locks as it goes and stops
--- at `limit`: it locks only what it takes, and costs the same with 1 or 1,000 queues (a
--- priority without due jobs costs one index probe). What it relies on:
+-- The flat walk (claim_jobs_flat), for a worker that serves every queue with no per-queue
+-- caps (the store sends it only then, however many queues have pending jobs), serving
+-- nothing when a global limit exists or a paused queue has jobs due. It walks
+-- jobs_pending_ordinary_due_idx (priority, execution_time, id; migrations 0014 and 0020)
+-- once per priority 0-9, over due rows only, locks as it goes and stops at `limit`: it
+-- locks only what it takes, and costs the same with 1 or 1,000 queues (a priority without
+-- due jobs costs one index probe). What it relies on:
 -- - Nothing is waded through: no queue is left to other workers, no cap stops a queue,
 --   and (flat, same snapshot) no paused queue has a due row in the walk's path; paused
 --   queues' future rows lie beyond now() and are never read.
@@ -48,8 +49,9 @@
 --   walk's own tests (pending, due, not of a paused queue; a queue paused after this
 --   snapshot began is missed, as by the per-queue walks).
 -- - It skips no due job it should take: every due pending row of a queue that is not
---   paused is in the index, and the walk reads each priority's due rows in order until
---   `limit` rows are locked; only rows another claim holds are skipped (SKIP LOCKED).
+--   paused, but suspects, is in the index, and the walk reads each priority's due rows in
+--   order until `limit` rows are locked; only rows another claim holds are skipped (SKIP
+--   LOCKED).
 -- - next_due is never late: it is the earliest future pending job of any queue, paused
 --   ones included (early is harmless: the worker claims, finds nothing, and sleeps on).
 -- - Order: priorities in ascending order from a nested loop over a fixed list, due rows
@@ -66,34 +68,43 @@
 -- 2.2M rows at 200,000 rows, tests/test_claim_flat_adversary.py). No shape of statement
 -- prevents that: for a table of one page every path costs about the same. So the store
 -- prepares its claims only while the planner's statistics (pg_class.reltuples of
--- jobs_pending_due_idx, pending_rows below) count at least PREPARED_CLAIM_ROWS pending
--- rows, the rows the walks read, not the table's: with 60 pending among 20,000 finished
--- the generic plan expected two due rows a priority, fetched them by a bitmap scan and a
--- sort, and sorted 16,666 a claim after a burst (tests/test_claim_flat_review.py). With
--- enough pending rows in the statistics every claim statement finds its
--- due rows, and the claimed ones, by walking an index, and stays so however the table
--- grows; the statistics change only with the ANALYZE, VACUUM or TRUNCATE that also makes
--- PostgreSQL plan again. Below that, each claim is planned for the table as it is.
+-- jobs_pending_ordinary_due_idx, pending_rows below) count at least PREPARED_CLAIM_ROWS
+-- pending rows, the rows the walks read, not the table's: with 60 pending among 20,000
+-- finished the generic plan expected two due rows a priority, fetched them by a bitmap
+-- scan and a sort, and sorted 16,666 a claim after a burst
+-- (tests/test_claim_flat_review.py). With enough pending rows in the statistics every
+-- claim statement finds its due rows, and the claimed ones, by walking an index, and
+-- stays so however the table grows; the statistics change only with the ANALYZE, VACUUM
+-- or TRUNCATE that also makes PostgreSQL plan again. Below that, each claim is planned
+-- for the table as it is.
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.
 --
 -- Suspects (jobs of a crash shared by several jobs, recover_orphans; migration 0019) run
--- alone: the walks' {suspect} is `NOT suspect` in the three statements, so they step over
--- suspects (few, and near the front of each walk: their due time is that of their first
--- attempt). A suspect claim (Store.claim_jobs(suspects=True), a worker that holds no job,
--- with limit 1) is claim_jobs or claim_jobs_unlimited with `suspect` in its place, which
--- PostgreSQL serves from jobs_pending_suspect_idx, so it keeps every rule of those walks
--- (served, paused, capped and limited queues); never the flat walk, which would wade
--- through every due job to find one. A claim clears the mark: a suspect that fails is
--- retried as any job. suspect_due tells the worker when one is due.
+-- alone: {suspect} is `NOT suspect` in the three statements, next to every `status =
+-- 'pending'` of the walks, the loose scans and next_due, so that PostgreSQL proves the
+-- predicate of the pending indexes they walk, which leave suspects out (migration 0020:
+-- jobs_pending_ordinary_queue_idx, jobs_pending_ordinary_due_idx). Suspects are near the
+-- front of every walk (their due time is that of their first attempt): as a filter on
+-- indexes that held them, 2,000 due suspects made every ordinary claim read 2,033 rows
+-- instead of 32 (tests/faults/test_suspects.py). A suspect is always due (it was
+-- running), so next_due does not miss one; suspect_due reports it. A suspect claim
+-- (Store.claim_jobs(suspects=True), a worker that holds no job, with limit 1) is
+-- claim_jobs or claim_jobs_unlimited with `suspect` in its place, which PostgreSQL serves
+-- from jobs_pending_suspect_idx, so it keeps every rule of those walks (served, paused,
+-- capped and limited queues); never the flat walk, which would wade through every due job
+-- to find one. A claim clears the mark: a suspect that fails is retried as any job.
+-- suspect_due tells the worker when one is due.
 WITH RECURSIVE
 -- for: claim_jobs, claim_jobs_unlimited
 pending_queues AS (
-    (SELECT queue FROM {schema}.jobs WHERE status = 'pending' ORDER BY queue LIMIT 1)
+    (SELECT queue FROM {schema}.jobs WHERE status = 'pending' AND {suspect}
+     ORDER BY queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM {schema}.jobs j
-            WHERE j.status = 'pending' AND j.queue > q.queue ORDER BY j.queue LIMIT 1)
+            WHERE j.status = 'pending' AND {suspect} AND j.queue > q.queue
+            ORDER BY j.queue LIMIT 1)
     FROM pending_queues q WHERE q.queue IS NOT NULL
 ),
 listed AS (
@@ -150,10 +161,11 @@ served_priorities AS (
     CROSS JOIN LATERAL (
         WITH RECURSIVE present AS (
             (SELECT priority FROM {schema}.jobs
-             WHERE status = 'pending' AND queue = s.queue ORDER BY priority LIMIT 1)
+             WHERE status = 'pending' AND {suspect} AND queue = s.queue
+             ORDER BY priority LIMIT 1)
             UNION ALL
             SELECT (SELECT j.priority FROM {schema}.jobs j
-                    WHERE j.status = 'pending' AND j.queue = s.queue
+                    WHERE j.status = 'pending' AND {suspect} AND j.queue = s.queue
                       AND j.priority > present.priority
                     ORDER BY j.priority LIMIT 1)
             FROM present WHERE present.priority IS NOT NULL
@@ -166,7 +178,8 @@ next_due AS (
     FROM served_priorities sp
     CROSS JOIN LATERAL (
         SELECT execution_time FROM {schema}.jobs
-        WHERE status = 'pending' AND queue = sp.queue AND priority = sp.priority
+        WHERE status = 'pending' AND {suspect}
+          AND queue = sp.queue AND priority = sp.priority
           AND execution_time > now()
         ORDER BY execution_time LIMIT 1
     ) f
@@ -179,8 +192,9 @@ walked AS (
         CROSS JOIN LATERAL (
             SELECT id, priority, execution_time, misfire_grace_seconds, started_at
             FROM {schema}.jobs
-            WHERE status = 'pending' AND queue = s.queue AND priority = p.priority
-              AND execution_time <= now() AND attempts < 2147483647 AND {suspect}
+            WHERE status = 'pending' AND {suspect}
+              AND queue = s.queue AND priority = p.priority
+              AND execution_time <= now() AND attempts < 2147483647
             ORDER BY execution_time, id
             LIMIT s.cap
             FOR UPDATE SKIP LOCKED
@@ -192,22 +206,22 @@ walked AS (
     LIMIT %(limit)s
 ),
 -- for: claim_jobs_flat
--- Whether the flat walk may serve this claim: no global limit (as in claim_jobs_unlimited)
--- and no paused queue with a job due, whose rows would lie in the walk's path (the index
--- has no queue column to skip them by). One probe per paused queue, and ten (one per
--- priority) for each paused queue that has pending jobs: cheap while few queues are
--- paused. With more than 8 paused queues holding pending jobs the walk is refused
--- outright (the probes would cost more than the per-queue walks they spare: 11,029 index
--- probes against 1,024 with 1,000 paused tenants), so the check stops at the 9th.
--- Each probe is ordered along jobs_pending_queue_idx so that only that index serves it:
--- unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of jobs expected to stop
--- at an early match (with few queues and priorities in its statistics it expects many),
--- so a paused queue without pending or due jobs read the whole table, history too, once
--- per probe and claim.
+-- Whether the flat walk may serve this claim: no global limit (as in
+-- claim_jobs_unlimited) and no paused queue with a job due, whose rows would lie in the
+-- walk's path (the index has no queue column to skip them by). One probe per paused
+-- queue, and ten (one per priority) for each paused queue that has pending jobs: cheap
+-- while few queues are paused. With more than 8 paused queues holding pending jobs the
+-- walk is refused outright (the probes would cost more than the per-queue walks they
+-- spare: 11,029 index probes against 1,024 with 1,000 paused tenants), so the check stops
+-- at the 9th. Each probe is ordered along jobs_pending_ordinary_queue_idx so that only
+-- that index serves it: unordered (LIMIT 1 alone), PostgreSQL planned probes as scans of
+-- jobs expected to stop at an early match (with few queues and priorities in its
+-- statistics it expects many), so a paused queue without pending or due jobs read the
+-- whole table, history too, once per probe and claim.
 paused_pending AS (
     SELECT queue FROM {schema}.paused_queues p
     WHERE (SELECT 1 FROM {schema}.jobs j
-           WHERE j.status = 'pending' AND j.queue = p.queue
+           WHERE j.status = 'pending' AND {suspect} AND j.queue = p.queue
            ORDER BY j.priority LIMIT 1) IS NOT NULL
     LIMIT 9
 ),
@@ -219,7 +233,7 @@ flat AS (
                FROM paused_pending p
                CROSS JOIN unnest(ARRAY[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]::smallint[]) AS pr(priority)
                WHERE (SELECT 1 FROM {schema}.jobs j
-                      WHERE j.status = 'pending' AND j.queue = p.queue
+                      WHERE j.status = 'pending' AND {suspect} AND j.queue = p.queue
                         AND j.priority = pr.priority AND j.execution_time <= now()
                       ORDER BY j.execution_time LIMIT 1) IS NOT NULL)
            AS chosen
@@ -239,7 +253,8 @@ next_due AS (
     FROM flat_priorities p
     CROSS JOIN LATERAL (
         SELECT execution_time FROM {schema}.jobs
-        WHERE status = 'pending' AND priority = p.priority AND execution_time > now()
+        WHERE status = 'pending' AND {suspect}
+          AND priority = p.priority AND execution_time > now()
         ORDER BY execution_time LIMIT 1
     ) f
 ),
@@ -264,8 +279,8 @@ walked AS (
         CROSS JOIN LATERAL (
             SELECT id, priority, execution_time, misfire_grace_seconds, started_at
             FROM {schema}.jobs j
-            WHERE status = 'pending' AND priority = p.priority
-              AND execution_time <= now() AND attempts < 2147483647 AND {suspect}
+            WHERE status = 'pending' AND {suspect} AND priority = p.priority
+              AND execution_time <= now() AND attempts < 2147483647
               AND j.queue NOT IN (SELECT queue FROM {schema}.paused_queues)
             ORDER BY execution_time, id
             LIMIT {walk_bound}
@@ -348,7 +363,8 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- (store.PREPARED_CLAIM_ROWS). to_regclass: without the index (dropped by hand, or
        -- between the DROP and the CREATE of its migration run again) -1, planned claims.
        coalesce((SELECT reltuples FROM pg_class
-                 WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')), -1) AS pending_rows,
+                 WHERE oid = to_regclass('{schema}.jobs_pending_ordinary_due_idx')), -1)
+           AS pending_rows,
        -- And how many rows of any status (the table complete_jobs looks ids up in): whether
        -- the store may prepare its completions (store.PREPARED_COMPLETE_ROWS). -1 before
        -- the table's first ANALYZE or VACUUM.
@@ -358,11 +374,15 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- Whether a suspect of a queue this worker may claim from (served, not paused) is
        -- due: a read of jobs_pending_suspect_idx (migration 0019), which is almost always
        -- empty. The worker then claims it alone (fetcher.py). Caps and global limits are
-       -- left to that suspect claim, which may then find nothing.
+       -- left to that suspect claim, which may then find nothing. Not `listed`: for a
+       -- worker of every queue it holds the queues with ordinary jobs pending, which a
+       -- queue with only suspects pending is not.
 -- for: claim_jobs, claim_jobs_unlimited
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
-                 AND s.queue IN (SELECT queue FROM listed)) AS suspect_due,
+                 AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
+                 AND s.queue NOT IN (SELECT queue FROM {schema}.paused_queues))
+           AS suspect_due,
 -- for: claim_jobs_flat
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
@@ -881,23 +901,25 @@ VACUUM (ANALYZE) {schema}.jobs;
 -- keeps its history), PostgreSQL expects about one pending row, and after a burst every
 -- claim, planned or prepared, reads a pending index whole and sorts it (550,010 rows for
 -- a claim of 10 at 50,000 pending, tests/test_claim_flat_review.py) until the next
--- ANALYZE. pending counts live pending rows up to %(limit)s (an index scan that stops
--- there, whatever the statistics say); counted is what the statistics hold (as the claim
--- reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
--- would then change, so that the check would analyse after every change); changed is the rows written since the last ANALYZE,
--- by anyone (autovacuum's included), as the sessions that wrote them have reported (a
--- second or so after each goes idle).
--- Tried instead: per-table autovacuum settings (0009 already analyses after a hundredth;
--- the wait is autovacuum_naptime, a server setting); a claim shape the planner cannot
--- misjudge (with one pending row expected every path costs about the same, see
--- claim_jobs); enable_sort = off on the worker's connections, which kept these claims on
--- the indexes (20 and 1,130 rows read) but would bend the plan of every other statement
--- on them, and PgBouncer drops session settings. Statistics counting 600 pending rows
--- or more kept both claims on the indexes after 200,000 more came (20 and 140 rows).
-SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs WHERE status = 'pending'
+-- ANALYZE. pending counts live pending rows but suspects (those of
+-- jobs_pending_ordinary_due_idx, migration 0020) up to %(limit)s (an index scan that
+-- stops there, whatever the statistics say); counted is what the statistics hold (as the
+-- claim reports it, -1 before any ANALYZE; NULL without the index, whose count no ANALYZE
+-- would then change, so that the check would analyse after every change); changed is the
+-- rows written since the last ANALYZE, by anyone (autovacuum's included), as the sessions
+-- that wrote them have reported (a second or so after each goes idle). Tried instead:
+-- per-table autovacuum settings (0009 already analyses after a hundredth; the wait is
+-- autovacuum_naptime, a server setting); a claim shape the planner cannot misjudge (with
+-- one pending row expected every path costs about the same, see claim_jobs); enable_sort
+-- = off on the worker's connections, which kept these claims on the indexes (20 and 1,130
+-- rows read) but would bend the plan of every other statement on them, and PgBouncer
+-- drops session settings. Statistics counting 600 pending rows or more kept both claims
+-- on the indexes after 200,000 more came (20 and 140 rows).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM {schema}.jobs
+                              WHERE status = 'pending' AND NOT suspect
                               LIMIT %(limit)s) p) AS pending,
        (SELECT reltuples FROM pg_class
-        WHERE oid = to_regclass('{schema}.jobs_pending_due_idx')) AS counted,
+        WHERE oid = to_regclass('{schema}.jobs_pending_ordinary_due_idx')) AS counted,
        pg_stat_get_mod_since_analyze(to_regclass('{schema}.jobs')) AS changed;
 
 -- name: analyze_turn
