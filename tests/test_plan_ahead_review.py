@@ -79,10 +79,6 @@ async def test_cron_across_dst_planned_ahead_fires_as_the_policy_says(sched, db,
     assert all(j["execution_time"] == j["fire_time"] for j in window_jobs(db, "dst"))
 
 
-@pytest.mark.xfail(strict=True, reason="0016 cancels an awaited planned window and moves "
-                   "next_fire_at back to it; the re-plan hits the cancelled job's id and key "
-                   "(ON CONFLICT DO NOTHING) and moves on: the window never runs. Needs a "
-                   "design choice (rewrite the job in place under an unchanged timing)")
 async def test_a_window_planned_by_sql_withdrawn_with_a_job_awaiting_it_is_not_lost(
         sched, db):
     # A job waits for the planned window (depends_on refuses window ids: SQL only). A new

@@ -1,0 +1,80 @@
+-- 0021: a window planned ahead that another job waits for is rewritten in place, not
+-- cancelled, when its schedule's definition changes under an unchanged timing.
+-- {schema} is replaced by the quoted schema identifier; literal braces are doubled.
+-- In one transaction: one function replaced; nothing is built on jobs.
+--
+-- Before, 0016 cancelled such a job (to settle its dependents) and sent next_fire_at back
+-- to its fire time to plan it again; the new plan's job has the cancelled job's id and
+-- (schedule_id, fire_time) key, so advance_schedules' ON CONFLICT DO NOTHING dropped it
+-- and the window never ran. Its window still comes (same timing, same schedule, still
+-- firing), so the job stays: same id, so its dependents wait on, and the same fire time
+-- and due time, with what it runs (task, queue, arguments, priority, retries, timeout,
+-- misfire grace) taken from the new definition. next_fire_at stays after it: it is not
+-- planned again. Only a pending job is rewritten, so a worker that claimed it first keeps
+-- the version it claimed (the UPDATE waits for the claim's row lock and then finds the
+-- job running, as 0016's DELETE does); a claim that comes after the rewrite waits for the
+-- schedule's transaction (SKIP LOCKED passes the row over until then) and runs the new
+-- version. Either way the window runs once.
+--
+-- The rest is 0016's: a job nobody waits for is deleted and planned again (the planner
+-- then decides overlap = false anew); one whose window goes away with the change (a new
+-- timing, a pause, a disable, a rename, a removal) is cancelled when awaited, which
+-- settles its dependents.
+CREATE OR REPLACE FUNCTION {schema}.withdraw_planned_windows() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    first_withdrawn timestamptz;
+    same_timing boolean := TG_OP = 'UPDATE' AND (NEW.cron, NEW.tz, NEW.every, NEW.anchor)
+        IS NOT DISTINCT FROM (OLD.cron, OLD.tz, OLD.every, OLD.anchor);
+    -- the windows planned ahead still come, under the same schedule
+    windows_stay boolean := same_timing AND NEW.id = OLD.id AND NEW.enabled
+        AND NOT NEW.paused;
+    -- store.channel_name, computed as migration 0010 computes the done channel
+    channel text := 'pgsched_' || TG_TABLE_SCHEMA;
+BEGIN
+    IF windows_stay THEN
+        UPDATE {schema}.jobs SET task = NEW.task, queue = NEW.queue, args = NEW.args,
+            kwargs = NEW.kwargs, priority = NEW.priority, max_retries = NEW.max_retries,
+            timeout_seconds = NEW.timeout_seconds,
+            -- advance_schedules' grace: 60 is planner.SKIP_TOLERANCE (a test holds them equal)
+            misfire_grace_seconds = CASE WHEN NEW.catch_up = 'skip'
+                                         THEN coalesce(misfire_grace_seconds, 60) END
+        WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND has_dependents;
+    END IF;
+    WITH gone AS (
+        DELETE FROM {schema}.jobs
+        WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND has_dependents IS NOT TRUE
+        RETURNING fire_time
+    ), cancelled AS (
+        UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now(),
+            last_error = 'cancelled: its schedule changed before the window came'
+        WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND has_dependents AND NOT windows_stay
+        RETURNING fire_time
+    )
+    SELECT min(fire_time) INTO first_withdrawn
+    FROM (SELECT fire_time FROM gone UNION ALL SELECT fire_time FROM cancelled) w;
+    IF TG_OP = 'DELETE' OR first_withdrawn IS NULL THEN
+        RETURN NEW;
+    END IF;
+    IF same_timing THEN
+        NEW.next_fire_at := least(NEW.next_fire_at, first_withdrawn);
+        -- Planners sleep until the window after the withdrawn one; wake them to plan it
+        -- again (a change made with SQL sends no NOTIFY of its own).
+        IF octet_length(channel) > 63 THEN
+            channel := left(channel, 54) || '_'
+                || left(encode(sha256(convert_to(TG_TABLE_SCHEMA, 'UTF8')), 'hex'), 8);
+        END IF;
+        PERFORM pg_notify(channel, 'schedules');
+    END IF;
+    IF NEW.last_fire_at >= first_withdrawn THEN
+        SELECT id, fire_time INTO NEW.last_job_id, NEW.last_fire_at
+        FROM {schema}.jobs
+        WHERE schedule_id = OLD.id AND fire_time IS NOT NULL AND fire_time < first_withdrawn
+        ORDER BY fire_time DESC LIMIT 1;
+    END IF;
+    RETURN NEW;
+END
+$$;
