@@ -20,6 +20,7 @@ from test_recurring import add, fire_times, planner, schedule, utc, window_jobs
 
 from pgsched import Scheduler, Worker, ops, periodic, recurring, tasks
 from pgsched.recurring import define_schedule
+from pgsched.worker.planner import SKIP_TOLERANCE
 
 
 @pytest.fixture
@@ -91,6 +92,152 @@ async def test_a_window_planned_by_sql_withdrawn_with_a_job_awaiting_it_is_not_l
     await planner(sched).run_once(now=AHEAD)
     runs = [j for j in window_jobs(db, "s") if j["status"] == "pending"]
     assert [j["args"] for j in runs] == [[2]]
+
+
+def await_window(db, window_id, dependent="after"):
+    """What a job scheduled with depends_on=[window_id] writes (depends_on refuses window
+    ids: SQL only); returns the dependent's id."""
+    db("INSERT INTO jobs (id, task, execution_time, due_after_dependencies) "
+       "VALUES (%s, 'noop', '9999-12-31Z', now())", dependent)
+    db("INSERT INTO job_dependencies (job_id, dependency_id) VALUES (%s, %s)",
+       dependent, window_id)
+    db("UPDATE jobs SET has_dependents = true WHERE id = %s", window_id)
+    return dependent
+
+
+def waiting(db, job_id):
+    (job,) = db("SELECT status, due_after_dependencies IS NOT NULL AS waits, last_error "
+                "FROM jobs WHERE id = %s", job_id)
+    return job["status"], job["waits"]
+
+
+async def test_an_awaited_window_under_an_unchanged_timing_is_rewritten_in_place(sched, db):
+    # Its dependent waits on the same id; the window runs once, with all of the new
+    # definition (the grace of a `skip` window too), and is not planned a second time.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await replace(every="10m", args=[2], queue="other", priority=7, catch_up="skip")(sched)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"], job["execution_time"]) == (planned["id"], "pending", T)
+    assert (job["args"], job["queue"], job["priority"]) == ([2], "other", 7)
+    assert job["misfire_grace_seconds"] == SKIP_TOLERANCE.total_seconds()
+    assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)
+    await planner(sched).run_once(now=AHEAD)
+    assert [j["id"] for j in window_jobs(db, "s")] == [planned["id"]]
+    assert waiting(db, after) == ("pending", True)
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", planned["id"])
+    assert waiting(db, after) == ("pending", False)  # released
+
+
+async def test_an_awaited_window_that_a_new_timing_drops_is_cancelled_with_its_dependent(
+        sched, db):
+    # 12:00 is no window of `7 * * * *`: the window is gone, and its dependent must not
+    # wait for ever.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await replace(cron="7 * * * *", tz="UTC", args=[2])(sched)
+    db("UPDATE schedules SET next_fire_at = %s", T + timedelta(minutes=7))
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"]) == (planned["id"], "cancelled")
+    assert waiting(db, after) == ("cancelled", False)
+
+
+async def new_timing_with_the_window(sched, db):
+    await replace(every="5m", args=[2])(sched)
+
+
+async def paused_and_resumed(sched, db):
+    await recurring.pause_schedule(sched.store, "s")
+    db("UPDATE schedules SET args = '[2]'")
+    await recurring.resume_schedule(sched.store, "s")
+
+
+async def removed_and_added_again(sched, db):
+    await recurring.remove_schedule(sched.store, "s")
+    await add(sched, "s", every="10m", args=[2])
+
+
+@pytest.mark.parametrize("change", [new_timing_with_the_window, paused_and_resumed,
+                                    removed_and_added_again])
+async def test_an_awaited_window_withdrawn_and_then_due_again_runs_once(sched, db, change):
+    # The window was taken away (its job cancelled, which settles the dependent) and then
+    # comes back: its job is the cancelled one's id and key, and it must run, once.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await change(sched, db)
+    assert waiting(db, after) == ("cancelled", False)
+    db("UPDATE schedules SET next_fire_at = %s", T)  # the window comes again
+    await planner(sched).run_once(now=AHEAD)
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"], job["args"], job["last_error"]) == (
+        planned["id"], "pending", [2], None)
+
+
+async def held(pg_dsn, schema):
+    conn = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
+    await conn.execute(f'SET search_path TO "{schema}"')
+    return conn
+
+
+async def test_a_claim_ahead_of_the_rewrite_keeps_its_version_and_its_outcome(
+        sched, db, pg_dsn, schema):
+    # A worker claims the awaited window (made due early with SQL) while the schedule's
+    # args change: the change waits for the claim, then leaves the running job alone and
+    # plans nothing again; the worker's completion, fenced on its attempt, goes through.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    async with await held(pg_dsn, schema) as claimer, \
+            Scheduler(pg_dsn, schema=schema) as patient:  # the default lock_timeout
+        async with claimer.transaction():
+            # what claim_jobs writes for the row it locked
+            await claimer.execute(
+                "UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 1, "
+                "started_at = now(), lease_until = now() + interval '1 minute' "
+                "WHERE id = %s AND status = 'pending'", (planned["id"],))
+            change = asyncio.create_task(recurring.add_schedule(
+                patient.store, define_schedule("noop", schedule_id="s", every="10m",
+                                               args=[2]),
+                default_tz="UTC", on_conflict="replace"))
+            await asyncio.sleep(0.3)
+            assert not change.done()
+        await change
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["args"], job["attempts"]) == ("running", [1], 1)
+    assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)
+    await planner(sched).run_once(now=AHEAD)
+    assert len(window_jobs(db, "s")) == 1
+    assert await sched.store.complete_jobs(worker_id="w", done=[(planned["id"], 1, "null")]) \
+        == {(planned["id"], 1)}
+    assert waiting(db, after) == ("pending", False)
+
+
+async def test_a_claim_behind_the_rewrite_runs_the_new_version_once(sched, db, pg_dsn, schema):
+    # The change holds the rewritten row until it commits: a claim meanwhile passes it
+    # over (SKIP LOCKED), the next claim takes it with the new args, and only once.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    await_window(db, planned["id"])
+    db("UPDATE jobs SET execution_time = now() WHERE id = %s", planned["id"])
+
+    async def claim():
+        claimed, _, _ = await sched.store.claim_jobs(worker_id="w", limit=10,
+                                                     lease_seconds=60)
+        return [(j["id"], j["args"]) for j in claimed]
+
+    async with await held(pg_dsn, schema) as changer:
+        async with changer.transaction():
+            await changer.execute("UPDATE schedules SET args = '[2]' WHERE id = 's'")
+            assert await claim() == []
+        assert await claim() == [(planned["id"], [2])]
+        assert await claim() == []
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["attempts"]) == ("running", 1)
 
 
 # -- the listing -------------------------------------------------------------------------
