@@ -162,7 +162,9 @@ FOR UPDATE SKIP LOCKED;
 -- planned only if still no run of it is pending or running; otherwise the schedule is
 -- left as it was, to be decided at the fire time (lock_due_schedules then passes it over
 -- until then). Runs of the schedule's own later windows never count as runs in progress.
--- Returns the jobs inserted, each with its status (pending, or cancelled when skipped).
+-- A window whose job was withdrawn as cancelled (0016) takes that job over (revived).
+-- Returns the jobs inserted or taken over, each with its status (pending, or cancelled
+-- when skipped).
 WITH plan AS (
     SELECT * FROM unnest(
         %(ids)s::text[], %(expected)s::timestamptz[], %(next_fire_ats)s::timestamptz[],
@@ -222,6 +224,8 @@ made AS (
 -- new timing or a removal took the window away) and that comes again (a resume, a timing
 -- that has it too, the schedule added again) takes that job over: its id and key are the
 -- window's, and the insert below would keep the cancelled job and lose the window.
+-- `made` holds a row a window: with cancelled jobs many, the join probes jobs by the
+-- window key (jobs_schedule_window_idx) rather than read them.
 revived AS (
     UPDATE {schema}.jobs AS j SET
         task = m.task, queue = m.queue, args = m.args, kwargs = m.kwargs,
