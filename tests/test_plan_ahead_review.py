@@ -18,7 +18,7 @@ from conftest import fast_options, wait_until
 from test_plan_ahead import AHEAD, T, plan_ahead
 from test_recurring import add, fire_times, planner, schedule, utc, window_jobs
 
-from pgsched import Scheduler, Worker, ops, periodic, recurring, tasks
+from pgsched import Scheduler, Worker, ops, periodic, recurring, scheduler, tasks
 from pgsched.recurring import define_schedule
 from pgsched.worker.planner import SKIP_TOLERANCE
 
@@ -176,6 +176,32 @@ async def test_an_awaited_window_withdrawn_and_then_due_again_runs_once(sched, d
     (job,) = window_jobs(db, "s")
     assert (job["id"], job["status"], job["args"], job["last_error"]) == (
         planned["id"], "pending", [2], None)
+
+
+@pytest.mark.parametrize("change, ended", [
+    ("UPDATE schedules SET args = '[2]'", False),  # rewritten in place: the wait goes on
+    ("UPDATE schedules SET paused = true", True),  # the window goes: the wait ends
+])
+async def test_a_wait_on_a_planned_window_follows_its_schedule_change(sched, db, change,
+                                                                       ended, monkeypatch):
+    # Deleted, the job would vanish under its waiter (JobNotFound at the next poll), though
+    # the window runs later under the same id.
+    monkeypatch.setattr(scheduler, "WAIT_POLL_SECONDS", 0.2)
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    waiter = asyncio.create_task(sched.wait(planned["id"], timeout=30))
+    await wait_until(lambda: db("SELECT 1 FROM jobs WHERE id = %s AND awaited", planned["id"]),
+                     timeout=10, what="the waiter marked the job")
+    db(change)
+    if ended:
+        assert (await waiter)["status"] == "cancelled"
+        return
+    await asyncio.sleep(1)  # polls see the job still there
+    assert not waiter.done()
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s",
+       planned["id"])
+    row = await waiter
+    assert (row["status"], row["args"]) == ("completed", [2])
 
 
 async def held(pg_dsn, schema):

@@ -384,12 +384,13 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- time to come) was decided before the run existed, so it is withdrawn (`withdrawn`:
 -- schedule_id, fire_time) for the statement to send next_fire_at back to it, and the
 -- planners, asleep until the window after it, are woken to decide it at its time
--- (trigger_schedule, ops_retry_jobs).
+-- (trigger_schedule, ops_retry_jobs). An awaited one (a job depends on it, or a waiter
+-- watches it) stays planned: deleted, it would cut them loose.
 withdrawn AS (
     DELETE FROM {schema}.jobs w USING {schema}.schedules s
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
       AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.has_dependents IS NOT TRUE
+      AND w.has_dependents IS NOT TRUE AND NOT w.awaited
     RETURNING w.schedule_id, w.fire_time
 ),
 replan AS (
