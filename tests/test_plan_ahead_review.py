@@ -2,7 +2,9 @@
 
 Each test is an attack on a promise of docs/recurring.md: a window yields one job, a
 changed, paused or removed schedule never runs its old plan, overlap=False never runs two
-at once, `pgsched schedules` is truthful, a database upgraded to 0016 keeps its windows.
+at once, `pgsched schedules` is truthful, a database upgraded to 0016 keeps its windows,
+an awaited window (a job depends on it, a wait watches it: migration 0021) is neither lost
+nor run twice when its schedule changes, nor when a worker claims it at the same moment.
 Planner passes are given a `now` in 2030 (test_plan_ahead's T), so every window they plan
 is still to come for the withdrawal trigger, which reads the real clock.
 """
