@@ -1229,8 +1229,9 @@ class Store:
 
         One transaction: a planner that dies before it commits moves nothing and inserts
         nothing, and its row locks go with its session. Returns (schedules locked, jobs
-        inserted as {id, schedule_id, fire_time, status}: 'pending', or 'cancelled' for a
-        window skipped because it would overlap its schedule's active run).
+        inserted, or withdrawn ones taken over, as {id, schedule_id, fire_time, status}:
+        'pending', or 'cancelled' for a window skipped because it would overlap its
+        schedule's active run).
         """
         try:
             async with self.pool.connection() as conn, conn.transaction():

@@ -2,7 +2,9 @@
 
 Each test is an attack on a promise of docs/recurring.md: a window yields one job, a
 changed, paused or removed schedule never runs its old plan, overlap=False never runs two
-at once, `pgsched schedules` is truthful, a database upgraded to 0016 keeps its windows.
+at once, `pgsched schedules` is truthful, a database upgraded to 0016 keeps its windows,
+an awaited window (a job depends on it, a wait watches it: migration 0021) is neither lost
+nor run twice when its schedule changes, nor when a worker claims it at the same moment.
 Planner passes are given a `now` in 2030 (test_plan_ahead's T), so every window they plan
 is still to come for the withdrawal trigger, which reads the real clock.
 """
@@ -18,8 +20,9 @@ from conftest import fast_options, wait_until
 from test_plan_ahead import AHEAD, T, plan_ahead
 from test_recurring import add, fire_times, planner, schedule, utc, window_jobs
 
-from pgsched import Scheduler, Worker, ops, periodic, recurring, tasks
+from pgsched import Scheduler, Worker, ops, periodic, recurring, scheduler, tasks
 from pgsched.recurring import define_schedule
+from pgsched.worker.planner import SKIP_TOLERANCE
 
 
 @pytest.fixture
@@ -79,10 +82,6 @@ async def test_cron_across_dst_planned_ahead_fires_as_the_policy_says(sched, db,
     assert all(j["execution_time"] == j["fire_time"] for j in window_jobs(db, "dst"))
 
 
-@pytest.mark.xfail(strict=True, reason="0016 cancels an awaited planned window and moves "
-                   "next_fire_at back to it; the re-plan hits the cancelled job's id and key "
-                   "(ON CONFLICT DO NOTHING) and moves on: the window never runs. Needs a "
-                   "design choice (rewrite the job in place under an unchanged timing)")
 async def test_a_window_planned_by_sql_withdrawn_with_a_job_awaiting_it_is_not_lost(
         sched, db):
     # A job waits for the planned window (depends_on refuses window ids: SQL only). A new
@@ -95,6 +94,195 @@ async def test_a_window_planned_by_sql_withdrawn_with_a_job_awaiting_it_is_not_l
     await planner(sched).run_once(now=AHEAD)
     runs = [j for j in window_jobs(db, "s") if j["status"] == "pending"]
     assert [j["args"] for j in runs] == [[2]]
+
+
+def await_window(db, window_id, dependent="after"):
+    """What a job scheduled with depends_on=[window_id] writes (depends_on refuses window
+    ids: SQL only); returns the dependent's id."""
+    db("INSERT INTO jobs (id, task, execution_time, due_after_dependencies) "
+       "VALUES (%s, 'noop', '9999-12-31Z', now())", dependent)
+    db("INSERT INTO job_dependencies (job_id, dependency_id) VALUES (%s, %s)",
+       dependent, window_id)
+    db("UPDATE jobs SET has_dependents = true WHERE id = %s", window_id)
+    return dependent
+
+
+def waiting(db, job_id):
+    (job,) = db("SELECT status, due_after_dependencies IS NOT NULL AS waits, last_error "
+                "FROM jobs WHERE id = %s", job_id)
+    return job["status"], job["waits"]
+
+
+async def test_an_awaited_window_under_an_unchanged_timing_is_rewritten_in_place(sched, db):
+    # Its dependent waits on the same id; the window runs once, with all of the new
+    # definition (the grace of a `skip` window too), and is not planned a second time.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await replace(every="10m", args=[2], queue="other", priority=7, catch_up="skip")(sched)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"], job["execution_time"]) == (planned["id"], "pending", T)
+    assert (job["args"], job["queue"], job["priority"]) == ([2], "other", 7)
+    assert job["misfire_grace_seconds"] == SKIP_TOLERANCE.total_seconds()
+    assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)
+    await planner(sched).run_once(now=AHEAD)
+    assert [j["id"] for j in window_jobs(db, "s")] == [planned["id"]]
+    assert waiting(db, after) == ("pending", True)
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", planned["id"])
+    assert waiting(db, after) == ("pending", False)  # released
+
+
+async def test_an_awaited_window_that_a_new_timing_drops_is_cancelled_with_its_dependent(
+        sched, db):
+    # 12:00 is no window of `7 * * * *`: the window is gone, and its dependent must not
+    # wait for ever.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await replace(cron="7 * * * *", tz="UTC", args=[2])(sched)
+    db("UPDATE schedules SET next_fire_at = %s", T + timedelta(minutes=7))
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"]) == (planned["id"], "cancelled")
+    assert waiting(db, after) == ("cancelled", False)
+
+
+async def new_timing_with_the_window(sched, db):
+    await replace(every="5m", args=[2])(sched)
+
+
+async def paused_and_resumed(sched, db):
+    await recurring.pause_schedule(sched.store, "s")
+    db("UPDATE schedules SET args = '[2]'")
+    await recurring.resume_schedule(sched.store, "s")
+
+
+async def removed_and_added_again(sched, db):
+    await recurring.remove_schedule(sched.store, "s")
+    await add(sched, "s", every="10m", args=[2])
+
+
+@pytest.mark.parametrize("change", [new_timing_with_the_window, paused_and_resumed,
+                                    removed_and_added_again])
+async def test_an_awaited_window_withdrawn_and_then_due_again_runs_once(sched, db, change):
+    # The window was taken away (its job cancelled, which settles the dependent) and then
+    # comes back: its job is the cancelled one's id and key, and it must run, once.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await change(sched, db)
+    assert waiting(db, after) == ("cancelled", False)
+    db("UPDATE schedules SET next_fire_at = %s", T)  # the window comes again
+    await planner(sched).run_once(now=AHEAD)
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["status"], job["args"], job["last_error"]) == (
+        planned["id"], "pending", [2], None)
+
+
+@pytest.mark.parametrize("change, ended", [
+    ("UPDATE schedules SET args = '[2]'", False),  # rewritten in place: the wait goes on
+    ("UPDATE schedules SET paused = true", True),  # the window goes: the wait ends
+])
+async def test_a_wait_on_a_planned_window_follows_its_schedule_change(sched, db, change,
+                                                                       ended, monkeypatch):
+    # Deleted, the job would vanish under its waiter (JobNotFound at the next poll), though
+    # the window runs later under the same id.
+    monkeypatch.setattr(scheduler, "WAIT_POLL_SECONDS", 0.2)
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    waiter = asyncio.create_task(sched.wait(planned["id"], timeout=30))
+    await wait_until(lambda: db("SELECT 1 FROM jobs WHERE id = %s AND awaited", planned["id"]),
+                     timeout=10, what="the waiter marked the job")
+    db(change)
+    if ended:
+        assert (await waiter)["status"] == "cancelled"
+        return
+    await asyncio.sleep(1)  # polls see the job still there
+    assert not waiter.done()
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s",
+       planned["id"])
+    row = await waiter
+    assert (row["status"], row["args"]) == ("completed", [2])
+
+
+async def test_a_triggered_run_leaves_a_watched_planned_window_of_overlap_off_planned(
+        sched, db):
+    # A triggered run sends an overlap=False window back to its fire time by deleting its
+    # job; a watched one stays (as one with dependents): deleted, its wait would fail.
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    waiter = asyncio.create_task(sched.wait(planned["id"], timeout=30))
+    await wait_until(lambda: db("SELECT 1 FROM jobs WHERE id = %s AND awaited", planned["id"]),
+                     timeout=10, what="the waiter marked the job")
+    await recurring.trigger_schedule(sched.store, "solo")
+    assert [(j["id"], j["status"]) for j in window_jobs(db, "solo")] == [
+        (planned["id"], "pending")]
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s",
+       planned["id"])
+    assert (await waiter)["status"] == "completed"
+
+
+async def held(pg_dsn, schema):
+    conn = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
+    await conn.execute(f'SET search_path TO "{schema}"')
+    return conn
+
+
+async def test_a_claim_ahead_of_the_rewrite_keeps_its_version_and_its_outcome(
+        sched, db, pg_dsn, schema):
+    # A worker claims the awaited window (made due early with SQL) while the schedule's
+    # args change: the change waits for the claim, then leaves the running job alone and
+    # plans nothing again; the worker's completion, fenced on its attempt, goes through.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    async with await held(pg_dsn, schema) as claimer, \
+            Scheduler(pg_dsn, schema=schema) as patient:  # the default lock_timeout
+        async with claimer.transaction():
+            # what claim_jobs writes for the row it locked
+            await claimer.execute(
+                "UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 1, "
+                "started_at = now(), lease_until = now() + interval '1 minute' "
+                "WHERE id = %s AND status = 'pending'", (planned["id"],))
+            change = asyncio.create_task(recurring.add_schedule(
+                patient.store, define_schedule("noop", schedule_id="s", every="10m",
+                                               args=[2]),
+                default_tz="UTC", on_conflict="replace"))
+            await asyncio.sleep(0.3)
+            assert not change.done()
+        await change
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["args"], job["attempts"]) == ("running", [1], 1)
+    assert schedule(db, "s")["next_fire_at"] == T + timedelta(minutes=10)
+    await planner(sched).run_once(now=AHEAD)
+    assert len(window_jobs(db, "s")) == 1
+    assert await sched.store.complete_jobs(worker_id="w", done=[(planned["id"], 1, "null")]) \
+        == {(planned["id"], 1)}
+    assert waiting(db, after) == ("pending", False)
+
+
+async def test_a_claim_behind_the_rewrite_runs_the_new_version_once(sched, db, pg_dsn, schema):
+    # The change holds the rewritten row until it commits: a claim meanwhile passes it
+    # over (SKIP LOCKED), the next claim takes it with the new args, and only once.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    await_window(db, planned["id"])
+    db("UPDATE jobs SET execution_time = now() WHERE id = %s", planned["id"])
+
+    async def claim():
+        claimed, _, _ = await sched.store.claim_jobs(worker_id="w", limit=10,
+                                                     lease_seconds=60)
+        return [(j["id"], j["args"]) for j in claimed]
+
+    async with await held(pg_dsn, schema) as changer:
+        async with changer.transaction():
+            await changer.execute("UPDATE schedules SET args = '[2]' WHERE id = 's'")
+            assert await claim() == []
+        assert await claim() == [(planned["id"], [2])]
+        assert await claim() == []
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["attempts"]) == ("running", 1)
 
 
 # -- the listing -------------------------------------------------------------------------

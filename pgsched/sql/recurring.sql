@@ -162,7 +162,9 @@ FOR UPDATE SKIP LOCKED;
 -- planned only if still no run of it is pending or running; otherwise the schedule is
 -- left as it was, to be decided at the fire time (lock_due_schedules then passes it over
 -- until then). Runs of the schedule's own later windows never count as runs in progress.
--- Returns the jobs inserted, each with its status (pending, or cancelled when skipped).
+-- A window whose job was withdrawn as cancelled (0016) takes that job over (revived).
+-- Returns the jobs inserted or taken over, each with its status (pending, or cancelled
+-- when skipped).
 WITH plan AS (
     SELECT * FROM unnest(
         %(ids)s::text[], %(expected)s::timestamptz[], %(next_fire_ats)s::timestamptz[],
@@ -200,33 +202,59 @@ decided AS (
                 ORDER BY f.fire_time LIMIT 1)) END AS overlaps
     FROM windows w JOIN advanced a ON a.id = w.schedule_id
 ),
+made AS (
+    -- execution_time is the window's fire time, so lateness shows. Only `skip` windows
+    -- expire: the catch-up mode, not the misfire grace, decides which late windows run.
+    SELECT d.job_id AS id, d.task, d.queue, d.args, d.kwargs, d.priority,
+           d.fire_time AS execution_time,
+           CASE WHEN d.catch_up = 'skip' THEN %(skip_grace_seconds)s::float8 END
+               AS misfire_grace_seconds,
+           d.max_retries, d.timeout_seconds, d.id AS schedule_id, d.fire_time,
+           CASE WHEN d.overlaps IS NULL THEN 'pending' ELSE 'cancelled' END
+               ::{schema}.job_status AS status,
+           CASE WHEN d.overlaps IS NOT NULL THEN now() END AS finished_at,
+           'skipped: ' || d.overlaps || ' was still pending or running (overlap is off)'
+               AS last_error,
+           CASE WHEN d.overlaps IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(
+               jsonb_build_object('attempt', 0, 'at', now(), 'outcome', 'skipped',
+                                  'error', 'overlaps ' || d.overlaps)) END AS errors
+    FROM decided d
+),
+-- A window whose job was withdrawn awaited (cancelled by 0016's trigger when a pause, a
+-- new timing or a removal took the window away) and that comes again (a resume, a timing
+-- that has it too, the schedule added again) takes that job over: its id and key are the
+-- window's, and the insert below would keep the cancelled job and lose the window.
+-- `made` holds a row a window: with cancelled jobs many, the join probes jobs by the
+-- window key (jobs_schedule_window_idx) rather than read them.
+revived AS (
+    UPDATE {schema}.jobs AS j SET
+        task = m.task, queue = m.queue, args = m.args, kwargs = m.kwargs,
+        priority = m.priority, execution_time = m.execution_time,
+        misfire_grace_seconds = m.misfire_grace_seconds, max_retries = m.max_retries,
+        timeout_seconds = m.timeout_seconds, status = m.status,
+        finished_at = m.finished_at, last_error = m.last_error, errors = m.errors
+    FROM made m
+    WHERE j.id = m.id AND j.schedule_id = m.schedule_id AND j.fire_time = m.fire_time
+      AND j.status = 'cancelled'
+      AND j.last_error = 'cancelled: its schedule changed before the window came'
+    RETURNING j.id, j.schedule_id, j.fire_time, j.execution_time, j.status
+),
 new AS (
     INSERT INTO {schema}.jobs
         (id, task, queue, args, kwargs, priority, execution_time, misfire_grace_seconds,
          max_retries, timeout_seconds, schedule_id, fire_time, status, finished_at,
          last_error, errors)
-    -- execution_time is the window's fire time, so lateness shows. Only `skip` windows
-    -- expire: the catch-up mode, not the misfire grace, decides which late windows run.
-    SELECT d.job_id, d.task, d.queue, d.args, d.kwargs, d.priority, d.fire_time,
-           CASE WHEN d.catch_up = 'skip' THEN %(skip_grace_seconds)s::float8 END,
-           d.max_retries, d.timeout_seconds, d.id, d.fire_time,
-           CASE WHEN d.overlaps IS NULL THEN 'pending' ELSE 'cancelled' END
-               ::{schema}.job_status,
-           CASE WHEN d.overlaps IS NOT NULL THEN now() END,
-           'skipped: ' || d.overlaps || ' was still pending or running (overlap is off)',
-           CASE WHEN d.overlaps IS NULL THEN '[]'::jsonb ELSE jsonb_build_array(
-               jsonb_build_object('attempt', 0, 'at', now(), 'outcome', 'skipped',
-                                  'error', 'overlaps ' || d.overlaps)) END
-    FROM decided d
+    SELECT * FROM made
     ON CONFLICT DO NOTHING
     RETURNING id, schedule_id, fire_time, execution_time, status
 ),
+planned AS (SELECT * FROM new UNION ALL SELECT * FROM revived),
 wake AS (
     SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
-    FROM new WHERE status = 'pending' HAVING count(*) > 0
+    FROM planned WHERE status = 'pending' HAVING count(*) > 0
 )
-SELECT new.id, new.schedule_id, new.fire_time, new.status::text AS status
-FROM new LEFT JOIN wake ON true;
+SELECT planned.id, planned.schedule_id, planned.fire_time, planned.status::text AS status
+FROM planned LEFT JOIN wake ON true;
 
 -- name: next_schedule_fire
 -- When the planner must look again: the earliest moment an active schedule becomes due
@@ -356,12 +384,13 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- time to come) was decided before the run existed, so it is withdrawn (`withdrawn`:
 -- schedule_id, fire_time) for the statement to send next_fire_at back to it, and the
 -- planners, asleep until the window after it, are woken to decide it at its time
--- (trigger_schedule, ops_retry_jobs).
+-- (trigger_schedule, ops_retry_jobs). An awaited one (a job depends on it, or a waiter
+-- watches it) stays planned: deleted, it would cut them loose.
 withdrawn AS (
     DELETE FROM {schema}.jobs w USING {schema}.schedules s
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
       AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.has_dependents IS NOT TRUE
+      AND w.has_dependents IS NOT TRUE AND NOT w.awaited
     RETURNING w.schedule_id, w.fire_time
 ),
 replan AS (

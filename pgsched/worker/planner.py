@@ -30,7 +30,9 @@ changes nothing a user can rely on:
 - a schedule changed, paused, disabled or removed before the window comes must not run
   the old plan: a trigger on schedules (migration 0016) withdraws the unclaimed job,
   whichever path made the change, and a window withdrawn under an unchanged timing is
-  planned again with the new definition.
+  planned again with the new definition (one another job waits for is rewritten in place
+  instead, migration 0021, and one withdrawn as cancelled that comes again is taken over
+  by advance_schedules: its id is the window's).
 LOOKAHEAD_SECONDS is small: a few times the pass time of 10,000 schedules on a loaded
 2-core machine (1.4 s across 3 workers), and short enough that a window planned ahead
 shows in `pgsched ls` as an ordinary scheduled job for a few seconds at most. Schedules
