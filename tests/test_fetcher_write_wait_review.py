@@ -24,7 +24,7 @@ from conftest import wait_until, write_config
 from test_worker_core import start as start_worker
 from test_worker_core import stop
 
-from pgsched import JobSpec, Scheduler, Worker, task
+from pgsched import Fail, JobSpec, Retry, Scheduler, Worker, task
 from pgsched.store import NoAnswer, OneConnection, open_connection
 from pgsched.worker.completer import TOO_SLOW_CUTS
 
@@ -443,3 +443,56 @@ async def test_a_worker_whose_finished_jobs_rows_are_all_locked_keeps_running_ot
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
     finally:
         await stop(worker, runner)
+
+
+@task(max_retries=1)
+async def ends_as(kind: str) -> None:
+    if kind == "snooze":
+        raise Retry(3600)
+    if kind == "failure":
+        raise Fail("failed on purpose")
+    raise RuntimeError("retried on purpose")
+
+
+@pytest.mark.parametrize(("kind", "status", "counted"), [
+    ("retry", "pending", "retried"), ("snooze", "pending", "snoozed"),
+    ("failure", "failed", "failed")])
+async def test_an_abandoned_outcome_write_that_committed_after_all_is_no_lost_lease(
+        sched, pg_dsn, kind, status, counted):
+    """The first write of a failed, snoozed or retried attempt takes longer than the
+    completer waits (a trigger that sleeps through statement_timeout, catching the cut):
+    the completer abandons it (NoAnswer) and writes the outcome again, which waits behind
+    the row lock the first write holds, and is fenced out once it commits. The row is right;
+    the worker must count the outcome it wrote (as it does a completion: earlier_write),
+    not a lost lease."""
+    schema = sched.schema
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute(f'CREATE SEQUENCE "{schema}".ending_writes')
+        # lease 2 s: statement_timeout 1 s, the completer's bound 2 s; this write commits
+        # at about 3 s
+        await conn.execute(f"""
+            CREATE FUNCTION "{schema}".slow_ending() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF OLD.status = 'running' AND NEW.status <> 'running'
+                   AND nextval('"{schema}".ending_writes') = 1 THEN
+                    BEGIN
+                        PERFORM pg_sleep(30);
+                    EXCEPTION WHEN query_canceled THEN
+                        PERFORM pg_sleep(2);
+                    END;
+                END IF;
+                RETURN NEW;
+            END $$""")
+        await conn.execute(f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".jobs FOR EACH '
+                           f'ROW EXECUTE FUNCTION "{schema}".slow_ending()')
+        worker, runner = await start(sched, concurrency=2, retry_base_seconds=3600,
+                                     retry_max_seconds=3600)
+        try:
+            job_id = await sched.schedule("ends_as", args=(kind,))
+            await wait_until(lambda: _is(sched, job_id, status), what=f"the job {status}")
+            await wait_until(lambda: not worker.ctx.held, what="its outcome settled")
+            cur = await conn.execute(f'SELECT last_value FROM "{schema}".ending_writes')
+            assert (await cur.fetchone())[0] == 1, "the slow write ran"
+        finally:
+            await stop(worker, runner)
+    assert (worker.stats.lease_lost, getattr(worker.stats, counted)) == (0, 1), worker.stats
