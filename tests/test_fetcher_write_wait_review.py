@@ -334,24 +334,35 @@ async def test_outcome_states_tell_a_locked_row_from_a_lost_lease_without_waitin
     """What the completer asks about unwritten outcomes: 'free' for this worker's running
     attempt, 'running' while another session holds its row locked (answered at once, not
     after lock_timeout), the status this worker's attempt ended in ('completed': an
-    abandoned write that committed after all), None for another worker's attempt or an
-    older attempt (a lost lease)."""
+    abandoned write that committed after all; 'pending', with when it is due, for one
+    that put the job back, told by its `errors` entry), None for another worker's attempt,
+    an older attempt, or a job recovery took from this worker (a lost lease)."""
     schema = sched.schema
-    for job_id in ("free", "locked", "done", "theirs"):
+    for job_id in ("free", "locked", "done", "theirs", "put_back", "recovered"):
         await sched.schedule("noop", job_id=job_id)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'running', attempts = 1,
             worker_id = CASE id WHEN 'theirs' THEN 'other' ELSE 'w' END""")
         await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'completed'
             WHERE id = 'done'""")
+        for job_id, outcome in (("put_back", "snoozed"), ("recovered", "lease_expired")):
+            await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'pending',
+                worker_id = NULL, execution_time = '2099-01-01Z',
+                errors = errors || jsonb_build_object('attempt', 1, 'worker_id', 'w',
+                                                      'outcome', %s::text)
+                WHERE id = %s""", [outcome, job_id])
         async with conn.transaction():
             await conn.execute(f"""SELECT 1 FROM "{schema}".jobs WHERE id = 'locked'
                 FOR UPDATE""")
             async with asyncio.timeout(0.4):  # under the pool's lock_timeout (0.5 s)
                 states = await sched.store.outcome_states(worker_id="w", held=[
-                    ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2)])
-    assert states == {("free", 1): "free", ("locked", 1): "running",
-                      ("done", 1): "completed", ("theirs", 1): None, ("free", 2): None}
+                    ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2),
+                    ("put_back", 1), ("recovered", 1), ("put_back", 2)])
+    assert {key: s.state for key, s in states.items()} == {
+        ("free", 1): "free", ("locked", 1): "running", ("done", 1): "completed",
+        ("theirs", 1): None, ("free", 2): None, ("put_back", 1): "pending",
+        ("recovered", 1): None, ("put_back", 2): None}
+    assert states["put_back", 1].due == datetime(2099, 1, 1, tzinfo=UTC)
 
 
 @task(max_retries=0)

@@ -49,11 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import datetime
 
 import psycopg
 
 from ..logs import get_logger
-from ..store import statement_timeout_for
+from ..store import OutcomeState, statement_timeout_for
 from .context import (
     DB_ERRORS,
     SHUTDOWN_BACKOFF_SECONDS,
@@ -186,10 +187,10 @@ class Completer:
             for c in cs:
                 self._park(c)
             return []
-        free = [c for c in cs if states.get(c.held.key) == "free"]
+        free = [c for c in cs if states[c.held.key].state == "free"]
         for c in cs:
-            if states.get(c.held.key) != "free":
-                self._unwritten(c, states.get(c.held.key))
+            if states[c.held.key].state != "free":
+                self._unwritten(c, states[c.held.key])
         return free
 
     def _park(self, c: Completion) -> None:
@@ -213,21 +214,32 @@ class Completer:
         self.ctx.completions.put_nowait(c)
         self.ctx.completions.task_done()  # the put stands for the parked outcome's own
 
-    def _unwritten(self, c: Completion, state: str | None) -> None:
+    async def _look_at_unwritten(self, cs: list[Completion]) -> None:
+        """Outcomes a fenced write left unwritten (rare: a lost lease, or a write again
+        after an abandoned one): each settled by where its row stands (_unwritten)."""
+        states = await self.ctx.store.outcome_states(worker_id=self.ctx.id,
+                                                     held=[c.held.key for c in cs])
+        for c in cs:
+            self._unwritten(c, states[c.held.key])
+
+    def _unwritten(self, c: Completion, state: OutcomeState) -> None:
         """An outcome a write left unwritten, by where its row stands (outcome_states):
-        still this worker's running attempt (parked), completed by an earlier write of it
-        (abandoned when its server stopped answering, it committed after all), or lost."""
-        if state in ("free", "running"):
+        still this worker's running attempt (parked), ended by an earlier write of this
+        very outcome (abandoned when its server stopped answering or took too long, it
+        committed after all: counted and logged as written, with earlier_write), or lost."""
+        if state.state in ("free", "running"):
             self._park(c)
             return
         self.ctx.forget(c.held)
-        if state == "completed" and c.outcome.ok:
+        if state.state is None or c.outcome.ok != (state.state == "completed"):
+            self._lost(c)
+        elif c.outcome.ok:
             self.ctx.stats.completed += 1
             self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
             self.ctx.job_log.info("job_completed", **c.held.log_fields(), earlier_write=True,
                                   duration_s=c.duration_s, lateness_ms=c.lateness_ms)
         else:
-            self._lost(c)
+            self._ended(c, state.state, state.due, earlier_write=True)
 
     def _lost(self, c: Completion) -> None:
         self.ctx.count_lease_lost()
@@ -307,11 +319,9 @@ class Completer:
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
             self._written_at = asyncio.get_running_loop().time()
-            # Rare (a lost lease, or a retry after an abandoned write): one more statement.
-            unwritten = [c.held.key for c in successes if c.held.key not in written]
-            states = (await self.ctx.store.outcome_states(worker_id=self.ctx.id,
-                                                          held=unwritten)
-                      if unwritten else {})
+            unwritten = [c for c in successes if c.held.key not in written]
+            if unwritten:
+                await self._look_at_unwritten(unwritten)
             _remove(pending, successes)
             job_log, stats, metrics = self.ctx.job_log, self.ctx.stats, self.ctx.metrics
             for c in successes:
@@ -324,8 +334,6 @@ class Completer:
                     job_log.info("job_completed", job_id=held.id, task=held.task_name,
                                  attempt=held.attempt, duration_s=c.duration_s,
                                  lateness_ms=c.lateness_ms)
-                else:
-                    self._unwritten(c, states.get(held.key))
         if cancelled:
             await self._record_cancelled(cancelled)
             _remove(pending, cancelled)
@@ -396,48 +404,59 @@ class Completer:
                     c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
                     self.ctx.options.retry_max_seconds))
         self._written_at = asyncio.get_running_loop().time()
-        self.ctx.forget(c.held)
         if row is None:
-            self._lost(c)
-        elif row["status"] == "pending" and c.outcome.unknown_task:
+            await self._look_at_unwritten([c])
+        else:
+            self.ctx.forget(c.held)
+            self._ended(c, row["status"], row["execution_time"])
+
+    def _ended(self, c: Completion, status: str, due: datetime | None,
+               earlier_write: bool = False) -> None:
+        """Count and log an outcome other than a success, written: the job's status now,
+        and when it is due again if it was put back (None: claimed again since, after an
+        earlier write of it)."""
+        held, fields = c.held, c.held.log_fields()
+        if earlier_write:
+            fields["earlier_write"] = True
+        retry_at = None if due is None else due.isoformat()
+        if status == "pending" and due is not None and not c.outcome.unknown_task:
+            self.ctx.note_due(due.timestamp())
+        if status == "pending" and c.outcome.unknown_task:
             self.ctx.stats.deferred += 1
-            log.warning("task_unknown", **c.held.log_fields(),
-                        retry_at=row["execution_time"].isoformat(),
+            log.warning("task_unknown", **fields, retry_at=retry_at,
                         hint="deploy the code that defines it to this worker, or let a "
                              "worker that has it run the job")
-        elif row["status"] == "pending" and c.outcome.snooze_seconds is not None:
+        elif status == "pending" and c.outcome.snooze_seconds is not None:
             self.ctx.stats.snoozed += 1
-            log.info("job_snoozed", **c.held.log_fields(),
-                     retry_at=row["execution_time"].isoformat())
-            self.ctx.note_due(row["execution_time"].timestamp())
-        elif row["status"] == "pending":
+            log.info("job_snoozed", **fields, retry_at=retry_at)
+        elif status == "pending":
             self.ctx.stats.retried += 1
-            self.ctx.metrics.job("retried", c.held.task_name, c.held.queue)
-            log.info("job_retry_scheduled", **c.held.log_fields(), error=c.outcome.error,
-                     retry_at=row["execution_time"].isoformat())
-            self.ctx.note_due(row["execution_time"].timestamp())
-        elif row["status"] == "cancelled":  # a cancel was requested while it failed
+            self.ctx.metrics.job("retried", held.task_name, held.queue)
+            log.info("job_retry_scheduled", **fields, error=c.outcome.error, retry_at=retry_at)
+        elif status == "cancelled":  # a cancel was requested while it failed, or on request
             self.ctx.stats.cancelled += 1
-            self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
-            log.info("job_cancelled", **c.held.log_fields(), error=c.outcome.error)
+            self.ctx.metrics.job("cancelled", held.task_name, held.queue)
+            log.info("job_cancelled", **fields, error=c.outcome.error)
         else:
             self.ctx.stats.failed += 1
-            self.ctx.metrics.job("failed", c.held.task_name, c.held.queue)
-            log.error("job_failed", **c.held.log_fields(), error=c.outcome.error)
+            self.ctx.metrics.job("failed", held.task_name, held.queue)
+            log.error("job_failed", **fields, error=c.outcome.error)
 
     async def _record_cancelled(self, cancelled: list[Completion]) -> None:
         if not cancelled:
             return
         written = await self.ctx.store.finish_cancelled_jobs(
             worker_id=self.ctx.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
+        self._written_at = asyncio.get_running_loop().time()
+        unwritten = [c for c in cancelled if c.held.id not in written]
+        if unwritten:
+            await self._look_at_unwritten(unwritten)
         for c in cancelled:
-            self.ctx.forget(c.held)
             if c.held.id in written:
+                self.ctx.forget(c.held)
                 self.ctx.stats.cancelled += 1
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", **c.held.log_fields())
-            else:
-                self._lost(c)
 
 
 def _unstorable(c: Completion, could_not_be: str, exc: Exception) -> Completion:
