@@ -19,7 +19,8 @@ Invariants:
   ctx.completions, so shutdown waits for them). Every write is abandoned with its
   connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
   statement_timeout; a batch cut either way is written job by job, and an outcome cut
-  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS.
+  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS, which must span
+  TOO_SLOW_SPAN_LEASES.
 - An unwritten success whose row shows this worker's attempt completed (an abandoned
   write that committed after all) is counted completed, not as a lost lease.
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
@@ -39,7 +40,9 @@ backoff (or its lease expires and it is recovered: at-least-once): a database ou
 holds up the batch (every write would fail alike), a locked row or a write cut on
 statement_timeout holds up only its own outcome (parked), a server that stopped
 answering holds one write for `_write_bound`. A slow database never fails an ordinary
-result: only a result of TOO_SLOW_RESULT_BYTES or more is failed for being slow to write.
+result, nor a large one through a spell of slowness shorter than TOO_SLOW_SPAN_LEASES:
+only a result of TOO_SLOW_RESULT_BYTES or more that is cut again and again over that span
+is failed for being slow to write.
 A stop ends the back-off and later ones are short, so shutdown's deadline is not spent
 sleeping. After kill(), it gives up after a few attempts (`completion_not_recorded`) so
 that shutdown stays bounded.
@@ -89,13 +92,20 @@ WRITE_MARGIN_SECONDS = 1.0
 # A result whose write was cut on statement_timeout (QueryCanceled) or by the write bound
 # (NoAnswer: a batch of two 100 MB results, in tests) fails its job
 # (job_result_not_storable) only on this evidence: the result is at least
-# TOO_SLOW_RESULT_BYTES of JSON, and its write alone was cut TOO_SLOW_CUTS times, each
+# TOO_SLOW_RESULT_BYTES of JSON; its write alone was cut TOO_SLOW_CUTS times, each
 # counted only when the database answered another write of this worker (a heartbeat
-# renewing the leases, or an outcome) since the cut before. The database answers; this
-# value does not fit in the time. A smaller result is never failed for being slow to
-# write, however slow the database: it waits and is written again.
+# renewing the leases, or an outcome) since the cut before: the database answers, this
+# value does not fit in the time; and the cuts span TOO_SLOW_SPAN_LEASES leases (ten
+# statement_timeouts), from the first cut of its write alone to the one that decides. A
+# write tried after a spell of slowness ends is not cut, so a spell shorter than that span
+# never fails a job, however many cuts it packs in. Between tries the outcome is parked
+# (backoff up to a quarter lease), so one that never fits fails after about that span,
+# each try holding the outcomes behind it for at most one write bound. A smaller result
+# is never failed for being slow to write, however slow the database: it waits and is
+# written again.
 TOO_SLOW_RESULT_BYTES = 1 << 20
 TOO_SLOW_CUTS = 3
+TOO_SLOW_SPAN_LEASES = 5.0
 # What a write the server cut or that met a row lock left unwritten: tried again on its
 # own (QueryCanceled, DATA_ERRORS), or looked at without waiting on its row (the lock).
 SPLIT_ERRORS = (*DATA_ERRORS, psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
@@ -111,8 +121,8 @@ class Completer:
         self._waiting: dict[tuple[str, int], int] = {}
         self._parked: set[int] = set()  # id() of the outcomes parked from the batch in hand
         # statement_timeout cuts of an outcome written alone: counted cuts, and when the
-        # last one was (TOO_SLOW_CUTS).
-        self._cuts: dict[tuple[str, int], tuple[int, float]] = {}
+        # first and the last one were (TOO_SLOW_CUTS, TOO_SLOW_SPAN_LEASES).
+        self._cuts: dict[tuple[str, int], tuple[int, float, float]] = {}
         self._written_at = float("-inf")  # when an outcome write last succeeded
 
     async def run(self) -> None:
@@ -253,11 +263,13 @@ class Completer:
     def _cut_too_often(self, c: Completion) -> bool:
         """Whether c's write, cut on statement_timeout once more, shows its result cannot
         be written in time (the evidence at TOO_SLOW_CUTS)."""
-        cuts, last = self._cuts.get(c.held.key, (0, float("-inf")))
+        now = asyncio.get_running_loop().time()
+        cuts, first, last = self._cuts.get(c.held.key, (0, now, float("-inf")))
         if max(self.ctx.last_db_ok or float("-inf"), self._written_at) > last:
             cuts += 1
-        self._cuts[c.held.key] = (cuts, asyncio.get_running_loop().time())
+        self._cuts[c.held.key] = (cuts, first, now)
         return (c.outcome.ok and cuts >= TOO_SLOW_CUTS
+                and now - first >= TOO_SLOW_SPAN_LEASES * self.ctx.options.lease_seconds
                 and len(c.outcome.result_json) >= TOO_SLOW_RESULT_BYTES)
 
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
