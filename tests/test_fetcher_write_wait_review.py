@@ -285,8 +285,9 @@ async def test_a_large_result_that_never_fits_fails_while_later_outcomes_are_rec
     with 'could not be recorded within statement_timeout' in bounded time (once its cuts
     span TOO_SLOW_SPAN_LEASES), and outcomes of jobs that finish meanwhile are recorded,
     not held up behind it."""
-    async with _slow_completion_writes(sched, pg_dsn, "octet_length(NEW.result::text) "
-                                       ">= 1048576", slow_writes=10**9) as conn:
+    async with _slow_completion_writes(
+            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
+            ">= 1048576", slow_writes=10**9) as conn:
         worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
                                      heartbeat_seconds=0.2)
         try:
@@ -305,6 +306,12 @@ async def test_a_large_result_that_never_fits_fails_while_later_outcomes_are_rec
             await stop(worker, runner)
 
 
+async def _ended_once(sched: Scheduler, job_id: str, status: str) -> bool:
+    """Whether the job's first attempt ended (its one `errors` entry) leaving it `status`."""
+    job = await sched.get_job(job_id)
+    return job["status"] == status and len(job["errors"]) == 1
+
+
 async def _slow_writes(conn: psycopg.AsyncConnection, schema: str) -> int:
     """How many completion writes _slow_completion_writes has slowed down (or let go)."""
     cur = await conn.execute(f'SELECT last_value, is_called FROM "{schema}".slow_writes')
@@ -314,20 +321,21 @@ async def _slow_writes(conn: psycopg.AsyncConnection, schema: str) -> int:
 
 @contextlib.asynccontextmanager
 async def _slow_completion_writes(
-        sched: Scheduler, pg_dsn: str, condition: str = "true",
-        slow_writes: int = SLOW_WRITES) -> AsyncIterator[psycopg.AsyncConnection]:
-    """A trigger that sleeps past statement_timeout on the first `slow_writes` completion
-    writes where `condition` (SQL on NEW) holds, counting them in the sequence
-    slow_writes. Yields an autocommit connection."""
+        sched: Scheduler, pg_dsn: str, condition: str = "NEW.status = 'completed'",
+        slow_writes: int = SLOW_WRITES, sleep: str = "PERFORM pg_sleep(5);",
+) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A trigger that runs `sleep` (past statement_timeout) on the first `slow_writes`
+    writes of a job row where `condition` (SQL on OLD and NEW) holds, counting them in the
+    sequence slow_writes. Yields an autocommit connection."""
     schema = sched.schema
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await conn.execute(f'CREATE SEQUENCE "{schema}".slow_writes')
         await conn.execute(f"""
             CREATE FUNCTION "{schema}".slow_completion() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.status = 'completed' AND {condition} THEN
+                IF {condition} THEN
                     IF nextval('"{schema}".slow_writes') <= {slow_writes} THEN
-                        PERFORM pg_sleep(5);
+                        {sleep}
                     END IF;
                 END IF;
                 RETURN NEW;
@@ -507,48 +515,42 @@ async def ends_as(kind: str) -> None:
         raise Retry(3600)
     if kind == "failure":
         raise Fail("failed on purpose")
+    if kind == "cancel":
+        await asyncio.sleep(60)  # until a cancel is requested
     raise RuntimeError("retried on purpose")
 
 
 @pytest.mark.parametrize(("kind", "status", "counted"), [
     ("retry", "pending", "retried"), ("snooze", "pending", "snoozed"),
-    ("failure", "failed", "failed")])
+    ("failure", "failed", "failed"), ("cancel", "cancelled", "cancelled")])
 async def test_an_abandoned_outcome_write_that_committed_after_all_is_no_lost_lease(
         sched, pg_dsn, kind, status, counted):
-    """The first write of a failed, snoozed or retried attempt takes longer than the
+    """The first write of a failed, snoozed, retried or cancelled attempt takes longer than the
     completer waits (a trigger that sleeps through statement_timeout, catching the cut):
     the completer abandons it (NoAnswer) and writes the outcome again, which waits behind
     the row lock the first write holds, and is fenced out once it commits. The row is right;
     the worker must count the outcome it wrote (as it does a completion: earlier_write),
     not a lost lease."""
-    schema = sched.schema
-    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
-        await conn.execute(f'CREATE SEQUENCE "{schema}".ending_writes')
-        # lease 2 s: statement_timeout 1 s, the completer's bound 2 s; this write commits
-        # at about 3 s
-        await conn.execute(f"""
-            CREATE FUNCTION "{schema}".slow_ending() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF OLD.status = 'running' AND NEW.status <> 'running'
-                   AND nextval('"{schema}".ending_writes') = 1 THEN
-                    BEGIN
-                        PERFORM pg_sleep(30);
-                    EXCEPTION WHEN query_canceled THEN
-                        PERFORM pg_sleep(2);
-                    END;
-                END IF;
-                RETURN NEW;
-            END $$""")
-        await conn.execute(f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".jobs FOR EACH '
-                           f'ROW EXECUTE FUNCTION "{schema}".slow_ending()')
+    # lease 2 s: statement_timeout 1 s, the completer's bound 2 s; the first write ending
+    # the attempt catches the cut and commits at about 3 s
+    async with _slow_completion_writes(
+            sched, pg_dsn, "OLD.status = 'running' AND NEW.status <> 'running'",
+            slow_writes=1, sleep="""BEGIN
+                PERFORM pg_sleep(30);
+            EXCEPTION WHEN query_canceled THEN
+                PERFORM pg_sleep(2);
+            END;""") as conn:
         worker, runner = await start(sched, concurrency=2, retry_base_seconds=3600,
                                      retry_max_seconds=3600)
         try:
             job_id = await sched.schedule("ends_as", args=(kind,))
-            await wait_until(lambda: _is(sched, job_id, status), what=f"the job {status}")
+            if kind == "cancel":
+                await wait_until(lambda: _is(sched, job_id, "running"), what="job running")
+                assert await sched.store.request_cancel(ids=[job_id]) == {job_id: "running"}
+            await wait_until(lambda: _ended_once(sched, job_id, status),
+                             what=f"the attempt ended, the job {status}")
             await wait_until(lambda: not worker.ctx.held, what="its outcome settled")
-            cur = await conn.execute(f'SELECT last_value FROM "{schema}".ending_writes')
-            assert (await cur.fetchone())[0] == 1, "the slow write ran"
+            assert await _slow_writes(conn, sched.schema) == 1, "the slow write ran"
         finally:
             await stop(worker, runner)
     assert (worker.stats.lease_lost, getattr(worker.stats, counted)) == (0, 1), worker.stats
