@@ -21,8 +21,10 @@ Invariants:
   statement_timeout; a batch cut either way is written job by job, and an outcome cut
   alone is parked, or failed only on the evidence at TOO_SLOW_CUTS, which must span
   TOO_SLOW_SPAN_LEASES.
-- An unwritten success whose row shows this worker's attempt completed (an abandoned
-  write that committed after all) is counted completed, not as a lost lease.
+- An unwritten outcome whose row shows this worker's attempt ended by a write of its own
+  (an abandoned write that committed after all) is counted and logged as written
+  (earlier_write), not as a lost lease: a success, a failure, a retry, a snooze, a
+  deferral or a cancellation alike (Store.outcome_states).
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
