@@ -433,6 +433,16 @@ class Recovery(NamedTuple):
     silent: dict[str, datetime]
 
 
+class OutcomeState(NamedTuple):
+    """Where an unwritten outcome's job stands (Store.outcome_states): `state` 'free',
+    'running', the status this worker's attempt ended in by a write of its own ('pending'
+    when that write put the job back), or None (the lease was lost); `due` is when a job
+    put back is due, unless it was claimed again since."""
+
+    state: str | None
+    due: datetime | None
+
+
 _SIGHTING_COLUMNS = frozenset({"silent_worker", "registry_beat"})
 
 
@@ -970,14 +980,14 @@ class Store:
 
     async def outcome_states(
         self, *, worker_id: str, held: Sequence[tuple[str, int]]
-    ) -> dict[tuple[str, int], str | None]:
+    ) -> dict[tuple[str, int], OutcomeState]:
         """Where unwritten outcomes stand, without waiting on a row lock (outcome_states in
-        sql/queries.sql): per (id, attempt), 'free', 'running' (its row is locked), the
-        status this worker's attempt ended in, or None (the lease was lost)."""
+        sql/queries.sql), per (id, attempt)."""
         rows = await self._rows("outcome_states", {
             "worker_id": worker_id, "ids": [i for i, _ in held],
             "attempts": [a for _, a in held]})
-        return {(row["id"], row["attempt"]): row["state"] for row in rows}
+        return {(row["id"], row["attempt"]): OutcomeState(row["state"], row["due"])
+                for row in rows}
 
     async def fail_job(
         self,

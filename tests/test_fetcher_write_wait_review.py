@@ -24,7 +24,7 @@ from conftest import wait_until, write_config
 from test_worker_core import start as start_worker
 from test_worker_core import stop
 
-from pgsched import JobSpec, Scheduler, Worker, task
+from pgsched import Fail, JobSpec, Retry, Scheduler, Worker, task
 from pgsched.store import NoAnswer, OneConnection, open_connection
 from pgsched.worker.completer import TOO_SLOW_CUTS
 
@@ -266,45 +266,99 @@ async def test_an_ordinary_result_survives_a_database_too_slow_to_write_it_for_a
     assert (job["status"], job["result"]) == ("completed", {"text": "y" * 102400})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by design (docs/delivery.md): the too-slow verdict counts a heartbeat answered "
-    "between cuts as evidence that the database answers, so a result of 1 MiB or more "
-    "whose completion writes alone are slow for a while (here 6 writes past "
-    "statement_timeout, then fast again) fails its job after TOO_SLOW_CUTS cuts with "
-    "'could not be recorded within statement_timeout', though it would have been "
-    "written once the database recovered"))
 async def test_a_large_result_survives_a_database_too_slow_to_write_it_for_a_while(
         sched, pg_dsn):
+    """The same spell of slowness (SLOW_WRITES cuts, then fast again) for a result of
+    1.5 MiB, over completer.TOO_SLOW_RESULT_BYTES: cut more times than TOO_SLOW_CUTS,
+    with heartbeats answered between the cuts, but over a spell shorter than
+    TOO_SLOW_SPAN_LEASES (about 0.75 s a cut at a 1 s lease: under 5 s for six), so it is
+    written once the database recovers, not failed as too slow."""
     job = await _written_through_slow_writes(sched, pg_dsn, 1536)
     assert job["status"] == "completed", job["last_error"][:200]
+    assert job["result"] == {"text": "y" * (1536 << 10)}
 
 
-async def _written_through_slow_writes(sched: Scheduler, pg_dsn: str,
-                                       kilobytes: int) -> dict[str, Any]:
-    """The job of ordinary_result(kilobytes) once ended, run while a trigger sleeps past
-    statement_timeout on the first SLOW_WRITES completion writes."""
+async def test_a_large_result_that_never_fits_fails_while_later_outcomes_are_recorded(
+        sched, pg_dsn):
+    """The database never writes a result of 1 MiB or more within statement_timeout (a
+    trigger sleeps past it on every such write) and answers everything else: the job fails
+    with 'could not be recorded within statement_timeout' in bounded time (once its cuts
+    span TOO_SLOW_SPAN_LEASES), and outcomes of jobs that finish meanwhile are recorded,
+    not held up behind it."""
+    async with _slow_completion_writes(
+            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
+            ">= 1048576", slow_writes=10**9) as conn:
+        worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
+                                     heartbeat_seconds=0.2)
+        try:
+            job_id = await sched.schedule("ordinary_result", args=(1536,))
+            await wait_until(lambda: _slow_writes(conn, sched.schema), what="a write cut")
+            for i in range(3):
+                await sched.schedule("noop", job_id=f"after{i}")
+                await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"),
+                                 timeout=5, what="a later outcome recorded")
+            await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
+            job = await sched.get_job(job_id)
+            assert job["status"] == "failed"
+            assert "could not be recorded within statement_timeout" in job["last_error"]
+            assert await _slow_writes(conn, sched.schema) > TOO_SLOW_CUTS
+        finally:
+            await stop(worker, runner)
+
+
+async def _ended_once(sched: Scheduler, job_id: str, status: str) -> bool:
+    """Whether the job's first attempt ended leaving it `status` (other than completed:
+    with the attempt's one `errors` entry, since a retried job is pending from the start)."""
+    job = await sched.get_job(job_id)
+    return job["status"] == status and (status == "completed" or len(job["errors"]) == 1)
+
+
+async def _slow_writes(conn: psycopg.AsyncConnection, schema: str) -> int:
+    """How many completion writes _slow_completion_writes has slowed down (or let go)."""
+    cur = await conn.execute(f'SELECT last_value, is_called FROM "{schema}".slow_writes')
+    value, called = await cur.fetchone()
+    return value if called else 0
+
+
+@contextlib.asynccontextmanager
+async def _slow_completion_writes(
+        sched: Scheduler, pg_dsn: str, condition: str = "NEW.status = 'completed'",
+        slow_writes: int = SLOW_WRITES, sleep: str = "PERFORM pg_sleep(5);",
+) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A trigger that runs `sleep` (past statement_timeout) on the first `slow_writes`
+    writes of a job row where `condition` (SQL on OLD and NEW) holds, counting them in the
+    sequence slow_writes. Yields an autocommit connection."""
     schema = sched.schema
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await conn.execute(f'CREATE SEQUENCE "{schema}".slow_writes')
         await conn.execute(f"""
             CREATE FUNCTION "{schema}".slow_completion() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.status = 'completed'
-                   AND nextval('"{schema}".slow_writes') <= {SLOW_WRITES} THEN
-                    PERFORM pg_sleep(5);
+                IF {condition} THEN
+                    IF nextval('"{schema}".slow_writes') <= {slow_writes} THEN
+                        {sleep}
+                    END IF;
                 END IF;
                 RETURN NEW;
             END $$""")
         await conn.execute(f'CREATE TRIGGER slow BEFORE UPDATE ON "{schema}".jobs FOR EACH '
                            f'ROW EXECUTE FUNCTION "{schema}".slow_completion()')
+        yield conn
+
+
+async def _written_through_slow_writes(sched: Scheduler, pg_dsn: str,
+                                       kilobytes: int) -> dict[str, Any]:
+    """The job of ordinary_result(kilobytes) once ended, run while a trigger sleeps past
+    statement_timeout on the first SLOW_WRITES completion writes."""
+    async with _slow_completion_writes(sched, pg_dsn) as conn:
         # lease 1 s: statement_timeout 0.5 s, which each slow write passes
         worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
                                      heartbeat_seconds=0.2)
         try:
             job_id = await sched.schedule("ordinary_result", args=(kilobytes,))
             await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
-            cur = await conn.execute(f'SELECT last_value FROM "{schema}".slow_writes')
-            assert (await cur.fetchone())[0] >= TOO_SLOW_CUTS, "the slow writes were tried"
+            assert await _slow_writes(conn, sched.schema) >= TOO_SLOW_CUTS, \
+                "the slow writes were tried"
             return await sched.get_job(job_id)
         finally:
             await stop(worker, runner)
@@ -334,24 +388,35 @@ async def test_outcome_states_tell_a_locked_row_from_a_lost_lease_without_waitin
     """What the completer asks about unwritten outcomes: 'free' for this worker's running
     attempt, 'running' while another session holds its row locked (answered at once, not
     after lock_timeout), the status this worker's attempt ended in ('completed': an
-    abandoned write that committed after all), None for another worker's attempt or an
-    older attempt (a lost lease)."""
+    abandoned write that committed after all; 'pending', with when it is due, for one
+    that put the job back, told by its `errors` entry), None for another worker's attempt,
+    an older attempt, or a job recovery took from this worker (a lost lease)."""
     schema = sched.schema
-    for job_id in ("free", "locked", "done", "theirs"):
+    for job_id in ("free", "locked", "done", "theirs", "put_back", "recovered"):
         await sched.schedule("noop", job_id=job_id)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'running', attempts = 1,
             worker_id = CASE id WHEN 'theirs' THEN 'other' ELSE 'w' END""")
         await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'completed'
             WHERE id = 'done'""")
+        for job_id, outcome in (("put_back", "snoozed"), ("recovered", "lease_expired")):
+            await conn.execute(f"""UPDATE "{schema}".jobs SET status = 'pending',
+                worker_id = NULL, execution_time = '2099-01-01Z',
+                errors = errors || jsonb_build_object('attempt', 1, 'worker_id', 'w',
+                                                      'outcome', %s::text)
+                WHERE id = %s""", [outcome, job_id])
         async with conn.transaction():
             await conn.execute(f"""SELECT 1 FROM "{schema}".jobs WHERE id = 'locked'
                 FOR UPDATE""")
             async with asyncio.timeout(0.4):  # under the pool's lock_timeout (0.5 s)
                 states = await sched.store.outcome_states(worker_id="w", held=[
-                    ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2)])
-    assert states == {("free", 1): "free", ("locked", 1): "running",
-                      ("done", 1): "completed", ("theirs", 1): None, ("free", 2): None}
+                    ("free", 1), ("locked", 1), ("done", 1), ("theirs", 1), ("free", 2),
+                    ("put_back", 1), ("recovered", 1), ("put_back", 2)])
+    assert {key: s.state for key, s in states.items()} == {
+        ("free", 1): "free", ("locked", 1): "running", ("done", 1): "completed",
+        ("theirs", 1): None, ("free", 2): None, ("put_back", 1): "pending",
+        ("recovered", 1): None, ("put_back", 2): None}
+    assert states["put_back", 1].due == datetime(2099, 1, 1, tzinfo=UTC)
 
 
 @task(max_retries=0)
@@ -443,3 +508,53 @@ async def test_a_worker_whose_finished_jobs_rows_are_all_locked_keeps_running_ot
             await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
     finally:
         await stop(worker, runner)
+
+
+@task(max_retries=1)
+async def ends_as(kind: str) -> None:
+    if kind == "success":
+        return
+    if kind == "snooze":
+        raise Retry(3600)
+    if kind == "failure":
+        raise Fail("failed on purpose")
+    if kind == "cancel":
+        await asyncio.sleep(60)  # until a cancel is requested
+    raise RuntimeError("retried on purpose")
+
+
+@pytest.mark.parametrize(("kind", "status", "counted"), [
+    ("retry", "pending", "retried"), ("snooze", "pending", "snoozed"),
+    ("failure", "failed", "failed"), ("cancel", "cancelled", "cancelled"),
+    ("success", "completed", "completed")])
+async def test_an_abandoned_outcome_write_that_committed_after_all_is_no_lost_lease(
+        sched, pg_dsn, kind, status, counted):
+    """The first write of a failed, snoozed, retried, cancelled or successful attempt
+    takes longer than the completer waits (a trigger that sleeps through
+    statement_timeout, catching the cut): the completer abandons it (NoAnswer) and writes
+    the outcome again, which waits behind the row lock the first write holds, and is
+    fenced out once it commits. The row is right; the worker must count the outcome it
+    wrote (logged with earlier_write, as a completion already was), not a lost lease."""
+    # lease 2 s: statement_timeout 1 s, the completer's bound 2 s; the first write ending
+    # the attempt catches the cut and commits at about 3 s
+    async with _slow_completion_writes(
+            sched, pg_dsn, "OLD.status = 'running' AND NEW.status <> 'running'",
+            slow_writes=1, sleep="""BEGIN
+                PERFORM pg_sleep(30);
+            EXCEPTION WHEN query_canceled THEN
+                PERFORM pg_sleep(2);
+            END;""") as conn:
+        worker, runner = await start(sched, concurrency=2, retry_base_seconds=3600,
+                                     retry_max_seconds=3600)
+        try:
+            job_id = await sched.schedule("ends_as", args=(kind,))
+            if kind == "cancel":
+                await wait_until(lambda: _is(sched, job_id, "running"), what="job running")
+                assert await sched.store.request_cancel(ids=[job_id]) == {job_id: "running"}
+            await wait_until(lambda: _ended_once(sched, job_id, status),
+                             what=f"the attempt ended, the job {status}")
+            await wait_until(lambda: not worker.ctx.held, what="its outcome settled")
+            assert await _slow_writes(conn, sched.schema) == 1, "the slow write ran"
+        finally:
+            await stop(worker, runner)
+    assert (worker.stats.lease_lost, getattr(worker.stats, counted)) == (0, 1), worker.stats

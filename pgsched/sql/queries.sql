@@ -440,10 +440,15 @@ RETURNING j.id, j.attempts;
 -- 'free' (still this worker's running attempt, its row locked by no one: write it now),
 -- 'running' (still this worker's, but another transaction holds its row locked: an
 -- application's SELECT ... FOR UPDATE, or an abandoned write of ours whose server stopped
--- answering; try later), another status (this worker's attempt ended: 'completed' after
--- an abandoned completion that committed after all), or NULL (the lease was lost). The
+-- answering; try later), another status (this worker's attempt ended by a write of its
+-- own: an abandoned write that committed after all), or NULL (the lease was lost). The
 -- row lock is tried without waiting (SKIP LOCKED) and let go when the statement ends
 -- (autocommit): this tells a locked row from a lost lease without waiting on the lock.
+-- An attempt's own end keeps its worker_id unless it put the job back (a retry, snooze
+-- or deferral clears it, as recovery does): then the attempt's `errors` entry tells
+-- whose it was, 'pending' when this worker's (recovery's entry, outcome
+-- 'lease_expired', names the worker it took the job from). `due`: when the job put back
+-- is due, unless it was claimed again since.
 WITH free AS (
     SELECT j.id, j.attempts FROM {schema}.jobs AS j
     JOIN unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
@@ -453,10 +458,16 @@ WITH free AS (
 )
 SELECT h.id, h.attempt,
        CASE WHEN (h.id, h.attempt) IN (SELECT id, attempts FROM free) THEN 'free'
-            ELSE j.status::text END AS state
+            WHEN j.attempts = h.attempt AND j.worker_id = %(worker_id)s THEN j.status::text
+            WHEN EXISTS (SELECT 1 FROM jsonb_array_elements(j.errors) AS e
+                         WHERE e ->> 'worker_id' = %(worker_id)s
+                           AND e ->> 'attempt' = h.attempt::text
+                           AND e ->> 'outcome' IS DISTINCT FROM 'lease_expired')
+            THEN 'pending' END AS state,
+       CASE WHEN j.attempts = h.attempt AND j.status = 'pending'
+            THEN j.execution_time END AS due
 FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS h(id, attempt)
-LEFT JOIN {schema}.jobs AS j
-    ON j.id = h.id AND j.attempts = h.attempt AND j.worker_id = %(worker_id)s;
+LEFT JOIN {schema}.jobs AS j ON j.id = h.id;
 
 -- name: fail_job
 -- Record a failed attempt (an exception or a timeout): back to pending at

@@ -19,9 +19,12 @@ Invariants:
   ctx.completions, so shutdown waits for them). Every write is abandoned with its
   connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
   statement_timeout; a batch cut either way is written job by job, and an outcome cut
-  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS.
-- An unwritten success whose row shows this worker's attempt completed (an abandoned
-  write that committed after all) is counted completed, not as a lost lease.
+  alone is parked, or failed only on the evidence at TOO_SLOW_CUTS, which must span
+  TOO_SLOW_SPAN_LEASES.
+- An unwritten outcome whose row shows this worker's attempt ended by a write of its own
+  (an abandoned write that committed after all) is counted and logged as written
+  (earlier_write), not as a lost lease: a success, a failure, a retry, a snooze, a
+  deferral or a cancellation alike (Store.outcome_states).
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
@@ -39,7 +42,9 @@ backoff (or its lease expires and it is recovered: at-least-once): a database ou
 holds up the batch (every write would fail alike), a locked row or a write cut on
 statement_timeout holds up only its own outcome (parked), a server that stopped
 answering holds one write for `_write_bound`. A slow database never fails an ordinary
-result: only a result of TOO_SLOW_RESULT_BYTES or more is failed for being slow to write.
+result, nor a large one through a spell of slowness shorter than TOO_SLOW_SPAN_LEASES:
+only a result of TOO_SLOW_RESULT_BYTES or more that is cut again and again over that span
+is failed for being slow to write.
 A stop ends the back-off and later ones are short, so shutdown's deadline is not spent
 sleeping. After kill(), it gives up after a few attempts (`completion_not_recorded`) so
 that shutdown stays bounded.
@@ -49,11 +54,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import datetime
 
 import psycopg
 
 from ..logs import get_logger
-from ..store import statement_timeout_for
+from ..store import OutcomeState, statement_timeout_for
 from .context import (
     DB_ERRORS,
     SHUTDOWN_BACKOFF_SECONDS,
@@ -88,13 +94,20 @@ WRITE_MARGIN_SECONDS = 1.0
 # A result whose write was cut on statement_timeout (QueryCanceled) or by the write bound
 # (NoAnswer: a batch of two 100 MB results, in tests) fails its job
 # (job_result_not_storable) only on this evidence: the result is at least
-# TOO_SLOW_RESULT_BYTES of JSON, and its write alone was cut TOO_SLOW_CUTS times, each
+# TOO_SLOW_RESULT_BYTES of JSON; its write alone was cut TOO_SLOW_CUTS times, each
 # counted only when the database answered another write of this worker (a heartbeat
-# renewing the leases, or an outcome) since the cut before. The database answers; this
-# value does not fit in the time. A smaller result is never failed for being slow to
-# write, however slow the database: it waits and is written again.
+# renewing the leases, or an outcome) since the cut before: the database answers, this
+# value does not fit in the time; and the cuts span TOO_SLOW_SPAN_LEASES leases (ten
+# statement_timeouts), from the first cut of its write alone to the one that decides. A
+# write tried after a spell of slowness ends is not cut, so a spell shorter than that span
+# never fails a job, however many cuts it packs in. Between tries the outcome is parked
+# (backoff up to a quarter lease), so one that never fits fails after about that span,
+# each try holding the outcomes behind it for at most one write bound. A smaller result
+# is never failed for being slow to write, however slow the database: it waits and is
+# written again.
 TOO_SLOW_RESULT_BYTES = 1 << 20
 TOO_SLOW_CUTS = 3
+TOO_SLOW_SPAN_LEASES = 5.0
 # What a write the server cut or that met a row lock left unwritten: tried again on its
 # own (QueryCanceled, DATA_ERRORS), or looked at without waiting on its row (the lock).
 SPLIT_ERRORS = (*DATA_ERRORS, psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
@@ -110,8 +123,8 @@ class Completer:
         self._waiting: dict[tuple[str, int], int] = {}
         self._parked: set[int] = set()  # id() of the outcomes parked from the batch in hand
         # statement_timeout cuts of an outcome written alone: counted cuts, and when the
-        # last one was (TOO_SLOW_CUTS).
-        self._cuts: dict[tuple[str, int], tuple[int, float]] = {}
+        # first and the last one were (TOO_SLOW_CUTS, TOO_SLOW_SPAN_LEASES).
+        self._cuts: dict[tuple[str, int], tuple[int, float, float]] = {}
         self._written_at = float("-inf")  # when an outcome write last succeeded
 
     async def run(self) -> None:
@@ -186,10 +199,10 @@ class Completer:
             for c in cs:
                 self._park(c)
             return []
-        free = [c for c in cs if states.get(c.held.key) == "free"]
+        free = [c for c in cs if states[c.held.key].state == "free"]
         for c in cs:
-            if states.get(c.held.key) != "free":
-                self._unwritten(c, states.get(c.held.key))
+            if states[c.held.key].state != "free":
+                self._unwritten(c, states[c.held.key])
         return free
 
     def _park(self, c: Completion) -> None:
@@ -213,21 +226,32 @@ class Completer:
         self.ctx.completions.put_nowait(c)
         self.ctx.completions.task_done()  # the put stands for the parked outcome's own
 
-    def _unwritten(self, c: Completion, state: str | None) -> None:
+    async def _look_at_unwritten(self, cs: list[Completion]) -> None:
+        """Outcomes a fenced write left unwritten (rare: a lost lease, or a write again
+        after an abandoned one): each settled by where its row stands (_unwritten)."""
+        states = await self.ctx.store.outcome_states(worker_id=self.ctx.id,
+                                                     held=[c.held.key for c in cs])
+        for c in cs:
+            self._unwritten(c, states[c.held.key])
+
+    def _unwritten(self, c: Completion, state: OutcomeState) -> None:
         """An outcome a write left unwritten, by where its row stands (outcome_states):
-        still this worker's running attempt (parked), completed by an earlier write of it
-        (abandoned when its server stopped answering, it committed after all), or lost."""
-        if state in ("free", "running"):
+        still this worker's running attempt (parked), ended by an earlier write of this
+        very outcome (abandoned when its server stopped answering or took too long, it
+        committed after all: counted and logged as written, with earlier_write), or lost."""
+        if state.state in ("free", "running"):
             self._park(c)
             return
         self.ctx.forget(c.held)
-        if state == "completed" and c.outcome.ok:
+        if state.state is None or c.outcome.ok != (state.state == "completed"):
+            self._lost(c)
+        elif c.outcome.ok:
             self.ctx.stats.completed += 1
             self.ctx.metrics.job("completed", c.held.task_name, c.held.queue)
             self.ctx.job_log.info("job_completed", **c.held.log_fields(), earlier_write=True,
                                   duration_s=c.duration_s, lateness_ms=c.lateness_ms)
         else:
-            self._lost(c)
+            self._ended(c, state.state, state.due, earlier_write=True)
 
     def _lost(self, c: Completion) -> None:
         self.ctx.count_lease_lost()
@@ -241,11 +265,13 @@ class Completer:
     def _cut_too_often(self, c: Completion) -> bool:
         """Whether c's write, cut on statement_timeout once more, shows its result cannot
         be written in time (the evidence at TOO_SLOW_CUTS)."""
-        cuts, last = self._cuts.get(c.held.key, (0, float("-inf")))
+        now = asyncio.get_running_loop().time()
+        cuts, first, last = self._cuts.get(c.held.key, (0, now, float("-inf")))
         if max(self.ctx.last_db_ok or float("-inf"), self._written_at) > last:
             cuts += 1
-        self._cuts[c.held.key] = (cuts, asyncio.get_running_loop().time())
+        self._cuts[c.held.key] = (cuts, first, now)
         return (c.outcome.ok and cuts >= TOO_SLOW_CUTS
+                and now - first >= TOO_SLOW_SPAN_LEASES * self.ctx.options.lease_seconds
                 and len(c.outcome.result_json) >= TOO_SLOW_RESULT_BYTES)
 
     async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
@@ -307,11 +333,9 @@ class Completer:
                 done=[(c.held.id, c.held.attempt, c.outcome.result_json) for c in successes],
             )
             self._written_at = asyncio.get_running_loop().time()
-            # Rare (a lost lease, or a retry after an abandoned write): one more statement.
-            unwritten = [c.held.key for c in successes if c.held.key not in written]
-            states = (await self.ctx.store.outcome_states(worker_id=self.ctx.id,
-                                                          held=unwritten)
-                      if unwritten else {})
+            unwritten = [c for c in successes if c.held.key not in written]
+            if unwritten:
+                await self._look_at_unwritten(unwritten)
             _remove(pending, successes)
             job_log, stats, metrics = self.ctx.job_log, self.ctx.stats, self.ctx.metrics
             for c in successes:
@@ -324,8 +348,6 @@ class Completer:
                     job_log.info("job_completed", job_id=held.id, task=held.task_name,
                                  attempt=held.attempt, duration_s=c.duration_s,
                                  lateness_ms=c.lateness_ms)
-                else:
-                    self._unwritten(c, states.get(held.key))
         if cancelled:
             await self._record_cancelled(cancelled)
             _remove(pending, cancelled)
@@ -396,48 +418,59 @@ class Completer:
                     c.held.task_name, c.failures + 1, self.ctx.options.retry_base_seconds,
                     self.ctx.options.retry_max_seconds))
         self._written_at = asyncio.get_running_loop().time()
-        self.ctx.forget(c.held)
         if row is None:
-            self._lost(c)
-        elif row["status"] == "pending" and c.outcome.unknown_task:
+            await self._look_at_unwritten([c])
+        else:
+            self.ctx.forget(c.held)
+            self._ended(c, row["status"], row["execution_time"])
+
+    def _ended(self, c: Completion, status: str, due: datetime | None,
+               earlier_write: bool = False) -> None:
+        """Count and log an outcome other than a success, written: the job's status now,
+        and when it is due again if it was put back (None: claimed again since, after an
+        earlier write of it)."""
+        held, fields = c.held, c.held.log_fields()
+        if earlier_write:
+            fields["earlier_write"] = True
+        retry_at = None if due is None else due.isoformat()
+        if status == "pending" and due is not None and not c.outcome.unknown_task:
+            self.ctx.note_due(due.timestamp())
+        if status == "pending" and c.outcome.unknown_task:
             self.ctx.stats.deferred += 1
-            log.warning("task_unknown", **c.held.log_fields(),
-                        retry_at=row["execution_time"].isoformat(),
+            log.warning("task_unknown", **fields, retry_at=retry_at,
                         hint="deploy the code that defines it to this worker, or let a "
                              "worker that has it run the job")
-        elif row["status"] == "pending" and c.outcome.snooze_seconds is not None:
+        elif status == "pending" and c.outcome.snooze_seconds is not None:
             self.ctx.stats.snoozed += 1
-            log.info("job_snoozed", **c.held.log_fields(),
-                     retry_at=row["execution_time"].isoformat())
-            self.ctx.note_due(row["execution_time"].timestamp())
-        elif row["status"] == "pending":
+            log.info("job_snoozed", **fields, retry_at=retry_at)
+        elif status == "pending":
             self.ctx.stats.retried += 1
-            self.ctx.metrics.job("retried", c.held.task_name, c.held.queue)
-            log.info("job_retry_scheduled", **c.held.log_fields(), error=c.outcome.error,
-                     retry_at=row["execution_time"].isoformat())
-            self.ctx.note_due(row["execution_time"].timestamp())
-        elif row["status"] == "cancelled":  # a cancel was requested while it failed
+            self.ctx.metrics.job("retried", held.task_name, held.queue)
+            log.info("job_retry_scheduled", **fields, error=c.outcome.error, retry_at=retry_at)
+        elif status == "cancelled":  # a cancel was requested while it failed, or on request
             self.ctx.stats.cancelled += 1
-            self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
-            log.info("job_cancelled", **c.held.log_fields(), error=c.outcome.error)
+            self.ctx.metrics.job("cancelled", held.task_name, held.queue)
+            log.info("job_cancelled", **fields, error=c.outcome.error)
         else:
             self.ctx.stats.failed += 1
-            self.ctx.metrics.job("failed", c.held.task_name, c.held.queue)
-            log.error("job_failed", **c.held.log_fields(), error=c.outcome.error)
+            self.ctx.metrics.job("failed", held.task_name, held.queue)
+            log.error("job_failed", **fields, error=c.outcome.error)
 
     async def _record_cancelled(self, cancelled: list[Completion]) -> None:
         if not cancelled:
             return
         written = await self.ctx.store.finish_cancelled_jobs(
             worker_id=self.ctx.id, held=[(c.held.id, c.held.attempt) for c in cancelled])
+        self._written_at = asyncio.get_running_loop().time()
+        unwritten = [c for c in cancelled if c.held.id not in written]
+        if unwritten:
+            await self._look_at_unwritten(unwritten)
         for c in cancelled:
-            self.ctx.forget(c.held)
             if c.held.id in written:
+                self.ctx.forget(c.held)
                 self.ctx.stats.cancelled += 1
                 self.ctx.metrics.job("cancelled", c.held.task_name, c.held.queue)
                 log.info("job_cancelled", **c.held.log_fields())
-            else:
-                self._lost(c)
 
 
 def _unstorable(c: Completion, could_not_be: str, exc: Exception) -> Completion:
