@@ -1,0 +1,136 @@
+"""Lost wake-ups behind brief row locks, against a real PostgreSQL and a real `pgsched
+worker` process that polls only every 60 s, so a job it misses shows as a timeout of a
+wait well under that.
+
+The claim locks what it takes FOR UPDATE SKIP LOCKED: a due job that another session has
+locked at that moment is skipped, and the claim's next due time leaves it out too (it is
+due already). A statement of pgsched's own that locks a pending job for a moment must
+therefore wake the workers when it commits, or the job waits for the safety poll. Each
+test here holds such a lock while the job falls due (the worker's timer claims and skips
+it), then lets it go, and waits for the job to run:
+- scheduling a job that depends on it (insert_waiting_job locks its dependencies);
+- waiting for it (mark_awaited marks the row);
+and one checks that a job released by the completion of its dependency is announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+import psycopg
+from conftest import wait_until, write_config
+
+from pgsched import Scheduler
+from pgsched.store import channel_name
+
+POLL_SECONDS = 60  # the safety poll: no test here may pass by waiting for it
+DEADLINE = 20.0  # well under POLL_SECONDS
+LEAD_SECONDS = 2.0  # from scheduling a job to its due time: the lock is taken meanwhile
+
+
+async def start_idle_worker(sched, pg_dsn, schema, tmp_path, workers):
+    """A worker process listening for notifications, idle, polling every 60 s."""
+    workers(write_config(tmp_path, pg_dsn, schema, poll_seconds=POLL_SECONDS))
+    listen = f'LISTEN "{channel_name(schema)}"'
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        await wait_until(lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = %s", [listen]
+        ).fetchone()[0], timeout=60, what="the worker's LISTEN")
+    warm = await sched.schedule("noop")
+    await wait_until(lambda: completed(sched, warm), timeout=DEADLINE, what="a first job")
+
+
+async def status_is(sched, job_id: str, status: str) -> bool:
+    return str((await sched.get_job(job_id))["status"]) == status
+
+
+async def completed(sched, job_id: str) -> bool:
+    return await status_is(sched, job_id, "completed")
+
+
+async def db_now(sched) -> datetime:
+    async with sched.store.pool.connection() as conn:
+        return (await (await conn.execute("SELECT now()")).fetchone())[0]
+
+
+def claimable(pg_dsn: str, schema: str, job_id: str) -> bool:
+    """Whether a claim would take the row now rather than skip it as locked."""
+    with psycopg.connect(pg_dsn) as conn:
+        return conn.execute(
+            f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE SKIP LOCKED',
+            [job_id]).fetchone() is not None
+
+
+async def until_past(sched, due: datetime) -> None:
+    """Until the job has been due for a second: the worker's timer claim has run."""
+    await wait_until(lambda: _past(sched, due + timedelta(seconds=1)), timeout=DEADLINE,
+                     what="the due time")
+
+
+async def _past(sched, at: datetime) -> bool:
+    return await db_now(sched) >= at
+
+
+async def test_a_job_locked_by_a_dependent_being_scheduled_runs_when_that_commits(
+        sched, pg_dsn, schema, tmp_path, workers):
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
+    parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
+    other = await sched.schedule("noop", job_id="b-other",
+                                 execution_time=due + timedelta(days=1))
+    # The dependent's insert locks its dependencies in id order: it holds a-parent while it
+    # waits for b-other, which another session holds meanwhile.
+    async with Scheduler(pg_dsn, schema=schema) as patient, \
+            await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+        await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
+        # (a client without a worker's short lock_timeout, which would give up first)
+        scheduling = asyncio.create_task(patient.schedule(
+            "noop", job_id="c-child", depends_on=[parent, other]))
+        await wait_until(lambda: not claimable(pg_dsn, schema, parent), timeout=DEADLINE,
+                         what="the dependent's insert to lock its dependency")
+        assert await db_now(sched) < due, "the lock came after the due time: no race made"
+        await until_past(sched, due)
+        await holder.commit()
+        await scheduling
+    await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
+                     what="the dependency, locked as it fell due, to run")
+
+
+async def test_a_job_locked_by_a_wait_as_it_falls_due_runs_when_that_commits(
+        sched, pg_dsn, schema, tmp_path, workers):
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
+    job = await sched.schedule("noop", execution_time=due)
+    # Scheduler.wait's statement, held open past the due time as a slow one would be.
+    with psycopg.connect(pg_dsn) as waiter:
+        waiter.execute(sched.store._q["mark_awaited"], {"id": job})
+        assert await db_now(sched) < due, "the lock came after the due time: no race made"
+        await until_past(sched, due)
+        assert not claimable(pg_dsn, schema, job)
+        waiter.commit()
+    await wait_until(lambda: completed(sched, job), timeout=DEADLINE,
+                     what="the awaited job, locked as it fell due, to run")
+
+
+async def test_a_job_scheduled_right_before_a_dependent_runs_at_once(
+        sched, pg_dsn, schema, tmp_path, workers):
+    # The race as users meet it: the worker claims on the first job's notification while
+    # the second job's insert holds the first locked.
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    for _ in range(3):
+        parent = await sched.schedule("noop")
+        child = await sched.schedule("noop", depends_on=[parent])
+        await wait_until(lambda job=child: completed(sched, job), timeout=DEADLINE,
+                         what="a dependency scheduled just before its dependent to run")
+
+
+async def test_a_dependent_released_by_a_completion_wakes_an_idle_worker(
+        sched, pg_dsn, schema, tmp_path, workers):
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    parent = await sched.schedule("sleep", args=(1.0,))
+    await wait_until(lambda: status_is(sched, parent, "running"), timeout=DEADLINE,
+                     what="the dependency to start")
+    child = await sched.schedule("noop", depends_on=[parent])
+    await wait_until(lambda: completed(sched, child), timeout=DEADLINE,
+                     what="the released dependent to run")
