@@ -8,7 +8,8 @@ due already). A statement of pgsched's own that locks a pending job for a moment
 therefore wake the workers when it commits, or the job waits for the safety poll. Each
 test here holds such a lock while the job falls due (the worker's timer claims and skips
 it), then lets it go, and waits for the job to run:
-- scheduling a job that depends on it (insert_waiting_job locks its dependencies);
+- scheduling a job that depends on it (insert_waiting_job locks its dependencies), and
+  refusing to (a dependency that does not exist: the locks were held all the same);
 - waiting for it (mark_awaited marks the row);
 and one checks that a job released by the completion of its dependency is announced.
 """
@@ -19,9 +20,10 @@ import asyncio
 from datetime import datetime, timedelta
 
 import psycopg
+import pytest
 from conftest import wait_until, write_config
 
-from pgsched import Scheduler
+from pgsched import InvalidInput, Scheduler
 from pgsched.store import channel_name
 
 POLL_SECONDS = 60  # the safety poll: no test here may pass by waiting for it
@@ -72,8 +74,9 @@ async def _past(sched, at: datetime) -> bool:
     return await db_now(sched) >= at
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["scheduled", "refused"])
 async def test_a_job_locked_by_a_dependent_being_scheduled_runs_when_that_commits(
-        sched, pg_dsn, schema, tmp_path, workers):
+        sched, pg_dsn, schema, tmp_path, workers, refused):
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
     due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
     parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
@@ -85,14 +88,20 @@ async def test_a_job_locked_by_a_dependent_being_scheduled_runs_when_that_commit
             await psycopg.AsyncConnection.connect(pg_dsn) as holder:
         await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
         # (a client without a worker's short lock_timeout, which would give up first)
+        # A refused one (a dependency that does not exist) held the same locks.
         scheduling = asyncio.create_task(patient.schedule(
-            "noop", job_id="c-child", depends_on=[parent, other]))
+            "noop", job_id="c-child",
+            depends_on=[parent, other, *(["z-ghost"] if refused else [])]))
         await wait_until(lambda: not claimable(pg_dsn, schema, parent), timeout=DEADLINE,
                          what="the dependent's insert to lock its dependency")
         assert await db_now(sched) < due, "the lock came after the due time: no race made"
         await until_past(sched, due)
         await holder.commit()
-        await scheduling
+        if refused:
+            with pytest.raises(InvalidInput, match="no job 'z-ghost'"):
+                await scheduling
+        else:
+            await scheduling
     await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
                      what="the dependency, locked as it fell due, to run")
 
@@ -104,7 +113,8 @@ async def test_a_job_locked_by_a_wait_as_it_falls_due_runs_when_that_commits(
     job = await sched.schedule("noop", execution_time=due)
     # Scheduler.wait's statement, held open past the due time as a slow one would be.
     with psycopg.connect(pg_dsn) as waiter:
-        waiter.execute(sched.store._q["mark_awaited"], {"id": job})
+        waiter.execute(sched.store._q["mark_awaited"],
+                       {"id": job, "channel": channel_name(schema)})
         assert await db_now(sched) < due, "the lock came after the due time: no race made"
         await until_past(sched, due)
         assert not claimable(pg_dsn, schema, job)
