@@ -9,7 +9,8 @@ therefore wake the workers when it commits, or the job waits for the safety poll
 test here holds such a lock while the job falls due (the worker's timer claims and skips
 it), then lets it go, and waits for the job to run:
 - scheduling a job that depends on it (insert_waiting_job locks its dependencies), and
-  refusing to (a dependency that does not exist: the locks were held all the same);
+  refusing to (a dependency that does not exist: the locks were held all the same), and
+  `retry` of such a job (lock_dependencies; the retry's own NOTIFY covers it);
 - waiting for it (mark_awaited marks the row);
 and one checks that a job released by the completion of its dependency is announced.
 """
@@ -23,7 +24,7 @@ import psycopg
 import pytest
 from conftest import wait_until, write_config
 
-from pgsched import InvalidInput, Scheduler
+from pgsched import InvalidInput, Scheduler, ops
 from pgsched.store import channel_name
 
 POLL_SECONDS = 60  # the safety poll: no test here may pass by waiting for it
@@ -74,34 +75,38 @@ async def _past(sched, at: datetime) -> bool:
     return await db_now(sched) >= at
 
 
-@pytest.mark.parametrize("refused", [False, True], ids=["scheduled", "refused"])
+@pytest.mark.parametrize("how", ["scheduled", "refused", "retried"])
 async def test_a_job_locked_by_a_dependent_being_scheduled_runs_when_that_commits(
-        sched, pg_dsn, schema, tmp_path, workers, refused):
+        sched, pg_dsn, schema, tmp_path, workers, how):
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
     due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
     parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
     other = await sched.schedule("noop", job_id="b-other",
                                  execution_time=due + timedelta(days=1))
-    # The dependent's insert locks its dependencies in id order: it holds a-parent while it
-    # waits for b-other, which another session holds meanwhile.
+    if how == "retried":  # `pgsched retry` of a dependent locks its dependencies too
+        await sched.schedule("noop", job_id="c-child", depends_on=[parent, other])
+        assert await sched.cancel_job("c-child")
+    # The dependent's statement locks its dependencies in id order: it holds a-parent while
+    # it waits for b-other, which another session holds meanwhile.
     async with Scheduler(pg_dsn, schema=schema) as patient, \
             await psycopg.AsyncConnection.connect(pg_dsn) as holder:
         await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
-        # (a client without a worker's short lock_timeout, which would give up first)
-        # A refused one (a dependency that does not exist) held the same locks.
-        scheduling = asyncio.create_task(patient.schedule(
-            "noop", job_id="c-child",
-            depends_on=[parent, other, *(["z-ghost"] if refused else [])]))
+        # (a client without a worker's short lock_timeout, which would give up first; a
+        # refused dependent, one of whose dependencies does not exist, held the same locks)
+        locking = asyncio.create_task(
+            ops.retry_jobs(patient.store, ["c-child"]) if how == "retried"
+            else patient.schedule("noop", job_id="c-child", depends_on=[
+                parent, other, *(["z-ghost"] if how == "refused" else [])]))
         await wait_until(lambda: not claimable(pg_dsn, schema, parent), timeout=DEADLINE,
-                         what="the dependent's insert to lock its dependency")
+                         what="the dependent's statement to lock its dependency")
         assert await db_now(sched) < due, "the lock came after the due time: no race made"
         await until_past(sched, due)
         await holder.commit()
-        if refused:
+        if how == "refused":
             with pytest.raises(InvalidInput, match="no job 'z-ghost'"):
-                await scheduling
+                await locking
         else:
-            await scheduling
+            await locking
     await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
                      what="the dependency, locked as it fell due, to run")
 
