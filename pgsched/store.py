@@ -819,25 +819,14 @@ class Store:
         async with self.pool.connection() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             row = await _one(await cur.execute(self._q["insert_waiting_job"], params))
-            missing = [d for d in depends_on if d not in set(row["found"])]
-            if missing:
-                raise InvalidInput(
-                    f"depends_on: no job {missing[0]!r}"
-                    + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
-                    + ": give ids of jobs that exist (a vacuumed job is gone); nothing was "
-                    "scheduled")
-            if row["cycle"]:
-                raise InvalidInput(
-                    f"depends_on: job {job.id!r} would wait for itself: one of its "
-                    "dependencies waits for it (a cycle); nothing was scheduled")
-            if row["too_deep"]:
-                raise InvalidInput(
-                    f"depends_on: job {job.id!r} would end a chain of more than "
-                    f"{MAX_DEPENDENCY_CHAIN} waiting jobs; make it wait for a job nearer the "
-                    "start of the chain; nothing was scheduled")
+            refusal = _waiting_refusal(job, depends_on, row)
             if row["inserted"]:
                 await conn.execute(self._q["settle_waiting"], {"ids": [job.id], **params})
-            return bool(row["inserted"])
+        # Raised after the commit: a refused job wrote nothing, and the commit delivers the
+        # wake-up for the dependencies the statement held locked (insert_waiting_job).
+        if refusal is not None:
+            raise InvalidInput(refusal)
+        return bool(row["inserted"])
 
     # -- the worker's path ---------------------------------------------------------------
 
@@ -1474,7 +1463,7 @@ class Store:
     async def mark_awaited(self, job_id: str) -> dict[str, Any] | None:
         """Ask for a NOTIFY on done_channel when the job ends; returns the job as it is
         (None: no such job). LISTEN first, or a job ending in between is missed."""
-        rows = await self._rows("mark_awaited", {"id": job_id})
+        rows = await self._rows("mark_awaited", {"id": job_id, "channel": self.channel})
         return rows[0] if rows else None
 
     @property
@@ -1764,6 +1753,25 @@ def check_dsn(dsn: str) -> None:
             "characters such as @ : / % in the password) or key=value pairs (quote values "
             "that contain spaces: password='a b')"
         ) from None
+
+
+def _waiting_refusal(job: NewJob, depends_on: Sequence[str],
+                     row: dict[str, Any]) -> str | None:
+    """Why insert_waiting_job refused `job` (its answer `row`), or None if it did not."""
+    missing = [d for d in depends_on if d not in set(row["found"])]
+    if missing:
+        return (f"depends_on: no job {missing[0]!r}"
+                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + ": give ids of jobs that exist (a vacuumed job is gone); nothing was "
+                "scheduled")
+    if row["cycle"]:
+        return (f"depends_on: job {job.id!r} would wait for itself: one of its "
+                "dependencies waits for it (a cycle); nothing was scheduled")
+    if row["too_deep"]:
+        return (f"depends_on: job {job.id!r} would end a chain of more than "
+                f"{MAX_DEPENDENCY_CHAIN} waiting jobs; make it wait for a job nearer the "
+                "start of the chain; nothing was scheduled")
+    return None
 
 
 def lock_timeout_for(lease_seconds: float) -> float:

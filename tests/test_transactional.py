@@ -91,12 +91,13 @@ async def test_committed_enqueue_runs_at_once_on_worker_processes(
         bulk = await sched.schedule_bulk(
             [JobSpec("add", args=(i, i)) for i in range(5)], connection=conn)
         await conn.commit()
+    # Delivered at the commit; both statements sent the same due time (the transaction's
+    # now()), which PostgreSQL folds into one notification. Counted before the waits:
+    # waiting for a pending job wakes the workers too (mark_awaited).
+    assert len(await notifications_until_marker(listener, pg_dsn)) == 1
     row = await sched.wait(job_id, timeout=30)
     assert str(row["status"]) == "completed" and row["result"] == 5
     assert [(await sched.wait(i, timeout=30))["result"] for i in bulk] == [0, 2, 4, 6, 8]
-    # Delivered at the commit; both statements sent the same due time (the transaction's
-    # now()), which PostgreSQL folds into one notification.
-    assert len(await notifications_until_marker(listener, pg_dsn)) == 1
 
 
 def test_sync_enqueue_commits_with_the_callers_writes(pg_dsn, schema, sched):

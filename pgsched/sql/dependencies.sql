@@ -15,9 +15,21 @@
 -- Marks them has_dependents, so their end fires the trigger. Returns the dependencies
 -- found, whether a cycle was found, whether the chain is too deep, and whether the job
 -- was inserted; writes nothing unless all were found and neither was.
+--
+-- A claim skips a row locked at that moment (SKIP LOCKED), and leaves it out of its next
+-- due time as well: a pending dependency that is or falls due while this lock is held
+-- would wait for the workers' safety poll. So the statement wakes them for the earliest
+-- pending one (a NOTIFY is delivered at commit, once the lock is gone), even when it
+-- refuses the job: the caller commits a refusal too (it wrote nothing).
 WITH RECURSIVE deps AS (
-    SELECT id FROM {schema}.jobs WHERE id = ANY(%(depends_on)s::text[])
+    SELECT id, status, execution_time, due_after_dependencies
+    FROM {schema}.jobs WHERE id = ANY(%(depends_on)s::text[])
     ORDER BY id FOR UPDATE
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
+    FROM deps WHERE status = 'pending' AND due_after_dependencies IS NULL
+    HAVING count(*) > 0
 ),
 upstream AS (
     -- what the dependencies wait for, and so on up: only waiting jobs can close a cycle.
@@ -65,7 +77,7 @@ edges AS (
 )
 SELECT ARRAY(SELECT id FROM deps) AS found, verdict.cycle, verdict.too_deep,
        (SELECT count(*) FROM new) > 0 AS inserted
-FROM verdict;
+FROM verdict LEFT JOIN wake ON true;
 
 -- name: lock_dependencies
 -- Lock the dependencies of the given waiting jobs against being ended (a completion in

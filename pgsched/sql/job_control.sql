@@ -85,8 +85,18 @@ WHERE id = %(id)s AND attempts = %(attempt)s AND worker_id = %(worker_id)s
 -- after notifies (the jobs_notify_finished trigger, migration 0010). The row lock this
 -- takes makes a finishing transaction either come first (its row is returned) or see
 -- the flag. No row: no such job.
-UPDATE {schema}.jobs SET awaited = true WHERE id = %(id)s
-RETURNING *;
+-- That lock is brief, but a claim skips the row while it is held (SKIP LOCKED) and leaves
+-- it out of its next due time: a pending job that is or falls due meanwhile would wait
+-- for the workers' safety poll. So a pending job wakes them, at commit (as an enqueue).
+WITH marked AS (
+    UPDATE {schema}.jobs SET awaited = true WHERE id = %(id)s
+    RETURNING *
+),
+wake AS (
+    SELECT pg_notify(%(channel)s, extract(epoch FROM execution_time)::text)
+    FROM marked WHERE status = 'pending' AND due_after_dependencies IS NULL
+)
+SELECT marked.* FROM marked LEFT JOIN wake ON true;
 
 -- name: replace_jobs_given
 -- schedule()/schedule_bulk() through the caller's connection (connection=...), in the
