@@ -522,8 +522,11 @@ UPDATE {schema}.jobs SET reserved_until = now() + make_interval(secs => %(second
 WHERE id = (
     SELECT s.id FROM {schema}.jobs s
     WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
+      -- A reservation further ahead than one lasts was not written by a worker (a
+      -- hand-made or poisoned value): it reserves nothing.
       AND CASE WHEN %(id)s::text IS NULL
                THEN s.reserved_until IS NULL OR s.reserved_until <= now()
+                    OR s.reserved_until > now() + make_interval(secs => %(seconds)s)
                ELSE s.id = %(id)s::text END
       AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
       AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)

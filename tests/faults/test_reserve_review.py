@@ -45,7 +45,8 @@ async def _suspect_due_once_long_runs(sched) -> None:
                        "WHERE id = 's' RETURNING id")
 
 
-async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path, **cfg):
+async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path,
+                                       poisoned_reservation: bool = False, **cfg):
     """One worker runs `long` (until `release` exists) and has reserved suspect `s`, which
     waits for it: `long` running, `s` pending and not run. Returns (worker, release)."""
     env = audit_env(pg_dsn, schema)
@@ -53,6 +54,9 @@ async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path,
     worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2, **cfg), env=env)
     await sched.schedule("hold", args=("long", str(release)), job_id="long")
     await _suspect_due_once_long_runs(sched)
+    if poisoned_reservation:
+        await query(sched, "UPDATE {schema}.jobs SET reserved_until = now() + interval "
+                           "'1 year' WHERE id = 's' RETURNING id")
 
     pokes = iter(range(1000))
 
@@ -71,7 +75,8 @@ async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path,
 
 
 async def _reserved(sched) -> bool:
-    rows = await query(sched, "SELECT reserved_until > now() AS reserved "
+    rows = await query(sched, "SELECT reserved_until BETWEEN now() AND now() + interval "
+                              "'1 minute' AS reserved "
                               "FROM {schema}.jobs WHERE id = 's'")
     return bool(rows[0]["reserved"])
 
@@ -199,3 +204,19 @@ async def test_a_suspect_waits_for_the_abandoned_thread_of_a_timed_out_job(
     await wait_until(lambda: _has_run(sched, "s"), timeout=30, what="the suspect")
     order = [a["key"] for a in await audit(sched)]
     assert order == ["long", "s"]
+
+
+async def test_a_reservation_written_far_ahead_by_hand_does_not_keep_busy_workers_away(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Nothing read from the database is trusted: a suspect `reserved_until` a year ahead
+    (no worker writes that) would otherwise never be reserved by a busy worker, and with
+    every worker busy it would never run."""
+    _, release, _ = await _suspect_waiting_beside_long(
+        sched, pg_dsn, schema, workers, tmp_path, poisoned_reservation=True)
+    release.touch()
+    await wait_until(lambda: _ran_all_of(sched, ["long", "s"]), timeout=20,
+                     what="the suspect to run once the long job ended")
+
+
+async def _ran_all_of(sched, keys: list[str]) -> bool:
+    return await _ran(sched) == keys
