@@ -1024,6 +1024,16 @@ class Store:
         )
         return rows[0] if rows else None
 
+    async def reserve_suspect(self, *, job_id: str | None, queues: Sequence[str] | None,
+                              seconds: float) -> str | None:
+        """Reserve a due suspect for `seconds`: `job_id` again (a renewal), or with None
+        the first unreserved one of `queues` (None: every queue) that is not paused.
+        Returns its id, or None when there is none (see reserve_suspect in queries.sql)."""
+        rows = await self._rows("reserve_suspect", {
+            "id": job_id, "queues": list(queues) if queues is not None else None,
+            "seconds": seconds})
+        return rows[0]["id"] if rows else None
+
     async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]],
                            suspects: Sequence[str] = ()) -> set[str]:
         """Put held jobs back to pending (shutdown) and wake idle workers for them; those

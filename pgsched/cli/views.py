@@ -228,6 +228,10 @@ def job_view(job: dict[str, Any]) -> RenderableType:
         # A job of a crash shared with other jobs (migration 0019): it runs alone next.
         "suspect": "yes: runs alone" if job.get("suspect") and job["status"] == "pending"
                    else None,
+        # A busy worker's hold on a due suspect (migration 0022): it runs there once that
+        # worker is alone, or at once on any worker alone. Past, it has lapsed.
+        "reserved until": job.get("reserved_until") if job.get("suspect")
+                          and job["status"] == "pending" else None,
     }
     for key, value in shown.items():
         if value is not None:

@@ -541,6 +541,31 @@ WHERE j.id = %(id)s AND j.attempts = %(attempt)s
   AND j.worker_id = %(worker_id)s AND j.status = 'running'
 RETURNING j.status, j.execution_time;
 
+-- name: reserve_suspect
+-- Reserve a due suspect for %(seconds)s (jobs.reserved_until, migration 0022): the one
+-- named %(id)s, still pending, due and a suspect (a renewal, by the worker that reserved
+-- it), or with %(id)s NULL the first in claim order that no one has reserved, of a queue
+-- the worker serves (%(queues)s, NULL for every queue) that is not paused. Returns its
+-- id, or no row: the suspect was claimed, cancelled or paused meanwhile, or (a new
+-- reservation) every due one is reserved already. SKIP LOCKED: a suspect another session
+-- holds is being claimed or changed; waiting for it would only tell the same.
+UPDATE {schema}.jobs SET reserved_until = now() + make_interval(secs => %(seconds)s)
+WHERE id = (
+    SELECT s.id FROM {schema}.jobs s
+    WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
+      -- A reservation further ahead than one lasts was not written by a worker (a
+      -- hand-made or poisoned value): it reserves nothing.
+      AND CASE WHEN %(id)s::text IS NULL
+               THEN s.reserved_until IS NULL OR s.reserved_until <= now()
+                    OR s.reserved_until > now() + make_interval(secs => %(seconds)s)
+               ELSE s.id = %(id)s::text END
+      AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)
+    ORDER BY s.priority, s.execution_time, s.id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED)
+RETURNING id;
+
 -- name: release_jobs
 -- Put jobs this worker gives up on at shutdown back to pending, due again at their due
 -- time (so already due), without counting a failure (cancelled instead, if a cancel was

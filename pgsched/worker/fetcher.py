@@ -23,19 +23,21 @@ Invariants:
   cancelled and their outcome is void.
 - Suspects (jobs of a crash shared by several jobs, recover_orphans) run alone: the
   ordinary claims leave them, and a claim that finds one due says so (suspect_due). A
-  worker that holds no job (none running, none waiting for the completer: those rows
-  are still running in the database, and a crash would be shared with them) then claims
-  one suspect alone, and claims nothing else until its outcome is recorded; a shutdown
-  gives it back as a suspect. A busy worker that has seen one due for
-  SUSPECT_DRAIN_SECONDS (a random share more) claims it all the same, so that a steady
-  stream, which keeps every worker busy, cannot starve a suspect, and starts it only
-  once every other job it holds is recorded and the threads of timed-out sync jobs have
-  ended (_until_alone); meanwhile it claims nothing.
-  Claimed, the suspect is no longer due for any other worker: one worker waits for it,
-  not every busy one (which left a fleet of long jobs claiming nothing at all), and a
-  suspect that another worker takes, that is cancelled or paused, or that a cap or a
-  global limit holds back is simply not claimed: no worker waits for what it cannot
-  run. A suspect claim that finds nothing is not tried again for SUSPECT_DRAIN_SECONDS.
+  worker that is alone (it holds no job: none running, none waiting for the completer,
+  whose rows still run in the database and would share a crash; and no thread of a
+  timed-out sync job runs on) then claims one suspect, and claims nothing else until
+  its outcome is recorded; a shutdown gives it back as a suspect. A busy worker that has
+  seen one due for SUSPECT_DRAIN_SECONDS (a random share more) reserves one that no
+  other worker has reserved (reserve_suspect), so that a steady stream, which keeps
+  every worker busy, cannot starve a suspect, and claims nothing more until it is alone.
+  The reserved row stays pending: a worker alone meanwhile claims it at once (the
+  reserving one, waiting for its longest job, would keep it from running for as long),
+  and other busy workers, finding every due suspect reserved, go on claiming (all of
+  them stopping left a fleet of long jobs claiming nothing at all). The reserving worker
+  renews its reservation every SUSPECT_DRAIN_SECONDS and goes back to claiming once it
+  finds the suspect gone (taken, cancelled, paused); alone, it claims a due suspect,
+  the one it reserved or an earlier one. A suspect claim or a reservation that finds
+  nothing is not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
 retried with backoff, which a stop ends (the drain must not wait for it). It returns
@@ -71,13 +73,12 @@ TIMER_MARGIN_SECONDS = 0.0005
 WRITE_WAIT_SECONDS = 0.25
 # How many outcomes parked behind row locks (per slot) the backlog cap leaves aside.
 PARKED_ROOM_FACTOR = 2
-# How long a busy worker goes on claiming while a suspect is due, before it claims the
+# How long a busy worker goes on claiming while a suspect is due, before it reserves the
 # suspect and lets its other jobs finish to run it alone (times 1 to 2, drawn per
-# worker): an idle worker takes a suspect at once, so a busy one takes it only when none
-# is idle, and the first busy worker to take it spares the others.
+# worker): an idle worker takes a suspect at once, so a busy one reserves it only when
+# none is idle, and the first busy worker to reserve it spares the others. Also how often
+# the reserving worker renews its reservation, which lasts twice as long.
 SUSPECT_DRAIN_SECONDS = 5.0
-# How often a suspect claimed beside running jobs looks whether they are all recorded.
-ALONE_CHECK_SECONDS = 0.1
 
 
 class Fetcher:
@@ -86,8 +87,10 @@ class Fetcher:
         self._queue_limits = dict(ctx.options.queue_concurrency)
         self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
         self._alone: Held | None = None  # the suspect this worker runs, alone
-        self._suspect_drain_at: float | None = None  # loop time to claim a due suspect, busy
+        self._suspect_drain_at: float | None = None  # loop time to reserve a due suspect, busy
         self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
+        self._reserved: str | None = None  # the suspect this worker reserved, busy
+        self._renew_at = float("-inf")  # loop time to renew that reservation
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -99,19 +102,19 @@ class Fetcher:
             # stop) must end the sleep that follows it.
             ctx.wake.clear()
             free = self.free_slots()
-            suspect = self._suspect_turn()
-            if suspect is not None:
-                free = 1 if suspect else 0
             claimed_full = False
-            if free > 0:
-                try:
+            try:
+                suspect = await self._suspect_turn()
+                if suspect is not None:
+                    free = 1 if suspect else 0
+                if free > 0:
                     claimed_full = await self.claim(free, suspects=bool(suspect))
-                    failures = 0
-                except DB_ERRORS as exc:
-                    ctx.db_error("claim", exc, failures)
-                    failures += 1
-                    await backoff_sleep(failures, stopping=ctx.stop_requested)
-                    continue
+                failures = 0
+            except DB_ERRORS as exc:
+                ctx.db_error("claim", exc, failures)
+                failures += 1
+                await backoff_sleep(failures, stopping=ctx.stop_requested)
+                continue
             if not ctx.ready.is_set():
                 ctx.ready.set()
                 served = ", ".join(ctx.options.queues or ["every queue"])
@@ -126,13 +129,13 @@ class Fetcher:
                 log.info("burst_done")
                 return
             # With every slot busy, a freed slot is the next reason to claim; with a
-            # suspect running here or due, so is each job that ends or is recorded.
+            # suspect running here, due or reserved, so is each job that ends or is recorded.
             ctx.slot_freed_wakes = (
                 free <= 0 or ctx.options.burst or self._alone is not None
-                or self._suspect_drain_at is not None
+                or self._suspect_drain_at is not None or self._reserved is not None
                 or saturated(self._queue_limits, self._running_by_queue(),
                              ctx.options.queues))
-            poll_at = loop.time() + ctx.options.poll_seconds
+            poll_at = min(loop.time() + ctx.options.poll_seconds, self._suspect_deadline())
             write_wait_ends = self._write_wait_ends() if free <= 0 else None
             await self._sleep(free, poll_at if write_wait_ends is None
                               else min(poll_at, write_wait_ends))
@@ -160,19 +163,56 @@ class Fetcher:
             if ctx.wake.is_set() or not ctx.retime.is_set():
                 return
 
-    def _suspect_turn(self) -> bool | None:
-        """None: claim as usual; True: claim one suspect; False: claim nothing (a
-        suspect runs here, or waits to run alone)."""
+    async def _suspect_turn(self) -> bool | None:
+        """None: claim as usual; True: claim one suspect, alone; False: claim nothing (a
+        suspect runs here, or this worker reserved one and waits to be alone)."""
+        ctx = self.ctx
         if self._alone is not None:
             # Until its outcome is recorded, not only until it returns: its row runs on
             # in the database meanwhile, and a crash would be shared with what ran beside.
-            if self.ctx.held.get(self._alone.key) is self._alone:
+            if ctx.held.get(self._alone.key) is self._alone:
                 return False
             self._alone = None
         now = asyncio.get_running_loop().time()
+        alone = not ctx.held and not ctx.hung_threads
+        if self._reserved is not None:
+            if alone:
+                self._reserved = None
+                return True
+            if now < self._renew_at:
+                return False
+            self._renew_at = now + SUSPECT_DRAIN_SECONDS
+            self._reserved = await self._reserve(self._reserved)
+            return None if self._reserved is None else False
         if self._suspect_drain_at is None or now < self._suspect_retry_at:
             return None
-        return True if not self.ctx.held or now >= self._suspect_drain_at else None
+        if alone:
+            return True
+        if now < self._suspect_drain_at:
+            return None
+        self._suspect_drain_at = None
+        self._reserved = await self._reserve(None)
+        if self._reserved is None:  # every due one is reserved, or none is left
+            self._suspect_retry_at = now + SUSPECT_DRAIN_SECONDS
+            return None
+        self._renew_at = now + SUSPECT_DRAIN_SECONDS
+        log.info("suspect_reserved", job_id=self._reserved)
+        return False
+
+    async def _reserve(self, job_id: str | None) -> str | None:
+        return await self.ctx.store.reserve_suspect(
+            job_id=job_id, queues=self.ctx.options.queues,
+            seconds=2 * SUSPECT_DRAIN_SECONDS)
+
+    def _suspect_deadline(self) -> float:
+        """The loop time the fetcher must look at suspects again without a wake-up: to
+        renew its reservation (and see whether a timed-out job's thread has ended), or
+        to reserve a suspect due for long enough while every slot stays busy."""
+        if self._reserved is not None:
+            return self._renew_at
+        if self._suspect_drain_at is not None:
+            return max(self._suspect_drain_at, self._suspect_retry_at)
+        return float("inf")
 
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
@@ -189,7 +229,8 @@ class Fetcher:
             self._suspect_drain_at = None
         elif self._suspect_drain_at is None:
             self._suspect_drain_at = now + SUSPECT_DRAIN_SECONDS * (1 + random.random())
-        return tried or (due and not self.ctx.held and now >= self._suspect_retry_at)
+        return tried or (due and not self.ctx.held and not self.ctx.hung_threads
+                         and now >= self._suspect_retry_at)
 
     def free_slots(self) -> int:
         """Jobs to claim now: free execution slots, less whatever the completer's backlog
@@ -254,10 +295,6 @@ class Fetcher:
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None
-        # A suspect claimed now waits for these to be recorded, and for the threads of
-        # timed-out or cancelled sync jobs that run on (recorded, yet a crash they cause
-        # would be counted against the suspect).
-        beside = bool(ctx.held) or ctx.hung_threads > 0
         for job in jobs:
             if job["expired"]:
                 ctx.stats.expired += 1
@@ -272,26 +309,13 @@ class Fetcher:
             self._lose_older_attempts(held)
             ctx.held[held.key] = held
             ctx.executing += 1
-            held.task = asyncio.create_task(self._execute(job, held, suspects and beside),
-                                            name=f"job:{job['id']}")
+            held.task = asyncio.create_task(self._execute(job, held), name=f"job:{job['id']}")
             if suspects:
                 alone = held
                 held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
         return again or (free > 0 and len(jobs) >= free and alone is None)
-
-    async def _until_alone(self, held: Held) -> None:
-        """Until `held`, a suspect claimed beside other jobs, is the only job this worker
-        holds and no abandoned thread of a sync job runs on: they ran before it and their
-        outcomes are recorded, so a crash from here on is the suspect's alone. Its lease
-        is renewed meanwhile (it is held); a cancel, a lost lease or a stop cancels it
-        here as it would cancel its run."""
-        ctx = self.ctx
-        while ctx.hung_threads or any(h is not held for h in ctx.held.values()):
-            if ctx.stop_requested.is_set():
-                raise asyncio.CancelledError  # a stop starts nothing: it is given back
-            await asyncio.sleep(ALONE_CHECK_SECONDS)
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this
@@ -318,16 +342,13 @@ class Fetcher:
             return Counter()
         return Counter(h.queue for h in self.ctx.held.values() if not h.finished)
 
-    async def _execute(self, job: dict[str, Any], held: Held, wait_alone: bool = False) -> None:
+    async def _execute(self, job: dict[str, Any], held: Held) -> None:
         ctx = self.ctx
         structlog.contextvars.bind_contextvars(
             job_id=job["id"], task=job["task"], attempt=job["attempts"]
         )
         started = time.monotonic()
         try:
-            if wait_alone:
-                await self._until_alone(held)
-                started = time.monotonic()
             lateness_ms = round(
                 (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
             # debug, not info: with job_completed (which repeats lateness_ms) that would be

@@ -1,13 +1,13 @@
-"""Review of the reserve change: a busy worker claims a due suspect and starts it once
-every other job it holds is recorded (Fetcher._until_alone). Real worker processes.
+"""Review of the reserve change: a busy worker reserves a due suspect (it stays pending)
+and claims it once every other job it holds is recorded. Real worker processes.
 
-- A kill while the suspect waits beside a running job is a crash shared by both: it
-  counts against neither and both are suspects again; a fresh worker runs each once.
-- A SIGTERM while it waits gives it back as a suspect, unrun; a fresh worker finishes all.
+- A kill while the suspect waits beside a running job counts against that job alone, the
+  only one running: the reserved suspect was never claimed. A fresh worker runs each once.
+- A SIGTERM while it waits leaves it a suspect, unrun; a fresh worker finishes all.
 - Once the suspect is recorded the worker claims again at once, not at its poll.
 - It also waits for the thread of a timed-out sync job that runs on (recorded, yet still
   running in the worker).
-- Strict xfail: it is not given back when another worker becomes idle meanwhile.
+- Another worker that becomes idle meanwhile runs it, not the reserving one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import itertools
 import signal
 from datetime import timedelta
 
-import pytest
 from conftest import wait_until
 
 from .kit import audit, audit_env, db_now, fault_config, query
@@ -46,29 +45,40 @@ async def _suspect_due_once_long_runs(sched) -> None:
                        "WHERE id = 's' RETURNING id")
 
 
-async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path, **cfg):
-    """One worker runs `long` (until `release` exists) and has claimed suspect `s`, which
-    waits for it: both running in the database, `s` not run. Returns (worker, release)."""
+async def _suspect_waiting_beside_long(sched, pg_dsn, schema, workers, tmp_path,
+                                       poisoned_reservation: bool = False, **cfg):
+    """One worker runs `long` (until `release` exists) and has reserved suspect `s`, which
+    waits for it: `long` running, `s` pending and not run. Returns (worker, release)."""
     env = audit_env(pg_dsn, schema)
     release = tmp_path / "release"
     worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2, **cfg), env=env)
     await sched.schedule("hold", args=("long", str(release)), job_id="long")
     await _suspect_due_once_long_runs(sched)
+    if poisoned_reservation:
+        await query(sched, "UPDATE {schema}.jobs SET reserved_until = now() + interval "
+                           "'1 year' WHERE id = 's' RETURNING id")
 
     pokes = iter(range(1000))
 
-    async def s_claimed() -> bool:
+    async def s_reserved() -> bool:
         # A NOTIFY wakes the worker to claim (its poll may be long): it sees s due.
         await sched.schedule("noop", job_id=f"n{next(pokes)}")
         await asyncio.sleep(0.5)
-        return (await _status(sched))["s"][0] == "running"
+        return await _reserved(sched)
 
-    await wait_until(s_claimed, timeout=40, what="the busy worker to claim the suspect")
-    await asyncio.sleep(4.0)  # past the 3 s lease: its heartbeats keep it
+    await wait_until(s_reserved, timeout=40, what="the busy worker to reserve the suspect")
+    await asyncio.sleep(4.0)  # past the 3 s lease
     assert await _ran(sched) == []  # s waits for long
     status = await _status(sched)
-    assert (status["s"][0], status["long"][0]) == ("running", "running")
+    assert (status["s"][0], status["long"][0]) == ("pending", "running")
     return worker, release, env
+
+
+async def _reserved(sched) -> bool:
+    rows = await query(sched, "SELECT reserved_until BETWEEN now() AND now() + interval "
+                              "'1 minute' AS reserved "
+                              "FROM {schema}.jobs WHERE id = 's'")
+    return bool(rows[0]["reserved"])
 
 
 async def _a_fresh_worker_runs_each_once(sched, pg_dsn, schema, workers, tmp_path, env):
@@ -82,7 +92,7 @@ async def _a_fresh_worker_runs_each_once(sched, pg_dsn, schema, workers, tmp_pat
     assert await _ran(sched) == ["long", "s"]
 
 
-async def test_a_kill_while_a_suspect_waits_beside_a_job_counts_against_neither(
+async def test_a_kill_while_a_suspect_waits_beside_a_job_counts_against_that_job_only(
         sched, pg_dsn, schema, workers, tmp_path):
     worker, release, env = await _suspect_waiting_beside_long(
         sched, pg_dsn, schema, workers, tmp_path)
@@ -90,7 +100,8 @@ async def test_a_kill_while_a_suspect_waits_beside_a_job_counts_against_neither(
     await asyncio.sleep(4.0)  # past the 3 s lease
     await sched.store.recover_orphans(max_recoveries=3)
     status = {k: v for k, v in (await _status(sched)).items() if k in ("long", "s")}
-    assert status == {"long": ("pending", True, 0), "s": ("pending", True, 0)}
+    # long ran alone: the crash is its own; s, reserved, never ran
+    assert status == {"long": ("pending", True, 1), "s": ("pending", True, 0)}
     release.touch()
     await _a_fresh_worker_runs_each_once(sched, pg_dsn, schema, workers, tmp_path, env)
 
@@ -129,13 +140,10 @@ async def _ran_all(sched) -> bool:
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a busy worker that claimed a suspect keeps it until its own long job is recorded, "
-    "though another worker has since become idle: Fetcher._until_alone never gives the "
-    "suspect back, so it waits as long as the claimer's longest job (before the reserve "
-    "change the drained worker had not claimed it and the idle one took it at once)"))
 async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_idle(
         sched, pg_dsn, schema, workers, tmp_path):
+    """A strict xfail while a busy worker claimed the suspect and waited with it, running,
+    until its own long job ended: the worker that became idle could not take it."""
     env = audit_env(pg_dsn, schema)
     procs = {}
     for queue in ("a", "b"):
@@ -156,15 +164,12 @@ async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_id
                        "WHERE id = 's' RETURNING id")
     pokes = itertools.count()
 
-    async def claimer() -> str | None:
+    async def reserver() -> str | None:
         await sched.schedule("noop", job_id=f"n{next(pokes)}")
         await asyncio.sleep(0.5)
-        rows = await query(sched, "SELECT worker_id FROM {schema}.jobs WHERE id = 's' "
-                                  "AND status = 'running'")
-        return rows[0]["worker_id"] if rows else None
+        return next((q for q, p in procs.items() if "suspect_reserved" in p.log()), None)
 
-    worker_id = await wait_until(claimer, timeout=40, what="a busy worker to claim s")
-    held_by = "a" if worker_id.split(":")[1] == str(procs["a"].pid) else "b"
+    held_by = await wait_until(reserver, timeout=40, what="a busy worker to reserve s")
     other = "b" if held_by == "a" else "a"
     (tmp_path / f"release-{other}").touch()  # the other worker is idle from now on
     try:
@@ -199,3 +204,19 @@ async def test_a_suspect_waits_for_the_abandoned_thread_of_a_timed_out_job(
     await wait_until(lambda: _has_run(sched, "s"), timeout=30, what="the suspect")
     order = [a["key"] for a in await audit(sched)]
     assert order == ["long", "s"]
+
+
+async def test_a_reservation_written_far_ahead_by_hand_does_not_keep_busy_workers_away(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Nothing read from the database is trusted: a suspect `reserved_until` a year ahead
+    (no worker writes that) would otherwise never be reserved by a busy worker, and with
+    every worker busy it would never run."""
+    _, release, _ = await _suspect_waiting_beside_long(
+        sched, pg_dsn, schema, workers, tmp_path, poisoned_reservation=True)
+    release.touch()
+    await wait_until(lambda: _ran_all_of(sched, ["long", "s"]), timeout=20,
+                     what="the suspect to run once the long job ended")
+
+
+async def _ran_all_of(sched, keys: list[str]) -> bool:
+    return await _ran(sched) == keys

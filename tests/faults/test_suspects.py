@@ -274,10 +274,11 @@ async def _drained(sched, n: int) -> str:
 
 async def test_a_worker_waiting_to_run_a_suspect_that_is_cancelled_claims_again(
         sched, pg_dsn, schema, workers, tmp_path):
-    """A worker busy with a long job claims a due suspect and waits for the long job to
-    end before it runs it; the suspect is cancelled meanwhile. The worker must notice and
-    claim ordinary jobs again, not sit idle until its long job ends. (Seen failing, when a
-    busy worker drained without claiming: it claimed nothing until the long job ended.)"""
+    """A worker busy with a long job reserves a due suspect and waits for the long job to
+    end before it claims it; the suspect is cancelled meanwhile. The worker must notice
+    and claim ordinary jobs again, not sit idle until its long job ends. (Seen failing,
+    when a busy worker drained without claiming: it claimed nothing until the long job
+    ended.)"""
     env = audit_env(pg_dsn, schema)
     release = tmp_path / "release"
     workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
@@ -290,8 +291,8 @@ async def test_a_worker_waiting_to_run_a_suspect_that_is_cancelled_claims_again(
     n = itertools.count()
     blocked = await wait_until(lambda: _drained(sched, next(n)), timeout=40,
                                what="the worker to drain for the suspect")
-    # Claimed and waiting (running in the database): `pgsched cancel` asks its worker.
-    assert await sched.store.request_cancel(ids=["s"]) == {"s": "running"}
+    # Reserved, not claimed: still pending, so cancelled at once.
+    assert await sched.store.request_cancel(ids=["s"]) == {"s": "cancelled"}
 
     async def ran() -> bool:
         return any(a["key"] == blocked for a in await audit(sched))
