@@ -125,7 +125,10 @@ class Fetcher:
                         await result
             if claimed_full:
                 continue  # more may be due right now
-            if ctx.options.burst and free > 0 and ctx.executing == 0:
+            # A due suspect that only the threads of timed-out sync jobs keep from running
+            # here is due now too: burst mode waits for them (it reserves it, in time).
+            if (ctx.options.burst and free > 0 and ctx.executing == 0
+                    and not (ctx.hung_threads and self._suspect_drain_at is not None)):
                 log.info("burst_done")
                 return
             # With every slot busy, a freed slot is the next reason to claim; with a
@@ -201,7 +204,7 @@ class Fetcher:
 
     async def _reserve(self, job_id: str | None) -> str | None:
         return await self.ctx.store.reserve_suspect(
-            job_id=job_id, queues=self.ctx.options.queues,
+            worker_id=self.ctx.id, job_id=job_id, queues=self.ctx.options.queues,
             seconds=2 * SUSPECT_DRAIN_SECONDS)
 
     def _suspect_deadline(self) -> float:

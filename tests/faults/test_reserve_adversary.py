@@ -1,0 +1,135 @@
+"""Adversarial review of suspect reservations (migration 0022, Fetcher._suspect_turn).
+Real worker processes, a real PostgreSQL.
+
+- A busy worker reserves only a suspect it could claim once alone: not one whose queue's
+  global limit has no room (a rate limit spent for the hour), nor one whose attempts
+  cannot count up (written with SQL, which every claim leaves). Reserving those made it
+  drain its slots for nothing again and again, not once.
+- A burst worker runs a suspect due now that only an abandoned thread keeps from running:
+  it exited with the suspect pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from datetime import timedelta
+
+from conftest import wait_until
+
+from .kit import audit, audit_env, db_now, fault_config, log_events, query
+
+# Long enough for the 5-10 s before a busy worker reserves, the 10 s its own lapsed
+# reservation keeps it from reserving again, and the 5-10 s after that: two turns.
+TWO_RESERVATION_TURNS_SECONDS = 40.0
+
+
+async def _stream(sched, stop: asyncio.Event, queue: str = "default") -> None:
+    """Jobs of 0.3 s every 0.1 s: a worker of two slots is always busy, with a backlog."""
+    for n in itertools.count():
+        if stop.is_set():
+            return
+        await sched.schedule("sleep_then_record", args=(f"o{n:05}", 0.3),
+                             job_id=f"o{n:05}", queue=queue)
+        await asyncio.sleep(0.1)
+
+
+async def _running(sched, n: int) -> bool:
+    rows = await query(sched, "SELECT count(*) AS n FROM {schema}.jobs "
+                              "WHERE status = 'running'")
+    return rows[0]["n"] >= n
+
+
+async def _due_suspect(sched, job_id: str, queue: str = "default", **columns: object) -> None:
+    """Make `job_id` a due suspect (as a recovery would), with `columns` set by SQL."""
+    await sched.schedule("sleep_then_record", args=(job_id, 0.0), job_id=job_id, queue=queue,
+                         execution_time=await db_now(sched) + timedelta(hours=1))
+    sets = "".join(f", {name} = %({name})s" for name in columns)
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now()"
+                       + sets + " WHERE id = %(id)s RETURNING id", {"id": job_id, **columns})
+
+
+async def _reservations_while_busy(sched, pg_dsn, schema, workers, tmp_path,
+                                   setup) -> list[str]:
+    """A worker of two slots kept busy by a steady stream; `setup` makes a suspect due that
+    it cannot claim. Returns its suspect_reserved lines over two reservation turns."""
+    env = audit_env(pg_dsn, schema)
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), env=env)
+    stop = asyncio.Event()
+    feeding = asyncio.create_task(_stream(sched, stop))
+    try:
+        await wait_until(lambda: _running(sched, 2), timeout=30, what="a busy worker")
+        await setup()
+        await asyncio.sleep(TWO_RESERVATION_TURNS_SECONDS)
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+    assert worker.proc.poll() is None
+    return log_events(worker, "suspect_reserved")
+
+
+# Seen failing before reserve_suspect looked at the queue's room: 3 reservations in 40 s,
+# each a drain of the worker's slots for a suspect its claim then could not take.
+async def test_a_busy_worker_does_not_reserve_a_suspect_a_spent_rate_limit_holds_back(
+        sched, pg_dsn, schema, workers, tmp_path):
+    await sched.store.set_queue_limits("lim", rate=(1, 3600.0), set_rate=True)
+
+    async def spent_limit_and_suspect() -> None:
+        await sched.schedule("noop", job_id="spends-the-hour", queue="lim")
+
+        async def spent() -> bool:
+            rows = await query(sched, "SELECT status::text FROM {schema}.jobs "
+                                      "WHERE id = 'spends-the-hour'")
+            return rows[0]["status"] == "completed"
+
+        await wait_until(spent, timeout=30, what="the one lim job of the hour")
+        await _due_suspect(sched, "s", queue="lim")
+
+    reserved = await _reservations_while_busy(sched, pg_dsn, schema, workers, tmp_path,
+                                              spent_limit_and_suspect)
+    assert reserved == []
+    rows = await query(sched, "SELECT status::text, suspect FROM {schema}.jobs "
+                              "WHERE id = 's'")
+    assert (rows[0]["status"], rows[0]["suspect"]) == ("pending", True)
+
+
+# Seen failing before reserve_suspect left such rows: 3 reservations in 40 s.
+async def test_a_busy_worker_does_not_reserve_a_suspect_no_claim_can_take(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """attempts 2147483647 (written with SQL): the claim walks leave the row, as one more
+    attempt cannot be counted."""
+    reserved = await _reservations_while_busy(
+        sched, pg_dsn, schema, workers, tmp_path,
+        lambda: _due_suspect(sched, "s", attempts=2147483647))
+    assert reserved == []
+
+
+# Seen failing before a burst worker waited for its abandoned threads with a suspect due:
+# it logged burst_done and exited, the suspect still pending ('pending' != 'completed').
+async def test_a_burst_worker_runs_a_due_suspect_after_its_abandoned_thread_ends(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A sync job times out (recorded, its thread runs on) and a suspect is due: the burst
+    worker holds no job, yet it is not alone. Nothing else is left to run, but the suspect
+    is, once the thread ends: burst mode runs what is due before it exits."""
+    env = audit_env(pg_dsn, schema)
+    release = tmp_path / "release"
+    await sched.schedule("sync_hold", args=("long", str(release)), job_id="long",
+                         timeout=2.0, max_retries=0)
+    worker = workers(fault_config(tmp_path, pg_dsn, schema, concurrency=2), "--burst",
+                     env=env)
+
+    async def long_is(status: str) -> bool:
+        rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = 'long'")
+        return rows[0]["status"] == status
+
+    await wait_until(lambda: long_is("running"), timeout=30, what="the sync job")
+    await _due_suspect(sched, "s")
+    await wait_until(lambda: long_is("failed"), timeout=30, what="the sync job to time out")
+    await asyncio.sleep(2.0)
+    release.touch()  # the thread ends; the suspect may run alone from now on
+    assert await worker.wait(timeout=60) == 0
+    rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = 's'")
+    assert rows[0]["status"] == "completed"
+    assert [a["key"] for a in await audit(sched)] == ["long", "s"]  # after the thread
