@@ -180,7 +180,9 @@ class Fetcher:
         alone = not ctx.held and not ctx.hung_threads
         if self._reserved is not None:
             if alone:
-                self._reserved = None
+                # Kept until the claim returns (_note_suspects): a claim that fails (a
+                # lock timeout, a lost connection) is tried again as a suspect claim,
+                # not lost to an ordinary one that would make this worker busy again.
                 return True
             if now < self._renew_at:
                 return False
@@ -219,10 +221,12 @@ class Fetcher:
 
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
-        runs here. True when this worker should claim again at once: a suspect, as it
+        runs here; a suspect claim (`tried`) ends this worker's reservation. True when this worker should claim again at once: a suspect, as it
         holds nothing and one is due, or, after a suspect claim that found none, the
         ordinary jobs it left."""
         now = asyncio.get_running_loop().time()
+        if tried:
+            self._reserved = None
         if claimed is not None:
             self._alone, self._suspect_drain_at = claimed, None
             return False

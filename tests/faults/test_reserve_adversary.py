@@ -7,6 +7,10 @@ Real worker processes, a real PostgreSQL.
   drain its slots for nothing again and again, not once.
 - A burst worker runs a suspect due now that only an abandoned thread keeps from running:
   it exited with the suspect pending.
+- Many suspects due at once while a steady stream keeps two workers busy: each runs, and
+  nothing runs beside it on its worker.
+- A reserving worker alone whose suspect claim fails (a lock timeout) claims the suspect
+  next: the failure dropped its reservation and it claimed ordinary jobs first.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import contextlib
 import itertools
 from datetime import timedelta
 
+import psycopg
 from conftest import wait_until
 
 from .kit import audit, audit_env, db_now, fault_config, log_events, query
+from .test_reserve_review import _suspect_waiting_beside_long
 
 # Long enough for the 5-10 s before a busy worker reserves, the 10 s its own lapsed
 # reservation keeps it from reserving again, and the 5-10 s after that: two turns.
@@ -133,3 +139,83 @@ async def test_a_burst_worker_runs_a_due_suspect_after_its_abandoned_thread_ends
     rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = 's'")
     assert rows[0]["status"] == "completed"
     assert [a["key"] for a in await audit(sched)] == ["long", "s"]  # after the thread
+
+
+async def test_many_suspects_in_a_steady_stream_each_run_alone_on_its_worker(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Two workers of two slots, always busy, and three suspects due at once: each runs
+    (reserved by a busy worker, or taken by one alone), and nothing else runs beside it on
+    its worker."""
+    env = audit_env(pg_dsn, schema)
+    for name in ("w1", "w2"):
+        (tmp_path / name).mkdir()
+        workers(fault_config(tmp_path / name, pg_dsn, schema, concurrency=2), env=env)
+    stop = asyncio.Event()
+    feeding = asyncio.create_task(_stream(sched, stop))
+    suspects = ["s1", "s2", "s3"]
+    try:
+        await wait_until(lambda: _running(sched, 4), timeout=30, what="two busy workers")
+        for job_id in suspects:
+            await sched.schedule("sleep_then_record", args=(job_id, 1.0), job_id=job_id,
+                                 execution_time=await db_now(sched) + timedelta(hours=1))
+        await query(sched, "UPDATE {schema}.jobs SET suspect = true, execution_time = now() "
+                           "WHERE id = ANY(%s) RETURNING id", [suspects])
+
+        async def all_ran() -> bool:
+            rows = await query(sched, "SELECT count(*) AS n FROM {schema}.audit "
+                                      "WHERE key = ANY(%s)", [suspects])
+            return rows[0]["n"] == len(suspects)
+
+        await wait_until(all_ran, timeout=120, what="every suspect to run")
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+    rows = await query(sched, "SELECT a.key, a.pid, a.at AS ended, j.started_at "
+                              "FROM {schema}.audit a JOIN {schema}.jobs j ON j.id = a.job_id")
+    runs = {r["key"]: r for r in rows}
+    beside = {}
+    for key in suspects:
+        s = runs[key]
+        alone = (s["ended"] - timedelta(seconds=1.0), s["ended"])
+        beside[key] = [k for k, r in runs.items() if k != key and r["pid"] == s["pid"]
+                       and r["started_at"] < alone[1] and r["ended"] > alone[0]]
+    assert beside == {key: [] for key in suspects}
+
+
+# Seen failing before the reservation outlived a failed suspect claim: the worker, alone,
+# claimed the ordinary job first (['long', 'o', 's'] != ['long', 's', 'o']).
+async def test_a_reserving_worker_whose_suspect_claim_fails_claims_the_suspect_next(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """The worker reserved `s` beside `long`; `o` queued meanwhile. When `long` ends the
+    worker is alone and claims `s`, and that claim fails (its lock timeout, behind a table
+    lock another session holds). The reservation still holds: its next claim is `s`, not
+    `o`, which would make it busy again and `s` wait a whole new reservation turn."""
+    worker, release, _ = await _suspect_waiting_beside_long(sched, pg_dsn, schema, workers,
+                                                            tmp_path)
+    await sched.schedule("sleep_then_record", args=("o", 0.0), job_id="o")
+
+    async def reserved_until():
+        rows = await query(sched, "SELECT reserved_until FROM {schema}.jobs WHERE id = 's'")
+        return rows[0]["reserved_until"]
+
+    before = await reserved_until()
+    # Just renewed: the next renewal, which would fail behind the lock too, is 5 s away.
+    await wait_until(lambda: _changed(reserved_until, before), timeout=20,
+                     what="a renewal of the reservation")
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+        await locker.execute(f'LOCK TABLE "{schema}".paused_queues IN ACCESS EXCLUSIVE MODE')
+        release.touch()
+        await wait_until(lambda: log_events(worker, "db_unavailable"), timeout=20,
+                         what="the suspect claim to fail")
+        await locker.rollback()
+    await wait_until(lambda: _ran_all(sched, 3), timeout=30, what="s and o")
+    assert [a["key"] for a in await audit(sched)] == ["long", "s", "o"]
+
+
+async def _changed(read, before) -> bool:
+    return await read() != before
+
+
+async def _ran_all(sched, n: int) -> bool:
+    return len(await audit(sched)) >= n
