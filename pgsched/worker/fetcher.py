@@ -221,9 +221,9 @@ class Fetcher:
 
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
-        runs here; a suspect claim (`tried`) ends this worker's reservation. True when this worker should claim again at once: a suspect, as it
-        holds nothing and one is due, or, after a suspect claim that found none, the
-        ordinary jobs it left."""
+        runs here; a suspect claim (`tried`) ends this worker's reservation. True when
+        this worker should claim again at once: a suspect, as it holds nothing and one is
+        due, or, after a suspect claim that found none, the ordinary jobs it left."""
         now = asyncio.get_running_loop().time()
         if tried:
             self._reserved = None
