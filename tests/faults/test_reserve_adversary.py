@@ -11,6 +11,7 @@ Real worker processes, a real PostgreSQL.
   nothing runs beside it on its worker.
 - A reserving worker alone whose suspect claim fails (a lock timeout) claims the suspect
   next: the failure dropped its reservation and it claimed ordinary jobs first.
+- Two reservations held behind a table lock and released together reserve once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from datetime import timedelta
 
 import psycopg
 from conftest import wait_until
+
+from pgsched import Scheduler
 
 from .kit import audit, audit_env, db_now, fault_config, log_events, query
 from .test_reserve_review import _suspect_waiting_beside_long
@@ -219,3 +222,33 @@ async def _changed(read, before) -> bool:
 
 async def _ran_all(sched, n: int) -> bool:
     return len(await audit(sched)) >= n
+
+
+async def test_two_reservations_released_together_from_a_lock_reserve_the_suspect_once(
+        sched, pg_dsn, schema):
+    """Busy workers reserving while a lock on a table the statement reads holds them
+    (ALTER TABLE in a migration, an operator's LOCK) all go on when it ends. The statement
+    that began first has the older now(): had it come second, the other's reservation
+    would lie further ahead of it than a reservation lasts, which is how a hand-written
+    one is told. It goes first (it waited first), so one reservation is made."""
+    await _due_suspect(sched, "s")
+    # Without options: a worker's lock timeout (up to 5 s), not the fixture's 0.5 s.
+    async with Scheduler(pg_dsn, schema=schema) as one, \
+            Scheduler(pg_dsn, schema=schema) as other:
+        reserved = []
+        for _ in range(8):
+            await query(sched, "UPDATE {schema}.jobs SET reserved_until = NULL "
+                               "WHERE id = 's' RETURNING id")
+            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+                await locker.execute(
+                    f'LOCK TABLE "{schema}".paused_queues IN ACCESS EXCLUSIVE MODE')
+                first = asyncio.create_task(one.store.reserve_suspect(
+                    worker_id="host:1:first", job_id=None, queues=None, seconds=10))
+                await asyncio.sleep(0.3)
+                second = asyncio.create_task(other.store.reserve_suspect(
+                    worker_id="host:2:second", job_id=None, queues=None, seconds=10))
+                await asyncio.sleep(0.3)
+                await locker.rollback()
+            got = await asyncio.gather(first, second)
+            reserved.append(sum(1 for job_id in got if job_id is not None))
+    assert reserved == [1] * 8
