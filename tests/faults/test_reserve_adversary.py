@@ -12,6 +12,8 @@ Real worker processes, a real PostgreSQL.
 - A reserving worker alone whose suspect claim fails (a lock timeout) claims the suspect
   next: the failure dropped its reservation and it claimed ordinary jobs first.
 - Two reservations held behind a table lock and released together reserve once.
+- A reserving worker killed: another busy worker reserves the suspect in turn and runs it
+  once, alone; the kill counts against the killed worker's job, never the suspect.
 """
 
 from __future__ import annotations
@@ -252,3 +254,53 @@ async def test_two_reservations_released_together_from_a_lock_reserve_the_suspec
             got = await asyncio.gather(first, second)
             reserved.append(sum(1 for job_id in got if job_id is not None))
     assert reserved == [1] * 8
+
+
+async def test_a_reserving_worker_killed_leaves_its_suspect_to_another_busy_worker(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """Two workers, each busy with a long job; the one that reserved `s` is killed. Its
+    reservation lapses, the other reserves `s` in turn and runs it once its own long job
+    ends: once, alone, and the kill counted against the killed worker's job, never `s`."""
+    env = audit_env(pg_dsn, schema)
+    procs = {}
+    for queue in ("a", "b"):
+        (tmp_path / queue).mkdir()
+        procs[queue] = workers(fault_config(tmp_path / queue, pg_dsn, schema, concurrency=2,
+                                            queues=[queue, "default"]), env=env)
+        await sched.schedule("hold", args=(queue, str(tmp_path / f"release-{queue}")),
+                             job_id=queue, queue=queue)
+    await wait_until(lambda: _running(sched, 2), timeout=30, what="a long job on each")
+    await _due_suspect(sched, "s")
+    pokes = itertools.count()
+
+    async def reserver() -> str | None:
+        await sched.schedule("noop", job_id=f"n{next(pokes)}")
+        await asyncio.sleep(0.5)
+        return next((q for q, p in procs.items() if log_events(p, "suspect_reserved")), None)
+
+    killed = await wait_until(reserver, timeout=40, what="a busy worker to reserve s")
+    survivor = "b" if killed == "a" else "a"
+    procs[killed].kill()
+    await wait_until(lambda: log_events(procs[survivor], "suspect_reserved"), timeout=40,
+                     what="the other worker to reserve s")
+    (tmp_path / f"release-{survivor}").touch()
+    await wait_until(lambda: _ran_keys(sched, survivor, "s"), timeout=30,
+                     what="the survivor's long job, then s")
+
+    async def killed_job_recovered() -> bool:  # by the survivor, which does not serve it
+        rows = await query(sched, "SELECT status::text FROM {schema}.jobs WHERE id = %s",
+                           [killed])
+        return rows[0]["status"] == "pending"
+
+    await wait_until(killed_job_recovered, timeout=60, what="the killed worker's job back")
+    rows = await query(sched, "SELECT id, recoveries FROM {schema}.jobs WHERE id = ANY(%s)",
+                       [["s", killed]])
+    assert {r["id"]: r["recoveries"] for r in rows} == {"s": 0, killed: 1}
+    runs = [a["key"] for a in await audit(sched)]
+    assert runs.count("s") == 1
+    assert runs.index(survivor) < runs.index("s")  # after the survivor's long job
+
+
+async def _ran_keys(sched, *keys: str) -> bool:
+    ran = {a["key"] for a in await audit(sched)}
+    return all(k in ran for k in keys)
