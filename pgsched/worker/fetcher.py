@@ -28,8 +28,9 @@ Invariants:
   timed-out sync job runs on) then claims one suspect, and claims nothing else until
   its outcome is recorded; a shutdown gives it back as a suspect. A busy worker that has
   seen one due for SUSPECT_DRAIN_SECONDS (a random share more) reserves one that no
-  other worker has reserved (reserve_suspect), so that a steady stream, which keeps
-  every worker busy, cannot starve a suspect, and claims nothing more until it is alone.
+  other worker has reserved and that its claim could take once alone (reserve_suspect:
+  not one a global limit leaves no room), so that a steady stream, which keeps every
+  worker busy, cannot starve a suspect, and claims nothing more until it is alone.
   The reserved row stays pending: a worker alone meanwhile claims it at once (the
   reserving one, waiting for its longest job, would keep it from running for as long),
   and other busy workers, finding every due suspect reserved, go on claiming (all of
@@ -40,10 +41,12 @@ Invariants:
   nothing is not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
-retried with backoff, which a stop ends (the drain must not wait for it). It returns
-once stop() is called, or in burst mode when nothing is left to run; the worker then
-drains. A job that was cancelled (shutdown, lost lease, cancel request) records nothing
-here: shutdown releases what is still held.
+retried with backoff, which a stop ends (the drain must not wait for it); a suspect
+claim that fails keeps the reservation, so the retry is a suspect claim too. It returns
+once stop() is called, or in burst mode when nothing is left to run (a due suspect that
+only abandoned threads hold back is left to run); the worker then drains. A job that was
+cancelled (shutdown, lost lease, cancel request) records nothing here: shutdown releases
+what is still held.
 """
 
 from __future__ import annotations
