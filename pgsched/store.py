@@ -1024,14 +1024,15 @@ class Store:
         )
         return rows[0] if rows else None
 
-    async def reserve_suspect(self, *, job_id: str | None, queues: Sequence[str] | None,
-                              seconds: float) -> str | None:
+    async def reserve_suspect(self, *, worker_id: str, job_id: str | None,
+                              queues: Sequence[str] | None, seconds: float) -> str | None:
         """Reserve a due suspect for `seconds`: `job_id` again (a renewal), or with None
-        the first unreserved one of `queues` (None: every queue) that is not paused.
-        Returns its id, or None when there is none (see reserve_suspect in queries.sql)."""
+        the first unreserved one of `queues` (None: every queue) that is not paused and
+        that its global limit lets `worker_id` claim once alone. Returns its id, or None
+        when there is none (see reserve_suspect in queries.sql)."""
         rows = await self._rows("reserve_suspect", {
-            "id": job_id, "queues": list(queues) if queues is not None else None,
-            "seconds": seconds})
+            "worker_id": worker_id, "id": job_id,
+            "queues": list(queues) if queues is not None else None, "seconds": seconds})
         return rows[0]["id"] if rows else None
 
     async def release_jobs(self, *, worker_id: str, held: Sequence[tuple[str, int]],

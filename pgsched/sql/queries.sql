@@ -544,20 +544,43 @@ RETURNING j.status, j.execution_time;
 -- name: reserve_suspect
 -- Reserve a due suspect for %(seconds)s (jobs.reserved_until, migration 0022): the one
 -- named %(id)s, still pending, due and a suspect (a renewal, by the worker that reserved
--- it), or with %(id)s NULL the first in claim order that no one has reserved, of a queue
--- the worker serves (%(queues)s, NULL for every queue) that is not paused. Returns its
--- id, or no row: the suspect was claimed, cancelled or paused meanwhile, or (a new
--- reservation) every due one is reserved already. SKIP LOCKED: a suspect another session
--- holds is being claimed or changed; waiting for it would only tell the same.
+-- it), or with %(id)s NULL the first in claim order that no one has reserved and that
+-- its global limit lets this worker claim once alone, of a queue the worker serves
+-- (%(queues)s, NULL for every queue) that is not paused. Returns its id, or no row: the
+-- suspect was claimed, cancelled or paused meanwhile, or (a new reservation) every due
+-- one is reserved already or held back. SKIP LOCKED: a suspect another session holds is
+-- being claimed or changed; waiting for it would only tell the same.
 UPDATE {schema}.jobs SET reserved_until = now() + make_interval(secs => %(seconds)s)
 WHERE id = (
     SELECT s.id FROM {schema}.jobs s
     WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
+      -- As the claim walks: one more attempt must be countable (written with SQL, it is
+      -- not), or no claim ever takes it.
+      AND s.attempts < 2147483647
       -- A reservation further ahead than one lasts was not written by a worker (a
       -- hand-made or poisoned value): it reserves nothing.
       AND CASE WHEN %(id)s::text IS NULL
-               THEN s.reserved_until IS NULL OR s.reserved_until <= now()
-                    OR s.reserved_until > now() + make_interval(secs => %(seconds)s)
+               THEN (s.reserved_until IS NULL OR s.reserved_until <= now()
+                     OR s.reserved_until > now() + make_interval(secs => %(seconds)s))
+                    -- Its queue's global limit leaves it room once this worker
+                    -- (%(worker_id)s) is alone: fewer running elsewhere than the
+                    -- concurrency, fewer starts in the rate window than the rate (as
+                    -- claim_room counts them). A busy worker that reserved one a spent
+                    -- rate holds back stopped claiming, found none once alone, and did so
+                    -- again at each reservation.
+                    AND NOT EXISTS (
+                        SELECT 1 FROM {schema}.queue_limits l
+                        WHERE l.queue = s.queue
+                          AND (l.global_concurrency <= (
+                                   SELECT count(*) FROM {schema}.jobs j
+                                   WHERE j.worker_id IS NOT NULL AND j.finished_at IS NULL
+                                     AND j.status = 'running' AND j.queue = l.queue
+                                     AND j.worker_id <> %(worker_id)s)
+                               OR l.rate_jobs <= (
+                                   SELECT coalesce(sum(b.jobs), 0)
+                                   FROM unnest(l.window_at, l.window_jobs) AS b(at, jobs)
+                                   WHERE b.at > now()
+                                                - make_interval(secs => l.rate_period_seconds))))
                ELSE s.id = %(id)s::text END
       AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))
       AND NOT EXISTS (SELECT 1 FROM {schema}.paused_queues p WHERE p.queue = s.queue)

@@ -28,8 +28,9 @@ Invariants:
   timed-out sync job runs on) then claims one suspect, and claims nothing else until
   its outcome is recorded; a shutdown gives it back as a suspect. A busy worker that has
   seen one due for SUSPECT_DRAIN_SECONDS (a random share more) reserves one that no
-  other worker has reserved (reserve_suspect), so that a steady stream, which keeps
-  every worker busy, cannot starve a suspect, and claims nothing more until it is alone.
+  other worker has reserved and that its claim could take once alone (reserve_suspect:
+  not one a global limit leaves no room), so that a steady stream, which keeps every
+  worker busy, cannot starve a suspect, and claims nothing more until it is alone.
   The reserved row stays pending: a worker alone meanwhile claims it at once (the
   reserving one, waiting for its longest job, would keep it from running for as long),
   and other busy workers, finding every due suspect reserved, go on claiming (all of
@@ -40,10 +41,12 @@ Invariants:
   nothing is not tried again for SUSPECT_DRAIN_SECONDS.
 
 Failure: a claim that fails with a connection error is logged (`db_unavailable`) and
-retried with backoff, which a stop ends (the drain must not wait for it). It returns
-once stop() is called, or in burst mode when nothing is left to run; the worker then
-drains. A job that was cancelled (shutdown, lost lease, cancel request) records nothing
-here: shutdown releases what is still held.
+retried with backoff, which a stop ends (the drain must not wait for it); a suspect
+claim that fails keeps the reservation, so the retry is a suspect claim too. It returns
+once stop() is called, or in burst mode when nothing is left to run (a due suspect that
+only abandoned threads hold back is left to run); the worker then drains. A job that was
+cancelled (shutdown, lost lease, cancel request) records nothing here: shutdown releases
+what is still held.
 """
 
 from __future__ import annotations
@@ -125,7 +128,10 @@ class Fetcher:
                         await result
             if claimed_full:
                 continue  # more may be due right now
-            if ctx.options.burst and free > 0 and ctx.executing == 0:
+            # A due suspect that only the threads of timed-out sync jobs keep from running
+            # here is due now too: burst mode waits for them (it reserves it, in time).
+            if (ctx.options.burst and free > 0 and ctx.executing == 0
+                    and not (ctx.hung_threads and self._suspect_drain_at is not None)):
                 log.info("burst_done")
                 return
             # With every slot busy, a freed slot is the next reason to claim; with a
@@ -177,7 +183,9 @@ class Fetcher:
         alone = not ctx.held and not ctx.hung_threads
         if self._reserved is not None:
             if alone:
-                self._reserved = None
+                # Kept until the claim returns (_note_suspects): a claim that fails (a
+                # lock timeout, a lost connection) is tried again as a suspect claim,
+                # not lost to an ordinary one that would make this worker busy again.
                 return True
             if now < self._renew_at:
                 return False
@@ -201,7 +209,7 @@ class Fetcher:
 
     async def _reserve(self, job_id: str | None) -> str | None:
         return await self.ctx.store.reserve_suspect(
-            job_id=job_id, queues=self.ctx.options.queues,
+            worker_id=self.ctx.id, job_id=job_id, queues=self.ctx.options.queues,
             seconds=2 * SUSPECT_DRAIN_SECONDS)
 
     def _suspect_deadline(self) -> float:
@@ -216,10 +224,12 @@ class Fetcher:
 
     def _note_suspects(self, due: bool, claimed: Held | None, tried: bool) -> bool:
         """After a claim: remember whether a suspect is due (and since when) and which
-        runs here. True when this worker should claim again at once: a suspect, as it
-        holds nothing and one is due, or, after a suspect claim that found none, the
-        ordinary jobs it left."""
+        runs here; a suspect claim (`tried`) ends this worker's reservation. True when
+        this worker should claim again at once: a suspect, as it holds nothing and one is
+        due, or, after a suspect claim that found none, the ordinary jobs it left."""
         now = asyncio.get_running_loop().time()
+        if tried:
+            self._reserved = None
         if claimed is not None:
             self._alone, self._suspect_drain_at = claimed, None
             return False
