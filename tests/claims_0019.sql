@@ -1,7 +1,7 @@
 -- The claim statements (block claim_jobs of pgsched/sql/queries.sql) as the release before
 -- migration 0020 sends them: a worker of that version still claims with these during a
 -- rolling deploy, after the first new worker has migrated (a worker migrates at start).
--- Read by tests/test_rolling_claims.py; never edited but to add a release.
+-- Read by tests/test_upgrade_0020.py; never edited but to add a release.
 -- name: claim_jobs
 -- Claim up to `limit` due jobs for one worker from the queues it serves (`queues`, or
 -- every queue when NULL) that are not paused, taking at most `capped_free` from each
