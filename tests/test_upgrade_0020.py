@@ -7,13 +7,16 @@ read: a claim planned as a scan of jobs reads the table at every poll."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import fast_options
 from psycopg import sql
 from test_claim_flat import scans_of_jobs
 
+from pgsched import JobSpec, Scheduler
 from pgsched.store import _bind, _variants, migrations, parse_named_blocks, split_statements
 
 CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
@@ -86,3 +89,58 @@ async def test_claims_walk_an_index_at_every_statement_of_0020_run_again(sched, 
                     conn, sched.store._q[name])
     worst = max(read, key=read.__getitem__)
     assert read[worst] < 1000, f"{worst}: {read[worst]} rows read for 10 jobs"
+
+
+async def _indexes(conn, schema: str) -> dict[str, tuple[str, bool]]:
+    cur = await conn.execute(
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisvalid FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s", [schema])
+    return {name: (definition.replace(f'"{schema}"', "S").replace(schema, "S"), valid)
+            for name, definition, valid in await cur.fetchall()}
+
+
+async def test_0020_cut_short_after_any_statement_migrates_again_to_the_same_schema(
+        pg_dsn, schema):
+    """A failure after any statement of 0020 (the version unrecorded), or during an index
+    build (an invalid index left), then `migrate` again: the schema ends as a fresh
+    migration leaves it, every index valid, and claims take suspects apart."""
+    [(_, _, text)] = [m for m in migrations() if m[0] == 20]
+    statements = split_statements(_bind(text, schema + "_ref"))
+    async with Scheduler(pg_dsn, schema=schema + "_ref", options=fast_options()) as ref:
+        await ref.migrate()
+        async with ref.store.pool.connection() as conn:
+            expected = await _indexes(conn, schema + "_ref")
+    try:
+        for cut in range(len(statements) + 1):
+            name = f"{schema}_{cut}"
+            async with Scheduler(pg_dsn, schema=name, options=fast_options()) as sched:
+                assert await sched.store.migrate(target=19) == 19
+                await sched.schedule_bulk([JobSpec("noop", job_id=f"j{i}") for i in range(50)])
+                async with await psycopg.AsyncConnection.connect(
+                        pg_dsn, autocommit=True) as conn:
+                    await conn.execute(sql.SQL(
+                        "UPDATE {}.jobs SET suspect = true WHERE id < 'j2'").format(
+                            sql.Identifier(name)))
+                    for statement in split_statements(_bind(text, name))[:cut]:
+                        await conn.execute(statement)
+                    built = re.search(r"CREATE INDEX CONCURRENTLY (\w+)",
+                                      statements[cut] if cut < len(statements) else "")
+                    if built:  # a build cut short leaves its index invalid under its name
+                        await conn.execute(split_statements(_bind(text, name))[cut])
+                        await conn.execute(
+                            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = "
+                            "to_regclass(%s)", [f'"{name}".{built.group(1)}'])
+                assert await sched.store.migrate() == migrations()[-1][0]
+                async with sched.store.pool.connection() as conn:
+                    assert await _indexes(conn, name) == expected, f"cut after {cut}"
+                claimed, _, _ = await sched.store.claim_jobs(
+                    worker_id="w", limit=100, lease_seconds=60)
+                assert len(claimed) == 50 - 12, f"cut after {cut}"
+    finally:
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            for cut in range(len(statements) + 1):
+                await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    sql.Identifier(f"{schema}_{cut}")))
+            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(schema + "_ref")))
