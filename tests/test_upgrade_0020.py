@@ -15,9 +15,19 @@ import pytest
 from conftest import fast_options
 from psycopg import sql
 from test_claim_flat import scans_of_jobs
+from test_claim_flat_adversary import rows_read as rows_of_jobs_read
+from test_pending_statistics import fill
 
 from pgsched import JobSpec, Scheduler
-from pgsched.store import _bind, _variants, migrations, parse_named_blocks, split_statements
+from pgsched.store import (
+    OneConnection,
+    Store,
+    _bind,
+    _variants,
+    migrations,
+    parse_named_blocks,
+    split_statements,
+)
 
 CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
                "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
@@ -144,3 +154,30 @@ async def test_0020_cut_short_after_any_statement_migrates_again_to_the_same_sch
                     sql.Identifier(f"{schema}_{cut}")))
             await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
                 sql.Identifier(schema + "_ref")))
+
+
+@pytest.mark.parametrize("queues", [None, ["default"]], ids=["flat", "per-queue"])
+async def test_a_burst_not_yet_analysed_at_the_upgrade_is_analysed_before_claims_prepare(
+        pg_dsn, schema, queues):
+    """0020 builds the pending indexes anew, and a build sets the new index's reltuples to
+    the rows there are: the count the claim's statistics gate (PREPARED_CLAIM_ROWS) and the
+    statistics check read as what the last ANALYZE saw. A burst that came after the last
+    ANALYZE (history only) and before the upgrade must still be analysed, or claims are
+    prepared on statistics that count no pending row and read the burst at every claim."""
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
+        assert await s.store.migrate(target=19) == 19
+        fill(pg_dsn, schema, history=20_000, burst=50_000)
+        assert await s.store.migrate() == migrations()[-1][0]
+        refreshed = await s.store.refresh_pending_statistics()
+        # a connection of its own: a backend's row counts include its migrations' reads
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            with Store.using(OneConnection(conn)):
+                for _ in range(12):  # PostgreSQL makes a generic plan at the sixth run
+                    await s.store.claim_jobs(worker_id="w", limit=2, lease_seconds=60,
+                                             queues=queues)
+                async with conn.transaction(force_rollback=True):
+                    claimed, _, _ = await s.store.claim_jobs(
+                        worker_id="w", limit=2, lease_seconds=60, queues=queues)
+                    read = await rows_of_jobs_read(conn, schema)
+    assert len(claimed) == 2
+    assert read < 1000, f"13 claims of 2 read {read} rows of jobs (statistics {refreshed[0]})"
