@@ -3,10 +3,13 @@ the schema of this one (a rolling deploy: the first new worker migrates at start
 old ones go on claiming until they are replaced; their statement text is
 tests/claims_0019.sql), and those of this release while 0020 runs again after a failure.
 Each must find its rows by walking an index, as test_claim_flat_adversary counts rows
-read: a claim planned as a scan of jobs reads the table at every poll."""
+read: a claim planned as a scan of jobs reads the table at every poll. And 0020 cut short
+anywhere (a statement, a build) migrates again to the schema a fresh run leaves, with
+statistics that count a burst it found."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -181,3 +184,43 @@ async def test_a_burst_not_yet_analysed_at_the_upgrade_is_analysed_before_claims
                     read = await rows_of_jobs_read(conn, schema)
     assert len(claimed) == 2
     assert read < 1000, f"13 claims of 2 read {read} rows of jobs (statistics {refreshed[0]})"
+
+
+async def test_0020_killed_mid_build_while_claims_go_on_migrates_again(pg_dsn, schema):
+    """A real cut: the migrating backend is terminated while it builds an index of 0020
+    CONCURRENTLY, claims running meanwhile; `migrate` again ends at the latest version
+    with every index valid, and no claim failed or took a suspect."""
+    async with Scheduler(pg_dsn, schema=schema, options=fast_options()) as s:
+        assert await s.store.migrate(target=19) == 19
+        await jobs_due_and_later(s)
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute(sql.SQL("UPDATE {}.jobs SET suspect = true WHERE id = 'j1'")
+                               .format(sql.Identifier(schema)))
+        migrating = asyncio.create_task(s.store.migrate())
+        claimed: list[str] = []
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX "
+                    "CONCURRENTLY jobs_pending_ordinary%%' AND state = 'active'")
+                pids = [pid for (pid,) in await cur.fetchall()]
+                if pids:
+                    await conn.execute(
+                        "SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) p", [pids])
+                    break
+                assert not migrating.done(), "0020 finished before it could be cut"
+                taken, _, _ = await s.store.claim_jobs(worker_id="w", limit=2,
+                                                       lease_seconds=60)
+                claimed += [job["id"] for job in taken]
+        with pytest.raises(psycopg.OperationalError):
+            await migrating
+        for _ in range(3):
+            taken, _, _ = await s.store.claim_jobs(worker_id="w", limit=2, lease_seconds=60)
+            claimed += [job["id"] for job in taken]
+        assert await s.store.migrate() == migrations()[-1][0]
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            indexes = await _indexes(conn, schema)
+        assert all(valid for _, valid in indexes.values()), indexes
+        assert {"jobs_pending_ordinary_queue_idx", "jobs_pending_ordinary_due_idx"} <= set(
+            indexes) and "jobs_pending_due_idx" not in indexes
+        assert claimed and "j1" not in claimed and len(set(claimed)) == len(claimed)
