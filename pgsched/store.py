@@ -93,8 +93,13 @@ _INCLUDE_RE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
 # The first line of a migration that runs statement by statement, outside a transaction
 # (sql/migrations/README.md: CREATE INDEX CONCURRENTLY and the like).
 NO_TRANSACTION = "-- pgsched: no-transaction\n"
-_STATEMENT_END_RE = re.compile(r";[ \t]*$")
-_DOLLAR_QUOTE_RE = re.compile(r"\$(?:[A-Za-z_]\w*)?\$")
+# What split_statements steps over whole, as PostgreSQL's lexer does, and a `;` that ends
+# a line: a `--` comment, a /* */ one (nested), a string, a quoted identifier, a dollar
+# quote's opening tag (not inside an identifier: a$b$ is one), an E'' string (backslashes).
+_SQL_TOKEN_RE = re.compile(
+    r"--[^\n]*|/\*|(?<![\w$])[Ee]'(?:[^'\\]|''|\\.)*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
+    r"|(?<![\w$])\$(?:[A-Za-z_]\w*)?\$|;[ \t]*(?=\n|$)", re.DOTALL)
+_BLOCK_COMMENT_RE = re.compile(r"/\*|\*/")
 # A job's `errors` history keeps the entries of its first ERRORS_KEPT_FIRST attempts and
 # of its last ERRORS_KEPT_LAST (docs/delivery.md): the first failure often explains the
 # rest, the last ones say what happens now, and a job retried without end stays small.
@@ -192,25 +197,28 @@ def parse_named_blocks(text: str) -> dict[str, str]:
 
 
 def split_statements(text: str) -> list[str]:
-    """The statements of a no-transaction migration: split at each `;` ending a line
-    outside a dollar-quoted body (a function's, kept whole), without the `;` and without
-    the chunks that hold only comments. Dollar quotes are looked for in code, not in the
-    `--` comments outside a body."""
+    """The statements of a no-transaction migration: split at each `;` ending a line in
+    code (not in a comment, a string or a dollar-quoted body, a function's, kept whole),
+    without the `;` and without the chunks that hold only comments. An unclosed dollar
+    quote or block comment runs to the end, where PostgreSQL reports it."""
     chunks: list[str] = []
-    lines: list[str] = []
-    quote = None
-    for line in text.splitlines():
-        lines.append(line)
-        for match in _DOLLAR_QUOTE_RE.finditer(line if quote else line.split("--", 1)[0]):
-            if quote is None:
-                quote = match.group()
-            elif match.group() == quote:
-                quote = None
-        if quote is None and _STATEMENT_END_RE.search(line):
-            lines[-1] = _STATEMENT_END_RE.sub("", line)
-            chunks.append("\n".join(lines).strip())
-            lines = []
-    chunks.append("\n".join(lines).strip())
+    start = pos = 0
+    while (token := _SQL_TOKEN_RE.search(text, pos)) is not None:
+        pos = token.end()
+        lexeme = token.group()
+        if lexeme.startswith(";"):
+            chunks.append(text[start:token.start()].strip())
+            start = pos
+        elif lexeme == "/*":
+            depth = 1
+            while depth and (mark := _BLOCK_COMMENT_RE.search(text, pos)) is not None:
+                depth += 1 if mark.group() == "/*" else -1
+                pos = mark.end()
+            pos = len(text) if depth else pos
+        elif lexeme.startswith("$"):
+            close = text.find(lexeme, pos)
+            pos = len(text) if close < 0 else close + len(lexeme)
+    chunks.append(text[start:].strip())
     return [chunk for chunk in chunks
             if any(line.strip() and not line.strip().startswith("--")
                    for line in chunk.splitlines())]

@@ -104,3 +104,35 @@ def test_every_index_build_on_an_existing_table_is_concurrent():
                       or "CREATE UNIQUE INDEX" in s.upper()]
             assert all("CONCURRENTLY" in s.upper() for s in builds), (number, name)
             assert not builds or text.startswith(NO_TRANSACTION), (number, name)
+
+
+@pytest.mark.parametrize("code, expected", [
+    # A $$ in a string literal opens no body: what follows is still split.
+    ("COMMENT ON TABLE t IS 'costs $$';\nDROP INDEX CONCURRENTLY IF EXISTS b;\n",
+     ["COMMENT ON TABLE t IS 'costs $$'", "DROP INDEX CONCURRENTLY IF EXISTS b"]),
+    # Nor one in a comment after the body's closing quote, on its line.
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$\n    SELECT 1;\n$$  -- no $$ here\n"
+     ";\nDROP INDEX CONCURRENTLY IF EXISTS b;\n",
+     ["CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$\n    SELECT 1;\n$$  -- no $$ here",
+      "DROP INDEX CONCURRENTLY IF EXISTS b"]),
+    # Nor one in a block comment.
+    ("/* bodies are quoted with $$ */\nDROP INDEX CONCURRENTLY IF EXISTS a;\n"
+     "DROP INDEX CONCURRENTLY IF EXISTS b;\n",
+     ["/* bodies are quoted with $$ */\nDROP INDEX CONCURRENTLY IF EXISTS a",
+      "DROP INDEX CONCURRENTLY IF EXISTS b"]),
+    # A -- in a string is no comment, and a ; ending a line inside a string ends nothing.
+    ("CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT ''--'' || $x$a;\n$x$';\n"
+     "DROP INDEX CONCURRENTLY IF EXISTS b;\n",
+     ["CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT ''--'' || $x$a;\n$x$'",
+      "DROP INDEX CONCURRENTLY IF EXISTS b"]),
+    # A $ inside an identifier starts no quote.
+    ("CREATE INDEX CONCURRENTLY a$b$ ON t (x);\nDROP INDEX CONCURRENTLY IF EXISTS b;\n",
+     ["CREATE INDEX CONCURRENTLY a$b$ ON t (x)", "DROP INDEX CONCURRENTLY IF EXISTS b"]),
+])
+def test_only_a_dollar_quote_in_code_keeps_a_statement_whole(code, expected):
+    """split_statements tells a dollar quote from a $$ in a string literal, a comment or an
+    identifier, as PostgreSQL does: one taken for a quote swallows every statement after
+    it into one, which PostgreSQL refuses (CONCURRENTLY cannot run in a multi-statement
+    string), and a ; taken for an end cuts a literal in two."""
+    assert split_statements(NO_TRANSACTION + code)[1:] == expected[1:]
+    assert split_statements(NO_TRANSACTION + code)[0] == NO_TRANSACTION + expected[0]

@@ -141,3 +141,18 @@ END
 $$;
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_queue_idx;
 DROP INDEX CONCURRENTLY IF EXISTS {schema}.jobs_pending_due_idx;
+-- The builds above set the new indexes' reltuples to the pending rows there are, which
+-- the claim's statistics gate (store.PREPARED_CLAIM_ROWS) and the statistics check
+-- (refresh_pending_statistics) read as what the last ANALYZE saw: a burst that came
+-- since would look analysed, and claims were prepared on column statistics that counted
+-- no pending row (1,499,364 rows read by 13 claims of 2 after a burst of 50,000,
+-- tests/test_upgrade_0020.py). An ANALYZE samples the table as the builds saw it; it
+-- takes no lock that stops claims, heartbeats or completions. Only a table analysed or
+-- vacuumed before: a new one (reltuples -1) stays as the claims' gates expect it.
+DO $$
+BEGIN
+    IF (SELECT reltuples FROM pg_class WHERE oid = '{schema}.jobs'::regclass) >= 0 THEN
+        ANALYZE {schema}.jobs;
+    END IF;
+END
+$$;
