@@ -557,11 +557,13 @@ WHERE id = (
       -- As the claim walks: one more attempt must be countable (written with SQL, it is
       -- not), or no claim ever takes it.
       AND s.attempts < 2147483647
-      -- A reservation further ahead than one lasts was not written by a worker (a
-      -- hand-made or poisoned value): it reserves nothing.
+      -- A reservation further ahead than two would last was not written by a worker (a
+      -- hand-made or poisoned value): it reserves nothing. Two, not one: a reservation
+      -- committed by a statement that began after this one ends later than this one's
+      -- now() plus one, and must still count.
       AND CASE WHEN %(id)s::text IS NULL
                THEN (s.reserved_until IS NULL OR s.reserved_until <= now()
-                     OR s.reserved_until > now() + make_interval(secs => %(seconds)s))
+                     OR s.reserved_until > now() + make_interval(secs => 2 * %(seconds)s))
                     -- Its queue's global limit leaves it room once this worker
                     -- (%(worker_id)s) is alone: fewer running elsewhere than the
                     -- concurrency, fewer starts in the rate window than the rate (as
