@@ -224,6 +224,12 @@ made AS (
 -- new timing or a removal took the window away) and that comes again (a resume, a timing
 -- that has it too, the schedule added again) takes that job over: its id and key are the
 -- window's, and the insert below would keep the cancelled job and lose the window.
+-- Only the withdrawal's cancel is taken over: a job never claimed nor retried (attempts,
+-- errors), since a retry keeps last_error and a later `pgsched cancel` writes none, and
+-- an operator's cancel must hold. Who awaited it was let go with the cancel (its waiting
+-- jobs cancelled, its waits ended), so it is awaited again only by a job waiting on it
+-- now (as vacuum_jobs reads has_dependents) or a new wait: a stale mark would keep it
+-- planned beside a triggered run of an overlap = false schedule (withdrawn_overlap_window).
 -- `made` holds a row a window: with cancelled jobs many, the join probes jobs by the
 -- window key (jobs_schedule_window_idx) rather than read them.
 revived AS (
@@ -232,11 +238,17 @@ revived AS (
         priority = m.priority, execution_time = m.execution_time,
         misfire_grace_seconds = m.misfire_grace_seconds, max_retries = m.max_retries,
         timeout_seconds = m.timeout_seconds, status = m.status,
-        finished_at = m.finished_at, last_error = m.last_error, errors = m.errors
+        finished_at = m.finished_at, last_error = m.last_error, errors = m.errors,
+        awaited = false,
+        has_dependents = CASE WHEN EXISTS (
+            SELECT 1 FROM {schema}.job_dependencies e
+            JOIN {schema}.jobs w ON w.id = e.job_id AND w.due_after_dependencies IS NOT NULL
+            WHERE e.dependency_id = j.id) THEN true END
     FROM made m
     WHERE j.id = m.id AND j.schedule_id = m.schedule_id AND j.fire_time = m.fire_time
       AND j.status = 'cancelled'
       AND j.last_error = 'cancelled: its schedule changed before the window came'
+      AND j.attempts = 0 AND j.errors = '[]'::jsonb
     RETURNING j.id, j.schedule_id, j.fire_time, j.execution_time, j.status
 ),
 new AS (

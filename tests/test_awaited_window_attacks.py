@@ -1,0 +1,59 @@
+"""Adversarial review of awaited windows taken over when they come again (migration 0021,
+advance_schedules' `revived` step).
+
+A window planned ahead that a job waits for is cancelled when its schedule takes the window
+away, and taken over by the planner if the window comes again. Each test attacks what the
+take-over may take: only the job the withdrawal cancelled, never one an operator cancelled;
+and what it leaves of that job's earlier life (who awaited it) must not change how the
+window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
+"""
+
+from __future__ import annotations
+
+from test_plan_ahead import AHEAD, T, plan_ahead
+from test_plan_ahead_review import await_window
+from test_recurring import add, planner, window_jobs
+
+from pgsched import ops, recurring
+
+
+async def withdrawn_and_back(sched, db, schedule_id):
+    """Pause the schedule (its awaited window is cancelled) and resume it (the window
+    comes again at T)."""
+    await recurring.pause_schedule(sched.store, schedule_id)
+    await recurring.resume_schedule(sched.store, schedule_id)
+    db("UPDATE schedules SET next_fire_at = %s WHERE id = %s", T, schedule_id)
+
+
+async def test_a_window_an_operator_retried_and_then_cancelled_is_not_taken_over(sched, db):
+    # The withdrawn job is retried, then cancelled by the operator before a worker takes
+    # it: it is the operator's cancel now, which must hold when the window comes again.
+    await add(sched, "s", every="10m")
+    planned = await plan_ahead(sched, db, "s")
+    await_window(db, planned["id"])
+    await recurring.pause_schedule(sched.store, "s")
+    assert await ops.retry_jobs(sched.store, [planned["id"]]) == [planned["id"]]
+    assert await sched.store.request_cancel(ids=[planned["id"]]) == {
+        planned["id"]: "cancelled"}  # what `pgsched cancel` does
+    await recurring.resume_schedule(sched.store, "s")
+    db("UPDATE schedules SET next_fire_at = %s", T)
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert job["status"] == "cancelled"
+
+
+async def test_a_taken_over_window_nobody_awaits_is_withdrawn_for_a_triggered_run(sched, db):
+    # Its dependent was cancelled with it and its wait ended: once taken over, the window
+    # is awaited by nobody, and a triggered run (overlap=False) must send it back to be
+    # decided at T like any other, not leave it planned beside the run.
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    await_window(db, planned["id"])
+    await withdrawn_and_back(sched, db, "solo")
+    await planner(sched).run_once(now=AHEAD)
+    assert [j["status"] for j in window_jobs(db, "solo")] == ["pending"]
+    await recurring.trigger_schedule(sched.store, "solo")
+    await planner(sched).run_once(now=T)
+    active = db("SELECT id FROM jobs WHERE schedule_id = 'solo' "
+                "AND status IN ('pending', 'running')")
+    assert len(active) == 1, active
