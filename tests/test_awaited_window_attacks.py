@@ -11,7 +11,7 @@ window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
 from __future__ import annotations
 
 from test_plan_ahead import AHEAD, T, plan_ahead
-from test_plan_ahead_review import await_window
+from test_plan_ahead_review import await_window, waiting
 from test_recurring import add, planner, window_jobs
 
 from pgsched import ops, recurring
@@ -57,3 +57,18 @@ async def test_a_taken_over_window_nobody_awaits_is_withdrawn_for_a_triggered_ru
     active = db("SELECT id FROM jobs WHERE schedule_id = 'solo' "
                 "AND status IN ('pending', 'running')")
     assert len(active) == 1, active
+
+
+async def test_a_dependent_retried_after_the_take_over_is_released_by_the_window(sched, db):
+    # The dependent was cancelled with the withdrawal; `pgsched retry` puts it back to wait
+    # for the window, which now runs: the window's end must release it, not leave it
+    # waiting for ever.
+    await add(sched, "s", every="10m")
+    planned = await plan_ahead(sched, db, "s")
+    after = await_window(db, planned["id"])
+    await withdrawn_and_back(sched, db, "s")
+    await planner(sched).run_once(now=AHEAD)
+    assert await ops.retry_jobs(sched.store, [after]) == [after]
+    assert waiting(db, after) == ("pending", True)
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", planned["id"])
+    assert waiting(db, after) == ("pending", False)
