@@ -10,11 +10,13 @@ window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
 
 from __future__ import annotations
 
+import pytest
 from test_plan_ahead import AHEAD, T, plan_ahead
 from test_plan_ahead_review import await_window, waiting
 from test_recurring import add, planner, window_jobs
 
 from pgsched import ops, recurring
+from pgsched.scheduler import WaitTimedOut
 
 
 async def withdrawn_and_back(sched, db, schedule_id):
@@ -72,3 +74,21 @@ async def test_a_dependent_retried_after_the_take_over_is_released_by_the_window
     assert waiting(db, after) == ("pending", True)
     db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", planned["id"])
     assert waiting(db, after) == ("pending", False)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "design: `awaited` is set by every Scheduler.wait() and never cleared, so a wait that "
+    "timed out long ago keeps an overlap=False window planned beside a triggered run "
+    "(withdrawn_overlap_window, 0021's rewrite): two runs at once for a window nobody "
+    "watches. Keeping a watched window's id without keeping it planned (or knowing that "
+    "a wait is still alive) is the lead's call"))
+async def test_a_window_whose_wait_timed_out_is_withdrawn_for_a_triggered_run(sched, db):
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    with pytest.raises(WaitTimedOut):
+        await sched.wait(planned["id"], timeout=0.5)
+    await recurring.trigger_schedule(sched.store, "solo")
+    await planner(sched).run_once(now=T)
+    active = db("SELECT id FROM jobs WHERE schedule_id = 'solo' "
+                "AND status IN ('pending', 'running')")
+    assert len(active) == 1, active
