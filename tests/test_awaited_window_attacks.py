@@ -10,9 +10,12 @@ window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from conftest import wait_until
 from test_plan_ahead import AHEAD, T, plan_ahead
-from test_plan_ahead_review import await_window, waiting
+from test_plan_ahead_review import await_window, held, waiting
 from test_recurring import add, planner, window_jobs
 
 from pgsched import ops, recurring
@@ -92,3 +95,29 @@ async def test_a_window_whose_wait_timed_out_is_withdrawn_for_a_triggered_run(sc
     active = db("SELECT id FROM jobs WHERE schedule_id = 'solo' "
                 "AND status IN ('pending', 'running')")
     assert len(active) == 1, active
+
+
+async def test_a_change_in_a_transaction_begun_before_the_fire_time_leaves_a_run_window(
+        sched, db, pg_dsn, schema):
+    # The trigger judges "still to come" by now(), the change's transaction start. A
+    # transaction begun before the fire time that changes the schedule after a worker ran
+    # the window (and it failed, waiting for its retry) must leave that job alone: taken
+    # for a planned window, it was deleted and planned again, and the window ran twice.
+    await add(sched, "s", every="10m", args=[1], max_retries=3)
+    fire = await sched.store.db_now() + timedelta(seconds=2)
+    db("UPDATE schedules SET anchor = %s, next_fire_at = %s", fire, fire)
+    await planner(sched).run_once(now=fire - timedelta(seconds=1))
+    (planned,) = window_jobs(db, "s")
+    async with await held(pg_dsn, schema) as changer, changer.transaction():
+        await changer.execute("SELECT now()")
+        await wait_until(lambda: db("SELECT 1 WHERE now() > %s", fire), timeout=10,
+                         what="the fire time passed")
+        # what claim_jobs and then fail_job (a retry) write for the window
+        db("UPDATE jobs SET attempts = 1, failures = 1, last_error = 'boom', "
+           "execution_time = now() + interval '1 minute', errors = jsonb_build_array("
+           "jsonb_build_object('attempt', 1, 'error', 'boom')) WHERE id = %s",
+           planned["id"])
+        await changer.execute("UPDATE schedules SET args = '[2]' WHERE id = 's'")
+    await planner(sched).run_once()
+    (job,) = window_jobs(db, "s")
+    assert (job["id"], job["attempts"], job["args"]) == (planned["id"], 1, [1])
