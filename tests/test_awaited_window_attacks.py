@@ -10,6 +10,7 @@ window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -121,3 +122,26 @@ async def test_a_change_in_a_transaction_begun_before_the_fire_time_leaves_a_run
     await planner(sched).run_once()
     (job,) = window_jobs(db, "s")
     assert (job["id"], job["attempts"], job["args"]) == (planned["id"], 1, [1])
+
+
+@pytest.mark.parametrize("change, status, args", [
+    ("UPDATE schedules SET paused = true", "cancelled", [1]),  # the window goes
+    ("UPDATE schedules SET args = '[2]'", "pending", [2]),  # rewritten in place
+])
+async def test_a_wait_marking_the_window_while_its_schedule_changes_does_not_keep_the_old_plan(
+        sched, db, pg_dsn, schema, change, status, args):
+    # A wait marks the planned window (mark_awaited) while the change withdraws it: the
+    # withdrawal waits for the mark, and must then treat the job as awaited (cancel or
+    # rewrite it), not leave the old plan pending under a paused or changed schedule.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    async with await held(pg_dsn, schema) as waiter, await held(pg_dsn, schema) as changer:
+        async with waiter.transaction():
+            await waiter.execute("UPDATE jobs SET awaited = true WHERE id = %s",
+                                 (planned["id"],))  # what mark_awaited writes
+            withdrawal = asyncio.create_task(changer.execute(change))
+            await asyncio.sleep(0.3)
+            assert not withdrawal.done()
+        await withdrawal
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["args"]) == (status, args)

@@ -41,6 +41,15 @@ DECLARE
     -- store.channel_name, computed as migration 0010 computes the done channel
     channel text := 'pgsched_' || TG_TABLE_SCHEMA;
 BEGIN
+    -- Lock the planned jobs first: a wait marking one (mark_awaited) or a job made to
+    -- depend on one commits before this reads them, and each statement below, with a
+    -- snapshot of its own, sees the job as it is. Without it, the DELETE waited for the
+    -- mark and then passed over an awaited job that the UPDATEs' snapshot, taken before
+    -- the mark, did not see awaited either: the old plan stayed pending, paused or not.
+    PERFORM FROM {schema}.jobs
+    WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+      AND attempts = 0
+    FOR UPDATE;
     IF windows_stay THEN
         UPDATE {schema}.jobs SET task = NEW.task, queue = NEW.queue, args = NEW.args,
             kwargs = NEW.kwargs, priority = NEW.priority, max_retries = NEW.max_retries,
@@ -96,6 +105,9 @@ $$;
 CREATE OR REPLACE FUNCTION {schema}.withdraw_all_planned_windows() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM FROM {schema}.jobs  -- as withdraw_planned_windows: see each job as it is
+    WHERE fire_time > now() AND status = 'pending' AND attempts = 0
+    FOR UPDATE;
     DELETE FROM {schema}.jobs
     WHERE fire_time > now() AND status = 'pending' AND attempts = 0
       AND has_dependents IS NOT TRUE AND NOT awaited;
