@@ -145,3 +145,25 @@ async def test_a_wait_marking_the_window_while_its_schedule_changes_does_not_kee
         await withdrawal
     (job,) = window_jobs(db, "s")
     assert (job["status"], job["args"]) == (status, args)
+
+
+async def test_planners_racing_for_a_window_to_take_over_make_one_job(sched, db, pg_dsn,
+                                                                        schema):
+    # Three planners find the window due while its cancelled job is held (a retry or a
+    # vacuum reading it): one takes it over once the row is free, the others plan nothing.
+    await add(sched, "s", every="10m", args=[1])
+    planned = await plan_ahead(sched, db, "s")
+    await_window(db, planned["id"])
+    await withdrawn_and_back(sched, db, "s")
+    db("UPDATE schedules SET args = '[2]'")
+    async with await held(pg_dsn, schema) as holder:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE",
+                                 (planned["id"],))
+            passes = [asyncio.create_task(planner(sched).run_once(now=AHEAD))
+                      for _ in range(3)]
+            await asyncio.sleep(0.3)
+        await asyncio.gather(*passes)
+    await asyncio.gather(*[planner(sched).run_once(now=AHEAD) for _ in range(3)])
+    assert [(j["id"], j["status"], j["args"]) for j in window_jobs(db, "s")] == [
+        (planned["id"], "pending", [2])]
