@@ -167,3 +167,16 @@ async def test_planners_racing_for_a_window_to_take_over_make_one_job(sched, db,
     await asyncio.gather(*[planner(sched).run_once(now=AHEAD) for _ in range(3)])
     assert [(j["id"], j["status"], j["args"]) for j in window_jobs(db, "s")] == [
         (planned["id"], "pending", [2])]
+
+
+async def test_a_withdrawn_window_an_operator_retried_is_not_withdrawn_again(sched, db):
+    # `pgsched retry` of the withdrawn job makes it the operator's run, due now: a
+    # triggered run of the overlap=False schedule must not delete it as a planned window
+    # (the paused schedule plans nothing again: the retry would be lost).
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    await_window(db, planned["id"])
+    await recurring.pause_schedule(sched.store, "solo")
+    assert await ops.retry_jobs(sched.store, [planned["id"]]) == [planned["id"]]
+    await recurring.trigger_schedule(sched.store, "solo")
+    assert [j["status"] for j in window_jobs(db, "solo")] == ["pending"]

@@ -395,12 +395,14 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- watches it) stays planned: deleted, it would cut them loose. has_dependents is never
 -- cleared, so a job still waiting is looked up (as vacuum_jobs does): one taken over
 -- after its withdrawal cancelled its dependents is awaited by nobody. A job a worker
--- claimed is a run, not a plan (attempts; 0021 says why now() alone does not tell).
+-- claimed or an operator retried is a run, not a plan (attempts, errors; 0021 says why
+-- now() alone does not tell).
 withdrawn AS (
     DELETE FROM {schema}.jobs w USING {schema}.schedules s
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
       AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.attempts = 0 AND NOT w.awaited AND NOT (w.has_dependents AND EXISTS (
+      AND w.attempts = 0 AND w.errors = '[]' AND NOT w.awaited
+      AND NOT (w.has_dependents AND EXISTS (
           SELECT 1 FROM {schema}.job_dependencies e
           JOIN {schema}.jobs d ON d.id = e.job_id AND d.due_after_dependencies IS NOT NULL
           WHERE e.dependency_id = w.id))
