@@ -1,11 +1,14 @@
-"""Adversarial review of awaited windows taken over when they come again (migration 0021,
-advance_schedules' `revived` step).
+"""Adversarial review of awaited windows (migration 0021, advance_schedules' `revived` step,
+withdrawn_overlap_window).
 
-A window planned ahead that a job waits for is cancelled when its schedule takes the window
-away, and taken over by the planner if the window comes again. Each test attacks what the
-take-over may take: only the job the withdrawal cancelled, never one an operator cancelled;
-and what it leaves of that job's earlier life (who awaited it) must not change how the
-window runs. Planner passes are given a `now` in 2030 (test_plan_ahead's T).
+A window planned ahead that a job waits for is rewritten in place or cancelled when its
+schedule changes, and taken over by the planner if the window comes again. The attacks:
+the take-over may take only the job the withdrawal cancelled, never one an operator
+retried or cancelled, and what it keeps of that job's earlier life must not change how the
+window runs; a withdrawal must treat as a plan only a job no worker claimed and no operator
+retried, and must see a wait that marks the job while the change waits for it; planners
+racing for one take-over make one job. Planner passes are given a `now` in 2030
+(test_plan_ahead's T) unless the real clock is the point.
 """
 
 from __future__ import annotations
