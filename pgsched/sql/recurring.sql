@@ -224,6 +224,11 @@ made AS (
 -- new timing or a removal took the window away) and that comes again (a resume, a timing
 -- that has it too, the schedule added again) takes that job over: its id and key are the
 -- window's, and the insert below would keep the cancelled job and lose the window.
+-- Only the withdrawal's cancel is taken over: a job never claimed nor retried (attempts,
+-- errors), since a retry keeps last_error and a later `pgsched cancel` writes none, and
+-- an operator's cancel must hold. Its waits ended with the cancel: it is watched again
+-- only by a new one. has_dependents stays (it only ever says a job may have some): a
+-- dependent retried to wait on it again needs its end to fire the settling trigger.
 -- `made` holds a row a window: with cancelled jobs many, the join probes jobs by the
 -- window key (jobs_schedule_window_idx) rather than read them.
 revived AS (
@@ -232,11 +237,13 @@ revived AS (
         priority = m.priority, execution_time = m.execution_time,
         misfire_grace_seconds = m.misfire_grace_seconds, max_retries = m.max_retries,
         timeout_seconds = m.timeout_seconds, status = m.status,
-        finished_at = m.finished_at, last_error = m.last_error, errors = m.errors
+        finished_at = m.finished_at, last_error = m.last_error, errors = m.errors,
+        awaited = false
     FROM made m
     WHERE j.id = m.id AND j.schedule_id = m.schedule_id AND j.fire_time = m.fire_time
       AND j.status = 'cancelled'
       AND j.last_error = 'cancelled: its schedule changed before the window came'
+      AND j.attempts = 0 AND j.errors = '[]'::jsonb
     RETURNING j.id, j.schedule_id, j.fire_time, j.execution_time, j.status
 ),
 new AS (
@@ -384,13 +391,21 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- time to come) was decided before the run existed, so it is withdrawn (`withdrawn`:
 -- schedule_id, fire_time) for the statement to send next_fire_at back to it, and the
 -- planners, asleep until the window after it, are woken to decide it at its time
--- (trigger_schedule, ops_retry_jobs). An awaited one (a job depends on it, or a waiter
--- watches it) stays planned: deleted, it would cut them loose.
+-- (trigger_schedule, ops_retry_jobs). An awaited one (a job waits for it, or a waiter
+-- watches it) stays planned: deleted, it would cut them loose. has_dependents is never
+-- cleared, so a job still waiting is looked up (as vacuum_jobs does): one taken over
+-- after its withdrawal cancelled its dependents is awaited by nobody. A job a worker
+-- claimed or an operator retried is a run, not a plan (attempts, errors; 0021 says why
+-- now() alone does not tell).
 withdrawn AS (
     DELETE FROM {schema}.jobs w USING {schema}.schedules s
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
       AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.has_dependents IS NOT TRUE AND NOT w.awaited
+      AND w.attempts = 0 AND w.errors = '[]' AND NOT w.awaited
+      AND NOT (w.has_dependents AND EXISTS (
+          SELECT 1 FROM {schema}.job_dependencies e
+          JOIN {schema}.jobs d ON d.id = e.job_id AND d.due_after_dependencies IS NOT NULL
+          WHERE e.dependency_id = w.id))
     RETURNING w.schedule_id, w.fire_time
 ),
 replan AS (

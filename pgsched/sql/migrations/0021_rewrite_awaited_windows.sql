@@ -19,6 +19,12 @@
 -- LOCKED passes the row over until then) and runs the new version. Either way the window
 -- runs once.
 --
+-- A window's job is only a plan while no worker claimed it and no operator retried it
+-- (attempts = 0, errors = '[]'): now() is the change's transaction start, and a
+-- transaction begun before a fire time can change the schedule after a worker ran that
+-- window and it waits for a retry. 0016 deleted that job and planned the window again:
+-- it ran twice, its history and retry budget lost.
+--
 -- The rest is 0016's: a job nobody awaits is deleted and planned again (the planner then
 -- decides overlap = false anew); one whose window goes away with the change (a new
 -- timing, a pause, a disable, a rename, a removal, a TRUNCATE) is cancelled when
@@ -36,6 +42,15 @@ DECLARE
     -- store.channel_name, computed as migration 0010 computes the done channel
     channel text := 'pgsched_' || TG_TABLE_SCHEMA;
 BEGIN
+    -- Lock the planned jobs first: a wait marking one (mark_awaited) or a job made to
+    -- depend on one commits before this reads them, and each statement below, with a
+    -- snapshot of its own, sees the job as it is. Without it, the DELETE waited for the
+    -- mark and then passed over an awaited job that the UPDATEs' snapshot, taken before
+    -- the mark, did not see awaited either: the old plan stayed pending, paused or not.
+    PERFORM FROM {schema}.jobs
+    WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+      AND attempts = 0 AND errors = '[]'
+    FOR UPDATE;
     IF windows_stay THEN
         UPDATE {schema}.jobs SET task = NEW.task, queue = NEW.queue, args = NEW.args,
             kwargs = NEW.kwargs, priority = NEW.priority, max_retries = NEW.max_retries,
@@ -44,17 +59,20 @@ BEGIN
             misfire_grace_seconds = CASE WHEN NEW.catch_up = 'skip'
                                          THEN coalesce(misfire_grace_seconds, 60) END
         WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND attempts = 0 AND errors = '[]'
           AND (has_dependents OR awaited);
     END IF;
     WITH gone AS (
         DELETE FROM {schema}.jobs
         WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND attempts = 0 AND errors = '[]'
           AND has_dependents IS NOT TRUE AND NOT awaited
         RETURNING fire_time
     ), cancelled AS (
         UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now(),
             last_error = 'cancelled: its schedule changed before the window came'
         WHERE schedule_id = OLD.id AND fire_time > now() AND status = 'pending'
+          AND attempts = 0 AND errors = '[]'
           AND (has_dependents OR awaited) AND NOT windows_stay
         RETURNING fire_time
     )
@@ -88,12 +106,16 @@ $$;
 CREATE OR REPLACE FUNCTION {schema}.withdraw_all_planned_windows() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM FROM {schema}.jobs  -- as withdraw_planned_windows: see each job as it is
+    WHERE fire_time > now() AND status = 'pending' AND attempts = 0 AND errors = '[]'
+    FOR UPDATE;
     DELETE FROM {schema}.jobs
-    WHERE fire_time > now() AND status = 'pending' AND has_dependents IS NOT TRUE
-      AND NOT awaited;
+    WHERE fire_time > now() AND status = 'pending' AND attempts = 0 AND errors = '[]'
+      AND has_dependents IS NOT TRUE AND NOT awaited;
     UPDATE {schema}.jobs SET status = 'cancelled', finished_at = now(),
         last_error = 'cancelled: its schedule changed before the window came'
-    WHERE fire_time > now() AND status = 'pending' AND (has_dependents OR awaited);
+    WHERE fire_time > now() AND status = 'pending' AND attempts = 0 AND errors = '[]'
+      AND (has_dependents OR awaited);
     RETURN NULL;
 END
 $$;
