@@ -1,0 +1,143 @@
+"""Review of branch `verdict` (the completer's too-slow verdict spanning TOO_SLOW_SPAN_LEASES,
+and the `errors` entry that tells an attempt's own abandoned write from a lost lease),
+against a real PostgreSQL and the real in-process Worker: rows edited by SQL while an
+outcome waits to be written, a cancel request withdrawn, slowness that comes and goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
+from conftest import wait_until
+from test_fetcher_write_wait_review import _is, _slow_completion_writes, _slow_writes, start
+from test_worker_core import stop
+
+from pgsched import Scheduler, task
+from pgsched.worker.completer import TOO_SLOW_CUTS
+
+
+async def _parked(worker) -> bool:
+    return worker.ctx.parked > 0
+
+
+async def test_a_parked_outcome_whose_row_was_taken_and_given_an_errors_object_kills_no_worker(
+        sched, pg_dsn):
+    """A finished job's row is locked by another session, so its success is parked; that
+    session then hands the job to another worker and writes `errors` as a JSON object, not
+    an array (SQL: nothing read from the database is trusted), and commits. The parked
+    outcome is looked at again (Store.outcome_states): a lost lease, counted as such. The
+    worker must live on and record later outcomes; the query must not fail on the row's
+    `errors` (jsonb_array_elements of an object), killing the completer and the worker."""
+    schema = sched.schema
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    try:
+        await sched.schedule("sleep", args=(0.5,), job_id="taken")
+        await wait_until(lambda: _is(sched, "taken", "running"), what="taken running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                 ["taken"])
+            await wait_until(lambda: _parked(worker), what="its success parked (row lock)")
+            await locker.execute(f"""UPDATE "{schema}".jobs SET worker_id = 'other',
+                errors = '{{"not": "an array"}}' WHERE id = 'taken'""")
+            await locker.commit()
+        await wait_until(lambda: worker.stats.lease_lost == 1 or runner.done(),
+                         what="the parked outcome settled as a lost lease")
+        assert not runner.done(), runner.exception()
+        await sched.schedule("noop", job_id="after")
+        await wait_until(lambda: _is(sched, "after", "completed"), what="a later outcome")
+    finally:
+        if not runner.done():
+            await stop(worker, runner)
+
+
+@task
+async def slow_to_cancel() -> None:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(1.0)  # cleaning up: the test locks the row meanwhile
+        raise
+
+
+async def test_a_cancellation_whose_request_was_withdrawn_is_not_parked_for_ever(
+        sched, pg_dsn):
+    """A running job's cancel is requested and its task stops; while it cleans up another
+    session locks the row, so the cancellation is parked, and withdraws the request (SQL:
+    cancel_requested_at = NULL) before it commits. finish_cancelled_jobs is fenced on the
+    request, so it writes nothing, for ever; the row is still this worker's running
+    attempt ('free'). On main that was a lost lease (forgotten, at-least-once by
+    recovery); the outcome must settle, not be parked and written again every quarter
+    lease while its slot and its lease are held for as long as the worker runs."""
+    schema = sched.schema
+    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    try:
+        job_id = await sched.schedule("slow_to_cancel")
+        await wait_until(lambda: _is(sched, job_id, "running"), what="job running")
+        assert await sched.store.request_cancel(ids=[job_id]) == {job_id: "running"}
+        await wait_until(lambda: any(h.cancel_requested for h in worker.ctx.held.values()),
+                         what="the cancel seen by the worker")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                 [job_id])
+            await wait_until(lambda: _parked(worker), what="its cancellation parked")
+            await locker.execute(f"""UPDATE "{schema}".jobs SET cancel_requested_at = NULL
+                WHERE id = %s""", [job_id])
+            await locker.commit()
+        await wait_until(lambda: not worker.ctx.held, timeout=10,
+                         what="the cancellation settled (not parked again and again)")
+        assert worker.stats.lease_lost == 1, worker.stats
+    finally:
+        await stop(worker, runner)
+
+
+async def test_two_short_spells_of_slowness_apart_do_not_fail_a_large_result(sched, pg_dsn):
+    """A result of 1.5 MiB is cut on statement_timeout TOO_SLOW_CUTS - 1 times, written
+    alone (a short spell of slowness),
+    then its row is locked by another session for longer than TOO_SLOW_SPAN_LEASES leases
+    (the database is fast again; the outcome is parked, 'running'), then, once the lock
+    is let go, the database is slow once more, briefly. No spell of slowness lasted five
+    leases, yet the first cut and the last span them: the verdict must not fail the job
+    (docs/delivery.md: a spell shorter than five leases never fails a job)."""
+    schema = sched.schema
+    async with _slow_completion_writes(
+            sched, pg_dsn, f"""NEW.status = 'completed' AND octet_length(NEW.result::text)
+                >= 1048576 AND EXISTS (SELECT 1 FROM "{schema}".slow_on)""",
+            slow_writes=10**9) as conn:
+        await conn.execute(f'CREATE TABLE "{schema}".slow_on ()')
+        await conn.execute(f'INSERT INTO "{schema}".slow_on DEFAULT VALUES')
+        # lease 1 s: statement_timeout 0.5 s, lock_timeout 0.25 s; five leases are 5 s
+        worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
+                                     heartbeat_seconds=0.2)
+        try:
+            job_id = await sched.schedule("ordinary_result", args=(1536,), job_id="large")
+            # the batch's write, then two of its write alone (TOO_SLOW_CUTS - 1)
+            await wait_until(lambda: _slow_writes_at_least(conn, schema, TOO_SLOW_CUTS),
+                             timeout=10, what="two cuts of its write alone")
+            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+                await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s '
+                                     "FOR UPDATE", [job_id])
+                await conn.execute(f'DELETE FROM "{schema}".slow_on')  # fast again
+                await asyncio.sleep(6.0)  # locked past five leases: parked, not cut
+                await conn.execute(f'INSERT INTO "{schema}".slow_on DEFAULT VALUES')
+                cuts = await _slow_writes(conn, schema)
+                await locker.rollback()
+            # slow again, briefly: one more cut, then fast
+            await wait_until(lambda: _slow_writes_at_least(conn, schema, cuts + 1),
+                             timeout=10, what="a cut after the lock")
+            await conn.execute(f'DELETE FROM "{schema}".slow_on')
+            await wait_until(lambda: _ended(sched, job_id), timeout=20, what="the job ended")
+            job = await sched.get_job(job_id)
+            assert job["status"] == "completed", job["last_error"][:200]
+        finally:
+            await stop(worker, runner)
+
+
+async def _slow_writes_at_least(conn: psycopg.AsyncConnection, schema: str, n: int) -> bool:
+    return await _slow_writes(conn, schema) >= n
+
+
+async def _ended(sched: Scheduler, job_id: str) -> bool:
+    return str((await sched.get_job(job_id))["status"]) not in ("pending", "running")
+
