@@ -141,3 +141,23 @@ async def _slow_writes_at_least(conn: psycopg.AsyncConnection, schema: str, n: i
 async def _ended(sched: Scheduler, job_id: str) -> bool:
     return str((await sched.get_job(job_id))["status"]) not in ("pending", "running")
 
+
+
+async def test_outcome_states_read_any_errors_sql_wrote_as_no_entry_of_this_worker(
+        sched, pg_dsn):
+    """`errors` as SQL may leave it (a scalar, an object, JSON null, an array of entries
+    of every type, one naming this worker for another attempt): each job another worker
+    holds reads as a lost lease (None), and the query answers for every outcome at once."""
+    hostile = ['"text"', '{"worker_id": "w", "attempt": 1}', "null", "42",
+               '[1, "w", null, [1], {"worker_id": 1}, {"worker_id": ["w"], "attempt": 1},'
+               ' {"worker_id": "w", "attempt": 2, "outcome": "failed"}]']
+    ids = [f"h{i}" for i in range(len(hostile))]
+    for job_id in ids:
+        await sched.schedule("noop", job_id=job_id)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        for job_id, errors in zip(ids, hostile, strict=True):
+            await conn.execute(f"""UPDATE "{sched.schema}".jobs SET status = 'running',
+                attempts = 1, worker_id = 'other', errors = %s::jsonb WHERE id = %s""",
+                [errors, job_id])
+    states = await sched.store.outcome_states(worker_id="w", held=[(i, 1) for i in ids])
+    assert {key: s.state for key, s in states.items()} == {(i, 1): None for i in ids}
