@@ -24,7 +24,9 @@ Invariants:
 - An unwritten outcome whose row shows this worker's attempt ended by a write of its own
   (an abandoned write that committed after all) is counted and logged as written
   (earlier_write), not as a lost lease: a success, a failure, a retry, a snooze, a
-  deferral or a cancellation alike (Store.outcome_states).
+  deferral or a cancellation alike (Store.outcome_states). One whose fenced write left
+  this attempt's own unlocked row as it was (a cancel request withdrawn by SQL) is given
+  up as a lost lease: written again it would be fenced out for ever.
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
@@ -232,7 +234,15 @@ class Completer:
         states = await self.ctx.store.outcome_states(worker_id=self.ctx.id,
                                                      held=[c.held.key for c in cs])
         for c in cs:
-            self._unwritten(c, states[c.held.key])
+            if states[c.held.key].state == "free":
+                # This attempt's own row, unlocked, yet the write left it as it was: a
+                # cancellation whose request was withdrawn (finish_cancelled_jobs is
+                # fenced on it). Written again it would be fenced out for ever, its slot
+                # and lease held: given up as a lost lease, as before the look existed.
+                self.ctx.forget(c.held)
+                self._lost(c)
+            else:
+                self._unwritten(c, states[c.held.key])
 
     def _unwritten(self, c: Completion, state: OutcomeState) -> None:
         """An outcome a write left unwritten, by where its row stands (outcome_states):
