@@ -102,7 +102,9 @@ WRITE_MARGIN_SECONDS = 1.0
 # value does not fit in the time; and the cuts span TOO_SLOW_SPAN_LEASES leases (ten
 # statement_timeouts), from the first cut of its write alone to the one that decides. A
 # write tried after a spell of slowness ends is not cut, so a spell shorter than that span
-# never fails a job, however many cuts it packs in. Between tries the outcome is parked
+# never fails a job, however many cuts it packs in; nor do two such spells with a spell
+# between in which the write was not tried (its row locked): a park for anything but a
+# cut starts the count again (_park). Between tries the outcome is parked
 # (backoff up to a quarter lease), so one that never fits fails after about that span,
 # each try holding the outcomes behind it for at most one write bound. A smaller result
 # is never failed for being slow to write, however slow the database: it waits and is
@@ -207,10 +209,15 @@ class Completer:
                 self._unwritten(c, states[c.held.key])
         return free
 
-    def _park(self, c: Completion) -> None:
+    def _park(self, c: Completion, cut: bool = False) -> None:
         """Write c again after a backoff, without holding up the outcomes behind it. Its
         slot stays taken and its lease renewed meanwhile; after kill(), it is given up
-        after a few tries (`completion_not_recorded`) so that shutdown stays bounded."""
+        after a few tries (`completion_not_recorded`) so that shutdown stays bounded.
+        Parked for anything but a cut of its write (a row lock, a failed look), its cuts
+        are forgotten: the verdict (TOO_SLOW_SPAN_LEASES) spans tries in a row, each cut,
+        not two spells of slowness with a spell it was not tried in between."""
+        if not cut:
+            self._cuts.pop(c.held.key, None)
         tries = self._waiting[c.held.key] = self._waiting.get(c.held.key, 0) + 1
         if self.ctx.killed.is_set() and tries > 5:
             log.error("completion_not_recorded", **c.held.log_fields(),
@@ -299,7 +306,7 @@ class Completer:
                 except psycopg.errors.QueryCanceled as exc:
                     self.ctx.db_error("complete", exc, self._waiting.get(c.held.key, 0))
                     if not self._cut_too_often(c):
-                        self._park(c)
+                        self._park(c, cut=True)
                         continue
                     c = batch[i] = _unstorable(c, "recorded within statement_timeout", exc)
                     await self._record_once([c])
@@ -313,6 +320,7 @@ class Completer:
                           hint="its lease expires and another worker runs it again")
                 self.ctx.forget(c.held)
             except DB_ERRORS:
+                self._cuts.pop(c.held.key, None)  # an outage is no cut: tries in a row
                 return batch[i:]
         return []
 
