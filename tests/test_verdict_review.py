@@ -161,3 +161,33 @@ async def test_outcome_states_read_any_errors_sql_wrote_as_no_entry_of_this_work
                 [errors, job_id])
     states = await sched.store.outcome_states(worker_id="w", held=[(i, 1) for i in ids])
     assert {key: s.state for key, s in states.items()} == {(i, 1): None for i in ids}
+
+
+async def test_a_large_result_parked_at_shutdown_ends_the_worker_in_time_and_is_run_again(
+        sched, pg_dsn):
+    """A result of 1.5 MiB that the database never writes in time (a trigger sleeps past
+    statement_timeout on every such write) is parked, far from its verdict (five leases),
+    when the worker is stopped: run() returns within the shutdown deadline (grace,
+    KILL_CLEANUP_SECONDS, SHUTDOWN_DB_SECONDS), not after the verdict, and the job is not
+    lost: a worker started once the database is fast again runs it and completes it."""
+    schema = sched.schema
+    async with _slow_completion_writes(
+            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
+            ">= 1048576", slow_writes=10**9) as conn:
+        # lease 4 s: statement_timeout 2 s; the verdict would come after 20 s
+        worker, runner = await start(sched, concurrency=2, lease_seconds=4.0,
+                                     heartbeat_seconds=0.5, shutdown_grace_seconds=1.0)
+        job_id = await sched.schedule("ordinary_result", args=(1536,))
+        await wait_until(lambda: _slow_writes_at_least(conn, schema, TOO_SLOW_CUTS),
+                         timeout=20, what="its write alone cut")
+        worker.stop()
+        await asyncio.wait_for(runner, 1.0 + 1.0 + 5.0 + 2.0)
+        await conn.execute(f'DROP TRIGGER slow ON "{schema}".jobs')
+    assert (await sched.get_job(job_id))["status"] != "failed"
+    successor, runner = await start(sched, concurrency=2, lease_seconds=4.0)
+    try:
+        await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
+        job = await sched.get_job(job_id)
+        assert (job["status"], len(job["result"]["text"])) == ("completed", 1536 << 10)
+    finally:
+        await stop(successor, runner)
