@@ -138,6 +138,10 @@ async def _slow_writes_at_least(conn: psycopg.AsyncConnection, schema: str, n: i
     return await _slow_writes(conn, schema) >= n
 
 
+async def _claimed(sched: Scheduler, job_id: str) -> bool:
+    return str((await sched.get_job(job_id))["status"]) in ("running", "completed")
+
+
 async def _ended(sched: Scheduler, job_id: str) -> bool:
     return str((await sched.get_job(job_id))["status"]) not in ("pending", "running")
 
@@ -191,3 +195,37 @@ async def test_a_large_result_parked_at_shutdown_ends_the_worker_in_time_and_is_
         assert (job["status"], len(job["result"]["text"])) == ("completed", 1536 << 10)
     finally:
         await stop(successor, runner)
+
+
+async def test_an_outcome_waits_behind_one_write_at_most_while_large_results_are_tried(
+        sched, pg_dsn):
+    """Three results of 1.5 MiB that the database never writes in time are parked and
+    tried again and again until their verdict (five leases). docs/delivery.md: "each try
+    holds up the outcomes behind it for one write at most". A job that finishes meanwhile
+    must be recorded after at most one slow write begun after it started, not after the
+    tries of every parked result that came back in the same batch (written first)."""
+    schema = sched.schema
+    async with _slow_completion_writes(
+            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
+            ">= 1048576", slow_writes=10**9) as conn:
+        # lease 2 s: statement_timeout 1 s; the verdicts come after 10 s
+        worker, runner = await start(sched, concurrency=4, lease_seconds=2.0,
+                                     heartbeat_seconds=0.3)
+        try:
+            large = [await sched.schedule("ordinary_result", args=(1536,)) for _ in range(3)]
+            await wait_until(lambda: _slow_writes_at_least(conn, schema, 6), timeout=20,
+                             what="the large results' writes alone cut")
+            waited = []
+            for i in range(8):
+                job_id = await sched.schedule("noop", job_id=f"n{i}")
+                await wait_until(lambda j=job_id: _claimed(sched, j), what=f"n{i} claimed")
+                before = await _slow_writes(conn, schema)
+                await wait_until(lambda j=job_id: _is(sched, j, "completed"), timeout=30,
+                                 what=f"n{i} recorded")
+                waited.append(await _slow_writes(conn, schema) - before)
+            assert max(waited) <= 1, waited
+            for job_id in large:
+                await wait_until(lambda j=job_id: _ended(sched, j), timeout=30,
+                                 what="a large result's job ended")
+        finally:
+            await stop(worker, runner)

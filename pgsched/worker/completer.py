@@ -152,16 +152,21 @@ class Completer:
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[Completion]) -> None:
-        attempt = 0
         # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
         # writes nothing: the fence cannot tell it from a newer claim of the same key.
         pending = [c for c in batch if not c.held.lease_lost]
         parked = [c for c in pending if c.held.key in self._waiting]
+        await self._record_pending([c for c in pending if c.held.key not in self._waiting])
         if parked:
             # Written apart from the batch: a parked outcome whose own row is free may
             # still meet a lock (a waiting dependent's), which must not fail the batch.
-            pending = [c for c in pending if c.held.key not in self._waiting]
-            pending += await self._record_apart(await self._sort_out(parked))
+            # After the fresh outcomes, and one at a time while others come in: a parked
+            # one may be a large result cut again (a whole statement_timeout).
+            await self._record_pending(
+                await self._record_apart(await self._sort_out(parked), requeue=True))
+
+    async def _record_pending(self, pending: list[Completion]) -> None:
+        attempt = 0
         while pending:
             try:
                 await self._record_once(pending)
@@ -230,6 +235,13 @@ class Completer:
                else self.ctx.options.lease_seconds / 4)
         asyncio.get_running_loop().call_later(backoff_delay(tries, cap), self._unpark, c)
 
+    def _requeue(self, c: Completion) -> None:
+        """A parked outcome back in the queue at once, untried: still parked (its tries,
+        its cuts), but behind what came in meanwhile."""
+        self._parked.add(id(c))
+        self.ctx.completions.put_nowait(c)
+        self.ctx.completions.task_done()  # the put stands for the outcome's own
+
     def _unpark(self, c: Completion) -> None:
         self.ctx.parked -= 1
         self.ctx.completions.put_nowait(c)
@@ -291,13 +303,22 @@ class Completer:
                 and now - first >= TOO_SLOW_SPAN_LEASES * self.ctx.options.lease_seconds
                 and len(c.outcome.result_json) >= TOO_SLOW_RESULT_BYTES)
 
-    async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
+    async def _record_apart(self, batch: list[Completion],
+                            requeue: bool = False) -> list[Completion]:
         """A batch PostgreSQL refused because of a value in it, or cut on
-        statement_timeout: write each job on its own. A result that cannot be stored, or
-        that the evidence says cannot be written in time, fails its job; an outcome cut
-        or locked otherwise is parked. Returns what is left to write after a connection
-        error."""
+        statement_timeout: write each job on its own, the smaller results first (a large
+        one's write may be cut, after a whole statement_timeout). A result that cannot be
+        stored, or that the evidence says cannot be written in time, fails its job; an
+        outcome cut or locked otherwise is parked. With `requeue` (parked outcomes), once
+        one is tried the rest go back to the queue behind the outcomes that came in
+        meanwhile, so each holds those up for one write at most. Returns what is left to
+        write after a connection error."""
+        batch = sorted(batch, key=_result_size)
         for i, c in enumerate(batch):
+            if requeue and i and not self.ctx.completions.empty():
+                for rest in batch[i:]:
+                    self._requeue(rest)
+                return []
             try:
                 try:
                     await self._record_once([c])
@@ -496,6 +517,10 @@ def _unstorable(c: Completion, could_not_be: str, exc: Exception) -> Completion:
     log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
     return Completion(c.held, failed(f"the task's return value could not be {could_not_be}: "
                                      f"{exc}"), c.failures, c.duration_s, c.lateness_ms)
+
+
+def _result_size(c: Completion) -> int:
+    return len(c.outcome.result_json) if c.outcome.ok else 0
 
 
 def _remove(pending: list[Completion], written: list[Completion]) -> None:
