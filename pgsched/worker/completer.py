@@ -16,7 +16,9 @@ Invariants:
   row lock past lock_timeout looks at its outcomes without waiting on a lock
   (Store.outcome_states): the free ones are written at once, the locked ones are parked
   (_park: looked at again the same way after a backoff, still counted unfinished in
-  ctx.completions, so shutdown waits for them). Every write is abandoned with its
+  ctx.completions, so shutdown waits for them; written after the fresh outcomes, the
+  smaller results first, one at a time while others come in: each parked write holds
+  up what is behind it once at most). Every write is abandoned with its
   connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
   statement_timeout; a batch cut either way is written job by job, and an outcome cut
   alone is parked, or failed only on the evidence at TOO_SLOW_CUTS, which must span
