@@ -7,6 +7,7 @@ outcome waits to be written, a cancel request withdrawn, slowness that comes and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import psycopg
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
@@ -134,6 +135,15 @@ async def test_two_short_spells_of_slowness_apart_do_not_fail_a_large_result(sch
             await stop(worker, runner)
 
 
+def _large_results_never_written(
+        sched: Scheduler, pg_dsn: str) -> contextlib.AbstractAsyncContextManager[
+            psycopg.AsyncConnection]:
+    """Every completion write of a result of 1 MiB or more sleeps past statement_timeout."""
+    return _slow_completion_writes(
+        sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
+        ">= 1048576", slow_writes=10**9)
+
+
 async def _slow_writes_at_least(conn: psycopg.AsyncConnection, schema: str, n: int) -> bool:
     return await _slow_writes(conn, schema) >= n
 
@@ -175,9 +185,7 @@ async def test_a_large_result_parked_at_shutdown_ends_the_worker_in_time_and_is_
     KILL_CLEANUP_SECONDS, SHUTDOWN_DB_SECONDS), not after the verdict, and the job is not
     lost: a worker started once the database is fast again runs it and completes it."""
     schema = sched.schema
-    async with _slow_completion_writes(
-            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
-            ">= 1048576", slow_writes=10**9) as conn:
+    async with _large_results_never_written(sched, pg_dsn) as conn:
         # lease 4 s: statement_timeout 2 s; the verdict would come after 20 s
         worker, runner = await start(sched, concurrency=2, lease_seconds=4.0,
                                      heartbeat_seconds=0.5, shutdown_grace_seconds=1.0)
@@ -205,9 +213,7 @@ async def test_an_outcome_waits_behind_one_write_at_most_while_large_results_are
     must be recorded after at most one slow write begun after it started, not after the
     tries of every parked result that came back in the same batch (written first)."""
     schema = sched.schema
-    async with _slow_completion_writes(
-            sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
-            ">= 1048576", slow_writes=10**9) as conn:
+    async with _large_results_never_written(sched, pg_dsn) as conn:
         # lease 2 s: statement_timeout 1 s; the verdicts come after 10 s
         worker, runner = await start(sched, concurrency=4, lease_seconds=2.0,
                                      heartbeat_seconds=0.3)
