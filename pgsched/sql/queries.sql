@@ -459,7 +459,11 @@ WITH free AS (
 SELECT h.id, h.attempt,
        CASE WHEN (h.id, h.attempt) IN (SELECT id, attempts FROM free) THEN 'free'
             WHEN j.attempts = h.attempt AND j.worker_id = %(worker_id)s THEN j.status::text
-            WHEN EXISTS (SELECT 1 FROM jsonb_array_elements(j.errors) AS e
+            -- Read as untrusted: `errors` may be anything SQL wrote (not an array,
+            -- entries of any type); this query must not fail on one row, or no parked
+            -- outcome is looked at again.
+            WHEN EXISTS (SELECT 1 FROM jsonb_array_elements(
+                             CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors END) AS e
                          WHERE e ->> 'worker_id' = %(worker_id)s
                            AND e ->> 'attempt' = h.attempt::text
                            AND e ->> 'outcome' IS DISTINCT FROM 'lease_expired')

@@ -16,7 +16,9 @@ Invariants:
   row lock past lock_timeout looks at its outcomes without waiting on a lock
   (Store.outcome_states): the free ones are written at once, the locked ones are parked
   (_park: looked at again the same way after a backoff, still counted unfinished in
-  ctx.completions, so shutdown waits for them). Every write is abandoned with its
+  ctx.completions, so shutdown waits for them; written after the fresh outcomes, the
+  smaller results first, one at a time while others come in: each parked write holds
+  up what is behind it once at most). Every write is abandoned with its
   connection after `_write_bound` (Store.bounded, NoAnswer), a little over the pool's
   statement_timeout; a batch cut either way is written job by job, and an outcome cut
   alone is parked, or failed only on the evidence at TOO_SLOW_CUTS, which must span
@@ -24,7 +26,9 @@ Invariants:
 - An unwritten outcome whose row shows this worker's attempt ended by a write of its own
   (an abandoned write that committed after all) is counted and logged as written
   (earlier_write), not as a lost lease: a success, a failure, a retry, a snooze, a
-  deferral or a cancellation alike (Store.outcome_states).
+  deferral or a cancellation alike (Store.outcome_states). One whose fenced write left
+  this attempt's own unlocked row as it was (a cancel request withdrawn by SQL) is given
+  up as a lost lease: written again it would be fenced out for ever.
 - A job whose task is unknown here is put back for a worker that knows it (defer_job):
   due again after UNKNOWN_TASK_DELAY_SECONDS, doubling up to an hour, and failed once it
   has been deferred for UNKNOWN_TASK_GIVE_UP_SECONDS.
@@ -100,7 +104,9 @@ WRITE_MARGIN_SECONDS = 1.0
 # value does not fit in the time; and the cuts span TOO_SLOW_SPAN_LEASES leases (ten
 # statement_timeouts), from the first cut of its write alone to the one that decides. A
 # write tried after a spell of slowness ends is not cut, so a spell shorter than that span
-# never fails a job, however many cuts it packs in. Between tries the outcome is parked
+# never fails a job, however many cuts it packs in; nor do two such spells with a spell
+# between in which the write was not tried (its row locked): a park for anything but a
+# cut starts the count again (_park). Between tries the outcome is parked
 # (backoff up to a quarter lease), so one that never fits fails after about that span,
 # each try holding the outcomes behind it for at most one write bound. A smaller result
 # is never failed for being slow to write, however slow the database: it waits and is
@@ -148,16 +154,21 @@ class Completer:
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[Completion]) -> None:
-        attempt = 0
         # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
         # writes nothing: the fence cannot tell it from a newer claim of the same key.
         pending = [c for c in batch if not c.held.lease_lost]
         parked = [c for c in pending if c.held.key in self._waiting]
+        await self._record_pending([c for c in pending if c.held.key not in self._waiting])
         if parked:
             # Written apart from the batch: a parked outcome whose own row is free may
             # still meet a lock (a waiting dependent's), which must not fail the batch.
-            pending = [c for c in pending if c.held.key not in self._waiting]
-            pending += await self._record_apart(await self._sort_out(parked))
+            # After the fresh outcomes, and one at a time while others come in: a parked
+            # one may be a large result cut again (a whole statement_timeout).
+            await self._record_pending(
+                await self._record_apart(await self._sort_out(parked), requeue=True))
+
+    async def _record_pending(self, pending: list[Completion]) -> None:
+        attempt = 0
         while pending:
             try:
                 await self._record_once(pending)
@@ -205,10 +216,15 @@ class Completer:
                 self._unwritten(c, states[c.held.key])
         return free
 
-    def _park(self, c: Completion) -> None:
+    def _park(self, c: Completion, cut: bool = False) -> None:
         """Write c again after a backoff, without holding up the outcomes behind it. Its
         slot stays taken and its lease renewed meanwhile; after kill(), it is given up
-        after a few tries (`completion_not_recorded`) so that shutdown stays bounded."""
+        after a few tries (`completion_not_recorded`) so that shutdown stays bounded.
+        Parked for anything but a cut of its write (a row lock, a failed look), its cuts
+        are forgotten: the verdict (TOO_SLOW_SPAN_LEASES) spans tries in a row, each cut,
+        not two spells of slowness with a spell it was not tried in between."""
+        if not cut:
+            self._cuts.pop(c.held.key, None)
         tries = self._waiting[c.held.key] = self._waiting.get(c.held.key, 0) + 1
         if self.ctx.killed.is_set() and tries > 5:
             log.error("completion_not_recorded", **c.held.log_fields(),
@@ -221,6 +237,13 @@ class Completer:
                else self.ctx.options.lease_seconds / 4)
         asyncio.get_running_loop().call_later(backoff_delay(tries, cap), self._unpark, c)
 
+    def _requeue(self, c: Completion) -> None:
+        """A parked outcome back in the queue at once, untried: still parked (its tries,
+        its cuts), but behind what came in meanwhile."""
+        self._parked.add(id(c))
+        self.ctx.completions.put_nowait(c)
+        self.ctx.completions.task_done()  # the put stands for the outcome's own
+
     def _unpark(self, c: Completion) -> None:
         self.ctx.parked -= 1
         self.ctx.completions.put_nowait(c)
@@ -232,7 +255,15 @@ class Completer:
         states = await self.ctx.store.outcome_states(worker_id=self.ctx.id,
                                                      held=[c.held.key for c in cs])
         for c in cs:
-            self._unwritten(c, states[c.held.key])
+            if states[c.held.key].state == "free":
+                # This attempt's own row, unlocked, yet the write left it as it was: a
+                # cancellation whose request was withdrawn (finish_cancelled_jobs is
+                # fenced on it). Written again it would be fenced out for ever, its slot
+                # and lease held: given up as a lost lease, as before the look existed.
+                self.ctx.forget(c.held)
+                self._lost(c)
+            else:
+                self._unwritten(c, states[c.held.key])
 
     def _unwritten(self, c: Completion, state: OutcomeState) -> None:
         """An outcome a write left unwritten, by where its row stands (outcome_states):
@@ -274,13 +305,22 @@ class Completer:
                 and now - first >= TOO_SLOW_SPAN_LEASES * self.ctx.options.lease_seconds
                 and len(c.outcome.result_json) >= TOO_SLOW_RESULT_BYTES)
 
-    async def _record_apart(self, batch: list[Completion]) -> list[Completion]:
+    async def _record_apart(self, batch: list[Completion],
+                            requeue: bool = False) -> list[Completion]:
         """A batch PostgreSQL refused because of a value in it, or cut on
-        statement_timeout: write each job on its own. A result that cannot be stored, or
-        that the evidence says cannot be written in time, fails its job; an outcome cut
-        or locked otherwise is parked. Returns what is left to write after a connection
-        error."""
+        statement_timeout: write each job on its own, the smaller results first (a large
+        one's write may be cut, after a whole statement_timeout). A result that cannot be
+        stored, or that the evidence says cannot be written in time, fails its job; an
+        outcome cut or locked otherwise is parked. With `requeue` (parked outcomes), once
+        one is tried the rest go back to the queue behind the outcomes that came in
+        meanwhile, so each holds those up for one write at most. Returns what is left to
+        write after a connection error."""
+        batch = sorted(batch, key=_result_size)
         for i, c in enumerate(batch):
+            if requeue and i and not self.ctx.completions.empty():
+                for rest in batch[i:]:
+                    self._requeue(rest)
+                return []
             try:
                 try:
                     await self._record_once([c])
@@ -289,7 +329,7 @@ class Completer:
                 except psycopg.errors.QueryCanceled as exc:
                     self.ctx.db_error("complete", exc, self._waiting.get(c.held.key, 0))
                     if not self._cut_too_often(c):
-                        self._park(c)
+                        self._park(c, cut=True)
                         continue
                     c = batch[i] = _unstorable(c, "recorded within statement_timeout", exc)
                     await self._record_once([c])
@@ -303,6 +343,7 @@ class Completer:
                           hint="its lease expires and another worker runs it again")
                 self.ctx.forget(c.held)
             except DB_ERRORS:
+                self._cuts.pop(c.held.key, None)  # an outage is no cut: tries in a row
                 return batch[i:]
         return []
 
@@ -478,6 +519,10 @@ def _unstorable(c: Completion, could_not_be: str, exc: Exception) -> Completion:
     log.error("job_result_not_storable", **c.held.log_fields(), error=str(exc))
     return Completion(c.held, failed(f"the task's return value could not be {could_not_be}: "
                                      f"{exc}"), c.failures, c.duration_s, c.lateness_ms)
+
+
+def _result_size(c: Completion) -> int:
+    return len(c.outcome.result_json) if c.outcome.ok else 0
 
 
 def _remove(pending: list[Completion], written: list[Completion]) -> None:
