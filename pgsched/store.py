@@ -779,13 +779,24 @@ class Store:
         # The dependencies are locked in id order, but a completion locks the job it ends
         # and then (its trigger) that job's waiting dependents: with a dependency that
         # waits for another, the two can deadlock. The aborted transaction wrote nothing.
-        for attempt in range(DEADLOCK_ATTEMPTS):
-            try:
-                return await self._insert_waiting_job(job, depends_on, params)
-            except psycopg.errors.DeadlockDetected:
-                if attempt + 1 == DEADLOCK_ATTEMPTS:
-                    raise
+        try:
+            for attempt in range(DEADLOCK_ATTEMPTS):
+                try:
+                    return await self._insert_waiting_job(job, depends_on, params)
+                except psycopg.errors.DeadlockDetected:
+                    if attempt + 1 == DEADLOCK_ATTEMPTS:
+                        raise
+        except psycopg.Error:
+            await self.wake_dependencies(params)
+            raise
         raise AssertionError("unreachable")
+
+    async def wake_dependencies(self, params: dict[str, Any]) -> None:
+        """The wake-up a failed insert_waiting_job (rolled back) did not deliver: it held
+        its dependencies locked while it ran, so a claim skipped one falling due. Best
+        effort: a failure here (the server is gone) leaves the caller's error to tell."""
+        with contextlib.suppress(psycopg.Error):
+            await self._rows("wake_dependencies", params)
 
     async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
                                   params: dict[str, Any]) -> bool:
