@@ -227,3 +227,25 @@ async def test_a_job_locked_by_a_dependent_that_gives_up_on_a_lock_runs_at_once(
     assert await sched.get_job("c-child") is None
     await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
                      what="the dependency, locked by a statement that failed, to run")
+
+
+@pytest.mark.xfail(strict=True, reason="a REPLACE through the caller's connection holds the "
+                   "pending job it overwrites until the caller's transaction ends; a rollback "
+                   "drops the NOTIFY, and pgsched runs nothing at the caller's rollback, so a "
+                   "job that fell due meanwhile waits for the safety poll (a design decision: "
+                   "a claim that skips locked due rows could look again soon, or REPLACE in "
+                   "a transaction could be documented as an application lock)")
+async def test_a_job_a_rolled_back_transactional_replace_held_runs_at_once(
+        sched, pg_dsn, schema, tmp_path, workers):
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
+    job = await sched.schedule("noop", job_id="replaced", execution_time=due)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as caller:
+        assert await sched.schedule("noop", job_id=job, execution_time=due,
+                                    conflict_resolution="replace", connection=caller) == job
+        assert await db_now(sched) < due, "the lock came after the due time: no race made"
+        await until_past(sched, due)
+        assert not claimable(pg_dsn, schema, job)
+        await caller.rollback()
+    await wait_until(lambda: completed(sched, job), timeout=DEADLINE,
+                     what="the job a rolled-back REPLACE held as it fell due to run")
