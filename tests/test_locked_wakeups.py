@@ -249,3 +249,33 @@ async def test_a_job_a_rolled_back_transactional_replace_held_runs_at_once(
         await caller.rollback()
     await wait_until(lambda: completed(sched, job), timeout=DEADLINE,
                      what="the job a rolled-back REPLACE held as it fell due to run")
+
+
+async def test_a_job_locked_by_a_dependent_whose_caller_gave_up_runs_at_once(
+        sched, pg_dsn, schema, tmp_path, workers):
+    # The caller's own deadline (asyncio.timeout, a web request's) cancels the dependent's
+    # schedule() while its statement holds a-parent and waits for b-other: the statement
+    # is cancelled and rolled back with its NOTIFY. a-parent fell due meanwhile.
+    await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
+    due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
+    parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
+    other = await sched.schedule("noop", job_id="b-other",
+                                 execution_time=due + timedelta(days=1))
+    async with Scheduler(pg_dsn, schema=schema) as client, \
+            await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+        await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
+        locking = asyncio.create_task(
+            client.schedule("noop", job_id="c-child", depends_on=[parent, other]))
+        await wait_until(lambda: not claimable(pg_dsn, schema, parent), timeout=DEADLINE,
+                         what="the dependent's statement to lock its dependency")
+        assert await db_now(sched) < due, "the lock came after the due time: no race made"
+        await until_past(sched, due)
+        assert not locking.done(), "the statement ended before the due time: no race made"
+        locking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await locking
+        await wait_until(lambda: claimable(pg_dsn, schema, parent), timeout=DEADLINE,
+                         what="the cancelled statement to let its dependency go")
+    assert await sched.get_job("c-child") is None
+    await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
+                     what="the dependency, locked by a cancelled statement, to run")
