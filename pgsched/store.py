@@ -786,7 +786,7 @@ class Store:
                 except psycopg.errors.DeadlockDetected:
                     if attempt + 1 == DEADLOCK_ATTEMPTS:
                         raise
-        except psycopg.Error:
+        except (psycopg.Error, asyncio.CancelledError):  # a caller's deadline cancels it too
             await self.wake_dependencies(params)
             raise
         raise AssertionError("unreachable")
@@ -794,9 +794,11 @@ class Store:
     async def wake_dependencies(self, params: dict[str, Any]) -> None:
         """The wake-up a failed insert_waiting_job (rolled back) did not deliver: it held
         its dependencies locked while it ran, so a claim skipped one falling due. Best
-        effort: a failure here (the server is gone) leaves the caller's error to tell."""
-        with contextlib.suppress(psycopg.Error):
-            await self._rows("wake_dependencies", params)
+        effort, within LOCK_TIMEOUT_SECONDS (a cancelled caller is kept waiting no longer):
+        a failure here (the server is gone) leaves the caller's own error to tell."""
+        with contextlib.suppress(psycopg.Error, TimeoutError):
+            async with asyncio.timeout(LOCK_TIMEOUT_SECONDS):
+                await self._rows("wake_dependencies", params)
 
     async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
                                   params: dict[str, Any]) -> bool:
