@@ -201,30 +201,39 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
                      what="the job another claim let go to run")
 
 
+@pytest.mark.parametrize("how", ["scheduled", "retried"])
 async def test_a_job_locked_by_a_dependent_that_gives_up_on_a_lock_runs_at_once(
-        sched, pg_dsn, schema, tmp_path, workers):
-    # The dependent's statement holds a-parent while it waits for b-other, which another
-    # transaction holds past the pool's lock_timeout (a task between its complete() and
-    # its commit, an application's FOR UPDATE): the statement fails and rolls back, and a
-    # NOTIFY sent in it is never delivered. a-parent fell due meanwhile.
+        sched, pg_dsn, schema, tmp_path, workers, how):
+    # The dependent's statement (its insert, or lock_dependencies in its `retry`) holds
+    # a-parent while it waits for b-other, which another transaction holds past the pool's
+    # lock_timeout (a task between its complete() and its commit, an application's FOR
+    # UPDATE): the transaction fails and rolls back, and a NOTIFY sent in it is never
+    # delivered. a-parent fell due meanwhile.
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
     due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
     parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
     other = await sched.schedule("noop", job_id="b-other",
                                  execution_time=due + timedelta(days=1))
+    if how == "retried":
+        await sched.schedule("noop", job_id="c-child", depends_on=[parent, other])
+        assert await sched.cancel_job("c-child")
     # (a client's lock_timeout, LOCK_TIMEOUT_SECONDS: longer than LEAD_SECONDS)
     async with Scheduler(pg_dsn, schema=schema) as client, \
             await psycopg.AsyncConnection.connect(pg_dsn) as holder:
         await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
         locking = asyncio.create_task(
-            client.schedule("noop", job_id="c-child", depends_on=[parent, other]))
+            ops.retry_jobs(client.store, ["c-child"]) if how == "retried"
+            else client.schedule("noop", job_id="c-child", depends_on=[parent, other]))
         await wait_until(lambda: not claimable(pg_dsn, schema, parent), timeout=DEADLINE,
                          what="the dependent's statement to lock its dependency")
         assert await db_now(sched) < due, "the lock came after the due time: no race made"
         with pytest.raises(psycopg.errors.LockNotAvailable):
             await locking
         assert await db_now(sched) > due + timedelta(seconds=1), "no race made"
-    assert await sched.get_job("c-child") is None
+    if how == "scheduled":
+        assert await sched.get_job("c-child") is None
+    else:
+        assert await status_is(sched, "c-child", "cancelled")
     await wait_until(lambda: completed(sched, parent), timeout=DEADLINE,
                      what="the dependency, locked by a statement that failed, to run")
 
