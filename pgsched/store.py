@@ -102,6 +102,9 @@ ERRORS_KEPT_LAST = 10
 # Each stored traceback keeps its last TRACEBACK_MAX_CHARS characters (where it was
 # raised); the cut is marked at the start.
 TRACEBACK_MAX_CHARS = 4000
+# How a transaction that held pending jobs locked can end without its NOTIFY: a
+# statement's error (a lock_timeout, a deadlock), or its caller's cancel (a deadline).
+_ROLLED_BACK = (psycopg.Error, asyncio.CancelledError)
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
 # The longest chain of waiting jobs (each waiting for the one before): the end of its
@@ -786,19 +789,19 @@ class Store:
                 except psycopg.errors.DeadlockDetected:
                     if attempt + 1 == DEADLOCK_ATTEMPTS:
                         raise
-        except (psycopg.Error, asyncio.CancelledError):  # a caller's deadline cancels it too
-            await self.wake_dependencies(params)
+        except _ROLLED_BACK:
+            await self.wake_workers()
             raise
         raise AssertionError("unreachable")
 
-    async def wake_dependencies(self, params: dict[str, Any]) -> None:
-        """The wake-up a failed insert_waiting_job (rolled back) did not deliver: it held
-        its dependencies locked while it ran, so a claim skipped one falling due. Best
-        effort, within LOCK_TIMEOUT_SECONDS (a cancelled caller is kept waiting no longer):
-        a failure here (the server is gone) leaves the caller's own error to tell."""
+    async def wake_workers(self) -> None:
+        """The wake-up a failed transaction that held pending jobs locked did not deliver
+        (rolled back with it): a claim skipped those rows meanwhile. Best effort, within
+        LOCK_TIMEOUT_SECONDS (a cancelled caller is kept waiting no longer): a failure
+        here (the server is gone) leaves the caller's own error to tell."""
         with contextlib.suppress(psycopg.Error, TimeoutError):
             async with asyncio.timeout(LOCK_TIMEOUT_SECONDS):
-                await self._rows("wake_dependencies", params)
+                await self._rows("wake_workers", {"channel": self.channel})
 
     async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
                                   params: dict[str, Any]) -> bool:
@@ -1546,16 +1549,20 @@ class Store:
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
             "channel": self.channel, **_ERRORS_KEPT,
         }
-        async with self.pool.connection() as conn, conn.transaction():
-            cur = conn.cursor(row_factory=dict_row)
-            retried = [row["id"] for row in
-                       await (await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
-            waiting = {"ids": retried, "channel": self.channel}
-            # In this transaction: a retried job must never be left waiting for
-            # dependencies that completed meanwhile.
-            await cur.execute(self._q["lock_dependencies"], waiting)
-            await cur.execute(self._q["settle_waiting"], waiting)
-            await cur.execute(self._q["cancel_waiting_cycles"], waiting)
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                cur = conn.cursor(row_factory=dict_row)
+                retried = [row["id"] for row in await (
+                    await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
+                waiting = {"ids": retried, "channel": self.channel}
+                # In this transaction: a retried job must never be left waiting for
+                # dependencies that completed meanwhile.
+                await cur.execute(self._q["lock_dependencies"], waiting)
+                await cur.execute(self._q["settle_waiting"], waiting)
+                await cur.execute(self._q["cancel_waiting_cycles"], waiting)
+        except _ROLLED_BACK:  # lock_dependencies held pending dependencies meanwhile
+            await self.wake_workers()
+            raise
         return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------

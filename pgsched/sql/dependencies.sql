@@ -80,16 +80,6 @@ SELECT ARRAY(SELECT id FROM deps) AS found, verdict.cycle, verdict.too_deep,
        (SELECT count(*) FROM new) > 0 AS inserted
 FROM verdict LEFT JOIN wake ON true;
 
--- name: wake_dependencies
--- insert_waiting_job failed after it took its locks (a lock_timeout or a deadlock on a
--- later dependency, a lost connection): rolled back, its NOTIFY was never sent. Wake the
--- workers for the earliest pending one of %(depends_on)s all the same, as it would have.
-SELECT pg_notify(%(channel)s, extract(epoch FROM min(execution_time))::text)
-FROM {schema}.jobs
-WHERE id = ANY(%(depends_on)s::text[]) AND status = 'pending'
-  AND due_after_dependencies IS NULL
-HAVING count(*) > 0;
-
 -- name: lock_dependencies
 -- Lock the dependencies of the given waiting jobs against being ended (a completion in
 -- flight is waited for), before settle_waiting judges them: `pgsched retry` of a
