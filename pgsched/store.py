@@ -102,9 +102,12 @@ ERRORS_KEPT_LAST = 10
 # Each stored traceback keeps its last TRACEBACK_MAX_CHARS characters (where it was
 # raised); the cut is marked at the start.
 TRACEBACK_MAX_CHARS = 4000
-# How a transaction that held pending jobs locked can end without its NOTIFY: a
-# statement's error (a lock_timeout, a deadlock), or its caller's cancel (a deadline).
-_ROLLED_BACK = (psycopg.Error, asyncio.CancelledError)
+# How a transaction that held pending jobs locked can end without its NOTIFY while the
+# server is there to wake the workers: a lock_timeout, a deadlock, a statement_timeout,
+# or its caller's cancel (a deadline). Not a lost connection: a wake-up would only wait
+# for one more.
+_ROLLED_BACK = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected,
+                psycopg.errors.QueryCanceled, asyncio.CancelledError)
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
 # The longest chain of waiting jobs (each waiting for the one before): the end of its
