@@ -20,6 +20,9 @@ Invariants:
 - A stored time Python cannot hold (infinity, before year 1 or after 9999, written by
   SQL) reads as CLAMPED_LATEST or CLAMPED_EARLIEST on every pgsched connection, so one
   poisoned row never fails `show`, `ls`, wait() or the web API (_configure).
+- A statement that locks a pending job without ending it wakes the workers (a claim
+  skipped the row meanwhile): by a NOTIFY at its commit, or, for a dependent's insert or
+  retry that rolls back on a lock_timeout, a deadlock or a cancel, by wake_workers after.
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
