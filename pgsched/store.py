@@ -20,6 +20,9 @@ Invariants:
 - A stored time Python cannot hold (infinity, before year 1 or after 9999, written by
   SQL) reads as CLAMPED_LATEST or CLAMPED_EARLIEST on every pgsched connection, so one
   poisoned row never fails `show`, `ls`, wait() or the web API (_configure).
+- A statement that locks a pending job without ending it wakes the workers (a claim
+  skipped the row meanwhile): by a NOTIFY at its commit, or, for a dependent's insert or
+  retry that rolls back on a lock_timeout, a deadlock or a cancel, by wake_workers after.
 - `migrate` runs under a session-level advisory lock, so concurrent migrations
   serialise and the second one finds nothing to do; it waits for locks without limit.
 
@@ -108,6 +111,12 @@ ERRORS_KEPT_LAST = 10
 # Each stored traceback keeps its last TRACEBACK_MAX_CHARS characters (where it was
 # raised); the cut is marked at the start.
 TRACEBACK_MAX_CHARS = 4000
+# How a transaction that held pending jobs locked can end without its NOTIFY while the
+# server is there to wake the workers: a lock_timeout, a deadlock, a statement_timeout,
+# or its caller's cancel (a deadline). Not a lost connection: a wake-up would only wait
+# for one more.
+_ROLLED_BACK = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected,
+                psycopg.errors.QueryCanceled, asyncio.CancelledError)
 # The longest a pool connection waits for a lock (see lock_timeout_for).
 LOCK_TIMEOUT_SECONDS = 5.0
 # The longest chain of waiting jobs (each waiting for the one before): the end of its
@@ -814,13 +823,26 @@ class Store:
         # The dependencies are locked in id order, but a completion locks the job it ends
         # and then (its trigger) that job's waiting dependents: with a dependency that
         # waits for another, the two can deadlock. The aborted transaction wrote nothing.
-        for attempt in range(DEADLOCK_ATTEMPTS):
-            try:
-                return await self._insert_waiting_job(job, depends_on, params)
-            except psycopg.errors.DeadlockDetected:
-                if attempt + 1 == DEADLOCK_ATTEMPTS:
-                    raise
+        try:
+            for attempt in range(DEADLOCK_ATTEMPTS):
+                try:
+                    return await self._insert_waiting_job(job, depends_on, params)
+                except psycopg.errors.DeadlockDetected:
+                    if attempt + 1 == DEADLOCK_ATTEMPTS:
+                        raise
+        except _ROLLED_BACK:
+            await self.wake_workers()
+            raise
         raise AssertionError("unreachable")
+
+    async def wake_workers(self) -> None:
+        """The wake-up a failed transaction that held pending jobs locked did not deliver
+        (rolled back with it): a claim skipped those rows meanwhile. Best effort, within
+        LOCK_TIMEOUT_SECONDS (a cancelled caller is kept waiting no longer): a failure
+        here (the server is gone) leaves the caller's own error to tell."""
+        with contextlib.suppress(psycopg.Error, TimeoutError):
+            async with asyncio.timeout(LOCK_TIMEOUT_SECONDS):
+                await self._rows("wake_workers", {"channel": self.channel})
 
     async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
                                   params: dict[str, Any]) -> bool:
@@ -1580,16 +1602,20 @@ class Store:
             "task": task, "queue": queue, "cutoff": cutoff, "limit": limit,
             "channel": self.channel, **_ERRORS_KEPT,
         }
-        async with self.pool.connection() as conn, conn.transaction():
-            cur = conn.cursor(row_factory=dict_row)
-            retried = [row["id"] for row in
-                       await (await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
-            waiting = {"ids": retried, "channel": self.channel}
-            # In this transaction: a retried job must never be left waiting for
-            # dependencies that completed meanwhile.
-            await cur.execute(self._q["lock_dependencies"], waiting)
-            await cur.execute(self._q["settle_waiting"], waiting)
-            await cur.execute(self._q["cancel_waiting_cycles"], waiting)
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                cur = conn.cursor(row_factory=dict_row)
+                retried = [row["id"] for row in await (
+                    await cur.execute(self._q["ops_retry_jobs"], params)).fetchall()]
+                waiting = {"ids": retried, "channel": self.channel}
+                # In this transaction: a retried job must never be left waiting for
+                # dependencies that completed meanwhile.
+                await cur.execute(self._q["lock_dependencies"], waiting)
+                await cur.execute(self._q["settle_waiting"], waiting)
+                await cur.execute(self._q["cancel_waiting_cycles"], waiting)
+        except _ROLLED_BACK:  # lock_dependencies held pending dependencies meanwhile
+            await self.wake_workers()
+            raise
         return retried
 
     # -- the web service (sql/web.sql; used by pgsched/web) ------------------------------

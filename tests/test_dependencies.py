@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from conftest import audit_env, run_cli, wait_until, write_config
 
-from pgsched import InvalidInput, JobSpec
+from pgsched import InvalidInput, JobConflict, JobSpec
 from pgsched.store import Store
 
 
@@ -227,3 +227,19 @@ async def test_a_waiting_job_replaced_without_dependencies_is_an_ordinary_job(sc
         job = await sched.get_job(job_id)
         assert job["waiting_for"] is None and job["due_after_dependencies"] is None
     assert {j["id"] for j in await claim(sched.store)} == {"a", "c", "c2"}
+
+
+@pytest.mark.parametrize("on_conflict", ["raise", "ignore"])
+async def test_a_dependent_whose_id_is_taken_leaves_its_dependencies_unmarked(
+        sched, on_conflict):
+    # Nothing waits for `a`: its end must not fire the trigger, and a planned run that
+    # nothing waits for stays withdrawable (withdrawn_overlap_window).
+    a = await sched.schedule("noop", job_id="a")
+    await sched.schedule("noop", job_id="taken")
+    if on_conflict == "raise":
+        with pytest.raises(JobConflict, match="already exists"):
+            await sched.schedule("noop", job_id="taken", depends_on=[a])
+    else:
+        assert await sched.schedule("noop", job_id="taken", depends_on=[a],
+                                    conflict_resolution="ignore") == "taken"
+    assert not (await sched.get_job(a))["has_dependents"]

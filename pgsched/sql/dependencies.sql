@@ -12,9 +12,10 @@
 -- not, one of them waits (transitively) for it, or it would end too long a chain. The dependencies are locked first (in
 -- id order, so that two such inserts cannot deadlock), which waits for a completion in
 -- flight: settle_waiting, run next in the same transaction, then sees their last word.
--- Marks them has_dependents, so their end fires the trigger. Returns the dependencies
--- found, whether a cycle was found, whether the chain is too deep, and whether the job
--- was inserted; writes nothing unless all were found and neither was.
+-- Marks them has_dependents (if it inserted the job), so their end fires the trigger.
+-- Returns the dependencies found, whether a cycle was found, whether the chain is too
+-- deep, and whether the job was inserted; writes nothing unless all were found and
+-- neither was.
 --
 -- A claim skips a row locked at that moment (SKIP LOCKED), and leaves it out of its next
 -- due time as well: a pending dependency that is or falls due while this lock is held
@@ -54,10 +55,10 @@ verdict AS (
            EXISTS (SELECT 1 FROM upstream WHERE depth >= %(max_chain)s) AS too_deep
 ),
 marked AS (
+    -- only for a job inserted: one whose id was taken waits for nothing here
     UPDATE {schema}.jobs AS j SET has_dependents = true
-    FROM deps, verdict
-    WHERE j.id = deps.id AND verdict.known AND NOT verdict.cycle AND NOT verdict.too_deep
-      AND j.has_dependents IS NOT TRUE
+    FROM deps
+    WHERE j.id = deps.id AND EXISTS (SELECT 1 FROM new) AND j.has_dependents IS NOT TRUE
 ),
 new AS (
     INSERT INTO {schema}.jobs

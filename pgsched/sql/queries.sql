@@ -1044,3 +1044,10 @@ WITH settled AS (
 DELETE FROM {schema}.workers
 WHERE heartbeat_at < now() - make_interval(secs => %(older_than_seconds)s)
 RETURNING id;
+
+-- name: wake_workers
+-- After a transaction that held pending jobs locked failed (a lock_timeout, a deadlock or
+-- a cancel on a later row; insert_waiting_job, ops_retry_jobs with lock_dependencies): its
+-- own NOTIFY was rolled back with it, and a claim meanwhile skipped the rows it held. Idle
+-- workers claim now, and their claim finds the next due time again.
+SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text);
