@@ -29,7 +29,7 @@ from conftest import wait_until
 from pgsched import Scheduler
 
 from .kit import audit, audit_env, db_now, fault_config, log_events, query
-from .test_reserve_review import _suspect_waiting_beside_long
+from .test_reserve_review import _suspect_waiting_beside_long, _two_busy_workers_one_reserving
 
 # Long enough for the 5-10 s before a busy worker reserves, the 10 s its own lapsed
 # reservation keeps it from reserving again, and the 5-10 s after that: two turns.
@@ -261,24 +261,8 @@ async def test_a_reserving_worker_killed_leaves_its_suspect_to_another_busy_work
     """Two workers, each busy with a long job; the one that reserved `s` is killed. Its
     reservation lapses, the other reserves `s` in turn and runs it once its own long job
     ends: once, alone, and the kill counted against the killed worker's job, never `s`."""
-    env = audit_env(pg_dsn, schema)
-    procs = {}
-    for queue in ("a", "b"):
-        (tmp_path / queue).mkdir()
-        procs[queue] = workers(fault_config(tmp_path / queue, pg_dsn, schema, concurrency=2,
-                                            queues=[queue, "default"]), env=env)
-        await sched.schedule("hold", args=(queue, str(tmp_path / f"release-{queue}")),
-                             job_id=queue, queue=queue)
-    await wait_until(lambda: _running(sched, 2), timeout=30, what="a long job on each")
-    await _due_suspect(sched, "s")
-    pokes = itertools.count()
-
-    async def reserver() -> str | None:
-        await sched.schedule("noop", job_id=f"n{next(pokes)}")
-        await asyncio.sleep(0.5)
-        return next((q for q, p in procs.items() if log_events(p, "suspect_reserved")), None)
-
-    killed = await wait_until(reserver, timeout=40, what="a busy worker to reserve s")
+    procs, killed = await _two_busy_workers_one_reserving(
+        sched, pg_dsn, schema, workers, tmp_path)
     survivor = "b" if killed == "a" else "a"
     procs[killed].kill()
     await wait_until(lambda: log_events(procs[survivor], "suspect_reserved"), timeout=40,

@@ -140,10 +140,10 @@ async def _ran_all(sched) -> bool:
 
 
 
-async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_idle(
-        sched, pg_dsn, schema, workers, tmp_path):
-    """A strict xfail while a busy worker claimed the suspect and waited with it, running,
-    until its own long job ended: the worker that became idle could not take it."""
+async def _two_busy_workers_one_reserving(sched, pg_dsn, schema, workers, tmp_path):
+    """Workers `a` and `b` (queues a and b, both default), each busy with a long job of
+    its queue (until `release-<queue>` exists), and suspect `s` due in default: poked
+    until one reserves it. Returns the workers by queue and the reserving one's queue."""
     env = audit_env(pg_dsn, schema)
     procs = {}
     for queue in ("a", "b"):
@@ -169,7 +169,15 @@ async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_id
         await asyncio.sleep(0.5)
         return next((q for q, p in procs.items() if "suspect_reserved" in p.log()), None)
 
-    held_by = await wait_until(reserver, timeout=40, what="a busy worker to reserve s")
+    return procs, await wait_until(reserver, timeout=40, what="a busy worker to reserve s")
+
+
+async def test_a_suspect_waiting_on_a_busy_worker_runs_once_another_worker_is_idle(
+        sched, pg_dsn, schema, workers, tmp_path):
+    """A strict xfail while a busy worker claimed the suspect and waited with it, running,
+    until its own long job ended: the worker that became idle could not take it."""
+    _, held_by = await _two_busy_workers_one_reserving(
+        sched, pg_dsn, schema, workers, tmp_path)
     other = "b" if held_by == "a" else "a"
     (tmp_path / f"release-{other}").touch()  # the other worker is idle from now on
     try:
