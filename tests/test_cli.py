@@ -172,6 +172,19 @@ def test_vacuum_leaves_a_table_another_vacuum_holds_to_autovacuum_in_one_line(
     assert jobs(pg_dsn, schema) == []
 
 
+def test_add_behind_a_row_another_session_holds_says_so_not_unreachable(
+        config, pg_dsn, schema):
+    """A lock_timeout is no unreachable database: the line must say what held the command
+    up and what to do, and exit 1 with nothing written."""
+    parent = cli(config, "add", "noop", "--in", "1h").stdout.strip()
+    with psycopg.connect(pg_dsn) as holder:  # an operator's session, or a long transaction
+        holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [parent])
+        said = cli(config, "add", "noop", "--depends-on", parent, code=1).stderr.strip()
+    assert len(said.splitlines()) == 1, said
+    assert "unreachable" not in said and "another session" in said, said
+    assert [j["id"] for j in jobs(pg_dsn, schema)] == [parent]
+
+
 def test_config_errors_are_one_line_exit_2(tmp_path):
     missing = tmp_path / "nope.toml"
     result = runner.invoke(app, ["--config", str(missing), "ls"])

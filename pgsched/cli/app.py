@@ -351,6 +351,13 @@ def _database_error(exc: BaseException, schema: str) -> str | None:
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return (f"{first}: the database role lacks a privilege pgsched needs; as the "
                 "schema's owner run `pgsched migrate --grant ROLE`")
+    # Both are OperationalErrors, but the database answered: it is busy, not unreachable.
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return (f"{first}: another session holds a lock on rows this command needs (a "
+                "long transaction, a worker's write); try again once it ends")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return (f"{first}: the database did not finish this command within "
+                "statement_timeout; try again when it is less busy")
     if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
         return f"database unreachable: {mask_dsn(first)}"
     return None
