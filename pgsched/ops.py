@@ -237,9 +237,9 @@ def attempt_history(job: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
 
 JOB_KEYS = ("id", "task", "queue", "status", "priority", "args", "kwargs", "execution_time",
             "created_at", "started_at", "finished_at", "attempts", "failures", "recoveries",
-            "suspect", "max_retries", "timeout_seconds", "misfire_grace_seconds", "worker_id",
-            "lease_until", "heartbeat_at", "result", "last_error", "depends_on",
-            "waiting_for", "due_after_dependencies")
+            "suspect", "reserved_until", "max_retries", "timeout_seconds",
+            "misfire_grace_seconds", "worker_id", "lease_until", "heartbeat_at", "result",
+            "last_error", "depends_on", "waiting_for", "due_after_dependencies")
 
 
 def queue_to_json(row: dict[str, Any]) -> dict[str, Any]:

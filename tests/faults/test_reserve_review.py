@@ -228,3 +228,23 @@ async def test_a_reservation_written_far_ahead_by_hand_does_not_keep_busy_worker
 
 async def _ran_all_of(sched, keys: list[str]) -> bool:
     return await _ran(sched) == keys
+
+
+async def test_show_tells_a_reserved_suspect_and_until_when(sched):
+    """`pgsched show` (text and --json) of a suspect a busy worker reserved: pending,
+    a suspect, and the reservation's end, which is all an operator sees of the wait."""
+    from rich.console import Console
+
+    from pgsched.cli.views import job_view
+    from pgsched.ops import job_json
+
+    await sched.schedule("noop", job_id="s")
+    await query(sched, "UPDATE {schema}.jobs SET suspect = true, reserved_until = now() "
+                       "+ interval '10 s' WHERE id = 's' RETURNING id")
+    data = job_json(await sched.store.get_job("s"), await db_now(sched))
+    assert (data["status"], data["suspect"]) == ("pending", True)
+    assert data["reserved_until"] is not None
+    console = Console(width=200, record=True)
+    console.print(job_view(data))
+    assert f"reserved until  {data['reserved_until']}" in console.export_text()
+
