@@ -145,8 +145,9 @@ $$;
 -- new index's predicate is proven by: without the old indexes their claims scanned jobs
 -- (700,076 rows read for 10 jobs among 100,000, tests/test_upgrade_0020.py). Kept, they
 -- also leave the claims an index while this file runs again after a failure (its DROP
--- of a new index before it is built again). A later migration drops them; until then
--- each pending row costs two index entries more when it is added.
+-- of a new index before it is built again). A later release drops them (expand, then
+-- contract); until then each pending row costs two index entries more when it is added
+-- (bulk enqueue about a quarter slower, docs/delivery.md).
 -- The builds above set the new indexes' reltuples to the pending rows there are, which
 -- the claim's statistics gate (store.PREPARED_CLAIM_ROWS) and the statistics check
 -- (refresh_pending_statistics) read as what the last ANALYZE saw: a burst that came
