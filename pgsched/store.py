@@ -889,6 +889,7 @@ class Store:
             "capped_queues": list(capped[0]),
             "capped_free": list(capped[1]),
             "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
+            "channel": self.channel,  # a claim that locked more than it took wakes workers
         }
         # Decided by what each statement ran and reported, never by the flags afterwards:
         # claimers that share the store change them while this one runs. A statement that
@@ -913,7 +914,7 @@ class Store:
         for row in rows:
             # read only so that the claim counts its starts, or to choose the statement
             for column in ("rate_counted", "limits_exist", "flat_refused", "pending_rows",
-                           "job_rows", "suspect_due"):
+                           "job_rows", "suspect_due", "let_go"):
                 row.pop(column, None)
         claimed = [_decode_payload(row) for row in rows if row["id"] is not None]
         return claimed, rows[0]["next_due"], rows[0]["db_now"]

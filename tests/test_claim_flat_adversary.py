@@ -18,7 +18,8 @@ from pgsched import JobSpec
 from pgsched.store import PREPARED_CLAIM_ROWS, OneConnection, Store
 
 CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
+               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+               "channel": "pgsched_unheard"}
 
 
 async def explain(sched, name: str) -> dict[str, Any]:

@@ -102,7 +102,8 @@ async def test_a_queue_held_at_its_limit_reads_none_of_its_jobs_due_later(sched)
         before = await tuples_read(conn, sched.schema)
         cur = await conn.execute(sched.store._q["claim_jobs"], {
             "worker_id": "w2", "limit": 10, "lease_seconds": 60, "queues": None,
-            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5})
+            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+            "channel": "pgsched_unheard"})
         ids = [c.name for c in cur.description].index("id")
         claimed = [r[ids] for r in await cur.fetchall()]
         read = await tuples_read(conn, sched.schema) - before

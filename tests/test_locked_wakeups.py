@@ -191,11 +191,11 @@ async def test_a_snooze_of_a_lost_attempt_leaves_the_job_unlocked(sched, pg_dsn,
         assert claimable(pg_dsn, schema, job), "the fenced-out snooze holds the job locked"
 
 
-@pytest.mark.xfail(strict=True, reason="a claim from several queues locks up to its limit "
-                   "in each and lets the surplus go at commit without a wake-up (issue 14: "
-                   "lock only what is taken)")
 async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
         sched, pg_dsn, schema, tmp_path, workers):
+    """A claim from several queues locks up to its limit in each and lets the surplus go
+    at its commit: it must wake the workers then (let_go), or a worker that skipped a
+    let-go row meanwhile sleeps with it due."""
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers, concurrency=1,
                             queues=["q1", "q2"])
     busy = await sched.schedule("sleep", args=(3.0,), queue="q1")
@@ -209,7 +209,8 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
         cur = other.cursor(row_factory=dict_row)
         await cur.execute(sched.store._q["claim_jobs_unlimited"], {
             "worker_id": "other", "limit": 1, "lease_seconds": 30, "queues": ["q1", "q2"],
-            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0})
+            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
+            "channel": sched.store.channel})
         assert [r["id"] for r in await cur.fetchall()] == [first]
         assert not claimable(pg_dsn, schema, first) and not claimable(pg_dsn, schema, second)
         assert await status_is(sched, busy, "running"), "the worker was idle: no race made"
@@ -220,6 +221,31 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
         await other.commit()
     await wait_until(lambda: status_is(sched, second, "completed"), timeout=DEADLINE,
                      what="the job another claim let go to run")
+
+
+async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn):
+    """The wake-up of a claim that locked more than it took (let_go) must not come from
+    every claim, or each claim of an idle fleet wakes every worker again (the herd): a
+    claim of one job from two queues notifies only when both have one due."""
+    async def notifications(queues: list[str]) -> list[str]:
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as ear:
+            await ear.execute(f'LISTEN "{sched.store.channel}"')
+            async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+                await claimer.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30, "queues": queues,
+                    "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
+                    "channel": sched.store.channel})
+                await claimer.commit()
+            heard = []
+            async for notify in ear.notifies(timeout=0.5):
+                heard.append(notify.payload)
+            return heard
+
+    await sched.schedule("noop", queue="q1")
+    await sched.schedule("noop", queue="q1")
+    assert await notifications(["q1", "q2"]) == []  # one queue: its walk stops at one
+    await sched.schedule("noop", queue="q2")
+    assert len(await notifications(["q1", "q2"])) == 1  # two locked, one taken
 
 
 @pytest.mark.xfail(strict=True, reason="a REPLACE through the caller's connection holds the "

@@ -133,7 +133,8 @@ async def explain_claim(sched: Scheduler, **params: Any) -> int:
         cur = await conn.execute(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q["claim_jobs"],
             {"worker_id": "w", "limit": 10, "lease_seconds": 60,
-             "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5, **params})
+             "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+             "channel": "pgsched_unheard", **params})
         plan = (await cur.fetchone())[0][0]["Plan"]
     return rows_read_from_jobs(plan)
 

@@ -33,7 +33,8 @@ from pgsched.store import (
 )
 
 CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
+               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+               "channel": "pgsched_unheard"}
 
 
 async def jobs_due_and_later(sched) -> None:

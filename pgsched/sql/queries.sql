@@ -31,9 +31,14 @@
 -- nested loop preserves the order in which the loose scan found the priorities). Across
 -- queues the candidates are sorted by priority and due time and cut to `limit`: when
 -- several queues have jobs due at once a claim locks up to its limit in each of them and
--- lets the surplus go at commit, milliseconds later; concurrent claimers skip those rows
--- (SKIP LOCKED) and never wait, so one may come back short. This costs about 20 us per
--- queue with pending jobs.
+-- lets the surplus go at commit, milliseconds later. This costs about 20 us per queue
+-- with pending jobs. Concurrent claimers skip those rows (SKIP LOCKED) and never wait,
+-- so one may come back short and go to sleep with them due: a claim that lets rows go
+-- therefore wakes the workers (let_go, a NOTIFY sent at its commit, after the locks are
+-- gone). Locking only what is taken would need the merge of the queues' walks to lock
+-- as it goes, which SQL cannot write; locking after the merge instead (candidates read
+-- unlocked, then locked in order) makes concurrent claimers pick the same candidates,
+-- and all but one come back short of a backlog.
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no per-queue
 -- caps (the store sends it only then, however many queues have pending jobs), serving
@@ -184,7 +189,7 @@ next_due AS (
         ORDER BY execution_time LIMIT 1
     ) f
 ),
-walked AS (
+locked AS (
     SELECT c.*
     FROM served s
     CROSS JOIN LATERAL (
@@ -202,7 +207,10 @@ walked AS (
         WHERE p.queue = s.queue
         LIMIT s.cap
     ) c
-    ORDER BY c.priority, c.execution_time, c.id
+),
+walked AS (
+    SELECT * FROM locked
+    ORDER BY priority, execution_time, id
     LIMIT %(limit)s
 ),
 -- for: claim_jobs_flat
@@ -378,6 +386,10 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- worker of every queue it holds the queues with ordinary jobs pending, which a
        -- queue with only suspects pending is not.
 -- for: claim_jobs, claim_jobs_unlimited
+       -- Rows locked and not taken (a claim from several queues): the workers are woken
+       -- at commit, when the rows are free again. NULL when none were (no NOTIFY).
+       (SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)::text
+        WHERE (SELECT count(*) FROM locked) > %(limit)s) AS let_go,
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
                  AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))

@@ -181,7 +181,8 @@ async def _rows_read_by_claims(sched, names) -> dict[str, int]:
                 "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
                 {"worker_id": "w", "limit": 1 if "suspects" in name else 10,
                  "lease_seconds": 60, "queues": None, "capped_queues": [],
-                 "capped_free": [], "limit_recheck_seconds": 0.5})
+                 "capped_free": [], "limit_recheck_seconds": 0.5,
+                 "channel": "pgsched_unheard"})
             reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
     return reads
 
@@ -360,7 +361,8 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
 
 
 CLAIM = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-         "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5}
+         "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+         "channel": "pgsched_unheard"}
 # The claim forms beside the three above: served queues listed, a queue capped, and a
 # global limit that binds (claim_room probes the due rows of the limited queue).
 FORMS = {
