@@ -35,10 +35,11 @@
 -- with pending jobs. Concurrent claimers skip those rows (SKIP LOCKED) and never wait,
 -- so one may come back short and go to sleep with them due: a claim that lets rows go
 -- therefore wakes the workers (let_go, a NOTIFY sent at its commit, after the locks are
--- gone). Locking only what is taken would need the merge of the queues' walks to lock
--- as it goes, which SQL cannot write; locking after the merge instead (candidates read
--- unlocked, then locked in order) makes concurrent claimers pick the same candidates,
--- and all but one come back short of a backlog.
+-- gone). Locking only what is taken would need the merge of the walks to lock as it
+-- goes: a Merge Append of locking walks still locks the head of each (queue, priority)
+-- walk before it compares them, and locking after the merge (candidates read unlocked,
+-- then locked in order) makes concurrent claimers pick the same candidates, so all but
+-- one come back short of a backlog.
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no per-queue
 -- caps (the store sends it only then, however many queues have pending jobs), serving
