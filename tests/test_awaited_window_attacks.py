@@ -83,12 +83,6 @@ async def test_a_dependent_retried_after_the_take_over_is_released_by_the_window
     assert waiting(db, after) == ("pending", False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design: `awaited` is set by every Scheduler.wait() and never cleared, so a wait that "
-    "timed out long ago keeps an overlap=False window planned beside a triggered run "
-    "(withdrawn_overlap_window, 0021's rewrite): two runs at once for a window nobody "
-    "watches. Keeping a watched window's id without keeping it planned (or knowing that "
-    "a wait is still alive) is the lead's call"))
 async def test_a_window_whose_wait_timed_out_is_withdrawn_for_a_triggered_run(sched, db):
     await add(sched, "solo", every="10m", overlap=False)
     planned = await plan_ahead(sched, db, "solo")

@@ -221,8 +221,9 @@ made AS (
     FROM decided d
 ),
 -- A window whose job was withdrawn awaited (cancelled by 0016's trigger when a pause, a
--- new timing or a removal took the window away) and that comes again (a resume, a timing
--- that has it too, the schedule added again) takes that job over: its id and key are the
+-- new timing or a removal took the window away, or by withdrawn_overlap_window when a
+-- run came first) and that comes again (a resume, a timing that has it too, the schedule
+-- added again, its fire time) takes that job over: its id and key are the
 -- window's, and the insert below would keep the cancelled job and lose the window.
 -- Only the withdrawal's cancel is taken over: a job never claimed nor retried (attempts,
 -- errors), since a retry keeps last_error and a later `pgsched cancel` writes none, and
@@ -242,7 +243,8 @@ revived AS (
     FROM made m
     WHERE j.id = m.id AND j.schedule_id = m.schedule_id AND j.fire_time = m.fire_time
       AND j.status = 'cancelled'
-      AND j.last_error = 'cancelled: its schedule changed before the window came'
+      AND j.last_error IN ('cancelled: its schedule changed before the window came',
+                           'cancelled: withdrawn for a run that came first (overlap is off)')
       AND j.attempts = 0 AND j.errors = '[]'::jsonb
     RETURNING j.id, j.schedule_id, j.fire_time, j.execution_time, j.status
 ),
@@ -391,22 +393,43 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- time to come) was decided before the run existed, so it is withdrawn (`withdrawn`:
 -- schedule_id, fire_time) for the statement to send next_fire_at back to it, and the
 -- planners, asleep until the window after it, are woken to decide it at its time
--- (trigger_schedule, ops_retry_jobs). An awaited one (a job waits for it, or a waiter
--- watches it) stays planned: deleted, it would cut them loose. has_dependents is never
+-- (trigger_schedule, ops_retry_jobs). One a job waits for stays planned: deleted, it
+-- would cut that job loose, and cancelled, it would cancel it. has_dependents is never
 -- cleared, so a job still waiting is looked up (as vacuum_jobs does): one taken over
--- after its withdrawal cancelled its dependents is awaited by nobody. A job a worker
--- claimed or an operator retried is a run, not a plan (attempts, errors; 0021 says why
--- now() alone does not tell).
-withdrawn AS (
-    DELETE FROM {schema}.jobs w USING {schema}.schedules s
+-- after its withdrawal cancelled its dependents is awaited by nobody. One only a waiter
+-- marked (awaited: a Scheduler.wait(), perhaps long over, since nothing clears the mark)
+-- is cancelled instead of deleted, so that a wait still under way returns it; at its
+-- fire time the planner takes it over (`revived`) and decides the window then, as for
+-- any other. A job a worker claimed or an operator retried is a run, not a plan
+-- (attempts, errors; 0021 says why now() alone does not tell).
+withdrawable AS (
+    SELECT w.id, w.awaited
+    FROM {schema}.jobs w JOIN {schema}.schedules s ON w.schedule_id = s.id
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
-      AND w.schedule_id = s.id AND w.fire_time > now() AND w.status = 'pending'
-      AND w.attempts = 0 AND w.errors = '[]' AND NOT w.awaited
+      AND w.fire_time > now() AND w.status = 'pending'
+      AND w.attempts = 0 AND w.errors = '[]'
       AND NOT (w.has_dependents AND EXISTS (
           SELECT 1 FROM {schema}.job_dependencies e
           JOIN {schema}.jobs d ON d.id = e.job_id AND d.due_after_dependencies IS NOT NULL
           WHERE e.dependency_id = w.id))
+),
+withdrawn_deleted AS (
+    DELETE FROM {schema}.jobs w USING withdrawable c
+    WHERE w.id = c.id AND NOT c.awaited
+      -- as locked: a waiter that marked it meanwhile keeps it planned
+      AND w.status = 'pending' AND w.attempts = 0 AND w.errors = '[]' AND NOT w.awaited
     RETURNING w.schedule_id, w.fire_time
+),
+withdrawn_cancelled AS (
+    UPDATE {schema}.jobs w SET status = 'cancelled', finished_at = now(),
+        last_error = 'cancelled: withdrawn for a run that came first (overlap is off)'
+    FROM withdrawable c
+    WHERE w.id = c.id AND c.awaited
+      AND w.status = 'pending' AND w.attempts = 0 AND w.errors = '[]'
+    RETURNING w.schedule_id, w.fire_time
+),
+withdrawn AS (
+    SELECT * FROM withdrawn_deleted UNION ALL SELECT * FROM withdrawn_cancelled
 ),
 replan AS (
     SELECT pg_notify(%(channel)s, 'schedules') WHERE EXISTS (SELECT FROM withdrawn)
