@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
-from conftest import wait_until, write_config
+from conftest import fast_options, wait_until, write_config
 from test_worker_core import start as start_worker
 from test_worker_core import stop
 
@@ -47,14 +49,21 @@ async def test_a_completion_retried_behind_a_row_lock_does_not_stop_the_claims_t
     fetcher kept claiming what its backlog cap allowed (2 x concurrency held); a due job
     on a worker with free slots and room under the cap must start, not wait for a write
     that keeps failing."""
-    worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
-    try:
-        async with completion_behind_a_row_lock(sched, pg_dsn):
-            await due_job_claimed_behind_the_write(sched, worker, "is retried")
-        for job_id in ("locked", "a", "b", "due"):
-            await wait_until(lambda j=job_id: _is(sched, j, "completed"), what=f"{job_id} done")
-    finally:
-        await stop(worker, runner)
+    # A pool of its own at lease 8 s: lock_timeout 2 s. The locked write gives up on the
+    # lock once, then is parked, and a and b are written at once: their outcomes wait
+    # behind it only for what is left of that first lock wait, which at 0.5 s (lease 2 s)
+    # a loaded machine missed (a and b finished after it: 3 held never seen).
+    async with Scheduler(pg_dsn, schema=sched.schema,
+                         options=fast_options(lease_seconds=8.0)) as own:
+        worker, runner = await start(own, concurrency=2, lease_seconds=8.0)
+        try:
+            async with completion_behind_a_row_lock(sched, pg_dsn):
+                await due_job_claimed_behind_the_write(sched, worker, "is retried")
+            for job_id in ("locked", "a", "b", "due"):
+                await wait_until(lambda j=job_id: _is(sched, j, "completed"),
+                                 what=f"{job_id} done")
+        finally:
+            await stop(worker, runner)
 
 
 async def due_job_claimed_behind_the_write(sched: Scheduler, worker: Worker,
@@ -76,6 +85,18 @@ async def _is(sched: Scheduler, job_id: str, wanted: str) -> bool:
     return await status(sched, job_id) == wanted
 
 
+@task(max_retries=0)
+async def until_released(release: str, fails: bool = False) -> None:
+    """Runs until the file `release` exists, then returns (or fails, with `fails`): a job
+    kept running until the test has locked its row. A task that sleeps a fixed time
+    instead may end before the lock is taken on a loaded machine (seen polling for
+    'running', then connecting, past a 0.3 s sleep), and its outcome is written at once."""
+    while not Path(release).exists():
+        await asyncio.sleep(0.02)
+    if fails:
+        raise RuntimeError("failed on purpose")
+
+
 async def _completion_backend(sched: Scheduler) -> int | None:
     """The server process of a completion that waits for a row lock."""
     async with sched.store.pool.connection() as conn:
@@ -92,7 +113,9 @@ async def test_a_completion_whose_server_stopped_answering_does_not_stop_the_cla
     backend, or a network black hole, where statement_timeout cannot fire): the write
     neither returns nor fails. On main the fetcher kept claiming what the backlog cap
     allowed; here too a due job on free slots under the cap must start."""
-    worker, runner = await start(sched, concurrency=2)
+    # lease 8 s: the frozen write is abandoned after 6 s (statement_timeout 4 s + 2 s),
+    # not 2 s, so a and b finish behind it however slow the machine.
+    worker, runner = await start(sched, concurrency=2, lease_seconds=8.0)
     frozen = await _freeze_a_completion(sched, pg_dsn)
     try:
         await due_job_claimed_behind_the_write(sched, worker, "hangs")
@@ -108,14 +131,17 @@ async def completion_behind_a_row_lock(sched: Scheduler, pg_dsn: str) -> AsyncIt
     """Run job `locked` and hold its row locked from another session until the block
     ends: its completion waits for the lock (failing on lock_timeout, retried). Yields
     the server process of that completion."""
-    await sched.schedule("sleep", args=(0.5,), job_id="locked")
-    await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
-    async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-        await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
-                             "FOR UPDATE", ["locked"])
-        yield await wait_until(lambda: _completion_backend(sched),
-                               what="its completion waiting for the row lock")
-        await locker.rollback()
+    with tempfile.TemporaryDirectory(prefix="pgsched-release-") as directory:
+        release = Path(directory) / "release"
+        await sched.schedule("until_released", args=(str(release),), job_id="locked")
+        await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
+                                 "FOR UPDATE", ["locked"])
+            release.touch()  # the job ends now, its row locked
+            yield await wait_until(lambda: _completion_backend(sched),
+                                   what="its completion waiting for the row lock")
+            await locker.rollback()
 
 
 async def _freeze_a_completion(sched: Scheduler, pg_dsn: str) -> int:
@@ -419,12 +445,6 @@ async def test_outcome_states_tell_a_locked_row_from_a_lost_lease_without_waitin
     assert states["put_back", 1].due == datetime(2099, 1, 1, tzinfo=UTC)
 
 
-@task(max_retries=0)
-async def sleep_then_fail(seconds: float) -> None:
-    await asyncio.sleep(seconds)
-    raise RuntimeError("failed on purpose")
-
-
 async def _later_outcomes_recorded_while_unwritten(sched: Scheduler, worker: Worker,
                                                    job_id: str) -> None:
     """Once job_id's task ended (its outcome held up by a lock), three later jobs are
@@ -439,17 +459,20 @@ async def _later_outcomes_recorded_while_unwritten(sched: Scheduler, worker: Wor
     assert await _is(sched, job_id, "running")
 
 
-async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg_dsn):
+async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg_dsn,
+                                                                       tmp_path):
     """A failure (a single-row statement) meets the row lock another session holds: later
     outcomes are recorded while the lock is held, and the failure is recorded once it
     goes, as the job's last error."""
     worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    release = tmp_path / "release"
     try:
-        job_id = await sched.schedule("sleep_then_fail", args=(0.5,))
+        job_id = await sched.schedule("until_released", args=(str(release), True))
         await wait_until(lambda: _is(sched, job_id, "running"), what="the job running")
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                  "FOR UPDATE", [job_id])
+            release.touch()  # it fails now, its row locked
             await _later_outcomes_recorded_while_unwritten(sched, worker, job_id)
             await locker.rollback()
         await wait_until(lambda: _is(sched, job_id, "failed"), what="the failure recorded")
@@ -459,7 +482,7 @@ async def test_a_failure_whose_row_is_locked_holds_up_no_later_outcome(sched, pg
 
 
 async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_locked(
-        sched, pg_dsn):
+        sched, pg_dsn, tmp_path):
     """Completing a job settles its waiting dependents in the same statement
     (jobs_dependents_settle locks each FOR UPDATE): another session holding a dependent's
     row locked makes the completion fail on lock_timeout although the job's own row is
@@ -469,12 +492,14 @@ async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_lock
     try:
         # The child is added once the parent runs: its insert locks the parent FOR SHARE
         # for a moment, which a claim racing it skips (then waits for the 60 s poll).
-        parent = await sched.schedule("sleep", args=(1.0,), job_id="parent")
+        release = tmp_path / "release"
+        parent = await sched.schedule("until_released", args=(str(release),), job_id="parent")
         await wait_until(lambda: _is(sched, parent, "running"), what="parent running")
         child = await sched.schedule("noop", job_id="child", depends_on=[parent])
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                  "FOR UPDATE", [child])
+            release.touch()  # the parent ends now, its dependent's row locked
             await _later_outcomes_recorded_while_unwritten(sched, worker, parent)
             await locker.rollback()
         for job_id in (parent, child):
@@ -484,7 +509,7 @@ async def test_outcomes_of_other_jobs_are_recorded_while_a_dependent_row_is_lock
 
 
 async def test_a_worker_whose_finished_jobs_rows_are_all_locked_keeps_running_others(
-        sched, pg_dsn):
+        sched, pg_dsn, tmp_path):
     """Other sessions hold the rows of as many finished jobs as the backlog cap allows
     (2 x concurrency) locked for a long time: their outcomes are parked, each waiting on
     a lock of its own, not on the database. The worker must still run other due jobs."""
@@ -493,11 +518,13 @@ async def test_a_worker_whose_finished_jobs_rows_are_all_locked_keeps_running_ot
     try:
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             for job_id in locked:
-                await sched.schedule("sleep", args=(0.3,), job_id=job_id)
+                release = tmp_path / job_id
+                await sched.schedule("until_released", args=(str(release),), job_id=job_id)
                 await wait_until(lambda j=job_id: _is(sched, j, "running"),
                                  what=f"{job_id} running")
                 await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                                      "FOR UPDATE", [job_id])
+                release.touch()  # it ends now, its row locked
             await wait_until(lambda: len(worker.ctx.held) == 4 and worker.ctx.executing == 0,
                              what="every locked job finished, its outcome parked")
             await sched.schedule("noop", job_id="other")

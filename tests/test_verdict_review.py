@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import psycopg
 import worker_tasks  # noqa: F401  (registers the tasks the in-process worker runs)
 from conftest import wait_until
-from test_fetcher_write_wait_review import _is, _slow_completion_writes, _slow_writes, start
+from test_fetcher_write_wait_review import (
+    _is,
+    _slow_completion_writes,
+    _slow_writes,
+    start,
+    until_released,  # noqa: F401  (registers the task)
+)
 from test_worker_core import stop
 
 from pgsched import Scheduler, task
@@ -24,7 +31,7 @@ async def _parked(worker) -> bool:
 
 
 async def test_a_parked_outcome_whose_row_was_taken_and_given_an_errors_object_kills_no_worker(
-        sched, pg_dsn):
+        sched, pg_dsn, tmp_path):
     """A finished job's row is locked by another session, so its success is parked; that
     session then hands the job to another worker and writes `errors` as a JSON object, not
     an array (SQL: nothing read from the database is trusted), and commits. The parked
@@ -33,12 +40,14 @@ async def test_a_parked_outcome_whose_row_was_taken_and_given_an_errors_object_k
     `errors` (jsonb_array_elements of an object), killing the completer and the worker."""
     schema = sched.schema
     worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
+    release = tmp_path / "release"
     try:
-        await sched.schedule("sleep", args=(0.5,), job_id="taken")
+        await sched.schedule("until_released", args=(str(release),), job_id="taken")
         await wait_until(lambda: _is(sched, "taken", "running"), what="taken running")
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
                                  ["taken"])
+            release.touch()  # it ends now, its row locked
             await wait_until(lambda: _parked(worker), what="its success parked (row lock)")
             await locker.execute(f"""UPDATE "{schema}".jobs SET worker_id = 'other',
                 errors = '{{"not": "an array"}}' WHERE id = 'taken'""")
@@ -54,16 +63,20 @@ async def test_a_parked_outcome_whose_row_was_taken_and_given_an_errors_object_k
 
 
 @task
-async def slow_to_cancel() -> None:
+async def slow_to_cancel(release: str) -> None:
     try:
         await asyncio.sleep(60)
     except asyncio.CancelledError:
-        await asyncio.sleep(1.0)  # cleaning up: the test locks the row meanwhile
+        # Cleaning up until the test has locked the row (the file `release`): a fixed
+        # cleanup time could end first on a loaded machine, the cancellation written.
+        async with asyncio.timeout(30):
+            while not Path(release).exists():
+                await asyncio.sleep(0.02)
         raise
 
 
 async def test_a_cancellation_whose_request_was_withdrawn_is_not_parked_for_ever(
-        sched, pg_dsn):
+        sched, pg_dsn, tmp_path):
     """A running job's cancel is requested and its task stops; while it cleans up another
     session locks the row, so the cancellation is parked, and withdraws the request (SQL:
     cancel_requested_at = NULL) before it commits. finish_cancelled_jobs is fenced on the
@@ -74,7 +87,8 @@ async def test_a_cancellation_whose_request_was_withdrawn_is_not_parked_for_ever
     schema = sched.schema
     worker, runner = await start(sched, concurrency=2)  # lease 2 s: lock_timeout 0.5 s
     try:
-        job_id = await sched.schedule("slow_to_cancel")
+        release = tmp_path / "release"
+        job_id = await sched.schedule("slow_to_cancel", args=(str(release),))
         await wait_until(lambda: _is(sched, job_id, "running"), what="job running")
         assert await sched.store.request_cancel(ids=[job_id]) == {job_id: "running"}
         await wait_until(lambda: any(h.cancel_requested for h in worker.ctx.held.values()),
@@ -82,6 +96,7 @@ async def test_a_cancellation_whose_request_was_withdrawn_is_not_parked_for_ever
         async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
             await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
                                  [job_id])
+            release.touch()  # the cleanup ends now, the row locked
             await wait_until(lambda: _parked(worker), what="its cancellation parked")
             await locker.execute(f"""UPDATE "{schema}".jobs SET cancel_requested_at = NULL
                 WHERE id = %s""", [job_id])

@@ -17,7 +17,15 @@ from conftest import wait_until
 
 from pgsched import Scheduler
 
-from .kit import audit, audit_env, check_each_completed_once, fault_config, jobs, query
+from .kit import (
+    audit,
+    audit_env,
+    check_each_completed_once,
+    fault_config,
+    jobs,
+    query,
+    release_file,
+)
 
 
 async def _status(sched: Scheduler, job_id: str) -> str:
@@ -30,15 +38,20 @@ async def _is(sched: Scheduler, job_id: str, wanted: str) -> bool:
 
 
 @asynccontextmanager
-async def _parked_behind_a_lock(sched, pg_dsn, worker) -> AsyncIterator[psycopg.AsyncConnection]:
+async def _parked_behind_a_lock(sched, pg_dsn, worker,
+                               tmp_path) -> AsyncIterator[psycopg.AsyncConnection]:
     """Job `locked` runs and finishes while another session holds its row locked: its
     completion fails on lock_timeout and is parked. Job `after`, finishing later, is
-    recorded meanwhile. Yields the locking session (its transaction still open)."""
-    await sched.schedule("sleep_then_record", args=("locked", 0.5), job_id="locked")
+    recorded meanwhile. Yields the locking session (its transaction still open).
+    `locked` runs until the row is locked (hold): a fixed sleep could end first on a
+    loaded machine, its outcome written before the lock (no "lock timeout" then)."""
+    release, do_release = release_file(tmp_path)
+    await sched.schedule("hold", args=("locked", release), job_id="locked")
     await wait_until(lambda: _is(sched, "locked", "running"), what="locked running")
     async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
         await locker.execute(f'SELECT 1 FROM "{sched.schema}".jobs WHERE id = %s '
                              "FOR UPDATE", ["locked"])
+        do_release()
         await worker.wait_for_log("lock timeout")
         await sched.schedule("sleep_then_record", args=("after", 0.0), job_id="after")
         await wait_until(lambda: _is(sched, "after", "completed"), timeout=10,
@@ -62,7 +75,7 @@ async def test_sigterm_with_an_outcome_parked_behind_a_lock_never_let_go(
     env = audit_env(pg_dsn, schema)
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=1)
     worker = workers(config, env=env)
-    async with _parked_behind_a_lock(sched, pg_dsn, worker):
+    async with _parked_behind_a_lock(sched, pg_dsn, worker, tmp_path):
         worker.signal(signal.SIGTERM)
         # grace 1 s + KILL_CLEANUP_SECONDS + SHUTDOWN_DB_SECONDS, with room for the load
         assert await worker.wait(timeout=30) == 0
@@ -75,7 +88,7 @@ async def test_a_second_signal_gives_a_parked_outcome_up(
     env = audit_env(pg_dsn, schema)
     config = fault_config(tmp_path, pg_dsn, schema, shutdown_grace_seconds=600)
     worker = workers(config, env=env)
-    async with _parked_behind_a_lock(sched, pg_dsn, worker):
+    async with _parked_behind_a_lock(sched, pg_dsn, worker, tmp_path):
         worker.signal(signal.SIGTERM)
         await worker.wait_for_log("signal_received")
         worker.signal(signal.SIGINT)
@@ -98,7 +111,8 @@ async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_o
     config.write_text(config.read_text().replace(
         "[database]\n", '[database]\nprepare_threshold = "none"\n', 1))
     worker = workers(config, "--no-migrate", env=env)
-    await sched.schedule("sleep_then_record", args=("locked", 0.5), job_id="locked")
+    release, do_release = release_file(tmp_path)  # `locked` runs until its row is locked
+    await sched.schedule("hold", args=("locked", release), job_id="locked")
     await wait_until(lambda: _is(sched, "locked", "running"), timeout=30, what="locked running")
     frozen = None
     try:
@@ -107,6 +121,7 @@ async def test_a_frozen_completion_behind_pgbouncer_is_abandoned_and_completed_o
                                                           autocommit=True) as watcher):
             await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
                                  ["locked"])
+            do_release()
             frozen = await wait_until(lambda: _completion_backend(watcher),
                                       what="the completion waiting for the row lock")
             os.kill(frozen, signal.SIGSTOP)
