@@ -199,7 +199,9 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
     let-go row meanwhile sleeps with it due."""
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers, concurrency=1,
                             queues=["q1", "q2"])
-    busy = await sched.schedule("sleep", args=(3.0,), queue="q1")
+    # Busy until the other claim is open (the file busy-1): a fixed sleep (3 s) could end
+    # first on a loaded machine, the worker idle before the race is set up.
+    busy = await sched.schedule("hold_attempt", args=(str(tmp_path / "busy-"),), queue="q1")
     await wait_until(lambda: status_is(sched, busy, "running"), timeout=DEADLINE,
                      what="the worker to be busy")
     first = await sched.schedule("noop", queue="q1", job_id="j1")
@@ -216,6 +218,7 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
         assert not claimable(pg_dsn, schema, first) and not claimable(pg_dsn, schema, second)
         assert await status_is(sched, busy, "running"), "the worker was idle: no race made"
         # The busy job ends; the worker claims with its slot free and skips j2.
+        (tmp_path / "busy-1").touch()
         await wait_until(lambda: completed(sched, busy), timeout=DEADLINE,
                          what="the busy job to end")
         await asyncio.sleep(1.0)
