@@ -143,7 +143,16 @@ async def test_a_steady_stream_does_not_starve_a_due_suspect(
             return any(a["key"] == "suspect" for a in await audit(sched))
 
         await wait_until(suspect_ran, timeout=60, what="the suspect to run")
-        await asyncio.sleep(1.0)  # the stream goes on after it
+
+        async def one_ran_after() -> bool:
+            ran = {a["key"]: a["at"] for a in await audit(sched)}
+            rows = await query(sched, "SELECT id FROM {schema}.jobs WHERE started_at > %s",
+                               [ran["suspect"]])
+            return any(r["id"] in ran for r in rows)
+
+        # The stream goes on after it: waited for, since a fixed second was not always
+        # enough on a loaded machine for the next job to be claimed, run and audited.
+        await wait_until(one_ran_after, timeout=30, what="a job of the stream run after it")
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
