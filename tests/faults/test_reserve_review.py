@@ -97,8 +97,11 @@ async def test_a_kill_while_a_suspect_waits_beside_a_job_counts_against_that_job
     worker, release, env = await _suspect_waiting_beside_long(
         sched, pg_dsn, schema, workers, tmp_path)
     worker.kill()
-    await asyncio.sleep(4.0)  # past the 3 s lease
-    await sched.store.recover_orphans(max_recoveries=3)
+    # Recovered once its 3 s lease is past (and the dead worker's registry beat older
+    # than one): tried until then, not once after a fixed 4 s, which a heartbeat that
+    # committed late on a loaded machine could outlast.
+    await wait_until(lambda: sched.store.recover_orphans(max_recoveries=3), timeout=30,
+                     what="the dead worker's job recovered")
     status = {k: v for k, v in (await _status(sched)).items() if k in ("long", "s")}
     # long ran alone: the crash is its own; s, reserved, never ran
     assert status == {"long": ("pending", True, 1), "s": ("pending", True, 0)}
