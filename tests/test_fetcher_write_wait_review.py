@@ -267,7 +267,8 @@ async def test_outcomes_of_other_jobs_are_recorded_while_one_row_is_locked(sched
     try:
         async with completion_behind_a_row_lock(sched, pg_dsn):
             await sched.schedule("noop", job_id="after")
-            await wait_until(lambda: _is(sched, "after", "completed"), timeout=5,
+            # The lock is held until it is: held up behind it, it would never be.
+            await wait_until(lambda: _is(sched, "after", "completed"), timeout=20,
                              what="a later outcome recorded")
     finally:
         await stop(worker, runner)
@@ -454,7 +455,8 @@ async def _later_outcomes_recorded_while_unwritten(sched: Scheduler, worker: Wor
                      what="the task ended, its outcome unwritten")
     for i in range(3):
         await sched.schedule("noop", job_id=f"after{i}")
-        await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=5,
+        # The lock is held until all three are: held up behind it, none would be.
+        await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"), timeout=20,
                          what="a later outcome recorded")
     assert await _is(sched, job_id, "running")
 
