@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from conftest import audit_env, run_cli, wait_until, write_config
 
-from pgsched import InvalidInput, JobConflict, JobSpec
+from pgsched import InvalidInput, JobConflict, JobSpec, Scheduler
 from pgsched.store import Store
 
 
@@ -24,6 +24,13 @@ async def status(sched, job_id: str) -> str:
 async def claim(store: Store, worker: str = "w") -> list[dict]:
     jobs, _, _ = await store.claim_jobs(worker_id=worker, limit=100, lease_seconds=30)
     return jobs
+
+
+async def _a_lock_waited_for(sched) -> bool:
+    async with sched.store.pool.connection() as conn:
+        cur = await conn.execute("SELECT 1 FROM pg_stat_activity "
+                                 "WHERE wait_event_type = 'Lock'")
+        return await cur.fetchone() is not None
 
 
 async def complete(store: Store, job: dict, worker: str = "w") -> None:
@@ -128,12 +135,17 @@ async def test_a_dependency_completing_while_its_dependent_is_scheduled(sched, p
     the dependent: never neither."""
     a = await sched.schedule("noop", job_id="a")
     job = (await claim(sched.store))[0]
-    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+    # Scheduled by a client with the default lock_timeout (LOCK_TIMEOUT_SECONDS), not the
+    # fixture's worker-length one (0.5 s), which a loaded machine's pause before the
+    # commit could pass: the insert then failed on lock_timeout, no race made.
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn, \
+            Scheduler(pg_dsn, schema=sched.schema) as client:
         await conn.execute(
             f'UPDATE "{sched.schema}".jobs SET status = \'completed\', finished_at = now() '
             "WHERE id = %s", [a])
-        scheduling = asyncio.create_task(sched.schedule("noop", job_id="c", depends_on=[a]))
-        await asyncio.sleep(0.3)
+        scheduling = asyncio.create_task(client.schedule("noop", job_id="c", depends_on=[a]))
+        await wait_until(lambda: _a_lock_waited_for(sched) if not scheduling.done() else True,
+                         what="the insert waiting for the dependency's row")
         assert not scheduling.done()  # waits for the dependency's row
         await conn.commit()
     await scheduling
