@@ -15,7 +15,7 @@ import pytest
 from conftest import cli_env, run_cli, wait_until, write_config
 from test_worker_core import ended, sql, start, stop
 
-from pgsched import Backoff, JobSpec, Retry
+from pgsched import Backoff, JobSpec, Retry, Scheduler
 from pgsched.errors import InvalidInput
 
 HOSTILE_TASKS = Path(__file__).resolve().parent / "hostile_tasks.py"
@@ -255,10 +255,14 @@ async def test_a_cancel_committed_while_the_snooze_waits_on_the_row_cancels_the_
                                   + timedelta(days=1))
     await sql(sched, "UPDATE {schema}.jobs SET status = 'running', worker_id = 'w', "
                      "attempts = 1 WHERE id = %s", [job_id])
-    async with await psycopg.AsyncConnection.connect(pg_dsn) as canceller:
+    # The snooze through a pool with the default lock_timeout (LOCK_TIMEOUT_SECONDS): the
+    # fixture's (0.5 s, a worker's at lease 2 s) was passed now and then on a loaded
+    # machine between seeing it wait and the commit (LockNotAvailable, no race made).
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as canceller, \
+            Scheduler(pg_dsn, schema=schema) as patient:
         await canceller.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
                                 [job_id])
-        snoozing = asyncio.create_task(sched.store.snooze_job(
+        snoozing = asyncio.create_task(patient.store.snooze_job(
             worker_id="w", job_id=job_id, attempt=1, delay_seconds=60, max_snoozes=5))
         waiting = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                    "AND query LIKE '%%snoozed%%'")

@@ -15,7 +15,7 @@ import asyncio
 import psycopg
 from conftest import wait_until
 
-from pgsched import JobSpec
+from pgsched import JobSpec, Scheduler
 from pgsched.store import ERRORS_KEPT_FIRST, ERRORS_KEPT_LAST
 
 from .kit import lease_expiries, query
@@ -67,13 +67,17 @@ async def test_recovery_holding_the_row_wins_and_the_late_completion_writes_noth
             "seen_twice": False, "sighted_workers": [], "sighted_beats": [],
             "errors_first": ERRORS_KEPT_FIRST, "errors_last": ERRORS_KEPT_LAST})
         assert [r[0] for r in await cur.fetchall()] == [job_id]
-        late = asyncio.create_task(sched.store.complete_jobs(
-            worker_id=W, done=[(job_id, 1, '"late"')]))
-        blocker = recovering.info.backend_pid
-        await wait_until(lambda: _waiting_on(sched, blocker),
-                         what="the completion to wait on the recovery's row lock")
-        await recovering.commit()
-    assert await late == set()
+        # Through a pool with the default lock_timeout (LOCK_TIMEOUT_SECONDS), not the
+        # fixture's 0.5 s, which seeing the wait and committing could pass on a loaded
+        # machine (LockNotAvailable: no race made).
+        async with Scheduler(pg_dsn, schema=sched.schema) as patient:
+            late = asyncio.create_task(patient.store.complete_jobs(
+                worker_id=W, done=[(job_id, 1, '"late"')]))
+            blocker = recovering.info.backend_pid
+            await wait_until(lambda: _waiting_on(sched, blocker),
+                             what="the completion to wait on the recovery's row lock")
+            await recovering.commit()
+            assert await late == set()
     job = await sched.store.get_job(job_id)
     assert (job["status"], job["result"], job["worker_id"], job["recoveries"]) == \
         ("pending", None, None, 1)
