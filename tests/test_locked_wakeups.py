@@ -88,20 +88,23 @@ async def _past(sched, at: datetime) -> bool:
 async def test_a_job_locked_by_a_dependent_being_scheduled_runs_when_that_ends(
         sched, pg_dsn, schema, tmp_path, workers, how, end):
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers)
-    due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
-    parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
-    other = await sched.schedule("noop", job_id="b-other",
-                                 execution_time=due + timedelta(days=1))
-    if how == "retried":  # `pgsched retry` of a dependent locks its dependencies too
-        await sched.schedule("noop", job_id="c-child", depends_on=[parent, other])
-        assert await sched.cancel_job("c-child")
-    # The dependent's statement locks its dependencies in id order: it holds a-parent while
-    # it waits for b-other, which another session holds meanwhile (until after the due
-    # time; or longer than the client's lock_timeout, as a task between its complete() and
-    # its commit would: the statement gives up; or the client cancels it, its own deadline
-    # past). A statement that fails rolls back the NOTIFY it sent.
+    # The client and the holder's connection are opened first: opened after the due
+    # time was set, they took from the LEAD_SECONDS the race is set up in, which a
+    # loaded machine could use up ("the lock came after the due time").
     async with Scheduler(pg_dsn, schema=schema) as client, \
             await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+        due = await db_now(sched) + timedelta(seconds=LEAD_SECONDS)
+        parent = await sched.schedule("noop", job_id="a-parent", execution_time=due)
+        other = await sched.schedule("noop", job_id="b-other",
+                                     execution_time=due + timedelta(days=1))
+        if how == "retried":  # `pgsched retry` of a dependent locks its dependencies too
+            await sched.schedule("noop", job_id="c-child", depends_on=[parent, other])
+            assert await sched.cancel_job("c-child")
+        # The dependent's statement locks its dependencies in id order: it holds a-parent while
+        # it waits for b-other, which another session holds meanwhile (until after the due
+        # time; or longer than the client's lock_timeout, as a task between its complete() and
+        # its commit would: the statement gives up; or the client cancels it, its own deadline
+        # past). A statement that fails rolls back the NOTIFY it sent.
         await holder.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE', [other])
         # (a client's lock_timeout, LOCK_TIMEOUT_SECONDS, not a worker's short one: longer
         # than LEAD_SECONDS; a refused dependent, one of whose dependencies does not exist,
