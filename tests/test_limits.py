@@ -92,12 +92,16 @@ async def test_a_queue_held_at_its_limit_reads_none_of_its_jobs_due_later(sched)
     for job_id in ("r1", "r2", "d1", "d2", "d3"):
         await sched.schedule("noop", job_id=job_id, queue="q")
     assert await claim(sched.store, "w", limit=2) == ["r1", "r2"]
+    # Without the fixture pool's statement_timeout (1 s, a worker's), which 20,000 rows
+    # come near on a loaded machine.
     async with sched.store.pool.connection() as conn:
+        await conn.execute("SET statement_timeout = 0")
         await conn.execute(psycopg.sql.SQL(
             "INSERT INTO {} (id, task, queue, execution_time) SELECT 'f' || g, 'noop', 'q', "
             "now() + make_interval(mins => g) FROM generate_series(1, 20000) g").format(
                 psycopg.sql.Identifier(sched.schema, "jobs")))
         await conn.execute(f'ANALYZE "{sched.schema}".jobs')
+        await conn.execute("RESET statement_timeout")  # the pool's again
     async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
         before = await tuples_read(conn, sched.schema)
         cur = await conn.execute(sched.store._q["claim_jobs"], {
