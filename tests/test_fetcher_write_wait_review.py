@@ -252,7 +252,9 @@ async def test_results_too_large_to_write_within_statement_timeout_end_their_job
     try:
         big = [await sched.schedule("big_result", args=(100,)) for _ in range(2)]
         for job_id in big:
-            await wait_until(lambda j=job_id: _ended(sched, j), timeout=20,
+            # Each try encodes and sends 100 MB, slow on a loaded machine; never ended,
+            # they would be tried for ever: the bound only says how soon that shows.
+            await wait_until(lambda j=job_id: _ended(sched, j), timeout=60,
                              what="the big results' jobs ended")
     finally:
         await stop(worker, runner)
