@@ -6,7 +6,6 @@ rows locked and let go, and a cost that grows with the number of queues."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -78,13 +77,18 @@ async def test_flat_claim_never_serves_a_paused_queue(sched):
 
 async def test_flat_claim_leaves_a_paused_queue_whose_jobs_fall_due(sched):
     # Not due when the flat walk is chosen, due by the time it walks: the walk's own
-    # paused test must leave them (the flat statement sees them as due after the sleep).
-    await fill(sched, [("held-soon", "held", 0, ago(-1)), ("free", "free", 5, ago(5))])
+    # paused test must leave them (the flat statement sees them as due then). Made due by
+    # SQL, not by sleeping past a due time a second ahead, which a loaded machine's pause
+    # before the first walk could pass already.
+    await fill(sched, [("held-soon", "held", 0, ago(-60)), ("free", "free", 5, ago(5))])
     await sched.store.pause_queues(["held"])
     rows = await run_flat(sched.store, 10)
     assert not rows[0]["flat_refused"] and [r["id"] for r in rows] == ["free"]
     assert rows[0]["next_due"] is not None  # the paused job may wake the worker early
-    await asyncio.sleep(1.2)
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(sql.SQL("UPDATE {}.jobs SET execution_time = now() - interval "
+                                   "'1 second' WHERE id = 'held-soon'").format(
+                                       sql.Identifier(sched.schema)))
     rows = await run_flat(sched.store, 10)
     assert rows[0]["flat_refused"] and rows[0]["id"] is None
     assert await claim_ids(sched.store, 10) == []
