@@ -409,14 +409,19 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- Locks: the schedules first (id order), then their windows' jobs, the order of a
 -- schedule change (0021's trigger runs under the schedule's row lock) and of the planner
 -- (lock_due_schedules, then advance_schedules); the jobs first deadlocked with a change
--- made meanwhile (a pause between pause_schedule's lock and its update). The window's
--- job is read locked (FOR UPDATE returns its latest version), so a wait that marked it
--- while this statement waited for it is seen: read from the statement's snapshot, the
--- DELETE found it awaited as locked and the UPDATE not awaited as read, and it stayed
--- planned beside the run.
+-- made meanwhile (a pause between pause_schedule's lock and its update). Only a schedule
+-- with a window planned ahead is locked: a retry that holds a withdrawn window's job (a
+-- bulk `pgsched retry`) would otherwise wait for the planner that holds the schedule
+-- to take that job over. The window's job is read locked (FOR UPDATE returns its latest
+-- version), so a wait that marked it while this statement waited for it is seen: read
+-- from the statement's snapshot, the DELETE found it awaited as locked and the UPDATE
+-- not awaited as read, and it stayed planned beside the run.
 withdrawing AS (
     SELECT s.id FROM {schema}.schedules s
     WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
+      AND EXISTS (SELECT FROM {schema}.jobs p  -- jobs_schedule_window_idx (0002)
+                  WHERE p.schedule_id = s.id AND p.fire_time > now()
+                    AND p.status = 'pending')
     ORDER BY s.id
     FOR NO KEY UPDATE
 ),
