@@ -240,3 +240,27 @@ async def test_a_wait_begun_while_a_trigger_withdraws_the_window_gets_its_outcom
         db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s",
            planned["id"])
         assert (await waiter)["status"] == "completed"
+
+
+async def test_a_claim_of_the_window_while_a_run_is_triggered_keeps_the_claimed_run(
+        sched, db, pg_dsn, schema):
+    # A worker claims the window (made due early with SQL) while the trigger withdraws
+    # it: the trigger waits for the claim and leaves the running job alone (it is a run
+    # now, not a plan), so next_fire_at stays after it and T is not planned again.
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    db("UPDATE jobs SET awaited = true, execution_time = now() WHERE id = %s", planned["id"])
+    async with await held(pg_dsn, schema) as claimer:
+        async with claimer.transaction():
+            await claimer.execute(  # what claim_jobs writes for the row it locked
+                "UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 1, "
+                "started_at = now(), lease_until = now() + interval '1 minute' "
+                "WHERE id = %s AND status = 'pending'", (planned["id"],))
+            trigger = asyncio.create_task(recurring.trigger_schedule(sched.store, "solo"))
+            await asyncio.sleep(0.3)
+        run = await trigger
+    (job,) = window_jobs(db, "solo")
+    assert (job["status"], job["attempts"], job["last_error"]) == ("running", 1, None)
+    assert schedule(db, "solo")["next_fire_at"] > T
+    await planner(sched).run_once(now=T)
+    assert active(db, "solo") == sorted([run, planned["id"]])
