@@ -66,15 +66,27 @@ async def test_a_wait_marking_the_window_while_a_run_is_triggered_does_not_keep_
     assert active(db, "solo") == [run], active(db, "solo")
 
 
-async def test_a_schedule_change_racing_with_a_trigger_does_not_deadlock(
-        sched, db, pg_dsn, schema):
-    # The trigger locks the window's job (its DELETE or UPDATE) and then the schedule's
-    # row (next_fire_at back); a schedule change (pause_schedule locks the row FOR UPDATE
-    # and then updates it) locks the row and then, in 0021's trigger, the window's job.
-    # Here the change's transaction holds the row first, as pause_schedule's statement
-    # does between its two steps. The pool's default lock_timeout (5 s) outlasts
-    # PostgreSQL's deadlock_timeout (1 s).
+async def trigger_run(store, db):
+    return await recurring.trigger_schedule(store, "solo")
+
+
+async def retry_run(store, db):
+    (earlier,) = db("SELECT id FROM jobs WHERE id = 'solo@earlier'")
+    assert await ops.retry_jobs(store, [earlier["id"]]) == [earlier["id"]]
+
+
+@pytest.mark.parametrize("make_run", [trigger_run, retry_run])
+async def test_a_schedule_change_racing_with_a_new_run_does_not_deadlock(
+        sched, db, pg_dsn, schema, make_run):
+    # The run's statement locked the window's job (its DELETE or UPDATE) and then the
+    # schedule's row (next_fire_at back); a schedule change (pause_schedule locks the row
+    # FOR UPDATE and then updates it) locks the row and then, in 0021's trigger, the
+    # window's job. Here the change's transaction holds the row first, as
+    # pause_schedule's statement does between its two steps. The pool's default
+    # lock_timeout (5 s) outlasts PostgreSQL's deadlock_timeout (1 s).
     await add(sched, "solo", every="10m", overlap=False, args=[1])
+    db("INSERT INTO jobs (id, task, execution_time, schedule_id, status, finished_at) "
+       "VALUES ('solo@earlier', 'noop', now(), 'solo', 'failed', now())")
     planned = await plan_ahead(sched, db, "solo")
     db("UPDATE jobs SET awaited = true WHERE id = %s", planned["id"])
     async with await held(pg_dsn, schema) as changer, \
@@ -82,13 +94,14 @@ async def test_a_schedule_change_racing_with_a_trigger_does_not_deadlock(
         async with changer.transaction():
             await changer.execute(
                 "SELECT 1 FROM schedules WHERE id = 'solo' FOR NO KEY UPDATE")
-            trigger = asyncio.create_task(recurring.trigger_schedule(patient.store, "solo"))
+            run = asyncio.create_task(make_run(patient.store, db))
             await wait_until(lambda: db(
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE '%%Run a schedule''s task now%%'"),
-                timeout=10, what="the trigger waits for the schedule's row")
+                "AND backend_type = 'client backend' AND pid <> %s",
+                changer.info.backend_pid),
+                timeout=10, what="the run's statement waits for the schedule's row")
             await changer.execute("UPDATE schedules SET paused = true WHERE id = 'solo'")
-        await trigger
+        await run
     (job,) = window_jobs(db, "solo")
     assert job["status"] == "cancelled"
 
