@@ -410,9 +410,10 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- schedule change (0021's trigger runs under the schedule's row lock) and of the planner
 -- (lock_due_schedules, then advance_schedules); the jobs first deadlocked with a change
 -- made meanwhile (a pause between pause_schedule's lock and its update). Only a schedule
--- with a window planned ahead is locked: a retry that holds a withdrawn window's job (a
--- bulk `pgsched retry`) would otherwise wait for the planner that holds the schedule
--- to take that job over. The window's job is read locked (FOR UPDATE returns its latest
+-- with a window planned ahead is locked, whichever way the plan reads these CTEs: a
+-- retry holding a withdrawn window's job (picked, by a bulk `pgsched retry`) and then
+-- waiting for the schedule would deadlock with the planner taking that job over under
+-- the schedule's lock. The window's job is read locked (FOR UPDATE returns its latest
 -- version), so a wait that marked it while this statement waited for it is seen: read
 -- from the statement's snapshot, the DELETE found it awaited as locked and the UPDATE
 -- not awaited as read, and it stayed planned beside the run.
