@@ -12,6 +12,7 @@ in 2030 (test_plan_ahead's T) unless the real clock is the point.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from conftest import wait_until
@@ -169,6 +170,9 @@ async def test_the_take_over_while_the_triggered_run_is_active_skips_the_window(
     assert active(db, "solo") == [run]
     row = schedule(db, "solo")
     assert (row["last_fire_at"], row["last_job_id"]) == (T, planned["id"])
+    (listed,) = await sched.store.list_schedules("solo")
+    assert (listed["next_fire_at"], listed["last_fire_at"], listed["last_job_id"],
+            listed["last_status"]) == (T + timedelta(minutes=10), T, planned["id"], "skipped")
     # a wait on it now returns the skip
     assert (await sched.wait(planned["id"], timeout=5))["last_error"] == job["last_error"]
 
@@ -277,3 +281,23 @@ async def test_a_claim_of_the_window_while_a_run_is_triggered_keeps_the_claimed_
     assert schedule(db, "solo")["next_fire_at"] > T
     await planner(sched).run_once(now=T)
     assert active(db, "solo") == sorted([run, planned["id"]])
+
+
+async def test_a_window_whose_dependent_ended_is_withdrawn_and_taken_over(sched, db):
+    # has_dependents stays once set; a dependent added with SQL that has ended waits for
+    # nothing: the watched window is cancelled for the triggered run like any other (its
+    # end settles nobody) and taken over at T, where it runs, the run having ended.
+    await add(sched, "solo", every="10m", overlap=False)
+    planned = await plan_ahead(sched, db, "solo")
+    db("INSERT INTO jobs (id, task, execution_time, status, finished_at) "
+       "VALUES ('after', 'noop', now(), 'completed', now())")
+    db("INSERT INTO job_dependencies (job_id, dependency_id) VALUES ('after', %s)",
+       planned["id"])
+    db("UPDATE jobs SET has_dependents = true, awaited = true WHERE id = %s", planned["id"])
+    run = await recurring.trigger_schedule(sched.store, "solo")
+    (job,) = window_jobs(db, "solo")
+    assert (job["status"], job["last_error"]) == ("cancelled", WITHDRAWN)
+    assert db("SELECT status FROM jobs WHERE id = 'after'")[0]["status"] == "completed"
+    db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s", run)
+    await planner(sched).run_once(now=T)
+    assert active(db, "solo") == [planned["id"]]
