@@ -1362,12 +1362,18 @@ class Store:
     ) -> dict[str, str]:
         """Cancel pending jobs and mark running ones for their worker to stop: the given
         ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
-        'running'}; ids not returned were not found or had already finished."""
+        'running'}; ids not returned were not found or had already finished. A window's
+        job withdrawn before its window came, named by id, is the operator's from then
+        on (hold_withdrawn_windows): 'cancelled'."""
         params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
                   "channel": self.channel}
         if ids is not None:
+            # First: a planner taking a held window over in between leaves it pending,
+            # for the cancel below (sql/queues.sql).
+            held = await self._rows("hold_withdrawn_windows", {"ids": params["ids"]})
             rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
-            return {row["id"]: row["status"] for row in rows}
+            return {**{row["id"]: "cancelled" for row in held},
+                    **{row["id"]: row["status"] for row in rows}}
         result: dict[str, str] = {}
         while rows := await self._cancel_batch({**params, "limit": batch_size}):
             result.update((row["id"], row["status"]) for row in rows)

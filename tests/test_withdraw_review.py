@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import wait_until
-from test_plan_ahead import T, plan_ahead
+from test_plan_ahead import AHEAD, T, plan_ahead
 from test_plan_ahead_review import held
 from test_recurring import add, planner, schedule, window_jobs
 
@@ -124,12 +124,6 @@ async def test_schedules_shows_a_window_withdrawn_as_cancelled_as_still_to_come(
     assert cancelled["last_job_id"] == watched_run
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "request_cancel cancels only pending or running jobs: `pgsched cancel` of a window job "
-    "the withdrawal cancelled answers 'already cancelled' (exit 1) and leaves its "
-    "last_error the withdrawal's, so advance_schedules' `revived` takes it over at the "
-    "fire time and the window runs. Whether an operator's cancel of such a job should "
-    "make it the operator's (and how to record that) is the lead's call"))
 async def test_an_operator_cancel_of_the_withdrawn_window_holds_at_its_fire_time(sched, db):
     # `pgsched cancel` of the window's job once the withdrawal cancelled it: the operator
     # does not want that window; the take-over at T must not run it anyway.
@@ -140,6 +134,24 @@ async def test_an_operator_cancel_of_the_withdrawn_window_holds_at_its_fire_time
     await planner(sched).run_once(now=T)
     (job,) = window_jobs(db, "solo")
     assert (answer, job["status"]) == ({planned["id"]: "cancelled"}, "cancelled")
+
+
+async def test_an_operator_cancel_of_a_window_a_pause_withdrew_holds_when_it_comes_back(
+        sched, db):
+    # The same for a window a schedule change withdrew (0021's trigger cancels a watched
+    # one): cancelled by id while paused, it stays cancelled once the schedule is resumed
+    # and the window comes, with the operator's error, and the window makes no other job.
+    await add(sched, "s", every="10m")
+    planned = await plan_ahead(sched, db, "s")
+    db("UPDATE jobs SET awaited = true WHERE id = %s", planned["id"])
+    await recurring.pause_schedule(sched.store, "s")
+    assert await sched.store.request_cancel(ids=[planned["id"]]) == {planned["id"]: "cancelled"}
+    await recurring.resume_schedule(sched.store, "s")
+    db("UPDATE schedules SET next_fire_at = %s WHERE id = 's'", T)
+    await planner(sched).run_once(now=AHEAD)
+    (job,) = window_jobs(db, "s")
+    assert (job["status"], job["last_error"]) == (
+        "cancelled", "cancelled: by an operator after its window was withdrawn")
 
 
 async def test_an_operator_retry_of_the_withdrawn_window_makes_one_job_for_it(sched, db):
@@ -229,15 +241,15 @@ async def test_a_change_after_the_withdrawal_is_what_the_take_over_runs(sched, d
 
 
 
-@pytest.mark.xfail(strict=True, raises=JobNotFound, reason=(
-    "design: withdrawn_overlap_window deletes a window's job no wait has marked, so a "
-    "wait that begins while the trigger's transaction holds it (mark_awaited waits for "
-    "the row, then finds none) raises JobNotFound ('never added, or vacuumed') for a job "
-    "the planner makes again under the same id at its fire time (0021 deletes such a "
-    "job the same way). Cancelling every withdrawn window instead (the planner takes "
-    "it over) would keep the id; whether to is the lead's call"))
-async def test_a_wait_begun_while_a_trigger_withdraws_the_window_gets_its_outcome(
+async def test_a_wait_begun_while_a_trigger_deletes_the_window_finds_no_job(
         sched, db, pg_dsn, schema):
+    # A decision (docs/recurring.md): withdrawn_overlap_window deletes a window's job that
+    # no wait has marked, as 0021 does, so a wait that begins while the trigger's
+    # transaction holds it (mark_awaited waits for the row, then finds none) raises
+    # JobNotFound: there is no such job then. The planner makes it again under the same
+    # id at its fire time, and a wait begun then waits for it. (Cancelling every withdrawn
+    # window instead would keep the id, at the cost of a cancelled job in the history for
+    # every trigger of an overlap=False schedule.)
     await add(sched, "solo", every="10m", overlap=False)
     planned = await plan_ahead(sched, db, "solo")
     async with await held(pg_dsn, schema) as triggering, \
@@ -251,12 +263,13 @@ async def test_a_wait_begun_while_a_trigger_withdraws_the_window_gets_its_outcom
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND query LIKE '%%SET awaited = true%%'"),
                 timeout=10, what="the wait waits for the window's row")
+        with pytest.raises(JobNotFound):
+            await waiter
         db("UPDATE jobs SET status = 'completed', finished_at = now() "
            "WHERE id = 'solo@trigger-held'")
         await planner(sched).run_once(now=T)
-        db("UPDATE jobs SET status = 'completed', finished_at = now() WHERE id = %s",
-           planned["id"])
-        assert (await waiter)["status"] == "completed"
+        assert [(j["id"], j["status"]) for j in window_jobs(db, "solo")] == [
+            (planned["id"], "pending")]
 
 
 async def test_a_claim_of_the_window_while_a_run_is_triggered_keeps_the_claimed_run(
