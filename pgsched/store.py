@@ -1116,7 +1116,15 @@ class Store:
     # -- inspection and operations -------------------------------------------------------
 
     async def cancel_jobs(self, ids: Sequence[str]) -> set[str]:
+        held = await self._hold_withdrawn_windows(ids)
         rows = await self._rows("cancel_jobs", {"ids": list(ids)})
+        return held | {row["id"] for row in rows}
+
+    async def _hold_withdrawn_windows(self, ids: Sequence[str]) -> set[str]:
+        """Before a cancel by id: the named jobs of withdrawn windows become the
+        operator's (sql/queues.sql). First, since a planner taking one over in between
+        leaves it pending, for the cancel that follows."""
+        rows = await self._rows("hold_withdrawn_windows", {"ids": list(ids)})
         return {row["id"] for row in rows}
 
     async def job_statuses(self, ids: Sequence[str]) -> dict[str, str]:
@@ -1368,11 +1376,9 @@ class Store:
         params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
                   "channel": self.channel}
         if ids is not None:
-            # First: a planner taking a held window over in between leaves it pending,
-            # for the cancel below (sql/queues.sql).
-            held = await self._rows("hold_withdrawn_windows", {"ids": params["ids"]})
+            held = await self._hold_withdrawn_windows(ids)
             rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
-            return {**{row["id"]: "cancelled" for row in held},
+            return {**dict.fromkeys(held, "cancelled"),
                     **{row["id"]: row["status"] for row in rows}}
         result: dict[str, str] = {}
         while rows := await self._cancel_batch({**params, "limit": batch_size}):

@@ -145,7 +145,7 @@ async def test_an_operator_cancel_of_a_window_a_pause_withdrew_holds_when_it_com
     planned = await plan_ahead(sched, db, "s")
     db("UPDATE jobs SET awaited = true WHERE id = %s", planned["id"])
     await recurring.pause_schedule(sched.store, "s")
-    assert await sched.store.request_cancel(ids=[planned["id"]]) == {planned["id"]: "cancelled"}
+    assert await sched.cancel_job(planned["id"])  # the Python API's cancel, as `pgsched cancel`
     await recurring.resume_schedule(sched.store, "s")
     db("UPDATE schedules SET next_fire_at = %s WHERE id = 's'", T)
     await planner(sched).run_once(now=AHEAD)
