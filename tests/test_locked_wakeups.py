@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until, write_config
 from psycopg.rows import dict_row
 
@@ -252,6 +253,44 @@ async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn):
     await sched.schedule("noop", queue="q2")
     # two locked, one taken: q1's, scheduled first; the wake-up names the queue let go
     assert await notifications(["q1", "q2"]) == ["let_go:q2"]
+
+
+async def test_a_let_go_does_not_wake_a_worker_held_at_the_queue_s_cap(sched, pg_dsn, schema):
+    """A worker of the queue let go that runs as many of its jobs as its per-queue cap
+    allows ([queues.q2] concurrency) would claim nothing of it either: woken, it claimed
+    empty at every let-go of a backlog others drain. The job that ends frees the claim
+    (a freed slot wakes a worker held at a cap)."""
+    worker = Worker(sched.store, pg_dsn, fast_options(
+        queues=("q2",), queue_concurrency={"q2": 1}, poll_seconds=60,
+        shutdown_grace_seconds=0.1))
+    runner = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.ready.is_set() and worker.listening,
+                         what="the worker ready")
+        busy = await sched.schedule("sleep", args=(30.0,), queue="q2")
+        await wait_until(lambda: status_is(sched, busy, "running"), timeout=DEADLINE,
+                         what="the worker's q2 slot busy")
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
+            conn.execute(
+                f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+                "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+                "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+        await asyncio.sleep(0.5)
+        before = worker.stats.claims
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+            for _ in range(8):
+                cur = claimer.cursor(row_factory=dict_row)
+                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
+                await claimer.commit()
+        await asyncio.sleep(1.0)  # the notifications arrive
+        assert worker.stats.claims - before == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(runner, 30)
 
 
 async def test_a_let_go_of_more_queues_than_a_payload_holds_wakes_every_worker(

@@ -8,8 +8,9 @@ Invariants:
   heartbeater, and a due time (plain decimal seconds since the epoch) the fetcher, through
   context.note_due and its token bucket (NOTIFY_WAKE_BURST); 'let_go:<queue> <queue>...'
   (a claim let those queues' due rows go, sql/queries.sql) does the same as a due time of
-  now, but only in a worker that serves one of those queues: a worker of other queues
-  would claim nothing. Anything else is counted (`stats.notify_ignored`) and ignored.
+  now, but only in a worker that serves one of those queues and is not held at its
+  per-queue cap: any other would claim nothing. Anything else is counted
+  (`stats.notify_ignored`) and ignored.
 - After a (re)connect it wakes the fetcher, the planner and the heartbeater, since
   notifications sent meanwhile are lost. `listening` (read by /healthz) is True only
   while the connection is up.
@@ -22,6 +23,8 @@ It returns once the worker is closing.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import psycopg
 
@@ -79,8 +82,7 @@ class Listener:
                 self.ctx.beat_now.set()
             return
         if kind == LET_GO:
-            served = self.ctx.options.queues
-            if not served or not set(served).isdisjoint(target.split(" ")):
+            if self._could_claim(target.split(" ")):
                 self.ctx.note_due(0.0)  # due already: a claim now, within the budget
             return
         if is_due_time(payload):
@@ -88,3 +90,15 @@ class Listener:
             return
         self.ctx.stats.notify_ignored += 1
         log.debug("notify_ignored", payload=payload[:80])
+
+    def _could_claim(self, queues: list[str]) -> bool:
+        """Whether a claim here could take a job of one of `queues`: one it serves whose
+        per-queue cap ([queues.NAME] concurrency) its running jobs leave room in. A worker
+        held at a queue's cap claims again when one of those jobs ends (a freed slot)."""
+        served = self.ctx.options.queues
+        limits = dict(self.ctx.options.queue_concurrency)
+        running = Counter(h.queue for h in self.ctx.held.values()
+                          if not h.finished and h.queue in limits)
+        return any((not served or q in served) and running[q] < limits.get(q, running[q] + 1)
+                   for q in queues)
+
