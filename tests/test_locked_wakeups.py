@@ -229,15 +229,20 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
                      what="the job another claim let go to run")
 
 
-async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn):
+@pytest.mark.parametrize("statement", ["claim_jobs_unlimited", "claim_jobs"])
+async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn, statement):
     """The wake-up of a claim that locked more than it took (let_go) must not come from
     every claim, or each claim of an idle fleet wakes every worker again (the herd): a
-    claim of one job from two queues notifies only when both have one due."""
+    claim of one job from two queues notifies only when both have one due. The same with
+    a global limit on q2 (claim_jobs: claim_room gives q2 room for its one job)."""
+    if statement == "claim_jobs":
+        await sched.store.set_queue_limits("q2", global_concurrency=5, set_concurrency=True)
+
     async def notifications(queues: list[str]) -> list[str]:
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as ear:
             await ear.execute(f'LISTEN "{sched.store.channel}"')
             async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-                await claimer.execute(sched.store._q["claim_jobs_unlimited"], {
+                await claimer.execute(sched.store._q[statement], {
                     "worker_id": "w", "limit": 1, "lease_seconds": 30, "queues": queues,
                     "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
                     "channel": sched.store.channel})
