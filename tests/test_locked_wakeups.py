@@ -33,6 +33,7 @@ from psycopg.rows import dict_row
 
 from pgsched import InvalidInput, Scheduler, ops
 from pgsched.store import ERRORS_KEPT_FIRST, ERRORS_KEPT_LAST, channel_name
+from pgsched.web.feed import ChangeFeed
 from pgsched.worker.context import is_due_time
 from pgsched.worker.daemon import Worker
 
@@ -296,6 +297,47 @@ async def test_a_let_go_does_not_wake_a_worker_held_at_the_queue_s_cap(sched, pg
     finally:
         worker.stop()
         await asyncio.wait_for(runner, 30)
+
+
+class CountedFeed(ChangeFeed):
+    """The dashboard's change feed, counting its looks at the database."""
+    looks = 0
+
+    async def look(self, conn) -> None:
+        self.looks += 1
+        await super().look(conn)
+
+
+async def test_a_let_go_does_not_make_the_dashboard_look(sched, pg_dsn, schema):
+    """The dashboard's change feed (web/feed.py) looks at the database at every
+    notification on the channel (enqueues, resumes, cancels), else every `interval`: a
+    let-go, sent by nearly every claim of a backlog of several queues, made it look at
+    every claim (2 queries, and a second of changes read again each time) where it looked
+    every interval. The jobs a claim started are seen at the next interval, as any start."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+    feed = CountedFeed(store=sched.store, dsn=pg_dsn, interval=60)
+    feed.start()
+    try:
+        await wait_until(lambda: feed.looks >= 1, what="the feed's first look")
+        await asyncio.sleep(0.3)
+        before = feed.looks
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+            for _ in range(8):
+                cur = claimer.cursor(row_factory=dict_row)
+                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
+                await claimer.commit()
+        await asyncio.sleep(1.0)  # the notifications arrive
+        assert feed.looks - before == 0
+    finally:
+        await feed.stop()
 
 
 async def test_a_let_go_of_more_queues_than_a_payload_holds_wakes_every_worker(
