@@ -885,7 +885,9 @@ class Store:
             "worker_id": worker_id,
             "limit": 1 if suspects else limit,
             "lease_seconds": lease_seconds,
-            "queues": list(queues) if queues is not None else None,
+            # Each queue once: one listed twice was walked twice, and the second walk
+            # locked the same rows again (a transaction does not skip its own locks).
+            "queues": list(dict.fromkeys(queues)) if queues is not None else None,
             "capped_queues": list(capped[0]),
             "capped_free": list(capped[1]),
             "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
