@@ -885,7 +885,9 @@ class Store:
             "worker_id": worker_id,
             "limit": 1 if suspects else limit,
             "lease_seconds": lease_seconds,
-            "queues": list(queues) if queues is not None else None,
+            # Each queue once: one listed twice was walked twice, and the second walk
+            # locked the same rows again (a transaction does not skip its own locks).
+            "queues": list(dict.fromkeys(queues)) if queues is not None else None,
             "capped_queues": list(capped[0]),
             "capped_free": list(capped[1]),
             "limit_recheck_seconds": LIMIT_RECHECK_SECONDS,
@@ -1116,7 +1118,15 @@ class Store:
     # -- inspection and operations -------------------------------------------------------
 
     async def cancel_jobs(self, ids: Sequence[str]) -> set[str]:
+        held = await self._hold_withdrawn_windows(ids)
         rows = await self._rows("cancel_jobs", {"ids": list(ids)})
+        return held | {row["id"] for row in rows}
+
+    async def _hold_withdrawn_windows(self, ids: Sequence[str]) -> set[str]:
+        """Before a cancel by id: the named jobs of withdrawn windows become the
+        operator's (sql/queues.sql). First, since a planner taking one over in between
+        leaves it pending, for the cancel that follows."""
+        rows = await self._rows("hold_withdrawn_windows", {"ids": list(ids)})
         return {row["id"] for row in rows}
 
     async def job_statuses(self, ids: Sequence[str]) -> dict[str, str]:
@@ -1362,12 +1372,16 @@ class Store:
     ) -> dict[str, str]:
         """Cancel pending jobs and mark running ones for their worker to stop: the given
         ids, or every job of a task and/or queue (in batches). Returns {id: 'cancelled' or
-        'running'}; ids not returned were not found or had already finished."""
+        'running'}; ids not returned were not found or had already finished. A window's
+        job withdrawn before its window came, named by id, is the operator's from then
+        on (hold_withdrawn_windows): 'cancelled'."""
         params = {"ids": list(ids) if ids is not None else None, "task": task, "queue": queue,
                   "channel": self.channel}
         if ids is not None:
+            held = await self._hold_withdrawn_windows(ids)
             rows = await self._cancel_batch({**params, "limit": max(1, len(ids))})
-            return {row["id"]: row["status"] for row in rows}
+            return {**dict.fromkeys(held, "cancelled"),
+                    **{row["id"]: row["status"] for row in rows}}
         result: dict[str, str] = {}
         while rows := await self._cancel_batch({**params, "limit": batch_size}):
             result.update((row["id"], row["status"]) for row in rows)

@@ -27,11 +27,15 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import wait_until, write_config
+import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
+from conftest import fast_options, wait_until, write_config
 from psycopg.rows import dict_row
 
 from pgsched import InvalidInput, Scheduler, ops
 from pgsched.store import ERRORS_KEPT_FIRST, ERRORS_KEPT_LAST, channel_name
+from pgsched.web.feed import ChangeFeed
+from pgsched.worker.context import is_due_time
+from pgsched.worker.daemon import Worker
 
 POLL_SECONDS = 60  # the safety poll: no test here may pass by waiting for it
 DEADLINE = 20.0  # well under POLL_SECONDS
@@ -195,16 +199,18 @@ async def test_a_snooze_of_a_lost_attempt_leaves_the_job_unlocked(sched, pg_dsn,
         assert claimable(pg_dsn, schema, job), "the fenced-out snooze holds the job locked"
 
 
+@pytest.mark.parametrize("served", [["q1", "q2"], ["q2"], None])
 async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
-        sched, pg_dsn, schema, tmp_path, workers):
+        sched, pg_dsn, schema, tmp_path, workers, served):
     """A claim from several queues locks up to its limit in each and lets the surplus go
     at its commit: it must wake the workers then (let_go), or a worker that skipped a
-    let-go row meanwhile sleeps with it due."""
+    let-go row meanwhile sleeps with it due. A worker of both queues, of the one let go
+    (q2) and of every queue (the flat walk skips it all the same)."""
     await start_idle_worker(sched, pg_dsn, schema, tmp_path, workers, concurrency=1,
-                            queues=["q1", "q2"])
+                            **({} if served is None else {"queues": served}))
     # Busy until the other claim is open (the file busy-1): a fixed sleep (3 s) could end
     # first on a loaded machine, the worker idle before the race is set up.
-    busy = await sched.schedule("hold_attempt", args=(str(tmp_path / "busy-"),), queue="q1")
+    busy = await sched.schedule("hold_attempt", args=(str(tmp_path / "busy-"),), queue="q2")
     await wait_until(lambda: status_is(sched, busy, "running"), timeout=DEADLINE,
                      what="the worker to be busy")
     first = await sched.schedule("noop", queue="q1", job_id="j1")
@@ -230,15 +236,20 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
                      what="the job another claim let go to run")
 
 
-async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn):
+@pytest.mark.parametrize("statement", ["claim_jobs_unlimited", "claim_jobs"])
+async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn, statement):
     """The wake-up of a claim that locked more than it took (let_go) must not come from
     every claim, or each claim of an idle fleet wakes every worker again (the herd): a
-    claim of one job from two queues notifies only when both have one due."""
+    claim of one job from two queues notifies only when both have one due. The same with
+    a global limit on q2 (claim_jobs: claim_room gives q2 room for its one job)."""
+    if statement == "claim_jobs":
+        await sched.store.set_queue_limits("q2", global_concurrency=5, set_concurrency=True)
+
     async def notifications(queues: list[str]) -> list[str]:
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as ear:
             await ear.execute(f'LISTEN "{sched.store.channel}"')
             async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-                await claimer.execute(sched.store._q["claim_jobs_unlimited"], {
+                await claimer.execute(sched.store._q[statement], {
                     "worker_id": "w", "limit": 1, "lease_seconds": 30, "queues": queues,
                     "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
                     "channel": sched.store.channel})
@@ -252,7 +263,145 @@ async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn):
     await sched.schedule("noop", queue="q1")
     assert await notifications(["q1", "q2"]) == []  # one queue: its walk stops at one
     await sched.schedule("noop", queue="q2")
-    assert len(await notifications(["q1", "q2"])) == 1  # two locked, one taken
+    # two locked, one taken: q1's, scheduled first; the wake-up names the queue let go
+    assert await notifications(["q1", "q2"]) == ["let_go:q2"]
+
+
+async def test_a_let_go_does_not_wake_a_worker_held_at_the_queue_s_cap(sched, pg_dsn, schema):
+    """A worker of the queue let go that runs as many of its jobs as its per-queue cap
+    allows ([queues.q2] concurrency) would claim nothing of it either: woken, it claimed
+    empty at every let-go of a backlog others drain. The job that ends frees the claim
+    (a freed slot wakes a worker held at a cap)."""
+    worker = Worker(sched.store, pg_dsn, fast_options(
+        queues=("q2",), queue_concurrency={"q2": 1}, poll_seconds=60,
+        shutdown_grace_seconds=0.1))
+    runner = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.ready.is_set() and worker.listening,
+                         what="the worker ready")
+        busy = await sched.schedule("sleep", args=(30.0,), queue="q2")
+        await wait_until(lambda: status_is(sched, busy, "running"), timeout=DEADLINE,
+                         what="the worker's q2 slot busy")
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
+            conn.execute(
+                f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+                "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+                "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+        await asyncio.sleep(0.5)
+        before = worker.stats.claims
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+            for _ in range(8):
+                cur = claimer.cursor(row_factory=dict_row)
+                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
+                await claimer.commit()
+        await asyncio.sleep(1.0)  # the notifications arrive
+        assert worker.stats.claims - before == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(runner, 30)
+
+
+class CountedFeed(ChangeFeed):
+    """The dashboard's change feed, counting its looks at the database."""
+    looks = 0
+
+    async def look(self, conn) -> None:
+        self.looks += 1
+        await super().look(conn)
+
+
+async def test_a_let_go_does_not_make_the_dashboard_look(sched, pg_dsn, schema):
+    """The dashboard's change feed (web/feed.py) looks at the database at every
+    notification on the channel (enqueues, resumes, cancels), else every `interval`: a
+    let-go, sent by nearly every claim of a backlog of several queues, made it look at
+    every claim (2 queries, and a second of changes read again each time) where it looked
+    every interval. The jobs a claim started are seen at the next interval, as any start."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+    feed = CountedFeed(store=sched.store, dsn=pg_dsn, interval=60)
+    feed.start()
+    try:
+        await wait_until(lambda: feed.looks >= 1, what="the feed's first look")
+        await asyncio.sleep(0.3)
+        before = feed.looks
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+            for _ in range(8):
+                cur = claimer.cursor(row_factory=dict_row)
+                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
+                await claimer.commit()
+        await asyncio.sleep(1.0)  # the notifications arrive
+        assert feed.looks - before == 0
+    finally:
+        await feed.stop()
+
+
+async def test_a_let_go_of_more_queues_than_a_payload_holds_wakes_every_worker(
+        sched, pg_dsn, schema):
+    """The queues a claim let go are named in the NOTIFY payload, which holds 8,000 bytes:
+    a claim that let the rows of 89 queues of long names go (9,000 bytes of names) must not
+    fail ('payload string too long' would fail every claim of that worker), and wakes every
+    worker with a due time instead."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+            "SELECT 'j' || g, 'noop', lpad(g::text, 100, 'q'), now() - interval '1 minute' "
+            "FROM generate_series(1, 90) g")
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as ear:
+        await ear.execute(f'LISTEN "{sched.store.channel}"')
+        claimed, _, _ = await sched.store.claim_jobs(
+            worker_id="w", limit=1, lease_seconds=30, queues=None, capped=(["q"], [1]))
+        assert len(claimed) == 1
+        heard = [n.payload async for n in ear.notifies(timeout=0.5)]
+    assert len(heard) == 1 and is_due_time(heard[0]), heard
+
+
+async def test_a_let_go_wakes_only_the_workers_of_the_queues_it_let_go(sched, pg_dsn, schema):
+    """A backlog of two queues drained by a worker of both, one job a claim (a slot freed
+    at a time), lets a row go at every claim: the wake-up must reach only the workers that
+    could claim it. Sent to all, a worker of another queue claimed on each, finding
+    nothing (measured with real worker processes: each idle worker of q3 ran about 630
+    empty claims while one of q1 and q2 with two slots drained 3,000 jobs; 3 before the
+    let-go wake-up). A worker of every queue, or of the queue let go, is still woken."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+    claims = 8
+    others = [Worker(sched.store, pg_dsn, fast_options(queues=queues, poll_seconds=60))
+              for queues in (("q3",), ("q3", "q4"))]
+    runners = [asyncio.create_task(w.run()) for w in others]
+    try:
+        await wait_until(lambda: all(w.ready.is_set() and w.listening for w in others),
+                         what="the workers of q3 ready")
+        before = [w.stats.claims for w in others]
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+            for _ in range(claims):
+                cur = claimer.cursor(row_factory=dict_row)
+                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+                assert (await cur.fetchone())["let_go"] is not None  # one of each locked
+                await claimer.commit()
+        await asyncio.sleep(1.0)  # the notifications arrive
+        woken = [w.stats.claims - b for w, b in zip(others, before, strict=True)]
+        assert woken == [0, 0], f"workers of q3 claimed {woken} times on {claims} let-gos"
+    finally:
+        for w in others:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*runners), 30)
 
 
 async def test_a_job_a_rolled_back_transactional_replace_held_runs_at_the_next_poll(

@@ -139,6 +139,22 @@ async def explain_claim(sched: Scheduler, **params: Any) -> int:
     return rows_read_from_jobs(plan)
 
 
+async def test_a_queue_listed_twice_is_claimed_from_once(sched):
+    """WorkerOptions(queues=...) is public and not deduplicated: a queue named twice was
+    walked twice, the second walk locking the same rows again (a transaction never skips
+    its own locks), so a claim of 2 took the same job twice and came back with one, short,
+    with jobs due (the worker then sleeps until a wake-up; its own let-go woke it at
+    every claim: one job a claim)."""
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(
+            f'INSERT INTO "{sched.schema}".jobs (id, task, queue, execution_time) '
+            "SELECT 'j' || g, 'noop', 'q1', now() - interval '1 minute' "
+            "FROM generate_series(1, 5) g")
+    claimed, _, _ = await sched.store.claim_jobs(worker_id="w", limit=2, lease_seconds=30,
+                                                 queues=["q1", "q1"])
+    assert sorted(c["id"] for c in claimed) == ["j1", "j2"]
+
+
 async def test_claim_reads_neither_paused_backlogs_nor_other_workers_queues(sched):
     """Structural, not timed: a filter-based claim would read thousands of rows here."""
     async with sched.store.pool.connection() as conn:

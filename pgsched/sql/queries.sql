@@ -34,12 +34,12 @@
 -- lets the surplus go at commit, milliseconds later. This costs about 20 us per queue
 -- with pending jobs. Concurrent claimers skip those rows (SKIP LOCKED) and never wait,
 -- so one may come back short and go to sleep with them due: a claim that lets rows go
--- therefore wakes the workers (let_go, a NOTIFY sent at its commit, after the locks are
--- gone). Locking only what is taken would need the merge of the walks to lock as it
--- goes: a Merge Append of locking walks still locks the head of each (queue, priority)
--- walk before it compares them, and locking after the merge (candidates read unlocked,
--- then locked in order) makes concurrent claimers pick the same candidates, so all but
--- one come back short of a backlog.
+-- therefore wakes the workers of their queues (let_go, a NOTIFY sent at its commit,
+-- after the locks are gone). Locking only what is taken would need the merge of the
+-- walks to lock as it goes: a Merge Append of locking walks still locks the head of each
+-- (queue, priority) walk before it compares them, and locking after the merge
+-- (candidates read unlocked, then locked in order) makes concurrent claimers pick the
+-- same candidates, so all but one come back short of a backlog.
 --
 -- The flat walk (claim_jobs_flat), for a worker that serves every queue with no per-queue
 -- caps (the store sends it only then, however many queues have pending jobs), serving
@@ -191,7 +191,7 @@ next_due AS (
     ) f
 ),
 locked AS (
-    SELECT c.*
+    SELECT s.queue, c.*
     FROM served s
     CROSS JOIN LATERAL (
         SELECT w.* FROM served_priorities p
@@ -387,10 +387,20 @@ SELECT least(n.at, '9999-12-30Z') AS next_due, now() AS db_now, NULL::integer AS
        -- worker of every queue it holds the queues with ordinary jobs pending, which a
        -- queue with only suspects pending is not.
 -- for: claim_jobs, claim_jobs_unlimited
-       -- Rows locked and not taken (a claim from several queues): the workers are woken
-       -- at commit, when the rows are free again. NULL when none were (no NOTIFY).
-       (SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text)::text
-        WHERE (SELECT count(*) FROM locked) > %(limit)s) AS let_go,
+       -- Rows locked and not taken (a claim from several queues): the workers of their
+       -- queues are woken at commit, when the rows are free again: 'let_go:' and the
+       -- queues, space-separated (a queue name has no space), which a worker of other
+       -- queues ignores (listener.py). Sent to every worker, a backlog of two queues
+       -- drained a slot at a time, which lets a row go at every claim, made each idle
+       -- worker of a third queue claim, empty, at every claim (tests/test_locked_wakeups.py).
+       -- A list too long for a payload (8,000 bytes) wakes every worker with a due time
+       -- instead. NULL when no row was let go (no NOTIFY).
+       (SELECT pg_notify(%(channel)s, CASE WHEN octet_length(g.queues) <= 7900
+                                           THEN 'let_go:' || g.queues
+                                           ELSE extract(epoch FROM now())::text END)::text
+        FROM (SELECT string_agg(DISTINCT l.queue, ' ' ORDER BY l.queue) AS queues
+              FROM locked l WHERE l.id NOT IN (SELECT id FROM walked)) g
+        WHERE g.queues IS NOT NULL) AS let_go,
        EXISTS (SELECT 1 FROM {schema}.jobs s
                WHERE s.status = 'pending' AND s.suspect AND s.execution_time <= now()
                  AND (%(queues)s::text[] IS NULL OR s.queue = ANY(%(queues)s::text[]))

@@ -54,6 +54,21 @@ wake AS (
 )
 SELECT changed.id, changed.status FROM changed CROSS JOIN wake;
 
+-- name: hold_withdrawn_windows
+-- An operator's cancel of given ids (request_cancel by id, run just before it) that names
+-- the job of a window planned ahead and then withdrawn: cancelled by a schedule change
+-- (migrations 0016, 0021) or by a run that came first (withdrawn_overlap_window), and
+-- waiting to be taken over by the planner (advance_schedules' `revived`) if the window
+-- comes. The cancel makes it the operator's: its last_error is no longer the
+-- withdrawal's, so it is not taken over, and the window makes no job (the id is taken).
+-- A planner that takes it over first leaves it pending, which the cancel that follows
+-- cancels. Bulk cancels (by task or queue) leave such jobs alone: they are not pending.
+UPDATE {schema}.jobs SET last_error = 'cancelled: by an operator after its window was withdrawn'
+WHERE id = ANY(%(ids)s) AND status = 'cancelled' AND attempts = 0 AND errors = '[]'
+  AND last_error IN ('cancelled: its schedule changed before the window came',
+                     'cancelled: withdrawn for a run that came first (overlap is off)')
+RETURNING id;
+
 -- name: finish_cancelled_jobs
 -- Record running jobs this worker stopped because a cancel was requested. Fenced like
 -- complete_jobs (and on the request itself); returns the ids actually recorded.

@@ -297,7 +297,7 @@ FROM {schema}.schedules WHERE enabled AND NOT paused
 -- run: next_fire_at is its fire time, and last_* describe the latest window before it, or
 -- a triggered run made since it was planned (last_job_id then names that run, and the
 -- window stays the next one). The same holds once a triggered run sent the window back
--- to be decided at its fire time (trigger_schedule).
+-- to be decided at its fire time (trigger_schedule), its job deleted or cancelled.
 SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priority,
        s.max_retries, s.timeout_seconds, s.queue, s.catch_up, s.enabled, s.paused, s.origin,
        s.overlap, s.created_at, s.updated_at,
@@ -310,15 +310,19 @@ SELECT s.id, s.task, s.cron, s.tz, s.every, s.anchor, s.args, s.kwargs, s.priori
                  AND j.last_error LIKE 'skipped: %%' THEN 'skipped'
             ELSE j.status::text END AS last_status
 FROM {schema}.schedules s
--- the job of the latest window: pending, or withdrawn (gone) by a triggered run, while
--- that window is still to come, it is ahead (a window skipped or cancelled has been decided)
+-- the job of the latest window: pending, or withdrawn by a triggered run (gone, or
+-- cancelled as awaited: withdrawn_overlap_window; the planner decides it at its fire
+-- time), while that window is still to come, it is ahead (a window skipped or cancelled
+-- otherwise has been decided)
 LEFT JOIN LATERAL (
-    SELECT w.status FROM {schema}.jobs w  -- jobs_schedule_window_idx (0002)
+    SELECT w.status, w.last_error FROM {schema}.jobs w  -- jobs_schedule_window_idx (0002)
     WHERE w.schedule_id = s.id AND w.fire_time = s.last_fire_at
 ) latest ON true
 CROSS JOIN LATERAL (
-    SELECT coalesce(s.last_fire_at > now() AND (latest.status IS NULL
-                                                OR latest.status = 'pending'), false) AS ahead
+    SELECT coalesce(s.last_fire_at > now() AND (
+        latest.status IS NULL OR latest.status = 'pending'
+        OR latest.status = 'cancelled' AND latest.last_error
+            = 'cancelled: withdrawn for a run that came first (overlap is off)'), false) AS ahead
 ) a
 LEFT JOIN {schema}.jobs last ON last.id = s.last_job_id
 LEFT JOIN LATERAL (
@@ -402,21 +406,40 @@ SELECT runs.id FROM runs LEFT JOIN wake ON true LEFT JOIN replan ON true;
 -- fire time the planner takes it over (`revived`) and decides the window then, as for
 -- any other. A job a worker claimed or an operator retried is a run, not a plan
 -- (attempts, errors; 0021 says why now() alone does not tell).
+-- Locks: the schedules first (id order), then their windows' jobs, the order of a
+-- schedule change (0021's trigger runs under the schedule's row lock) and of the planner
+-- (lock_due_schedules, then advance_schedules); the jobs first deadlocked with a change
+-- made meanwhile (a pause between pause_schedule's lock and its update). Only a schedule
+-- with a window planned ahead is locked, whichever way the plan reads these CTEs: a
+-- retry holding a withdrawn window's job (picked, by a bulk `pgsched retry`) and then
+-- waiting for the schedule would deadlock with the planner taking that job over under
+-- the schedule's lock. The window's job is read locked (FOR UPDATE returns its latest
+-- version), so a wait that marked it while this statement waited for it is seen: read
+-- from the statement's snapshot, the DELETE found it awaited as locked and the UPDATE
+-- not awaited as read, and it stayed planned beside the run.
+withdrawing AS (
+    SELECT s.id FROM {schema}.schedules s
+    WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
+      AND EXISTS (SELECT FROM {schema}.jobs p  -- jobs_schedule_window_idx (0002)
+                  WHERE p.schedule_id = s.id AND p.fire_time > now()
+                    AND p.status = 'pending')
+    ORDER BY s.id
+    FOR NO KEY UPDATE
+),
 withdrawable AS (
     SELECT w.id, w.awaited
-    FROM {schema}.jobs w JOIN {schema}.schedules s ON w.schedule_id = s.id
-    WHERE s.id IN (SELECT schedule_id FROM runs) AND NOT s.overlap
-      AND w.fire_time > now() AND w.status = 'pending'
+    FROM {schema}.jobs w JOIN withdrawing s ON w.schedule_id = s.id
+    WHERE w.fire_time > now() AND w.status = 'pending'
       AND w.attempts = 0 AND w.errors = '[]'
       AND NOT (w.has_dependents AND EXISTS (
           SELECT 1 FROM {schema}.job_dependencies e
           JOIN {schema}.jobs d ON d.id = e.job_id AND d.due_after_dependencies IS NOT NULL
           WHERE e.dependency_id = w.id))
+    FOR UPDATE OF w
 ),
 withdrawn_deleted AS (
     DELETE FROM {schema}.jobs w USING withdrawable c
     WHERE w.id = c.id AND NOT c.awaited
-      -- as locked: a waiter that marked it meanwhile keeps it planned
       AND w.status = 'pending' AND w.attempts = 0 AND w.errors = '[]' AND NOT w.awaited
     RETURNING w.schedule_id, w.fire_time
 ),

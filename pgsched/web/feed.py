@@ -5,7 +5,8 @@ Why a feed the service reads itself: the worker does not NOTIFY when a job finis
 its per-job path must not get slower for the sake of a dashboard. So one task holds one
 connection that both LISTENs on the schema's channel (enqueues, schedule changes, queue
 resumes and cancels are already notified) and, every `interval` seconds or at once after
-a notification, runs one indexed query (web_job_changes in sql/web.sql) for the jobs
+a notification (but a claim's let-go, sent by nearly every claim of a backlog of several
+queues), runs one indexed query (web_job_changes in sql/web.sql) for the jobs
 created, started or finished since the last look, plus a tiny one for paused queues,
 workers and schedules. Whatever changed becomes an event: `job` (a job summary), `queues`,
 `workers`, `schedules`, or `resync` (the client should reload: events were lost).
@@ -190,8 +191,12 @@ class ChangeFeed:
         while True:
             await self.look(conn)
             # Wait for a notification (something was enqueued or changed) or the interval.
-            async for _ in conn.notifies(timeout=self.interval, stop_after=1):
-                pass
+            # Not a claim's let-go ('let_go:<queues>', sql/queries.sql): nearly every claim
+            # of a backlog of several queues sends one, and the jobs a claim starts are
+            # seen at the next interval, as any start.
+            async for notify in conn.notifies(timeout=self.interval):
+                if not notify.payload.startswith("let_go:"):
+                    break
 
     async def look(self, conn: Any) -> None:
         """One look at the database: publish every change since the previous one."""

@@ -6,7 +6,10 @@ Invariants:
 - Payloads are untrusted (any role that can connect may NOTIFY): only pgsched's own
   forms are accepted: 'schedules' wakes the planner, 'cancel:<worker id>' this worker's
   heartbeater, and a due time (plain decimal seconds since the epoch) the fetcher, through
-  context.note_due and its token bucket (NOTIFY_WAKE_BURST). Anything else is counted
+  context.note_due and its token bucket (NOTIFY_WAKE_BURST); 'let_go:<queue> <queue>...'
+  (a claim let those queues' due rows go, sql/queries.sql) does the same as a due time of
+  now, but only in a worker that serves one of those queues and is not held at its
+  per-queue cap: any other would claim nothing. Anything else is counted
   (`stats.notify_ignored`) and ignored.
 - After a (re)connect it wakes the fetcher, the planner and the heartbeater, since
   notifications sent meanwhile are lost. `listening` (read by /healthz) is True only
@@ -21,6 +24,8 @@ It returns once the worker is closing.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import psycopg
 
 from ..logs import get_logger
@@ -30,6 +35,7 @@ from .context import DB_ERRORS, WorkerContext, backoff_sleep, is_due_time
 log = get_logger("pgsched.worker")
 
 SCHEDULES_CHANGED = "schedules"  # NOTIFY payload of sql/recurring.sql; others are epochs
+LET_GO = "let_go"  # 'let_go:<queue> <queue>...' of a claim (sql/queries.sql)
 
 
 class Listener:
@@ -64,8 +70,9 @@ class Listener:
                     await conn.close()
 
     def on_notify(self, payload: str) -> None:
-        """'cancel:<worker id>': a job of that worker is to be cancelled; 'schedules'; else
-        a due time. Anything else is ignored: any role that can connect may NOTIFY."""
+        """'cancel:<worker id>': a job of that worker is to be cancelled; 'schedules';
+        'let_go:<queues>': due rows of those queues were let go; else a due time. Anything
+        else is ignored: any role that can connect may NOTIFY."""
         if payload == SCHEDULES_CHANGED:
             self.ctx.plan_now.set()
             return
@@ -74,8 +81,24 @@ class Listener:
             if target == self.ctx.id:
                 self.ctx.beat_now.set()
             return
+        if kind == LET_GO:
+            if self._could_claim(target.split(" ")):
+                self.ctx.note_due(0.0)  # due already: a claim now, within the budget
+            return
         if is_due_time(payload):
             self.ctx.note_due(float(payload))
             return
         self.ctx.stats.notify_ignored += 1
         log.debug("notify_ignored", payload=payload[:80])
+
+    def _could_claim(self, queues: list[str]) -> bool:
+        """Whether a claim here could take a job of one of `queues`: one it serves whose
+        per-queue cap ([queues.NAME] concurrency) its running jobs leave room in. A worker
+        held at a queue's cap claims again when one of those jobs ends (a freed slot)."""
+        served = self.ctx.options.queues
+        limits = dict(self.ctx.options.queue_concurrency)
+        running = Counter(h.queue for h in self.ctx.held.values()
+                          if not h.finished and h.queue in limits)
+        return any((not served or q in served) and running[q] < limits.get(q, running[q] + 1)
+                   for q in queues)
+

@@ -9,9 +9,12 @@ Without listen_dsn the worker says it will poll, and polls its jobs through.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import psycopg
 from conftest import run_cli, wait_until
+from psycopg.rows import dict_row
 
 from .kit import audit_env, fault_config, job_if
 
@@ -19,8 +22,8 @@ NEVER_POLL = 600  # seconds: longer than every deadline, so only a NOTIFY wakes 
 
 
 def pooled_config(tmp_path, bouncer, schema: str, *, listen_dsn: str | None,
-                  poll_seconds: float):
-    path = fault_config(tmp_path, bouncer.dsn(), schema, poll_seconds=poll_seconds)
+                  poll_seconds: float, **worker):
+    path = fault_config(tmp_path, bouncer.dsn(), schema, poll_seconds=poll_seconds, **worker)
     extra = 'prepare_threshold = "none"\n'
     if listen_dsn is not None:
         extra += f'listen_dsn = "{listen_dsn}"\n'
@@ -68,6 +71,39 @@ async def test_a_worker_without_listen_dsn_warns_and_polls(cluster, cluster_sche
     await wait_until(lambda: _registered(cluster_sched), what="worker registered")
     await added_and_completed(cluster_sched, config, "polled")
     assert "listen_through_pooler" in worker.log_path.read_text()
+
+
+async def test_a_claim_through_pgbouncer_that_lets_a_job_go_wakes_a_listening_worker(
+        cluster, cluster_sched, schema, pgbouncer, workers, tmp_path):
+    """A claim from several queues that locked more than it took wakes the workers of the
+    queue it let go (let_go, a NOTIFY inside the claim's transaction): through PgBouncer in
+    transaction mode it is sent at that transaction's commit all the same, and heard on
+    the worker's listen_dsn. The worker's poll is longer than the deadline."""
+    config = pooled_config(tmp_path, pgbouncer, schema, listen_dsn=cluster.app_dsn(),
+                           poll_seconds=NEVER_POLL, concurrency=1, queues=["q1", "q2"])
+    workers(config, "--no-migrate", env=audit_env(cluster.app_dsn(), schema))
+    await wait_until(lambda: _registered(cluster_sched), what="worker registered")
+    sched = cluster_sched
+    busy = await sched.schedule("sleep", args=(3.0,), queue="q2")
+    await wait_until(lambda: job_if(sched, busy, "running"), timeout=30, what="busy")
+    first = await sched.schedule("noop", queue="q1", job_id="j1")
+    second = await sched.schedule("noop", queue="q2", job_id="j2")
+    async with await psycopg.AsyncConnection.connect(pgbouncer.dsn(),
+                                                     prepare_threshold=None) as other:
+        cur = other.cursor(row_factory=dict_row)
+        await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+            "worker_id": "other", "limit": 1, "lease_seconds": 30, "queues": ["q1", "q2"],
+            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
+            "channel": sched.store.channel})
+        assert [r["id"] for r in await cur.fetchall()] == [first]
+        assert await job_if(sched, busy, "running"), "the worker was idle: no race made"
+        # The busy job ends; the worker claims with its slot free and skips j2.
+        await wait_until(lambda: job_if(sched, busy, "completed"), timeout=30,
+                         what="the busy job to end")
+        await asyncio.sleep(1.0)
+        await other.commit()
+    await wait_until(lambda: job_if(sched, second, "completed"), timeout=20,
+                     what="the job a claim through PgBouncer let go to run")
 
 
 async def _registered(sched) -> bool:
