@@ -52,11 +52,14 @@ async def test_a_wait_marking_the_window_while_a_run_is_triggered_does_not_keep_
     # window stayed planned, next_fire_at after it, and ran at T beside the triggered run.
     await add(sched, "solo", every="10m", overlap=False)
     planned = await plan_ahead(sched, db, "solo")
-    async with await held(pg_dsn, schema) as waiter:
+    # The trigger through a client with the default lock_timeout: the fixture's (0.5 s, a
+    # worker's) could pass while the test sleeps and commits on a loaded machine.
+    async with await held(pg_dsn, schema) as waiter, \
+            Scheduler(pg_dsn, schema=schema) as patient:
         async with waiter.transaction():
             await waiter.execute("UPDATE jobs SET awaited = true WHERE id = %s",
                                  (planned["id"],))  # what mark_awaited writes
-            trigger = asyncio.create_task(recurring.trigger_schedule(sched.store, "solo"))
+            trigger = asyncio.create_task(recurring.trigger_schedule(patient.store, "solo"))
             await asyncio.sleep(0.3)
             assert not trigger.done()
         run = await trigger
@@ -280,13 +283,14 @@ async def test_a_claim_of_the_window_while_a_run_is_triggered_keeps_the_claimed_
     await add(sched, "solo", every="10m", overlap=False)
     planned = await plan_ahead(sched, db, "solo")
     db("UPDATE jobs SET awaited = true, execution_time = now() WHERE id = %s", planned["id"])
-    async with await held(pg_dsn, schema) as claimer:
+    async with await held(pg_dsn, schema) as claimer, \
+            Scheduler(pg_dsn, schema=schema) as patient:  # the default lock_timeout
         async with claimer.transaction():
             await claimer.execute(  # what claim_jobs writes for the row it locked
                 "UPDATE jobs SET status = 'running', worker_id = 'w', attempts = 1, "
                 "started_at = now(), lease_until = now() + interval '1 minute' "
                 "WHERE id = %s AND status = 'pending'", (planned["id"],))
-            trigger = asyncio.create_task(recurring.trigger_schedule(sched.store, "solo"))
+            trigger = asyncio.create_task(recurring.trigger_schedule(patient.store, "solo"))
             await asyncio.sleep(0.3)
         run = await trigger
     (job,) = window_jobs(db, "solo")
