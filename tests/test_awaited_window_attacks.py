@@ -22,7 +22,7 @@ from test_plan_ahead import AHEAD, T, plan_ahead
 from test_plan_ahead_review import await_window, held, waiting
 from test_recurring import add, planner, window_jobs
 
-from pgsched import ops, recurring
+from pgsched import Scheduler, ops, recurring
 from pgsched.scheduler import WaitTimedOut
 
 
@@ -153,11 +153,14 @@ async def test_planners_racing_for_a_window_to_take_over_make_one_job(sched, db,
     await_window(db, planned["id"])
     await withdrawn_and_back(sched, db, "s")
     db("UPDATE schedules SET args = '[2]'")
-    async with await held(pg_dsn, schema) as holder:
+    # The planners through a client with the default lock_timeout: the fixture's (0.5 s,
+    # a worker's) could pass while the test sleeps and commits on a loaded machine.
+    async with await held(pg_dsn, schema) as holder, \
+            Scheduler(pg_dsn, schema=schema) as patient:
         async with holder.transaction():
             await holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE",
                                  (planned["id"],))
-            passes = [asyncio.create_task(planner(sched).run_once(now=AHEAD))
+            passes = [asyncio.create_task(planner(patient).run_once(now=AHEAD))
                       for _ in range(3)]
             await asyncio.sleep(0.3)
         await asyncio.gather(*passes)
