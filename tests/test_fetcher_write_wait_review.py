@@ -320,12 +320,15 @@ async def test_a_large_result_that_never_fits_fails_while_later_outcomes_are_rec
         worker, runner = await start(sched, concurrency=2, lease_seconds=1.0,
                                      heartbeat_seconds=0.2)
         try:
+            await _mark_status_changes(conn, sched.schema)
             job_id = await sched.schedule("ordinary_result", args=(1536,))
             await wait_until(lambda: _slow_writes(conn, sched.schema), what="a write cut")
             for i in range(3):
                 await sched.schedule("noop", job_id=f"after{i}")
                 await wait_until(lambda i=i: _is(sched, f"after{i}", "completed"),
-                                 timeout=5, what="a later outcome recorded")
+                                 timeout=30, what="a later outcome recorded")
+                # behind one cut write at most (counted in the database, not by the clock)
+                assert await _slow_writes_while_held(conn, sched.schema, f"after{i}") <= 1
             await wait_until(lambda: _ended(sched, job_id), timeout=30, what="the job ended")
             job = await sched.get_job(job_id)
             assert job["status"] == "failed"
@@ -340,6 +343,32 @@ async def _ended_once(sched: Scheduler, job_id: str, status: str) -> bool:
     with the attempt's one `errors` entry, since a retried job is pending from the start)."""
     job = await sched.get_job(job_id)
     return job["status"] == status and (status == "completed" or len(job["errors"]) == 1)
+
+
+async def _mark_status_changes(conn: psycopg.AsyncConnection, schema: str) -> None:
+    """A trigger that notes, at each status change of a job row, how many slow writes
+    (_slow_completion_writes's sequence, which no rollback undoes) had begun by then."""
+    await conn.execute(f'CREATE TABLE "{schema}".marks (id text, status text, slow bigint)')
+    await conn.execute(f"""
+        CREATE FUNCTION "{schema}".mark() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.status IS DISTINCT FROM OLD.status THEN
+                INSERT INTO "{schema}".marks
+                SELECT NEW.id, NEW.status, last_value FROM "{schema}".slow_writes;
+            END IF;
+            RETURN NEW;
+        END $$""")
+    await conn.execute(f'CREATE TRIGGER mark BEFORE UPDATE ON "{schema}".jobs FOR EACH ROW '
+                       f'EXECUTE FUNCTION "{schema}".mark()')
+
+
+async def _slow_writes_while_held(conn: psycopg.AsyncConnection, schema: str,
+                                  job_id: str) -> int:
+    """The slow writes begun between the job's claim and its completion write."""
+    cur = await conn.execute(f"""SELECT max(slow) FILTER (WHERE status = 'completed')
+        - max(slow) FILTER (WHERE status = 'running') FROM "{schema}".marks WHERE id = %s""",
+        [job_id])
+    return (await cur.fetchone())[0]
 
 
 async def _slow_writes(conn: psycopg.AsyncConnection, schema: str) -> int:

@@ -15,8 +15,10 @@ import worker_tasks  # noqa: F401  (registers the tasks the in-process worker ru
 from conftest import wait_until
 from test_fetcher_write_wait_review import (
     _is,
+    _mark_status_changes,
     _slow_completion_writes,
     _slow_writes,
+    _slow_writes_while_held,
     start,
     until_released,  # noqa: F401  (registers the task)
 )
@@ -157,32 +159,6 @@ def _large_results_never_written(
     return _slow_completion_writes(
         sched, pg_dsn, "NEW.status = 'completed' AND octet_length(NEW.result::text) "
         ">= 1048576", slow_writes=10**9)
-
-
-async def _mark_status_changes(conn: psycopg.AsyncConnection, schema: str) -> None:
-    """A trigger that notes, at each status change of a job row, how many slow writes
-    (_slow_completion_writes's sequence, which no rollback undoes) had begun by then."""
-    await conn.execute(f'CREATE TABLE "{schema}".marks (id text, status text, slow bigint)')
-    await conn.execute(f"""
-        CREATE FUNCTION "{schema}".mark() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.status IS DISTINCT FROM OLD.status THEN
-                INSERT INTO "{schema}".marks
-                SELECT NEW.id, NEW.status, last_value FROM "{schema}".slow_writes;
-            END IF;
-            RETURN NEW;
-        END $$""")
-    await conn.execute(f'CREATE TRIGGER mark BEFORE UPDATE ON "{schema}".jobs FOR EACH ROW '
-                       f'EXECUTE FUNCTION "{schema}".mark()')
-
-
-async def _slow_writes_while_held(conn: psycopg.AsyncConnection, schema: str,
-                                  job_id: str) -> int:
-    """The slow writes begun between the job's claim and its completion write."""
-    cur = await conn.execute(f"""SELECT max(slow) FILTER (WHERE status = 'completed')
-        - max(slow) FILTER (WHERE status = 'running') FROM "{schema}".marks WHERE id = %s""",
-        [job_id])
-    return (await cur.fetchone())[0]
 
 
 async def _slow_writes_at_least(conn: psycopg.AsyncConnection, schema: str, n: int) -> bool:
