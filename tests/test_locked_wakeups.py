@@ -267,6 +267,29 @@ async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn, s
     assert await notifications(["q1", "q2"]) == ["let_go:q2"]
 
 
+def due_in_q1_and_q2(pg_dsn: str, schema: str) -> None:
+    """Ten due jobs in each of q1 and q2, added by SQL (no NOTIFY of their own)."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
+            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
+            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+
+
+async def let_go(sched, pg_dsn: str, claims: int) -> None:
+    """Claims of one job from q1 and q2, each committed, each locking one of each and
+    letting one go (due_in_q1_and_q2)."""
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
+        for _ in range(claims):
+            cur = claimer.cursor(row_factory=dict_row)
+            await cur.execute(sched.store._q["claim_jobs_unlimited"], {
+                "worker_id": "w", "limit": 1, "lease_seconds": 30,
+                "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
+                "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+            assert (await cur.fetchone())["let_go"] is not None
+            await claimer.commit()
+
+
 async def test_a_let_go_does_not_wake_a_worker_held_at_the_queue_s_cap(sched, pg_dsn, schema):
     """A worker of the queue let go that runs as many of its jobs as its per-queue cap
     allows ([queues.q2] concurrency) would claim nothing of it either: woken, it claimed
@@ -282,22 +305,10 @@ async def test_a_let_go_does_not_wake_a_worker_held_at_the_queue_s_cap(sched, pg
         busy = await sched.schedule("sleep", args=(30.0,), queue="q2")
         await wait_until(lambda: status_is(sched, busy, "running"), timeout=DEADLINE,
                          what="the worker's q2 slot busy")
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
-            conn.execute(
-                f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
-                "SELECT q || g, 'noop', q, now() - interval '1 minute' "
-                "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+        due_in_q1_and_q2(pg_dsn, schema)
         await asyncio.sleep(0.5)
         before = worker.stats.claims
-        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-            for _ in range(8):
-                cur = claimer.cursor(row_factory=dict_row)
-                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
-                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
-                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
-                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
-                await claimer.commit()
+        await let_go(sched, pg_dsn, 8)
         await asyncio.sleep(1.0)  # the notifications arrive
         assert worker.stats.claims - before == 0
     finally:
@@ -320,26 +331,14 @@ async def test_a_let_go_does_not_make_the_dashboard_look(sched, pg_dsn, schema):
     let-go, sent by nearly every claim of a backlog of several queues, made it look at
     every claim (2 queries, and a second of changes read again each time) where it looked
     every interval. The jobs a claim started are seen at the next interval, as any start."""
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
-        conn.execute(
-            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
-            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
-            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+    due_in_q1_and_q2(pg_dsn, schema)
     feed = CountedFeed(store=sched.store, dsn=pg_dsn, interval=60)
     feed.start()
     try:
         await wait_until(lambda: feed.looks >= 1, what="the feed's first look")
         await asyncio.sleep(0.3)
         before = feed.looks
-        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-            for _ in range(8):
-                cur = claimer.cursor(row_factory=dict_row)
-                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
-                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
-                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
-                assert (await cur.fetchone())["let_go"] is not None  # q2's let go
-                await claimer.commit()
+        await let_go(sched, pg_dsn, 8)
         await asyncio.sleep(1.0)  # the notifications arrive
         assert feed.looks - before == 0
     finally:
@@ -373,11 +372,7 @@ async def test_a_let_go_wakes_only_the_workers_of_the_queues_it_let_go(sched, pg
     nothing (measured with real worker processes: each idle worker of q3 ran about 630
     empty claims while one of q1 and q2 with two slots drained 3,000 jobs; 3 before the
     let-go wake-up). A worker of every queue, or of the queue let go, is still woken."""
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # no NOTIFY of its own
-        conn.execute(
-            f'INSERT INTO "{schema}".jobs (id, task, queue, execution_time) '
-            "SELECT q || g, 'noop', q, now() - interval '1 minute' "
-            "FROM generate_series(1, 10) g, unnest(ARRAY['q1', 'q2']) q")
+    due_in_q1_and_q2(pg_dsn, schema)
     claims = 8
     others = [Worker(sched.store, pg_dsn, fast_options(queues=queues, poll_seconds=60))
               for queues in (("q3",), ("q3", "q4"))]
@@ -386,15 +381,7 @@ async def test_a_let_go_wakes_only_the_workers_of_the_queues_it_let_go(sched, pg
         await wait_until(lambda: all(w.ready.is_set() and w.listening for w in others),
                          what="the workers of q3 ready")
         before = [w.stats.claims for w in others]
-        async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-            for _ in range(claims):
-                cur = claimer.cursor(row_factory=dict_row)
-                await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-                    "worker_id": "w", "limit": 1, "lease_seconds": 30,
-                    "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
-                    "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
-                assert (await cur.fetchone())["let_go"] is not None  # one of each locked
-                await claimer.commit()
+        await let_go(sched, pg_dsn, claims)
         await asyncio.sleep(1.0)  # the notifications arrive
         woken = [w.stats.claims - b for w, b in zip(others, before, strict=True)]
         assert woken == [0, 0], f"workers of q3 claimed {woken} times on {claims} let-gos"
