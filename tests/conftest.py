@@ -140,6 +140,15 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
         await asyncio.sleep(interval)
 
 
+def claim_params(**overrides: Any) -> dict[str, Any]:
+    """The parameters of a claim statement run by hand (claim_jobs and its variants in
+    sql/queries.sql): a claim of 10 from every queue for worker 'w', nothing capped, its
+    let-go NOTIFY on a channel no worker hears unless `channel` is given."""
+    return {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
+            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
+            "channel": "pgsched_unheard", **overrides}
+
+
 def write_config(directory: Path, dsn: str, schema: str, **worker: Any) -> Path:
     settings = dict(tasks=str(WORKER_TASKS), concurrency=8, lease_seconds=2,
                     heartbeat_seconds=0.5, poll_seconds=1, shutdown_grace_seconds=5,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from conftest import claim_params
 from psycopg import sql
 
 from pgsched.store import OneConnection, Store, open_connection, walk_bound
@@ -171,9 +172,7 @@ async def test_a_claim_at_one_queue_reads_only_what_it_takes(sched):
 
 async def plan(sched, name: str) -> list[tuple[int, int]]:
     """(loops, rows read) of each scan of jobs in one claim of 10, rolled back."""
-    params = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-              "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-              "channel": "pgsched_unheard"}
+    params = claim_params()
     async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
         cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sched.store._q[name],
                                  params)

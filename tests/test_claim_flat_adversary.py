@@ -10,16 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import audit_counts, audit_env, wait_until, write_config
+from conftest import audit_counts, audit_env, claim_params, wait_until, write_config
 from psycopg import sql
 from test_claim_flat import ago, claim_ids, fill, fill_series, run_flat, scans_of_jobs
 
 from pgsched import JobSpec
 from pgsched.store import PREPARED_CLAIM_ROWS, OneConnection, Store
 
-CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-               "channel": "pgsched_unheard"}
+CLAIM_OF_10 = claim_params()
 
 
 async def explain(sched, name: str) -> dict[str, Any]:

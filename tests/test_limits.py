@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import audit_env, run_cli, wait_until, write_config
+from conftest import audit_env, claim_params, run_cli, wait_until, write_config
 
 from pgsched import InvalidInput, JobSpec
 from pgsched.queues import check_global_concurrency, parse_rate
@@ -104,10 +104,7 @@ async def test_a_queue_held_at_its_limit_reads_none_of_its_jobs_due_later(sched)
         await conn.execute("RESET statement_timeout")  # the pool's again
     async with sched.store.pool.connection() as conn, conn.transaction(force_rollback=True):
         before = await tuples_read(conn, sched.schema)
-        cur = await conn.execute(sched.store._q["claim_jobs"], {
-            "worker_id": "w2", "limit": 10, "lease_seconds": 60, "queues": None,
-            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-            "channel": "pgsched_unheard"})
+        cur = await conn.execute(sched.store._q["claim_jobs"], claim_params(worker_id="w2"))
         ids = [c.name for c in cur.description].index("id")
         claimed = [r[ids] for r in await cur.fetchall()]
         read = await tuples_read(conn, sched.schema) - before

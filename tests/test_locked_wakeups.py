@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options, wait_until, write_config
+from conftest import claim_params, fast_options, wait_until, write_config
 from psycopg.rows import dict_row
 
 from pgsched import InvalidInput, Scheduler, ops
@@ -219,10 +219,9 @@ async def test_a_job_another_claim_locked_and_let_go_runs_at_once(
     # j2 as well until it commits.
     async with await psycopg.AsyncConnection.connect(pg_dsn) as other:
         cur = other.cursor(row_factory=dict_row)
-        await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-            "worker_id": "other", "limit": 1, "lease_seconds": 30, "queues": ["q1", "q2"],
-            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
-            "channel": sched.store.channel})
+        await cur.execute(sched.store._q["claim_jobs_unlimited"], claim_params(
+            worker_id="other", limit=1, lease_seconds=30, queues=["q1", "q2"],
+            limit_recheck_seconds=1.0, channel=sched.store.channel))
         assert [r["id"] for r in await cur.fetchall()] == [first]
         assert not claimable(pg_dsn, schema, first) and not claimable(pg_dsn, schema, second)
         assert await status_is(sched, busy, "running"), "the worker was idle: no race made"
@@ -249,10 +248,9 @@ async def test_only_a_claim_that_lets_rows_go_wakes_the_workers(sched, pg_dsn, s
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as ear:
             await ear.execute(f'LISTEN "{sched.store.channel}"')
             async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
-                await claimer.execute(sched.store._q[statement], {
-                    "worker_id": "w", "limit": 1, "lease_seconds": 30, "queues": queues,
-                    "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
-                    "channel": sched.store.channel})
+                await claimer.execute(sched.store._q[statement], claim_params(
+                    limit=1, lease_seconds=30, queues=queues, limit_recheck_seconds=1.0,
+                    channel=sched.store.channel))
                 await claimer.commit()
             heard = []
             async for notify in ear.notifies(timeout=0.5):
@@ -282,10 +280,9 @@ async def let_go(sched, pg_dsn: str, claims: int) -> None:
     async with await psycopg.AsyncConnection.connect(pg_dsn) as claimer:
         for _ in range(claims):
             cur = claimer.cursor(row_factory=dict_row)
-            await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-                "worker_id": "w", "limit": 1, "lease_seconds": 30,
-                "queues": ["q1", "q2"], "capped_queues": [], "capped_free": [],
-                "limit_recheck_seconds": 1.0, "channel": sched.store.channel})
+            await cur.execute(sched.store._q["claim_jobs_unlimited"], claim_params(
+                limit=1, lease_seconds=30, queues=["q1", "q2"], limit_recheck_seconds=1.0,
+                channel=sched.store.channel))
             assert (await cur.fetchone())["let_go"] is not None
             await claimer.commit()
 

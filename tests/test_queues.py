@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options, wait_until
+from conftest import claim_params, fast_options, wait_until
 
 from pgsched import InvalidInput, JobPriority, Scheduler, Worker, task
 from pgsched.queues import capped_free_slots, parse_queue_list, saturated
@@ -132,9 +132,7 @@ async def explain_claim(sched: Scheduler, **params: Any) -> int:
     async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
         cur = await conn.execute(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q["claim_jobs"],
-            {"worker_id": "w", "limit": 10, "lease_seconds": 60,
-             "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-             "channel": "pgsched_unheard", **params})
+            claim_params(**params))
         plan = (await cur.fetchone())[0][0]["Plan"]
     return rows_read_from_jobs(plan)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import fast_options
+from conftest import claim_params, fast_options
 from psycopg import sql
 from test_claim_flat import scans_of_jobs
 from test_claim_flat_adversary import rows_read as rows_of_jobs_read
@@ -32,9 +32,7 @@ from pgsched.store import (
     split_statements,
 )
 
-CLAIM_OF_10 = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-               "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-               "channel": "pgsched_unheard"}
+CLAIM_OF_10 = claim_params()
 
 
 async def jobs_due_and_later(sched) -> None:

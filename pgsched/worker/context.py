@@ -37,6 +37,7 @@ import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +207,9 @@ class WorkerContext:
         self.systemd = SystemdNotifier.from_environment() if options.systemd_notify \
             else SystemdNotifier()
         self.held: dict[tuple[str, int], Held] = {}
+        # [queues.NAME] concurrency: the queues capped within this worker (the fetcher's
+        # claims, the listener's let-go wake-ups).
+        self.queue_limits = dict(options.queue_concurrency)
         self.executing = 0
         self.recording = 0  # outcomes in the completer's write in flight (0: none)
         self.recording_since = 0.0  # loop.time() that write began
@@ -232,6 +236,12 @@ class WorkerContext:
         self.listening = False  # the LISTEN connection is up
         self.last_db_ok: float | None = None  # loop.time() of the last heartbeat that worked
         self.job_log = log  # bound for real in Worker.run(), once logging is configured
+
+    def running_by_queue(self) -> Counter[str]:
+        """Running jobs per queue; only queues with a limit need counting."""
+        if not self.queue_limits:
+            return Counter()
+        return Counter(h.queue for h in self.held.values() if not h.finished)
 
     # What /healthz and the scrape read (metrics.Observed).
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import structlog
@@ -87,7 +86,6 @@ SUSPECT_DRAIN_SECONDS = 5.0
 class Fetcher:
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx
-        self._queue_limits = dict(ctx.options.queue_concurrency)
         self._lowest_attempt = 1  # of every job claimed (see _lose_older_attempts)
         self._alone: Held | None = None  # the suspect this worker runs, alone
         self._suspect_drain_at: float | None = None  # loop time to reserve a due suspect, busy
@@ -139,7 +137,7 @@ class Fetcher:
             ctx.slot_freed_wakes = (
                 free <= 0 or ctx.options.burst or self._alone is not None
                 or self._suspect_drain_at is not None or self._reserved is not None
-                or saturated(self._queue_limits, self._running_by_queue(),
+                or saturated(ctx.queue_limits, ctx.running_by_queue(),
                              ctx.options.queues))
             poll_at = min(loop.time() + ctx.options.poll_seconds, self._suspect_deadline())
             write_wait_ends = self._write_wait_ends() if free <= 0 else None
@@ -292,7 +290,7 @@ class Fetcher:
         jobs, next_due, db_now = await ctx.store.claim_jobs(
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
             queues=ctx.options.queues,
-            capped=capped_free_slots(self._queue_limits, self._running_by_queue()),
+            capped=capped_free_slots(ctx.queue_limits, ctx.running_by_queue()),
             suspects=suspects,
         )
         suspect_due = ctx.store.suspect_due
@@ -345,12 +343,6 @@ class Fetcher:
                      if h.id == newer.id and h.attempt <= newer.attempt]
         for h in older:
             self.ctx.lease_lost(h)
-
-    def _running_by_queue(self) -> Counter[str]:
-        """Running jobs per queue; only queues with a limit need counting."""
-        if not self._queue_limits:
-            return Counter()
-        return Counter(h.queue for h in self.ctx.held.values() if not h.finished)
 
     async def _execute(self, job: dict[str, Any], held: Held) -> None:
         ctx = self.ctx

@@ -24,11 +24,10 @@ It returns once the worker is closing.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import psycopg
 
 from ..logs import get_logger
+from ..queues import capped_free_slots
 from ..store import connect
 from .context import DB_ERRORS, WorkerContext, backoff_sleep, is_due_time
 
@@ -96,9 +95,6 @@ class Listener:
         per-queue cap ([queues.NAME] concurrency) its running jobs leave room in. A worker
         held at a queue's cap claims again when one of those jobs ends (a freed slot)."""
         served = self.ctx.options.queues
-        limits = dict(self.ctx.options.queue_concurrency)
-        running = Counter(h.queue for h in self.ctx.held.values()
-                          if not h.finished and h.queue in limits)
-        return any((not served or q in served) and running[q] < limits.get(q, running[q] + 1)
-                   for q in queues)
-
+        room = dict(zip(*capped_free_slots(self.ctx.queue_limits,
+                                           self.ctx.running_by_queue()), strict=True))
+        return any((not served or q in served) and room.get(q, 1) > 0 for q in queues)

@@ -13,7 +13,7 @@ import asyncio
 import json
 
 import psycopg
-from conftest import run_cli, wait_until
+from conftest import claim_params, run_cli, wait_until
 from psycopg.rows import dict_row
 
 from .kit import audit_env, fault_config, job_if
@@ -91,10 +91,9 @@ async def test_a_claim_through_pgbouncer_that_lets_a_job_go_wakes_a_listening_wo
     async with await psycopg.AsyncConnection.connect(pgbouncer.dsn(),
                                                      prepare_threshold=None) as other:
         cur = other.cursor(row_factory=dict_row)
-        await cur.execute(sched.store._q["claim_jobs_unlimited"], {
-            "worker_id": "other", "limit": 1, "lease_seconds": 30, "queues": ["q1", "q2"],
-            "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 1.0,
-            "channel": sched.store.channel})
+        await cur.execute(sched.store._q["claim_jobs_unlimited"], claim_params(
+            worker_id="other", limit=1, lease_seconds=30, queues=["q1", "q2"],
+            limit_recheck_seconds=1.0, channel=sched.store.channel))
         assert [r["id"] for r in await cur.fetchall()] == [first]
         assert await job_if(sched, busy, "running"), "the worker was idle: no race made"
         # The busy job ends; the worker claims with its slot free and skips j2.

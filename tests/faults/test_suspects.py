@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from conftest import fast_options, wait_until
+from conftest import claim_params, fast_options, wait_until
 from rich.console import Console
 from test_limits import tuples_read
 from test_ops_plans import seq_scans
@@ -194,10 +194,7 @@ async def _rows_read_by_claims(sched, names) -> dict[str, int]:
         async with store.pool.connection() as conn, conn.transaction(force_rollback=True):
             cur = await conn.execute(
                 "EXPLAIN (ANALYZE, FORMAT JSON) " + store._q[name],
-                {"worker_id": "w", "limit": 1 if "suspects" in name else 10,
-                 "lease_seconds": 60, "queues": None, "capped_queues": [],
-                 "capped_free": [], "limit_recheck_seconds": 0.5,
-                 "channel": "pgsched_unheard"})
+                claim_params(limit=1 if "suspects" in name else 10))
             reads[name] = rows_read_from_jobs((await cur.fetchone())[0][0]["Plan"])
     return reads
 
@@ -375,9 +372,7 @@ async def test_ordinary_claims_do_not_wade_through_many_suspects(sched):
     assert all(n < 100 for n in reads.values()), reads
 
 
-CLAIM = {"worker_id": "w", "limit": 10, "lease_seconds": 60, "queues": None,
-         "capped_queues": [], "capped_free": [], "limit_recheck_seconds": 0.5,
-         "channel": "pgsched_unheard"}
+CLAIM = claim_params()
 # The claim forms beside the three above: served queues listed, a queue capped, and a
 # global limit that binds (claim_room probes the due rows of the limited queue).
 FORMS = {
