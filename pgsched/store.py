@@ -844,6 +844,10 @@ class Store:
             async with asyncio.timeout(LOCK_TIMEOUT_SECONDS):
                 await self._rows("wake_workers", {"channel": self.channel})
 
+    async def notify(self, payload: str) -> None:
+        """Send `payload` to the workers (a worker's `took:`, worker/turns.py)."""
+        await self._rows("notify", {"channel": self.channel, "payload": payload})
+
     async def _insert_waiting_job(self, job: NewJob, depends_on: Sequence[str],
                                   params: dict[str, Any]) -> bool:
         async with self.pool.connection() as conn, conn.transaction():
@@ -1456,8 +1460,13 @@ class Store:
     async def register_worker(self, **worker: Any) -> None:
         await self._rowcount("register_worker", worker)
 
-    async def heartbeat_worker(self, worker_id: str) -> bool:
-        return bool(await self._rows("heartbeat_worker", {"id": worker_id}))
+    async def heartbeat_worker(self, worker_id: str,
+                               alive_seconds: float = 30.0) -> list[str] | None:
+        """Mark the worker alive: its peers' ids (same queues, heartbeated within
+        `alive_seconds`), or None if it is not registered (pruned)."""
+        rows = await self._rows("heartbeat_worker", {"id": worker_id,
+                                                     "alive_seconds": alive_seconds})
+        return [str(p) for p in rows[0]["peers"] or ()] if rows else None
 
     async def unregister_worker(self, worker_id: str) -> None:
         await self._rowcount("unregister_worker", {"id": worker_id})

@@ -175,9 +175,9 @@ class CountedStore(Store):
         super().__init__(store.pool, store.schema)
         self.beats = 0
 
-    async def heartbeat_worker(self, worker_id: str) -> bool:
+    async def heartbeat_worker(self, worker_id: str, **kw):
         self.beats += 1
-        return await super().heartbeat_worker(worker_id)
+        return await super().heartbeat_worker(worker_id, **kw)
 
 
 async def test_cancel_notify_flood_costs_a_bounded_number_of_heartbeats(sched, pg_dsn):

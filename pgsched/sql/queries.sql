@@ -1037,7 +1037,16 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp();
 -- name: heartbeat_worker
 -- Mark this worker alive; returns no row if it was pruned (it then registers again).
 -- Orphan recovery spares the jobs of a worker alive by this heartbeat (recover_orphans).
-UPDATE {schema}.workers SET heartbeat_at = clock_timestamp() WHERE id = %(id)s RETURNING id;
+-- Also returns its peers: the workers that heartbeated within `alive_seconds` and serve
+-- the same set of queues (NULL: every queue), by id, with which it takes turns to claim
+-- for a notification (worker/turns.py). A read of the registry, a row per worker.
+UPDATE {schema}.workers AS me SET heartbeat_at = clock_timestamp() WHERE id = %(id)s
+RETURNING id, ARRAY(
+    SELECT w.id FROM {schema}.workers w
+    WHERE w.heartbeat_at > now() - make_interval(secs => %(alive_seconds)s)
+      AND (w.queues IS NULL) = (me.queues IS NULL)
+      AND (me.queues IS NULL OR (w.queues @> me.queues AND w.queues <@ me.queues))
+    ORDER BY w.id LIMIT 1000) AS peers;
 
 -- name: unregister_worker
 -- Remove this worker from the registry at shutdown.
@@ -1074,3 +1083,7 @@ RETURNING id;
 -- own NOTIFY was rolled back with it, and a claim meanwhile skipped the rows it held. Idle
 -- workers claim now, and their claim finds the next due time again.
 SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text);
+
+-- name: notify
+-- A message to every worker: a worker's `took:` after a short claim (worker/turns.py).
+SELECT pg_notify(%(channel)s, %(payload)s);

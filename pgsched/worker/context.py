@@ -52,6 +52,7 @@ from ..version import __version__
 from .executor import Outcome, TaskThreads
 from .metrics import WorkerMetrics
 from .systemd import SystemdNotifier
+from .turns import TURN_STEP_SECONDS, Turns
 
 log = get_logger("pgsched.worker")
 
@@ -226,8 +227,12 @@ class WorkerContext:
         self.killed = asyncio.Event()
         self.closing = asyncio.Event()  # set after draining: side services return
         self.slot_freed_wakes = False  # the fetcher waits for a free slot
-        self.next_due_deadline: float | None = None  # loop.time() of the next known due job
-        self.noted_deadline: float | None = None  # the earliest note_due since the claim began
+        # loop.time() of the next due job the last claim reported, and of the earliest
+        # note_due without a turn (a let-go, a retry of this worker's) since it began.
+        self.claimed_deadline: float | None = None
+        self.noted_deadline: float | None = None
+        self.turns = Turns(worker_id, options.queues)  # claims owed for notifications
+        self.last_claim_at = float("-inf")  # loop.time() the fetcher last sent a claim
         self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
         self.wake_tokens_at = 0.0  # loop.time() the bucket was last filled
         self.clock_offset = 0.0  # database clock minus local clock, from the last claim
@@ -287,6 +292,10 @@ class WorkerContext:
                     queues=list(self.options.queues) if self.options.queues else None,
                 )
                 self.last_db_ok = asyncio.get_running_loop().time()
+                # The peers to take turns with from the first notification on, not from
+                # the first heartbeat (a claim per peer per notification until then).
+                self.turns.set_peers(await self.store.heartbeat_worker(
+                    self.id, alive_seconds=self.peers_alive_seconds))
                 return
             except DB_ERRORS as exc:
                 self.db_error("register", exc, attempt)
@@ -294,6 +303,12 @@ class WorkerContext:
                     return  # the fetcher stops at once; shutdown is bounded by its deadline
                 attempt += 1
                 await backoff_sleep(attempt)
+
+    @property
+    def peers_alive_seconds(self) -> float:
+        """A peer that has not heartbeated for this long is left out of the turns: three
+        beats, so one slow beat does not drop it."""
+        return 3 * self.options.heartbeat_seconds
 
     def count_lease_lost(self) -> None:
         self.stats.lease_lost += 1
@@ -321,14 +336,33 @@ class WorkerContext:
         if self.slot_freed_wakes:
             self.wake.set()
 
-    def note_due(self, due_epoch: float) -> None:
+    @property
+    def next_due_deadline(self) -> float | None:
+        """loop.time() the fetcher claims next without a wake-up, or None."""
+        turn = self.turns.next_turn()
+        if turn is not None:
+            # Claims for turns come at most NOTIFY_WAKE_RATE a second (each covers every
+            # turn before it): a flood of forged notifications must not keep it claiming.
+            turn = max(turn, self.last_claim_at + 1.0 / NOTIFY_WAKE_RATE)
+        return min((d for d in (self.claimed_deadline, self.noted_deadline, turn)
+                    if d is not None), default=None)
+
+    def note_due(self, due_epoch: float, payload: str | None = None) -> None:
         """A job was added for `due_epoch` (database clock): wake now, or move the timer
-        (to when the notification budget allows a claim, for a job due now)."""
+        (to when the notification budget allows a claim, for a job due now). With the
+        notification's `payload`, the claim waits for this worker's turn (turns.py)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         delay = due_epoch - (time.time() + self.clock_offset)
         if not math.isfinite(delay):
             return
+        if payload is not None:
+            rank = self.turns.rank(payload)
+            self.turns.hear(payload, due_epoch,
+                            now + max(delay, 0.0) + rank * TURN_STEP_SECONDS)
+            if rank > 0:
+                self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
+                return
         if delay <= 0.001:
             delay = self._wake_budget(now)
             if delay == 0.0:
@@ -337,11 +371,21 @@ class WorkerContext:
         deadline = now + delay
         if self.noted_deadline is None or deadline < self.noted_deadline:
             self.noted_deadline = deadline
-        if self.next_due_deadline is None or deadline < self.next_due_deadline:
-            self.next_due_deadline = deadline
             # Not a wake-up: the fetcher recomputes its sleep and claims when the timer
             # ends. Every worker hears every NOTIFY; a claim now would find nothing due.
             self.retime.set()
+
+    def peer_took(self, db_now: float, next_due: float | None, heard: str, key: str) -> None:
+        """A peer's claim (db_now, database clock), begun after it heard `heard`, took every
+        job it saw due: drop the claims owed for what it covered, and owe one for its next
+        due job, in turn (keyed by this notification, `key`)."""
+        self.turns.covered_by(heard, db_now)
+        if next_due is not None:
+            delay = next_due - (time.time() + self.clock_offset)
+            now = asyncio.get_running_loop().time()
+            self.turns.owe(next_due, now + max(delay, 0.0)
+                           + self.turns.rank(key) * TURN_STEP_SECONDS)
+        self.retime.set()  # the sleep may end later now, or sooner
 
     def _wake_budget(self, now: float) -> float:
         """Take a token for a wake-up now: 0.0 if there was one, else how long until the

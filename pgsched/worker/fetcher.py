@@ -13,6 +13,10 @@ Invariants:
   cannot act on).
 - Wake-ups are cleared before the claim, so one that arrives during it is not lost, and
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
+- Notifications are claimed for in turn among the workers that serve the same queues
+  (turns.py): a claim settles the turns owed for what was heard before it was sent, and
+  one that came back short (no per-queue cap of this worker could cut it; not a suspect
+  claim) tells the peers with a NOTIFY `took:`, so that they do not claim for it too.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
   now past the notification budget) only shortens the sleep: no claim before its time.
   Every worker hears every enqueue's NOTIFY, so such a claim was an empty one on each.
@@ -62,6 +66,7 @@ from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
+from .turns import took_payload
 
 log = get_logger("pgsched.worker")
 
@@ -286,6 +291,9 @@ class Fetcher:
         # answer instead would set the timer late by the claim's own duration (1-3 ms).
         sent, sent_wall = loop.time(), time.time()
         ctx.noted_deadline = None
+        ctx.last_claim_at = sent
+        # The notifications heard before the claim is sent: its snapshot shows their jobs.
+        heard, upto = ctx.turns.last, ctx.turns.heard
         ctx.stats.claims += 1
         jobs, next_due, db_now = await ctx.store.claim_jobs(
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
@@ -295,11 +303,12 @@ class Fetcher:
         )
         suspect_due = ctx.store.suspect_due
         ctx.clock_offset = db_now.timestamp() - sent_wall
-        claimed_due = (sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
-                       if next_due is not None else None)
-        # A job noted while the claim ran may be one the claim did not see: keep the earliest.
-        ctx.next_due_deadline = min(
-            (d for d in (claimed_due, ctx.noted_deadline) if d is not None), default=None)
+        ctx.claimed_deadline = (
+            sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
+            if next_due is not None else None)
+        # Turns owed for jobs this claim saw due are settled; a job noted while it ran
+        # may be one it did not see (its turn, and noted_deadline, stay).
+        covered = ctx.turns.cover(upto, db_now.timestamp())
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None
@@ -323,7 +332,23 @@ class Fetcher:
                 held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
+        if (covered and heard is not None and len(jobs) < free and not suspects
+                and not ctx.queue_limits and len(ctx.turns.peers) > 1):
+            await self._announce(db_now.timestamp(), next_due, heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
+
+    async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:
+        """Tell the peers that a claim begun after `heard` took every job it saw due
+        (turns.py): it came back short, and no per-queue cap of this worker cut it. Its
+        peers drop the turns it covered, and owe one for the next due job it saw. A
+        failed NOTIFY only costs the peers their claims, in turn."""
+        ctx = self.ctx
+        try:
+            await ctx.store.notify(took_payload(
+                ctx.turns.group, db_now,
+                next_due.timestamp() if next_due is not None else None, heard, ctx.id))
+        except DB_ERRORS as exc:
+            ctx.db_error("announce", exc, 1)  # counted, not logged: nothing is lost
 
     def _lose_older_attempts(self, newer: Held) -> None:
         """Claiming attempt n of a job proves every earlier attempt lost its lease (this

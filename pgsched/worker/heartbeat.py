@@ -119,8 +119,12 @@ class Heartbeater:
         # the renewal, which skips locked rows and reconnects: kept leases keep the jobs.
         registry_failed: BaseException | None = None
         try:
-            if not await self.ctx.store.heartbeat_worker(self.ctx.id):
+            peers = await self.ctx.store.heartbeat_worker(
+                self.ctx.id, alive_seconds=self.ctx.peers_alive_seconds)
+            if peers is None:
                 await self.ctx.register()  # pruned while we were unreachable: come back
+            else:
+                self.ctx.turns.set_peers(peers)
         except DB_ERRORS as exc:
             registry_failed = exc
         # Finished jobs too: until their outcome is written (the completer may be backing

@@ -9,8 +9,9 @@ Invariants:
   context.note_due and its token bucket (NOTIFY_WAKE_BURST); 'let_go:<queue> <queue>...'
   (a claim let those queues' due rows go, sql/queries.sql) does the same as a due time of
   now, but only in a worker that serves one of those queues and is not held at its
-  per-queue cap: any other would claim nothing. Anything else is counted
-  (`stats.notify_ignored`) and ignored.
+  per-queue cap: any other would claim nothing. A due time waits for this worker's turn
+  among its peers (turns.py), and 'took:...' (a peer's short claim, fetcher.py) drops
+  the turns it covered. Anything else is counted (`stats.notify_ignored`) and ignored.
 - After a (re)connect it wakes the fetcher, the planner and the heartbeater, since
   notifications sent meanwhile are lost. `listening` (read by /healthz) is True only
   while the connection is up.
@@ -30,6 +31,7 @@ from ..logs import get_logger
 from ..queues import capped_free_slots
 from ..store import connect
 from .context import DB_ERRORS, WorkerContext, backoff_sleep, is_due_time
+from .turns import TOOK, parse_took
 
 log = get_logger("pgsched.worker")
 
@@ -84,8 +86,15 @@ class Listener:
             if self._could_claim(target.split(" ")):
                 self.ctx.note_due(0.0)  # due already: a claim now, within the budget
             return
+        if kind == TOOK:
+            took = parse_took(target)
+            if took is not None and is_due_time(took[3]):
+                group, db_now, next_due, heard, worker = took
+                if group == self.ctx.turns.group and worker != self.ctx.id:
+                    self.ctx.peer_took(db_now, next_due, heard, payload)
+                return
         if is_due_time(payload):
-            self.ctx.note_due(float(payload))
+            self.ctx.note_due(float(payload), payload)
             return
         self.ctx.stats.notify_ignored += 1
         log.debug("notify_ignored", payload=payload[:80])

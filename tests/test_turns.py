@@ -1,0 +1,189 @@
+"""Workers take turns to claim for a notification (worker/turns.py): issue 14's thundering
+herd. The turn logic is pure and tested on its own; the fleet tests run real in-process
+workers against the real database, with the safety poll far away (60 s), so a job left
+behind shows as a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
+from conftest import fast_options, wait_until
+
+from pgsched.worker.daemon import Worker
+from pgsched.worker.turns import Turns, group_key, parse_took, took_payload
+
+POLL_SECONDS = 60
+
+
+# The turn logic.
+
+def test_the_peers_of_a_notification_take_every_turn_once():
+    ids = [f"w{i}" for i in range(7)]
+    for payload in ("1764500000.1", "1764500000.25", "x"):
+        ranks = []
+        for me in ids:
+            turns = Turns(me, None)
+            turns.set_peers(list(reversed(ids)))
+            ranks.append(turns.rank(payload))
+        assert sorted(ranks) == list(range(7)), (payload, ranks)
+    # The first turn moves with the notification: not always the same worker.
+    first = {min(ids, key=lambda me: _rank(me, ids, str(p))) for p in range(50)}
+    assert len(first) > 3
+
+
+def _rank(me: str, ids: list[str], payload: str) -> int:
+    turns = Turns(me, None)
+    turns.set_peers(ids)
+    return turns.rank(payload)
+
+
+def test_a_worker_missing_from_its_peer_list_counts_itself_in():
+    turns = Turns("w9", None)
+    turns.set_peers(["w1", "w2"])
+    assert turns.peers == ["w1", "w2", "w9"]
+    turns.set_peers(None)
+    assert turns.peers == ["w9"] and turns.rank("1.5") == 0
+
+
+def test_a_took_covers_what_was_heard_up_to_its_payload_and_due_by_its_time():
+    turns = Turns("me", None)
+    turns.hear("10.0", 10.0, 100.0)
+    turns.hear("11.0", 11.0, 101.0)
+    turns.hear("50.0", 50.0, 140.0)  # a job due later
+    turns.hear("12.0", 12.0, 102.0)  # heard after the payload the took names
+    assert turns.covered_by("11.0", db_now=20.0) == 2
+    assert [e[1] for e in turns.entries] == [50.0, 12.0]
+    assert turns.next_turn() == 102.0
+
+
+def test_a_payload_heard_twice_covers_only_up_to_its_first_hearing():
+    """Two notifications may carry the same due time: the peer cannot tell which one the
+    claimer heard, and must not drop the later one's turn (its job may be newer than the
+    claim's snapshot)."""
+    turns = Turns("me", None)
+    turns.hear("10.0", 10.0, 100.0)
+    turns.hear("11.0", 11.0, 101.0)
+    turns.hear("10.0", 10.0, 102.0)
+    assert turns.covered_by("10.0", db_now=20.0) == 1
+    assert [e[0] for e in turns.entries] == [2, 3]
+
+
+def test_a_payload_never_heard_covers_nothing():
+    turns = Turns("me", None)
+    turns.hear("10.0", 10.0, 100.0)
+    assert turns.covered_by("9.0", db_now=20.0) == 0
+    assert len(turns.entries) == 1
+
+
+def test_a_turn_owed_for_a_peer_s_next_due_job_is_covered_only_by_a_later_claim():
+    turns = Turns("me", None)
+    turns.hear("10.0", 10.0, 100.0)
+    turns.owe(30.0, 120.0)
+    assert turns.covered_by("10.0", db_now=29.0) == 1
+    assert turns.entries == [(1, 30.0, 120.0)]
+    assert turns.covered_by("10.0", db_now=30.0) == 1
+
+
+def test_groups_are_the_sets_of_queues_served():
+    assert group_key(None) == group_key(()) == "*"
+    assert group_key(["b", "a", "a"]) == group_key(("a", "b"))
+    assert group_key(["a"]) != group_key(["a", "b"]) != "*"
+    assert group_key(["a b"]) != group_key(["a", "b"])
+
+
+def test_took_payloads_round_trip_and_garbage_is_refused():
+    payload = took_payload("*", 1764500000.25, None, "1764500000.123456", "host:1: a b")
+    kind, _, body = payload.partition(":")
+    assert kind == "took"
+    assert parse_took(body) == ("*", 1764500000.25, None, "1764500000.123456", "host:1: a b")
+    assert parse_took("* 1.0 2.5 3.0 w")[2] == 2.5
+    for bad in ("", "* 1.0 -", "* x - 3.0 w", "* nan - 3.0 w", "* 1.0 inf 3.0 w",
+                "* 1.0 1e999 3.0 w"):
+        assert parse_took(bad) is None, bad
+
+
+# A fleet of real workers.
+
+async def _fleet(sched, pg_dsn, n: int, **options) -> tuple[list[Worker], list[asyncio.Task]]:
+    workers = [Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS, **options))
+               for _ in range(n)]
+    runners = [asyncio.create_task(w.run()) for w in workers]
+    await wait_until(lambda: all(w.ready.is_set() and w.listening for w in workers),
+                     what="every worker ready and listening")
+    await wait_until(lambda: all(len(w.ctx.turns.peers) == n for w in workers),
+                     what="every worker knowing its peers")
+    return workers, runners
+
+
+async def _stop(workers, runners) -> None:
+    for w in workers:
+        w.stop()
+    await asyncio.wait_for(asyncio.gather(*runners), 30)
+
+
+async def _run_one_at_a_time(sched, jobs: int, **schedule) -> None:
+    for _ in range(jobs):
+        job = await sched.schedule("noop", **schedule)
+        await wait_until(lambda j=job: _status(sched, j, "completed"), timeout=10,
+                         what="the job run (the safety poll is 60 s away)")
+
+
+async def _status(sched, job_id: str, status: str) -> bool:
+    return str((await sched.get_job(job_id))["status"]) == status
+
+
+async def test_one_notification_makes_one_claim_not_one_per_worker(sched, pg_dsn):
+    """Five idle workers, jobs added one at a time: each notification is claimed for by
+    the worker whose turn is first, which takes the job and tells the others. Before
+    turns every worker claimed on every notification (5 claims a job, 4 of them empty)."""
+    workers, runners = await _fleet(sched, pg_dsn, 5, concurrency=2)
+    try:
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        before = sum(w.stats.claims for w in workers)
+        jobs = 20
+        await _run_one_at_a_time(sched, jobs)
+        await asyncio.sleep(0.3)  # any late turn would claim now
+        claims = sum(w.stats.claims for w in workers) - before
+        assert claims <= 1.5 * jobs, f"{claims} claims for {jobs} jobs by 5 workers"
+        ran = [w.stats.claimed for w in workers]
+        assert sum(ran) >= jobs and sum(1 for r in ran if r) > 1, ran  # turns rotate
+    finally:
+        await _stop(workers, runners)
+
+
+async def test_when_the_first_in_turn_is_busy_the_next_claims_without_the_poll(
+        sched, pg_dsn):
+    """Two of three workers (one slot each) run long jobs; every notification must still
+    be served by whichever worker is free, in its turn, never left to the safety poll."""
+    workers, runners = await _fleet(sched, pg_dsn, 3, concurrency=1,
+                                    shutdown_grace_seconds=0.1)
+    try:
+        for _ in range(2):
+            busy = await sched.schedule("sleep", args=(60.0,))
+            await wait_until(lambda b=busy: _status(sched, b, "running"), timeout=10,
+                             what="a worker made busy")
+        await _run_one_at_a_time(sched, 12)
+    finally:
+        await _stop(workers, runners)
+
+
+async def test_a_took_of_other_queues_or_of_the_worker_itself_drops_no_turn(sched, pg_dsn):
+    """Peers serving other queues saw other jobs: their short claim says nothing of this
+    worker's. Neither does its own `took:`, heard back. (A job due in 1,000 s: the
+    worker's own claims meanwhile do not cover it either.)"""
+    workers, runners = await _fleet(sched, pg_dsn, 1, queues=("a",))
+    try:
+        ctx, listener = workers[0].ctx, workers[0].listener
+        ctx.turns.set_peers([ctx.id, "~later"])  # so that its turn is not the first
+        payload = f"{time.time() + 1000:.6f}"
+        listener.on_notify(payload)
+        assert len(ctx.turns.entries) == 1
+        listener.on_notify(took_payload(group_key(["b"]), 2e9, None, payload, "other"))
+        listener.on_notify(took_payload(ctx.turns.group, 2e9, None, payload, ctx.id))
+        assert len(ctx.turns.entries) == 1
+        listener.on_notify(took_payload(ctx.turns.group, 2e9, None, payload, "other"))
+        assert ctx.turns.entries == []
+    finally:
+        await _stop(workers, runners)
