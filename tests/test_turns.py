@@ -12,7 +12,7 @@ import worker_tasks  # noqa: F401  (registers the tasks the in-process workers r
 from conftest import fast_options, wait_until
 
 from pgsched.worker.daemon import Worker
-from pgsched.worker.turns import Turns, group_key, parse_took, took_payload
+from pgsched.worker.turns import HISTORY, Turns, group_key, parse_took, took_payload
 
 POLL_SECONDS = 60
 
@@ -187,3 +187,15 @@ async def test_a_took_of_other_queues_or_of_the_worker_itself_drops_no_turn(sche
         assert ctx.turns.entries == []
     finally:
         await _stop(workers, runners)
+
+
+def test_turns_past_the_history_are_dropped_and_make_the_worker_claim_at_once():
+    """A worker that hears a flood and never claims (its peers silent) keeps at most
+    HISTORY turns: past that it claims at once, and that claim settles everything."""
+    turns = Turns("me", None)
+    for i in range(HISTORY + 5):
+        turns.hear(f"{i}.5", float(i), 1000.0 + i)
+    assert len(turns.entries) == HISTORY
+    assert turns.next_turn() == float("-inf")
+    assert turns.cover(turns.heard, db_now=1e9) == HISTORY
+    assert turns.next_turn() is None

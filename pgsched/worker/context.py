@@ -232,7 +232,6 @@ class WorkerContext:
         self.claimed_deadline: float | None = None
         self.noted_deadline: float | None = None
         self.turns = Turns(worker_id, options.queues)  # claims owed for notifications
-        self.last_claim_at = float("-inf")  # loop.time() the fetcher last sent a claim
         self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
         self.wake_tokens_at = 0.0  # loop.time() the bucket was last filled
         self.clock_offset = 0.0  # database clock minus local clock, from the last claim
@@ -341,9 +340,10 @@ class WorkerContext:
         """loop.time() the fetcher claims next without a wake-up, or None."""
         turn = self.turns.next_turn()
         if turn is not None:
-            # Claims for turns come at most NOTIFY_WAKE_RATE a second (each covers every
-            # turn before it): a flood of forged notifications must not keep it claiming.
-            turn = max(turn, self.last_claim_at + 1.0 / NOTIFY_WAKE_RATE)
+            # Claims for turns take tokens of the notification budget, as wake-ups do
+            # (fetcher.claim): a flood of forged notifications must not keep it claiming.
+            now = asyncio.get_running_loop().time()
+            turn = max(turn, now + self._token_wait(now))
         return min((d for d in (self.claimed_deadline, self.noted_deadline, turn)
                     if d is not None), default=None)
 
@@ -387,13 +387,24 @@ class WorkerContext:
                            + self.turns.rank(key) * TURN_STEP_SECONDS)
         self.retime.set()  # the sleep may end later now, or sooner
 
-    def _wake_budget(self, now: float) -> float:
-        """Take a token for a wake-up now: 0.0 if there was one, else how long until the
-        next one comes (the caller sets a timer; a timer already set earlier wins)."""
+    def _token_wait(self, now: float) -> float:
+        """Refill the notification token bucket: 0.0 if a token is there, else how long
+        until one is."""
         self.wake_tokens = min(float(NOTIFY_WAKE_BURST), self.wake_tokens
                                + (now - self.wake_tokens_at) * NOTIFY_WAKE_RATE)
         self.wake_tokens_at = now
-        if self.wake_tokens >= 1.0:
+        return 0.0 if self.wake_tokens >= 1.0 else (1.0 - self.wake_tokens) / NOTIFY_WAKE_RATE
+
+    def _wake_budget(self, now: float) -> float:
+        """Take a token for a wake-up now: 0.0 if there was one, else how long until the
+        next one comes (the caller sets a timer; a timer already set earlier wins)."""
+        wait = self._token_wait(now)
+        if wait == 0.0:
             self.wake_tokens -= 1.0
-            return 0.0
-        return (1.0 - self.wake_tokens) / NOTIFY_WAKE_RATE
+        return wait
+
+    def take_turn(self, now: float) -> None:
+        """A claim made for a turn that has come takes a token (next_due_deadline)."""
+        turn = self.turns.next_turn()
+        if turn is not None and turn <= now:
+            self._wake_budget(now)

@@ -291,7 +291,7 @@ class Fetcher:
         # answer instead would set the timer late by the claim's own duration (1-3 ms).
         sent, sent_wall = loop.time(), time.time()
         ctx.noted_deadline = None
-        ctx.last_claim_at = sent
+        ctx.take_turn(sent)
         # The notifications heard before the claim is sent: its snapshot shows their jobs.
         heard, upto = ctx.turns.last, ctx.turns.heard
         ctx.stats.claims += 1
@@ -306,9 +306,10 @@ class Fetcher:
         ctx.claimed_deadline = (
             sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
             if next_due is not None else None)
-        # Turns owed for jobs this claim saw due are settled; a job noted while it ran
-        # may be one it did not see (its turn, and noted_deadline, stay).
-        covered = ctx.turns.cover(upto, db_now.timestamp())
+        # Turns owed for jobs this claim saw due are settled (not by a suspect claim,
+        # which takes no other job); a job noted while it ran may be one it did not see
+        # (its turn, and noted_deadline, stay).
+        covered = 0 if suspects else ctx.turns.cover(upto, db_now.timestamp())
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None

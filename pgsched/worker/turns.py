@@ -48,7 +48,9 @@ from collections import OrderedDict
 # the `took:` that follows it (about 1-2 ms on an idle server), so that the next worker
 # in turn usually hears the claim before its own turn comes.
 TURN_STEP_SECONDS = 0.005
-# Due-time payloads remembered (first time heard), to find the one a `took:` names.
+# Due-time payloads remembered (first time heard), to find the one a `took:` names, and
+# turns owed at most: past that (a worker that hears a flood and never claims, its peers
+# silent) the oldest are dropped and the worker claims at once, which settles them all.
 HISTORY = 1024
 TOOK = "took"  # 'took:<group> <db now> <next due or -> <payload heard> <worker id>'
 
@@ -72,6 +74,7 @@ class Turns:
         self._first: OrderedDict[str, int] = OrderedDict()  # payload -> first order heard
         # (order heard, due epoch, loop time this worker's turn comes)
         self.entries: list[tuple[int, float, float]] = []
+        self.behind = 0  # the latest order heard whose turn was dropped unsettled, or 0
 
     def set_peers(self, peers: list[str] | None) -> None:
         """The registry's live workers of this group (any order, possibly without this one)."""
@@ -94,16 +97,25 @@ class Turns:
             self._first[payload] = self.heard
             if len(self._first) > HISTORY:
                 self._first.popitem(last=False)
-        self.entries.append((self.heard, due_epoch, turn_at))
+        self._add((self.heard, due_epoch, turn_at))
+
+    def _add(self, entry: tuple[int, float, float]) -> None:
+        self.entries.append(entry)
+        if len(self.entries) > HISTORY:
+            dropped = self.entries[:len(self.entries) - HISTORY]
+            del self.entries[:len(dropped)]
+            self.behind = max(self.behind, max(e[0] for e in dropped))
 
     def owe(self, due_epoch: float, turn_at: float) -> None:
         """A claim owed for a due time learned from a peer's `took:` (its next due job):
         ordered after everything heard so far."""
-        self.entries.append((self.heard, due_epoch, turn_at))
+        self._add((self.heard, due_epoch, turn_at))
 
     def cover(self, upto: int, db_now: float) -> int:
         """Drop the claims owed for notifications heard at or before order `upto` whose
         jobs are due by `db_now`; how many were dropped."""
+        if upto >= self.behind:
+            self.behind = 0
         kept = [e for e in self.entries if e[0] > upto or e[1] > db_now]
         dropped = len(self.entries) - len(kept)
         self.entries = kept
@@ -116,7 +128,10 @@ class Turns:
         return 0 if upto is None else self.cover(upto, db_now)
 
     def next_turn(self) -> float | None:
-        """The loop time of the earliest claim owed, or None."""
+        """The loop time of the earliest claim owed, or None; at once while turns were
+        dropped unsettled (HISTORY)."""
+        if self.behind:
+            return float("-inf")
         return min((e[2] for e in self.entries), default=None)
 
 
