@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pgbouncer", action="store_true",
                         help="the scale scenario also runs its workers through PgBouncer in "
                              "transaction mode (needs the pgbouncer binary)")
+    parser.add_argument("--scale-workers", type=str, default=None,
+                        help="comma-separated worker counts of the scale scenario "
+                             "(default 1,10,50)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="throughput scenarios run this many times, alternating with the "
                              "raw ceiling; the table shows medians (default 3)")
@@ -63,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown = [s for s in args.only.split(",") if s not in names]
         if unknown:
             parser.error(f"unknown scenario {unknown[0]!r}: use one of {', '.join(names)}")
+    if args.scale_workers is not None:
+        try:
+            args.scale_workers = tuple(int(n) for n in args.scale_workers.split(","))
+        except ValueError:
+            parser.error("--scale-workers: comma-separated whole numbers, e.g. 10,50")
+        if not args.scale_workers or min(args.scale_workers) < 1:
+            parser.error("--scale-workers: each count must be at least 1")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.quick:
@@ -83,6 +94,8 @@ async def run(args: argparse.Namespace) -> dict:
     chosen = [s for s in sorted(every, key=lambda s: not s.repeated)
               if (s.name in args.only.split(",") if args.only else s.default or args.quick)]
     sizes = QUICK if args.quick else Sizes()
+    if args.scale_workers:
+        sizes = dataclasses.replace(sizes, scale_workers=args.scale_workers)
     workdir = make_workdir()
     embedded = args.dsn is None
     try:
