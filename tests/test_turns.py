@@ -8,11 +8,20 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until
 
 from pgsched.worker.daemon import Worker
-from pgsched.worker.turns import HISTORY, Turns, group_key, parse_took, took_payload
+from pgsched.worker.turns import (
+    HISTORY,
+    TURN_STEP_MAX_SECONDS,
+    TURN_STEP_SECONDS,
+    Turns,
+    group_key,
+    parse_took,
+    took_payload,
+)
 
 POLL_SECONDS = 60
 
@@ -146,7 +155,9 @@ async def test_one_notification_makes_one_claim_not_one_per_worker(sched, pg_dsn
         await _run_one_at_a_time(sched, jobs)
         await asyncio.sleep(0.3)  # any late turn would claim now
         claims = sum(w.stats.claims for w in workers) - before
-        assert claims <= 1.5 * jobs, f"{claims} claims for {jobs} jobs by 5 workers"
+        # A `took:` that comes after the next worker's turn costs one more claim: a loaded
+        # machine sees a few. Every worker claiming on every notification is 5 a job.
+        assert claims <= 3 * jobs, f"{claims} claims for {jobs} jobs by 5 workers"
         ran = [w.stats.claimed for w in workers]
         assert sum(ran) >= jobs and sum(1 for r in ran if r) > 1, ran  # turns rotate
     finally:
@@ -199,3 +210,20 @@ def test_turns_past_the_history_are_dropped_and_make_the_worker_claim_at_once():
     assert turns.next_turn() == float("-inf")
     assert turns.cover(turns.heard, db_now=1e9) == HISTORY
     assert turns.next_turn() is None
+
+
+def test_the_step_between_turns_follows_the_claims_round_trips_within_bounds():
+    turns = Turns("me", None)
+    assert turns.step == TURN_STEP_SECONDS
+    for _ in range(30):
+        turns.observe(0.010)
+    assert turns.step == pytest.approx(3 * 0.010, rel=0.01)
+    for _ in range(30):
+        turns.observe(1.0)
+    assert turns.step == TURN_STEP_MAX_SECONDS
+    for _ in range(60):
+        turns.observe(0.0001)
+    assert turns.step == TURN_STEP_SECONDS
+    turns.observe(float("nan"))
+    turns.observe(-1.0)
+    assert turns.step == TURN_STEP_SECONDS

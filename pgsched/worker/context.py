@@ -52,7 +52,7 @@ from ..version import __version__
 from .executor import Outcome, TaskThreads
 from .metrics import WorkerMetrics
 from .systemd import SystemdNotifier
-from .turns import TURN_STEP_SECONDS, Turns
+from .turns import TURN_MARGIN_SECONDS, Turns
 
 log = get_logger("pgsched.worker")
 
@@ -335,14 +335,28 @@ class WorkerContext:
         if self.slot_freed_wakes:
             self.wake.set()
 
+    def db_time(self) -> float:
+        """Now on the database clock, as the last claim measured the offset."""
+        return time.time() + self.clock_offset
+
+    def _turn_deadline(self, now: float) -> float | None:
+        """loop.time() of the earliest turn owed (turns.py keeps them on the database
+        clock, so that each claim's fresh clock offset re-times them: a turn that came
+        early finds its job not yet due, stays owed, and comes again when it is due,
+        instead of at once), or None."""
+        turn = self.turns.next_turn()
+        if turn is None:
+            return None
+        return now + (turn - self.db_time()) + TURN_MARGIN_SECONDS
+
     @property
     def next_due_deadline(self) -> float | None:
         """loop.time() the fetcher claims next without a wake-up, or None."""
-        turn = self.turns.next_turn()
+        now = asyncio.get_running_loop().time()
+        turn = self._turn_deadline(now)
         if turn is not None:
             # Claims for turns take tokens of the notification budget, as wake-ups do
-            # (fetcher.claim): a flood of forged notifications must not keep it claiming.
-            now = asyncio.get_running_loop().time()
+            # (take_turn): a flood of forged notifications must not keep it claiming.
             turn = max(turn, now + self._token_wait(now))
         return min((d for d in (self.claimed_deadline, self.noted_deadline, turn)
                     if d is not None), default=None)
@@ -353,13 +367,16 @@ class WorkerContext:
         notification's `payload`, the claim waits for this worker's turn (turns.py)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        delay = due_epoch - (time.time() + self.clock_offset)
+        db_now = self.db_time()
+        delay = due_epoch - db_now
         if not math.isfinite(delay):
             return
         if payload is not None:
             rank = self.turns.rank(payload)
+            # From when it is due, or heard: a due time long past (a job put back by a
+            # recovery) must not make every turn come at once.
             self.turns.hear(payload, due_epoch,
-                            now + max(delay, 0.0) + rank * TURN_STEP_SECONDS)
+                            max(due_epoch, db_now) + rank * self.turns.step)
             if rank > 0:
                 self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
                 return
@@ -381,10 +398,8 @@ class WorkerContext:
         due job, in turn (keyed by this notification, `key`)."""
         self.turns.covered_by(heard, db_now)
         if next_due is not None:
-            delay = next_due - (time.time() + self.clock_offset)
-            now = asyncio.get_running_loop().time()
-            self.turns.owe(next_due, now + max(delay, 0.0)
-                           + self.turns.rank(key) * TURN_STEP_SECONDS)
+            self.turns.owe(next_due, max(next_due, self.db_time())
+                           + self.turns.rank(key) * self.turns.step)
         self.retime.set()  # the sleep may end later now, or sooner
 
     def _token_wait(self, now: float) -> float:
@@ -405,6 +420,6 @@ class WorkerContext:
 
     def take_turn(self, now: float) -> None:
         """A claim made for a turn that has come takes a token (next_due_deadline)."""
-        turn = self.turns.next_turn()
+        turn = self._turn_deadline(now)
         if turn is not None and turn <= now:
             self._wake_budget(now)

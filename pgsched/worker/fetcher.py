@@ -302,6 +302,7 @@ class Fetcher:
             suspects=suspects,
         )
         suspect_due = ctx.store.suspect_due
+        ctx.turns.observe(loop.time() - sent)
         ctx.clock_offset = db_now.timestamp() - sent_wall
         ctx.claimed_deadline = (
             sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS

@@ -2,18 +2,19 @@
 
 Owns: this worker's view of its peers (the live workers that serve the same queues, read
 from the registry at each heartbeat), the recent due-time notifications it heard, and
-the claims it owes for them (`entries`: a due time and the loop time its turn comes).
+the claims it owes for them (`entries`: a due time and the time its turn comes, both on
+the database clock).
 
 Every worker hears every enqueue's NOTIFY. Claiming on each made N - 1 of N workers
 claim empty per notification (6 empty claims per job with 50 workers). Instead, the
 peers take turns: for the notification with payload p, the peers sorted by id are
-rotated by a hash of p, and the worker at position r claims r x TURN_STEP_SECONDS after
-the job falls due (position 0 at once, as before). A worker whose claim came back short
-(it took everything due that it could see, and it has no per-queue cap that could have
-cut it) announces it with a NOTIFY `took:` (fetcher.py), and each peer drops the claims
-it owes for the notifications that claim covered. So one claim serves a notification
-when the first worker in turn is free, and the next takes over one step later when it
-is busy or gone.
+rotated by a hash of p, and the worker at position r claims r steps (5-50 ms: about
+three of its claim round trips) after the job falls due, position 0 at once, as before.
+A worker whose claim came back short (it took everything due that it could see, and it
+has no per-queue cap that could have cut it) announces it with a NOTIFY `took:`
+(fetcher.py), and each peer drops the claims it owes for the notifications that claim
+covered. So one claim serves a notification when the first worker in turn is free, and
+the next takes over one step later when it is busy or gone.
 
 Invariants:
 - What a `took:` covers is decided by the order in which notifications arrive, never by
@@ -44,10 +45,17 @@ import math
 import zlib
 from collections import OrderedDict
 
-# The gap between one worker's turn and the next: more than a claim's round trip plus
-# the `took:` that follows it (about 1-2 ms on an idle server), so that the next worker
-# in turn usually hears the claim before its own turn comes.
+# The gap between one worker's turn and the next: long enough for the worker before it
+# to claim and send its `took:` (two round trips and a delivery), so that the next in
+# turn usually hears it before its own turn comes. STEP_RTTS of this worker's recent
+# claim round trips (a moving average), within these bounds: a loaded server slows
+# every round trip, and a step shorter than that makes each turn claim, empty.
 TURN_STEP_SECONDS = 0.005
+TURN_STEP_MAX_SECONDS = 0.05
+STEP_RTTS = 3.0
+# Added to a turn's time, as to the fetcher's due-time timer, so that the claim reaches
+# the server once the job is due.
+TURN_MARGIN_SECONDS = 0.0005
 # Due-time payloads remembered (first time heard), to find the one a `took:` names, and
 # turns owed at most: past that (a worker that hears a flood and never claims, its peers
 # silent) the oldest are dropped and the worker claims at once, which settles them all.
@@ -69,10 +77,12 @@ class Turns:
         self.id = worker_id
         self.group = group_key(queues)
         self.peers: list[str] = [worker_id]
+        self.step = TURN_STEP_SECONDS  # the gap between turns (observe)
+        self._rtt: float | None = None  # moving average of this worker's claim round trips
         self.heard = 0  # due-time notifications heard so far (their order)
         self.last: str | None = None  # the payload of the last one
         self._first: OrderedDict[str, int] = OrderedDict()  # payload -> first order heard
-        # (order heard, due epoch, loop time this worker's turn comes)
+        # (order heard, due epoch, epoch this worker's turn comes), database clock
         self.entries: list[tuple[int, float, float]] = []
         self.behind = 0  # the latest order heard whose turn was dropped unsettled, or 0
 
@@ -80,6 +90,13 @@ class Turns:
         """The registry's live workers of this group (any order, possibly without this one)."""
         ids = sorted(set(peers or ()) | {self.id})
         self.peers = ids
+
+    def observe(self, seconds: float) -> None:
+        """A claim's round trip: the step between turns follows them."""
+        if not seconds >= 0.0:  # NaN, or a clock that went back
+            return
+        self._rtt = seconds if self._rtt is None else 0.8 * self._rtt + 0.2 * seconds
+        self.step = min(TURN_STEP_MAX_SECONDS, max(TURN_STEP_SECONDS, STEP_RTTS * self._rtt))
 
     def rank(self, payload: str) -> int:
         """This worker's place in the turn order for a notification: 0 claims at once."""
@@ -90,7 +107,7 @@ class Turns:
         return (self.peers.index(self.id) - start) % n
 
     def hear(self, payload: str, due_epoch: float, turn_at: float) -> None:
-        """Note a due-time notification and the loop time this worker's turn for it comes."""
+        """Note a due-time notification and the time this worker's turn for it comes."""
         self.heard += 1
         self.last = payload
         if payload not in self._first:
@@ -128,8 +145,8 @@ class Turns:
         return 0 if upto is None else self.cover(upto, db_now)
 
     def next_turn(self) -> float | None:
-        """The loop time of the earliest claim owed, or None; at once while turns were
-        dropped unsettled (HISTORY)."""
+        """The time (database clock) of the earliest claim owed, or None; -inf (at once)
+        while turns were dropped unsettled (HISTORY)."""
         if self.behind:
             return float("-inf")
         return min((e[2] for e in self.entries), default=None)
