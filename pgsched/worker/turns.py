@@ -27,7 +27,9 @@ Invariants:
   and dropping too little costs a claim while dropping too much would leave a job to
   the safety poll), and only for jobs due by the claim's database time.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
-  covers nothing. A `took:` of another group (other queues), or of the worker itself,
+  covers nothing. (A peer whose LISTEN was down when the claimer heard the payload, and
+  that heard the same due time again later, drops one turn too many; its peers that
+  did not miss it still claim in turn.) A `took:` of another group (other queues), or of the worker itself,
   is ignored.
 - Rank needs no agreement to be safe: peers whose lists differ (a worker that started
   or stopped since the last heartbeat) may both claim at once (one claim is empty) or
