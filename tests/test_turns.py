@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until
@@ -199,3 +200,32 @@ def test_turns_past_the_history_are_dropped_and_make_the_worker_claim_at_once():
     assert turns.next_turn() == float("-inf")
     assert turns.cover(turns.heard, db_now=1e9) == HISTORY
     assert turns.next_turn() is None
+
+
+async def _settled(workers) -> None:
+    """Until no worker owes a turn that has come (every claim for them ran)."""
+    loop = asyncio.get_running_loop()
+    await wait_until(lambda: all((t := w.ctx.turns.next_turn()) is None or t > loop.time()
+                                 for w in workers), timeout=10, what="the turns claimed")
+
+
+async def test_a_fleet_owes_no_turn_for_each_took_it_heard(sched, pg_dsn):
+    """A `took:` hands its claim's next due time on, once: a peer owes one turn for a
+    due time, not one per `took:` that repeats it, nor one for the claim's "nothing is
+    due" (next_due '9999-12-30', the clamp). Owed for ever, those filled the history
+    within HISTORY jobs, and past it every notification made every worker claim at once
+    (the herd back). Jobs one at a time, first with nothing else pending, then with a
+    job due in an hour: either way no worker owes more than that job's one turn."""
+    workers, runners = await _fleet(sched, pg_dsn, 3, concurrency=2)
+    try:
+        await _run_one_at_a_time(sched, 10)
+        await _settled(workers)
+        assert [w.ctx.turns.entries for w in workers] == [[], [], []]
+        later = await sched.schedule("noop", execution_time=datetime.now(UTC) + timedelta(hours=1))
+        await _run_one_at_a_time(sched, 10)
+        await _settled(workers)
+        owed = [len(w.ctx.turns.entries) for w in workers]
+        assert max(owed) <= 1, owed
+        await sched.cancel_job(later)
+    finally:
+        await _stop(workers, runners)

@@ -64,6 +64,7 @@ import structlog
 
 from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
+from ..store import CLAMPED_LATEST
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
 from .turns import took_payload
@@ -344,6 +345,9 @@ class Fetcher:
         peers drop the turns it covered, and owe one for the next due job it saw. A
         failed NOTIFY only costs the peers their claims, in turn."""
         ctx = self.ctx
+        # '9999-12-30' is the claim's "nothing pending" (the clamp): no turn to hand on.
+        if next_due is not None and next_due >= CLAMPED_LATEST:
+            next_due = None
         try:
             await ctx.store.notify(took_payload(
                 ctx.turns.group, db_now,

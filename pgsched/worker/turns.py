@@ -108,7 +108,15 @@ class Turns:
 
     def owe(self, due_epoch: float, turn_at: float) -> None:
         """A claim owed for a due time learned from a peer's `took:` (its next due job):
-        ordered after everything heard so far."""
+        ordered after everything heard so far. None if a turn is owed already for that
+        same due time: only a claim at or after it settles that one, and such a claim
+        sees this job (due later than its own claim's time, so added before it fell due).
+        Every `took:` repeats the next due time until that job runs: a turn owed for each
+        filled the history, and past it every notification made every worker claim. (Not
+        for an earlier due time: a `took:` that covers that one may come from a claim
+        begun before this job was added.)"""
+        if any(e[1] == due_epoch for e in self.entries):
+            return
         self._add((self.heard, due_epoch, turn_at))
 
     def cover(self, upto: int, db_now: float) -> int:
