@@ -229,3 +229,64 @@ async def test_a_fleet_owes_no_turn_for_each_took_it_heard(sched, pg_dsn):
         await sched.cancel_job(later)
     finally:
         await _stop(workers, runners)
+
+
+async def _busy_peers(sched, ids: list[str]) -> None:
+    """Registry rows of workers of every queue that stay alive and never claim, as peers
+    whose every slot is busy would (heartbeats dated an hour ahead, so none is left out)."""
+    async with sched.store.pool.connection() as conn:
+        for peer in ids:
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".workers (id, host, pid, version, concurrency,'
+                " heartbeat_at) VALUES (%s, 'h', 1, 'v', 1, now() + interval '1 hour')",
+                (peer,))
+
+
+def _payload_first_for(worker, peers: int) -> str:
+    """A due-time payload (now) whose first turn is `worker`'s among `peers` workers."""
+    now = time.time()
+    for i in range(10_000):
+        payload = f"{now:.6f}"[:-4] + f"{i:04d}"
+        if worker.ctx.turns.rank(payload) == 0:
+            return payload
+    raise AssertionError("no payload found")
+
+
+async def test_a_claim_that_saw_a_suspect_due_and_left_it_covers_no_peer(sched, pg_dsn):
+    """A busy worker's claim skips a due suspect (it runs alone) and waits some seconds
+    (SUSPECT_DRAIN_SECONDS) before it reserves it: its short claim did not take every
+    job it saw due, so it must not tell its idle peers, which would claim the suspect at
+    once, that they need not claim. Worker 'w-a' holds a long job and is first in turn;
+    'w-z', idle, is last (ten busy peers between them)."""
+    await _busy_peers(sched, [f"w-f{i:02d}" for i in range(10)])
+    busy = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS, concurrency=2,
+                                                    shutdown_grace_seconds=0.1),
+                  worker_id="w-a")
+    runners = [asyncio.create_task(busy.run())]
+    idle = None
+    try:
+        await wait_until(lambda: busy.ready.is_set() and busy.listening, what="w-a ready")
+        long = await sched.schedule("sleep", args=(60.0,))
+        await wait_until(lambda: _status(sched, long, "running"), what="w-a busy")
+        idle = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS,
+                                                        concurrency=1), worker_id="w-z")
+        runners.append(asyncio.create_task(idle.run()))
+        await wait_until(lambda: idle.ready.is_set() and idle.listening, what="w-z ready")
+        await wait_until(lambda: all(len(w.ctx.turns.peers) == 12 for w in (busy, idle)),
+                         what="both knowing their peers")
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        s = await sched.schedule("noop", job_id="s",
+                                 execution_time=datetime.now(UTC) + timedelta(hours=1))
+        async with sched.store.pool.connection() as conn:
+            await conn.execute(f'UPDATE "{sched.schema}".jobs SET suspect = true, '
+                               "execution_time = now() WHERE id = 's'")
+        assert idle.ctx.turns.rank(_payload_first_for(busy, 12)) == 11
+        await sched.store.notify(_payload_first_for(busy, 12))
+        # Well before the busy worker reserves it (5 s at least), and the poll (60 s).
+        await wait_until(lambda: _status(sched, s, "completed"), timeout=3,
+                         what="the idle worker to run the suspect")
+    finally:
+        for w in (busy, idle):
+            if w is not None:
+                w.stop()
+        await asyncio.wait_for(asyncio.gather(*runners), 30)

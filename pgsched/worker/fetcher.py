@@ -16,7 +16,8 @@ Invariants:
 - Notifications are claimed for in turn among the workers that serve the same queues
   (turns.py): a claim settles the turns owed for what was heard before it was sent, and
   one that came back short (no per-queue cap of this worker could cut it; not a suspect
-  claim) tells the peers with a NOTIFY `took:`, so that they do not claim for it too.
+  claim, and no suspect due that it left) tells the peers with a NOTIFY `took:`, so that
+  they do not claim for it too.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
   now past the notification budget) only shortens the sleep: no claim before its time.
   Every worker hears every enqueue's NOTIFY, so such a claim was an empty one on each.
@@ -334,14 +335,17 @@ class Fetcher:
                 held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
+        # Not when a suspect is due: this claim left it (it runs alone), and an idle peer
+        # would claim it at once where this worker, busy, waits to reserve it.
         if (covered and heard is not None and len(jobs) < free and not suspects
-                and not ctx.queue_limits and len(ctx.turns.peers) > 1):
+                and not suspect_due and not ctx.queue_limits and len(ctx.turns.peers) > 1):
             await self._announce(db_now.timestamp(), next_due, heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
 
     async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:
         """Tell the peers that a claim begun after `heard` took every job it saw due
-        (turns.py): it came back short, and no per-queue cap of this worker cut it. Its
+        (turns.py): it came back short, no per-queue cap of this worker cut it, and it
+        left no due suspect (which an idle peer would claim at once). Its
         peers drop the turns it covered, and owe one for the next due job it saw. A
         failed NOTIFY only costs the peers their claims, in turn."""
         ctx = self.ctx
