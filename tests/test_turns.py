@@ -83,7 +83,7 @@ def test_a_turn_owed_for_a_peer_s_next_due_job_is_covered_only_by_a_later_claim(
     turns.hear("10.0", 10.0, 100.0)
     turns.owe(30.0, 120.0)
     assert turns.covered_by("10.0", db_now=29.0) == 1
-    assert turns.entries == [(1, 30.0, 120.0)]
+    assert turns.entries == [(1, 30.0, 120.0, 0.0)]
     assert turns.covered_by("10.0", db_now=30.0) == 1
 
 
@@ -290,3 +290,29 @@ async def test_a_claim_that_saw_a_suspect_due_and_left_it_covers_no_peer(sched, 
             if w is not None:
                 w.stop()
         await asyncio.wait_for(asyncio.gather(*runners), 30)
+
+
+async def test_a_turn_that_comes_before_its_job_is_due_is_timed_again_by_the_claim(
+        sched, pg_dsn):
+    """A turn is timed by the worker's estimate of the database clock (wall clock plus the
+    offset its last claim measured). Ahead of it (the wall clock stepped forward since,
+    or the last claim reached the server late, which makes the offset too large), the
+    turn comes before its job is due: the claim then finds the job not due yet, and its
+    answer says when it is. The turn must follow that answer: kept as it was, it stayed
+    due, and the worker claimed again at every notification token (a burst of 20, then
+    50 a second) until the job fell due. Here the estimate is 0.5 s ahead."""
+    workers, runners = await _fleet(sched, pg_dsn, 1)
+    try:
+        w = workers[0]
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        w.ctx.clock_offset += 0.5
+        before = w.stats.claims
+        job = await sched.schedule("noop", execution_time=datetime.now(UTC)
+                                   + timedelta(seconds=1.0))
+        await wait_until(lambda: _status(sched, job, "completed"), timeout=10,
+                         what="the job run")
+        # One claim early (the estimate's), one when the job is due, maybe one more for
+        # a claim that reached the server a hair before it.
+        assert w.stats.claims - before <= 4, w.stats.claims - before
+    finally:
+        await _stop(workers, runners)

@@ -357,10 +357,9 @@ class WorkerContext:
         if not math.isfinite(delay):
             return
         if payload is not None:
-            rank = self.turns.rank(payload)
-            self.turns.hear(payload, due_epoch,
-                            now + max(delay, 0.0) + rank * TURN_STEP_SECONDS)
-            if rank > 0:
+            step = self.turns.rank(payload) * TURN_STEP_SECONDS
+            self.turns.hear(payload, due_epoch, now + max(delay, 0.0) + step, step)
+            if step > 0:
                 self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
                 return
         if delay <= 0.001:
@@ -383,8 +382,8 @@ class WorkerContext:
         if next_due is not None:
             delay = next_due - (time.time() + self.clock_offset)
             now = asyncio.get_running_loop().time()
-            self.turns.owe(next_due, now + max(delay, 0.0)
-                           + self.turns.rank(key) * TURN_STEP_SECONDS)
+            step = self.turns.rank(key) * TURN_STEP_SECONDS
+            self.turns.owe(next_due, now + max(delay, 0.0) + step, step)
         self.retime.set()  # the sleep may end later now, or sooner
 
     def _token_wait(self, now: float) -> float:

@@ -310,8 +310,10 @@ class Fetcher:
             if next_due is not None else None)
         # Turns owed for jobs this claim saw due are settled (not by a suspect claim,
         # which takes no other job); a job noted while it ran may be one it did not see
-        # (its turn, and noted_deadline, stay).
-        covered = 0 if suspects else ctx.turns.cover(upto, db_now.timestamp())
+        # (its turn, and noted_deadline, stay). Turns for jobs not due yet are timed by
+        # this claim's database clock, as claimed_deadline is.
+        covered = 0 if suspects else ctx.turns.cover(upto, db_now.timestamp(),
+                                                     sent + TIMER_MARGIN_SECONDS)
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None

@@ -72,8 +72,9 @@ class Turns:
         self.heard = 0  # due-time notifications heard so far (their order)
         self.last: str | None = None  # the payload of the last one
         self._first: OrderedDict[str, int] = OrderedDict()  # payload -> first order heard
-        # (order heard, due epoch, loop time this worker's turn comes)
-        self.entries: list[tuple[int, float, float]] = []
+        # (order heard, due epoch, loop time this worker's turn comes, how long after the
+        # job falls due that is: its place in the turn order, rank x TURN_STEP_SECONDS)
+        self.entries: list[tuple[int, float, float, float]] = []
         self.behind = 0  # the latest order heard whose turn was dropped unsettled, or 0
 
     def set_peers(self, peers: list[str] | None) -> None:
@@ -89,24 +90,25 @@ class Turns:
         start = zlib.crc32(payload.encode()) % n
         return (self.peers.index(self.id) - start) % n
 
-    def hear(self, payload: str, due_epoch: float, turn_at: float) -> None:
-        """Note a due-time notification and the loop time this worker's turn for it comes."""
+    def hear(self, payload: str, due_epoch: float, turn_at: float, step: float = 0.0) -> None:
+        """Note a due-time notification and the loop time this worker's turn for it comes
+        (`step` after the job falls due)."""
         self.heard += 1
         self.last = payload
         if payload not in self._first:
             self._first[payload] = self.heard
             if len(self._first) > HISTORY:
                 self._first.popitem(last=False)
-        self._add((self.heard, due_epoch, turn_at))
+        self._add((self.heard, due_epoch, turn_at, step))
 
-    def _add(self, entry: tuple[int, float, float]) -> None:
+    def _add(self, entry: tuple[int, float, float, float]) -> None:
         self.entries.append(entry)
         if len(self.entries) > HISTORY:
             dropped = self.entries[:len(self.entries) - HISTORY]
             del self.entries[:len(dropped)]
             self.behind = max(self.behind, max(e[0] for e in dropped))
 
-    def owe(self, due_epoch: float, turn_at: float) -> None:
+    def owe(self, due_epoch: float, turn_at: float, step: float = 0.0) -> None:
         """A claim owed for a due time learned from a peer's `took:` (its next due job):
         ordered after everything heard so far. None if a turn is owed already for that
         same due time: only a claim at or after it settles that one, and such a claim
@@ -117,15 +119,22 @@ class Turns:
         begun before this job was added.)"""
         if any(e[1] == due_epoch for e in self.entries):
             return
-        self._add((self.heard, due_epoch, turn_at))
+        self._add((self.heard, due_epoch, turn_at, step))
 
-    def cover(self, upto: int, db_now: float) -> int:
+    def cover(self, upto: int, db_now: float, db_now_at: float | None = None) -> int:
         """Drop the claims owed for notifications heard at or before order `upto` whose
-        jobs are due by `db_now`; how many were dropped."""
+        jobs are due by `db_now`; how many were dropped. With `db_now_at`, the loop time
+        this worker's own claim read the database clock at `db_now`, the turns for jobs
+        not due yet are timed again by it: a turn timed by a wall clock that ran ahead
+        (the offset of an earlier claim) came before its job was due, and stayed due, so
+        the worker claimed again at every notification token until the job was."""
         if upto >= self.behind:
             self.behind = 0
         kept = [e for e in self.entries if e[0] > upto or e[1] > db_now]
         dropped = len(self.entries) - len(kept)
+        if db_now_at is not None:
+            kept = [(o, due, db_now_at + (due - db_now) + step if due > db_now else turn, step)
+                    for o, due, turn, step in kept]
         self.entries = kept
         return dropped
 
