@@ -316,3 +316,32 @@ async def test_a_turn_that_comes_before_its_job_is_due_is_timed_again_by_the_cla
         assert w.stats.claims - before <= 4, w.stats.claims - before
     finally:
         await _stop(workers, runners)
+
+
+async def test_a_flood_of_notifications_never_holds_the_claims_back_past_the_poll(
+        sched, pg_dsn):
+    """Any role may NOTIFY. A flood of due times, each of a job due later and not this
+    worker's first turn, moves its timer (`retime`) at each one: the fetcher's sleep
+    recomputed its end and slept again, and while the flood lasted (seconds, for a few
+    hundred thousand notifications in one transaction) it never claimed, its safety poll
+    included. The job added after the flood (its notification waits behind it) must be
+    claimed by the poll (0.2 s) while the flood is still being read."""
+    await _busy_peers(sched, ["~peer"])
+    w = Worker(sched.store, pg_dsn, fast_options(poll_seconds=0.2, concurrency=2))
+    workers, runners = [w], [asyncio.create_task(w.run())]
+    try:
+        await wait_until(lambda: w.ready.is_set() and w.listening, what="ready")
+        await wait_until(lambda: len(w.ctx.turns.peers) == 2, what="the peer known")
+        flood = 200_000
+        async with sched.store.pool.connection() as conn:
+            # Due times an hour ahead and more, each later than the one before (before
+            # turns only an earlier one moved the timer).
+            await conn.execute("SELECT pg_notify(%s, (extract(epoch FROM now())::bigint"
+                               " + 3600 + i)::text) FROM generate_series(1, %s) i",
+                               (sched.store.channel, flood))
+        job = await sched.schedule("noop")
+        await wait_until(lambda: _status(sched, job, "completed"), timeout=60,
+                         interval=0.01, what="the job run")
+        assert w.ctx.turns.heard < flood, "claimed only once the flood was over"
+    finally:
+        await _stop(workers, runners)

@@ -153,7 +153,7 @@ class Fetcher:
 
     async def _sleep(self, free: int, poll_at: float) -> None:
         """Until a wake-up, the timer or the safety poll; a moved timer (`retime`) only
-        recomputes how long."""
+        recomputes how long, and a timer whose time has come ends the sleep at once."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         while True:
@@ -163,6 +163,11 @@ class Fetcher:
             # slot or a wake-up is (the due time may also be long past: not refreshed).
             if free > 0 and ctx.next_due_deadline is not None:
                 until = min(until, ctx.next_due_deadline)
+            if until <= loop.time():
+                # Its time has come: claim. Waiting again, however briefly, let the next
+                # notification move the timer again, and a flood of them (any role may
+                # NOTIFY) kept the fetcher here, its safety poll included.
+                return
             waits = [asyncio.ensure_future(ctx.wake.wait()),
                      asyncio.ensure_future(ctx.retime.wait())]
             try:
