@@ -6,9 +6,11 @@ behind shows as a timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
 from conftest import fast_options, wait_until
@@ -252,15 +254,14 @@ def _payload_first_for(worker, peers: int) -> str:
     raise AssertionError("no payload found")
 
 
-async def test_a_claim_that_saw_a_suspect_due_and_left_it_covers_no_peer(sched, pg_dsn):
-    """A busy worker's claim skips a due suspect (it runs alone) and waits some seconds
-    (SUSPECT_DRAIN_SECONDS) before it reserves it: its short claim did not take every
-    job it saw due, so it must not tell its idle peers, which would claim the suspect at
-    once, that they need not claim. Worker 'w-a' holds a long job and is first in turn;
-    'w-z', idle, is last (ten busy peers between them)."""
+@contextlib.asynccontextmanager
+async def _busy_first_idle_last(sched, pg_dsn, **options):
+    """Worker 'w-a' (2 slots) runs a long job; 'w-z' (1 slot) is idle; ten busy peers
+    between them in the turn order. Yields (w-a, w-z, a payload of a due time, now, for
+    which w-a is first in turn and w-z last, 55 ms later)."""
     await _busy_peers(sched, [f"w-f{i:02d}" for i in range(10)])
     busy = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS, concurrency=2,
-                                                    shutdown_grace_seconds=0.1),
+                                                    shutdown_grace_seconds=0.1, **options),
                   worker_id="w-a")
     runners = [asyncio.create_task(busy.run())]
     idle = None
@@ -269,27 +270,57 @@ async def test_a_claim_that_saw_a_suspect_due_and_left_it_covers_no_peer(sched, 
         long = await sched.schedule("sleep", args=(60.0,))
         await wait_until(lambda: _status(sched, long, "running"), what="w-a busy")
         idle = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS,
-                                                        concurrency=1), worker_id="w-z")
+                                                        concurrency=1, **options),
+                      worker_id="w-z")
         runners.append(asyncio.create_task(idle.run()))
         await wait_until(lambda: idle.ready.is_set() and idle.listening, what="w-z ready")
         await wait_until(lambda: all(len(w.ctx.turns.peers) == 12 for w in (busy, idle)),
                          what="both knowing their peers")
         await asyncio.sleep(0.3)  # the start-up claims are over
-        s = await sched.schedule("noop", job_id="s",
-                                 execution_time=datetime.now(UTC) + timedelta(hours=1))
-        async with sched.store.pool.connection() as conn:
-            await conn.execute(f'UPDATE "{sched.schema}".jobs SET suspect = true, '
-                               "execution_time = now() WHERE id = 's'")
-        assert idle.ctx.turns.rank(_payload_first_for(busy, 12)) == 11
-        await sched.store.notify(_payload_first_for(busy, 12))
-        # Well before the busy worker reserves it (5 s at least), and the poll (60 s).
-        await wait_until(lambda: _status(sched, s, "completed"), timeout=3,
-                         what="the idle worker to run the suspect")
+        payload = _payload_first_for(busy, 12)
+        assert idle.ctx.turns.rank(payload) == 11
+        yield busy, idle, payload
     finally:
         for w in (busy, idle):
             if w is not None:
                 w.stop()
         await asyncio.wait_for(asyncio.gather(*runners), 30)
+
+
+async def _due_now_unnotified(sched, job_id: str, task: str = "noop", *,
+                              suspect: bool = False) -> str:
+    """A job due now whose notification the test sends itself (with its own payload)."""
+    job = await sched.schedule(task, job_id=job_id,
+                               execution_time=datetime.now(UTC) + timedelta(hours=1))
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(f'UPDATE "{sched.schema}".jobs SET suspect = %s, '
+                           "execution_time = now() WHERE id = %s", (suspect, job_id))
+    return job
+
+
+async def test_a_claim_that_saw_a_suspect_due_and_left_it_covers_no_peer(sched, pg_dsn):
+    """A busy worker's claim skips a due suspect (it runs alone) and waits some seconds
+    (SUSPECT_DRAIN_SECONDS) before it reserves it: its short claim did not take every
+    job it saw due, so it must not tell its idle peers, which would claim the suspect at
+    once, that they need not claim. The busy worker is first in turn, the idle one last."""
+    async with _busy_first_idle_last(sched, pg_dsn) as (_, _, payload):
+        s = await _due_now_unnotified(sched, "s", suspect=True)
+        await sched.store.notify(payload)
+        # Well before the busy worker reserves it (5 s at least), and the poll (60 s).
+        await wait_until(lambda: _status(sched, s, "completed"), timeout=3,
+                         what="the idle worker to run the suspect")
+
+
+async def test_a_claim_cut_by_a_per_queue_cap_covers_no_peer(sched, pg_dsn):
+    """The busy worker, first in turn, is at its cap for the queue ([queues.default]
+    concurrency = 1): its claim takes nothing and must not tell the idle worker, last in
+    turn, that it need not claim."""
+    async with _busy_first_idle_last(sched, pg_dsn,
+                                     queue_concurrency=(("default", 1),)) as (_, _, payload):
+        job = await _due_now_unnotified(sched, "j")
+        await sched.store.notify(payload)
+        await wait_until(lambda: _status(sched, job, "completed"), timeout=3,
+                         what="the idle worker to run the job (the poll is 60 s away)")
 
 
 async def test_a_turn_that_comes_before_its_job_is_due_is_timed_again_by_the_claim(
@@ -381,3 +412,33 @@ async def test_a_free_worker_behind_many_busy_peers_claims_within_milliseconds(
     finally:
         w.stop()
         await asyncio.wait_for(runner, 30)
+
+
+async def test_workers_with_per_queue_caps_take_turns_too(sched, pg_dsn):
+    """A per-queue cap ([queues.NAME] concurrency) may cut a claim short, and a claim cut
+    so must not tell the peers it took everything. One that took fewer jobs of each
+    capped queue than the cap left room for was cut by nothing: it says so (`took:`).
+    Before, any cap at all kept a worker silent, so a fleet of capped workers claimed
+    once per worker per notification, only spread over the turns."""
+    workers, runners = await _fleet(sched, pg_dsn, 3, concurrency=2,
+                                    queue_concurrency=(("default", 4),))
+    tooks: list[str] = []
+    conn = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
+    try:
+        await conn.execute(f'LISTEN "{sched.store.channel}"')
+
+        async def hear() -> None:
+            async for notify in conn.notifies():
+                if notify.payload.startswith("took:"):
+                    tooks.append(notify.payload)
+
+        hearing = asyncio.create_task(hear())
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        jobs = 10
+        await _run_one_at_a_time(sched, jobs)
+        await wait_until(lambda: len(tooks) >= jobs / 2, timeout=5,
+                         what="the claims that took a job each to say so")
+        hearing.cancel()
+    finally:
+        await conn.close()
+        await _stop(workers, runners)

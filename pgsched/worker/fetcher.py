@@ -15,9 +15,10 @@ Invariants:
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
 - Notifications are claimed for in turn among the workers that serve the same queues
   (turns.py): a claim settles the turns owed for what was heard before it was sent, and
-  one that came back short (no per-queue cap of this worker could cut it; not a suspect
-  claim, and no suspect due that it left) tells the peers with a NOTIFY `took:`, so that
-  they do not claim for it too.
+  one that came back short (no per-queue cap of this worker cut it: it took fewer jobs of
+  each capped queue than the cap left room for; not a suspect claim, and no suspect due
+  that it left) tells the peers with a NOTIFY `took:`, so that they do not claim for it
+  too.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
   now past the notification budget) only shortens the sleep: no claim before its time.
   Every worker hears every enqueue's NOTIFY, so such a claim was an empty one on each.
@@ -59,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import structlog
@@ -302,11 +304,10 @@ class Fetcher:
         # The notifications heard before the claim is sent: its snapshot shows their jobs.
         heard, upto = ctx.turns.last, ctx.turns.heard
         ctx.stats.claims += 1
+        capped = capped_free_slots(ctx.queue_limits, ctx.running_by_queue())
         jobs, next_due, db_now = await ctx.store.claim_jobs(
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
-            queues=ctx.options.queues,
-            capped=capped_free_slots(ctx.queue_limits, ctx.running_by_queue()),
-            suspects=suspects,
+            queues=ctx.options.queues, capped=capped, suspects=suspects,
         )
         suspect_due = ctx.store.suspect_due
         ctx.clock_offset = db_now.timestamp() - sent_wall
@@ -345,13 +346,15 @@ class Fetcher:
         # Not when a suspect is due: this claim left it (it runs alone), and an idle peer
         # would claim it at once where this worker, busy, waits to reserve it.
         if (covered and heard is not None and len(jobs) < free and not suspects
-                and not suspect_due and not ctx.queue_limits and len(ctx.turns.peers) > 1):
+                and not suspect_due and not _cut_by_caps(capped, jobs)
+                and len(ctx.turns.peers) > 1):
             await self._announce(db_now.timestamp(), next_due, heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
 
     async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:
         """Tell the peers that a claim begun after `heard` took every job it saw due
-        (turns.py): it came back short, no per-queue cap of this worker cut it, and it
+        (turns.py): it came back short, no per-queue cap of this worker cut it (it took
+        fewer jobs of each capped queue than the cap left room for), and it
         left no due suspect (which an idle peer would claim at once). Its
         peers drop the turns it covered, and owe one for the next due job it saw. A
         failed NOTIFY only costs the peers their claims, in turn."""
@@ -426,6 +429,14 @@ class Fetcher:
             if _ran(outcome) == "failed" and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         ctx.free_slot()
+
+
+def _cut_by_caps(capped: tuple[list[str], list[int]], jobs: list[dict[str, Any]]) -> bool:
+    """Whether a per-queue cap may have cut a claim: it took (or expired) as many jobs of
+    a capped queue as the cap left room for. Fewer, and the cap cut nothing: the claim
+    took every job of that queue it saw due, as of an uncapped one."""
+    taken = Counter(job["queue"] for job in jobs)
+    return any(taken[q] >= room for q, room in zip(*capped, strict=True))
 
 
 def _ran(outcome: Outcome) -> str:
