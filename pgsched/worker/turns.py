@@ -125,16 +125,18 @@ class Turns:
         """Drop the claims owed for notifications heard at or before order `upto` whose
         jobs are due by `db_now`; how many were dropped. With `db_now_at`, the loop time
         this worker's own claim read the database clock at `db_now`, the turns for jobs
-        not due yet are timed again by it: a turn timed by a wall clock that ran ahead
-        (the offset of an earlier claim) came before its job was due, and stayed due, so
-        the worker claimed again at every notification token until the job was."""
+        not due yet come no sooner than it says: a turn timed by a wall clock that ran
+        ahead (the offset of an earlier claim) came before its job was due, and stayed
+        due, so the worker claimed again at every notification token until the job was.
+        (Never sooner than timed: a job added after this claim began, due now, may be due
+        after `db_now`.)"""
         if upto >= self.behind:
             self.behind = 0
         kept = [e for e in self.entries if e[0] > upto or e[1] > db_now]
         dropped = len(self.entries) - len(kept)
         if db_now_at is not None:
-            kept = [(o, due, db_now_at + (due - db_now) + step if due > db_now else turn, step)
-                    for o, due, turn, step in kept]
+            kept = [(o, due, max(turn, db_now_at + (due - db_now) + step)
+                     if due > db_now else turn, step) for o, due, turn, step in kept]
         self.entries = kept
         return dropped
 
