@@ -442,3 +442,34 @@ async def test_workers_with_per_queue_caps_take_turns_too(sched, pg_dsn):
     finally:
         await conn.close()
         await _stop(workers, runners)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "design call for the lead: a claim's next due time is kept as claimed_deadline, which "
+    "takes no turn and which no took: settles, so every worker that claimed since a job "
+    "due later was added claims for it when it falls due (the herd, for jobs added ahead "
+    "of time). Keying it as a turn (ranked by the due time, the same on every peer) would "
+    "let one claim and the others drop it, but a forged took: could then drop the "
+    "claimer's own timer too (up to the poll), which claimed_deadline is immune to."))
+async def test_a_job_due_later_is_claimed_for_once_not_by_every_worker_that_claimed(
+        sched, pg_dsn):
+    """Five workers; a job due in 2.5 s; meanwhile ten jobs due at once, claimed in turn
+    by several of the workers, each of which learns the later job's due time. When it
+    falls due, one claim (two at most) should serve it."""
+    workers, runners = await _fleet(sched, pg_dsn, 5, concurrency=2)
+    try:
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        later = await sched.schedule("noop", execution_time=datetime.now(UTC)
+                                     + timedelta(seconds=2.5))
+        await _run_one_at_a_time(sched, 10)
+        await _settled(workers)
+        if not await _status(sched, later, "pending"):
+            pytest.skip("the later job fell due meanwhile (a machine too slow)")
+        before = sum(w.stats.claims for w in workers)
+        await wait_until(lambda: _status(sched, later, "completed"), timeout=10,
+                         what="the later job run")
+        await asyncio.sleep(0.3)  # any late turn would claim now
+        claims = sum(w.stats.claims for w in workers) - before
+        assert claims <= 2, f"{claims} claims for one job due later, by 5 workers"
+    finally:
+        await _stop(workers, runners)
