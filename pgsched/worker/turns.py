@@ -9,9 +9,10 @@ claim empty per notification (6 empty claims per job with 50 workers). Instead, 
 peers take turns: for the notification with payload p, the peers sorted by id are
 rotated by a hash of p, and the worker at position r claims r x TURN_STEP_SECONDS after
 the job falls due (position 0 at once, as before). A worker whose claim came back short
-(it took everything due that it could see, and it has no per-queue cap that could have
-cut it) announces it with a NOTIFY `took:` (fetcher.py), and each peer drops the claims
-it owes for the notifications that claim covered. So one claim serves a notification
+(it took everything due that it could see: no per-queue cap cut it, and it left no due
+suspect) announces it with a NOTIFY `took:` (fetcher.py), and each peer drops the claims
+it owes for the notifications that claim covered; the claim's next due time is handed on
+in the `took:`, and owed once. So one claim serves a notification
 when the first worker in turn is free, and the next takes over one step later when it
 is busy or gone.
 
@@ -25,6 +26,9 @@ Invariants:
   the first time it heard the payload: two notifications can carry the same due time,
   and dropping too little costs a claim while dropping too much would leave a job to
   the safety poll), and only for jobs due by the claim's database time.
+- A claim of this worker's own re-times the turns for jobs it found not due yet by its
+  database clock (never sooner), so that a wall clock running ahead costs one early
+  claim, not a claim per notification token until the job is due.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
   covers nothing. A `took:` of another group (other queues), or of the worker itself,
   is ignored.
