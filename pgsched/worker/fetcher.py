@@ -15,8 +15,10 @@ Invariants:
   a timer set during the claim (note_due) is kept if it is earlier than the claim's.
 - Notifications are claimed for in turn among the workers that serve the same queues
   (turns.py): a claim settles the turns owed for what was heard before it was sent, and
-  one that came back short (no per-queue cap of this worker could cut it; not a suspect
-  claim) tells the peers with a NOTIFY `took:`, so that they do not claim for it too.
+  one that came back short (no per-queue cap of this worker cut it: it took fewer jobs of
+  each capped queue than the cap left room for; not a suspect claim, and no suspect due
+  that it left) tells the peers with a NOTIFY `took:`, so that they do not claim for it
+  too.
 - A timer moved by note_due (`retime`: a notification of a job due later, or of one due
   now past the notification budget) only shortens the sleep: no claim before its time.
   Every worker hears every enqueue's NOTIFY, so such a claim was an empty one on each.
@@ -58,12 +60,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from typing import Any
 
 import structlog
 
 from ..logs import get_logger
 from ..queues import capped_free_slots, saturated
+from ..store import CLAMPED_LATEST
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
 from .turns import took_payload
@@ -151,7 +155,7 @@ class Fetcher:
 
     async def _sleep(self, free: int, poll_at: float) -> None:
         """Until a wake-up, the timer or the safety poll; a moved timer (`retime`) only
-        recomputes how long."""
+        recomputes how long, and a timer whose time has come ends the sleep at once."""
         ctx = self.ctx
         loop = asyncio.get_running_loop()
         while True:
@@ -161,6 +165,11 @@ class Fetcher:
             # slot or a wake-up is (the due time may also be long past: not refreshed).
             if free > 0 and ctx.next_due_deadline is not None:
                 until = min(until, ctx.next_due_deadline)
+            if until <= loop.time():
+                # Its time has come: claim. Waiting again, however briefly, let the next
+                # notification move the timer again, and a flood of them (any role may
+                # NOTIFY) kept the fetcher here, its safety poll included.
+                return
             waits = [asyncio.ensure_future(ctx.wake.wait()),
                      asyncio.ensure_future(ctx.retime.wait())]
             try:
@@ -295,11 +304,10 @@ class Fetcher:
         # The notifications heard before the claim is sent: its snapshot shows their jobs.
         heard, upto = ctx.turns.last, ctx.turns.heard
         ctx.stats.claims += 1
+        capped = capped_free_slots(ctx.queue_limits, ctx.running_by_queue())
         jobs, next_due, db_now = await ctx.store.claim_jobs(
             worker_id=ctx.id, limit=free, lease_seconds=ctx.options.lease_seconds,
-            queues=ctx.options.queues,
-            capped=capped_free_slots(ctx.queue_limits, ctx.running_by_queue()),
-            suspects=suspects,
+            queues=ctx.options.queues, capped=capped, suspects=suspects,
         )
         suspect_due = ctx.store.suspect_due
         ctx.turns.observe(loop.time() - sent)
@@ -334,17 +342,25 @@ class Fetcher:
                 held.suspect = True
                 log.info("suspect_claimed", job_id=held.id, task=held.task_name)
         again = self._note_suspects(suspect_due, alone, suspects)
+        # Not when a suspect is due: this claim left it (it runs alone), and an idle peer
+        # would claim it at once where this worker, busy, waits to reserve it.
         if (covered and heard is not None and len(jobs) < free and not suspects
-                and not ctx.queue_limits and len(ctx.turns.peers) > 1):
+                and not suspect_due and not _cut_by_caps(capped, jobs)
+                and len(ctx.turns.peers) > 1):
             await self._announce(db_now.timestamp(), next_due, heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
 
     async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:
         """Tell the peers that a claim begun after `heard` took every job it saw due
-        (turns.py): it came back short, and no per-queue cap of this worker cut it. Its
+        (turns.py): it came back short, no per-queue cap of this worker cut it (it took
+        fewer jobs of each capped queue than the cap left room for), and it
+        left no due suspect (which an idle peer would claim at once). Its
         peers drop the turns it covered, and owe one for the next due job it saw. A
         failed NOTIFY only costs the peers their claims, in turn."""
         ctx = self.ctx
+        # '9999-12-30' is the claim's "nothing pending" (the clamp): no turn to hand on.
+        if next_due is not None and next_due >= CLAMPED_LATEST:
+            next_due = None
         try:
             await ctx.store.notify(took_payload(
                 ctx.turns.group, db_now,
@@ -412,6 +428,14 @@ class Fetcher:
             if _ran(outcome) == "failed" and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         ctx.free_slot()
+
+
+def _cut_by_caps(capped: tuple[list[str], list[int]], jobs: list[dict[str, Any]]) -> bool:
+    """Whether a per-queue cap may have cut a claim: it took (or expired) as many jobs of
+    a capped queue as the cap left room for. Fewer, and the cap cut nothing: the claim
+    took every job of that queue it saw due, as of an uncapped one."""
+    taken = Counter(job["queue"] for job in jobs)
+    return any(taken[q] >= room for q, room in zip(*capped, strict=True))
 
 
 def _ran(outcome: Outcome) -> str:

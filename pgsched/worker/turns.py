@@ -10,11 +10,12 @@ claim empty per notification (6 empty claims per job with 50 workers). Instead, 
 peers take turns: for the notification with payload p, the peers sorted by id are
 rotated by a hash of p, and the worker at position r claims r steps (5-50 ms: about
 three of its claim round trips) after the job falls due, position 0 at once, as before.
-A worker whose claim came back short (it took everything due that it could see, and it
-has no per-queue cap that could have cut it) announces it with a NOTIFY `took:`
+A worker whose claim came back short (it took everything due that it could see: no
+per-queue cap cut it, and it left no due suspect) announces it with a NOTIFY `took:`
 (fetcher.py), and each peer drops the claims it owes for the notifications that claim
-covered. So one claim serves a notification when the first worker in turn is free, and
-the next takes over one step later when it is busy or gone.
+covered; the claim's next due time is handed on in the `took:`, and owed once. So one
+claim serves a notification when the first worker in turn is free, and the next takes
+over one step later when it is busy or gone.
 
 Invariants:
 - What a `took:` covers is decided by the order in which notifications arrive, never by
@@ -26,11 +27,14 @@ Invariants:
   the first time it heard the payload: two notifications can carry the same due time,
   and dropping too little costs a claim while dropping too much would leave a job to
   the safety poll), and only for jobs due by the claim's database time.
+- Turns are kept on the database clock and turned into loop times with the clock offset
+  of this worker's latest claim, so a claim that came early (a wall clock running ahead)
+  re-times them: one early claim, not a claim per notification token until the job is due.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
   covers nothing. (A peer whose LISTEN was down when the claimer heard the payload, and
   that heard the same due time again later, drops one turn too many; its peers that
-  did not miss it still claim in turn.) A `took:` of another group (other queues), or of the worker itself,
-  is ignored.
+  did not miss it still claim in turn.) A `took:` of another group (other queues), or
+  of the worker itself, is ignored.
 - Rank needs no agreement to be safe: peers whose lists differ (a worker that started
   or stopped since the last heartbeat) may both claim at once (one claim is empty) or
   one step later; a worker missing from its own list counts itself in.
@@ -127,7 +131,15 @@ class Turns:
 
     def owe(self, due_epoch: float, turn_at: float) -> None:
         """A claim owed for a due time learned from a peer's `took:` (its next due job):
-        ordered after everything heard so far."""
+        ordered after everything heard so far. None if a turn is owed already for that
+        same due time: only a claim at or after it settles that one, and such a claim
+        sees this job (due later than its own claim's time, so added before it fell due).
+        Every `took:` repeats the next due time until that job runs: a turn owed for each
+        filled the history, and past it every notification made every worker claim. (Not
+        for an earlier due time: a `took:` that covers that one may come from a claim
+        begun before this job was added.)"""
+        if any(e[1] == due_epoch for e in self.entries):
+            return
         self._add((self.heard, due_epoch, turn_at))
 
     def cover(self, upto: int, db_now: float) -> int:
