@@ -89,13 +89,31 @@ def test_a_payload_never_heard_covers_nothing():
     assert len(turns.entries) == 1
 
 
-def test_a_turn_owed_for_a_peer_s_next_due_job_is_covered_only_by_a_later_claim():
+def test_a_turn_owed_for_a_job_a_claim_saw_is_settled_by_any_claim_once_it_is_due():
+    """A job due later that a claim saw pending (handed on in a took:, or this worker's
+    own claim's next due time) is settled by any claim at or after its due time: that
+    claim began after the job was seen, whatever it heard. Owed once per due time."""
     turns = Turns("me", None)
-    turns.hear("10.0", 10.0, 100.0)
     turns.owe(30.0, 120.0)
+    turns.owe(30.0, 121.0)
+    turns.hear("10.0", 10.0, 100.0)
     assert turns.covered_by("10.0", db_now=29.0) == 1
-    assert turns.entries == [(1, 30.0, 120.0)]
-    assert turns.covered_by("10.0", db_now=30.0) == 1
+    assert turns.entries == [(0, 30.0, 120.0)]
+    turns.hear("11.0", 11.0, 101.0)
+    assert turns.covered_by("10.0", db_now=30.0) == 1  # heard "11.0" is not covered
+    assert [e[1] for e in turns.entries] == [11.0]
+
+
+def test_turns_come_in_doubling_batches():
+    """Position r waits ceil(log2(1 + r)) steps: one free worker last of 1,000 peers whose
+    others are all busy waits 10 steps, not 999."""
+    ids = [f"w{i:04d}" for i in range(1000)]
+    lags = {}
+    for me in ids:
+        turns = Turns(me, None)
+        turns.set_peers(ids)
+        lags[turns.rank("p")] = turns.lag("p") / turns.step
+    assert [lags[r] for r in (0, 1, 2, 3, 4, 7, 8, 999)] == [0, 1, 2, 2, 3, 3, 4, 10]
 
 
 def test_groups_are_the_sets_of_queues_served():
@@ -405,13 +423,6 @@ async def test_a_flood_of_notifications_never_holds_the_claims_back_past_the_pol
         await _stop(workers, runners)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design call for the lead: the turn of rank r comes r x TURN_STEP_SECONDS after the "
-    "job falls due, so in a fleet of N peers whose first ones in turn are all busy (full "
-    "workers never claim), the one free worker waits up to (N - 1) x 5 ms: 5 s with the "
-    "1,000 peers the registry read allows, the default poll. Before turns it claimed at "
-    "once. A bounded wait (e.g. ceil(log2(1 + r)) steps: ranks claim in doubling "
-    "batches, 50 ms at most for 1,000 peers) keeps most of the saving."))
 async def test_a_free_worker_behind_many_busy_peers_claims_within_milliseconds(
         sched, pg_dsn):
     """999 peers registered and alive whose every slot is busy (they never claim) and one
@@ -471,13 +482,6 @@ async def test_workers_with_per_queue_caps_take_turns_too(sched, pg_dsn):
         await _stop(workers, runners)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design call for the lead: a claim's next due time is kept as claimed_deadline, which "
-    "takes no turn and which no took: settles, so every worker that claimed since a job "
-    "due later was added claims for it when it falls due (the herd, for jobs added ahead "
-    "of time). Keying it as a turn (ranked by the due time, the same on every peer) would "
-    "let one claim and the others drop it, but a forged took: could then drop the "
-    "claimer's own timer too (up to the poll), which claimed_deadline is immune to."))
 async def test_a_job_due_later_is_claimed_for_once_not_by_every_worker_that_claimed(
         sched, pg_dsn):
     """Five workers; a job due in 2.5 s; meanwhile ten jobs due at once, claimed in turn

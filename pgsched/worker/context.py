@@ -227,9 +227,8 @@ class WorkerContext:
         self.killed = asyncio.Event()
         self.closing = asyncio.Event()  # set after draining: side services return
         self.slot_freed_wakes = False  # the fetcher waits for a free slot
-        # loop.time() of the next due job the last claim reported, and of the earliest
-        # note_due without a turn (a let-go, a retry of this worker's) since it began.
-        self.claimed_deadline: float | None = None
+        # loop.time() of the earliest note_due without a turn (a let-go, a retry of this
+        # worker's) since the last claim began.
         self.noted_deadline: float | None = None
         self.turns = Turns(worker_id, options.queues)  # claims owed for notifications
         self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
@@ -358,8 +357,7 @@ class WorkerContext:
             # Claims for turns take tokens of the notification budget, as wake-ups do
             # (take_turn): a flood of forged notifications must not keep it claiming.
             turn = max(turn, now + self._token_wait(now))
-        return min((d for d in (self.claimed_deadline, self.noted_deadline, turn)
-                    if d is not None), default=None)
+        return min((d for d in (self.noted_deadline, turn) if d is not None), default=None)
 
     def note_due(self, due_epoch: float, payload: str | None = None) -> None:
         """A job was added for `due_epoch` (database clock): wake now, or move the timer
@@ -372,12 +370,11 @@ class WorkerContext:
         if not math.isfinite(delay):
             return
         if payload is not None:
-            rank = self.turns.rank(payload)
+            lag = self.turns.lag(payload)
             # From when it is due, or heard: a due time long past (a job put back by a
             # recovery) must not make every turn come at once.
-            self.turns.hear(payload, due_epoch,
-                            max(due_epoch, db_now) + rank * self.turns.step)
-            if rank > 0:
+            self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag)
+            if lag > 0:
                 self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
                 return
         if delay <= 0.001:
@@ -392,15 +389,20 @@ class WorkerContext:
             # ends. Every worker hears every NOTIFY; a claim now would find nothing due.
             self.retime.set()
 
-    def peer_took(self, db_now: float, next_due: float | None, heard: str, key: str) -> None:
+    def peer_took(self, db_now: float, next_due: float | None, heard: str) -> None:
         """A peer's claim (db_now, database clock), begun after it heard `heard`, took every
         job it saw due: drop the claims owed for what it covered, and owe one for its next
-        due job, in turn (keyed by this notification, `key`)."""
+        due job."""
         self.turns.covered_by(heard, db_now)
         if next_due is not None:
-            self.turns.owe(next_due, max(next_due, self.db_time())
-                           + self.turns.rank(key) * self.turns.step)
+            self.owe_turn(next_due)
         self.retime.set()  # the sleep may end later now, or sooner
+
+    def owe_turn(self, due_epoch: float) -> None:
+        """A turn for a job a claim saw pending, due at `due_epoch`: ranked by the due time,
+        the same on every peer that knows it, so one claims when it falls due."""
+        self.turns.owe(due_epoch, max(due_epoch, self.db_time())
+                       + self.turns.lag(repr(due_epoch)))
 
     def _token_wait(self, now: float) -> float:
         """Refill the notification token bucket: 0.0 if a token is there, else how long

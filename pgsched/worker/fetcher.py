@@ -74,9 +74,6 @@ from .turns import took_payload
 
 log = get_logger("pgsched.worker")
 
-# Added to a due-time timer so that the claim reaches the server just after the job falls
-# due: one that arrives early claims nothing and costs another round trip.
-TIMER_MARGIN_SECONDS = 0.0005
 # The longest the fetcher waits for a completion write in flight before it claims what the
 # backlog cap allows anyway (free_slots): a write takes milliseconds, and one whose server
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
@@ -312,13 +309,14 @@ class Fetcher:
         suspect_due = ctx.store.suspect_due
         ctx.turns.observe(loop.time() - sent)
         ctx.clock_offset = db_now.timestamp() - sent_wall
-        ctx.claimed_deadline = (
-            sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
-            if next_due is not None else None)
         # Turns owed for jobs this claim saw due are settled (not by a suspect claim,
         # which takes no other job); a job noted while it ran may be one it did not see
-        # (its turn, and noted_deadline, stay).
-        covered = 0 if suspects else ctx.turns.cover(upto, db_now.timestamp())
+        # (its turn, and noted_deadline, stay). The next due job it saw is a turn too.
+        covered = 0
+        if not suspects:
+            covered = ctx.turns.cover(upto, db_now.timestamp())
+            if next_due is not None and next_due < CLAMPED_LATEST:
+                ctx.owe_turn(next_due.timestamp())
         if jobs:  # a useful wake-up: give its notification token back
             ctx.wake_tokens = min(float(NOTIFY_WAKE_BURST), ctx.wake_tokens + 1.0)
         alone = None

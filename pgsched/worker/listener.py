@@ -91,7 +91,7 @@ class Listener:
             if took is not None and is_due_time(took[3]):
                 group, db_now, next_due, heard, worker = took
                 if group == self.ctx.turns.group and worker != self.ctx.id:
-                    self.ctx.peer_took(db_now, next_due, heard, payload)
+                    self.ctx.peer_took(db_now, next_due, heard)
                 return
         if is_due_time(payload):
             self.ctx.note_due(float(payload), payload)

@@ -8,12 +8,15 @@ the database clock).
 Every worker hears every enqueue's NOTIFY. Claiming on each made N - 1 of N workers
 claim empty per notification (6 empty claims per job with 50 workers). Instead, the
 peers take turns: for the notification with payload p, the peers sorted by id are
-rotated by a hash of p, and the worker at position r claims r steps (5-50 ms: about
-three of its claim round trips) after the job falls due, position 0 at once, as before.
+rotated by a hash of p, and the worker at position r claims ceil(log2(1 + r)) steps
+(a step is 5-50 ms: about three of its claim round trips) after the job falls due,
+position 0 at once, as before.
 A worker whose claim came back short (it took everything due that it could see: no
 per-queue cap cut it, and it left no due suspect) announces it with a NOTIFY `took:`
 (fetcher.py), and each peer drops the claims it owes for the notifications that claim
-covered; the claim's next due time is handed on in the `took:`, and owed once. So one
+covered; the claim's next due time is handed on in the `took:`, and owed once. A job
+due later that a claim saw (its next due time) is a turn too, ranked by its due time,
+so that one claim serves it when it falls due, not one per worker that knows it. So one
 claim serves a notification when the first worker in turn is free, and the next takes
 over one step later when it is busy or gone.
 
@@ -59,8 +62,8 @@ from collections import OrderedDict
 TURN_STEP_SECONDS = 0.005
 TURN_STEP_MAX_SECONDS = 0.05
 STEP_RTTS = 3.0
-# Added to a turn's time, as to the fetcher's due-time timer, so that the claim reaches
-# the server once the job is due.
+# Added to a turn's time so that the claim reaches the server just after the job falls
+# due: one that arrives early claims nothing and costs another round trip.
 TURN_MARGIN_SECONDS = 0.0005
 # Due-time payloads remembered (first time heard), to find the one a `took:` names, and
 # turns owed at most: past that (a worker that hears a flood and never claims, its peers
@@ -104,6 +107,13 @@ class Turns:
         self._rtt = seconds if self._rtt is None else 0.8 * self._rtt + 0.2 * seconds
         self.step = min(TURN_STEP_MAX_SECONDS, max(TURN_STEP_SECONDS, STEP_RTTS * self._rtt))
 
+    def lag(self, key: str) -> float:
+        """How long after a job falls due this worker's turn for it comes: position r in
+        the turn order waits ceil(log2(1 + r)) steps (1: one step, 2-3: two, 4-7: three),
+        so positions claim in doubling batches and the last of 1,000 peers waits 10 steps,
+        not 999, when all before it are busy (full workers never claim)."""
+        return self.step * self.rank(key).bit_length()
+
     def rank(self, payload: str) -> int:
         """This worker's place in the turn order for a notification: 0 claims at once."""
         n = len(self.peers)
@@ -130,17 +140,16 @@ class Turns:
             self.behind = max(self.behind, max(e[0] for e in dropped))
 
     def owe(self, due_epoch: float, turn_at: float) -> None:
-        """A claim owed for a due time learned from a peer's `took:` (its next due job):
-        ordered after everything heard so far. None if a turn is owed already for that
-        same due time: only a claim at or after it settles that one, and such a claim
-        sees this job (due later than its own claim's time, so added before it fell due).
-        Every `took:` repeats the next due time until that job runs: a turn owed for each
-        filled the history, and past it every notification made every worker claim. (Not
-        for an earlier due time: a `took:` that covers that one may come from a claim
-        begun before this job was added.)"""
+        """A claim owed for a job a claim saw pending, due at `due_epoch` (this worker's
+        own claim's next due job, or a peer's, handed on in its `took:`). Any claim at or
+        after that time settles it, whatever it heard before (order 0): such a claim began
+        after the job was seen pending, so it sees the job. None if a turn is owed already
+        for that same due time. (Every `took:` repeats the next due time until that job
+        runs: a turn owed for each filled the history, and past it every notification
+        made every worker claim.)"""
         if any(e[1] == due_epoch for e in self.entries):
             return
-        self._add((self.heard, due_epoch, turn_at))
+        self._add((0, due_epoch, turn_at))
 
     def cover(self, upto: int, db_now: float) -> int:
         """Drop the claims owed for notifications heard at or before order `upto` whose
