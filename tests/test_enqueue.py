@@ -1,0 +1,88 @@
+"""schedule()'s single-job write (Store.insert_job) on the pools it may be given.
+
+schedule() borrows its connection with the pool's getconn()/putconn() instead of
+`async with pool.connection()` (issue 11: fewer layers a call). These tests hold it to
+what connection() guaranteed: a pool that is not autocommit still has its job committed,
+a failed statement leaves the connection clean, and a pool class with its own
+connection() is still borrowed through it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from pgsched import ConflictResolution, Scheduler
+from pgsched.store import _positional
+
+
+async def _job_ids(pg_dsn: str, schema: str) -> set[str]:
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        rows = await (await conn.execute(f'SELECT id FROM "{schema}".jobs')).fetchall()
+    return {row[0] for row in rows}
+
+
+async def test_a_borrowed_pool_without_autocommit_still_commits_each_job(sched, pg_dsn, schema):
+    """A connection handed back inside a transaction is rolled back by the pool: without
+    the commit that connection() made, every job would vanish (and REPLACE's overwrite)."""
+    async with AsyncConnectionPool(pg_dsn, min_size=1, max_size=1, open=False) as pool:
+        borrowed = Scheduler(pool, schema=schema)
+        await borrowed.open()
+        first = await borrowed.schedule("noop")
+        again = await borrowed.schedule("noop", job_id=first, queue="other",
+                                        conflict_resolution=ConflictResolution.REPLACE)
+        assert again == first
+        await borrowed.close()
+    assert await _job_ids(pg_dsn, schema) == {first}
+    job = await sched.get_job(first)
+    assert job["queue"] == "other"
+
+
+async def test_a_failed_insert_hands_the_connection_back_clean(pg_dsn, schema, caplog):
+    """A statement that fails (here: no jobs table yet) on a pool without autocommit
+    leaves its transaction aborted; it is rolled back before the connection goes back,
+    so the pool has nothing to roll back (it warns when it must) and the next job on the
+    same single connection is written."""
+    async with (AsyncConnectionPool(pg_dsn, min_size=1, max_size=1, open=False) as pool,
+                Scheduler(pool, schema=schema) as borrowed):
+        with (caplog.at_level(logging.WARNING, logger="psycopg.pool"),
+              pytest.raises(psycopg.errors.UndefinedTable)):
+            await borrowed.schedule("noop")
+        assert not [r for r in caplog.records if "rolling back" in r.getMessage()]
+        async with pool.connection() as conn:
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        async with Scheduler(pg_dsn, schema=schema) as own:
+            await own.migrate()
+        job_id = await borrowed.schedule("noop")
+    assert await _job_ids(pg_dsn, schema) == {job_id}
+
+
+async def test_a_pool_with_its_own_connection_method_is_borrowed_through_it(
+        sched, pg_dsn, schema):
+    """An application's pool class may do its own work in connection() (a role, a
+    search_path, a metric): schedule() then goes through it, not around it."""
+    lent = []
+
+    class CountingPool(AsyncConnectionPool):
+        def connection(self, timeout=None):
+            lent.append(timeout)
+            return super().connection(timeout)
+
+    async with (CountingPool(pg_dsn, kwargs={"autocommit": True}, min_size=1, max_size=1,
+                             open=False) as pool,
+                Scheduler(pool, schema=schema) as borrowed):
+        job_id = await borrowed.schedule("noop")
+    assert lent == [None]
+    assert await _job_ids(pg_dsn, schema) == {job_id}
+
+
+def test_positional_parameters_must_come_in_the_order_given():
+    text = "INSERT INTO t (a, b) VALUES (%(a)s, %(b)s) RETURNING pg_notify(%(c)s, 'x')"
+    assert _positional(text, ("a", "b", "c")) == (
+        "INSERT INTO t (a, b) VALUES (%s, %s) RETURNING pg_notify(%s, 'x')")
+    for wrong in (("b", "a", "c"), ("a", "b"), ("a", "b", "c", "d")):
+        with pytest.raises(RuntimeError, match="in this order"):
+            _positional(text, wrong)
