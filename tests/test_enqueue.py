@@ -9,6 +9,7 @@ connection() is still borrowed through it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import psycopg
@@ -86,3 +87,33 @@ def test_positional_parameters_must_come_in_the_order_given():
     for wrong in (("b", "a", "c"), ("a", "b"), ("a", "b", "c", "d")):
         with pytest.raises(RuntimeError, match="in this order"):
             _positional(text, wrong)
+
+
+async def test_concurrent_schedules_each_run_on_their_own_connections_cursor(
+        pg_dsn, schema, sched):
+    """insert_job keeps a cursor per pool connection: concurrent calls, each on a
+    connection of its own, never share one (a cursor runs on the connection that made
+    it), and all of their jobs are written."""
+    async with Scheduler(pg_dsn, schema=schema, pool_size=3) as three:
+        ids = await asyncio.gather(*(three.schedule("noop") for _ in range(30)))
+        cursors = three.store._insert_cursors
+        assert 1 <= len(cursors) <= 3
+        assert all(cur.connection is conn for conn, cur in cursors.items())
+    assert await _job_ids(pg_dsn, schema) == set(ids)
+
+
+async def test_a_connection_lost_under_schedule_leaves_no_cursor_behind(pg_dsn, schema, sched):
+    """The connection a cursor was kept for dies (a terminated backend): that call fails
+    as it always did, the pool drops the connection, and the next call runs on a new
+    connection and a new cursor; the dead connection's cursor is let go."""
+    async with Scheduler(pg_dsn, schema=schema, pool_size=1) as one:
+        await one.schedule("noop")
+        (dead,) = one.store._insert_cursors
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (dead.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            await one.schedule("noop")
+        job_id = await one.schedule("noop")
+        (alive,) = one.store._insert_cursors
+        assert alive is not dead and not alive.closed
+    assert job_id in await _job_ids(pg_dsn, schema)
