@@ -246,11 +246,8 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _only_options(spec: JobSpec) -> bool:
-    """Whether a spec has no job id, no args (an empty list or tuple) and no kwargs (None):
-    its row is then made of its options and execution_time alone."""
-    return (spec.job_id is None and spec.kwargs is None
-            and type(spec.args) in (tuple, list) and not spec.args)
+# The types of a spec's empty args that _new_jobs takes for no args at all.
+_EMPTY_ARGS_TYPES = (tuple, list)
 
 
 # NewJob from a tuple in its field order without NewJob.__new__'s Python-level call.
@@ -511,7 +508,8 @@ class Scheduler:
         with a new id: everything _row() checks and computes for it depends only on what
         they share, so it would come out the same (a 100,000-job call: 1.6 us of client CPU
         a job instead of 1.9)."""
-        last: tuple[JobSpec, _Options] | None = None
+        last: JobSpec | None = None  # the spec whose options `options` are
+        options: _Options
         plain: tuple[Any, tuple[Any, ...]] | None = None  # (execution_time, the row's rest)
         new_id = new_job_ids().__next__
         for spec in specs:
@@ -519,17 +517,20 @@ class Scheduler:
                 raise InvalidInput("unique_for and unique_key are for schedule(), one job at a "
                                    "time; schedule_bulk does not deduplicate")
             if last is None or not (
-                    spec.func is last[0].func and spec.priority is last[0].priority
-                    and spec.max_retries is last[0].max_retries
-                    and spec.timeout is last[0].timeout
-                    and spec.misfire_grace_time is last[0].misfire_grace_time
-                    and spec.queue is last[0].queue):
-                last, plain = (spec, self._options(spec)), None
-            is_plain = _only_options(spec)
+                    spec.func is last.func and spec.priority is last.priority
+                    and spec.max_retries is last.max_retries
+                    and spec.timeout is last.timeout
+                    and spec.misfire_grace_time is last.misfire_grace_time
+                    and spec.queue is last.queue):
+                last, options, plain = spec, self._options(spec), None
+            # Plain: no job id, no args (an empty list or tuple) and no kwargs (None), so
+            # its row is made of its options and execution_time alone.
+            is_plain = (spec.job_id is None and spec.kwargs is None
+                        and type(spec.args) in _EMPTY_ARGS_TYPES and not spec.args)
             if is_plain and plain is not None and spec.execution_time is plain[0]:
                 yield _new_tuple(NewJob, (new_id(), *plain[1]))
                 continue
-            row = self._row(spec, last[1], new_id)
+            row = self._row(spec, options, new_id)
             if is_plain:
                 plain = spec.execution_time, row[1:]
             yield row

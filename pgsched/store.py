@@ -781,11 +781,10 @@ class Store:
                     # No savepoint: the COPY is the transaction's first write, so a clash
                     # undoes nothing a rollback would not (two round trips less a call).
                     async with conn.transaction():
-                        now = await self._copy(conn, "copy_jobs", jobs, copied)
+                        due_now, earliest = await self._copy(conn, "copy_jobs", jobs, copied)
                         if copied:
-                            earliest = min(job.execution_time or now for job in copied)
-                            await conn.execute(self._q["notify_due"],
-                                               {"channel": self.channel, "at": earliest})
+                            await conn.execute(self._q["notify_due"], {
+                                "channel": self.channel, "at": earliest, "due_now": due_now})
                     return {job.id for job in copied}
                 except psycopg.errors.UniqueViolation:
                     pass
@@ -806,10 +805,14 @@ class Store:
         return {job.id for job in copied} - skipped
 
     async def _copy(self, conn: psycopg.AsyncConnection, name: str, jobs: Iterable[NewJob],
-                    copied: list[NewJob] | None = None) -> datetime:
-        """COPY `jobs` in the open transaction, appending each to `copied`; returns the
-        transaction's now(), the due time of the jobs that have none (the value insert_job
-        would give them, the same for all).
+                    copied: list[NewJob] | None = None) -> tuple[bool, datetime | None]:
+        """COPY `jobs` in the open transaction, appending each to `copied`; returns whether
+        a job had no due time, and the earliest due time given (None if none was), which
+        notify_due needs.
+
+        A job without a due time is written as `now`, which PostgreSQL reads as the
+        transaction's start, now(): the value insert_job gives it, with no query to fetch
+        it first (one round trip less a call).
 
         The rows are written as COPY text, in blocks of COPY_BLOCK_ROWS: a bulk call
         usually repeats the task, queue and options, so their text is made once for a run
@@ -818,21 +821,28 @@ class Store:
         write_row() dumps each of the ten values of every row (1.7 us a row), more than the
         rest of the call.
         """
-        now: datetime = (await _one(await conn.execute(self._q["db_now"])))[0]
+        due_now = False
+        earliest: datetime | None = None
         last_head: tuple[Any, ...] | None = None
         last_tail: tuple[Any, ...] | None = None
         head = tail = ""
         lines: list[str] = []
+        keep = _discard if copied is None else copied.append
         async with conn.cursor().copy(self._q[name]) as copy:
             for job in jobs:
-                if copied is not None:
-                    copied.append(job)
+                keep(job)
                 if job[1:3] != last_head:  # task, queue
                     last_head = job[1:3]
                     head = "\t".join(map(_copy_text, last_head))
                 if job[5:] != last_tail:  # priority, due time, grace, retries, timeout
+                    # (a job with the same tail has the same due time: counted already)
                     last_tail = job[5:]
-                    tail = "\t".join(_copy_text(v, now) if at == 1 else _copy_text(v)
+                    when = last_tail[1]
+                    if when is None:
+                        due_now = True
+                    elif earliest is None or when < earliest:
+                        earliest = when
+                    tail = "\t".join(_copy_text(v, "now") if at == 1 else _copy_text(v)
                                      for at, v in enumerate(last_tail))
                 job_id, args, kwargs = job[0], job[3], job[4]
                 varying = job_id + args + kwargs  # one scan of the three, C-level
@@ -844,7 +854,7 @@ class Store:
                     lines.clear()
             if lines:
                 await copy.write("".join(lines))
-        return now
+        return due_now, earliest
 
     async def insert_waiting_job(self, job: NewJob, depends_on: Sequence[str]) -> bool:
         """Insert a job that waits until every job in `depends_on` completed (it may be
@@ -1817,11 +1827,15 @@ def encode_json(value: Any, what: str) -> str:
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
-def _copy_text(value: Any, now: datetime | None = None) -> str:
-    """One value as COPY text, as psycopg's text dumpers write it; None is NULL (or
-    `now`, when given: a job without a due time)."""
+def _discard(job: NewJob) -> None:
+    """_copy's keeper of the jobs it wrote when the caller keeps none."""
+
+
+def _copy_text(value: Any, null: str = "\\N") -> str:
+    """One value as COPY text, as psycopg's text dumpers write it; None is `null` (NULL,
+    or `now` for a job's due time)."""
     if value is None:
-        return "\\N" if now is None else now.isoformat()
+        return null
     if isinstance(value, str):
         for char, escaped in _COPY_ESCAPES:
             if char in value:  # a C-level scan: most values hold none of them

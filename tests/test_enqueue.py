@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from pgsched import ConflictResolution, Scheduler
+from pgsched import ConflictResolution, JobSpec, Scheduler
 from pgsched.store import _positional
 
 
@@ -117,3 +118,27 @@ async def test_a_connection_lost_under_schedule_leaves_no_cursor_behind(pg_dsn, 
         (alive,) = one.store._insert_cursors
         assert alive is not dead and not alive.closed
     assert job_id in await _job_ids(pg_dsn, schema)
+
+
+async def test_bulk_jobs_without_a_due_time_are_due_at_the_transactions_start(sched, pg_dsn):
+    """schedule_bulk() copies a missing due time as `now`, which PostgreSQL reads as the
+    transaction's start: the jobs' created_at (now() in the same transaction), whatever
+    the client's clock says; its wake-up carries the earliest due time of the call, now()
+    among them."""
+    past = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    future = past + timedelta(hours=2)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
+        await listener.execute(f'LISTEN "{sched.store.channel}"')
+
+        async def wakes() -> list[float]:
+            return [float(n.payload) async for n in listener.notifies(timeout=0.5)]
+
+        now_ids = await sched.schedule_bulk(
+            [JobSpec("noop"), JobSpec("noop", execution_time=future), JobSpec("noop")])
+        jobs = [await sched.get_job(job_id) for job_id in now_ids]
+        due = jobs[0]["execution_time"]
+        assert [j["execution_time"] for j in jobs] == [due, future, due]
+        assert all(j["created_at"] == due for j in jobs)
+        assert await wakes() == [due.timestamp()]
+        await sched.schedule_bulk([JobSpec("noop"), JobSpec("noop", execution_time=past)])
+        assert await wakes() == [past.timestamp()]
