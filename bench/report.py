@@ -54,6 +54,12 @@ ROWS = [
         "raw_insert_loop_rows_per_s", ">= 90% of raw insert loop", at_least=0.9),
     Row("enqueue-loop against the raw insert loop with a NOTIFY each",
         "enqueue_loop_jobs_per_s", "jobs/s", "raw_notify_loop_rows_per_s", ""),
+    Row("enqueue-loop interleaved with the raw insert loop (batches of 250, same table)",
+        "enqueue_loop_interleaved_jobs_per_s", "jobs/s", "raw_interleaved_insert_rows_per_s",
+        ""),
+    Row("enqueue-loop interleaved with the raw insert + NOTIFY loop",
+        "enqueue_loop_interleaved_jobs_per_s", "jobs/s", "raw_interleaved_notify_rows_per_s",
+        ""),
     Row("enqueue-bulk: 10k via schedule_bulk()", "enqueue_bulk_10k_jobs_per_s", "jobs/s",
         "raw_copy_10k_rows_per_s", ">= 80% of raw COPY, >= 3x peer", at_least=0.8,
         peer="pgqueuer_enqueue_bulk_10k_jobs_per_s", peer_at_least=3.0),
@@ -275,7 +281,13 @@ def cpu_table(m: Metrics) -> str:
         if client in m:
             shown = f"{m[server]:.0f} us" if server in m else "n/a"
             lines.append(f"| {label} | {m[client]:.0f} us | {shown} |")
-    for label, key in (("raw COPY (client only)", "raw_copy_client_cpu_us_per_row"),
+    for label, key in (("enqueue-loop schedule() (client only)",
+                        "enqueue_loop_client_cpu_us_per_job"),
+                       ("enqueue-loop interleaved: schedule() (client only)",
+                        "enqueue_loop_interleaved_client_cpu_us_per_job"),
+                       ("enqueue-loop interleaved: raw insert + NOTIFY (client only)",
+                        "raw_interleaved_notify_client_cpu_us_per_row"),
+                       ("raw COPY (client only)", "raw_copy_client_cpu_us_per_row"),
                        ("enqueue-bulk 100k (client only)", "enqueue_bulk_client_cpu_us_per_job"),
                        ("enqueue-bulk 10k (client only)",
                         "enqueue_bulk_10k_client_cpu_us_per_job")):
@@ -310,6 +322,8 @@ def _short(reference: str | None) -> str:
     return {
         "raw_insert_loop_rows_per_s": "raw insert",
         "raw_notify_loop_rows_per_s": "raw insert + NOTIFY",
+        "raw_interleaved_insert_rows_per_s": "raw insert, interleaved",
+        "raw_interleaved_notify_rows_per_s": "raw insert + NOTIFY, interleaved",
         "raw_copy_rows_per_s": "raw COPY",
         "raw_copy_10k_rows_per_s": "raw COPY",
         "raw_claim_jobs_per_s": "raw claim",

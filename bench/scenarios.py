@@ -160,12 +160,63 @@ async def enqueue_loop(h: Harness) -> Metrics:
     schema = await h.fresh_schema("enqueue_loop")
     async with Scheduler(h.dsn, schema=schema) as sched:
         await sched.schedule("noop")  # the pool's first connection, like the raw loop's
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(h.sizes.enqueue_loop):
             await sched.schedule("noop")
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        interleaved = await _interleaved_loops(h, sched, schema)
     await h.drop_schema(schema)
-    return {"enqueue_loop_jobs_per_s": h.sizes.enqueue_loop / elapsed}
+    return {"enqueue_loop_jobs_per_s": h.sizes.enqueue_loop / elapsed,
+            "enqueue_loop_client_cpu_us_per_job": cpu / h.sizes.enqueue_loop * 1e6,
+            **interleaved}
+
+
+async def _interleaved_loops(h: Harness, sched: Scheduler, schema: str) -> Metrics:
+    """schedule() against the raw insert loops, in alternating batches of
+    INTERLEAVED_BATCH calls on the same table: the raw ceiling runs minutes away from the
+    enqueue-loop, long enough for another process's load to come or go (rounds of a shared
+    2-core machine ranged from 69% to 585% of raw insert), whereas batches a tenth of a
+    second apart see the same machine. Rates over all batches of each, and the client's
+    CPU per call. The raw statements are made into text once, as pgsched's are."""
+    batch, n = INTERLEAVED_BATCH, h.sizes.enqueue_loop // 2
+    now = datetime.now(UTC)
+    plain = q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})", schema)
+    notify = q(f"INSERT INTO {{s}}.jobs ({COLUMNS}) VALUES ({', '.join(['%s'] * 10)})"
+               " RETURNING pg_notify(%s, extract(epoch FROM execution_time)::text)", schema)
+    spent = {name: [0.0, 0.0] for name in ("insert", "notify", "schedule")}
+    async with await h.connect() as conn:
+        plain_text, notify_text = plain.as_string(conn), notify.as_string(conn)
+        channel = sched.store.channel
+        for start in range(0, n, batch):
+            count = min(batch, n - start)
+            for name in spent:
+                if name == "schedule":
+                    calls: Any = None
+                elif name == "insert":
+                    calls = [_job_row(f"ii-{start + i}", now) for i in range(count)]
+                else:
+                    calls = [(*_job_row(f"in-{start + i}", now), channel) for i in range(count)]
+                started, cpu = time.perf_counter(), time.process_time()
+                if calls is None:
+                    for _ in range(count):
+                        await sched.schedule("noop")
+                else:
+                    query = plain_text if name == "insert" else notify_text
+                    for row in calls:
+                        await conn.execute(query, row)
+                spent[name][0] += time.perf_counter() - started
+                spent[name][1] += time.process_time() - cpu
+    return {
+        "enqueue_loop_interleaved_jobs_per_s": n / spent["schedule"][0],
+        "enqueue_loop_interleaved_client_cpu_us_per_job": spent["schedule"][1] / n * 1e6,
+        "raw_interleaved_insert_rows_per_s": n / spent["insert"][0],
+        "raw_interleaved_notify_rows_per_s": n / spent["notify"][0],
+        "raw_interleaved_notify_client_cpu_us_per_row": spent["notify"][1] / n * 1e6,
+    }
+
+
+# _interleaved_loops: calls in each batch of schedule() and of each raw loop.
+INTERLEAVED_BATCH = 250
 
 
 def _enqueue_bulk(size: str, name: str) -> Callable[[Harness], Awaitable[Metrics]]:

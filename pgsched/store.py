@@ -49,6 +49,7 @@ import json
 import os
 import re
 import socket
+import sys
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -341,6 +342,19 @@ def _warnings(conn: Any) -> Iterator[list[tuple[str | None, str]]]:
         conn.remove_notice_handler(keep)
 
 
+def _positional(text: str, names: Sequence[str]) -> str:
+    """A statement's %(name)s parameters as %s, for parameters given as a sequence: the
+    statement must name each of `names` once, in that order (RuntimeError otherwise, at
+    import: a reordered SQL block never binds a value to the wrong column)."""
+    found = _NAMED_PARAM_RE.findall(text)
+    if found != list(names):
+        raise RuntimeError(f"expected the parameters {list(names)} in this order, found {found}")
+    return _NAMED_PARAM_RE.sub("%s", text)
+
+
+_NAMED_PARAM_RE = re.compile(r"%\((\w+)\)s")
+
+
 def walk_bound(limit: int) -> int:
     """claim_jobs_flat's walk bound for a claim of `limit`: a constant, so that a generic
     plan knows it, and at least `limit` (sql/queries.sql). Powers of two from 8: a
@@ -471,6 +485,11 @@ class Store:
         self.schema = validate_identifier(schema)
         self.channel = channel_name(schema)
         self._q = {name: _bind(text, self.schema) for name, text in _QUERIES.items()}
+        # insert_job and replace_job (False, True) with positional parameters in NewJob's
+        # field order, then the channel: insert_job sends a job's tuple as it is, with no
+        # dict to build and none for psycopg to reorder.
+        self._one_job = tuple(_positional(self._q[name], (*NewJob._fields, "channel"))
+                              for name in ("insert_job", "replace_job"))
         # Which claim statement the next claim starts with: claim_jobs once a queue has a
         # global limit, else, for a worker of every queue without caps, the flat claim
         # (unless it was refused within FLAT_RETRY_SECONDS), else the cheaper
@@ -481,6 +500,11 @@ class Store:
         self._claim_limits = False
         self._claim_prepared = False
         self._complete_prepared = False  # as _claim_prepared, for PREPARED_COMPLETE_ROWS
+        # Whether insert_job borrows with getconn/putconn (_lends_directly): None until the
+        # first insert_job asks.
+        self._direct_lending: bool | None = None
+        # insert_job's cursor on each pool connection it used (_rowcount_on_lent).
+        self._insert_cursors: dict[psycopg.AsyncConnection[Any], psycopg.AsyncCursor[Any]] = {}
         # Set by a claim that came back full while the statistics counted fewer than
         # PREPARED_CLAIM_ROWS pending rows: a hint that they may have fallen behind a burst,
         # which the worker's maintenance checks (refresh_pending_statistics) and clears.
@@ -701,10 +725,20 @@ class Store:
             return set()
         if len(jobs) > 1:
             return await self.copy_jobs(jobs, replace=replace, require_all=False)
-        params = {**jobs[0]._asdict(), "channel": self.channel}
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(self._q["replace_job" if replace else "insert_job"], params)
-            return {jobs[0].id} if cur.rowcount == 1 else set()
+        return {jobs[0].id} if await self.insert_job(jobs[0], replace=replace) else set()
+
+    async def insert_job(self, job: NewJob, *, replace: bool = False) -> bool:
+        """schedule()'s write: insert one job (with replace, overwrite it unless it is
+        running) in one statement and one round trip, which also wakes the workers
+        (sql/enqueue.sql); True if the row was written."""
+        params = (*job, self.channel)
+        query = self._one_job[replace]
+        if self._direct_lending is None:
+            self._direct_lending = _lends_directly(self.pool)
+        if not self._direct_lending:
+            async with self.pool.connection() as conn:
+                return (await conn.execute(query, params)).rowcount == 1
+        return await _rowcount_on_lent(self.pool, query, params, self._insert_cursors) == 1
 
     async def insert_unique_job(
         self, job: NewJob, *, unique_seconds: float, unique_key: str | None
@@ -747,11 +781,10 @@ class Store:
                     # No savepoint: the COPY is the transaction's first write, so a clash
                     # undoes nothing a rollback would not (two round trips less a call).
                     async with conn.transaction():
-                        now = await self._copy(conn, "copy_jobs", jobs, copied)
+                        due_now, earliest = await self._copy(conn, "copy_jobs", jobs, copied)
                         if copied:
-                            earliest = min(job.execution_time or now for job in copied)
-                            await conn.execute(self._q["notify_due"],
-                                               {"channel": self.channel, "at": earliest})
+                            await conn.execute(self._q["notify_due"], {
+                                "channel": self.channel, "at": earliest, "due_now": due_now})
                     return {job.id for job in copied}
                 except psycopg.errors.UniqueViolation:
                     pass
@@ -772,10 +805,14 @@ class Store:
         return {job.id for job in copied} - skipped
 
     async def _copy(self, conn: psycopg.AsyncConnection, name: str, jobs: Iterable[NewJob],
-                    copied: list[NewJob] | None = None) -> datetime:
-        """COPY `jobs` in the open transaction, appending each to `copied`; returns the
-        transaction's now(), the due time of the jobs that have none (the value insert_job
-        would give them, the same for all).
+                    copied: list[NewJob] | None = None) -> tuple[bool, datetime | None]:
+        """COPY `jobs` in the open transaction, appending each to `copied`; returns whether
+        a job had no due time, and the earliest due time given (None if none was), which
+        notify_due needs.
+
+        A job without a due time is written as `now`, which PostgreSQL reads as the
+        transaction's start, now(): the value insert_job gives it, with no query to fetch
+        it first (one round trip less a call).
 
         The rows are written as COPY text, in blocks of COPY_BLOCK_ROWS: a bulk call
         usually repeats the task, queue and options, so their text is made once for a run
@@ -784,21 +821,28 @@ class Store:
         write_row() dumps each of the ten values of every row (1.7 us a row), more than the
         rest of the call.
         """
-        now: datetime = (await _one(await conn.execute(self._q["db_now"])))[0]
+        due_now = False
+        earliest: datetime | None = None
         last_head: tuple[Any, ...] | None = None
         last_tail: tuple[Any, ...] | None = None
         head = tail = ""
         lines: list[str] = []
+        keep = _discard if copied is None else copied.append
         async with conn.cursor().copy(self._q[name]) as copy:
             for job in jobs:
-                if copied is not None:
-                    copied.append(job)
+                keep(job)
                 if job[1:3] != last_head:  # task, queue
                     last_head = job[1:3]
                     head = "\t".join(map(_copy_text, last_head))
                 if job[5:] != last_tail:  # priority, due time, grace, retries, timeout
+                    # (a job with the same tail has the same due time: counted already)
                     last_tail = job[5:]
-                    tail = "\t".join(_copy_text(v, now) if at == 1 else _copy_text(v)
+                    when = last_tail[1]
+                    if when is None:
+                        due_now = True
+                    elif earliest is None or when < earliest:
+                        earliest = when
+                    tail = "\t".join(_copy_text(v, "now") if at == 1 else _copy_text(v)
                                      for at, v in enumerate(last_tail))
                 job_id, args, kwargs = job[0], job[3], job[4]
                 varying = job_id + args + kwargs  # one scan of the three, C-level
@@ -810,7 +854,7 @@ class Store:
                     lines.clear()
             if lines:
                 await copy.write("".join(lines))
-        return now
+        return due_now, earliest
 
     async def insert_waiting_job(self, job: NewJob, depends_on: Sequence[str]) -> bool:
         """Insert a job that waits until every job in `depends_on` completed (it may be
@@ -1792,11 +1836,15 @@ def encode_json(value: Any, what: str) -> str:
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 
 
-def _copy_text(value: Any, now: datetime | None = None) -> str:
-    """One value as COPY text, as psycopg's text dumpers write it; None is NULL (or
-    `now`, when given: a job without a due time)."""
+def _discard(job: NewJob) -> None:
+    """_copy's keeper of the jobs it wrote when the caller keeps none."""
+
+
+def _copy_text(value: Any, null: str = "\\N") -> str:
+    """One value as COPY text, as psycopg's text dumpers write it; None is `null` (NULL,
+    or `now` for a job's due time)."""
     if value is None:
-        return "\\N" if now is None else now.isoformat()
+        return null
     if isinstance(value, str):
         for char, escaped in _COPY_ESCAPES:
             if char in value:  # a C-level scan: most values hold none of them
@@ -1864,6 +1912,55 @@ class Connections(Protocol):
 
     def connection(
         self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]: ...
+
+
+def _lends_directly(pool: Any) -> bool:
+    """Whether `pool` is psycopg_pool's AsyncConnectionPool (or a subclass that keeps its
+    connection()), which _rowcount_on_lent may borrow from without connection()'s context
+    managers. Never imports psycopg_pool: such a pool was made with it imported."""
+    module = sys.modules.get("psycopg_pool")
+    if module is None or not isinstance(pool, module.AsyncConnectionPool):
+        return False
+    return type(pool).connection is module.AsyncConnectionPool.connection
+
+
+async def _rowcount_on_lent(pool: AsyncConnectionPool, query: str, params: Sequence[Any],
+                            cursors: dict[Any, psycopg.AsyncCursor[Any]]) -> int:
+    """One statement on a connection borrowed from `pool`; its row count.
+
+    What `async with pool.connection()` does, commit on success (a borrowed pool need not
+    be autocommit) and rollback on failure, through getconn() and putconn() alone: the
+    context managers around them (the pool's, and the connection's own, whose commit takes
+    its lock even when there is nothing to commit) cost 8.4 against 4.0 us of client CPU
+    a call in a micro-benchmark, and about 14 us in schedule()'s loop.
+
+    The statement runs on the cursor `cursors` keeps for that connection (made on first
+    use): a cursor that runs the same query again keeps its adapters and its dumpers
+    (psycopg makes them anew for every new cursor), 12-16 us of client CPU a call in
+    schedule()'s loop. A connection is lent to one task at a time, so is its cursor. The
+    cursors of closed connections are dropped whenever a new connection comes."""
+    conn = await pool.getconn()
+    try:
+        cur = cursors.get(conn)
+        if cur is None:
+            for closed in [c for c in cursors if c.closed]:
+                del cursors[closed]
+            cur = cursors[conn] = conn.cursor()
+        rowcount = (await cur.execute(query, params)).rowcount
+        if conn.pgconn.transaction_status != _IDLE:
+            await conn.commit()
+        return rowcount
+    except BaseException:
+        if conn.pgconn.transaction_status in _IN_TRANSACTION:
+            with contextlib.suppress(Exception):  # connection() ignores this failure too
+                await conn.rollback()
+        raise
+    finally:
+        await pool.putconn(conn)
+
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+_IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 
 
 class OneConnection:

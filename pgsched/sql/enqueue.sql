@@ -10,7 +10,8 @@
 -- Every path wakes idle workers with one NOTIFY per statement, carrying the earliest due
 -- time as epoch seconds, never one per row. A NULL execution_time is "due now" on the
 -- database clock (a client whose clock is behind must not enqueue a job already past its
--- misfire grace); the COPY paths fill it in from the transaction's now() first.
+-- misfire grace); the COPY paths write it as `now`, which PostgreSQL reads as the
+-- transaction's start, now().
 
 -- name: insert_job
 -- Insert one job unless its id exists; one row when it was inserted, none otherwise
@@ -69,8 +70,12 @@ COPY {schema}.jobs
 FROM STDIN;
 
 -- name: notify_due
--- Wake idle workers after copy_jobs (COPY cannot notify): %(at)s is the earliest due time.
-SELECT pg_notify(%(channel)s, extract(epoch FROM %(at)s::timestamptz)::text);
+-- Wake idle workers after copy_jobs (COPY cannot notify) with the earliest due time of
+-- the rows copied: %(at)s, the earliest one given (NULL if none was), or now() when
+-- %(due_now)s says some had none (copied as `now`, the transaction's start); least()
+-- skips a NULL.
+SELECT pg_notify(%(channel)s, extract(epoch FROM least(
+    %(at)s::timestamptz, CASE WHEN %(due_now)s THEN now() END))::text);
 
 -- name: create_staging
 -- The session's staging table for schedule_bulk() calls with clashing ids or REPLACE.
