@@ -985,16 +985,18 @@ class Store:
         self, *, worker_id: str, done: Sequence[tuple[str, int, str]]
     ) -> set[tuple[str, int]]:
         """done: (id, attempt, result as JSON text). Returns the (id, attempt) pairs
-        actually completed."""
+        actually completed. The three arrays go as array literals (text the statement
+        casts): psycopg's list dumpers, looked up and run in Python for each list of each
+        batch, cost the worker about 40 us more per statement (2 us a job at 25)."""
         if not done:
             return set()
         rows = await self._rows_past_deadlocks(
             "complete_jobs",
             {
                 "worker_id": worker_id,
-                "ids": [d[0] for d in done],
-                "attempts": [d[1] for d in done],
-                "results": [d[2] for d in done],
+                "ids": _text_array([d[0] for d in done]),
+                "attempts": "{" + ",".join([str(int(d[1])) for d in done]) + "}",
+                "results": _text_array([d[2] for d in done]),
             },
             prepare=self._complete_prepared,
         )
@@ -1754,6 +1756,12 @@ def _decode_payload(job: dict[str, Any]) -> dict[str, Any]:
         job["args"], job["kwargs"] = [], {}
         job["undecodable"] = f"{exc}; the row was not written by pgsched's API or CLI"
     return job
+
+
+def _text_array(values: list[str]) -> str:
+    """An array literal of `values`, every element quoted (the text array_in reads)."""
+    return "{" + ",".join(['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values]) + "}"
 
 
 def _loads_text(text: str, what: str) -> Any:
