@@ -14,10 +14,12 @@ loaded): the CLI's quick commands never log, and never pay for importing it.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +206,20 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
         out.msg("\n".join(lines))
     if len(lines) < len(rows):
         _one_by_one(logger, event, keys, rows[len(lines):])
+
+
+def context_setters(*keys: str) -> tuple[Callable[[Any], Any], ...]:
+    """What `structlog.contextvars.bind_contextvars(key=value)` calls for each of `keys`:
+    the `set` of structlog's context variable of that name (created by one bind in a
+    throw-away context). For the worker's per-job binding (job_id, task, attempt): three
+    calls instead of bind_contextvars's name building and lookups, about 1 us a job."""
+    import structlog
+
+    scratch = contextvars.copy_context()
+    scratch.run(structlog.contextvars.bind_contextvars, **dict.fromkeys(keys))
+    prefix = structlog.contextvars.STRUCTLOG_KEY_PREFIX
+    found = {var.name: var for var in scratch}
+    return tuple(found[prefix + key].set for key in keys)
 
 
 def _one_by_one(logger: Any, event: str, keys: tuple[str, ...],

@@ -147,18 +147,25 @@ class Completer:
                     await self._record(batch)
             finally:
                 self.ctx.recording = 0
-                for c in batch:
-                    if id(c) not in self._parked:
-                        self._waiting.pop(c.held.key, None)
-                        self._cuts.pop(c.held.key, None)
+                if self._parked or self._waiting or self._cuts:
+                    for c in batch:
+                        if id(c) not in self._parked:
+                            self._waiting.pop(c.held.key, None)
+                            self._cuts.pop(c.held.key, None)
+                            self.ctx.completions.task_done()
+                    self._parked.clear()
+                else:  # the usual batch: nothing parked, waiting or cut
+                    for _ in batch:
                         self.ctx.completions.task_done()
-                self._parked.clear()
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[Completion]) -> None:
         # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
         # writes nothing: the fence cannot tell it from a newer claim of the same key.
         pending = [c for c in batch if not c.held.lease_lost]
+        if not self._waiting:  # the usual batch: nothing parked before
+            await self._record_pending(pending)
+            return
         parked = [c for c in pending if c.held.key in self._waiting]
         await self._record_pending([c for c in pending if c.held.key not in self._waiting])
         if parked:
@@ -384,7 +391,7 @@ class Completer:
             lines = []
             for c in successes:
                 held = c.held
-                if (held.id, held.attempt) in written:
+                if held.key in written:
                     self.ctx.forget(held)
                     stats.completed += 1
                     metrics.job("completed", held.task_name, held.queue)
