@@ -151,8 +151,9 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     For the completer's `job_completed` lines, one per job of a batch: with the chain
     configure() sets up (JSON lines to stderr, and `logger` bound from it) the lines are
     the same, key for key, as those calls write, but the parts every line shares (the
-    bound and context variables, the event, the level) are encoded once per batch, a
-    row's values are encoded by type, and the batch is one write(). Any other set-up (an
+    bound and context variables, the event, the level, and the time: the lines are
+    written together) are encoded once per batch, a row's values are encoded by type,
+    and the batch is one write(). Any other set-up (an
     application's own structlog configuration, the console renderer, a test's
     capture_logs), or a row the shortcut does not encode as the JSON encoder would (any
     value but a str, an int or a finite float), goes through `logger.info` row by row.
@@ -187,6 +188,9 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     head = "{" + (head + ", " if head else "")
     tail_text = ", " + _JSON_LINE.encode(tail)[1:-1] + ', "timestamp": "'
     names = [_json_str(key) + ": " for key in keys]
+    # One time for the batch: its lines are written together, now (a time per line cost
+    # 1 us of the 2.8 a line took).
+    tail_text += _timestamp() + '"}'
     lines = []
     for row in rows:
         values = []
@@ -199,7 +203,7 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
             else:  # None, a bool, NaN: whatever the encoder does with it
                 break
         else:
-            lines.append(head + ", ".join(values) + tail_text + _timestamp() + '"}')
+            lines.append(head + ", ".join(values) + tail_text)
             continue
         break
     if lines:
