@@ -494,12 +494,13 @@ class Store:
     # -- helpers -------------------------------------------------------------------------
 
     async def _rows(self, name: str, params: dict[str, Any], *, times_clamped: bool = False,
-                    prepare: bool = True) -> list[dict[str, Any]]:
+                    prepare: bool = True, row_factory: Any = dict_row) -> list[Any]:
         """times_clamped: the query clamps every time it returns to what Python holds, so
         psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader.
-        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS)."""
+        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS). row_factory:
+        dicts, or tuple_row where a hot path reads rows by position."""
         async with (_USING.get() or self.pool).connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
+            cur = conn.cursor(row_factory=row_factory)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
             bound = _BOUND.get()
@@ -510,7 +511,8 @@ class Store:
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS, *,
-                                   prepare: bool = True) -> list[dict[str, Any]]:
+                                   prepare: bool = True,
+                                   row_factory: Any = dict_row) -> list[Any]:
         """_rows for a statement that locks rows in an order it does not choose, on the
         pool's autocommit connections: the rows of a batch of jobs from many workers, or
         the dependents its trigger settles for each job it ends (two completion batches
@@ -520,7 +522,8 @@ class Store:
         failed = 0
         while True:
             try:
-                return await self._rows(name, params, prepare=prepare)
+                return await self._rows(name, params, prepare=prepare,
+                                        row_factory=row_factory)
             except psycopg.errors.DeadlockDetected:
                 failed += 1
                 if failed >= attempts:
@@ -999,8 +1002,9 @@ class Store:
                 "results": _text_array([d[2] for d in done]),
             },
             prepare=self._complete_prepared,
+            row_factory=tuple_row,  # (id, attempts): no dict per completed job
         )
-        return {(row["id"], row["attempts"]) for row in rows}
+        return set(rows)
 
     async def outcome_states(
         self, *, worker_id: str, held: Sequence[tuple[str, int]]
