@@ -14,10 +14,12 @@ loaded): the CLI's quick commands never log, and never pay for importing it.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -104,15 +106,20 @@ _LEVEL_OF_METHOD = {"warn": "warning", "exception": "error"}  # as structlog's a
 _second_text: list[Any] = [None, ""]  # [whole second since the epoch, its ISO text]
 
 
-def _add_level_and_time(logger: Any, method: str, event_dict: Any) -> Any:
-    """structlog's add_log_level, TimeStamper(fmt="iso", utc=True) and format_exc_info in
-    one call: level, an ISO UTC timestamp with microseconds, and a traceback's text."""
-    event_dict["level"] = _LEVEL_OF_METHOD.get(method, method)
+def _timestamp() -> str:
+    """Now as an ISO UTC timestamp with microseconds (the second's text built once)."""
     second, ns = divmod(time.time_ns(), 1_000_000_000)
     if second != _second_text[0]:
         _second_text[:] = second, datetime.fromtimestamp(second, UTC).strftime(
             "%Y-%m-%dT%H:%M:%S.")
-    event_dict["timestamp"] = f"{_second_text[1]}{ns // 1000:06d}Z"
+    return f"{_second_text[1]}{ns // 1000:06d}Z"
+
+
+def _add_level_and_time(logger: Any, method: str, event_dict: Any) -> Any:
+    """structlog's add_log_level, TimeStamper(fmt="iso", utc=True) and format_exc_info in
+    one call: level, an ISO UTC timestamp with microseconds, and a traceback's text."""
+    event_dict["level"] = _LEVEL_OF_METHOD.get(method, method)
+    event_dict["timestamp"] = _timestamp()
     if "exc_info" in event_dict:
         import structlog
 
@@ -129,6 +136,100 @@ _JSON_LINE = json.JSONEncoder(default=_json_default)
 
 def _render_json(_logger: object, _method: str, event_dict: Any) -> str:
     return _JSON_LINE.encode(event_dict)
+
+
+# Keys the chain sets itself (or that change what it does): rows holding one go the
+# ordinary way.
+_CHAIN_KEYS = frozenset({"event", "level", "timestamp", "exc_info"})
+_json_str = json.encoder.encode_basestring_ascii  # what _JSON_LINE writes for a str
+
+
+def info_events(logger: Any, event: str, keys: tuple[str, ...],
+                rows: list[tuple[Any, ...]]) -> None:
+    """`logger.info(event, **dict(zip(keys, row)))` for each row, written at once.
+
+    For the completer's `job_completed` lines, one per job of a batch: with the chain
+    configure() sets up (JSON lines to stderr, and `logger` bound from it) the lines are
+    the same, key for key, as those calls write, but the parts every line shares (the
+    bound and context variables, the event, the level, and the time: the lines are
+    written together) are encoded once per batch, a row's values are encoded by type,
+    and the batch is one write(). Any other set-up (an
+    application's own structlog configuration, the console renderer, a test's
+    capture_logs), or a row the shortcut does not encode as the JSON encoder would (any
+    value but a str, an int or a finite float), goes through `logger.info` row by row.
+    """
+    if not rows:
+        return
+    chain = getattr(logger, "_processors", None)  # a bound logger's, as configured then
+    out = getattr(logger, "_logger", None)
+    structlog = sys.modules.get("structlog")
+    if (structlog is None or chain is None or not hasattr(out, "msg")
+            or not hasattr(logger, "is_enabled_for") or tuple(chain) != (
+                structlog.contextvars.merge_contextvars, _add_level_and_time, _render_json)):
+        _one_by_one(logger, event, keys, rows)
+        return
+    if not logger.is_enabled_for(logging.INFO):
+        return
+    context = logger._context
+    if _CHAIN_KEYS.intersection(keys) or not context.keys().isdisjoint(keys):
+        _one_by_one(logger, event, keys, rows)
+        return
+    # What follows a row's own keys, as _process_event and the chain add it: the event,
+    # the context variables not already set (setdefault), the level; then the timestamp.
+    tail: dict[str, Any] = {"event": event}
+    for key, value in structlog.contextvars.merge_contextvars(None, "info", {}).items():
+        if key in ("timestamp", "exc_info"):  # the chain would set or use it in place
+            _one_by_one(logger, event, keys, rows)
+            return
+        if key not in context and key not in keys:
+            tail.setdefault(key, value)
+    tail["level"] = "info"
+    head = _JSON_LINE.encode(dict(context))[1:-1]
+    head = "{" + (head + ", " if head else "")
+    tail_text = ", " + _JSON_LINE.encode(tail)[1:-1] + ', "timestamp": "'
+    names = [_json_str(key) + ": " for key in keys]
+    # One time for the batch: its lines are written together, now (a time per line cost
+    # 1 us of the 2.8 a line took).
+    tail_text += _timestamp() + '"}'
+    lines = []
+    for row in rows:
+        values = []
+        for name, value in zip(names, row, strict=True):
+            kind = type(value)
+            if kind is str:
+                values.append(name + _json_str(value))
+            elif kind is int or (kind is float and value - value == 0.0):  # finite
+                values.append(name + kind.__repr__(value))
+            else:  # None, a bool, NaN: whatever the encoder does with it
+                break
+        else:
+            lines.append(head + ", ".join(values) + tail_text)
+            continue
+        break
+    if lines:
+        out.msg("\n".join(lines))
+    if len(lines) < len(rows):
+        _one_by_one(logger, event, keys, rows[len(lines):])
+
+
+def context_setters(*keys: str) -> tuple[Callable[[Any], Any], ...]:
+    """What `structlog.contextvars.bind_contextvars(key=value)` calls for each of `keys`:
+    the `set` of structlog's context variable of that name (created by one bind in a
+    throw-away context). For the worker's per-job binding (job_id, task, attempt): three
+    calls instead of bind_contextvars's name building and lookups, about 1 us a job."""
+    import structlog
+
+    scratch = contextvars.copy_context()
+    scratch.run(structlog.contextvars.bind_contextvars, **dict.fromkeys(keys))
+    prefix = structlog.contextvars.STRUCTLOG_KEY_PREFIX
+    found = {var.name: var for var in scratch}
+    return tuple(found[prefix + key].set for key in keys)
+
+
+def _one_by_one(logger: Any, event: str, keys: tuple[str, ...],
+                rows: list[tuple[Any, ...]]) -> None:
+    for row in rows:
+        logger.info(event, **dict(zip(keys, row, strict=True)))
 
 
 class _LibraryLogs(logging.Handler):

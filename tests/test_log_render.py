@@ -5,6 +5,7 @@ pure logic, no database."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -37,3 +38,70 @@ def test_exception_text_is_rendered_into_the_json_line():
     line = json.loads(logs._render_json(None, "exception", event))
     assert "exc_info" not in line
     assert "ValueError: bad row" in line["exception"]
+
+
+@pytest.fixture
+def json_logs(capsys):
+    """pgsched's JSON set-up, as the worker runs it (restored afterwards: it is
+    process-wide), and a way to read the lines written, their timestamps blanked."""
+    import structlog
+
+    logs.configure("info", "json")
+    logs._structlog()
+    capsys.readouterr()
+
+    def lines() -> list[str]:
+        return [re.sub(r'"timestamp": "[^"]*"', '"timestamp": ""', line)
+                for line in capsys.readouterr().err.splitlines()]
+
+    yield lines
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+KEYS = ("job_id", "task", "attempt", "duration_s", "lateness_ms")
+ROWS = [("j-1", "noop", 1, 0.0001, 12.5), ("j\"2\\", "tâche ✓", 3, 1e-05, -0.5),
+        ("j-3", "noop", 10**20, 2.0, 0.0)]
+
+
+def test_a_batch_of_events_is_written_as_logger_info_writes_each(json_logs):
+    """logs.info_events (the completer's job_completed lines) writes what logger.info
+    writes for each row, key for key and in the same order: the bound context first,
+    then the row, the event, the context variables, the level and the time."""
+    import structlog
+
+    structlog.contextvars.bind_contextvars(worker_id="host:1:abc", region="eu", task="ctx")
+    logger = logs.get_logger("pgsched.worker").bind(service="w")
+    for row in ROWS:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert json_logs() == expected
+    assert json.loads(expected[1])["task"] == "tâche ✓"
+
+
+@pytest.mark.parametrize("odd", [None, float("nan"), True, 1.5e300 * 1e10])
+def test_a_row_the_batch_cannot_encode_itself_is_written_in_its_place(json_logs, odd):
+    logger = logs.get_logger("pgsched.worker").bind()
+    rows = [ROWS[0], ("j-odd", "noop", 1, odd, 1.0), ROWS[2]]
+    for row in rows:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, rows)
+    assert json_logs() == expected and len(expected) == 3
+
+
+def test_a_batch_goes_through_any_other_logging_set_up(json_logs):
+    """An application's own structlog configuration (here a test's capture_logs) gets
+    each event as logger.info would send it; below info, nothing is written."""
+    import structlog
+
+    with structlog.testing.capture_logs() as captured:
+        logs.info_events(logs.get_logger("pgsched.worker").bind(), "job_completed", KEYS,
+                         ROWS[:2])
+    assert [e["job_id"] for e in captured] == ["j-1", "j\"2\\"]
+    assert captured[0] == {"event": "job_completed", "log_level": "info",
+                           **dict(zip(KEYS, ROWS[0], strict=True))}
+    logs.configure("warning", "json")
+    logs.info_events(logs.get_logger("pgsched.worker").bind(), "job_completed", KEYS, ROWS)
+    assert json_logs() == []

@@ -185,3 +185,50 @@ def test_hostile_long_task_names_are_not_kept_by_the_per_job_series_cache():
                 if family.name == "pgsched_jobs_started" for sample in family.samples
                 if sample.name.endswith("_total"))
     assert total == 2_000
+
+
+def test_per_job_series_are_exposed_as_prometheus_counters_and_a_histogram_would_be():
+    """WorkerMetrics keeps the per-job counts and durations as plain numbers (cheaper per
+    job) and builds their families when scraped: the samples (names, labels, values, le
+    buckets, _count, _sum, _created) and each family's help and type are what
+    prometheus_client's Counter and Histogram give for the same calls."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from pgsched.worker.metrics import DURATION_BUCKETS, DURATION_HELP, JOB_EVENTS
+
+    registry = CollectorRegistry()
+    counters = {event: Counter(f"pgsched_jobs_{event}", doc, ("task", "queue"),
+                               registry=registry) for event, doc in JOB_EVENTS.items()}
+    histogram = Histogram("pgsched_job_duration_seconds", DURATION_HELP,
+                          ("task", "queue", "outcome"), buckets=DURATION_BUCKETS,
+                          registry=registry)
+    metrics = WorkerMetrics()
+    calls = [("started", "a", "q"), ("started", "a", "q"), ("completed", "a", "q"),
+             ("failed", "b", "default"), ("expired", "b", "q")]
+    runs = [("a", "q", "completed", 0.005), ("a", "q", "completed", 0.0051),
+            ("a", "q", "completed", 0.0), ("b", "default", "failed", 3599.0),
+            ("b", "default", "failed", 7200.0), ("a", "q", "cancelled", 2.5)]
+    for event, task, queue in calls:
+        metrics.job(event, task, queue)
+        counters[event].labels(task, queue).inc()
+    for task, queue, outcome, seconds in runs:
+        metrics.job_ran(task, queue, outcome, seconds)
+        histogram.labels(task, queue, outcome).observe(seconds)
+
+    def exposed(reg) -> tuple[dict, set]:
+        text = generate_latest(reg).decode()
+        heads = {line for line in text.splitlines() if line.startswith("#")
+                 and ("pgsched_jobs_" in line or "pgsched_job_duration" in line)
+                 and "recovered" not in line}
+        values = {k: v for k, v in samples(text).items()
+                  if k[0].startswith(("pgsched_jobs_", "pgsched_job_duration"))
+                  and "recovered" not in k[0]}
+        created = {k for k in values if k[0].endswith("_created")}
+        return {k: v for k, v in values.items() if k not in created}, (heads, created)
+
+    ours, theirs = exposed(metrics.registry), exposed(registry)
+    assert ours == theirs
+    assert ours[0][("pgsched_job_duration_seconds_bucket",
+                    frozenset({"task": "a", "queue": "q", "outcome": "completed",
+                               "le": "0.005"}.items()))] == 2

@@ -5,6 +5,7 @@ error history stays bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -148,3 +149,24 @@ async def test_error_history_keeps_the_first_and_last_attempts_with_short_traceb
                     *range(last - ERRORS_KEPT_LAST + 1, last + 1)]
     assert all(len(e["traceback"]) <= TRACEBACK_MAX_CHARS for e in job["errors"])
     assert job["errors"][-1]["traceback"].endswith("x")  # the end of a traceback is kept
+
+
+async def test_a_batch_of_completions_writes_ids_and_results_as_they_are(sched):
+    """complete_jobs sends its arrays as literals: ids and results holding what an array
+    literal quotes or escapes (quotes, backslashes, commas, braces, spaces, NULL, non-ASCII)
+    complete the right jobs with their results intact."""
+    ids = ['a"b', "c\\d", "e,f", "{g}", "h i", "NULL", "ñ✓", "plain"]
+    results = ['"x\\"y"', '"back\\\\slash"', '{"a": [1, "}"]}', "null", '"NULL"', '"ñ✓"',
+               '[{"k": "{,}"}]', "3"]
+    for job_id in ids:
+        await sched.schedule("noop", job_id=job_id)
+    claimed, _, _ = await sched.store.claim_jobs(worker_id=W, limit=len(ids), lease_seconds=60)
+    attempts = {row["id"]: row["attempts"] for row in claimed}
+    assert sorted(attempts) == sorted(ids)
+    done = [(job_id, attempts[job_id], result) for job_id, result in zip(ids, results,
+                                                                          strict=True)]
+    assert await sched.store.complete_jobs(worker_id=W, done=done) == \
+        {(job_id, attempts[job_id]) for job_id in ids}
+    for job_id, result in zip(ids, results, strict=True):
+        job = await sched.get_job(job_id)
+        assert (job["status"], job["result"]) == ("completed", json.loads(result)), job_id

@@ -62,7 +62,7 @@ from datetime import datetime
 
 import psycopg
 
-from ..logs import get_logger
+from ..logs import get_logger, info_events
 from ..store import OutcomeState, statement_timeout_for
 from .context import (
     DB_ERRORS,
@@ -82,6 +82,8 @@ log = get_logger("pgsched.worker")
 # would be retried for ever like an outage, holding up every later outcome.
 DATA_ERRORS = (psycopg.DataError, UnicodeEncodeError, psycopg.errors.ProgramLimitExceeded,
                psycopg.errors.StatementTooComplex)
+# The fields of a job_completed line after the event: Held.log_fields(), then the run's.
+_COMPLETED_KEYS = ("job_id", "task", "attempt", "duration_s", "lateness_ms")
 # A job whose task this worker does not know (rolling deploy): due again after 60 s,
 # doubling up to an hour, and failed once it has been deferred for a day.
 UNKNOWN_TASK_DELAY_SECONDS = 60.0
@@ -145,18 +147,25 @@ class Completer:
                     await self._record(batch)
             finally:
                 self.ctx.recording = 0
-                for c in batch:
-                    if id(c) not in self._parked:
-                        self._waiting.pop(c.held.key, None)
-                        self._cuts.pop(c.held.key, None)
+                if self._parked or self._waiting or self._cuts:
+                    for c in batch:
+                        if id(c) not in self._parked:
+                            self._waiting.pop(c.held.key, None)
+                            self._cuts.pop(c.held.key, None)
+                            self.ctx.completions.task_done()
+                    self._parked.clear()
+                else:  # the usual batch: nothing parked, waiting or cut
+                    for _ in batch:
                         self.ctx.completions.task_done()
-                self._parked.clear()
             self.ctx.free_slot()  # the fetcher may be waiting for this backlog to shrink
 
     async def _record(self, batch: list[Completion]) -> None:
         # A run superseded while its outcome waited here (fetcher._lose_older_attempts)
         # writes nothing: the fence cannot tell it from a newer claim of the same key.
         pending = [c for c in batch if not c.held.lease_lost]
+        if not self._waiting:  # the usual batch: nothing parked before
+            await self._record_pending(pending)
+            return
         parked = [c for c in pending if c.held.key in self._waiting]
         await self._record_pending([c for c in pending if c.held.key not in self._waiting])
         if parked:
@@ -378,17 +387,19 @@ class Completer:
             if unwritten:
                 await self._look_at_unwritten(unwritten)
             _remove(pending, successes)
-            job_log, stats, metrics = self.ctx.job_log, self.ctx.stats, self.ctx.metrics
+            stats, metrics = self.ctx.stats, self.ctx.metrics
+            lines = []
             for c in successes:
                 held = c.held
-                if (held.id, held.attempt) in written:
+                if held.key in written:
                     self.ctx.forget(held)
                     stats.completed += 1
                     metrics.job("completed", held.task_name, held.queue)
-                    # held.log_fields() spelt out: no dict built and unpacked per job
-                    job_log.info("job_completed", job_id=held.id, task=held.task_name,
-                                 attempt=held.attempt, duration_s=c.duration_s,
-                                 lateness_ms=c.lateness_ms)
+                    lines.append((held.id, held.task_name, held.attempt, c.duration_s,
+                                  c.lateness_ms))
+            # One job_completed line per job (held.log_fields(), duration_s, lateness_ms),
+            # the batch's lines rendered together and written at once (logs.info_events).
+            info_events(self.ctx.job_log, "job_completed", _COMPLETED_KEYS, lines)
         if cancelled:
             await self._record_cancelled(cancelled)
             _remove(pending, cancelled)

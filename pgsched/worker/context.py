@@ -109,18 +109,19 @@ class Held:
     cancel_requested: bool = False
     running: RunningJob | None = None  # what current_job() returned to the task
     suspect: bool = False  # claimed as a suspect: given back as one at shutdown
+    # (id, attempt), never the id alone: an older attempt of the same job may still be
+    # running here after this worker's own recovery took it back and claimed it again.
+    # Made once: the fetcher, the completer and the heartbeat read it several times a job.
+    key: tuple[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.key = (self.id, self.attempt)
 
     @property
     def completed_in_task(self) -> bool:
         """The task wrote its own completion (current_job().complete()): a heartbeat
         that finds the row no longer running is no lost lease."""
         return self.running is not None and self.running.completed
-
-    @property
-    def key(self) -> tuple[str, int]:
-        # (id, attempt), never the id alone: an older attempt of the same job may still be
-        # running here after this worker's own recovery took it back and claimed it again.
-        return self.id, self.attempt
 
     def log_fields(self) -> dict[str, Any]:
         """What every job event carries (the README's promise): job_id, task, attempt."""

@@ -63,9 +63,7 @@ import time
 from collections import Counter
 from typing import Any
 
-import structlog
-
-from ..logs import get_logger
+from ..logs import context_setters, get_logger
 from ..queues import capped_free_slots, saturated
 from ..store import CLAMPED_LATEST
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
@@ -98,6 +96,7 @@ class Fetcher:
         self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
         self._reserved: str | None = None  # the suspect this worker reserved, busy
         self._renew_at = float("-inf")  # loop time to renew that reservation
+        self._bind_job = context_setters("job_id", "task", "attempt")
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -387,9 +386,11 @@ class Fetcher:
 
     async def _execute(self, job: dict[str, Any], held: Held) -> None:
         ctx = self.ctx
-        structlog.contextvars.bind_contextvars(
-            job_id=job["id"], task=job["task"], attempt=job["attempts"]
-        )
+        # bind_contextvars(job_id=..., task=..., attempt=...), in this job's task only
+        set_job_id, set_task, set_attempt = self._bind_job
+        set_job_id(held.id)
+        set_task(held.task_name)
+        set_attempt(held.attempt)
         started = time.monotonic()
         try:
             lateness_ms = round(
@@ -416,14 +417,15 @@ class Fetcher:
         ctx.executing -= 1
         held.finished = True
         duration = round(time.monotonic() - started, 4)
-        ctx.metrics.job_ran(held.task_name, held.queue, _ran(outcome), duration)
+        ran = _ran(outcome)
+        ctx.metrics.job_ran(held.task_name, held.queue, ran, duration)
         if held.lease_lost:
             ctx.forget(held)
             log.warning("job_outcome_dropped", reason="lease lost", duration_s=duration)
         else:
             ctx.completions.put_nowait(
                 Completion(held, outcome, job["failures"], duration, lateness_ms))
-            if _ran(outcome) == "failed" and not outcome.unknown_task:  # task_unknown follows
+            if ran == "failed" and not outcome.unknown_task:  # task_unknown follows
                 log.info("job_attempt_failed", error=outcome.error, duration_s=duration)
         ctx.free_slot()
 
