@@ -494,10 +494,13 @@ class Store:
     # -- helpers -------------------------------------------------------------------------
 
     async def _rows(self, name: str, params: dict[str, Any], *, times_clamped: bool = False,
-                    prepare: bool = True) -> list[dict[str, Any]]:
+                    prepare: bool = True, custom: bool = False) -> list[dict[str, Any]]:
         """times_clamped: the query clamps every time it returns to what Python holds, so
         psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader.
-        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS)."""
+        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS). custom: plans
+        it at this run too, but prepared, on a session that plans every prepared
+        statement for its parameters (_custom_plans): parsed and analysed once per
+        connection instead of at each run."""
         async with (_USING.get() or self.pool).connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             if times_clamped:
@@ -505,8 +508,10 @@ class Store:
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
+                if (prepare or custom) and _PLAN_CUSTOM.get(conn, False) is not custom:
+                    await _custom_plans(conn, custom)
                 return await (await cur.execute(self._q[name], params,
-                                                prepare=prepare)).fetchall()
+                                                prepare=prepare or custom)).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS, *,
@@ -924,7 +929,8 @@ class Store:
     async def _claim_rows(self, name: str, params: dict[str, Any],
                           suspects: bool = False) -> list[dict[str, Any]]:
         """One claim statement, prepared while jobs has many pending rows
-        (PREPARED_CLAIM_ROWS); notes what this one found for the next claim, and for the
+        (PREPARED_CLAIM_ROWS), and below that prepared too but planned at every run
+        (_PLAN_CUSTOM); notes what this one found for the next claim, and for the
         completions (PREPARED_COMPLETE_ROWS). It clamps its times in SQL: psycopg's own
         loader decodes them, not the clamping one, a Python call per value on the hot
         path.
@@ -937,8 +943,9 @@ class Store:
         each time, as it is."""
         if suspects:
             name = self._suspect_claim(name)
-        rows = await self._rows(name, params, times_clamped=True,
-                                prepare=self._claim_prepared and not suspects)
+        prepared = self._claim_prepared and not suspects
+        rows = await self._rows(name, params, times_clamped=True, prepare=prepared,
+                                custom=not prepared)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
         if (not self._claim_prepared and not suspects and len(rows) >= params["limit"]
@@ -2098,6 +2105,32 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
             f"({str(exc).strip() or type(exc).__name__})") from exc
     finally:
         timer.cancel()
+
+
+# How each connection's session plans prepared statements, for the claims planned below
+# PREPARED_CLAIM_ROWS: True, at every run (plan_cache_mode = force_custom_plan); False, as
+# the session does by default; None, not known (a switch that did not return); no entry,
+# never switched. Planned as unnamed statements, those claims were parsed, analysed and
+# rewritten at every run too (0.4-0.8 ms of the flat claim's 1.4-1.9 ms when nothing is
+# due, on a loaded 2-core machine); prepared, that work is done once per connection, and
+# the setting keeps PostgreSQL from ever switching them to a generic plan (after five runs
+# it may, made for the small table they ran on: the plan PREPARED_CLAIM_ROWS is there to
+# avoid). Every other statement Store._rows runs prepared (the completion above
+# PREPARED_COMPLETE_ROWS, the claims above PREPARED_CLAIM_ROWS) sets the session back
+# first, so that its generic plan is used. The few statements run outside _rows on a
+# worker's pool (the planner's, vacuum's, the statistics check), prepared by psycopg after
+# prepare_threshold runs, may run under it, which only plans them at every run. A switch
+# is one round trip, made only when a connection goes from one kind of statement to the
+# other.
+_PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> None:
+    _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
+    await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
+                       else "RESET plan_cache_mode", prepare=False)
+    _PLAN_CUSTOM[conn] = custom
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
