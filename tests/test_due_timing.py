@@ -1,6 +1,10 @@
-"""Due-time latency (issue 11): what the claims planned on a small table may and may not
-do, against a real PostgreSQL.
+"""Due-time latency (issue 11): what the fetcher's timer and the claims planned on a small
+table may and may not do, against a real PostgreSQL and the real in-process Worker.
 
+- No body starts before its due time, however the timer is tuned (FINE_TIMER_SECONDS,
+  TIMER_MARGIN_SECONDS): the claim takes only jobs due at its own now().
+- The fine step of the timer blocks the event loop for at most a millisecond: a worker
+  waiting for a job due seconds later still serves its other tasks.
 - Claims planned below PREPARED_CLAIM_ROWS run prepared but are never given a generic
   plan (the plan made for a small table is the one that threshold avoids), and the
   session setting that ensures it never reaches any other prepared statement.
@@ -8,11 +12,82 @@ do, against a real PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import timedelta
 
-from pgsched import JobSpec
+import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
+from conftest import fast_options, wait_until
+
+from pgsched import JobSpec, Scheduler, Worker, current_job, task
 from pgsched import store as store_module
 from pgsched.store import Store, open_pool
+
+# job id -> (time.time() at the body's start, its due time as an epoch)
+STARTED: dict[str, tuple[float, float]] = {}
+
+
+@task
+async def due_stamp() -> None:
+    job = current_job()
+    STARTED[job.id] = (time.time(), job.scheduled_at.timestamp())
+
+
+async def _run_worker(sched: Scheduler, **options) -> tuple[Worker, asyncio.Task[None]]:
+    worker = Worker(sched.store, sched._dsn, fast_options(**options))
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    return worker, runner
+
+
+async def test_no_body_starts_before_its_due_time(sched):
+    """Jobs due at distinct instants a few milliseconds apart, all known to the worker
+    before the first is due (it sleeps on its timer): each body starts at or after its
+    due time, read on the same clock (worker, test and server share the machine)."""
+    worker, runner = await _run_worker(sched, poll_seconds=30)
+    try:
+        base = await sched.store.db_now() + timedelta(seconds=0.5)
+        ids = await sched.schedule_bulk([
+            JobSpec("due_stamp", job_id=f"due-{i}", execution_time=base + timedelta(
+                seconds=i * 0.013)) for i in range(40)])
+        await wait_until(lambda: all(i in STARTED for i in ids), timeout=20,
+                         what="every timed job started")
+        early = {i: round((STARTED[i][1] - STARTED[i][0]) * 1000, 3) for i in ids
+                 if STARTED[i][0] < STARTED[i][1]}
+        assert early == {}, f"bodies started before their due time (ms early): {early}"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(runner, 30)
+
+
+async def test_waiting_for_a_due_time_does_not_block_the_event_loop(sched):
+    """The worker waits 2 s for a job on its timer; a task beside it on the same loop
+    ticking every 10 ms is never held up for long (a timer that slept its wait out with
+    time.sleep would hold it for the whole wait)."""
+    worker, runner = await _run_worker(sched, poll_seconds=30)
+    gaps: list[float] = []
+    ticking = True
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while ticking:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        due = await sched.store.db_now() + timedelta(seconds=2)
+        (job,) = await sched.schedule_bulk([JobSpec("due_stamp", execution_time=due)])
+        await wait_until(lambda: job in STARTED, timeout=20, what="the timed job")
+        assert STARTED[job][0] >= STARTED[job][1]
+        assert max(gaps) < 1.0, f"the event loop was held for {max(gaps):.3f} s"
+    finally:
+        ticking = False
+        await ticker
+        worker.stop()
+        await asyncio.wait_for(runner, 30)
 
 
 async def _claim_statements(store: Store) -> list[tuple[int, int]]:

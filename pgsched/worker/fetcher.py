@@ -68,6 +68,13 @@ log = get_logger("pgsched.worker")
 # Added to a due-time timer so that the claim reaches the server just after the job falls
 # due: one that arrives early claims nothing and costs another round trip.
 TIMER_MARGIN_SECONDS = 0.0005
+# How much of a wait for a due time the fetcher sleeps blocking its event loop, after the
+# loop's own timer: that timer ends up to a millisecond late (epoll_wait counts whole
+# milliseconds, and asyncio rounds up so as never to wake early), a third of an idle
+# worker's due-time latency. So the loop's timer is set this much early, and the rest,
+# under a millisecond, is slept with time.sleep (microseconds late): the loop is blocked
+# for at most that long once per due time, never while a wake-up is pending.
+FINE_TIMER_SECONDS = 0.001
 # The longest the fetcher waits for a completion write in flight before it claims what the
 # backlog cap allows anyway (free_slots): a write takes milliseconds, and one whose server
 # stopped answering (a frozen backend, a network black hole: statement_timeout cannot end
@@ -156,15 +163,25 @@ class Fetcher:
             # slot or a wake-up is (the due time may also be long past: not refreshed).
             if free > 0 and ctx.next_due_deadline is not None:
                 until = min(until, ctx.next_due_deadline)
+            # A due time is waited for in two steps: the loop's timer, which wakes up to a
+            # millisecond late, ends a millisecond early, and a plain sleep waits out the
+            # rest (FINE_TIMER_SECONDS).
+            fine = until < poll_at
             waits = [asyncio.ensure_future(ctx.wake.wait()),
                      asyncio.ensure_future(ctx.retime.wait())]
             try:
-                await asyncio.wait(waits, timeout=max(0.0, until - loop.time()),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waits, timeout=max(0.0, until - loop.time()
+                                       - (FINE_TIMER_SECONDS if fine else 0.0)),
+                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for waiter in waits:
                     waiter.cancel()
             if ctx.wake.is_set() or not ctx.retime.is_set():
+                if fine and not ctx.wake.is_set():
+                    rest = until - loop.time()
+                    if rest > 0.0:
+                        time.sleep(min(rest, FINE_TIMER_SECONDS))
                 return
 
     async def _suspect_turn(self) -> bool | None:
