@@ -508,7 +508,8 @@ class Store:
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
-                if (prepare or custom) and _PLAN_CUSTOM.get(conn, False) is not custom:
+                if ((prepare or custom) and conn.prepare_threshold is not None
+                        and _PLAN_CUSTOM.get(conn, False) is not custom):
                     await _custom_plans(conn, custom)
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or custom)).fetchall()
@@ -2121,7 +2122,8 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # worker's pool (the planner's, vacuum's, the statistics check), prepared by psycopg after
 # prepare_threshold runs, may run under it, which only plans them at every run. A switch
 # is one round trip, made only when a connection goes from one kind of statement to the
-# other.
+# other. Never on a connection that prepares nothing (prepare_threshold None: behind a
+# transaction pooler, where a session setting would reach other clients' sessions).
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
     weakref.WeakKeyDictionary())
 

@@ -153,3 +153,19 @@ async def test_claims_above_the_threshold_get_their_generic_plan(sched, pg_dsn, 
         assert any(generic > 0 for generic, _ in await _claim_statements(store))
     finally:
         await pool.close()
+
+
+async def test_a_store_that_never_prepares_never_sets_the_session(sched, pg_dsn):
+    """Behind a transaction pooler (prepare_threshold None) nothing is prepared, and a
+    session setting would reach whichever client gets that server connection next: the
+    claims are planned as unnamed statements and the session is left alone."""
+    pool = await open_pool(pg_dsn, max_size=1, prepare_threshold=None)
+    try:
+        store = Store(pool, sched.schema)
+        for _ in range(3):
+            await sched.schedule("noop")
+            await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert await _plan_cache_mode(store) == "auto"
+        assert await _claim_statements(store) == []
+    finally:
+        await pool.close()
