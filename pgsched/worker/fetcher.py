@@ -73,7 +73,8 @@ TIMER_MARGIN_SECONDS = 0.0005
 # milliseconds, and asyncio rounds up so as never to wake early), a third of an idle
 # worker's due-time latency. So the loop's timer is set this much early, and the rest,
 # under a millisecond, is slept with time.sleep (microseconds late): the loop is blocked
-# for at most that long once per due time, never while a wake-up is pending.
+# for at most that long once per due time, never while a wake-up is pending. Only for the
+# next due time a claim read, not for a timer a notification set (see Fetcher._sleep).
 FINE_TIMER_SECONDS = 0.001
 # The longest the fetcher waits for a completion write in flight before it claims what the
 # backlog cap allows anyway (free_slots): a write takes milliseconds, and one whose server
@@ -99,6 +100,7 @@ class Fetcher:
         self._suspect_retry_at = float("-inf")  # after a suspect claim that found none
         self._reserved: str | None = None  # the suspect this worker reserved, busy
         self._renew_at = float("-inf")  # loop time to renew that reservation
+        self._claimed_deadline: float | None = None  # the timer the last claim set
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -163,10 +165,13 @@ class Fetcher:
             # slot or a wake-up is (the due time may also be long past: not refreshed).
             if free > 0 and ctx.next_due_deadline is not None:
                 until = min(until, ctx.next_due_deadline)
-            # A due time is waited for in two steps: the loop's timer, which wakes up to a
-            # millisecond late, ends a millisecond early, and a plain sleep waits out the
-            # rest (FINE_TIMER_SECONDS).
-            fine = until < poll_at
+            # The due time the last claim read is waited for in two steps: the loop's
+            # timer, which wakes up to a millisecond late, ends a millisecond early, and a
+            # plain sleep waits out the rest (FINE_TIMER_SECONDS). Not a timer note_due
+            # set: one for a notification past the budget must not come before the
+            # budget's next token, which a notification arriving meanwhile takes for a
+            # claim of its own (two claims where the bucket allows one).
+            fine = until < poll_at and until == self._claimed_deadline
             waits = [asyncio.ensure_future(ctx.wake.wait()),
                      asyncio.ensure_future(ctx.retime.wait())]
             try:
@@ -314,6 +319,7 @@ class Fetcher:
         ctx.clock_offset = db_now.timestamp() - sent_wall
         claimed_due = (sent + (next_due - db_now).total_seconds() + TIMER_MARGIN_SECONDS
                        if next_due is not None else None)
+        self._claimed_deadline = claimed_due
         # A job noted while the claim ran may be one the claim did not see: keep the earliest.
         ctx.next_due_deadline = min(
             (d for d in (claimed_due, ctx.noted_deadline) if d is not None), default=None)
