@@ -113,6 +113,7 @@ class Fetcher:
             ctx.wake.clear()
             free = self.free_slots()
             claimed_full = False
+            claimed_before = ctx.stats.claimed
             try:
                 suspect = await self._suspect_turn()
                 if suspect is not None:
@@ -150,6 +151,10 @@ class Fetcher:
                              ctx.options.queues))
             poll_at = min(loop.time() + ctx.options.poll_seconds, self._suspect_deadline())
             write_wait_ends = self._write_wait_ends() if free <= 0 else None
+            if ctx.stats.claimed != claimed_before:
+                # The jobs just claimed start their bodies first, not after the sleep's
+                # bookkeeping: a turn of the loop sooner.
+                await asyncio.sleep(0)
             await self._sleep(free, poll_at if write_wait_ends is None
                               else min(poll_at, write_wait_ends))
 
