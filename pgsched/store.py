@@ -2132,7 +2132,10 @@ async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> Non
     _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
     await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
                        else "RESET plan_cache_mode", prepare=False)
-    _PLAN_CUSTOM[conn] = custom
+    # Inside a transaction (a caller's own connection, Store.using) a rollback undoes the
+    # switch: not known then, so the next prepared statement switches again.
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        _PLAN_CUSTOM[conn] = custom
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -21,7 +21,7 @@ from conftest import fast_options, wait_until
 
 from pgsched import JobSpec, Scheduler, Worker, current_job, task
 from pgsched import store as store_module
-from pgsched.store import Store, open_pool
+from pgsched.store import OneConnection, Store, open_connection, open_pool
 
 # job id -> (time.time() at the body's start, its due time as an epoch)
 STARTED: dict[str, tuple[float, float]] = {}
@@ -169,3 +169,26 @@ async def test_a_store_that_never_prepares_never_sets_the_session(sched, pg_dsn)
         assert await _claim_statements(store) == []
     finally:
         await pool.close()
+
+
+async def test_a_switch_a_rollback_undid_is_made_again(sched, pg_dsn):
+    """A claim run inside a transaction on a caller's connection (Store.using) switches
+    the session inside it, and the rollback undoes that: the next claim on the connection
+    must switch again, or after five runs PostgreSQL adopts the generic plan."""
+    conn = await open_connection(pg_dsn)
+    try:
+        later = await sched.store.db_now() + timedelta(hours=1)
+        await sched.schedule_bulk([JobSpec("noop", execution_time=later)
+                                   for _ in range(50)])
+        with Store.using(OneConnection(conn)):
+            async with conn.transaction(force_rollback=True):
+                await sched.store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+            for _ in range(8):
+                await sched.schedule("noop")
+                await sched.store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        cur = await conn.execute(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%FOR UPDATE SKIP LOCKED%"])
+        assert [row[0] for row in await cur.fetchall()] == [0]
+    finally:
+        await conn.close()
