@@ -494,13 +494,14 @@ class Store:
     # -- helpers -------------------------------------------------------------------------
 
     async def _rows(self, name: str, params: dict[str, Any], *, times_clamped: bool = False,
-                    prepare: bool = True, custom: bool = False) -> list[dict[str, Any]]:
+                    prepare: bool = True, custom: bool | None = None) -> list[dict[str, Any]]:
         """times_clamped: the query clamps every time it returns to what Python holds, so
         psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader.
-        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS). custom: plans
-        it at this run too, but prepared, on a session that plans every prepared
-        statement for its parameters (_custom_plans): parsed and analysed once per
-        connection instead of at each run."""
+        prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS). custom
+        (_PLAN_CUSTOM): True plans it at this run too, but prepared, on a session that
+        plans every prepared statement for its parameters (parsed and analysed once per
+        connection instead of at each run); False runs it on a session that may give it
+        its generic plan (what `prepare` is for, on a large table); None either."""
         async with (_USING.get() or self.pool).connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             if times_clamped:
@@ -508,15 +509,15 @@ class Store:
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
-                if ((prepare or custom) and conn.prepare_threshold is not None
+                if (custom is not None and conn.prepare_threshold is not None
                         and _PLAN_CUSTOM.get(conn, False) is not custom):
                     await _custom_plans(conn, custom)
                 return await (await cur.execute(self._q[name], params,
-                                                prepare=prepare or custom)).fetchall()
+                                                prepare=prepare or bool(custom))).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
-                                   attempts: int = DEADLOCK_ATTEMPTS, *,
-                                   prepare: bool = True) -> list[dict[str, Any]]:
+                                   attempts: int = DEADLOCK_ATTEMPTS, *, prepare: bool = True,
+                                   custom: bool | None = None) -> list[dict[str, Any]]:
         """_rows for a statement that locks rows in an order it does not choose, on the
         pool's autocommit connections: the rows of a batch of jobs from many workers, or
         the dependents its trigger settles for each job it ends (two completion batches
@@ -526,7 +527,7 @@ class Store:
         failed = 0
         while True:
             try:
-                return await self._rows(name, params, prepare=prepare)
+                return await self._rows(name, params, prepare=prepare, custom=custom)
             except psycopg.errors.DeadlockDetected:
                 failed += 1
                 if failed >= attempts:
@@ -1005,6 +1006,8 @@ class Store:
                 "results": [d[2] for d in done],
             },
             prepare=self._complete_prepared,
+            # its generic plan is why it is prepared (_PLAN_CUSTOM); planned, either
+            custom=False if self._complete_prepared else None,
         )
         return {(row["id"], row["attempts"]) for row in rows}
 
@@ -2116,14 +2119,15 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # due, on a loaded 2-core machine); prepared, that work is done once per connection, and
 # the setting keeps PostgreSQL from ever switching them to a generic plan (after five runs
 # it may, made for the small table they ran on: the plan PREPARED_CLAIM_ROWS is there to
-# avoid). Every other statement Store._rows runs prepared (the completion above
-# PREPARED_COMPLETE_ROWS, the claims above PREPARED_CLAIM_ROWS) sets the session back
-# first, so that its generic plan is used. The few statements run outside _rows on a
-# worker's pool (the planner's, vacuum's, the statistics check), prepared by psycopg after
-# prepare_threshold runs, may run under it, which only plans them at every run. A switch
-# is one round trip, made only when a connection goes from one kind of statement to the
-# other. Never on a connection that prepares nothing (prepare_threshold None: behind a
-# transaction pooler, where a session setting would reach other clients' sessions).
+# avoid). The statements prepared for their generic plans (the completion above
+# PREPARED_COMPLETE_ROWS, the claims above PREPARED_CLAIM_ROWS) set the session back
+# first. Every other statement runs under whichever setting its connection has, which at
+# most plans it at every run (a simple statement plans in tens of microseconds): switching
+# for each would cost two round trips per failed job (fail_job, then the next claim on
+# that connection). A switch is one round trip, made only when a connection goes from a
+# claim planned at every run to a statement that wants its generic plan, or back. Never on
+# a connection that prepares nothing (prepare_threshold None: behind a transaction
+# pooler, where a session setting would reach other clients' sessions).
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
     weakref.WeakKeyDictionary())
 
@@ -2133,7 +2137,7 @@ async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> Non
     await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
                        else "RESET plan_cache_mode", prepare=False)
     # Inside a transaction (a caller's own connection, Store.using) a rollback undoes the
-    # switch: not known then, so the next prepared statement switches again.
+    # switch: not known then, so the next statement that cares switches again.
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         _PLAN_CUSTOM[conn] = custom
 

@@ -7,7 +7,8 @@ table may and may not do, against a real PostgreSQL and the real in-process Work
   waiting for a job due seconds later still serves its other tasks.
 - Claims planned below PREPARED_CLAIM_ROWS run prepared but are never given a generic
   plan (the plan made for a small table is the one that threshold avoids), and the
-  session setting that ensures it never reaches any other prepared statement.
+  session setting that ensures it is set back for the statements prepared for their
+  generic plans.
 """
 
 from __future__ import annotations
@@ -109,8 +110,7 @@ async def test_claims_on_a_small_table_are_never_planned_generic(sched, pg_dsn):
     """A store on one connection claims a dozen times from a table the statistics count
     small (never analysed): each claim is planned for its run (custom), never by the
     generic plan PostgreSQL would otherwise adopt after five runs of a prepared
-    statement; a statement Store runs prepared afterwards runs with the session's own
-    plan_cache_mode again."""
+    statement."""
     pool = await open_pool(pg_dsn, max_size=1)
     try:
         store = Store(pool, sched.schema)
@@ -127,7 +127,25 @@ async def test_claims_on_a_small_table_are_never_planned_generic(sched, pg_dsn):
         assert [generic for generic, _ in statements] == [0] * len(statements)
         assert sum(custom for _, custom in statements) >= 12
         assert await _plan_cache_mode(store) == "force_custom_plan"
-        await store.job_statuses(["nothing"])  # any statement Store runs prepared
+    finally:
+        await pool.close()
+
+
+async def test_a_completion_prepared_for_its_generic_plan_sets_the_session_back(
+        sched, pg_dsn, monkeypatch):
+    """Above PREPARED_COMPLETE_ROWS (here: any count) the completion runs prepared for
+    its generic plan: on a connection a small-table claim switched, it switches back
+    first."""
+    monkeypatch.setattr(store_module, "PREPARED_COMPLETE_ROWS", -1)
+    pool = await open_pool(pg_dsn, max_size=1)
+    try:
+        store = Store(pool, sched.schema)
+        job = await sched.schedule("noop")
+        (claimed,), _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert not store._claim_prepared and store._complete_prepared
+        assert await _plan_cache_mode(store) == "force_custom_plan"
+        done = await store.complete_jobs(worker_id="w", done=[(job, claimed["attempts"], "null")])
+        assert done == {(job, claimed["attempts"])}
         assert await _plan_cache_mode(store) == "auto"
     finally:
         await pool.close()
