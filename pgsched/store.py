@@ -946,8 +946,12 @@ class Store:
         if suspects:
             name = self._suspect_claim(name)
         prepared = self._claim_prepared and not suspects
+        # Planned at each run: prepared for that (_PLAN_CUSTOM) only while the completions
+        # are planned too; once they are prepared for their generic plan, the two would
+        # switch the session back and forth, a round trip each, at every claim.
+        custom = False if prepared else None if self._complete_prepared else True
         rows = await self._rows(name, params, times_clamped=True, prepare=prepared,
-                                custom=not prepared)
+                                custom=custom)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
         if (not self._claim_prepared and not suspects and len(rows) >= params["limit"]
@@ -2119,13 +2123,17 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # due, on a loaded 2-core machine); prepared, that work is done once per connection, and
 # the setting keeps PostgreSQL from ever switching them to a generic plan (after five runs
 # it may, made for the small table they ran on: the plan PREPARED_CLAIM_ROWS is there to
-# avoid). The statements prepared for their generic plans (the completion above
-# PREPARED_COMPLETE_ROWS, the claims above PREPARED_CLAIM_ROWS) set the session back
-# first. Every other statement runs under whichever setting its connection has, which at
-# most plans it at every run (a simple statement plans in tens of microseconds): switching
-# for each would cost two round trips per failed job (fail_job, then the next claim on
-# that connection). A switch is one round trip, made only when a connection goes from a
-# claim planned at every run to a statement that wants its generic plan, or back. Never on
+# avoid). Only while the completions are planned at each run too (below
+# PREPARED_COMPLETE_ROWS); above it the claims below PREPARED_CLAIM_ROWS run as unnamed
+# statements again, as the two would otherwise switch the session at every claim (on
+# a loaded machine those round trips cost more than the parse they save). The statements
+# prepared for their generic plans (the completion above PREPARED_COMPLETE_ROWS, the
+# claims above PREPARED_CLAIM_ROWS) set the session back first. Every other statement
+# runs under whichever setting its connection has, which at most plans it at every run (a
+# simple statement plans in tens of microseconds): switching for each would cost two
+# round trips per failed job (fail_job, then the next claim on that connection). A switch
+# is one round trip, made when a connection goes from a claim planned at every run to a
+# statement that wants its generic plan, or back: in steady use, once. Never on
 # a connection that prepares nothing (prepare_threshold None: behind a transaction
 # pooler, where a session setting would reach other clients' sessions).
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (

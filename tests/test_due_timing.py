@@ -147,6 +147,12 @@ async def test_a_completion_prepared_for_its_generic_plan_sets_the_session_back(
         done = await store.complete_jobs(worker_id="w", done=[(job, claimed["attempts"], "null")])
         assert done == {(job, claimed["attempts"])}
         assert await _plan_cache_mode(store) == "auto"
+        # From now on the claims (still below PREPARED_CLAIM_ROWS) run unnamed: no switch
+        # back and forth with the completions at every claim.
+        await sched.schedule("noop")
+        await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert not store._claim_prepared
+        assert await _plan_cache_mode(store) == "auto"
     finally:
         await pool.close()
 
