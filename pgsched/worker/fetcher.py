@@ -72,10 +72,10 @@ TIMER_MARGIN_SECONDS = 0.0005
 # loop's own timer: that timer ends up to a millisecond late (epoll_wait counts whole
 # milliseconds, and asyncio rounds up so as never to wake early): 0.83 ms p50 of an idle
 # worker's 4.5 ms due-time latency in a traced benchmark run. So the loop's timer is set
-# this much early, and the rest,
-# under a millisecond, is slept with time.sleep (microseconds late): the loop is blocked
-# for at most that long once per due time, never while a wake-up is pending. Only for the
-# next due time a claim read, not for a timer a notification set (see Fetcher._sleep).
+# this much early, and the rest, under a millisecond, is slept with time.sleep
+# (microseconds late): the loop is blocked for at most that long once per due time, never
+# while a wake-up is pending. Only for the next due time a claim read, not for a timer a
+# notification set (see Fetcher._sleep).
 FINE_TIMER_SECONDS = 0.001
 # The longest the fetcher waits for a completion write in flight before it claims what the
 # backlog cap allows anyway (free_slots): a write takes milliseconds, and one whose server
