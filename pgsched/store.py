@@ -518,11 +518,16 @@ class Store:
     # -- helpers -------------------------------------------------------------------------
 
     async def _rows(self, name: str, params: dict[str, Any], *, times_clamped: bool = False,
-                    prepare: bool = True, row_factory: Any = dict_row) -> list[Any]:
+                    prepare: bool = True, row_factory: Any = dict_row,
+                    custom: bool | None = None) -> list[Any]:
         """times_clamped: the query clamps every time it returns to what Python holds, so
         psycopg's own (faster) loader reads them instead of ClampingTimestamptzLoader.
         prepare: False plans the statement at this run (PREPARED_CLAIM_ROWS). row_factory:
-        dicts, or tuple_row where a hot path reads rows by position."""
+        dicts, or tuple_row where a hot path reads rows by position. custom
+        (_PLAN_CUSTOM): True plans it at this run too, but prepared, on a session that
+        plans every prepared statement for its parameters (parsed and analysed once per
+        connection instead of at each run); False runs it on a session that may give it
+        its generic plan (what `prepare` is for, on a large table); None either."""
         async with (_USING.get() or self.pool).connection() as conn:
             cur = conn.cursor(row_factory=row_factory)
             if times_clamped:
@@ -530,13 +535,16 @@ class Store:
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
+                if (custom is not None and conn.prepare_threshold is not None
+                        and _PLAN_CUSTOM.get(conn, False) is not custom):
+                    await _custom_plans(conn, custom)
                 return await (await cur.execute(self._q[name], params,
-                                                prepare=prepare)).fetchall()
+                                                prepare=prepare or bool(custom))).fetchall()
 
     async def _rows_past_deadlocks(self, name: str, params: dict[str, Any],
                                    attempts: int = DEADLOCK_ATTEMPTS, *,
-                                   prepare: bool = True,
-                                   row_factory: Any = dict_row) -> list[Any]:
+                                   prepare: bool = True, row_factory: Any = dict_row,
+                                   custom: bool | None = None) -> list[Any]:
         """_rows for a statement that locks rows in an order it does not choose, on the
         pool's autocommit connections: the rows of a batch of jobs from many workers, or
         the dependents its trigger settles for each job it ends (two completion batches
@@ -547,7 +555,7 @@ class Store:
         while True:
             try:
                 return await self._rows(name, params, prepare=prepare,
-                                        row_factory=row_factory)
+                                        row_factory=row_factory, custom=custom)
             except psycopg.errors.DeadlockDetected:
                 failed += 1
                 if failed >= attempts:
@@ -975,7 +983,8 @@ class Store:
     async def _claim_rows(self, name: str, params: dict[str, Any],
                           suspects: bool = False) -> list[dict[str, Any]]:
         """One claim statement, prepared while jobs has many pending rows
-        (PREPARED_CLAIM_ROWS); notes what this one found for the next claim, and for the
+        (PREPARED_CLAIM_ROWS), and below that prepared too but planned at every run
+        (_PLAN_CUSTOM); notes what this one found for the next claim, and for the
         completions (PREPARED_COMPLETE_ROWS). It clamps its times in SQL: psycopg's own
         loader decodes them, not the clamping one, a Python call per value on the hot
         path.
@@ -988,8 +997,13 @@ class Store:
         each time, as it is."""
         if suspects:
             name = self._suspect_claim(name)
-        rows = await self._rows(name, params, times_clamped=True,
-                                prepare=self._claim_prepared and not suspects)
+        prepared = self._claim_prepared and not suspects
+        # Planned at each run: prepared for that (_PLAN_CUSTOM) only while the completions
+        # are planned too; once they are prepared for their generic plan, the two would
+        # switch the session back and forth, a round trip each, at every claim.
+        custom = False if prepared else None if self._complete_prepared else True
+        rows = await self._rows(name, params, times_clamped=True, prepare=prepared,
+                                custom=custom)
         self._claim_prepared = rows[0]["pending_rows"] >= PREPARED_CLAIM_ROWS
         self._complete_prepared = rows[0]["job_rows"] >= PREPARED_COMPLETE_ROWS
         if (not self._claim_prepared and not suspects and len(rows) >= params["limit"]
@@ -1051,6 +1065,8 @@ class Store:
             },
             prepare=self._complete_prepared,
             row_factory=tuple_row,  # (id, attempts): no dict per completed job
+            # its generic plan is why it is prepared (_PLAN_CUSTOM); planned, either
+            custom=False if self._complete_prepared else None,
         )
         return set(rows)
 
@@ -2216,6 +2232,41 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
             f"({str(exc).strip() or type(exc).__name__})") from exc
     finally:
         timer.cancel()
+
+
+# How each connection's session plans prepared statements, for the claims planned below
+# PREPARED_CLAIM_ROWS: True, at every run (plan_cache_mode = force_custom_plan); False, as
+# the session does by default; None, not known (a switch that did not return); no entry,
+# never switched. Planned as unnamed statements, those claims were parsed, analysed and
+# rewritten at every run too (0.4-0.8 ms of the flat claim's 1.4-1.9 ms when nothing is
+# due, on a loaded 2-core machine); prepared, that work is done once per connection, and
+# the setting keeps PostgreSQL from ever switching them to a generic plan (after five runs
+# it may, made for the small table they ran on: the plan PREPARED_CLAIM_ROWS is there to
+# avoid). Only while the completions are planned at each run too (below
+# PREPARED_COMPLETE_ROWS); above it the claims below PREPARED_CLAIM_ROWS run as unnamed
+# statements again, as the two would otherwise switch the session at every claim (on
+# a loaded machine those round trips cost more than the parse they save). The statements
+# prepared for their generic plans (the completion above PREPARED_COMPLETE_ROWS, the
+# claims above PREPARED_CLAIM_ROWS) set the session back first. Every other statement
+# runs under whichever setting its connection has, which at most plans it at every run (a
+# simple statement plans in tens of microseconds): switching for each would cost two
+# round trips per failed job (fail_job, then the next claim on that connection). A switch
+# is one round trip, made when a connection goes from a claim planned at every run to a
+# statement that wants its generic plan, or back: in steady use, once. Never on
+# a connection that prepares nothing (prepare_threshold None: behind a transaction
+# pooler, where a session setting would reach other clients' sessions).
+_PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> None:
+    _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
+    await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
+                       else "RESET plan_cache_mode", prepare=False)
+    # Inside a transaction (a caller's own connection, Store.using) a rollback undoes the
+    # switch: not known then, so the next statement that cares switches again.
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        _PLAN_CUSTOM[conn] = custom
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -82,7 +82,8 @@
 -- claim statement finds its due rows, and the claimed ones, by walking an index, and
 -- stays so however the table grows; the statistics change only with the ANALYZE, VACUUM
 -- or TRUNCATE that also makes PostgreSQL plan again. Below that, each claim is planned
--- for the table as it is.
+-- for the table as it is (while jobs is small, prepared all the same, so parsed once per
+-- connection, on a session that plans every run for its parameters: store._PLAN_CUSTOM).
 --
 -- Rows are locked inside the walks so that a claimer skips what another is taking and
 -- walks on, instead of ending up with the same candidates.

@@ -349,16 +349,22 @@ class WorkerContext:
             return None
         return now + (turn - self.db_time()) + TURN_MARGIN_SECONDS
 
-    @property
-    def next_due_deadline(self) -> float | None:
-        """loop.time() the fetcher claims next without a wake-up, or None."""
+    def due_deadline(self) -> tuple[float | None, bool]:
+        """loop.time() the fetcher claims next without a wake-up (or None), and whether it
+        is a turn's own time: not one the notification budget set (note_due past it, or a
+        turn held back for a token), which the fetcher must not reach early
+        (fetcher.FINE_TIMER_SECONDS)."""
         now = asyncio.get_running_loop().time()
-        turn = self._turn_deadline(now)
-        if turn is not None:
-            # Claims for turns take tokens of the notification budget, as wake-ups do
-            # (take_turn): a flood of forged notifications must not keep it claiming.
-            turn = max(turn, now + self._token_wait(now))
-        return min((d for d in (self.noted_deadline, turn) if d is not None), default=None)
+        own = self._turn_deadline(now)
+        noted = self.noted_deadline
+        if own is None:
+            return noted, False
+        # Claims for turns take tokens of the notification budget, as wake-ups do
+        # (take_turn): a flood of forged notifications must not keep it claiming.
+        turn = max(own, now + self._token_wait(now))
+        if noted is not None and noted <= turn:
+            return noted, False
+        return turn, turn == own
 
     def note_due(self, due_epoch: float, payload: str | None = None) -> None:
         """A job was added for `due_epoch` (database clock): wake now, or move the timer
@@ -376,7 +382,7 @@ class WorkerContext:
             # recovery) must not make every turn come at once.
             self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag)
             if lag > 0:
-                self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
+                self.retime.set()  # the fetcher sleeps until its turn (due_deadline)
                 return
         if delay <= 0.001:
             delay = self._wake_budget(now)
@@ -422,7 +428,7 @@ class WorkerContext:
         return wait
 
     def take_turn(self, now: float) -> None:
-        """A claim made for a turn that has come takes a token (next_due_deadline)."""
+        """A claim made for a turn that has come takes a token (due_deadline)."""
         turn = self._turn_deadline(now)
         if turn is not None and turn <= now:
             self._wake_budget(now)
