@@ -104,6 +104,7 @@ _SQL_TOKEN_RE = re.compile(
     r"--[^\n]*|/\*|(?<![\w$])[Ee]'(?:[^'\\]|''|\\.)*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
     r"|(?<![\w$])\$(?:[A-Za-z_]\w*)?\$|;[ \t]*(?=\n|$)", re.DOTALL)
 _BLOCK_COMMENT_RE = re.compile(r"/\*|\*/")
+_SPACE_RE = re.compile(r"\s+")
 # A job's `errors` history keeps the entries of its first ERRORS_KEPT_FIRST attempts and
 # of its last ERRORS_KEPT_LAST (docs/delivery.md): the first failure often explains the
 # rest, the last ones say what happens now, and a job retried without end stays small.
@@ -263,8 +264,51 @@ def _load_queries() -> dict[str, str]:
     if missing:
         raise RuntimeError(f"pgsched/sql includes {sorted(missing)}, which no block defines")
     fragments = {name: _without_leading_comment(queries.pop(name)) for name in included}
-    return {name: _INCLUDE_RE.sub(lambda m: fragments[m.group(1)], text)
+    return {name: _compact(_INCLUDE_RE.sub(lambda m: fragments[m.group(1)], text))
             for name, text in queries.items()}
+
+
+def _compact(text: str) -> str:
+    """The statement as sent: its first line (the block's description, which names it in
+    pg_stat_activity and the server log), then its SQL without the comments and with each
+    run of whitespace outside strings and quoted names made one space. psycopg caches its
+    parse of a query text only up to 4,096 characters (MAX_CACHED_STATEMENT_LENGTH): the
+    claims, commented, are 17-19 KB, and parsing them again cost the worker about 40 us a
+    claim."""
+    first, _, rest = text.partition("\n")
+    if not first.lstrip().startswith("--"):
+        first, rest = "", text
+    out: list[str] = []
+    pos = 0
+
+    def code(part: str) -> None:  # SQL outside strings and comments: one space per run
+        part = _SPACE_RE.sub(" ", part)
+        if part.startswith(" ") and out and out[-1].endswith(" "):
+            part = part[1:]
+        out.append(part)
+
+    while (token := _SQL_TOKEN_RE.search(rest, pos)) is not None:
+        code(rest[pos:token.start()])
+        lexeme, pos = token.group(), token.end()
+        if lexeme.startswith("--"):
+            code(" ")
+        elif lexeme == "/*":
+            depth = 1
+            while depth and (mark := _BLOCK_COMMENT_RE.search(rest, pos)) is not None:
+                depth += 1 if mark.group() == "/*" else -1
+                pos = mark.end()
+            pos = len(rest) if depth else pos
+            code(" ")
+        elif lexeme.startswith("$"):
+            close = rest.find(lexeme, pos)
+            end = len(rest) if close < 0 else close + len(lexeme)
+            out.append(lexeme + rest[pos:end])  # a dollar-quoted body, kept whole
+            pos = end
+        else:
+            out.append(lexeme)  # a string, a quoted name, a `;` at a line's end
+    code(rest[pos:])
+    body = "".join(out).strip()
+    return f"{first}\n{body}" if first else body
 
 
 def _without_leading_comment(text: str) -> str:
