@@ -271,44 +271,43 @@ def _load_queries() -> dict[str, str]:
 def _compact(text: str) -> str:
     """The statement as sent: its first line (the block's description, which names it in
     pg_stat_activity and the server log), then its SQL without the comments and with each
-    run of whitespace outside strings and quoted names made one space. psycopg caches its
-    parse of a query text only up to 4,096 characters (MAX_CACHED_STATEMENT_LENGTH): the
-    claims, commented, are 17-19 KB, and parsing them again cost the worker about 40 us a
-    claim."""
+    run of whitespace outside strings and quoted names made one space, or one line break
+    if it held one (two string constants on separate lines are one string in SQL).
+    psycopg caches its parse of a query text only up to 4,096 characters
+    (MAX_CACHED_STATEMENT_LENGTH): the claims, commented, are 17-19 KB, and parsing them
+    again cost the worker about 15 us a claim."""
     first, _, rest = text.partition("\n")
     if not first.lstrip().startswith("--"):
         first, rest = "", text
-    out: list[str] = []
+    out: list[str] = []  # code, kept, code, kept, ...: code is whitespace-normalised
+    code: list[str] = []
     pos = 0
-
-    def code(part: str) -> None:  # SQL outside strings and comments: one space per run
-        part = _SPACE_RE.sub(" ", part)
-        if part.startswith(" ") and out and out[-1].endswith(" "):
-            part = part[1:]
-        out.append(part)
-
     while (token := _SQL_TOKEN_RE.search(rest, pos)) is not None:
-        code(rest[pos:token.start()])
+        code.append(rest[pos:token.start()])
         lexeme, pos = token.group(), token.end()
         if lexeme.startswith("--"):
-            code(" ")
-        elif lexeme == "/*":
+            continue  # its line break stays, in the code after it
+        if lexeme == "/*":
             depth = 1
             while depth and (mark := _BLOCK_COMMENT_RE.search(rest, pos)) is not None:
                 depth += 1 if mark.group() == "/*" else -1
                 pos = mark.end()
             pos = len(rest) if depth else pos
-            code(" ")
-        elif lexeme.startswith("$"):
+            code.append(" ")
+            continue
+        if lexeme.startswith("$"):  # a dollar-quoted body, kept whole
             close = rest.find(lexeme, pos)
-            end = len(rest) if close < 0 else close + len(lexeme)
-            out.append(lexeme + rest[pos:end])  # a dollar-quoted body, kept whole
-            pos = end
-        else:
-            out.append(lexeme)  # a string, a quoted name, a `;` at a line's end
-    code(rest[pos:])
+            pos = len(rest) if close < 0 else close + len(lexeme)
+            lexeme = rest[token.start():pos]
+        out += [_spaces("".join(code)), lexeme]  # a string, a quoted name, a body, a `;`
+        code = []
+    out.append(_spaces("".join([*code, rest[pos:]])))
     body = "".join(out).strip()
     return f"{first}\n{body}" if first else body
+
+
+def _spaces(code: str) -> str:
+    return _SPACE_RE.sub(lambda m: "\n" if "\n" in m.group() else " ", code)
 
 
 def _without_leading_comment(text: str) -> str:
