@@ -22,11 +22,9 @@ def test_comments_go_and_strings_names_and_bodies_stay(pg_dsn):
     compact = _compact(SQL)
     assert compact.startswith("-- name line: what pg_stat_activity shows\nSELECT")
     assert not any(f"gone{i}" in compact for i in range(1, 5)), compact
-    with psycopg.connect(pg_dsn) as conn:
-        expected = conn.execute(SQL.replace('"odd  -- name"', "'n'"),
-                                row_factory=dict_row).fetchone()
-        got = conn.execute(compact.replace('"odd  -- name"', "'n'"),
-                           row_factory=dict_row).fetchone()
+    with psycopg.connect(pg_dsn, row_factory=dict_row) as conn:
+        expected = conn.execute(SQL.replace('"odd  -- name"', "'n'")).fetchone()
+        got = conn.execute(compact.replace('"odd  -- name"', "'n'")).fetchone()
     assert got == expected
     assert got["?column?"] == "a -- not a commentb"
     assert got["e"] == "c'  -- d" and got["g"] == " keep  -- this\n  as is "
