@@ -138,8 +138,8 @@ def _render_json(_logger: object, _method: str, event_dict: Any) -> str:
     return _JSON_LINE.encode(event_dict)
 
 
-# Keys the chain sets itself (or that change what it does): rows holding one go the
-# ordinary way.
+# Keys the chain sets itself (or that change what it does): rows, or a bound context,
+# holding one go the ordinary way.
 _CHAIN_KEYS = frozenset({"event", "level", "timestamp", "exc_info"})
 _json_str = json.encoder.encode_basestring_ascii  # what _JSON_LINE writes for a str
 
@@ -171,7 +171,8 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     if not logger.is_enabled_for(logging.INFO):
         return
     context = logger._context
-    if _CHAIN_KEYS.intersection(keys) or not context.keys().isdisjoint(keys):
+    if (_CHAIN_KEYS.intersection(keys) or not context.keys().isdisjoint(keys)
+            or not context.keys().isdisjoint(_CHAIN_KEYS)):
         _one_by_one(logger, event, keys, rows)
         return
     # What follows a row's own keys, as _process_event and the chain add it: the event,

@@ -105,3 +105,18 @@ def test_a_batch_goes_through_any_other_logging_set_up(json_logs):
     logs.configure("warning", "json")
     logs.info_events(logs.get_logger("pgsched.worker").bind(), "job_completed", KEYS, ROWS)
     assert json_logs() == []
+
+
+@pytest.mark.parametrize("bound", [{"event": "bound"}, {"level": "debug"},
+                                   {"timestamp": "then"}, {"exc_info": False}])
+def test_a_logger_bound_with_a_key_the_chain_sets_writes_what_logger_info_writes(
+        json_logs, bound):
+    """info_events is the general `logger.info` per row: a bound key the chain sets
+    itself (event, level, timestamp) or acts on (exc_info) is written as the chain writes
+    it, once, not a second time beside the chain's own."""
+    logger = logs.get_logger("pgsched.worker").bind(**bound)
+    for row in ROWS:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert json_logs() == expected
