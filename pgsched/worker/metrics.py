@@ -184,6 +184,14 @@ class _JobSeries(Collector):
     def __init__(self, metrics: WorkerMetrics):
         self.metrics = metrics
 
+    def describe(self) -> Iterator[Metric]:
+        """The families, without samples: the registry learns their names, as it does a
+        Counter's, so a scrape asking for names (?name[]=, restricted_registry) gets them."""
+        for event, doc in JOB_EVENTS.items():
+            yield CounterMetricFamily(f"pgsched_jobs_{event}", doc, labels=("task", "queue"))
+        yield HistogramMetricFamily("pgsched_job_duration_seconds", DURATION_HELP,
+                                    labels=("task", "queue", "outcome"))
+
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         created = getattr(prometheus_metrics, "_use_created", True)
@@ -191,14 +199,14 @@ class _JobSeries(Collector):
         for event, doc in JOB_EVENTS.items():
             family = CounterMetricFamily(f"pgsched_jobs_{event}", doc, labels=("task", "queue"))
             for key, value in counts:
-                if key[0] == event:
-                    family.add_metric(key[1:], value,
+                if key[0] == event:  # float: the value a Counter gives
+                    family.add_metric(key[1:], float(value),
                                       created=m._counts_created[key] if created else None)
             yield family
         name = "pgsched_job_duration_seconds"
         family = HistogramMetricFamily(name, DURATION_HELP, labels=("task", "queue", "outcome"))
         for labels, (runs, total, since) in list(m._durations.items()):
-            cumulative, buckets = 0, []
+            cumulative, buckets = 0.0, []
             for bound, count in zip(_BOUNDS, list(runs), strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
