@@ -163,7 +163,10 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     chain = getattr(logger, "_processors", None)  # a bound logger's, as configured then
     out = getattr(logger, "_logger", None)
     structlog = sys.modules.get("structlog")
-    if (structlog is None or chain is None or not hasattr(out, "msg")
+    # Only a logger that writes each call's text as a line (configure()'s WriteLogger):
+    # another (a capturing, journald or syslog one) makes a record of each call.
+    if (structlog is None or chain is None
+            or type(out) not in (structlog.WriteLogger, structlog.PrintLogger)
             or not hasattr(logger, "is_enabled_for") or tuple(chain) != (
                 structlog.contextvars.merge_contextvars, _add_level_and_time, _render_json)):
         _one_by_one(logger, event, keys, rows)

@@ -120,3 +120,18 @@ def test_a_logger_bound_with_a_key_the_chain_sets_writes_what_logger_info_writes
     expected = json_logs()
     logs.info_events(logger, "job_completed", KEYS, ROWS)
     assert json_logs() == expected
+
+
+def test_a_batch_to_a_logger_that_is_no_line_writer_goes_call_by_call(json_logs):
+    """pgsched's processors with another logger factory (here structlog's capturing one;
+    a journald or syslog logger makes one record per call) is another set-up: each row
+    is one `info` call, as logger.info makes it, never the batch joined into one `msg`."""
+    import structlog
+
+    captured = structlog.testing.CapturingLoggerFactory()
+    structlog.configure(logger_factory=captured)
+    logger = logs.get_logger("pgsched.worker").bind()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert [call.method_name for call in captured.logger.calls] == ["info"] * len(ROWS)
+    assert [json.loads(call.args[0])["job_id"] for call in captured.logger.calls] == [
+        row[0] for row in ROWS]
