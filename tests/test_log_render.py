@@ -135,3 +135,23 @@ def test_a_batch_to_a_logger_that_is_no_line_writer_goes_call_by_call(json_logs)
     assert [call.method_name for call in captured.logger.calls] == ["info"] * len(ROWS)
     assert [json.loads(call.args[0])["job_id"] for call in captured.logger.calls] == [
         row[0] for row in ROWS]
+
+
+@pytest.mark.parametrize("variables", [{"event": "ctx"}, {"level": "debug"},
+                                       {"timestamp": "then"}, {"exc_info": False},
+                                       {"job_id": "other-job", "attempt": 7}])
+def test_context_variables_the_chain_or_a_row_sets_are_written_as_logger_info_writes(
+        json_logs, variables):
+    """Context variables named like a key the chain sets, or like a row's own field (an
+    application that started the worker from inside its own job, say): the lines are
+    logger.info's, and a row's job_id is never replaced by a context variable's."""
+    import structlog
+
+    structlog.contextvars.bind_contextvars(**variables)
+    logger = logs.get_logger("pgsched.worker").bind()
+    for row in ROWS:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert json_logs() == expected
+    assert [json.loads(line)["job_id"] for line in expected] == [row[0] for row in ROWS]
