@@ -138,8 +138,8 @@ def _render_json(_logger: object, _method: str, event_dict: Any) -> str:
     return _JSON_LINE.encode(event_dict)
 
 
-# Keys the chain sets itself (or that change what it does): rows holding one go the
-# ordinary way.
+# Keys the chain sets itself (or that change what it does): rows, or a bound context,
+# holding one go the ordinary way.
 _CHAIN_KEYS = frozenset({"event", "level", "timestamp", "exc_info"})
 _json_str = json.encoder.encode_basestring_ascii  # what _JSON_LINE writes for a str
 
@@ -163,7 +163,10 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     chain = getattr(logger, "_processors", None)  # a bound logger's, as configured then
     out = getattr(logger, "_logger", None)
     structlog = sys.modules.get("structlog")
-    if (structlog is None or chain is None or not hasattr(out, "msg")
+    # Only a logger that writes each call's text as a line (configure()'s WriteLogger):
+    # another (a capturing, journald or syslog one) makes a record of each call.
+    if (structlog is None or chain is None
+            or type(out) not in (structlog.WriteLogger, structlog.PrintLogger)
             or not hasattr(logger, "is_enabled_for") or tuple(chain) != (
                 structlog.contextvars.merge_contextvars, _add_level_and_time, _render_json)):
         _one_by_one(logger, event, keys, rows)
@@ -171,7 +174,8 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     if not logger.is_enabled_for(logging.INFO):
         return
     context = logger._context
-    if _CHAIN_KEYS.intersection(keys) or not context.keys().isdisjoint(keys):
+    if (_CHAIN_KEYS.intersection(keys) or not context.keys().isdisjoint(keys)
+            or not context.keys().isdisjoint(_CHAIN_KEYS)):
         _one_by_one(logger, event, keys, rows)
         return
     # What follows a row's own keys, as _process_event and the chain add it: the event,

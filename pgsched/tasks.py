@@ -88,7 +88,7 @@ class Task:
         except (TypeError, ValueError):
             return
         try:
-            signature.bind(*args, **kwargs)
+            signature.bind(*args, **(kwargs or {}))  # kwargs None: none given
         except TypeError as exc:
             raise InvalidInput(
                 f"arguments do not fit task {self.name}{signature}: {exc}") from None

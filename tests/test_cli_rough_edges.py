@@ -271,6 +271,19 @@ async def test_schedule_given_a_function_checks_its_arguments(sched):
     await sched.schedule(greet, args=["a"], kwargs={"loud": True})
 
 
+async def test_schedule_given_a_function_and_positional_arguments_alone_schedules(sched):
+    """args without kwargs (kwargs=None, the default): check_arguments unpacked None and
+    refused every such call as "arguments do not fit"."""
+    from pgsched import task
+
+    @task(name="greet_positional")
+    def greet(name: str) -> str:
+        return name
+
+    job_id = await sched.schedule(greet, args=["a"])
+    assert (await sched.get_job(job_id))["args"] == ["a"]
+
+
 def test_top_piped_prints_one_snapshot_without_the_key_hint(config):
     shown = cli(config, "top").stdout
     assert shown.startswith("pgsched top · schema ") and "q quits" not in shown

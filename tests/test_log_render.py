@@ -105,3 +105,53 @@ def test_a_batch_goes_through_any_other_logging_set_up(json_logs):
     logs.configure("warning", "json")
     logs.info_events(logs.get_logger("pgsched.worker").bind(), "job_completed", KEYS, ROWS)
     assert json_logs() == []
+
+
+@pytest.mark.parametrize("bound", [{"event": "bound"}, {"level": "debug"},
+                                   {"timestamp": "then"}, {"exc_info": False}])
+def test_a_logger_bound_with_a_key_the_chain_sets_writes_what_logger_info_writes(
+        json_logs, bound):
+    """info_events is the general `logger.info` per row: a bound key the chain sets
+    itself (event, level, timestamp) or acts on (exc_info) is written as the chain writes
+    it, once, not a second time beside the chain's own."""
+    logger = logs.get_logger("pgsched.worker").bind(**bound)
+    for row in ROWS:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert json_logs() == expected
+
+
+def test_a_batch_to_a_logger_that_is_no_line_writer_goes_call_by_call(json_logs):
+    """pgsched's processors with another logger factory (here structlog's capturing one;
+    a journald or syslog logger makes one record per call) is another set-up: each row
+    is one `info` call, as logger.info makes it, never the batch joined into one `msg`."""
+    import structlog
+
+    captured = structlog.testing.CapturingLoggerFactory()
+    structlog.configure(logger_factory=captured)
+    logger = logs.get_logger("pgsched.worker").bind()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert [call.method_name for call in captured.logger.calls] == ["info"] * len(ROWS)
+    assert [json.loads(call.args[0])["job_id"] for call in captured.logger.calls] == [
+        row[0] for row in ROWS]
+
+
+@pytest.mark.parametrize("variables", [{"event": "ctx"}, {"level": "debug"},
+                                       {"timestamp": "then"}, {"exc_info": False},
+                                       {"job_id": "other-job", "attempt": 7}])
+def test_context_variables_the_chain_or_a_row_sets_are_written_as_logger_info_writes(
+        json_logs, variables):
+    """Context variables named like a key the chain sets, or like a row's own field (an
+    application that started the worker from inside its own job, say): the lines are
+    logger.info's, and a row's job_id is never replaced by a context variable's."""
+    import structlog
+
+    structlog.contextvars.bind_contextvars(**variables)
+    logger = logs.get_logger("pgsched.worker").bind()
+    for row in ROWS:
+        logger.info("job_completed", **dict(zip(KEYS, row, strict=True)))
+    expected = json_logs()
+    logs.info_events(logger, "job_completed", KEYS, ROWS)
+    assert json_logs() == expected
+    assert [json.loads(line)["job_id"] for line in expected] == [row[0] for row in ROWS]

@@ -232,3 +232,26 @@ def test_per_job_series_are_exposed_as_prometheus_counters_and_a_histogram_would
     assert ours[0][("pgsched_job_duration_seconds_bucket",
                     frozenset({"task": "a", "queue": "q", "outcome": "completed",
                                "le": "0.005"}.items()))] == 2
+
+
+def test_per_job_series_are_found_by_name_as_prometheus_counters_and_a_histogram_are():
+    """The registry serves the per-job series to a scrape that asks for them by name
+    (prometheus_client's own HTTP handlers take ?name[]=, an application serving
+    worker.metrics.registry with them) and to get_sample_value, as the Counter and
+    Histogram objects they replaced did: values included (floats, as theirs)."""
+    from prometheus_client.exposition import generate_latest
+
+    metrics = WorkerMetrics()
+    metrics.job("completed", "a", "q")
+    metrics.job_ran("a", "q", "completed", 0.1)
+    names = ["pgsched_jobs_completed_total", "pgsched_job_duration_seconds_count",
+             "pgsched_job_duration_seconds_bucket"]
+    text = generate_latest(metrics.registry.restricted_registry(names)).decode()
+    assert 'pgsched_jobs_completed_total{queue="q",task="a"} 1.0' in text
+    assert 'pgsched_job_duration_seconds_count{outcome="completed",queue="q",task="a"} 1.0' \
+        in text
+    assert 'pgsched_job_duration_seconds_bucket{le="0.1",outcome="completed",queue="q",' \
+        'task="a"} 1.0' in text
+    value = metrics.registry.get_sample_value("pgsched_jobs_completed_total",
+                                              {"task": "a", "queue": "q"})
+    assert repr(value) == "1.0"

@@ -19,9 +19,10 @@ Invariants:
 - Label values come from job rows, which anyone with the runtime role's rights can
   write: each worker keeps at most MAX_LABEL_VALUES distinct task names and queue names
   as labels; rows beyond that count under OTHER_LABEL, so memory stays bounded. The
-  labelled series the per-job hooks use are looked up once and kept (at most
-  MAX_CACHED_SERIES, names of at most MAX_CACHED_NAME_CHARS): prometheus_client's
-  labels() costs microseconds per job.
+  series key (the bounded labels) of each (event, task, queue) the per-job hooks get is
+  looked up once and kept (at most MAX_CACHED_SERIES, names of at most
+  MAX_CACHED_NAME_CHARS). The per-job series are plain numbers, built into families
+  when scraped (_JobSeries).
 - The queue query runs at most once per QUEUE_STATS_TTL_SECONDS however many scrapers
   there are; when it fails the last values are served and the failure is counted.
 
@@ -75,7 +76,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 MAX_LABEL_VALUES = 200  # distinct task (and queue) names; far beyond real applications
 MAX_CACHED_SERIES = 4 * MAX_LABEL_VALUES  # (event, task, queue) keys the per-job hooks keep
 # Only names this short are cache keys: a row can hold a name of 100,000 characters, and
-# MAX_CACHED_SERIES such keys would hold hundreds of MB (longer ones take labels() each time).
+# MAX_CACHED_SERIES such keys would hold hundreds of MB (longer ones are bounded each time).
 MAX_CACHED_NAME_CHARS = 200
 OTHER_LABEL = "other"
 JOB_EVENTS = {
@@ -184,6 +185,14 @@ class _JobSeries(Collector):
     def __init__(self, metrics: WorkerMetrics):
         self.metrics = metrics
 
+    def describe(self) -> Iterator[Metric]:
+        """The families, without samples: the registry learns their names, as it does a
+        Counter's, so a scrape asking for names (?name[]=, restricted_registry) gets them."""
+        for event, doc in JOB_EVENTS.items():
+            yield CounterMetricFamily(f"pgsched_jobs_{event}", doc, labels=("task", "queue"))
+        yield HistogramMetricFamily("pgsched_job_duration_seconds", DURATION_HELP,
+                                    labels=("task", "queue", "outcome"))
+
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         created = getattr(prometheus_metrics, "_use_created", True)
@@ -191,14 +200,14 @@ class _JobSeries(Collector):
         for event, doc in JOB_EVENTS.items():
             family = CounterMetricFamily(f"pgsched_jobs_{event}", doc, labels=("task", "queue"))
             for key, value in counts:
-                if key[0] == event:
-                    family.add_metric(key[1:], value,
+                if key[0] == event:  # float: the value a Counter gives
+                    family.add_metric(key[1:], float(value),
                                       created=m._counts_created[key] if created else None)
             yield family
         name = "pgsched_job_duration_seconds"
         family = HistogramMetricFamily(name, DURATION_HELP, labels=("task", "queue", "outcome"))
         for labels, (runs, total, since) in list(m._durations.items()):
-            cumulative, buckets = 0, []
+            cumulative, buckets = 0.0, []
             for bound, count in zip(_BOUNDS, list(runs), strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
