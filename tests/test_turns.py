@@ -504,3 +504,75 @@ async def test_a_job_due_later_is_claimed_for_once_not_by_every_worker_that_clai
         assert claims <= 2, f"{claims} claims for one job due later, by 5 workers"
     finally:
         await _stop(workers, runners)
+
+
+async def _future_jobs(sched, count: int, start_seconds: float = 3600.0) -> None:
+    """`count` jobs due an hour ahead and later, each with its own notification, as
+    `count` schedule() calls for later (reminders) send: the same insert, in one
+    statement (its RETURNING notifies per row, at commit). The latest first: each
+    notification then moves the worker's timer earlier (`retime`), as reminders
+    scheduled in that order would."""
+    async with sched.store.pool.connection() as conn:
+        await conn.execute(
+            f'INSERT INTO "{sched.schema}".jobs (id, task, queue, args, kwargs, priority,'
+            " execution_time) SELECT 'later-' || i, 'noop', 'default', '[]', '{}', 5,"
+            " now() + make_interval(secs => %s - i)"
+            " FROM generate_series(1, %s) i"
+            " RETURNING pg_notify(%s, extract(epoch FROM execution_time)::text)",
+            (start_seconds + count, count, sched.store.channel))
+
+
+async def test_jobs_scheduled_ahead_past_the_history_cost_no_claim_per_enqueue(
+        sched, pg_dsn):
+    """More than HISTORY jobs scheduled for later (a day of reminders) fill every
+    worker's turns with turns not due yet, which no claim settles before their time. Each
+    further enqueue for later then dropped the oldest of them and made every worker claim
+    at once (`behind`), an empty claim per worker per enqueue: the herd back, for jobs
+    that are not even due (before turns, a job due later cost no claim at all)."""
+    workers, runners = await _fleet(sched, pg_dsn, 2, concurrency=2)
+    try:
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        await _future_jobs(sched, HISTORY + 10)
+        await wait_until(lambda: all(w.ctx.turns.heard >= HISTORY + 10 for w in workers),
+                         what="the notifications heard")
+        await asyncio.sleep(0.3)
+        before = sum(w.stats.claims for w in workers)
+        for i in range(10):
+            await sched.schedule("noop", execution_time=datetime.now(UTC)
+                                 + timedelta(hours=2, seconds=i))
+        await wait_until(lambda: all(w.ctx.turns.heard >= HISTORY + 20 for w in workers),
+                         what="the notifications heard")
+        await asyncio.sleep(0.3)
+        claims = sum(w.stats.claims for w in workers) - before
+        assert claims <= 2, f"{claims} claims for 10 jobs due in 2 hours, by 2 workers"
+    finally:
+        await _stop(workers, runners)
+
+
+async def test_a_job_due_soon_is_not_lost_when_the_history_fills_with_later_ones(
+        sched, pg_dsn):
+    """A single worker knows the job due soon only as its claim's next due job (a turn
+    owed, order 0: added by SQL, say, with no notification). Then exactly HISTORY jobs are
+    scheduled for later: each pushes an older turn out, the last one the job due soon's.
+    A dropped notification's turn makes the worker claim at once (`behind`), a dropped
+    owed one did nothing, and the job waited for the safety poll (60 s)."""
+    workers, runners = await _fleet(sched, pg_dsn, 1, concurrency=2)
+    w = workers[0]
+    try:
+        soon = "soon"
+        async with sched.store.pool.connection() as conn:  # no notification
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".jobs (id, task, queue, args, kwargs,'
+                " priority, execution_time) VALUES ('soon', 'noop', 'default', '[]', '{}',"
+                " 5, now() + interval '3 seconds')")
+        await _run_one_at_a_time(sched, 1)  # a claim: its next due job is `soon`
+        await _settled(workers)
+        assert [e[0] for e in w.ctx.turns.entries] == [0], w.ctx.turns.entries
+        heard = w.ctx.turns.heard
+        await _future_jobs(sched, HISTORY)
+        await wait_until(lambda: w.ctx.turns.heard >= heard + HISTORY,
+                         what="the notifications heard")
+        await wait_until(lambda: _status(sched, soon, "completed"), timeout=10,
+                         what="the job due soon run (the safety poll is 60 s away)")
+    finally:
+        await _stop(workers, runners)

@@ -373,7 +373,7 @@ class WorkerContext:
             lag = self.turns.lag(payload)
             # From when it is due, or heard: a due time long past (a job put back by a
             # recovery) must not make every turn come at once.
-            self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag)
+            self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag, db_now)
             if lag > 0:
                 self.retime.set()  # the fetcher sleeps until its turn (next_due_deadline)
                 return
@@ -401,8 +401,9 @@ class WorkerContext:
     def owe_turn(self, due_epoch: float) -> None:
         """A turn for a job a claim saw pending, due at `due_epoch`: ranked by the due time,
         the same on every peer that knows it, so one claims when it falls due."""
-        self.turns.owe(due_epoch, max(due_epoch, self.db_time())
-                       + self.turns.lag(repr(due_epoch)))
+        db_now = self.db_time()
+        self.turns.owe(due_epoch, max(due_epoch, db_now) + self.turns.lag(repr(due_epoch)),
+                       db_now)
 
     def _token_wait(self, now: float) -> float:
         """Refill the notification token bucket: 0.0 if a token is there, else how long
