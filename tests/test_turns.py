@@ -576,3 +576,33 @@ async def test_a_job_due_soon_is_not_lost_when_the_history_fills_with_later_ones
                          what="the job due soon run (the safety poll is 60 s away)")
     finally:
         await _stop(workers, runners)
+
+
+async def test_a_wall_clock_stepped_back_does_not_delay_a_job_due_later(
+        sched, pg_dsn, monkeypatch):
+    """A single worker knows a job due in 2 s as its claim's next due job (added by SQL,
+    no notification): a turn owed, kept on the database clock. Then the machine's wall
+    clock steps back 30 s (NTP, a VM resumed), which moves no loop timer. The turn was
+    converted with time.time() plus the offset of the last claim, so it came 30 s late,
+    here the safety poll (60 s); the claim's timer it replaced was a loop time, which no
+    wall clock step moves."""
+    import pgsched.worker.context as context_module
+
+    workers, runners = await _fleet(sched, pg_dsn, 1, concurrency=2)
+    try:
+        async with sched.store.pool.connection() as conn:  # no notification
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".jobs (id, task, queue, args, kwargs,'
+                " priority, execution_time) VALUES ('later', 'noop', 'default', '[]', '{}',"
+                " 5, now() + interval '2 seconds')")
+        await _run_one_at_a_time(sched, 1)  # a claim: its next due job is 'later'
+        await _settled(workers)
+        assert [e[0] for e in workers[0].ctx.turns.entries] == [0]
+        real = time.time
+        monkeypatch.setattr(context_module, "time", type("Stepped", (), {
+            "time": staticmethod(lambda: real() - 30.0)}))
+        workers[0].ctx.retime.set()  # the fetcher recomputes its sleep, as any notice would
+        await wait_until(lambda: _status(sched, "later", "completed"), timeout=10,
+                         what="the job due later run (the safety poll is 60 s away)")
+    finally:
+        await _stop(workers, runners)

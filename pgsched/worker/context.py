@@ -233,7 +233,9 @@ class WorkerContext:
         self.turns = Turns(worker_id, options.queues)  # claims owed for notifications
         self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
         self.wake_tokens_at = 0.0  # loop.time() the bucket was last filled
-        self.clock_offset = 0.0  # database clock minus local clock, from the last claim
+        # The database clock minus the loop's (monotonic) clock, from the last claim: not
+        # the wall clock, which a step (NTP, a VM resumed) moves under the loop's timers.
+        self.clock_offset = time.time() - time.monotonic()
         self.ready = asyncio.Event()  # set once registered and the first claim ran
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.listening = False  # the LISTEN connection is up
@@ -335,8 +337,9 @@ class WorkerContext:
             self.wake.set()
 
     def db_time(self) -> float:
-        """Now on the database clock, as the last claim measured the offset."""
-        return time.time() + self.clock_offset
+        """Now on the database clock: the loop's clock plus the offset the last claim
+        measured (a wall clock step moves neither)."""
+        return asyncio.get_running_loop().time() + self.clock_offset
 
     def _turn_deadline(self, now: float) -> float | None:
         """loop.time() of the earliest turn owed (turns.py keeps them on the database

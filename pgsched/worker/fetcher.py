@@ -295,7 +295,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
         # answer instead would set the timer late by the claim's own duration (1-3 ms).
-        sent, sent_wall = loop.time(), time.time()
+        sent = loop.time()
         ctx.noted_deadline = None
         ctx.take_turn(sent)
         # The notifications heard before the claim is sent: its snapshot shows their jobs.
@@ -308,7 +308,7 @@ class Fetcher:
         )
         suspect_due = ctx.store.suspect_due
         ctx.turns.observe(loop.time() - sent)
-        ctx.clock_offset = db_now.timestamp() - sent_wall
+        ctx.clock_offset = db_now.timestamp() - sent  # database clock minus loop clock
         # Turns owed for jobs this claim saw due are settled (not by a suspect claim,
         # which takes no other job); a job noted while it ran may be one it did not see
         # (its turn, and noted_deadline, stay). The next due job it saw is a turn too.
@@ -393,7 +393,7 @@ class Fetcher:
         started = time.monotonic()
         try:
             lateness_ms = round(
-                (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+                (ctx.db_time() - job["execution_time"].timestamp()) * 1000, 1)
             # debug, not info: with job_completed (which repeats lateness_ms) that would be
             # two lines per job, a third of the worker's CPU per no-op job, and journald's
             # rate limit would drop the warnings that matter.

@@ -31,8 +31,10 @@ Invariants:
   and dropping too little costs a claim while dropping too much would leave a job to
   the safety poll), and only for jobs due by the claim's database time.
 - Turns are kept on the database clock and turned into loop times with the clock offset
-  of this worker's latest claim, so a claim that came early (a wall clock running ahead)
-  re-times them: one early claim, not a claim per notification token until the job is due.
+  (database clock minus the loop's monotonic clock, never the wall clock, which a step
+  would move under them) of this worker's latest claim, so a claim that came early (an
+  offset measured by a claim that reached the server late) re-times them: one early
+  claim, not a claim per notification token until the job is due.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
   covers nothing. (A peer whose LISTEN was down when the claimer heard the payload, and
   that heard the same due time again later, drops one turn too many; its peers that
