@@ -117,7 +117,7 @@ def test_turns_come_in_doubling_batches():
 
 
 def test_groups_are_the_sets_of_queues_served():
-    assert group_key(None) == group_key(()) == "*"
+    assert group_key(None) == "*" != group_key(())  # no queue is not every queue
     assert group_key(["b", "a", "a"]) == group_key(("a", "b"))
     assert group_key(["a"]) != group_key(["a", "b"]) != "*"
     assert group_key(["a b"]) != group_key(["a", "b"])
@@ -606,3 +606,42 @@ async def test_a_wall_clock_stepped_back_does_not_delay_a_job_due_later(
                          what="the job due later run (the safety poll is 60 s away)")
     finally:
         await _stop(workers, runners)
+
+
+async def test_a_worker_of_no_queue_takes_no_turn_of_the_workers_of_every_queue(
+        sched, pg_dsn):
+    """WorkerOptions(queues=()) claims from no queue (an empty list, not None), yet it
+    registered as a worker of every queue (NULL) and took turns with them in group '*':
+    first in turn, its claim took nothing, came back short, and its `took:` told the
+    worker of every queue that it need not claim: the job waited for the safety poll."""
+    everything = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS),
+                        worker_id="w-a")
+    nothing = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS, queues=()),
+                     worker_id="w-b")
+    workers = [everything, nothing]
+    runners = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await wait_until(lambda: all(w.ready.is_set() and w.listening for w in workers),
+                         what="both ready")
+        await asyncio.sleep(1.2)  # a few heartbeats: each knows whichever peers it will
+        await asyncio.sleep(0.3)
+        jobs = []
+        now = time.time()
+        # Payloads for which the worker of no queue is first in turn, if it is a peer.
+        last = len(everything.ctx.turns.peers) - 1
+        for i in range(200):
+            payload = f"{now:.6f}"[:-4] + f"{i:04d}"
+            if everything.ctx.turns.rank(payload) == last:
+                job = await _due_now_unnotified(sched, f"j{i}")
+                await sched.store.notify(payload)
+                jobs.append(job)
+                if len(jobs) == 3:
+                    break
+        assert len(jobs) == 3, everything.ctx.turns.peers
+        for job in jobs:
+            await wait_until(lambda j=job: _status(sched, j, "completed"), timeout=5,
+                             what="the job run (the safety poll is 60 s away)")
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*runners), 30)

@@ -289,7 +289,10 @@ class WorkerContext:
                 await self.store.register_worker(
                     id=self.id, host=socket.gethostname(), pid=os.getpid(), version=__version__,
                     concurrency=self.options.concurrency,
-                    queues=list(self.options.queues) if self.options.queues else None,
+                    # An empty list is no queue, not every queue (NULL): not the peer
+                    # of the workers of every queue (turns.group_key).
+                    queues=list(self.options.queues) if self.options.queues is not None
+                    else None,
                 )
                 self.last_db_ok = asyncio.get_running_loop().time()
                 # The peers to take turns with from the first notification on, not from

@@ -80,8 +80,10 @@ TOOK = "took"  # 'took:<group> <db now> <next due or -> <payload heard> <worker 
 
 def group_key(queues: tuple[str, ...] | list[str] | None) -> str:
     """Workers that serve the same set of queues take turns with each other: '*' for
-    every queue, else a short hash of the sorted names (a name may hold any character)."""
-    if not queues:
+    every queue (None), else a short hash of the sorted names (a name may hold any
+    character). An empty list is no queue at all, not every queue: such a worker claims
+    nothing, and its `took:` must cover nothing of the workers of every queue."""
+    if queues is None:
         return "*"
     digest = hashlib.blake2b("\0".join(sorted(set(queues))).encode(), digest_size=8)
     return digest.hexdigest()
