@@ -645,3 +645,37 @@ async def test_a_worker_of_no_queue_takes_no_turn_of_the_workers_of_every_queue(
         for w in workers:
             w.stop()
         await asyncio.wait_for(asyncio.gather(*runners), 30)
+
+
+async def test_a_job_due_later_known_only_from_claims_is_claimed_for_once(sched, pg_dsn):
+    """A job added with no notification (SQL; or while the workers were down) is known to
+    each worker from its own claim's next due job: a turn owed, which any claim at or
+    after its due time settles, whatever that claim heard. The first in turn takes it,
+    but a worker that had heard no notification yet sent no `took:` (it had no payload to
+    name), and a `took:` naming a payload a peer never heard settled nothing there: every
+    worker claimed for it in turn. (Steps of 50 ms, so that a turn a clock offset makes
+    come a little early does not blur the count.)"""
+    workers, runners = await _fleet(sched, pg_dsn, 3, concurrency=2)
+    try:
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        for w in workers:
+            for _ in range(30):
+                w.ctx.turns.observe(1.0)
+            assert w.ctx.turns.step == TURN_STEP_MAX_SECONDS
+        async with sched.store.pool.connection() as conn:  # no notification of it
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".jobs (id, task, queue, args, kwargs,'
+                " priority, execution_time) VALUES ('later', 'noop', 'default', '[]',"
+                " '{}', 5, now() + interval '1.5 seconds')")
+        await sched.store.notify("let_go:default")  # a claim each: they learn its due time
+        await wait_until(lambda: all(len(w.ctx.turns.entries) == 1 for w in workers),
+                         what="every worker owing a turn for it")
+        assert all(w.ctx.turns.last is None for w in workers)
+        before = sum(w.stats.claims for w in workers)
+        await wait_until(lambda: _status(sched, "later", "completed"), timeout=10,
+                         what="the job run")
+        await asyncio.sleep(0.3)  # any late turn would claim now
+        claims = sum(w.stats.claims for w in workers) - before
+        assert claims <= 2, f"{claims} claims for one job due later, by 3 workers"
+    finally:
+        await _stop(workers, runners)

@@ -70,7 +70,7 @@ from ..queues import capped_free_slots, saturated
 from ..store import CLAMPED_LATEST
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
-from .turns import took_payload
+from .turns import NOTHING, took_payload
 
 log = get_logger("pgsched.worker")
 
@@ -342,10 +342,11 @@ class Fetcher:
         again = self._note_suspects(suspect_due, alone, suspects)
         # Not when a suspect is due: this claim left it (it runs alone), and an idle peer
         # would claim it at once where this worker, busy, waits to reserve it.
-        if (covered and heard is not None and len(jobs) < free and not suspects
+        if (covered and len(jobs) < free and not suspects
                 and not suspect_due and not _cut_by_caps(capped, jobs)
                 and len(ctx.turns.peers) > 1):
-            await self._announce(db_now.timestamp(), next_due, heard)
+            await self._announce(db_now.timestamp(), next_due,
+                                 NOTHING if heard is None else heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
 
     async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:

@@ -36,10 +36,12 @@ Invariants:
   offset measured by a claim that reached the server late) re-times them: one early
   claim, not a claim per notification token until the job is due.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
-  covers nothing. (A peer whose LISTEN was down when the claimer heard the payload, and
-  that heard the same due time again later, drops one turn too many; its peers that
-  did not miss it still claim in turn.) A `took:` of another group (other queues), or
-  of the worker itself, is ignored.
+  covers none of its notifications' turns, only the turns it owes for jobs a claim saw
+  (order 0: any claim at or after their due time settles them). A claimer that heard
+  no notification yet names NOTHING. (A peer whose LISTEN was down when the claimer
+  heard the payload, and that heard the same due time again later, drops one turn too
+  many; its peers that did not miss it still claim in turn.) A `took:` of another
+  group (other queues), or of the worker itself, is ignored.
 - Rank needs no agreement to be safe: peers whose lists differ (a worker that started
   or stopped since the last heartbeat) may both claim at once (one claim is empty) or
   one step later; a worker missing from its own list counts itself in.
@@ -76,6 +78,9 @@ TURN_MARGIN_SECONDS = 0.0005
 HISTORY = 1024
 _DUE = itemgetter(1)  # of an entry
 TOOK = "took"  # 'took:<group> <db now> <next due or -> <payload heard> <worker id>'
+# The payload a `took:` names when its claimer had heard no notification (a due time no
+# enqueue sends: the epoch itself, written so).
+NOTHING = "0.000000000"
 
 
 def group_key(queues: tuple[str, ...] | list[str] | None) -> str:
@@ -181,9 +186,10 @@ class Turns:
 
     def covered_by(self, payload: str, db_now: float) -> int:
         """A peer's claim at `db_now`, begun after it heard `payload`, took every job it
-        saw due: drop what that covers (nothing if this worker never heard it)."""
-        upto = self._first.get(payload)
-        return 0 if upto is None else self.cover(upto, db_now)
+        saw due: drop what that covers (if this worker never heard it, or it is NOTHING
+        (the peer had heard no notification), only the turns owed for jobs a claim saw,
+        order 0, which any claim at or after their due time settles)."""
+        return self.cover(self._first.get(payload, 0), db_now)
 
     def next_turn(self) -> float | None:
         """The time (database clock) of the earliest claim owed, or None; -inf (at once)
