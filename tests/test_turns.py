@@ -679,3 +679,44 @@ async def test_a_job_due_later_known_only_from_claims_is_claimed_for_once(sched,
         assert claims <= 2, f"{claims} claims for one job due later, by 3 workers"
     finally:
         await _stop(workers, runners)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "design call for the lead: a claim's next due job used to be an exact timer "
+    "(claimed_deadline); as a turn ranked by its due time, a worker that alone knows it "
+    "(no took: handed it on: its claim covered nothing) waits its rank's lag, up to "
+    "ceil(log2(peers)) steps of 5-50 ms, behind peers that never claim for it. Owing it "
+    "at lag 0 when no took: was sent costs a claim per knower when several learned it."))
+async def test_a_job_due_later_that_only_one_worker_knows_is_claimed_at_its_due_time(
+        sched, pg_dsn):
+    """Worker w-a's retry timer (or a job added by SQL) is the next due job of a claim it
+    made for no notification (a freed slot): no `took:` tells w-b of it. Its turn should
+    come when the job is due, not a step later behind w-b, which will never claim for it."""
+    a = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS), worker_id="w-a")
+    b = Worker(sched.store, pg_dsn, fast_options(poll_seconds=POLL_SECONDS), worker_id="w-b")
+    workers = [a, b]
+    runners = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await wait_until(lambda: all(w.ready.is_set() and len(w.ctx.turns.peers) == 2
+                                     for w in workers), what="both ready, knowing each other")
+        await asyncio.sleep(0.3)  # the start-up claims are over
+        due = datetime.now(UTC) + timedelta(seconds=30)
+        while a.ctx.turns.rank(repr(due.timestamp())) != 1:
+            due += timedelta(microseconds=1)
+        async with sched.store.pool.connection() as conn:  # no notification
+            await conn.execute(
+                f'INSERT INTO "{sched.schema}".jobs (id, task, queue, args, kwargs,'
+                " priority, execution_time) VALUES ('later', 'noop', 'default', '[]',"
+                " '{}', 5, %s)", (due,))
+        claims = a.stats.claims
+        a.ctx.wake.set()  # a claim of its own, as a freed slot makes
+        await wait_until(lambda: a.ctx.turns.entries, what="w-a owing a turn for it")
+        assert a.stats.claims == claims + 1 and b.ctx.turns.entries == []
+        [(_, owed_due, turn_at)] = a.ctx.turns.entries
+        assert owed_due == due.timestamp()
+        assert turn_at == owed_due, f"w-a's turn comes {turn_at - owed_due:.3f} s late"
+        await sched.cancel_job("later")
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*runners), 30)
