@@ -234,7 +234,9 @@ class WorkerContext:
         self.turns = Turns(worker_id, options.queues)  # claims owed for notifications
         self.wake_tokens = float(NOTIFY_WAKE_BURST)  # of the notification token bucket
         self.wake_tokens_at = 0.0  # loop.time() the bucket was last filled
-        self.clock_offset = 0.0  # database clock minus local clock, from the last claim
+        # The database clock minus the loop's (monotonic) clock, from the last claim: not
+        # the wall clock, which a step (NTP, a VM resumed) moves under the loop's timers.
+        self.clock_offset = time.time() - time.monotonic()
         self.ready = asyncio.Event()  # set once registered and the first claim ran
         self.on_ready: list[Callable[[], Awaitable[None] | None]] = []
         self.listening = False  # the LISTEN connection is up
@@ -288,7 +290,10 @@ class WorkerContext:
                 await self.store.register_worker(
                     id=self.id, host=socket.gethostname(), pid=os.getpid(), version=__version__,
                     concurrency=self.options.concurrency,
-                    queues=list(self.options.queues) if self.options.queues else None,
+                    # An empty list is no queue, not every queue (NULL): not the peer
+                    # of the workers of every queue (turns.group_key).
+                    queues=list(self.options.queues) if self.options.queues is not None
+                    else None,
                 )
                 self.last_db_ok = asyncio.get_running_loop().time()
                 # The peers to take turns with from the first notification on, not from
@@ -336,8 +341,9 @@ class WorkerContext:
             self.wake.set()
 
     def db_time(self) -> float:
-        """Now on the database clock, as the last claim measured the offset."""
-        return time.time() + self.clock_offset
+        """Now on the database clock: the loop's clock plus the offset the last claim
+        measured (a wall clock step moves neither)."""
+        return asyncio.get_running_loop().time() + self.clock_offset
 
     def _turn_deadline(self, now: float) -> float | None:
         """loop.time() of the earliest turn owed (turns.py keeps them on the database
@@ -380,7 +386,7 @@ class WorkerContext:
             lag = self.turns.lag(payload)
             # From when it is due, or heard: a due time long past (a job put back by a
             # recovery) must not make every turn come at once.
-            self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag)
+            self.turns.hear(payload, due_epoch, max(due_epoch, db_now) + lag, db_now)
             if lag > 0:
                 self.retime.set()  # the fetcher sleeps until its turn (due_deadline)
                 return
@@ -408,8 +414,9 @@ class WorkerContext:
     def owe_turn(self, due_epoch: float) -> None:
         """A turn for a job a claim saw pending, due at `due_epoch`: ranked by the due time,
         the same on every peer that knows it, so one claims when it falls due."""
-        self.turns.owe(due_epoch, max(due_epoch, self.db_time())
-                       + self.turns.lag(repr(due_epoch)))
+        db_now = self.db_time()
+        self.turns.owe(due_epoch, max(due_epoch, db_now) + self.turns.lag(repr(due_epoch)),
+                       db_now)
 
     def _token_wait(self, now: float) -> float:
         """Refill the notification token bucket: 0.0 if a token is there, else how long

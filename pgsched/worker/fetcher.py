@@ -68,7 +68,7 @@ from ..queues import capped_free_slots, saturated
 from ..store import CLAMPED_LATEST
 from .context import DB_ERRORS, NOTIFY_WAKE_BURST, Completion, Held, WorkerContext, backoff_sleep
 from .executor import CANCELLED, Outcome, make_running_job, run_job
-from .turns import took_payload
+from .turns import NOTHING, took_payload
 
 log = get_logger("pgsched.worker")
 
@@ -321,7 +321,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         # db_now is read when the statement starts, right after it is sent: timing from the
         # answer instead would set the timer late by the claim's own duration (1-3 ms).
-        sent, sent_wall = loop.time(), time.time()
+        sent = loop.time()
         ctx.noted_deadline = None
         ctx.take_turn(sent)
         # The notifications heard before the claim is sent: its snapshot shows their jobs.
@@ -334,7 +334,7 @@ class Fetcher:
         )
         suspect_due = ctx.store.suspect_due
         ctx.turns.observe(loop.time() - sent)
-        ctx.clock_offset = db_now.timestamp() - sent_wall
+        ctx.clock_offset = db_now.timestamp() - sent  # database clock minus loop clock
         # Turns owed for jobs this claim saw due are settled (not by a suspect claim,
         # which takes no other job); a job noted while it ran may be one it did not see
         # (its turn, and noted_deadline, stay). The next due job it saw is a turn too.
@@ -368,10 +368,11 @@ class Fetcher:
         again = self._note_suspects(suspect_due, alone, suspects)
         # Not when a suspect is due: this claim left it (it runs alone), and an idle peer
         # would claim it at once where this worker, busy, waits to reserve it.
-        if (covered and heard is not None and len(jobs) < free and not suspects
+        if (covered and len(jobs) < free and not suspects
                 and not suspect_due and not _cut_by_caps(capped, jobs)
                 and len(ctx.turns.peers) > 1):
-            await self._announce(db_now.timestamp(), next_due, heard)
+            await self._announce(db_now.timestamp(), next_due,
+                                 NOTHING if heard is None else heard)
         return again or (free > 0 and len(jobs) >= free and alone is None)
 
     async def _announce(self, db_now: float, next_due: Any, heard: str) -> None:
@@ -421,7 +422,7 @@ class Fetcher:
         started = time.monotonic()
         try:
             lateness_ms = round(
-                (time.time() + ctx.clock_offset - job["execution_time"].timestamp()) * 1000, 1)
+                (ctx.db_time() - job["execution_time"].timestamp()) * 1000, 1)
             # debug, not info: with job_completed (which repeats lateness_ms) that would be
             # two lines per job, a third of the worker's CPU per no-op job, and journald's
             # rate limit would drop the warnings that matter.

@@ -31,13 +31,17 @@ Invariants:
   and dropping too little costs a claim while dropping too much would leave a job to
   the safety poll), and only for jobs due by the claim's database time.
 - Turns are kept on the database clock and turned into loop times with the clock offset
-  of this worker's latest claim, so a claim that came early (a wall clock running ahead)
-  re-times them: one early claim, not a claim per notification token until the job is due.
+  (database clock minus the loop's monotonic clock, never the wall clock, which a step
+  would move under them) of this worker's latest claim, so a claim that came early (an
+  offset measured by a claim that reached the server late) re-times them: one early
+  claim, not a claim per notification token until the job is due.
 - A payload a peer never heard (it was not listening yet, or its history moved on)
-  covers nothing. (A peer whose LISTEN was down when the claimer heard the payload, and
-  that heard the same due time again later, drops one turn too many; its peers that
-  did not miss it still claim in turn.) A `took:` of another group (other queues), or
-  of the worker itself, is ignored.
+  covers none of its notifications' turns, only the turns it owes for jobs a claim saw
+  (order 0: any claim at or after their due time settles them). A claimer that heard
+  no notification yet names NOTHING. (A peer whose LISTEN was down when the claimer
+  heard the payload, and that heard the same due time again later, drops one turn too
+  many; its peers that did not miss it still claim in turn.) A `took:` of another
+  group (other queues), or of the worker itself, is ignored.
 - Rank needs no agreement to be safe: peers whose lists differ (a worker that started
   or stopped since the last heartbeat) may both claim at once (one claim is empty) or
   one step later; a worker missing from its own list counts itself in.
@@ -53,6 +57,7 @@ import hashlib
 import math
 import zlib
 from collections import OrderedDict
+from operator import itemgetter
 
 # The gap between one worker's turn and the next: long enough for the worker before it
 # to claim and send its `took:` (two round trips and a delivery), so that the next in
@@ -66,16 +71,24 @@ STEP_RTTS = 3.0
 # due: one that arrives early claims nothing and costs another round trip.
 TURN_MARGIN_SECONDS = 0.0005
 # Due-time payloads remembered (first time heard), to find the one a `took:` names, and
-# turns owed at most: past that (a worker that hears a flood and never claims, its peers
-# silent) the oldest are dropped and the worker claims at once, which settles them all.
+# turns owed at most: past that the turn for the latest due time is dropped (Turns._add):
+# one not due yet is reached again by the claims' next due jobs; when every turn owed is
+# due (a worker that hears a flood and never claims, its peers silent) the worker claims
+# at once, which settles them all.
 HISTORY = 1024
+_DUE = itemgetter(1)  # of an entry
 TOOK = "took"  # 'took:<group> <db now> <next due or -> <payload heard> <worker id>'
+# The payload a `took:` names when its claimer had heard no notification (a due time no
+# enqueue sends: the epoch itself, written so).
+NOTHING = "0.000000000"
 
 
 def group_key(queues: tuple[str, ...] | list[str] | None) -> str:
     """Workers that serve the same set of queues take turns with each other: '*' for
-    every queue, else a short hash of the sorted names (a name may hold any character)."""
-    if not queues:
+    every queue (None), else a short hash of the sorted names (a name may hold any
+    character). An empty list is no queue at all, not every queue: such a worker claims
+    nothing, and its `took:` must cover nothing of the workers of every queue."""
+    if queues is None:
         return "*"
     digest = hashlib.blake2b("\0".join(sorted(set(queues))).encode(), digest_size=8)
     return digest.hexdigest()
@@ -122,24 +135,34 @@ class Turns:
         start = zlib.crc32(payload.encode()) % n
         return (self.peers.index(self.id) - start) % n
 
-    def hear(self, payload: str, due_epoch: float, turn_at: float) -> None:
-        """Note a due-time notification and the time this worker's turn for it comes."""
+    def hear(self, payload: str, due_epoch: float, turn_at: float,
+             db_now: float = math.inf) -> None:
+        """Note a due-time notification and the time this worker's turn for it comes
+        (`db_now`: the database clock now, as this worker estimates it)."""
         self.heard += 1
         self.last = payload
         if payload not in self._first:
             self._first[payload] = self.heard
             if len(self._first) > HISTORY:
                 self._first.popitem(last=False)
-        self._add((self.heard, due_epoch, turn_at))
+        self._add((self.heard, due_epoch, turn_at), db_now)
 
-    def _add(self, entry: tuple[int, float, float]) -> None:
+    def _add(self, entry: tuple[int, float, float], db_now: float) -> None:
+        """Past HISTORY the turn for the latest due time is dropped. One not due yet
+        needs nothing: the turns before it are settled by claims (this worker's, or its
+        peers' handed on in their `took:`) that each report the next due job, so the one
+        at or before its due time reports it (dropping the oldest instead lost a job due
+        soon behind a thousand reminders for tomorrow, and made every worker claim at
+        each enqueue for later once that many were pending). One due already (every turn
+        owed is due) makes the worker claim at once (`behind`), which sees it."""
         self.entries.append(entry)
         if len(self.entries) > HISTORY:
-            dropped = self.entries[:len(self.entries) - HISTORY]
-            del self.entries[:len(dropped)]
-            self.behind = max(self.behind, max(e[0] for e in dropped))
+            order, due, _ = latest = max(self.entries, key=_DUE)
+            self.entries.remove(latest)
+            if due <= db_now:
+                self.behind = max(self.behind, order or self.heard)
 
-    def owe(self, due_epoch: float, turn_at: float) -> None:
+    def owe(self, due_epoch: float, turn_at: float, db_now: float = math.inf) -> None:
         """A claim owed for a job a claim saw pending, due at `due_epoch` (this worker's
         own claim's next due job, or a peer's, handed on in its `took:`). Any claim at or
         after that time settles it, whatever it heard before (order 0): such a claim began
@@ -149,7 +172,7 @@ class Turns:
         made every worker claim.)"""
         if any(e[1] == due_epoch for e in self.entries):
             return
-        self._add((0, due_epoch, turn_at))
+        self._add((0, due_epoch, turn_at), db_now)
 
     def cover(self, upto: int, db_now: float) -> int:
         """Drop the claims owed for notifications heard at or before order `upto` whose
@@ -163,9 +186,10 @@ class Turns:
 
     def covered_by(self, payload: str, db_now: float) -> int:
         """A peer's claim at `db_now`, begun after it heard `payload`, took every job it
-        saw due: drop what that covers (nothing if this worker never heard it)."""
-        upto = self._first.get(payload)
-        return 0 if upto is None else self.cover(upto, db_now)
+        saw due: drop what that covers (if this worker never heard it, or it is NOTHING
+        (the peer had heard no notification), only the turns owed for jobs a claim saw,
+        order 0, which any claim at or after their due time settles)."""
+        return self.cover(self._first.get(payload, 0), db_now)
 
     def next_turn(self) -> float | None:
         """The time (database clock) of the earliest claim owed, or None; -inf (at once)
