@@ -527,17 +527,21 @@ class Store:
         (_PLAN_CUSTOM): True plans it at this run too, but prepared, on a session that
         plans every prepared statement for its parameters (parsed and analysed once per
         connection instead of at each run); False runs it on a session that may give it
-        its generic plan (what `prepare` is for, on a large table); None either."""
-        async with (_USING.get() or self.pool).connection() as conn:
+        its generic plan (what `prepare` is for, on a large table); None either. On a
+        pool the application lent (not open_pool's), True runs it unnamed instead."""
+        lender = _USING.get() or self.pool
+        async with lender.connection() as conn:
             cur = conn.cursor(row_factory=row_factory)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
-                if (custom is not None and conn.prepare_threshold is not None
-                        and _PLAN_CUSTOM.get(conn, False) is not custom):
-                    await _custom_plans(conn, custom)
+                if custom is not None and conn.prepare_threshold is not None:
+                    if lender is self.pool and self.pool not in _OPENED_POOLS:
+                        custom = False  # the application's pool: never switched, unnamed
+                    elif _PLAN_CUSTOM.get(conn, False) is not custom:
+                        await _custom_plans(conn, custom)
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or bool(custom))).fetchall()
 
@@ -2254,7 +2258,9 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # is one round trip, made when a connection goes from a claim planned at every run to a
 # statement that wants its generic plan, or back: in steady use, once. Never on
 # a connection that prepares nothing (prepare_threshold None: behind a transaction
-# pooler, where a session setting would reach other clients' sessions).
+# pooler, where a session setting would reach other clients' sessions), nor on a pool
+# open_pool did not make (Scheduler(pool=...): the application's own statements run on
+# those connections next); there such a claim runs as an unnamed statement.
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
     weakref.WeakKeyDictionary())
 
