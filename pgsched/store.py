@@ -538,10 +538,12 @@ class Store:
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
                 if custom is not None and conn.prepare_threshold is not None:
-                    if lender is self.pool and self.pool not in _OPENED_POOLS:
-                        custom = False  # the application's pool: never switched, unnamed
-                    elif _PLAN_CUSTOM.get(conn, False) is not custom:
-                        await _custom_plans(conn, custom)
+                    if ((lender is self.pool and self.pool not in _OPENED_POOLS)
+                            or conn in _POOLED):
+                        custom = False  # never switched: planned as an unnamed statement
+                    elif (_PLAN_CUSTOM.get(conn, False) is not custom
+                          and not await _custom_plans(conn, custom)):
+                        custom = False
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or bool(custom))).fetchall()
 
@@ -2260,19 +2262,38 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # a connection that prepares nothing (prepare_threshold None: behind a transaction
 # pooler, where a session setting would reach other clients' sessions), nor on a pool
 # open_pool did not make (Scheduler(pool=...): the application's own statements run on
-# those connections next); there such a claim runs as an unnamed statement.
+# those connections next), nor on a connection whose server session is not its own
+# (_POOLED: PgBouncer 1.21+ routes prepared statements in transaction mode, so the
+# default prepare_threshold works there, but a SET stays on the server connection for
+# the next client); there such a claim runs as an unnamed statement.
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
     weakref.WeakKeyDictionary())
+# The connections found behind a pooler: the backend pid the server reports is not the
+# one the connection was given at start-up (a pooler hands its clients keys of its own).
+_POOLED: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
-async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> None:
+async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> bool:
+    """Switch conn's session (_PLAN_CUSTOM); False if it was not switched: conn reaches
+    its server session through a pooler (checked in the same round trip)."""
     _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
-    await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
-                       else "RESET plan_cache_mode", prepare=False)
+    if custom:
+        cur = await conn.execute(
+            "SELECT CASE WHEN pg_backend_pid() = %s"
+            " THEN set_config('plan_cache_mode', 'force_custom_plan', false) END",
+            [conn.info.backend_pid], prepare=False)
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            _POOLED.add(conn)
+            del _PLAN_CUSTOM[conn]
+            return False
+    else:
+        await conn.execute("RESET plan_cache_mode", prepare=False)
     # Inside a transaction (a caller's own connection, Store.using) a rollback undoes the
     # switch: not known then, so the next statement that cares switches again.
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         _PLAN_CUSTOM[conn] = custom
+    return True
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:
