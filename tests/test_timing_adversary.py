@@ -3,19 +3,23 @@ fine timer must not do to whatever shares their connection or their event loop.
 
 - A session setting made for pgsched's claims never reaches a connection the application
   owns: a pool it lends (`Scheduler(pool=...)`), where its own statements run next.
+- The fine timer (fetcher.FINE_TIMER_SECONDS) starts no body early and holds the loop
+  only briefly, with due times closer together than its millisecond, or already past.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 
 import psycopg_pool
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options
+from conftest import fast_options, wait_until
+from test_due_timing import STARTED
 
-from pgsched import JobSpec, Scheduler
+from pgsched import JobSpec, Scheduler, Worker
 from pgsched.store import Store, open_pool
 
 
@@ -80,3 +84,44 @@ async def test_a_reset_all_by_someone_else_is_noticed(sched, pg_dsn):
             assert [row[0] for row in await cur.fetchall()] == [0]
     finally:
         await pool.close()
+
+
+async def test_dense_and_past_due_times_on_a_busy_loop_run_once_and_never_early(sched):
+    """Due times 0.4 ms apart (closer than the fine timer's millisecond), some already
+    past, while another task keeps the event loop busy: every body runs once, none before
+    its due time, and the fine step never holds the loop for anything like a wait."""
+    worker = Worker(sched.store, sched._dsn, fast_options(poll_seconds=30, concurrency=4))
+    runner = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
+    gaps: list[float] = []
+    busy = True
+
+    async def spin() -> None:
+        last = time.monotonic()
+        while busy:
+            await asyncio.sleep(0)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    spinner = asyncio.create_task(spin())
+    try:
+        now = await sched.store.db_now()
+        base = now + timedelta(seconds=1.0)  # a wait slept blocking would show
+        ids = await sched.schedule_bulk(
+            [JobSpec("due_stamp", execution_time=now - timedelta(seconds=i))
+             for i in range(1, 6)]
+            + [JobSpec("due_stamp", execution_time=base + timedelta(seconds=i * 0.0004))
+               for i in range(60)])
+        await wait_until(lambda: all(i in STARTED for i in ids), timeout=20,
+                         what="every timed job started")
+        early = {i: STARTED[i] for i in ids if STARTED[i][0] < STARTED[i][1]}
+        assert early == {}
+        ends = [await asyncio.wait_for(sched.wait(i), 20) for i in ids]
+        assert {(row["status"], row["attempts"]) for row in ends} == {("completed", 1)}
+        assert max(gaps) < 0.5, f"the event loop was held for {max(gaps):.3f} s"
+    finally:
+        busy = False
+        await spinner
+        worker.stop()
+        await asyncio.wait_for(runner, 30)
