@@ -541,8 +541,8 @@ class Store:
                     if ((lender is self.pool and self.pool not in _OPENED_POOLS)
                             or conn in _POOLED):
                         custom = False  # never switched: planned as an unnamed statement
-                    elif (_PLAN_CUSTOM.get(conn, False) is not custom
-                          and not await _custom_plans(conn, custom)):
+                    elif (_PLAN_CUSTOM.get(conn, False) is not custom and not
+                          await _custom_plans(conn, custom, self._q["custom_plans"])):
                         custom = False
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or bool(custom))).fetchall()
@@ -2273,15 +2273,14 @@ _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | Non
 _POOLED: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
-async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> bool:
-    """Switch conn's session (_PLAN_CUSTOM); False if it was not switched: conn reaches
-    its server session through a pooler (checked in the same round trip)."""
+async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool,
+                        switch: str) -> bool:
+    """Switch conn's session (_PLAN_CUSTOM) on, with statement `switch` (custom_plans),
+    or off; False if it was not switched: conn reaches its server session through a
+    pooler (checked in the same round trip)."""
     _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
     if custom:
-        cur = await conn.execute(
-            "SELECT CASE WHEN pg_backend_pid() = %s"
-            " THEN set_config('plan_cache_mode', 'force_custom_plan', false) END",
-            [conn.info.backend_pid], prepare=False)
+        cur = await conn.execute(switch, {"pid": conn.info.backend_pid}, prepare=False)
         row = await cur.fetchone()
         if row is None or row[0] is None:
             _POOLED.add(conn)
