@@ -570,17 +570,23 @@ class Store:
         (_PLAN_CUSTOM): True plans it at this run too, but prepared, on a session that
         plans every prepared statement for its parameters (parsed and analysed once per
         connection instead of at each run); False runs it on a session that may give it
-        its generic plan (what `prepare` is for, on a large table); None either."""
-        async with (_USING.get() or self.pool).connection() as conn:
+        its generic plan (what `prepare` is for, on a large table); None either. On a
+        pool the application lent (not open_pool's), True runs it unnamed instead."""
+        lender = _USING.get() or self.pool
+        async with lender.connection() as conn:
             cur = conn.cursor(row_factory=row_factory)
             if times_clamped:
                 cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
             bound = _BOUND.get()
             # Unbounded (every statement but the completer's): no generator on this path.
             with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
-                if (custom is not None and conn.prepare_threshold is not None
-                        and _PLAN_CUSTOM.get(conn, False) is not custom):
-                    await _custom_plans(conn, custom)
+                if custom is not None and conn.prepare_threshold is not None:
+                    if ((lender is self.pool and self.pool not in _OPENED_POOLS)
+                            or conn in _POOLED):
+                        custom = False  # never switched: planned as an unnamed statement
+                    elif (_PLAN_CUSTOM.get(conn, False) is not custom and not
+                          await _custom_plans(conn, custom, self._q["custom_plans"])):
+                        custom = False
                 return await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or bool(custom))).fetchall()
 
@@ -2297,19 +2303,39 @@ def _abandoned_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> Iter
 # is one round trip, made when a connection goes from a claim planned at every run to a
 # statement that wants its generic plan, or back: in steady use, once. Never on
 # a connection that prepares nothing (prepare_threshold None: behind a transaction
-# pooler, where a session setting would reach other clients' sessions).
+# pooler, where a session setting would reach other clients' sessions), nor on a pool
+# open_pool did not make (Scheduler(pool=...): the application's own statements run on
+# those connections next), nor on a connection whose server session is not its own
+# (_POOLED: PgBouncer 1.21+ routes prepared statements in transaction mode, so the
+# default prepare_threshold works there, but a SET stays on the server connection for
+# the next client); there such a claim runs as an unnamed statement.
 _PLAN_CUSTOM: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], bool | None] = (
     weakref.WeakKeyDictionary())
+# The connections found behind a pooler: the backend pid the server reports is not the
+# one the connection was given at start-up (a pooler hands its clients keys of its own).
+_POOLED: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
 
 
-async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool) -> None:
+async def _custom_plans(conn: psycopg.AsyncConnection[Any], custom: bool,
+                        switch: str) -> bool:
+    """Switch conn's session (_PLAN_CUSTOM) on, with statement `switch` (custom_plans),
+    or off; False if it was not switched: conn reaches its server session through a
+    pooler (checked in the same round trip)."""
     _PLAN_CUSTOM[conn] = None  # until the server has answered: either may be in force
-    await conn.execute("SET plan_cache_mode = force_custom_plan" if custom
-                       else "RESET plan_cache_mode", prepare=False)
+    if custom:
+        cur = await conn.execute(switch, {"pid": conn.info.backend_pid}, prepare=False)
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            _POOLED.add(conn)
+            del _PLAN_CUSTOM[conn]
+            return False
+    else:
+        await conn.execute("RESET plan_cache_mode", prepare=False)
     # Inside a transaction (a caller's own connection, Store.using) a rollback undoes the
     # switch: not known then, so the next statement that cares switches again.
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         _PLAN_CUSTOM[conn] = custom
+    return True
 
 
 def _shut_down(conn: psycopg.AsyncConnection[Any]) -> None:

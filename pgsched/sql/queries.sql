@@ -1088,3 +1088,12 @@ SELECT pg_notify(%(channel)s, extract(epoch FROM now())::text);
 -- name: notify
 -- A message to every worker: a worker's `took:` after a short claim (worker/turns.py).
 SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- name: custom_plans
+-- Plan this session's prepared statements at every run (store._PLAN_CUSTOM), only if the
+-- session is this connection's own: the backend pid the server reports is the one the
+-- connection got at start-up (%(pid)s). A pooler hands its clients keys of its own, and
+-- behind it the setting would stay on the server connection for its next client: NULL
+-- then, and nothing set.
+SELECT CASE WHEN pg_backend_pid() = %(pid)s
+            THEN set_config('plan_cache_mode', 'force_custom_plan', false) END
