@@ -58,7 +58,7 @@ async def test_a_borrowed_pool_keeps_the_applications_session_settings(pg_dsn, s
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "design call: store._PLAN_CUSTOM trusts its own record of each connection's "
+    "decided, not handled: store._PLAN_CUSTOM trusts its own record of each connection's "
     "plan_cache_mode; a RESET ALL (or DISCARD ALL) run by someone else on a connection of "
     "pgsched's own pool is not seen, and the small-table claim, prepared, gets the generic "
     "plan PREPARED_CLAIM_ROWS exists to avoid. Only pgsched runs statements on open_pool's "
@@ -145,13 +145,6 @@ class _SleepSpy:
         self.calls += 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "design call: the fine step (fetcher.FINE_TIMER_SECONDS) corrects epoll's rounding, "
-    "which only an idle loop suffers; on a loop with other ready work the loop's timer "
-    "fires on time and time.sleep then blocks that work for the whole millisecond (1.2 ms "
-    "a sleep measured here, 8% of the loop at one due time per 10 ms). Options: skip it "
-    "when the loop is busy, or wait the rest with asyncio.sleep(0) turns (CPU, not "
-    "blocking)"))
 async def test_the_fine_step_never_blocks_a_loop_that_has_other_work(sched, monkeypatch):
     """A task beside the worker keeps the loop busy (it yields at every turn: there is
     always a callback ready); jobs fall due on the worker's timer: it must not sleep

@@ -411,12 +411,13 @@ class WorkerContext:
             self.owe_turn(next_due)
         self.retime.set()  # the sleep may end later now, or sooner
 
-    def owe_turn(self, due_epoch: float) -> None:
+    def owe_turn(self, due_epoch: float) -> bool:
         """A turn for a job a claim saw pending, due at `due_epoch`: ranked by the due time,
-        the same on every peer that knows it, so one claims when it falls due."""
+        the same on every peer that knows it, so one claims when it falls due. True if
+        this worker did not owe one for that time yet."""
         db_now = self.db_time()
-        self.turns.owe(due_epoch, max(due_epoch, db_now) + self.turns.lag(repr(due_epoch)),
-                       db_now)
+        return self.turns.owe(due_epoch,
+                              max(due_epoch, db_now) + self.turns.lag(repr(due_epoch)), db_now)
 
     def _token_wait(self, now: float) -> float:
         """Refill the notification token bucket: 0.0 if a token is there, else how long

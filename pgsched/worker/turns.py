@@ -162,17 +162,18 @@ class Turns:
             if due <= db_now:
                 self.behind = max(self.behind, order or self.heard)
 
-    def owe(self, due_epoch: float, turn_at: float, db_now: float = math.inf) -> None:
+    def owe(self, due_epoch: float, turn_at: float, db_now: float = math.inf) -> bool:
         """A claim owed for a job a claim saw pending, due at `due_epoch` (this worker's
         own claim's next due job, or a peer's, handed on in its `took:`). Any claim at or
         after that time settles it, whatever it heard before (order 0): such a claim began
         after the job was seen pending, so it sees the job. None if a turn is owed already
         for that same due time. (Every `took:` repeats the next due time until that job
         runs: a turn owed for each filled the history, and past it every notification
-        made every worker claim.)"""
+        made every worker claim.) True if it is a new turn."""
         if any(e[1] == due_epoch for e in self.entries):
-            return
+            return False
         self._add((0, due_epoch, turn_at), db_now)
+        return True
 
     def cover(self, upto: int, db_now: float) -> int:
         """Drop the claims owed for notifications heard at or before order `upto` whose
