@@ -207,20 +207,15 @@ def parse_named_blocks(text: str) -> dict[str, str]:
     return blocks
 
 
-def split_statements(text: str) -> list[str]:
-    """The statements of a no-transaction migration: split at each `;` ending a line in
-    code (not in a comment, a string or a dollar-quoted body, a function's, kept whole),
-    without the `;` and without the chunks that hold only comments. An unclosed dollar
-    quote or block comment runs to the end, where PostgreSQL reports it."""
-    chunks: list[str] = []
-    start = pos = 0
+def _sql_tokens(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, opener) of each comment, string, quoted name, dollar-quoted body and
+    line-ending `;` of SQL text, in order: a block comment (nested ones too) and a
+    dollar-quoted body span to their close, or to the end of the text if unclosed."""
+    pos = 0
     while (token := _SQL_TOKEN_RE.search(text, pos)) is not None:
         pos = token.end()
         lexeme = token.group()
-        if lexeme.startswith(";"):
-            chunks.append(text[start:token.start()].strip())
-            start = pos
-        elif lexeme == "/*":
+        if lexeme == "/*":
             depth = 1
             while depth and (mark := _BLOCK_COMMENT_RE.search(text, pos)) is not None:
                 depth += 1 if mark.group() == "/*" else -1
@@ -229,6 +224,20 @@ def split_statements(text: str) -> list[str]:
         elif lexeme.startswith("$"):
             close = text.find(lexeme, pos)
             pos = len(text) if close < 0 else close + len(lexeme)
+        yield token.start(), pos, lexeme
+
+
+def split_statements(text: str) -> list[str]:
+    """The statements of a no-transaction migration: split at each `;` ending a line in
+    code (not in a comment, a string or a dollar-quoted body, a function's, kept whole),
+    without the `;` and without the chunks that hold only comments. An unclosed dollar
+    quote or block comment runs to the end, where PostgreSQL reports it."""
+    chunks: list[str] = []
+    start = 0
+    for begin, end, lexeme in _sql_tokens(text):
+        if lexeme.startswith(";"):
+            chunks.append(text[start:begin].strip())
+            start = end
     chunks.append(text[start:].strip())
     return [chunk for chunk in chunks
             if any(line.strip() and not line.strip().startswith("--")
@@ -282,24 +291,16 @@ def _compact(text: str) -> str:
     out: list[str] = []  # code, kept, code, kept, ...: code is whitespace-normalised
     code: list[str] = []
     pos = 0
-    while (token := _SQL_TOKEN_RE.search(rest, pos)) is not None:
-        code.append(rest[pos:token.start()])
-        lexeme, pos = token.group(), token.end()
+    for begin, end, lexeme in _sql_tokens(rest):
+        code.append(rest[pos:begin])
+        pos = end
         if lexeme.startswith("--"):
             continue  # its line break stays, in the code after it
         if lexeme == "/*":
-            depth = 1
-            while depth and (mark := _BLOCK_COMMENT_RE.search(rest, pos)) is not None:
-                depth += 1 if mark.group() == "/*" else -1
-                pos = mark.end()
-            pos = len(rest) if depth else pos
             code.append(" ")
             continue
-        if lexeme.startswith("$"):  # a dollar-quoted body, kept whole
-            close = rest.find(lexeme, pos)
-            pos = len(rest) if close < 0 else close + len(lexeme)
-            lexeme = rest[token.start():pos]
-        out += [_spaces("".join(code)), lexeme]  # a string, a quoted name, a body, a `;`
+        # a string, a quoted name, a dollar-quoted body, a `;`: kept as written
+        out += [_spaces("".join(code)), rest[begin:end]]
         code = []
     out.append(_spaces("".join([*code, rest[pos:]])))
     body = "".join(out).strip()
