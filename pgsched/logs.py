@@ -161,7 +161,7 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
     if not rows:
         return
     chain = getattr(logger, "_processors", None)  # a bound logger's, as configured then
-    out = getattr(logger, "_logger", None)
+    out: Any = getattr(logger, "_logger", None)
     structlog = sys.modules.get("structlog")
     # Only a logger that writes each call's text as a line (configure()'s WriteLogger):
     # another (a capturing, journald or syslog one) makes a record of each call.
@@ -203,7 +203,7 @@ def info_events(logger: Any, event: str, keys: tuple[str, ...],
             if kind is str:
                 values.append(name + _json_str(value))
             elif kind is int or (kind is float and value - value == 0.0):  # finite
-                values.append(name + kind.__repr__(value))
+                values.append(name + repr(value))
             else:  # None, a bool, NaN: whatever the encoder does with it
                 break
         else:

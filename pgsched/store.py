@@ -55,7 +55,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 import psycopg
 from psycopg import sql
@@ -799,7 +799,8 @@ class Store:
         if not self._direct_lending:
             async with self.pool.connection() as conn:
                 return (await conn.execute(query, params)).rowcount == 1
-        return await _rowcount_on_lent(self.pool, query, params, self._insert_cursors) == 1
+        pool = cast("AsyncConnectionPool[Any]", self.pool)  # _lends_directly said so
+        return await _rowcount_on_lent(pool, query, params, self._insert_cursors) == 1
 
     async def insert_unique_job(
         self, job: NewJob, *, unique_seconds: float, unique_key: str | None

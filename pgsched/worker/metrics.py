@@ -205,18 +205,19 @@ class _JobSeries(Collector):
                                       created=m._counts_created[key] if created else None)
             yield family
         name = "pgsched_job_duration_seconds"
-        family = HistogramMetricFamily(name, DURATION_HELP, labels=("task", "queue", "outcome"))
+        histogram = HistogramMetricFamily(name, DURATION_HELP,
+                                          labels=("task", "queue", "outcome"))
         for labels, (runs, total, since) in list(m._durations.items()):
             cumulative, buckets = 0.0, []
             for bound, count in zip(_BOUNDS, list(runs), strict=True):
                 cumulative += count
                 buckets.append((floatToGoString(bound), cumulative))
-            family.add_metric(labels, buckets, total)
+            histogram.add_metric(labels, buckets, total)
             if created:
-                family.samples.append(Sample(f"{name}_created",
+                histogram.samples.append(Sample(f"{name}_created",
                                              dict(zip(("task", "queue", "outcome"), labels,
                                                       strict=True)), since))
-        yield family
+        yield histogram
 
 
 def _kept(cache: dict[tuple[str, str, str], Any], key: tuple[str, str, str],
