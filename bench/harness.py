@@ -40,6 +40,7 @@ import pgsched
 from pgsched import Scheduler
 
 TASKS = Path(__file__).resolve().parent / "tasks.py"
+RAW_LATENCY = Path(__file__).resolve().parent / "raw_latency.py"
 
 
 class BenchError(Exception):
@@ -172,6 +173,14 @@ class Harness:
         config = self.write_config(schema, dsn=dsn, concurrency=concurrency,
                                    log_level=log_level, database=database)
         proc = WorkerProc(config, args)
+        self._procs.append(proc)
+        return proc
+
+    def start_raw_latency(self, schema: str) -> WorkerProc:
+        """The latency floor's plain psycopg loop (bench/raw_latency.py) on `schema`."""
+        config = self.write_config(schema)  # only for its directory and log file name
+        proc = WorkerProc(config, (), argv=[sys.executable, str(RAW_LATENCY), self.dsn,
+                                            schema])
         self._procs.append(proc)
         return proc
 
@@ -310,14 +319,15 @@ class WorkerProc:
     """One `python -m pgsched worker` process; its output goes to a log file (a pipe to
     journald would cost the same: the daemon renders JSON lines either way)."""
 
-    def __init__(self, config: Path, args: tuple[str, ...], command: str = "worker"):
+    def __init__(self, config: Path, args: tuple[str, ...], command: str = "worker",
+                 argv: list[str] | None = None):
         self.log_path = config.with_suffix(".log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PGSCHED_")}
+        if argv is None:
+            argv = [sys.executable, "-m", "pgsched", "--config", str(config), command, *args]
         with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgsched", "--config", str(config), command, *args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config.parent,
-            )
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=config.parent)
         self.ps = psutil.Process(self.proc.pid)
         self.peak_rss = 0
 

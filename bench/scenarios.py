@@ -343,9 +343,11 @@ class Backlog:
 # -- latency -------------------------------------------------------------------------------
 
 
-async def _idle_worker(h: Harness, schema: str, sched: Scheduler, dsn: str | None = None):
-    """A worker that has claimed once (a warm-up job ran) and listens for notifications."""
-    worker = h.start_worker(schema, dsn=dsn)
+async def _idle_worker(h: Harness, schema: str, sched: Scheduler, dsn: str | None = None,
+                       raw: bool = False):
+    """A worker (with `raw`, the latency floor's plain loop instead) that has claimed once
+    (a warm-up job ran) and listens for notifications."""
+    worker = h.start_raw_latency(schema) if raw else h.start_worker(schema, dsn=dsn)
     await h.wait_listening(schema)
     await sched.schedule("noop", job_id="warm-up")
     await h.wait_finished(schema, "warm-up", 1)
@@ -377,19 +379,20 @@ def _due_stamps(n: int, lead: float = 1.0) -> list[JobSpec]:
         seconds=i * 0.025 + random.uniform(0, 0.01))) for i in range(n)]
 
 
-async def due_latency(h: Harness) -> Metrics:
+async def due_latency(h: Harness, raw: bool = False) -> Metrics:
     """Jobs due at distinct future instants: how late does each one start?"""
     n = h.sizes.due_latency
-    schema = await h.fresh_schema("due_latency")
+    name = "raw_due_latency" if raw else "due_latency"
+    schema = await h.fresh_schema(name)
     async with Scheduler(h.dsn, schema=schema) as sched:
-        worker = await _idle_worker(h, schema, sched)
+        worker = await _idle_worker(h, schema, sched, raw=raw)
         await sched.schedule_bulk(_due_stamps(n))
         await h.wait_finished(schema, "due-", n, timeout=30 + n * 0.1)
         await worker.stop()
     stamps = await _stamps(h, schema, "due-")
     await h.drop_schema(schema)
     return percentiles([(started - due.timestamp()) * 1000 for due, started in stamps.values()],
-                       "due_latency")
+                       name)
 
 
 async def due_latency_load(h: Harness) -> Metrics:
@@ -483,13 +486,14 @@ async def _feed(sched: Scheduler, rate: float, seconds: float, prefix: str = "lo
     return sent, time.monotonic() - started
 
 
-async def enqueue_latency(h: Harness) -> Metrics:
+async def enqueue_latency(h: Harness, raw: bool = False) -> Metrics:
     """Jobs added one at a time for now: from schedule() returning to the job starting."""
     n = h.sizes.enqueue_latency
-    schema = await h.fresh_schema("enqueue_latency")
+    name = "raw_enqueue_latency" if raw else "enqueue_latency"
+    schema = await h.fresh_schema(name)
     committed: dict[str, float] = {}
     async with Scheduler(h.dsn, schema=schema) as sched:
-        worker = await _idle_worker(h, schema, sched)
+        worker = await _idle_worker(h, schema, sched, raw=raw)
         for i in range(n):
             job_id = await sched.schedule("stamp", job_id=f"enq-{i:05d}")
             committed[job_id] = time.time()
@@ -501,7 +505,13 @@ async def enqueue_latency(h: Harness) -> Metrics:
     stamps = await _stamps(h, schema, "enq-")
     await h.drop_schema(schema)
     return percentiles([(started - committed[job_id]) * 1000
-                         for job_id, (_, started) in stamps.items()], "enqueue_latency")
+                         for job_id, (_, started) in stamps.items()], name)
+
+
+async def raw_latency(h: Harness) -> Metrics:
+    """The latency floor: due-latency and enqueue-latency with a plain psycopg loop in
+    place of the worker (bench/raw_latency.py), on the same server in the same run."""
+    return {**await due_latency(h, raw=True), **await enqueue_latency(h, raw=True)}
 
 
 # -- recurring at scale --------------------------------------------------------------------
@@ -725,6 +735,7 @@ def scenarios() -> list[Scenario]:
         Scenario("due-latency-load", due_latency_load, False),
         Scenario("due-latency-fed", due_latency_fed, False),
         Scenario("enqueue-latency", enqueue_latency, False),
+        Scenario("raw-latency", raw_latency, False),
         Scenario("recurring", recurring_at_scale, False),
         Scenario("idle", idle_cost, False),
         Scenario("cli-startup", cli_startup, False),
