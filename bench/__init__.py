@@ -4,7 +4,8 @@ Runs, in one process tree and one run, on a throw-away embedded PostgreSQL (or -
 enqueue-loop, enqueue-bulk (100k and 10k), drain-1 (default configuration and at 100),
 drain-2, backlog, due-latency (idle and under load), enqueue-latency, recurring at scale,
 idle cost, and the raw ceiling (plain COPY, a single-row INSERT loop and a claim-100 SKIP
-LOCKED loop on the same server) with the latency floor (raw_latency.py); with --peers pgqueuer, PgQueuer beside them (peers.py).
+LOCKED loop on the same server) with the latency floor (raw_latency.py); with --peers
+pgqueuer, PgQueuer beside them (peers.py).
 Prints a Markdown report and writes bench/results/latest.json and .md (and --out). Worker
 figures come from real `python -m pgsched worker` processes.
 
