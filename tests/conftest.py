@@ -32,6 +32,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgsched import Scheduler, WorkerOptions
+from pgsched.store import Store, open_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_TASKS = Path(__file__).resolve().parent / "worker_tasks.py"
@@ -138,6 +139,46 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+class LoopGaps:
+    """A task beside the code under test on the same event loop, sleeping `interval` at
+    each turn (0: it yields at every turn, so the loop always has a callback ready) and
+    recording the time between its turns: the longest gap is the longest anything else
+    held the loop. Started on creation; `await stop()` ends it."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.gaps: list[float] = []
+        self._running = True
+        self._task = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        last = time.monotonic()
+        while self._running:
+            await asyncio.sleep(self.interval)
+            now = time.monotonic()
+            self.gaps.append(now - last)
+            last = now
+
+    def longest(self) -> float:
+        return max(self.gaps)
+
+    async def stop(self) -> None:
+        self._running = False
+        await self._task
+
+
+@pytest.fixture
+async def one_connection_store(pg_dsn: str, sched: Scheduler) -> AsyncIterator[Store]:
+    """A Store of `sched`'s (migrated) schema on a pool of its own with a single
+    connection, as open_pool makes it (prepared statements and all): every statement it
+    runs and every session setting it makes are on that one connection."""
+    pool = await open_pool(pg_dsn, max_size=1)
+    try:
+        yield Store(pool, sched.schema)
+    finally:
+        await pool.close()
 
 
 def claim_params(**overrides: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import time
 from datetime import timedelta
 
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options, wait_until
+from conftest import LoopGaps, fast_options, wait_until
 
 from pgsched import JobSpec, Scheduler, Worker, current_job, task
 from pgsched import store as store_module
@@ -66,27 +66,15 @@ async def test_waiting_for_a_due_time_does_not_block_the_event_loop(sched):
     ticking every 10 ms is never held up for long (a timer that slept its wait out with
     time.sleep would hold it for the whole wait)."""
     worker, runner = await _run_worker(sched, poll_seconds=30)
-    gaps: list[float] = []
-    ticking = True
-
-    async def tick() -> None:
-        last = time.monotonic()
-        while ticking:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    ticker = asyncio.create_task(tick())
+    ticker = LoopGaps(0.01)
     try:
         due = await sched.store.db_now() + timedelta(seconds=2)
         (job,) = await sched.schedule_bulk([JobSpec("due_stamp", execution_time=due)])
         await wait_until(lambda: job in STARTED, timeout=20, what="the timed job")
         assert STARTED[job][0] >= STARTED[job][1]
-        assert max(gaps) < 1.0, f"the event loop was held for {max(gaps):.3f} s"
+        assert ticker.longest() < 1.0, f"the event loop was held for {ticker.longest():.3f} s"
     finally:
-        ticking = False
-        await ticker
+        await ticker.stop()
         worker.stop()
         await asyncio.wait_for(runner, 30)
 
@@ -106,77 +94,67 @@ async def _plan_cache_mode(store: Store) -> str:
         return (await (await conn.execute("SHOW plan_cache_mode")).fetchone())[0]
 
 
-async def test_claims_on_a_small_table_are_never_planned_generic(sched, pg_dsn):
+async def test_claims_on_a_small_table_are_never_planned_generic(
+        sched, one_connection_store):
     """A store on one connection claims a dozen times from a table the statistics count
     small (never analysed): each claim is planned for its run (custom), never by the
     generic plan PostgreSQL would otherwise adopt after five runs of a prepared
     statement."""
-    pool = await open_pool(pg_dsn, max_size=1)
-    try:
-        store = Store(pool, sched.schema)
-        later = await sched.store.db_now() + timedelta(hours=1)
-        await sched.schedule_bulk([JobSpec("noop", execution_time=later)
-                                   for _ in range(50)])
-        for i in range(12):
-            if i % 3 == 0:
-                await sched.schedule("noop")
-            await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert not store._claim_prepared  # the case under test: below the threshold
-        statements = await _claim_statements(store)
-        assert statements, "the claims ran as unnamed statements: parsed at every run"
-        assert [generic for generic, _ in statements] == [0] * len(statements)
-        assert sum(custom for _, custom in statements) >= 12
-        assert await _plan_cache_mode(store) == "force_custom_plan"
-    finally:
-        await pool.close()
+    store = one_connection_store
+    later = await sched.store.db_now() + timedelta(hours=1)
+    await sched.schedule_bulk([JobSpec("noop", execution_time=later)
+                               for _ in range(50)])
+    for i in range(12):
+        if i % 3 == 0:
+            await sched.schedule("noop")
+        await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+    assert not store._claim_prepared  # the case under test: below the threshold
+    statements = await _claim_statements(store)
+    assert statements, "the claims ran as unnamed statements: parsed at every run"
+    assert [generic for generic, _ in statements] == [0] * len(statements)
+    assert sum(custom for _, custom in statements) >= 12
+    assert await _plan_cache_mode(store) == "force_custom_plan"
 
 
 async def test_a_completion_prepared_for_its_generic_plan_sets_the_session_back(
-        sched, pg_dsn, monkeypatch):
+        sched, one_connection_store, monkeypatch):
     """Above PREPARED_COMPLETE_ROWS (here: any count) the completion runs prepared for
     its generic plan: on a connection a small-table claim switched, it switches back
     first."""
     monkeypatch.setattr(store_module, "PREPARED_COMPLETE_ROWS", -1)
-    pool = await open_pool(pg_dsn, max_size=1)
-    try:
-        store = Store(pool, sched.schema)
-        job = await sched.schedule("noop")
-        (claimed,), _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert not store._claim_prepared and store._complete_prepared
-        assert await _plan_cache_mode(store) == "force_custom_plan"
-        done = await store.complete_jobs(worker_id="w", done=[(job, claimed["attempts"], "null")])
-        assert done == {(job, claimed["attempts"])}
-        assert await _plan_cache_mode(store) == "auto"
-        # From now on the claims (still below PREPARED_CLAIM_ROWS) run unnamed: no switch
-        # back and forth with the completions at every claim.
-        await sched.schedule("noop")
-        await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert not store._claim_prepared
-        assert await _plan_cache_mode(store) == "auto"
-    finally:
-        await pool.close()
+    store = one_connection_store
+    job = await sched.schedule("noop")
+    (claimed,), _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+    assert not store._claim_prepared and store._complete_prepared
+    assert await _plan_cache_mode(store) == "force_custom_plan"
+    done = await store.complete_jobs(worker_id="w", done=[(job, claimed["attempts"], "null")])
+    assert done == {(job, claimed["attempts"])}
+    assert await _plan_cache_mode(store) == "auto"
+    # From now on the claims (still below PREPARED_CLAIM_ROWS) run unnamed: no switch
+    # back and forth with the completions at every claim.
+    await sched.schedule("noop")
+    await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+    assert not store._claim_prepared
+    assert await _plan_cache_mode(store) == "auto"
 
 
-async def test_claims_above_the_threshold_get_their_generic_plan(sched, pg_dsn, monkeypatch):
+async def test_claims_above_the_threshold_get_their_generic_plan(
+        sched, one_connection_store, monkeypatch):
     """Once the statistics count enough pending rows (here: any count), the claims run
     prepared as before, on a session set back from the small table's custom plans:
     PostgreSQL adopts the generic plan that spares planning each claim."""
-    pool = await open_pool(pg_dsn, max_size=1)
-    try:
-        store = Store(pool, sched.schema)
-        later = await sched.store.db_now() + timedelta(hours=1)
-        await sched.schedule_bulk([JobSpec("noop", execution_time=later)
-                                   for _ in range(50)])
+    store = one_connection_store
+    later = await sched.store.db_now() + timedelta(hours=1)
+    await sched.schedule_bulk([JobSpec("noop", execution_time=later)
+                               for _ in range(50)])
+    await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+    assert await _plan_cache_mode(store) == "force_custom_plan"
+    monkeypatch.setattr(store_module, "PREPARED_CLAIM_ROWS", -1)
+    for _ in range(12):
         await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert await _plan_cache_mode(store) == "force_custom_plan"
-        monkeypatch.setattr(store_module, "PREPARED_CLAIM_ROWS", -1)
-        for _ in range(12):
-            await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert store._claim_prepared
-        assert await _plan_cache_mode(store) == "auto"
-        assert any(generic > 0 for generic, _ in await _claim_statements(store))
-    finally:
-        await pool.close()
+    assert store._claim_prepared
+    assert await _plan_cache_mode(store) == "auto"
+    assert any(generic > 0 for generic, _ in await _claim_statements(store))
 
 
 async def test_a_store_that_never_prepares_never_sets_the_session(sched, pg_dsn):

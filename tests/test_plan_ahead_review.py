@@ -480,8 +480,11 @@ async def test_a_window_withdrawn_before_its_fire_time_is_still_decided_at_it(
         sched, db, registry, change):
     # A triggered run (overlap=False) or a definition changed with SQL withdraws the window
     # planned ahead and moves next_fire_at back to it. A sleeping planner must look at it
-    # then, not when it planned to wake for the window after (up to 60 s later).
-    @periodic(every=20, id="solo", overlap=False, args=[1])
+    # then, not when it planned to wake for the window after (up to 60 s later). Every
+    # 10 s: that wake is LOOKAHEAD_SECONDS (5 s) before the window after, 5 s past this
+    # window's fire time, later than the 3 s the start is given (and each window waited
+    # for costs the suite its length, twice).
+    @periodic(every=10, id="solo", overlap=False, args=[1])
     async def solo(n): ...
 
     def planned():

@@ -16,11 +16,10 @@ from datetime import timedelta
 import psycopg_pool
 import pytest
 import worker_tasks  # noqa: F401  (registers the tasks the in-process workers run)
-from conftest import fast_options, wait_until
+from conftest import LoopGaps, fast_options, wait_until
 from test_due_timing import STARTED
 
 from pgsched import JobSpec, Scheduler, Worker
-from pgsched.store import Store, open_pool
 from pgsched.worker import fetcher as fetcher_module
 
 
@@ -64,27 +63,23 @@ async def test_a_borrowed_pool_keeps_the_applications_session_settings(pg_dsn, s
     "plan PREPARED_CLAIM_ROWS exists to avoid. Only pgsched runs statements on open_pool's "
     "connections, so nobody does this today; noticing it costs a column in the claim "
     "(current_setting('plan_cache_mode')) or a round trip"))
-async def test_a_reset_all_by_someone_else_is_noticed(sched, pg_dsn):
+async def test_a_reset_all_by_someone_else_is_noticed(sched, one_connection_store):
     """A claim switched the session; someone runs RESET ALL on that connection; the
     following claims, still on a small table, must still never be planned generic."""
-    pool = await open_pool(pg_dsn, max_size=1)
-    try:
-        store = Store(pool, sched.schema)
-        later = await sched.store.db_now() + timedelta(hours=1)
-        await sched.schedule_bulk([JobSpec("noop", execution_time=later) for _ in range(50)])
+    store = one_connection_store
+    later = await sched.store.db_now() + timedelta(hours=1)
+    await sched.schedule_bulk([JobSpec("noop", execution_time=later) for _ in range(50)])
+    await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+    async with store.pool.connection() as conn:
+        await conn.execute("RESET ALL")
+    for _ in range(10):
         await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        async with pool.connection() as conn:
-            await conn.execute("RESET ALL")
-        for _ in range(10):
-            await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
-        assert not store._claim_prepared
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT generic_plans FROM pg_prepared_statements WHERE statement LIKE %s",
-                ["%FOR UPDATE SKIP LOCKED%"])
-            assert [row[0] for row in await cur.fetchall()] == [0]
-    finally:
-        await pool.close()
+    assert not store._claim_prepared
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%FOR UPDATE SKIP LOCKED%"])
+        assert [row[0] for row in await cur.fetchall()] == [0]
 
 
 async def test_dense_and_past_due_times_on_a_busy_loop_run_once_and_never_early(sched):
@@ -94,18 +89,7 @@ async def test_dense_and_past_due_times_on_a_busy_loop_run_once_and_never_early(
     worker = Worker(sched.store, sched._dsn, fast_options(poll_seconds=30, concurrency=4))
     runner = asyncio.create_task(worker.run())
     await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
-    gaps: list[float] = []
-    busy = True
-
-    async def spin() -> None:
-        last = time.monotonic()
-        while busy:
-            await asyncio.sleep(0)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    spinner = asyncio.create_task(spin())
+    spinner = LoopGaps(0)
     try:
         now = await sched.store.db_now()
         base = now + timedelta(seconds=1.0)  # a wait slept blocking would show
@@ -120,10 +104,9 @@ async def test_dense_and_past_due_times_on_a_busy_loop_run_once_and_never_early(
         assert early == {}
         ends = [await asyncio.wait_for(sched.wait(i), 20) for i in ids]
         assert {(row["status"], row["attempts"]) for row in ends} == {("completed", 1)}
-        assert max(gaps) < 0.5, f"the event loop was held for {max(gaps):.3f} s"
+        assert spinner.longest() < 0.5, f"the event loop was held for {spinner.longest():.3f} s"
     finally:
-        busy = False
-        await spinner
+        await spinner.stop()
         worker.stop()
         await asyncio.wait_for(runner, 30)
 
@@ -154,13 +137,7 @@ async def test_the_fine_step_never_blocks_a_loop_that_has_other_work(sched, monk
     worker = Worker(sched.store, sched._dsn, fast_options(poll_seconds=30, concurrency=4))
     runner = asyncio.create_task(worker.run())
     await wait_until(lambda: worker.ready.is_set() and worker.listening, what="worker ready")
-    busy = True
-
-    async def spin() -> None:
-        while busy:
-            await asyncio.sleep(0)
-
-    spinner = asyncio.create_task(spin())
+    spinner = LoopGaps(0)  # the busy loop: a callback always ready
     try:
         base = await sched.store.db_now() + timedelta(seconds=0.3)
         ids = await sched.schedule_bulk([
@@ -170,7 +147,6 @@ async def test_the_fine_step_never_blocks_a_loop_that_has_other_work(sched, monk
                          what="every timed job started")
         assert spy.calls == 0, f"{spy.calls} blocking sleeps, {spy.slept * 1000:.1f} ms"
     finally:
-        busy = False
-        await spinner
+        await spinner.stop()
         worker.stop()
         await asyncio.wait_for(runner, 30)
