@@ -582,7 +582,8 @@ class Store:
         using = _USING.get()
         lender = using or self.pool
         async with lender.connection() as conn:
-            if keep_cursor and using is None and self.pool in _OPENED_POOLS:
+            kept = keep_cursor and using is None and self.pool in _OPENED_POOLS
+            if kept:
                 cur = self._hot_cursor(conn, name, row_factory, times_clamped)
             else:
                 cur = conn.cursor(row_factory=row_factory)
@@ -598,8 +599,13 @@ class Store:
                     elif (_PLAN_CUSTOM.get(conn, False) is not custom and not
                           await _custom_plans(conn, custom, self._q["custom_plans"])):
                         custom = False
-                return await (await cur.execute(self._q[name], params,
+                rows = await (await cur.execute(self._q[name], params,
                                                 prepare=prepare or bool(custom))).fetchall()
+            if kept and cur.pgresult is not None:
+                # Read: freed now, not held by the kept cursor until its next run (a
+                # claim's result holds its jobs' payloads, up to 1 MiB each).
+                cur.pgresult.clear()
+            return rows
 
     def _hot_cursor(self, conn: psycopg.AsyncConnection[Any], name: str, row_factory: Any,
                     times_clamped: bool) -> psycopg.AsyncCursor[Any]:
@@ -609,8 +615,9 @@ class Store:
         per claim (25 columns), a fixed cost of every claim however few jobs it takes.
         One per statement name, whose columns and row factory never change (the row
         factory of a cursor is read again from its last result when it is set). A pool
-        lends a connection to one task at a time, so is its cursor. The cursors of
-        closed connections are dropped whenever a new one is made."""
+        lends a connection to one task at a time, so is its cursor. Its result is cleared
+        once read (_rows). The cursors of closed connections are dropped whenever a new
+        one is made."""
         cur = self._hot_cursors.get((conn, name))
         if cur is None:
             for closed in [key for key in self._hot_cursors if key[0].closed]:
