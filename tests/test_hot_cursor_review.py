@@ -6,6 +6,8 @@ import gc
 
 import psycopg
 
+from tests.conftest import wait_until
+
 
 def _large_results_held() -> list[int]:
     """The lengths of the large values held by the results of every live psycopg cursor."""
@@ -35,3 +37,67 @@ async def test_a_claim_leaves_no_result_held_after_it_returned(sched):
     del claimed
     gc.collect()
     assert _large_results_held() == []
+
+
+async def test_a_kept_cursor_runs_again_after_its_statements_failed(sched, pg_dsn, schema):
+    # One connection, so every claim and completion runs on the same kept cursors: each
+    # first fails (lock_timeout behind a table lock; then the connection abandoned by
+    # Store.bounded), and the next runs of the same names still read the right columns.
+    from pgsched.store import NoAnswer, Store, open_pool
+
+    pool = await open_pool(pg_dsn, min_size=1, max_size=1, lock_timeout_seconds=0.2)
+    try:
+        store = Store(pool, schema)
+        ids = [await sched.schedule("noop", args=(n,)) for n in range(3)]
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'LOCK TABLE "{schema}".jobs IN ACCESS EXCLUSIVE MODE')
+            for _ in range(2):
+                try:
+                    await store.claim_jobs(worker_id="w", limit=1, lease_seconds=60)
+                except psycopg.errors.LockNotAvailable:
+                    pass
+                else:
+                    raise AssertionError("claimed through an exclusive lock")
+            await locker.rollback()
+        claimed, _, db_now = await store.claim_jobs(worker_id="w", limit=1, lease_seconds=60)
+        assert [job["args"] for job in claimed] == [[0]] and claimed[0]["id"] == ids[0]
+        assert claimed[0]["expired"] is False and db_now is not None
+        done = [(claimed[0]["id"], claimed[0]["attempts"], "1")]
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+            await locker.execute(f'SELECT 1 FROM "{schema}".jobs WHERE id = %s FOR UPDATE',
+                                 (claimed[0]["id"],))
+            with Store.bounded(0.05):  # before lock_timeout: the connection is shut down
+                try:
+                    await store.complete_jobs(worker_id="w", done=done)
+                except NoAnswer:
+                    pass
+                else:
+                    raise AssertionError("completed through a row lock")
+            # The abandoned write still waits on the server: ended before the lock is let
+            # go, or it would commit after all (an outcome this test is not about).
+            await locker.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE %s AND pid <> pg_backend_pid()",
+                (f'%UPDATE "{schema}".jobs AS j SET%status = \'completed\'%',))
+            await wait_until(lambda: _waiting(pg_dsn, schema) == 0)
+            await locker.rollback()
+        assert await store.complete_jobs(worker_id="w", done=done) == {done[0][:2]}
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert sorted(job["args"][0] for job in claimed) == [1, 2]
+        assert await store.complete_jobs(
+            worker_id="w", done=[(j["id"], j["attempts"], "2") for j in claimed]) == {
+                (j["id"], j["attempts"]) for j in claimed}
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert claimed == []
+        # The cursors of the abandoned connection are not kept (nor it, through them).
+        assert not [key for key in getattr(store, "_hot_cursors", {}) if key[0].closed]
+    finally:
+        await pool.close()
+
+
+def _waiting(dsn: str, schema: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s"
+                           " AND wait_event_type = 'Lock'",
+                           (f'%UPDATE "{schema}".jobs AS j SET%',)).fetchone()
+        return row[0] if row else 0
