@@ -101,3 +101,60 @@ def _waiting(dsn: str, schema: str) -> int:
                            " AND wait_event_type = 'Lock'",
                            (f'%UPDATE "{schema}".jobs AS j SET%',)).fetchone()
         return row[0] if row else 0
+
+
+_JOB_COLUMNS = {"id", "task", "queue", "args", "kwargs", "priority", "execution_time",
+                "attempts", "failures", "max_retries", "timeout_seconds", "expired",
+                "schedule_id", "fire_time"}
+
+
+async def test_every_claim_variant_reads_its_jobs_by_name(sched, db):
+    # Each variant read as tuples (its own _ClaimShape, on its own kept cursor), run twice
+    # so the second run reads with the columns cached from the first: the flat claim, the
+    # per-queue claim of a worker of listed queues (claim_jobs_unlimited), the claim with
+    # global limits (claim_jobs), the suspect claims, an expired job and one whose args
+    # cannot be decoded.
+    store = sched.store
+    deep = "[" * 2000 + "]" * 2000
+    names = []
+    for variant in range(2):
+        ids = [await sched.schedule("noop", args=(variant, n), kwargs={"k": n},
+                                    priority=n) for n in range(2)]
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert sorted((j["id"], j["args"], j["kwargs"], j["priority"]) for j in claimed) == \
+            sorted((ids[n], [variant, n], {"k": n}, n) for n in range(2))
+        q = await sched.schedule("noop", args=("q", variant), queue="other")
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60,
+                                               queues=["other"])
+        assert [(j["id"], j["args"], j["queue"]) for j in claimed] == \
+            [(q, ["q", variant], "other")]
+        s = await sched.schedule("noop", args=("s", variant))
+        db("UPDATE jobs SET suspect = true WHERE id = %s", s)
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60,
+                                               suspects=True)
+        assert [(j["id"], j["args"]) for j in claimed] == [(s, ["s", variant])]
+        e = await sched.schedule("noop", args=("e", variant), misfire_grace_time=1)
+        db("UPDATE jobs SET execution_time = now() - interval '1 hour', args = %s::jsonb"
+           " WHERE id = %s", deep if variant else '["e"]', e)
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert [(j["id"], j["expired"]) for j in claimed] == [(e, True)]
+        assert ("undecodable" in claimed[0]) == bool(variant)
+        u = await sched.schedule("noop")
+        db("UPDATE jobs SET args = %s::jsonb WHERE id = %s", deep, u)
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert [(j["id"], j["args"], j["expired"]) for j in claimed] == [(u, [], False)]
+        assert "undecodable" in claimed[0]
+        await store.set_queue_limits("limited", global_concurrency=5, set_concurrency=True)
+        g = await sched.schedule("noop", args=("g", variant), queue="limited")
+        claimed, _, _ = await store.claim_jobs(worker_id="w", limit=5, lease_seconds=60)
+        assert [(j["id"], j["args"]) for j in claimed] == [(g, ["g", variant])]
+        assert _JOB_COLUMNS <= set(claimed[0]) <= _JOB_COLUMNS | {"next_due", "db_now"}
+        claimed, _, db_now = await store.claim_jobs(worker_id="w", limit=5,
+                                                    lease_seconds=60)
+        assert claimed == [] and db_now is not None
+        await store.set_queue_limits("limited", global_concurrency=None,
+                                     set_concurrency=True)
+        names = sorted(getattr(store, "_claim_shapes", {}))
+    # the variants ran (no shapes on main)
+    assert not names or {"claim_jobs", "claim_jobs_unlimited",
+                         "claim_jobs_unlimited/suspects"} < set(names)
