@@ -590,22 +590,24 @@ class Store:
                 if times_clamped:
                     cur.adapters.register_loader(_TIMESTAMPTZ_OID, _TimestamptzLoader)
             bound = _BOUND.get()
-            # Unbounded (every statement but the completer's): no generator on this path.
-            with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
-                if custom is not None and conn.prepare_threshold is not None:
-                    if ((lender is self.pool and self.pool not in _OPENED_POOLS)
-                            or conn in _POOLED):
-                        custom = False  # never switched: planned as an unnamed statement
-                    elif (_PLAN_CUSTOM.get(conn, False) is not custom and not
-                          await _custom_plans(conn, custom, self._q["custom_plans"])):
-                        custom = False
-                rows = await (await cur.execute(self._q[name], params,
-                                                prepare=prepare or bool(custom))).fetchall()
-            if kept and cur.pgresult is not None:
-                # Read: freed now, not held by the kept cursor until its next run (a
-                # claim's result holds its jobs' payloads, up to 1 MiB each).
-                cur.pgresult.clear()
-            return rows
+            try:
+                # Unbounded (every statement but the completer's): no generator on this path.
+                with _NOT_BOUNDED if bound is None else _abandoned_after(conn, bound):
+                    if custom is not None and conn.prepare_threshold is not None:
+                        if ((lender is self.pool and self.pool not in _OPENED_POOLS)
+                                or conn in _POOLED):
+                            custom = False  # never switched: planned as an unnamed statement
+                        elif (_PLAN_CUSTOM.get(conn, False) is not custom and not
+                              await _custom_plans(conn, custom, self._q["custom_plans"])):
+                            custom = False
+                    return await (await cur.execute(self._q[name], params,
+                                                    prepare=prepare or bool(custom))).fetchall()
+            finally:
+                if kept and cur.pgresult is not None:
+                    # Freed now, not held by the kept cursor until its next run (a claim's
+                    # result holds its jobs' payloads, up to 1 MiB each); in `finally`: a
+                    # claim cancelled once its answer had come has that answer on the cursor.
+                    cur.pgresult.clear()
 
     def _hot_cursor(self, conn: psycopg.AsyncConnection[Any], name: str, row_factory: Any,
                     times_clamped: bool) -> psycopg.AsyncCursor[Any]:
