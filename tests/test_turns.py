@@ -160,6 +160,18 @@ async def _run_one_at_a_time(sched, jobs: int, **schedule) -> None:
                          what="the job run (the safety poll is 60 s away)")
 
 
+def _claims(workers) -> int:
+    """The claims the workers made so far, between them."""
+    return sum(w.stats.claims for w in workers)
+
+
+async def _claims_since(workers, before: int) -> int:
+    """The claims made since `before` (a _claims reading), once any late turn would have
+    claimed."""
+    await asyncio.sleep(0.3)
+    return _claims(workers) - before
+
+
 async def _status(sched, job_id: str, status: str) -> bool:
     return str((await sched.get_job(job_id))["status"]) == status
 
@@ -171,11 +183,10 @@ async def test_one_notification_makes_one_claim_not_one_per_worker(sched, pg_dsn
     workers, runners = await _fleet(sched, pg_dsn, 5, concurrency=2)
     try:
         await asyncio.sleep(0.3)  # the start-up claims are over
-        before = sum(w.stats.claims for w in workers)
+        before = _claims(workers)
         jobs = 20
         await _run_one_at_a_time(sched, jobs)
-        await asyncio.sleep(0.3)  # any late turn would claim now
-        claims = sum(w.stats.claims for w in workers) - before
+        claims = await _claims_since(workers, before)
         # A `took:` that comes after the next worker's turn costs one more claim: a loaded
         # machine sees a few. Every worker claiming on every notification is 5 a job.
         assert claims <= 3 * jobs, f"{claims} claims for {jobs} jobs by 5 workers"
@@ -496,11 +507,10 @@ async def test_a_job_due_later_is_claimed_for_once_not_by_every_worker_that_clai
         await _settled(workers)
         if not await _status(sched, later, "pending"):
             pytest.skip("the later job fell due meanwhile (a machine too slow)")
-        before = sum(w.stats.claims for w in workers)
+        before = _claims(workers)
         await wait_until(lambda: _status(sched, later, "completed"), timeout=10,
                          what="the later job run")
-        await asyncio.sleep(0.3)  # any late turn would claim now
-        claims = sum(w.stats.claims for w in workers) - before
+        claims = await _claims_since(workers, before)
         assert claims <= 2, f"{claims} claims for one job due later, by 5 workers"
     finally:
         await _stop(workers, runners)
@@ -536,14 +546,13 @@ async def test_jobs_scheduled_ahead_past_the_history_cost_no_claim_per_enqueue(
         await wait_until(lambda: all(w.ctx.turns.heard >= HISTORY + 10 for w in workers),
                          what="the notifications heard")
         await asyncio.sleep(0.3)
-        before = sum(w.stats.claims for w in workers)
+        before = _claims(workers)
         for i in range(10):
             await sched.schedule("noop", execution_time=datetime.now(UTC)
                                  + timedelta(hours=2, seconds=i))
         await wait_until(lambda: all(w.ctx.turns.heard >= HISTORY + 20 for w in workers),
                          what="the notifications heard")
-        await asyncio.sleep(0.3)
-        claims = sum(w.stats.claims for w in workers) - before
+        claims = await _claims_since(workers, before)
         assert claims <= 2, f"{claims} claims for 10 jobs due in 2 hours, by 2 workers"
     finally:
         await _stop(workers, runners)
@@ -671,11 +680,10 @@ async def test_a_job_due_later_known_only_from_claims_is_claimed_for_once(sched,
         await wait_until(lambda: all(len(w.ctx.turns.entries) == 1 for w in workers),
                          what="every worker owing a turn for it")
         assert all(w.ctx.turns.last is None for w in workers)
-        before = sum(w.stats.claims for w in workers)
+        before = _claims(workers)
         await wait_until(lambda: _status(sched, "later", "completed"), timeout=10,
                          what="the job run")
-        await asyncio.sleep(0.3)  # any late turn would claim now
-        claims = sum(w.stats.claims for w in workers) - before
+        claims = await _claims_since(workers, before)
         assert claims <= 2, f"{claims} claims for one job due later, by 3 workers"
     finally:
         await _stop(workers, runners)
